@@ -1,0 +1,827 @@
+//! The GoCast YAML config, read with serde and turned once into typed values.
+//!
+//! Every shape GoCast users have in the wild is accepted (see `COMPAT.md`): the single-peer
+//! `bgp:` block (`peer_as` or `remote_as`), the multi-peer block with `peers:`, and a YAML list of
+//! single-peer blocks; apps with `monitor:` or `monitors:`. All of them become one [`Config`].
+//! Unknown keys, wrong types and bad values are errors that name the key and, where the YAML
+//! parser knows it, the line.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, Serialize, de};
+
+use crate::app::{AppName, AppSpec, Community, Monitor, NatRule, Vip};
+
+/// Defaults, as GoCast has them where it has them.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_MONITOR_INTERVAL: Duration = Duration::from_secs(10);
+pub const DEFAULT_CLEANUP_TIMER: Duration = Duration::from_secs(15 * 60);
+pub const DEFAULT_CONSUL_QUERY_INTERVAL: Duration = Duration::from_secs(5 * 60);
+pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_STATE_FILE: &str = "/var/lib/gocast/state.json";
+pub const DEFAULT_HOLD_TIME: Duration = Duration::from_secs(90);
+pub const BGP_PORT: u16 = 179;
+
+/// A config that could not be used; nothing has been started when this is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Syntax, unknown keys, wrong types and bad values caught while parsing: serde_yaml's
+    /// message carries the key path and the line.
+    #[error("{path}: {message}")]
+    Yaml { path: String, message: String },
+    /// Rules that span several keys, checked after parsing.
+    #[error("{path}: {key}: {message}")]
+    Invalid { path: String, key: String, message: String },
+}
+
+/// The whole agent configuration.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Config {
+    pub agent: AgentConfig,
+    pub bgp: BgpConfig,
+    pub apps: Vec<AppSpec>,
+}
+
+/// The `agent:` section.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AgentConfig {
+    pub listen_addr: ListenAddr,
+    #[serde(with = "go_duration")]
+    pub monitor_interval: Duration,
+    #[serde(with = "go_duration")]
+    pub cleanup_timer: Duration,
+    pub consul: Option<ConsulConfig>,
+    /// Consecutive passing results that make an unhealthy app healthy.
+    pub monitor_rise: u32,
+    /// Consecutive failing results that make a healthy app unhealthy.
+    pub monitor_fall: u32,
+    #[serde(with = "go_duration")]
+    pub exec_timeout: Duration,
+    pub state_file: PathBuf,
+    pub allow_http_exec: bool,
+    /// When not empty, HTTP and Consul registrations must have their VIP inside one of these.
+    pub vip_allowlist: Vec<IpNet>,
+    /// Where NAT sends traffic; `None` = the local BGP address, resolved at start.
+    pub nat_dest_ip: Option<IpAddr>,
+}
+
+/// Consul discovery settings; present when `consul_addr` is set.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ConsulConfig {
+    /// Includes the API prefix, e.g. `http://127.0.0.1:8500/v1`, as GoCast writes it.
+    pub addr: String,
+    #[serde(with = "go_duration")]
+    pub query_interval: Duration,
+    pub token: Option<String>,
+}
+
+/// The HTTP listen address. GoCast's `:8080` (Go's "all interfaces") is kept and flagged so
+/// the agent can warn that the API is reachable from the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenAddr {
+    pub addr: SocketAddr,
+    pub all_interfaces: bool,
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("invalid listen address {s:?}: expected host:port, [v6]:port or :port");
+        if let Some(port) = s.strip_prefix(':') {
+            let port = port.parse::<u16>().map_err(|_| bad())?;
+            let addr = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port);
+            return Ok(Self { addr, all_interfaces: true });
+        }
+        let addr = match s.rsplit_once(':') {
+            Some(("localhost", port)) => {
+                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port.parse().map_err(|_| bad())?)
+            }
+            _ => s.parse::<SocketAddr>().map_err(|_| bad())?,
+        };
+        Ok(Self { addr, all_interfaces: addr.ip().is_unspecified() })
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.addr)
+    }
+}
+
+impl Serialize for ListenAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// All BGP peers, whichever shape the file used.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct BgpConfig {
+    pub peers: Vec<PeerConfig>,
+}
+
+/// One BGP session, with the section-wide values already folded in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PeerConfig {
+    pub local_as: u32,
+    pub peer_as: u32,
+    /// `None`: autodiscover, as GoCast does — the default gateway is the peer.
+    pub peer_ip: Option<IpAddr>,
+    pub peer_port: u16,
+    /// Source address of the session and IPv4 next hop; `None` = what the kernel picks.
+    pub local_ip: Option<IpAddr>,
+    /// IPv6 next hop; `None` = the global address on the interface toward the peer.
+    pub local_ipv6: Option<Ipv6Addr>,
+    /// TCP MD5 key. Never printed.
+    #[serde(skip_serializing)]
+    pub password: Option<String>,
+    /// eBGP multihop TTL.
+    pub multihop: Option<u8>,
+    #[serde(with = "go_duration")]
+    pub hold_time: Duration,
+    pub communities: Vec<Community>,
+    pub origin: Origin,
+}
+
+/// The ORIGIN attribute of announcements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    Igp,
+    Egp,
+    Incomplete,
+}
+
+impl<'de> Deserialize<'de> for Origin {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.to_ascii_lowercase().as_str() {
+            "igp" => Ok(Self::Igp),
+            "egp" => Ok(Self::Egp),
+            "incomplete" => Ok(Self::Incomplete),
+            _ => Err(de::Error::custom(format!(
+                "invalid origin {s:?}: expected igp, egp or incomplete"
+            ))),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses config text; `origin` names the source in error messages.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = if text.trim().is_empty() {
+            RawConfig::default()
+        } else {
+            serde_yaml::from_str(text).map_err(|e| ConfigError::Yaml {
+                path: origin.to_owned(),
+                message: e.to_string(),
+            })?
+        };
+        raw.into_config().map_err(|(key, message)| ConfigError::Invalid {
+            path: origin.to_owned(),
+            key,
+            message,
+        })
+    }
+}
+
+// ---- the file as written -------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    agent: RawAgent,
+    #[serde(default)]
+    bgp: Option<RawBgp>,
+    #[serde(default)]
+    apps: Vec<RawApp>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    listen_addr: Option<String>,
+    #[serde(default, with = "go_duration::option")]
+    monitor_interval: Option<Duration>,
+    #[serde(default, with = "go_duration::option")]
+    cleanup_timer: Option<Duration>,
+    consul_addr: Option<String>,
+    #[serde(default, with = "go_duration::option")]
+    consul_query_interval: Option<Duration>,
+    consul_token: Option<String>,
+    monitor_rise: Option<u32>,
+    monitor_fall: Option<u32>,
+    #[serde(default, with = "go_duration::option")]
+    exec_timeout: Option<Duration>,
+    state_file: Option<PathBuf>,
+    allow_http_exec: Option<bool>,
+    vip_allowlist: Option<Vec<IpNet>>,
+    nat_dest_ip: Option<IpAddr>,
+}
+
+/// `bgp:` is a block (single peer, or `peers:`) or a list of single-peer blocks.
+#[derive(Debug)]
+enum RawBgp {
+    Block(RawBgpBlock),
+    List(Vec<RawBgpBlock>),
+}
+
+impl<'de> Deserialize<'de> for RawBgp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = RawBgp;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a bgp block or a list of bgp blocks")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<RawBgp, A::Error> {
+                RawBgpBlock::deserialize(de::value::MapAccessDeserializer::new(map)).map(RawBgp::Block)
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<RawBgp, A::Error> {
+                Vec::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(RawBgp::List)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Keys a peer can have, at `bgp:` level (defaults for every peer) or in a `peers:` entry.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeerKeys {
+    peer_ip: Option<IpAddr>,
+    peer_as: Option<u32>,
+    /// GoCast's README and example spell the peer AS this way.
+    remote_as: Option<u32>,
+    peer_port: Option<u16>,
+    local_ip: Option<IpAddr>,
+    local_ipv6: Option<Ipv6Addr>,
+    password: Option<String>,
+    multihop: Option<u8>,
+    #[serde(default, deserialize_with = "hold_time")]
+    hold_time: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBgpBlock {
+    local_as: Option<u32>,
+    #[serde(default)]
+    communities: Vec<Community>,
+    origin: Option<Origin>,
+    peers: Option<Vec<RawPeerKeys>>,
+    // The peer keys again: serde's `flatten` would switch off `deny_unknown_fields`.
+    peer_ip: Option<IpAddr>,
+    peer_as: Option<u32>,
+    remote_as: Option<u32>,
+    peer_port: Option<u16>,
+    local_ip: Option<IpAddr>,
+    local_ipv6: Option<Ipv6Addr>,
+    password: Option<String>,
+    multihop: Option<u8>,
+    #[serde(default, deserialize_with = "hold_time")]
+    hold_time: Option<Duration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApp {
+    name: AppName,
+    vip: Vip,
+    #[serde(default)]
+    vip_config: RawVipConfig,
+    monitors: Option<Vec<Monitor>>,
+    /// The GoCast example config writes one `monitor:` string.
+    monitor: Option<Monitor>,
+    #[serde(default)]
+    nats: Vec<NatRule>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVipConfig {
+    #[serde(default)]
+    bgp_communities: Vec<Community>,
+}
+
+/// A semantic error: (key path, message).
+type Invalid = (String, String);
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> Invalid {
+    (key.into(), message.into())
+}
+
+impl RawConfig {
+    fn into_config(self) -> Result<Config, Invalid> {
+        let agent = self.agent.into_agent()?;
+        let bgp = match self.bgp {
+            None => BgpConfig::default(),
+            Some(RawBgp::Block(block)) => BgpConfig { peers: block.into_peers("bgp")? },
+            Some(RawBgp::List(blocks)) => {
+                let mut peers = Vec::new();
+                for (i, block) in blocks.into_iter().enumerate() {
+                    let key = format!("bgp[{i}]");
+                    if block.peers.is_some() {
+                        return Err(invalid(key, "a list entry is one peer: peers: is not allowed here"));
+                    }
+                    peers.extend(block.into_peers(&key)?);
+                }
+                BgpConfig { peers }
+            }
+        };
+        for (i, p) in bgp.peers.iter().enumerate() {
+            let twin = bgp.peers[..i]
+                .iter()
+                .any(|q| q.peer_ip == p.peer_ip && q.peer_port == p.peer_port);
+            if twin {
+                let who = p.peer_ip.map_or_else(|| "autodiscovered peer".to_owned(), |ip| ip.to_string());
+                return Err(invalid("bgp", format!("peer {who} is configured twice")));
+            }
+        }
+        let apps = self
+            .apps
+            .into_iter()
+            .enumerate()
+            .map(|(i, app)| app.into_spec(&format!("apps[{i}]")))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (i, app) in apps.iter().enumerate() {
+            if let Some(prev) = apps[..i].iter().find(|a| a.name == app.name) {
+                return Err(invalid(format!("apps[{i}].name"), format!("app {} is defined twice", prev.name)));
+            }
+            if let Some(prev) = apps[..i].iter().find(|a| a.vip.addr() == app.vip.addr()) {
+                return Err(invalid(
+                    format!("apps[{i}].vip"),
+                    format!("vip {} is already used by app {}", app.vip, prev.name),
+                ));
+            }
+            if let Some(prev) = apps[..i].iter().find(|a| a.name.lo_label() == app.name.lo_label()) {
+                return Err(invalid(
+                    format!("apps[{i}].name"),
+                    format!("label {} collides with app {}; rename one", app.name.lo_label(), prev.name),
+                ));
+            }
+        }
+        Ok(Config { agent, bgp, apps })
+    }
+}
+
+impl RawAgent {
+    fn into_agent(self) -> Result<AgentConfig, Invalid> {
+        let listen_addr = self
+            .listen_addr
+            .as_deref()
+            .unwrap_or(DEFAULT_LISTEN)
+            .parse::<ListenAddr>()
+            .map_err(|m| invalid("agent.listen_addr", m))?;
+        let positive = |key: &str, d: Option<Duration>, default: Duration| match d {
+            Some(d) if d.is_zero() => Err(invalid(format!("agent.{key}"), "must be greater than zero")),
+            Some(d) => Ok(d),
+            None => Ok(default),
+        };
+        let at_least_one = |key: &str, n: Option<u32>| match n {
+            Some(0) => Err(invalid(format!("agent.{key}"), "must be at least 1")),
+            n => Ok(n.unwrap_or(1)),
+        };
+        let consul = match self.consul_addr {
+            None => None,
+            Some(addr) => {
+                if !(addr.starts_with("http://") || addr.starts_with("https://")) {
+                    return Err(invalid(
+                        "agent.consul_addr",
+                        format!("{addr:?} must start with http:// or https:// (e.g. http://127.0.0.1:8500/v1)"),
+                    ));
+                }
+                Some(ConsulConfig {
+                    addr: addr.trim_end_matches('/').to_owned(),
+                    query_interval: positive(
+                        "consul_query_interval",
+                        self.consul_query_interval,
+                        DEFAULT_CONSUL_QUERY_INTERVAL,
+                    )?,
+                    token: self.consul_token,
+                })
+            }
+        };
+        if let Some(ip) = self.nat_dest_ip {
+            if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() {
+                return Err(invalid("agent.nat_dest_ip", format!("{ip} cannot be a NAT destination")));
+            }
+        }
+        Ok(AgentConfig {
+            listen_addr,
+            monitor_interval: positive("monitor_interval", self.monitor_interval, DEFAULT_MONITOR_INTERVAL)?,
+            cleanup_timer: self.cleanup_timer.unwrap_or(DEFAULT_CLEANUP_TIMER),
+            consul,
+            monitor_rise: at_least_one("monitor_rise", self.monitor_rise)?,
+            monitor_fall: at_least_one("monitor_fall", self.monitor_fall)?,
+            exec_timeout: positive("exec_timeout", self.exec_timeout, DEFAULT_EXEC_TIMEOUT)?,
+            state_file: self.state_file.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_FILE)),
+            allow_http_exec: self.allow_http_exec.unwrap_or(false),
+            vip_allowlist: self.vip_allowlist.unwrap_or_default(),
+            nat_dest_ip: self.nat_dest_ip,
+        })
+    }
+}
+
+impl RawBgpBlock {
+    /// Turns one block into its peers, folding block-level values into each.
+    fn into_peers(self, key: &str) -> Result<Vec<PeerConfig>, Invalid> {
+        let local_as = self
+            .local_as
+            .ok_or_else(|| invalid(format!("{key}.local_as"), "is required"))?;
+        let defaults = &RawPeerKeys {
+            peer_ip: self.peer_ip,
+            peer_as: self.peer_as,
+            remote_as: self.remote_as,
+            peer_port: self.peer_port,
+            local_ip: self.local_ip,
+            local_ipv6: self.local_ipv6,
+            password: self.password.clone(),
+            multihop: self.multihop,
+            hold_time: self.hold_time,
+        };
+        let origin = self.origin.unwrap_or(Origin::Igp);
+        let build = |peer: &RawPeerKeys, key: &str| -> Result<PeerConfig, Invalid> {
+            let peer_as = match (peer.peer_as, peer.remote_as) {
+                (Some(a), Some(b)) if a != b => {
+                    return Err(invalid(key, format!("peer_as {a} and remote_as {b} disagree")));
+                }
+                (Some(a), _) | (None, Some(a)) => a,
+                (None, None) => return Err(invalid(format!("{key}.peer_as"), "is required (or remote_as)")),
+            };
+            let hold_time = peer.hold_time.or(defaults.hold_time).unwrap_or(DEFAULT_HOLD_TIME);
+            if hold_time != Duration::ZERO && hold_time < Duration::from_secs(3) {
+                return Err(invalid(format!("{key}.hold_time"), "must be 0 or at least 3s (RFC 4271)"));
+            }
+            let local_ip = peer.local_ip.or(defaults.local_ip);
+            let peer_ip = peer.peer_ip;
+            if let (Some(l), Some(p)) = (local_ip, peer_ip) {
+                if l.is_ipv4() != p.is_ipv4() {
+                    return Err(invalid(format!("{key}.local_ip"), format!("{l} and peer {p} are of different families")));
+                }
+            }
+            Ok(PeerConfig {
+                local_as,
+                peer_as,
+                peer_ip,
+                peer_port: peer.peer_port.or(defaults.peer_port).unwrap_or(BGP_PORT),
+                local_ip,
+                local_ipv6: peer.local_ipv6.or(defaults.local_ipv6),
+                password: peer.password.clone().or_else(|| defaults.password.clone()),
+                multihop: peer.multihop.or(defaults.multihop),
+                hold_time,
+                communities: self.communities.clone(),
+                origin,
+            })
+        };
+        match &self.peers {
+            None => Ok(vec![build(defaults, key)?]),
+            Some(peers) => {
+                if defaults.peer_ip.is_some() || defaults.peer_as.is_some() || defaults.remote_as.is_some() {
+                    return Err(invalid(
+                        key,
+                        "peer_ip/peer_as belong inside peers: when peers: is used",
+                    ));
+                }
+                peers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| build(p, &format!("{key}.peers[{i}]")))
+                    .collect()
+            }
+        }
+    }
+}
+
+impl RawApp {
+    fn into_spec(self, key: &str) -> Result<AppSpec, Invalid> {
+        let monitors = match (self.monitors, self.monitor) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(key, "use either monitor: or monitors:, not both"));
+            }
+            (Some(list), None) => list,
+            (None, Some(one)) => vec![one],
+            (None, None) => Vec::new(),
+        };
+        Ok(AppSpec {
+            name: self.name,
+            vip: self.vip,
+            monitors,
+            nats: self.nats,
+            communities: self.vip_config.bgp_communities,
+            nat_dest: None,
+        })
+    }
+}
+
+/// `hold_time` as BGP people write it: seconds (`90`) or a duration (`90s`).
+fn hold_time<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Secs {
+        Int(u16),
+        Text(String),
+    }
+    match Option::<Secs>::deserialize(d)? {
+        None => Ok(None),
+        Some(Secs::Int(s)) => Ok(Some(Duration::from_secs(u64::from(s)))),
+        Some(Secs::Text(t)) => go_duration::parse(&t).map(Some).map_err(de::Error::custom),
+    }
+}
+
+/// Go's `time.ParseDuration` syntax (`500ms`, `10s`, `1h30m`, `1.5h`), which GoCast configs use.
+pub mod go_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Parses a Go duration. Negative durations are refused: nothing here can be negative.
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        let bad = |why: &str| format!("invalid duration {s:?}: {why} (Go syntax, e.g. 500ms, 10s, 15m, 1h30m)");
+        if s == "0" {
+            return Ok(Duration::ZERO);
+        }
+        let mut rest = s.strip_prefix('+').unwrap_or(s);
+        if rest.starts_with('-') {
+            return Err(bad("must not be negative"));
+        }
+        if rest.is_empty() {
+            return Err(bad("empty"));
+        }
+        let mut total_ns: f64 = 0.0;
+        while !rest.is_empty() {
+            let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+            let (num, after) = rest.split_at(num_len);
+            if num.is_empty() || num == "." {
+                return Err(bad("expected a number"));
+            }
+            let value: f64 = num.parse().map_err(|_| bad("bad number"))?;
+            let unit_len = after.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(after.len());
+            let (unit, next) = after.split_at(unit_len);
+            let scale = match unit {
+                "ns" => 1.0,
+                "us" | "µs" | "μs" => 1e3,
+                "ms" => 1e6,
+                "s" => 1e9,
+                "m" => 60e9,
+                "h" => 3600e9,
+                "" => return Err(bad("missing unit")),
+                _ => return Err(bad("unknown unit")),
+            };
+            total_ns += value * scale;
+            rest = next;
+        }
+        if total_ns > 1e18 {
+            return Err(bad("too large"));
+        }
+        #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "bounded and non-negative above")]
+        Ok(Duration::from_nanos(total_ns.round() as u64))
+    }
+
+    /// Formats like Go's `Duration.String` for the common cases (`1h30m0s` becomes `1h30m`).
+    pub fn format(d: Duration) -> String {
+        let ms = d.as_millis();
+        if d.is_zero() {
+            return "0s".into();
+        }
+        if d.subsec_nanos() % 1_000_000 != 0 {
+            return format!("{}ns", d.as_nanos());
+        }
+        if ms % 1000 != 0 {
+            return format!("{ms}ms");
+        }
+        let secs = d.as_secs();
+        let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+        let mut out = String::new();
+        if h > 0 {
+            out += &format!("{h}h");
+        }
+        if m > 0 {
+            out += &format!("{m}m");
+        }
+        if s > 0 {
+            out += &format!("{s}s");
+        }
+        out
+    }
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        parse(&s).map_err(serde::de::Error::custom)
+    }
+
+    /// For `Option<Duration>` fields.
+    pub mod option {
+        use std::time::Duration;
+
+        use serde::{Deserialize, Deserializer};
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            Option::<String>::deserialize(d)?
+                .map(|s| super::parse(&s).map_err(serde::de::Error::custom))
+                .transpose()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<Config, ConfigError> {
+        Config::parse(yaml, "test.yaml")
+    }
+
+    fn err(yaml: &str) -> String {
+        parse(yaml).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn go_durations_parse_like_go() {
+        for (s, d) in [
+            ("500ms", Duration::from_millis(500)),
+            ("10s", Duration::from_secs(10)),
+            ("15m", Duration::from_secs(900)),
+            ("1h30m", Duration::from_secs(5400)),
+            ("1.5s", Duration::from_millis(1500)),
+            ("100us", Duration::from_micros(100)),
+            ("0", Duration::ZERO),
+        ] {
+            assert_eq!(go_duration::parse(s).unwrap(), d, "{s}");
+        }
+        for bad in ["", "10", "ten", "5 s", "-1s", "1d", "s", "."] {
+            assert!(go_duration::parse(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(go_duration::format(Duration::from_secs(5400)), "1h30m");
+        assert_eq!(go_duration::format(Duration::from_millis(100)), "100ms");
+    }
+
+    #[test]
+    fn empty_config_gets_safe_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.agent.listen_addr.addr, "127.0.0.1:8080".parse().unwrap());
+        assert!(!c.agent.listen_addr.all_interfaces);
+        assert_eq!(c.agent.monitor_interval, DEFAULT_MONITOR_INTERVAL);
+        assert_eq!(c.agent.cleanup_timer, DEFAULT_CLEANUP_TIMER);
+        assert_eq!((c.agent.monitor_rise, c.agent.monitor_fall), (1, 1));
+        assert!(!c.agent.allow_http_exec);
+        assert!(c.bgp.peers.is_empty() && c.apps.is_empty());
+    }
+
+    #[test]
+    fn go_style_listen_addr_binds_all_interfaces() {
+        let c = parse("agent:\n  listen_addr: :8080\n").unwrap();
+        assert!(c.agent.listen_addr.all_interfaces);
+        assert_eq!(c.agent.listen_addr.addr.port(), 8080);
+        assert_eq!(parse("agent: {listen_addr: 'localhost:9000'}").unwrap().agent.listen_addr.addr.port(), 9000);
+        assert!(err("agent: {listen_addr: 'nowhere'}").contains("agent.listen_addr"));
+    }
+
+    #[test]
+    fn single_peer_form_accepts_remote_as_or_peer_as() {
+        for key in ["remote_as", "peer_as"] {
+            let c = parse(&format!(
+                "bgp:\n  local_as: 65001\n  {key}: 65000\n  local_ip: 198.18.0.1\n  peer_ip: 198.18.0.2\n  communities: [\"65001:100\"]\n  origin: igp\n"
+            ))
+            .unwrap();
+            let p = &c.bgp.peers[0];
+            assert_eq!((p.local_as, p.peer_as, p.peer_port), (65001, 65000, 179));
+            assert_eq!(p.peer_ip, Some("198.18.0.2".parse().unwrap()));
+            assert_eq!(p.communities, vec![Community::Standard(65001 << 16 | 100)]);
+            assert_eq!(p.origin, Origin::Igp);
+            assert_eq!(p.hold_time, DEFAULT_HOLD_TIME);
+        }
+    }
+
+    #[test]
+    fn multi_peer_form_folds_section_values_into_each_peer() {
+        let c = parse(
+            "bgp:\n  local_as: 65001\n  local_ip: 198.18.0.1\n  origin: egp\n  communities: ['1:2']\n  hold_time: 30\n  peers:\n    - {peer_ip: 198.18.0.2, peer_as: 65000}\n    - {peer_ip: 198.18.0.6, remote_as: 65002, hold_time: 9s, local_ip: 198.18.0.5}\n",
+        )
+        .unwrap();
+        assert_eq!(c.bgp.peers.len(), 2);
+        let (a, b) = (&c.bgp.peers[0], &c.bgp.peers[1]);
+        assert_eq!((a.peer_as, a.hold_time, a.origin), (65000, Duration::from_secs(30), Origin::Egp));
+        assert_eq!(a.local_ip, Some("198.18.0.1".parse().unwrap()));
+        assert_eq!((b.peer_as, b.hold_time), (65002, Duration::from_secs(9)));
+        assert_eq!(b.local_ip, Some("198.18.0.5".parse().unwrap()));
+        assert_eq!(b.communities, a.communities);
+    }
+
+    #[test]
+    fn list_of_blocks_form_gives_one_peer_per_block() {
+        let c = parse(
+            "bgp:\n  - {local_as: 65001, remote_as: 65000, peer_ip: 198.18.0.2, origin: incomplete}\n  - {local_as: 65001, remote_as: 65003, peer_ip: 2001:db8::2, communities: ['1:1:1']}\n",
+        )
+        .unwrap();
+        assert_eq!(c.bgp.peers.len(), 2);
+        assert_eq!(c.bgp.peers[0].origin, Origin::Incomplete);
+        assert_eq!(c.bgp.peers[1].communities, vec![Community::Large(1, 1, 1)]);
+    }
+
+    #[test]
+    fn absent_peer_ip_means_autodiscovery() {
+        let c = parse("bgp: {local_as: 65001, remote_as: 65000}").unwrap();
+        assert_eq!(c.bgp.peers[0].peer_ip, None);
+    }
+
+    #[test]
+    fn apps_take_monitor_or_monitors() {
+        let c = parse(
+            "apps:\n  - name: a\n    vip: 192.0.2.1/32\n    monitor: port:tcp:5000\n  - name: b\n    vip: 2001:db8::1/128\n    vip_config:\n      bgp_communities: [no-export, '65000:1:2']\n    monitors: ['port:udp:53', 'exec:test -e /tmp/x:y']\n    nats: ['tcp:80:8080', 'udp:53']\n",
+        )
+        .unwrap();
+        assert_eq!(c.apps[0].monitors, vec!["port:tcp:5000".parse().unwrap()]);
+        assert_eq!(c.apps[1].monitors.len(), 2);
+        assert_eq!(c.apps[1].nats.len(), 2);
+        assert_eq!(c.apps[1].communities.len(), 2);
+        assert!(err("apps: [{name: a, vip: 192.0.2.1/32, monitor: 'port:tcp:1', monitors: []}]").contains("either monitor"));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_key_and_line() {
+        let e = err("agent:\n  listen_addr: 127.0.0.1:1\n  monitor_intervall: 1s\n");
+        assert!(e.contains("monitor_intervall") && e.contains("line 3"), "{e}");
+        let e = err("bgp:\n  local_as: 1\n  remote_as: 2\n  peer_addr: 198.18.0.2\n");
+        assert!(e.contains("peer_addr"), "{e}");
+        let e = err("apps:\n  - name: a\n    vip: 192.0.2.1/32\n    monitorz: x\n");
+        assert!(e.contains("monitorz") && e.contains("line 4"), "{e}");
+        assert!(err("unknown_section: {}").contains("unknown_section"));
+    }
+
+    #[test]
+    fn bad_values_are_errors_naming_key_and_line() {
+        for (yaml, needle) in [
+            ("agent:\n  monitor_interval: 10\n", "invalid duration"),
+            ("agent:\n  cleanup_timer: soon\n", "invalid duration"),
+            ("agent:\n  monitor_interval: 0s\n", "greater than zero"),
+            ("agent:\n  monitor_rise: 0\n", "at least 1"),
+            ("agent:\n  allow_http_exec: maybe\n", "allow_http_exec"),
+            ("agent:\n  vip_allowlist: [192.0.2.0/33]\n", "vip_allowlist"),
+            ("agent:\n  consul_addr: 127.0.0.1:8500\n", "http://"),
+            ("bgp:\n  local_as: x\n  remote_as: 1\n", "local_as"),
+            ("bgp:\n  remote_as: 1\n", "local_as: is required"),
+            ("bgp:\n  local_as: 1\n", "peer_as: is required"),
+            ("bgp:\n  local_as: 1\n  peer_as: 2\n  remote_as: 3\n", "disagree"),
+            ("bgp:\n  local_as: 1\n  remote_as: 2\n  communities: ['70000:1']\n", "invalid community"),
+            ("bgp:\n  local_as: 1\n  remote_as: 2\n  origin: ipg\n", "invalid origin"),
+            ("bgp:\n  local_as: 1\n  remote_as: 2\n  hold_time: 2\n", "at least 3s"),
+            ("bgp:\n  local_as: 1\n  remote_as: 2\n  peer_ip: 198.18.0.300\n", "peer_ip"),
+            ("apps:\n  - name: a\n    vip: 192.0.2.1/40\n", "invalid vip"),
+            ("apps:\n  - name: a\n    vip: 127.0.0.1/32\n", "loopback"),
+            ("apps:\n  - name: 'a b'\n    vip: 192.0.2.1/32\n", "invalid app name"),
+            ("apps:\n  - name: a\n    vip: 192.0.2.1/32\n    monitor: http:80\n", "invalid monitor"),
+            ("apps:\n  - name: a\n    vip: 192.0.2.1/32\n    nats: ['tcp:80:0']\n", "invalid nat"),
+            ("apps:\n  - name: a\n    vip: 192.0.2.1/32\n    vip_config: {bgp_communities: [bad]}\n", "invalid community"),
+            ("apps: [{name: a, vip: 192.0.2.1/32}, {name: a, vip: 192.0.2.2/32}]", "defined twice"),
+            ("apps: [{name: a, vip: 192.0.2.1/32}, {name: b, vip: 192.0.2.1/32}]", "already used by app a"),
+            ("agent: [1, 2]", "agent"),
+            ("bgp: 5", "bgp"),
+            ("apps:\n  - name: a\n   vip: x\n", "line"),
+        ] {
+            let e = err(yaml);
+            assert!(e.contains(needle), "{yaml:?} gave {e:?}, expected {needle:?}");
+            assert!(e.starts_with("test.yaml"), "{e}");
+        }
+    }
+
+    #[test]
+    fn errors_inside_values_carry_the_line() {
+        let e = err("apps:\n  - name: a\n    vip: 192.0.2.1/32\n  - name: b\n    vip: nope\n");
+        // serde_yaml marks the start of the app's mapping; the path and the value pin it down.
+        assert!(e.contains("apps[1]") && e.contains("\"nope\"") && e.contains("line 4"), "{e}");
+    }
+
+    #[test]
+    fn password_is_never_printed() {
+        let c = parse("bgp: {local_as: 1, remote_as: 2, peer_ip: 198.18.0.2, password: s3cret}").unwrap();
+        assert_eq!(c.bgp.peers[0].password.as_deref(), Some("s3cret"));
+        assert!(!serde_yaml::to_string(&c).unwrap().contains("s3cret"));
+    }
+}

@@ -1,0 +1,21 @@
+//! GoCast in Rust: health-checks the services on a host and announces their anycast VIPs.
+//!
+//! # Layout
+//! - [`config`]: the GoCast YAML file, parsed once into typed values.
+//! - [`app`]: the app model (`AppName`, `Vip`, `Monitor`, `NatRule`, `Community`).
+//! - [`monitor`]: runs the health checks and reports results.
+//! - [`lifecycle`]: owns the app registry; health → announce/withdraw → cleanup.
+//! - [`netlink`]: VIP addresses on `lo`, routes toward peers.
+//! - [`dataplane`]: NAT (iptables).
+//! - [`store`]: HTTP registrations persisted across restarts.
+//! - [`api`]: the HTTP API; [`metrics`]: Prometheus text.
+//! - [`cli`]: command line, shared by the binary and tests.
+
+pub mod app;
+pub mod config;
+pub mod dataplane;
+pub mod monitor;
+pub mod netlink;
+
+#[cfg(test)]
+pub mod testing;

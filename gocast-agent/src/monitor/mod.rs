@@ -1,0 +1,3 @@
+//! Health monitors.
+
+pub mod port;

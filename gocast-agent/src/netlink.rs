@@ -1,0 +1,350 @@
+//! Netlink: the VIP addresses on `lo` and the routing questions the agent asks the kernel.
+//!
+//! [`Netlink`] owns one rtnetlink connection. The socket lives in the network namespace of the
+//! thread that opened it, so everything it does happens there, whichever thread later polls it.
+//!
+//! Addresses the agent adds carry [`ADDR_PROTO`] in `IFA_PROTO`; [`Netlink::owned_vips`] lists
+//! exactly those, which is how a restart after a crash finds what it must clean up without
+//! touching addresses an operator or another tool put on `lo`.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use nix::errno::Errno;
+use rtnetlink::packet_route::{
+    AddressFamily,
+    address::{
+        AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressProtocol,
+        AddressScope,
+    },
+    route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType, RouteVia},
+};
+use rtnetlink::{AddressMessageBuilder, Handle, LinkUnspec, RouteMessageBuilder};
+
+use crate::app::Vip;
+
+/// The `IFA_PROTO` value on every address this agent adds to `lo`.
+///
+/// Marks addresses this agent added, so a restart after a crash removes exactly those and
+/// nothing else. 0xc7 is unused by the kernel (which uses 1–3) and by iproute2's
+/// `rt_addrprotos`; the kernel keeps and reports it since Linux 6.1.
+pub const ADDR_PROTO: u8 = 0xc7;
+
+/// A failed netlink operation; the message says what the agent was doing.
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("netlink needs a tokio runtime to drive its connection")]
+    NoRuntime,
+    #[error("cannot open a netlink socket")]
+    Connect(#[source] std::io::Error),
+    #[error("there is no interface named lo")]
+    NoLoopback,
+    #[error("cannot {action} lo")]
+    Loopback {
+        action: &'static str,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("cannot add {vip} to lo")]
+    AddAddress {
+        vip: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("cannot remove {vip} from lo")]
+    RemoveAddress {
+        vip: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("cannot list the addresses of interface {index}")]
+    ListAddresses {
+        index: u32,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("cannot look up the route toward {dest}")]
+    RouteLookup {
+        dest: IpAddr,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("cannot list the IPv4 routes")]
+    ListRoutes(#[source] rtnetlink::Error),
+}
+
+/// One rtnetlink connection, plus the index of `lo` where VIPs live.
+pub struct Netlink {
+    handle: Handle,
+    lo_index: u32,
+}
+
+impl Netlink {
+    /// Opens a connection in the calling thread's network namespace, driven by a task on the
+    /// current tokio runtime, and resolves `lo`.
+    ///
+    /// Also sets `lo` up: it is down in a fresh network namespace, and a VIP on a down `lo`
+    /// answers nothing. On a host it is already up, and setting it up again changes nothing.
+    pub async fn new() -> Result<Self, NetlinkError> {
+        // `tokio::spawn` would panic outside a runtime; an error is kinder to callers.
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(NetlinkError::NoRuntime);
+        }
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Connect)?;
+        tokio::spawn(connection);
+
+        let lo = handle
+            .link()
+            .get()
+            .match_name("lo")
+            .execute()
+            .try_next()
+            .await
+            .map_err(|source| NetlinkError::Loopback { action: "look up", source })?
+            .ok_or(NetlinkError::NoLoopback)?;
+        let lo_index = lo.header.index;
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(lo_index).up().build())
+            .execute()
+            .await
+            .map_err(|source| NetlinkError::Loopback { action: "set up", source })?;
+        Ok(Self { handle, lo_index })
+    }
+
+    /// Adds the VIP (its address and prefix length, [`Vip::net`]) to `lo`, marked with
+    /// [`ADDR_PROTO`] and, for IPv4, labelled `label` (IPv6 addresses have no labels).
+    ///
+    /// Idempotent: an address that is already there counts as added, even if someone else put
+    /// it there (it then keeps their marker, so [`Self::owned_vips`] will not list it).
+    pub async fn add_vip(&self, vip: &Vip, label: &str) -> Result<(), NetlinkError> {
+        let net = vip.net();
+        let mut request = self.handle.address().add(self.lo_index, net.addr(), net.prefix_len());
+        let message = request.message_mut();
+        message.attributes.push(AddressAttribute::Protocol(AddressProtocol::Other(ADDR_PROTO)));
+        match net {
+            IpNet::V4(_) => message.attributes.push(AddressAttribute::Label(label.to_owned())),
+            // A VIP is on every host announcing it, so duplicate address detection would
+            // only ever delay it (lo skips DAD anyway; the flag says so explicitly).
+            IpNet::V6(_) => {
+                message.header.flags = AddressHeaderFlags::Nodad;
+                message.attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
+            }
+        }
+        match request.execute().await {
+            Err(e) if errno(&e) == Some(Errno::EEXIST) => Ok(()),
+            result => result.map_err(|source| NetlinkError::AddAddress { vip: vip.to_string(), source }),
+        }
+    }
+
+    /// Removes the VIP from `lo`. Idempotent: an address that is not there counts as removed.
+    pub async fn remove_vip(&self, vip: &Vip) -> Result<(), NetlinkError> {
+        let net = vip.net();
+        let message = match net {
+            IpNet::V4(n) => AddressMessageBuilder::<Ipv4Addr>::new()
+                .index(self.lo_index)
+                .address(n.addr(), n.prefix_len())
+                .build(),
+            IpNet::V6(n) => AddressMessageBuilder::<Ipv6Addr>::new()
+                .index(self.lo_index)
+                .address(n.addr(), n.prefix_len())
+                .build(),
+        };
+        match self.handle.address().del(message).execute().await {
+            Err(e) if errno(&e) == Some(Errno::EADDRNOTAVAIL) => Ok(()),
+            result => result.map_err(|source| NetlinkError::RemoveAddress { vip: vip.to_string(), source }),
+        }
+    }
+
+    /// The addresses on `lo` that carry [`ADDR_PROTO`], both families, with their label
+    /// (always `None` for IPv6, which has no labels).
+    pub async fn owned_vips(&self) -> Result<Vec<(IpNet, Option<String>)>, NetlinkError> {
+        let addresses = self.addresses_of(self.lo_index).await?;
+        let owned = addresses
+            .into_iter()
+            .filter(|m| {
+                m.attributes
+                    .iter()
+                    .any(|a| matches!(a, AddressAttribute::Protocol(p) if u8::from(*p) == ADDR_PROTO))
+            })
+            .filter_map(|m| {
+                let net = address_net(&m)?;
+                let label = m.attributes.into_iter().find_map(|a| match a {
+                    AddressAttribute::Label(l) => Some(l),
+                    _ => None,
+                });
+                Some((net, label))
+            })
+            .collect();
+        Ok(owned)
+    }
+
+    /// The preferred source address the kernel would use toward `dest` (`ip route get DEST`),
+    /// or `None` if `dest` is unroutable (no route, or an unreachable, prohibit or blackhole
+    /// route).
+    pub async fn source_toward(&self, dest: IpAddr) -> Result<Option<IpAddr>, NetlinkError> {
+        let query = match dest {
+            IpAddr::V4(a) => RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(a, 32).build(),
+            IpAddr::V6(a) => RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(a, 128).build(),
+        };
+        // With a destination this is a single lookup, not a dump: one reply or an error.
+        match self.handle.route().get(query).execute().try_next().await {
+            Ok(route) => Ok(route.as_ref().and_then(pref_source)),
+            // ENETUNREACH: no route; EHOSTUNREACH: unreachable route; EACCES: prohibit route;
+            // EINVAL: IPv4 blackhole route. All mean no packet would leave toward `dest`.
+            Err(e)
+                if matches!(
+                    errno(&e),
+                    Some(Errno::ENETUNREACH | Errno::EHOSTUNREACH | Errno::EACCES | Errno::EINVAL)
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(source) => Err(NetlinkError::RouteLookup { dest, source }),
+        }
+    }
+
+    /// The IPv4 default route of the main table as `(gateway, source)`, or `None` if there is
+    /// none with a gateway. With several, the one the kernel uses (lowest metric) wins.
+    ///
+    /// The source is the route's preferred source if it has one, else the first global address
+    /// of its out interface, else the source the kernel would use toward the gateway.
+    pub async fn default_gateway(&self) -> Result<Option<(IpAddr, IpAddr)>, NetlinkError> {
+        let routes: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(NetlinkError::ListRoutes)?;
+        let best = routes
+            .iter()
+            .filter(|r| {
+                r.header.address_family == AddressFamily::Inet
+                    && r.header.destination_prefix_length == 0
+                    && r.header.kind == RouteType::Unicast
+                    && table(r) == u32::from(RouteHeader::RT_TABLE_MAIN)
+            })
+            .filter_map(|r| Some((r, next_hop(r)?)))
+            .min_by_key(|(r, _)| priority(r));
+        let Some((route, (gateway, oif))) = best else {
+            return Ok(None);
+        };
+        if let Some(source) = pref_source(route) {
+            return Ok(Some((gateway, source)));
+        }
+        if let Some(oif) = oif {
+            let global = self.addresses_of(oif).await?.into_iter().find(|m| {
+                m.header.family == AddressFamily::Inet && m.header.scope == AddressScope::Universe
+            });
+            if let Some(net) = global.as_ref().and_then(address_net) {
+                return Ok(Some((gateway, net.addr())));
+            }
+        }
+        Ok(self.source_toward(gateway).await?.map(|source| (gateway, source)))
+    }
+
+    /// All addresses of interface `index`, both families, in kernel order (primary first).
+    async fn addresses_of(&self, index: u32) -> Result<Vec<AddressMessage>, NetlinkError> {
+        self.handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| NetlinkError::ListAddresses { index, source })
+    }
+}
+
+/// The errno of a kernel refusal, if that is what the error is.
+fn errno(e: &rtnetlink::Error) -> Option<Errno> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| Errno::from_raw(-c.get())),
+        _ => None,
+    }
+}
+
+/// The address of an address message with its prefix length. For IPv4 `IFA_LOCAL` is the
+/// address itself (`IFA_ADDRESS` is the peer on point-to-point links); IPv6 only sends
+/// `IFA_ADDRESS`.
+fn address_net(m: &AddressMessage) -> Option<IpNet> {
+    let find = |want_local: bool| {
+        m.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Local(ip) if want_local => Some(*ip),
+            AddressAttribute::Address(ip) if !want_local => Some(*ip),
+            _ => None,
+        })
+    };
+    let addr = find(true).or_else(|| find(false))?;
+    IpNet::new(addr, m.header.prefix_len).ok()
+}
+
+/// `RTA_PREFSRC`: the source address the kernel picks for traffic on this route.
+fn pref_source(route: &RouteMessage) -> Option<IpAddr> {
+    route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::PrefSource(addr) => route_ip(addr),
+        _ => None,
+    })
+}
+
+fn route_ip(addr: &RouteAddress) -> Option<IpAddr> {
+    match addr {
+        RouteAddress::Inet(a) => Some(IpAddr::V4(*a)),
+        RouteAddress::Inet6(a) => Some(IpAddr::V6(*a)),
+        _ => None,
+    }
+}
+
+/// The route's table: `RTA_TABLE` when present (ids above 255 only fit there), else the header.
+fn table(route: &RouteMessage) -> u32 {
+    route
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(route.header.table))
+}
+
+/// The route's metric; a route without `RTA_PRIORITY` has metric 0.
+fn priority(route: &RouteMessage) -> u32 {
+    route
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Priority(p) => Some(*p),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+/// The gateway and out interface of a route: its own `RTA_GATEWAY` / `RTA_VIA` (an IPv6 next
+/// hop for an IPv4 route) and `RTA_OIF`, or those of its first next hop if it is multipath.
+fn next_hop(route: &RouteMessage) -> Option<(IpAddr, Option<u32>)> {
+    let gateway = |attributes: &[RouteAttribute]| {
+        attributes.iter().find_map(|a| match a {
+            RouteAttribute::Gateway(addr) => route_ip(addr),
+            RouteAttribute::Via(RouteVia::Inet(a)) => Some(IpAddr::V4(*a)),
+            RouteAttribute::Via(RouteVia::Inet6(a)) => Some(IpAddr::V6(*a)),
+            _ => None,
+        })
+    };
+    if let Some(gw) = gateway(&route.attributes) {
+        let oif = route.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        });
+        return Some((gw, oif));
+    }
+    route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::MultiPath(hops) => hops.iter().find_map(|hop| {
+            let oif = (hop.interface_index != 0).then_some(hop.interface_index);
+            Some((gateway(&hop.attributes)?, oif))
+        }),
+        _ => None,
+    })
+}

@@ -1,0 +1,49 @@
+//! Test helpers: run privileged tests in a network namespace of their own, so they never touch
+//! the host's addresses, routes or iptables rules.
+
+use std::future::Future;
+
+use nix::sched::{CloneFlags, unshare};
+
+/// Runs `f` on a current-thread tokio runtime in a thread moved to a new, empty network
+/// namespace, and returns its output.
+///
+/// A network namespace belongs to the thread that unshared it: netlink sockets opened by `f`
+/// live in it, and child processes spawned from that thread (iptables) inherit it. `lo` starts
+/// down there.
+///
+/// Returns `None` when the test cannot run (not root, or `unshare` refused), after printing
+/// `skipping test - <why>`; with `GOCAST_REQUIRE_PRIVILEGED=1` it panics instead, so CI cannot
+/// silently skip. A panic in `f` is re-raised in the caller.
+pub fn in_new_netns<F, Fut>(f: F) -> Option<Fut::Output>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future,
+    Fut::Output: Send + 'static,
+{
+    if !nix::unistd::geteuid().is_root() {
+        return skip("not running as root");
+    }
+    let thread = std::thread::spawn(move || {
+        unshare(CloneFlags::CLONE_NEWNET).map_err(|e| format!("unshare(CLONE_NEWNET) failed: {e}"))?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a current-thread tokio runtime builds");
+        Ok::<_, String>(runtime.block_on(f()))
+    });
+    match thread.join() {
+        Ok(Ok(output)) => Some(output),
+        Ok(Err(why)) => skip(&why),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+fn skip<T>(why: &str) -> Option<T> {
+    assert!(
+        std::env::var("GOCAST_REQUIRE_PRIVILEGED").as_deref() != Ok("1"),
+        "privileged test cannot run: {why}"
+    );
+    eprintln!("skipping test - {why}");
+    None
+}

@@ -1,0 +1,60 @@
+//! Developer tasks for the gocast workspace, invoked as `cargo xtask <task>`.
+//!
+//! Keeping these in Rust (instead of shell scripts or a Makefile) means the only thing a fresh
+//! machine needs is a Rust toolchain; `.ci/run` is a one-line wrapper around `cargo xtask test`.
+
+mod cmd;
+mod packages;
+mod run;
+mod test;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Command line of `cargo xtask`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Developer tasks for the gocast workspace"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+/// The tasks `cargo xtask` knows.
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Build the agent and run it with the given arguments
+    /// (e.g. `cargo xtask run -- --config config/minimal.yaml`).
+    Run(run::RunArgs),
+    /// Run every check CI runs: Debian packages, rustfmt, clippy, build, and the whole test suite
+    /// (e.g. `cargo xtask test -- --nocapture`).
+    Test(test::TestArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Run(args) => run::run(&args),
+        Task::Test(args) => test::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root, derived from this crate's manifest directory so it works without
+/// `cargo metadata` and regardless of the directory `cargo xtask` was started from.
+pub fn workspace_root() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // `xtask/` always sits directly under the root; the fallback is unreachable in practice.
+    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
+}

@@ -1,0 +1,70 @@
+//! `cargo xtask test`: the single entry point that runs every check, locally and in CI.
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use crate::{cmd, packages, workspace_root};
+
+/// Arguments of `cargo xtask test`.
+#[derive(Debug, Args)]
+pub struct TestArgs {
+    /// Arguments for the test binaries, passed after `cargo test --workspace --`
+    /// (e.g. a name filter, `--nocapture`, `--test-threads=1`).
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "TEST_ARGS"
+    )]
+    args: Vec<String>,
+}
+
+/// Runs host setup, formatting, lints, the agent build and the whole test suite, stopping at the
+/// first failing step.
+///
+/// The environment is inherited throughout so switches like `GOCAST_REQUIRE_PRIVILEGED` reach the
+/// tests.
+pub fn run(args: &TestArgs) -> Result<()> {
+    let root = workspace_root();
+
+    step("packages", || {
+        packages::ensure_debian_packages()?;
+        packages::ensure_rust_components()
+    })?;
+    step("fmt", || {
+        cmd::run(cmd::cargo(&root).args(["fmt", "--all", "--", "--check"]))
+    })?;
+    step("clippy", || {
+        cmd::run(cmd::cargo(&root).args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+    })?;
+    // The end-to-end tests (package `gocast-tests`) start `target/debug/gocast` themselves, and
+    // `cargo test` only builds a binary for integration tests of the binary's own package.
+    step("build", || {
+        cmd::run(cmd::cargo(&root).args(["build", "--package", "gocast-agent", "--bins"]))
+    })?;
+    step("test", || {
+        if let Some(value) = std::env::var_os("GOCAST_REQUIRE_PRIVILEGED") {
+            println!("GOCAST_REQUIRE_PRIVILEGED={}", value.to_string_lossy());
+        }
+        cmd::run(
+            cmd::cargo(&root)
+                .args(["test", "--workspace", "--"])
+                .args(&args.args),
+        )
+    })?;
+
+    println!("==> all steps passed");
+    Ok(())
+}
+
+/// Prints the `==> name` header, runs the step, and names the step in any error.
+fn step(name: &str, body: impl FnOnce() -> Result<()>) -> Result<()> {
+    println!("==> {name}");
+    body().with_context(|| format!("step `{name}` failed"))
+}
