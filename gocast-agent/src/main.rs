@@ -1,1 +1,184 @@
-fn main(){}
+//! The `gocast` binary: parses the command line, sets up logging and the runtime, and wires
+//! the library's tasks together. Exit codes: 0 ok, 1 runtime failure, 2 bad config or usage.
+
+use std::{process::ExitCode, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use gocast::{
+    api::{self, ApiState, StaticInfo},
+    cli::{self, Cli, Command, LogFormat},
+    config::Config,
+    dataplane::DataplaneInfo,
+    host::SystemHost,
+    lifecycle,
+    metrics::Metrics,
+    monitor,
+    store::Store,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+use tracing_subscriber::EnvFilter;
+
+/// The whole shutdown (API, withdraw, VIPs, NAT) must finish within 5 s; this leaves margin.
+const SHUTDOWN_BUDGET: Duration = Duration::from_millis(4500);
+/// Time given to in-flight HTTP requests when shutdown starts.
+const API_DRAIN: Duration = Duration::from_millis(500);
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse_from(cli::normalize(std::env::args_os().collect())) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    init_tracing(cli.log_format, cli.log_level.as_deref());
+    match cli.command {
+        Command::CheckConfig { config } => match Config::load(&config) {
+            Ok(c) => {
+                print!("{}", serde_yaml::to_string(&c).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Run { config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    error!("{e}");
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            exit(runtime().and_then(|rt| rt.block_on(run(config))))
+        }
+        Command::Status { addr, config } => exit(runtime().and_then(|rt| rt.block_on(status(addr, config)))),
+    }
+}
+
+fn exit(result: Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    // Two workers: the agent's work is small and bursty; more threads only cost memory.
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the tokio runtime")
+}
+
+fn init_tracing(format: LogFormat, level: Option<&str>) {
+    let filter = level
+        .map(EnvFilter::new)
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(config: Config) -> Result<()> {
+    let listen = config.agent.listen_addr;
+    if listen.all_interfaces {
+        warn!(addr = %listen, "the HTTP API listens on all interfaces: anyone who can reach it can register VIPs");
+    }
+    // Bind before touching the host, so a taken port changes nothing.
+    let listener = tokio::net::TcpListener::bind(listen.addr)
+        .await
+        .with_context(|| format!("binding the HTTP API to {listen}"))?;
+    let host = SystemHost::start(&config).await.context("preparing the host (netlink, iptables)")?;
+    let metrics = Metrics::default();
+    let cancel = CancellationToken::new();
+    let agent = &config.agent;
+    let settings = lifecycle::Settings {
+        monitor_rise: agent.monitor_rise,
+        monitor_fall: agent.monitor_fall,
+        cleanup_timer: agent.cleanup_timer,
+        allow_http_exec: agent.allow_http_exec,
+        vip_allowlist: agent.vip_allowlist.clone(),
+        monitor: monitor::Settings { interval: agent.monitor_interval, exec_timeout: agent.exec_timeout },
+    };
+    let store = Store::new(&agent.state_file);
+    let running = lifecycle::spawn(settings, host, config.apps.clone(), store, metrics.clone(), cancel.clone());
+    let state = ApiState {
+        lifecycle: running.handle.clone(),
+        routes: running.routes.clone(),
+        metrics,
+        info: Arc::new(StaticInfo { version: env!("CARGO_PKG_VERSION"), dataplane: DataplaneInfo::iptables() }),
+        peers: Arc::new(api::configured_peers(&config)),
+    };
+    info!(addr = %listen, apps = config.apps.len(), peers = config.bgp.peers.len(), "gocast running");
+    let api_stop = CancellationToken::new();
+    let server = axum::serve(listener, api::router(state)).with_graceful_shutdown(api_stop.clone().cancelled_owned());
+    let server = tokio::spawn(async move { server.await });
+
+    let signal = shutdown_signal().await?;
+    info!(%signal, "shutting down");
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_BUDGET;
+    // Order: stop the API, then the lifecycle withdraws, removes VIPs, clears NAT.
+    api_stop.cancel();
+    if tokio::time::timeout(API_DRAIN, server).await.is_err() {
+        warn!("HTTP requests still open after {API_DRAIN:?}; closing them");
+    }
+    cancel.cancel();
+    match tokio::time::timeout_at(deadline, running.task).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(anyhow::anyhow!("lifecycle task failed: {e}")),
+        Err(_) => Err(anyhow::anyhow!("shutdown did not finish within {SHUTDOWN_BUDGET:?}")),
+    }
+}
+
+/// Waits for SIGTERM or SIGINT and names it.
+async fn shutdown_signal() -> Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+async fn status(addr: String, config: Option<std::path::PathBuf>) -> Result<()> {
+    let addr = match config {
+        Some(path) => {
+            let c = Config::load(&path)?;
+            let a = c.agent.listen_addr.addr;
+            // An agent listening on all interfaces is reachable on loopback.
+            let ip = if a.ip().is_unspecified() { std::net::Ipv4Addr::LOCALHOST.into() } else { a.ip() };
+            std::net::SocketAddr::new(ip, a.port()).to_string()
+        }
+        None => addr,
+    };
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+    let get = |path: &str| {
+        let url = format!("http://{addr}{path}");
+        let client = client.clone();
+        async move {
+            client
+                .get(&url)
+                .send()
+                .await
+                .and_then(reqwest::Response::error_for_status)
+                .with_context(|| format!("asking the agent at {url}"))?
+                .json::<serde_json::Value>()
+                .await
+                .with_context(|| format!("reading {url}"))
+        }
+    };
+    let info = get("/info").await?;
+    let apps = get("/apps").await?;
+    print!("{}", cli::render_status(&info, &apps));
+    Ok(())
+}

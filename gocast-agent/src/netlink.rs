@@ -101,7 +101,10 @@ impl Netlink {
             .execute()
             .try_next()
             .await
-            .map_err(|source| NetlinkError::Loopback { action: "look up", source })?
+            .map_err(|source| NetlinkError::Loopback {
+                action: "look up",
+                source,
+            })?
             .ok_or(NetlinkError::NoLoopback)?;
         let lo_index = lo.header.index;
         handle
@@ -109,7 +112,10 @@ impl Netlink {
             .set(LinkUnspec::new_with_index(lo_index).up().build())
             .execute()
             .await
-            .map_err(|source| NetlinkError::Loopback { action: "set up", source })?;
+            .map_err(|source| NetlinkError::Loopback {
+                action: "set up",
+                source,
+            })?;
         Ok(Self { handle, lo_index })
     }
 
@@ -120,21 +126,35 @@ impl Netlink {
     /// it there (it then keeps their marker, so [`Self::owned_vips`] will not list it).
     pub async fn add_vip(&self, vip: &Vip, label: &str) -> Result<(), NetlinkError> {
         let net = vip.net();
-        let mut request = self.handle.address().add(self.lo_index, net.addr(), net.prefix_len());
+        let mut request = self
+            .handle
+            .address()
+            .add(self.lo_index, net.addr(), net.prefix_len());
         let message = request.message_mut();
-        message.attributes.push(AddressAttribute::Protocol(AddressProtocol::Other(ADDR_PROTO)));
+        message
+            .attributes
+            .push(AddressAttribute::Protocol(AddressProtocol::Other(
+                ADDR_PROTO,
+            )));
         match net {
-            IpNet::V4(_) => message.attributes.push(AddressAttribute::Label(label.to_owned())),
+            IpNet::V4(_) => message
+                .attributes
+                .push(AddressAttribute::Label(label.to_owned())),
             // A VIP is on every host announcing it, so duplicate address detection would
             // only ever delay it (lo skips DAD anyway; the flag says so explicitly).
             IpNet::V6(_) => {
                 message.header.flags = AddressHeaderFlags::Nodad;
-                message.attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
+                message
+                    .attributes
+                    .push(AddressAttribute::Flags(AddressFlags::Nodad));
             }
         }
         match request.execute().await {
             Err(e) if errno(&e) == Some(Errno::EEXIST) => Ok(()),
-            result => result.map_err(|source| NetlinkError::AddAddress { vip: vip.to_string(), source }),
+            result => result.map_err(|source| NetlinkError::AddAddress {
+                vip: vip.to_string(),
+                source,
+            }),
         }
     }
 
@@ -153,7 +173,10 @@ impl Netlink {
         };
         match self.handle.address().del(message).execute().await {
             Err(e) if errno(&e) == Some(Errno::EADDRNOTAVAIL) => Ok(()),
-            result => result.map_err(|source| NetlinkError::RemoveAddress { vip: vip.to_string(), source }),
+            result => result.map_err(|source| NetlinkError::RemoveAddress {
+                vip: vip.to_string(),
+                source,
+            }),
         }
     }
 
@@ -164,9 +187,9 @@ impl Netlink {
         let owned = addresses
             .into_iter()
             .filter(|m| {
-                m.attributes
-                    .iter()
-                    .any(|a| matches!(a, AddressAttribute::Protocol(p) if u8::from(*p) == ADDR_PROTO))
+                m.attributes.iter().any(
+                    |a| matches!(a, AddressAttribute::Protocol(p) if u8::from(*p) == ADDR_PROTO),
+                )
             })
             .filter_map(|m| {
                 let net = address_net(&m)?;
@@ -185,8 +208,12 @@ impl Netlink {
     /// route).
     pub async fn source_toward(&self, dest: IpAddr) -> Result<Option<IpAddr>, NetlinkError> {
         let query = match dest {
-            IpAddr::V4(a) => RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(a, 32).build(),
-            IpAddr::V6(a) => RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(a, 128).build(),
+            IpAddr::V4(a) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(a, 32)
+                .build(),
+            IpAddr::V6(a) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(a, 128)
+                .build(),
         };
         // With a destination this is a single lookup, not a dump: one reply or an error.
         match self.handle.route().get(query).execute().try_next().await {
@@ -243,7 +270,10 @@ impl Netlink {
                 return Ok(Some((gateway, net.addr())));
             }
         }
-        Ok(self.source_toward(gateway).await?.map(|source| (gateway, source)))
+        Ok(self
+            .source_toward(gateway)
+            .await?
+            .map(|source| (gateway, source)))
     }
 
     /// All addresses of interface `index`, both families, in kernel order (primary first).
@@ -347,4 +377,186 @@ fn next_hop(route: &RouteMessage) -> Option<(IpAddr, Option<u32>)> {
         }),
         _ => None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::app::AppName;
+    use crate::testing::in_new_netns;
+    use rtnetlink::{LinkDummy, LinkVeth};
+
+    fn vip(s: &str) -> Vip {
+        s.parse().unwrap()
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn vips_added_to_lo_are_owned_with_their_labels_and_adding_or_removing_twice_is_fine() {
+        in_new_netns(|| async {
+            let nl = Netlink::new().await.unwrap();
+            let long: AppName = "frontend-service-a".parse().unwrap();
+            let short: AppName = "web".parse().unwrap();
+            let (v4_short, v4_long, v6) = (
+                vip("198.18.0.10/32"),
+                vip("192.0.2.10/24"),
+                vip("2001:db8::10/128"),
+            );
+            for _ in 0..2 {
+                nl.add_vip(&v4_short, &short.lo_label()).await.unwrap();
+                nl.add_vip(&v4_long, &long.lo_label()).await.unwrap();
+                nl.add_vip(&v6, &short.lo_label()).await.unwrap();
+            }
+            let mut owned = nl.owned_vips().await.unwrap();
+            owned.sort();
+            assert_eq!(
+                owned,
+                vec![
+                    (net("192.0.2.10/24"), Some(long.lo_label())),
+                    (net("198.18.0.10/32"), Some("lo:web".to_owned())),
+                    // IPv6 addresses have no labels.
+                    (net("2001:db8::10/128"), None),
+                ]
+            );
+            for _ in 0..2 {
+                for v in [&v4_short, &v4_long, &v6] {
+                    nl.remove_vip(v).await.unwrap();
+                }
+            }
+            assert_eq!(nl.owned_vips().await.unwrap(), vec![]);
+        });
+    }
+
+    #[test]
+    fn addresses_on_lo_without_the_marker_are_not_owned() {
+        in_new_netns(|| async {
+            let nl = Netlink::new().await.unwrap();
+            for (addr, len) in [("192.0.2.20", 32), ("2001:db8::20", 128)] {
+                nl.handle
+                    .address()
+                    .add(nl.lo_index, addr.parse().unwrap(), len)
+                    .execute()
+                    .await
+                    .unwrap();
+            }
+            // As an operator would add one, with a label but no marker.
+            let status = std::process::Command::new("ip")
+                .args([
+                    "address",
+                    "add",
+                    "192.0.2.21/32",
+                    "dev",
+                    "lo",
+                    "label",
+                    "lo:other",
+                ])
+                .status()
+                .unwrap();
+            assert!(status.success());
+            nl.add_vip(&vip("192.0.2.30/32"), "lo:mine").await.unwrap();
+
+            let owned = nl.owned_vips().await.unwrap();
+            assert_eq!(
+                owned,
+                vec![(net("192.0.2.30/32"), Some("lo:mine".to_owned()))]
+            );
+            // The unmarked addresses are really there (127.0.0.1 and ::1 too).
+            let all = nl.addresses_of(nl.lo_index).await.unwrap();
+            assert_eq!(all.len(), 6, "{all:#?}");
+        });
+    }
+
+    #[test]
+    fn netlink_and_its_futures_can_move_between_threads() {
+        fn send<T: Send>(_: &T) {}
+        fn sync<T: Send + Sync>() {}
+        // Compile-time only: building the futures needs a connection, running them needs root.
+        fn futures(nl: &Netlink, v: &Vip) {
+            send(&nl.add_vip(v, "lo:x"));
+            send(&nl.remove_vip(v));
+            send(&nl.owned_vips());
+            send(&nl.source_toward(v.addr()));
+            send(&nl.default_gateway());
+        }
+        sync::<Netlink>();
+        send(&Netlink::new());
+        let _ = futures;
+    }
+
+    /// Adds an interface `gc0` that is up with a carrier: a dummy, or where the kernel has no
+    /// dummy driver, one end of a veth pair whose other end is up too.
+    async fn add_uplink(h: &Handle) -> u32 {
+        let dummy = h
+            .link()
+            .add(LinkDummy::new("gc0").up().build())
+            .execute()
+            .await;
+        if let Err(e) = dummy {
+            assert_eq!(errno(&e), Some(Errno::EOPNOTSUPP), "{e}");
+            h.link()
+                .add(LinkVeth::new("gc0", "gc1").up().build())
+                .execute()
+                .await
+                .unwrap();
+            let peer = index_of(h, "gc1").await;
+            h.link()
+                .set(LinkUnspec::new_with_index(peer).up().build())
+                .execute()
+                .await
+                .unwrap();
+        }
+        index_of(h, "gc0").await
+    }
+
+    async fn index_of(h: &Handle, name: &str) -> u32 {
+        let link = h
+            .link()
+            .get()
+            .match_name(name)
+            .execute()
+            .try_next()
+            .await
+            .unwrap()
+            .unwrap();
+        link.header.index
+    }
+
+    #[test]
+    fn source_and_default_gateway_follow_the_routing_table() {
+        in_new_netns(|| async {
+            let nl = Netlink::new().await.unwrap();
+            let peer: IpAddr = "192.0.2.1".parse().unwrap();
+            assert_eq!(nl.default_gateway().await.unwrap(), None);
+            assert_eq!(nl.source_toward(peer).await.unwrap(), None);
+
+            let h = &nl.handle;
+            let index = add_uplink(h).await;
+            h.address()
+                .add(index, "198.18.0.1".parse().unwrap(), 30)
+                .execute()
+                .await
+                .unwrap();
+            let default = RouteMessageBuilder::<Ipv4Addr>::new()
+                .gateway("198.18.0.2".parse().unwrap())
+                .output_interface(index)
+                .build();
+            h.route().add(default).execute().await.unwrap();
+
+            let local: IpAddr = "198.18.0.1".parse().unwrap();
+            let gateway: IpAddr = "198.18.0.2".parse().unwrap();
+            assert_eq!(nl.default_gateway().await.unwrap(), Some((gateway, local)));
+            assert_eq!(nl.source_toward(peer).await.unwrap(), Some(local));
+            assert_eq!(nl.source_toward(gateway).await.unwrap(), Some(local));
+            // No IPv6 route at all.
+            assert_eq!(
+                nl.source_toward("2001:db8::1".parse().unwrap())
+                    .await
+                    .unwrap(),
+                None
+            );
+        });
+    }
 }

@@ -25,7 +25,8 @@ where
         return skip("not running as root");
     }
     let thread = std::thread::spawn(move || {
-        unshare(CloneFlags::CLONE_NEWNET).map_err(|e| format!("unshare(CLONE_NEWNET) failed: {e}"))?;
+        unshare(CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("unshare(CLONE_NEWNET) failed: {e}"))?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

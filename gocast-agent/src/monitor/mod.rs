@@ -1,3 +1,307 @@
-//! Health monitors.
+//! Health monitors: one scheduler task checks every watched app each `monitor_interval` and
+//! reports the results to the lifecycle, which alone decides what they mean.
+//!
+//! ```text
+//!  lifecycle ──Command (watch/unwatch)──▶ Scheduler ──Report──▶ lifecycle
+//!                                            │ tick: one socket-table snapshot for all port monitors
+//!                                            └─ exec monitors: a task per app check, bounded by exec_timeout
+//! ```
+//!
+//! Port monitors share one snapshot per tick, so 1,000 apps cost one sock_diag dump. An app
+//! whose exec check is still running skips ticks rather than piling up processes; a slow app
+//! never delays another's report.
 
+pub mod exec;
 pub mod port;
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant, SystemTime},
+};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use self::port::SocketTable;
+use crate::{
+    app::{AppName, Monitor},
+    metrics::Metrics,
+};
+
+/// The outcome of one monitor run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MonitorResult {
+    pub ok: bool,
+    /// What was seen, in words, for `/apps` and logs.
+    pub reason: String,
+    pub at: SystemTime,
+    pub latency: Duration,
+}
+
+/// All results of one check of one app, in the order of its monitors.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub app: AppName,
+    /// The generation given in [`Command::Watch`]: results for a replaced app are ignored.
+    pub generation: u64,
+    pub results: Vec<MonitorResult>,
+}
+
+/// Requests from the lifecycle.
+#[derive(Debug)]
+pub enum Command {
+    /// Start (or restart, with new monitors) checking an app; it is checked at once.
+    Watch {
+        app: AppName,
+        generation: u64,
+        monitors: Vec<Monitor>,
+    },
+    Unwatch { app: AppName },
+}
+
+/// Settings of the scheduler.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub interval: Duration,
+    pub exec_timeout: Duration,
+}
+
+struct Watched {
+    generation: u64,
+    monitors: Vec<Monitor>,
+    /// An exec check is running: skip this app's ticks until it reports.
+    in_flight: bool,
+}
+
+/// The scheduler task's state. Created by [`spawn`].
+struct Scheduler {
+    settings: Settings,
+    apps: HashMap<AppName, Watched>,
+    reports: mpsc::Sender<Report>,
+    /// Exec checks say here that they finished (app, generation).
+    done_tx: mpsc::UnboundedSender<(AppName, u64)>,
+    metrics: Metrics,
+}
+
+/// Starts the scheduler; it stops when `cancel` fires or the command channel closes.
+pub fn spawn(
+    settings: Settings,
+    reports: mpsc::Sender<Report>,
+    metrics: Metrics,
+    cancel: CancellationToken,
+) -> mpsc::Sender<Command> {
+    let (tx, rx) = mpsc::channel(1024);
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let scheduler = Scheduler { settings, apps: HashMap::new(), reports, done_tx, metrics };
+    tokio::spawn(scheduler.run(rx, done_rx, cancel));
+    tx
+}
+
+impl Scheduler {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut done: mpsc::UnboundedReceiver<(AppName, u64)>,
+        cancel: CancellationToken,
+    ) {
+        let mut ticker = tokio::time::interval(self.settings.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                cmd = commands.recv() => match cmd {
+                    None => return,
+                    Some(Command::Watch { app, generation, monitors }) => {
+                        self.apps.insert(app.clone(), Watched { generation, monitors, in_flight: false });
+                        self.check(&[app]).await;
+                    }
+                    Some(Command::Unwatch { app }) => {
+                        self.apps.remove(&app);
+                    }
+                },
+                Some((app, generation)) = done.recv() => {
+                    if let Some(w) = self.apps.get_mut(&app).filter(|w| w.generation == generation) {
+                        w.in_flight = false;
+                    }
+                }
+                _ = ticker.tick() => {
+                    let due: Vec<AppName> = self.apps.iter().filter(|(_, w)| !w.in_flight).map(|(n, _)| n.clone()).collect();
+                    self.check(&due).await;
+                }
+            }
+        }
+    }
+
+    /// Checks the given apps: port and consul monitors now from one snapshot, exec monitors in
+    /// a task per app.
+    async fn check(&mut self, names: &[AppName]) {
+        let needs_table = names.iter().any(|n| {
+            self.apps.get(n).is_some_and(|w| w.monitors.iter().any(|m| matches!(m, Monitor::Port { .. })))
+        });
+        let started = Instant::now();
+        let table = if needs_table {
+            Some(tokio::task::spawn_blocking(SocketTable::snapshot).await.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())))
+        } else {
+            None
+        };
+        let table_latency = started.elapsed();
+        for name in names {
+            let Some(w) = self.apps.get_mut(name) else { continue };
+            let pending: Vec<Pending> = w
+                .monitors
+                .iter()
+                .map(|m| match m {
+                    Monitor::Port { proto, port } => Pending::Ready(port_result(table.as_ref(), *proto, *port, table_latency)),
+                    Monitor::Consul => Pending::Ready(MonitorResult {
+                        ok: false,
+                        reason: "consul monitor: Consul support is not in this version yet".into(),
+                        at: SystemTime::now(),
+                        latency: Duration::ZERO,
+                    }),
+                    Monitor::Exec { command } => Pending::Exec(command.clone()),
+                })
+                .collect();
+            let report = Report { app: name.clone(), generation: w.generation, results: Vec::new() };
+            if pending.iter().all(|p| matches!(p, Pending::Ready(_))) {
+                let results: Vec<MonitorResult> = pending.into_iter().filter_map(Pending::ready).collect();
+                observe(&self.metrics, &w.monitors, &results);
+                // A closed inbox means the lifecycle is gone: shutting down, nothing to do.
+                let _ = self.reports.send(Report { results, ..report }).await;
+                continue;
+            }
+            w.in_flight = true;
+            let monitors = w.monitors.clone();
+            let timeout = self.settings.exec_timeout;
+            let (reports, done, metrics) = (self.reports.clone(), self.done_tx.clone(), self.metrics.clone());
+            tokio::spawn(async move {
+                let runs = pending.into_iter().map(|p| async move {
+                    match p {
+                        Pending::Ready(r) => r,
+                        Pending::Exec(command) => {
+                            let t = Instant::now();
+                            let verdict = exec::run(&command, timeout).await;
+                            let latency = t.elapsed();
+                            let (ok, reason) = match verdict {
+                                Ok(()) => (true, "exit status 0".to_owned()),
+                                Err(why) => (false, why),
+                            };
+                            MonitorResult { ok, reason, at: SystemTime::now(), latency }
+                        }
+                    }
+                });
+                let results = futures::future::join_all(runs).await;
+                observe(&metrics, &monitors, &results);
+                let generation = report.generation;
+                let app = report.app.clone();
+                let _ = reports.send(Report { results, ..report }).await;
+                let _ = done.send((app, generation));
+            });
+        }
+    }
+
+}
+
+/// A monitor's result, known now or still to be run.
+enum Pending {
+    Ready(MonitorResult),
+    Exec(String),
+}
+
+impl Pending {
+    fn ready(self) -> Option<MonitorResult> {
+        match self {
+            Self::Ready(r) => Some(r),
+            Self::Exec(_) => None,
+        }
+    }
+}
+
+fn observe(metrics: &Metrics, monitors: &[Monitor], results: &[MonitorResult]) {
+    for (m, r) in monitors.iter().zip(results) {
+        metrics.monitor_observed(m.kind(), r.latency, r.ok);
+    }
+}
+
+fn port_result(
+    table: Option<&Result<SocketTable, String>>,
+    proto: crate::app::Proto,
+    port: u16,
+    latency: Duration,
+) -> MonitorResult {
+    let (ok, reason) = match table {
+        Some(Ok(t)) if t.is_open(proto, port) => (true, format!("{proto} port {port} is open")),
+        Some(Ok(_)) => (false, format!("no {proto} socket {} port {port}", if proto == crate::app::Proto::Tcp { "listening on" } else { "bound to" })),
+        Some(Err(e)) => (false, format!("cannot read the socket table: {e}")),
+        None => (false, "internal: socket table not read".to_owned()),
+    };
+    MonitorResult { ok, reason, at: SystemTime::now(), latency }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings { interval: Duration::from_millis(50), exec_timeout: Duration::from_secs(5) }
+    }
+
+    async fn next(rx: &mut mpsc::Receiver<Report>) -> Report {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("a report in time").expect("scheduler alive")
+    }
+
+    #[tokio::test]
+    async fn a_watched_app_is_checked_at_once_and_then_every_interval() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, mut rx) = mpsc::channel(16);
+        let cancel = CancellationToken::new();
+        let cmds = spawn(settings(), tx, Metrics::default(), cancel.clone());
+        let app: AppName = "web".parse().unwrap();
+        let monitors = vec![format!("port:tcp:{port}").parse().unwrap(), "exec:true".parse().unwrap()];
+        cmds.send(Command::Watch { app: app.clone(), generation: 7, monitors }).await.unwrap();
+        let r = next(&mut rx).await;
+        assert_eq!((r.app.as_str(), r.generation), ("web", 7));
+        assert!(r.results.iter().all(|m| m.ok), "{r:?}");
+        drop(listener);
+        let r = loop {
+            let r = next(&mut rx).await;
+            if !r.results[0].ok {
+                break r;
+            }
+        };
+        assert!(r.results[0].reason.contains("no tcp socket listening"), "{r:?}");
+        assert!(r.results[1].ok);
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_slow_exec_check_does_not_delay_other_apps() {
+        let (tx, mut rx) = mpsc::channel(64);
+        let cancel = CancellationToken::new();
+        let cmds = spawn(settings(), tx, Metrics::default(), cancel.clone());
+        let slow: AppName = "slow".parse().unwrap();
+        let fast: AppName = "fast".parse().unwrap();
+        cmds.send(Command::Watch { app: slow.clone(), generation: 1, monitors: vec!["exec:sleep 2".parse().unwrap()] }).await.unwrap();
+        cmds.send(Command::Watch { app: fast.clone(), generation: 1, monitors: vec!["exec:true".parse().unwrap()] }).await.unwrap();
+        let mut fast_reports = 0;
+        while fast_reports < 5 {
+            let r = next(&mut rx).await;
+            assert_eq!(r.app, fast, "the slow app cannot have reported yet");
+            fast_reports += 1;
+        }
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn consul_monitor_fails_with_a_reason_until_consul_support_exists() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let cancel = CancellationToken::new();
+        let cmds = spawn(settings(), tx, Metrics::default(), cancel.clone());
+        cmds.send(Command::Watch { app: "c".parse().unwrap(), generation: 1, monitors: vec![Monitor::Consul] }).await.unwrap();
+        let r = next(&mut rx).await;
+        assert!(!r.results[0].ok && r.results[0].reason.contains("consul"));
+        cancel.cancel();
+    }
+}

@@ -1,0 +1,216 @@
+//! The command line: `gocast run | check-config | status`, and GoCast's own flags.
+//!
+//! GoCast is started as `gocast -config=/etc/gocast/config.yaml -logtostderr` (Go's flag
+//! package, glog flags). [`normalize`] turns that into `gocast run --config ...` so existing
+//! unit files and container commands keep working.
+
+use std::{ffi::OsString, path::PathBuf};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::Value;
+
+/// Where GoCast's packaging puts the config; used when `--config` is not given.
+pub const DEFAULT_CONFIG: &str = "/etc/gocast/config.yaml";
+
+#[derive(Debug, Parser)]
+#[command(name = "gocast", version, about = "Anycast host agent: health checks, VIPs on lo, BGP announcements")]
+pub struct Cli {
+    /// Log output format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax, e.g. `info` or `gocast=debug`); `RUST_LOG` also works.
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent.
+    Run {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Validate a config file and print it normalized (exit 2 if invalid).
+    CheckConfig {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Show the apps and peers of a running agent.
+    Status {
+        /// The agent's HTTP address (host:port).
+        #[arg(long, default_value = "127.0.0.1:8080", conflicts_with = "config")]
+        addr: String,
+        /// Read the address from this config's `agent.listen_addr` instead.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+/// glog flags GoCast accepted; they have no meaning here and are dropped.
+const GLOG_FLAGS: [&str; 6] = ["logtostderr", "alsologtostderr", "v", "stderrthreshold", "log_dir", "vmodule"];
+const SUBCOMMANDS: [&str; 4] = ["run", "check-config", "status", "help"];
+
+/// Rewrites GoCast-style arguments (`-config F`, `-config=F`, glog flags) into ours.
+/// Arguments that already use a subcommand pass through untouched.
+pub fn normalize(args: Vec<OsString>) -> Vec<OsString> {
+    let mut iter = args.into_iter();
+    let mut out: Vec<OsString> = iter.next().into_iter().collect();
+    let rest: Vec<OsString> = iter.collect();
+    // A subcommand anywhere means our own syntax (global flags may come before it).
+    let ours = rest.iter().any(|a| a.to_str().is_some_and(|a| SUBCOMMANDS.contains(&a) || matches!(a, "--version" | "-V" | "--help" | "-h")));
+    if ours {
+        out.extend(rest);
+        return out;
+    }
+    let mut translated = vec![OsString::from("run")];
+    let mut i = 0;
+    while i < rest.len() {
+        let arg = rest[i].to_string_lossy().into_owned();
+        let flag = arg.trim_start_matches('-');
+        let (key, inline) = match flag.split_once('=') {
+            Some((k, v)) => (k, Some(v.to_owned())),
+            None => (flag, None),
+        };
+        if arg.starts_with('-') && GLOG_FLAGS.contains(&key) {
+            // `-v 2` takes a separate value; boolean glog flags do not.
+            if inline.is_none() && matches!(key, "v" | "stderrthreshold" | "log_dir" | "vmodule") {
+                i += 1;
+            }
+        } else if arg.starts_with('-') && key == "config" {
+            translated.push("--config".into());
+            if let Some(v) = inline {
+                translated.push(v.into());
+            }
+        } else if arg.starts_with('-') && !arg.starts_with("--") && key.len() > 1 {
+            // Go flags take one dash; ours take two.
+            translated.push(format!("--{flag}").into());
+        } else {
+            translated.push(rest[i].clone());
+        }
+        i += 1;
+    }
+    out.extend(translated);
+    out
+}
+
+/// `gocast status`: the peers, then one line per app, as `birdc show` prints tables.
+pub fn render_status(info: &Value, apps: &Value) -> String {
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let mut out = format!("gocast {} (dataplane: {})\n", text(&info["version"]), text(&info["dataplane"]["mode"]));
+    let mut peers = vec![["PEER".to_owned(), "AS".into(), "STATE".into(), "UPTIME".into(), "PREFIXES".into(), "LAST ERROR".into()]];
+    for p in info["peers"].as_array().into_iter().flatten() {
+        peers.push([
+            p["address"].as_str().unwrap_or("(autodiscover)").to_owned(),
+            text(&p["asn"]),
+            text(&p["state"]),
+            p["uptime_s"].as_u64().map_or_else(|| "-".into(), |s| format!("{s}s")),
+            text(&p["prefixes_advertised"]),
+            text(&p["last_error"]),
+        ]);
+    }
+    out += &table(&peers);
+    out.push('\n');
+    let mut rows = vec![["APP".to_owned(), "VIP".into(), "SOURCE".into(), "STATE".into(), "ANNOUNCED".into(), "MONITORS".into()]];
+    for a in apps.as_array().into_iter().flatten() {
+        let monitors: Vec<String> = a["monitors"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| {
+                let verdict = match m["ok"].as_bool() {
+                    Some(true) => "ok",
+                    Some(false) => "FAIL",
+                    None => "pending",
+                };
+                format!("{} {verdict}", text(&m["monitor"]))
+            })
+            .collect();
+        rows.push([
+            text(&a["name"]),
+            text(&a["vip"]),
+            text(&a["source"]),
+            text(&a["state"]),
+            if a["announced"].as_bool() == Some(true) { "yes" } else { "no" }.into(),
+            if monitors.is_empty() { "-".into() } else { monitors.join(", ") },
+        ]);
+    }
+    out += &table(&rows);
+    out
+}
+
+/// Left-aligned columns, two spaces apart.
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out += line.join("  ").trim_end();
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm(args: &[&str]) -> Vec<String> {
+        normalize(args.iter().map(OsString::from).collect()).into_iter().map(|a| a.into_string().unwrap()).collect()
+    }
+
+    #[test]
+    fn gocast_single_dash_config_becomes_run() {
+        assert_eq!(norm(&["gocast", "-config", "c.yaml"]), ["gocast", "run", "--config", "c.yaml"]);
+        assert_eq!(norm(&["gocast", "-config=c.yaml"]), ["gocast", "run", "--config", "c.yaml"]);
+        assert_eq!(norm(&["gocast", "--config", "c.yaml"]), ["gocast", "run", "--config", "c.yaml"]);
+    }
+
+    #[test]
+    fn glog_flags_from_gocast_unit_files_are_dropped() {
+        assert_eq!(
+            norm(&["gocast", "-config=/c.yaml", "-logtostderr", "-v", "2", "-alsologtostderr=true"]),
+            ["gocast", "run", "--config", "/c.yaml"]
+        );
+    }
+
+    #[test]
+    fn our_own_subcommands_pass_through() {
+        assert_eq!(norm(&["gocast", "run", "--config", "c"]), ["gocast", "run", "--config", "c"]);
+        assert_eq!(norm(&["gocast", "--version"]), ["gocast", "--version"]);
+        assert_eq!(norm(&["gocast", "--log-format", "json", "run"]), ["gocast", "--log-format", "json", "run"]);
+        assert_eq!(norm(&["gocast", "check-config", "--config", "c"]), ["gocast", "check-config", "--config", "c"]);
+    }
+
+    #[test]
+    fn normalized_gocast_arguments_parse() {
+        let cli = Cli::try_parse_from(normalize(["gocast", "-config", "x.yaml", "-log-format", "json"].map(OsString::from).to_vec())).unwrap();
+        assert_eq!(cli.log_format, LogFormat::Json);
+        assert!(matches!(cli.command, Command::Run { config } if config == PathBuf::from("x.yaml")));
+    }
+
+    #[test]
+    fn status_shows_peers_and_apps_as_tables() {
+        let info = serde_json::json!({"version": "0.1.0", "dataplane": {"mode": "iptables"}, "peers": [{"address": "198.18.0.2", "asn": 65000, "state": "Established", "uptime_s": 12, "prefixes_advertised": 1, "last_error": null}]});
+        let apps = serde_json::json!([{"name": "web", "vip": "192.0.2.10/32", "source": "http", "state": "healthy", "announced": true, "monitors": [{"monitor": "port:tcp:80", "ok": true}]}]);
+        let out = render_status(&info, &apps);
+        assert!(out.contains("198.18.0.2  65000  Established  12s"), "{out}");
+        assert!(out.contains("web  192.0.2.10/32  http    healthy  yes        port:tcp:80 ok"), "{out}");
+    }
+}

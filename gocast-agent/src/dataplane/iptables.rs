@@ -1,0 +1,639 @@
+//! NAT for VIPs through the `iptables` and `ip6tables` binaries.
+//!
+//! All rules live in one chain, `GOCAST` in table `nat`, which `PREROUTING` (traffic from
+//! outside) and `OUTPUT` (traffic from this host) jump to. The agent owns that chain and
+//! nothing else: it flushes it at start (rules left by a crashed run are its own), adds and
+//! deletes single rules in it, and at shutdown removes the chain and the two jumps. Every rule
+//! carries the comment `gocast:APP`, so `iptables -t nat -S GOCAST` shows whose it is.
+//!
+//! Each call passes `-w` (wait for the xtables lock rather than fail when another tool holds
+//! it) and is killed after [`TIMEOUT`], so a wedged iptables cannot stall the agent.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    process::Stdio,
+    time::Duration,
+};
+
+use tokio::{process::Command, sync::Mutex};
+use tracing::{debug, warn};
+
+use crate::app::{AppName, NatRule};
+
+/// The chain holding every rule of the agent, in table [`TABLE`].
+pub const CHAIN: &str = "GOCAST";
+const TABLE: &str = "nat";
+/// The built-in chains that jump to [`CHAIN`].
+const HOOKS: [&str; 2] = ["PREROUTING", "OUTPUT"];
+/// How long one iptables call may take, lock wait included.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+/// Exit status of `iptables -C` / `-D` when the rule (or the chain) is not there.
+const NOT_FOUND: i32 = 1;
+
+/// A failed iptables operation; the message names the command and what it printed.
+#[derive(Debug, thiserror::Error)]
+pub enum IptablesError {
+    #[error("cannot run `{command}`")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{command}` did not finish within {timeout:?}")]
+    Timeout { command: String, timeout: Duration },
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Failed {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("cannot NAT {vip} to {dest}: not the same address family")]
+    FamilyMismatch { vip: IpAddr, dest: IpAddr },
+    #[error("cannot NAT {vip}: ip6tables is not usable on this host")]
+    Ipv6Unavailable { vip: IpAddr },
+}
+
+/// The address family of a rule, which decides the binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => Self::V4,
+            IpAddr::V6(_) => Self::V6,
+        }
+    }
+
+    fn binary(self) -> &'static str {
+        match self {
+            Self::V4 => "iptables",
+            Self::V6 => "ip6tables",
+        }
+    }
+}
+
+/// What to do with a rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Check,
+    Append,
+    Delete,
+}
+
+impl Op {
+    fn flag(self) -> &'static str {
+        match self {
+            Self::Check => "-C",
+            Self::Append => "-A",
+            Self::Delete => "-D",
+        }
+    }
+}
+
+/// The agent's NAT chain, set up in both families (IPv6 only where ip6tables works).
+pub struct Iptables {
+    /// Whether `ip6tables` worked at [`Iptables::init`]; IPv4 is required.
+    ipv6: bool,
+    /// Serialises check-then-act sequences, so two concurrent installs of the same rule
+    /// cannot both find it missing and both append it.
+    lock: Mutex<()>,
+}
+
+impl Iptables {
+    /// Creates chain `GOCAST` in table `nat` for IPv4 and IPv6, flushes it (stale rules from a
+    /// crashed run are ours to remove), and makes `PREROUTING` and `OUTPUT` jump to it exactly
+    /// once. Touches nothing else.
+    ///
+    /// IPv4 must work. If ip6tables is missing or fails, IPv6 NAT is disabled with a warning
+    /// and installing an IPv6 rule fails with [`IptablesError::Ipv6Unavailable`].
+    pub async fn init() -> Result<Self, IptablesError> {
+        init_family(Family::V4).await?;
+        let ipv6 = match init_family(Family::V6).await {
+            Ok(()) => true,
+            Err(error) => {
+                warn!(error = %error_chain(&error), "IPv6 NAT disabled: ip6tables is not usable");
+                false
+            }
+        };
+        Ok(Self {
+            ipv6,
+            lock: Mutex::new(()),
+        })
+    }
+
+    /// Makes sure each rule is in `GOCAST` once (`-C` before `-A`): traffic to `vip:listen`
+    /// goes to `dest:dest_port`. `vip` and `dest` must be of the same family.
+    pub async fn install(
+        &self,
+        app: &AppName,
+        vip: IpAddr,
+        rules: &[NatRule],
+        dest: IpAddr,
+    ) -> Result<(), IptablesError> {
+        let family = self.family(vip, dest)?;
+        let _guard = self.lock.lock().await;
+        for rule in rules {
+            let found = run_found(family, &rule_args(Op::Check, app, vip, *rule, dest)).await?;
+            if !found {
+                run_ok(family, &rule_args(Op::Append, app, vip, *rule, dest)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes each rule from `GOCAST`; a rule that is not there counts as deleted.
+    pub async fn remove(
+        &self,
+        app: &AppName,
+        vip: IpAddr,
+        rules: &[NatRule],
+        dest: IpAddr,
+    ) -> Result<(), IptablesError> {
+        let family = match self.family(vip, dest) {
+            // Nothing IPv6 was ever installed, so nothing is left to remove.
+            Err(IptablesError::Ipv6Unavailable { .. }) => return Ok(()),
+            other => other?,
+        };
+        let _guard = self.lock.lock().await;
+        for rule in rules {
+            run_found(family, &rule_args(Op::Delete, app, vip, *rule, dest)).await?;
+        }
+        Ok(())
+    }
+
+    /// Flushes `GOCAST`, removes the jumps to it and deletes it, in both families. Used at
+    /// shutdown; running it again, or on a host without the chain, does nothing.
+    pub async fn teardown(&self) -> Result<(), IptablesError> {
+        let _guard = self.lock.lock().await;
+        for family in self.families() {
+            // Without the chain there can be no jump to it either: nothing to do.
+            if !chain_exists(family).await? {
+                continue;
+            }
+            run_ok(family, &args(["-t", TABLE, "-F", CHAIN])).await?;
+            for hook in HOOKS {
+                // Bounded: each round deletes one jump, and init leaves one.
+                for _ in 0..16 {
+                    if !run_found(family, &args(["-t", TABLE, "-D", hook, "-j", CHAIN])).await? {
+                        break;
+                    }
+                }
+            }
+            run_ok(family, &args(["-t", TABLE, "-X", CHAIN])).await?;
+        }
+        Ok(())
+    }
+
+    /// The rules in `GOCAST` as `iptables -t nat -S GOCAST` prints them (IPv4 first, then
+    /// IPv6; the `-N GOCAST` line left out). Fails if the chain does not exist.
+    pub async fn list(&self) -> Result<Vec<String>, IptablesError> {
+        let mut rules = Vec::new();
+        for family in self.families() {
+            let out = run_ok(family, &args(["-t", TABLE, "-S", CHAIN])).await?;
+            rules.extend(
+                out.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with("-N "))
+                    .map(str::to_owned),
+            );
+        }
+        Ok(rules)
+    }
+
+    fn families(&self) -> impl Iterator<Item = Family> {
+        [Family::V4]
+            .into_iter()
+            .chain(self.ipv6.then_some(Family::V6))
+    }
+
+    fn family(&self, vip: IpAddr, dest: IpAddr) -> Result<Family, IptablesError> {
+        let family = Family::of(vip);
+        if family != Family::of(dest) {
+            return Err(IptablesError::FamilyMismatch { vip, dest });
+        }
+        if family == Family::V6 && !self.ipv6 {
+            return Err(IptablesError::Ipv6Unavailable { vip });
+        }
+        Ok(family)
+    }
+}
+
+async fn init_family(family: Family) -> Result<(), IptablesError> {
+    // `-N` fails if the chain exists; only then is that failure fine.
+    if let Err(error) = run_ok(family, &args(["-t", TABLE, "-N", CHAIN])).await
+        && !chain_exists(family).await?
+    {
+        return Err(error);
+    }
+    run_ok(family, &args(["-t", TABLE, "-F", CHAIN])).await?;
+    for hook in HOOKS {
+        let jump = args(["-t", TABLE, "-C", hook, "-j", CHAIN]);
+        if !run_found(family, &jump).await? {
+            // First, so NAT for VIPs happens before rules of other tools (e.g. Docker's).
+            run_ok(family, &args(["-t", TABLE, "-I", hook, "-j", CHAIN])).await?;
+            continue;
+        }
+        // A crash between two inits, or a hand-made jump, can leave duplicates: drop extras.
+        let listed = run_ok(family, &args(["-t", TABLE, "-S", hook])).await?;
+        let spelled = format!("-A {hook} -j {CHAIN}");
+        let copies = listed.lines().filter(|l| l.trim() == spelled).count();
+        for _ in 1..copies {
+            run_ok(family, &args(["-t", TABLE, "-D", hook, "-j", CHAIN])).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn chain_exists(family: Family) -> Result<bool, IptablesError> {
+    run_found(family, &args(["-t", TABLE, "-S", CHAIN])).await
+}
+
+/// The arguments (after the binary and `-w`) that check, append or delete `rule`:
+/// `-t nat OP GOCAST -p P -d VIP/32|128 --dport LISTEN -m comment --comment gocast:APP
+/// -j DNAT --to-destination DEST:PORT` (`[DEST]:PORT` for IPv6).
+fn rule_args(op: Op, app: &AppName, vip: IpAddr, rule: NatRule, dest: IpAddr) -> Vec<String> {
+    let host_len = match vip {
+        IpAddr::V4(_) => 32,
+        IpAddr::V6(_) => 128,
+    };
+    let to = SocketAddr::new(dest, rule.dest);
+    let mut out = args(["-t", TABLE, op.flag(), CHAIN, "-p", rule.proto.as_str()]);
+    out.extend([
+        "-d".to_owned(),
+        format!("{vip}/{host_len}"),
+        "--dport".to_owned(),
+        rule.listen.to_string(),
+        "-m".to_owned(),
+        "comment".to_owned(),
+        "--comment".to_owned(),
+        format!("gocast:{app}"),
+        "-j".to_owned(),
+        "DNAT".to_owned(),
+        "--to-destination".to_owned(),
+        to.to_string(),
+    ]);
+    out
+}
+
+fn args<const N: usize>(a: [&str; N]) -> Vec<String> {
+    a.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// A finished command: its exit code (`None` if killed by a signal) and output.
+struct Finished {
+    command: String,
+    code: Option<i32>,
+    status: String,
+    stdout: String,
+    stderr: String,
+}
+
+impl Finished {
+    fn failed(self) -> IptablesError {
+        IptablesError::Failed {
+            command: self.command,
+            status: self.status,
+            stderr: self.stderr.trim().to_owned(),
+        }
+    }
+}
+
+async fn run(family: Family, args: &[String]) -> Result<Finished, IptablesError> {
+    let binary = family.binary();
+    let command = format!("{binary} -w {}", args.join(" "));
+    debug!(%command, "iptables");
+    let child = Command::new(binary)
+        .arg("-w")
+        .args(args)
+        .stdin(Stdio::null())
+        // Dropping the future at the timeout kills the process instead of leaving it behind.
+        .kill_on_drop(true)
+        .output();
+    let output = match tokio::time::timeout(TIMEOUT, child).await {
+        Err(_) => {
+            return Err(IptablesError::Timeout {
+                command,
+                timeout: TIMEOUT,
+            });
+        }
+        Ok(Err(source)) => return Err(IptablesError::Spawn { command, source }),
+        Ok(Ok(output)) => output,
+    };
+    Ok(Finished {
+        code: output.status.code(),
+        status: output.status.to_string(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        command,
+    })
+}
+
+/// Runs a command that must succeed; returns its standard output.
+async fn run_ok(family: Family, args: &[String]) -> Result<String, IptablesError> {
+    let done = run(family, args).await?;
+    if done.code == Some(0) {
+        Ok(done.stdout)
+    } else {
+        Err(done.failed())
+    }
+}
+
+/// Runs `-C`, `-D` or `-S CHAIN`: `true` if it succeeded, `false` if what it names is not
+/// there (exit status 1), an error otherwise (e.g. 2, a bad argument).
+async fn run_found(family: Family, args: &[String]) -> Result<bool, IptablesError> {
+    let done = run(family, args).await?;
+    match done.code {
+        Some(0) => Ok(true),
+        Some(NOT_FOUND) => Ok(false),
+        _ => Err(done.failed()),
+    }
+}
+
+/// The error and its causes on one line, for a log field.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::in_new_netns;
+
+    fn app(name: &str) -> AppName {
+        name.parse().unwrap()
+    }
+
+    fn rules(specs: &[&str]) -> Vec<NatRule> {
+        specs.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn an_ipv4_rule_matches_the_vip_as_a_host_and_dnats_to_dest_and_port() {
+        let rule = "tcp:80:8080".parse().unwrap();
+        assert_eq!(
+            rule_args(
+                Op::Append,
+                &app("web"),
+                ip("192.0.2.10"),
+                rule,
+                ip("198.18.0.5")
+            )
+            .join(" "),
+            "-t nat -A GOCAST -p tcp -d 192.0.2.10/32 --dport 80 -m comment --comment gocast:web \
+             -j DNAT --to-destination 198.18.0.5:8080"
+        );
+    }
+
+    #[test]
+    fn an_ipv6_rule_brackets_the_destination_address() {
+        let rule = "udp:53".parse().unwrap();
+        assert_eq!(
+            rule_args(
+                Op::Delete,
+                &app("dns"),
+                ip("2001:db8::10"),
+                rule,
+                ip("2001:db8::5")
+            )
+            .join(" "),
+            "-t nat -D GOCAST -p udp -d 2001:db8::10/128 --dport 53 -m comment --comment gocast:dns \
+             -j DNAT --to-destination [2001:db8::5]:53"
+        );
+    }
+
+    #[test]
+    fn check_append_and_delete_differ_only_in_the_operation() {
+        let rule = "tcp:443:8443".parse().unwrap();
+        let build = |op| rule_args(op, &app("a"), ip("192.0.2.1"), rule, ip("198.18.0.1"));
+        let (check, append, delete) = (build(Op::Check), build(Op::Append), build(Op::Delete));
+        assert_eq!(
+            (check[2].as_str(), append[2].as_str(), delete[2].as_str()),
+            ("-C", "-A", "-D")
+        );
+        assert_eq!(check[3..], append[3..]);
+        assert_eq!(check[3..], delete[3..]);
+    }
+
+    #[tokio::test]
+    async fn a_vip_and_a_destination_of_different_families_are_refused() {
+        // No command runs before the check, so this needs no privileges.
+        let nat = Iptables {
+            ipv6: true,
+            lock: Mutex::new(()),
+        };
+        let err = nat
+            .install(
+                &app("web"),
+                ip("192.0.2.10"),
+                &rules(&["tcp:80"]),
+                ip("2001:db8::5"),
+            )
+            .await;
+        assert!(
+            matches!(err, Err(IptablesError::FamilyMismatch { .. })),
+            "{err:?}"
+        );
+        let err = nat
+            .remove(
+                &app("web"),
+                ip("2001:db8::10"),
+                &rules(&["tcp:80"]),
+                ip("198.18.0.5"),
+            )
+            .await;
+        assert!(
+            matches!(err, Err(IptablesError::FamilyMismatch { .. })),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn ipv6_rules_without_ip6tables_fail_to_install_and_count_as_removed() {
+        let nat = Iptables {
+            ipv6: false,
+            lock: Mutex::new(()),
+        };
+        let (vip, dest) = (ip("2001:db8::10"), ip("2001:db8::5"));
+        let err = nat
+            .install(&app("web"), vip, &rules(&["tcp:80"]), dest)
+            .await;
+        assert!(
+            matches!(err, Err(IptablesError::Ipv6Unavailable { .. })),
+            "{err:?}"
+        );
+        nat.remove(&app("web"), vip, &rules(&["tcp:80"]), dest)
+            .await
+            .unwrap();
+    }
+
+    #[test]
+    fn iptables_and_its_futures_can_move_between_threads() {
+        fn send<T: Send>(_: &T) {}
+        fn sync<T: Send + Sync>() {}
+        sync::<Iptables>();
+        // Built, never polled: no command runs.
+        let nat = Iptables {
+            ipv6: true,
+            lock: Mutex::new(()),
+        };
+        let (web, nats) = (app("web"), rules(&["tcp:80"]));
+        let (vip, dest) = (ip("192.0.2.10"), ip("198.18.0.5"));
+        send(&Iptables::init());
+        send(&nat.install(&web, vip, &nats, dest));
+        send(&nat.remove(&web, vip, &nats, dest));
+        send(&nat.teardown());
+        send(&nat.list());
+    }
+
+    /// How many times `hook` jumps to GOCAST, read straight from iptables.
+    async fn jumps(family: Family, hook: &str) -> usize {
+        let listed = run_ok(family, &args(["-t", TABLE, "-S", hook]))
+            .await
+            .unwrap();
+        let spelled = format!("-A {hook} -j {CHAIN}");
+        listed.lines().filter(|l| l.trim() == spelled).count()
+    }
+
+    #[test]
+    fn init_twice_leaves_one_jump_per_hook_in_each_family() {
+        in_new_netns(|| async {
+            Iptables::init().await.unwrap();
+            let nat = Iptables::init().await.unwrap();
+            assert!(nat.ipv6, "ip6tables should work in the test namespace");
+            for family in [Family::V4, Family::V6] {
+                for hook in HOOKS {
+                    assert_eq!(jumps(family, hook).await, 1, "{family:?} {hook}");
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn init_removes_duplicate_jumps_and_stale_rules() {
+        in_new_netns(|| async {
+            let nat = Iptables::init().await.unwrap();
+            nat.install(
+                &app("stale"),
+                ip("192.0.2.10"),
+                &rules(&["tcp:80"]),
+                ip("198.18.0.5"),
+            )
+            .await
+            .unwrap();
+            run_ok(
+                Family::V4,
+                &args(["-t", TABLE, "-A", "PREROUTING", "-j", CHAIN]),
+            )
+            .await
+            .unwrap();
+            let nat = Iptables::init().await.unwrap();
+            assert_eq!(jumps(Family::V4, "PREROUTING").await, 1);
+            assert_eq!(nat.list().await.unwrap(), Vec::<String>::new());
+        });
+    }
+
+    #[test]
+    fn installing_twice_adds_each_rule_once_and_removing_takes_them_away() {
+        in_new_netns(|| async {
+            let nat = Iptables::init().await.unwrap();
+            let (web, vip, dest) = (app("web"), ip("192.0.2.10"), ip("198.18.0.5"));
+            let nats = rules(&["tcp:80:8080", "udp:53"]);
+            nat.install(&web, vip, &nats, dest).await.unwrap();
+            nat.install(&web, vip, &nats, dest).await.unwrap();
+            let listed = nat.list().await.unwrap();
+            assert_eq!(listed.len(), 2, "{listed:#?}");
+            let tcp = listed.iter().find(|l| l.contains("-p tcp")).unwrap();
+            assert!(
+                tcp.contains("-d 192.0.2.10/32") && tcp.contains("--dport 80"),
+                "{tcp}"
+            );
+            assert!(
+                tcp.contains("--comment \"gocast:web\"") || tcp.contains("--comment gocast:web"),
+                "{tcp}"
+            );
+            assert!(tcp.contains("--to-destination 198.18.0.5:8080"), "{tcp}");
+            let udp = listed.iter().find(|l| l.contains("-p udp")).unwrap();
+            assert!(
+                udp.contains("--dport 53") && udp.contains("--to-destination 198.18.0.5:53"),
+                "{udp}"
+            );
+
+            nat.remove(&web, vip, &nats, dest).await.unwrap();
+            assert_eq!(nat.list().await.unwrap(), Vec::<String>::new());
+            nat.remove(&web, vip, &nats, dest).await.unwrap();
+        });
+    }
+
+    #[test]
+    fn ipv6_rules_go_through_ip6tables() {
+        in_new_netns(|| async {
+            let nat = Iptables::init().await.unwrap();
+            let (web, vip, dest) = (app("web6"), ip("2001:db8::10"), ip("2001:db8::5"));
+            let nats = rules(&["tcp:443:8443"]);
+            nat.install(&web, vip, &nats, dest).await.unwrap();
+            nat.install(&web, vip, &nats, dest).await.unwrap();
+            let listed = nat.list().await.unwrap();
+            assert_eq!(listed.len(), 1, "{listed:#?}");
+            assert!(listed[0].contains("-d 2001:db8::10/128"), "{}", listed[0]);
+            assert!(
+                listed[0].contains("--to-destination [2001:db8::5]:8443"),
+                "{}",
+                listed[0]
+            );
+            let v6 = run_ok(Family::V6, &args(["-t", TABLE, "-S", CHAIN]))
+                .await
+                .unwrap();
+            assert!(v6.contains("2001:db8::10/128"), "{v6}");
+
+            nat.remove(&web, vip, &nats, dest).await.unwrap();
+            assert_eq!(nat.list().await.unwrap(), Vec::<String>::new());
+        });
+    }
+
+    #[test]
+    fn teardown_removes_the_jumps_and_the_chain_and_can_run_again() {
+        in_new_netns(|| async {
+            let nat = Iptables::init().await.unwrap();
+            nat.install(
+                &app("web"),
+                ip("192.0.2.10"),
+                &rules(&["tcp:80"]),
+                ip("198.18.0.5"),
+            )
+            .await
+            .unwrap();
+            nat.install(
+                &app("web"),
+                ip("2001:db8::10"),
+                &rules(&["tcp:80"]),
+                ip("2001:db8::5"),
+            )
+            .await
+            .unwrap();
+            nat.teardown().await.unwrap();
+            for family in [Family::V4, Family::V6] {
+                assert!(!chain_exists(family).await.unwrap(), "{family:?}");
+                for hook in HOOKS {
+                    assert_eq!(jumps(family, hook).await, 0, "{family:?} {hook}");
+                }
+            }
+            assert!(nat.list().await.is_err());
+            nat.teardown().await.unwrap();
+        });
+    }
+}

@@ -1,0 +1,132 @@
+//! The real [`Host`]: VIPs on `lo` through netlink, NAT through the dataplane.
+//!
+//! Also decides the NAT destination of an app without its own: `agent.nat_dest_ip`, else the
+//! local BGP address (the peer's `local_ip`, or the address the kernel uses toward the peer),
+//! else the address of the default route's interface — the address GoCast would use. It is
+//! looked up when a rule is installed, so an address that changes later is picked up.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv6Addr},
+};
+
+use tracing::{info, warn};
+
+use crate::{
+    app::{AppName, NatRule, Vip},
+    config::Config,
+    dataplane::iptables::Iptables,
+    lifecycle::{Host, HostError},
+    netlink::Netlink,
+};
+
+/// An address in global unicast space, used only as a route-lookup key to find the IPv6
+/// source the kernel would pick by default (no packet is sent).
+const V6_LOOKUP: Ipv6Addr = Ipv6Addr::new(0x2000, 0, 0, 0, 0, 0, 0, 1);
+
+/// Where NAT sends traffic when an app does not say.
+#[derive(Debug, Clone, Default)]
+struct NatDest {
+    configured: Option<IpAddr>,
+    /// Per peer: its address (if configured) and the local addresses configured for it.
+    peers: Vec<(Option<IpAddr>, Option<IpAddr>, Option<Ipv6Addr>)>,
+}
+
+/// Netlink and iptables, as the lifecycle uses them.
+pub struct SystemHost {
+    netlink: Netlink,
+    nat: Iptables,
+    nat_dest: NatDest,
+    /// The destination each app's rules were installed with: removal must name the same one
+    /// even if the default has changed since.
+    installed_dest: HashMap<AppName, IpAddr>,
+}
+
+impl SystemHost {
+    /// Connects to the kernel and reconciles the host with an empty desired state: VIPs a
+    /// previous run left on `lo` (marked by their address protocol) and the rules in the NAT
+    /// chain are removed. Nothing else is touched.
+    pub async fn start(config: &Config) -> Result<Self, HostError> {
+        let netlink = Netlink::new().await.map_err(|e| HostError(format!("netlink: {e}")))?;
+        let stale = netlink.owned_vips().await.map_err(|e| HostError(format!("listing vips on lo: {e}")))?;
+        for (net, label) in stale {
+            warn!(vip = %net, label = label.as_deref().unwrap_or(""), "removing a vip left by a previous run");
+            let vip: Vip = net.to_string().parse().map_err(|e| HostError(format!("stale address {net}: {e}")))?;
+            netlink.remove_vip(&vip).await.map_err(|e| HostError(e.to_string()))?;
+        }
+        let nat = Iptables::init().await.map_err(|e| HostError(format!("iptables: {e}")))?;
+        info!("host reconciled: no stale vip or nat rule left");
+        let nat_dest = NatDest {
+            configured: config.agent.nat_dest_ip,
+            peers: config.bgp.peers.iter().map(|p| (p.peer_ip, p.local_ip, p.local_ipv6)).collect(),
+        };
+        Ok(Self { netlink, nat, nat_dest, installed_dest: HashMap::new() })
+    }
+
+    /// The iptables rules now installed, for diagnostics.
+    pub fn iptables(&self) -> &Iptables {
+        &self.nat
+    }
+
+    async fn default_nat_dest(&self, v4: bool) -> Result<IpAddr, HostError> {
+        let family = |ip: &IpAddr| ip.is_ipv4() == v4;
+        if let Some(ip) = self.nat_dest.configured.filter(family) {
+            return Ok(ip);
+        }
+        for (peer, local, local6) in &self.nat_dest.peers {
+            let configured = if v4 { *local } else { local6.map(IpAddr::V6) };
+            if let Some(ip) = configured.filter(family) {
+                return Ok(ip);
+            }
+            if let Some(peer) = peer.filter(family) {
+                if let Some(ip) = self.netlink.source_toward(peer).await.map_err(|e| HostError(e.to_string()))? {
+                    return Ok(ip);
+                }
+            }
+        }
+        let fallback = if v4 {
+            self.netlink.default_gateway().await.map(|g| g.map(|(_, local)| local))
+        } else {
+            self.netlink.source_toward(IpAddr::V6(V6_LOOKUP)).await
+        };
+        fallback.map_err(|e| HostError(e.to_string()))?.ok_or_else(|| {
+            HostError(format!(
+                "no NAT destination for IPv{}: set agent.nat_dest_ip or a bgp local address",
+                if v4 { 4 } else { 6 }
+            ))
+        })
+    }
+}
+
+impl Host for SystemHost {
+    async fn add_vip(&mut self, vip: &Vip, label: &str) -> Result<(), HostError> {
+        self.netlink.add_vip(vip, label).await.map_err(|e| HostError(e.to_string()))
+    }
+
+    async fn remove_vip(&mut self, vip: &Vip) -> Result<(), HostError> {
+        self.netlink.remove_vip(vip).await.map_err(|e| HostError(e.to_string()))
+    }
+
+    async fn install_nat(&mut self, app: &AppName, vip: &Vip, rules: &[NatRule], dest: Option<IpAddr>) -> Result<(), HostError> {
+        let dest = match dest {
+            Some(d) => d,
+            None => self.default_nat_dest(vip.addr().is_ipv4()).await?,
+        };
+        self.nat.install(app, vip.addr(), rules, dest).await.map_err(|e| HostError(e.to_string()))?;
+        self.installed_dest.insert(app.clone(), dest);
+        Ok(())
+    }
+
+    async fn remove_nat(&mut self, app: &AppName, vip: &Vip, rules: &[NatRule], dest: Option<IpAddr>) -> Result<(), HostError> {
+        let Some(dest) = self.installed_dest.get(app).copied().or(dest) else {
+            return Ok(());
+        };
+        self.nat.remove(app, vip.addr(), rules, dest).await.map_err(|e| HostError(e.to_string()))?;
+        self.installed_dest.remove(app);
+        Ok(())
+    }
+
+    async fn shutdown(&mut self) -> Result<(), HostError> {
+        self.nat.teardown().await.map_err(|e| HostError(e.to_string()))
+    }
+}

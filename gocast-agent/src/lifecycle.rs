@@ -1,0 +1,727 @@
+//! The app registry and each app's life: health → announce/withdraw → cleanup.
+//!
+//! One task owns every app. The API (and later Consul) send [`Request`]s through a
+//! [`LifecycleHandle`]; the monitor scheduler sends [`Report`]s. Nothing else changes app state,
+//! so there are no locks, and every change is decided in one place:
+//!
+//! ```text
+//!  api ──Request──▶ ┌───────────┐ ──watch/unwatch──▶ monitor::Scheduler
+//!                   │ Lifecycle │ ◀────Report─────── (every monitor_interval)
+//!                   └───────────┘ ──RouteSet (watch channel)──▶ BGP speaker
+//!                         │ Host: VIP on lo (netlink), NAT (dataplane)
+//! ```
+//!
+//! Healthy (after `monitor_rise` passing checks): VIP on `lo`, NAT installed, route in the set.
+//! Unhealthy (after `monitor_fall` failing checks): route out of the set at once; VIP and NAT stay
+//! until `cleanup_timer` passes, then go, and HTTP/Consul apps are forgotten. Recovery before
+//! that only puts the route back. The route always leaves the set before its VIP leaves `lo`.
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    net::IpAddr,
+    time::{Duration, SystemTime},
+};
+
+use ipnet::IpNet;
+use serde::Serialize;
+use tokio::{
+    sync::{mpsc, oneshot, watch},
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    app::{AppName, AppSpec, Community, Monitor, NatRule, Source, Vip},
+    metrics::Metrics,
+    monitor::{self, MonitorResult, Report},
+    store::{Store, StoreError},
+};
+
+/// What the lifecycle wants announced: one route per healthy app, keyed by prefix.
+pub type RouteSet = BTreeMap<IpNet, Route>;
+
+/// One desired announcement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Route {
+    pub app: AppName,
+    /// The app's own communities; each peer adds its `bgp.communities`.
+    pub communities: Vec<Community>,
+}
+
+/// Why a request was refused. A refused request changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error("vip {vip} is already used by app {owner}")]
+    VipConflict { vip: Vip, owner: AppName },
+    #[error("app name {name} would get lo label {label}, already used by app {owner}; choose another name")]
+    LabelConflict { name: AppName, label: String, owner: AppName },
+    #[error("app {0} is not registered")]
+    UnknownApp(AppName),
+    #[error("exec monitors are refused over HTTP (set agent.allow_http_exec: true to allow them)")]
+    ExecRefused,
+    #[error("vip {0} is outside agent.vip_allowlist")]
+    NotAllowed(Vip),
+    #[error("registration not saved, nothing changed: {0}")]
+    Store(#[from] StoreError),
+    #[error("the agent is shutting down")]
+    ShuttingDown,
+}
+
+/// Host changes the lifecycle makes; a trait so the registry logic can be tested without
+/// privileges, and so the eBPF dataplane can take over NAT without touching this file.
+pub trait Host: Send + Sync + 'static {
+    /// Puts the VIP on `lo` with the label; idempotent.
+    fn add_vip(&mut self, vip: &Vip, label: &str) -> impl Future<Output = Result<(), HostError>> + Send;
+    /// Takes the VIP off `lo`; idempotent.
+    fn remove_vip(&mut self, vip: &Vip) -> impl Future<Output = Result<(), HostError>> + Send;
+    /// Installs the app's NAT rules toward `dest` (`None`: the agent's NAT destination).
+    fn install_nat(
+        &mut self,
+        app: &AppName,
+        vip: &Vip,
+        rules: &[NatRule],
+        dest: Option<IpAddr>,
+    ) -> impl Future<Output = Result<(), HostError>> + Send;
+    fn remove_nat(
+        &mut self,
+        app: &AppName,
+        vip: &Vip,
+        rules: &[NatRule],
+        dest: Option<IpAddr>,
+    ) -> impl Future<Output = Result<(), HostError>> + Send;
+    /// Removes what the agent left behind at shutdown (e.g. its NAT chain).
+    fn shutdown(&mut self) -> impl Future<Output = Result<(), HostError>> + Send;
+}
+
+/// A host operation that failed; the message names the operation and the object.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct HostError(pub String);
+
+/// Settings the lifecycle applies.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub monitor_rise: u32,
+    pub monitor_fall: u32,
+    pub cleanup_timer: Duration,
+    pub allow_http_exec: bool,
+    pub vip_allowlist: Vec<IpNet>,
+    pub monitor: monitor::Settings,
+}
+
+/// Requests to the lifecycle task.
+#[derive(Debug)]
+pub enum Request {
+    Register { spec: AppSpec, source: Source, reply: oneshot::Sender<Result<AppView, LifecycleError>> },
+    Unregister { name: AppName, reply: oneshot::Sender<Result<AppView, LifecycleError>> },
+    Apps { reply: oneshot::Sender<Vec<AppView>> },
+}
+
+/// The client side of the lifecycle; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct LifecycleHandle {
+    tx: mpsc::Sender<Request>,
+}
+
+impl LifecycleHandle {
+    pub async fn register(&self, spec: AppSpec, source: Source) -> Result<AppView, LifecycleError> {
+        self.ask(|reply| Request::Register { spec, source, reply }).await?
+    }
+
+    pub async fn unregister(&self, name: AppName) -> Result<AppView, LifecycleError> {
+        self.ask(|reply| Request::Unregister { name, reply }).await?
+    }
+
+    pub async fn apps(&self) -> Result<Vec<AppView>, LifecycleError> {
+        self.ask(|reply| Request::Apps { reply }).await
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Request) -> Result<T, LifecycleError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.map_err(|_| LifecycleError::ShuttingDown)?;
+        rx.await.map_err(|_| LifecycleError::ShuttingDown)
+    }
+}
+
+/// An app as `/apps` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct AppView {
+    pub name: AppName,
+    pub vip: Vip,
+    pub source: Source,
+    /// `healthy` or `unhealthy`.
+    pub state: &'static str,
+    /// The route is in the desired-announcement set.
+    pub announced: bool,
+    /// The VIP is on `lo` (it stays there while cleanup is pending).
+    pub vip_installed: bool,
+    pub lo_label: String,
+    pub monitors: Vec<MonitorView>,
+    pub nats: Vec<NatRule>,
+    pub communities: Vec<Community>,
+    /// When the state last changed (RFC 3339).
+    pub since: String,
+    /// Seconds until cleanup removes VIP and NAT, while one is pending.
+    pub cleanup_in_s: Option<f64>,
+    /// The last host operation that failed for this app, if it has not succeeded since.
+    pub last_error: Option<String>,
+}
+
+/// A monitor and its last result.
+#[derive(Debug, Clone, Serialize)]
+pub struct MonitorView {
+    pub monitor: Monitor,
+    /// `None` until the first check.
+    pub ok: Option<bool>,
+    pub reason: Option<String>,
+    pub checked_at: Option<String>,
+    pub latency_ms: Option<f64>,
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// One app's state, owned by the lifecycle task.
+#[derive(Debug)]
+struct Entry {
+    spec: AppSpec,
+    source: Source,
+    generation: u64,
+    healthy: bool,
+    /// Consecutive results disagreeing with the current state.
+    streak: u32,
+    results: Vec<Option<MonitorResult>>,
+    vip_installed: bool,
+    nat_installed: bool,
+    since: SystemTime,
+    cleanup_at: Option<Instant>,
+    last_error: Option<String>,
+}
+
+impl Entry {
+    fn view(&self, announced: bool) -> AppView {
+        AppView {
+            name: self.spec.name.clone(),
+            vip: self.spec.vip,
+            source: self.source,
+            state: if self.healthy { "healthy" } else { "unhealthy" },
+            announced,
+            vip_installed: self.vip_installed,
+            lo_label: self.spec.name.lo_label(),
+            monitors: self
+                .spec
+                .monitors
+                .iter()
+                .zip(&self.results)
+                .map(|(m, r)| MonitorView {
+                    monitor: m.clone(),
+                    ok: r.as_ref().map(|r| r.ok),
+                    reason: r.as_ref().map(|r| r.reason.clone()),
+                    checked_at: r.as_ref().map(|r| rfc3339(r.at)),
+                    latency_ms: r.as_ref().map(|r| r.latency.as_secs_f64() * 1e3),
+                })
+                .collect(),
+            nats: self.spec.nats.clone(),
+            communities: self.spec.communities.clone(),
+            since: rfc3339(self.since),
+            cleanup_in_s: self.cleanup_at.map(|t| t.saturating_duration_since(Instant::now()).as_secs_f64()),
+            last_error: self.last_error.clone(),
+        }
+    }
+}
+
+/// The lifecycle task's state.
+pub struct Lifecycle<H: Host> {
+    settings: Settings,
+    host: H,
+    apps: BTreeMap<AppName, Entry>,
+    next_generation: u64,
+    routes: watch::Sender<RouteSet>,
+    store: Store,
+    monitors: mpsc::Sender<monitor::Command>,
+    metrics: Metrics,
+}
+
+/// Channels to a running lifecycle.
+pub struct Running {
+    pub handle: LifecycleHandle,
+    pub routes: watch::Receiver<RouteSet>,
+    /// Finishes after shutdown has withdrawn everything and cleaned the host.
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts the lifecycle with the config apps and the saved HTTP registrations.
+///
+/// `cancel` starts shutdown: withdraw every route, remove every VIP and NAT rule, then
+/// [`Host::shutdown`].
+pub fn spawn<H: Host>(
+    settings: Settings,
+    host: H,
+    config_apps: Vec<AppSpec>,
+    store: Store,
+    metrics: Metrics,
+    cancel: CancellationToken,
+) -> Running {
+    let (req_tx, req_rx) = mpsc::channel(256);
+    let (report_tx, report_rx) = mpsc::channel(1024);
+    let (routes_tx, routes_rx) = watch::channel(RouteSet::new());
+    // The scheduler stops with the lifecycle: it is cancelled by a child token.
+    let monitors = monitor::spawn(settings.monitor, report_tx, metrics.clone(), cancel.child_token());
+    let lifecycle = Lifecycle {
+        settings,
+        host,
+        apps: BTreeMap::new(),
+        next_generation: 1,
+        routes: routes_tx,
+        store,
+        monitors,
+        metrics,
+    };
+    let task = tokio::spawn(lifecycle.run(config_apps, req_rx, report_rx, cancel));
+    Running { handle: LifecycleHandle { tx: req_tx }, routes: routes_rx, task }
+}
+
+impl<H: Host> Lifecycle<H> {
+    async fn run(
+        mut self,
+        config_apps: Vec<AppSpec>,
+        mut requests: mpsc::Receiver<Request>,
+        mut reports: mpsc::Receiver<Report>,
+        cancel: CancellationToken,
+    ) {
+        self.restore(config_apps).await;
+        loop {
+            let next_cleanup = self.apps.values().filter_map(|e| e.cleanup_at).min();
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                Some(req) = requests.recv() => self.handle(req).await,
+                Some(report) = reports.recv() => self.on_report(report).await,
+                () = sleep_until(next_cleanup) => self.cleanup_due().await,
+            }
+        }
+        self.shutdown().await;
+    }
+
+    /// Config apps first, then saved HTTP registrations that do not clash with them.
+    async fn restore(&mut self, config_apps: Vec<AppSpec>) {
+        for spec in config_apps {
+            self.insert(spec, Source::Config).await;
+        }
+        let saved = match self.store.load() {
+            Ok(saved) => saved,
+            Err(e) => {
+                error!(error = %e, "starting without saved HTTP registrations");
+                Vec::new()
+            }
+        };
+        let count = saved.len();
+        for spec in saved {
+            if let Err(e) = self.check_conflicts(&spec) {
+                error!(app = %spec.name, error = %e, "saved registration dropped");
+                continue;
+            }
+            if self.apps.contains_key(&spec.name) {
+                warn!(app = %spec.name, "saved registration dropped: the config defines this app");
+                continue;
+            }
+            self.insert(spec, Source::Http).await;
+        }
+        info!(config = self.count(Source::Config), restored = count, "apps loaded");
+    }
+
+    fn count(&self, source: Source) -> usize {
+        self.apps.values().filter(|e| e.source == source).count()
+    }
+
+    async fn handle(&mut self, req: Request) {
+        match req {
+            Request::Register { spec, source, reply } => {
+                let _ = reply.send(self.register(spec, source).await);
+            }
+            Request::Unregister { name, reply } => {
+                let _ = reply.send(self.unregister(&name).await);
+            }
+            Request::Apps { reply } => {
+                let routes = self.routes.borrow();
+                let views = self.apps.values().map(|e| e.view(routes.contains_key(&e.spec.vip.prefix()))).collect();
+                drop(routes);
+                let _ = reply.send(views);
+            }
+        }
+    }
+
+    fn view(&self, name: &AppName) -> Option<AppView> {
+        let e = self.apps.get(name)?;
+        Some(e.view(self.routes.borrow().contains_key(&e.spec.vip.prefix())))
+    }
+
+    /// Refuses an app whose VIP or label belongs to another app.
+    fn check_conflicts(&self, spec: &AppSpec) -> Result<(), LifecycleError> {
+        let label = spec.name.lo_label();
+        for other in self.apps.values().filter(|e| e.spec.name != spec.name) {
+            if other.spec.vip.addr() == spec.vip.addr() {
+                return Err(LifecycleError::VipConflict { vip: spec.vip, owner: other.spec.name.clone() });
+            }
+            if other.spec.name.lo_label() == label {
+                return Err(LifecycleError::LabelConflict {
+                    name: spec.name.clone(),
+                    label,
+                    owner: other.spec.name.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn check_policy(&self, spec: &AppSpec, source: Source) -> Result<(), LifecycleError> {
+        if source == Source::Config {
+            return Ok(());
+        }
+        if source == Source::Http
+            && !self.settings.allow_http_exec
+            && spec.monitors.iter().any(|m| matches!(m, Monitor::Exec { .. }))
+        {
+            return Err(LifecycleError::ExecRefused);
+        }
+        let allow = &self.settings.vip_allowlist;
+        if !allow.is_empty() && !allow.iter().any(|net| net.contains(&spec.vip.net())) {
+            return Err(LifecycleError::NotAllowed(spec.vip));
+        }
+        Ok(())
+    }
+
+    async fn register(&mut self, spec: AppSpec, source: Source) -> Result<AppView, LifecycleError> {
+        self.check_policy(&spec, source)?;
+        self.check_conflicts(&spec)?;
+        if let Some(old) = self.apps.get(&spec.name) {
+            if old.spec == spec {
+                debug!(app = %spec.name, "registered again with the same parameters: nothing to do");
+                return self.view(&spec.name).ok_or(LifecycleError::UnknownApp(spec.name));
+            }
+        }
+        if source == Source::Http {
+            self.persist_with(Some(&spec), None).await?;
+        }
+        let name = spec.name.clone();
+        match self.apps.remove(&name) {
+            Some(old) if old.spec.vip == spec.vip => self.replace_in_place(old, spec, source).await,
+            Some(old) => {
+                info!(app = %name, old_vip = %old.spec.vip, new_vip = %spec.vip, "app replaced with a new vip");
+                self.teardown(old).await;
+                self.insert(spec, source).await;
+            }
+            None => {
+                info!(app = %name, vip = %spec.vip, ?source, "app registered");
+                self.insert(spec, source).await;
+            }
+        }
+        self.view(&name).ok_or(LifecycleError::UnknownApp(name))
+    }
+
+    async fn unregister(&mut self, name: &AppName) -> Result<AppView, LifecycleError> {
+        let Some(view) = self.view(name) else {
+            return Err(LifecycleError::UnknownApp(name.clone()));
+        };
+        if self.apps.get(name).is_some_and(|e| e.source == Source::Http) {
+            self.persist_with(None, Some(name)).await?;
+        }
+        let Some(entry) = self.apps.remove(name) else {
+            return Err(LifecycleError::UnknownApp(name.clone()));
+        };
+        info!(app = %name, "app unregistered");
+        self.teardown(entry).await;
+        Ok(view)
+    }
+
+    /// Saves the HTTP apps as they will be once `add` is added and `remove` removed.
+    fn persist_with(&self, add: Option<&AppSpec>, remove: Option<&AppName>) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
+        let skip = add.map(|s| &s.name).or(remove);
+        let mut apps: Vec<AppSpec> = self
+            .apps
+            .values()
+            .filter(|e| e.source == Source::Http && Some(&e.spec.name) != skip)
+            .map(|e| e.spec.clone())
+            .collect();
+        apps.extend(add.cloned());
+        let store = self.store.clone();
+        // Built here, awaited by the caller: no borrow of the lifecycle lives across the write.
+        async move {
+            let path = store.path().to_owned();
+            tokio::task::spawn_blocking(move || store.save(&apps))
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Io { op: "write", path, source: std::io::Error::other(e) }))
+        }
+    }
+
+    /// Adds a new app: unhealthy until its monitors pass; a cleanup is pending so an HTTP app
+    /// that never comes up is forgotten after `cleanup_timer`, as in GoCast.
+    async fn insert(&mut self, spec: AppSpec, source: Source) {
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let entry = Entry {
+            results: vec![None; spec.monitors.len()],
+            spec,
+            source,
+            generation,
+            healthy: false,
+            streak: 0,
+            vip_installed: false,
+            nat_installed: false,
+            since: SystemTime::now(),
+            cleanup_at: (source != Source::Config).then(|| Instant::now() + self.settings.cleanup_timer),
+            last_error: None,
+        };
+        self.metrics.app_state(entry.spec.name.as_str(), false, false);
+        self.watch(&entry).await;
+        self.apps.insert(entry.spec.name.clone(), entry);
+    }
+
+    /// Same name, same VIP, other parameters: keep the health state so the route does not
+    /// flap, swap NAT rules and communities, and check the new monitors from now on.
+    async fn replace_in_place(&mut self, mut entry: Entry, spec: AppSpec, source: Source) {
+        info!(app = %spec.name, "app parameters replaced");
+        if entry.nat_installed && (entry.spec.nats != spec.nats || entry.spec.nat_dest != spec.nat_dest) {
+            self.remove_nat(&mut entry).await;
+            entry.spec.nats.clone_from(&spec.nats);
+            entry.spec.nat_dest = spec.nat_dest;
+            self.install_nat(&mut entry).await;
+        }
+        entry.generation = self.next_generation;
+        self.next_generation += 1;
+        entry.results = vec![None; spec.monitors.len()];
+        entry.streak = 0;
+        entry.spec = spec;
+        entry.source = source;
+        self.watch(&entry).await;
+        let name = entry.spec.name.clone();
+        self.apps.insert(name, entry);
+        self.publish();
+    }
+
+    async fn watch(&self, entry: &Entry) {
+        let cmd = monitor::Command::Watch {
+            app: entry.spec.name.clone(),
+            generation: entry.generation,
+            monitors: entry.spec.monitors.clone(),
+        };
+        // The scheduler lives as long as we do; a send error only happens during shutdown.
+        let _ = self.monitors.send(cmd).await;
+    }
+
+    /// Removes everything of an app from the host: route first, then NAT and VIP.
+    async fn teardown(&mut self, mut entry: Entry) {
+        let _ = self.monitors.send(monitor::Command::Unwatch { app: entry.spec.name.clone() }).await;
+        self.publish();
+        self.remove_nat(&mut entry).await;
+        self.remove_vip(&mut entry).await;
+        self.metrics.app_removed(entry.spec.name.as_str());
+    }
+
+    async fn on_report(&mut self, report: Report) {
+        let Some(entry) = self.apps.get_mut(&report.app) else { return };
+        if entry.generation != report.generation {
+            return;
+        }
+        let passing = report.results.iter().all(|r| r.ok);
+        for (slot, r) in entry.results.iter_mut().zip(report.results) {
+            *slot = Some(r);
+        }
+        if passing == entry.healthy {
+            entry.streak = 0;
+            // A healthy app whose install failed earlier is retried on every passing report.
+            if passing && !entry.vip_installed {
+                self.go_healthy(&report.app).await;
+            }
+            return;
+        }
+        entry.streak += 1;
+        let needed = if passing { self.settings.monitor_rise } else { self.settings.monitor_fall };
+        if entry.streak < needed {
+            return;
+        }
+        entry.streak = 0;
+        if passing {
+            self.go_healthy(&report.app).await;
+        } else {
+            self.go_unhealthy(&report.app);
+        }
+    }
+
+    async fn go_healthy(&mut self, name: &AppName) {
+        let Some(mut entry) = self.apps.remove(name) else { return };
+        if !entry.vip_installed {
+            self.add_vip(&mut entry).await;
+        }
+        if entry.vip_installed && !entry.nat_installed {
+            self.install_nat(&mut entry).await;
+        }
+        let nat_ok = entry.nat_installed || entry.spec.nats.is_empty();
+        let was = entry.healthy;
+        // Announcing a VIP that is not on lo, or whose NAT is missing, would black-hole traffic.
+        entry.healthy = entry.vip_installed && nat_ok;
+        if entry.healthy && !was {
+            entry.since = SystemTime::now();
+            entry.cleanup_at = None;
+            self.metrics.state_changed(name.as_str());
+            info!(app = %name, vip = %entry.spec.vip, "app healthy: announcing");
+        }
+        self.metrics.app_state(name.as_str(), entry.healthy, entry.healthy);
+        self.apps.insert(name.clone(), entry);
+        self.publish();
+    }
+
+    fn go_unhealthy(&mut self, name: &AppName) {
+        let cleanup_timer = self.settings.cleanup_timer;
+        let Some(entry) = self.apps.get_mut(name) else { return };
+        entry.healthy = false;
+        entry.since = SystemTime::now();
+        entry.cleanup_at = Some(Instant::now() + cleanup_timer);
+        let reasons: Vec<String> = entry
+            .spec
+            .monitors
+            .iter()
+            .zip(&entry.results)
+            .filter_map(|(m, r)| r.as_ref().filter(|r| !r.ok).map(|r| format!("{m}: {}", r.reason)))
+            .collect();
+        warn!(app = %name, vip = %entry.spec.vip, reasons = %reasons.join("; "), "app unhealthy: withdrawing");
+        self.metrics.state_changed(name.as_str());
+        self.metrics.app_state(name.as_str(), false, false);
+        self.publish();
+    }
+
+    /// Cleans up every app whose timer has passed.
+    async fn cleanup_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<AppName> = self
+            .apps
+            .values()
+            .filter(|e| e.cleanup_at.is_some_and(|t| t <= now))
+            .map(|e| e.spec.name.clone())
+            .collect();
+        for name in due {
+            let Some(mut entry) = self.apps.remove(&name) else { continue };
+            entry.cleanup_at = None;
+            if entry.source == Source::Config {
+                info!(app = %name, "cleanup timer passed: removing vip and nat, still monitoring");
+                self.remove_nat(&mut entry).await;
+                self.remove_vip(&mut entry).await;
+                self.apps.insert(name, entry);
+                continue;
+            }
+            info!(app = %name, "cleanup timer passed: app removed");
+            if entry.source == Source::Http {
+                if let Err(e) = self.persist_with(None, Some(&name)).await {
+                    // Keep it: forgetting it in memory but not on disk would bring it back later
+                    // anyway, and an operator can see it in /apps. Try again after the timer.
+                    error!(app = %name, error = %e, "cannot save the removal; keeping the app");
+                    entry.cleanup_at = Some(Instant::now() + self.settings.cleanup_timer);
+                    self.apps.insert(name, entry);
+                    continue;
+                }
+            }
+            self.teardown(entry).await;
+        }
+    }
+
+    /// Publishes the routes of the healthy apps.
+    fn publish(&self) {
+        let set: RouteSet = self
+            .apps
+            .values()
+            .filter(|e| e.healthy)
+            .map(|e| (e.spec.vip.prefix(), Route { app: e.spec.name.clone(), communities: e.spec.communities.clone() }))
+            .collect();
+        self.metrics.routes(set.len());
+        self.routes.send_if_modified(|current| {
+            if *current == set {
+                return false;
+            }
+            *current = set;
+            true
+        });
+    }
+
+    async fn add_vip(&mut self, entry: &mut Entry) {
+        let label = entry.spec.name.lo_label();
+        match self.host.add_vip(&entry.spec.vip, &label).await {
+            Ok(()) => {
+                entry.vip_installed = true;
+                entry.last_error = None;
+            }
+            Err(e) => record(entry, "add vip", &e),
+        }
+    }
+
+    async fn remove_vip(&mut self, entry: &mut Entry) {
+        if !entry.vip_installed {
+            return;
+        }
+        match self.host.remove_vip(&entry.spec.vip).await {
+            Ok(()) => entry.vip_installed = false,
+            Err(e) => record(entry, "remove vip", &e),
+        }
+    }
+
+    async fn install_nat(&mut self, entry: &mut Entry) {
+        if entry.spec.nats.is_empty() {
+            return;
+        }
+        let s = &entry.spec;
+        match self.host.install_nat(&s.name, &s.vip, &s.nats, s.nat_dest).await {
+            Ok(()) => {
+                entry.nat_installed = true;
+                entry.last_error = None;
+            }
+            Err(e) => record(entry, "install nat", &e),
+        }
+    }
+
+    async fn remove_nat(&mut self, entry: &mut Entry) {
+        if !entry.nat_installed {
+            return;
+        }
+        let s = &entry.spec;
+        match self.host.remove_nat(&s.name, &s.vip, &s.nats, s.nat_dest).await {
+            Ok(()) => entry.nat_installed = false,
+            Err(e) => record(entry, "remove nat", &e),
+        }
+    }
+
+    /// Withdraws everything, then removes every VIP and NAT rule.
+    async fn shutdown(mut self) {
+        info!("shutting down: withdrawing all routes");
+        for e in self.apps.values_mut() {
+            e.healthy = false;
+        }
+        self.publish();
+        let names: Vec<AppName> = self.apps.keys().cloned().collect();
+        for name in names {
+            let Some(mut entry) = self.apps.remove(&name) else { continue };
+            self.remove_nat(&mut entry).await;
+            self.remove_vip(&mut entry).await;
+        }
+        if let Err(e) = self.host.shutdown().await {
+            error!(error = %e, "dataplane cleanup at shutdown failed");
+        }
+        info!("shutdown complete: no vip, no nat rule left");
+    }
+}
+
+/// Keeps a failed host operation on the app; logs it when it is new, not on every retry.
+fn record(entry: &mut Entry, op: &str, e: &HostError) {
+    let message = format!("{op}: {e}");
+    if entry.last_error.as_ref() != Some(&message) {
+        error!(app = %entry.spec.name, vip = %entry.spec.vip, error = %e, "{op} failed");
+    }
+    entry.last_error = Some(message);
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}

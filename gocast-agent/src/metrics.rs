@@ -1,0 +1,142 @@
+//! Prometheus metrics, served as text at `/metrics`.
+//!
+//! The families are atomics behind `Arc`s: every task records into them without a message
+//! round-trip, and only the API renders them.
+
+use std::{sync::Arc, time::Duration};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::{Family, MetricConstructor},
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct AppLabels {
+    app: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct MonitorLabels {
+    kind: String,
+    result: String,
+}
+
+/// Monitor latency buckets: 100 µs (a socket-table read) to ~13 s (a slow exec).
+#[derive(Debug, Clone, Copy)]
+struct LatencyBuckets;
+
+impl MetricConstructor<Histogram> for LatencyBuckets {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new(exponential_buckets(0.0001, 4.0, 9))
+    }
+}
+
+/// The agent's metrics. Cheap to clone; clones share the values.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    app_healthy: Family<AppLabels, Gauge>,
+    app_announced: Family<AppLabels, Gauge>,
+    state_changes: Family<AppLabels, Counter>,
+    monitor_latency: Family<MonitorLabels, Histogram, LatencyBuckets>,
+    routes: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("gocast");
+        let app_healthy = Family::<AppLabels, Gauge>::default();
+        let app_announced = Family::<AppLabels, Gauge>::default();
+        let state_changes = Family::<AppLabels, Counter>::default();
+        let monitor_latency = Family::new_with_constructor(LatencyBuckets);
+        let routes = Gauge::default();
+        registry.register("app_healthy", "1 when all of the app's monitors pass", app_healthy.clone());
+        registry.register("app_announced", "1 when the app's VIP is in the announced set", app_announced.clone());
+        registry.register("app_state_changes", "Health state changes of the app", state_changes.clone());
+        registry.register(
+            "monitor_duration_seconds",
+            "Time one monitor run took, by monitor kind and result",
+            monitor_latency.clone(),
+        );
+        registry.register("announced_routes", "Routes in the desired-announcement set", routes.clone());
+        Self {
+            inner: Arc::new(Inner { registry, app_healthy, app_announced, state_changes, monitor_latency, routes }),
+        }
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn app(name: &str) -> AppLabels {
+    AppLabels { app: name.to_owned() }
+}
+
+impl Metrics {
+    /// Records an app's current health and announcement.
+    pub fn app_state(&self, name: &str, healthy: bool, announced: bool) {
+        self.inner.app_healthy.get_or_create(&app(name)).set(i64::from(healthy));
+        self.inner.app_announced.get_or_create(&app(name)).set(i64::from(announced));
+    }
+
+    pub fn state_changed(&self, name: &str) {
+        self.inner.state_changes.get_or_create(&app(name)).inc();
+    }
+
+    /// Forgets a removed app, so series of apps long gone do not pile up.
+    pub fn app_removed(&self, name: &str) {
+        let labels = app(name);
+        self.inner.app_healthy.remove(&labels);
+        self.inner.app_announced.remove(&labels);
+        self.inner.state_changes.remove(&labels);
+    }
+
+    pub fn monitor_observed(&self, kind: &str, latency: Duration, ok: bool) {
+        let labels = MonitorLabels { kind: kind.to_owned(), result: if ok { "pass" } else { "fail" }.to_owned() };
+        self.inner.monitor_latency.get_or_create(&labels).observe(latency.as_secs_f64());
+    }
+
+    pub fn routes(&self, count: usize) {
+        self.inner.routes.set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.inner.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rendered_text_has_app_and_monitor_series() {
+        let m = Metrics::default();
+        m.app_state("web", true, true);
+        m.state_changed("web");
+        m.monitor_observed("port", Duration::from_micros(300), true);
+        let text = m.render();
+        assert!(text.contains("gocast_app_healthy{app=\"web\"} 1"), "{text}");
+        assert!(text.contains("gocast_app_state_changes_total{app=\"web\"} 1"), "{text}");
+        assert!(text.contains("gocast_monitor_duration_seconds_count{kind=\"port\",result=\"pass\"} 1"), "{text}");
+        m.app_removed("web");
+        assert!(!m.render().contains("app=\"web\""));
+    }
+}
