@@ -279,3 +279,185 @@ pub fn configured_peers(config: &Config) -> Vec<PeerInfo> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use tokio_util::sync::CancellationToken;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::{
+        lifecycle::{self, Running, Settings},
+        monitor,
+        store::Store,
+        testing::FakeHost,
+    };
+
+    struct Api {
+        router: Router,
+        running: Running,
+        _dir: tempfile::TempDir,
+        _cancel: CancellationToken,
+    }
+
+    fn api() -> Api {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = Settings {
+            monitor_rise: 1,
+            monitor_fall: 1,
+            cleanup_timer: Duration::from_secs(60),
+            allow_http_exec: false,
+            vip_allowlist: Vec::new(),
+            monitor: monitor::Settings { interval: Duration::from_millis(20), exec_timeout: Duration::from_secs(5) },
+        };
+        let cancel = CancellationToken::new();
+        let metrics = Metrics::default();
+        let running = lifecycle::spawn(settings, FakeHost::default(), Vec::new(), Store::new(dir.path().join("s.json")), metrics.clone(), cancel.clone());
+        let state = ApiState {
+            lifecycle: running.handle.clone(),
+            routes: running.routes.clone(),
+            metrics,
+            info: Arc::new(StaticInfo { version: "test", dataplane: crate::dataplane::DataplaneInfo::iptables() }),
+            peers: Arc::new(Vec::new()),
+        };
+        Api { router: router(state), running, _dir: dir, _cancel: cancel }
+    }
+
+    async fn call(api: &Api, req: axum::http::Request<Body>) -> (StatusCode, Value) {
+        let resp = api.router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+        (status, value)
+    }
+
+    async fn get(api: &Api, uri: &str) -> (StatusCode, Value) {
+        call(api, axum::http::Request::get(uri).body(Body::empty()).unwrap()).await
+    }
+
+    #[tokio::test]
+    async fn gocast_register_call_registers_with_every_parameter() {
+        let api = api();
+        let (status, body) = get(&api, "/register?name=web&vip=192.0.2.10/32&monitor=port:tcp:80&monitor=port:udp:53&nat=tcp:80:8080&nat=udp:53&vip_communities=65000:1,no-export").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["name"], "web");
+        assert_eq!(body["source"], "http");
+        assert_eq!(body["monitors"].as_array().unwrap().len(), 2);
+        assert_eq!(body["nats"], serde_json::json!(["tcp:80:8080", "udp:53:53"]));
+        assert_eq!(body["communities"], serde_json::json!(["65000:1", "no-export"]));
+        let (_, apps) = get(&api, "/apps").await;
+        assert_eq!(apps.as_array().unwrap().len(), 1);
+        let (status, one) = get(&api, "/apps/web").await;
+        assert_eq!((status, &one["vip"]), (StatusCode::OK, &Value::from("192.0.2.10/32")));
+    }
+
+    #[tokio::test]
+    async fn post_with_form_or_json_body_registers_too() {
+        let api = api();
+        let form = axum::http::Request::post("/register")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Body::from("name=a&vip=192.0.2.1%2F32&monitor=port%3Atcp%3A80"))
+            .unwrap();
+        assert_eq!(call(&api, form).await.0, StatusCode::OK);
+        let json = axum::http::Request::post("/register")
+            .header("content-type", "application/json")
+            .body(Body::from(r#"{"name":"b","vip":"2001:db8::1/128","monitor":["port:tcp:80"],"vip_communities":"1:2:3"}"#))
+            .unwrap();
+        let (status, body) = call(&api, json).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["communities"], serde_json::json!(["1:2:3"]));
+    }
+
+    #[tokio::test]
+    async fn bad_requests_get_their_status_and_a_json_error_and_change_nothing() {
+        let api = api();
+        assert_eq!(get(&api, "/register?name=web&vip=192.0.2.10/32&monitor=port:tcp:80").await.0, StatusCode::OK);
+        let before = get(&api, "/apps").await.1;
+        let table: &[(&str, StatusCode, &str)] = &[
+            ("/register?vip=192.0.2.11/32", StatusCode::BAD_REQUEST, "name: missing"),
+            ("/register?name=x", StatusCode::BAD_REQUEST, "vip: missing"),
+            ("/register", StatusCode::BAD_REQUEST, "name: missing"),
+            ("/register?name=x&vip=not-an-ip", StatusCode::BAD_REQUEST, "vip: invalid vip"),
+            ("/register?name=x&vip=192.0.2.11/33", StatusCode::BAD_REQUEST, "vip: invalid vip"),
+            ("/register?name=x&vip=127.0.0.1/32", StatusCode::BAD_REQUEST, "loopback"),
+            ("/register?name=x&vip=0.0.0.0/0", StatusCode::BAD_REQUEST, "default route"),
+            ("/register?name=x&vip=224.0.0.5/32", StatusCode::BAD_REQUEST, "multicast"),
+            ("/register?name=x&vip=169.254.0.1/32", StatusCode::BAD_REQUEST, "link-local"),
+            ("/register?name=x&vip=192.0.2.11/32&monitor=http:80", StatusCode::BAD_REQUEST, "monitor: invalid monitor"),
+            ("/register?name=x&vip=192.0.2.11/32&monitor=port:tcp:99999", StatusCode::BAD_REQUEST, "monitor"),
+            ("/register?name=x&vip=192.0.2.11/32&nat=tcp:80:0", StatusCode::BAD_REQUEST, "nat: invalid nat"),
+            ("/register?name=x&vip=192.0.2.11/32&nat=sctp:80", StatusCode::BAD_REQUEST, "nat"),
+            ("/register?name=x&vip=192.0.2.11/32&vip_communities=65536:1", StatusCode::BAD_REQUEST, "vip_communities"),
+            ("/register?name=x&vip=192.0.2.11/32&vip_communities=a:b", StatusCode::BAD_REQUEST, "vip_communities"),
+            ("/register?name=x&vip=192.0.2.11/32&bogus=1", StatusCode::BAD_REQUEST, "bogus: unknown parameter"),
+            ("/register?name=bad%20name&vip=192.0.2.11/32", StatusCode::BAD_REQUEST, "name: invalid app name"),
+            ("/register?name=x&name=y&vip=192.0.2.11/32", StatusCode::BAD_REQUEST, "more than once"),
+            ("/register?name=other&vip=192.0.2.10/32", StatusCode::CONFLICT, "already used by app web"),
+            ("/register?name=x&vip=192.0.2.11/32&monitor=exec:true", StatusCode::FORBIDDEN, "allow_http_exec"),
+            ("/unregister?name=nope", StatusCode::NOT_FOUND, "not registered"),
+            ("/unregister", StatusCode::BAD_REQUEST, "name: missing"),
+            ("/unregister?name=a/b", StatusCode::BAD_REQUEST, "invalid app name"),
+            ("/apps/nope", StatusCode::NOT_FOUND, "not registered"),
+        ];
+        for (uri, status, needle) in table {
+            let (got, body) = get(&api, uri).await;
+            assert_eq!(got, *status, "{uri}: {body}");
+            let message = body["error"].as_str().unwrap_or_else(|| panic!("{uri}: no JSON error: {body}"));
+            assert!(message.contains(needle), "{uri}: {message:?} lacks {needle:?}");
+        }
+        let bad_json = axum::http::Request::post("/register").header("content-type", "application/json").body(Body::from("{nope")).unwrap();
+        assert_eq!(call(&api, bad_json).await.0, StatusCode::BAD_REQUEST);
+        let after = get(&api, "/apps").await.1;
+        assert_eq!(before.as_array().unwrap().len(), after.as_array().unwrap().len());
+        assert_eq!(before[0]["name"], after[0]["name"]);
+        assert_eq!(before[0]["vip"], after[0]["vip"]);
+    }
+
+    #[tokio::test]
+    async fn every_problem_of_a_request_is_reported_at_once() {
+        let api = api();
+        let (status, body) = get(&api, "/register?name=x&vip=nope&monitor=bad&nat=bad").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let message = body["error"].as_str().unwrap();
+        for needle in ["vip:", "monitor:", "nat:"] {
+            assert!(message.contains(needle), "{message}");
+        }
+    }
+
+    #[tokio::test]
+    async fn unregister_removes_the_app_and_its_route() {
+        let api = api();
+        get(&api, "/register?name=web&vip=192.0.2.10/32").await;
+        for _ in 0..200 {
+            if !api.running.routes.borrow().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (_, routes) = get(&api, "/routes").await;
+        assert_eq!(routes["routes"]["192.0.2.10/32"]["app"], "web");
+        let (status, body) = get(&api, "/unregister?name=web").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["unregistered"]["name"], "web");
+        assert_eq!(get(&api, "/apps").await.1, serde_json::json!([]));
+        assert_eq!(get(&api, "/routes").await.1, serde_json::json!({"routes": {}}));
+    }
+
+    #[tokio::test]
+    async fn info_healthz_and_metrics_answer() {
+        let api = api();
+        let (status, info) = get(&api, "/info").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(info["dataplane"]["mode"], "iptables");
+        assert!(info["peers"].is_array());
+        assert_eq!(get(&api, "/healthz").await.1["status"], "ok");
+        get(&api, "/register?name=web&vip=192.0.2.10/32").await;
+        let (status, text) = get(&api, "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(text.as_str().unwrap().contains("gocast_app_healthy"), "{text}");
+    }
+}

@@ -824,4 +824,26 @@ mod tests {
         assert_eq!(c.bgp.peers[0].password.as_deref(), Some("s3cret"));
         assert!(!serde_yaml::to_string(&c).unwrap().contains("s3cret"));
     }
+
+    /// The example configs in `config/`: every file loads, and each shape is what it claims.
+    #[test]
+    fn every_file_in_config_dir_loads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+        let mut seen = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                seen.push((path.file_name().unwrap().to_string_lossy().into_owned(), c));
+            }
+        }
+        let get = |name: &str| &seen.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name} missing")).1;
+        let example = get("gocast-example.yaml");
+        assert!(example.agent.listen_addr.all_interfaces);
+        assert_eq!(example.bgp.peers.len(), 1);
+        assert_eq!(example.apps[0].monitors.len(), 1);
+        assert_eq!(get("gocast-multipeer.yaml").bgp.peers.len(), 2);
+        assert_eq!(get("gocast-threatx-list.yaml").bgp.peers.len(), 2);
+        assert!(get("minimal.yaml").apps.is_empty());
+    }
 }

@@ -725,3 +725,249 @@ async fn sleep_until(deadline: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::testing::FakeHost;
+
+    struct Harness {
+        host: FakeHost,
+        running: Running,
+        cancel: CancellationToken,
+        dir: tempfile::TempDir,
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            monitor_rise: 1,
+            monitor_fall: 1,
+            cleanup_timer: Duration::from_millis(300),
+            allow_http_exec: true,
+            vip_allowlist: Vec::new(),
+            monitor: monitor::Settings { interval: Duration::from_millis(20), exec_timeout: Duration::from_secs(5) },
+        }
+    }
+
+    fn start(settings: Settings, config_apps: Vec<AppSpec>, dir: tempfile::TempDir) -> Harness {
+        let host = FakeHost::default();
+        let cancel = CancellationToken::new();
+        let store = Store::new(dir.path().join("state.json"));
+        let running = spawn(settings, host.clone(), config_apps, store, Metrics::default(), cancel.clone());
+        *host.routes.lock().unwrap() = Some(running.routes.clone());
+        Harness { host, running, cancel, dir }
+    }
+
+    /// A flag file whose existence makes `exec:test -e FILE` pass.
+    fn flag(dir: &tempfile::TempDir, name: &str) -> PathBuf {
+        dir.path().join(name)
+    }
+
+    fn spec(name: &str, vip: &str, monitors: &[String]) -> AppSpec {
+        AppSpec {
+            name: name.parse().unwrap(),
+            vip: vip.parse().unwrap(),
+            monitors: monitors.iter().map(|m| m.parse().unwrap()).collect(),
+            nats: vec!["tcp:80:8080".parse().unwrap()],
+            communities: vec!["65000:1".parse().unwrap()],
+            nat_dest: None,
+        }
+    }
+
+    fn exec_flag(path: &std::path::Path) -> String {
+        format!("exec:test -e {}", path.display())
+    }
+
+    async fn app(h: &Harness, name: &str) -> Option<AppView> {
+        h.running.handle.apps().await.unwrap().into_iter().find(|a| a.name.as_str() == name)
+    }
+
+    async fn wait_for(h: &Harness, what: &str, mut ok: impl FnMut(Option<&AppView>, &RouteSet) -> bool) {
+        for _ in 0..500 {
+            let apps = h.running.handle.apps().await.unwrap();
+            let routes = h.running.routes.borrow().clone();
+            let first = apps.first();
+            if ok(first, &routes) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting for {what}; log: {:?}", h.host.log());
+    }
+
+    fn routed(routes: &RouteSet, vip: &str) -> bool {
+        routes.contains_key(&vip.parse::<Vip>().unwrap().prefix())
+    }
+
+    #[tokio::test]
+    async fn a_healthy_app_gets_vip_nat_and_route_then_is_withdrawn_before_its_vip_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let up = flag(&dir, "up");
+        std::fs::write(&up, "").unwrap();
+        let h = start(settings(), vec![spec("web", "192.0.2.10/32", &[exec_flag(&up)])], dir);
+        wait_for(&h, "healthy", |a, r| a.is_some_and(|a| a.state == "healthy") && routed(r, "192.0.2.10/32")).await;
+        assert_eq!(h.host.log(), ["add_vip 192.0.2.10/32 lo:web", "install_nat web 1"]);
+        let route = h.running.routes.borrow().values().next().cloned().unwrap();
+        assert_eq!(route.communities, vec!["65000:1".parse().unwrap()]);
+
+        std::fs::remove_file(&up).unwrap();
+        wait_for(&h, "withdrawn", |a, r| a.is_some_and(|a| a.state == "unhealthy") && r.is_empty()).await;
+        let view = app(&h, "web").await.unwrap();
+        assert!(view.vip_installed && view.cleanup_in_s.is_some(), "vip stays until cleanup: {view:?}");
+        assert!(view.monitors[0].reason.as_deref().unwrap().contains("exit status"));
+        wait_for(&h, "cleanup", |a, _| a.is_some_and(|a| !a.vip_installed)).await;
+        assert_eq!(&h.host.log()[2..], ["remove_nat web", "remove_vip 192.0.2.10/32 announced=false"]);
+        // A config app stays after cleanup and comes back when healthy again.
+        std::fs::write(&up, "").unwrap();
+        wait_for(&h, "healthy again", |a, r| a.is_some_and(|a| a.state == "healthy") && !r.is_empty()).await;
+        h.cancel.cancel();
+        h.running.task.await.unwrap();
+        let log = h.host.log();
+        assert_eq!(&log[log.len() - 3..], ["remove_nat web", "remove_vip 192.0.2.10/32 announced=false", "shutdown"]);
+        assert!(h.running.routes.borrow().is_empty());
+    }
+
+    #[tokio::test]
+    async fn recovery_before_the_cleanup_timer_keeps_the_vip() {
+        let dir = tempfile::tempdir().unwrap();
+        let up = flag(&dir, "up");
+        std::fs::write(&up, "").unwrap();
+        let mut s = settings();
+        s.cleanup_timer = Duration::from_secs(60);
+        let h = start(s, vec![spec("web", "192.0.2.10/32", &[exec_flag(&up)])], dir);
+        wait_for(&h, "healthy", |a, _| a.is_some_and(|a| a.state == "healthy")).await;
+        std::fs::remove_file(&up).unwrap();
+        wait_for(&h, "unhealthy", |a, r| a.is_some_and(|a| a.state == "unhealthy") && r.is_empty()).await;
+        std::fs::write(&up, "").unwrap();
+        wait_for(&h, "healthy", |a, r| a.is_some_and(|a| a.state == "healthy" && a.cleanup_in_s.is_none()) && !r.is_empty()).await;
+        assert_eq!(h.host.log(), ["add_vip 192.0.2.10/32 lo:web", "install_nat web 1"], "no remove, no second add");
+    }
+
+    #[tokio::test]
+    async fn an_http_app_is_forgotten_after_the_cleanup_timer() {
+        let dir = tempfile::tempdir().unwrap();
+        let up = flag(&dir, "up");
+        std::fs::write(&up, "").unwrap();
+        let h = start(settings(), Vec::new(), dir);
+        h.running.handle.register(spec("web", "192.0.2.10/32", &[exec_flag(&up)]), Source::Http).await.unwrap();
+        wait_for(&h, "healthy", |a, _| a.is_some_and(|a| a.state == "healthy")).await;
+        std::fs::remove_file(&up).unwrap();
+        wait_for(&h, "dropped", |a, _| a.is_none()).await;
+        assert!(Store::new(h.dir.path().join("state.json")).load().unwrap().is_empty());
+        assert!(h.host.log().contains(&"remove_vip 192.0.2.10/32 announced=false".to_owned()));
+    }
+
+    #[tokio::test]
+    async fn rise_and_fall_need_consecutive_results() {
+        let dir = tempfile::tempdir().unwrap();
+        let counter = flag(&dir, "n");
+        // Passes on every third run only: never three in a row, so rise=3 never makes it healthy.
+        let cmd = format!("exec:n=$(cat {p} 2>/dev/null || echo 0); echo $((n+1)) > {p}; [ $((n % 3)) -eq 2 ]", p = counter.display());
+        let mut s = settings();
+        s.monitor_rise = 2;
+        let h = start(s, vec![spec("web", "192.0.2.10/32", &[cmd])], dir);
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let n: u32 = std::fs::read_to_string(&counter).unwrap().trim().parse().unwrap();
+        assert!(n >= 6, "checked {n} times");
+        assert_eq!(app(&h, "web").await.unwrap().state, "unhealthy");
+        assert!(h.host.log().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_vip_owned_by_another_app_is_refused_and_nothing_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = start(settings(), vec![spec("a", "192.0.2.10/32", &[])], dir);
+        let e = h.running.handle.register(spec("b", "192.0.2.10/32", &[]), Source::Http).await.unwrap_err();
+        assert!(matches!(e, LifecycleError::VipConflict { .. }), "{e}");
+        assert!(e.to_string().contains("already used by app a"));
+        let apps = h.running.handle.apps().await.unwrap();
+        assert_eq!(apps.len(), 1);
+        assert!(Store::new(h.dir.path().join("state.json")).load().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn same_parameters_are_a_no_op_and_new_ones_replace_the_app() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = start(settings(), Vec::new(), dir);
+        let a = spec("web", "192.0.2.10/32", &[]);
+        h.running.handle.register(a.clone(), Source::Http).await.unwrap();
+        wait_for(&h, "healthy", |a, _| a.is_some_and(|a| a.state == "healthy")).await;
+        h.running.handle.register(a.clone(), Source::Http).await.unwrap();
+        assert_eq!(h.host.log().len(), 2, "{:?}", h.host.log());
+        // Same VIP, new communities: stays healthy, route updated, no flap.
+        let mut b = a.clone();
+        b.communities = vec!["65000:2".parse().unwrap()];
+        let view = h.running.handle.register(b, Source::Http).await.unwrap();
+        assert_eq!(view.state, "healthy");
+        let communities = h.running.routes.borrow().values().next().unwrap().communities.clone();
+        assert_eq!(communities, vec!["65000:2".parse().unwrap()]);
+        // New VIP: the old one is withdrawn and removed first.
+        let c = spec("web", "192.0.2.11/32", &[]);
+        h.running.handle.register(c, Source::Http).await.unwrap();
+        wait_for(&h, "moved", |a, r| a.is_some_and(|a| a.state == "healthy") && routed(r, "192.0.2.11/32") && r.len() == 1).await;
+        let log = h.host.log();
+        assert_eq!(&log[2..4], ["remove_nat web", "remove_vip 192.0.2.10/32 announced=false"]);
+        assert_eq!(Store::new(h.dir.path().join("state.json")).load().unwrap()[0].vip.to_string(), "192.0.2.11/32");
+    }
+
+    #[tokio::test]
+    async fn policy_refuses_http_exec_and_vips_outside_the_allowlist() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = settings();
+        s.allow_http_exec = false;
+        s.vip_allowlist = vec!["192.0.2.0/28".parse().unwrap()];
+        let h = start(s, Vec::new(), dir);
+        let e = h.running.handle.register(spec("a", "192.0.2.1/32", &["exec:true".into()]), Source::Http).await.unwrap_err();
+        assert!(matches!(e, LifecycleError::ExecRefused));
+        let e = h.running.handle.register(spec("a", "192.0.2.100/32", &[]), Source::Http).await.unwrap_err();
+        assert!(matches!(e, LifecycleError::NotAllowed(_)));
+        assert!(h.running.handle.apps().await.unwrap().is_empty());
+        h.running.handle.register(spec("a", "192.0.2.1/32", &[]), Source::Http).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn http_registrations_come_back_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = start(settings(), vec![spec("cfg", "192.0.2.1/32", &[])], dir);
+        h.running.handle.register(spec("web", "192.0.2.10/32", &[]), Source::Http).await.unwrap();
+        h.cancel.cancel();
+        h.running.task.await.unwrap();
+        let again = start(settings(), vec![spec("cfg", "192.0.2.1/32", &[])], h.dir);
+        let apps = again.running.handle.apps().await.unwrap();
+        let names: Vec<(&str, Source)> = apps.iter().map(|a| (a.name.as_str(), a.source)).collect();
+        assert_eq!(names, [("cfg", Source::Config), ("web", Source::Http)]);
+    }
+
+    #[tokio::test]
+    async fn unregister_withdraws_removes_and_forgets() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = start(settings(), Vec::new(), dir);
+        h.running.handle.register(spec("web", "192.0.2.10/32", &[]), Source::Http).await.unwrap();
+        wait_for(&h, "healthy", |a, _| a.is_some_and(|a| a.state == "healthy")).await;
+        h.running.handle.unregister("web".parse().unwrap()).await.unwrap();
+        assert!(h.running.routes.borrow().is_empty());
+        assert!(h.running.handle.apps().await.unwrap().is_empty());
+        assert_eq!(&h.host.log()[2..], ["remove_nat web", "remove_vip 192.0.2.10/32 announced=false"]);
+        let e = h.running.handle.unregister("web".parse().unwrap()).await.unwrap_err();
+        assert!(matches!(e, LifecycleError::UnknownApp(_)));
+    }
+
+    #[tokio::test]
+    async fn a_failed_nat_install_keeps_the_app_unannounced_and_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = start(settings(), Vec::new(), dir);
+        *h.host.fail_nat.lock().unwrap() = true;
+        h.running.handle.register(spec("web", "192.0.2.10/32", &[]), Source::Http).await.unwrap();
+        wait_for(&h, "error shown", |a, _| a.is_some_and(|a| a.last_error.is_some())).await;
+        let view = app(&h, "web").await.unwrap();
+        assert_eq!(view.state, "unhealthy");
+        assert!(view.last_error.unwrap().contains("iptables broke"));
+        assert!(h.running.routes.borrow().is_empty());
+        *h.host.fail_nat.lock().unwrap() = false;
+        wait_for(&h, "healthy", |a, r| a.is_some_and(|a| a.state == "healthy" && a.last_error.is_none()) && !r.is_empty()).await;
+    }
+}

@@ -1,9 +1,19 @@
 //! Test helpers: run privileged tests in a network namespace of their own, so they never touch
 //! the host's addresses, routes or iptables rules.
 
-use std::future::Future;
+use std::{
+    future::Future,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+};
 
 use nix::sched::{CloneFlags, unshare};
+use tokio::sync::watch;
+
+use crate::{
+    app::{AppName, NatRule, Vip},
+    lifecycle::{Host, HostError, RouteSet},
+};
 
 /// Runs `f` on a current-thread tokio runtime in a thread moved to a new, empty network
 /// namespace, and returns its output.
@@ -48,3 +58,48 @@ fn skip<T>(why: &str) -> Option<T> {
     eprintln!("skipping test - {why}");
     None
 }
+
+/// A [`Host`] that records operations instead of changing the kernel; `remove_vip` also notes whether the route was still announced.
+#[derive(Clone, Default)]
+pub struct FakeHost {
+    pub log: Arc<Mutex<Vec<String>>>,
+    pub routes: Arc<Mutex<Option<watch::Receiver<RouteSet>>>>,
+    pub fail_nat: Arc<Mutex<bool>>,
+}
+
+impl FakeHost {
+    fn push(&self, s: String) {
+        self.log.lock().unwrap().push(s);
+    }
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Host for FakeHost {
+    async fn add_vip(&mut self, vip: &Vip, label: &str) -> Result<(), HostError> {
+        self.push(format!("add_vip {vip} {label}"));
+        Ok(())
+    }
+    async fn remove_vip(&mut self, vip: &Vip) -> Result<(), HostError> {
+        let announced = self.routes.lock().unwrap().as_ref().is_some_and(|r| r.borrow().contains_key(&vip.prefix()));
+        self.push(format!("remove_vip {vip} announced={announced}"));
+        Ok(())
+    }
+    async fn install_nat(&mut self, app: &AppName, _: &Vip, rules: &[NatRule], _: Option<IpAddr>) -> Result<(), HostError> {
+        if *self.fail_nat.lock().unwrap() {
+            return Err(HostError("iptables broke".into()));
+        }
+        self.push(format!("install_nat {app} {}", rules.len()));
+        Ok(())
+    }
+    async fn remove_nat(&mut self, app: &AppName, _: &Vip, _: &[NatRule], _: Option<IpAddr>) -> Result<(), HostError> {
+        self.push(format!("remove_nat {app}"));
+        Ok(())
+    }
+    async fn shutdown(&mut self) -> Result<(), HostError> {
+        self.push("shutdown".into());
+        Ok(())
+    }
+}
+

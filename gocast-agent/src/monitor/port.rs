@@ -9,32 +9,23 @@
 //! One [`SocketTable::snapshot`] per monitor tick serves every app: four dumps (TCP and UDP, IPv4
 //! and IPv6) whatever the number of apps, then each check is a lookup.
 //!
-//! The request and the two fields read from each reply are encoded by hand (layouts from
-//! `linux/inet_diag.h`): `netlink-packet-sock-diag` 0.5 builds on `netlink-packet-core` 0.9 while
-//! this crate depends on 0.8, so its typed messages do not fit this crate's netlink framing types.
-//! Only its constants are used; the framing (`NetlinkBuffer`, `ErrorBuffer`) is core 0.8's.
+//! Requests and replies are `netlink-packet-sock-diag` messages (`inet_diag_req_v2`,
+//! `inet_diag_msg`) framed by `netlink-packet-core`'s `NetlinkMessage`; `netlink-sys` carries them.
 
 use std::io;
 use std::ops::ControlFlow;
 
 use netlink_packet_core::{
-    ErrorBuffer, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NetlinkBuffer,
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_sock_diag::{
-    AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, SOCK_DIAG_BY_FAMILY, TCP_LISTEN,
+    AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, SockDiagMessage, TCP_LISTEN,
+    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 
 use crate::app::Proto;
 
-/// `struct nlmsghdr`.
-const NLMSG_HEADER_LEN: u32 = 16;
-/// `struct inet_diag_req_v2`: family, protocol, ext, pad, states, then a 48-byte socket id that we
-/// leave zeroed (a dump ignores it).
-const INET_DIAG_REQ_V2_LEN: u32 = 56;
-const REQUEST_LEN: u32 = NLMSG_HEADER_LEN + INET_DIAG_REQ_V2_LEN;
-/// `struct inet_diag_msg`: every reply record is at least this long.
-const INET_DIAG_MSG_LEN: usize = 72;
 /// The kernel sizes dump datagrams to at most 32 KiB; a larger buffer never truncates one.
 const RECV_BUF_LEN: usize = 64 * 1024;
 
@@ -144,24 +135,38 @@ const DUMPS: [Dump; 4] = [
 ];
 
 impl Dump {
-    /// `SOCK_DIAG_BY_FAMILY` dump request: header plus `inet_diag_req_v2`.
-    fn request(&self) -> [u8; REQUEST_LEN as usize] {
+    /// `SOCK_DIAG_BY_FAMILY` dump request for this family and protocol.
+    fn request(&self) -> Vec<u8> {
         let (protocol, states) = match self.proto {
-            // The state bitmask makes the kernel skip connections: only listeners come back.
-            Proto::Tcp => (IPPROTO_TCP, 1 << TCP_LISTEN),
+            // The state filter makes the kernel skip connections: only listeners come back.
+            Proto::Tcp => (IPPROTO_TCP, StateFlags::LISTEN),
             // A bound UDP socket is in state CLOSE, a connected one ESTABLISHED: take them all.
-            Proto::Udp => (IPPROTO_UDP, u32::MAX),
+            Proto::Udp => (IPPROTO_UDP, StateFlags::all()),
         };
-        let mut req = [0; REQUEST_LEN as usize];
-        let mut header = NetlinkBuffer::new(&mut req[..]);
-        header.set_length(REQUEST_LEN);
-        header.set_message_type(SOCK_DIAG_BY_FAMILY);
-        header.set_flags(NLM_F_REQUEST | NLM_F_DUMP);
-        let body = &mut req[NLMSG_HEADER_LEN as usize..];
-        body[0] = self.family;
-        body[1] = protocol;
-        body[4..8].copy_from_slice(&states.to_ne_bytes());
-        req
+        // A dump ignores the socket id; its addresses only need the request's family.
+        let socket_id = if self.family == AF_INET6 {
+            SocketId::new_v6()
+        } else {
+            SocketId::new_v4()
+        };
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        let mut message = NetlinkMessage::new(
+            header,
+            SockDiagMessage::InetRequest(InetRequest {
+                family: self.family,
+                protocol,
+                extensions: ExtensionFlags::empty(),
+                states,
+                socket_id,
+            })
+            .into(),
+        );
+        // Sets the header's length and message type (`SOCK_DIAG_BY_FAMILY`) from the payload.
+        message.finalize();
+        let mut request = vec![0; message.buffer_len()];
+        message.serialize(&mut request);
+        request
     }
 
     fn malformed(&self, what: impl Into<String>) -> PortError {
@@ -219,51 +224,36 @@ fn parse_datagram(
     ports: &mut Vec<u16>,
 ) -> Result<ControlFlow<()>, PortError> {
     while !data.is_empty() {
-        // Checks that the header fits and that its length stays within the datagram.
-        let msg = NetlinkBuffer::new_checked(data).map_err(|e| dump.malformed(e.to_string()))?;
-        let payload = msg.payload();
-        match msg.message_type() {
-            NLMSG_DONE => {
-                // The payload holds the dump's final status: negative errno if it failed midway.
-                return match payload.get(..4).and_then(|b| b.try_into().ok()) {
-                    Some(code) if i32::from_ne_bytes(code) < 0 => {
-                        Err(refused(dump, i32::from_ne_bytes(code)))
-                    }
-                    _ => Ok(ControlFlow::Break(())),
-                };
-            }
-            NLMSG_ERROR => {
-                let error =
-                    ErrorBuffer::new_checked(payload).map_err(|e| dump.malformed(e.to_string()))?;
-                return match error.code() {
+        // Checks that the header fits and that its length stays within the datagram, then parses
+        // the payload by message type; every length it reads is checked, so bad data is an error.
+        let message = NetlinkMessage::<SockDiagMessage>::deserialize(data)
+            .map_err(|e| dump.malformed(e.to_string()))?;
+        // At least a header long (so the walk advances) and at most what is left (checked above).
+        let length = message.header.length as usize;
+        match message.payload {
+            // The final status: negative errno if the dump failed midway.
+            NetlinkPayload::Done(done) if done.code < 0 => return Err(refused(dump, done.code)),
+            NetlinkPayload::Done(_) => return Ok(ControlFlow::Break(())),
+            NetlinkPayload::Error(error) => {
+                return match error.code {
                     Some(code) => Err(refused(dump, code.get())),
                     // Code 0 is an acknowledgement, which also ends the request.
                     None => Ok(ControlFlow::Break(())),
                 };
             }
-            SOCK_DIAG_BY_FAMILY => {
-                if payload.len() < INET_DIAG_MSG_LEN {
-                    return Err(dump.malformed(format!(
-                        "{}-byte inet_diag_msg, expected at least {INET_DIAG_MSG_LEN}",
-                        payload.len()
-                    )));
-                }
-                // inet_diag_msg: family, state, timer, retrans, then the socket id whose first
-                // field is the local port in network byte order.
-                let state = payload[1];
-                let port = u16::from_be_bytes([payload[4], payload[5]]);
+            NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+                let socket = &response.header;
                 // The kernel already filtered TCP to LISTEN; re-checking keeps a kernel that
-                // ignores the bitmask from turning connections into "open" ports.
-                if dump.proto == Proto::Udp || state == TCP_LISTEN {
-                    ports.push(port);
+                // ignores the filter from turning connections into "open" ports.
+                if dump.proto == Proto::Udp || socket.state == TCP_LISTEN {
+                    ports.push(socket.socket_id.source_port);
                 }
             }
-            // NLMSG_NOOP and anything else carry no sockets.
+            // NLMSG_NOOP and anything else carry no inet sockets.
             _ => {}
         }
         // Messages are padded to 4 bytes; the last one may end the datagram without padding.
-        let next = (msg.length() as usize).next_multiple_of(4);
-        data = data.get(next..).unwrap_or_default();
+        data = data.get(length.next_multiple_of(4)..).unwrap_or_default();
     }
     Ok(ControlFlow::Continue(()))
 }
@@ -280,6 +270,10 @@ fn refused(dump: &Dump, code: i32) -> PortError {
 mod tests {
     use std::io::ErrorKind;
     use std::net::{TcpListener, TcpStream, UdpSocket};
+
+    use netlink_packet_core::{DoneMessage, NLMSG_ERROR};
+    use netlink_packet_sock_diag::inet::{InetResponse, InetResponseHeader};
+    use netlink_packet_sock_diag::{SOCK_DIAG_BY_FAMILY, TCP_ESTABLISHED};
 
     use super::*;
 
@@ -369,5 +363,67 @@ mod tests {
         reply[..4].copy_from_slice(&20u32.to_ne_bytes());
         let err = parse_datagram(&DUMPS[0], &reply, &mut Vec::new()).unwrap_err();
         assert!(matches!(err, PortError::Malformed { .. }), "{err:?}");
+    }
+
+    /// A reply record as the kernel would send it, framed by `netlink-packet-core`.
+    fn record(family: u8, state: u8, port: u16) -> NetlinkMessage<SockDiagMessage> {
+        let mut socket_id = if family == AF_INET6 {
+            SocketId::new_v6()
+        } else {
+            SocketId::new_v4()
+        };
+        socket_id.source_port = port;
+        let response = InetResponse {
+            header: InetResponseHeader {
+                family,
+                state,
+                timer: None,
+                socket_id,
+                recv_queue: 0,
+                send_queue: 0,
+                uid: 0,
+                inode: 0,
+            },
+            nlas: std::iter::empty().collect(),
+        };
+        SockDiagMessage::InetResponse(Box::new(response)).into()
+    }
+
+    fn datagram(messages: impl IntoIterator<Item = NetlinkMessage<SockDiagMessage>>) -> Vec<u8> {
+        let mut datagram = Vec::new();
+        for mut message in messages {
+            message.finalize();
+            let start = datagram.len();
+            datagram.resize(start + message.buffer_len(), 0);
+            message.serialize(&mut datagram[start..]);
+        }
+        datagram
+    }
+
+    #[test]
+    fn records_of_a_multi_part_datagram_are_read_until_done() {
+        let records = [
+            record(AF_INET, TCP_LISTEN, 80),
+            record(AF_INET6, TCP_ESTABLISHED, 81),
+            record(AF_INET6, TCP_LISTEN, 443),
+        ];
+        let mut ports = Vec::new();
+        let flow = parse_datagram(&DUMPS[1], &datagram(records.clone()), &mut ports).unwrap();
+        assert!(flow.is_continue());
+        assert_eq!(ports, [80, 443], "TCP keeps listeners only");
+
+        let done = NetlinkMessage::new(
+            NetlinkHeader::default(),
+            NetlinkPayload::Done(DoneMessage::default()),
+        );
+        let mut ports = Vec::new();
+        let flow = parse_datagram(
+            &DUMPS[3],
+            &datagram(records.into_iter().chain([done])),
+            &mut ports,
+        )
+        .unwrap();
+        assert!(flow.is_break());
+        assert_eq!(ports, [80, 81, 443], "UDP keeps every socket");
     }
 }
