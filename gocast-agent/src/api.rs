@@ -36,7 +36,10 @@ pub struct ApiError {
 
 impl ApiError {
     fn bad_request(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::BAD_REQUEST, message: message.into() }
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        }
     }
 }
 
@@ -52,13 +55,18 @@ impl IntoResponse for ApiError {
 impl From<LifecycleError> for ApiError {
     fn from(e: LifecycleError) -> Self {
         let status = match &e {
-            LifecycleError::VipConflict { .. } | LifecycleError::LabelConflict { .. } => StatusCode::CONFLICT,
+            LifecycleError::VipConflict { .. } | LifecycleError::LabelConflict { .. } => {
+                StatusCode::CONFLICT
+            }
             LifecycleError::UnknownApp(_) => StatusCode::NOT_FOUND,
             LifecycleError::ExecRefused | LifecycleError::NotAllowed(_) => StatusCode::FORBIDDEN,
             LifecycleError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
             LifecycleError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         };
-        Self { status, message: e.to_string() }
+        Self {
+            status,
+            message: e.to_string(),
+        }
     }
 }
 
@@ -109,13 +117,14 @@ pub fn router(state: ApiState) -> Router {
 
 /// Query or form pairs, in order, repeated keys kept (`monitor=a&monitor=b`).
 fn pairs(text: &str) -> Result<Vec<(String, String)>, ApiError> {
-    serde_urlencoded::from_str(text).map_err(|e| ApiError::bad_request(format!("malformed parameters: {e}")))
+    serde_urlencoded::from_str(text)
+        .map_err(|e| ApiError::bad_request(format!("malformed parameters: {e}")))
 }
 
 /// A JSON body becomes the same pairs a query would give: strings once, arrays repeated.
 fn json_pairs(body: &[u8]) -> Result<Vec<(String, String)>, ApiError> {
-    let map: serde_json::Map<String, Value> =
-        serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?;
+    let map: serde_json::Map<String, Value> = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?;
     let mut out = Vec::new();
     for (key, value) in map {
         match value {
@@ -124,22 +133,34 @@ fn json_pairs(body: &[u8]) -> Result<Vec<(String, String)>, ApiError> {
                 for item in items {
                     match item {
                         Value::String(s) => out.push((key.clone(), s)),
-                        other => return Err(ApiError::bad_request(format!("{key}: expected strings, got {other}"))),
+                        other => {
+                            return Err(ApiError::bad_request(format!(
+                                "{key}: expected strings, got {other}"
+                            )));
+                        }
                     }
                 }
             }
-            other => return Err(ApiError::bad_request(format!("{key}: expected a string or a list of strings, got {other}"))),
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "{key}: expected a string or a list of strings, got {other}"
+                )));
+            }
         }
     }
     Ok(out)
 }
 
 fn body_pairs(headers: &HeaderMap, body: &[u8]) -> Result<Vec<(String, String)>, ApiError> {
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     if content_type.starts_with("application/json") {
         json_pairs(body)
     } else {
-        let text = std::str::from_utf8(body).map_err(|_| ApiError::bad_request("body is not UTF-8"))?;
+        let text =
+            std::str::from_utf8(body).map_err(|_| ApiError::bad_request("body is not UTF-8"))?;
         pairs(text)
     }
 }
@@ -156,8 +177,20 @@ pub fn parse_register(pairs: &[(String, String)]) -> Result<AppSpec, ApiError> {
         match key.as_str() {
             "name" if name.is_some() => problems.push("name: given more than once".into()),
             "vip" if vip.is_some() => problems.push("vip: given more than once".into()),
-            "name" => name = Some(value.parse::<AppName>().map_err(|e| problems.push(format!("name: {e}")))),
-            "vip" => vip = Some(value.parse::<app::Vip>().map_err(|e| problems.push(format!("vip: {e}")))),
+            "name" => {
+                name = Some(
+                    value
+                        .parse::<AppName>()
+                        .map_err(|e| problems.push(format!("name: {e}"))),
+                )
+            }
+            "vip" => {
+                vip = Some(
+                    value
+                        .parse::<app::Vip>()
+                        .map_err(|e| problems.push(format!("vip: {e}"))),
+                )
+            }
             "monitor" | "monitors" => match value.parse() {
                 Ok(m) => monitors.push(m),
                 Err(e) => problems.push(format!("monitor: {e}")),
@@ -170,7 +203,9 @@ pub fn parse_register(pairs: &[(String, String)]) -> Result<AppSpec, ApiError> {
                 Ok(c) => communities.extend(c),
                 Err(e) => problems.push(format!("vip_communities: {e}")),
             },
-            other => problems.push(format!("{other}: unknown parameter (expected name, vip, monitor, nat, vip_communities)")),
+            other => problems.push(format!(
+                "{other}: unknown parameter (expected name, vip, monitor, nat, vip_communities)"
+            )),
         }
     }
     if name.is_none() {
@@ -180,9 +215,14 @@ pub fn parse_register(pairs: &[(String, String)]) -> Result<AppSpec, ApiError> {
         problems.push("vip: missing".into());
     }
     match (name, vip) {
-        (Some(Ok(name)), Some(Ok(vip))) if problems.is_empty() => {
-            Ok(AppSpec { name, vip, monitors, nats, communities, nat_dest: None })
-        }
+        (Some(Ok(name)), Some(Ok(vip))) if problems.is_empty() => Ok(AppSpec {
+            name,
+            vip,
+            monitors,
+            nats,
+            communities,
+            nat_dest: None,
+        }),
         _ => Err(ApiError::bad_request(problems.join("; "))),
     }
 }
@@ -192,7 +232,9 @@ fn parse_name(pairs: &[(String, String)]) -> Result<AppName, ApiError> {
     match (names.next(), names.next()) {
         (None, _) => Err(ApiError::bad_request("name: missing")),
         (Some(_), Some(_)) => Err(ApiError::bad_request("name: given more than once")),
-        (Some((_, v)), None) => v.parse().map_err(|e| ApiError::bad_request(format!("name: {e}"))),
+        (Some((_, v)), None) => v
+            .parse()
+            .map_err(|e| ApiError::bad_request(format!("name: {e}"))),
     }
 }
 
@@ -202,11 +244,19 @@ async fn register(state: &ApiState, pairs: &[(String, String)]) -> Result<Respon
     Ok(Json(view).into_response())
 }
 
-async fn register_get(State(state): State<ApiState>, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+async fn register_get(
+    State(state): State<ApiState>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
     register(&state, &pairs(q.as_deref().unwrap_or(""))?).await
 }
 
-async fn register_post(State(state): State<ApiState>, RawQuery(q): RawQuery, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+async fn register_post(
+    State(state): State<ApiState>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let mut all = pairs(q.as_deref().unwrap_or(""))?;
     all.extend(body_pairs(&headers, &body)?);
     register(&state, &all).await
@@ -218,11 +268,19 @@ async fn unregister_by(state: &ApiState, pairs: &[(String, String)]) -> Result<R
     Ok(Json(json!({ "unregistered": view })).into_response())
 }
 
-async fn unregister(State(state): State<ApiState>, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+async fn unregister(
+    State(state): State<ApiState>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
     unregister_by(&state, &pairs(q.as_deref().unwrap_or(""))?).await
 }
 
-async fn unregister_post(State(state): State<ApiState>, RawQuery(q): RawQuery, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+async fn unregister_post(
+    State(state): State<ApiState>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let mut all = pairs(q.as_deref().unwrap_or(""))?;
     all.extend(body_pairs(&headers, &body)?);
     unregister_by(&state, &all).await
@@ -240,10 +298,18 @@ async fn apps(State(state): State<ApiState>) -> Result<Response, ApiError> {
     Ok(Json(state.lifecycle.apps().await?).into_response())
 }
 
-async fn app_by_name(State(state): State<ApiState>, Path(name): Path<String>) -> Result<Response, ApiError> {
-    let name: AppName = name.parse().map_err(|e| ApiError::bad_request(format!("name: {e}")))?;
+async fn app_by_name(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let name: AppName = name
+        .parse()
+        .map_err(|e| ApiError::bad_request(format!("name: {e}")))?;
     let apps = state.lifecycle.apps().await?;
-    let app = apps.into_iter().find(|a| a.name == name).ok_or_else(|| ApiError::from(LifecycleError::UnknownApp(name)))?;
+    let app = apps
+        .into_iter()
+        .find(|a| a.name == name)
+        .ok_or_else(|| ApiError::from(LifecycleError::UnknownApp(name)))?;
     Ok(Json(app).into_response())
 }
 
@@ -252,13 +318,25 @@ async fn routes(State(state): State<ApiState>) -> Json<Value> {
         .routes
         .borrow()
         .iter()
-        .map(|(prefix, r)| (prefix.to_string(), json!({ "app": r.app, "communities": r.communities })))
+        .map(|(prefix, r)| {
+            (
+                prefix.to_string(),
+                json!({ "app": r.app, "communities": r.communities }),
+            )
+        })
         .collect();
     Json(json!({ "routes": set }))
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render()).into_response()
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
 }
 
 /// The peers of a config as `/info` shows them before any session exists.
@@ -312,31 +390,54 @@ mod tests {
             cleanup_timer: Duration::from_secs(60),
             allow_http_exec: false,
             vip_allowlist: Vec::new(),
-            monitor: monitor::Settings { interval: Duration::from_millis(20), exec_timeout: Duration::from_secs(5) },
+            monitor: monitor::Settings {
+                interval: Duration::from_millis(20),
+                exec_timeout: Duration::from_secs(5),
+            },
         };
         let cancel = CancellationToken::new();
         let metrics = Metrics::default();
-        let running = lifecycle::spawn(settings, FakeHost::default(), Vec::new(), Store::new(dir.path().join("s.json")), metrics.clone(), cancel.clone());
+        let running = lifecycle::spawn(
+            settings,
+            FakeHost::default(),
+            Vec::new(),
+            Store::new(dir.path().join("s.json")),
+            metrics.clone(),
+            cancel.clone(),
+        );
         let state = ApiState {
             lifecycle: running.handle.clone(),
             routes: running.routes.clone(),
             metrics,
-            info: Arc::new(StaticInfo { version: "test", dataplane: crate::dataplane::DataplaneInfo::iptables() }),
+            info: Arc::new(StaticInfo {
+                version: "test",
+                dataplane: crate::dataplane::DataplaneInfo::iptables(),
+            }),
             peers: Arc::new(Vec::new()),
         };
-        Api { router: router(state), running, _dir: dir, _cancel: cancel }
+        Api {
+            router: router(state),
+            running,
+            _dir: dir,
+            _cancel: cancel,
+        }
     }
 
     async fn call(api: &Api, req: axum::http::Request<Body>) -> (StatusCode, Value) {
         let resp = api.router.clone().oneshot(req).await.unwrap();
         let status = resp.status();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
         (status, value)
     }
 
     async fn get(api: &Api, uri: &str) -> (StatusCode, Value) {
-        call(api, axum::http::Request::get(uri).body(Body::empty()).unwrap()).await
+        call(
+            api,
+            axum::http::Request::get(uri).body(Body::empty()).unwrap(),
+        )
+        .await
     }
 
     #[tokio::test]
@@ -347,12 +448,21 @@ mod tests {
         assert_eq!(body["name"], "web");
         assert_eq!(body["source"], "http");
         assert_eq!(body["monitors"].as_array().unwrap().len(), 2);
-        assert_eq!(body["nats"], serde_json::json!(["tcp:80:8080", "udp:53:53"]));
-        assert_eq!(body["communities"], serde_json::json!(["65000:1", "no-export"]));
+        assert_eq!(
+            body["nats"],
+            serde_json::json!(["tcp:80:8080", "udp:53:53"])
+        );
+        assert_eq!(
+            body["communities"],
+            serde_json::json!(["65000:1", "no-export"])
+        );
         let (_, apps) = get(&api, "/apps").await;
         assert_eq!(apps.as_array().unwrap().len(), 1);
         let (status, one) = get(&api, "/apps/web").await;
-        assert_eq!((status, &one["vip"]), (StatusCode::OK, &Value::from("192.0.2.10/32")));
+        assert_eq!(
+            (status, &one["vip"]),
+            (StatusCode::OK, &Value::from("192.0.2.10/32"))
+        );
     }
 
     #[tokio::test]
@@ -360,7 +470,9 @@ mod tests {
         let api = api();
         let form = axum::http::Request::post("/register")
             .header("content-type", "application/x-www-form-urlencoded")
-            .body(Body::from("name=a&vip=192.0.2.1%2F32&monitor=port%3Atcp%3A80"))
+            .body(Body::from(
+                "name=a&vip=192.0.2.1%2F32&monitor=port%3Atcp%3A80",
+            ))
             .unwrap();
         assert_eq!(call(&api, form).await.0, StatusCode::OK);
         let json = axum::http::Request::post("/register")
@@ -375,44 +487,143 @@ mod tests {
     #[tokio::test]
     async fn bad_requests_get_their_status_and_a_json_error_and_change_nothing() {
         let api = api();
-        assert_eq!(get(&api, "/register?name=web&vip=192.0.2.10/32&monitor=port:tcp:80").await.0, StatusCode::OK);
+        assert_eq!(
+            get(
+                &api,
+                "/register?name=web&vip=192.0.2.10/32&monitor=port:tcp:80"
+            )
+            .await
+            .0,
+            StatusCode::OK
+        );
         let before = get(&api, "/apps").await.1;
         let table: &[(&str, StatusCode, &str)] = &[
-            ("/register?vip=192.0.2.11/32", StatusCode::BAD_REQUEST, "name: missing"),
+            (
+                "/register?vip=192.0.2.11/32",
+                StatusCode::BAD_REQUEST,
+                "name: missing",
+            ),
             ("/register?name=x", StatusCode::BAD_REQUEST, "vip: missing"),
             ("/register", StatusCode::BAD_REQUEST, "name: missing"),
-            ("/register?name=x&vip=not-an-ip", StatusCode::BAD_REQUEST, "vip: invalid vip"),
-            ("/register?name=x&vip=192.0.2.11/33", StatusCode::BAD_REQUEST, "vip: invalid vip"),
-            ("/register?name=x&vip=127.0.0.1/32", StatusCode::BAD_REQUEST, "loopback"),
-            ("/register?name=x&vip=0.0.0.0/0", StatusCode::BAD_REQUEST, "default route"),
-            ("/register?name=x&vip=224.0.0.5/32", StatusCode::BAD_REQUEST, "multicast"),
-            ("/register?name=x&vip=169.254.0.1/32", StatusCode::BAD_REQUEST, "link-local"),
-            ("/register?name=x&vip=192.0.2.11/32&monitor=http:80", StatusCode::BAD_REQUEST, "monitor: invalid monitor"),
-            ("/register?name=x&vip=192.0.2.11/32&monitor=port:tcp:99999", StatusCode::BAD_REQUEST, "monitor"),
-            ("/register?name=x&vip=192.0.2.11/32&nat=tcp:80:0", StatusCode::BAD_REQUEST, "nat: invalid nat"),
-            ("/register?name=x&vip=192.0.2.11/32&nat=sctp:80", StatusCode::BAD_REQUEST, "nat"),
-            ("/register?name=x&vip=192.0.2.11/32&vip_communities=65536:1", StatusCode::BAD_REQUEST, "vip_communities"),
-            ("/register?name=x&vip=192.0.2.11/32&vip_communities=a:b", StatusCode::BAD_REQUEST, "vip_communities"),
-            ("/register?name=x&vip=192.0.2.11/32&bogus=1", StatusCode::BAD_REQUEST, "bogus: unknown parameter"),
-            ("/register?name=bad%20name&vip=192.0.2.11/32", StatusCode::BAD_REQUEST, "name: invalid app name"),
-            ("/register?name=x&name=y&vip=192.0.2.11/32", StatusCode::BAD_REQUEST, "more than once"),
-            ("/register?name=other&vip=192.0.2.10/32", StatusCode::CONFLICT, "already used by app web"),
-            ("/register?name=x&vip=192.0.2.11/32&monitor=exec:true", StatusCode::FORBIDDEN, "allow_http_exec"),
-            ("/unregister?name=nope", StatusCode::NOT_FOUND, "not registered"),
+            (
+                "/register?name=x&vip=not-an-ip",
+                StatusCode::BAD_REQUEST,
+                "vip: invalid vip",
+            ),
+            (
+                "/register?name=x&vip=192.0.2.11/33",
+                StatusCode::BAD_REQUEST,
+                "vip: invalid vip",
+            ),
+            (
+                "/register?name=x&vip=127.0.0.1/32",
+                StatusCode::BAD_REQUEST,
+                "loopback",
+            ),
+            (
+                "/register?name=x&vip=0.0.0.0/0",
+                StatusCode::BAD_REQUEST,
+                "default route",
+            ),
+            (
+                "/register?name=x&vip=224.0.0.5/32",
+                StatusCode::BAD_REQUEST,
+                "multicast",
+            ),
+            (
+                "/register?name=x&vip=169.254.0.1/32",
+                StatusCode::BAD_REQUEST,
+                "link-local",
+            ),
+            (
+                "/register?name=x&vip=192.0.2.11/32&monitor=http:80",
+                StatusCode::BAD_REQUEST,
+                "monitor: invalid monitor",
+            ),
+            (
+                "/register?name=x&vip=192.0.2.11/32&monitor=port:tcp:99999",
+                StatusCode::BAD_REQUEST,
+                "monitor",
+            ),
+            (
+                "/register?name=x&vip=192.0.2.11/32&nat=tcp:80:0",
+                StatusCode::BAD_REQUEST,
+                "nat: invalid nat",
+            ),
+            (
+                "/register?name=x&vip=192.0.2.11/32&nat=sctp:80",
+                StatusCode::BAD_REQUEST,
+                "nat",
+            ),
+            (
+                "/register?name=x&vip=192.0.2.11/32&vip_communities=65536:1",
+                StatusCode::BAD_REQUEST,
+                "vip_communities",
+            ),
+            (
+                "/register?name=x&vip=192.0.2.11/32&vip_communities=a:b",
+                StatusCode::BAD_REQUEST,
+                "vip_communities",
+            ),
+            (
+                "/register?name=x&vip=192.0.2.11/32&bogus=1",
+                StatusCode::BAD_REQUEST,
+                "bogus: unknown parameter",
+            ),
+            (
+                "/register?name=bad%20name&vip=192.0.2.11/32",
+                StatusCode::BAD_REQUEST,
+                "name: invalid app name",
+            ),
+            (
+                "/register?name=x&name=y&vip=192.0.2.11/32",
+                StatusCode::BAD_REQUEST,
+                "more than once",
+            ),
+            (
+                "/register?name=other&vip=192.0.2.10/32",
+                StatusCode::CONFLICT,
+                "already used by app web",
+            ),
+            (
+                "/register?name=x&vip=192.0.2.11/32&monitor=exec:true",
+                StatusCode::FORBIDDEN,
+                "allow_http_exec",
+            ),
+            (
+                "/unregister?name=nope",
+                StatusCode::NOT_FOUND,
+                "not registered",
+            ),
             ("/unregister", StatusCode::BAD_REQUEST, "name: missing"),
-            ("/unregister?name=a/b", StatusCode::BAD_REQUEST, "invalid app name"),
+            (
+                "/unregister?name=a/b",
+                StatusCode::BAD_REQUEST,
+                "invalid app name",
+            ),
             ("/apps/nope", StatusCode::NOT_FOUND, "not registered"),
         ];
         for (uri, status, needle) in table {
             let (got, body) = get(&api, uri).await;
             assert_eq!(got, *status, "{uri}: {body}");
-            let message = body["error"].as_str().unwrap_or_else(|| panic!("{uri}: no JSON error: {body}"));
-            assert!(message.contains(needle), "{uri}: {message:?} lacks {needle:?}");
+            let message = body["error"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{uri}: no JSON error: {body}"));
+            assert!(
+                message.contains(needle),
+                "{uri}: {message:?} lacks {needle:?}"
+            );
         }
-        let bad_json = axum::http::Request::post("/register").header("content-type", "application/json").body(Body::from("{nope")).unwrap();
+        let bad_json = axum::http::Request::post("/register")
+            .header("content-type", "application/json")
+            .body(Body::from("{nope"))
+            .unwrap();
         assert_eq!(call(&api, bad_json).await.0, StatusCode::BAD_REQUEST);
         let after = get(&api, "/apps").await.1;
-        assert_eq!(before.as_array().unwrap().len(), after.as_array().unwrap().len());
+        assert_eq!(
+            before.as_array().unwrap().len(),
+            after.as_array().unwrap().len()
+        );
         assert_eq!(before[0]["name"], after[0]["name"]);
         assert_eq!(before[0]["vip"], after[0]["vip"]);
     }
@@ -444,7 +655,10 @@ mod tests {
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(body["unregistered"]["name"], "web");
         assert_eq!(get(&api, "/apps").await.1, serde_json::json!([]));
-        assert_eq!(get(&api, "/routes").await.1, serde_json::json!({"routes": {}}));
+        assert_eq!(
+            get(&api, "/routes").await.1,
+            serde_json::json!({"routes": {}})
+        );
     }
 
     #[tokio::test]
@@ -458,6 +672,9 @@ mod tests {
         get(&api, "/register?name=web&vip=192.0.2.10/32").await;
         let (status, text) = get(&api, "/metrics").await;
         assert_eq!(status, StatusCode::OK);
-        assert!(text.as_str().unwrap().contains("gocast_app_healthy"), "{text}");
+        assert!(
+            text.as_str().unwrap().contains("gocast_app_healthy"),
+            "{text}"
+        );
     }
 }

@@ -158,13 +158,20 @@ impl FromStr for Vip {
     type Err = ParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = |reason| ParseError::Vip { value: s.to_owned(), reason };
+        let err = |reason| ParseError::Vip {
+            value: s.to_owned(),
+            reason,
+        };
         let net: IpNet = match s.parse() {
             Ok(net) => net,
             // A bare address means a host route, as `ip address add` reads it.
             Err(_) => match s.parse::<IpAddr>() {
                 Ok(addr) => IpNet::from(addr),
-                Err(_) => return Err(err("expected address/length, e.g. 192.0.2.10/32 or 2001:db8::10/128")),
+                Err(_) => {
+                    return Err(err(
+                        "expected address/length, e.g. 192.0.2.10/32 or 2001:db8::10/128",
+                    ));
+                }
             },
         };
         match Self::refusal(net) {
@@ -244,19 +251,25 @@ impl FromStr for Monitor {
     type Err = ParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = |reason| ParseError::Monitor { value: s.to_owned(), reason };
+        let err = |reason| ParseError::Monitor {
+            value: s.to_owned(),
+            reason,
+        };
         let (kind, rest) = s.split_once(':').unwrap_or((s, ""));
         match kind {
             "port" => {
                 let (proto, port) = rest
                     .split_once(':')
                     .ok_or_else(|| err("expected port:tcp:N or port:udp:N"))?;
-                let proto = Proto::parse(proto).ok_or_else(|| err("protocol must be tcp or udp"))?;
+                let proto =
+                    Proto::parse(proto).ok_or_else(|| err("protocol must be tcp or udp"))?;
                 let port = parse_port(port).ok_or_else(|| err("port must be 1-65535"))?;
                 Ok(Self::Port { proto, port })
             }
             "exec" if rest.trim().is_empty() => Err(err("exec needs a command: exec:CMD")),
-            "exec" => Ok(Self::Exec { command: rest.to_owned() }),
+            "exec" => Ok(Self::Exec {
+                command: rest.to_owned(),
+            }),
             "consul" if s == "consul" => Ok(Self::Consul),
             _ => Err(err("expected port:tcp:N, port:udp:N, exec:CMD or consul")),
         }
@@ -287,12 +300,18 @@ impl FromStr for NatRule {
     type Err = ParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = |reason| ParseError::Nat { value: s.to_owned(), reason };
+        let err = |reason| ParseError::Nat {
+            value: s.to_owned(),
+            reason,
+        };
         let mut parts = s.split(':');
         let proto = parts.next().and_then(Proto::parse).ok_or_else(|| {
             err("expected tcp:LISTEN:DEST, udp:LISTEN:DEST, tcp:PORT or udp:PORT")
         })?;
-        let listen = parts.next().and_then(parse_port).ok_or_else(|| err("listen port must be 1-65535"))?;
+        let listen = parts
+            .next()
+            .and_then(parse_port)
+            .ok_or_else(|| err("listen port must be 1-65535"))?;
         let dest = match parts.next() {
             None => listen,
             Some(d) => parse_port(d).ok_or_else(|| err("destination port must be 1-65535"))?,
@@ -300,7 +319,11 @@ impl FromStr for NatRule {
         if parts.next().is_some() {
             return Err(err("too many fields: expected proto:listen:dest"));
         }
-        Ok(Self { proto, listen, dest })
+        Ok(Self {
+            proto,
+            listen,
+            dest,
+        })
     }
 }
 
@@ -397,7 +420,11 @@ pub struct AppSpec {
 
 /// Parses a comma list of communities, as in `vip_communities=a:b,c:d`; blanks are skipped.
 pub fn parse_community_list(s: &str) -> Result<Vec<Community>, ParseError> {
-    s.split(',').map(str::trim).filter(|c| !c.is_empty()).map(str::parse).collect()
+    s.split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(str::parse)
+        .collect()
 }
 
 /// An IPv6 address is usable as a NAT destination only if it is not link-local (iptables
@@ -405,7 +432,12 @@ pub fn parse_community_list(s: &str) -> Result<Vec<Community>, ParseError> {
 pub fn nat_dest_usable(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(a) => !a.is_unspecified() && !a.is_multicast(),
-        IpAddr::V6(a) => !a.is_unspecified() && !a.is_multicast() && !a.is_unicast_link_local() && a != Ipv6Addr::LOCALHOST,
+        IpAddr::V6(a) => {
+            !a.is_unspecified()
+                && !a.is_multicast()
+                && !a.is_unicast_link_local()
+                && a != Ipv6Addr::LOCALHOST
+        }
     }
 }
 
@@ -429,7 +461,13 @@ mod tests {
         assert_eq!(a.lo_label().len(), 15);
         assert!(a.lo_label().starts_with("lo:fron~"));
         // Pinned: a label must survive upgrades.
-        assert_eq!(a.lo_label(), format!("lo:fron~{:07x}", fnv1a64(b"frontend-service-a") & 0x0fff_ffff));
+        assert_eq!(
+            a.lo_label(),
+            format!(
+                "lo:fron~{:07x}",
+                fnv1a64(b"frontend-service-a") & 0x0fff_ffff
+            )
+        );
         let short: AppName = "thirteen-char".parse().unwrap();
         assert_eq!(short.lo_label().len(), 15);
     }
@@ -444,10 +482,22 @@ mod tests {
 
     #[test]
     fn vips_parse_v4_v6_and_bare_addresses() {
-        assert_eq!("192.0.2.10/32".parse::<Vip>().unwrap().to_string(), "192.0.2.10/32");
-        assert_eq!("192.0.2.10".parse::<Vip>().unwrap().to_string(), "192.0.2.10/32");
-        assert_eq!("2001:db8::10/128".parse::<Vip>().unwrap().to_string(), "2001:db8::10/128");
-        assert_eq!("192.0.2.10/24".parse::<Vip>().unwrap().prefix().to_string(), "192.0.2.0/24");
+        assert_eq!(
+            "192.0.2.10/32".parse::<Vip>().unwrap().to_string(),
+            "192.0.2.10/32"
+        );
+        assert_eq!(
+            "192.0.2.10".parse::<Vip>().unwrap().to_string(),
+            "192.0.2.10/32"
+        );
+        assert_eq!(
+            "2001:db8::10/128".parse::<Vip>().unwrap().to_string(),
+            "2001:db8::10/128"
+        );
+        assert_eq!(
+            "192.0.2.10/24".parse::<Vip>().unwrap().prefix().to_string(),
+            "192.0.2.0/24"
+        );
     }
 
     #[test]
@@ -480,33 +530,92 @@ mod tests {
 
     #[test]
     fn exec_monitor_keeps_colons_in_the_command() {
-        let m: Monitor = "exec:curl -sf http://127.0.0.1:8080/health".parse().unwrap();
-        assert_eq!(m, Monitor::Exec { command: "curl -sf http://127.0.0.1:8080/health".into() });
+        let m: Monitor = "exec:curl -sf http://127.0.0.1:8080/health"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            m,
+            Monitor::Exec {
+                command: "curl -sf http://127.0.0.1:8080/health".into()
+            }
+        );
     }
 
     #[test]
     fn unknown_or_malformed_monitors_are_refused() {
-        for bad in ["port:tcp", "port:sctp:80", "port:tcp:0", "port:tcp:70000", "exec:", "exec:  ", "http:80", "consul:x", ""] {
+        for bad in [
+            "port:tcp",
+            "port:sctp:80",
+            "port:tcp:0",
+            "port:tcp:70000",
+            "exec:",
+            "exec:  ",
+            "http:80",
+            "consul:x",
+            "",
+        ] {
             assert!(bad.parse::<Monitor>().is_err(), "{bad:?}");
         }
     }
 
     #[test]
     fn nat_rules_take_two_or_three_fields() {
-        assert_eq!("tcp:80:8080".parse::<NatRule>().unwrap(), NatRule { proto: Proto::Tcp, listen: 80, dest: 8080 });
-        assert_eq!("udp:53".parse::<NatRule>().unwrap(), NatRule { proto: Proto::Udp, listen: 53, dest: 53 });
-        for bad in ["tcp", "icmp:1:2", "tcp:0:80", "tcp:80:0", "tcp:80:90:100", "tcp:x:80", ""] {
+        assert_eq!(
+            "tcp:80:8080".parse::<NatRule>().unwrap(),
+            NatRule {
+                proto: Proto::Tcp,
+                listen: 80,
+                dest: 8080
+            }
+        );
+        assert_eq!(
+            "udp:53".parse::<NatRule>().unwrap(),
+            NatRule {
+                proto: Proto::Udp,
+                listen: 53,
+                dest: 53
+            }
+        );
+        for bad in [
+            "tcp",
+            "icmp:1:2",
+            "tcp:0:80",
+            "tcp:80:0",
+            "tcp:80:90:100",
+            "tcp:x:80",
+            "",
+        ] {
             assert!(bad.parse::<NatRule>().is_err(), "{bad:?}");
         }
     }
 
     #[test]
     fn communities_standard_large_and_well_known() {
-        assert_eq!("65000:100".parse::<Community>().unwrap(), Community::Standard(65000 << 16 | 100));
-        assert_eq!("4200000000:1:2".parse::<Community>().unwrap(), Community::Large(4_200_000_000, 1, 2));
-        assert_eq!("no-export".parse::<Community>().unwrap(), Community::Standard(0xFFFF_FF01));
-        assert_eq!("65535:0".parse::<Community>().unwrap().to_string(), "graceful-shutdown");
-        for bad in ["65536:1", "1:65536", "a:b", "1", "1:2:3:4", "no_export", "-1:2"] {
+        assert_eq!(
+            "65000:100".parse::<Community>().unwrap(),
+            Community::Standard(65000 << 16 | 100)
+        );
+        assert_eq!(
+            "4200000000:1:2".parse::<Community>().unwrap(),
+            Community::Large(4_200_000_000, 1, 2)
+        );
+        assert_eq!(
+            "no-export".parse::<Community>().unwrap(),
+            Community::Standard(0xFFFF_FF01)
+        );
+        assert_eq!(
+            "65535:0".parse::<Community>().unwrap().to_string(),
+            "graceful-shutdown"
+        );
+        for bad in [
+            "65536:1",
+            "1:65536",
+            "a:b",
+            "1",
+            "1:2:3:4",
+            "no_export",
+            "-1:2",
+        ] {
             assert!(bad.parse::<Community>().is_err(), "{bad:?}");
         }
     }

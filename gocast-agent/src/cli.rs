@@ -13,12 +13,16 @@ use serde_json::Value;
 pub const DEFAULT_CONFIG: &str = "/etc/gocast/config.yaml";
 
 #[derive(Debug, Parser)]
-#[command(name = "gocast", version, about = "Anycast host agent: health checks, VIPs on lo, BGP announcements")]
+#[command(
+    name = "gocast",
+    version,
+    about = "Anycast host agent: health checks, VIPs on lo, BGP announcements"
+)]
 pub struct Cli {
     /// Log output format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// Log filter (tracing EnvFilter syntax, e.g. `info` or `gocast=debug`); `RUST_LOG` also works.
+    /// Log filter (tracing `EnvFilter` syntax, e.g. `info` or `gocast=debug`); `RUST_LOG` also works.
     #[arg(long, global = true)]
     pub log_level: Option<String>,
     #[command(subcommand)]
@@ -55,7 +59,14 @@ pub enum Command {
 }
 
 /// glog flags GoCast accepted; they have no meaning here and are dropped.
-const GLOG_FLAGS: [&str; 6] = ["logtostderr", "alsologtostderr", "v", "stderrthreshold", "log_dir", "vmodule"];
+const GLOG_FLAGS: [&str; 6] = [
+    "logtostderr",
+    "alsologtostderr",
+    "v",
+    "stderrthreshold",
+    "log_dir",
+    "vmodule",
+];
 const SUBCOMMANDS: [&str; 4] = ["run", "check-config", "status", "help"];
 
 /// Rewrites GoCast-style arguments (`-config F`, `-config=F`, glog flags) into ours.
@@ -65,7 +76,11 @@ pub fn normalize(args: Vec<OsString>) -> Vec<OsString> {
     let mut out: Vec<OsString> = iter.next().into_iter().collect();
     let rest: Vec<OsString> = iter.collect();
     // A subcommand anywhere means our own syntax (global flags may come before it).
-    let ours = rest.iter().any(|a| a.to_str().is_some_and(|a| SUBCOMMANDS.contains(&a) || matches!(a, "--version" | "-V" | "--help" | "-h")));
+    let ours = rest.iter().any(|a| {
+        a.to_str().is_some_and(|a| {
+            SUBCOMMANDS.contains(&a) || matches!(a, "--version" | "-V" | "--help" | "-h")
+        })
+    });
     if ours {
         out.extend(rest);
         return out;
@@ -108,21 +123,41 @@ pub fn render_status(info: &Value, apps: &Value) -> String {
         Value::Null => "-".into(),
         other => other.to_string(),
     };
-    let mut out = format!("gocast {} (dataplane: {})\n", text(&info["version"]), text(&info["dataplane"]["mode"]));
-    let mut peers = vec![["PEER".to_owned(), "AS".into(), "STATE".into(), "UPTIME".into(), "PREFIXES".into(), "LAST ERROR".into()]];
+    let mut out = format!(
+        "gocast {} (dataplane: {})\n",
+        text(&info["version"]),
+        text(&info["dataplane"]["mode"])
+    );
+    let mut peers = vec![[
+        "PEER".to_owned(),
+        "AS".into(),
+        "STATE".into(),
+        "UPTIME".into(),
+        "PREFIXES".into(),
+        "LAST ERROR".into(),
+    ]];
     for p in info["peers"].as_array().into_iter().flatten() {
         peers.push([
             p["address"].as_str().unwrap_or("(autodiscover)").to_owned(),
             text(&p["asn"]),
             text(&p["state"]),
-            p["uptime_s"].as_u64().map_or_else(|| "-".into(), |s| format!("{s}s")),
+            p["uptime_s"]
+                .as_u64()
+                .map_or_else(|| "-".into(), |s| format!("{s}s")),
             text(&p["prefixes_advertised"]),
             text(&p["last_error"]),
         ]);
     }
     out += &table(&peers);
     out.push('\n');
-    let mut rows = vec![["APP".to_owned(), "VIP".into(), "SOURCE".into(), "STATE".into(), "ANNOUNCED".into(), "MONITORS".into()]];
+    let mut rows = vec![[
+        "APP".to_owned(),
+        "VIP".into(),
+        "SOURCE".into(),
+        "STATE".into(),
+        "ANNOUNCED".into(),
+        "MONITORS".into(),
+    ]];
     for a in apps.as_array().into_iter().flatten() {
         let monitors: Vec<String> = a["monitors"]
             .as_array()
@@ -142,8 +177,17 @@ pub fn render_status(info: &Value, apps: &Value) -> String {
             text(&a["vip"]),
             text(&a["source"]),
             text(&a["state"]),
-            if a["announced"].as_bool() == Some(true) { "yes" } else { "no" }.into(),
-            if monitors.is_empty() { "-".into() } else { monitors.join(", ") },
+            if a["announced"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "no"
+            }
+            .into(),
+            if monitors.is_empty() {
+                "-".into()
+            } else {
+                monitors.join(", ")
+            },
         ]);
     }
     out += &table(&rows);
@@ -160,7 +204,11 @@ fn table<const N: usize>(rows: &[[String; N]]) -> String {
     }
     let mut out = String::new();
     for row in rows {
-        let line: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         out += line.join("  ").trim_end();
         out.push('\n');
     }
@@ -172,37 +220,72 @@ mod tests {
     use super::*;
 
     fn norm(args: &[&str]) -> Vec<String> {
-        normalize(args.iter().map(OsString::from).collect()).into_iter().map(|a| a.into_string().unwrap()).collect()
+        normalize(args.iter().map(OsString::from).collect())
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect()
     }
 
     #[test]
     fn gocast_single_dash_config_becomes_run() {
-        assert_eq!(norm(&["gocast", "-config", "c.yaml"]), ["gocast", "run", "--config", "c.yaml"]);
-        assert_eq!(norm(&["gocast", "-config=c.yaml"]), ["gocast", "run", "--config", "c.yaml"]);
-        assert_eq!(norm(&["gocast", "--config", "c.yaml"]), ["gocast", "run", "--config", "c.yaml"]);
+        assert_eq!(
+            norm(&["gocast", "-config", "c.yaml"]),
+            ["gocast", "run", "--config", "c.yaml"]
+        );
+        assert_eq!(
+            norm(&["gocast", "-config=c.yaml"]),
+            ["gocast", "run", "--config", "c.yaml"]
+        );
+        assert_eq!(
+            norm(&["gocast", "--config", "c.yaml"]),
+            ["gocast", "run", "--config", "c.yaml"]
+        );
     }
 
     #[test]
     fn glog_flags_from_gocast_unit_files_are_dropped() {
         assert_eq!(
-            norm(&["gocast", "-config=/c.yaml", "-logtostderr", "-v", "2", "-alsologtostderr=true"]),
+            norm(&[
+                "gocast",
+                "-config=/c.yaml",
+                "-logtostderr",
+                "-v",
+                "2",
+                "-alsologtostderr=true"
+            ]),
             ["gocast", "run", "--config", "/c.yaml"]
         );
     }
 
     #[test]
     fn our_own_subcommands_pass_through() {
-        assert_eq!(norm(&["gocast", "run", "--config", "c"]), ["gocast", "run", "--config", "c"]);
+        assert_eq!(
+            norm(&["gocast", "run", "--config", "c"]),
+            ["gocast", "run", "--config", "c"]
+        );
         assert_eq!(norm(&["gocast", "--version"]), ["gocast", "--version"]);
-        assert_eq!(norm(&["gocast", "--log-format", "json", "run"]), ["gocast", "--log-format", "json", "run"]);
-        assert_eq!(norm(&["gocast", "check-config", "--config", "c"]), ["gocast", "check-config", "--config", "c"]);
+        assert_eq!(
+            norm(&["gocast", "--log-format", "json", "run"]),
+            ["gocast", "--log-format", "json", "run"]
+        );
+        assert_eq!(
+            norm(&["gocast", "check-config", "--config", "c"]),
+            ["gocast", "check-config", "--config", "c"]
+        );
     }
 
     #[test]
     fn normalized_gocast_arguments_parse() {
-        let cli = Cli::try_parse_from(normalize(["gocast", "-config", "x.yaml", "-log-format", "json"].map(OsString::from).to_vec())).unwrap();
+        let cli = Cli::try_parse_from(normalize(
+            ["gocast", "-config", "x.yaml", "-log-format", "json"]
+                .map(OsString::from)
+                .to_vec(),
+        ))
+        .unwrap();
         assert_eq!(cli.log_format, LogFormat::Json);
-        assert!(matches!(cli.command, Command::Run { config } if config == PathBuf::from("x.yaml")));
+        assert!(
+            matches!(cli.command, Command::Run { config } if config.as_path() == std::path::Path::new("x.yaml"))
+        );
     }
 
     #[test]
@@ -211,6 +294,9 @@ mod tests {
         let apps = serde_json::json!([{"name": "web", "vip": "192.0.2.10/32", "source": "http", "state": "healthy", "announced": true, "monitors": [{"monitor": "port:tcp:80", "ok": true}]}]);
         let out = render_status(&info, &apps);
         assert!(out.contains("198.18.0.2  65000  Established  12s"), "{out}");
-        assert!(out.contains("web  192.0.2.10/32  http    healthy  yes        port:tcp:80 ok"), "{out}");
+        assert!(
+            out.contains("web  192.0.2.10/32  http    healthy  yes        port:tcp:80 ok"),
+            "{out}"
+        );
     }
 }

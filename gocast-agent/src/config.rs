@@ -22,8 +22,8 @@ use crate::app::{AppName, AppSpec, Community, Monitor, NatRule, Vip};
 /// Defaults, as GoCast has them where it has them.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_MONITOR_INTERVAL: Duration = Duration::from_secs(10);
-pub const DEFAULT_CLEANUP_TIMER: Duration = Duration::from_secs(15 * 60);
-pub const DEFAULT_CONSUL_QUERY_INTERVAL: Duration = Duration::from_secs(5 * 60);
+pub const DEFAULT_CLEANUP_TIMER: Duration = Duration::from_mins(15);
+pub const DEFAULT_CONSUL_QUERY_INTERVAL: Duration = Duration::from_mins(5);
 pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_STATE_FILE: &str = "/var/lib/gocast/state.json";
 pub const DEFAULT_HOLD_TIME: Duration = Duration::from_secs(90);
@@ -38,13 +38,17 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    /// Syntax, unknown keys, wrong types and bad values caught while parsing: serde_yaml's
+    /// Syntax, unknown keys, wrong types and bad values caught while parsing: `serde_yaml`'s
     /// message carries the key path and the line.
     #[error("{path}: {message}")]
     Yaml { path: String, message: String },
     /// Rules that span several keys, checked after parsing.
     #[error("{path}: {key}: {message}")]
-    Invalid { path: String, key: String, message: String },
+    Invalid {
+        path: String,
+        key: String,
+        message: String,
+    },
 }
 
 /// The whole agent configuration.
@@ -100,11 +104,15 @@ impl FromStr for ListenAddr {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || format!("invalid listen address {s:?}: expected host:port, [v6]:port or :port");
+        let bad =
+            || format!("invalid listen address {s:?}: expected host:port, [v6]:port or :port");
         if let Some(port) = s.strip_prefix(':') {
             let port = port.parse::<u16>().map_err(|_| bad())?;
             let addr = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port);
-            return Ok(Self { addr, all_interfaces: true });
+            return Ok(Self {
+                addr,
+                all_interfaces: true,
+            });
         }
         let addr = match s.rsplit_once(':') {
             Some(("localhost", port)) => {
@@ -112,7 +120,10 @@ impl FromStr for ListenAddr {
             }
             _ => s.parse::<SocketAddr>().map_err(|_| bad())?,
         };
-        Ok(Self { addr, all_interfaces: addr.ip().is_unspecified() })
+        Ok(Self {
+            addr,
+            all_interfaces: addr.ip().is_unspecified(),
+        })
     }
 }
 
@@ -183,8 +194,10 @@ impl<'de> Deserialize<'de> for Origin {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::parse(&text, &path.display().to_string())
     }
 
@@ -198,11 +211,12 @@ impl Config {
                 message: e.to_string(),
             })?
         };
-        raw.into_config().map_err(|(key, message)| ConfigError::Invalid {
-            path: origin.to_owned(),
-            key,
-            message,
-        })
+        raw.into_config()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                path: origin.to_owned(),
+                key,
+                message,
+            })
     }
 }
 
@@ -257,7 +271,8 @@ impl<'de> Deserialize<'de> for RawBgp {
                 f.write_str("a bgp block or a list of bgp blocks")
             }
             fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<RawBgp, A::Error> {
-                RawBgpBlock::deserialize(de::value::MapAccessDeserializer::new(map)).map(RawBgp::Block)
+                RawBgpBlock::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(RawBgp::Block)
             }
             fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<RawBgp, A::Error> {
                 Vec::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(RawBgp::List)
@@ -338,13 +353,18 @@ impl RawConfig {
         let agent = self.agent.into_agent()?;
         let bgp = match self.bgp {
             None => BgpConfig::default(),
-            Some(RawBgp::Block(block)) => BgpConfig { peers: block.into_peers("bgp")? },
+            Some(RawBgp::Block(block)) => BgpConfig {
+                peers: block.into_peers("bgp")?,
+            },
             Some(RawBgp::List(blocks)) => {
                 let mut peers = Vec::new();
                 for (i, block) in blocks.into_iter().enumerate() {
                     let key = format!("bgp[{i}]");
                     if block.peers.is_some() {
-                        return Err(invalid(key, "a list entry is one peer: peers: is not allowed here"));
+                        return Err(invalid(
+                            key,
+                            "a list entry is one peer: peers: is not allowed here",
+                        ));
                     }
                     peers.extend(block.into_peers(&key)?);
                 }
@@ -356,7 +376,9 @@ impl RawConfig {
                 .iter()
                 .any(|q| q.peer_ip == p.peer_ip && q.peer_port == p.peer_port);
             if twin {
-                let who = p.peer_ip.map_or_else(|| "autodiscovered peer".to_owned(), |ip| ip.to_string());
+                let who = p
+                    .peer_ip
+                    .map_or_else(|| "autodiscovered peer".to_owned(), |ip| ip.to_string());
                 return Err(invalid("bgp", format!("peer {who} is configured twice")));
             }
         }
@@ -368,7 +390,10 @@ impl RawConfig {
             .collect::<Result<Vec<_>, _>>()?;
         for (i, app) in apps.iter().enumerate() {
             if let Some(prev) = apps[..i].iter().find(|a| a.name == app.name) {
-                return Err(invalid(format!("apps[{i}].name"), format!("app {} is defined twice", prev.name)));
+                return Err(invalid(
+                    format!("apps[{i}].name"),
+                    format!("app {} is defined twice", prev.name),
+                ));
             }
             if let Some(prev) = apps[..i].iter().find(|a| a.vip.addr() == app.vip.addr()) {
                 return Err(invalid(
@@ -376,10 +401,17 @@ impl RawConfig {
                     format!("vip {} is already used by app {}", app.vip, prev.name),
                 ));
             }
-            if let Some(prev) = apps[..i].iter().find(|a| a.name.lo_label() == app.name.lo_label()) {
+            if let Some(prev) = apps[..i]
+                .iter()
+                .find(|a| a.name.lo_label() == app.name.lo_label())
+            {
                 return Err(invalid(
                     format!("apps[{i}].name"),
-                    format!("label {} collides with app {}; rename one", app.name.lo_label(), prev.name),
+                    format!(
+                        "label {} collides with app {}; rename one",
+                        app.name.lo_label(),
+                        prev.name
+                    ),
                 ));
             }
         }
@@ -396,7 +428,9 @@ impl RawAgent {
             .parse::<ListenAddr>()
             .map_err(|m| invalid("agent.listen_addr", m))?;
         let positive = |key: &str, d: Option<Duration>, default: Duration| match d {
-            Some(d) if d.is_zero() => Err(invalid(format!("agent.{key}"), "must be greater than zero")),
+            Some(d) if d.is_zero() => {
+                Err(invalid(format!("agent.{key}"), "must be greater than zero"))
+            }
             Some(d) => Ok(d),
             None => Ok(default),
         };
@@ -410,7 +444,9 @@ impl RawAgent {
                 if !(addr.starts_with("http://") || addr.starts_with("https://")) {
                     return Err(invalid(
                         "agent.consul_addr",
-                        format!("{addr:?} must start with http:// or https:// (e.g. http://127.0.0.1:8500/v1)"),
+                        format!(
+                            "{addr:?} must start with http:// or https:// (e.g. http://127.0.0.1:8500/v1)"
+                        ),
                     ));
                 }
                 Some(ConsulConfig {
@@ -424,20 +460,29 @@ impl RawAgent {
                 })
             }
         };
-        if let Some(ip) = self.nat_dest_ip {
-            if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() {
-                return Err(invalid("agent.nat_dest_ip", format!("{ip} cannot be a NAT destination")));
-            }
+        if let Some(ip) = self.nat_dest_ip
+            && (ip.is_unspecified() || ip.is_multicast() || ip.is_loopback())
+        {
+            return Err(invalid(
+                "agent.nat_dest_ip",
+                format!("{ip} cannot be a NAT destination"),
+            ));
         }
         Ok(AgentConfig {
             listen_addr,
-            monitor_interval: positive("monitor_interval", self.monitor_interval, DEFAULT_MONITOR_INTERVAL)?,
+            monitor_interval: positive(
+                "monitor_interval",
+                self.monitor_interval,
+                DEFAULT_MONITOR_INTERVAL,
+            )?,
             cleanup_timer: self.cleanup_timer.unwrap_or(DEFAULT_CLEANUP_TIMER),
             consul,
             monitor_rise: at_least_one("monitor_rise", self.monitor_rise)?,
             monitor_fall: at_least_one("monitor_fall", self.monitor_fall)?,
             exec_timeout: positive("exec_timeout", self.exec_timeout, DEFAULT_EXEC_TIMEOUT)?,
-            state_file: self.state_file.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_FILE)),
+            state_file: self
+                .state_file
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_FILE)),
             allow_http_exec: self.allow_http_exec.unwrap_or(false),
             vip_allowlist: self.vip_allowlist.unwrap_or_default(),
             nat_dest_ip: self.nat_dest_ip,
@@ -466,21 +511,38 @@ impl RawBgpBlock {
         let build = |peer: &RawPeerKeys, key: &str| -> Result<PeerConfig, Invalid> {
             let peer_as = match (peer.peer_as, peer.remote_as) {
                 (Some(a), Some(b)) if a != b => {
-                    return Err(invalid(key, format!("peer_as {a} and remote_as {b} disagree")));
+                    return Err(invalid(
+                        key,
+                        format!("peer_as {a} and remote_as {b} disagree"),
+                    ));
                 }
                 (Some(a), _) | (None, Some(a)) => a,
-                (None, None) => return Err(invalid(format!("{key}.peer_as"), "is required (or remote_as)")),
+                (None, None) => {
+                    return Err(invalid(
+                        format!("{key}.peer_as"),
+                        "is required (or remote_as)",
+                    ));
+                }
             };
-            let hold_time = peer.hold_time.or(defaults.hold_time).unwrap_or(DEFAULT_HOLD_TIME);
+            let hold_time = peer
+                .hold_time
+                .or(defaults.hold_time)
+                .unwrap_or(DEFAULT_HOLD_TIME);
             if hold_time != Duration::ZERO && hold_time < Duration::from_secs(3) {
-                return Err(invalid(format!("{key}.hold_time"), "must be 0 or at least 3s (RFC 4271)"));
+                return Err(invalid(
+                    format!("{key}.hold_time"),
+                    "must be 0 or at least 3s (RFC 4271)",
+                ));
             }
             let local_ip = peer.local_ip.or(defaults.local_ip);
             let peer_ip = peer.peer_ip;
-            if let (Some(l), Some(p)) = (local_ip, peer_ip) {
-                if l.is_ipv4() != p.is_ipv4() {
-                    return Err(invalid(format!("{key}.local_ip"), format!("{l} and peer {p} are of different families")));
-                }
+            if let (Some(l), Some(p)) = (local_ip, peer_ip)
+                && l.is_ipv4() != p.is_ipv4()
+            {
+                return Err(invalid(
+                    format!("{key}.local_ip"),
+                    format!("{l} and peer {p} are of different families"),
+                ));
             }
             Ok(PeerConfig {
                 local_as,
@@ -499,7 +561,10 @@ impl RawBgpBlock {
         match &self.peers {
             None => Ok(vec![build(defaults, key)?]),
             Some(peers) => {
-                if defaults.peer_ip.is_some() || defaults.peer_as.is_some() || defaults.remote_as.is_some() {
+                if defaults.peer_ip.is_some()
+                    || defaults.peer_as.is_some()
+                    || defaults.remote_as.is_some()
+                {
                     return Err(invalid(
                         key,
                         "peer_ip/peer_as belong inside peers: when peers: is used",
@@ -559,7 +624,9 @@ pub mod go_duration {
 
     /// Parses a Go duration. Negative durations are refused: nothing here can be negative.
     pub fn parse(s: &str) -> Result<Duration, String> {
-        let bad = |why: &str| format!("invalid duration {s:?}: {why} (Go syntax, e.g. 500ms, 10s, 15m, 1h30m)");
+        let bad = |why: &str| {
+            format!("invalid duration {s:?}: {why} (Go syntax, e.g. 500ms, 10s, 15m, 1h30m)")
+        };
         if s == "0" {
             return Ok(Duration::ZERO);
         }
@@ -572,13 +639,17 @@ pub mod go_duration {
         }
         let mut total_ns: f64 = 0.0;
         while !rest.is_empty() {
-            let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+            let num_len = rest
+                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .unwrap_or(rest.len());
             let (num, after) = rest.split_at(num_len);
             if num.is_empty() || num == "." {
                 return Err(bad("expected a number"));
             }
             let value: f64 = num.parse().map_err(|_| bad("bad number"))?;
-            let unit_len = after.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(after.len());
+            let unit_len = after
+                .find(|c: char| c.is_ascii_digit() || c == '.')
+                .unwrap_or(after.len());
             let (unit, next) = after.split_at(unit_len);
             let scale = match unit {
                 "ns" => 1.0,
@@ -596,7 +667,11 @@ pub mod go_duration {
         if total_ns > 1e18 {
             return Err(bad("too large"));
         }
-        #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "bounded and non-negative above")]
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "bounded and non-negative above"
+        )]
         Ok(Duration::from_nanos(total_ns.round() as u64))
     }
 
@@ -606,23 +681,20 @@ pub mod go_duration {
         if d.is_zero() {
             return "0s".into();
         }
-        if d.subsec_nanos() % 1_000_000 != 0 {
+        if !d.subsec_nanos().is_multiple_of(1_000_000) {
             return format!("{}ns", d.as_nanos());
         }
-        if ms % 1000 != 0 {
+        if !ms.is_multiple_of(1000) {
             return format!("{ms}ms");
         }
         let secs = d.as_secs();
         let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
         let mut out = String::new();
-        if h > 0 {
-            out += &format!("{h}h");
-        }
-        if m > 0 {
-            out += &format!("{m}m");
-        }
-        if s > 0 {
-            out += &format!("{s}s");
+        for (n, unit) in [(h, 'h'), (m, 'm'), (s, 's')] {
+            if n > 0 {
+                out += &n.to_string();
+                out.push(unit);
+            }
         }
         out
     }
@@ -699,7 +771,15 @@ mod tests {
         let c = parse("agent:\n  listen_addr: :8080\n").unwrap();
         assert!(c.agent.listen_addr.all_interfaces);
         assert_eq!(c.agent.listen_addr.addr.port(), 8080);
-        assert_eq!(parse("agent: {listen_addr: 'localhost:9000'}").unwrap().agent.listen_addr.addr.port(), 9000);
+        assert_eq!(
+            parse("agent: {listen_addr: 'localhost:9000'}")
+                .unwrap()
+                .agent
+                .listen_addr
+                .addr
+                .port(),
+            9000
+        );
         assert!(err("agent: {listen_addr: 'nowhere'}").contains("agent.listen_addr"));
     }
 
@@ -727,7 +807,10 @@ mod tests {
         .unwrap();
         assert_eq!(c.bgp.peers.len(), 2);
         let (a, b) = (&c.bgp.peers[0], &c.bgp.peers[1]);
-        assert_eq!((a.peer_as, a.hold_time, a.origin), (65000, Duration::from_secs(30), Origin::Egp));
+        assert_eq!(
+            (a.peer_as, a.hold_time, a.origin),
+            (65000, Duration::from_secs(30), Origin::Egp)
+        );
         assert_eq!(a.local_ip, Some("198.18.0.1".parse().unwrap()));
         assert_eq!((b.peer_as, b.hold_time), (65002, Duration::from_secs(9)));
         assert_eq!(b.local_ip, Some("198.18.0.5".parse().unwrap()));
@@ -761,13 +844,19 @@ mod tests {
         assert_eq!(c.apps[1].monitors.len(), 2);
         assert_eq!(c.apps[1].nats.len(), 2);
         assert_eq!(c.apps[1].communities.len(), 2);
-        assert!(err("apps: [{name: a, vip: 192.0.2.1/32, monitor: 'port:tcp:1', monitors: []}]").contains("either monitor"));
+        assert!(
+            err("apps: [{name: a, vip: 192.0.2.1/32, monitor: 'port:tcp:1', monitors: []}]")
+                .contains("either monitor")
+        );
     }
 
     #[test]
     fn unknown_keys_are_errors_naming_key_and_line() {
         let e = err("agent:\n  listen_addr: 127.0.0.1:1\n  monitor_intervall: 1s\n");
-        assert!(e.contains("monitor_intervall") && e.contains("line 3"), "{e}");
+        assert!(
+            e.contains("monitor_intervall") && e.contains("line 3"),
+            "{e}"
+        );
         let e = err("bgp:\n  local_as: 1\n  remote_as: 2\n  peer_addr: 198.18.0.2\n");
         assert!(e.contains("peer_addr"), "{e}");
         let e = err("apps:\n  - name: a\n    vip: 192.0.2.1/32\n    monitorz: x\n");
@@ -788,25 +877,61 @@ mod tests {
             ("bgp:\n  local_as: x\n  remote_as: 1\n", "local_as"),
             ("bgp:\n  remote_as: 1\n", "local_as: is required"),
             ("bgp:\n  local_as: 1\n", "peer_as: is required"),
-            ("bgp:\n  local_as: 1\n  peer_as: 2\n  remote_as: 3\n", "disagree"),
-            ("bgp:\n  local_as: 1\n  remote_as: 2\n  communities: ['70000:1']\n", "invalid community"),
-            ("bgp:\n  local_as: 1\n  remote_as: 2\n  origin: ipg\n", "invalid origin"),
-            ("bgp:\n  local_as: 1\n  remote_as: 2\n  hold_time: 2\n", "at least 3s"),
-            ("bgp:\n  local_as: 1\n  remote_as: 2\n  peer_ip: 198.18.0.300\n", "peer_ip"),
+            (
+                "bgp:\n  local_as: 1\n  peer_as: 2\n  remote_as: 3\n",
+                "disagree",
+            ),
+            (
+                "bgp:\n  local_as: 1\n  remote_as: 2\n  communities: ['70000:1']\n",
+                "invalid community",
+            ),
+            (
+                "bgp:\n  local_as: 1\n  remote_as: 2\n  origin: ipg\n",
+                "invalid origin",
+            ),
+            (
+                "bgp:\n  local_as: 1\n  remote_as: 2\n  hold_time: 2\n",
+                "at least 3s",
+            ),
+            (
+                "bgp:\n  local_as: 1\n  remote_as: 2\n  peer_ip: 198.18.0.300\n",
+                "peer_ip",
+            ),
             ("apps:\n  - name: a\n    vip: 192.0.2.1/40\n", "invalid vip"),
             ("apps:\n  - name: a\n    vip: 127.0.0.1/32\n", "loopback"),
-            ("apps:\n  - name: 'a b'\n    vip: 192.0.2.1/32\n", "invalid app name"),
-            ("apps:\n  - name: a\n    vip: 192.0.2.1/32\n    monitor: http:80\n", "invalid monitor"),
-            ("apps:\n  - name: a\n    vip: 192.0.2.1/32\n    nats: ['tcp:80:0']\n", "invalid nat"),
-            ("apps:\n  - name: a\n    vip: 192.0.2.1/32\n    vip_config: {bgp_communities: [bad]}\n", "invalid community"),
-            ("apps: [{name: a, vip: 192.0.2.1/32}, {name: a, vip: 192.0.2.2/32}]", "defined twice"),
-            ("apps: [{name: a, vip: 192.0.2.1/32}, {name: b, vip: 192.0.2.1/32}]", "already used by app a"),
+            (
+                "apps:\n  - name: 'a b'\n    vip: 192.0.2.1/32\n",
+                "invalid app name",
+            ),
+            (
+                "apps:\n  - name: a\n    vip: 192.0.2.1/32\n    monitor: http:80\n",
+                "invalid monitor",
+            ),
+            (
+                "apps:\n  - name: a\n    vip: 192.0.2.1/32\n    nats: ['tcp:80:0']\n",
+                "invalid nat",
+            ),
+            (
+                "apps:\n  - name: a\n    vip: 192.0.2.1/32\n    vip_config: {bgp_communities: [bad]}\n",
+                "invalid community",
+            ),
+            (
+                "apps: [{name: a, vip: 192.0.2.1/32}, {name: a, vip: 192.0.2.2/32}]",
+                "defined twice",
+            ),
+            (
+                "apps: [{name: a, vip: 192.0.2.1/32}, {name: b, vip: 192.0.2.1/32}]",
+                "already used by app a",
+            ),
             ("agent: [1, 2]", "agent"),
             ("bgp: 5", "bgp"),
             ("apps:\n  - name: a\n   vip: x\n", "line"),
         ] {
             let e = err(yaml);
-            assert!(e.contains(needle), "{yaml:?} gave {e:?}, expected {needle:?}");
+            assert!(
+                e.contains(needle),
+                "{yaml:?} gave {e:?}, expected {needle:?}"
+            );
             assert!(e.starts_with("test.yaml"), "{e}");
         }
     }
@@ -815,12 +940,16 @@ mod tests {
     fn errors_inside_values_carry_the_line() {
         let e = err("apps:\n  - name: a\n    vip: 192.0.2.1/32\n  - name: b\n    vip: nope\n");
         // serde_yaml marks the start of the app's mapping; the path and the value pin it down.
-        assert!(e.contains("apps[1]") && e.contains("\"nope\"") && e.contains("line 4"), "{e}");
+        assert!(
+            e.contains("apps[1]") && e.contains("\"nope\"") && e.contains("line 4"),
+            "{e}"
+        );
     }
 
     #[test]
     fn password_is_never_printed() {
-        let c = parse("bgp: {local_as: 1, remote_as: 2, peer_ip: 198.18.0.2, password: s3cret}").unwrap();
+        let c = parse("bgp: {local_as: 1, remote_as: 2, peer_ip: 198.18.0.2, password: s3cret}")
+            .unwrap();
         assert_eq!(c.bgp.peers[0].password.as_deref(), Some("s3cret"));
         assert!(!serde_yaml::to_string(&c).unwrap().contains("s3cret"));
     }
@@ -837,7 +966,13 @@ mod tests {
                 seen.push((path.file_name().unwrap().to_string_lossy().into_owned(), c));
             }
         }
-        let get = |name: &str| &seen.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name} missing")).1;
+        let get = |name: &str| {
+            &seen
+                .iter()
+                .find(|(n, _)| n == name)
+                .unwrap_or_else(|| panic!("{name} missing"))
+                .1
+        };
         let example = get("gocast-example.yaml");
         assert!(example.agent.listen_addr.all_interfaces);
         assert_eq!(example.bgp.peers.len(), 1);

@@ -47,20 +47,43 @@ impl SystemHost {
     /// previous run left on `lo` (marked by their address protocol) and the rules in the NAT
     /// chain are removed. Nothing else is touched.
     pub async fn start(config: &Config) -> Result<Self, HostError> {
-        let netlink = Netlink::new().await.map_err(|e| HostError(format!("netlink: {e}")))?;
-        let stale = netlink.owned_vips().await.map_err(|e| HostError(format!("listing vips on lo: {e}")))?;
+        let netlink = Netlink::new()
+            .await
+            .map_err(|e| HostError(format!("netlink: {e}")))?;
+        let stale = netlink
+            .owned_vips()
+            .await
+            .map_err(|e| HostError(format!("listing vips on lo: {e}")))?;
         for (net, label) in stale {
             warn!(vip = %net, label = label.as_deref().unwrap_or(""), "removing a vip left by a previous run");
-            let vip: Vip = net.to_string().parse().map_err(|e| HostError(format!("stale address {net}: {e}")))?;
-            netlink.remove_vip(&vip).await.map_err(|e| HostError(e.to_string()))?;
+            let vip: Vip = net
+                .to_string()
+                .parse()
+                .map_err(|e| HostError(format!("stale address {net}: {e}")))?;
+            netlink
+                .remove_vip(&vip)
+                .await
+                .map_err(|e| HostError(e.to_string()))?;
         }
-        let nat = Iptables::init().await.map_err(|e| HostError(format!("iptables: {e}")))?;
+        let nat = Iptables::init()
+            .await
+            .map_err(|e| HostError(format!("iptables: {e}")))?;
         info!("host reconciled: no stale vip or nat rule left");
         let nat_dest = NatDest {
             configured: config.agent.nat_dest_ip,
-            peers: config.bgp.peers.iter().map(|p| (p.peer_ip, p.local_ip, p.local_ipv6)).collect(),
+            peers: config
+                .bgp
+                .peers
+                .iter()
+                .map(|p| (p.peer_ip, p.local_ip, p.local_ipv6))
+                .collect(),
         };
-        Ok(Self { netlink, nat, nat_dest, installed_dest: HashMap::new() })
+        Ok(Self {
+            netlink,
+            nat,
+            nat_dest,
+            installed_dest: HashMap::new(),
+        })
     }
 
     /// The iptables rules now installed, for diagnostics.
@@ -78,55 +101,91 @@ impl SystemHost {
             if let Some(ip) = configured.filter(family) {
                 return Ok(ip);
             }
-            if let Some(peer) = peer.filter(family) {
-                if let Some(ip) = self.netlink.source_toward(peer).await.map_err(|e| HostError(e.to_string()))? {
-                    return Ok(ip);
-                }
+            if let Some(peer) = peer.filter(family)
+                && let Some(ip) = self
+                    .netlink
+                    .source_toward(peer)
+                    .await
+                    .map_err(|e| HostError(e.to_string()))?
+            {
+                return Ok(ip);
             }
         }
         let fallback = if v4 {
-            self.netlink.default_gateway().await.map(|g| g.map(|(_, local)| local))
+            self.netlink
+                .default_gateway()
+                .await
+                .map(|g| g.map(|(_, local)| local))
         } else {
             self.netlink.source_toward(IpAddr::V6(V6_LOOKUP)).await
         };
-        fallback.map_err(|e| HostError(e.to_string()))?.ok_or_else(|| {
-            HostError(format!(
-                "no NAT destination for IPv{}: set agent.nat_dest_ip or a bgp local address",
-                if v4 { 4 } else { 6 }
-            ))
-        })
+        fallback
+            .map_err(|e| HostError(e.to_string()))?
+            .ok_or_else(|| {
+                HostError(format!(
+                    "no NAT destination for IPv{}: set agent.nat_dest_ip or a bgp local address",
+                    if v4 { 4 } else { 6 }
+                ))
+            })
     }
 }
 
 impl Host for SystemHost {
     async fn add_vip(&mut self, vip: &Vip, label: &str) -> Result<(), HostError> {
-        self.netlink.add_vip(vip, label).await.map_err(|e| HostError(e.to_string()))
+        self.netlink
+            .add_vip(vip, label)
+            .await
+            .map_err(|e| HostError(e.to_string()))
     }
 
     async fn remove_vip(&mut self, vip: &Vip) -> Result<(), HostError> {
-        self.netlink.remove_vip(vip).await.map_err(|e| HostError(e.to_string()))
+        self.netlink
+            .remove_vip(vip)
+            .await
+            .map_err(|e| HostError(e.to_string()))
     }
 
-    async fn install_nat(&mut self, app: &AppName, vip: &Vip, rules: &[NatRule], dest: Option<IpAddr>) -> Result<(), HostError> {
+    async fn install_nat(
+        &mut self,
+        app: &AppName,
+        vip: &Vip,
+        rules: &[NatRule],
+        dest: Option<IpAddr>,
+    ) -> Result<(), HostError> {
         let dest = match dest {
             Some(d) => d,
             None => self.default_nat_dest(vip.addr().is_ipv4()).await?,
         };
-        self.nat.install(app, vip.addr(), rules, dest).await.map_err(|e| HostError(e.to_string()))?;
+        self.nat
+            .install(app, vip.addr(), rules, dest)
+            .await
+            .map_err(|e| HostError(e.to_string()))?;
         self.installed_dest.insert(app.clone(), dest);
         Ok(())
     }
 
-    async fn remove_nat(&mut self, app: &AppName, vip: &Vip, rules: &[NatRule], dest: Option<IpAddr>) -> Result<(), HostError> {
+    async fn remove_nat(
+        &mut self,
+        app: &AppName,
+        vip: &Vip,
+        rules: &[NatRule],
+        dest: Option<IpAddr>,
+    ) -> Result<(), HostError> {
         let Some(dest) = self.installed_dest.get(app).copied().or(dest) else {
             return Ok(());
         };
-        self.nat.remove(app, vip.addr(), rules, dest).await.map_err(|e| HostError(e.to_string()))?;
+        self.nat
+            .remove(app, vip.addr(), rules, dest)
+            .await
+            .map_err(|e| HostError(e.to_string()))?;
         self.installed_dest.remove(app);
         Ok(())
     }
 
     async fn shutdown(&mut self) -> Result<(), HostError> {
-        self.nat.teardown().await.map_err(|e| HostError(e.to_string()))
+        self.nat
+            .teardown()
+            .await
+            .map_err(|e| HostError(e.to_string()))
     }
 }

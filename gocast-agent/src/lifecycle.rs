@@ -55,8 +55,14 @@ pub struct Route {
 pub enum LifecycleError {
     #[error("vip {vip} is already used by app {owner}")]
     VipConflict { vip: Vip, owner: AppName },
-    #[error("app name {name} would get lo label {label}, already used by app {owner}; choose another name")]
-    LabelConflict { name: AppName, label: String, owner: AppName },
+    #[error(
+        "app name {name} would get lo label {label}, already used by app {owner}; choose another name"
+    )]
+    LabelConflict {
+        name: AppName,
+        label: String,
+        owner: AppName,
+    },
     #[error("app {0} is not registered")]
     UnknownApp(AppName),
     #[error("exec monitors are refused over HTTP (set agent.allow_http_exec: true to allow them)")]
@@ -73,7 +79,11 @@ pub enum LifecycleError {
 /// privileges, and so the eBPF dataplane can take over NAT without touching this file.
 pub trait Host: Send + Sync + 'static {
     /// Puts the VIP on `lo` with the label; idempotent.
-    fn add_vip(&mut self, vip: &Vip, label: &str) -> impl Future<Output = Result<(), HostError>> + Send;
+    fn add_vip(
+        &mut self,
+        vip: &Vip,
+        label: &str,
+    ) -> impl Future<Output = Result<(), HostError>> + Send;
     /// Takes the VIP off `lo`; idempotent.
     fn remove_vip(&mut self, vip: &Vip) -> impl Future<Output = Result<(), HostError>> + Send;
     /// Installs the app's NAT rules toward `dest` (`None`: the agent's NAT destination).
@@ -114,9 +124,18 @@ pub struct Settings {
 /// Requests to the lifecycle task.
 #[derive(Debug)]
 pub enum Request {
-    Register { spec: AppSpec, source: Source, reply: oneshot::Sender<Result<AppView, LifecycleError>> },
-    Unregister { name: AppName, reply: oneshot::Sender<Result<AppView, LifecycleError>> },
-    Apps { reply: oneshot::Sender<Vec<AppView>> },
+    Register {
+        spec: AppSpec,
+        source: Source,
+        reply: oneshot::Sender<Result<AppView, LifecycleError>>,
+    },
+    Unregister {
+        name: AppName,
+        reply: oneshot::Sender<Result<AppView, LifecycleError>>,
+    },
+    Apps {
+        reply: oneshot::Sender<Vec<AppView>>,
+    },
 }
 
 /// The client side of the lifecycle; cheap to clone.
@@ -127,20 +146,32 @@ pub struct LifecycleHandle {
 
 impl LifecycleHandle {
     pub async fn register(&self, spec: AppSpec, source: Source) -> Result<AppView, LifecycleError> {
-        self.ask(|reply| Request::Register { spec, source, reply }).await?
+        self.ask(|reply| Request::Register {
+            spec,
+            source,
+            reply,
+        })
+        .await?
     }
 
     pub async fn unregister(&self, name: AppName) -> Result<AppView, LifecycleError> {
-        self.ask(|reply| Request::Unregister { name, reply }).await?
+        self.ask(|reply| Request::Unregister { name, reply })
+            .await?
     }
 
     pub async fn apps(&self) -> Result<Vec<AppView>, LifecycleError> {
         self.ask(|reply| Request::Apps { reply }).await
     }
 
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Request) -> Result<T, LifecycleError> {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Request,
+    ) -> Result<T, LifecycleError> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(make(tx)).await.map_err(|_| LifecycleError::ShuttingDown)?;
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| LifecycleError::ShuttingDown)?;
         rx.await.map_err(|_| LifecycleError::ShuttingDown)
     }
 }
@@ -227,7 +258,9 @@ impl Entry {
             nats: self.spec.nats.clone(),
             communities: self.spec.communities.clone(),
             since: rfc3339(self.since),
-            cleanup_in_s: self.cleanup_at.map(|t| t.saturating_duration_since(Instant::now()).as_secs_f64()),
+            cleanup_in_s: self
+                .cleanup_at
+                .map(|t| t.saturating_duration_since(Instant::now()).as_secs_f64()),
             last_error: self.last_error.clone(),
         }
     }
@@ -269,7 +302,12 @@ pub fn spawn<H: Host>(
     let (report_tx, report_rx) = mpsc::channel(1024);
     let (routes_tx, routes_rx) = watch::channel(RouteSet::new());
     // The scheduler stops with the lifecycle: it is cancelled by a child token.
-    let monitors = monitor::spawn(settings.monitor, report_tx, metrics.clone(), cancel.child_token());
+    let monitors = monitor::spawn(
+        settings.monitor,
+        report_tx,
+        metrics.clone(),
+        cancel.child_token(),
+    );
     let lifecycle = Lifecycle {
         settings,
         host,
@@ -281,7 +319,11 @@ pub fn spawn<H: Host>(
         metrics,
     };
     let task = tokio::spawn(lifecycle.run(config_apps, req_rx, report_rx, cancel));
-    Running { handle: LifecycleHandle { tx: req_tx }, routes: routes_rx, task }
+    Running {
+        handle: LifecycleHandle { tx: req_tx },
+        routes: routes_rx,
+        task,
+    }
 }
 
 impl<H: Host> Lifecycle<H> {
@@ -329,7 +371,11 @@ impl<H: Host> Lifecycle<H> {
             }
             self.insert(spec, Source::Http).await;
         }
-        info!(config = self.count(Source::Config), restored = count, "apps loaded");
+        info!(
+            config = self.count(Source::Config),
+            restored = count,
+            "apps loaded"
+        );
     }
 
     fn count(&self, source: Source) -> usize {
@@ -338,7 +384,11 @@ impl<H: Host> Lifecycle<H> {
 
     async fn handle(&mut self, req: Request) {
         match req {
-            Request::Register { spec, source, reply } => {
+            Request::Register {
+                spec,
+                source,
+                reply,
+            } => {
                 let _ = reply.send(self.register(spec, source).await);
             }
             Request::Unregister { name, reply } => {
@@ -346,7 +396,11 @@ impl<H: Host> Lifecycle<H> {
             }
             Request::Apps { reply } => {
                 let routes = self.routes.borrow();
-                let views = self.apps.values().map(|e| e.view(routes.contains_key(&e.spec.vip.prefix()))).collect();
+                let views = self
+                    .apps
+                    .values()
+                    .map(|e| e.view(routes.contains_key(&e.spec.vip.prefix())))
+                    .collect();
                 drop(routes);
                 let _ = reply.send(views);
             }
@@ -363,7 +417,10 @@ impl<H: Host> Lifecycle<H> {
         let label = spec.name.lo_label();
         for other in self.apps.values().filter(|e| e.spec.name != spec.name) {
             if other.spec.vip.addr() == spec.vip.addr() {
-                return Err(LifecycleError::VipConflict { vip: spec.vip, owner: other.spec.name.clone() });
+                return Err(LifecycleError::VipConflict {
+                    vip: spec.vip,
+                    owner: other.spec.name.clone(),
+                });
             }
             if other.spec.name.lo_label() == label {
                 return Err(LifecycleError::LabelConflict {
@@ -382,7 +439,10 @@ impl<H: Host> Lifecycle<H> {
         }
         if source == Source::Http
             && !self.settings.allow_http_exec
-            && spec.monitors.iter().any(|m| matches!(m, Monitor::Exec { .. }))
+            && spec
+                .monitors
+                .iter()
+                .any(|m| matches!(m, Monitor::Exec { .. }))
         {
             return Err(LifecycleError::ExecRefused);
         }
@@ -396,11 +456,13 @@ impl<H: Host> Lifecycle<H> {
     async fn register(&mut self, spec: AppSpec, source: Source) -> Result<AppView, LifecycleError> {
         self.check_policy(&spec, source)?;
         self.check_conflicts(&spec)?;
-        if let Some(old) = self.apps.get(&spec.name) {
-            if old.spec == spec {
-                debug!(app = %spec.name, "registered again with the same parameters: nothing to do");
-                return self.view(&spec.name).ok_or(LifecycleError::UnknownApp(spec.name));
-            }
+        if let Some(old) = self.apps.get(&spec.name)
+            && old.spec == spec
+        {
+            debug!(app = %spec.name, "registered again with the same parameters: nothing to do");
+            return self
+                .view(&spec.name)
+                .ok_or(LifecycleError::UnknownApp(spec.name));
         }
         if source == Source::Http {
             self.persist_with(Some(&spec), None).await?;
@@ -425,7 +487,11 @@ impl<H: Host> Lifecycle<H> {
         let Some(view) = self.view(name) else {
             return Err(LifecycleError::UnknownApp(name.clone()));
         };
-        if self.apps.get(name).is_some_and(|e| e.source == Source::Http) {
+        if self
+            .apps
+            .get(name)
+            .is_some_and(|e| e.source == Source::Http)
+        {
             self.persist_with(None, Some(name)).await?;
         }
         let Some(entry) = self.apps.remove(name) else {
@@ -437,7 +503,11 @@ impl<H: Host> Lifecycle<H> {
     }
 
     /// Saves the HTTP apps as they will be once `add` is added and `remove` removed.
-    fn persist_with(&self, add: Option<&AppSpec>, remove: Option<&AppName>) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
+    fn persist_with(
+        &self,
+        add: Option<&AppSpec>,
+        remove: Option<&AppName>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
         let skip = add.map(|s| &s.name).or(remove);
         let mut apps: Vec<AppSpec> = self
             .apps
@@ -452,7 +522,13 @@ impl<H: Host> Lifecycle<H> {
             let path = store.path().to_owned();
             tokio::task::spawn_blocking(move || store.save(&apps))
                 .await
-                .unwrap_or_else(|e| Err(StoreError::Io { op: "write", path, source: std::io::Error::other(e) }))
+                .unwrap_or_else(|e| {
+                    Err(StoreError::Io {
+                        op: "write",
+                        path,
+                        source: std::io::Error::other(e),
+                    })
+                })
         }
     }
 
@@ -471,10 +547,12 @@ impl<H: Host> Lifecycle<H> {
             vip_installed: false,
             nat_installed: false,
             since: SystemTime::now(),
-            cleanup_at: (source != Source::Config).then(|| Instant::now() + self.settings.cleanup_timer),
+            cleanup_at: (source != Source::Config)
+                .then(|| Instant::now() + self.settings.cleanup_timer),
             last_error: None,
         };
-        self.metrics.app_state(entry.spec.name.as_str(), false, false);
+        self.metrics
+            .app_state(entry.spec.name.as_str(), false, false);
         self.watch(&entry).await;
         self.apps.insert(entry.spec.name.clone(), entry);
     }
@@ -483,7 +561,9 @@ impl<H: Host> Lifecycle<H> {
     /// flap, swap NAT rules and communities, and check the new monitors from now on.
     async fn replace_in_place(&mut self, mut entry: Entry, spec: AppSpec, source: Source) {
         info!(app = %spec.name, "app parameters replaced");
-        if entry.nat_installed && (entry.spec.nats != spec.nats || entry.spec.nat_dest != spec.nat_dest) {
+        if entry.nat_installed
+            && (entry.spec.nats != spec.nats || entry.spec.nat_dest != spec.nat_dest)
+        {
             self.remove_nat(&mut entry).await;
             entry.spec.nats.clone_from(&spec.nats);
             entry.spec.nat_dest = spec.nat_dest;
@@ -513,7 +593,12 @@ impl<H: Host> Lifecycle<H> {
 
     /// Removes everything of an app from the host: route first, then NAT and VIP.
     async fn teardown(&mut self, mut entry: Entry) {
-        let _ = self.monitors.send(monitor::Command::Unwatch { app: entry.spec.name.clone() }).await;
+        let _ = self
+            .monitors
+            .send(monitor::Command::Unwatch {
+                app: entry.spec.name.clone(),
+            })
+            .await;
         self.publish();
         self.remove_nat(&mut entry).await;
         self.remove_vip(&mut entry).await;
@@ -521,7 +606,9 @@ impl<H: Host> Lifecycle<H> {
     }
 
     async fn on_report(&mut self, report: Report) {
-        let Some(entry) = self.apps.get_mut(&report.app) else { return };
+        let Some(entry) = self.apps.get_mut(&report.app) else {
+            return;
+        };
         if entry.generation != report.generation {
             return;
         }
@@ -538,7 +625,11 @@ impl<H: Host> Lifecycle<H> {
             return;
         }
         entry.streak += 1;
-        let needed = if passing { self.settings.monitor_rise } else { self.settings.monitor_fall };
+        let needed = if passing {
+            self.settings.monitor_rise
+        } else {
+            self.settings.monitor_fall
+        };
         if entry.streak < needed {
             return;
         }
@@ -551,7 +642,9 @@ impl<H: Host> Lifecycle<H> {
     }
 
     async fn go_healthy(&mut self, name: &AppName) {
-        let Some(mut entry) = self.apps.remove(name) else { return };
+        let Some(mut entry) = self.apps.remove(name) else {
+            return;
+        };
         if !entry.vip_installed {
             self.add_vip(&mut entry).await;
         }
@@ -568,14 +661,17 @@ impl<H: Host> Lifecycle<H> {
             self.metrics.state_changed(name.as_str());
             info!(app = %name, vip = %entry.spec.vip, "app healthy: announcing");
         }
-        self.metrics.app_state(name.as_str(), entry.healthy, entry.healthy);
+        self.metrics
+            .app_state(name.as_str(), entry.healthy, entry.healthy);
         self.apps.insert(name.clone(), entry);
         self.publish();
     }
 
     fn go_unhealthy(&mut self, name: &AppName) {
         let cleanup_timer = self.settings.cleanup_timer;
-        let Some(entry) = self.apps.get_mut(name) else { return };
+        let Some(entry) = self.apps.get_mut(name) else {
+            return;
+        };
         entry.healthy = false;
         entry.since = SystemTime::now();
         entry.cleanup_at = Some(Instant::now() + cleanup_timer);
@@ -584,7 +680,11 @@ impl<H: Host> Lifecycle<H> {
             .monitors
             .iter()
             .zip(&entry.results)
-            .filter_map(|(m, r)| r.as_ref().filter(|r| !r.ok).map(|r| format!("{m}: {}", r.reason)))
+            .filter_map(|(m, r)| {
+                r.as_ref()
+                    .filter(|r| !r.ok)
+                    .map(|r| format!("{m}: {}", r.reason))
+            })
             .collect();
         warn!(app = %name, vip = %entry.spec.vip, reasons = %reasons.join("; "), "app unhealthy: withdrawing");
         self.metrics.state_changed(name.as_str());
@@ -602,7 +702,9 @@ impl<H: Host> Lifecycle<H> {
             .map(|e| e.spec.name.clone())
             .collect();
         for name in due {
-            let Some(mut entry) = self.apps.remove(&name) else { continue };
+            let Some(mut entry) = self.apps.remove(&name) else {
+                continue;
+            };
             entry.cleanup_at = None;
             if entry.source == Source::Config {
                 info!(app = %name, "cleanup timer passed: removing vip and nat, still monitoring");
@@ -612,15 +714,15 @@ impl<H: Host> Lifecycle<H> {
                 continue;
             }
             info!(app = %name, "cleanup timer passed: app removed");
-            if entry.source == Source::Http {
-                if let Err(e) = self.persist_with(None, Some(&name)).await {
-                    // Keep it: forgetting it in memory but not on disk would bring it back later
-                    // anyway, and an operator can see it in /apps. Try again after the timer.
-                    error!(app = %name, error = %e, "cannot save the removal; keeping the app");
-                    entry.cleanup_at = Some(Instant::now() + self.settings.cleanup_timer);
-                    self.apps.insert(name, entry);
-                    continue;
-                }
+            if entry.source == Source::Http
+                && let Err(e) = self.persist_with(None, Some(&name)).await
+            {
+                // Keep it: forgetting it in memory but not on disk would bring it back later
+                // anyway, and an operator can see it in /apps. Try again after the timer.
+                error!(app = %name, error = %e, "cannot save the removal; keeping the app");
+                entry.cleanup_at = Some(Instant::now() + self.settings.cleanup_timer);
+                self.apps.insert(name, entry);
+                continue;
             }
             self.teardown(entry).await;
         }
@@ -632,7 +734,15 @@ impl<H: Host> Lifecycle<H> {
             .apps
             .values()
             .filter(|e| e.healthy)
-            .map(|e| (e.spec.vip.prefix(), Route { app: e.spec.name.clone(), communities: e.spec.communities.clone() }))
+            .map(|e| {
+                (
+                    e.spec.vip.prefix(),
+                    Route {
+                        app: e.spec.name.clone(),
+                        communities: e.spec.communities.clone(),
+                    },
+                )
+            })
             .collect();
         self.metrics.routes(set.len());
         self.routes.send_if_modified(|current| {
@@ -670,7 +780,11 @@ impl<H: Host> Lifecycle<H> {
             return;
         }
         let s = &entry.spec;
-        match self.host.install_nat(&s.name, &s.vip, &s.nats, s.nat_dest).await {
+        match self
+            .host
+            .install_nat(&s.name, &s.vip, &s.nats, s.nat_dest)
+            .await
+        {
             Ok(()) => {
                 entry.nat_installed = true;
                 entry.last_error = None;
@@ -684,7 +798,11 @@ impl<H: Host> Lifecycle<H> {
             return;
         }
         let s = &entry.spec;
-        match self.host.remove_nat(&s.name, &s.vip, &s.nats, s.nat_dest).await {
+        match self
+            .host
+            .remove_nat(&s.name, &s.vip, &s.nats, s.nat_dest)
+            .await
+        {
             Ok(()) => entry.nat_installed = false,
             Err(e) => record(entry, "remove nat", &e),
         }
@@ -699,7 +817,9 @@ impl<H: Host> Lifecycle<H> {
         self.publish();
         let names: Vec<AppName> = self.apps.keys().cloned().collect();
         for name in names {
-            let Some(mut entry) = self.apps.remove(&name) else { continue };
+            let Some(mut entry) = self.apps.remove(&name) else {
+                continue;
+            };
             self.remove_nat(&mut entry).await;
             self.remove_vip(&mut entry).await;
         }
@@ -747,7 +867,10 @@ mod tests {
             cleanup_timer: Duration::from_millis(300),
             allow_http_exec: true,
             vip_allowlist: Vec::new(),
-            monitor: monitor::Settings { interval: Duration::from_millis(20), exec_timeout: Duration::from_secs(5) },
+            monitor: monitor::Settings {
+                interval: Duration::from_millis(20),
+                exec_timeout: Duration::from_secs(5),
+            },
         }
     }
 
@@ -755,9 +878,21 @@ mod tests {
         let host = FakeHost::default();
         let cancel = CancellationToken::new();
         let store = Store::new(dir.path().join("state.json"));
-        let running = spawn(settings, host.clone(), config_apps, store, Metrics::default(), cancel.clone());
+        let running = spawn(
+            settings,
+            host.clone(),
+            config_apps,
+            store,
+            Metrics::default(),
+            cancel.clone(),
+        );
         *host.routes.lock().unwrap() = Some(running.routes.clone());
-        Harness { host, running, cancel, dir }
+        Harness {
+            host,
+            running,
+            cancel,
+            dir,
+        }
     }
 
     /// A flag file whose existence makes `exec:test -e FILE` pass.
@@ -781,10 +916,20 @@ mod tests {
     }
 
     async fn app(h: &Harness, name: &str) -> Option<AppView> {
-        h.running.handle.apps().await.unwrap().into_iter().find(|a| a.name.as_str() == name)
+        h.running
+            .handle
+            .apps()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|a| a.name.as_str() == name)
     }
 
-    async fn wait_for(h: &Harness, what: &str, mut ok: impl FnMut(Option<&AppView>, &RouteSet) -> bool) {
+    async fn wait_for(
+        h: &Harness,
+        what: &str,
+        mut ok: impl FnMut(Option<&AppView>, &RouteSet) -> bool,
+    ) {
         for _ in 0..500 {
             let apps = h.running.handle.apps().await.unwrap();
             let routes = h.running.routes.borrow().clone();
@@ -806,26 +951,61 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let up = flag(&dir, "up");
         std::fs::write(&up, "").unwrap();
-        let h = start(settings(), vec![spec("web", "192.0.2.10/32", &[exec_flag(&up)])], dir);
-        wait_for(&h, "healthy", |a, r| a.is_some_and(|a| a.state == "healthy") && routed(r, "192.0.2.10/32")).await;
-        assert_eq!(h.host.log(), ["add_vip 192.0.2.10/32 lo:web", "install_nat web 1"]);
+        let h = start(
+            settings(),
+            vec![spec("web", "192.0.2.10/32", &[exec_flag(&up)])],
+            dir,
+        );
+        wait_for(&h, "healthy", |a, r| {
+            a.is_some_and(|a| a.state == "healthy") && routed(r, "192.0.2.10/32")
+        })
+        .await;
+        assert_eq!(
+            h.host.log(),
+            ["add_vip 192.0.2.10/32 lo:web", "install_nat web 1"]
+        );
         let route = h.running.routes.borrow().values().next().cloned().unwrap();
         assert_eq!(route.communities, vec!["65000:1".parse().unwrap()]);
 
         std::fs::remove_file(&up).unwrap();
-        wait_for(&h, "withdrawn", |a, r| a.is_some_and(|a| a.state == "unhealthy") && r.is_empty()).await;
+        wait_for(&h, "withdrawn", |a, r| {
+            a.is_some_and(|a| a.state == "unhealthy") && r.is_empty()
+        })
+        .await;
         let view = app(&h, "web").await.unwrap();
-        assert!(view.vip_installed && view.cleanup_in_s.is_some(), "vip stays until cleanup: {view:?}");
-        assert!(view.monitors[0].reason.as_deref().unwrap().contains("exit status"));
+        assert!(
+            view.vip_installed && view.cleanup_in_s.is_some(),
+            "vip stays until cleanup: {view:?}"
+        );
+        assert!(
+            view.monitors[0]
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("exit status")
+        );
         wait_for(&h, "cleanup", |a, _| a.is_some_and(|a| !a.vip_installed)).await;
-        assert_eq!(&h.host.log()[2..], ["remove_nat web", "remove_vip 192.0.2.10/32 announced=false"]);
+        assert_eq!(
+            &h.host.log()[2..],
+            ["remove_nat web", "remove_vip 192.0.2.10/32 announced=false"]
+        );
         // A config app stays after cleanup and comes back when healthy again.
         std::fs::write(&up, "").unwrap();
-        wait_for(&h, "healthy again", |a, r| a.is_some_and(|a| a.state == "healthy") && !r.is_empty()).await;
+        wait_for(&h, "healthy again", |a, r| {
+            a.is_some_and(|a| a.state == "healthy") && !r.is_empty()
+        })
+        .await;
         h.cancel.cancel();
         h.running.task.await.unwrap();
         let log = h.host.log();
-        assert_eq!(&log[log.len() - 3..], ["remove_nat web", "remove_vip 192.0.2.10/32 announced=false", "shutdown"]);
+        assert_eq!(
+            &log[log.len() - 3..],
+            [
+                "remove_nat web",
+                "remove_vip 192.0.2.10/32 announced=false",
+                "shutdown"
+            ]
+        );
         assert!(h.running.routes.borrow().is_empty());
     }
 
@@ -836,13 +1016,30 @@ mod tests {
         std::fs::write(&up, "").unwrap();
         let mut s = settings();
         s.cleanup_timer = Duration::from_secs(60);
-        let h = start(s, vec![spec("web", "192.0.2.10/32", &[exec_flag(&up)])], dir);
-        wait_for(&h, "healthy", |a, _| a.is_some_and(|a| a.state == "healthy")).await;
+        let h = start(
+            s,
+            vec![spec("web", "192.0.2.10/32", &[exec_flag(&up)])],
+            dir,
+        );
+        wait_for(&h, "healthy", |a, _| {
+            a.is_some_and(|a| a.state == "healthy")
+        })
+        .await;
         std::fs::remove_file(&up).unwrap();
-        wait_for(&h, "unhealthy", |a, r| a.is_some_and(|a| a.state == "unhealthy") && r.is_empty()).await;
+        wait_for(&h, "unhealthy", |a, r| {
+            a.is_some_and(|a| a.state == "unhealthy") && r.is_empty()
+        })
+        .await;
         std::fs::write(&up, "").unwrap();
-        wait_for(&h, "healthy", |a, r| a.is_some_and(|a| a.state == "healthy" && a.cleanup_in_s.is_none()) && !r.is_empty()).await;
-        assert_eq!(h.host.log(), ["add_vip 192.0.2.10/32 lo:web", "install_nat web 1"], "no remove, no second add");
+        wait_for(&h, "healthy", |a, r| {
+            a.is_some_and(|a| a.state == "healthy" && a.cleanup_in_s.is_none()) && !r.is_empty()
+        })
+        .await;
+        assert_eq!(
+            h.host.log(),
+            ["add_vip 192.0.2.10/32 lo:web", "install_nat web 1"],
+            "no remove, no second add"
+        );
     }
 
     #[tokio::test]
@@ -851,12 +1048,31 @@ mod tests {
         let up = flag(&dir, "up");
         std::fs::write(&up, "").unwrap();
         let h = start(settings(), Vec::new(), dir);
-        h.running.handle.register(spec("web", "192.0.2.10/32", &[exec_flag(&up)]), Source::Http).await.unwrap();
-        wait_for(&h, "healthy", |a, _| a.is_some_and(|a| a.state == "healthy")).await;
+        h.running
+            .handle
+            .register(
+                spec("web", "192.0.2.10/32", &[exec_flag(&up)]),
+                Source::Http,
+            )
+            .await
+            .unwrap();
+        wait_for(&h, "healthy", |a, _| {
+            a.is_some_and(|a| a.state == "healthy")
+        })
+        .await;
         std::fs::remove_file(&up).unwrap();
         wait_for(&h, "dropped", |a, _| a.is_none()).await;
-        assert!(Store::new(h.dir.path().join("state.json")).load().unwrap().is_empty());
-        assert!(h.host.log().contains(&"remove_vip 192.0.2.10/32 announced=false".to_owned()));
+        assert!(
+            Store::new(h.dir.path().join("state.json"))
+                .load()
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            h.host
+                .log()
+                .contains(&"remove_vip 192.0.2.10/32 announced=false".to_owned())
+        );
     }
 
     #[tokio::test]
@@ -864,14 +1080,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let counter = flag(&dir, "n");
         // Passes on every third run only: never three in a row, so rise=3 never makes it healthy.
-        let cmd = format!("exec:n=$(cat {p} 2>/dev/null || echo 0); echo $((n+1)) > {p}; [ $((n % 3)) -eq 2 ]", p = counter.display());
+        let cmd = format!(
+            "exec:n=$(cat {p} 2>/dev/null || echo 0); echo $((n+1)) > {p}; [ $((n % 3)) -eq 2 ]",
+            p = counter.display()
+        );
         let mut s = settings();
         s.monitor_rise = 2;
         let h = start(s, vec![spec("web", "192.0.2.10/32", &[cmd])], dir);
         for _ in 0..50 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let n: u32 = std::fs::read_to_string(&counter).unwrap().trim().parse().unwrap();
+        let n: u32 = std::fs::read_to_string(&counter)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         assert!(n >= 6, "checked {n} times");
         assert_eq!(app(&h, "web").await.unwrap().state, "unhealthy");
         assert!(h.host.log().is_empty());
@@ -881,12 +1104,22 @@ mod tests {
     async fn a_vip_owned_by_another_app_is_refused_and_nothing_changes() {
         let dir = tempfile::tempdir().unwrap();
         let h = start(settings(), vec![spec("a", "192.0.2.10/32", &[])], dir);
-        let e = h.running.handle.register(spec("b", "192.0.2.10/32", &[]), Source::Http).await.unwrap_err();
+        let e = h
+            .running
+            .handle
+            .register(spec("b", "192.0.2.10/32", &[]), Source::Http)
+            .await
+            .unwrap_err();
         assert!(matches!(e, LifecycleError::VipConflict { .. }), "{e}");
         assert!(e.to_string().contains("already used by app a"));
         let apps = h.running.handle.apps().await.unwrap();
         assert_eq!(apps.len(), 1);
-        assert!(Store::new(h.dir.path().join("state.json")).load().unwrap().is_empty());
+        assert!(
+            Store::new(h.dir.path().join("state.json"))
+                .load()
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[tokio::test]
@@ -894,24 +1127,54 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let h = start(settings(), Vec::new(), dir);
         let a = spec("web", "192.0.2.10/32", &[]);
-        h.running.handle.register(a.clone(), Source::Http).await.unwrap();
-        wait_for(&h, "healthy", |a, _| a.is_some_and(|a| a.state == "healthy")).await;
-        h.running.handle.register(a.clone(), Source::Http).await.unwrap();
+        h.running
+            .handle
+            .register(a.clone(), Source::Http)
+            .await
+            .unwrap();
+        wait_for(&h, "healthy", |a, _| {
+            a.is_some_and(|a| a.state == "healthy")
+        })
+        .await;
+        h.running
+            .handle
+            .register(a.clone(), Source::Http)
+            .await
+            .unwrap();
         assert_eq!(h.host.log().len(), 2, "{:?}", h.host.log());
         // Same VIP, new communities: stays healthy, route updated, no flap.
         let mut b = a.clone();
         b.communities = vec!["65000:2".parse().unwrap()];
         let view = h.running.handle.register(b, Source::Http).await.unwrap();
         assert_eq!(view.state, "healthy");
-        let communities = h.running.routes.borrow().values().next().unwrap().communities.clone();
+        let communities = h
+            .running
+            .routes
+            .borrow()
+            .values()
+            .next()
+            .unwrap()
+            .communities
+            .clone();
         assert_eq!(communities, vec!["65000:2".parse().unwrap()]);
         // New VIP: the old one is withdrawn and removed first.
         let c = spec("web", "192.0.2.11/32", &[]);
         h.running.handle.register(c, Source::Http).await.unwrap();
-        wait_for(&h, "moved", |a, r| a.is_some_and(|a| a.state == "healthy") && routed(r, "192.0.2.11/32") && r.len() == 1).await;
+        wait_for(&h, "moved", |a, r| {
+            a.is_some_and(|a| a.state == "healthy") && routed(r, "192.0.2.11/32") && r.len() == 1
+        })
+        .await;
         let log = h.host.log();
-        assert_eq!(&log[2..4], ["remove_nat web", "remove_vip 192.0.2.10/32 announced=false"]);
-        assert_eq!(Store::new(h.dir.path().join("state.json")).load().unwrap()[0].vip.to_string(), "192.0.2.11/32");
+        assert_eq!(
+            &log[2..4],
+            ["remove_nat web", "remove_vip 192.0.2.10/32 announced=false"]
+        );
+        assert_eq!(
+            Store::new(h.dir.path().join("state.json")).load().unwrap()[0]
+                .vip
+                .to_string(),
+            "192.0.2.11/32"
+        );
     }
 
     #[tokio::test]
@@ -921,19 +1184,40 @@ mod tests {
         s.allow_http_exec = false;
         s.vip_allowlist = vec!["192.0.2.0/28".parse().unwrap()];
         let h = start(s, Vec::new(), dir);
-        let e = h.running.handle.register(spec("a", "192.0.2.1/32", &["exec:true".into()]), Source::Http).await.unwrap_err();
+        let e = h
+            .running
+            .handle
+            .register(
+                spec("a", "192.0.2.1/32", &["exec:true".into()]),
+                Source::Http,
+            )
+            .await
+            .unwrap_err();
         assert!(matches!(e, LifecycleError::ExecRefused));
-        let e = h.running.handle.register(spec("a", "192.0.2.100/32", &[]), Source::Http).await.unwrap_err();
+        let e = h
+            .running
+            .handle
+            .register(spec("a", "192.0.2.100/32", &[]), Source::Http)
+            .await
+            .unwrap_err();
         assert!(matches!(e, LifecycleError::NotAllowed(_)));
         assert!(h.running.handle.apps().await.unwrap().is_empty());
-        h.running.handle.register(spec("a", "192.0.2.1/32", &[]), Source::Http).await.unwrap();
+        h.running
+            .handle
+            .register(spec("a", "192.0.2.1/32", &[]), Source::Http)
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
     async fn http_registrations_come_back_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let h = start(settings(), vec![spec("cfg", "192.0.2.1/32", &[])], dir);
-        h.running.handle.register(spec("web", "192.0.2.10/32", &[]), Source::Http).await.unwrap();
+        h.running
+            .handle
+            .register(spec("web", "192.0.2.10/32", &[]), Source::Http)
+            .await
+            .unwrap();
         h.cancel.cancel();
         h.running.task.await.unwrap();
         let again = start(settings(), vec![spec("cfg", "192.0.2.1/32", &[])], h.dir);
@@ -946,13 +1230,32 @@ mod tests {
     async fn unregister_withdraws_removes_and_forgets() {
         let dir = tempfile::tempdir().unwrap();
         let h = start(settings(), Vec::new(), dir);
-        h.running.handle.register(spec("web", "192.0.2.10/32", &[]), Source::Http).await.unwrap();
-        wait_for(&h, "healthy", |a, _| a.is_some_and(|a| a.state == "healthy")).await;
-        h.running.handle.unregister("web".parse().unwrap()).await.unwrap();
+        h.running
+            .handle
+            .register(spec("web", "192.0.2.10/32", &[]), Source::Http)
+            .await
+            .unwrap();
+        wait_for(&h, "healthy", |a, _| {
+            a.is_some_and(|a| a.state == "healthy")
+        })
+        .await;
+        h.running
+            .handle
+            .unregister("web".parse().unwrap())
+            .await
+            .unwrap();
         assert!(h.running.routes.borrow().is_empty());
         assert!(h.running.handle.apps().await.unwrap().is_empty());
-        assert_eq!(&h.host.log()[2..], ["remove_nat web", "remove_vip 192.0.2.10/32 announced=false"]);
-        let e = h.running.handle.unregister("web".parse().unwrap()).await.unwrap_err();
+        assert_eq!(
+            &h.host.log()[2..],
+            ["remove_nat web", "remove_vip 192.0.2.10/32 announced=false"]
+        );
+        let e = h
+            .running
+            .handle
+            .unregister("web".parse().unwrap())
+            .await
+            .unwrap_err();
         assert!(matches!(e, LifecycleError::UnknownApp(_)));
     }
 
@@ -961,13 +1264,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let h = start(settings(), Vec::new(), dir);
         *h.host.fail_nat.lock().unwrap() = true;
-        h.running.handle.register(spec("web", "192.0.2.10/32", &[]), Source::Http).await.unwrap();
-        wait_for(&h, "error shown", |a, _| a.is_some_and(|a| a.last_error.is_some())).await;
+        h.running
+            .handle
+            .register(spec("web", "192.0.2.10/32", &[]), Source::Http)
+            .await
+            .unwrap();
+        wait_for(&h, "error shown", |a, _| {
+            a.is_some_and(|a| a.last_error.is_some())
+        })
+        .await;
         let view = app(&h, "web").await.unwrap();
         assert_eq!(view.state, "unhealthy");
         assert!(view.last_error.unwrap().contains("iptables broke"));
         assert!(h.running.routes.borrow().is_empty());
         *h.host.fail_nat.lock().unwrap() = false;
-        wait_for(&h, "healthy", |a, r| a.is_some_and(|a| a.state == "healthy" && a.last_error.is_none()) && !r.is_empty()).await;
+        wait_for(&h, "healthy", |a, r| {
+            a.is_some_and(|a| a.state == "healthy" && a.last_error.is_none()) && !r.is_empty()
+        })
+        .await;
     }
 }

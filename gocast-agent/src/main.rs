@@ -30,7 +30,11 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     init_tracing(cli.log_format, cli.log_level.as_deref());
@@ -56,7 +60,9 @@ fn main() -> ExitCode {
             };
             exit(runtime().and_then(|rt| rt.block_on(run(config))))
         }
-        Command::Status { addr, config } => exit(runtime().and_then(|rt| rt.block_on(status(addr, config)))),
+        Command::Status { addr, config } => {
+            exit(runtime().and_then(|rt| rt.block_on(status(addr, config))))
+        }
     }
 }
 
@@ -73,7 +79,11 @@ fn exit(result: Result<()>) -> ExitCode {
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     // Two workers: the agent's work is small and bursty; more threads only cost memory.
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the tokio runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
 }
 
 fn init_tracing(format: LogFormat, level: Option<&str>) {
@@ -81,7 +91,9 @@ fn init_tracing(format: LogFormat, level: Option<&str>) {
         .map(EnvFilter::new)
         .or_else(|| EnvFilter::try_from_default_env().ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -97,7 +109,9 @@ async fn run(config: Config) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(listen.addr)
         .await
         .with_context(|| format!("binding the HTTP API to {listen}"))?;
-    let host = SystemHost::start(&config).await.context("preparing the host (netlink, iptables)")?;
+    let host = SystemHost::start(&config)
+        .await
+        .context("preparing the host (netlink, iptables)")?;
     let metrics = Metrics::default();
     let cancel = CancellationToken::new();
     let agent = &config.agent;
@@ -107,20 +121,34 @@ async fn run(config: Config) -> Result<()> {
         cleanup_timer: agent.cleanup_timer,
         allow_http_exec: agent.allow_http_exec,
         vip_allowlist: agent.vip_allowlist.clone(),
-        monitor: monitor::Settings { interval: agent.monitor_interval, exec_timeout: agent.exec_timeout },
+        monitor: monitor::Settings {
+            interval: agent.monitor_interval,
+            exec_timeout: agent.exec_timeout,
+        },
     };
     let store = Store::new(&agent.state_file);
-    let running = lifecycle::spawn(settings, host, config.apps.clone(), store, metrics.clone(), cancel.clone());
+    let running = lifecycle::spawn(
+        settings,
+        host,
+        config.apps.clone(),
+        store,
+        metrics.clone(),
+        cancel.clone(),
+    );
     let state = ApiState {
         lifecycle: running.handle.clone(),
         routes: running.routes.clone(),
         metrics,
-        info: Arc::new(StaticInfo { version: env!("CARGO_PKG_VERSION"), dataplane: DataplaneInfo::iptables() }),
+        info: Arc::new(StaticInfo {
+            version: env!("CARGO_PKG_VERSION"),
+            dataplane: DataplaneInfo::iptables(),
+        }),
         peers: Arc::new(api::configured_peers(&config)),
     };
     info!(addr = %listen, apps = config.apps.len(), peers = config.bgp.peers.len(), "gocast running");
     let api_stop = CancellationToken::new();
-    let server = axum::serve(listener, api::router(state)).with_graceful_shutdown(api_stop.clone().cancelled_owned());
+    let server = axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(api_stop.clone().cancelled_owned());
     let server = tokio::spawn(async move { server.await });
 
     let signal = shutdown_signal().await?;
@@ -135,7 +163,9 @@ async fn run(config: Config) -> Result<()> {
     match tokio::time::timeout_at(deadline, running.task).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(anyhow::anyhow!("lifecycle task failed: {e}")),
-        Err(_) => Err(anyhow::anyhow!("shutdown did not finish within {SHUTDOWN_BUDGET:?}")),
+        Err(_) => Err(anyhow::anyhow!(
+            "shutdown did not finish within {SHUTDOWN_BUDGET:?}"
+        )),
     }
 }
 
@@ -156,12 +186,18 @@ async fn status(addr: String, config: Option<std::path::PathBuf>) -> Result<()> 
             let c = Config::load(&path)?;
             let a = c.agent.listen_addr.addr;
             // An agent listening on all interfaces is reachable on loopback.
-            let ip = if a.ip().is_unspecified() { std::net::Ipv4Addr::LOCALHOST.into() } else { a.ip() };
+            let ip = if a.ip().is_unspecified() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                a.ip()
+            };
             std::net::SocketAddr::new(ip, a.port()).to_string()
         }
         None => addr,
     };
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
     let get = |path: &str| {
         let url = format!("http://{addr}{path}");
         let client = client.clone();

@@ -60,17 +60,40 @@ impl Default for Metrics {
         let state_changes = Family::<AppLabels, Counter>::default();
         let monitor_latency = Family::new_with_constructor(LatencyBuckets);
         let routes = Gauge::default();
-        registry.register("app_healthy", "1 when all of the app's monitors pass", app_healthy.clone());
-        registry.register("app_announced", "1 when the app's VIP is in the announced set", app_announced.clone());
-        registry.register("app_state_changes", "Health state changes of the app", state_changes.clone());
+        registry.register(
+            "app_healthy",
+            "1 when all of the app's monitors pass",
+            app_healthy.clone(),
+        );
+        registry.register(
+            "app_announced",
+            "1 when the app's VIP is in the announced set",
+            app_announced.clone(),
+        );
+        registry.register(
+            "app_state_changes",
+            "Health state changes of the app",
+            state_changes.clone(),
+        );
         registry.register(
             "monitor_duration_seconds",
             "Time one monitor run took, by monitor kind and result",
             monitor_latency.clone(),
         );
-        registry.register("announced_routes", "Routes in the desired-announcement set", routes.clone());
+        registry.register(
+            "announced_routes",
+            "Routes in the desired-announcement set",
+            routes.clone(),
+        );
         Self {
-            inner: Arc::new(Inner { registry, app_healthy, app_announced, state_changes, monitor_latency, routes }),
+            inner: Arc::new(Inner {
+                registry,
+                app_healthy,
+                app_announced,
+                state_changes,
+                monitor_latency,
+                routes,
+            }),
         }
     }
 }
@@ -82,14 +105,22 @@ impl std::fmt::Debug for Metrics {
 }
 
 fn app(name: &str) -> AppLabels {
-    AppLabels { app: name.to_owned() }
+    AppLabels {
+        app: name.to_owned(),
+    }
 }
 
 impl Metrics {
     /// Records an app's current health and announcement.
     pub fn app_state(&self, name: &str, healthy: bool, announced: bool) {
-        self.inner.app_healthy.get_or_create(&app(name)).set(i64::from(healthy));
-        self.inner.app_announced.get_or_create(&app(name)).set(i64::from(announced));
+        self.inner
+            .app_healthy
+            .get_or_create(&app(name))
+            .set(i64::from(healthy));
+        self.inner
+            .app_announced
+            .get_or_create(&app(name))
+            .set(i64::from(announced));
     }
 
     pub fn state_changed(&self, name: &str) {
@@ -105,12 +136,20 @@ impl Metrics {
     }
 
     pub fn monitor_observed(&self, kind: &str, latency: Duration, ok: bool) {
-        let labels = MonitorLabels { kind: kind.to_owned(), result: if ok { "pass" } else { "fail" }.to_owned() };
-        self.inner.monitor_latency.get_or_create(&labels).observe(latency.as_secs_f64());
+        let labels = MonitorLabels {
+            kind: kind.to_owned(),
+            result: if ok { "pass" } else { "fail" }.to_owned(),
+        };
+        self.inner
+            .monitor_latency
+            .get_or_create(&labels)
+            .observe(latency.as_secs_f64());
     }
 
     pub fn routes(&self, count: usize) {
-        self.inner.routes.set(i64::try_from(count).unwrap_or(i64::MAX));
+        self.inner
+            .routes
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// The Prometheus text exposition.
@@ -134,8 +173,14 @@ mod tests {
         m.monitor_observed("port", Duration::from_micros(300), true);
         let text = m.render();
         assert!(text.contains("gocast_app_healthy{app=\"web\"} 1"), "{text}");
-        assert!(text.contains("gocast_app_state_changes_total{app=\"web\"} 1"), "{text}");
-        assert!(text.contains("gocast_monitor_duration_seconds_count{kind=\"port\",result=\"pass\"} 1"), "{text}");
+        assert!(
+            text.contains("gocast_app_state_changes_total{app=\"web\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gocast_monitor_duration_seconds_count{kind=\"port\",result=\"pass\"} 1"),
+            "{text}"
+        );
         m.app_removed("web");
         assert!(!m.render().contains("app=\"web\""));
     }

@@ -28,7 +28,11 @@ pub enum StoreError {
         source: std::io::Error,
     },
     #[error("state file {path} is corrupt ({reason}); moved aside to {moved_to}")]
-    Corrupt { path: PathBuf, reason: String, moved_to: PathBuf },
+    Corrupt {
+        path: PathBuf,
+        reason: String,
+        moved_to: PathBuf,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -64,12 +68,18 @@ impl Store {
             Ok(f) => format!("unknown format version {}", f.version),
             Err(e) => e.to_string(),
         };
-        let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let stamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         let mut moved_to = self.path.clone().into_os_string();
         moved_to.push(format!(".corrupt-{stamp}"));
         let moved_to = PathBuf::from(moved_to);
         fs::rename(&self.path, &moved_to).map_err(|source| self.io("move aside", source))?;
-        Err(StoreError::Corrupt { path: self.path.clone(), reason, moved_to })
+        Err(StoreError::Corrupt {
+            path: self.path.clone(),
+            reason,
+            moved_to,
+        })
     }
 
     /// Replaces the saved registrations with `apps`.
@@ -79,8 +89,11 @@ impl Store {
             _ => PathBuf::from("."),
         };
         fs::create_dir_all(&dir).map_err(|source| self.io("create the directory of", source))?;
-        let body = serde_json::to_vec_pretty(&StateFile { version: FORMAT_VERSION, apps: apps.to_vec() })
-            .map_err(|e| self.io("encode", e.into()))?;
+        let body = serde_json::to_vec_pretty(&StateFile {
+            version: FORMAT_VERSION,
+            apps: apps.to_vec(),
+        })
+        .map_err(|e| self.io("encode", e.into()))?;
         let mut tmp_name = self.path.clone().into_os_string();
         tmp_name.push(".tmp");
         let tmp = PathBuf::from(tmp_name);
@@ -99,7 +112,11 @@ impl Store {
     }
 
     fn io(&self, op: &'static str, source: std::io::Error) -> StoreError {
-        StoreError::Io { op, path: self.path.clone(), source }
+        StoreError::Io {
+            op,
+            path: self.path.clone(),
+            source,
+        }
     }
 }
 
@@ -111,7 +128,10 @@ mod tests {
         AppSpec {
             name: name.parse().unwrap(),
             vip: vip.parse().unwrap(),
-            monitors: vec!["port:tcp:80".parse().unwrap(), "exec:test -e /x:y".parse().unwrap()],
+            monitors: vec![
+                "port:tcp:80".parse().unwrap(),
+                "exec:test -e /x:y".parse().unwrap(),
+            ],
             nats: vec!["tcp:80:8080".parse().unwrap()],
             communities: vec!["65000:1".parse().unwrap(), "1:2:3".parse().unwrap()],
             nat_dest: None,
@@ -137,7 +157,9 @@ mod tests {
         let path = dir.path().join("state.json");
         fs::write(&path, "{not json").unwrap();
         let e = Store::new(&path).load().unwrap_err();
-        let StoreError::Corrupt { moved_to, .. } = &e else { panic!("{e}") };
+        let StoreError::Corrupt { moved_to, .. } = &e else {
+            panic!("{e}")
+        };
         assert!(moved_to.exists() && !path.exists());
         assert!(e.to_string().contains("corrupt"), "{e}");
         // Next start: no file, no registrations, no error.
@@ -148,7 +170,14 @@ mod tests {
     fn invalid_values_inside_the_file_count_as_corrupt() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.json");
-        fs::write(&path, r#"{"version":1,"apps":[{"name":"a","vip":"127.0.0.1/32","monitors":[]}]}"#).unwrap();
-        assert!(matches!(Store::new(&path).load(), Err(StoreError::Corrupt { .. })));
+        fs::write(
+            &path,
+            r#"{"version":1,"apps":[{"name":"a","vip":"127.0.0.1/32","monitors":[]}]}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            Store::new(&path).load(),
+            Err(StoreError::Corrupt { .. })
+        ));
     }
 }

@@ -82,18 +82,35 @@ impl Host for FakeHost {
         Ok(())
     }
     async fn remove_vip(&mut self, vip: &Vip) -> Result<(), HostError> {
-        let announced = self.routes.lock().unwrap().as_ref().is_some_and(|r| r.borrow().contains_key(&vip.prefix()));
+        let announced = self
+            .routes
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|r| r.borrow().contains_key(&vip.prefix()));
         self.push(format!("remove_vip {vip} announced={announced}"));
         Ok(())
     }
-    async fn install_nat(&mut self, app: &AppName, _: &Vip, rules: &[NatRule], _: Option<IpAddr>) -> Result<(), HostError> {
+    async fn install_nat(
+        &mut self,
+        app: &AppName,
+        _: &Vip,
+        rules: &[NatRule],
+        _: Option<IpAddr>,
+    ) -> Result<(), HostError> {
         if *self.fail_nat.lock().unwrap() {
             return Err(HostError("iptables broke".into()));
         }
         self.push(format!("install_nat {app} {}", rules.len()));
         Ok(())
     }
-    async fn remove_nat(&mut self, app: &AppName, _: &Vip, _: &[NatRule], _: Option<IpAddr>) -> Result<(), HostError> {
+    async fn remove_nat(
+        &mut self,
+        app: &AppName,
+        _: &Vip,
+        _: &[NatRule],
+        _: Option<IpAddr>,
+    ) -> Result<(), HostError> {
         self.push(format!("remove_nat {app}"));
         Ok(())
     }
@@ -102,4 +119,3 @@ impl Host for FakeHost {
         Ok(())
     }
 }
-

@@ -4,7 +4,7 @@
 //! Everything is owned by a guard that removes it on drop — namespaces by name, processes by
 //! PID — so a failing test leaves nothing behind. Names carry the PID and a counter, so tests
 //! running in parallel (and leftovers of a killed run) never collide. Only 198.18.0.0/15,
-//! 192.0.2.0/24 and 2001:db8::/32 are used, and the root namespace is never changed.
+//! 192.0.2.0/24 and `2001:db8::/32` are used, and the root namespace is never changed.
 
 use std::{
     fmt::Write as _,
@@ -23,7 +23,11 @@ use serde_json::Value;
 pub fn privileged(test: &str) -> bool {
     let root = std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false);
     if root {
         return true;
@@ -38,7 +42,10 @@ pub fn privileged(test: &str) -> bool {
 
 /// Runs a command and fails with its output if it fails.
 pub fn sh(program: &str, args: &[&str]) -> Result<Output> {
-    let out = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
     ensure!(
         out.status.success(),
         "{program} {} failed ({}): {}",
@@ -101,7 +108,11 @@ impl Netns {
             .args(["-sS", "-m", "5", "-w", "\n%{http_code}", url])
             .output()
             .context("running curl")?;
-        ensure!(out.status.success(), "curl {url}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        ensure!(
+            out.status.success(),
+            "curl {url}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
         let text = String::from_utf8_lossy(&out.stdout);
         let (body, code) = text.rsplit_once('\n').context("curl printed no status")?;
         let status: u16 = code.trim().parse().context("curl status")?;
@@ -118,17 +129,22 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         // Kill anything still running inside before deleting, so nothing outlives the test.
-        if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.name]).output() {
+        if let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+        {
             for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
                 let _ = Command::new("kill").args(["-9", pid]).status();
             }
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
 /// An agent host and a client host joined by a veth link; the client routes the VIP ranges
-/// (192.0.2.0/24, 2001:db8:ff00::/40) through the agent.
+/// (192.0.2.0/24, `2001:db8:ff00::/40`) through the agent.
 #[derive(Debug)]
 pub struct Topology {
     pub client: Netns,
@@ -146,10 +162,32 @@ impl Topology {
         let id = next_id() % 16_000;
         // A /30 per topology inside 198.18.0.0/16.
         let base = id * 4;
-        let (a, c) = (format!("198.18.{}.{}", base / 256, base % 256 + 1), format!("198.18.{}.{}", base / 256, base % 256 + 2));
-        let (a6, c6) = (format!("2001:db8:1:{id:x}::1"), format!("2001:db8:1:{id:x}::2"));
+        let (a, c) = (
+            format!("198.18.{}.{}", base / 256, base % 256 + 1),
+            format!("198.18.{}.{}", base / 256, base % 256 + 2),
+        );
+        let (a6, c6) = (
+            format!("2001:db8:1:{id:x}::1"),
+            format!("2001:db8:1:{id:x}::2"),
+        );
         let (va, vc) = (format!("gca{id}"), format!("gcc{id}"));
-        sh("ip", &["link", "add", &va, "netns", &agent.name, "type", "veth", "peer", "name", &vc, "netns", &client.name])?;
+        sh(
+            "ip",
+            &[
+                "link",
+                "add",
+                &va,
+                "netns",
+                &agent.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &vc,
+                "netns",
+                &client.name,
+            ],
+        )?;
         agent.ip(&["addr", "add", &format!("{a}/30"), "dev", &va])?;
         client.ip(&["addr", "add", &format!("{c}/30"), "dev", &vc])?;
         agent.ip(&["addr", "add", &format!("{a6}/64"), "dev", &va, "nodad"])?;
@@ -160,7 +198,13 @@ impl Topology {
         client.ip(&["-6", "route", "add", "2001:db8:ff00::/40", "via", &a6])?;
         agent.ip(&["route", "add", "default", "via", &c])?;
         agent.ip(&["-6", "route", "add", "default", "via", &c6])?;
-        Ok(Self { client, agent, agent_ip: a, client_ip: c, agent_ip6: a6 })
+        Ok(Self {
+            client,
+            agent,
+            agent_ip: a,
+            client_ip: c,
+            agent_ip6: a6,
+        })
     }
 }
 
@@ -169,11 +213,17 @@ impl Topology {
 /// after an edit cannot silently test old code.
 pub fn agent_binary() -> Result<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
     let bin = target.join("debug/gocast");
     let built = std::fs::metadata(&bin)
         .and_then(|m| m.modified())
-        .with_context(|| format!("{} missing: run `cargo build -p gocast-agent` (cargo xtask test does)", bin.display()))?;
+        .with_context(|| {
+            format!(
+                "{} missing: run `cargo build -p gocast-agent` (cargo xtask test does)",
+                bin.display()
+            )
+        })?;
     let newest_source = newest_mtime(&root.join("gocast-agent/src"))?;
     ensure!(
         built >= newest_source,
@@ -188,7 +238,11 @@ fn newest_mtime(dir: &Path) -> Result<std::time::SystemTime> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let meta = entry.metadata()?;
-        let t = if meta.is_dir() { newest_mtime(&entry.path())? } else { meta.modified()? };
+        let t = if meta.is_dir() {
+            newest_mtime(&entry.path())?
+        } else {
+            meta.modified()?
+        };
         newest = newest.max(t);
     }
     Ok(newest)
@@ -215,9 +269,15 @@ impl Agent {
             .stderr(file)
             .spawn()
             .context("starting the agent")?;
-        let mut agent = Self { child: Some(child), log: log.to_owned(), api: api.to_owned() };
+        let mut agent = Self {
+            child: Some(child),
+            log: log.to_owned(),
+            api: api.to_owned(),
+        };
         let url = format!("http://{api}/healthz");
-        agent.wait_for("the API", Duration::from_secs(10), |_| Ok(ns.http_get(&url).is_ok_and(|(s, _)| s == 200)))?;
+        agent.wait_for("the API", Duration::from_secs(10), |_| {
+            Ok(ns.http_get(&url).is_ok_and(|(s, _)| s == 200))
+        })?;
         Ok(agent)
     }
 
@@ -226,7 +286,12 @@ impl Agent {
     }
 
     /// Polls `check` every 20 ms until it holds; fails after `limit` with the agent's log.
-    pub fn wait_for(&mut self, what: &str, limit: Duration, mut check: impl FnMut(&mut Self) -> Result<bool>) -> Result<()> {
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        mut check: impl FnMut(&mut Self) -> Result<bool>,
+    ) -> Result<()> {
         let start = Instant::now();
         let mut last_err = String::new();
         while start.elapsed() < limit {
@@ -235,22 +300,40 @@ impl Agent {
                 Ok(false) => {}
                 Err(e) => last_err = format!("{e:#}"),
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("agent exited ({status}) while waiting for {what}\n{}", self.log_text());
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "agent exited ({status}) while waiting for {what}\n{}",
+                    self.log_text()
+                );
             }
             thread::sleep(Duration::from_millis(20));
         }
-        bail!("timed out after {limit:?} waiting for {what} (last error: {last_err})\n{}", self.log_text())
+        bail!(
+            "timed out after {limit:?} waiting for {what} (last error: {last_err})\n{}",
+            self.log_text()
+        )
     }
 
     pub fn log_text(&self) -> String {
         let mut s = String::from("---- agent log ----\n");
-        let _ = write!(s, "{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+        let _ = write!(
+            s,
+            "{}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
         s
     }
 
     /// Sends a signal by PID (`TERM`, `KILL`) and waits for the exit, at most `limit`.
-    pub fn signal_and_wait(&mut self, signal: &str, limit: Duration) -> Result<(ExitStatus, Duration)> {
+    pub fn signal_and_wait(
+        &mut self,
+        signal: &str,
+        limit: Duration,
+    ) -> Result<(ExitStatus, Duration)> {
         let pid = self.pid().context("agent not running")?;
         sh("kill", &[&format!("-{signal}"), &pid.to_string()])?;
         let start = Instant::now();
@@ -263,7 +346,10 @@ impl Agent {
         }
         let _ = child.kill();
         let _ = child.wait();
-        bail!("agent did not exit within {limit:?} after SIG{signal}\n{}", self.log_text())
+        bail!(
+            "agent did not exit within {limit:?} after SIG{signal}\n{}",
+            self.log_text()
+        )
     }
 }
 
@@ -287,7 +373,14 @@ impl Service {
     pub fn http(ns: &Netns, port: u16, dir: &Path) -> Result<Self> {
         let child = ns
             .command("python3")
-            .args(["-m", "http.server", &port.to_string(), "--bind", "::", "--directory"])
+            .args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "::",
+                "--directory",
+            ])
             .arg(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

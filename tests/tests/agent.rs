@@ -32,7 +32,12 @@ fn start(topo: &Topology, dir: &Path, config: &str, log: &str) -> Result<Agent> 
 fn app(topo: &Topology, name: &str) -> Result<Option<Value>> {
     let (status, apps) = topo.agent.http_get(&format!("http://{API}/apps"))?;
     ensure!(status == 200, "/apps: {status}");
-    Ok(apps.as_array().context("apps array")?.iter().find(|a| a["name"] == name).cloned())
+    Ok(apps
+        .as_array()
+        .context("apps array")?
+        .iter()
+        .find(|a| a["name"] == name)
+        .cloned())
 }
 
 fn state_is(topo: &Topology, name: &str, state: &str, announced: bool) -> Result<bool> {
@@ -40,7 +45,10 @@ fn state_is(topo: &Topology, name: &str, state: &str, announced: bool) -> Result
 }
 
 fn lo_has(topo: &Topology, needle: &str) -> Result<bool> {
-    Ok(topo.agent.ip(&["addr", "show", "dev", "lo"])?.contains(needle))
+    Ok(topo
+        .agent
+        .ip(&["addr", "show", "dev", "lo"])?
+        .contains(needle))
 }
 
 fn routes(topo: &Topology) -> Result<Value> {
@@ -52,13 +60,17 @@ fn assert_host_clean(topo: &Topology, vip: &str) -> Result<()> {
     ensure!(!lo_has(topo, vip)?, "vip {vip} left on lo");
     for binary in ["iptables", "ip6tables"] {
         let rules = topo.agent.nat_rules(binary)?;
-        ensure!(!rules.contains("GOCAST"), "{binary} still has our chain:\n{rules}");
+        ensure!(
+            !rules.contains("GOCAST"),
+            "{binary} still has our chain:\n{rules}"
+        );
     }
     Ok(())
 }
 
 #[test]
-fn registered_app_is_served_through_nat_withdrawn_when_its_service_stops_and_cleaned_up() -> Result<()> {
+fn registered_app_is_served_through_nat_withdrawn_when_its_service_stops_and_cleaned_up()
+-> Result<()> {
     if !privileged("registered_app_is_served_through_nat") {
         return Ok(());
     }
@@ -73,30 +85,58 @@ fn registered_app_is_served_through_nat_withdrawn_when_its_service_stops_and_cle
         "http://{API}/register?name=web&vip=192.0.2.10/32&monitor=port:tcp:8081&nat=tcp:80:8081&vip_communities=65001:7"
     ))?;
     ensure!(status == 200, "register: {status} {body}");
-    agent.wait_for("healthy and announced", Duration::from_secs(5), |_| state_is(&topo, "web", "healthy", true))?;
+    agent.wait_for("healthy and announced", Duration::from_secs(5), |_| {
+        state_is(&topo, "web", "healthy", true)
+    })?;
 
     let lo = topo.agent.ip(&["addr", "show", "dev", "lo"])?;
-    ensure!(lo.contains("192.0.2.10/32") && lo.contains("lo:web"), "vip with label on lo:\n{lo}");
+    ensure!(
+        lo.contains("192.0.2.10/32") && lo.contains("lo:web"),
+        "vip with label on lo:\n{lo}"
+    );
     ensure!(routes(&topo)?["192.0.2.10/32"]["communities"] == serde_json::json!(["65001:7"]));
     let rules = topo.agent.nat_rules("iptables")?;
     ensure!(
-        rules.contains(&format!("--to-destination {}:8081", topo.agent_ip)) && rules.contains("gocast:web"),
+        rules.contains(&format!("--to-destination {}:8081", topo.agent_ip))
+            && rules.contains("gocast:web"),
         "DNAT toward the agent's link address:\n{rules}"
     );
     // From another host, VIP:80 reaches the service on 8081.
     let (status, text) = topo.client.http_get("http://192.0.2.10:80/hello.txt")?;
-    ensure!(status == 200 && text == "hello through nat", "through NAT: {status} {text}");
+    ensure!(
+        status == 200 && text == "hello through nat",
+        "through NAT: {status} {text}"
+    );
 
     service.stop();
-    agent.wait_for("withdrawn", Duration::from_secs(3), |_| state_is(&topo, "web", "unhealthy", false))?;
-    ensure!(routes(&topo)? == serde_json::json!({}), "route still desired");
+    agent.wait_for("withdrawn", Duration::from_secs(3), |_| {
+        state_is(&topo, "web", "unhealthy", false)
+    })?;
+    ensure!(
+        routes(&topo)? == serde_json::json!({}),
+        "route still desired"
+    );
     let view = app(&topo, "web")?.context("app kept until cleanup")?;
-    ensure!(view["monitors"][0]["reason"].as_str().unwrap_or("").contains("no tcp socket listening"), "{view}");
-    ensure!(lo_has(&topo, "192.0.2.10/32")?, "the vip stays until the cleanup timer");
+    ensure!(
+        view["monitors"][0]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no tcp socket listening"),
+        "{view}"
+    );
+    ensure!(
+        lo_has(&topo, "192.0.2.10/32")?,
+        "the vip stays until the cleanup timer"
+    );
 
-    agent.wait_for("cleaned up", Duration::from_secs(5), |_| Ok(app(&topo, "web")?.is_none()))?;
+    agent.wait_for("cleaned up", Duration::from_secs(5), |_| {
+        Ok(app(&topo, "web")?.is_none())
+    })?;
     ensure!(!lo_has(&topo, "192.0.2.10")?, "vip left after cleanup");
-    ensure!(!topo.agent.nat_rules("iptables")?.contains("gocast:web"), "rule left after cleanup");
+    ensure!(
+        !topo.agent.nat_rules("iptables")?.contains("gocast:web"),
+        "rule left after cleanup"
+    );
 
     let (status, elapsed) = agent.signal_and_wait("TERM", Duration::from_secs(5))?;
     ensure!(status.success(), "exit status {status}");
@@ -128,7 +168,10 @@ fn http_registrations_survive_a_restart_and_sigterm_leaves_nothing_behind() -> R
     ensure!(status == 200, "IPv6 through NAT: {status} {text}");
 
     let (status, elapsed) = agent.signal_and_wait("TERM", Duration::from_secs(5))?;
-    ensure!(status.success() && elapsed < Duration::from_secs(5), "{status} after {elapsed:?}");
+    ensure!(
+        status.success() && elapsed < Duration::from_secs(5),
+        "{status} after {elapsed:?}"
+    );
     assert_host_clean(&topo, "192.0.2.20")?;
     assert_host_clean(&topo, "2001:db8:ff00::20")?;
 
@@ -154,22 +197,49 @@ fn a_restart_after_a_crash_removes_stale_vips_and_rules_and_nothing_else() -> Re
     let config = write_config(dir.path(), &topo, "15m", apps)?;
     let mut service = Service::http(&topo.agent, 8083, dir.path())?;
     let mut agent = start(&topo, dir.path(), &config, "first.log")?;
-    agent.wait_for("config app healthy", Duration::from_secs(5), |_| state_is(&topo, "cfg", "healthy", true))?;
+    agent.wait_for("config app healthy", Duration::from_secs(5), |_| {
+        state_is(&topo, "cfg", "healthy", true)
+    })?;
     // An address an operator added by hand, GoCast-style label included: not ours.
-    topo.agent.ip(&["addr", "add", "192.0.2.99/32", "dev", "lo", "label", "lo:admin"])?;
+    topo.agent.ip(&[
+        "addr",
+        "add",
+        "192.0.2.99/32",
+        "dev",
+        "lo",
+        "label",
+        "lo:admin",
+    ])?;
 
     agent.signal_and_wait("KILL", Duration::from_secs(5))?;
-    ensure!(lo_has(&topo, "192.0.2.30/32")?, "a crash leaves the vip behind");
-    ensure!(topo.agent.nat_rules("iptables")?.contains("gocast:cfg"), "and the rule");
+    ensure!(
+        lo_has(&topo, "192.0.2.30/32")?,
+        "a crash leaves the vip behind"
+    );
+    ensure!(
+        topo.agent.nat_rules("iptables")?.contains("gocast:cfg"),
+        "and the rule"
+    );
 
     // The service is down now: the restarted agent must not keep the stale state.
     service.stop();
     let mut agent = start(&topo, dir.path(), &config, "second.log")?;
-    agent.wait_for("stale vip removed", Duration::from_secs(5), |_| Ok(!lo_has(&topo, "192.0.2.30/32")?))?;
-    ensure!(!topo.agent.nat_rules("iptables")?.contains("gocast:cfg"), "stale rule removed");
-    ensure!(lo_has(&topo, "192.0.2.99/32")?, "the operator's address was touched");
+    agent.wait_for("stale vip removed", Duration::from_secs(5), |_| {
+        Ok(!lo_has(&topo, "192.0.2.30/32")?)
+    })?;
+    ensure!(
+        !topo.agent.nat_rules("iptables")?.contains("gocast:cfg"),
+        "stale rule removed"
+    );
+    ensure!(
+        lo_has(&topo, "192.0.2.99/32")?,
+        "the operator's address was touched"
+    );
     ensure!(state_is(&topo, "cfg", "unhealthy", false)?);
     agent.signal_and_wait("TERM", Duration::from_secs(5))?;
-    ensure!(lo_has(&topo, "192.0.2.99/32")?, "shutdown removed the operator's address");
+    ensure!(
+        lo_has(&topo, "192.0.2.99/32")?,
+        "shutdown removed the operator's address"
+    );
     Ok(())
 }

@@ -14,6 +14,9 @@ pub struct DataplaneInfo {
 impl DataplaneInfo {
     /// The only dataplane of this version.
     pub fn iptables() -> Self {
-        Self { mode: "iptables", reason: "eBPF dataplane not part of this build; NAT through iptables".into() }
+        Self {
+            mode: "iptables",
+            reason: "eBPF dataplane not part of this build; NAT through iptables".into(),
+        }
     }
 }

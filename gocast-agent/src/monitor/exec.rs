@@ -26,7 +26,10 @@ pub async fn run(command: &str, timeout: Duration) -> Result<(), String> {
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot start /bin/sh: {e}"))?;
-    let pgid = child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw);
+    let pgid = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .map(Pid::from_raw);
     // Output is read beside the wait: a background child that keeps stderr open must not turn
     // a finished command into a timeout.
     let reader = child.stderr.take().map(|s| {
@@ -40,7 +43,10 @@ pub async fn run(command: &str, timeout: Duration) -> Result<(), String> {
     let outcome = match tokio::time::timeout(timeout, child.wait()).await {
         Ok(status) => {
             let out = match reader {
-                Some(r) => tokio::time::timeout(OUTPUT_GRACE, r).await.ok().and_then(Result::ok),
+                Some(r) => tokio::time::timeout(OUTPUT_GRACE, r)
+                    .await
+                    .ok()
+                    .and_then(Result::ok),
                 None => None,
             };
             Ok((status, out.unwrap_or_default()))
@@ -65,7 +71,10 @@ pub async fn run(command: &str, timeout: Duration) -> Result<(), String> {
                 // The group may already be gone; nothing else to do then.
                 let _ = nix::sys::signal::killpg(pgid, Signal::SIGKILL);
             }
-            Err(format!("timed out after {}", crate::config::go_duration::format(timeout)))
+            Err(format!(
+                "timed out after {}",
+                crate::config::go_duration::format(timeout)
+            ))
         }
     }
 }
@@ -83,13 +92,18 @@ mod tests {
 
     #[tokio::test]
     async fn non_zero_exit_is_a_failure_with_its_output() {
-        let e = run("echo broken >&2; exit 3", Duration::from_secs(5)).await.unwrap_err();
+        let e = run("echo broken >&2; exit 3", Duration::from_secs(5))
+            .await
+            .unwrap_err();
         assert!(e.contains("exit status: 3") && e.contains("broken"), "{e}");
     }
 
     #[tokio::test]
     async fn commands_with_colons_run_whole() {
-        assert_eq!(run("test a:b = 'a:b'", Duration::from_secs(5)).await, Ok(()));
+        assert_eq!(
+            run("test a:b = 'a:b'", Duration::from_secs(5)).await,
+            Ok(())
+        );
     }
 
     #[tokio::test]
@@ -102,6 +116,9 @@ mod tests {
         assert!(e.contains("timed out after 200ms"), "{e}");
         assert!(start.elapsed() < Duration::from_secs(5));
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        assert!(!marker.exists(), "the background child outlived the timeout");
+        assert!(
+            !marker.exists(),
+            "the background child outlived the timeout"
+        );
     }
 }

@@ -7,7 +7,7 @@
 //!                                            └─ exec monitors: a task per app check, bounded by exec_timeout
 //! ```
 //!
-//! Port monitors share one snapshot per tick, so 1,000 apps cost one sock_diag dump. An app
+//! Port monitors share one snapshot per tick, so 1,000 apps cost one `sock_diag` dump. An app
 //! whose exec check is still running skips ticks rather than piling up processes; a slow app
 //! never delays another's report.
 
@@ -56,7 +56,9 @@ pub enum Command {
         generation: u64,
         monitors: Vec<Monitor>,
     },
-    Unwatch { app: AppName },
+    Unwatch {
+        app: AppName,
+    },
 }
 
 /// Settings of the scheduler.
@@ -92,7 +94,13 @@ pub fn spawn(
 ) -> mpsc::Sender<Command> {
     let (tx, rx) = mpsc::channel(1024);
     let (done_tx, done_rx) = mpsc::unbounded_channel();
-    let scheduler = Scheduler { settings, apps: HashMap::new(), reports, done_tx, metrics };
+    let scheduler = Scheduler {
+        settings,
+        apps: HashMap::new(),
+        reports,
+        done_tx,
+        metrics,
+    };
     tokio::spawn(scheduler.run(rx, done_rx, cancel));
     tx
 }
@@ -136,22 +144,33 @@ impl Scheduler {
     /// a task per app.
     async fn check(&mut self, names: &[AppName]) {
         let needs_table = names.iter().any(|n| {
-            self.apps.get(n).is_some_and(|w| w.monitors.iter().any(|m| matches!(m, Monitor::Port { .. })))
+            self.apps
+                .get(n)
+                .is_some_and(|w| w.monitors.iter().any(|m| matches!(m, Monitor::Port { .. })))
         });
         let started = Instant::now();
         let table = if needs_table {
-            Some(tokio::task::spawn_blocking(SocketTable::snapshot).await.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())))
+            Some(
+                tokio::task::spawn_blocking(SocketTable::snapshot)
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string())),
+            )
         } else {
             None
         };
         let table_latency = started.elapsed();
         for name in names {
-            let Some(w) = self.apps.get_mut(name) else { continue };
+            let Some(w) = self.apps.get_mut(name) else {
+                continue;
+            };
             let pending: Vec<Pending> = w
                 .monitors
                 .iter()
                 .map(|m| match m {
-                    Monitor::Port { proto, port } => Pending::Ready(port_result(table.as_ref(), *proto, *port, table_latency)),
+                    Monitor::Port { proto, port } => {
+                        Pending::Ready(port_result(table.as_ref(), *proto, *port, table_latency))
+                    }
                     Monitor::Consul => Pending::Ready(MonitorResult {
                         ok: false,
                         reason: "consul monitor: Consul support is not in this version yet".into(),
@@ -161,9 +180,14 @@ impl Scheduler {
                     Monitor::Exec { command } => Pending::Exec(command.clone()),
                 })
                 .collect();
-            let report = Report { app: name.clone(), generation: w.generation, results: Vec::new() };
+            let report = Report {
+                app: name.clone(),
+                generation: w.generation,
+                results: Vec::new(),
+            };
             if pending.iter().all(|p| matches!(p, Pending::Ready(_))) {
-                let results: Vec<MonitorResult> = pending.into_iter().filter_map(Pending::ready).collect();
+                let results: Vec<MonitorResult> =
+                    pending.into_iter().filter_map(Pending::ready).collect();
                 observe(&self.metrics, &w.monitors, &results);
                 // A closed inbox means the lifecycle is gone: shutting down, nothing to do.
                 let _ = self.reports.send(Report { results, ..report }).await;
@@ -172,7 +196,11 @@ impl Scheduler {
             w.in_flight = true;
             let monitors = w.monitors.clone();
             let timeout = self.settings.exec_timeout;
-            let (reports, done, metrics) = (self.reports.clone(), self.done_tx.clone(), self.metrics.clone());
+            let (reports, done, metrics) = (
+                self.reports.clone(),
+                self.done_tx.clone(),
+                self.metrics.clone(),
+            );
             tokio::spawn(async move {
                 let runs = pending.into_iter().map(|p| async move {
                     match p {
@@ -185,7 +213,12 @@ impl Scheduler {
                                 Ok(()) => (true, "exit status 0".to_owned()),
                                 Err(why) => (false, why),
                             };
-                            MonitorResult { ok, reason, at: SystemTime::now(), latency }
+                            MonitorResult {
+                                ok,
+                                reason,
+                                at: SystemTime::now(),
+                                latency,
+                            }
                         }
                     }
                 });
@@ -198,7 +231,6 @@ impl Scheduler {
             });
         }
     }
-
 }
 
 /// A monitor's result, known now or still to be run.
@@ -230,11 +262,26 @@ fn port_result(
 ) -> MonitorResult {
     let (ok, reason) = match table {
         Some(Ok(t)) if t.is_open(proto, port) => (true, format!("{proto} port {port} is open")),
-        Some(Ok(_)) => (false, format!("no {proto} socket {} port {port}", if proto == crate::app::Proto::Tcp { "listening on" } else { "bound to" })),
+        Some(Ok(_)) => (
+            false,
+            format!(
+                "no {proto} socket {} port {port}",
+                if proto == crate::app::Proto::Tcp {
+                    "listening on"
+                } else {
+                    "bound to"
+                }
+            ),
+        ),
         Some(Err(e)) => (false, format!("cannot read the socket table: {e}")),
         None => (false, "internal: socket table not read".to_owned()),
     };
-    MonitorResult { ok, reason, at: SystemTime::now(), latency }
+    MonitorResult {
+        ok,
+        reason,
+        at: SystemTime::now(),
+        latency,
+    }
 }
 
 #[cfg(test)]
@@ -244,11 +291,17 @@ mod tests {
     use super::*;
 
     fn settings() -> Settings {
-        Settings { interval: Duration::from_millis(50), exec_timeout: Duration::from_secs(5) }
+        Settings {
+            interval: Duration::from_millis(50),
+            exec_timeout: Duration::from_secs(5),
+        }
     }
 
     async fn next(rx: &mut mpsc::Receiver<Report>) -> Report {
-        tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("a report in time").expect("scheduler alive")
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("a report in time")
+            .expect("scheduler alive")
     }
 
     #[tokio::test]
@@ -259,8 +312,17 @@ mod tests {
         let cancel = CancellationToken::new();
         let cmds = spawn(settings(), tx, Metrics::default(), cancel.clone());
         let app: AppName = "web".parse().unwrap();
-        let monitors = vec![format!("port:tcp:{port}").parse().unwrap(), "exec:true".parse().unwrap()];
-        cmds.send(Command::Watch { app: app.clone(), generation: 7, monitors }).await.unwrap();
+        let monitors = vec![
+            format!("port:tcp:{port}").parse().unwrap(),
+            "exec:true".parse().unwrap(),
+        ];
+        cmds.send(Command::Watch {
+            app: app.clone(),
+            generation: 7,
+            monitors,
+        })
+        .await
+        .unwrap();
         let r = next(&mut rx).await;
         assert_eq!((r.app.as_str(), r.generation), ("web", 7));
         assert!(r.results.iter().all(|m| m.ok), "{r:?}");
@@ -271,7 +333,10 @@ mod tests {
                 break r;
             }
         };
-        assert!(r.results[0].reason.contains("no tcp socket listening"), "{r:?}");
+        assert!(
+            r.results[0].reason.contains("no tcp socket listening"),
+            "{r:?}"
+        );
         assert!(r.results[1].ok);
         cancel.cancel();
     }
@@ -283,8 +348,20 @@ mod tests {
         let cmds = spawn(settings(), tx, Metrics::default(), cancel.clone());
         let slow: AppName = "slow".parse().unwrap();
         let fast: AppName = "fast".parse().unwrap();
-        cmds.send(Command::Watch { app: slow.clone(), generation: 1, monitors: vec!["exec:sleep 2".parse().unwrap()] }).await.unwrap();
-        cmds.send(Command::Watch { app: fast.clone(), generation: 1, monitors: vec!["exec:true".parse().unwrap()] }).await.unwrap();
+        cmds.send(Command::Watch {
+            app: slow.clone(),
+            generation: 1,
+            monitors: vec!["exec:sleep 2".parse().unwrap()],
+        })
+        .await
+        .unwrap();
+        cmds.send(Command::Watch {
+            app: fast.clone(),
+            generation: 1,
+            monitors: vec!["exec:true".parse().unwrap()],
+        })
+        .await
+        .unwrap();
         let mut fast_reports = 0;
         while fast_reports < 5 {
             let r = next(&mut rx).await;
@@ -299,7 +376,13 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(16);
         let cancel = CancellationToken::new();
         let cmds = spawn(settings(), tx, Metrics::default(), cancel.clone());
-        cmds.send(Command::Watch { app: "c".parse().unwrap(), generation: 1, monitors: vec![Monitor::Consul] }).await.unwrap();
+        cmds.send(Command::Watch {
+            app: "c".parse().unwrap(),
+            generation: 1,
+            monitors: vec![Monitor::Consul],
+        })
+        .await
+        .unwrap();
         let r = next(&mut rx).await;
         assert!(!r.results[0].ok && r.results[0].reason.contains("consul"));
         cancel.cancel();
