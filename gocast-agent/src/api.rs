@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use crate::{
-    app::{self, AppName, AppSpec, Source},
+    app::{self, AppName, AppSpec, Monitor, NatRule, Source},
     config::Config,
     lifecycle::{LifecycleError, LifecycleHandle, RouteSet},
     metrics::Metrics,
@@ -165,40 +165,34 @@ fn body_pairs(headers: &HeaderMap, body: &[u8]) -> Result<Vec<(String, String)>,
     }
 }
 
+/// Parses one value, or notes why not under the parameter's name.
+fn parse_into<T: std::str::FromStr>(key: &str, value: &str, problems: &mut Vec<String>) -> Option<T>
+where
+    T::Err: std::fmt::Display,
+{
+    value
+        .parse()
+        .map_err(|e| problems.push(format!("{key}: {e}")))
+        .ok()
+}
+
 /// Parses `/register` parameters into an app, reporting every problem at once.
 pub fn parse_register(pairs: &[(String, String)]) -> Result<AppSpec, ApiError> {
     let mut problems = Vec::new();
-    let mut name = None;
-    let mut vip = None;
+    let name = single(pairs, "name", &mut problems)
+        .and_then(|v| parse_into::<AppName>("name", v, &mut problems));
+    let vip = single(pairs, "vip", &mut problems)
+        .and_then(|v| parse_into::<app::Vip>("vip", v, &mut problems));
     let mut monitors = Vec::new();
     let mut nats = Vec::new();
     let mut communities = Vec::new();
     for (key, value) in pairs {
         match key.as_str() {
-            "name" if name.is_some() => problems.push("name: given more than once".into()),
-            "vip" if vip.is_some() => problems.push("vip: given more than once".into()),
-            "name" => {
-                name = Some(
-                    value
-                        .parse::<AppName>()
-                        .map_err(|e| problems.push(format!("name: {e}"))),
-                )
+            "name" | "vip" => {}
+            "monitor" | "monitors" => {
+                monitors.extend(parse_into::<Monitor>("monitor", value, &mut problems));
             }
-            "vip" => {
-                vip = Some(
-                    value
-                        .parse::<app::Vip>()
-                        .map_err(|e| problems.push(format!("vip: {e}"))),
-                )
-            }
-            "monitor" | "monitors" => match value.parse() {
-                Ok(m) => monitors.push(m),
-                Err(e) => problems.push(format!("monitor: {e}")),
-            },
-            "nat" | "nats" => match value.parse() {
-                Ok(n) => nats.push(n),
-                Err(e) => problems.push(format!("nat: {e}")),
-            },
+            "nat" | "nats" => nats.extend(parse_into::<NatRule>("nat", value, &mut problems)),
             "vip_communities" => match app::parse_community_list(value) {
                 Ok(c) => communities.extend(c),
                 Err(e) => problems.push(format!("vip_communities: {e}")),
@@ -208,14 +202,8 @@ pub fn parse_register(pairs: &[(String, String)]) -> Result<AppSpec, ApiError> {
             )),
         }
     }
-    if name.is_none() {
-        problems.push("name: missing".into());
-    }
-    if vip.is_none() {
-        problems.push("vip: missing".into());
-    }
     match (name, vip) {
-        (Some(Ok(name)), Some(Ok(vip))) if problems.is_empty() => Ok(AppSpec {
+        (Some(name), Some(vip)) if problems.is_empty() => Ok(AppSpec {
             name,
             vip,
             monitors,
@@ -227,15 +215,34 @@ pub fn parse_register(pairs: &[(String, String)]) -> Result<AppSpec, ApiError> {
     }
 }
 
-fn parse_name(pairs: &[(String, String)]) -> Result<AppName, ApiError> {
-    let mut names = pairs.iter().filter(|(k, _)| k == "name");
-    match (names.next(), names.next()) {
-        (None, _) => Err(ApiError::bad_request("name: missing")),
-        (Some(_), Some(_)) => Err(ApiError::bad_request("name: given more than once")),
-        (Some((_, v)), None) => v
-            .parse()
-            .map_err(|e| ApiError::bad_request(format!("name: {e}"))),
+/// The value of a parameter that must appear exactly once.
+fn single<'a>(
+    pairs: &'a [(String, String)],
+    key: &str,
+    problems: &mut Vec<String>,
+) -> Option<&'a str> {
+    let mut values = pairs
+        .iter()
+        .filter(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str());
+    match (values.next(), values.next()) {
+        (None, _) => {
+            problems.push(format!("{key}: missing"));
+            None
+        }
+        (Some(_), Some(_)) => {
+            problems.push(format!("{key}: given more than once"));
+            None
+        }
+        (Some(v), None) => Some(v),
     }
+}
+
+fn parse_name(pairs: &[(String, String)]) -> Result<AppName, ApiError> {
+    let mut problems = Vec::new();
+    single(pairs, "name", &mut problems)
+        .and_then(|v| parse_into("name", v, &mut problems))
+        .ok_or_else(|| ApiError::bad_request(problems.join("; ")))
 }
 
 async fn register(state: &ApiState, pairs: &[(String, String)]) -> Result<Response, ApiError> {
@@ -485,6 +492,10 @@ mod tests {
     }
 
     #[tokio::test]
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one table row per bad request reads best"
+    )]
     async fn bad_requests_get_their_status_and_a_json_error_and_change_nothing() {
         let api = api();
         assert_eq!(
