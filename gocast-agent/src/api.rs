@@ -55,9 +55,10 @@ impl IntoResponse for ApiError {
 impl From<LifecycleError> for ApiError {
     fn from(e: LifecycleError) -> Self {
         let status = match &e {
-            LifecycleError::VipConflict { .. } | LifecycleError::LabelConflict { .. } => {
-                StatusCode::CONFLICT
-            }
+            LifecycleError::VipConflict { .. }
+            | LifecycleError::VipOverlap { .. }
+            | LifecycleError::LabelConflict { .. }
+            | LifecycleError::ConfigApp(_) => StatusCode::CONFLICT,
             LifecycleError::UnknownApp(_) => StatusCode::NOT_FOUND,
             LifecycleError::ExecRefused | LifecycleError::NotAllowed(_) => StatusCode::FORBIDDEN,
             LifecycleError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -181,8 +182,20 @@ pub fn parse_register(pairs: &[(String, String)]) -> Result<AppSpec, ApiError> {
     let mut problems = Vec::new();
     let name = single(pairs, "name", &mut problems)
         .and_then(|v| parse_into::<AppName>("name", v, &mut problems));
-    let vip = single(pairs, "vip", &mut problems)
-        .and_then(|v| parse_into::<app::Vip>("vip", v, &mut problems));
+    // A well-formed VIP refused by policy (loopback, multicast, ...) is a 403, not a 400,
+    // unless something else in the request is malformed too.
+    let mut refused = None;
+    let vip = single(pairs, "vip", &mut problems).and_then(|v| match v.parse::<app::Vip>() {
+        Ok(vip) => Some(vip),
+        Err(e @ app::ParseError::VipRefused { .. }) => {
+            refused = Some(format!("vip: {e}"));
+            None
+        }
+        Err(e) => {
+            problems.push(format!("vip: {e}"));
+            None
+        }
+    });
     let mut monitors = Vec::new();
     let mut nats = Vec::new();
     let mut communities = Vec::new();
@@ -211,7 +224,17 @@ pub fn parse_register(pairs: &[(String, String)]) -> Result<AppSpec, ApiError> {
             communities,
             nat_dest: None,
         }),
-        _ => Err(ApiError::bad_request(problems.join("; "))),
+        _ => match refused {
+            Some(why) if problems.is_empty() => Err(ApiError {
+                status: StatusCode::FORBIDDEN,
+                message: why,
+            }),
+            Some(why) => {
+                problems.push(why);
+                Err(ApiError::bad_request(problems.join("; ")))
+            }
+            None => Err(ApiError::bad_request(problems.join("; "))),
+        },
     }
 }
 
@@ -528,22 +551,22 @@ mod tests {
             ),
             (
                 "/register?name=x&vip=127.0.0.1/32",
-                StatusCode::BAD_REQUEST,
+                StatusCode::FORBIDDEN,
                 "loopback",
             ),
             (
                 "/register?name=x&vip=0.0.0.0/0",
-                StatusCode::BAD_REQUEST,
+                StatusCode::FORBIDDEN,
                 "default route",
             ),
             (
                 "/register?name=x&vip=224.0.0.5/32",
-                StatusCode::BAD_REQUEST,
+                StatusCode::FORBIDDEN,
                 "multicast",
             ),
             (
                 "/register?name=x&vip=169.254.0.1/32",
-                StatusCode::BAD_REQUEST,
+                StatusCode::FORBIDDEN,
                 "link-local",
             ),
             (
@@ -600,6 +623,16 @@ mod tests {
                 "/register?name=x&vip=192.0.2.11/32&monitor=exec:true",
                 StatusCode::FORBIDDEN,
                 "allow_http_exec",
+            ),
+            (
+                "/register?name=other&vip=192.0.2.11/24",
+                StatusCode::CONFLICT,
+                "overlaps",
+            ),
+            (
+                "/register?name=x&vip=127.0.0.1/32&monitor=bad",
+                StatusCode::BAD_REQUEST,
+                "monitor",
             ),
             (
                 "/unregister?name=nope",

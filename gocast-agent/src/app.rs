@@ -20,6 +20,9 @@ pub enum ParseError {
     Name(String),
     #[error("invalid vip {value:?}: {reason}")]
     Vip { value: String, reason: &'static str },
+    /// A well-formed address that can never be an anycast VIP (a policy refusal, not a typo).
+    #[error("vip {value:?} refused: {reason}")]
+    VipRefused { value: String, reason: &'static str },
     #[error("invalid monitor {value:?}: {reason}")]
     Monitor { value: String, reason: &'static str },
     #[error("invalid nat {value:?}: {reason}")]
@@ -41,11 +44,41 @@ macro_rules! string_serde {
         }
         impl<'de> Deserialize<'de> for $ty {
             fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let s = String::deserialize(d)?;
-                s.parse().map_err(serde::de::Error::custom)
+                d.deserialize_str(FromStrVisitor::<$ty>::new())
             }
         }
     };
+}
+
+/// Parses a string with `FromStr` inside the deserializer, so a bad value is reported with the
+/// key path and the line of the value itself (not of the enclosing mapping).
+pub struct FromStrVisitor<T>(std::marker::PhantomData<T>);
+
+impl<T> FromStrVisitor<T> {
+    pub fn new() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+impl<T> Default for FromStrVisitor<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T: FromStr> serde::de::Visitor<'_> for FromStrVisitor<T>
+where
+    T::Err: fmt::Display,
+{
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<T, E> {
+        v.parse().map_err(E::custom)
+    }
 }
 
 /// An app's name: 1–64 characters of `[A-Za-z0-9._-]` (it ends up in an interface label,
@@ -175,7 +208,10 @@ impl FromStr for Vip {
             },
         };
         match Self::refusal(net) {
-            Some(reason) => Err(err(reason)),
+            Some(reason) => Err(ParseError::VipRefused {
+                value: s.to_owned(),
+                reason,
+            }),
             None => Ok(Self(net)),
         }
     }

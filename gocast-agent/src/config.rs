@@ -52,27 +52,43 @@ pub enum ConfigError {
 }
 
 /// The whole agent configuration.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub agent: AgentConfig,
     pub bgp: BgpConfig,
     pub apps: Vec<AppSpec>,
+    pub dataplane: DataplaneConfig,
+}
+
+/// The `dataplane:` section: which NAT implementation runs, and on which interfaces.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DataplaneConfig {
+    pub mode: DataplaneMode,
+    /// Interfaces the eBPF dataplane attaches to; empty = the interface toward the BGP peer.
+    pub interfaces: Vec<String>,
+}
+
+/// `auto` takes eBPF where it loads and falls back to iptables; the others force one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataplaneMode {
+    #[default]
+    Auto,
+    Ebpf,
+    Iptables,
 }
 
 /// The `agent:` section.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AgentConfig {
     pub listen_addr: ListenAddr,
-    #[serde(with = "go_duration")]
     pub monitor_interval: Duration,
-    #[serde(with = "go_duration")]
     pub cleanup_timer: Duration,
     pub consul: Option<ConsulConfig>,
     /// Consecutive passing results that make an unhealthy app healthy.
     pub monitor_rise: u32,
     /// Consecutive failing results that make a healthy app unhealthy.
     pub monitor_fall: u32,
-    #[serde(with = "go_duration")]
     pub exec_timeout: Duration,
     pub state_file: PathBuf,
     pub allow_http_exec: bool,
@@ -83,11 +99,10 @@ pub struct AgentConfig {
 }
 
 /// Consul discovery settings; present when `consul_addr` is set.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ConsulConfig {
     /// Includes the API prefix, e.g. `http://127.0.0.1:8500/v1`, as GoCast writes it.
     pub addr: String,
-    #[serde(with = "go_duration")]
     pub query_interval: Duration,
     pub token: Option<String>,
 }
@@ -108,7 +123,8 @@ impl FromStr for ListenAddr {
             || format!("invalid listen address {s:?}: expected host:port, [v6]:port or :port");
         if let Some(port) = s.strip_prefix(':') {
             let port = port.parse::<u16>().map_err(|_| bad())?;
-            let addr = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port);
+            // Go's `:port` is every address of both families: `[::]` with dual stack.
+            let addr = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port);
             return Ok(Self {
                 addr,
                 all_interfaces: true,
@@ -133,20 +149,14 @@ impl fmt::Display for ListenAddr {
     }
 }
 
-impl Serialize for ListenAddr {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
 /// All BGP peers, whichever shape the file used.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct BgpConfig {
     pub peers: Vec<PeerConfig>,
 }
 
 /// One BGP session, with the section-wide values already folded in.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerConfig {
     pub local_as: u32,
     pub peer_as: u32,
@@ -158,11 +168,9 @@ pub struct PeerConfig {
     /// IPv6 next hop; `None` = the global address on the interface toward the peer.
     pub local_ipv6: Option<Ipv6Addr>,
     /// TCP MD5 key. Never printed.
-    #[serde(skip_serializing)]
     pub password: Option<String>,
     /// eBGP multihop TTL.
     pub multihop: Option<u8>,
-    #[serde(with = "go_duration")]
     pub hold_time: Duration,
     pub communities: Vec<Community>,
     pub origin: Origin,
@@ -177,17 +185,30 @@ pub enum Origin {
     Incomplete,
 }
 
+/// GoCast's rule: `igp`, `egp`, anything else is incomplete. An unexpected word is kept that
+/// way for compatibility, with a warning, since it is most likely a typo.
+impl FromStr for Origin {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "igp" => Self::Igp,
+            "egp" => Self::Egp,
+            "incomplete" => Self::Incomplete,
+            _ => {
+                tracing::warn!(
+                    origin = s,
+                    "bgp origin is not igp, egp or incomplete: using incomplete, as GoCast does"
+                );
+                Self::Incomplete
+            }
+        })
+    }
+}
+
 impl<'de> Deserialize<'de> for Origin {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        match s.to_ascii_lowercase().as_str() {
-            "igp" => Ok(Self::Igp),
-            "egp" => Ok(Self::Egp),
-            "incomplete" => Ok(Self::Incomplete),
-            _ => Err(de::Error::custom(format!(
-                "invalid origin {s:?}: expected igp, egp or incomplete"
-            ))),
-        }
+        d.deserialize_str(crate::app::FromStrVisitor::<Self>::new())
     }
 }
 
@@ -220,6 +241,143 @@ impl Config {
     }
 }
 
+// ---- the file as `check-config` prints it --------------------------------------------------
+
+/// The normalized config in the file's own schema, so the output loads again: every default
+/// written out, and `bgp:` as a list of single-peer blocks (the one shape that carries every
+/// per-peer key). Passwords are left out.
+#[derive(Serialize)]
+struct OutConfig<'a> {
+    agent: OutAgent<'a>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    bgp: Vec<OutPeer<'a>>,
+    apps: Vec<OutApp<'a>>,
+    dataplane: OutDataplane<'a>,
+}
+
+#[derive(Serialize)]
+struct OutDataplane<'a> {
+    mode: DataplaneMode,
+    interfaces: &'a [String],
+}
+
+#[derive(Serialize)]
+struct OutAgent<'a> {
+    listen_addr: String,
+    monitor_interval: String,
+    cleanup_timer: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    consul_addr: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    consul_query_interval: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    consul_token: Option<&'a str>,
+    monitor_rise: u32,
+    monitor_fall: u32,
+    exec_timeout: String,
+    state_file: &'a Path,
+    allow_http_exec: bool,
+    vip_allowlist: &'a [IpNet],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nat_dest_ip: Option<IpAddr>,
+}
+
+#[derive(Serialize)]
+struct OutPeer<'a> {
+    local_as: u32,
+    peer_as: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peer_ip: Option<IpAddr>,
+    peer_port: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    local_ip: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    local_ipv6: Option<Ipv6Addr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    multihop: Option<u8>,
+    hold_time: String,
+    communities: &'a [Community],
+    origin: Origin,
+}
+
+#[derive(Serialize)]
+struct OutApp<'a> {
+    name: &'a AppName,
+    vip: &'a Vip,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vip_config: Option<OutVipConfig<'a>>,
+    monitors: &'a [Monitor],
+    nats: &'a [NatRule],
+}
+
+#[derive(Serialize)]
+struct OutVipConfig<'a> {
+    bgp_communities: &'a [Community],
+}
+
+impl Config {
+    /// The config as YAML in the input schema (see [`OutConfig`]).
+    pub fn to_yaml(&self) -> String {
+        let a = &self.agent;
+        let out = OutConfig {
+            agent: OutAgent {
+                listen_addr: a.listen_addr.to_string(),
+                monitor_interval: go_duration::format(a.monitor_interval),
+                cleanup_timer: go_duration::format(a.cleanup_timer),
+                consul_addr: a.consul.as_ref().map(|c| c.addr.as_str()),
+                consul_query_interval: a
+                    .consul
+                    .as_ref()
+                    .map(|c| go_duration::format(c.query_interval)),
+                consul_token: a.consul.as_ref().and_then(|c| c.token.as_deref()),
+                monitor_rise: a.monitor_rise,
+                monitor_fall: a.monitor_fall,
+                exec_timeout: go_duration::format(a.exec_timeout),
+                state_file: &a.state_file,
+                allow_http_exec: a.allow_http_exec,
+                vip_allowlist: &a.vip_allowlist,
+                nat_dest_ip: a.nat_dest_ip,
+            },
+            bgp: self
+                .bgp
+                .peers
+                .iter()
+                .map(|p| OutPeer {
+                    local_as: p.local_as,
+                    peer_as: p.peer_as,
+                    peer_ip: p.peer_ip,
+                    peer_port: p.peer_port,
+                    local_ip: p.local_ip,
+                    local_ipv6: p.local_ipv6,
+                    multihop: p.multihop,
+                    hold_time: go_duration::format(p.hold_time),
+                    communities: &p.communities,
+                    origin: p.origin,
+                })
+                .collect(),
+            apps: self
+                .apps
+                .iter()
+                .map(|app| OutApp {
+                    name: &app.name,
+                    vip: &app.vip,
+                    vip_config: (!app.communities.is_empty()).then_some(OutVipConfig {
+                        bgp_communities: &app.communities,
+                    }),
+                    monitors: &app.monitors,
+                    nats: &app.nats,
+                })
+                .collect(),
+            dataplane: OutDataplane {
+                mode: self.dataplane.mode,
+                interfaces: &self.dataplane.interfaces,
+            },
+        };
+        // Plain data of strings, numbers and lists: serializing cannot fail.
+        serde_yaml::to_string(&out).unwrap_or_default()
+    }
+}
+
 // ---- the file as written -------------------------------------------------------------------
 
 #[derive(Debug, Default, Deserialize)]
@@ -231,6 +389,17 @@ struct RawConfig {
     bgp: Option<RawBgp>,
     #[serde(default)]
     apps: Vec<RawApp>,
+    #[serde(default)]
+    dataplane: RawDataplane,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDataplane {
+    #[serde(default)]
+    mode: DataplaneMode,
+    #[serde(default)]
+    interfaces: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -415,7 +584,37 @@ impl RawConfig {
                 ));
             }
         }
-        Ok(Config { agent, bgp, apps })
+        let dataplane = self.dataplane.into_dataplane()?;
+        Ok(Config {
+            agent,
+            bgp,
+            apps,
+            dataplane,
+        })
+    }
+}
+
+impl RawDataplane {
+    fn into_dataplane(self) -> Result<DataplaneConfig, Invalid> {
+        if self.mode == DataplaneMode::Ebpf {
+            return Err(invalid(
+                "dataplane.mode",
+                "this build has no eBPF dataplane: use auto or iptables",
+            ));
+        }
+        for (i, name) in self.interfaces.iter().enumerate() {
+            let ok = (1..=15).contains(&name.len()) && !name.contains(['/', ' ', ':']);
+            if !ok {
+                return Err(invalid(
+                    format!("dataplane.interfaces[{i}]"),
+                    format!("{name:?} is not an interface name"),
+                ));
+            }
+        }
+        Ok(DataplaneConfig {
+            mode: self.mode,
+            interfaces: self.interfaces,
+        })
     }
 }
 
@@ -620,7 +819,7 @@ fn hold_time<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Err
 pub mod go_duration {
     use std::time::Duration;
 
-    use serde::{Deserialize, Deserializer, Serializer};
+    use serde::{Deserialize, Deserializer};
 
     /// Parses a Go duration. Negative durations are refused: nothing here can be negative.
     pub fn parse(s: &str) -> Result<Duration, String> {
@@ -699,13 +898,26 @@ pub mod go_duration {
         out
     }
 
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format(*d))
+    /// A Go duration string, parsed while the deserializer still knows where it is.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct GoDuration(pub Duration);
+
+    impl std::str::FromStr for GoDuration {
+        type Err = String;
+
+        fn from_str(s: &str) -> Result<Self, String> {
+            parse(s).map(Self)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for GoDuration {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_str(crate::app::FromStrVisitor::<Self>::new())
+        }
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        parse(&s).map_err(serde::de::Error::custom)
+        GoDuration::deserialize(d).map(|g| g.0)
     }
 
     /// For `Option<Duration>` fields.
@@ -715,9 +927,7 @@ pub mod go_duration {
         use serde::{Deserialize, Deserializer};
 
         pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-            Option::<String>::deserialize(d)?
-                .map(|s| super::parse(&s).map_err(serde::de::Error::custom))
-                .transpose()
+            Ok(Option::<super::GoDuration>::deserialize(d)?.map(|g| g.0))
         }
     }
 }
@@ -886,10 +1096,6 @@ mod tests {
                 "invalid community",
             ),
             (
-                "bgp:\n  local_as: 1\n  remote_as: 2\n  origin: ipg\n",
-                "invalid origin",
-            ),
-            (
                 "bgp:\n  local_as: 1\n  remote_as: 2\n  hold_time: 2\n",
                 "at least 3s",
             ),
@@ -924,6 +1130,9 @@ mod tests {
                 "already used by app a",
             ),
             ("agent: [1, 2]", "agent"),
+            ("dataplane: {mode: xdp}", "dataplane.mode"),
+            ("dataplane: {mode: ebpf}", "no eBPF dataplane"),
+            ("dataplane: {interfaces: ['a/b']}", "not an interface name"),
             ("bgp: 5", "bgp"),
             ("apps:\n  - name: a\n   vip: x\n", "line"),
         ] {
@@ -939,9 +1148,8 @@ mod tests {
     #[test]
     fn errors_inside_values_carry_the_line() {
         let e = err("apps:\n  - name: a\n    vip: 192.0.2.1/32\n  - name: b\n    vip: nope\n");
-        // serde_yaml marks the start of the app's mapping; the path and the value pin it down.
         assert!(
-            e.contains("apps[1]") && e.contains("\"nope\"") && e.contains("line 4"),
+            e.contains("apps[1].vip") && e.contains("\"nope\"") && e.contains("line 5"),
             "{e}"
         );
     }
@@ -951,7 +1159,7 @@ mod tests {
         let c = parse("bgp: {local_as: 1, remote_as: 2, peer_ip: 198.18.0.2, password: s3cret}")
             .unwrap();
         assert_eq!(c.bgp.peers[0].password.as_deref(), Some("s3cret"));
-        assert!(!serde_yaml::to_string(&c).unwrap().contains("s3cret"));
+        assert!(!c.to_yaml().contains("s3cret"));
     }
 
     /// The example configs in `config/`: every file loads, and each shape is what it claims.
@@ -980,5 +1188,52 @@ mod tests {
         assert_eq!(get("gocast-multipeer.yaml").bgp.peers.len(), 2);
         assert_eq!(get("gocast-threatx-list.yaml").bgp.peers.len(), 2);
         assert!(get("minimal.yaml").apps.is_empty());
+    }
+
+    #[test]
+    fn dataplane_section_defaults_to_auto() {
+        assert_eq!(parse("").unwrap().dataplane.mode, DataplaneMode::Auto);
+        let c = parse("dataplane: {mode: iptables, interfaces: [eth0]}").unwrap();
+        assert_eq!(
+            (c.dataplane.mode, c.dataplane.interfaces.len()),
+            (DataplaneMode::Iptables, 1)
+        );
+    }
+
+    #[test]
+    fn unknown_origin_is_incomplete_as_in_gocast() {
+        let c = parse("bgp: {local_as: 1, remote_as: 2, origin: whatever}").unwrap();
+        assert_eq!(c.bgp.peers[0].origin, Origin::Incomplete);
+        let c = parse("bgp: {local_as: 1, remote_as: 2, origin: EGP}").unwrap();
+        assert_eq!(c.bgp.peers[0].origin, Origin::Egp);
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key_and_its_own_line() {
+        let e = err("agent:\n  listen_addr: 127.0.0.1:1\n  monitor_interval: 10\n");
+        assert!(
+            e.contains("agent.monitor_interval") && e.contains("line 3"),
+            "{e}"
+        );
+        let e = err("apps:\n  - name: a\n    monitor: port:tcp:1\n    vip: nope\n");
+        assert!(e.contains("apps[0].vip") && e.contains("line 4"), "{e}");
+        let e = err(
+            "apps:\n  - name: a\n    vip: 192.0.2.1/32\n    nats:\n      - tcp:1:2\n      - tcp:0\n",
+        );
+        assert!(e.contains("apps[0].nats[1]") && e.contains("line 6"), "{e}");
+    }
+
+    #[test]
+    fn printed_config_loads_back_to_the_same_config() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let c = Config::load(&path).unwrap();
+            let again = Config::parse(&c.to_yaml(), "printed")
+                .unwrap_or_else(|e| panic!("{}: {e}\n{}", path.display(), c.to_yaml()));
+            assert_eq!(c, again, "{}", path.display());
+        }
+        let c = parse("bgp: {local_as: 1, remote_as: 2, password: s3cret}").unwrap();
+        assert!(!c.to_yaml().contains("s3cret"));
     }
 }

@@ -47,27 +47,13 @@ impl SystemHost {
     /// previous run left on `lo` (marked by their address protocol) and the rules in the NAT
     /// chain are removed. Nothing else is touched.
     pub async fn start(config: &Config) -> Result<Self, HostError> {
-        let netlink = Netlink::new()
-            .await
-            .map_err(|e| HostError(format!("netlink: {e}")))?;
-        let stale = netlink
-            .owned_vips()
-            .await
-            .map_err(|e| HostError(format!("listing vips on lo: {e}")))?;
+        let netlink = Netlink::new().await?;
+        let stale = netlink.owned_vips().await?;
         for (net, label) in stale {
             warn!(vip = %net, label = label.as_deref().unwrap_or(""), "removing a vip left by a previous run");
-            let vip: Vip = net
-                .to_string()
-                .parse()
-                .map_err(|e| HostError(format!("stale address {net}: {e}")))?;
-            netlink
-                .remove_vip(&vip)
-                .await
-                .map_err(|e| HostError(e.to_string()))?;
+            netlink.remove_address(net).await?;
         }
-        let nat = Iptables::init()
-            .await
-            .map_err(|e| HostError(format!("iptables: {e}")))?;
+        let nat = Iptables::init().await?;
         info!("host reconciled: no stale vip or nat rule left");
         let nat_dest = NatDest {
             configured: config.agent.nat_dest_ip,
@@ -102,11 +88,7 @@ impl SystemHost {
                 return Ok(ip);
             }
             if let Some(peer) = peer.filter(family)
-                && let Some(ip) = self
-                    .netlink
-                    .source_toward(peer)
-                    .await
-                    .map_err(|e| HostError(e.to_string()))?
+                && let Some(ip) = self.netlink.source_toward(peer).await?
             {
                 return Ok(ip);
             }
@@ -119,30 +101,19 @@ impl SystemHost {
         } else {
             self.netlink.source_toward(IpAddr::V6(V6_LOOKUP)).await
         };
-        fallback
-            .map_err(|e| HostError(e.to_string()))?
-            .ok_or_else(|| {
-                HostError(format!(
-                    "no NAT destination for IPv{}: set agent.nat_dest_ip or a bgp local address",
-                    if v4 { 4 } else { 6 }
-                ))
-            })
+        fallback?.ok_or(HostError::NoNatDest {
+            family: if v4 { 4 } else { 6 },
+        })
     }
 }
 
 impl Host for SystemHost {
     async fn add_vip(&mut self, vip: &Vip, label: &str) -> Result<(), HostError> {
-        self.netlink
-            .add_vip(vip, label)
-            .await
-            .map_err(|e| HostError(e.to_string()))
+        Ok(self.netlink.add_vip(vip, label).await?)
     }
 
     async fn remove_vip(&mut self, vip: &Vip) -> Result<(), HostError> {
-        self.netlink
-            .remove_vip(vip)
-            .await
-            .map_err(|e| HostError(e.to_string()))
+        Ok(self.netlink.remove_vip(vip).await?)
     }
 
     async fn install_nat(
@@ -156,10 +127,7 @@ impl Host for SystemHost {
             Some(d) => d,
             None => self.default_nat_dest(vip.addr().is_ipv4()).await?,
         };
-        self.nat
-            .install(app, vip.addr(), rules, dest)
-            .await
-            .map_err(|e| HostError(e.to_string()))?;
+        self.nat.install(app, vip.addr(), rules, dest).await?;
         self.installed_dest.insert(app.clone(), dest);
         Ok(())
     }
@@ -174,18 +142,12 @@ impl Host for SystemHost {
         let Some(dest) = self.installed_dest.get(app).copied().or(dest) else {
             return Ok(());
         };
-        self.nat
-            .remove(app, vip.addr(), rules, dest)
-            .await
-            .map_err(|e| HostError(e.to_string()))?;
+        self.nat.remove(app, vip.addr(), rules, dest).await?;
         self.installed_dest.remove(app);
         Ok(())
     }
 
     async fn shutdown(&mut self) -> Result<(), HostError> {
-        self.nat
-            .teardown()
-            .await
-            .map_err(|e| HostError(e.to_string()))
+        Ok(self.nat.teardown().await?)
     }
 }

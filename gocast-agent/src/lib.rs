@@ -14,6 +14,7 @@
 
 pub mod api;
 pub mod app;
+pub mod bgp;
 pub mod cli;
 pub mod config;
 pub mod dataplane;

@@ -55,6 +55,14 @@ pub struct Route {
 pub enum LifecycleError {
     #[error("vip {vip} is already used by app {owner}")]
     VipConflict { vip: Vip, owner: AppName },
+    #[error("vip {vip} overlaps vip {other} of app {owner}")]
+    VipOverlap {
+        vip: Vip,
+        other: Vip,
+        owner: AppName,
+    },
+    #[error("app {0} is defined in the config file; change it there")]
+    ConfigApp(AppName),
     #[error(
         "app name {name} would get lo label {label}, already used by app {owner}; choose another name"
     )]
@@ -105,10 +113,16 @@ pub trait Host: Send + Sync + 'static {
     fn shutdown(&mut self) -> impl Future<Output = Result<(), HostError>> + Send;
 }
 
-/// A host operation that failed; the message names the operation and the object.
+/// A host operation that failed.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct HostError(pub String);
+pub enum HostError {
+    #[error(transparent)]
+    Netlink(#[from] crate::netlink::NetlinkError),
+    #[error(transparent)]
+    Nat(#[from] crate::dataplane::iptables::IptablesError),
+    #[error("no NAT destination for IPv{family}: set agent.nat_dest_ip or a bgp local address")]
+    NoNatDest { family: u8 },
+}
 
 /// Settings the lifecycle applies.
 #[derive(Debug, Clone)]
@@ -233,6 +247,11 @@ struct Entry {
 }
 
 impl Entry {
+    /// Everything a healthy app needs on the host is in place.
+    fn installed(&self) -> bool {
+        self.vip_installed && (self.spec.nats.is_empty() || self.nat_installed)
+    }
+
     fn view(&self, announced: bool) -> AppView {
         AppView {
             name: self.spec.name.clone(),
@@ -422,6 +441,17 @@ impl<H: Host> Lifecycle<H> {
                     owner: other.spec.name.clone(),
                 });
             }
+            // Two addresses of one subnet on lo: removing the primary takes the secondary with
+            // it, and both would announce the same prefix.
+            if other.spec.vip.prefix().contains(&spec.vip.addr())
+                || spec.vip.prefix().contains(&other.spec.vip.addr())
+            {
+                return Err(LifecycleError::VipOverlap {
+                    vip: spec.vip,
+                    other: other.spec.vip,
+                    owner: other.spec.name.clone(),
+                });
+            }
             if other.spec.name.lo_label() == label {
                 return Err(LifecycleError::LabelConflict {
                     name: spec.name.clone(),
@@ -456,6 +486,14 @@ impl<H: Host> Lifecycle<H> {
     async fn register(&mut self, spec: AppSpec, source: Source) -> Result<AppView, LifecycleError> {
         self.check_policy(&spec, source)?;
         self.check_conflicts(&spec)?;
+        if source != Source::Config
+            && self
+                .apps
+                .get(&spec.name)
+                .is_some_and(|e| e.source == Source::Config)
+        {
+            return Err(LifecycleError::ConfigApp(spec.name));
+        }
         if let Some(old) = self.apps.get(&spec.name)
             && old.spec == spec
         {
@@ -547,8 +585,7 @@ impl<H: Host> Lifecycle<H> {
             vip_installed: false,
             nat_installed: false,
             since: SystemTime::now(),
-            cleanup_at: (source != Source::Config)
-                .then(|| Instant::now() + self.settings.cleanup_timer),
+            cleanup_at: None,
             last_error: None,
         };
         self.metrics
@@ -561,13 +598,9 @@ impl<H: Host> Lifecycle<H> {
     /// flap, swap NAT rules and communities, and check the new monitors from now on.
     async fn replace_in_place(&mut self, mut entry: Entry, spec: AppSpec, source: Source) {
         info!(app = %spec.name, "app parameters replaced");
-        if entry.nat_installed
-            && (entry.spec.nats != spec.nats || entry.spec.nat_dest != spec.nat_dest)
-        {
+        if entry.spec.nats != spec.nats || entry.spec.nat_dest != spec.nat_dest {
+            // The old rules go with the old parameters; the new ones come with go_healthy.
             self.remove_nat(&mut entry).await;
-            entry.spec.nats.clone_from(&spec.nats);
-            entry.spec.nat_dest = spec.nat_dest;
-            self.install_nat(&mut entry).await;
         }
         entry.generation = self.next_generation;
         self.next_generation += 1;
@@ -577,8 +610,13 @@ impl<H: Host> Lifecycle<H> {
         entry.source = source;
         self.watch(&entry).await;
         let name = entry.spec.name.clone();
-        self.apps.insert(name, entry);
-        self.publish();
+        let healthy = entry.healthy;
+        self.apps.insert(name.clone(), entry);
+        if healthy {
+            self.go_healthy(&name).await;
+        } else {
+            self.publish();
+        }
     }
 
     async fn watch(&self, entry: &Entry) {
@@ -616,10 +654,18 @@ impl<H: Host> Lifecycle<H> {
         for (slot, r) in entry.results.iter_mut().zip(report.results) {
             *slot = Some(r);
         }
+        if !passing
+            && !entry.healthy
+            && entry.cleanup_at.is_none()
+            && (entry.source != Source::Config || entry.vip_installed)
+        {
+            // An app that never came up is forgotten after cleanup_timer too, as in GoCast.
+            entry.cleanup_at = Some(Instant::now() + self.settings.cleanup_timer);
+        }
         if passing == entry.healthy {
             entry.streak = 0;
             // A healthy app whose install failed earlier is retried on every passing report.
-            if passing && !entry.vip_installed {
+            if passing && !entry.installed() {
                 self.go_healthy(&report.app).await;
             }
             return;
@@ -651,10 +697,9 @@ impl<H: Host> Lifecycle<H> {
         if entry.vip_installed && !entry.nat_installed {
             self.install_nat(&mut entry).await;
         }
-        let nat_ok = entry.nat_installed || entry.spec.nats.is_empty();
         let was = entry.healthy;
         // Announcing a VIP that is not on lo, or whose NAT is missing, would black-hole traffic.
-        entry.healthy = entry.vip_installed && nat_ok;
+        entry.healthy = entry.installed();
         if entry.healthy && !was {
             entry.since = SystemTime::now();
             entry.cleanup_at = None;
@@ -808,7 +853,8 @@ impl<H: Host> Lifecycle<H> {
         }
     }
 
-    /// Withdraws everything, then removes every VIP and NAT rule.
+    /// Withdraws everything, then removes every VIP, then the whole NAT chain at once (rule by
+    /// rule would not fit the shutdown budget with many apps).
     async fn shutdown(mut self) {
         info!("shutting down: withdrawing all routes");
         for e in self.apps.values_mut() {
@@ -820,7 +866,6 @@ impl<H: Host> Lifecycle<H> {
             let Some(mut entry) = self.apps.remove(&name) else {
                 continue;
             };
-            self.remove_nat(&mut entry).await;
             self.remove_vip(&mut entry).await;
         }
         if let Err(e) = self.host.shutdown().await {
@@ -832,7 +877,12 @@ impl<H: Host> Lifecycle<H> {
 
 /// Keeps a failed host operation on the app; logs it when it is new, not on every retry.
 fn record(entry: &mut Entry, op: &str, e: &HostError) {
-    let message = format!("{op}: {e}");
+    let mut message = format!("{op}: {e}");
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        message = format!("{message}: {cause}");
+        source = cause.source();
+    }
     if entry.last_error.as_ref() != Some(&message) {
         error!(app = %entry.spec.name, vip = %entry.spec.vip, error = %e, "{op} failed");
     }
@@ -998,13 +1048,10 @@ mod tests {
         h.cancel.cancel();
         h.running.task.await.unwrap();
         let log = h.host.log();
+        // Shutdown: withdraw, VIPs off lo, then the NAT chain goes in one piece.
         assert_eq!(
-            &log[log.len() - 3..],
-            [
-                "remove_nat web",
-                "remove_vip 192.0.2.10/32 announced=false",
-                "shutdown"
-            ]
+            &log[log.len() - 2..],
+            ["remove_vip 192.0.2.10/32 announced=false", "shutdown"]
         );
         assert!(h.running.routes.borrow().is_empty());
     }
@@ -1275,11 +1322,82 @@ mod tests {
         .await;
         let view = app(&h, "web").await.unwrap();
         assert_eq!(view.state, "unhealthy");
-        assert!(view.last_error.unwrap().contains("iptables broke"));
+        assert!(view.last_error.unwrap().contains("no NAT destination"));
         assert!(h.running.routes.borrow().is_empty());
         *h.host.fail_nat.lock().unwrap() = false;
         wait_for(&h, "healthy", |a, r| {
             a.is_some_and(|a| a.state == "healthy" && a.last_error.is_none()) && !r.is_empty()
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn nat_added_to_a_healthy_app_is_installed_without_a_flap() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = start(settings(), Vec::new(), dir);
+        let mut a = spec("web", "192.0.2.10/32", &[]);
+        a.nats.clear();
+        h.running
+            .handle
+            .register(a.clone(), Source::Http)
+            .await
+            .unwrap();
+        wait_for(&h, "healthy", |a, _| {
+            a.is_some_and(|a| a.state == "healthy")
+        })
+        .await;
+        a.nats = vec!["tcp:80:8080".parse().unwrap()];
+        let view = h.running.handle.register(a, Source::Http).await.unwrap();
+        assert_eq!(view.state, "healthy");
+        assert_eq!(
+            h.host.log(),
+            ["add_vip 192.0.2.10/32 lo:web", "install_nat web 1"]
+        );
+    }
+
+    #[tokio::test]
+    async fn http_cannot_take_over_a_config_app() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = start(settings(), vec![spec("web", "192.0.2.10/32", &[])], dir);
+        let e = h
+            .running
+            .handle
+            .register(
+                spec("web", "192.0.2.10/32", &["exec:true".into()]),
+                Source::Http,
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(e, LifecycleError::ConfigApp(_)), "{e}");
+        assert_eq!(app(&h, "web").await.unwrap().source, Source::Config);
+    }
+
+    #[tokio::test]
+    async fn overlapping_vips_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = start(settings(), vec![spec("a", "192.0.2.10/24", &[])], dir);
+        let e = h
+            .running
+            .handle
+            .register(spec("b", "192.0.2.20/32", &[]), Source::Http)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, LifecycleError::VipOverlap { .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn with_a_zero_cleanup_timer_a_new_app_still_gets_its_first_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = settings();
+        s.cleanup_timer = Duration::ZERO;
+        let h = start(s, Vec::new(), dir);
+        h.running
+            .handle
+            .register(spec("web", "192.0.2.10/32", &[]), Source::Http)
+            .await
+            .unwrap();
+        wait_for(&h, "healthy", |a, _| {
+            a.is_some_and(|a| a.state == "healthy")
         })
         .await;
     }

@@ -1,7 +1,12 @@
 //! The `gocast` binary: parses the command line, sets up logging and the runtime, and wires
 //! the library's tasks together. Exit codes: 0 ok, 1 runtime failure, 2 bad config or usage.
 
-use std::{process::ExitCode, sync::Arc, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    process::ExitCode,
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -41,7 +46,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => {
-                print!("{}", serde_yaml::to_string(&c).unwrap_or_default());
+                print!("{}", c.to_yaml());
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -105,10 +110,10 @@ async fn run(config: Config) -> Result<()> {
     if listen.all_interfaces {
         warn!(addr = %listen, "the HTTP API listens on all interfaces: anyone who can reach it can register VIPs");
     }
+    // Signals first: one arriving during start-up must still lead to a clean shutdown.
+    let signals = Signals::install()?;
     // Bind before touching the host, so a taken port changes nothing.
-    let listener = tokio::net::TcpListener::bind(listen.addr)
-        .await
-        .with_context(|| format!("binding the HTTP API to {listen}"))?;
+    let listener = bind(listen.addr).await?;
     let host = SystemHost::start(&config)
         .await
         .context("preparing the host (netlink, iptables)")?;
@@ -151,7 +156,7 @@ async fn run(config: Config) -> Result<()> {
         .with_graceful_shutdown(api_stop.clone().cancelled_owned());
     let server = tokio::spawn(async move { server.await });
 
-    let signal = shutdown_signal().await?;
+    let signal = signals.recv().await;
     info!(%signal, "shutting down");
     let deadline = tokio::time::Instant::now() + SHUTDOWN_BUDGET;
     // Order: stop the API, then the lifecycle withdraws, removes VIPs, clears NAT.
@@ -169,15 +174,45 @@ async fn run(config: Config) -> Result<()> {
     }
 }
 
-/// Waits for SIGTERM or SIGINT and names it.
-async fn shutdown_signal() -> Result<&'static str> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+/// SIGTERM and SIGINT, registered as soon as the agent starts.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    /// Waits for either and names it.
+    async fn recv(mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+/// Binds the API. `[::]` (GoCast's `:port`) is dual-stack; on a host without IPv6 it falls
+/// back to `0.0.0.0`.
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    match tokio::net::TcpListener::bind(addr).await {
+        Err(e)
+            if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+                && e.raw_os_error() == Some(nix::errno::Errno::EAFNOSUPPORT as i32) =>
+        {
+            let v4 = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), addr.port());
+            tokio::net::TcpListener::bind(v4)
+                .await
+                .with_context(|| format!("binding the HTTP API to {v4}"))
+        }
+        result => result.with_context(|| format!("binding the HTTP API to {addr}")),
+    }
 }
 
 async fn status(addr: String, config: Option<std::path::PathBuf>) -> Result<()> {

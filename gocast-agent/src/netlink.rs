@@ -72,6 +72,10 @@ pub enum NetlinkError {
     },
     #[error("cannot list the IPv4 routes")]
     ListRoutes(#[source] rtnetlink::Error),
+    #[error(
+        "{vip} is already on lo and was not added by gocast (label {label:?}); remove it or choose another vip"
+    )]
+    NotOurs { vip: String, label: Option<String> },
 }
 
 /// One rtnetlink connection, plus the index of `lo` where VIPs live.
@@ -150,7 +154,7 @@ impl Netlink {
             }
         }
         match request.execute().await {
-            Err(e) if errno(&e) == Some(Errno::EEXIST) => Ok(()),
+            Err(e) if errno(&e) == Some(Errno::EEXIST) => self.adopt(vip, label).await,
             result => result.map_err(|source| NetlinkError::AddAddress {
                 vip: vip.to_string(),
                 source,
@@ -158,9 +162,44 @@ impl Netlink {
         }
     }
 
+    /// The VIP is already on `lo`: it is ours if it carries our marker, or the label this app
+    /// would get (an address GoCast or an older agent left for this very app). Anything else
+    /// belongs to someone else, and removing it later would break their service.
+    async fn adopt(&self, vip: &Vip, label: &str) -> Result<(), NetlinkError> {
+        let existing = self
+            .addresses_of(self.lo_index)
+            .await?
+            .into_iter()
+            .find(|m| address_net(m).is_some_and(|n| n.addr() == vip.addr()));
+        let Some(m) = existing else {
+            // Gone again in the meantime: adding once more settles it.
+            return Err(NetlinkError::NotOurs {
+                vip: vip.to_string(),
+                label: None,
+            });
+        };
+        let ours = m.attributes.iter().any(|a| matches!(a, AddressAttribute::Protocol(AddressProtocol::Other(p)) if *p == ADDR_PROTO));
+        let their_label = m.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Label(l) => Some(l.clone()),
+            _ => None,
+        });
+        if ours || their_label.as_deref() == Some(label) {
+            Ok(())
+        } else {
+            Err(NetlinkError::NotOurs {
+                vip: vip.to_string(),
+                label: their_label,
+            })
+        }
+    }
+
     /// Removes the VIP from `lo`. Idempotent: an address that is not there counts as removed.
     pub async fn remove_vip(&self, vip: &Vip) -> Result<(), NetlinkError> {
-        let net = vip.net();
+        self.remove_address(vip.net()).await
+    }
+
+    /// Removes an address from `lo`; an address that is not there counts as removed.
+    pub async fn remove_address(&self, net: IpNet) -> Result<(), NetlinkError> {
         let message = match net {
             IpNet::V4(n) => AddressMessageBuilder::<Ipv4Addr>::new()
                 .index(self.lo_index)
@@ -174,7 +213,7 @@ impl Netlink {
         match self.handle.address().del(message).execute().await {
             Err(e) if errno(&e) == Some(Errno::EADDRNOTAVAIL) => Ok(()),
             result => result.map_err(|source| NetlinkError::RemoveAddress {
-                vip: vip.to_string(),
+                vip: net.to_string(),
                 source,
             }),
         }
@@ -466,6 +505,34 @@ mod tests {
             // The unmarked addresses are really there (127.0.0.1 and ::1 too).
             let all = nl.addresses_of(nl.lo_index).await.unwrap();
             assert_eq!(all.len(), 6, "{all:#?}");
+        });
+    }
+
+    #[test]
+    fn an_address_someone_else_put_on_lo_is_not_taken_over() {
+        in_new_netns(|| async {
+            let nl = Netlink::new().await.unwrap();
+            let status = std::process::Command::new("ip")
+                .args([
+                    "address",
+                    "add",
+                    "192.0.2.40/32",
+                    "dev",
+                    "lo",
+                    "label",
+                    "lo:admin",
+                ])
+                .status()
+                .unwrap();
+            assert!(status.success());
+            let e = nl
+                .add_vip(&vip("192.0.2.40/32"), "lo:web")
+                .await
+                .unwrap_err();
+            assert!(matches!(e, NetlinkError::NotOurs { .. }), "{e}");
+            assert!(e.to_string().contains("not added by gocast"), "{e}");
+            // The label the app would get means it was left for this app (GoCast's own form).
+            nl.add_vip(&vip("192.0.2.40/32"), "lo:admin").await.unwrap();
         });
     }
 

@@ -99,7 +99,7 @@ impl Host for FakeHost {
         _: Option<IpAddr>,
     ) -> Result<(), HostError> {
         if *self.fail_nat.lock().unwrap() {
-            return Err(HostError("iptables broke".into()));
+            return Err(HostError::NoNatDest { family: 4 });
         }
         self.push(format!("install_nat {app} {}", rules.len()));
         Ok(())

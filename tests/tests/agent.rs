@@ -101,6 +101,18 @@ fn registered_app_is_served_through_nat_withdrawn_when_its_service_stops_and_cle
             && rules.contains("gocast:web"),
         "DNAT toward the agent's link address:\n{rules}"
     );
+    // `gocast status` reads the same API and prints a table.
+    let status_out = topo.agent.run(
+        gocast_tests::agent_binary()?.to_str().context("path")?,
+        &["status", "--addr", API],
+    )?;
+    ensure!(
+        status_out.lines().any(|l| l.starts_with("web")
+            && l.contains("192.0.2.10/32")
+            && l.contains("healthy")
+            && l.contains("yes")),
+        "status table:\n{status_out}"
+    );
     // From another host, VIP:80 reaches the service on 8081.
     let (status, text) = topo.client.http_get("http://192.0.2.10:80/hello.txt")?;
     ensure!(
@@ -242,4 +254,40 @@ fn a_restart_after_a_crash_removes_stale_vips_and_rules_and_nothing_else() -> Re
         "shutdown removed the operator's address"
     );
     Ok(())
+}
+
+#[test]
+fn sigterm_with_two_hundred_apps_cleans_up_within_five_seconds() -> Result<()> {
+    if !privileged("sigterm_with_two_hundred_apps") {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let topo = Topology::new()?;
+    let mut apps = String::from("apps:\n");
+    for i in 0..200 {
+        let (hi, lo) = (i / 250, i % 250 + 1);
+        apps += &format!(
+            "  - name: app{i}\n    vip: 2001:db8:ff00::{hi}:{lo}/128\n    monitor: port:tcp:8084\n    nats: ['tcp:80:8084', 'tcp:443:8084']\n"
+        );
+    }
+    let config = write_config(dir.path(), &topo, "15m", &apps)?;
+    let _service = Service::http(&topo.agent, 8084, dir.path())?;
+    let mut agent = start(&topo, dir.path(), &config, "agent.log")?;
+    agent.wait_for("all healthy", Duration::from_secs(60), |_| {
+        let (_, apps) = topo.agent.http_get(&format!("http://{API}/apps"))?;
+        Ok(apps
+            .as_array()
+            .is_some_and(|a| a.len() == 200 && a.iter().all(|a| a["state"] == "healthy")))
+    })?;
+    let (status, elapsed) = agent.signal_and_wait("TERM", Duration::from_secs(10))?;
+    ensure!(
+        status.success(),
+        "exit status {status}\n{}",
+        agent.log_text()
+    );
+    ensure!(
+        elapsed < Duration::from_secs(5),
+        "shutdown took {elapsed:?}"
+    );
+    assert_host_clean(&topo, "2001:db8:ff00::")
 }

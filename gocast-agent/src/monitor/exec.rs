@@ -14,6 +14,19 @@ const MAX_OUTPUT: usize = 512;
 /// How long output may trail the command's exit.
 const OUTPUT_GRACE: Duration = Duration::from_millis(50);
 
+/// Kills a check's process group when dropped: what a check started in the background must
+/// not outlive it, nor the agent.
+struct GroupKiller(Option<Pid>);
+
+impl Drop for GroupKiller {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            // Usually the group is already gone (ESRCH): nothing to do then.
+            let _ = nix::sys::signal::killpg(pgid, Signal::SIGKILL);
+        }
+    }
+}
+
 /// The verdict of one run: `Ok` with nothing to say, or `Err` with the reason.
 pub async fn run(command: &str, timeout: Duration) -> Result<(), String> {
     let mut child = Command::new("/bin/sh")
@@ -26,10 +39,13 @@ pub async fn run(command: &str, timeout: Duration) -> Result<(), String> {
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot start /bin/sh: {e}"))?;
-    let pgid = child
-        .id()
-        .and_then(|id| i32::try_from(id).ok())
-        .map(Pid::from_raw);
+    // However this future ends (done, timed out, or dropped at shutdown), the whole group goes.
+    let _group = GroupKiller(
+        child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .map(Pid::from_raw),
+    );
     // Output is read beside the wait: a background child that keeps stderr open must not turn
     // a finished command into a timeout.
     let reader = child.stderr.take().map(|s| {
@@ -66,16 +82,10 @@ pub async fn run(command: &str, timeout: Duration) -> Result<(), String> {
             }
         }
         Ok((Err(e), _)) => Err(format!("cannot wait for command: {e}")),
-        Err(_) => {
-            if let Some(pgid) = pgid {
-                // The group may already be gone; nothing else to do then.
-                let _ = nix::sys::signal::killpg(pgid, Signal::SIGKILL);
-            }
-            Err(format!(
-                "timed out after {}",
-                crate::config::go_duration::format(timeout)
-            ))
-        }
+        Err(_) => Err(format!(
+            "timed out after {}",
+            crate::config::go_duration::format(timeout)
+        )),
     }
 }
 
@@ -104,6 +114,22 @@ mod tests {
             run("test a:b = 'a:b'", Duration::from_secs(5)).await,
             Ok(())
         );
+    }
+
+    #[tokio::test]
+    async fn a_dropped_check_takes_its_processes_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("survived");
+        let cmd = format!("(sleep 1; touch {}) & sleep 30", marker.display());
+        let run = run(&cmd, Duration::from_secs(60));
+        // Dropped mid-run, as at shutdown.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), run)
+                .await
+                .is_err()
+        );
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(!marker.exists(), "a child outlived the dropped check");
     }
 
     #[tokio::test]

@@ -1,0 +1,1635 @@
+//! The BGP finite state machine of one peer ([RFC 4271 §8]), for a speaker that only announces.
+//!
+//! No async, no tokio, no global state, no sockets, no clock. [`Fsm::process`] takes one [`Input`]
+//! (an RFC 4271 §8.1 event: an operator request, a timer that fired, a change of the TCP
+//! connection, a message from the peer) and returns the [`Output`]s the session task applies in
+//! order: open or close the connection, send a message, arm (`Some`) or stop (`None`) a timer, and
+//! report. The session owns the socket and the timers; the FSM makes every decision.
+//!
+//! Where we differ from RFC 4271 §8, and why:
+//! - One connection at a time: no collision detection (§6.8), no `DelayOpen` (§8.1.1). The session
+//!   hands the FSM a single connection and refuses any other one itself.
+//! - The `ConnectRetryTimer` has two jobs. In Connect it bounds the outgoing connect
+//!   ([`CONNECT_RETRY_TIME`]); in Idle it is the reconnect delay after a session loss (automatic
+//!   restart, §8.1.1): 1 s doubling to 30 s, ±20 % jitter, back to 1 s once Established
+//!   (DECISIONS.md "BGP behaviour"). `ManualStop` turns automatic restart off until `ManualStart`.
+//! - The jitter comes from a xorshift generator seeded from the [`FsmConfig`] (router id, AS
+//!   numbers), so tests are reproducible and hosts with different router ids do not reconnect in
+//!   lockstep after their router restarts.
+//! - The router id of an eBGP peer may equal ours ([RFC 6286 §2.2]); only iBGP rejects it.
+//! - Received routes are never installed: an UPDATE re-arms the hold timer and is reported.
+//!
+//! [RFC 4271 §8]: https://www.rfc-editor.org/rfc/rfc4271#section-8
+//! [RFC 6286 §2.2]: https://www.rfc-editor.org/rfc/rfc6286#section-2.2
+
+use std::{fmt, net::Ipv4Addr, time::Duration};
+
+use super::codec::{Family, Message, Notification, Open, ReceivedUpdate};
+
+/// Hold time while we wait for the peer's OPEN: [RFC 4271 §8.2.2] (Connect and Active states,
+/// on the TCP connection coming up) sets "the `HoldTimer` to a large value"; "A `HoldTimer` value of
+/// 4 minutes is suggested."
+///
+/// [RFC 4271 §8.2.2]: https://www.rfc-editor.org/rfc/rfc4271#section-8.2.2
+const LARGE_HOLD_TIME: Duration = Duration::from_secs(240);
+
+/// How long an outgoing connect may take before it is dropped and tried again ([RFC 4271 §8.2.2]
+/// Connect state, `ConnectRetryTimer_Expires`). §10 suggests 120 s; our peers are a hop or two
+/// away and DECISIONS.md caps the reconnect delay at 30 s, so a stuck SYN must not cost minutes.
+///
+/// [RFC 4271 §8.2.2]: https://www.rfc-editor.org/rfc/rfc4271#section-8.2.2
+pub const CONNECT_RETRY_TIME: Duration = Duration::from_secs(10);
+
+/// First reconnect delay after a session loss (DECISIONS.md "BGP behaviour").
+const INITIAL_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Longest reconnect delay (DECISIONS.md "BGP behaviour").
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The reconnect delay is multiplied by `(1000 - JITTER_PERMILLE + r) / 1000`, `r` uniform in
+/// `0..=2 * JITTER_PERMILLE`: ±20 % (DECISIONS.md "BGP behaviour").
+const JITTER_PERMILLE: u32 = 200;
+
+/// NOTIFICATION error codes and subcodes ([RFC 4271 §4.5], [RFC 4486], [RFC 6608]).
+///
+/// [RFC 4271 §4.5]: https://www.rfc-editor.org/rfc/rfc4271#section-4.5
+/// [RFC 4486]: https://www.rfc-editor.org/rfc/rfc4486#section-4
+/// [RFC 6608]: https://www.rfc-editor.org/rfc/rfc6608#section-3
+const OPEN_MESSAGE_ERROR: u8 = 2;
+const BAD_PEER_AS: u8 = 2;
+const BAD_BGP_IDENTIFIER: u8 = 3;
+const UNACCEPTABLE_HOLD_TIME: u8 = 6;
+const HOLD_TIMER_EXPIRED: u8 = 4;
+const FSM_ERROR: u8 = 5;
+const UNEXPECTED_IN_OPEN_SENT: u8 = 1;
+const UNEXPECTED_IN_OPEN_CONFIRM: u8 = 2;
+const UNEXPECTED_IN_ESTABLISHED: u8 = 3;
+const CEASE: u8 = 6;
+const ADMINISTRATIVE_SHUTDOWN: u8 = 2;
+const ADMINISTRATIVE_RESET: u8 = 4;
+
+/// Longest Shutdown Communication we send: 128 octets ([RFC 8203 §2]). [RFC 9003] allows 255,
+/// but an RFC 8203 receiver discards anything longer than 128.
+///
+/// [RFC 8203 §2]: https://www.rfc-editor.org/rfc/rfc8203#section-2
+/// [RFC 9003]: https://www.rfc-editor.org/rfc/rfc9003#section-2
+const MAX_SHUTDOWN_COMMUNICATION: usize = 128;
+
+/// The session states of [RFC 4271 §8.2.2]; `Display` gives the RFC names (shown by `/info`).
+///
+/// [RFC 4271 §8.2.2]: https://www.rfc-editor.org/rfc/rfc4271#section-8.2.2
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum State {
+    /// Not connected; waiting for `ManualStart` or for the reconnect delay.
+    Idle,
+    /// An outgoing TCP connection is being set up.
+    Connect,
+    /// Waiting for the peer to connect to us (passive peers).
+    Active,
+    /// Our OPEN is sent; waiting for the peer's.
+    OpenSent,
+    /// OPENs exchanged; waiting for the peer's KEEPALIVE.
+    OpenConfirm,
+    /// The session is up; routes are exchanged.
+    Established,
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Idle => "Idle",
+            Self::Connect => "Connect",
+            Self::Active => "Active",
+            Self::OpenSent => "OpenSent",
+            Self::OpenConfirm => "OpenConfirm",
+            Self::Established => "Established",
+        })
+    }
+}
+
+/// What the FSM needs to know about one peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsmConfig {
+    /// Our AS number, sent in OPEN (as `AS_TRANS` plus the 4-octet capability when it does not
+    /// fit in 16 bits; the codec does that).
+    pub local_as: u32,
+    /// The AS the peer must announce in its OPEN; anything else is Bad Peer AS (2/2). Equal to
+    /// `local_as` makes the session iBGP.
+    pub peer_as: u32,
+    /// Our BGP Identifier.
+    pub router_id: Ipv4Addr,
+    /// The hold time we offer ([RFC 4271 §4.2]). Zero offers none: no hold timer and no
+    /// KEEPALIVEs once negotiated. Sent in whole seconds; 1 and 2 s, which the wire does not
+    /// allow, are sent as 3 s, and more than 65535 s as 65535 s.
+    ///
+    /// [RFC 4271 §4.2]: https://www.rfc-editor.org/rfc/rfc4271#section-4.2
+    pub hold_time: Duration,
+    /// The address families we offer (one Multiprotocol capability each, [RFC 4760]).
+    ///
+    /// [RFC 4760]: https://www.rfc-editor.org/rfc/rfc4760#section-8
+    pub families: Vec<Family>,
+    /// Never connect; wait in Active for the peer to connect ([RFC 4271 §8.1.1]
+    /// `PassiveTcpEstablishment`).
+    ///
+    /// [RFC 4271 §8.1.1]: https://www.rfc-editor.org/rfc/rfc4271#section-8.1.1
+    pub passive: bool,
+}
+
+/// What the two OPENs agreed on, reported once the session is Established.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negotiated {
+    /// The smaller of the two offered hold times; zero if either side offered zero
+    /// ([RFC 4271 §4.2]).
+    ///
+    /// [RFC 4271 §4.2]: https://www.rfc-editor.org/rfc/rfc4271#section-4.2
+    pub hold_time: Duration,
+    /// How often we send KEEPALIVE: a third of the hold time ([RFC 4271 §10]); `None` when the
+    /// hold time is zero.
+    ///
+    /// [RFC 4271 §10]: https://www.rfc-editor.org/rfc/rfc4271#section-10
+    pub keepalive: Option<Duration>,
+    /// The families both sides offered, in our configured order. A peer that sends no
+    /// Multiprotocol capability at all speaks IPv4 unicast only ([RFC 4760 §8]). May be empty:
+    /// the session then stays up and carries nothing.
+    ///
+    /// [RFC 4760 §8]: https://www.rfc-editor.org/rfc/rfc4760#section-8
+    pub families: Vec<Family>,
+    /// Both sides speak 4-octet AS numbers ([RFC 6793]); we always offer it.
+    ///
+    /// [RFC 6793]: https://www.rfc-editor.org/rfc/rfc6793
+    pub four_octet_as: bool,
+    /// The peer offered ROUTE-REFRESH ([RFC 2918]); we always offer it.
+    ///
+    /// [RFC 2918]: https://www.rfc-editor.org/rfc/rfc2918
+    pub route_refresh: bool,
+    /// The peer's BGP Identifier.
+    pub peer_router_id: Ipv4Addr,
+    /// Both ends are in the same AS: no AS prepended, `LOCAL_PREF` sent.
+    pub ibgp: bool,
+}
+
+/// What happened: the events of [RFC 4271 §8.1], named as there, plus ROUTE-REFRESH.
+///
+/// [RFC 4271 §8.1]: https://www.rfc-editor.org/rfc/rfc4271#section-8.1
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// Event 1 `ManualStart` (Event 4 `ManualStart_with_PassiveTcpEstablishment` when
+    /// [`FsmConfig::passive`]): start now, and restart by itself after every session loss.
+    /// Ignored outside Idle.
+    ManualStart,
+    /// Event 2 `ManualStop`: send Cease / Administrative Shutdown (6/2) with `reason` as the
+    /// [RFC 8203] Shutdown Communication if a connection is up, close, go Idle and stay there.
+    ///
+    /// [RFC 8203]: https://www.rfc-editor.org/rfc/rfc8203
+    ManualStop {
+        /// Why, for the peer's operator (truncated to 128 octets on a character boundary).
+        reason: String,
+    },
+    /// Event 8 `AutomaticStop`: like `ManualStop`, but the FSM reconnects after the usual
+    /// delay.
+    AutomaticStop {
+        /// Why, for the peer's operator (truncated to 128 octets on a character boundary).
+        reason: String,
+    },
+    /// Event 9 `ConnectRetryTimer_Expires`: the reconnect delay is over (Idle), or the
+    /// outgoing connect took too long (Connect).
+    ConnectRetryTimerExpired,
+    /// Event 10 `HoldTimer_Expires`: the peer has been silent for the hold time.
+    HoldTimerExpired,
+    /// Event 11 `KeepaliveTimer_Expires`: time to send a KEEPALIVE.
+    KeepaliveTimerExpired,
+    /// Events 16 `Tcp_CR_Acked` and 17 `TcpConnectionConfirmed`: our connect succeeded, or (in
+    /// Active) the peer connected to us.
+    TcpConnectionConfirmed,
+    /// Event 18 `TcpConnectionFails`: the connect failed, or the connection broke (I/O error).
+    TcpConnectionFails,
+    /// Event 18 `TcpConnectionFails` as well, when the peer closed the connection; kept apart
+    /// so the reason says so.
+    TcpConnectionClosed,
+    /// Event 19 `BGPOpen`: a well-formed OPEN (version and syntax already checked by the codec).
+    OpenReceived(Open),
+    /// Event 26 `KeepAliveMsg`.
+    KeepaliveReceived,
+    /// Event 27 `UpdateMsg`: a well-formed UPDATE (RFC 7606 treat-as-withdraw included).
+    UpdateReceived(ReceivedUpdate),
+    /// Events 24 `NotifMsgVerErr` and 25 `NotifMsg`: the peer ends the session.
+    NotificationReceived(Notification),
+    /// ROUTE-REFRESH ([RFC 2918 §4]) for a family.
+    ///
+    /// [RFC 2918 §4]: https://www.rfc-editor.org/rfc/rfc2918#section-4
+    RouteRefreshReceived(Family),
+    /// Events 21 `BGPHeaderErr`, 22 `BGPOpenMsgErr` and 28 `UpdateMsgErr`: the codec found a
+    /// malformed message and says which NOTIFICATION answers it (1/x, 2/x, 3/x).
+    DecodeFailed(Notification),
+}
+
+/// What the session task must do, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Open a TCP connection to the peer ([RFC 4271 §8.2.2] Idle and Connect states); answer
+    /// with `TcpConnectionConfirmed` or `TcpConnectionFails`.
+    ///
+    /// [RFC 4271 §8.2.2]: https://www.rfc-editor.org/rfc/rfc4271#section-8.2.2
+    Connect,
+    /// Send this message on the connection ([RFC 4271 §4]).
+    ///
+    /// [RFC 4271 §4]: https://www.rfc-editor.org/rfc/rfc4271#section-4
+    SendMessage(Message),
+    /// Close the connection, or abandon the connect in progress ([RFC 4271 §8.2.2] "drops the
+    /// TCP connection"). Messages still queued before it are sent first.
+    ///
+    /// [RFC 4271 §8.2.2]: https://www.rfc-editor.org/rfc/rfc4271#section-8.2.2
+    CloseConnection,
+    /// Arm the hold timer for this long from now, or stop it ([RFC 4271 §4.2], §10).
+    ///
+    /// [RFC 4271 §4.2]: https://www.rfc-editor.org/rfc/rfc4271#section-4.2
+    SetHoldTimer(Option<Duration>),
+    /// Arm the keepalive timer for this long from now, or stop it ([RFC 4271 §4.4], §10).
+    ///
+    /// [RFC 4271 §4.4]: https://www.rfc-editor.org/rfc/rfc4271#section-4.4
+    SetKeepaliveTimer(Option<Duration>),
+    /// Arm the `ConnectRetryTimer` for this long from now, or stop it ([RFC 4271 §8.1.3], §10).
+    ///
+    /// [RFC 4271 §8.1.3]: https://www.rfc-editor.org/rfc/rfc4271#section-8.1.3
+    SetConnectRetryTimer(Option<Duration>),
+    /// The session is up ([RFC 4271 §8.2.2] `OpenConfirm` → `Established`): send the Adj-RIB-Out
+    /// for the negotiated families.
+    ///
+    /// [RFC 4271 §8.2.2]: https://www.rfc-editor.org/rfc/rfc4271#section-8.2.2
+    Established(Negotiated),
+    /// The session, or the attempt to set one up, ended ([RFC 4271 §8.2.2] "releases all BGP
+    /// resources"): forget the Adj-RIB-Out sent, record `reason` (`/info` `last_error`).
+    SessionDown {
+        /// What happened, for people.
+        reason: String,
+        /// The NOTIFICATION we sent, if any.
+        notification_sent: Option<Notification>,
+        /// The NOTIFICATION the peer sent, if any.
+        notification_received: Option<Notification>,
+    },
+    /// The state changed ([RFC 4271 §8.2.2]); emitted once per change, never for a self-loop.
+    ///
+    /// [RFC 4271 §8.2.2]: https://www.rfc-editor.org/rfc/rfc4271#section-8.2.2
+    StateChanged {
+        /// The state left.
+        from: State,
+        /// The state entered.
+        to: State,
+    },
+    /// The peer asked for our routes again ([RFC 2918 §4]): resend the Adj-RIB-Out of this
+    /// family.
+    ///
+    /// [RFC 2918 §4]: https://www.rfc-editor.org/rfc/rfc2918#section-4
+    ResendAdjRibOut(Family),
+    /// An UPDATE arrived in Established ([RFC 4271 §8.2.2] Event 27), for counters and logs;
+    /// nothing is installed.
+    ///
+    /// [RFC 4271 §8.2.2]: https://www.rfc-editor.org/rfc/rfc4271#section-8.2.2
+    UpdateReceived(ReceivedUpdate),
+}
+
+/// The state machine of one peer. Create with [`Fsm::new`], start with [`Input::ManualStart`].
+#[derive(Debug)]
+pub struct Fsm {
+    config: FsmConfig,
+    state: State,
+    /// Between `ManualStart` and `ManualStop`: a session loss schedules a reconnect (automatic
+    /// restart, RFC 4271 §8.1.1).
+    running: bool,
+    /// Set when the peer's OPEN is accepted, cleared when the session goes down.
+    negotiated: Option<Negotiated>,
+    /// Reconnect delay, before jitter, for the next session loss.
+    backoff: Duration,
+    /// Jitter source; seeded from the config so runs are reproducible.
+    rng: XorShift,
+    /// Outputs of the input being processed; `process` hands them over.
+    out: Vec<Output>,
+}
+
+impl Fsm {
+    /// A stopped FSM (Idle) for this peer.
+    pub fn new(config: FsmConfig) -> Self {
+        let seed = (u64::from(u32::from(config.router_id)) << 32 | u64::from(config.peer_as))
+            ^ u64::from(config.local_as).rotate_left(16);
+        Self {
+            config,
+            state: State::Idle,
+            running: false,
+            negotiated: None,
+            backoff: INITIAL_BACKOFF,
+            rng: XorShift::new(seed),
+            out: Vec::new(),
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// What the OPENs agreed on, from `OpenConfirm` until the session goes down.
+    pub fn negotiated(&self) -> Option<&Negotiated> {
+        self.negotiated.as_ref()
+    }
+
+    /// Handles one event; returns what to do, in order.
+    pub fn process(&mut self, input: Input) -> Vec<Output> {
+        match input {
+            Input::ManualStart => self.manual_start(),
+            Input::ManualStop { reason } => self.manual_stop(&reason),
+            Input::AutomaticStop { reason } => {
+                if self.state != State::Idle {
+                    self.administrative_shutdown(&reason);
+                }
+            }
+            Input::ConnectRetryTimerExpired => self.connect_retry_timer_expired(),
+            Input::HoldTimerExpired => {
+                if self.connected() {
+                    let notification = notification(HOLD_TIMER_EXPIRED, 0);
+                    self.session_lost("hold timer expired".to_owned(), Some(notification), None);
+                }
+            }
+            Input::KeepaliveTimerExpired => self.keepalive_timer_expired(),
+            Input::TcpConnectionConfirmed => self.tcp_connection_confirmed(),
+            Input::TcpConnectionFails => self.connection_lost("TCP connection failed"),
+            Input::TcpConnectionClosed => self.connection_lost("peer closed the connection"),
+            Input::OpenReceived(open) => match self.state {
+                State::OpenSent => self.open_received(&open),
+                _ => self.unexpected_message("OPEN"),
+            },
+            Input::KeepaliveReceived => match self.state {
+                State::OpenConfirm => self.establish(),
+                State::Established => self.rearm_hold_timer(),
+                _ => self.unexpected_message("KEEPALIVE"),
+            },
+            Input::UpdateReceived(update) => match self.state {
+                State::Established => {
+                    self.rearm_hold_timer();
+                    self.out.push(Output::UpdateReceived(update));
+                }
+                _ => self.unexpected_message("UPDATE"),
+            },
+            Input::RouteRefreshReceived(family) => match self.state {
+                // RFC 2918 §4: a family we did not negotiate is ignored.
+                State::Established => {
+                    if self
+                        .negotiated
+                        .as_ref()
+                        .is_some_and(|n| n.families.contains(&family))
+                    {
+                        self.out.push(Output::ResendAdjRibOut(family));
+                    }
+                }
+                _ => self.unexpected_message("ROUTE-REFRESH"),
+            },
+            Input::NotificationReceived(received) => {
+                if self.connected() {
+                    let reason = describe_received(&received);
+                    self.session_lost(reason, None, Some(received));
+                }
+            }
+            Input::DecodeFailed(answer) => {
+                if self.connected() {
+                    let reason = format!(
+                        "malformed message from peer (sent NOTIFICATION {}/{})",
+                        answer.code, answer.subcode
+                    );
+                    self.session_lost(reason, Some(answer), None);
+                }
+            }
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    /// The one place the state changes (RFC 4271 §8.2.2); reports real changes only.
+    fn change_state(&mut self, to: State) {
+        if self.state != to {
+            let from = std::mem::replace(&mut self.state, to);
+            self.out.push(Output::StateChanged { from, to });
+        }
+    }
+
+    /// A TCP connection is up, so messages can be sent and received.
+    fn connected(&self) -> bool {
+        matches!(
+            self.state,
+            State::OpenSent | State::OpenConfirm | State::Established
+        )
+    }
+
+    fn manual_start(&mut self) {
+        // RFC 4271 §8.2.2: ManualStart is ignored outside Idle.
+        if self.state == State::Idle {
+            self.running = true;
+            self.start_attempt();
+        }
+    }
+
+    /// Connect (Connect state), or wait for the peer to connect (Active state) when passive.
+    fn start_attempt(&mut self) {
+        if self.config.passive {
+            self.change_state(State::Active);
+            self.out.push(Output::SetConnectRetryTimer(None));
+        } else {
+            self.change_state(State::Connect);
+            self.out
+                .push(Output::SetConnectRetryTimer(Some(CONNECT_RETRY_TIME)));
+            self.out.push(Output::Connect);
+        }
+    }
+
+    fn manual_stop(&mut self, reason: &str) {
+        self.running = false;
+        if self.state == State::Idle {
+            // Cancel a pending reconnect.
+            self.out.push(Output::SetConnectRetryTimer(None));
+        } else {
+            self.administrative_shutdown(reason);
+        }
+    }
+
+    /// Cease / Administrative Shutdown (RFC 4486 §4) with an RFC 8203 Shutdown Communication.
+    fn administrative_shutdown(&mut self, reason: &str) {
+        let sent = self
+            .connected()
+            .then(|| cease_administrative_shutdown(reason));
+        let reason = if reason.is_empty() {
+            "administrative shutdown".to_owned()
+        } else {
+            format!("administrative shutdown: {reason}")
+        };
+        self.session_lost(reason, sent, None);
+    }
+
+    fn connect_retry_timer_expired(&mut self) {
+        match self.state {
+            State::Idle | State::Active if self.running => self.start_attempt(),
+            State::Connect => {
+                // RFC 4271 §8.2.2 Connect state: drop the attempt, start a new one.
+                self.out.push(Output::CloseConnection);
+                self.start_attempt();
+            }
+            // Stopped, or a stale expiry: the connection is already up.
+            _ => {}
+        }
+    }
+
+    fn keepalive_timer_expired(&mut self) {
+        if matches!(self.state, State::OpenConfirm | State::Established)
+            && let Some(keepalive) = self.negotiated.as_ref().and_then(|n| n.keepalive)
+        {
+            self.out.push(Output::SendMessage(Message::Keepalive));
+            self.out.push(Output::SetKeepaliveTimer(Some(keepalive)));
+        }
+    }
+
+    fn tcp_connection_confirmed(&mut self) {
+        match self.state {
+            State::Connect | State::Active => {
+                self.out.push(Output::SetConnectRetryTimer(None));
+                self.out
+                    .push(Output::SendMessage(Message::Open(self.our_open())));
+                self.out.push(Output::SetHoldTimer(Some(LARGE_HOLD_TIME)));
+                self.change_state(State::OpenSent);
+            }
+            // RFC 4271 §8.2.2 Idle state: incoming connections are refused.
+            State::Idle => self.out.push(Output::CloseConnection),
+            // The session hands over one connection at a time; nothing to do.
+            State::OpenSent | State::OpenConfirm | State::Established => {}
+        }
+    }
+
+    fn connection_lost(&mut self, reason: &str) {
+        match self.state {
+            State::Connect | State::OpenSent | State::OpenConfirm | State::Established => {
+                self.session_lost(reason.to_owned(), None, None);
+            }
+            // No connection to lose.
+            State::Idle | State::Active => {}
+        }
+    }
+
+    /// Validates the peer's OPEN in `OpenSent` (RFC 4271 §6.2, RFC 6286 §2.2) and answers it with
+    /// a KEEPALIVE (§8.2.2 `OpenSent` state, Event 19).
+    fn open_received(&mut self, open: &Open) {
+        let config = &self.config;
+        let ibgp = config.local_as == config.peer_as;
+        if open.asn != config.peer_as {
+            let reason = format!(
+                "OPEN rejected: peer announced AS {}, expected AS {}",
+                open.asn, config.peer_as
+            );
+            let sent = notification(OPEN_MESSAGE_ERROR, BAD_PEER_AS);
+            self.session_lost(reason, Some(sent), None);
+            return;
+        }
+        if matches!(open.hold_time, 1 | 2) {
+            let reason = format!(
+                "OPEN rejected: hold time {} s (must be 0 or at least 3 s)",
+                open.hold_time
+            );
+            let sent = notification(OPEN_MESSAGE_ERROR, UNACCEPTABLE_HOLD_TIME);
+            self.session_lost(reason, Some(sent), None);
+            return;
+        }
+        if open.router_id.is_unspecified() || (ibgp && open.router_id == config.router_id) {
+            let reason = format!("OPEN rejected: BGP identifier {}", open.router_id);
+            let sent = notification(OPEN_MESSAGE_ERROR, BAD_BGP_IDENTIFIER);
+            self.session_lost(reason, Some(sent), None);
+            return;
+        }
+
+        let hold_time =
+            Duration::from_secs(u64::from(self.advertised_hold_time().min(open.hold_time)));
+        let keepalive = (!hold_time.is_zero()).then(|| hold_time / 3);
+        // RFC 4760 §8: without any Multiprotocol capability the peer speaks IPv4 unicast only.
+        let peer_families: &[Family] = if open.families.is_empty() {
+            &[Family::Ipv4Unicast]
+        } else {
+            &open.families
+        };
+        let families = config
+            .families
+            .iter()
+            .filter(|family| peer_families.contains(family))
+            .copied()
+            .collect();
+        self.negotiated = Some(Negotiated {
+            hold_time,
+            keepalive,
+            families,
+            four_octet_as: open.four_octet_as,
+            route_refresh: open.route_refresh,
+            peer_router_id: open.router_id,
+            ibgp,
+        });
+
+        self.out.push(Output::SendMessage(Message::Keepalive));
+        self.out.push(Output::SetHoldTimer(
+            (!hold_time.is_zero()).then_some(hold_time),
+        ));
+        self.out.push(Output::SetKeepaliveTimer(keepalive));
+        self.change_state(State::OpenConfirm);
+    }
+
+    /// KEEPALIVE in `OpenConfirm` (RFC 4271 §8.2.2, Event 26).
+    fn establish(&mut self) {
+        // OpenConfirm is only entered with `negotiated` set.
+        let Some(negotiated) = self.negotiated.clone() else {
+            return;
+        };
+        self.backoff = INITIAL_BACKOFF;
+        let hold_time = negotiated.hold_time;
+        self.out.push(Output::SetHoldTimer(
+            (!hold_time.is_zero()).then_some(hold_time),
+        ));
+        self.out
+            .push(Output::SetKeepaliveTimer(negotiated.keepalive));
+        self.change_state(State::Established);
+        self.out.push(Output::Established(negotiated));
+    }
+
+    /// KEEPALIVE or UPDATE in Established restarts the hold timer (RFC 4271 §8.2.2, Events 26,
+    /// 27), unless the negotiated hold time is zero.
+    fn rearm_hold_timer(&mut self) {
+        if let Some(negotiated) = &self.negotiated
+            && !negotiated.hold_time.is_zero()
+        {
+            self.out
+                .push(Output::SetHoldTimer(Some(negotiated.hold_time)));
+        }
+    }
+
+    /// A message not allowed in this state: FSM Error with the RFC 6608 subcode of the state.
+    /// Without a connection (Idle, Connect, Active) it is stale and ignored.
+    fn unexpected_message(&mut self, kind: &str) {
+        let subcode = match self.state {
+            State::Idle | State::Connect | State::Active => return,
+            State::OpenSent => UNEXPECTED_IN_OPEN_SENT,
+            State::OpenConfirm => UNEXPECTED_IN_OPEN_CONFIRM,
+            State::Established => UNEXPECTED_IN_ESTABLISHED,
+        };
+        let reason = format!("unexpected {kind} in {}", self.state);
+        self.session_lost(reason, Some(notification(FSM_ERROR, subcode)), None);
+    }
+
+    /// Ends the session or the attempt: send `sent` if any, close, stop the timers, report, go
+    /// Idle, and schedule a reconnect unless stopped.
+    fn session_lost(
+        &mut self,
+        reason: String,
+        sent: Option<Notification>,
+        received: Option<Notification>,
+    ) {
+        if let Some(sent) = &sent {
+            self.out
+                .push(Output::SendMessage(Message::Notification(sent.clone())));
+        }
+        self.out.push(Output::CloseConnection);
+        self.out.push(Output::SetHoldTimer(None));
+        self.out.push(Output::SetKeepaliveTimer(None));
+        self.out.push(Output::SessionDown {
+            reason,
+            notification_sent: sent,
+            notification_received: received,
+        });
+        self.negotiated = None;
+        self.change_state(State::Idle);
+        let retry = self.running.then(|| self.next_backoff());
+        self.out.push(Output::SetConnectRetryTimer(retry));
+    }
+
+    /// The jittered reconnect delay; doubles the next one, up to [`MAX_BACKOFF`].
+    fn next_backoff(&mut self) -> Duration {
+        let base = self.backoff;
+        self.backoff = (base * 2).min(MAX_BACKOFF);
+        let permille = 1000 - JITTER_PERMILLE + self.rng.below(2 * JITTER_PERMILLE + 1);
+        base * permille / 1000
+    }
+
+    /// The OPEN we send (RFC 4271 §4.2): our identity and every capability we speak.
+    fn our_open(&self) -> Open {
+        Open {
+            asn: self.config.local_as,
+            hold_time: self.advertised_hold_time(),
+            router_id: self.config.router_id,
+            families: self.config.families.clone(),
+            four_octet_as: true,
+            route_refresh: true,
+        }
+    }
+
+    /// The configured hold time as the OPEN can carry it: 0 or 3..=65535 s (RFC 4271 §4.2).
+    fn advertised_hold_time(&self) -> u16 {
+        match u16::try_from(self.config.hold_time.as_secs()) {
+            Ok(1 | 2) => 3,
+            Ok(seconds) => seconds,
+            Err(_) => u16::MAX,
+        }
+    }
+}
+
+/// A NOTIFICATION without data.
+fn notification(code: u8, subcode: u8) -> Notification {
+    Notification {
+        code,
+        subcode,
+        data: Vec::new(),
+    }
+}
+
+/// Cease / Administrative Shutdown (6/2) whose data is the [RFC 8203 §2] Shutdown Communication:
+/// one length octet, then UTF-8, cut to [`MAX_SHUTDOWN_COMMUNICATION`] octets on a character
+/// boundary.
+///
+/// [RFC 8203 §2]: https://www.rfc-editor.org/rfc/rfc8203#section-2
+fn cease_administrative_shutdown(reason: &str) -> Notification {
+    let mut end = reason.len().min(MAX_SHUTDOWN_COMMUNICATION);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let text = &reason.as_bytes()[..end];
+    let mut data = Vec::with_capacity(1 + text.len());
+    // At most MAX_SHUTDOWN_COMMUNICATION (128) octets, so it fits.
+    data.push(u8::try_from(text.len()).unwrap_or(u8::MAX));
+    data.extend_from_slice(text);
+    Notification {
+        code: CEASE,
+        subcode: ADMINISTRATIVE_SHUTDOWN,
+        data,
+    }
+}
+
+/// The reason for a NOTIFICATION from the peer, with its RFC 8203 Shutdown Communication if it
+/// carries a valid one (escaped: it is the peer's text).
+fn describe_received(received: &Notification) -> String {
+    let reason = format!(
+        "peer sent NOTIFICATION {}/{}",
+        received.code, received.subcode
+    );
+    let communication = (received.code == CEASE
+        && matches!(
+            received.subcode,
+            ADMINISTRATIVE_SHUTDOWN | ADMINISTRATIVE_RESET
+        ))
+    .then(|| {
+        let (&len, rest) = received.data.split_first()?;
+        let text = rest.get(..usize::from(len))?;
+        std::str::from_utf8(text).ok()
+    })
+    .flatten()
+    .filter(|text| !text.is_empty());
+    match communication {
+        Some(text) => format!("{reason}: {text:?}"),
+        None => reason,
+    }
+}
+
+/// xorshift64 (Marsaglia, 2003): enough to spread reconnects, nothing more.
+#[derive(Debug)]
+struct XorShift(u64);
+
+impl XorShift {
+    /// Scrambles `seed` with the `SplitMix64` finalizer so close seeds give unrelated sequences;
+    /// the state is never zero (xorshift would stay at zero).
+    fn new(seed: u64) -> Self {
+        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        Self((z ^ (z >> 31)) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    /// A number in `0..bound`.
+    fn below(&mut self, bound: u32) -> u32 {
+        // The remainder is below `bound`, so it fits in a u32.
+        u32::try_from(self.next() % u64::from(bound)).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OUR_ID: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+    const PEER_ID: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 254);
+
+    fn config() -> FsmConfig {
+        FsmConfig {
+            local_as: 65001,
+            peer_as: 65000,
+            router_id: OUR_ID,
+            hold_time: Duration::from_secs(90),
+            families: vec![Family::Ipv4Unicast, Family::Ipv6Unicast],
+            passive: false,
+        }
+    }
+
+    fn peer_open() -> Open {
+        Open {
+            asn: 65000,
+            hold_time: 180,
+            router_id: PEER_ID,
+            families: vec![Family::Ipv4Unicast, Family::Ipv6Unicast],
+            four_octet_as: true,
+            route_refresh: true,
+        }
+    }
+
+    fn down_outputs(
+        sent: Option<Notification>,
+        reason: &str,
+        from: State,
+        retry: Option<Duration>,
+    ) -> Vec<Output> {
+        let mut out = Vec::new();
+        if let Some(sent) = &sent {
+            out.push(Output::SendMessage(Message::Notification(sent.clone())));
+        }
+        out.extend([
+            Output::CloseConnection,
+            Output::SetHoldTimer(None),
+            Output::SetKeepaliveTimer(None),
+            Output::SessionDown {
+                reason: reason.to_owned(),
+                notification_sent: sent,
+                notification_received: None,
+            },
+            Output::StateChanged {
+                from,
+                to: State::Idle,
+            },
+            Output::SetConnectRetryTimer(retry),
+        ]);
+        out
+    }
+
+    /// An FSM in `OpenSent`.
+    fn open_sent(config: FsmConfig) -> Fsm {
+        let mut fsm = Fsm::new(config);
+        fsm.process(Input::ManualStart);
+        fsm.process(Input::TcpConnectionConfirmed);
+        assert_eq!(fsm.state(), State::OpenSent);
+        fsm
+    }
+
+    /// An FSM in `OpenConfirm` after accepting `open`.
+    fn open_confirm(config: FsmConfig, open: Open) -> Fsm {
+        let mut fsm = open_sent(config);
+        fsm.process(Input::OpenReceived(open));
+        assert_eq!(fsm.state(), State::OpenConfirm);
+        fsm
+    }
+
+    /// An FSM in Established with `open` from the peer; returns the Established outputs too.
+    fn established_with(config: FsmConfig, open: Open) -> (Fsm, Negotiated) {
+        let mut fsm = open_confirm(config, open);
+        let out = fsm.process(Input::KeepaliveReceived);
+        let negotiated = out
+            .into_iter()
+            .find_map(|o| match o {
+                Output::Established(n) => Some(n),
+                _ => None,
+            })
+            .expect("Established output");
+        (fsm, negotiated)
+    }
+
+    fn established() -> Fsm {
+        established_with(config(), peer_open()).0
+    }
+
+    fn retry_delay(out: &[Output]) -> Option<Duration> {
+        out.iter().find_map(|o| match o {
+            Output::SetConnectRetryTimer(d) => Some(*d),
+            _ => None,
+        })?
+    }
+
+    fn session_down(out: &[Output]) -> (&str, Option<&Notification>, Option<&Notification>) {
+        out.iter()
+            .find_map(|o| match o {
+                Output::SessionDown {
+                    reason,
+                    notification_sent,
+                    notification_received,
+                } => Some((
+                    reason.as_str(),
+                    notification_sent.as_ref(),
+                    notification_received.as_ref(),
+                )),
+                _ => None,
+            })
+            .expect("SessionDown output")
+    }
+
+    #[test]
+    fn state_displays_rfc_names() {
+        let names = [
+            State::Idle,
+            State::Connect,
+            State::Active,
+            State::OpenSent,
+            State::OpenConfirm,
+            State::Established,
+        ]
+        .map(|s| s.to_string());
+        assert_eq!(
+            names,
+            [
+                "Idle",
+                "Connect",
+                "Active",
+                "OpenSent",
+                "OpenConfirm",
+                "Established"
+            ]
+        );
+    }
+
+    #[test]
+    fn manual_start_connects_at_once() {
+        let mut fsm = Fsm::new(config());
+        assert_eq!(fsm.state(), State::Idle);
+        assert_eq!(
+            fsm.process(Input::ManualStart),
+            [
+                Output::StateChanged {
+                    from: State::Idle,
+                    to: State::Connect
+                },
+                Output::SetConnectRetryTimer(Some(CONNECT_RETRY_TIME)),
+                Output::Connect,
+            ]
+        );
+    }
+
+    #[test]
+    fn manual_start_outside_idle_is_ignored() {
+        let mut fsm = Fsm::new(config());
+        fsm.process(Input::ManualStart);
+        assert_eq!(fsm.process(Input::ManualStart), []);
+        assert_eq!(fsm.state(), State::Connect);
+    }
+
+    #[test]
+    fn passive_peer_waits_in_active_without_connecting() {
+        let mut fsm = Fsm::new(FsmConfig {
+            passive: true,
+            ..config()
+        });
+        let out = fsm.process(Input::ManualStart);
+        assert!(!out.contains(&Output::Connect));
+        assert_eq!(fsm.state(), State::Active);
+        // The peer connects to us.
+        let out = fsm.process(Input::TcpConnectionConfirmed);
+        assert!(matches!(out[1], Output::SendMessage(Message::Open(_))));
+        assert_eq!(fsm.state(), State::OpenSent);
+    }
+
+    #[test]
+    fn connection_confirmed_sends_open_and_arms_the_large_hold_timer() {
+        let mut fsm = Fsm::new(config());
+        fsm.process(Input::ManualStart);
+        assert_eq!(
+            fsm.process(Input::TcpConnectionConfirmed),
+            [
+                Output::SetConnectRetryTimer(None),
+                Output::SendMessage(Message::Open(Open {
+                    asn: 65001,
+                    hold_time: 90,
+                    router_id: OUR_ID,
+                    families: vec![Family::Ipv4Unicast, Family::Ipv6Unicast],
+                    four_octet_as: true,
+                    route_refresh: true,
+                })),
+                Output::SetHoldTimer(Some(Duration::from_secs(240))),
+                Output::StateChanged {
+                    from: State::Connect,
+                    to: State::OpenSent
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn hold_time_the_wire_cannot_carry_is_adjusted_in_our_open() {
+        for (configured, sent) in [(0, 0), (1, 3), (2, 3), (3, 3), (70_000, 65_535)] {
+            let fsm = Fsm::new(FsmConfig {
+                hold_time: Duration::from_secs(configured),
+                ..config()
+            });
+            assert_eq!(fsm.our_open().hold_time, sent, "configured {configured} s");
+        }
+    }
+
+    #[test]
+    fn holdtime_negotiation_uses_minimum() {
+        let mut fsm = open_sent(config());
+        let out = fsm.process(Input::OpenReceived(peer_open()));
+        assert_eq!(
+            out,
+            [
+                Output::SendMessage(Message::Keepalive),
+                Output::SetHoldTimer(Some(Duration::from_secs(90))),
+                Output::SetKeepaliveTimer(Some(Duration::from_secs(30))),
+                Output::StateChanged {
+                    from: State::OpenSent,
+                    to: State::OpenConfirm
+                },
+            ]
+        );
+
+        let (_, negotiated) = established_with(
+            config(),
+            Open {
+                hold_time: 9,
+                ..peer_open()
+            },
+        );
+        assert_eq!(negotiated.hold_time, Duration::from_secs(9));
+        assert_eq!(negotiated.keepalive, Some(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn zero_hold_time_disables_keepalives() {
+        let ours_zero = FsmConfig {
+            hold_time: Duration::ZERO,
+            ..config()
+        };
+        let theirs_zero = Open {
+            hold_time: 0,
+            ..peer_open()
+        };
+        for (config, open) in [(ours_zero, peer_open()), (config(), theirs_zero)] {
+            let mut fsm = open_sent(config);
+            let out = fsm.process(Input::OpenReceived(open));
+            assert!(out.contains(&Output::SetHoldTimer(None)));
+            assert!(out.contains(&Output::SetKeepaliveTimer(None)));
+            let out = fsm.process(Input::KeepaliveReceived);
+            let Some(Output::Established(negotiated)) = out.last() else {
+                panic!("not established: {out:?}");
+            };
+            assert_eq!(negotiated.hold_time, Duration::ZERO);
+            assert_eq!(negotiated.keepalive, None);
+            // Nothing to re-arm, nothing to send.
+            assert_eq!(fsm.process(Input::KeepaliveReceived), []);
+            assert_eq!(fsm.process(Input::KeepaliveTimerExpired), []);
+        }
+    }
+
+    #[test]
+    fn open_with_wrong_peer_as_sends_bad_peer_as() {
+        let mut fsm = open_sent(config());
+        let out = fsm.process(Input::OpenReceived(Open {
+            asn: 65099,
+            ..peer_open()
+        }));
+        let retry = retry_delay(&out);
+        assert_eq!(
+            out,
+            down_outputs(
+                Some(notification(2, 2)),
+                "OPEN rejected: peer announced AS 65099, expected AS 65000",
+                State::OpenSent,
+                retry,
+            )
+        );
+        assert!(retry.is_some());
+        assert_eq!(fsm.state(), State::Idle);
+    }
+
+    #[test]
+    fn open_with_hold_time_of_one_or_two_seconds_is_unacceptable() {
+        for hold_time in [1, 2] {
+            let mut fsm = open_sent(config());
+            let out = fsm.process(Input::OpenReceived(Open {
+                hold_time,
+                ..peer_open()
+            }));
+            assert_eq!(session_down(&out).1, Some(&notification(2, 6)));
+            assert_eq!(fsm.state(), State::Idle);
+        }
+    }
+
+    #[test]
+    fn open_with_zero_router_id_sends_bad_bgp_identifier() {
+        let mut fsm = open_sent(config());
+        let out = fsm.process(Input::OpenReceived(Open {
+            router_id: Ipv4Addr::UNSPECIFIED,
+            ..peer_open()
+        }));
+        assert_eq!(
+            out[0],
+            Output::SendMessage(Message::Notification(notification(2, 3)))
+        );
+        assert_eq!(fsm.state(), State::Idle);
+    }
+
+    #[test]
+    fn ibgp_open_with_our_router_id_sends_bad_bgp_identifier() {
+        let ibgp = FsmConfig {
+            peer_as: 65001,
+            ..config()
+        };
+        let mut fsm = open_sent(ibgp);
+        let out = fsm.process(Input::OpenReceived(Open {
+            asn: 65001,
+            router_id: OUR_ID,
+            ..peer_open()
+        }));
+        assert_eq!(session_down(&out).1, Some(&notification(2, 3)));
+    }
+
+    #[test]
+    fn ebgp_open_with_our_router_id_is_accepted_per_rfc_6286() {
+        let (_, negotiated) = established_with(
+            config(),
+            Open {
+                router_id: OUR_ID,
+                ..peer_open()
+            },
+        );
+        assert_eq!(negotiated.peer_router_id, OUR_ID);
+    }
+
+    #[test]
+    fn keepalive_in_open_confirm_establishes_the_session() {
+        let mut fsm = open_confirm(config(), peer_open());
+        let negotiated = Negotiated {
+            hold_time: Duration::from_secs(90),
+            keepalive: Some(Duration::from_secs(30)),
+            families: vec![Family::Ipv4Unicast, Family::Ipv6Unicast],
+            four_octet_as: true,
+            route_refresh: true,
+            peer_router_id: PEER_ID,
+            ibgp: false,
+        };
+        assert_eq!(fsm.negotiated(), Some(&negotiated));
+        assert_eq!(
+            fsm.process(Input::KeepaliveReceived),
+            [
+                Output::SetHoldTimer(Some(Duration::from_secs(90))),
+                Output::SetKeepaliveTimer(Some(Duration::from_secs(30))),
+                Output::StateChanged {
+                    from: State::OpenConfirm,
+                    to: State::Established
+                },
+                Output::Established(negotiated),
+            ]
+        );
+        assert_eq!(fsm.state(), State::Established);
+    }
+
+    #[test]
+    fn negotiated_families_are_the_intersection_in_our_order() {
+        let only_v6 = FsmConfig {
+            families: vec![Family::Ipv6Unicast],
+            ..config()
+        };
+        let (_, negotiated) = established_with(only_v6, peer_open());
+        assert_eq!(negotiated.families, [Family::Ipv6Unicast]);
+
+        let (_, negotiated) = established_with(
+            config(),
+            Open {
+                families: vec![Family::Ipv6Unicast, Family::Ipv4Unicast],
+                ..peer_open()
+            },
+        );
+        assert_eq!(
+            negotiated.families,
+            [Family::Ipv4Unicast, Family::Ipv6Unicast]
+        );
+    }
+
+    #[test]
+    fn peer_without_mp_capability_gets_ipv4_only() {
+        let (_, negotiated) = established_with(
+            config(),
+            Open {
+                families: Vec::new(),
+                ..peer_open()
+            },
+        );
+        assert_eq!(negotiated.families, [Family::Ipv4Unicast]);
+    }
+
+    #[test]
+    fn peer_capabilities_are_reported() {
+        let (_, negotiated) = established_with(
+            config(),
+            Open {
+                four_octet_as: false,
+                route_refresh: false,
+                ..peer_open()
+            },
+        );
+        assert!(!negotiated.four_octet_as);
+        assert!(!negotiated.route_refresh);
+    }
+
+    #[test]
+    fn ibgp_is_detected_from_equal_as_numbers() {
+        let (_, ebgp) = established_with(config(), peer_open());
+        assert!(!ebgp.ibgp);
+        let (_, ibgp) = established_with(
+            FsmConfig {
+                peer_as: 65001,
+                ..config()
+            },
+            Open {
+                asn: 65001,
+                ..peer_open()
+            },
+        );
+        assert!(ibgp.ibgp);
+    }
+
+    #[test]
+    fn keepalive_in_established_rearms_the_hold_timer() {
+        let mut fsm = established();
+        assert_eq!(
+            fsm.process(Input::KeepaliveReceived),
+            [Output::SetHoldTimer(Some(Duration::from_secs(90)))]
+        );
+    }
+
+    #[test]
+    fn update_in_established_rearms_the_hold_timer_and_is_reported() {
+        let mut fsm = established();
+        let update = ReceivedUpdate {
+            announced: vec!["198.51.100.0/24".parse().expect("prefix")],
+            ..ReceivedUpdate::default()
+        };
+        assert_eq!(
+            fsm.process(Input::UpdateReceived(update.clone())),
+            [
+                Output::SetHoldTimer(Some(Duration::from_secs(90))),
+                Output::UpdateReceived(update),
+            ]
+        );
+        assert_eq!(fsm.state(), State::Established);
+    }
+
+    #[test]
+    fn keepalive_timer_expiry_sends_keepalive_and_rearms() {
+        for mut fsm in [open_confirm(config(), peer_open()), established()] {
+            assert_eq!(
+                fsm.process(Input::KeepaliveTimerExpired),
+                [
+                    Output::SendMessage(Message::Keepalive),
+                    Output::SetKeepaliveTimer(Some(Duration::from_secs(30))),
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn route_refresh_in_established_asks_to_resend() {
+        let mut fsm = established();
+        assert_eq!(
+            fsm.process(Input::RouteRefreshReceived(Family::Ipv6Unicast)),
+            [Output::ResendAdjRibOut(Family::Ipv6Unicast)]
+        );
+    }
+
+    #[test]
+    fn route_refresh_for_a_family_not_negotiated_is_ignored() {
+        let (mut fsm, _) = established_with(
+            config(),
+            Open {
+                families: vec![Family::Ipv4Unicast],
+                ..peer_open()
+            },
+        );
+        assert_eq!(
+            fsm.process(Input::RouteRefreshReceived(Family::Ipv6Unicast)),
+            []
+        );
+        assert_eq!(fsm.state(), State::Established);
+    }
+
+    #[test]
+    fn update_in_open_confirm_is_an_fsm_error() {
+        let mut fsm = open_confirm(config(), peer_open());
+        let out = fsm.process(Input::UpdateReceived(ReceivedUpdate::default()));
+        let retry = retry_delay(&out);
+        assert_eq!(
+            out,
+            down_outputs(
+                Some(notification(5, 2)),
+                "unexpected UPDATE in OpenConfirm",
+                State::OpenConfirm,
+                retry,
+            )
+        );
+        assert!(retry.is_some());
+        assert_eq!(fsm.negotiated(), None);
+    }
+
+    #[test]
+    fn messages_before_the_peer_open_are_fsm_errors_in_open_sent() {
+        let inputs = [
+            Input::KeepaliveReceived,
+            Input::UpdateReceived(ReceivedUpdate::default()),
+            Input::RouteRefreshReceived(Family::Ipv4Unicast),
+        ];
+        for input in inputs {
+            let mut fsm = open_sent(config());
+            let out = fsm.process(input);
+            assert_eq!(session_down(&out).1, Some(&notification(5, 1)));
+            assert_eq!(fsm.state(), State::Idle);
+        }
+    }
+
+    #[test]
+    fn open_in_established_is_an_fsm_error() {
+        let mut fsm = established();
+        let out = fsm.process(Input::OpenReceived(peer_open()));
+        assert_eq!(
+            out[0],
+            Output::SendMessage(Message::Notification(notification(5, 3)))
+        );
+        assert_eq!(session_down(&out).0, "unexpected OPEN in Established");
+        assert_eq!(fsm.state(), State::Idle);
+    }
+
+    #[test]
+    fn hold_timer_expiry_sends_4_0_and_schedules_reconnect() {
+        let mut fsm = established();
+        let out = fsm.process(Input::HoldTimerExpired);
+        let retry = retry_delay(&out).expect("reconnect scheduled");
+        assert_eq!(
+            out,
+            down_outputs(
+                Some(notification(4, 0)),
+                "hold timer expired",
+                State::Established,
+                Some(retry),
+            )
+        );
+        assert!(retry >= Duration::from_millis(800) && retry <= Duration::from_millis(1200));
+        let out = fsm.process(Input::ConnectRetryTimerExpired);
+        assert_eq!(out.last(), Some(&Output::Connect));
+        assert_eq!(fsm.state(), State::Connect);
+    }
+
+    #[test]
+    fn hold_timer_expiry_in_open_sent_ends_the_attempt() {
+        let mut fsm = open_sent(config());
+        let out = fsm.process(Input::HoldTimerExpired);
+        assert_eq!(session_down(&out).1, Some(&notification(4, 0)));
+        assert_eq!(fsm.state(), State::Idle);
+    }
+
+    #[test]
+    fn notification_received_goes_down_without_answering() {
+        let mut fsm = established();
+        let received = Notification {
+            code: 6,
+            subcode: 2,
+            data: [&[11][..], b"maintenance"].concat(),
+        };
+        let out = fsm.process(Input::NotificationReceived(received.clone()));
+        assert!(
+            !out.iter()
+                .any(|o| matches!(o, Output::SendMessage(Message::Notification(_))))
+        );
+        assert_eq!(
+            session_down(&out),
+            (
+                "peer sent NOTIFICATION 6/2: \"maintenance\"",
+                None,
+                Some(&received)
+            )
+        );
+        assert!(out.contains(&Output::CloseConnection));
+        assert_eq!(fsm.state(), State::Idle);
+    }
+
+    #[test]
+    fn decode_failure_sends_its_notification_and_closes() {
+        let mut fsm = established();
+        let answer = Notification {
+            code: 3,
+            subcode: 1,
+            data: Vec::new(),
+        };
+        let out = fsm.process(Input::DecodeFailed(answer.clone()));
+        let retry = retry_delay(&out);
+        assert_eq!(
+            out,
+            down_outputs(
+                Some(answer),
+                "malformed message from peer (sent NOTIFICATION 3/1)",
+                State::Established,
+                retry,
+            )
+        );
+    }
+
+    #[test]
+    fn manual_stop_sends_cease_admin_shutdown_with_reason() {
+        let mut fsm = established();
+        let out = fsm.process(Input::ManualStop {
+            reason: "agent shutting down".to_owned(),
+        });
+        let cease = Notification {
+            code: 6,
+            subcode: 2,
+            data: [&[19][..], b"agent shutting down"].concat(),
+        };
+        assert_eq!(
+            out,
+            down_outputs(
+                Some(cease),
+                "administrative shutdown: agent shutting down",
+                State::Established,
+                None,
+            )
+        );
+    }
+
+    #[test]
+    fn manual_stop_stays_idle_until_the_next_manual_start() {
+        let mut fsm = Fsm::new(config());
+        fsm.process(Input::ManualStart);
+        fsm.process(Input::TcpConnectionFails);
+        assert_eq!(fsm.state(), State::Idle);
+        // A reconnect is pending; the stop cancels it.
+        assert_eq!(
+            fsm.process(Input::ManualStop {
+                reason: String::new()
+            }),
+            [Output::SetConnectRetryTimer(None)]
+        );
+        assert_eq!(fsm.process(Input::ConnectRetryTimerExpired), []);
+        assert_eq!(fsm.state(), State::Idle);
+        assert_eq!(
+            fsm.process(Input::ManualStart).last(),
+            Some(&Output::Connect)
+        );
+    }
+
+    #[test]
+    fn manual_stop_while_connecting_abandons_the_connect_without_a_notification() {
+        let mut fsm = Fsm::new(config());
+        fsm.process(Input::ManualStart);
+        let out = fsm.process(Input::ManualStop {
+            reason: "bye".to_owned(),
+        });
+        assert_eq!(
+            out,
+            down_outputs(None, "administrative shutdown: bye", State::Connect, None)
+        );
+    }
+
+    #[test]
+    fn long_shutdown_reason_is_cut_to_128_octets_on_a_character_boundary() {
+        // 'é' is two octets; after one 'x', octet 128 falls inside an 'é', so the cut moves
+        // back to 127 octets.
+        let reason = format!("x{}", "é".repeat(70));
+        let cease = cease_administrative_shutdown(&reason);
+        assert_eq!(cease.data[0], 127);
+        assert_eq!(cease.data.len(), 128);
+        let text = std::str::from_utf8(&cease.data[1..]).expect("valid UTF-8");
+        assert_eq!(text, format!("x{}", "é".repeat(63)));
+    }
+
+    #[test]
+    fn automatic_stop_sends_cease_and_reconnects() {
+        let mut fsm = established();
+        let out = fsm.process(Input::AutomaticStop {
+            reason: "peer settings changed".to_owned(),
+        });
+        let (_, sent, _) = session_down(&out);
+        assert_eq!(sent.map(|n| (n.code, n.subcode)), Some((6, 2)));
+        assert!(retry_delay(&out).is_some());
+        assert_eq!(
+            fsm.process(Input::AutomaticStop {
+                reason: String::new()
+            }),
+            []
+        );
+    }
+
+    #[test]
+    fn connect_failure_goes_idle_and_retries_after_the_delay() {
+        let mut fsm = Fsm::new(config());
+        fsm.process(Input::ManualStart);
+        let out = fsm.process(Input::TcpConnectionFails);
+        let retry = retry_delay(&out);
+        assert_eq!(
+            out,
+            down_outputs(None, "TCP connection failed", State::Connect, retry)
+        );
+        assert_eq!(
+            fsm.process(Input::ConnectRetryTimerExpired),
+            [
+                Output::StateChanged {
+                    from: State::Idle,
+                    to: State::Connect
+                },
+                Output::SetConnectRetryTimer(Some(CONNECT_RETRY_TIME)),
+                Output::Connect,
+            ]
+        );
+    }
+
+    #[test]
+    fn connect_timeout_abandons_the_attempt_and_connects_again() {
+        let mut fsm = Fsm::new(config());
+        fsm.process(Input::ManualStart);
+        assert_eq!(
+            fsm.process(Input::ConnectRetryTimerExpired),
+            [
+                Output::CloseConnection,
+                Output::SetConnectRetryTimer(Some(CONNECT_RETRY_TIME)),
+                Output::Connect,
+            ]
+        );
+        assert_eq!(fsm.state(), State::Connect);
+    }
+
+    #[test]
+    fn peer_closing_the_connection_reports_session_down() {
+        let mut fsm = established();
+        let out = fsm.process(Input::TcpConnectionClosed);
+        let retry = retry_delay(&out);
+        assert_eq!(
+            out,
+            down_outputs(
+                None,
+                "peer closed the connection",
+                State::Established,
+                retry
+            )
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_to_thirty_seconds_and_resets_when_established() {
+        let mut fsm = Fsm::new(config());
+        fsm.process(Input::ManualStart);
+        let mut delays = Vec::new();
+        for _ in 0..7 {
+            let out = fsm.process(Input::TcpConnectionFails);
+            delays.push(retry_delay(&out).expect("reconnect scheduled"));
+            fsm.process(Input::ConnectRetryTimerExpired);
+        }
+        for (delay, base) in delays.iter().zip([1, 2, 4, 8, 16, 30, 30]) {
+            let base = Duration::from_secs(base);
+            assert!(
+                *delay >= base * 4 / 5 && *delay <= base * 6 / 5,
+                "{delay:?} not within 20 % of {base:?}"
+            );
+        }
+
+        fsm.process(Input::TcpConnectionConfirmed);
+        fsm.process(Input::OpenReceived(peer_open()));
+        // Not yet: the reset comes with Established.
+        assert_eq!(fsm.backoff, MAX_BACKOFF);
+        fsm.process(Input::KeepaliveReceived);
+        let out = fsm.process(Input::HoldTimerExpired);
+        let delay = retry_delay(&out).expect("reconnect scheduled");
+        assert!(delay >= Duration::from_millis(800) && delay <= Duration::from_millis(1200));
+    }
+
+    #[test]
+    fn jitter_is_reproducible_and_differs_between_hosts() {
+        fn delays(config: FsmConfig) -> Vec<Duration> {
+            let mut fsm = Fsm::new(config);
+            (0..20)
+                .map(|_| {
+                    fsm.backoff = INITIAL_BACKOFF;
+                    fsm.next_backoff()
+                })
+                .collect()
+        }
+        let here = delays(config());
+        assert_eq!(here, delays(config()));
+        let other_host = FsmConfig {
+            router_id: Ipv4Addr::new(192, 0, 2, 2),
+            ..config()
+        };
+        assert_ne!(here, delays(other_host));
+        assert!(
+            here.iter()
+                .all(|d| *d >= Duration::from_millis(800) && *d <= Duration::from_millis(1200))
+        );
+        // Not a constant: the delays actually spread.
+        assert!(here.iter().any(|d| *d != here[0]));
+    }
+
+    #[test]
+    fn stale_events_without_a_connection_are_ignored() {
+        let mut fsm = Fsm::new(config());
+        let stale = [
+            Input::HoldTimerExpired,
+            Input::KeepaliveTimerExpired,
+            Input::ConnectRetryTimerExpired,
+            Input::TcpConnectionFails,
+            Input::TcpConnectionClosed,
+            Input::KeepaliveReceived,
+            Input::OpenReceived(peer_open()),
+            Input::NotificationReceived(notification(6, 2)),
+            Input::DecodeFailed(notification(1, 1)),
+            Input::AutomaticStop {
+                reason: String::new(),
+            },
+        ];
+        for input in stale {
+            assert_eq!(fsm.process(input.clone()), [], "{input:?}");
+            assert_eq!(fsm.state(), State::Idle);
+        }
+    }
+
+    #[test]
+    fn incoming_connection_in_idle_is_refused() {
+        let mut fsm = Fsm::new(config());
+        assert_eq!(
+            fsm.process(Input::TcpConnectionConfirmed),
+            [Output::CloseConnection]
+        );
+        assert_eq!(fsm.state(), State::Idle);
+    }
+
+    #[test]
+    fn state_changes_are_reported_in_order_through_a_whole_session() {
+        let mut fsm = Fsm::new(config());
+        let mut changes = Vec::new();
+        for input in [
+            Input::ManualStart,
+            Input::TcpConnectionConfirmed,
+            Input::OpenReceived(peer_open()),
+            Input::KeepaliveReceived,
+            Input::KeepaliveReceived,
+            Input::TcpConnectionClosed,
+        ] {
+            for output in fsm.process(input) {
+                if let Output::StateChanged { from, to } = output {
+                    changes.push((from, to));
+                }
+            }
+        }
+        assert_eq!(
+            changes,
+            [
+                (State::Idle, State::Connect),
+                (State::Connect, State::OpenSent),
+                (State::OpenSent, State::OpenConfirm),
+                (State::OpenConfirm, State::Established),
+                (State::Established, State::Idle),
+            ]
+        );
+    }
+}
