@@ -21,9 +21,9 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use crate::{
+    bgp::session::PeerStatus,
     app::{self, AppName, AppSpec, Monitor, NatRule, Source},
-    config::Config,
-    lifecycle::{LifecycleError, LifecycleHandle, RouteSet},
+    lifecycle::{LifecycleError, LifecycleHandle, Routes},
     metrics::Metrics,
 };
 
@@ -84,6 +84,21 @@ pub struct PeerInfo {
     pub prefixes_advertised: usize,
 }
 
+impl From<&PeerStatus> for PeerInfo {
+    fn from(s: &PeerStatus) -> Self {
+        Self {
+            address: s.address.map(|a| a.to_string()),
+            asn: s.asn,
+            state: s.state.to_string(),
+            uptime_s: s.established_at.map(|t| t.elapsed().as_secs()),
+            last_error: s.last_error.clone(),
+            messages_in: s.messages_in,
+            messages_out: s.messages_out,
+            prefixes_advertised: s.prefixes_advertised,
+        }
+    }
+}
+
 /// What `/info` reports that does not change while the agent runs.
 #[derive(Debug, Clone, Serialize)]
 pub struct StaticInfo {
@@ -95,11 +110,11 @@ pub struct StaticInfo {
 #[derive(Clone)]
 pub struct ApiState {
     pub lifecycle: LifecycleHandle,
-    pub routes: watch::Receiver<RouteSet>,
+    pub routes: watch::Receiver<Routes>,
     pub metrics: Metrics,
     pub info: Arc<StaticInfo>,
-    /// The configured peers, shown by `/info` until the BGP speaker reports on them.
-    pub peers: Arc<Vec<PeerInfo>>,
+    /// Each BGP session's status, in config order.
+    pub peers: Arc<Vec<watch::Receiver<PeerStatus>>>,
 }
 
 /// The API's routes, apart from serving, so tests can call them directly.
@@ -320,7 +335,7 @@ async fn info(State(state): State<ApiState>) -> Json<Value> {
     Json(json!({
         "version": state.info.version,
         "dataplane": state.info.dataplane,
-        "peers": *state.peers,
+        "peers": state.peers.iter().map(|p| PeerInfo::from(&*p.borrow())).collect::<Vec<_>>(),
     }))
 }
 
@@ -369,25 +384,6 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         .into_response()
 }
 
-/// The peers of a config as `/info` shows them before any session exists.
-pub fn configured_peers(config: &Config) -> Vec<PeerInfo> {
-    config
-        .bgp
-        .peers
-        .iter()
-        .map(|p| PeerInfo {
-            address: p.peer_ip.map(|ip| ip.to_string()),
-            asn: p.peer_as,
-            state: "Idle".into(),
-            uptime_s: None,
-            last_error: None,
-            messages_in: 0,
-            messages_out: 0,
-            prefixes_advertised: 0,
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -432,7 +428,11 @@ mod tests {
             FakeHost::default(),
             Vec::new(),
             Store::new(dir.path().join("s.json")),
-            metrics.clone(),
+            lifecycle::Outputs {
+                routes: tokio::sync::watch::channel(lifecycle::Routes::default()).0,
+                announcer: None,
+                metrics: metrics.clone(),
+            },
             cancel.clone(),
         );
         let state = ApiState {

@@ -153,6 +153,12 @@ impl fmt::Display for ListenAddr {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct BgpConfig {
     pub peers: Vec<PeerConfig>,
+    /// BGP identifier; default: an IPv4 local address (see the BGP speaker).
+    pub router_id: Option<Ipv4Addr>,
+    /// Also accept sessions from configured peers on this port (off by default, as in GoCast).
+    pub listen_port: Option<u16>,
+    /// At shutdown, re-announce with `GRACEFUL_SHUTDOWN` (RFC 8326) and wait this long first.
+    pub graceful_shutdown: Option<Duration>,
 }
 
 /// One BGP session, with the section-wide values already folded in.
@@ -174,6 +180,12 @@ pub struct PeerConfig {
     pub hold_time: Duration,
     pub communities: Vec<Community>,
     pub origin: Origin,
+    /// IPv4 `NEXT_HOP` announced instead of the local address.
+    pub next_hop: Option<Ipv4Addr>,
+    /// `MULTI_EXIT_DISC`, when set.
+    pub med: Option<u32>,
+    /// `LOCAL_PREF` sent to iBGP peers (default 100).
+    pub local_pref: Option<u32>,
 }
 
 /// The ORIGIN attribute of announcements.
@@ -298,6 +310,18 @@ struct OutPeer<'a> {
     hold_time: String,
     communities: &'a [Community],
     origin: Origin,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_hop: Option<Ipv4Addr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    med: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    local_pref: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    router_id: Option<Ipv4Addr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen_port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    graceful_shutdown: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -342,7 +366,8 @@ impl Config {
                 .bgp
                 .peers
                 .iter()
-                .map(|p| OutPeer {
+                .enumerate()
+                .map(|(i, p)| OutPeer {
                     local_as: p.local_as,
                     peer_as: p.peer_as,
                     peer_ip: p.peer_ip,
@@ -353,6 +378,17 @@ impl Config {
                     hold_time: go_duration::format(p.hold_time),
                     communities: &p.communities,
                     origin: p.origin,
+                    next_hop: p.next_hop,
+                    med: p.med,
+                    local_pref: p.local_pref,
+                    // Section-wide keys ride on the first block.
+                    router_id: self.bgp.router_id.filter(|_| i == 0),
+                    listen_port: self.bgp.listen_port.filter(|_| i == 0),
+                    graceful_shutdown: self
+                        .bgp
+                        .graceful_shutdown
+                        .filter(|_| i == 0)
+                        .map(go_duration::format),
                 })
                 .collect(),
             apps: self
@@ -466,11 +502,19 @@ struct RawPeerKeys {
     multihop: Option<u8>,
     #[serde(default, deserialize_with = "hold_time")]
     hold_time: Option<Duration>,
+    next_hop: Option<Ipv4Addr>,
+    med: Option<u32>,
+    local_pref: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawBgpBlock {
+    /// Section-wide only (in the list form, any block may set them, consistently).
+    router_id: Option<Ipv4Addr>,
+    listen_port: Option<u16>,
+    #[serde(default, with = "go_duration::option")]
+    graceful_shutdown: Option<Duration>,
     local_as: Option<u32>,
     #[serde(default)]
     communities: Vec<Community>,
@@ -487,6 +531,9 @@ struct RawBgpBlock {
     multihop: Option<u8>,
     #[serde(default, deserialize_with = "hold_time")]
     hold_time: Option<Duration>,
+    next_hop: Option<Ipv4Addr>,
+    med: Option<u32>,
+    local_pref: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -522,11 +569,14 @@ impl RawConfig {
         let agent = self.agent.into_agent()?;
         let bgp = match self.bgp {
             None => BgpConfig::default(),
-            Some(RawBgp::Block(block)) => BgpConfig {
-                peers: block.into_peers("bgp")?,
-            },
+            Some(RawBgp::Block(block)) => {
+                let mut bgp = BgpConfig::default();
+                bgp.take_section_keys(&block, "bgp")?;
+                bgp.peers = block.into_peers("bgp")?;
+                bgp
+            }
             Some(RawBgp::List(blocks)) => {
-                let mut peers = Vec::new();
+                let mut bgp = BgpConfig::default();
                 for (i, block) in blocks.into_iter().enumerate() {
                     let key = format!("bgp[{i}]");
                     if block.peers.is_some() {
@@ -535,9 +585,10 @@ impl RawConfig {
                             "a list entry is one peer: peers: is not allowed here",
                         ));
                     }
-                    peers.extend(block.into_peers(&key)?);
+                    bgp.take_section_keys(&block, &key)?;
+                    bgp.peers.extend(block.into_peers(&key)?);
                 }
-                BgpConfig { peers }
+                bgp
             }
         };
         for (i, p) in bgp.peers.iter().enumerate() {
@@ -689,6 +740,44 @@ impl RawAgent {
     }
 }
 
+impl BgpConfig {
+    /// Takes the section-wide keys of one block; two blocks may not disagree on them.
+    fn take_section_keys(&mut self, block: &RawBgpBlock, key: &str) -> Result<(), Invalid> {
+        fn merge<T: PartialEq + Copy + fmt::Debug>(
+            slot: &mut Option<T>,
+            value: Option<T>,
+            key: String,
+        ) -> Result<(), Invalid> {
+            match (*slot, value) {
+                (Some(a), Some(b)) if a != b => Err(invalid(
+                    key,
+                    format!("{b:?} disagrees with {a:?} set in another bgp block"),
+                )),
+                (_, Some(b)) => {
+                    *slot = Some(b);
+                    Ok(())
+                }
+                (_, None) => Ok(()),
+            }
+        }
+        merge(
+            &mut self.router_id,
+            block.router_id,
+            format!("{key}.router_id"),
+        )?;
+        merge(
+            &mut self.listen_port,
+            block.listen_port,
+            format!("{key}.listen_port"),
+        )?;
+        merge(
+            &mut self.graceful_shutdown,
+            block.graceful_shutdown,
+            format!("{key}.graceful_shutdown"),
+        )
+    }
+}
+
 impl RawBgpBlock {
     /// Turns one block into its peers, folding block-level values into each.
     fn into_peers(self, key: &str) -> Result<Vec<PeerConfig>, Invalid> {
@@ -705,6 +794,9 @@ impl RawBgpBlock {
             password: self.password.clone(),
             multihop: self.multihop,
             hold_time: self.hold_time,
+            next_hop: self.next_hop,
+            med: self.med,
+            local_pref: self.local_pref,
         };
         let origin = self.origin.unwrap_or(Origin::Igp);
         let build = |peer: &RawPeerKeys, key: &str| -> Result<PeerConfig, Invalid> {
@@ -755,6 +847,9 @@ impl RawBgpBlock {
                 hold_time,
                 communities: self.communities.clone(),
                 origin,
+                next_hop: peer.next_hop.or(defaults.next_hop),
+                med: peer.med.or(defaults.med),
+                local_pref: peer.local_pref.or(defaults.local_pref),
             })
         };
         match &self.peers {
@@ -1235,5 +1330,28 @@ mod tests {
         }
         let c = parse("bgp: {local_as: 1, remote_as: 2, password: s3cret}").unwrap();
         assert!(!c.to_yaml().contains("s3cret"));
+    }
+
+    #[test]
+    fn bgp_speaker_keys_are_read_per_peer_and_per_section() {
+        let c = parse(
+            "bgp:\n  local_as: 65001\n  router_id: 198.18.0.1\n  listen_port: 1179\n  graceful_shutdown: 30s\n  med: 10\n  peers:\n    - {peer_ip: 198.18.0.2, peer_as: 65001, local_pref: 200, next_hop: 198.18.0.9}\n    - {peer_ip: 198.18.0.6, peer_as: 65000, med: 20}\n",
+        )
+        .unwrap();
+        assert_eq!(c.bgp.router_id, Some("198.18.0.1".parse().unwrap()));
+        assert_eq!(
+            (c.bgp.listen_port, c.bgp.graceful_shutdown),
+            (Some(1179), Some(Duration::from_secs(30)))
+        );
+        let (a, b) = (&c.bgp.peers[0], &c.bgp.peers[1]);
+        assert_eq!(
+            (a.med, a.local_pref, a.next_hop),
+            (Some(10), Some(200), Some("198.18.0.9".parse().unwrap()))
+        );
+        assert_eq!(b.med, Some(20));
+        let e = err(
+            "bgp:\n  - {local_as: 1, remote_as: 2, router_id: 198.18.0.1}\n  - {local_as: 1, remote_as: 3, router_id: 198.18.0.2}\n",
+        );
+        assert!(e.contains("bgp[1].router_id"), "{e}");
     }
 }

@@ -42,6 +42,35 @@ use crate::{
 /// What the lifecycle wants announced: one route per healthy app, keyed by prefix.
 pub type RouteSet = BTreeMap<IpNet, Route>;
 
+/// The route set with a version that grows with every change, so the BGP speaker can say which
+/// version every peer has been sent (see [`Announcer`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Routes {
+    pub version: u64,
+    pub set: RouteSet,
+}
+
+impl std::ops::Deref for Routes {
+    type Target = RouteSet;
+
+    fn deref(&self) -> &RouteSet {
+        &self.set
+    }
+}
+
+/// The lifecycle's side of the BGP speaker: when peers have been sent a route-set version, and
+/// how to stop the speaker. Withdrawals must reach the peers before a VIP leaves `lo`, and the
+/// speaker must say goodbye (Cease) before the VIPs go at shutdown.
+pub struct Announcer {
+    /// The lowest version every established peer has been sent.
+    pub flushed: watch::Receiver<u64>,
+    pub stop: CancellationToken,
+    pub done: tokio::task::JoinHandle<()>,
+}
+
+/// How long a VIP waits for its withdrawal to reach the peers before it is removed anyway.
+const WITHDRAW_WAIT: Duration = Duration::from_secs(1);
+
 /// One desired announcement.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Route {
@@ -291,7 +320,8 @@ pub struct Lifecycle<H: Host> {
     host: H,
     apps: BTreeMap<AppName, Entry>,
     next_generation: u64,
-    routes: watch::Sender<RouteSet>,
+    routes: watch::Sender<Routes>,
+    announcer: Option<Announcer>,
     store: Store,
     monitors: mpsc::Sender<monitor::Command>,
     metrics: Metrics,
@@ -300,7 +330,7 @@ pub struct Lifecycle<H: Host> {
 /// Channels to a running lifecycle.
 pub struct Running {
     pub handle: LifecycleHandle,
-    pub routes: watch::Receiver<RouteSet>,
+    pub routes: watch::Receiver<Routes>,
     /// Finishes after shutdown has withdrawn everything and cleaned the host.
     pub task: tokio::task::JoinHandle<()>,
 }
@@ -309,17 +339,30 @@ pub struct Running {
 ///
 /// `cancel` starts shutdown: withdraw every route, remove every VIP and NAT rule, then
 /// [`Host::shutdown`].
+/// Where the lifecycle's decisions go besides the host.
+pub struct Outputs {
+    /// The desired-announcement set; the BGP speaker and the API read it.
+    pub routes: watch::Sender<Routes>,
+    pub announcer: Option<Announcer>,
+    pub metrics: Metrics,
+}
+
 pub fn spawn<H: Host>(
     settings: Settings,
     host: H,
     config_apps: Vec<AppSpec>,
     store: Store,
-    metrics: Metrics,
+    outputs: Outputs,
     cancel: CancellationToken,
 ) -> Running {
+    let Outputs {
+        routes: routes_tx,
+        announcer,
+        metrics,
+    } = outputs;
     let (req_tx, req_rx) = mpsc::channel(256);
     let (report_tx, report_rx) = mpsc::channel(1024);
-    let (routes_tx, routes_rx) = watch::channel(RouteSet::new());
+    let routes_rx = routes_tx.subscribe();
     // The scheduler stops with the lifecycle: it is cancelled by a child token.
     let monitors = monitor::spawn(
         settings.monitor,
@@ -333,6 +376,7 @@ pub fn spawn<H: Host>(
         apps: BTreeMap::new(),
         next_generation: 1,
         routes: routes_tx,
+        announcer,
         store,
         monitors,
         metrics,
@@ -638,6 +682,7 @@ impl<H: Host> Lifecycle<H> {
             })
             .await;
         self.publish();
+        self.await_withdrawn().await;
         self.remove_nat(&mut entry).await;
         self.remove_vip(&mut entry).await;
         self.metrics.app_removed(entry.spec.name.as_str());
@@ -753,6 +798,7 @@ impl<H: Host> Lifecycle<H> {
             entry.cleanup_at = None;
             if entry.source == Source::Config {
                 info!(app = %name, "cleanup timer passed: removing vip and nat, still monitoring");
+                self.await_withdrawn().await;
                 self.remove_nat(&mut entry).await;
                 self.remove_vip(&mut entry).await;
                 self.apps.insert(name, entry);
@@ -770,6 +816,22 @@ impl<H: Host> Lifecycle<H> {
                 continue;
             }
             self.teardown(entry).await;
+        }
+    }
+
+    /// Waits (bounded) until every established peer has been sent the current route set, so a
+    /// VIP leaves `lo` only after its withdrawal went out.
+    async fn await_withdrawn(&mut self) {
+        let Some(announcer) = self.announcer.as_mut() else {
+            return;
+        };
+        let version = self.routes.borrow().version;
+        let flushed = announcer.flushed.wait_for(|v| *v >= version);
+        if tokio::time::timeout(WITHDRAW_WAIT, flushed).await.is_err() {
+            warn!(
+                version,
+                "withdrawal not confirmed by every peer within {WITHDRAW_WAIT:?}; going on"
+            );
         }
     }
 
@@ -791,10 +853,11 @@ impl<H: Host> Lifecycle<H> {
             .collect();
         self.metrics.routes(set.len());
         self.routes.send_if_modified(|current| {
-            if *current == set {
+            if current.set == set {
                 return false;
             }
-            *current = set;
+            current.set = set;
+            current.version += 1;
             true
         });
     }
@@ -861,6 +924,16 @@ impl<H: Host> Lifecycle<H> {
             e.healthy = false;
         }
         self.publish();
+        self.await_withdrawn().await;
+        if let Some(announcer) = self.announcer.take() {
+            announcer.stop.cancel();
+            if tokio::time::timeout(WITHDRAW_WAIT, announcer.done)
+                .await
+                .is_err()
+            {
+                warn!("BGP sessions did not close within {WITHDRAW_WAIT:?}");
+            }
+        }
         let names: Vec<AppName> = self.apps.keys().cloned().collect();
         for name in names {
             let Some(mut entry) = self.apps.remove(&name) else {
@@ -928,12 +1001,17 @@ mod tests {
         let host = FakeHost::default();
         let cancel = CancellationToken::new();
         let store = Store::new(dir.path().join("state.json"));
+        let outputs = Outputs {
+            routes: watch::channel(Routes::default()).0,
+            announcer: None,
+            metrics: Metrics::default(),
+        };
         let running = spawn(
             settings,
             host.clone(),
             config_apps,
             store,
-            Metrics::default(),
+            outputs,
             cancel.clone(),
         );
         *host.routes.lock().unwrap() = Some(running.routes.clone());

@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use gocast::{
     api::{self, ApiState, StaticInfo},
+    bgp::Speaker,
     cli::{self, Cli, Command, LogFormat},
     config::Config,
     dataplane::DataplaneInfo,
@@ -132,12 +133,26 @@ async fn run(config: Config) -> Result<()> {
         },
     };
     let store = Store::new(&agent.state_file);
+    let (routes_tx, routes_rx) = tokio::sync::watch::channel(lifecycle::Routes::default());
+    let (speaker, announcer) = if config.bgp.peers.is_empty() {
+        warn!("no bgp peers configured: routes are computed (GET /routes) but not announced");
+        (None, None)
+    } else {
+        let (speaker, announcer) = Speaker::start(&config.bgp, routes_rx, &metrics)
+            .await
+            .context("starting the BGP speaker")?;
+        (Some(speaker), Some(announcer))
+    };
     let running = lifecycle::spawn(
         settings,
         host,
         config.apps.clone(),
         store,
-        metrics.clone(),
+        lifecycle::Outputs {
+            routes: routes_tx,
+            announcer,
+            metrics: metrics.clone(),
+        },
         cancel.clone(),
     );
     let state = ApiState {
@@ -148,7 +163,7 @@ async fn run(config: Config) -> Result<()> {
             version: env!("CARGO_PKG_VERSION"),
             dataplane: DataplaneInfo::iptables(),
         }),
-        peers: Arc::new(api::configured_peers(&config)),
+        peers: Arc::new(speaker.as_ref().map(|s| s.peers.clone()).unwrap_or_default()),
     };
     info!(addr = %listen, apps = config.apps.len(), peers = config.bgp.peers.len(), "gocast running");
     let api_stop = CancellationToken::new();
@@ -158,18 +173,35 @@ async fn run(config: Config) -> Result<()> {
 
     let signal = signals.recv().await;
     info!(%signal, "shutting down");
-    let deadline = tokio::time::Instant::now() + SHUTDOWN_BUDGET;
-    // Order: stop the API, then the lifecycle withdraws, removes VIPs, clears NAT.
+    shutdown(api_stop, server, speaker.as_ref(), cancel, running.task).await
+}
+
+/// The shutdown sequence, in one place: stop the API; with `graceful_shutdown`, let the peers
+/// move traffic away first; then the lifecycle withdraws every route, the sessions close with
+/// Cease, and VIPs and NAT go. Each step is bounded and logged.
+async fn shutdown(
+    api_stop: CancellationToken,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    speaker: Option<&Speaker>,
+    lifecycle: CancellationToken,
+    lifecycle_task: tokio::task::JoinHandle<()>,
+) -> Result<()> {
     api_stop.cancel();
     if tokio::time::timeout(API_DRAIN, server).await.is_err() {
         warn!("HTTP requests still open after {API_DRAIN:?}; closing them");
     }
-    cancel.cancel();
-    match tokio::time::timeout_at(deadline, running.task).await {
+    let graceful = speaker.map(Speaker::graceful_wait).unwrap_or_default();
+    if let Some(speaker) = speaker {
+        speaker.graceful_shutdown().await;
+    }
+    let budget = SHUTDOWN_BUDGET.saturating_sub(API_DRAIN);
+    lifecycle.cancel();
+    match tokio::time::timeout(budget, lifecycle_task).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(anyhow::anyhow!("lifecycle task failed: {e}")),
         Err(_) => Err(anyhow::anyhow!(
-            "shutdown did not finish within {SHUTDOWN_BUDGET:?}"
+            "shutdown did not finish within {:?}",
+            budget + API_DRAIN + graceful
         )),
     }
 }

@@ -22,6 +22,11 @@ struct AppLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PeerLabels {
+    peer: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct MonitorLabels {
     kind: String,
     result: String,
@@ -50,6 +55,11 @@ struct Inner {
     state_changes: Family<AppLabels, Counter>,
     monitor_latency: Family<MonitorLabels, Histogram, LatencyBuckets>,
     routes: Gauge,
+    peer_up: Family<PeerLabels, Gauge>,
+    peer_transitions: Family<PeerLabels, Counter>,
+    peer_established: Family<PeerLabels, Counter>,
+    updates_sent: Family<PeerLabels, Counter>,
+    prefixes_advertised: Family<PeerLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -60,6 +70,16 @@ impl Default for Metrics {
         let state_changes = Family::<AppLabels, Counter>::default();
         let monitor_latency = Family::new_with_constructor(LatencyBuckets);
         let routes = Gauge::default();
+        let peer_up = Family::<PeerLabels, Gauge>::default();
+        let peer_transitions = Family::<PeerLabels, Counter>::default();
+        let peer_established = Family::<PeerLabels, Counter>::default();
+        let updates_sent = Family::<PeerLabels, Counter>::default();
+        let prefixes_advertised = Family::<PeerLabels, Gauge>::default();
+        registry.register("bgp_session_up", "1 while the BGP session is Established", peer_up.clone());
+        registry.register("bgp_state_transitions", "BGP FSM state changes", peer_transitions.clone());
+        registry.register("bgp_sessions_established", "Times the session reached Established", peer_established.clone());
+        registry.register("bgp_updates_sent", "UPDATE messages sent", updates_sent.clone());
+        registry.register("bgp_prefixes_advertised", "Prefixes in the peer's Adj-RIB-Out", prefixes_advertised.clone());
         registry.register(
             "app_healthy",
             "1 when all of the app's monitors pass",
@@ -93,6 +113,11 @@ impl Default for Metrics {
                 state_changes,
                 monitor_latency,
                 routes,
+                peer_up,
+                peer_transitions,
+                peer_established,
+                updates_sent,
+                prefixes_advertised,
             }),
         }
     }
@@ -150,6 +175,27 @@ impl Metrics {
         self.inner
             .routes
             .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// A BGP state change; `up` is whether the new state is Established.
+    pub fn peer_state(&self, peer: &str, up: bool) {
+        let labels = PeerLabels { peer: peer.to_owned() };
+        self.inner.peer_up.get_or_create(&labels).set(i64::from(up));
+        self.inner.peer_transitions.get_or_create(&labels).inc();
+    }
+
+    pub fn peer_established(&self, peer: &str) {
+        self.inner.peer_established.get_or_create(&PeerLabels { peer: peer.to_owned() }).inc();
+    }
+
+    pub fn updates_sent(&self, peer: &str, count: usize) {
+        let labels = PeerLabels { peer: peer.to_owned() };
+        self.inner.updates_sent.get_or_create(&labels).inc_by(count as u64);
+    }
+
+    pub fn prefixes_advertised(&self, peer: &str, count: usize) {
+        let labels = PeerLabels { peer: peer.to_owned() };
+        self.inner.prefixes_advertised.get_or_create(&labels).set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// The Prometheus text exposition.

@@ -79,6 +79,7 @@ pub enum NetlinkError {
 }
 
 /// One rtnetlink connection, plus the index of `lo` where VIPs live.
+#[derive(Clone)]
 pub struct Netlink {
     handle: Handle,
     lo_index: u32,
@@ -178,7 +179,10 @@ impl Netlink {
                 label: None,
             });
         };
-        let ours = m.attributes.iter().any(|a| matches!(a, AddressAttribute::Protocol(AddressProtocol::Other(p)) if *p == ADDR_PROTO));
+        let ours = m
+            .attributes
+            .iter()
+            .any(|a| matches!(a, AddressAttribute::Protocol(p) if u8::from(*p) == ADDR_PROTO));
         let their_label = m.attributes.iter().find_map(|a| match a {
             AddressAttribute::Label(l) => Some(l.clone()),
             _ => None,
@@ -246,6 +250,39 @@ impl Netlink {
     /// or `None` if `dest` is unroutable (no route, or an unreachable, prohibit or blackhole
     /// route).
     pub async fn source_toward(&self, dest: IpAddr) -> Result<Option<IpAddr>, NetlinkError> {
+        Ok(self
+            .route_toward(dest)
+            .await?
+            .as_ref()
+            .and_then(pref_source))
+    }
+
+    /// The first global IPv6 address on the interface the kernel uses toward `dest`: the IPv6
+    /// next hop to announce over a session with that peer (RFC 4760 needs a global address).
+    pub async fn global_ipv6_toward(&self, dest: IpAddr) -> Result<Option<Ipv6Addr>, NetlinkError> {
+        let Some(route) = self.route_toward(dest).await? else {
+            return Ok(None);
+        };
+        let Some(oif) = route.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        }) else {
+            return Ok(None);
+        };
+        Ok(self.addresses_of(oif).await?.iter().find_map(|m| {
+            if m.header.family != AddressFamily::Inet6 || m.header.scope != AddressScope::Universe {
+                return None;
+            }
+            match address_net(m)?.addr() {
+                IpAddr::V6(a) => Some(a),
+                IpAddr::V4(_) => None,
+            }
+        }))
+    }
+
+    /// `ip route get DEST`: the route the kernel would use, or `None` if `dest` is unroutable
+    /// (no route, or an unreachable, prohibit or blackhole route).
+    async fn route_toward(&self, dest: IpAddr) -> Result<Option<RouteMessage>, NetlinkError> {
         let query = match dest {
             IpAddr::V4(a) => RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(a, 32)
@@ -256,7 +293,7 @@ impl Netlink {
         };
         // With a destination this is a single lookup, not a dump: one reply or an error.
         match self.handle.route().get(query).execute().try_next().await {
-            Ok(route) => Ok(route.as_ref().and_then(pref_source)),
+            Ok(route) => Ok(route),
             // ENETUNREACH: no route; EHOSTUNREACH: unreachable route; EACCES: prohibit route;
             // EINVAL: IPv4 blackhole route. All mean no packet would leave toward `dest`.
             Err(e)

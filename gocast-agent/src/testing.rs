@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::{
     app::{AppName, NatRule, Vip},
-    lifecycle::{Host, HostError, RouteSet},
+    lifecycle::{Host, HostError, Routes},
 };
 
 /// Runs `f` on a current-thread tokio runtime in a thread moved to a new, empty network
@@ -63,7 +63,7 @@ fn skip<T>(why: &str) -> Option<T> {
 #[derive(Clone, Default)]
 pub struct FakeHost {
     pub log: Arc<Mutex<Vec<String>>>,
-    pub routes: Arc<Mutex<Option<watch::Receiver<RouteSet>>>>,
+    pub routes: Arc<Mutex<Option<watch::Receiver<Routes>>>>,
     pub fail_nat: Arc<Mutex<bool>>,
 }
 

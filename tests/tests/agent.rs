@@ -2,7 +2,7 @@
 //! service behind a port monitor, iptables NAT reached from a client namespace, cleanup,
 //! restart and SIGTERM.
 
-use std::{path::Path, time::Duration};
+use std::{fmt::Write as _, path::Path, time::Duration};
 
 use anyhow::{Context, Result, ensure};
 use gocast_tests::{Agent, Service, Topology, privileged};
@@ -266,8 +266,9 @@ fn sigterm_with_two_hundred_apps_cleans_up_within_five_seconds() -> Result<()> {
     let mut apps = String::from("apps:\n");
     for i in 0..200 {
         let (hi, lo) = (i / 250, i % 250 + 1);
-        apps += &format!(
-            "  - name: app{i}\n    vip: 2001:db8:ff00::{hi}:{lo}/128\n    monitor: port:tcp:8084\n    nats: ['tcp:80:8084', 'tcp:443:8084']\n"
+        let _ = writeln!(
+            apps,
+            "  - name: app{i}\n    vip: 2001:db8:ff00::{hi}:{lo}/128\n    monitor: port:tcp:8084\n    nats: ['tcp:80:8084', 'tcp:443:8084']"
         );
     }
     let config = write_config(dir.path(), &topo, "15m", &apps)?;

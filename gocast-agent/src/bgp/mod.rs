@@ -1,5 +1,161 @@
-//! BGP speaker (work in progress).
+//! The BGP speaker: one [`session::Session`] task per configured peer, each keeping its peer in
+//! step with the lifecycle's route set.
+//!
+//! ```text
+//!  lifecycle ──Routes (watch)──┬──▶ Session(peer 1) ──TCP──▶ router
+//!                              └──▶ Session(peer 2) ──TCP──▶ router
+//!  each Session ──flushed version──▶ min over peers ──▶ lifecycle (withdraw before VIP removal)
+//!  each Session ──PeerStatus──▶ /info, gocast status
+//! ```
+//!
+//! zettabgp encodes our OPEN; everything else on the wire is ours ([`codec`]), as are the
+//! state machine ([`fsm`]), timers and Adj-RIB-Out ([`rib_out`]).
 
 pub mod codec;
 pub mod fsm;
 pub mod rib_out;
+pub mod session;
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use self::session::{PeerStatus, Session, SessionSettings};
+use crate::{
+    config::BgpConfig,
+    lifecycle::{Announcer, Routes},
+    metrics::Metrics,
+    netlink::{Netlink, NetlinkError},
+};
+
+/// The running speaker, as the API and the shutdown sequence see it.
+pub struct Speaker {
+    /// One per configured peer, in config order.
+    pub peers: Vec<watch::Receiver<PeerStatus>>,
+    graceful: watch::Sender<bool>,
+    graceful_wait: Option<Duration>,
+}
+
+impl Speaker {
+    /// Starts a session per peer (connecting at once, no start-up delay). Returns the speaker and
+    /// the lifecycle's [`Announcer`].
+    pub async fn start(
+        bgp: &BgpConfig,
+        routes: watch::Receiver<Routes>,
+        metrics: &Metrics,
+    ) -> Result<(Self, Announcer), NetlinkError> {
+        let netlink = Netlink::new().await?;
+        let router_id = router_id(bgp, &netlink).await?;
+        let (graceful, graceful_rx) = watch::channel(false);
+        let stop = CancellationToken::new();
+        let mut peers = Vec::new();
+        let mut flushed = Vec::new();
+        let mut tasks = Vec::new();
+        for peer in &bgp.peers {
+            let settings = SessionSettings {
+                peer: peer.clone(),
+                router_id,
+                graceful: graceful_rx.clone(),
+            };
+            let (session, status, sent) =
+                Session::new(settings, netlink.clone(), metrics.clone(), routes.clone());
+            peers.push(status);
+            flushed.push(sent);
+            tasks.push(tokio::spawn(session.run(stop.child_token())));
+        }
+        info!(%router_id, peers = bgp.peers.len(), "bgp speaker started");
+        let (flushed_tx, flushed_rx) = watch::channel(0);
+        tokio::spawn(lowest_flushed(flushed, flushed_tx));
+        let done = tokio::spawn(async move {
+            for task in tasks {
+                let _ = task.await;
+            }
+        });
+        let speaker = Self {
+            peers,
+            graceful,
+            graceful_wait: bgp.graceful_shutdown,
+        };
+        Ok((
+            speaker,
+            Announcer {
+                flushed: flushed_rx,
+                stop,
+                done,
+            },
+        ))
+    }
+
+    /// RFC 8326: re-announce every route with `GRACEFUL_SHUTDOWN` so the peers move traffic
+    /// away, and wait the configured time. Does nothing unless `bgp.graceful_shutdown` is set.
+    pub async fn graceful_shutdown(&self) {
+        if let Some(wait) = self.graceful_wait {
+            info!(
+                ?wait,
+                "graceful shutdown: announcing GRACEFUL_SHUTDOWN and waiting"
+            );
+            self.graceful.send_replace(true);
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// How long [`Speaker::graceful_shutdown`] takes.
+    pub fn graceful_wait(&self) -> Duration {
+        self.graceful_wait.unwrap_or_default()
+    }
+}
+
+/// Publishes the lowest route-set version every session has been sent; with no peers nothing
+/// is ever waited for.
+async fn lowest_flushed(mut sessions: Vec<watch::Receiver<u64>>, out: watch::Sender<u64>) {
+    loop {
+        let lowest = sessions
+            .iter()
+            .map(|r| *r.borrow())
+            .min()
+            .unwrap_or(u64::MAX);
+        out.send_replace(lowest);
+        if sessions.is_empty() {
+            return;
+        }
+        let changes = sessions.iter_mut().map(|r| Box::pin(r.changed()));
+        let (result, _, _) = futures::future::select_all(changes).await;
+        if result.is_err() {
+            // A session ended (shutdown): nothing more to wait for.
+            out.send_replace(u64::MAX);
+            return;
+        }
+    }
+}
+
+/// The BGP Identifier: configured, else an IPv4 local address (a peer's `local_ip`, the
+/// source toward the first IPv4 peer, the default route's source), else one derived from the
+/// host name (an IPv6-only host still needs a 32-bit identifier, RFC 6286).
+async fn router_id(bgp: &BgpConfig, netlink: &Netlink) -> Result<Ipv4Addr, NetlinkError> {
+    if let Some(id) = bgp.router_id {
+        return Ok(id);
+    }
+    for peer in &bgp.peers {
+        if let Some(IpAddr::V4(a)) = peer.local_ip {
+            return Ok(a);
+        }
+        if let Some(ip @ IpAddr::V4(_)) = peer.peer_ip
+            && let Some(IpAddr::V4(a)) = netlink.source_toward(ip).await?
+        {
+            return Ok(a);
+        }
+    }
+    if let Some((_, IpAddr::V4(a))) = netlink.default_gateway().await? {
+        return Ok(a);
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let hash = host.trim().bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    Ok(Ipv4Addr::from(hash | 1))
+}

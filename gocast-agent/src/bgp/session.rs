@@ -1,0 +1,644 @@
+//! One BGP session: drives the [`Fsm`] over a TCP connection, arms its timers, and keeps the
+//! peer's Adj-RIB-Out in step with the lifecycle's route set.
+//!
+//! ```text
+//!   socket ─frames─▶ ┌─────────┐ ─Input─▶ Fsm ─Output─▶ apply(): send, timers, status
+//!   timers ────────▶ │ Session │
+//!   routes (watch) ─▶└─────────┘ ─UPDATEs (when Established)─▶ socket
+//! ```
+//!
+//! All effects of the FSM's outputs happen in one function, [`Session::apply`]; I/O failures it
+//! meets become inputs again. The session publishes a [`PeerStatus`] for `/info` and the route
+//! set version it has sent, which the lifecycle waits for before a VIP leaves `lo`.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    pin::Pin,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use ipnet::IpNet;
+use tokio::{
+    net::{TcpSocket, TcpStream},
+    sync::watch,
+    task::JoinHandle,
+    time::Sleep,
+};
+use tokio_util::{codec::Framed, sync::CancellationToken};
+use tracing::{debug, info, warn};
+
+use super::{
+    codec::{self, Attributes, BgpCodec, Family, Message, Origin},
+    fsm::{Fsm, FsmConfig, Input, Negotiated, Output, State},
+    rib_out::{AdjRibOut, Changes},
+};
+use crate::{
+    app::Community,
+    config::{self, PeerConfig},
+    lifecycle::Routes,
+    metrics::Metrics,
+    netlink::Netlink,
+};
+
+/// `LOCAL_PREF` sent to iBGP peers when none is configured (the usual default).
+const DEFAULT_LOCAL_PREF: u32 = 100;
+/// RFC 8326: the `GRACEFUL_SHUTDOWN` community.
+const GRACEFUL_SHUTDOWN: u32 = 0xFFFF_0000;
+
+/// What `/info` shows of a peer.
+#[derive(Debug, Clone)]
+pub struct PeerStatus {
+    pub address: Option<IpAddr>,
+    pub asn: u32,
+    pub state: State,
+    pub established_at: Option<Instant>,
+    pub last_error: Option<String>,
+    pub messages_in: u64,
+    pub messages_out: u64,
+    pub prefixes_advertised: usize,
+}
+
+/// Why a connection attempt failed.
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error("no peer_ip configured and no default gateway to use as the peer")]
+    NoPeer,
+    #[error(transparent)]
+    Netlink(#[from] crate::netlink::NetlinkError),
+    #[error("connecting to {addr}: {source}")]
+    Io { addr: SocketAddr, source: io::Error },
+}
+
+/// A one-shot timer that may be off; `None` never fires.
+#[derive(Default)]
+struct Timer(Option<Pin<Box<Sleep>>>);
+
+impl Timer {
+    fn set(&mut self, after: Option<Duration>) {
+        self.0 = after.map(|d| Box::pin(tokio::time::sleep(d)));
+    }
+
+    async fn fired(&mut self) {
+        match self.0.as_mut() {
+            Some(sleep) => {
+                sleep.await;
+                self.0 = None;
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// The speaker-wide settings a session needs.
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    pub peer: PeerConfig,
+    pub router_id: Ipv4Addr,
+    /// Set when graceful shutdown (RFC 8326) starts: re-announce everything with
+    /// `GRACEFUL_SHUTDOWN`.
+    pub graceful: watch::Receiver<bool>,
+}
+
+/// One peer's session task.
+pub struct Session {
+    settings: SessionSettings,
+    fsm: Fsm,
+    netlink: Netlink,
+    metrics: Metrics,
+    conn: Option<Framed<TcpStream, BgpCodec>>,
+    connecting: Option<JoinHandle<Result<TcpStream, ConnectError>>>,
+    hold: Timer,
+    keepalive: Timer,
+    retry: Timer,
+    rib: AdjRibOut,
+    negotiated: Option<Negotiated>,
+    /// Next hops announced on this session, found when it is established.
+    next_hop4: Option<Ipv4Addr>,
+    next_hop6: Option<Ipv6Addr>,
+    routes: watch::Receiver<Routes>,
+    status: watch::Sender<PeerStatus>,
+    flushed: watch::Sender<u64>,
+    /// Label for logs and metrics: the peer's address, or "autodiscover".
+    name: String,
+}
+
+impl Session {
+    pub fn new(
+        settings: SessionSettings,
+        netlink: Netlink,
+        metrics: Metrics,
+        routes: watch::Receiver<Routes>,
+    ) -> (Self, watch::Receiver<PeerStatus>, watch::Receiver<u64>) {
+        let peer = &settings.peer;
+        let fsm = Fsm::new(FsmConfig {
+            local_as: peer.local_as,
+            peer_as: peer.peer_as,
+            router_id: settings.router_id,
+            hold_time: peer.hold_time,
+            families: vec![Family::Ipv4Unicast, Family::Ipv6Unicast],
+            passive: false,
+        });
+        let (status, status_rx) = watch::channel(PeerStatus {
+            address: peer.peer_ip,
+            asn: peer.peer_as,
+            state: State::Idle,
+            established_at: None,
+            last_error: None,
+            messages_in: 0,
+            messages_out: 0,
+            prefixes_advertised: 0,
+        });
+        let (flushed, flushed_rx) = watch::channel(0);
+        let name = peer
+            .peer_ip
+            .map_or_else(|| "autodiscover".to_owned(), |ip| ip.to_string());
+        let session = Self {
+            settings,
+            fsm,
+            netlink,
+            metrics,
+            conn: None,
+            connecting: None,
+            hold: Timer::default(),
+            keepalive: Timer::default(),
+            retry: Timer::default(),
+            rib: AdjRibOut::default(),
+            negotiated: None,
+            next_hop4: None,
+            next_hop6: None,
+            routes,
+            status,
+            flushed,
+            name,
+        };
+        (session, status_rx, flushed_rx)
+    }
+
+    /// Runs until `stop` fires; then says goodbye (Cease, administrative shutdown) and returns.
+    pub async fn run(mut self, stop: CancellationToken) {
+        let mut inputs = VecDeque::from([Input::ManualStart]);
+        let mut stopping = false;
+        let mut graceful = self.settings.graceful.clone();
+        loop {
+            while let Some(input) = inputs.pop_front() {
+                let outputs = self.fsm.process(input);
+                self.apply(outputs, &mut inputs).await;
+            }
+            if stopping {
+                return;
+            }
+            let input = tokio::select! {
+                () = stop.cancelled() => {
+                    stopping = true;
+                    Input::ManualStop { reason: "gocast shutting down".into() }
+                }
+                frame = next_frame(&mut self.conn) => self.on_frame(frame),
+                done = connect_done(&mut self.connecting) => self.on_connect(done),
+                () = self.hold.fired() => Input::HoldTimerExpired,
+                () = self.keepalive.fired() => Input::KeepaliveTimerExpired,
+                () = self.retry.fired() => Input::ConnectRetryTimerExpired,
+                Ok(()) = self.routes.changed() => {
+                    self.sync_routes(&mut inputs).await;
+                    continue;
+                }
+                Ok(()) = graceful.changed() => {
+                    // Everything goes out again with the new community set.
+                    self.sync_routes(&mut inputs).await;
+                    continue;
+                }
+            };
+            inputs.push_back(input);
+        }
+    }
+
+    fn on_frame(&mut self, frame: Option<Result<Message, codec::DecodeError>>) -> Input {
+        match frame {
+            Some(Ok(message)) => {
+                self.status.send_modify(|s| s.messages_in += 1);
+                match message {
+                    Message::Open(open) => Input::OpenReceived(open),
+                    Message::Update(update) => Input::UpdateReceived(update),
+                    Message::Notification(n) => Input::NotificationReceived(n),
+                    Message::Keepalive => Input::KeepaliveReceived,
+                    Message::RouteRefresh(family) => Input::RouteRefreshReceived(family),
+                }
+            }
+            Some(Err(e)) if e.is_transport() => {
+                self.note_error(format!("connection lost: {e}"));
+                Input::TcpConnectionClosed
+            }
+            Some(Err(e)) => {
+                warn!(peer = %self.name, error = %e, "malformed message from peer");
+                self.note_error(format!("malformed message: {e}"));
+                Input::DecodeFailed(e.notification())
+            }
+            None => Input::TcpConnectionClosed,
+        }
+    }
+
+    fn on_connect(&mut self, done: Result<TcpStream, ConnectError>) -> Input {
+        self.connecting = None;
+        match done {
+            Ok(stream) => {
+                if let Ok(remote) = stream.peer_addr() {
+                    self.status.send_modify(|s| s.address = Some(remote.ip()));
+                }
+                let _ = stream.set_nodelay(true);
+                self.conn = Some(Framed::new(stream, BgpCodec::new()));
+                Input::TcpConnectionConfirmed
+            }
+            Err(e) => {
+                debug!(peer = %self.name, error = %e, "connect failed");
+                self.note_error(e.to_string());
+                Input::TcpConnectionFails
+            }
+        }
+    }
+
+    fn note_error(&self, error: String) {
+        self.status.send_modify(|s| s.last_error = Some(error));
+    }
+
+    /// Carries out the FSM's outputs in order; I/O failures become inputs.
+    async fn apply(&mut self, outputs: Vec<Output>, inputs: &mut VecDeque<Input>) {
+        for output in outputs {
+            match output {
+                Output::Connect => self.start_connect(),
+                Output::SendMessage(message) => {
+                    if let Some(conn) = self.conn.as_mut() {
+                        if let Err(e) = SinkExt::<Message>::send(conn, message).await {
+                            self.note_error(format!("send failed: {e}"));
+                            inputs.push_back(Input::TcpConnectionClosed);
+                        } else {
+                            self.status.send_modify(|s| s.messages_out += 1);
+                        }
+                    }
+                }
+                Output::CloseConnection => {
+                    if let Some(task) = self.connecting.take() {
+                        task.abort();
+                    }
+                    self.conn = None;
+                }
+                Output::SetHoldTimer(d) => self.hold.set(d),
+                Output::SetKeepaliveTimer(d) => self.keepalive.set(d),
+                Output::SetConnectRetryTimer(d) => self.retry.set(d),
+                Output::Established(negotiated) => self.established(negotiated, inputs).await,
+                Output::SessionDown {
+                    reason,
+                    notification_sent,
+                    notification_received,
+                } => {
+                    let detail = match (&notification_sent, &notification_received) {
+                        (Some(n), _) => format!("{reason} (sent NOTIFICATION {n})"),
+                        (_, Some(n)) => format!("{reason} (received NOTIFICATION {n})"),
+                        _ => reason,
+                    };
+                    if self.negotiated.take().is_some() {
+                        warn!(peer = %self.name, reason = %detail, "session down");
+                    }
+                    self.rib.clear();
+                    self.next_hop4 = None;
+                    self.next_hop6 = None;
+                    self.status.send_modify(|s| {
+                        s.last_error = Some(detail);
+                        s.established_at = None;
+                        s.prefixes_advertised = 0;
+                    });
+                    // Nothing is announced to a peer that is down: any version counts as sent.
+                    self.flushed.send_replace(self.routes.borrow().version);
+                }
+                Output::StateChanged { from, to } => {
+                    debug!(peer = %self.name, %from, %to, "bgp state");
+                    self.metrics
+                        .peer_state(&self.name, to == State::Established);
+                    self.status.send_modify(|s| s.state = to);
+                }
+                Output::ResendAdjRibOut(family) => {
+                    let changes = self.rib.all(family);
+                    self.send_changes(&changes, inputs).await;
+                }
+                Output::UpdateReceived(update) => {
+                    if let Some(why) = &update.treat_as_withdraw {
+                        warn!(peer = %self.name, reason = %why, "malformed UPDATE treated as withdraw (RFC 7606)");
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_connect(&mut self) {
+        if let Some(task) = self.connecting.take() {
+            task.abort();
+        }
+        let peer = self.settings.peer.clone();
+        let netlink = self.netlink.clone();
+        self.connecting = Some(tokio::spawn(async move { connect(&peer, &netlink).await }));
+    }
+
+    async fn established(&mut self, negotiated: Negotiated, inputs: &mut VecDeque<Input>) {
+        let (local, remote) = match self.conn.as_ref().map(Framed::get_ref) {
+            Some(s) => (s.local_addr().ok(), s.peer_addr().ok()),
+            None => (None, None),
+        };
+        if let Some(conn) = self.conn.as_mut() {
+            conn.codec_mut().set_four_octet_as(negotiated.four_octet_as);
+        }
+        let peer = &self.settings.peer;
+        self.next_hop4 = peer
+            .next_hop
+            .or(match (peer.local_ip, local.map(|a| a.ip())) {
+                (Some(IpAddr::V4(a)), _) | (None, Some(IpAddr::V4(a))) => Some(a),
+                _ => None,
+            });
+        self.next_hop6 = match (peer.local_ipv6, local.map(|a| a.ip())) {
+            (Some(a), _) => Some(a),
+            (None, Some(IpAddr::V6(a))) if !a.is_unicast_link_local() => Some(a),
+            _ => match remote {
+                Some(r) => self.netlink.global_ipv6_toward(r.ip()).await.ok().flatten(),
+                None => None,
+            },
+        };
+        info!(
+            peer = %self.name,
+            hold = ?negotiated.hold_time,
+            families = ?negotiated.families,
+            next_hop4 = ?self.next_hop4,
+            next_hop6 = ?self.next_hop6,
+            "session established"
+        );
+        self.metrics.peer_established(&self.name);
+        self.negotiated = Some(negotiated);
+        self.status.send_modify(|s| {
+            s.established_at = Some(Instant::now());
+            s.last_error = None;
+        });
+        self.rib.clear();
+        self.sync_routes(inputs).await;
+        // RFC 4724 §2: End-of-RIB after the initial table, per family.
+        let families = self
+            .negotiated
+            .as_ref()
+            .map(|n| n.families.clone())
+            .unwrap_or_default();
+        for family in families {
+            self.send_bytes(vec![codec::encode_end_of_rib(family)], inputs)
+                .await;
+        }
+    }
+
+    /// Brings the peer to the current route set, if established; records the version sent.
+    async fn sync_routes(&mut self, inputs: &mut VecDeque<Input>) {
+        let routes = self.routes.borrow_and_update().clone();
+        let Some(negotiated) = self.negotiated.as_ref() else {
+            self.flushed.send_replace(routes.version);
+            return;
+        };
+        let graceful = *self.settings.graceful.borrow();
+        let ibgp = negotiated.ibgp;
+        let families: Vec<Family> = negotiated
+            .families
+            .iter()
+            .copied()
+            .filter(|f| match f {
+                Family::Ipv4Unicast => self.next_hop4.is_some(),
+                Family::Ipv6Unicast => self.next_hop6.is_some(),
+            })
+            .collect();
+        let desired: BTreeMap<IpNet, Attributes> = routes
+            .iter()
+            .map(|(prefix, route)| {
+                (
+                    *prefix,
+                    attributes(&self.settings.peer, &route.communities, ibgp, graceful),
+                )
+            })
+            .collect();
+        let changes = self.rib.update(&desired, &families);
+        self.send_changes(&changes, inputs).await;
+        self.metrics.prefixes_advertised(&self.name, self.rib.len());
+        let count = self.rib.len();
+        self.status.send_modify(|s| s.prefixes_advertised = count);
+        self.flushed.send_replace(routes.version);
+    }
+
+    async fn send_changes(&mut self, changes: &Changes, inputs: &mut VecDeque<Input>) {
+        let four_octet = self.negotiated.as_ref().is_some_and(|n| n.four_octet_as);
+        let mut messages = Vec::new();
+        for (_, prefixes) in &changes.withdraw {
+            messages.extend(codec::encode_withdraw(prefixes));
+        }
+        for (family, attrs, prefixes) in &changes.announce {
+            let next_hop = match family {
+                Family::Ipv4Unicast => self.next_hop4.map(IpAddr::V4),
+                Family::Ipv6Unicast => self.next_hop6.map(IpAddr::V6),
+            };
+            if let Some(next_hop) = next_hop {
+                messages.extend(codec::encode_announce(
+                    attrs, next_hop, prefixes, four_octet,
+                ));
+            }
+        }
+        if !messages.is_empty() {
+            self.metrics.updates_sent(&self.name, messages.len());
+            self.send_bytes(messages, inputs).await;
+        }
+    }
+
+    /// Queues pre-encoded messages and flushes once.
+    async fn send_bytes(&mut self, messages: Vec<Bytes>, inputs: &mut VecDeque<Input>) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        let count = messages.len() as u64;
+        let mut result = Ok(());
+        for m in messages {
+            result = SinkExt::<Bytes>::feed(conn, m).await;
+            if result.is_err() {
+                break;
+            }
+        }
+        if result.is_ok() {
+            result = SinkExt::<Bytes>::flush(conn).await;
+        }
+        match result {
+            Ok(()) => self.status.send_modify(|s| s.messages_out += count),
+            Err(e) => {
+                self.note_error(format!("send failed: {e}"));
+                inputs.push_back(Input::TcpConnectionClosed);
+            }
+        }
+    }
+}
+
+/// The attributes of one route toward one peer.
+fn attributes(
+    peer: &PeerConfig,
+    route_communities: &[Community],
+    ibgp: bool,
+    graceful: bool,
+) -> Attributes {
+    let mut communities = Vec::new();
+    let mut large_communities = Vec::new();
+    for c in peer.communities.iter().chain(route_communities) {
+        match *c {
+            Community::Standard(v) => communities.push(v),
+            Community::Large(a, b, c) => large_communities.push((a, b, c)),
+        }
+    }
+    if graceful {
+        communities.push(GRACEFUL_SHUTDOWN);
+    }
+    communities.sort_unstable();
+    communities.dedup();
+    large_communities.sort_unstable();
+    large_communities.dedup();
+    Attributes {
+        origin: match peer.origin {
+            config::Origin::Igp => Origin::Igp,
+            config::Origin::Egp => Origin::Egp,
+            config::Origin::Incomplete => Origin::Incomplete,
+        },
+        as_path: if ibgp {
+            Vec::new()
+        } else {
+            vec![peer.local_as]
+        },
+        med: peer.med,
+        local_pref: ibgp.then(|| peer.local_pref.unwrap_or(DEFAULT_LOCAL_PREF)),
+        communities,
+        large_communities,
+    }
+}
+
+/// Opens the TCP connection: source address and TTL as configured, the peer autodiscovered
+/// (default gateway) when none is configured, as GoCast does.
+async fn connect(peer: &PeerConfig, netlink: &Netlink) -> Result<TcpStream, ConnectError> {
+    let (peer_ip, discovered_local) = if let Some(ip) = peer.peer_ip {
+        (ip, None)
+    } else {
+        let (gateway, local) = netlink
+            .default_gateway()
+            .await?
+            .ok_or(ConnectError::NoPeer)?;
+        (gateway, Some(local))
+    };
+    let addr = SocketAddr::new(peer_ip, peer.peer_port);
+    let io_err = |source| ConnectError::Io { addr, source };
+    let socket = if peer_ip.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(io_err)?;
+    if let Some(local) = peer
+        .local_ip
+        .or(discovered_local)
+        .filter(|l| l.is_ipv4() == peer_ip.is_ipv4())
+    {
+        socket.bind(SocketAddr::new(local, 0)).map_err(io_err)?;
+    }
+    // eBGP peers are one hop away unless multihop says otherwise (RFC 4271 §5.1.3's usual
+    // practice); iBGP keeps the system default.
+    let ttl = match peer.multihop {
+        Some(ttl) => Some(u32::from(ttl)),
+        None if peer.peer_as != peer.local_as => Some(1),
+        None => None,
+    };
+    if let Some(ttl) = ttl {
+        socket2::SockRef::from(&socket)
+            .set_ttl_v4(ttl)
+            .or_else(|e| {
+                // An IPv6 socket takes the hop limit instead.
+                if peer_ip.is_ipv6() {
+                    socket2::SockRef::from(&socket).set_unicast_hops_v6(ttl)
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(io_err)?;
+    }
+    if let Some(password) = &peer.password {
+        gocast_common::tcp_md5::set(&socket, peer_ip, password.as_bytes()).map_err(io_err)?;
+    }
+    socket.connect(addr).await.map_err(io_err)
+}
+
+async fn next_frame(
+    conn: &mut Option<Framed<TcpStream, BgpCodec>>,
+) -> Option<Result<Message, codec::DecodeError>> {
+    match conn.as_mut() {
+        Some(c) => c.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn connect_done(
+    task: &mut Option<JoinHandle<Result<TcpStream, ConnectError>>>,
+) -> Result<TcpStream, ConnectError> {
+    match task.as_mut() {
+        Some(t) => match t.await {
+            Ok(result) => result,
+            Err(e) => Err(ConnectError::Io {
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                source: io::Error::other(e),
+            }),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(local_as: u32, peer_as: u32) -> PeerConfig {
+        PeerConfig {
+            local_as,
+            peer_as,
+            peer_ip: Some("198.18.0.2".parse().unwrap()),
+            peer_port: 179,
+            local_ip: None,
+            local_ipv6: None,
+            password: None,
+            multihop: None,
+            hold_time: Duration::from_secs(90),
+            communities: vec!["65001:1".parse().unwrap(), "1:2:3".parse().unwrap()],
+            origin: config::Origin::Igp,
+            next_hop: None,
+            med: Some(5),
+            local_pref: None,
+        }
+    }
+
+    #[test]
+    fn ebgp_routes_carry_our_as_and_all_communities_sorted() {
+        let a = attributes(
+            &peer(65001, 65000),
+            &["65001:0".parse().unwrap(), "65001:1".parse().unwrap()],
+            false,
+            false,
+        );
+        assert_eq!(a.as_path, vec![65001]);
+        assert_eq!(a.communities, vec![65001 << 16, 65001 << 16 | 1]);
+        assert_eq!(a.large_communities, vec![(1, 2, 3)]);
+        assert_eq!((a.med, a.local_pref), (Some(5), None));
+    }
+
+    #[test]
+    fn ibgp_routes_have_an_empty_path_and_local_pref() {
+        let a = attributes(&peer(65001, 65001), &[], true, false);
+        assert!(a.as_path.is_empty());
+        assert_eq!(a.local_pref, Some(DEFAULT_LOCAL_PREF));
+    }
+
+    #[test]
+    fn graceful_shutdown_adds_its_community() {
+        let a = attributes(&peer(65001, 65000), &[], false, true);
+        assert!(a.communities.contains(&GRACEFUL_SHUTDOWN));
+    }
+}
