@@ -21,8 +21,8 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use crate::{
-    bgp::session::PeerStatus,
     app::{self, AppName, AppSpec, Monitor, NatRule, Source},
+    bgp::session::PeerStatus,
     lifecycle::{LifecycleError, LifecycleHandle, Routes},
     metrics::Metrics,
 };

@@ -163,7 +163,12 @@ async fn run(config: Config) -> Result<()> {
             version: env!("CARGO_PKG_VERSION"),
             dataplane: DataplaneInfo::iptables(),
         }),
-        peers: Arc::new(speaker.as_ref().map(|s| s.peers.clone()).unwrap_or_default()),
+        peers: Arc::new(
+            speaker
+                .as_ref()
+                .map(|s| s.peers.clone())
+                .unwrap_or_default(),
+        ),
     };
     info!(addr = %listen, apps = config.apps.len(), peers = config.bgp.peers.len(), "gocast running");
     let api_stop = CancellationToken::new();

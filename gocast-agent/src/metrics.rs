@@ -75,11 +75,31 @@ impl Default for Metrics {
         let peer_established = Family::<PeerLabels, Counter>::default();
         let updates_sent = Family::<PeerLabels, Counter>::default();
         let prefixes_advertised = Family::<PeerLabels, Gauge>::default();
-        registry.register("bgp_session_up", "1 while the BGP session is Established", peer_up.clone());
-        registry.register("bgp_state_transitions", "BGP FSM state changes", peer_transitions.clone());
-        registry.register("bgp_sessions_established", "Times the session reached Established", peer_established.clone());
-        registry.register("bgp_updates_sent", "UPDATE messages sent", updates_sent.clone());
-        registry.register("bgp_prefixes_advertised", "Prefixes in the peer's Adj-RIB-Out", prefixes_advertised.clone());
+        registry.register(
+            "bgp_session_up",
+            "1 while the BGP session is Established",
+            peer_up.clone(),
+        );
+        registry.register(
+            "bgp_state_transitions",
+            "BGP FSM state changes",
+            peer_transitions.clone(),
+        );
+        registry.register(
+            "bgp_sessions_established",
+            "Times the session reached Established",
+            peer_established.clone(),
+        );
+        registry.register(
+            "bgp_updates_sent",
+            "UPDATE messages sent",
+            updates_sent.clone(),
+        );
+        registry.register(
+            "bgp_prefixes_advertised",
+            "Prefixes in the peer's Adj-RIB-Out",
+            prefixes_advertised.clone(),
+        );
         registry.register(
             "app_healthy",
             "1 when all of the app's monitors pass",
@@ -179,23 +199,40 @@ impl Metrics {
 
     /// A BGP state change; `up` is whether the new state is Established.
     pub fn peer_state(&self, peer: &str, up: bool) {
-        let labels = PeerLabels { peer: peer.to_owned() };
+        let labels = PeerLabels {
+            peer: peer.to_owned(),
+        };
         self.inner.peer_up.get_or_create(&labels).set(i64::from(up));
         self.inner.peer_transitions.get_or_create(&labels).inc();
     }
 
     pub fn peer_established(&self, peer: &str) {
-        self.inner.peer_established.get_or_create(&PeerLabels { peer: peer.to_owned() }).inc();
+        self.inner
+            .peer_established
+            .get_or_create(&PeerLabels {
+                peer: peer.to_owned(),
+            })
+            .inc();
     }
 
     pub fn updates_sent(&self, peer: &str, count: usize) {
-        let labels = PeerLabels { peer: peer.to_owned() };
-        self.inner.updates_sent.get_or_create(&labels).inc_by(count as u64);
+        let labels = PeerLabels {
+            peer: peer.to_owned(),
+        };
+        self.inner
+            .updates_sent
+            .get_or_create(&labels)
+            .inc_by(count as u64);
     }
 
     pub fn prefixes_advertised(&self, peer: &str, count: usize) {
-        let labels = PeerLabels { peer: peer.to_owned() };
-        self.inner.prefixes_advertised.get_or_create(&labels).set(i64::try_from(count).unwrap_or(i64::MAX));
+        let labels = PeerLabels {
+            peer: peer.to_owned(),
+        };
+        self.inner
+            .prefixes_advertised
+            .get_or_create(&labels)
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// The Prometheus text exposition.
