@@ -18,6 +18,8 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
+pub mod routers;
+
 /// Whether privileged tests may run here. Without root they skip with a message — unless
 /// `GOCAST_REQUIRE_PRIVILEGED=1`, where a skip would hide a failure, so it panics.
 pub fn privileged(test: &str) -> bool {
@@ -153,6 +155,7 @@ pub struct Topology {
     pub agent_ip: String,
     pub client_ip: String,
     pub agent_ip6: String,
+    pub client_ip6: String,
 }
 
 impl Topology {
@@ -204,6 +207,7 @@ impl Topology {
             agent_ip: a,
             client_ip: c,
             agent_ip6: a6,
+            client_ip6: c6,
         })
     }
 }

@@ -1,0 +1,106 @@
+//! The agent's BGP speaker against a real BIRD 2 in a network namespace: the session comes up
+//! at once, healthy apps' VIPs arrive with their communities, a failing monitor withdraws, and
+//! shutdown says goodbye with an administrative-shutdown Cease.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::{Result, ensure};
+use gocast_tests::{
+    Agent, Service, Topology, privileged,
+    routers::{Bird, Neighbor, wait_until},
+};
+
+const API: &str = "127.0.0.1:8080";
+
+fn neighbor(topo: &Topology) -> Neighbor {
+    Neighbor {
+        local: topo.client_ip.clone(),
+        local_as: 65000,
+        agent: topo.agent_ip.clone(),
+        agent_as: 65001,
+        password: None,
+        hold_time: None,
+    }
+}
+
+fn config(dir: &Path, topo: &Topology, bgp_extra: &str, apps: &str) -> Result<String> {
+    let path = dir.join("config.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "agent:\n  listen_addr: {API}\n  monitor_interval: 100ms\n  cleanup_timer: 1s\n  state_file: {state}\n\
+             bgp:\n  local_as: 65001\n  remote_as: 65000\n  peer_ip: {peer}\n  communities: ['65001:100', '65001:1:2']\n{bgp_extra}{apps}",
+            state = dir.join("state.json").display(),
+            peer = topo.client_ip,
+        ),
+    )?;
+    Ok(path.to_string_lossy().into_owned())
+}
+
+#[test]
+fn bird_learns_healthy_vips_with_communities_and_loses_them_when_the_monitor_fails() -> Result<()> {
+    if !privileged("bird_learns_healthy_vips") {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let topo = Topology::new()?;
+    let bird = Bird::start(&topo.client, dir.path(), &neighbor(&topo))?;
+    let apps = "apps:\n  - name: web\n    vip: 192.0.2.50/32\n    vip_config: {bgp_communities: ['65001:7', '65001:7:7']}\n    monitor: port:tcp:8090\n  - name: web6\n    vip: 2001:db8:ff00::50/128\n    monitor: port:tcp:8090\n";
+    let config = config(dir.path(), &topo, "", apps)?;
+    let mut service = Service::http(&topo.agent, 8090, dir.path())?;
+    let mut agent = Agent::start(
+        &topo.agent,
+        &["run", "--config", &config],
+        &dir.path().join("agent.log"),
+        API,
+    )?;
+
+    wait_until("Established", Duration::from_secs(5), || {
+        Ok(bird.session_state()? == "Established")
+    })?;
+    wait_until("both routes at BIRD", Duration::from_secs(5), || {
+        Ok(!bird.route("192.0.2.50/32")?.is_empty()
+            && !bird.route("2001:db8:ff00::50/128")?.is_empty())
+    })?;
+    let v4 = bird.route("192.0.2.50/32")?;
+    ensure!(
+        v4.contains("(65001,7)") && v4.contains("(65001,100)"),
+        "communities:\n{v4}"
+    );
+    ensure!(
+        v4.contains("(65001, 7, 7)") && v4.contains("(65001, 1, 2)"),
+        "large communities:\n{v4}"
+    );
+    ensure!(
+        v4.contains(&format!("BGP.next_hop: {}", topo.agent_ip)),
+        "next hop:\n{v4}"
+    );
+    ensure!(v4.contains("BGP.as_path: 65001"), "as path:\n{v4}");
+    let v6 = bird.route("2001:db8:ff00::50/128")?;
+    ensure!(
+        v6.contains(&format!("BGP.next_hop: {}", topo.agent_ip6)),
+        "IPv6 next hop:\n{v6}"
+    );
+
+    let (_, info) = topo.agent.http_get(&format!("http://{API}/info"))?;
+    ensure!(info["peers"][0]["state"] == "Established", "{info}");
+    ensure!(info["peers"][0]["prefixes_advertised"] == 2, "{info}");
+
+    service.stop();
+    wait_until("withdrawn at BIRD", Duration::from_secs(3), || {
+        Ok(bird.route("192.0.2.50/32")?.is_empty()
+            && bird.route("2001:db8:ff00::50/128")?.is_empty())
+    })?;
+
+    let (status, elapsed) = agent.signal_and_wait("TERM", Duration::from_secs(5))?;
+    ensure!(
+        status.success() && elapsed < Duration::from_secs(5),
+        "{status} {elapsed:?}"
+    );
+    let proto = bird.birdc(&["show", "protocols", "all", "agent"])?;
+    ensure!(
+        proto.contains("Administrative shutdown"),
+        "BIRD saw no Cease:\n{proto}"
+    );
+    Ok(())
+}
