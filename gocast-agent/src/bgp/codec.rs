@@ -219,8 +219,9 @@ const EXTENDED_ATTR_HEADER: usize = 4;
 const MP_REACH_IPV6_FIXED: usize = 2 + 1 + 1 + 16 + 1;
 /// `MP_UNREACH_NLRI` before its withdrawn routes: AFI, SAFI.
 const MP_UNREACH_FIXED: usize = 2 + 1;
-/// RFC 9003 §2: a Shutdown Communication is at most 255 bytes of UTF-8.
-const MAX_SHUTDOWN_COMMUNICATION: usize = 255;
+/// Longest Shutdown Communication we send: 128 octets (RFC 8203 §2). RFC 9003 allows 255, but
+/// an RFC 8203 receiver discards anything longer than 128.
+const MAX_SHUTDOWN_COMMUNICATION: usize = 128;
 
 /// Why a peer's bytes were refused. Each variant but `Io` is one NOTIFICATION
 /// ([`DecodeError::notification`]), to send before closing the connection.
@@ -1893,14 +1894,14 @@ mod tests {
     }
 
     #[test]
-    fn a_long_shutdown_reason_is_cut_at_a_character_boundary_within_255_bytes() {
+    fn a_long_shutdown_reason_is_cut_at_a_character_boundary_within_128_bytes() {
         let reason = "é".repeat(200);
         let sent = shutdown_notification(&reason);
-        assert_eq!(sent.data[0], 254);
-        assert_eq!(sent.data.len(), 255);
+        assert_eq!(sent.data[0], 128);
+        assert_eq!(sent.data.len(), 129);
         assert_eq!(
             sent.shutdown_communication().unwrap(),
-            "é".repeat(127),
+            "é".repeat(64),
             "whole characters only"
         );
     }

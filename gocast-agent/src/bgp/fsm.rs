@@ -24,7 +24,10 @@
 
 use std::{fmt, net::Ipv4Addr, time::Duration};
 
-use super::codec::{Family, Message, Notification, Open, ReceivedUpdate};
+use super::codec::{
+    Family, Message, Notification, Open, ReceivedUpdate, cease_subcode, error_code,
+    shutdown_notification,
+};
 
 /// Hold time while we wait for the peer's OPEN: [RFC 4271 §8.2.2] (Connect and Active states,
 /// on the TCP connection coming up) sets "the `HoldTimer` to a large value"; "A `HoldTimer` value of
@@ -55,25 +58,18 @@ const JITTER_PERMILLE: u32 = 200;
 /// [RFC 4271 §4.5]: https://www.rfc-editor.org/rfc/rfc4271#section-4.5
 /// [RFC 4486]: https://www.rfc-editor.org/rfc/rfc4486#section-4
 /// [RFC 6608]: https://www.rfc-editor.org/rfc/rfc6608#section-3
-const OPEN_MESSAGE_ERROR: u8 = 2;
+const OPEN_MESSAGE_ERROR: u8 = error_code::OPEN_MESSAGE;
 const BAD_PEER_AS: u8 = 2;
 const BAD_BGP_IDENTIFIER: u8 = 3;
 const UNACCEPTABLE_HOLD_TIME: u8 = 6;
-const HOLD_TIMER_EXPIRED: u8 = 4;
-const FSM_ERROR: u8 = 5;
+const HOLD_TIMER_EXPIRED: u8 = error_code::HOLD_TIMER_EXPIRED;
+const FSM_ERROR: u8 = error_code::FSM;
 const UNEXPECTED_IN_OPEN_SENT: u8 = 1;
 const UNEXPECTED_IN_OPEN_CONFIRM: u8 = 2;
 const UNEXPECTED_IN_ESTABLISHED: u8 = 3;
-const CEASE: u8 = 6;
-const ADMINISTRATIVE_SHUTDOWN: u8 = 2;
-const ADMINISTRATIVE_RESET: u8 = 4;
-
-/// Longest Shutdown Communication we send: 128 octets ([RFC 8203 §2]). [RFC 9003] allows 255,
-/// but an RFC 8203 receiver discards anything longer than 128.
-///
-/// [RFC 8203 §2]: https://www.rfc-editor.org/rfc/rfc8203#section-2
-/// [RFC 9003]: https://www.rfc-editor.org/rfc/rfc9003#section-2
-const MAX_SHUTDOWN_COMMUNICATION: usize = 128;
+const CEASE: u8 = error_code::CEASE;
+const ADMINISTRATIVE_SHUTDOWN: u8 = cease_subcode::ADMINISTRATIVE_SHUTDOWN;
+const ADMINISTRATIVE_RESET: u8 = cease_subcode::ADMINISTRATIVE_RESET;
 
 /// The session states of [RFC 4271 §8.2.2]; `Display` gives the RFC names (shown by `/info`).
 ///
@@ -450,9 +446,7 @@ impl Fsm {
 
     /// Cease / Administrative Shutdown (RFC 4486 §4) with an RFC 8203 Shutdown Communication.
     fn administrative_shutdown(&mut self, reason: &str) {
-        let sent = self
-            .connected()
-            .then(|| cease_administrative_shutdown(reason));
+        let sent = self.connected().then(|| shutdown_notification(reason));
         let reason = if reason.is_empty() {
             "administrative shutdown".to_owned()
         } else {
@@ -675,28 +669,6 @@ fn notification(code: u8, subcode: u8) -> Notification {
         code,
         subcode,
         data: Vec::new(),
-    }
-}
-
-/// Cease / Administrative Shutdown (6/2) whose data is the [RFC 8203 §2] Shutdown Communication:
-/// one length octet, then UTF-8, cut to [`MAX_SHUTDOWN_COMMUNICATION`] octets on a character
-/// boundary.
-///
-/// [RFC 8203 §2]: https://www.rfc-editor.org/rfc/rfc8203#section-2
-fn cease_administrative_shutdown(reason: &str) -> Notification {
-    let mut end = reason.len().min(MAX_SHUTDOWN_COMMUNICATION);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    let text = &reason.as_bytes()[..end];
-    let mut data = Vec::with_capacity(1 + text.len());
-    // At most MAX_SHUTDOWN_COMMUNICATION (128) octets, so it fits.
-    data.push(u8::try_from(text.len()).unwrap_or(u8::MAX));
-    data.extend_from_slice(text);
-    Notification {
-        code: CEASE,
-        subcode: ADMINISTRATIVE_SHUTDOWN,
-        data,
     }
 }
 
@@ -1438,7 +1410,7 @@ mod tests {
         // 'é' is two octets; after one 'x', octet 128 falls inside an 'é', so the cut moves
         // back to 127 octets.
         let reason = format!("x{}", "é".repeat(70));
-        let cease = cease_administrative_shutdown(&reason);
+        let cease = shutdown_notification(&reason);
         assert_eq!(cease.data[0], 127);
         assert_eq!(cease.data.len(), 128);
         let text = std::str::from_utf8(&cease.data[1..]).expect("valid UTF-8");
