@@ -17,13 +17,16 @@ pub mod rib_out;
 pub mod session;
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::Duration,
 };
 
-use tokio::sync::watch;
+use tokio::{
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::{mpsc, watch},
+};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{debug, info, warn};
 
 use self::session::{PeerStatus, Session, SessionSettings};
 use crate::{
@@ -32,6 +35,19 @@ use crate::{
     metrics::Metrics,
     netlink::{Netlink, NetlinkError},
 };
+
+/// Why the speaker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SpeakerError {
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error("cannot listen for BGP on port {port}")]
+    Listen {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 /// The running speaker, as the API and the shutdown sequence see it.
 pub struct Speaker {
@@ -48,7 +64,7 @@ impl Speaker {
         bgp: &BgpConfig,
         routes: watch::Receiver<Routes>,
         metrics: &Metrics,
-    ) -> Result<(Self, Announcer), NetlinkError> {
+    ) -> Result<(Self, Announcer), SpeakerError> {
         let netlink = Netlink::new().await?;
         let router_id = router_id(bgp, &netlink).await?;
         let (graceful, graceful_rx) = watch::channel(false);
@@ -56,17 +72,30 @@ impl Speaker {
         let mut peers = Vec::new();
         let mut flushed = Vec::new();
         let mut tasks = Vec::new();
+        let mut listeners = Vec::new();
         for peer in &bgp.peers {
             let settings = SessionSettings {
                 peer: peer.clone(),
                 router_id,
                 graceful: graceful_rx.clone(),
             };
-            let (session, status, sent) =
-                Session::new(settings, netlink.clone(), metrics.clone(), routes.clone());
+            let (incoming_tx, incoming) = mpsc::channel(1);
+            listeners.push((peer.peer_ip, peer.password.clone(), incoming_tx));
+            let (session, status, sent) = Session::new(
+                settings,
+                netlink.clone(),
+                metrics.clone(),
+                routes.clone(),
+                incoming,
+            );
             peers.push(status);
             flushed.push(sent);
             tasks.push(tokio::spawn(session.run(stop.child_token())));
+        }
+        if let Some(port) = bgp.listen_port {
+            let listener =
+                listen(port, &listeners).map_err(|source| SpeakerError::Listen { port, source })?;
+            tokio::spawn(accept_loop(listener, listeners, stop.child_token()));
         }
         info!(%router_id, peers = bgp.peers.len(), "bgp speaker started");
         let (flushed_tx, flushed_rx) = watch::channel(0);
@@ -107,6 +136,51 @@ impl Speaker {
     /// How long [`Speaker::graceful_shutdown`] takes.
     pub fn graceful_wait(&self) -> Duration {
         self.graceful_wait.unwrap_or_default()
+    }
+}
+
+/// The sessions a listener hands connections to: (peer address, MD5 password, session).
+type Listeners = Vec<(Option<IpAddr>, Option<String>, mpsc::Sender<TcpStream>)>;
+
+/// Binds `[::]:port` (both families), with each peer's MD5 key set on the listening socket.
+fn listen(port: u16, peers: &Listeners) -> std::io::Result<TcpListener> {
+    let socket = TcpSocket::new_v6()?;
+    socket.set_reuseaddr(true)?;
+    for (ip, password, _) in peers {
+        if let (Some(ip), Some(password)) = (ip, password) {
+            // A v4 peer reaches a dual-stack socket as a v4-mapped address.
+            let key_addr = match ip {
+                IpAddr::V4(a) => IpAddr::V6(a.to_ipv6_mapped()),
+                IpAddr::V6(_) => *ip,
+            };
+            gocast_common::tcp_md5::set(&socket, key_addr, password.as_bytes())?;
+        }
+    }
+    socket.bind(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port))?;
+    socket.listen(16)
+}
+
+/// Hands each accepted connection to the session of its peer; strangers are closed.
+async fn accept_loop(listener: TcpListener, peers: Listeners, stop: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, remote) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "bgp listener: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let from = remote.ip().to_canonical();
+        match peers.iter().find(|(ip, _, _)| *ip == Some(from)) {
+            // A full queue means the session is busy with a connection already: drop this one.
+            Some((_, _, session)) => drop(session.try_send(stream)),
+            None => debug!(%from, "bgp listener: connection from an unconfigured address closed"),
+        }
     }
 }
 

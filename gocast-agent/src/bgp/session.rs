@@ -24,7 +24,7 @@ use futures::{SinkExt, StreamExt};
 use ipnet::IpNet;
 use tokio::{
     net::{TcpSocket, TcpStream},
-    sync::watch,
+    sync::{mpsc, watch},
     task::JoinHandle,
     time::Sleep,
 };
@@ -122,6 +122,8 @@ pub struct Session {
     routes: watch::Receiver<Routes>,
     status: watch::Sender<PeerStatus>,
     flushed: watch::Sender<u64>,
+    /// Connections the peer opened to our listener (`bgp.listen_port`).
+    incoming: mpsc::Receiver<TcpStream>,
     /// Label for logs and metrics: the peer's address, or "autodiscover".
     name: String,
 }
@@ -132,6 +134,7 @@ impl Session {
         netlink: Netlink,
         metrics: Metrics,
         routes: watch::Receiver<Routes>,
+        incoming: mpsc::Receiver<TcpStream>,
     ) -> (Self, watch::Receiver<PeerStatus>, watch::Receiver<u64>) {
         let peer = &settings.peer;
         let fsm = Fsm::new(FsmConfig {
@@ -173,6 +176,7 @@ impl Session {
             routes,
             status,
             flushed,
+            incoming,
             name,
         };
         (session, status_rx, flushed_rx)
@@ -198,6 +202,10 @@ impl Session {
                 }
                 frame = next_frame(&mut self.conn) => self.on_frame(frame),
                 done = connect_done(&mut self.connecting) => self.on_connect(done),
+                Some(stream) = self.incoming.recv() => match self.on_incoming(stream) {
+                    Some(input) => input,
+                    None => continue,
+                },
                 () = self.hold.fired() => Input::HoldTimerExpired,
                 () = self.keepalive.fired() => Input::KeepaliveTimerExpired,
                 () = self.retry.fired() => Input::ConnectRetryTimerExpired,
@@ -245,7 +253,8 @@ impl Session {
         match done {
             Ok(stream) => {
                 if let Ok(remote) = stream.peer_addr() {
-                    self.status.send_modify(|s| s.address = Some(remote.ip()));
+                    self.status
+                        .send_modify(|s| s.address = Some(remote.ip().to_canonical()));
                 }
                 let _ = stream.set_nodelay(true);
                 self.conn = Some(Framed::new(stream, BgpCodec::new()));
@@ -257,6 +266,21 @@ impl Session {
                 Input::TcpConnectionFails
             }
         }
+    }
+
+    /// A connection the peer opened. Taken while we are still trying to connect ourselves
+    /// (RFC 4271 §6.8 collisions are avoided by keeping at most one connection: once one is
+    /// up, later ones are closed).
+    fn on_incoming(&mut self, stream: TcpStream) -> Option<Input> {
+        let waiting = matches!(self.fsm.state(), State::Connect | State::Active);
+        if self.conn.is_some() || !waiting {
+            debug!(peer = %self.name, state = %self.fsm.state(), "closing an incoming connection: one is already up");
+            return None;
+        }
+        if let Some(task) = self.connecting.take() {
+            task.abort();
+        }
+        Some(self.on_connect(Ok(stream)))
     }
 
     fn note_error(&self, error: String) {
@@ -342,7 +366,11 @@ impl Session {
 
     async fn established(&mut self, negotiated: Negotiated, inputs: &mut VecDeque<Input>) {
         let (local, remote) = match self.conn.as_ref().map(Framed::get_ref) {
-            Some(s) => (s.local_addr().ok(), s.peer_addr().ok()),
+            // Accepted on the dual-stack listener, IPv4 peers show as v4-mapped addresses.
+            Some(s) => (
+                s.local_addr().ok().map(|a| a.ip().to_canonical()),
+                s.peer_addr().ok().map(|a| a.ip().to_canonical()),
+            ),
             None => (None, None),
         };
         if let Some(conn) = self.conn.as_mut() {
@@ -355,11 +383,11 @@ impl Session {
                 (Some(IpAddr::V4(a)), _) | (None, Some(IpAddr::V4(a))) => Some(a),
                 _ => None,
             });
-        self.next_hop6 = match (peer.local_ipv6, local.map(|a| a.ip())) {
+        self.next_hop6 = match (peer.local_ipv6, local) {
             (Some(a), _) => Some(a),
             (None, Some(IpAddr::V6(a))) if !a.is_unicast_link_local() => Some(a),
             _ => match remote {
-                Some(r) => self.netlink.global_ipv6_toward(r.ip()).await.ok().flatten(),
+                Some(r) => self.netlink.global_ipv6_toward(r).await.ok().flatten(),
                 None => None,
             },
         };
