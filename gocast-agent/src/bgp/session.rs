@@ -379,7 +379,7 @@ impl Session {
         let peer = &self.settings.peer;
         self.next_hop4 = peer
             .next_hop
-            .or(match (peer.local_ip, local.map(|a| a.ip())) {
+            .or(match (peer.local_ip, local) {
                 (Some(IpAddr::V4(a)), _) | (None, Some(IpAddr::V4(a))) => Some(a),
                 _ => None,
             });
