@@ -104,3 +104,38 @@ fn bird_learns_healthy_vips_with_communities_and_loses_them_when_the_monitor_fai
     );
     Ok(())
 }
+
+#[test]
+fn without_peer_ip_the_default_gateway_is_the_peer_as_in_gocast() -> Result<()> {
+    if !privileged("without_peer_ip_the_default_gateway_is_the_peer") {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let topo = Topology::new()?;
+    let bird = Bird::start(&topo.client, dir.path(), &neighbor(&topo))?;
+    let path = dir.path().join("config.yaml");
+    // GoCast's autodiscovery: no peer_ip; the agent's default route points at BIRD.
+    std::fs::write(
+        &path,
+        format!(
+            "agent:\n  listen_addr: {API}\n  state_file: {}\nbgp:\n  local_as: 65001\n  remote_as: 65000\napps:\n  - name: web\n    vip: 192.0.2.51/32\n",
+            dir.path().join("state.json").display()
+        ),
+    )?;
+    let config = path.to_string_lossy().into_owned();
+    let _agent = Agent::start(
+        &topo.agent,
+        &["-config", &config],
+        &dir.path().join("agent.log"),
+        API,
+    )?;
+    wait_until("route at BIRD", Duration::from_secs(5), || {
+        Ok(!bird.route("192.0.2.51/32")?.is_empty())
+    })?;
+    let (_, info) = topo.agent.http_get(&format!("http://{API}/info"))?;
+    ensure!(
+        info["peers"][0]["address"] == topo.client_ip.as_str(),
+        "{info}"
+    );
+    Ok(())
+}
