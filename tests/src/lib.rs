@@ -285,7 +285,7 @@ impl Agent {
         Ok(agent)
     }
 
-    fn pid(&self) -> Option<i32> {
+    pub fn pid(&self) -> Option<i32> {
         self.child.as_ref().and_then(|c| i32::try_from(c.id()).ok())
     }
 
@@ -340,6 +340,11 @@ impl Agent {
     ) -> Result<(ExitStatus, Duration)> {
         let pid = self.pid().context("agent not running")?;
         sh("kill", &[&format!("-{signal}"), &pid.to_string()])?;
+        self.wait_exit(limit)
+    }
+
+    /// Waits for the agent to exit, at most `limit`; kills it after that.
+    pub fn wait_exit(&mut self, limit: Duration) -> Result<(ExitStatus, Duration)> {
         let start = Instant::now();
         let mut child = self.child.take().context("agent not running")?;
         while start.elapsed() < limit {
@@ -351,7 +356,7 @@ impl Agent {
         let _ = child.kill();
         let _ = child.wait();
         bail!(
-            "agent did not exit within {limit:?} after SIG{signal}\n{}",
+            "agent did not exit within {limit:?}\n{}",
             self.log_text()
         )
     }

@@ -4,7 +4,7 @@
 
 use std::{path::Path, time::Duration};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use gocast_tests::{
     Agent, Service, Topology, privileged,
     routers::{Bird, Neighbor, wait_until},
@@ -136,6 +136,50 @@ fn without_peer_ip_the_default_gateway_is_the_peer_as_in_gocast() -> Result<()> 
     ensure!(
         info["peers"][0]["address"] == topo.client_ip.as_str(),
         "{info}"
+    );
+    Ok(())
+}
+
+#[test]
+fn graceful_shutdown_re_announces_with_the_community_before_withdrawing() -> Result<()> {
+    if !privileged("graceful_shutdown_re_announces") {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let topo = Topology::new()?;
+    let bird = Bird::start(&topo.client, dir.path(), &neighbor(&topo))?;
+    let apps = "apps:\n  - name: web\n    vip: 192.0.2.52/32\n";
+    let config = config(dir.path(), &topo, "  graceful_shutdown: 2s\n", apps)?;
+    let mut agent = Agent::start(
+        &topo.agent,
+        &["run", "--config", &config],
+        &dir.path().join("agent.log"),
+        API,
+    )?;
+    wait_until("route at BIRD", Duration::from_secs(5), || {
+        Ok(!bird.route("192.0.2.52/32")?.is_empty())
+    })?;
+    ensure!(!bird.route("192.0.2.52/32")?.contains("(65535,0)"));
+
+    let pid = agent.pid().context("agent pid")?;
+    gocast_tests::sh("kill", &["-TERM", &pid.to_string()])?;
+    // RFC 8326: the route stays, now carrying GRACEFUL_SHUTDOWN, while the wait lasts.
+    wait_until("GRACEFUL_SHUTDOWN at BIRD", Duration::from_secs(2), || {
+        Ok(bird.route("192.0.2.52/32")?.contains("(65535,0)"))
+    })?;
+    let (status, elapsed) = agent.wait_exit(Duration::from_secs(8))?;
+    ensure!(status.success(), "{status}");
+    ensure!(
+        elapsed >= Duration::from_millis(1500),
+        "the wait was skipped: {elapsed:?}"
+    );
+    ensure!(
+        bird.route("192.0.2.52/32")?.is_empty(),
+        "route left at BIRD"
+    );
+    ensure!(
+        bird.birdc(&["show", "protocols", "all", "agent"])?
+            .contains("Administrative shutdown")
     );
     Ok(())
 }
