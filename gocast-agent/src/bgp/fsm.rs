@@ -25,8 +25,7 @@
 use std::{fmt, net::Ipv4Addr, time::Duration};
 
 use super::codec::{
-    Family, Message, Notification, Open, ReceivedUpdate, cease_subcode, error_code,
-    shutdown_notification,
+    Family, Message, Notification, Open, ReceivedUpdate, error_code, shutdown_notification,
 };
 
 /// Hold time while we wait for the peer's OPEN: [RFC 4271 §8.2.2] (Connect and Active states,
@@ -67,9 +66,6 @@ const FSM_ERROR: u8 = error_code::FSM;
 const UNEXPECTED_IN_OPEN_SENT: u8 = 1;
 const UNEXPECTED_IN_OPEN_CONFIRM: u8 = 2;
 const UNEXPECTED_IN_ESTABLISHED: u8 = 3;
-const CEASE: u8 = error_code::CEASE;
-const ADMINISTRATIVE_SHUTDOWN: u8 = cease_subcode::ADMINISTRATIVE_SHUTDOWN;
-const ADMINISTRATIVE_RESET: u8 = cease_subcode::ADMINISTRATIVE_RESET;
 
 /// The session states of [RFC 4271 §8.2.2]; `Display` gives the RFC names (shown by `/info`).
 ///
@@ -380,17 +376,13 @@ impl Fsm {
             },
             Input::NotificationReceived(received) => {
                 if self.connected() {
-                    let reason = describe_received(&received);
-                    self.session_lost(reason, None, Some(received));
+                    // The notification itself travels in SessionDown; the session prints it.
+                    self.session_lost("closed by the peer".into(), None, Some(received));
                 }
             }
             Input::DecodeFailed(answer) => {
                 if self.connected() {
-                    let reason = format!(
-                        "malformed message from peer (sent NOTIFICATION {}/{})",
-                        answer.code, answer.subcode
-                    );
-                    self.session_lost(reason, Some(answer), None);
+                    self.session_lost("malformed message from peer".into(), Some(answer), None);
                 }
             }
         }
@@ -669,31 +661,6 @@ fn notification(code: u8, subcode: u8) -> Notification {
         code,
         subcode,
         data: Vec::new(),
-    }
-}
-
-/// The reason for a NOTIFICATION from the peer, with its RFC 8203 Shutdown Communication if it
-/// carries a valid one (escaped: it is the peer's text).
-fn describe_received(received: &Notification) -> String {
-    let reason = format!(
-        "peer sent NOTIFICATION {}/{}",
-        received.code, received.subcode
-    );
-    let communication = (received.code == CEASE
-        && matches!(
-            received.subcode,
-            ADMINISTRATIVE_SHUTDOWN | ADMINISTRATIVE_RESET
-        ))
-    .then(|| {
-        let (&len, rest) = received.data.split_first()?;
-        let text = rest.get(..usize::from(len))?;
-        std::str::from_utf8(text).ok()
-    })
-    .flatten()
-    .filter(|text| !text.is_empty());
-    match communication {
-        Some(text) => format!("{reason}: {text:?}"),
-        None => reason,
     }
 }
 
@@ -1318,11 +1285,7 @@ mod tests {
         );
         assert_eq!(
             session_down(&out),
-            (
-                "peer sent NOTIFICATION 6/2: \"maintenance\"",
-                None,
-                Some(&received)
-            )
+            ("closed by the peer", None, Some(&received))
         );
         assert!(out.contains(&Output::CloseConnection));
         assert_eq!(fsm.state(), State::Idle);
@@ -1342,7 +1305,7 @@ mod tests {
             out,
             down_outputs(
                 Some(answer),
-                "malformed message from peer (sent NOTIFICATION 3/1)",
+                "malformed message from peer",
                 State::Established,
                 retry,
             )
