@@ -176,10 +176,11 @@ async fn accept_loop(listener: TcpListener, peers: Listeners, stop: Cancellation
             }
         };
         let from = remote.ip().to_canonical();
-        match peers.iter().find(|(ip, _, _)| *ip == Some(from)) {
+        if let Some((_, _, session)) = peers.iter().find(|(ip, _, _)| *ip == Some(from)) {
             // A full queue means the session is busy with a connection already: drop this one.
-            Some((_, _, session)) => drop(session.try_send(stream)),
-            None => debug!(%from, "bgp listener: connection from an unconfigured address closed"),
+            drop(session.try_send(stream));
+        } else {
+            debug!(%from, "bgp listener: connection from an unconfigured address closed");
         }
     }
 }

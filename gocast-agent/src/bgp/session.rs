@@ -377,12 +377,10 @@ impl Session {
             conn.codec_mut().set_four_octet_as(negotiated.four_octet_as);
         }
         let peer = &self.settings.peer;
-        self.next_hop4 = peer
-            .next_hop
-            .or(match (peer.local_ip, local) {
-                (Some(IpAddr::V4(a)), _) | (None, Some(IpAddr::V4(a))) => Some(a),
-                _ => None,
-            });
+        self.next_hop4 = peer.next_hop.or(match (peer.local_ip, local) {
+            (Some(IpAddr::V4(a)), _) | (None, Some(IpAddr::V4(a))) => Some(a),
+            _ => None,
+        });
         self.next_hop6 = match (peer.local_ipv6, local) {
             (Some(a), _) => Some(a),
             (None, Some(IpAddr::V6(a))) if !a.is_unicast_link_local() => Some(a),

@@ -4,25 +4,33 @@
 //! ```text
 //!  lifecycle ──Command (watch/unwatch)──▶ Scheduler ──Report──▶ lifecycle
 //!                                            │ tick: one socket-table snapshot for all port monitors
-//!                                            └─ exec monitors: a task per app check, bounded by exec_timeout
+//!                                            ├─ exec monitors: a task per app check, bounded by exec_timeout
+//!                                            └◀─ (proto, port) ── watcher thread ◀── kernel: socket freed
 //! ```
 //!
 //! Port monitors share one snapshot per tick, so 1,000 apps cost one `sock_diag` dump. An app
 //! whose exec check is still running skips ticks rather than piling up processes; a slow app
 //! never delays another's report.
+//!
+//! A service that dies between ticks would be noticed up to `monitor_interval` late. While some
+//! app has a port monitor, the scheduler also listens for the kernel's socket-destroy broadcasts
+//! (see [`port`]): when a listener on a monitored port goes away, the apps monitoring that port are
+//! re-checked from a fresh snapshot within [`RECHECK_DELAY`]. Without `CAP_NET_ADMIN` (or on a
+//! kernel without the broadcasts) this logs one warning and ticks alone remain.
 
 pub mod exec;
 pub mod port;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     time::{Duration, Instant, SystemTime},
 };
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
 
-use self::port::SocketTable;
+use self::port::{DestroyWatcher, Destroyed, SocketTable, WatchedPorts};
 use crate::{
     app::{AppName, Monitor},
     metrics::Metrics,
@@ -68,11 +76,27 @@ pub struct Settings {
     pub exec_timeout: Duration,
 }
 
+/// How long after a destroy event its apps are re-checked. Events arriving meanwhile join the
+/// same re-check, so a service closing its IPv4 and IPv6 listeners costs one snapshot, and a storm
+/// of events re-checks an app at most once per this delay.
+pub const RECHECK_DELAY: Duration = Duration::from_millis(10);
+
 struct Watched {
     generation: u64,
     monitors: Vec<Monitor>,
     /// An exec check is running: skip this app's ticks until it reports.
     in_flight: bool,
+}
+
+/// The subscription to socket-destroy broadcasts.
+enum Destroys {
+    /// No app has a port monitor. Not subscribed: while anyone is, the kernel queues a message for
+    /// every TCP and UDP socket freed in the network namespace.
+    Off,
+    /// Events from the watcher thread, already limited to monitored ports.
+    On(mpsc::Receiver<Destroyed>),
+    /// Subscribing failed or the watcher stopped (logged once): ticks only, from now on.
+    Unavailable,
 }
 
 /// The scheduler task's state. Created by [`spawn`].
@@ -83,6 +107,14 @@ struct Scheduler {
     /// Exec checks say here that they finished (app, generation).
     done_tx: mpsc::UnboundedSender<(AppName, u64)>,
     metrics: Metrics,
+    /// The ports some app monitors, for the watcher thread to filter on.
+    ports: watch::Sender<WatchedPorts>,
+    destroys: Destroys,
+    /// Apps to re-check because a socket on a port they monitor went away. Apps whose exec check
+    /// is running stay here until it reports.
+    stale: HashSet<AppName>,
+    /// When to re-check the stale apps; `None` while nothing is due.
+    recheck_at: Option<tokio::time::Instant>,
 }
 
 /// Starts the scheduler; it stops when `cancel` fires or the command channel closes.
@@ -100,6 +132,10 @@ pub fn spawn(
         reports,
         done_tx,
         metrics,
+        ports: watch::Sender::new(WatchedPorts::new()),
+        destroys: Destroys::Off,
+        stale: HashSet::new(),
+        recheck_at: None,
     };
     tokio::spawn(scheduler.run(rx, done_rx, cancel));
     tx
@@ -121,23 +157,121 @@ impl Scheduler {
                     None => return,
                     Some(Command::Watch { app, generation, monitors }) => {
                         self.apps.insert(app.clone(), Watched { generation, monitors, in_flight: false });
+                        self.sync_ports();
                         self.check(&[app]).await;
                     }
                     Some(Command::Unwatch { app }) => {
                         self.apps.remove(&app);
+                        self.stale.remove(&app);
+                        self.sync_ports();
                     }
                 },
                 Some((app, generation)) = done.recv() => {
                     if let Some(w) = self.apps.get_mut(&app).filter(|w| w.generation == generation) {
                         w.in_flight = false;
+                        // A port it monitors closed while its exec check ran: re-check it now.
+                        if self.stale.contains(&app) {
+                            self.schedule_recheck();
+                        }
                     }
                 }
+                event = next_destroyed(&mut self.destroys) => match event {
+                    Some(event) => self.on_destroyed(event),
+                    // The watcher thread stopped and logged why.
+                    None => self.destroys = Destroys::Unavailable,
+                },
+                () = sleep_until(self.recheck_at) => self.recheck_stale().await,
                 _ = ticker.tick() => {
                     let due: Vec<AppName> = self.apps.iter().filter(|(_, w)| !w.in_flight).map(|(n, _)| n.clone()).collect();
                     self.check(&due).await;
                 }
             }
         }
+    }
+
+    /// Publishes the monitored ports to the watcher thread, and subscribes to destroy broadcasts
+    /// when the first port monitor appears (unsubscribes when the last one goes).
+    fn sync_ports(&mut self) {
+        let ports: WatchedPorts = self
+            .apps
+            .values()
+            .flat_map(|w| &w.monitors)
+            .filter_map(|m| match m {
+                Monitor::Port { proto, port } => Some((*proto, *port)),
+                _ => None,
+            })
+            .collect();
+        let wanted = !ports.is_empty();
+        self.ports.send_replace(ports);
+        match (&self.destroys, wanted) {
+            (Destroys::Off, true) => self.destroys = self.subscribe(),
+            // Dropping the receiver ends the thread and its subscription.
+            (Destroys::On(_), false) => self.destroys = Destroys::Off,
+            _ => {}
+        }
+    }
+
+    /// Starts a [`DestroyWatcher`] in this thread's network namespace.
+    fn subscribe(&self) -> Destroys {
+        match DestroyWatcher::subscribe().and_then(|w| w.spawn(self.ports.subscribe())) {
+            // The handle is for tests; dropping it detaches the thread.
+            Ok((events, _thread)) => {
+                debug!("subscribed to socket destroy broadcasts");
+                Destroys::On(events)
+            }
+            Err(e) => {
+                warn!(
+                    error = format!("{:#}", anyhow::Error::new(e)),
+                    "cannot watch sockets close: port monitors see a closed port at the next monitor interval only"
+                );
+                Destroys::Unavailable
+            }
+        }
+    }
+
+    /// Marks the apps monitoring the destroyed socket's port (every app with a port monitor
+    /// when events were lost) for a re-check.
+    fn on_destroyed(&mut self, event: Destroyed) {
+        let mut marked = false;
+        for (name, w) in &self.apps {
+            let hit = w.monitors.iter().any(|m| match (m, event) {
+                (Monitor::Port { proto, port }, Destroyed::Port { proto: p, port: q }) => {
+                    (*proto, *port) == (p, q)
+                }
+                (Monitor::Port { .. }, Destroyed::Lost) => true,
+                _ => false,
+            });
+            if hit {
+                self.stale.insert(name.clone());
+                marked = true;
+            }
+        }
+        if marked {
+            self.schedule_recheck();
+        }
+    }
+
+    /// Re-checks the stale apps [`RECHECK_DELAY`] from now, unless a re-check is already due.
+    fn schedule_recheck(&mut self) {
+        self.recheck_at
+            .get_or_insert_with(|| tokio::time::Instant::now() + RECHECK_DELAY);
+    }
+
+    /// Checks the stale apps now, from a fresh snapshot; those with an exec check still running
+    /// wait for it to report.
+    async fn recheck_stale(&mut self) {
+        self.recheck_at = None;
+        let apps = &self.apps;
+        let due: Vec<AppName> = self
+            .stale
+            .iter()
+            .filter(|n| apps.get(*n).is_some_and(|w| !w.in_flight))
+            .cloned()
+            .collect();
+        for name in &due {
+            self.stale.remove(name);
+        }
+        self.check(&due).await;
     }
 
     /// Checks the given apps: port and consul monitors now from one snapshot, exec monitors in
@@ -233,6 +367,22 @@ impl Scheduler {
     }
 }
 
+/// The next destroy event; pending forever when not subscribed, `None` once the watcher stopped.
+async fn next_destroyed(destroys: &mut Destroys) -> Option<Destroyed> {
+    match destroys {
+        Destroys::On(events) => events.recv().await,
+        Destroys::Off | Destroys::Unavailable => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `deadline`; pending forever without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// A monitor's result, known now or still to be run.
 enum Pending {
     Ready(MonitorResult),
@@ -289,6 +439,7 @@ mod tests {
     use std::net::TcpListener;
 
     use super::*;
+    use crate::testing::in_new_netns;
 
     fn settings() -> Settings {
         Settings {
@@ -386,5 +537,93 @@ mod tests {
         let r = next(&mut rx).await;
         assert!(!r.results[0].ok && r.results[0].reason.contains("consul"));
         cancel.cancel();
+    }
+
+    /// A scheduler whose ticks are too far apart to matter, watching a port monitor on a fresh
+    /// listener; returns after the first (healthy) report.
+    async fn watching_a_listener() -> (
+        TcpListener,
+        mpsc::Receiver<Report>,
+        mpsc::Sender<Command>,
+        CancellationToken,
+    ) {
+        // `lo` comes up; connections need it.
+        crate::netlink::Netlink::new().await.expect("set lo up");
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let settings = Settings {
+            interval: Duration::from_secs(10),
+            exec_timeout: Duration::from_secs(5),
+        };
+        let (tx, mut rx) = mpsc::channel(16);
+        let cancel = CancellationToken::new();
+        let cmds = spawn(settings, tx, Metrics::default(), cancel.clone());
+        cmds.send(Command::Watch {
+            app: "web".parse().unwrap(),
+            generation: 1,
+            monitors: vec![format!("port:tcp:{port}").parse().unwrap()],
+        })
+        .await
+        .unwrap();
+        assert!(next(&mut rx).await.results[0].ok);
+        // The first tick comes at once and may report too.
+        while let Ok(r) = tokio::time::timeout(Duration::from_millis(100), rx.recv()).await {
+            assert!(r.expect("scheduler alive").results[0].ok);
+        }
+        (listener, rx, cmds, cancel)
+    }
+
+    /// Waits for the report saying the port closed; panics after `within`.
+    async fn failing_within(rx: &mut mpsc::Receiver<Report>, within: Duration) -> Report {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let r = tokio::time::timeout_at(deadline, rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no failing report within {within:?}"))
+                .expect("scheduler alive");
+            if !r.results[0].ok {
+                return r;
+            }
+        }
+    }
+
+    #[test]
+    fn a_closed_listener_is_reported_long_before_the_next_tick() {
+        in_new_netns(|| async {
+            let (listener, mut rx, _cmds, cancel) = watching_a_listener().await;
+            drop(listener);
+            let r = failing_within(&mut rx, Duration::from_millis(200)).await;
+            assert!(
+                r.results[0].reason.contains("no tcp socket listening"),
+                "{r:?}"
+            );
+            cancel.cancel();
+        });
+    }
+
+    #[test]
+    fn connections_closing_on_a_monitored_port_cause_no_recheck() {
+        in_new_netns(|| async {
+            let (listener, mut rx, _cmds, cancel) = watching_a_listener().await;
+            let addr = listener.local_addr().unwrap();
+            // 200 broadcasts: well within the watcher's receive queue, even if its thread is slow.
+            for i in 0..100 {
+                let client = std::net::TcpStream::connect(addr).unwrap();
+                let (server, _) = listener.accept().unwrap();
+                if i % 2 == 0 {
+                    // Aborted (RST): the kernel zeroes the peer port, not the peer address.
+                    socket2::SockRef::from(&server)
+                        .set_linger(Some(Duration::ZERO))
+                        .unwrap();
+                }
+                drop((server, client));
+            }
+            let r = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await;
+            assert!(r.is_err(), "connections closing caused a check: {r:?}");
+            // The watcher was listening all along.
+            drop(listener);
+            failing_within(&mut rx, Duration::from_millis(200)).await;
+            cancel.cancel();
+        });
     }
 }

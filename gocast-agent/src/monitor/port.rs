@@ -11,18 +11,49 @@
 //!
 //! Requests and replies are `netlink-packet-sock-diag` messages (`inet_diag_req_v2`,
 //! `inet_diag_msg`) framed by `netlink-packet-core`'s `NetlinkMessage`; `netlink-sys` carries them.
+//!
+//! # Noticing a closed port between ticks
+//!
+//! A tick finds a dead service up to `monitor_interval` late. [`DestroyWatcher`] closes that gap:
+//! when a socket is freed, the kernel (`sock_diag_broadcast_destroy`, Linux ≥ 4.2) multicasts an
+//! `inet_diag_msg` for it to the `NETLINK_SOCK_DIAG` group of its family and protocol, to
+//! listeners holding `CAP_NET_ADMIN`. What it sends, as observed on Linux 6.18:
+//!
+//! | socket freed                              | state         | source port | peer port, address |
+//! |-------------------------------------------|---------------|-------------|--------------------|
+//! | listening TCP socket                      | `CLOSE`       | its port    | 0, unspecified     |
+//! | TCP connection (either side, any order)   | `CLOSE`       | local port  | peer's, peer's     |
+//! | TCP connection aborted with `SO_LINGER` 0 | `CLOSE`       | local port  | 0, peer's          |
+//! | bound UDP socket                          | `CLOSE`       | its port    | 0, unspecified     |
+//! | connected UDP socket                      | `ESTABLISHED` | local port  | peer's, peer's     |
+//!
+//! By the time a TCP socket is freed it is `CLOSE` whatever it was, so the state cannot tell a
+//! listener from one of the thousands of connections a busy server closes each second. The peer
+//! can: only a socket that never had one — a listener (or a TCP socket bound but never used) or an
+//! unconnected UDP socket — has both peer fields zero. The watcher forwards only those, and only
+//! for ports some app monitors; an event is a hint to take a fresh snapshot, never a verdict (the
+//! port may still be served by another socket, e.g. with `SO_REUSEPORT`).
+//!
+//! Subscribing has a cost: while anyone listens, the kernel allocates and queues a message for
+//! every TCP and UDP socket freed in the namespace, so the scheduler subscribes only while some
+//! app has a port monitor.
 
+use std::collections::HashSet;
 use std::io;
 use std::ops::ControlFlow;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use netlink_packet_core::{
     NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_sock_diag::{
     AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, SockDiagMessage, TCP_LISTEN,
-    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+    inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, nlas::Nla},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
+use nix::errno::Errno;
+use tokio::sync::{mpsc, watch};
 
 use crate::app::Proto;
 
@@ -102,6 +133,21 @@ pub enum PortError {
     /// The reply did not parse; `what` says which part was wrong.
     #[error("malformed reply to the {dump} socket dump: {what}")]
     Malformed { dump: &'static str, what: String },
+    /// Joining a destroy multicast group failed: `EPERM` without `CAP_NET_ADMIN`, an error too on
+    /// a kernel older than 4.2, which has no such groups.
+    #[error("cannot join the sock_diag destroy group {group} ({name})")]
+    Subscribe {
+        group: u32,
+        name: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// A destroy broadcast did not parse; `what` says which part was wrong.
+    #[error("malformed socket destroy broadcast: {what}")]
+    MalformedBroadcast { what: String },
+    /// The thread that reads destroy broadcasts could not be started.
+    #[error("cannot start the socket destroy watcher thread")]
+    Thread(#[source] io::Error),
 }
 
 /// One (family, protocol) dump; `name` is for error messages.
@@ -266,16 +312,248 @@ fn refused(dump: &Dump, code: i32) -> PortError {
     }
 }
 
+/// The `NETLINK_SOCK_DIAG` multicast groups the kernel sends destroyed sockets to
+/// (`enum sknetlink_groups`, `linux/sock_diag.h`), with names for error messages.
+const DESTROY_GROUPS: [(u32, &str); 4] = [
+    (1, "SKNLGRP_INET_TCP_DESTROY"),
+    (2, "SKNLGRP_INET_UDP_DESTROY"),
+    (3, "SKNLGRP_INET6_TCP_DESTROY"),
+    (4, "SKNLGRP_INET6_UDP_DESTROY"),
+];
+
+/// How long a read waits for a broadcast before the forwarding thread looks whether its receiver
+/// is still there: the thread outlives the scheduler by at most this.
+const READ_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// Receive buffer asked for (the kernel caps it at `net.core.rmem_max`). Every freed socket takes
+/// room until read, connections included; when the queue overflows anyway, [`Destroyed::Lost`]
+/// says so.
+const DESTROY_RCVBUF: usize = 1024 * 1024;
+
+/// Forwarded events waiting for the scheduler. When it lags, the thread waits and the kernel
+/// queue absorbs the rest (then overflows into [`Destroyed::Lost`]).
+const EVENT_QUEUE: usize = 64;
+
+/// What a destroy broadcast means for port monitors: a reason to look again, not a verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Destroyed {
+    /// A socket without a peer bound to `port` was freed — a listening (or bound, unused) TCP
+    /// socket or an unconnected UDP socket: the port may have closed.
+    Port { proto: Proto, port: u16 },
+    /// The kernel dropped broadcasts (our receive queue overflowed) or one did not parse: any
+    /// port may have closed.
+    Lost,
+}
+
+/// The (protocol, port) pairs some app monitors; the forwarding thread drops other events.
+pub type WatchedPorts = HashSet<(Proto, u16)>;
+
+/// A `NETLINK_SOCK_DIAG` socket subscribed to the four destroy groups (see the module docs).
+///
+/// It sees the sockets of the network namespace it was created in, whatever thread reads it.
+#[derive(Debug)]
+pub struct DestroyWatcher {
+    socket: Socket,
+    buf: Vec<u8>,
+}
+
+impl DestroyWatcher {
+    /// Opens the socket and joins the destroy groups. Fails without `CAP_NET_ADMIN` or on a
+    /// kernel without destroy broadcasts (before 4.2).
+    pub fn subscribe() -> Result<Self, PortError> {
+        let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(|source| PortError::Netlink {
+            op: "open socket",
+            source,
+        })?;
+        socket
+            .bind_auto()
+            .map_err(|source| PortError::Netlink { op: "bind", source })?;
+        for (group, name) in DESTROY_GROUPS {
+            socket
+                .add_membership(group)
+                .map_err(|source| PortError::Subscribe {
+                    group,
+                    name,
+                    source,
+                })?;
+        }
+        let options = socket2::SockRef::from(&socket);
+        options
+            .set_read_timeout(Some(READ_TIMEOUT))
+            .map_err(|source| PortError::Netlink {
+                op: "set receive timeout",
+                source,
+            })?;
+        options
+            .set_recv_buffer_size(DESTROY_RCVBUF)
+            .map_err(|source| PortError::Netlink {
+                op: "set receive buffer size",
+                source,
+            })?;
+        Ok(Self {
+            socket,
+            buf: vec![0; RECV_BUF_LEN],
+        })
+    }
+
+    /// Waits up to [`READ_TIMEOUT`] for one broadcast and appends what it means to `out`:
+    /// nothing on timeout or for a socket that had a peer (a connection).
+    ///
+    /// Blocking: run it on a thread of its own ([`DestroyWatcher::spawn`]).
+    pub fn recv(&mut self, out: &mut Vec<Destroyed>) -> Result<(), PortError> {
+        let (len, from) = match self.socket.recv_from(&mut &mut self.buf[..], 0) {
+            Ok(received) => received,
+            Err(e) if is_timeout_or_signal(&e) => return Ok(()),
+            // The queue overflowed and the kernel dropped broadcasts; the socket still works.
+            Err(e) if e.raw_os_error().map(Errno::from_raw) == Some(Errno::ENOBUFS) => {
+                out.push(Destroyed::Lost);
+                return Ok(());
+            }
+            Err(source) => {
+                return Err(PortError::Netlink {
+                    op: "receive destroy broadcast",
+                    source,
+                });
+            }
+        };
+        // Only the kernel (port 0) speaks for sockets; sending to these groups takes
+        // CAP_NET_ADMIN, but checking costs nothing.
+        if from.port_number() != 0 {
+            return Ok(());
+        }
+        let datagram = self
+            .buf
+            .get(..len)
+            .ok_or_else(|| PortError::MalformedBroadcast {
+                what: format!("{len}-byte datagram overflows the buffer"),
+            })?;
+        parse_broadcast(datagram, out)
+    }
+
+    /// Moves the watcher to a thread of its own that forwards the events for `ports` (read at
+    /// each event, so the set can change) and [`Destroyed::Lost`].
+    ///
+    /// The thread ends within [`READ_TIMEOUT`] once the receiver is dropped, or on a socket error,
+    /// which it logs; the receiver then yields `None`. The handle is for tests: dropping it
+    /// detaches the thread.
+    pub fn spawn(
+        self,
+        ports: watch::Receiver<WatchedPorts>,
+    ) -> Result<(mpsc::Receiver<Destroyed>, JoinHandle<()>), PortError> {
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        let thread = std::thread::Builder::new()
+            .name("gocast-sockdiag".into())
+            .spawn(move || self.forward(&ports, &tx))
+            .map_err(PortError::Thread)?;
+        Ok((rx, thread))
+    }
+
+    fn forward(mut self, ports: &watch::Receiver<WatchedPorts>, tx: &mpsc::Sender<Destroyed>) {
+        let mut events = Vec::new();
+        let mut warned = false;
+        while !tx.is_closed() {
+            match self.recv(&mut events) {
+                Ok(()) => {}
+                Err(e @ PortError::MalformedBroadcast { .. }) => {
+                    // Not expected from any kernel; once is enough to notice.
+                    if !warned {
+                        tracing::warn!(error = %e, "socket destroy broadcast not understood: re-checking every port monitor");
+                        warned = true;
+                    }
+                    events.push(Destroyed::Lost);
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        error = format!("{:#}", anyhow::Error::new(e)),
+                        "socket destroy watcher stopped: port monitors see a closed port at the next monitor interval only"
+                    );
+                    return;
+                }
+            }
+            for event in events.drain(..) {
+                let wanted = match event {
+                    Destroyed::Port { proto, port } => ports.borrow().contains(&(proto, port)),
+                    Destroyed::Lost => !ports.borrow().is_empty(),
+                };
+                // An error means the receiver is gone: the scheduler stopped.
+                if wanted && tx.blocking_send(event).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// `EAGAIN` after [`READ_TIMEOUT`], or `EINTR`: nothing to read yet.
+fn is_timeout_or_signal(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
+/// Walks the netlink messages of one broadcast datagram (the kernel sends one per freed socket)
+/// and appends the events for sockets that had no peer.
+fn parse_broadcast(mut data: &[u8], out: &mut Vec<Destroyed>) -> Result<(), PortError> {
+    while !data.is_empty() {
+        // As in `parse_datagram`: every length is checked, bad data is an error.
+        let message = NetlinkMessage::<SockDiagMessage>::deserialize(data).map_err(|e| {
+            PortError::MalformedBroadcast {
+                what: e.to_string(),
+            }
+        })?;
+        let length = message.header.length as usize;
+        if let NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) =
+            message.payload
+        {
+            out.extend(destroyed_port(&response)?);
+        }
+        data = data.get(length.next_multiple_of(4)..).unwrap_or_default();
+    }
+    Ok(())
+}
+
+/// The event for one freed socket: `None` for a socket that had a peer (a connection; its state
+/// says nothing, see the module docs) or no port, or of a protocol no monitor uses.
+fn destroyed_port(response: &InetResponse) -> Result<Option<Destroyed>, PortError> {
+    let id = &response.header.socket_id;
+    if id.source_port == 0 || id.destination_port != 0 || !id.destination_address.is_unspecified() {
+        return Ok(None);
+    }
+    // The group says the protocol too, but the attribute travels with the message.
+    let protocol = response
+        .nlas
+        .iter()
+        .find_map(|nla| match nla {
+            Nla::Protocol(protocol) => Some(*protocol),
+            _ => None,
+        })
+        .ok_or_else(|| PortError::MalformedBroadcast {
+            what: "no INET_DIAG_PROTOCOL attribute".into(),
+        })?;
+    let proto = match protocol {
+        IPPROTO_TCP => Proto::Tcp,
+        IPPROTO_UDP => Proto::Udp,
+        _ => return Ok(None),
+    };
+    Ok(Some(Destroyed::Port {
+        proto,
+        port: id.source_port,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::ErrorKind;
-    use std::net::{TcpListener, TcpStream, UdpSocket};
+    use std::net::{IpAddr, TcpListener, TcpStream, UdpSocket};
+    use std::time::Instant;
 
     use netlink_packet_core::{DoneMessage, NLMSG_ERROR};
-    use netlink_packet_sock_diag::inet::{InetResponse, InetResponseHeader};
-    use netlink_packet_sock_diag::{SOCK_DIAG_BY_FAMILY, TCP_ESTABLISHED};
+    use netlink_packet_sock_diag::inet::InetResponseHeader;
+    use netlink_packet_sock_diag::{SOCK_DIAG_BY_FAMILY, TCP_CLOSE, TCP_ESTABLISHED};
 
     use super::*;
+    use crate::testing::in_new_netns;
 
     fn snapshot() -> SocketTable {
         SocketTable::snapshot().expect("sock_diag snapshot")
@@ -425,5 +703,198 @@ mod tests {
         .unwrap();
         assert!(flow.is_break());
         assert_eq!(ports, [80, 81, 443], "UDP keeps every socket");
+    }
+
+    /// A destroy broadcast as the kernel sends it (see the table in the module docs).
+    fn broadcast(protocol: Option<u8>, sport: u16, dport: u16, peer: &str) -> Vec<u8> {
+        let peer: IpAddr = peer.parse().unwrap();
+        let (family, mut socket_id) = if peer.is_ipv6() {
+            (AF_INET6, SocketId::new_v6())
+        } else {
+            (AF_INET, SocketId::new_v4())
+        };
+        socket_id.source_port = sport;
+        socket_id.destination_port = dport;
+        socket_id.destination_address = peer;
+        let response = InetResponse {
+            header: InetResponseHeader {
+                family,
+                state: TCP_CLOSE,
+                timer: None,
+                socket_id,
+                recv_queue: 0,
+                send_queue: 0,
+                uid: 0,
+                inode: 0,
+            },
+            nlas: protocol.map(Nla::Protocol).into_iter().collect(),
+        };
+        datagram([SockDiagMessage::InetResponse(Box::new(response)).into()])
+    }
+
+    fn parsed(datagram: &[u8]) -> Vec<Destroyed> {
+        let mut events = Vec::new();
+        parse_broadcast(datagram, &mut events).expect("a well-formed broadcast");
+        events
+    }
+
+    #[test]
+    fn only_sockets_that_never_had_a_peer_are_reported() {
+        let tcp = Some(IPPROTO_TCP);
+        assert_eq!(
+            parsed(&broadcast(tcp, 80, 0, "0.0.0.0")),
+            [Destroyed::Port {
+                proto: Proto::Tcp,
+                port: 80
+            }]
+        );
+        assert_eq!(
+            parsed(&broadcast(Some(IPPROTO_UDP), 53, 0, "::")),
+            [Destroyed::Port {
+                proto: Proto::Udp,
+                port: 53
+            }]
+        );
+        // A connection, closed in order or aborted (`SO_LINGER` 0 zeroes the peer port only).
+        assert_eq!(parsed(&broadcast(tcp, 80, 51234, "192.0.2.1")), []);
+        assert_eq!(parsed(&broadcast(tcp, 80, 0, "2001:db8::1")), []);
+        // Never bound; and a protocol no monitor uses (UDP-Lite).
+        assert_eq!(parsed(&broadcast(tcp, 0, 0, "0.0.0.0")), []);
+        assert_eq!(parsed(&broadcast(Some(136), 80, 0, "0.0.0.0")), []);
+    }
+
+    #[test]
+    fn a_broadcast_without_its_protocol_or_cut_short_is_an_error() {
+        let mut events = Vec::new();
+        let err = parse_broadcast(&broadcast(None, 80, 0, "0.0.0.0"), &mut events).unwrap_err();
+        assert!(
+            matches!(err, PortError::MalformedBroadcast { .. }),
+            "{err:?}"
+        );
+        let whole = broadcast(Some(IPPROTO_TCP), 80, 0, "0.0.0.0");
+        let err = parse_broadcast(&whole[..whole.len() - 8], &mut events).unwrap_err();
+        assert!(
+            matches!(err, PortError::MalformedBroadcast { .. }),
+            "{err:?}"
+        );
+        assert_eq!(events, []);
+    }
+
+    /// Reads broadcasts until all of `expected` came, then 300 ms more for anything unexpected
+    /// (or gives up after 3 s); returns them sorted.
+    fn collect(watcher: &mut DestroyWatcher, expected: &[Destroyed]) -> Vec<Destroyed> {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut grace_until = None;
+        let mut events = Vec::new();
+        while Instant::now() < grace_until.unwrap_or(deadline) {
+            watcher.recv(&mut events).expect("read a broadcast");
+            if grace_until.is_none() && expected.iter().all(|e| events.contains(e)) {
+                grace_until = Some(Instant::now() + Duration::from_millis(300));
+            }
+        }
+        events.sort_unstable();
+        events
+    }
+
+    /// A client connection to `listener` and its accepted side.
+    fn connection(listener: &TcpListener) -> (TcpStream, TcpStream) {
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (client, server)
+    }
+
+    /// Makes closing `stream` abort the connection (RST) instead of closing it in order.
+    fn abort(stream: &TcpStream) {
+        socket2::SockRef::from(stream)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+    }
+
+    #[test]
+    fn closed_listeners_and_udp_sockets_are_broadcast_and_connections_filtered_out() {
+        in_new_netns(|| async {
+            // `lo` comes up; connections need it.
+            crate::netlink::Netlink::new().await.expect("set lo up");
+            let mut watcher = DestroyWatcher::subscribe().expect("subscribe as root");
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let tcp_port = listener.local_addr().unwrap().port();
+            let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let udp_port = udp.local_addr().unwrap().port();
+            let connected_udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+            connected_udp.connect(udp.local_addr().unwrap()).unwrap();
+            let mut expected = vec![
+                Destroyed::Port {
+                    proto: Proto::Tcp,
+                    port: tcp_port,
+                },
+                Destroyed::Port {
+                    proto: Proto::Udp,
+                    port: udp_port,
+                },
+            ];
+            let listener6 = TcpListener::bind("[::1]:0").ok();
+            if let Some(l) = &listener6 {
+                let port = l.local_addr().unwrap().port();
+                expected.push(Destroyed::Port {
+                    proto: Proto::Tcp,
+                    port,
+                });
+                // An IPv6 connection too.
+                let _ = connection(l);
+            }
+
+            // Connections closed every way: client first, server first, server aborts (RST).
+            let (client, server) = connection(&listener);
+            drop((client, server));
+            let (client, server) = connection(&listener);
+            drop((server, client));
+            let (client, server) = connection(&listener);
+            abort(&server);
+            drop((server, client));
+            // One still open when the listener closes.
+            let (client, server) = connection(&listener);
+            drop((listener, connected_udp, udp, listener6));
+            drop((client, server));
+
+            expected.sort_unstable();
+            assert_eq!(collect(&mut watcher, &expected), expected);
+        });
+    }
+
+    #[test]
+    fn the_thread_forwards_watched_ports_only_and_stops_with_its_receiver() {
+        in_new_netns(|| async {
+            let listener = TcpListener::bind("0.0.0.0:0").unwrap();
+            let other = TcpListener::bind("0.0.0.0:0").unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let (_ports, ports_rx) = watch::channel(WatchedPorts::from([(Proto::Tcp, port)]));
+            let watcher = DestroyWatcher::subscribe().expect("subscribe as root");
+            let (mut events, thread) = watcher.spawn(ports_rx).unwrap();
+
+            drop(other);
+            drop(listener);
+            let event = tokio::time::timeout(Duration::from_secs(3), events.recv())
+                .await
+                .expect("an event in time");
+            assert_eq!(
+                event,
+                Some(Destroyed::Port {
+                    proto: Proto::Tcp,
+                    port
+                })
+            );
+            let more = tokio::time::timeout(Duration::from_millis(300), events.recv()).await;
+            assert!(more.is_err(), "the unwatched port was forwarded: {more:?}");
+
+            drop(events);
+            let deadline = Instant::now() + READ_TIMEOUT * 4;
+            while !thread.is_finished() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the thread outlived its receiver"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
     }
 }
