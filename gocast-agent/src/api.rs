@@ -167,6 +167,17 @@ fn json_pairs(body: &[u8]) -> Result<Vec<(String, String)>, ApiError> {
     Ok(out)
 }
 
+/// The query's pairs, then the body's.
+fn query_and_body(
+    query: Option<&str>,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Vec<(String, String)>, ApiError> {
+    let mut all = pairs(query.unwrap_or(""))?;
+    all.extend(body_pairs(headers, body)?);
+    Ok(all)
+}
+
 fn body_pairs(headers: &HeaderMap, body: &[u8]) -> Result<Vec<(String, String)>, ApiError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -302,9 +313,7 @@ async fn register_post(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let mut all = pairs(q.as_deref().unwrap_or(""))?;
-    all.extend(body_pairs(&headers, &body)?);
-    register(&state, &all).await
+    register(&state, &query_and_body(q.as_deref(), &headers, &body)?).await
 }
 
 async fn unregister_by(state: &ApiState, pairs: &[(String, String)]) -> Result<Response, ApiError> {
@@ -326,9 +335,7 @@ async fn unregister_post(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let mut all = pairs(q.as_deref().unwrap_or(""))?;
-    all.extend(body_pairs(&headers, &body)?);
-    unregister_by(&state, &all).await
+    unregister_by(&state, &query_and_body(q.as_deref(), &headers, &body)?).await
 }
 
 async fn info(State(state): State<ApiState>) -> Json<Value> {

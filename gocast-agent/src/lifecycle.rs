@@ -1023,6 +1023,27 @@ mod tests {
         }
     }
 
+    /// [`start`] in a temp dir of its own.
+    fn start_fresh(settings: Settings, config_apps: Vec<AppSpec>) -> Harness {
+        start(settings, config_apps, tempfile::tempdir().unwrap())
+    }
+
+    /// Cancels the lifecycle and waits until its shutdown is done.
+    async fn stop(h: &mut Harness) {
+        h.cancel.cancel();
+        (&mut h.running.task).await.unwrap();
+    }
+
+    /// Registers `spec` as an HTTP app.
+    async fn register(h: &Harness, spec: AppSpec) -> Result<AppView, LifecycleError> {
+        h.running.handle.register(spec, Source::Http).await
+    }
+
+    /// The HTTP apps in the state file.
+    fn stored(h: &Harness) -> Vec<AppSpec> {
+        Store::new(h.dir.path().join("state.json")).load().unwrap()
+    }
+
     /// A flag file whose existence makes `exec:test -e FILE` pass.
     fn flag(dir: &tempfile::TempDir, name: &str) -> PathBuf {
         dir.path().join(name)
@@ -1070,6 +1091,10 @@ mod tests {
         panic!("timed out waiting for {what}; log: {:?}", h.host.log());
     }
 
+    async fn wait_healthy(h: &Harness) {
+        wait_for(h, "healthy", |a, _| a.is_some_and(|a| a.state == "healthy")).await;
+    }
+
     fn routed(routes: &RouteSet, vip: &str) -> bool {
         routes.contains_key(&vip.parse::<Vip>().unwrap().prefix())
     }
@@ -1079,7 +1104,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let up = flag(&dir, "up");
         std::fs::write(&up, "").unwrap();
-        let h = start(
+        let mut h = start(
             settings(),
             vec![spec("web", "192.0.2.10/32", &[exec_flag(&up)])],
             dir,
@@ -1123,8 +1148,7 @@ mod tests {
             a.is_some_and(|a| a.state == "healthy") && !r.is_empty()
         })
         .await;
-        h.cancel.cancel();
-        h.running.task.await.unwrap();
+        stop(&mut h).await;
         let log = h.host.log();
         // Shutdown: withdraw, VIPs off lo, then the NAT chain goes in one piece.
         assert_eq!(
@@ -1146,10 +1170,7 @@ mod tests {
             vec![spec("web", "192.0.2.10/32", &[exec_flag(&up)])],
             dir,
         );
-        wait_for(&h, "healthy", |a, _| {
-            a.is_some_and(|a| a.state == "healthy")
-        })
-        .await;
+        wait_healthy(&h).await;
         std::fs::remove_file(&up).unwrap();
         wait_for(&h, "unhealthy", |a, r| {
             a.is_some_and(|a| a.state == "unhealthy") && r.is_empty()
@@ -1173,26 +1194,13 @@ mod tests {
         let up = flag(&dir, "up");
         std::fs::write(&up, "").unwrap();
         let h = start(settings(), Vec::new(), dir);
-        h.running
-            .handle
-            .register(
-                spec("web", "192.0.2.10/32", &[exec_flag(&up)]),
-                Source::Http,
-            )
+        register(&h, spec("web", "192.0.2.10/32", &[exec_flag(&up)]))
             .await
             .unwrap();
-        wait_for(&h, "healthy", |a, _| {
-            a.is_some_and(|a| a.state == "healthy")
-        })
-        .await;
+        wait_healthy(&h).await;
         std::fs::remove_file(&up).unwrap();
         wait_for(&h, "dropped", |a, _| a.is_none()).await;
-        assert!(
-            Store::new(h.dir.path().join("state.json"))
-                .load()
-                .unwrap()
-                .is_empty()
-        );
+        assert!(stored(&h).is_empty());
         assert!(
             h.host
                 .log()
@@ -1227,50 +1235,29 @@ mod tests {
 
     #[tokio::test]
     async fn a_vip_owned_by_another_app_is_refused_and_nothing_changes() {
-        let dir = tempfile::tempdir().unwrap();
-        let h = start(settings(), vec![spec("a", "192.0.2.10/32", &[])], dir);
-        let e = h
-            .running
-            .handle
-            .register(spec("b", "192.0.2.10/32", &[]), Source::Http)
+        let h = start_fresh(settings(), vec![spec("a", "192.0.2.10/32", &[])]);
+        let e = register(&h, spec("b", "192.0.2.10/32", &[]))
             .await
             .unwrap_err();
         assert!(matches!(e, LifecycleError::VipConflict { .. }), "{e}");
         assert!(e.to_string().contains("already used by app a"));
         let apps = h.running.handle.apps().await.unwrap();
         assert_eq!(apps.len(), 1);
-        assert!(
-            Store::new(h.dir.path().join("state.json"))
-                .load()
-                .unwrap()
-                .is_empty()
-        );
+        assert!(stored(&h).is_empty());
     }
 
     #[tokio::test]
     async fn same_parameters_are_a_no_op_and_new_ones_replace_the_app() {
-        let dir = tempfile::tempdir().unwrap();
-        let h = start(settings(), Vec::new(), dir);
+        let h = start_fresh(settings(), Vec::new());
         let a = spec("web", "192.0.2.10/32", &[]);
-        h.running
-            .handle
-            .register(a.clone(), Source::Http)
-            .await
-            .unwrap();
-        wait_for(&h, "healthy", |a, _| {
-            a.is_some_and(|a| a.state == "healthy")
-        })
-        .await;
-        h.running
-            .handle
-            .register(a.clone(), Source::Http)
-            .await
-            .unwrap();
+        register(&h, a.clone()).await.unwrap();
+        wait_healthy(&h).await;
+        register(&h, a.clone()).await.unwrap();
         assert_eq!(h.host.log().len(), 2, "{:?}", h.host.log());
         // Same VIP, new communities: stays healthy, route updated, no flap.
         let mut b = a.clone();
         b.communities = vec!["65000:2".parse().unwrap()];
-        let view = h.running.handle.register(b, Source::Http).await.unwrap();
+        let view = register(&h, b).await.unwrap();
         assert_eq!(view.state, "healthy");
         let communities = h
             .running
@@ -1284,7 +1271,7 @@ mod tests {
         assert_eq!(communities, vec!["65000:2".parse().unwrap()]);
         // New VIP: the old one is withdrawn and removed first.
         let c = spec("web", "192.0.2.11/32", &[]);
-        h.running.handle.register(c, Source::Http).await.unwrap();
+        register(&h, c).await.unwrap();
         wait_for(&h, "moved", |a, r| {
             a.is_some_and(|a| a.state == "healthy") && routed(r, "192.0.2.11/32") && r.len() == 1
         })
@@ -1294,57 +1281,34 @@ mod tests {
             &log[2..4],
             ["remove_nat web", "remove_vip 192.0.2.10/32 announced=false"]
         );
-        assert_eq!(
-            Store::new(h.dir.path().join("state.json")).load().unwrap()[0]
-                .vip
-                .to_string(),
-            "192.0.2.11/32"
-        );
+        assert_eq!(stored(&h)[0].vip.to_string(), "192.0.2.11/32");
     }
 
     #[tokio::test]
     async fn policy_refuses_http_exec_and_vips_outside_the_allowlist() {
-        let dir = tempfile::tempdir().unwrap();
         let mut s = settings();
         s.allow_http_exec = false;
         s.vip_allowlist = vec!["192.0.2.0/28".parse().unwrap()];
-        let h = start(s, Vec::new(), dir);
-        let e = h
-            .running
-            .handle
-            .register(
-                spec("a", "192.0.2.1/32", &["exec:true".into()]),
-                Source::Http,
-            )
+        let h = start_fresh(s, Vec::new());
+        let e = register(&h, spec("a", "192.0.2.1/32", &["exec:true".into()]))
             .await
             .unwrap_err();
         assert!(matches!(e, LifecycleError::ExecRefused));
-        let e = h
-            .running
-            .handle
-            .register(spec("a", "192.0.2.100/32", &[]), Source::Http)
+        let e = register(&h, spec("a", "192.0.2.100/32", &[]))
             .await
             .unwrap_err();
         assert!(matches!(e, LifecycleError::NotAllowed(_)));
         assert!(h.running.handle.apps().await.unwrap().is_empty());
-        h.running
-            .handle
-            .register(spec("a", "192.0.2.1/32", &[]), Source::Http)
-            .await
-            .unwrap();
+        register(&h, spec("a", "192.0.2.1/32", &[])).await.unwrap();
     }
 
     #[tokio::test]
     async fn http_registrations_come_back_after_a_restart() {
-        let dir = tempfile::tempdir().unwrap();
-        let h = start(settings(), vec![spec("cfg", "192.0.2.1/32", &[])], dir);
-        h.running
-            .handle
-            .register(spec("web", "192.0.2.10/32", &[]), Source::Http)
+        let mut h = start_fresh(settings(), vec![spec("cfg", "192.0.2.1/32", &[])]);
+        register(&h, spec("web", "192.0.2.10/32", &[]))
             .await
             .unwrap();
-        h.cancel.cancel();
-        h.running.task.await.unwrap();
+        stop(&mut h).await;
         let again = start(settings(), vec![spec("cfg", "192.0.2.1/32", &[])], h.dir);
         let apps = again.running.handle.apps().await.unwrap();
         let names: Vec<(&str, Source)> = apps.iter().map(|a| (a.name.as_str(), a.source)).collect();
@@ -1353,17 +1317,11 @@ mod tests {
 
     #[tokio::test]
     async fn unregister_withdraws_removes_and_forgets() {
-        let dir = tempfile::tempdir().unwrap();
-        let h = start(settings(), Vec::new(), dir);
-        h.running
-            .handle
-            .register(spec("web", "192.0.2.10/32", &[]), Source::Http)
+        let h = start_fresh(settings(), Vec::new());
+        register(&h, spec("web", "192.0.2.10/32", &[]))
             .await
             .unwrap();
-        wait_for(&h, "healthy", |a, _| {
-            a.is_some_and(|a| a.state == "healthy")
-        })
-        .await;
+        wait_healthy(&h).await;
         h.running
             .handle
             .unregister("web".parse().unwrap())
@@ -1386,12 +1344,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_nat_install_keeps_the_app_unannounced_and_says_why() {
-        let dir = tempfile::tempdir().unwrap();
-        let h = start(settings(), Vec::new(), dir);
+        let h = start_fresh(settings(), Vec::new());
         *h.host.fail_nat.lock().unwrap() = true;
-        h.running
-            .handle
-            .register(spec("web", "192.0.2.10/32", &[]), Source::Http)
+        register(&h, spec("web", "192.0.2.10/32", &[]))
             .await
             .unwrap();
         wait_for(&h, "error shown", |a, _| {
@@ -1411,21 +1366,13 @@ mod tests {
 
     #[tokio::test]
     async fn nat_added_to_a_healthy_app_is_installed_without_a_flap() {
-        let dir = tempfile::tempdir().unwrap();
-        let h = start(settings(), Vec::new(), dir);
+        let h = start_fresh(settings(), Vec::new());
         let mut a = spec("web", "192.0.2.10/32", &[]);
         a.nats.clear();
-        h.running
-            .handle
-            .register(a.clone(), Source::Http)
-            .await
-            .unwrap();
-        wait_for(&h, "healthy", |a, _| {
-            a.is_some_and(|a| a.state == "healthy")
-        })
-        .await;
+        register(&h, a.clone()).await.unwrap();
+        wait_healthy(&h).await;
         a.nats = vec!["tcp:80:8080".parse().unwrap()];
-        let view = h.running.handle.register(a, Source::Http).await.unwrap();
+        let view = register(&h, a).await.unwrap();
         assert_eq!(view.state, "healthy");
         assert_eq!(
             h.host.log(),
@@ -1435,15 +1382,8 @@ mod tests {
 
     #[tokio::test]
     async fn http_cannot_take_over_a_config_app() {
-        let dir = tempfile::tempdir().unwrap();
-        let h = start(settings(), vec![spec("web", "192.0.2.10/32", &[])], dir);
-        let e = h
-            .running
-            .handle
-            .register(
-                spec("web", "192.0.2.10/32", &["exec:true".into()]),
-                Source::Http,
-            )
+        let h = start_fresh(settings(), vec![spec("web", "192.0.2.10/32", &[])]);
+        let e = register(&h, spec("web", "192.0.2.10/32", &["exec:true".into()]))
             .await
             .unwrap_err();
         assert!(matches!(e, LifecycleError::ConfigApp(_)), "{e}");
@@ -1452,12 +1392,8 @@ mod tests {
 
     #[tokio::test]
     async fn overlapping_vips_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let h = start(settings(), vec![spec("a", "192.0.2.10/24", &[])], dir);
-        let e = h
-            .running
-            .handle
-            .register(spec("b", "192.0.2.20/32", &[]), Source::Http)
+        let h = start_fresh(settings(), vec![spec("a", "192.0.2.10/24", &[])]);
+        let e = register(&h, spec("b", "192.0.2.20/32", &[]))
             .await
             .unwrap_err();
         assert!(matches!(e, LifecycleError::VipOverlap { .. }), "{e}");
@@ -1465,18 +1401,12 @@ mod tests {
 
     #[tokio::test]
     async fn with_a_zero_cleanup_timer_a_new_app_still_gets_its_first_check() {
-        let dir = tempfile::tempdir().unwrap();
         let mut s = settings();
         s.cleanup_timer = Duration::ZERO;
-        let h = start(s, Vec::new(), dir);
-        h.running
-            .handle
-            .register(spec("web", "192.0.2.10/32", &[]), Source::Http)
+        let h = start_fresh(s, Vec::new());
+        register(&h, spec("web", "192.0.2.10/32", &[]))
             .await
             .unwrap();
-        wait_for(&h, "healthy", |a, _| {
-            a.is_some_and(|a| a.state == "healthy")
-        })
-        .await;
+        wait_healthy(&h).await;
     }
 }

@@ -1,18 +1,24 @@
-//! Real BGP routers in a test's network namespace: BIRD 2, FRR 8 (`bgpd` alone) and `GoBGP` 3.
+//! Real BGP routers in a test's network namespace: BIRD 2, FRR 8 (`bgpd` alone) and `GoBGP` 3,
+//! and the agent's side of the BGP tests: its config, its start, its view of the peer, and the
+//! scenarios the FRR and `GoBGP` tests share ([`establishes`], [`learns_and_withdraws`]).
 //!
 //! Each daemon runs in the foreground under `ip netns exec`, so the child is the daemon itself
 //! and is stopped by PID on drop. Every file it uses lives in the test's temp dir.
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Stdio},
+    process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
 
-use crate::Netns;
+use crate::{Agent, Netns, Service, Topology, privileged};
+
+/// The agent's API inside its namespace.
+pub const API: &str = "127.0.0.1:8080";
 
 /// What the router side of a session needs to know.
 #[derive(Debug, Clone)]
@@ -29,13 +35,119 @@ pub struct Neighbor {
     pub hold_time: Option<u16>,
 }
 
+impl Neighbor {
+    /// The client namespace (AS 65000) toward the agent (AS 65001), as [`agent_config`] has
+    /// it: no password, the router's default hold time.
+    pub fn toward_agent(topo: &Topology) -> Self {
+        Self {
+            local: topo.client_ip.clone(),
+            local_as: 65000,
+            agent: topo.agent_ip.clone(),
+            agent_as: 65001,
+            password: None,
+            hold_time: None,
+        }
+    }
+}
+
+/// A router daemon in the foreground under `ip netns exec`, killed on drop.
+#[derive(Debug)]
+struct Daemon {
+    /// The daemon's name in messages (`bird`, `bgpd`, `gobgpd`).
+    name: &'static str,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn new(name: &'static str, log: PathBuf) -> Self {
+        Self {
+            name,
+            child: None,
+            log,
+        }
+    }
+
+    /// Spawns `command` and waits until `ready` holds while the daemon keeps running; fails
+    /// with its log otherwise.
+    fn start(&mut self, command: &mut Command, mut ready: impl FnMut() -> bool) -> Result<()> {
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {}", self.name))?;
+        let child = self.child.insert(child);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if ready() {
+                return Ok(());
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "{} exited ({status}) while starting:\n{}",
+                    self.name,
+                    self.log_text()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        bail!("{} did not come up:\n{}", self.name, self.log_text())
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `ip netns exec NS PROGRAM`, as a builder.
+fn in_ns(ns: &str, program: &str) -> Command {
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", ns, program]);
+    command
+}
+
+/// Runs a router's client; its standard output if it succeeded, else an error naming it as
+/// `what` with what it printed.
+fn client_output(command: &mut Command, program: &str, what: &str) -> Result<String> {
+    let out = command
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    ensure!(
+        out.status.success(),
+        "{what} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The address family of `prefix` as the routers' clients spell it.
+fn family(prefix: &str) -> &'static str {
+    if prefix.contains(':') { "ipv6" } else { "ipv4" }
+}
+
 /// A BIRD 2 daemon, killed on drop.
 #[derive(Debug)]
 pub struct Bird {
-    child: Option<Child>,
+    daemon: Daemon,
     ctl: PathBuf,
     conf: PathBuf,
-    log: PathBuf,
     ns: String,
 }
 
@@ -71,10 +183,9 @@ impl Bird {
         );
         std::fs::write(&conf, text)?;
         let mut bird = Self {
-            child: None,
+            daemon: Daemon::new("bird", log),
             ctl,
             conf,
-            log,
             ns: ns.name.clone(),
         };
         bird.spawn(ns)?;
@@ -82,43 +193,24 @@ impl Bird {
     }
 
     fn spawn(&mut self, ns: &Netns) -> Result<()> {
-        let child = ns
-            .command("bird")
+        let mut command = ns.command("bird");
+        command
             .arg("-f")
             .arg("-c")
             .arg(&self.conf)
             .arg("-s")
             .arg(&self.ctl)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting bird")?;
-        self.child = Some(child);
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(10) {
-            if self
-                .birdc(&["show", "status"])
-                .is_ok_and(|s| s.contains("Daemon is up"))
-            {
-                return Ok(());
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        bail!(
-            "bird did not come up: {}",
-            std::fs::read_to_string(&self.log).unwrap_or_default()
-        )
+            .stderr(Stdio::null());
+        let (ns, ctl) = (&self.ns, &self.ctl);
+        self.daemon.start(&mut command, || {
+            birdc(ns, ctl, &["show", "status"]).is_ok_and(|s| s.contains("Daemon is up"))
+        })
     }
 
     /// Runs `birdc` against this daemon.
     pub fn birdc(&self, args: &[&str]) -> Result<String> {
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &self.ns, "birdc", "-s"])
-            .arg(&self.ctl)
-            .args(args)
-            .output()
-            .context("running birdc")?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        birdc(&self.ns, &self.ctl, args)
     }
 
     /// The session's state word as `show protocols` prints it (`Established`, `Active`, ...).
@@ -129,6 +221,10 @@ impl Bird {
             .find(|l| l.starts_with("agent"))
             .context("no agent protocol")?;
         Ok(line.split_whitespace().nth(5).unwrap_or("").to_owned())
+    }
+
+    pub fn established(&self) -> Result<bool> {
+        Ok(self.session_state()? == "Established")
     }
 
     /// `show route PREFIX all`; empty when the route is not there.
@@ -143,7 +239,7 @@ impl Bird {
 
     /// The PID, e.g. to stop the daemon with SIGSTOP (a peer that goes silent).
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.daemon.pid()
     }
 
     /// Stops and starts the daemon again (a peer restart).
@@ -153,21 +249,23 @@ impl Bird {
     }
 
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.daemon.stop();
     }
 
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.daemon.log_text()
     }
 }
 
-impl Drop for Bird {
-    fn drop(&mut self) {
-        self.stop();
-    }
+/// `birdc` without a status check: it prints its errors on standard output.
+fn birdc(ns: &str, ctl: &Path, args: &[&str]) -> Result<String> {
+    let out = in_ns(ns, "birdc")
+        .arg("-s")
+        .arg(ctl)
+        .args(args)
+        .output()
+        .context("running birdc")?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Polls `check` every 20 ms for up to `limit`.
@@ -189,48 +287,57 @@ pub fn wait_until(
     bail!("timed out after {limit:?} waiting for {what} {last}")
 }
 
-/// Waits until `ready` holds while `child` keeps running; fails with `log` otherwise.
-fn wait_ready(
-    what: &str,
-    child: &mut Child,
-    log: &Path,
-    mut ready: impl FnMut() -> bool,
-) -> Result<()> {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(10) {
-        if ready() {
-            return Ok(());
-        }
-        if let Some(status) = child.try_wait()? {
-            bail!(
-                "{what} exited ({status}) while starting:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        thread::sleep(Duration::from_millis(20));
+/// A router the FRR and `GoBGP` tests run the same scenarios against.
+pub trait Router: Sized {
+    /// How messages name the router (`FRR`, `GoBGP`).
+    const NAME: &'static str;
+    /// Its daemon, as its log is headed in [`Router::context`].
+    const DAEMON: &'static str;
+
+    /// Starts the router in `ns`: a passive session toward `neighbor`, IPv4 and IPv6 unicast.
+    fn start(ns: &Netns, dir: &Path, neighbor: &Neighbor) -> Result<Self>;
+
+    /// The session's state (`Established`, `Active`, ...).
+    fn session_state(&self) -> Result<String>;
+
+    /// Whether the router holds a route for `prefix`.
+    fn has_route(&self, prefix: &str) -> Result<bool>;
+
+    fn log_text(&self) -> String;
+
+    fn established(&self) -> Result<bool> {
+        Ok(self.session_state()? == "Established")
     }
-    bail!(
-        "{what} did not come up:\n{}",
-        std::fs::read_to_string(log).unwrap_or_default()
-    )
+
+    /// The router's and the agent's logs, for a failed wait.
+    fn context(&self, agent: &Agent) -> String {
+        format!(
+            "---- {} log ----\n{}\n{}",
+            Self::DAEMON,
+            self.log_text(),
+            agent.log_text()
+        )
+    }
 }
 
 /// An FRR 8 `bgpd` without zebra, killed on drop.
 #[derive(Debug)]
 pub struct Frr {
-    child: Option<Child>,
+    daemon: Daemon,
     conf: PathBuf,
     pidfile: PathBuf,
     vty: PathBuf,
-    log: PathBuf,
     ns: String,
     agent: String,
 }
 
-impl Frr {
+impl Router for Frr {
+    const NAME: &'static str = "FRR";
+    const DAEMON: &'static str = "bgpd";
+
     /// Starts `bgpd` in `ns`: a passive session toward the agent with IPv4 and IPv6 unicast
     /// activated on it and no import policy required.
-    pub fn start(ns: &Netns, dir: &Path, neighbor: &Neighbor) -> Result<Self> {
+    fn start(ns: &Netns, dir: &Path, neighbor: &Neighbor) -> Result<Self> {
         let conf = dir.join("bgpd.conf");
         let vty = dir.join("frr-vty");
         std::fs::create_dir_all(&vty)?;
@@ -257,11 +364,10 @@ impl Frr {
         );
         std::fs::write(&conf, text)?;
         let mut frr = Self {
-            child: None,
+            daemon: Daemon::new(Self::DAEMON, dir.join("bgpd.log")),
             conf,
             pidfile: dir.join("bgpd.pid"),
             vty,
-            log: dir.join("bgpd.log"),
             ns: ns.name.clone(),
             agent: agent.clone(),
         };
@@ -269,9 +375,28 @@ impl Frr {
         Ok(frr)
     }
 
+    /// The session's `bgpState`.
+    fn session_state(&self) -> Result<String> {
+        let out = self.json(&format!("show bgp neighbors {} json", self.agent))?;
+        out[&self.agent]["bgpState"]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("no bgpState in {out}"))
+    }
+
+    fn has_route(&self, prefix: &str) -> Result<bool> {
+        Ok(self.route(prefix)?.is_some())
+    }
+
+    fn log_text(&self) -> String {
+        self.daemon.log_text()
+    }
+}
+
+impl Frr {
     fn spawn(&mut self, ns: &Netns) -> Result<()> {
-        let child = ns
-            .command("/usr/lib/frr/bgpd")
+        let mut command = ns.command("/usr/lib/frr/bgpd");
+        command
             .args(["-Z", "-S", "-P", "0", "-f"])
             .arg(&self.conf)
             .arg("-i")
@@ -279,15 +404,12 @@ impl Frr {
             .arg("--vty_socket")
             .arg(&self.vty)
             .arg("--log")
-            .arg(format!("file:{}", self.log.display()))
+            .arg(format!("file:{}", self.daemon.log.display()))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting bgpd")?;
-        let child = self.child.insert(child);
-        let (ns, vty) = (self.ns.clone(), self.vty.clone());
-        wait_ready("bgpd", child, &self.log, || {
-            vtysh(&ns, &vty, "show bgp summary json").is_ok()
+            .stderr(Stdio::null());
+        let (ns, vty) = (&self.ns, &self.vty);
+        self.daemon.start(&mut command, || {
+            vtysh(ns, vty, "show bgp summary json").is_ok()
         })
     }
 
@@ -296,29 +418,18 @@ impl Frr {
         vtysh(&self.ns, &self.vty, command)
     }
 
-    fn json(&self, command: &str) -> Result<serde_json::Value> {
+    fn json(&self, command: &str) -> Result<Value> {
         let out = self.vtysh(command)?;
         serde_json::from_str(&out).with_context(|| format!("{command}: not JSON: {out}"))
     }
 
-    /// The session's `bgpState` (`Established`, `Active`, ...).
-    pub fn session_state(&self) -> Result<String> {
-        let out = self.json(&format!("show bgp neighbors {} json", self.agent))?;
-        out[&self.agent]["bgpState"]
-            .as_str()
-            .map(str::to_owned)
-            .with_context(|| format!("no bgpState in {out}"))
-    }
-
-    pub fn established(&self) -> Result<bool> {
-        Ok(self.session_state()? == "Established")
-    }
-
     /// `show bgp ipv4|ipv6 unicast PREFIX json`; `None` when the route is not there. The paths
     /// carry `community.string`, `largeCommunity.string` and `nexthops[].ip`.
-    pub fn route(&self, prefix: &str) -> Result<Option<serde_json::Value>> {
-        let family = if prefix.contains(':') { "ipv6" } else { "ipv4" };
-        let out = self.json(&format!("show bgp {family} unicast {prefix} json"))?;
+    pub fn route(&self, prefix: &str) -> Result<Option<Value>> {
+        let out = self.json(&format!(
+            "show bgp {} unicast {prefix} json",
+            family(prefix)
+        ))?;
         Ok(out["paths"]
             .as_array()
             .is_some_and(|p| !p.is_empty())
@@ -327,7 +438,7 @@ impl Frr {
 
     /// The PID, e.g. to stop the daemon with SIGSTOP.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.daemon.pid()
     }
 
     /// Stops and starts the daemon again (a peer restart).
@@ -337,39 +448,19 @@ impl Frr {
     }
 
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Frr {
-    fn drop(&mut self) {
-        self.stop();
+        self.daemon.stop();
     }
 }
 
 fn vtysh(ns: &str, vty: &Path, command: &str) -> Result<String> {
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", ns, "vtysh", "--vty_socket"])
-        .arg(vty)
-        .args(["-d", "bgpd", "-c", command])
-        .output()
-        .context("running vtysh")?;
-    if !out.status.success() {
-        bail!(
-            "vtysh -c '{command}' failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    client_output(
+        in_ns(ns, "vtysh")
+            .arg("--vty_socket")
+            .arg(vty)
+            .args(["-d", "bgpd", "-c", command]),
+        "vtysh",
+        &format!("vtysh -c '{command}'"),
+    )
 }
 
 /// API ports for `gobgpd` instances of this process (each also lives in its own namespace).
@@ -378,17 +469,19 @@ static GOBGP_PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::
 /// A `GoBGP` 3 daemon (`gobgpd`), killed on drop.
 #[derive(Debug)]
 pub struct Gobgp {
-    child: Option<Child>,
+    daemon: Daemon,
     conf: PathBuf,
-    log: PathBuf,
     ns: String,
     agent: String,
     port: u16,
 }
 
-impl Gobgp {
+impl Router for Gobgp {
+    const NAME: &'static str = "GoBGP";
+    const DAEMON: &'static str = "gobgpd";
+
     /// Starts `gobgpd` in `ns`: a passive neighbour (the agent) with IPv4 and IPv6 unicast.
-    pub fn start(ns: &Netns, dir: &Path, neighbor: &Neighbor) -> Result<Self> {
+    fn start(ns: &Netns, dir: &Path, neighbor: &Neighbor) -> Result<Self> {
         let conf = dir.join("gobgpd.toml");
         let port = GOBGP_PORT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let password = neighbor
@@ -418,9 +511,8 @@ impl Gobgp {
         );
         std::fs::write(&conf, text)?;
         let mut gobgp = Self {
-            child: None,
+            daemon: Daemon::new(Self::DAEMON, dir.join("gobgpd.log")),
             conf,
-            log: dir.join("gobgpd.log"),
             ns: ns.name.clone(),
             agent: neighbor.agent.clone(),
             port,
@@ -429,40 +521,11 @@ impl Gobgp {
         Ok(gobgp)
     }
 
-    fn spawn(&mut self, ns: &Netns) -> Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
-        let child = ns
-            .command("gobgpd")
-            .arg("-f")
-            .arg(&self.conf)
-            .arg(format!("--api-hosts=127.0.0.1:{}", self.port))
-            .args(["--pprof-disable", "-p"])
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting gobgpd")?;
-        let child = self.child.insert(child);
-        let (ns, port, agent) = (self.ns.clone(), self.port, self.agent.clone());
-        // Ready once the API answers and the configured neighbour exists.
-        wait_ready("gobgpd", child, &self.log, || {
-            gobgp(&ns, port, &["neighbor", &agent, "-j"]).is_ok()
-        })
-    }
-
-    /// Runs the `gobgp` client against this daemon.
-    pub fn gobgp(&self, args: &[&str]) -> Result<String> {
-        gobgp(&self.ns, self.port, args)
-    }
-
-    /// The neighbour's session state from `gobgp neighbor ADDR -j` (`Established`, `Active`,
-    /// ...; the JSON carries the API's enum number, named here as `gobgp neighbor` prints it).
-    pub fn session_state(&self) -> Result<String> {
+    /// The neighbour's session state from `gobgp neighbor ADDR -j` (the JSON carries the API's
+    /// enum number, named here as `gobgp neighbor` prints it).
+    fn session_state(&self) -> Result<String> {
         let out = self.gobgp(&["neighbor", &self.agent, "-j"])?;
-        let json: serde_json::Value =
-            serde_json::from_str(&out).with_context(|| format!("not JSON: {out}"))?;
+        let json: Value = serde_json::from_str(&out).with_context(|| format!("not JSON: {out}"))?;
         let state = &json["state"]["session_state"];
         Ok(match state.as_u64() {
             Some(1) => "Idle".to_owned(),
@@ -477,21 +540,50 @@ impl Gobgp {
         })
     }
 
-    pub fn established(&self) -> Result<bool> {
-        Ok(self.session_state()? == "Established")
+    fn has_route(&self, prefix: &str) -> Result<bool> {
+        Ok(self.route(prefix)?.is_some())
+    }
+
+    fn log_text(&self) -> String {
+        self.daemon.log_text()
+    }
+}
+
+impl Gobgp {
+    fn spawn(&mut self, ns: &Netns) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.daemon.log)?;
+        let mut command = ns.command("gobgpd");
+        command
+            .arg("-f")
+            .arg(&self.conf)
+            .arg(format!("--api-hosts=127.0.0.1:{}", self.port))
+            .args(["--pprof-disable", "-p"])
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let (ns, port, agent) = (&self.ns, self.port, &self.agent);
+        // Ready once the API answers and the configured neighbour exists.
+        self.daemon.start(&mut command, || {
+            gobgp(ns, port, &["neighbor", agent, "-j"]).is_ok()
+        })
+    }
+
+    /// Runs the `gobgp` client against this daemon.
+    pub fn gobgp(&self, args: &[&str]) -> Result<String> {
+        gobgp(&self.ns, self.port, args)
     }
 
     /// `gobgp global rib -a ipv4|ipv6 PREFIX -j`; `None` when the route is not there. Each
     /// path carries `attrs`: type 3 `nexthop`, 8 `communities` (as numbers), 14 (`MP_REACH`)
     /// `nexthop`, 32 `value` (large communities).
-    pub fn route(&self, prefix: &str) -> Result<Option<serde_json::Value>> {
-        let family = if prefix.contains(':') { "ipv6" } else { "ipv4" };
-        let out = self.gobgp(&["global", "rib", "-a", family, prefix, "-j"])?;
+    pub fn route(&self, prefix: &str) -> Result<Option<Value>> {
+        let out = self.gobgp(&["global", "rib", "-a", family(prefix), prefix, "-j"])?;
         if out.trim().is_empty() {
             return Ok(None);
         }
-        let json: serde_json::Value =
-            serde_json::from_str(&out).with_context(|| format!("not JSON: {out}"))?;
+        let json: Value = serde_json::from_str(&out).with_context(|| format!("not JSON: {out}"))?;
         Ok(json
             .as_object()
             .is_some_and(|o| {
@@ -503,7 +595,7 @@ impl Gobgp {
 
     /// The PID, e.g. to stop the daemon with SIGSTOP.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.daemon.pid()
     }
 
     /// Stops and starts the daemon again (a peer restart).
@@ -513,38 +605,152 @@ impl Gobgp {
     }
 
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Gobgp {
-    fn drop(&mut self) {
-        self.stop();
+        self.daemon.stop();
     }
 }
 
 fn gobgp(ns: &str, port: u16, args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", ns, "gobgp", "-u", "127.0.0.1", "-p"])
-        .arg(port.to_string())
-        .args(args)
-        .output()
-        .context("running gobgp")?;
-    if !out.status.success() {
-        bail!(
-            "gobgp {} failed ({}): {}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+    client_output(
+        in_ns(ns, "gobgp")
+            .args(["-u", "127.0.0.1", "-p"])
+            .arg(port.to_string())
+            .args(args),
+        "gobgp",
+        &format!("gobgp {}", args.join(" ")),
+    )
+}
+
+/// Section-wide communities for the agent's `bgp:` section: `65001:100` and large `65001:1:2`.
+pub const COMMUNITIES: &str = "  communities: ['65001:100', '65001:1:2']\n";
+
+/// Writes `config.yaml` in `dir` and returns its path: the agent's API on [`API`], monitors
+/// every 100 ms, a 1 s cleanup timer, and a session (AS 65001) with the client namespace
+/// (AS 65000) as [`Neighbor::toward_agent`] sets it up there. `bgp_extra` goes at the end of
+/// the `bgp:` section, `apps` after it.
+pub fn agent_config(dir: &Path, topo: &Topology, bgp_extra: &str, apps: &str) -> Result<String> {
+    let path = dir.join("config.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "agent:\n  listen_addr: {API}\n  monitor_interval: 100ms\n  cleanup_timer: 1s\n  state_file: {state}\n\
+             bgp:\n  local_as: 65001\n  remote_as: 65000\n  peer_ip: {peer}\n{bgp_extra}{apps}",
+            state = dir.join("state.json").display(),
+            peer = topo.client_ip,
+        ),
+    )?;
+    Ok(path.to_string_lossy().into_owned())
+}
+
+/// An `apps:` section: `web` on `v4` and `web6` on `v6`, both behind a TCP port monitor on 8090.
+pub fn web_apps(v4: &str, v6: &str) -> String {
+    two_apps(v4, "", v6)
+}
+
+/// [`web_apps`] where `web` carries communities of its own: `65001:7` and large `65001:7:7`.
+pub fn web_apps_with_communities(v4: &str, v6: &str) -> String {
+    two_apps(
+        v4,
+        "    vip_config: {bgp_communities: ['65001:7', '65001:7:7']}\n",
+        v6,
+    )
+}
+
+fn two_apps(v4: &str, web_extra: &str, v6: &str) -> String {
+    format!(
+        "apps:\n  - name: web\n    vip: {v4}\n{web_extra}    monitor: port:tcp:8090\n\
+         \x20 - name: web6\n    vip: {v6}\n    monitor: port:tcp:8090\n"
+    )
+}
+
+/// Starts the agent in the agent namespace with `run --config CONFIG`, logging to `dir/LOG`.
+pub fn start_agent(topo: &Topology, dir: &Path, config: &str, log: &str) -> Result<Agent> {
+    Agent::start(
+        &topo.agent,
+        &["run", "--config", config],
+        &dir.join(log),
+        API,
+    )
+}
+
+/// The agent's one peer as `/info` shows it.
+pub fn agent_peer(topo: &Topology) -> Result<Value> {
+    let (status, info) = topo.agent.http_get(&format!("http://{API}/info"))?;
+    ensure!(status == 200, "/info: {status} {info}");
+    Ok(info["peers"][0].clone())
+}
+
+/// The agent of the FRR and `GoBGP` scenarios: section-wide [`COMMUNITIES`] and
+/// [`web_apps_with_communities`] on `vips` (IPv4, IPv6).
+fn dual_stack_agent(topo: &Topology, dir: &Path, [v4, v6]: [&str; 2]) -> Result<Agent> {
+    let config = agent_config(dir, topo, COMMUNITIES, &web_apps_with_communities(v4, v6))?;
+    start_agent(topo, dir, &config, "agent.log")
+}
+
+/// `R` and the agent (apps on `vips`, no service behind them) establish a session: waits until
+/// `R` says Established, lets `check` look at what `R` negotiated, then the agent's `/info`
+/// must say Established too. Skips without root, as `test`.
+pub fn establishes<R: Router>(
+    test: &str,
+    vips: [&str; 2],
+    check: impl FnOnce(&R, &Topology) -> Result<()>,
+) -> Result<()> {
+    if !privileged(test) {
+        return Ok(());
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let dir = tempfile::tempdir()?;
+    let topo = Topology::new()?;
+    let router = R::start(&topo.client, dir.path(), &Neighbor::toward_agent(&topo))?;
+    let agent = dual_stack_agent(&topo, dir.path(), vips)?;
+
+    wait_until(
+        &format!("Established at {}", R::NAME),
+        Duration::from_secs(5),
+        || router.established(),
+    )
+    .with_context(|| router.context(&agent))?;
+    check(&router, &topo)?;
+
+    let peer = agent_peer(&topo)?;
+    ensure!(peer["state"] == "Established", "{peer}");
+    Ok(())
+}
+
+/// Healthy apps on `vips` (IPv4, IPv6) reach `R` and leave it when their service stops: waits
+/// until `R` holds both routes, lets `check` look at them, stops the service, waits until both
+/// are withdrawn, and the session must still be up. Skips without root, as `test`.
+pub fn learns_and_withdraws<R: Router>(
+    test: &str,
+    vips: [&str; 2],
+    check: impl FnOnce(&R, &Topology) -> Result<()>,
+) -> Result<()> {
+    if !privileged(test) {
+        return Ok(());
+    }
+    let [v4, v6] = vips;
+    let dir = tempfile::tempdir()?;
+    let topo = Topology::new()?;
+    let router = R::start(&topo.client, dir.path(), &Neighbor::toward_agent(&topo))?;
+    let mut service = Service::http(&topo.agent, 8090, dir.path())?;
+    let agent = dual_stack_agent(&topo, dir.path(), vips)?;
+
+    wait_until(
+        &format!("both routes at {}", R::NAME),
+        Duration::from_secs(5),
+        || Ok(router.has_route(v4)? && router.has_route(v6)?),
+    )
+    .with_context(|| router.context(&agent))?;
+    check(&router, &topo)?;
+
+    service.stop();
+    wait_until(
+        &format!("both routes withdrawn at {}", R::NAME),
+        Duration::from_secs(5),
+        || Ok(!router.has_route(v4)? && !router.has_route(v6)?),
+    )
+    .with_context(|| router.context(&agent))?;
+    ensure!(
+        router.established()?,
+        "the session stays up after a withdrawal"
+    );
+    Ok(())
 }

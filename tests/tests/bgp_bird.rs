@@ -2,40 +2,16 @@
 //! at once, healthy apps' VIPs arrive with their communities, a failing monitor withdraws, and
 //! shutdown says goodbye with an administrative-shutdown Cease.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use gocast_tests::{
     Agent, Service, Topology, privileged,
-    routers::{Bird, Neighbor, wait_until},
+    routers::{
+        API, Bird, COMMUNITIES, Neighbor, agent_config, agent_peer, start_agent, wait_until,
+        web_apps_with_communities,
+    },
 };
-
-const API: &str = "127.0.0.1:8080";
-
-fn neighbor(topo: &Topology) -> Neighbor {
-    Neighbor {
-        local: topo.client_ip.clone(),
-        local_as: 65000,
-        agent: topo.agent_ip.clone(),
-        agent_as: 65001,
-        password: None,
-        hold_time: None,
-    }
-}
-
-fn config(dir: &Path, topo: &Topology, bgp_extra: &str, apps: &str) -> Result<String> {
-    let path = dir.join("config.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "agent:\n  listen_addr: {API}\n  monitor_interval: 100ms\n  cleanup_timer: 1s\n  state_file: {state}\n\
-             bgp:\n  local_as: 65001\n  remote_as: 65000\n  peer_ip: {peer}\n  communities: ['65001:100', '65001:1:2']\n{bgp_extra}{apps}",
-            state = dir.join("state.json").display(),
-            peer = topo.client_ip,
-        ),
-    )?;
-    Ok(path.to_string_lossy().into_owned())
-}
 
 #[test]
 fn bird_learns_healthy_vips_with_communities_and_loses_them_when_the_monitor_fails() -> Result<()> {
@@ -44,20 +20,13 @@ fn bird_learns_healthy_vips_with_communities_and_loses_them_when_the_monitor_fai
     }
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;
-    let bird = Bird::start(&topo.client, dir.path(), &neighbor(&topo))?;
-    let apps = "apps:\n  - name: web\n    vip: 192.0.2.50/32\n    vip_config: {bgp_communities: ['65001:7', '65001:7:7']}\n    monitor: port:tcp:8090\n  - name: web6\n    vip: 2001:db8:ff00::50/128\n    monitor: port:tcp:8090\n";
-    let config = config(dir.path(), &topo, "", apps)?;
+    let bird = Bird::start(&topo.client, dir.path(), &Neighbor::toward_agent(&topo))?;
+    let apps = web_apps_with_communities("192.0.2.50/32", "2001:db8:ff00::50/128");
+    let config = agent_config(dir.path(), &topo, COMMUNITIES, &apps)?;
     let mut service = Service::http(&topo.agent, 8090, dir.path())?;
-    let mut agent = Agent::start(
-        &topo.agent,
-        &["run", "--config", &config],
-        &dir.path().join("agent.log"),
-        API,
-    )?;
+    let mut agent = start_agent(&topo, dir.path(), &config, "agent.log")?;
 
-    wait_until("Established", Duration::from_secs(5), || {
-        Ok(bird.session_state()? == "Established")
-    })?;
+    wait_until("Established", Duration::from_secs(5), || bird.established())?;
     wait_until("both routes at BIRD", Duration::from_secs(5), || {
         Ok(!bird.route("192.0.2.50/32")?.is_empty()
             && !bird.route("2001:db8:ff00::50/128")?.is_empty())
@@ -82,9 +51,9 @@ fn bird_learns_healthy_vips_with_communities_and_loses_them_when_the_monitor_fai
         "IPv6 next hop:\n{v6}"
     );
 
-    let (_, info) = topo.agent.http_get(&format!("http://{API}/info"))?;
-    ensure!(info["peers"][0]["state"] == "Established", "{info}");
-    ensure!(info["peers"][0]["prefixes_advertised"] == 2, "{info}");
+    let peer = agent_peer(&topo)?;
+    ensure!(peer["state"] == "Established", "{peer}");
+    ensure!(peer["prefixes_advertised"] == 2, "{peer}");
 
     service.stop();
     wait_until("withdrawn at BIRD", Duration::from_secs(3), || {
@@ -112,7 +81,7 @@ fn without_peer_ip_the_default_gateway_is_the_peer_as_in_gocast() -> Result<()> 
     }
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;
-    let bird = Bird::start(&topo.client, dir.path(), &neighbor(&topo))?;
+    let bird = Bird::start(&topo.client, dir.path(), &Neighbor::toward_agent(&topo))?;
     let path = dir.path().join("config.yaml");
     // GoCast's autodiscovery: no peer_ip; the agent's default route points at BIRD.
     std::fs::write(
@@ -132,11 +101,8 @@ fn without_peer_ip_the_default_gateway_is_the_peer_as_in_gocast() -> Result<()> 
     wait_until("route at BIRD", Duration::from_secs(5), || {
         Ok(!bird.route("192.0.2.51/32")?.is_empty())
     })?;
-    let (_, info) = topo.agent.http_get(&format!("http://{API}/info"))?;
-    ensure!(
-        info["peers"][0]["address"] == topo.client_ip.as_str(),
-        "{info}"
-    );
+    let peer = agent_peer(&topo)?;
+    ensure!(peer["address"] == topo.client_ip.as_str(), "{peer}");
     Ok(())
 }
 
@@ -147,15 +113,11 @@ fn graceful_shutdown_re_announces_with_the_community_before_withdrawing() -> Res
     }
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;
-    let bird = Bird::start(&topo.client, dir.path(), &neighbor(&topo))?;
+    let bird = Bird::start(&topo.client, dir.path(), &Neighbor::toward_agent(&topo))?;
+    let bgp_extra = format!("{COMMUNITIES}  graceful_shutdown: 2s\n");
     let apps = "apps:\n  - name: web\n    vip: 192.0.2.52/32\n";
-    let config = config(dir.path(), &topo, "  graceful_shutdown: 2s\n", apps)?;
-    let mut agent = Agent::start(
-        &topo.agent,
-        &["run", "--config", &config],
-        &dir.path().join("agent.log"),
-        API,
-    )?;
+    let config = agent_config(dir.path(), &topo, &bgp_extra, apps)?;
+    let mut agent = start_agent(&topo, dir.path(), &config, "agent.log")?;
     wait_until("route at BIRD", Duration::from_secs(5), || {
         Ok(!bird.route("192.0.2.52/32")?.is_empty())
     })?;

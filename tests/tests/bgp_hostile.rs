@@ -27,10 +27,12 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use gocast_tests::{Agent, Netns, Topology, privileged};
+use gocast_tests::{
+    Agent, Netns, Topology, privileged,
+    routers::{API, agent_peer, start_agent},
+};
 use nix::sched::{CloneFlags, setns};
 
-const API: &str = "127.0.0.1:8080";
 /// The one config app: no monitors, so it is healthy (and announced) at once.
 const VIP: &str = "192.0.2.77/32";
 /// The VIP as IPv4 NLRI: prefix length, then the address.
@@ -991,12 +993,7 @@ fn malformed_messages_get_the_rfc_answer_and_the_agent_survives() -> Result<()> 
     // double its reconnect delay).
     let listener = listen_in(&topo.client, peer_ip)?;
     let config = config(dir.path(), &topo)?;
-    let mut agent = Agent::start(
-        &topo.agent,
-        &["run", "--config", &config],
-        &dir.path().join("agent.log"),
-        API,
-    )?;
+    let mut agent = start_agent(&topo, dir.path(), &config, "agent.log")?;
 
     let mut first = Peer::reconnect(&listener, agent_ip)?;
     first
@@ -1145,8 +1142,8 @@ fn malformed_messages_get_the_rfc_answer_and_the_agent_survives() -> Result<()> 
         vip.next_hop
     );
     check_api(&mut agent, &topo.agent, "Established at the end", true)?;
-    let (_, info) = topo.agent.http_get(&format!("http://{API}/info"))?;
-    ensure!(info["peers"][0]["prefixes_advertised"] == 1, "{info}");
+    let view = agent_peer(&topo)?;
+    ensure!(view["prefixes_advertised"] == 1, "{view}");
     let log = std::fs::read_to_string(&agent.log)?;
     ensure!(!log.contains("panicked"), "the agent panicked:\n{log}");
 

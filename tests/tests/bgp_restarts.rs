@@ -8,54 +8,9 @@ use std::{collections::BTreeSet, path::Path, time::Duration};
 use anyhow::{Context, Result, ensure};
 use gocast_tests::{
     Agent, Service, Topology, privileged,
-    routers::{Bird, Neighbor, wait_until},
+    routers::{API, Bird, Neighbor, agent_config, agent_peer, start_agent, wait_until, web_apps},
     sh,
 };
-use serde_json::Value;
-
-const API: &str = "127.0.0.1:8080";
-
-fn neighbor(topo: &Topology) -> Neighbor {
-    Neighbor {
-        local: topo.client_ip.clone(),
-        local_as: 65000,
-        agent: topo.agent_ip.clone(),
-        agent_as: 65001,
-        password: None,
-        hold_time: None,
-    }
-}
-
-/// Two config apps, IPv4 and IPv6, both behind the service on port 8090.
-fn apps(v4: &str, v6: &str) -> String {
-    format!(
-        "apps:\n  - name: web\n    vip: {v4}\n    monitor: port:tcp:8090\n\
-         \x20 - name: web6\n    vip: {v6}\n    monitor: port:tcp:8090\n"
-    )
-}
-
-fn config(dir: &Path, topo: &Topology, bgp_extra: &str, apps: &str) -> Result<String> {
-    let path = dir.join("config.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "agent:\n  listen_addr: {API}\n  monitor_interval: 100ms\n  cleanup_timer: 1s\n  state_file: {state}\n\
-             bgp:\n  local_as: 65001\n  remote_as: 65000\n  peer_ip: {peer}\n{bgp_extra}{apps}",
-            state = dir.join("state.json").display(),
-            peer = topo.client_ip,
-        ),
-    )?;
-    Ok(path.to_string_lossy().into_owned())
-}
-
-fn start_agent(topo: &Topology, dir: &Path, config: &str, log: &str) -> Result<Agent> {
-    Agent::start(
-        &topo.agent,
-        &["run", "--config", config],
-        &dir.join(log),
-        API,
-    )
-}
 
 /// The prefixes BIRD learned from the agent, from `show route protocol agent`, with a count
 /// of route entries (a duplicate or stale path would show up as a second entry).
@@ -80,13 +35,6 @@ fn set(items: &[&str]) -> BTreeSet<String> {
     items.iter().map(|&s| s.to_owned()).collect()
 }
 
-/// The agent's one peer as `/info` shows it.
-fn agent_peer(topo: &Topology) -> Result<Value> {
-    let (status, info) = topo.agent.http_get(&format!("http://{API}/info"))?;
-    ensure!(status == 200, "/info: {status} {info}");
-    Ok(info["peers"][0].clone())
-}
-
 fn context(bird: &Bird, agent: &Agent) -> String {
     format!(
         "---- bird log ----\n{}\n---- bird protocol ----\n{}\n{}",
@@ -97,6 +45,18 @@ fn context(bird: &Bird, agent: &Agent) -> String {
     )
 }
 
+/// BIRD expecting the TCP MD5 password `s3cret`, and the agent configured with `password`.
+fn start_md5(topo: &Topology, dir: &Path, password: &str) -> Result<(Bird, Agent)> {
+    let neighbor = Neighbor {
+        password: Some("s3cret".to_owned()),
+        ..Neighbor::toward_agent(topo)
+    };
+    let bird = Bird::start(&topo.client, dir, &neighbor)?;
+    let config = agent_config(dir, topo, &format!("  password: {password}\n"), "")?;
+    let agent = start_agent(topo, dir, &config, "agent.log")?;
+    Ok((bird, agent))
+}
+
 #[test]
 fn a_restarted_peer_gets_the_session_back_and_the_whole_table_again() -> Result<()> {
     if !privileged("a_restarted_peer_gets_the_whole_table") {
@@ -105,9 +65,9 @@ fn a_restarted_peer_gets_the_session_back_and_the_whole_table_again() -> Result<
     let (v4, v6) = ("192.0.2.90/32", "2001:db8:ff00::90/128");
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;
-    let mut bird = Bird::start(&topo.client, dir.path(), &neighbor(&topo))?;
+    let mut bird = Bird::start(&topo.client, dir.path(), &Neighbor::toward_agent(&topo))?;
     let _service = Service::http(&topo.agent, 8090, dir.path())?;
-    let config = config(dir.path(), &topo, "", &apps(v4, v6))?;
+    let config = agent_config(dir.path(), &topo, "", &web_apps(v4, v6))?;
     let agent = start_agent(&topo, dir.path(), &config, "agent.log")?;
 
     wait_until("both routes at BIRD", Duration::from_secs(5), || {
@@ -120,7 +80,7 @@ fn a_restarted_peer_gets_the_session_back_and_the_whole_table_again() -> Result<
     // notices the closed connection and reconnects after its ~1 s backoff (a second
     // attempt, if the first hit the restart, waits ~2 s more).
     wait_until("Established again", Duration::from_secs(8), || {
-        Ok(bird.session_state()? == "Established")
+        bird.established()
     })
     .with_context(|| context(&bird, &agent))?;
     wait_until("the whole table re-sent", Duration::from_secs(3), || {
@@ -149,9 +109,9 @@ fn a_restarted_agent_announces_exactly_its_current_routes_and_nothing_stale() ->
     let (kept, gone) = ("192.0.2.92/32", "192.0.2.93/32");
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;
-    let bird = Bird::start(&topo.client, dir.path(), &neighbor(&topo))?;
+    let bird = Bird::start(&topo.client, dir.path(), &Neighbor::toward_agent(&topo))?;
     let _service = Service::http(&topo.agent, 8090, dir.path())?;
-    let config = config(dir.path(), &topo, "", &apps(v4, v6))?;
+    let config = agent_config(dir.path(), &topo, "", &web_apps(v4, v6))?;
     let mut agent = start_agent(&topo, dir.path(), &config, "first.log")?;
 
     // Two HTTP registrations beside the config apps; one is unregistered before the restart.
@@ -187,7 +147,7 @@ fn a_restarted_agent_announces_exactly_its_current_routes_and_nothing_stale() ->
 
     let agent = start_agent(&topo, dir.path(), &config, "second.log")?;
     wait_until("Established again", Duration::from_secs(5), || {
-        Ok(bird.session_state()? == "Established")
+        bird.established()
     })
     .with_context(|| context(&bird, &agent))?;
     let expected = (set(&[v4, v6, kept]), 3);
@@ -223,11 +183,11 @@ fn a_silent_peer_trips_the_hold_timer_and_the_session_returns_when_it_wakes_up()
         dir.path(),
         &Neighbor {
             hold_time: Some(3),
-            ..neighbor(&topo)
+            ..Neighbor::toward_agent(&topo)
         },
     )?;
     let _service = Service::http(&topo.agent, 8090, dir.path())?;
-    let config = config(dir.path(), &topo, "  hold_time: 3\n", &apps(v4, v6))?;
+    let config = agent_config(dir.path(), &topo, "  hold_time: 3\n", &web_apps(v4, v6))?;
     let agent = start_agent(&topo, dir.path(), &config, "agent.log")?;
     wait_until("routes at BIRD", Duration::from_secs(5), || {
         Ok(bird_prefixes(&bird)?.0 == set(&[v4, v6]))
@@ -259,7 +219,7 @@ fn a_silent_peer_trips_the_hold_timer_and_the_session_returns_when_it_wakes_up()
     );
 
     wait_until("Established again", Duration::from_secs(10), || {
-        Ok(agent_peer(&topo)?["state"] == "Established" && bird.session_state()? == "Established")
+        Ok(agent_peer(&topo)?["state"] == "Established" && bird.established()?)
     })
     .with_context(|| context(&bird, &agent))?;
     wait_until("routes back at BIRD", Duration::from_secs(3), || {
@@ -276,18 +236,9 @@ fn tcp_md5_with_the_right_password_establishes() -> Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;
-    let bird = Bird::start(
-        &topo.client,
-        dir.path(),
-        &Neighbor {
-            password: Some("s3cret".to_owned()),
-            ..neighbor(&topo)
-        },
-    )?;
-    let config = config(dir.path(), &topo, "  password: s3cret\n", "")?;
-    let agent = start_agent(&topo, dir.path(), &config, "agent.log")?;
+    let (bird, agent) = start_md5(&topo, dir.path(), "s3cret")?;
     wait_until("Established with MD5", Duration::from_secs(5), || {
-        Ok(bird.session_state()? == "Established")
+        bird.established()
     })
     .with_context(|| context(&bird, &agent))?;
     ensure!(
@@ -305,23 +256,11 @@ fn tcp_md5_with_a_wrong_password_never_establishes() -> Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;
-    let bird = Bird::start(
-        &topo.client,
-        dir.path(),
-        &Neighbor {
-            password: Some("s3cret".to_owned()),
-            ..neighbor(&topo)
-        },
-    )?;
-    let config = config(dir.path(), &topo, "  password: wrong\n", "")?;
-    let agent = start_agent(&topo, dir.path(), &config, "agent.log")?;
+    let (bird, agent) = start_md5(&topo, dir.path(), "wrong")?;
     let result = wait_until(
         "Established with a wrong password",
         Duration::from_secs(3),
-        || {
-            Ok(bird.session_state()? == "Established"
-                || agent_peer(&topo)?["state"] == "Established")
-        },
+        || Ok(bird.established()? || agent_peer(&topo)?["state"] == "Established"),
     );
     ensure!(
         result.is_err(),

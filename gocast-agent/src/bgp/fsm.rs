@@ -751,10 +751,28 @@ mod tests {
         out
     }
 
-    /// An FSM in `OpenSent`.
-    fn open_sent(config: FsmConfig) -> Fsm {
+    /// What leaving Idle for Connect outputs: the retry timer armed, a connect started.
+    fn starts_connecting() -> [Output; 3] {
+        [
+            Output::StateChanged {
+                from: State::Idle,
+                to: State::Connect,
+            },
+            Output::SetConnectRetryTimer(Some(CONNECT_RETRY_TIME)),
+            Output::Connect,
+        ]
+    }
+
+    /// An FSM after `ManualStart`.
+    fn started(config: FsmConfig) -> Fsm {
         let mut fsm = Fsm::new(config);
         fsm.process(Input::ManualStart);
+        fsm
+    }
+
+    /// An FSM in `OpenSent`.
+    fn open_sent(config: FsmConfig) -> Fsm {
+        let mut fsm = started(config);
         fsm.process(Input::TcpConnectionConfirmed);
         assert_eq!(fsm.state(), State::OpenSent);
         fsm
@@ -838,23 +856,12 @@ mod tests {
     fn manual_start_connects_at_once() {
         let mut fsm = Fsm::new(config());
         assert_eq!(fsm.state(), State::Idle);
-        assert_eq!(
-            fsm.process(Input::ManualStart),
-            [
-                Output::StateChanged {
-                    from: State::Idle,
-                    to: State::Connect
-                },
-                Output::SetConnectRetryTimer(Some(CONNECT_RETRY_TIME)),
-                Output::Connect,
-            ]
-        );
+        assert_eq!(fsm.process(Input::ManualStart), starts_connecting());
     }
 
     #[test]
     fn manual_start_outside_idle_is_ignored() {
-        let mut fsm = Fsm::new(config());
-        fsm.process(Input::ManualStart);
+        let mut fsm = started(config());
         assert_eq!(fsm.process(Input::ManualStart), []);
         assert_eq!(fsm.state(), State::Connect);
     }
@@ -876,8 +883,7 @@ mod tests {
 
     #[test]
     fn connection_confirmed_sends_open_and_arms_the_large_hold_timer() {
-        let mut fsm = Fsm::new(config());
-        fsm.process(Input::ManualStart);
+        let mut fsm = started(config());
         assert_eq!(
             fsm.process(Input::TcpConnectionConfirmed),
             [
@@ -1336,8 +1342,7 @@ mod tests {
 
     #[test]
     fn manual_stop_stays_idle_until_the_next_manual_start() {
-        let mut fsm = Fsm::new(config());
-        fsm.process(Input::ManualStart);
+        let mut fsm = started(config());
         fsm.process(Input::TcpConnectionFails);
         assert_eq!(fsm.state(), State::Idle);
         // A reconnect is pending; the stop cancels it.
@@ -1357,8 +1362,7 @@ mod tests {
 
     #[test]
     fn manual_stop_while_connecting_abandons_the_connect_without_a_notification() {
-        let mut fsm = Fsm::new(config());
-        fsm.process(Input::ManualStart);
+        let mut fsm = started(config());
         let out = fsm.process(Input::ManualStop {
             reason: "bye".to_owned(),
         });
@@ -1399,8 +1403,7 @@ mod tests {
 
     #[test]
     fn connect_failure_goes_idle_and_retries_after_the_delay() {
-        let mut fsm = Fsm::new(config());
-        fsm.process(Input::ManualStart);
+        let mut fsm = started(config());
         let out = fsm.process(Input::TcpConnectionFails);
         let retry = retry_delay(&out);
         assert_eq!(
@@ -1409,21 +1412,13 @@ mod tests {
         );
         assert_eq!(
             fsm.process(Input::ConnectRetryTimerExpired),
-            [
-                Output::StateChanged {
-                    from: State::Idle,
-                    to: State::Connect
-                },
-                Output::SetConnectRetryTimer(Some(CONNECT_RETRY_TIME)),
-                Output::Connect,
-            ]
+            starts_connecting()
         );
     }
 
     #[test]
     fn connect_timeout_abandons_the_attempt_and_connects_again() {
-        let mut fsm = Fsm::new(config());
-        fsm.process(Input::ManualStart);
+        let mut fsm = started(config());
         assert_eq!(
             fsm.process(Input::ConnectRetryTimerExpired),
             [
@@ -1453,8 +1448,7 @@ mod tests {
 
     #[test]
     fn backoff_doubles_to_thirty_seconds_and_resets_when_established() {
-        let mut fsm = Fsm::new(config());
-        fsm.process(Input::ManualStart);
+        let mut fsm = started(config());
         let mut delays = Vec::new();
         for _ in 0..7 {
             let out = fsm.process(Input::TcpConnectionFails);

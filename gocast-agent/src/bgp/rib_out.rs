@@ -135,6 +135,19 @@ mod tests {
 
     const BOTH: [Family; 2] = [Family::Ipv4Unicast, Family::Ipv6Unicast];
 
+    /// A RIB that sent `192.0.2.1/32` and `2001:db8::1/128`, both with `attrs(1)`.
+    fn sent_one_of_each() -> AdjRibOut {
+        let mut rib = AdjRibOut::default();
+        rib.update(
+            &BTreeMap::from([
+                (net("192.0.2.1/32"), attrs(1)),
+                (net("2001:db8::1/128"), attrs(1)),
+            ]),
+            &BOTH,
+        );
+        rib
+    }
+
     #[test]
     fn a_new_peer_gets_everything_grouped_by_family_and_attributes() {
         let mut rib = AdjRibOut::default();
@@ -168,14 +181,7 @@ mod tests {
 
     #[test]
     fn a_removed_route_is_withdrawn_and_a_changed_one_is_re_announced() {
-        let mut rib = AdjRibOut::default();
-        rib.update(
-            &BTreeMap::from([
-                (net("192.0.2.1/32"), attrs(1)),
-                (net("2001:db8::1/128"), attrs(1)),
-            ]),
-            &BOTH,
-        );
+        let mut rib = sent_one_of_each();
         let c = rib.update(&BTreeMap::from([(net("192.0.2.1/32"), attrs(2))]), &BOTH);
         assert_eq!(
             c.withdraw,
@@ -199,14 +205,7 @@ mod tests {
 
     #[test]
     fn route_refresh_resends_what_was_sent() {
-        let mut rib = AdjRibOut::default();
-        rib.update(
-            &BTreeMap::from([
-                (net("192.0.2.1/32"), attrs(1)),
-                (net("2001:db8::1/128"), attrs(1)),
-            ]),
-            &BOTH,
-        );
+        let mut rib = sent_one_of_each();
         let c = rib.all(Family::Ipv4Unicast);
         assert_eq!(
             c.announce,

@@ -238,14 +238,18 @@ async fn init_family(family: Family) -> Result<(), IptablesError> {
             continue;
         }
         // A crash between two inits, or a hand-made jump, can leave duplicates: drop extras.
-        let listed = run_ok(family, &args(["-t", TABLE, "-S", hook])).await?;
-        let spelled = format!("-A {hook} -j {CHAIN}");
-        let copies = listed.lines().filter(|l| l.trim() == spelled).count();
-        for _ in 1..copies {
+        for _ in 1..jumps(family, hook).await? {
             run_ok(family, &args(["-t", TABLE, "-D", hook, "-j", CHAIN])).await?;
         }
     }
     Ok(())
+}
+
+/// How many times `hook` jumps to [`CHAIN`], from `-S HOOK`.
+async fn jumps(family: Family, hook: &str) -> Result<usize, IptablesError> {
+    let listed = run_ok(family, &args(["-t", TABLE, "-S", hook])).await?;
+    let spelled = format!("-A {hook} -j {CHAIN}");
+    Ok(listed.lines().filter(|l| l.trim() == spelled).count())
 }
 
 async fn chain_exists(family: Family) -> Result<bool, IptablesError> {
@@ -382,18 +386,23 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// An `Iptables` built without [`Iptables::init`], so without running a command.
+    fn unprobed(ipv6: bool) -> Iptables {
+        Iptables {
+            ipv6,
+            lock: Mutex::new(()),
+        }
+    }
+
+    /// `rule_args` for one rule, joined as iptables would be called.
+    fn rule_line(op: Op, app_name: &str, vip: &str, rule: &str, dest: &str) -> String {
+        rule_args(op, &app(app_name), ip(vip), rule.parse().unwrap(), ip(dest)).join(" ")
+    }
+
     #[test]
     fn an_ipv4_rule_matches_the_vip_as_a_host_and_dnats_to_dest_and_port() {
-        let rule = "tcp:80:8080".parse().unwrap();
         assert_eq!(
-            rule_args(
-                Op::Append,
-                &app("web"),
-                ip("192.0.2.10"),
-                rule,
-                ip("198.18.0.5")
-            )
-            .join(" "),
+            rule_line(Op::Append, "web", "192.0.2.10", "tcp:80:8080", "198.18.0.5"),
             "-t nat -A GOCAST -p tcp -d 192.0.2.10/32 --dport 80 -m comment --comment gocast:web \
              -j DNAT --to-destination 198.18.0.5:8080"
         );
@@ -401,16 +410,8 @@ mod tests {
 
     #[test]
     fn an_ipv6_rule_brackets_the_destination_address() {
-        let rule = "udp:53".parse().unwrap();
         assert_eq!(
-            rule_args(
-                Op::Delete,
-                &app("dns"),
-                ip("2001:db8::10"),
-                rule,
-                ip("2001:db8::5")
-            )
-            .join(" "),
+            rule_line(Op::Delete, "dns", "2001:db8::10", "udp:53", "2001:db8::5"),
             "-t nat -D GOCAST -p udp -d 2001:db8::10/128 --dport 53 -m comment --comment gocast:dns \
              -j DNAT --to-destination [2001:db8::5]:53"
         );
@@ -432,42 +433,25 @@ mod tests {
     #[tokio::test]
     async fn a_vip_and_a_destination_of_different_families_are_refused() {
         // No command runs before the check, so this needs no privileges.
-        let nat = Iptables {
-            ipv6: true,
-            lock: Mutex::new(()),
-        };
-        let err = nat
-            .install(
-                &app("web"),
-                ip("192.0.2.10"),
-                &rules(&["tcp:80"]),
-                ip("2001:db8::5"),
-            )
-            .await;
-        assert!(
-            matches!(err, Err(IptablesError::FamilyMismatch { .. })),
-            "{err:?}"
-        );
-        let err = nat
-            .remove(
-                &app("web"),
-                ip("2001:db8::10"),
-                &rules(&["tcp:80"]),
-                ip("198.18.0.5"),
-            )
-            .await;
-        assert!(
-            matches!(err, Err(IptablesError::FamilyMismatch { .. })),
-            "{err:?}"
-        );
+        let nat = unprobed(true);
+        let (web, nats) = (app("web"), rules(&["tcp:80"]));
+        let mismatched = [
+            nat.install(&web, ip("192.0.2.10"), &nats, ip("2001:db8::5"))
+                .await,
+            nat.remove(&web, ip("2001:db8::10"), &nats, ip("198.18.0.5"))
+                .await,
+        ];
+        for err in mismatched {
+            assert!(
+                matches!(err, Err(IptablesError::FamilyMismatch { .. })),
+                "{err:?}"
+            );
+        }
     }
 
     #[tokio::test]
     async fn ipv6_rules_without_ip6tables_fail_to_install_and_count_as_removed() {
-        let nat = Iptables {
-            ipv6: false,
-            lock: Mutex::new(()),
-        };
+        let nat = unprobed(false);
         let (vip, dest) = (ip("2001:db8::10"), ip("2001:db8::5"));
         let err = nat
             .install(&app("web"), vip, &rules(&["tcp:80"]), dest)
@@ -487,10 +471,7 @@ mod tests {
         fn sync<T: Send + Sync>() {}
         sync::<Iptables>();
         // Built, never polled: no command runs.
-        let nat = Iptables {
-            ipv6: true,
-            lock: Mutex::new(()),
-        };
+        let nat = unprobed(true);
         let (web, nats) = (app("web"), rules(&["tcp:80"]));
         let (vip, dest) = (ip("192.0.2.10"), ip("198.18.0.5"));
         send(&Iptables::init());
@@ -500,13 +481,11 @@ mod tests {
         send(&nat.list());
     }
 
-    /// How many times `hook` jumps to GOCAST, read straight from iptables.
-    async fn jumps(family: Family, hook: &str) -> usize {
-        let listed = run_ok(family, &args(["-t", TABLE, "-S", hook]))
+    /// Installs `tcp:80` for app `name`, from `vip` to `dest`.
+    async fn install_port_80(nat: &Iptables, name: &str, vip: &str, dest: &str) {
+        nat.install(&app(name), ip(vip), &rules(&["tcp:80"]), ip(dest))
             .await
             .unwrap();
-        let spelled = format!("-A {hook} -j {CHAIN}");
-        listed.lines().filter(|l| l.trim() == spelled).count()
     }
 
     #[test]
@@ -517,7 +496,7 @@ mod tests {
             assert!(nat.ipv6, "ip6tables should work in the test namespace");
             for family in [Family::V4, Family::V6] {
                 for hook in HOOKS {
-                    assert_eq!(jumps(family, hook).await, 1, "{family:?} {hook}");
+                    assert_eq!(jumps(family, hook).await.unwrap(), 1, "{family:?} {hook}");
                 }
             }
         });
@@ -527,14 +506,7 @@ mod tests {
     fn init_removes_duplicate_jumps_and_stale_rules() {
         in_new_netns(|| async {
             let nat = Iptables::init().await.unwrap();
-            nat.install(
-                &app("stale"),
-                ip("192.0.2.10"),
-                &rules(&["tcp:80"]),
-                ip("198.18.0.5"),
-            )
-            .await
-            .unwrap();
+            install_port_80(&nat, "stale", "192.0.2.10", "198.18.0.5").await;
             run_ok(
                 Family::V4,
                 &args(["-t", TABLE, "-A", "PREROUTING", "-j", CHAIN]),
@@ -542,7 +514,7 @@ mod tests {
             .await
             .unwrap();
             let nat = Iptables::init().await.unwrap();
-            assert_eq!(jumps(Family::V4, "PREROUTING").await, 1);
+            assert_eq!(jumps(Family::V4, "PREROUTING").await.unwrap(), 1);
             assert_eq!(nat.list().await.unwrap(), Vec::<String>::new());
         });
     }
@@ -609,27 +581,13 @@ mod tests {
     fn teardown_removes_the_jumps_and_the_chain_and_can_run_again() {
         in_new_netns(|| async {
             let nat = Iptables::init().await.unwrap();
-            nat.install(
-                &app("web"),
-                ip("192.0.2.10"),
-                &rules(&["tcp:80"]),
-                ip("198.18.0.5"),
-            )
-            .await
-            .unwrap();
-            nat.install(
-                &app("web"),
-                ip("2001:db8::10"),
-                &rules(&["tcp:80"]),
-                ip("2001:db8::5"),
-            )
-            .await
-            .unwrap();
+            install_port_80(&nat, "web", "192.0.2.10", "198.18.0.5").await;
+            install_port_80(&nat, "web", "2001:db8::10", "2001:db8::5").await;
             nat.teardown().await.unwrap();
             for family in [Family::V4, Family::V6] {
                 assert!(!chain_exists(family).await.unwrap(), "{family:?}");
                 for hook in HOOKS {
-                    assert_eq!(jumps(family, hook).await, 0, "{family:?} {hook}");
+                    assert_eq!(jumps(family, hook).await.unwrap(), 0, "{family:?} {hook}");
                 }
             }
             assert!(nat.list().await.is_err());

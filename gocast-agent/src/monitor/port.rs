@@ -643,14 +643,13 @@ mod tests {
         assert!(matches!(err, PortError::Malformed { .. }), "{err:?}");
     }
 
-    /// A reply record as the kernel would send it, framed by `netlink-packet-core`.
-    fn record(family: u8, state: u8, port: u16) -> NetlinkMessage<SockDiagMessage> {
-        let mut socket_id = if family == AF_INET6 {
-            SocketId::new_v6()
-        } else {
-            SocketId::new_v4()
-        };
-        socket_id.source_port = port;
+    /// A socket record as the kernel sends it, framed by `netlink-packet-core`.
+    fn response(
+        family: u8,
+        state: u8,
+        socket_id: SocketId,
+        nlas: impl IntoIterator<Item = Nla>,
+    ) -> NetlinkMessage<SockDiagMessage> {
         let response = InetResponse {
             header: InetResponseHeader {
                 family,
@@ -662,9 +661,20 @@ mod tests {
                 uid: 0,
                 inode: 0,
             },
-            nlas: std::iter::empty().collect(),
+            nlas: nlas.into_iter().collect(),
         };
         SockDiagMessage::InetResponse(Box::new(response)).into()
+    }
+
+    /// A reply record of a dump.
+    fn record(family: u8, state: u8, port: u16) -> NetlinkMessage<SockDiagMessage> {
+        let mut socket_id = if family == AF_INET6 {
+            SocketId::new_v6()
+        } else {
+            SocketId::new_v4()
+        };
+        socket_id.source_port = port;
+        response(family, state, socket_id, [])
     }
 
     fn datagram(messages: impl IntoIterator<Item = NetlinkMessage<SockDiagMessage>>) -> Vec<u8> {
@@ -716,20 +726,8 @@ mod tests {
         socket_id.source_port = sport;
         socket_id.destination_port = dport;
         socket_id.destination_address = peer;
-        let response = InetResponse {
-            header: InetResponseHeader {
-                family,
-                state: TCP_CLOSE,
-                timer: None,
-                socket_id,
-                recv_queue: 0,
-                send_queue: 0,
-                uid: 0,
-                inode: 0,
-            },
-            nlas: protocol.map(Nla::Protocol).into_iter().collect(),
-        };
-        datagram([SockDiagMessage::InetResponse(Box::new(response)).into()])
+        let nlas = protocol.map(Nla::Protocol);
+        datagram([response(family, TCP_CLOSE, socket_id, nlas)])
     }
 
     fn parsed(datagram: &[u8]) -> Vec<Destroyed> {
