@@ -264,9 +264,20 @@ impl Agent {
     /// Starts the agent in `ns` with `args` (e.g. `["-config", path]`), logging to `log`, and
     /// waits until its API answers on `api` (host:port inside `ns`).
     pub fn start(ns: &Netns, args: &[&str], log: &Path, api: &str) -> Result<Self> {
+        Self::start_with(&agent_binary()?, ns, args, log, api)
+    }
+
+    /// [`Agent::start`] with another agent binary, e.g. `target/release/gocast` for benchmarks.
+    pub fn start_with(
+        binary: &Path,
+        ns: &Netns,
+        args: &[&str],
+        log: &Path,
+        api: &str,
+    ) -> Result<Self> {
         let file = std::fs::File::create(log)?;
         let child = ns
-            .command(agent_binary()?.to_str().context("binary path")?)
+            .command(binary.to_str().context("binary path")?)
             .args(args)
             .env("RUST_LOG", "gocast=debug,info")
             .stdout(Stdio::null())
@@ -355,10 +366,7 @@ impl Agent {
         }
         let _ = child.kill();
         let _ = child.wait();
-        bail!(
-            "agent did not exit within {limit:?}\n{}",
-            self.log_text()
-        )
+        bail!("agent did not exit within {limit:?}\n{}", self.log_text())
     }
 }
 

@@ -3,6 +3,7 @@
 //! Keeping these in Rust (instead of shell scripts or a Makefile) means the only thing a fresh
 //! machine needs is a Rust toolchain; `.ci/run` is a one-line wrapper around `cargo xtask test`.
 
+mod bench;
 mod cmd;
 mod packages;
 mod run;
@@ -34,6 +35,9 @@ enum Task {
     /// Run every check CI runs: Debian packages, rustfmt, clippy, build, and the whole test suite
     /// (e.g. `cargo xtask test -- --nocapture`).
     Test(test::TestArgs),
+    /// Build the agent in release mode and print performance figures; needs root
+    /// (e.g. `cargo xtask bench bgp`). Never part of `test` or CI.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +45,7 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Run(args) => run::run(&args),
         Task::Test(args) => test::run(&args),
+        Task::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -93,7 +93,7 @@ fn is_installed(package: &str) -> bool {
 
 /// Whether the effective uid is 0, read from `/proc` because std has no safe `geteuid` and the
 /// workspace forbids `unsafe`.
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
         status
             .lines()
