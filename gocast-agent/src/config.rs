@@ -608,33 +608,7 @@ impl RawConfig {
             .enumerate()
             .map(|(i, app)| app.into_spec(&format!("apps[{i}]")))
             .collect::<Result<Vec<_>, _>>()?;
-        for (i, app) in apps.iter().enumerate() {
-            if let Some(prev) = apps[..i].iter().find(|a| a.name == app.name) {
-                return Err(invalid(
-                    format!("apps[{i}].name"),
-                    format!("app {} is defined twice", prev.name),
-                ));
-            }
-            if let Some(prev) = apps[..i].iter().find(|a| a.vip.addr() == app.vip.addr()) {
-                return Err(invalid(
-                    format!("apps[{i}].vip"),
-                    format!("vip {} is already used by app {}", app.vip, prev.name),
-                ));
-            }
-            if let Some(prev) = apps[..i]
-                .iter()
-                .find(|a| a.name.lo_label() == app.name.lo_label())
-            {
-                return Err(invalid(
-                    format!("apps[{i}].name"),
-                    format!(
-                        "label {} collides with app {}; rename one",
-                        app.name.lo_label(),
-                        prev.name
-                    ),
-                ));
-            }
-        }
+        check_unique(&apps)?;
         let dataplane = self.dataplane.into_dataplane()?;
         Ok(Config {
             agent,
@@ -643,6 +617,59 @@ impl RawConfig {
             dataplane,
         })
     }
+}
+
+/// Names, VIP addresses and `lo` labels must be unique, and no VIP may lie inside another's
+/// prefix (two addresses of one subnet on `lo` fall together). Hash lookups keep 10,000 apps
+/// fast; only the rare VIPs shorter than a host route are compared with every app.
+fn check_unique(apps: &[AppSpec]) -> Result<(), Invalid> {
+    use std::collections::HashMap;
+    let mut names: HashMap<&AppName, usize> = HashMap::new();
+    let mut addrs: HashMap<IpAddr, usize> = HashMap::new();
+    let mut labels: HashMap<String, usize> = HashMap::new();
+    for (i, app) in apps.iter().enumerate() {
+        if let Some(&prev) = names.get(&app.name) {
+            return Err(invalid(
+                format!("apps[{i}].name"),
+                format!("app {} is defined twice", apps[prev].name),
+            ));
+        }
+        if let Some(&prev) = addrs.get(&app.vip.addr()) {
+            return Err(invalid(
+                format!("apps[{i}].vip"),
+                format!("vip {} is already used by app {}", app.vip, apps[prev].name),
+            ));
+        }
+        let label = app.name.lo_label();
+        if let Some(&prev) = labels.get(&label) {
+            return Err(invalid(
+                format!("apps[{i}].name"),
+                format!(
+                    "label {label} collides with app {}; rename one",
+                    apps[prev].name
+                ),
+            ));
+        }
+        names.insert(&app.name, i);
+        addrs.insert(app.vip.addr(), i);
+        labels.insert(label, i);
+    }
+    let wide = |a: &AppSpec| a.vip.prefix().prefix_len() < a.vip.prefix().max_prefix_len();
+    for (i, app) in apps.iter().enumerate().filter(|(_, a)| wide(a)) {
+        if let Some(other) = apps
+            .iter()
+            .find(|o| o.name != app.name && app.vip.prefix().contains(&o.vip.addr()))
+        {
+            return Err(invalid(
+                format!("apps[{i}].vip"),
+                format!(
+                    "vip {} overlaps vip {} of app {}",
+                    app.vip, other.vip, other.name
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl RawDataplane {
@@ -1223,6 +1250,10 @@ mod tests {
             (
                 "apps: [{name: a, vip: 192.0.2.1/32}, {name: b, vip: 192.0.2.1/32}]",
                 "already used by app a",
+            ),
+            (
+                "apps: [{name: a, vip: 192.0.2.1/32}, {name: b, vip: 192.0.2.9/24}]",
+                "overlaps vip 192.0.2.1/32 of app a",
             ),
             ("agent: [1, 2]", "agent"),
             ("dataplane: {mode: xdp}", "dataplane.mode"),

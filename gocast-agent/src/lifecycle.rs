@@ -68,6 +68,9 @@ pub struct Announcer {
     pub done: tokio::task::JoinHandle<()>,
 }
 
+/// The most monitor reports handled before the route set is published.
+const REPORT_BATCH: usize = 4096;
+
 /// How long a VIP waits for its withdrawal to reach the peers before it is removed anyway.
 const WITHDRAW_WAIT: Duration = Duration::from_secs(1);
 
@@ -262,6 +265,8 @@ fn rfc3339(t: SystemTime) -> String {
 #[derive(Debug)]
 struct Entry {
     spec: AppSpec,
+    /// `spec.name.lo_label()`, computed once: conflicts are checked against every app.
+    label: String,
     source: Source,
     generation: u64,
     healthy: bool,
@@ -281,15 +286,17 @@ impl Entry {
         self.vip_installed && (self.spec.nats.is_empty() || self.nat_installed)
     }
 
-    fn view(&self, announced: bool) -> AppView {
+    /// The app as `/apps` shows it; a healthy app is in the route set (published at the end of
+    /// the lifecycle's current step).
+    fn view(&self) -> AppView {
         AppView {
             name: self.spec.name.clone(),
             vip: self.spec.vip,
             source: self.source,
             state: if self.healthy { "healthy" } else { "unhealthy" },
-            announced,
+            announced: self.healthy,
             vip_installed: self.vip_installed,
-            lo_label: self.spec.name.lo_label(),
+            lo_label: self.label.clone(),
             monitors: self
                 .spec
                 .monitors
@@ -323,7 +330,12 @@ pub struct Lifecycle<H: Host> {
     routes: watch::Sender<Routes>,
     announcer: Option<Announcer>,
     store: Store,
-    monitors: mpsc::Sender<monitor::Command>,
+    monitors: mpsc::UnboundedSender<monitor::Command>,
+    /// Health changed since the route set was last published: publish once per batch.
+    dirty: bool,
+    /// A cleanup deadline was set: recompute the earliest one.
+    cleanup_changed: bool,
+    next_cleanup: Option<Instant>,
     metrics: Metrics,
 }
 
@@ -380,6 +392,9 @@ pub fn spawn<H: Host>(
         store,
         monitors,
         metrics,
+        dirty: false,
+        cleanup_changed: false,
+        next_cleanup: None,
     };
     let task = tokio::spawn(lifecycle.run(config_apps, req_rx, report_rx, cancel));
     Running {
@@ -399,12 +414,29 @@ impl<H: Host> Lifecycle<H> {
     ) {
         self.restore(config_apps).await;
         loop {
-            let next_cleanup = self.apps.values().filter_map(|e| e.cleanup_at).min();
+            if self.cleanup_changed {
+                self.cleanup_changed = false;
+                self.next_cleanup = self.apps.values().filter_map(|e| e.cleanup_at).min();
+            }
             tokio::select! {
                 () = cancel.cancelled() => break,
                 Some(req) = requests.recv() => self.handle(req).await,
-                Some(report) = reports.recv() => self.on_report(report).await,
-                () = sleep_until(next_cleanup) => self.cleanup_due().await,
+                Some(report) = reports.recv() => {
+                    self.on_report(report).await;
+                    // Take what else is queued (a tick reports every app at once) before
+                    // publishing, so a burst costs one route-set update, not one per app.
+                    for _ in 0..REPORT_BATCH {
+                        let Ok(report) = reports.try_recv() else { break };
+                        self.on_report(report).await;
+                    }
+                }
+                () = sleep_until(self.next_cleanup) => {
+                    self.cleanup_changed = true;
+                    self.cleanup_due().await;
+                }
+            }
+            if self.dirty {
+                self.publish();
             }
         }
         self.shutdown().await;
@@ -458,21 +490,13 @@ impl<H: Host> Lifecycle<H> {
                 let _ = reply.send(self.unregister(&name).await);
             }
             Request::Apps { reply } => {
-                let routes = self.routes.borrow();
-                let views = self
-                    .apps
-                    .values()
-                    .map(|e| e.view(routes.contains_key(&e.spec.vip.prefix())))
-                    .collect();
-                drop(routes);
-                let _ = reply.send(views);
+                let _ = reply.send(self.apps.values().map(Entry::view).collect());
             }
         }
     }
 
     fn view(&self, name: &AppName) -> Option<AppView> {
-        let e = self.apps.get(name)?;
-        Some(e.view(self.routes.borrow().contains_key(&e.spec.vip.prefix())))
+        self.apps.get(name).map(Entry::view)
     }
 
     /// Refuses an app whose VIP or label belongs to another app.
@@ -496,7 +520,7 @@ impl<H: Host> Lifecycle<H> {
                     owner: other.spec.name.clone(),
                 });
             }
-            if other.spec.name.lo_label() == label {
+            if other.label == label {
                 return Err(LifecycleError::LabelConflict {
                     name: spec.name.clone(),
                     label,
@@ -621,6 +645,7 @@ impl<H: Host> Lifecycle<H> {
         self.next_generation += 1;
         let entry = Entry {
             results: vec![None; spec.monitors.len()],
+            label: spec.name.lo_label(),
             spec,
             source,
             generation,
@@ -658,9 +683,8 @@ impl<H: Host> Lifecycle<H> {
         self.apps.insert(name.clone(), entry);
         if healthy {
             self.go_healthy(&name).await;
-        } else {
-            self.publish();
         }
+        self.dirty = true;
     }
 
     async fn watch(&self, entry: &Entry) {
@@ -670,17 +694,14 @@ impl<H: Host> Lifecycle<H> {
             monitors: entry.spec.monitors.clone(),
         };
         // The scheduler lives as long as we do; a send error only happens during shutdown.
-        let _ = self.monitors.send(cmd).await;
+        let _ = self.monitors.send(cmd);
     }
 
     /// Removes everything of an app from the host: route first, then NAT and VIP.
     async fn teardown(&mut self, mut entry: Entry) {
-        let _ = self
-            .monitors
-            .send(monitor::Command::Unwatch {
-                app: entry.spec.name.clone(),
-            })
-            .await;
+        let _ = self.monitors.send(monitor::Command::Unwatch {
+            app: entry.spec.name.clone(),
+        });
         self.publish();
         self.await_withdrawn().await;
         self.remove_nat(&mut entry).await;
@@ -706,6 +727,7 @@ impl<H: Host> Lifecycle<H> {
         {
             // An app that never came up is forgotten after cleanup_timer too, as in GoCast.
             entry.cleanup_at = Some(Instant::now() + self.settings.cleanup_timer);
+            self.cleanup_changed = true;
         }
         if passing == entry.healthy {
             entry.streak = 0;
@@ -754,7 +776,7 @@ impl<H: Host> Lifecycle<H> {
         self.metrics
             .app_state(name.as_str(), entry.healthy, entry.healthy);
         self.apps.insert(name.clone(), entry);
-        self.publish();
+        self.dirty = true;
     }
 
     fn go_unhealthy(&mut self, name: &AppName) {
@@ -779,7 +801,8 @@ impl<H: Host> Lifecycle<H> {
         warn!(app = %name, vip = %entry.spec.vip, reasons = %reasons.join("; "), "app unhealthy: withdrawing");
         self.metrics.state_changed(name.as_str());
         self.metrics.app_state(name.as_str(), false, false);
-        self.publish();
+        self.dirty = true;
+        self.cleanup_changed = true;
     }
 
     /// Cleans up every app whose timer has passed.
@@ -836,7 +859,8 @@ impl<H: Host> Lifecycle<H> {
     }
 
     /// Publishes the routes of the healthy apps.
-    fn publish(&self) {
+    fn publish(&mut self) {
+        self.dirty = false;
         let set: RouteSet = self
             .apps
             .values()
@@ -1408,5 +1432,36 @@ mod tests {
             .await
             .unwrap();
         wait_healthy(&h).await;
+    }
+
+    /// Regression: with more config apps than the channels hold, start-up used to deadlock
+    /// (the lifecycle waited on the scheduler, which waited on the lifecycle).
+    #[tokio::test]
+    async fn five_thousand_config_apps_all_come_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let apps: Vec<AppSpec> = (0..5000u32)
+            .map(|i| {
+                spec(
+                    &format!("app{i}"),
+                    &format!("2001:db8:ff00::{:x}:{:x}/128", i / 1000, i % 1000 + 1),
+                    &["port:tcp:1".into()],
+                )
+            })
+            .map(|mut a| {
+                a.monitors.clear();
+                a
+            })
+            .collect();
+        let h = start(settings(), apps, dir);
+        for _ in 0..1000 {
+            if h.running.routes.borrow().len() == 5000 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "only {} of 5000 routes after 10 s",
+            h.running.routes.borrow().len()
+        );
     }
 }

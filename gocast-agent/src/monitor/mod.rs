@@ -123,8 +123,10 @@ pub fn spawn(
     reports: mpsc::Sender<Report>,
     metrics: Metrics,
     cancel: CancellationToken,
-) -> mpsc::Sender<Command> {
-    let (tx, rx) = mpsc::channel(1024);
+) -> mpsc::UnboundedSender<Command> {
+    // Unbounded: the lifecycle must never wait on the scheduler, which itself waits on the
+    // lifecycle to take its reports. Its length is bounded by the number of apps anyway.
+    let (tx, rx) = mpsc::unbounded_channel();
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let scheduler = Scheduler {
         settings,
@@ -144,7 +146,7 @@ pub fn spawn(
 impl Scheduler {
     async fn run(
         mut self,
-        mut commands: mpsc::Receiver<Command>,
+        mut commands: mpsc::UnboundedReceiver<Command>,
         mut done: mpsc::UnboundedReceiver<(AppName, u64)>,
         cancel: CancellationToken,
     ) {
@@ -153,19 +155,19 @@ impl Scheduler {
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return,
-                cmd = commands.recv() => match cmd {
-                    None => return,
-                    Some(Command::Watch { app, generation, monitors }) => {
-                        self.apps.insert(app.clone(), Watched { generation, monitors, in_flight: false });
-                        self.sync_ports();
-                        self.check(&[app]).await;
+                cmd = commands.recv() => {
+                    let Some(cmd) = cmd else { return };
+                    // Take every command already queued (10,000 config apps arrive at once):
+                    // one port sync and one socket-table snapshot serve them all.
+                    let mut new_apps = Vec::new();
+                    self.apply(cmd, &mut new_apps);
+                    while let Ok(cmd) = commands.try_recv() {
+                        self.apply(cmd, &mut new_apps);
                     }
-                    Some(Command::Unwatch { app }) => {
-                        self.apps.remove(&app);
-                        self.stale.remove(&app);
-                        self.sync_ports();
-                    }
-                },
+                    self.sync_ports();
+                    new_apps.retain(|a| self.apps.contains_key(a));
+                    self.check(&new_apps).await;
+                }
                 Some((app, generation)) = done.recv() => {
                     if let Some(w) = self.apps.get_mut(&app).filter(|w| w.generation == generation) {
                         w.in_flight = false;
@@ -185,6 +187,31 @@ impl Scheduler {
                     let due: Vec<AppName> = self.apps.iter().filter(|(_, w)| !w.in_flight).map(|(n, _)| n.clone()).collect();
                     self.check(&due).await;
                 }
+            }
+        }
+    }
+
+    /// Records a watch or unwatch; new apps are checked by the caller, in one batch.
+    fn apply(&mut self, cmd: Command, new_apps: &mut Vec<AppName>) {
+        match cmd {
+            Command::Watch {
+                app,
+                generation,
+                monitors,
+            } => {
+                self.apps.insert(
+                    app.clone(),
+                    Watched {
+                        generation,
+                        monitors,
+                        in_flight: false,
+                    },
+                );
+                new_apps.push(app);
+            }
+            Command::Unwatch { app } => {
+                self.apps.remove(&app);
+                self.stale.remove(&app);
             }
         }
     }
@@ -472,7 +499,6 @@ mod tests {
             generation: 7,
             monitors,
         })
-        .await
         .unwrap();
         let r = next(&mut rx).await;
         assert_eq!((r.app.as_str(), r.generation), ("web", 7));
@@ -504,14 +530,12 @@ mod tests {
             generation: 1,
             monitors: vec!["exec:sleep 2".parse().unwrap()],
         })
-        .await
         .unwrap();
         cmds.send(Command::Watch {
             app: fast.clone(),
             generation: 1,
             monitors: vec!["exec:true".parse().unwrap()],
         })
-        .await
         .unwrap();
         let mut fast_reports = 0;
         while fast_reports < 5 {
@@ -532,7 +556,6 @@ mod tests {
             generation: 1,
             monitors: vec![Monitor::Consul],
         })
-        .await
         .unwrap();
         let r = next(&mut rx).await;
         assert!(!r.results[0].ok && r.results[0].reason.contains("consul"));
@@ -544,7 +567,7 @@ mod tests {
     async fn watching_a_listener() -> (
         TcpListener,
         mpsc::Receiver<Report>,
-        mpsc::Sender<Command>,
+        mpsc::UnboundedSender<Command>,
         CancellationToken,
     ) {
         // `lo` comes up; connections need it.
@@ -563,7 +586,6 @@ mod tests {
             generation: 1,
             monitors: vec![format!("port:tcp:{port}").parse().unwrap()],
         })
-        .await
         .unwrap();
         assert!(next(&mut rx).await.results[0].ok);
         // The first tick comes at once and may report too.
