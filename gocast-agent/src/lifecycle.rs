@@ -412,7 +412,7 @@ impl<H: Host> Lifecycle<H> {
         mut reports: mpsc::Receiver<Report>,
         cancel: CancellationToken,
     ) {
-        self.restore(config_apps).await;
+        self.restore(config_apps);
         loop {
             if self.cleanup_changed {
                 self.cleanup_changed = false;
@@ -443,9 +443,9 @@ impl<H: Host> Lifecycle<H> {
     }
 
     /// Config apps first, then saved HTTP registrations that do not clash with them.
-    async fn restore(&mut self, config_apps: Vec<AppSpec>) {
+    fn restore(&mut self, config_apps: Vec<AppSpec>) {
         for spec in config_apps {
-            self.insert(spec, Source::Config).await;
+            self.insert(spec, Source::Config);
         }
         let saved = match self.store.load() {
             Ok(saved) => saved,
@@ -464,7 +464,7 @@ impl<H: Host> Lifecycle<H> {
                 warn!(app = %spec.name, "saved registration dropped: the config defines this app");
                 continue;
             }
-            self.insert(spec, Source::Http).await;
+            self.insert(spec, Source::Http);
         }
         info!(
             config = self.count(Source::Config),
@@ -579,11 +579,11 @@ impl<H: Host> Lifecycle<H> {
             Some(old) => {
                 info!(app = %name, old_vip = %old.spec.vip, new_vip = %spec.vip, "app replaced with a new vip");
                 self.teardown(old).await;
-                self.insert(spec, source).await;
+                self.insert(spec, source);
             }
             None => {
                 info!(app = %name, vip = %spec.vip, ?source, "app registered");
-                self.insert(spec, source).await;
+                self.insert(spec, source);
             }
         }
         self.view(&name).ok_or(LifecycleError::UnknownApp(name))
@@ -640,7 +640,7 @@ impl<H: Host> Lifecycle<H> {
 
     /// Adds a new app: unhealthy until its monitors pass; a cleanup is pending so an HTTP app
     /// that never comes up is forgotten after `cleanup_timer`, as in GoCast.
-    async fn insert(&mut self, spec: AppSpec, source: Source) {
+    fn insert(&mut self, spec: AppSpec, source: Source) {
         let generation = self.next_generation;
         self.next_generation += 1;
         let entry = Entry {
@@ -659,7 +659,7 @@ impl<H: Host> Lifecycle<H> {
         };
         self.metrics
             .app_state(entry.spec.name.as_str(), false, false);
-        self.watch(&entry).await;
+        self.watch(&entry);
         self.apps.insert(entry.spec.name.clone(), entry);
     }
 
@@ -677,7 +677,7 @@ impl<H: Host> Lifecycle<H> {
         entry.streak = 0;
         entry.spec = spec;
         entry.source = source;
-        self.watch(&entry).await;
+        self.watch(&entry);
         let name = entry.spec.name.clone();
         let healthy = entry.healthy;
         self.apps.insert(name.clone(), entry);
@@ -687,7 +687,7 @@ impl<H: Host> Lifecycle<H> {
         self.dirty = true;
     }
 
-    async fn watch(&self, entry: &Entry) {
+    fn watch(&self, entry: &Entry) {
         let cmd = monitor::Command::Watch {
             app: entry.spec.name.clone(),
             generation: entry.generation,
