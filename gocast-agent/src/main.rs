@@ -2,6 +2,7 @@
 //! the library's tasks together. Exit codes: 0 ok, 1 runtime failure, 2 bad config or usage.
 
 use std::{
+    io::IsTerminal,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     process::ExitCode,
     sync::Arc,
@@ -60,7 +61,6 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => {
                     error!("{e}");
-                    eprintln!("error: {e}");
                     return ExitCode::from(2);
                 }
             };
@@ -77,7 +77,6 @@ fn exit(result: Result<()>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
-            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -97,8 +96,10 @@ fn init_tracing(format: LogFormat, level: Option<&str>) {
         .map(EnvFilter::new)
         .or_else(|| EnvFilter::try_from_default_env().ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
+    // Colours only for a person at a terminal, not in journald or log files.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
