@@ -79,6 +79,8 @@ pub struct PeerInfo {
     pub state: String,
     pub uptime_s: Option<u64>,
     pub last_error: Option<String>,
+    /// The last NOTIFICATION sent or received, e.g. `received administrative shutdown (6/2)`.
+    pub last_notification: Option<String>,
     pub messages_in: u64,
     pub messages_out: u64,
     pub prefixes_advertised: usize,
@@ -92,6 +94,7 @@ impl From<&PeerStatus> for PeerInfo {
             state: s.state.to_string(),
             uptime_s: s.established_at.map(|t| t.elapsed().as_secs()),
             last_error: s.last_error.clone(),
+            last_notification: s.last_notification.clone(),
             messages_in: s.messages_in,
             messages_out: s.messages_out,
             prefixes_advertised: s.prefixes_advertised,

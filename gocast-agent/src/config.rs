@@ -592,9 +592,8 @@ impl RawConfig {
             }
         };
         for (i, p) in bgp.peers.iter().enumerate() {
-            let twin = bgp.peers[..i]
-                .iter()
-                .any(|q| q.peer_ip == p.peer_ip && q.peer_port == p.peer_port);
+            // One session per address: /info and metrics name a peer by it.
+            let twin = bgp.peers[..i].iter().any(|q| q.peer_ip == p.peer_ip);
             if twin {
                 let who = p
                     .peer_ip
@@ -805,12 +804,101 @@ impl BgpConfig {
     }
 }
 
+/// What a block gives every one of its peers.
+struct Section<'a> {
+    local_as: u32,
+    communities: &'a [Community],
+    origin: Origin,
+}
+
+impl RawPeerKeys {
+    /// One peer: its own keys, else the block's (`defaults`).
+    fn to_peer(
+        &self,
+        defaults: &RawPeerKeys,
+        section: &Section<'_>,
+        key: &str,
+    ) -> Result<PeerConfig, Invalid> {
+        let peer = self;
+        let peer_as = match (peer.peer_as, peer.remote_as) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(invalid(
+                    key,
+                    format!("peer_as {a} and remote_as {b} disagree"),
+                ));
+            }
+            (Some(a), _) | (None, Some(a)) => a,
+            (None, None) => {
+                return Err(invalid(
+                    format!("{key}.peer_as"),
+                    "is required (or remote_as)",
+                ));
+            }
+        };
+        let hold_time = peer
+            .hold_time
+            .or(defaults.hold_time)
+            .unwrap_or(DEFAULT_HOLD_TIME);
+        if hold_time != Duration::ZERO && hold_time < Duration::from_secs(3) {
+            return Err(invalid(
+                format!("{key}.hold_time"),
+                "must be 0 or at least 3s (RFC 4271)",
+            ));
+        }
+        let peer_ip = peer.peer_ip;
+        // A section-wide local_ip is the default for the peers of its family only.
+        let local_ip = peer.local_ip.or(defaults
+            .local_ip
+            .filter(|l| peer_ip.is_none_or(|p| p.is_ipv4() == l.is_ipv4())));
+        if peer_as == 0 {
+            return Err(invalid(
+                format!("{key}.peer_as"),
+                "AS 0 is reserved (RFC 7607)",
+            ));
+        }
+        let multihop = peer.multihop.or(defaults.multihop);
+        if multihop == Some(0) {
+            return Err(invalid(format!("{key}.multihop"), "must be a TTL of 1-255"));
+        }
+        if let (Some(l), Some(p)) = (local_ip, peer_ip)
+            && l.is_ipv4() != p.is_ipv4()
+        {
+            return Err(invalid(
+                format!("{key}.local_ip"),
+                format!("{l} and peer {p} are of different families"),
+            ));
+        }
+        Ok(PeerConfig {
+            local_as: section.local_as,
+            peer_as,
+            peer_ip,
+            peer_port: peer.peer_port.or(defaults.peer_port).unwrap_or(BGP_PORT),
+            local_ip,
+            local_ipv6: peer.local_ipv6.or(defaults.local_ipv6),
+            password: peer.password.clone().or_else(|| defaults.password.clone()),
+            multihop,
+            hold_time,
+            communities: section.communities.to_vec(),
+            origin: section.origin,
+            next_hop: peer.next_hop.or(defaults.next_hop),
+            med: peer.med.or(defaults.med),
+            local_pref: peer.local_pref.or(defaults.local_pref),
+        })
+    }
+}
+
 impl RawBgpBlock {
     /// Turns one block into its peers, folding block-level values into each.
     fn into_peers(self, key: &str) -> Result<Vec<PeerConfig>, Invalid> {
         let local_as = self
             .local_as
             .ok_or_else(|| invalid(format!("{key}.local_as"), "is required"))?;
+        if local_as == 0 {
+            return Err(invalid(
+                format!("{key}.local_as"),
+                "AS 0 is reserved (RFC 7607)",
+            ));
+        }
         let defaults = &RawPeerKeys {
             peer_ip: self.peer_ip,
             peer_as: self.peer_as,
@@ -826,59 +914,12 @@ impl RawBgpBlock {
             local_pref: self.local_pref,
         };
         let origin = self.origin.unwrap_or(Origin::Igp);
-        let build = |peer: &RawPeerKeys, key: &str| -> Result<PeerConfig, Invalid> {
-            let peer_as = match (peer.peer_as, peer.remote_as) {
-                (Some(a), Some(b)) if a != b => {
-                    return Err(invalid(
-                        key,
-                        format!("peer_as {a} and remote_as {b} disagree"),
-                    ));
-                }
-                (Some(a), _) | (None, Some(a)) => a,
-                (None, None) => {
-                    return Err(invalid(
-                        format!("{key}.peer_as"),
-                        "is required (or remote_as)",
-                    ));
-                }
-            };
-            let hold_time = peer
-                .hold_time
-                .or(defaults.hold_time)
-                .unwrap_or(DEFAULT_HOLD_TIME);
-            if hold_time != Duration::ZERO && hold_time < Duration::from_secs(3) {
-                return Err(invalid(
-                    format!("{key}.hold_time"),
-                    "must be 0 or at least 3s (RFC 4271)",
-                ));
-            }
-            let local_ip = peer.local_ip.or(defaults.local_ip);
-            let peer_ip = peer.peer_ip;
-            if let (Some(l), Some(p)) = (local_ip, peer_ip)
-                && l.is_ipv4() != p.is_ipv4()
-            {
-                return Err(invalid(
-                    format!("{key}.local_ip"),
-                    format!("{l} and peer {p} are of different families"),
-                ));
-            }
-            Ok(PeerConfig {
-                local_as,
-                peer_as,
-                peer_ip,
-                peer_port: peer.peer_port.or(defaults.peer_port).unwrap_or(BGP_PORT),
-                local_ip,
-                local_ipv6: peer.local_ipv6.or(defaults.local_ipv6),
-                password: peer.password.clone().or_else(|| defaults.password.clone()),
-                multihop: peer.multihop.or(defaults.multihop),
-                hold_time,
-                communities: self.communities.clone(),
-                origin,
-                next_hop: peer.next_hop.or(defaults.next_hop),
-                med: peer.med.or(defaults.med),
-                local_pref: peer.local_pref.or(defaults.local_pref),
-            })
+        let section = Section {
+            local_as,
+            communities: &self.communities,
+            origin,
         };
+        let build = |peer: &RawPeerKeys, key: &str| peer.to_peer(defaults, &section, key);
         match &self.peers {
             None => Ok(vec![build(defaults, key)?]),
             Some(peers) => {
@@ -1257,6 +1298,16 @@ mod tests {
             ),
             ("agent: [1, 2]", "agent"),
             ("dataplane: {mode: xdp}", "dataplane.mode"),
+            ("bgp: {local_as: 0, remote_as: 2}", "AS 0 is reserved"),
+            ("bgp: {local_as: 1, remote_as: 0}", "AS 0 is reserved"),
+            (
+                "bgp: {local_as: 1, remote_as: 2, multihop: 0}",
+                "TTL of 1-255",
+            ),
+            (
+                "bgp: {local_as: 1, peers: [{peer_ip: 198.18.0.2, peer_as: 2}, {peer_ip: 198.18.0.2, peer_as: 3, peer_port: 1179}]}",
+                "configured twice",
+            ),
             ("dataplane: {mode: ebpf}", "no eBPF dataplane"),
             ("dataplane: {interfaces: ['a/b']}", "not an interface name"),
             ("bgp: 5", "bgp"),
@@ -1384,5 +1435,13 @@ mod tests {
             "bgp:\n  - {local_as: 1, remote_as: 2, router_id: 198.18.0.1}\n  - {local_as: 1, remote_as: 3, router_id: 198.18.0.2}\n",
         );
         assert!(e.contains("bgp[1].router_id"), "{e}");
+    }
+
+    #[test]
+    fn a_section_local_ip_is_the_default_for_peers_of_its_family_only() {
+        let c = parse("bgp:\n  local_as: 65001\n  local_ip: 198.18.0.1\n  peers:\n    - {peer_ip: 198.18.0.2, peer_as: 65000}\n    - {peer_ip: '2001:db8::2', peer_as: 65000}\n").unwrap();
+        assert_eq!(c.bgp.peers[0].local_ip, Some("198.18.0.1".parse().unwrap()));
+        assert_eq!(c.bgp.peers[1].local_ip, None);
+        assert!(err("bgp: {local_as: 1, peers: [{peer_ip: '2001:db8::2', peer_as: 2, local_ip: 198.18.0.1}]}").contains("different families"));
     }
 }

@@ -257,9 +257,14 @@ impl Netlink {
             .and_then(pref_source))
     }
 
-    /// The first global IPv6 address on the interface the kernel uses toward `dest`: the IPv6
-    /// next hop to announce over a session with that peer (RFC 4760 needs a global address).
-    pub async fn global_ipv6_toward(&self, dest: IpAddr) -> Result<Option<Ipv6Addr>, NetlinkError> {
+    /// The first global address of the given family on the interface the kernel uses toward
+    /// `dest`: the next hop to announce for that family over a session with that peer (an IPv6
+    /// next hop must be global, RFC 4760; an IPv4 one for routes sent over an IPv6 session).
+    pub async fn global_address_toward(
+        &self,
+        dest: IpAddr,
+        v6: bool,
+    ) -> Result<Option<IpAddr>, NetlinkError> {
         let Some(route) = self.route_toward(dest).await? else {
             return Ok(None);
         };
@@ -269,14 +274,16 @@ impl Netlink {
         }) else {
             return Ok(None);
         };
+        let family = if v6 {
+            AddressFamily::Inet6
+        } else {
+            AddressFamily::Inet
+        };
         Ok(self.addresses_of(oif).await?.iter().find_map(|m| {
-            if m.header.family != AddressFamily::Inet6 || m.header.scope != AddressScope::Universe {
+            if m.header.family != family || m.header.scope != AddressScope::Universe {
                 return None;
             }
-            match address_net(m)?.addr() {
-                IpAddr::V6(a) => Some(a),
-                IpAddr::V4(_) => None,
-            }
+            address_net(m).map(|n| n.addr())
         }))
     }
 

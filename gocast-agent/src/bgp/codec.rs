@@ -245,10 +245,10 @@ pub enum DecodeError {
     /// 2/1: version other than 4 (RFC 4271 §6.2).
     #[error("unsupported bgp version {version}")]
     UnsupportedVersion { version: u8 },
-    /// 2/2: AS 0 (RFC 7607), or not the configured peer AS ([`check_open`]).
+    /// 2/2: AS 0 (RFC 7607), or not the configured peer AS (checked by the FSM).
     #[error("bad peer as {asn}")]
     BadPeerAs { asn: u32 },
-    /// 2/3: BGP Identifier 0, or ours within one AS (RFC 6286 §2.2, [`check_open`]).
+    /// 2/3: BGP Identifier 0, or ours within one AS (RFC 6286 §2.2, checked by the FSM).
     #[error("bad bgp identifier {id}")]
     BadBgpIdentifier { id: Ipv4Addr },
     /// 2/4: an optional parameter other than capabilities (RFC 4271 §6.2, RFC 5492).
@@ -324,24 +324,6 @@ impl DecodeError {
     pub fn is_transport(&self) -> bool {
         matches!(self, Self::Io(_))
     }
-}
-
-/// The checks on a peer's OPEN that need our configuration (RFC 4271 §6.2): its AS must be the
-/// configured one, and within one AS its BGP Identifier must differ from ours (RFC 6286 §2.2;
-/// eBGP peers may share ours).
-pub fn check_open(
-    open: &Open,
-    expected_peer_as: u32,
-    local_as: u32,
-    local_router_id: Ipv4Addr,
-) -> Result<(), DecodeError> {
-    if open.asn != expected_peer_as {
-        return Err(DecodeError::BadPeerAs { asn: open.asn });
-    }
-    if open.asn == local_as && open.router_id == local_router_id {
-        return Err(DecodeError::BadBgpIdentifier { id: open.router_id });
-    }
-    Ok(())
 }
 
 impl Notification {
@@ -521,7 +503,7 @@ impl Encoder<Message> for BgpCodec {
         let bytes = match item {
             Message::Open(open) => {
                 self.local_four_octet_as = open.four_octet_as;
-                encode_open_message(&open)
+                encode_open_message(&open)?
             }
             Message::Update(_) => {
                 return Err(io::Error::new(
@@ -1174,8 +1156,10 @@ fn put_attribute(out: &mut BytesMut, flags: u8, type_code: u8, value: &[u8]) {
 
 /// The OPEN we send (RFC 4271 §4.2): version 4, My AS (`AS_TRANS` above 65535, RFC 6793 §4.2.1),
 /// and capabilities: multiprotocol per family (RFC 4760 §8), route refresh (RFC 2918) and 4-octet
-/// AS (RFC 6793), always.
-pub fn encode_open(asn: u32, hold_time: u16, router_id: Ipv4Addr, families: &[Family]) -> Bytes {
+/// AS (RFC 6793), always. The session sends the FSM's `Open` through the codec; this builds the
+/// same bytes for tests.
+#[cfg(test)]
+fn encode_open(asn: u32, hold_time: u16, router_id: Ipv4Addr, families: &[Family]) -> Bytes {
     encode_open_message(&Open {
         asn,
         hold_time,
@@ -1184,11 +1168,12 @@ pub fn encode_open(asn: u32, hold_time: u16, router_id: Ipv4Addr, families: &[Fa
         four_octet_as: true,
         route_refresh: true,
     })
+    .expect("our OPEN encodes")
 }
 
 /// An OPEN with the capabilities `open` says, each in its own Capabilities parameter (the
 /// layout zettabgp writes; RFC 5492 §4 allows either).
-fn encode_open_message(open: &Open) -> Bytes {
+fn encode_open_message(open: &Open) -> Result<Bytes, io::Error> {
     let mut families = open.families.clone();
     families.sort_unstable();
     families.dedup();
@@ -1223,8 +1208,8 @@ fn encode_open_message(open: &Open) -> Bytes {
     let mut body = [0_u8; MAX_MESSAGE_LEN - HEADER_LEN];
     let len = message
         .encode_to(&params, &mut body)
-        .expect("an OPEN with at most 4 capabilities fits in 4077 bytes");
-    frame(MSG_OPEN, body.get(..len).unwrap_or_default())
+        .map_err(|e| io::Error::other(format!("encoding our OPEN: {e:?}")))?;
+    Ok(frame(MSG_OPEN, body.get(..len).unwrap_or_default()))
 }
 
 /// A KEEPALIVE (RFC 4271 §4.4): the header alone.
@@ -1804,29 +1789,6 @@ mod tests {
         decode_all(&mut codec, &no_cap).unwrap();
         assert!(!codec.four_octet_as());
     }
-
-    #[test]
-    fn check_open_rejects_the_wrong_peer_as_and_our_own_identifier_inside_one_as() {
-        let open = Open {
-            asn: 65002,
-            hold_time: 90,
-            router_id: Ipv4Addr::new(192, 0, 2, 1),
-            families: Vec::new(),
-            four_octet_as: true,
-            route_refresh: true,
-        };
-        let ours = Ipv4Addr::new(192, 0, 2, 1);
-        assert!(
-            check_open(&open, 65002, 65001, ours).is_ok(),
-            "eBGP may share an id"
-        );
-        let err = check_open(&open, 65003, 65001, ours).unwrap_err();
-        assert_eq!(err.notification(), notification(2, 2, &[]));
-        let err = check_open(&open, 65002, 65002, ours).unwrap_err();
-        assert_eq!(err.notification(), notification(2, 3, &[]));
-    }
-
-    // ---- KEEPALIVE, NOTIFICATION, ROUTE-REFRESH ------------------------------------------------
 
     #[test]
     fn keepalive_is_a_bare_19_byte_header_both_ways() {

@@ -177,12 +177,6 @@ pub enum Input {
         /// Why, for the peer's operator (truncated to 128 octets on a character boundary).
         reason: String,
     },
-    /// Event 8 `AutomaticStop`: like `ManualStop`, but the FSM reconnects after the usual
-    /// delay.
-    AutomaticStop {
-        /// Why, for the peer's operator (truncated to 128 octets on a character boundary).
-        reason: String,
-    },
     /// Event 9 `ConnectRetryTimer_Expires`: the reconnect delay is over (Idle), or the
     /// outgoing connect took too long (Connect).
     ConnectRetryTimerExpired,
@@ -329,11 +323,6 @@ impl Fsm {
         match input {
             Input::ManualStart => self.manual_start(),
             Input::ManualStop { reason } => self.manual_stop(&reason),
-            Input::AutomaticStop { reason } => {
-                if self.state != State::Idle {
-                    self.administrative_shutdown(&reason);
-                }
-            }
             Input::ConnectRetryTimerExpired => self.connect_retry_timer_expired(),
             Input::HoldTimerExpired => {
                 if self.connected() {
@@ -1385,23 +1374,6 @@ mod tests {
     }
 
     #[test]
-    fn automatic_stop_sends_cease_and_reconnects() {
-        let mut fsm = established();
-        let out = fsm.process(Input::AutomaticStop {
-            reason: "peer settings changed".to_owned(),
-        });
-        let (_, sent, _) = session_down(&out);
-        assert_eq!(sent.map(|n| (n.code, n.subcode)), Some((6, 2)));
-        assert!(retry_delay(&out).is_some());
-        assert_eq!(
-            fsm.process(Input::AutomaticStop {
-                reason: String::new()
-            }),
-            []
-        );
-    }
-
-    #[test]
     fn connect_failure_goes_idle_and_retries_after_the_delay() {
         let mut fsm = started(config());
         let out = fsm.process(Input::TcpConnectionFails);
@@ -1512,9 +1484,6 @@ mod tests {
             Input::OpenReceived(peer_open()),
             Input::NotificationReceived(notification(6, 2)),
             Input::DecodeFailed(notification(1, 1)),
-            Input::AutomaticStop {
-                reason: String::new(),
-            },
         ];
         for input in stale {
             assert_eq!(fsm.process(input.clone()), [], "{input:?}");

@@ -81,9 +81,11 @@ impl Speaker {
             };
             let (incoming_tx, incoming) = mpsc::channel(1);
             listeners.push((peer.peer_ip, peer.password.clone(), incoming_tx));
+            // A netlink connection per session: dumps from sessions that come up together
+            // would otherwise collide (the kernel answers EBUSY).
             let (session, status, sent) = Session::new(
                 settings,
-                netlink.clone(),
+                Netlink::new().await?,
                 metrics.clone(),
                 routes.clone(),
                 incoming,
@@ -102,7 +104,13 @@ impl Speaker {
         tokio::spawn(lowest_flushed(flushed, flushed_tx));
         let done = tokio::spawn(async move {
             for task in tasks {
-                let _ = task.await;
+                // A panicked session dropped its socket, so the peer has dropped our routes;
+                // the other sessions go on. It must still be seen.
+                if let Err(e) = task.await
+                    && e.is_panic()
+                {
+                    tracing::error!(error = %e, "a BGP session task panicked; that peer stays down until restart");
+                }
             }
         });
         let speaker = Self {

@@ -46,6 +46,10 @@ use crate::{
 
 /// `LOCAL_PREF` sent to iBGP peers when none is configured (the usual default).
 const DEFAULT_LOCAL_PREF: u32 = 100;
+/// The longest a write may wait for the peer to read.
+const MAX_WRITE_WAIT: Duration = Duration::from_secs(30);
+/// TTL of eBGP sessions without `multihop`: GoCast's default (multihop for every eBGP peer).
+const EBGP_DEFAULT_TTL: u32 = 255;
 /// RFC 8326: the `GRACEFUL_SHUTDOWN` community.
 const GRACEFUL_SHUTDOWN: u32 = 0xFFFF_0000;
 
@@ -56,7 +60,11 @@ pub struct PeerStatus {
     pub asn: u32,
     pub state: State,
     pub established_at: Option<Instant>,
+    /// The last session error (kept after the session comes back, for operators).
     pub last_error: Option<String>,
+    /// The last NOTIFICATION sent or received, as text (e.g. `received administrative
+    /// shutdown (6/2): "maintenance"`).
+    pub last_notification: Option<String>,
     pub messages_in: u64,
     pub messages_out: u64,
     pub prefixes_advertised: usize,
@@ -122,6 +130,9 @@ pub struct Session {
     routes: watch::Receiver<Routes>,
     status: watch::Sender<PeerStatus>,
     flushed: watch::Sender<u64>,
+    /// The cause of the failure being processed (connect refused, decode error, ...): the FSM's
+    /// reason is generic, this is what an operator needs in `/info`.
+    cause: Option<String>,
     /// Connections the peer opened to our listener (`bgp.listen_port`).
     incoming: mpsc::Receiver<TcpStream>,
     /// Label for logs and metrics: the peer's address, or "autodiscover".
@@ -151,6 +162,7 @@ impl Session {
             state: State::Idle,
             established_at: None,
             last_error: None,
+            last_notification: None,
             messages_in: 0,
             messages_out: 0,
             prefixes_advertised: 0,
@@ -176,6 +188,7 @@ impl Session {
             routes,
             status,
             flushed,
+            cause: None,
             incoming,
             name,
         };
@@ -256,12 +269,15 @@ impl Session {
                     self.status
                         .send_modify(|s| s.address = Some(remote.ip().to_canonical()));
                 }
-                let _ = stream.set_nodelay(true);
+                // Small messages (KEEPALIVEs, single withdrawals) must leave at once.
+                if let Err(e) = stream.set_nodelay(true) {
+                    debug!(peer = %self.name, error = %e, "cannot set TCP_NODELAY");
+                }
                 self.conn = Some(Framed::new(stream, BgpCodec::new()));
                 Input::TcpConnectionConfirmed
             }
             Err(e) => {
-                debug!(peer = %self.name, error = %e, "connect failed");
+                // Logged (once per new cause) with the SessionDown that follows.
                 self.note_error(e.to_string());
                 Input::TcpConnectionFails
             }
@@ -283,8 +299,9 @@ impl Session {
         Some(self.on_connect(Ok(stream)))
     }
 
-    fn note_error(&self, error: String) {
-        self.status.send_modify(|s| s.last_error = Some(error));
+    /// Remembers why the session is about to go down, for the `SessionDown` that follows.
+    fn note_error(&mut self, error: String) {
+        self.cause = Some(error);
     }
 
     /// Carries out the FSM's outputs in order; I/O failures become inputs.
@@ -293,13 +310,12 @@ impl Session {
             match output {
                 Output::Connect => self.start_connect(),
                 Output::SendMessage(message) => {
+                    let limit = self.write_limit();
                     if let Some(conn) = self.conn.as_mut() {
-                        if let Err(e) = SinkExt::<Message>::send(conn, message).await {
-                            self.note_error(format!("send failed: {e}"));
-                            inputs.push_back(Input::TcpConnectionClosed);
-                        } else {
-                            self.status.send_modify(|s| s.messages_out += 1);
-                        }
+                        let sent =
+                            tokio::time::timeout(limit, SinkExt::<Message>::send(conn, message))
+                                .await;
+                        self.after_write(sent, 1, inputs);
                     }
                 }
                 Output::CloseConnection => {
@@ -317,12 +333,21 @@ impl Session {
                     notification_sent,
                     notification_received,
                 } => {
-                    let detail = match (&notification_sent, &notification_received) {
-                        (Some(n), _) => format!("{reason} (sent NOTIFICATION {n})"),
-                        (_, Some(n)) => format!("{reason} (received NOTIFICATION {n})"),
-                        _ => reason,
+                    let notification = match (&notification_sent, &notification_received) {
+                        (Some(n), _) => Some(format!("sent {n}")),
+                        (_, Some(n)) => Some(format!("received {n}")),
+                        _ => None,
                     };
-                    if self.negotiated.take().is_some() {
+                    let detail = match (self.cause.take(), &notification) {
+                        (Some(cause), Some(n)) => format!("{reason}: {cause} ({n})"),
+                        (Some(cause), None) => format!("{reason}: {cause}"),
+                        (None, Some(n)) => format!("{reason} ({n})"),
+                        (None, None) => reason,
+                    };
+                    let was_up = self.negotiated.take().is_some();
+                    let repeated = self.status.borrow().last_error.as_ref() == Some(&detail);
+                    // A peer that stays down would log every retry: say it once per new cause.
+                    if was_up || !repeated {
                         warn!(peer = %self.name, reason = %detail, "session down");
                     }
                     self.rib.clear();
@@ -330,6 +355,9 @@ impl Session {
                     self.next_hop6 = None;
                     self.status.send_modify(|s| {
                         s.last_error = Some(detail);
+                        if notification.is_some() {
+                            s.last_notification = notification;
+                        }
                         s.established_at = None;
                         s.prefixes_advertised = 0;
                     });
@@ -364,6 +392,18 @@ impl Session {
         self.connecting = Some(tokio::spawn(async move { connect(&peer, &netlink).await }));
     }
 
+    /// The global address of a family on the interface toward the peer; errors are logged.
+    async fn detect_next_hop(&self, remote: Option<IpAddr>, v6: bool) -> Option<IpAddr> {
+        let remote = remote?;
+        match self.netlink.global_address_toward(remote, v6).await {
+            Ok(found) => found,
+            Err(e) => {
+                warn!(peer = %self.name, error = %e, "cannot look up a next hop");
+                None
+            }
+        }
+    }
+
     async fn established(&mut self, negotiated: Negotiated, inputs: &mut VecDeque<Input>) {
         let (local, remote) = match self.conn.as_ref().map(Framed::get_ref) {
             // Accepted on the dual-stack listener, IPv4 peers show as v4-mapped addresses.
@@ -377,18 +417,41 @@ impl Session {
             conn.codec_mut().set_four_octet_as(negotiated.four_octet_as);
         }
         let peer = &self.settings.peer;
-        self.next_hop4 = peer.next_hop.or(match (peer.local_ip, local) {
-            (Some(IpAddr::V4(a)), _) | (None, Some(IpAddr::V4(a))) => Some(a),
+        // Configured, else the session's own address, else the interface's address of that
+        // family (a session over IPv4 still carries IPv6 VIPs, and the other way round).
+        let configured4 = peer.next_hop.or(match peer.local_ip {
+            Some(IpAddr::V4(a)) => Some(a),
             _ => None,
         });
-        self.next_hop6 = match (peer.local_ipv6, local) {
+        self.next_hop4 = match (configured4, local) {
+            (Some(a), _) | (None, Some(IpAddr::V4(a))) => Some(a),
+            _ => self
+                .detect_next_hop(remote, false)
+                .await
+                .and_then(|a| match a {
+                    IpAddr::V4(a) => Some(a),
+                    IpAddr::V6(_) => None,
+                }),
+        };
+        self.next_hop6 = match (self.settings.peer.local_ipv6, local) {
             (Some(a), _) => Some(a),
             (None, Some(IpAddr::V6(a))) if !a.is_unicast_link_local() => Some(a),
-            _ => match remote {
-                Some(r) => self.netlink.global_ipv6_toward(r).await.ok().flatten(),
-                None => None,
-            },
+            _ => self
+                .detect_next_hop(remote, true)
+                .await
+                .and_then(|a| match a {
+                    IpAddr::V6(a) => Some(a),
+                    IpAddr::V4(_) => None,
+                }),
         };
+        for (family, missing) in [
+            ("IPv4", self.next_hop4.is_none()),
+            ("IPv6", self.next_hop6.is_none()),
+        ] {
+            if missing && negotiated.families.len() > 1 {
+                warn!(peer = %self.name, family, "no address of this family toward the peer: its VIPs are not announced on this session (set local_ip / local_ipv6 / next_hop)");
+            }
+        }
         info!(
             peer = %self.name,
             hold = ?negotiated.hold_time,
@@ -399,10 +462,8 @@ impl Session {
         );
         self.metrics.peer_established(&self.name);
         self.negotiated = Some(negotiated);
-        self.status.send_modify(|s| {
-            s.established_at = Some(Instant::now());
-            s.last_error = None;
-        });
+        self.status
+            .send_modify(|s| s.established_at = Some(Instant::now()));
         self.rib.clear();
         self.sync_routes(inputs).await;
         // RFC 4724 §2: End-of-RIB after the initial table, per family.
@@ -477,24 +538,48 @@ impl Session {
 
     /// Queues pre-encoded messages and flushes once.
     async fn send_bytes(&mut self, messages: Vec<Bytes>, inputs: &mut VecDeque<Input>) {
+        let limit = self.write_limit();
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
         let count = messages.len() as u64;
-        let mut result = Ok(());
-        for m in messages {
-            result = SinkExt::<Bytes>::feed(conn, m).await;
-            if result.is_err() {
-                break;
+        let sent = tokio::time::timeout(limit, async {
+            for m in messages {
+                SinkExt::<Bytes>::feed(conn, m).await?;
             }
-        }
-        if result.is_ok() {
-            result = SinkExt::<Bytes>::flush(conn).await;
-        }
-        match result {
-            Ok(()) => self.status.send_modify(|s| s.messages_out += count),
-            Err(e) => {
+            SinkExt::<Bytes>::flush(conn).await
+        })
+        .await;
+        self.after_write(sent, count, inputs);
+    }
+
+    /// How long one write may block: a peer that stops reading (its receive window full)
+    /// must not freeze this session's timers, route changes and shutdown.
+    fn write_limit(&self) -> Duration {
+        self.negotiated
+            .as_ref()
+            .map(|n| n.hold_time)
+            .filter(|h| !h.is_zero())
+            .map_or(MAX_WRITE_WAIT, |h| h.min(MAX_WRITE_WAIT))
+    }
+
+    /// Counts a finished write, or turns a failed or stuck one into a lost connection.
+    fn after_write(
+        &mut self,
+        sent: Result<io::Result<()>, tokio::time::error::Elapsed>,
+        count: u64,
+        inputs: &mut VecDeque<Input>,
+    ) {
+        match sent {
+            Ok(Ok(())) => self.status.send_modify(|s| s.messages_out += count),
+            Ok(Err(e)) => {
                 self.note_error(format!("send failed: {e}"));
+                inputs.push_back(Input::TcpConnectionClosed);
+            }
+            Err(_) => {
+                self.note_error(format!("peer stopped reading for {:?}", self.write_limit()));
+                // Dropped, not closed politely: a NOTIFICATION would only block again.
+                self.conn = None;
                 inputs.push_back(Input::TcpConnectionClosed);
             }
         }
@@ -570,23 +655,20 @@ async fn connect(peer: &PeerConfig, netlink: &Netlink) -> Result<TcpStream, Conn
     }
     // eBGP peers are one hop away unless multihop says otherwise (RFC 4271 §5.1.3's usual
     // practice); iBGP keeps the system default.
+    // GoCast enables multihop (TTL 255) for every eBGP peer; `multihop` sets the TTL.
     let ttl = match peer.multihop {
         Some(ttl) => Some(u32::from(ttl)),
-        None if peer.peer_as != peer.local_as => Some(1),
+        None if peer.peer_as != peer.local_as => Some(EBGP_DEFAULT_TTL),
         None => None,
     };
     if let Some(ttl) = ttl {
-        socket2::SockRef::from(&socket)
-            .set_ttl_v4(ttl)
-            .or_else(|e| {
-                // An IPv6 socket takes the hop limit instead.
-                if peer_ip.is_ipv6() {
-                    socket2::SockRef::from(&socket).set_unicast_hops_v6(ttl)
-                } else {
-                    Err(e)
-                }
-            })
-            .map_err(io_err)?;
+        let sock = socket2::SockRef::from(&socket);
+        if peer_ip.is_ipv6() {
+            sock.set_unicast_hops_v6(ttl)
+        } else {
+            sock.set_ttl_v4(ttl)
+        }
+        .map_err(io_err)?;
     }
     if let Some(password) = &peer.password {
         gocast_common::tcp_md5::set(&socket, peer_ip, password.as_bytes()).map_err(io_err)?;
