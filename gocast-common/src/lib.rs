@@ -1,9 +1,13 @@
 //! Code shared by the agent and its kernel side, and the agent's few system-call helpers that
 //! need `unsafe` (the agent itself forbids it).
 //!
-//! Without the `user` feature this crate is `no_std`, for the eBPF programs.
+//! Without the `user` feature this crate is `no_std`, for the eBPF programs: `maps` (names,
+//! sizes and `Pod` layouts of the eBPF maps) and `csum` (incremental checksum updates) are
+//! `core`-only. With it, the map types implement `aya::Pod` for the agent's loader.
 
-#![cfg_attr(not(feature = "user"), no_std)]
+#![cfg_attr(not(any(feature = "user", test)), no_std)]
 
+pub mod csum;
+pub mod maps;
 #[cfg(feature = "user")]
 pub mod tcp_md5;

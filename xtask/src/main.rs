@@ -4,6 +4,7 @@
 //! machine needs is a Rust toolchain; `.ci/run` is a one-line wrapper around `cargo xtask test`.
 
 mod bench;
+mod build_ebpf;
 mod cmd;
 mod packages;
 mod run;
@@ -38,6 +39,9 @@ enum Task {
     /// Build the agent in release mode and print performance figures; needs root
     /// (e.g. `cargo xtask bench bgp`). Never part of `test` or CI.
     Bench(bench::BenchArgs),
+    /// Provision nightly, rust-src and bpf-linker if missing, then build the eBPF object to
+    /// `target/bpfel-unknown-none/release/gocast-ebpf`.
+    BuildEbpf,
 }
 
 fn main() -> ExitCode {
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
         Task::Run(args) => run::run(&args),
         Task::Test(args) => test::run(&args),
         Task::Bench(args) => bench::run(&args),
+        Task::BuildEbpf => build_ebpf::run().map(drop),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,280 @@
+//! The eBPF maps shared by the agent and `gocast-ebpf`: names, sizes, key and value types.
+//!
+//! Every type is `#[repr(C)]` + `Copy`, made of fixed-width integers and byte arrays with
+//! explicit `_pad` fields (no `bool`, `Option` or enum), and has a compile-time size check, so
+//! both sides agree on the layout and the kernel never hashes uninitialised padding. Writers must
+//! zero `_pad` (use the constructors or `Default`).
+//!
+//! Byte order: keys and addresses are in **network order** exactly as they sit in the packet, so
+//! the hot path copies bytes and never converts. A `u16` port "in network order" holds the two
+//! wire bytes as they are in memory (`u16::from_ne_bytes(wire)`, i.e. `port.to_be()` from a host
+//! value). Counters are host order.
+//!
+//! Addresses are `[u8; 16]`: an IPv6 address as is; an IPv4 address in bytes `0..4` with bytes
+//! `4..16` zero (not v4-mapped, so the eBPF side copies the 4 header bytes and nothing else). The
+//! `family` field ([`FAMILY_V4`] or [`FAMILY_V6`]) tells them apart.
+
+#![expect(
+    clippy::pub_underscore_fields,
+    reason = "explicit padding is named `_pad` so readers see it carries nothing; it is public \
+              so both sides can build keys with struct literals"
+)]
+
+use core::net::IpAddr;
+
+/// `family` of an IPv4 key (the IP version number).
+pub const FAMILY_V4: u8 = 4;
+/// `family` of an IPv6 key (the IP version number).
+pub const FAMILY_V6: u8 = 6;
+/// `proto` of TCP (IANA protocol number).
+pub const PROTO_TCP: u8 = 6;
+/// `proto` of UDP (IANA protocol number).
+pub const PROTO_UDP: u8 = 17;
+
+/// `HashMap<VipKey, u32>`: the VIPs this host announces, each with its index into
+/// [`COUNTERS_MAP`]. The agent assigns indices below [`MAX_VIPS`].
+pub const VIPS_MAP: &str = "GOCAST_VIPS";
+/// `HashMap<NatKey, NatTarget>`: where traffic to a VIP port is sent (XDP destination NAT).
+pub const NAT_MAP: &str = "GOCAST_NAT";
+/// `LruHashMap<FlowKey, FlowValue>`: flows the NAT rewrote, keyed by their reply direction, so TC egress
+/// can put the VIP back as the reply's source. LRU: idle flows age out without a sweeper.
+pub const FLOWS_MAP: &str = "GOCAST_FLOWS";
+/// `PerCpuArray<VipCounters>`: per-VIP counters at the index [`VIPS_MAP`] gives; user space sums
+/// the per-CPU values.
+pub const COUNTERS_MAP: &str = "GOCAST_COUNTERS";
+
+/// Capacity of [`VIPS_MAP`] and [`COUNTERS_MAP`].
+pub const MAX_VIPS: u32 = 4096;
+/// Capacity of [`NAT_MAP`].
+pub const MAX_NAT_RULES: u32 = 4096;
+/// Capacity of [`FLOWS_MAP`]; beyond it the least recently used flows are evicted.
+pub const MAX_FLOWS: u32 = 65_536;
+
+/// An address as map bytes and its family, per the module's layout rule.
+#[must_use]
+pub const fn addr_bytes(addr: IpAddr) -> ([u8; 16], u8) {
+    match addr {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            (
+                [o[0], o[1], o[2], o[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                FAMILY_V4,
+            )
+        }
+        IpAddr::V6(a) => (a.octets(), FAMILY_V6),
+    }
+}
+
+/// Key of [`VIPS_MAP`]: a VIP address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    /// The VIP, network order (IPv4 in bytes `0..4`).
+    pub addr: [u8; 16],
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// Zero.
+    pub _pad: [u8; 3],
+}
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`, integers and byte arrays only, no implicit padding (size checked below).
+unsafe impl aya::Pod for VipKey {}
+const _: () = assert!(size_of::<VipKey>() == 20);
+
+impl VipKey {
+    /// The key of `vip`.
+    #[must_use]
+    pub const fn new(vip: IpAddr) -> Self {
+        let (addr, family) = addr_bytes(vip);
+        Self {
+            addr,
+            family,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Key of [`NAT_MAP`]: traffic to a VIP port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NatKey {
+    /// The VIP, network order (IPv4 in bytes `0..4`).
+    pub vip: [u8; 16],
+    /// Destination port, network order.
+    pub port: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// Zero; rounds the key to 8 bytes.
+    pub _pad: [u8; 4],
+}
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`, integers and byte arrays only, no implicit padding (size checked below).
+unsafe impl aya::Pod for NatKey {}
+const _: () = assert!(size_of::<NatKey>() == 24);
+
+impl NatKey {
+    /// The key of `vip`:`port` (host order) over `proto`.
+    #[must_use]
+    pub const fn new(vip: IpAddr, port: u16, proto: u8) -> Self {
+        let (vip, family) = addr_bytes(vip);
+        Self {
+            vip,
+            port: port.to_be(),
+            proto,
+            family,
+            _pad: [0; 4],
+        }
+    }
+}
+
+/// Value of [`NAT_MAP`]: the real destination. Same family as the key (no 4↔6 translation).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NatTarget {
+    /// New destination address, network order (IPv4 in bytes `0..4`).
+    pub dest: [u8; 16],
+    /// New destination port, network order.
+    pub port: u16,
+    /// Zero.
+    pub _pad: [u8; 2],
+}
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`, integers and byte arrays only, no implicit padding (size checked below).
+unsafe impl aya::Pod for NatTarget {}
+const _: () = assert!(size_of::<NatTarget>() == 20);
+
+impl NatTarget {
+    /// Send to `dest`:`port` (host order). `dest` must have the VIP's family.
+    #[must_use]
+    pub const fn new(dest: IpAddr, port: u16) -> Self {
+        Self {
+            dest: addr_bytes(dest).0,
+            port: port.to_be(),
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// Key of [`FLOWS_MAP`]: a flow the NAT rewrote, as its **reply** is seen on egress, i.e. from the NAT
+/// target back to the client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Reply source: the NAT target's address, network order (IPv4 in bytes `0..4`).
+    pub src: [u8; 16],
+    /// Reply destination: the client's address, network order.
+    pub dst: [u8; 16],
+    /// Reply source port (the NAT target's), network order.
+    pub src_port: u16,
+    /// Reply destination port (the client's), network order.
+    pub dst_port: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// Zero.
+    pub _pad: [u8; 2],
+}
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`, integers and byte arrays only, no implicit padding (size checked below).
+unsafe impl aya::Pod for FlowKey {}
+const _: () = assert!(size_of::<FlowKey>() == 40);
+
+/// Value of [`FLOWS_MAP`]: what the client originally addressed, to restore as the reply's source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowValue {
+    /// The VIP, network order (IPv4 in bytes `0..4`).
+    pub vip: [u8; 16],
+    /// The VIP port the client used, network order.
+    pub port: u16,
+    /// Zero.
+    pub _pad: [u8; 2],
+}
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`, integers and byte arrays only, no implicit padding (size checked below).
+unsafe impl aya::Pod for FlowValue {}
+const _: () = assert!(size_of::<FlowValue>() == 20);
+
+/// Value of [`COUNTERS_MAP`]: one VIP's traffic on one CPU, host order. "In" is traffic to the
+/// VIP seen by XDP; "out" is traffic from the VIP (or rewritten back to it) seen by TC egress.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipCounters {
+    /// Packets to the VIP.
+    pub packets_in: u64,
+    /// Bytes to the VIP (whole frames as XDP sees them).
+    pub bytes_in: u64,
+    /// Packets from the VIP.
+    pub packets_out: u64,
+    /// Bytes from the VIP.
+    pub bytes_out: u64,
+    /// TCP SYNs (without ACK) to the VIP: new connections.
+    pub syn_in: u64,
+    /// TCP SYN-ACKs from the VIP: accepted connections.
+    pub synack_out: u64,
+    /// TCP RSTs from the VIP: refused or reset connections.
+    pub rst_out: u64,
+}
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`, `u64`s only, no padding (size checked below).
+unsafe impl aya::Pod for VipCounters {}
+const _: () = assert!(size_of::<VipCounters>() == 56);
+
+impl VipCounters {
+    /// Adds `other` field by field (summing per-CPU values in user space).
+    #[must_use]
+    pub const fn sum(self, other: &Self) -> Self {
+        Self {
+            packets_in: self.packets_in.wrapping_add(other.packets_in),
+            bytes_in: self.bytes_in.wrapping_add(other.bytes_in),
+            packets_out: self.packets_out.wrapping_add(other.packets_out),
+            bytes_out: self.bytes_out.wrapping_add(other.bytes_out),
+            syn_in: self.syn_in.wrapping_add(other.syn_in),
+            synack_out: self.synack_out.wrapping_add(other.synack_out),
+            rst_out: self.rst_out.wrapping_add(other.rst_out),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use core::net::{Ipv4Addr, Ipv6Addr};
+
+    use super::*;
+
+    #[test]
+    fn ipv4_keys_hold_the_address_in_the_first_four_bytes() {
+        let k = NatKey::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 80, PROTO_TCP);
+        assert_eq!(&k.vip[..4], &[192, 0, 2, 1]);
+        assert!(k.vip[4..].iter().all(|&b| b == 0));
+        assert_eq!(k.family, FAMILY_V4);
+        // Network order: the wire bytes 0x00 0x50 in memory.
+        assert_eq!(k.port.to_ne_bytes(), [0, 80]);
+    }
+
+    #[test]
+    fn ipv6_keys_hold_the_whole_address() {
+        let a = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+        let k = VipKey::new(IpAddr::V6(a));
+        assert_eq!(k.addr, a.octets());
+        assert_eq!(k.family, FAMILY_V6);
+    }
+
+    #[test]
+    fn counters_sum_field_by_field() {
+        let a = VipCounters {
+            packets_in: 1,
+            bytes_in: 2,
+            packets_out: 3,
+            bytes_out: 4,
+            syn_in: 5,
+            synack_out: 6,
+            rst_out: 7,
+        };
+        let s = a.sum(&a);
+        assert_eq!((s.packets_in, s.rst_out), (2, 14));
+    }
+}

@@ -1,0 +1,153 @@
+//! GoCast's kernel side: destination NAT for VIP ports and per-VIP counters.
+//!
+//! - `gocast_xdp` (XDP, ingress): counts packets to a VIP in `VIPS_MAP`; for TCP/UDP to a
+//!   VIP port in `NAT_MAP`, rewrites destination address and port in place (incremental
+//!   checksums) and records the flow in `FLOWS_MAP`. Fragments, ICMP, IPv6 extension headers
+//!   and all other traffic pass untouched.
+//! - `gocast_tc_egress` (TC classifier, egress): a reply whose 5-tuple is in `FLOWS_MAP` gets
+//!   the VIP and port back as its source; replies and other traffic from a VIP are counted
+//!   (packets, bytes, SYN-ACKs, RSTs). It never drops.
+//!
+//! Map names and layouts are in `gocast_common::maps`; the agent loads the object built by
+//! `cargo xtask build-ebpf`.
+
+#![no_std]
+#![no_main]
+#![expect(
+    clippy::inline_always,
+    reason = "one flat program per entry point: no BPF-to-BPF calls, which cost verifier state \
+              and cannot mix with tail calls"
+)]
+
+mod nat;
+mod parse;
+mod stats;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, xdp_action},
+    macros::{classifier, map, xdp},
+    maps::{HashMap, LruHashMap, PerCpuArray},
+    programs::{TcContext, XdpContext},
+};
+use gocast_common::maps::{
+    FlowKey, FlowValue, MAX_FLOWS, MAX_NAT_RULES, MAX_VIPS, NatKey, NatTarget, PROTO_TCP,
+    VipCounters, VipKey,
+};
+
+use crate::parse::{Parsed, TCP_ACK, TCP_RST, TCP_SYN};
+
+/// `gocast_common::maps::VIPS_MAP`: VIP → index into `COUNTERS`.
+#[map(name = "GOCAST_VIPS")]
+static VIPS: HashMap<VipKey, u32> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+/// `gocast_common::maps::NAT_MAP`: VIP port → target. Consulted only for VIPs in `VIPS`.
+#[map(name = "GOCAST_NAT")]
+static NAT: HashMap<NatKey, NatTarget> = HashMap::with_max_entries(MAX_NAT_RULES, 0);
+
+/// `gocast_common::maps::FLOWS_MAP`: reply 5-tuple → the VIP and port to restore.
+#[map(name = "GOCAST_FLOWS")]
+static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// `gocast_common::maps::COUNTERS_MAP`: per-CPU counters per VIP index.
+#[map(name = "GOCAST_COUNTERS")]
+static COUNTERS: PerCpuArray<VipCounters> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+
+// The names above must match the constants the agent uses to find the maps.
+const _: () = {
+    assert!(str_eq("GOCAST_VIPS", gocast_common::maps::VIPS_MAP));
+    assert!(str_eq("GOCAST_NAT", gocast_common::maps::NAT_MAP));
+    assert!(str_eq("GOCAST_FLOWS", gocast_common::maps::FLOWS_MAP));
+    assert!(str_eq("GOCAST_COUNTERS", gocast_common::maps::COUNTERS_MAP));
+};
+
+/// `a == b` in a `const` context (`#[map(name = ..)]` takes a literal, not a constant).
+const fn str_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// XDP entry point: ingress counting and destination NAT.
+#[xdp]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "`#[xdp]` fixes the signature"
+)]
+pub fn gocast_xdp(ctx: XdpContext) -> u32 {
+    match try_gocast_xdp(&ctx) {
+        Ok(action) => action,
+        Err(()) => xdp_action::XDP_ABORTED,
+    }
+}
+
+fn try_gocast_xdp(ctx: &XdpContext) -> Result<u32, ()> {
+    let (family, dst, flow) = match parse::parse(ctx) {
+        Parsed::Flow(flow) => (flow.family, flow.dst, Some(flow)),
+        Parsed::Ip { family, dst } => (family, dst, None),
+        Parsed::Other => return Ok(xdp_action::XDP_PASS),
+    };
+    let Some(counters) = stats::vip_counters(family, &dst) else {
+        return Ok(xdp_action::XDP_PASS);
+    };
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let syn = flow
+        .as_ref()
+        .is_some_and(|f| f.proto == PROTO_TCP && f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN);
+    stats::count_in(counters, bytes, syn);
+    if let Some(flow) = flow {
+        nat::dnat(ctx, &flow)?;
+    }
+    Ok(xdp_action::XDP_PASS)
+}
+
+/// TC egress entry point: reverse NAT and outbound counting. Never drops.
+#[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "`#[classifier]` fixes the signature"
+)]
+pub fn gocast_tc_egress(ctx: TcContext) -> i32 {
+    // A failed rewrite leaves the packet as it was: it goes out un-NATed, as if the flow were
+    // unknown, rather than being dropped.
+    let _ = try_gocast_tc_egress(&ctx);
+    TC_ACT_OK
+}
+
+fn try_gocast_tc_egress(ctx: &TcContext) -> Result<(), ()> {
+    let Parsed::Flow(flow) = parse::parse(ctx) else {
+        return Ok(());
+    };
+    let src = match nat::reverse(ctx, &flow)? {
+        Some(vip) => vip,
+        None => flow.src,
+    };
+    let Some(counters) = stats::vip_counters(flow.family, &src) else {
+        return Ok(());
+    };
+    let is_tcp = flow.proto == PROTO_TCP;
+    let synack = is_tcp && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
+    let rst = is_tcp && flow.tcp_flags & TCP_RST != 0;
+    stats::count_out(counters, u64::from(ctx.len()), synack, rst);
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable in a program the verifier accepts: it rejects the loop.
+    loop {}
+}
+
+/// The license the kernel checks before allowing GPL-only helpers.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

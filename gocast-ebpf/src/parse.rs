@@ -1,0 +1,282 @@
+//! Header layouts and bounds-checked packet access, shared by the XDP and TC programs.
+//!
+//! Every field is a byte array (alignment 1), so a header may sit at any offset without an
+//! unaligned load; values are network order, converted with `u16::from_be_bytes` where needed.
+//! Only what the NAT reads or writes is parsed: Ethernet, IPv4 (with options), IPv6 without
+//! extension headers, TCP, UDP. Anything else is "not ours" and passes untouched.
+
+use core::mem;
+
+use aya_ebpf::programs::{TcContext, XdpContext};
+use gocast_common::maps::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
+
+/// `ETH_P_IP`, the `EtherType` of IPv4.
+const ETH_P_IP: u16 = 0x0800;
+/// `ETH_P_IPV6`, the `EtherType` of IPv6.
+const ETH_P_IPV6: u16 = 0x86dd;
+/// IPv4 "more fragments" flag and fragment offset bits of `frag_off`.
+const IPV4_MF_OFFSET: u16 = 0x3fff;
+/// TCP flags (byte 13 of the header).
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// `struct ethhdr`.
+#[repr(C)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    pub ether_type: [u8; 2],
+}
+
+/// `struct iphdr` without options.
+#[repr(C)]
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub tot_len: [u8; 2],
+    pub id: [u8; 2],
+    pub frag_off: [u8; 2],
+    pub ttl: u8,
+    pub protocol: u8,
+    pub check: [u8; 2],
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+}
+
+/// `struct ipv6hdr`.
+#[repr(C)]
+pub struct Ipv6Hdr {
+    pub version_tc_flow: [u8; 4],
+    pub payload_len: [u8; 2],
+    pub next_hdr: u8,
+    pub hop_limit: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+/// The ports of a TCP or UDP header (its first 4 bytes).
+#[repr(C)]
+pub struct Ports {
+    pub src: [u8; 2],
+    pub dst: [u8; 2],
+}
+
+/// Offset of the checksum in a TCP header.
+pub const TCP_CHECK_OFFSET: usize = 16;
+/// Offset of the flags byte in a TCP header.
+const TCP_FLAGS_OFFSET: usize = 13;
+/// Offset of the checksum in a UDP header.
+pub const UDP_CHECK_OFFSET: usize = 6;
+/// Offset of the checksum in an IPv4 header.
+pub const IPV4_CHECK_OFFSET: usize = mem::offset_of!(Ipv4Hdr, check);
+/// Offset of the source address in an IPv4 header.
+pub const IPV4_SRC_OFFSET: usize = mem::offset_of!(Ipv4Hdr, src);
+/// Offset of the source address in an IPv6 header.
+pub const IPV6_SRC_OFFSET: usize = mem::offset_of!(Ipv6Hdr, src);
+
+/// A program context with direct packet access.
+pub trait Packet {
+    fn start(&self) -> usize;
+    fn end(&self) -> usize;
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+}
+
+/// A pointer to a `T` at `offset` into the packet, or `Err` if it would run past the end.
+///
+/// The comparison against `end` is what lets the verifier accept the dereference.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &impl Packet, offset: usize) -> Result<*mut T, ()> {
+    let start = ctx.start();
+    let end = ctx.end();
+    if start + offset + mem::size_of::<T>() > end {
+        return Err(());
+    }
+    Ok((start + offset) as *mut T)
+}
+
+/// A TCP or UDP packet this dataplane may act on: unfragmented, with its addresses, ports and
+/// header offsets. Addresses are network order (IPv4 in bytes `0..4`).
+pub struct Flow {
+    pub family: u8,
+    pub proto: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Ports, network order (wire bytes as a native `u16`).
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// TCP flags, 0 for UDP.
+    pub tcp_flags: u8,
+    /// Offset of the IP header.
+    pub l3: usize,
+    /// Offset of the TCP/UDP header.
+    pub l4: usize,
+}
+
+/// What a packet turned out to be.
+pub enum Parsed {
+    /// TCP or UDP, not a fragment.
+    Flow(Flow),
+    /// Other IP traffic (ICMP, fragments, IPv6 extension headers): only its destination is known,
+    /// for counting.
+    Ip { family: u8, dst: [u8; 16] },
+    /// Not IP (ARP, VLAN-tagged, ...).
+    Other,
+}
+
+/// Parses Ethernet, IP and the TCP/UDP ports. A frame cut short where a header should be is
+/// classified by what could be read (`Other`, or `Ip` without ports) and so passes untouched:
+/// malformed traffic is the kernel's to drop, not ours.
+#[inline(always)]
+pub fn parse(ctx: &impl Packet) -> Parsed {
+    let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Parsed::Other;
+    };
+    // SAFETY: `ptr_at` checked that the header is inside the packet.
+    let ether_type = u16::from_be_bytes(unsafe { (*eth).ether_type });
+    let l3 = mem::size_of::<EthHdr>();
+    match ether_type {
+        ETH_P_IP => parse_ipv4(ctx, l3),
+        ETH_P_IPV6 => parse_ipv6(ctx, l3),
+        _ => Parsed::Other,
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &impl Packet, l3: usize) -> Parsed {
+    let Ok(ip) = ptr_at::<Ipv4Hdr>(ctx, l3) else {
+        return Parsed::Other;
+    };
+    // SAFETY: `ptr_at` checked that the header is inside the packet.
+    let (version_ihl, frag_off, proto, src4, dst4) = unsafe {
+        (
+            (*ip).version_ihl,
+            u16::from_be_bytes((*ip).frag_off),
+            (*ip).protocol,
+            (*ip).src,
+            (*ip).dst,
+        )
+    };
+    let mut dst = [0; 16];
+    dst[..4].copy_from_slice(&dst4);
+    // Masked to 4 bits, so the verifier sees an offset of at most 60 bytes.
+    let ihl = usize::from(version_ihl & 0x0f) * 4;
+    if version_ihl >> 4 != 4 || ihl < mem::size_of::<Ipv4Hdr>() {
+        return Parsed::Other;
+    }
+    if frag_off & IPV4_MF_OFFSET != 0 || (proto != PROTO_TCP && proto != PROTO_UDP) {
+        return Parsed::Ip {
+            family: FAMILY_V4,
+            dst,
+        };
+    }
+    let mut src = [0; 16];
+    src[..4].copy_from_slice(&src4);
+    transport(ctx, FAMILY_V4, proto, src, dst, l3, l3 + ihl)
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &impl Packet, l3: usize) -> Parsed {
+    let Ok(ip) = ptr_at::<Ipv6Hdr>(ctx, l3) else {
+        return Parsed::Other;
+    };
+    // SAFETY: `ptr_at` checked that the header is inside the packet.
+    let (version, proto, src, dst) = unsafe {
+        (
+            (*ip).version_tc_flow[0] >> 4,
+            (*ip).next_hdr,
+            (*ip).src,
+            (*ip).dst,
+        )
+    };
+    if version != 6 {
+        return Parsed::Other;
+    }
+    // Extension headers (including fragments) are not walked: such packets pass untouched.
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Parsed::Ip {
+            family: FAMILY_V6,
+            dst,
+        };
+    }
+    transport(
+        ctx,
+        FAMILY_V6,
+        proto,
+        src,
+        dst,
+        l3,
+        l3 + mem::size_of::<Ipv6Hdr>(),
+    )
+}
+
+#[inline(always)]
+fn transport(
+    ctx: &impl Packet,
+    family: u8,
+    proto: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+    l3: usize,
+    l4: usize,
+) -> Parsed {
+    let short = Parsed::Ip { family, dst };
+    let Ok(ports) = ptr_at::<Ports>(ctx, l4) else {
+        return short;
+    };
+    // SAFETY: `ptr_at` checked that the ports are inside the packet.
+    let (src_port, dst_port) = unsafe {
+        (
+            u16::from_ne_bytes((*ports).src),
+            u16::from_ne_bytes((*ports).dst),
+        )
+    };
+    let tcp_flags = if proto == PROTO_TCP {
+        // The whole TCP header must be there: NAT rewrites its checksum.
+        if ptr_at::<[u8; 2]>(ctx, l4 + TCP_CHECK_OFFSET).is_err() {
+            return short;
+        }
+        let Ok(flags) = ptr_at::<u8>(ctx, l4 + TCP_FLAGS_OFFSET) else {
+            return short;
+        };
+        // SAFETY: `ptr_at` checked that the byte is inside the packet.
+        unsafe { *flags }
+    } else {
+        if ptr_at::<[u8; 2]>(ctx, l4 + UDP_CHECK_OFFSET).is_err() {
+            return short;
+        }
+        0
+    };
+    Parsed::Flow(Flow {
+        family,
+        proto,
+        src,
+        dst,
+        src_port,
+        dst_port,
+        tcp_flags,
+        l3,
+        l4,
+    })
+}

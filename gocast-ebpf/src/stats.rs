@@ -1,0 +1,54 @@
+//! Per-VIP counters: `VIPS_MAP` gives a VIP's index, `COUNTERS_MAP` (per CPU, so plain adds)
+//! holds its counters. User space sums the CPUs.
+
+use gocast_common::maps::{MAX_VIPS, VipCounters, VipKey};
+
+use crate::{COUNTERS, VIPS};
+
+/// The counters of the VIP `addr`, or `None` if it is not one of ours.
+#[inline(always)]
+pub fn vip_counters(family: u8, addr: &[u8; 16]) -> Option<*mut VipCounters> {
+    let key = VipKey {
+        addr: *addr,
+        family,
+        _pad: [0; 3],
+    };
+    // SAFETY: the value is a plain `u32` copied out at once; a concurrent update can at worst
+    // make this packet count under the old index.
+    let index = unsafe { *VIPS.get(key)? };
+    // The array lookup checks bounds too; this keeps a bad index from user space harmless.
+    if index >= MAX_VIPS {
+        return None;
+    }
+    COUNTERS.get_ptr_mut(index)
+}
+
+/// Counts a packet to a VIP.
+#[inline(always)]
+pub fn count_in(c: *mut VipCounters, bytes: u64, syn: bool) {
+    // SAFETY: a per-CPU array slot: only this CPU writes it, and the program is not preempted
+    // by itself.
+    unsafe {
+        (*c).packets_in += 1;
+        (*c).bytes_in += bytes;
+        if syn {
+            (*c).syn_in += 1;
+        }
+    }
+}
+
+/// Counts a packet from a VIP.
+#[inline(always)]
+pub fn count_out(c: *mut VipCounters, bytes: u64, synack: bool, rst: bool) {
+    // SAFETY: as in `count_in`.
+    unsafe {
+        (*c).packets_out += 1;
+        (*c).bytes_out += bytes;
+        if synack {
+            (*c).synack_out += 1;
+        }
+        if rst {
+            (*c).rst_out += 1;
+        }
+    }
+}
