@@ -113,7 +113,7 @@ impl AppName {
 
 /// FNV-1a, 64 bit: tiny, stable across releases and platforms (labels must not change when
 /// the agent is upgraded, or a restart would not recognise its own addresses).
-fn fnv1a64(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a64(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     })

@@ -25,7 +25,8 @@ pub const DEFAULT_MONITOR_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_CLEANUP_TIMER: Duration = Duration::from_mins(15);
 pub const DEFAULT_CONSUL_QUERY_INTERVAL: Duration = Duration::from_mins(5);
 pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(10);
-pub const DEFAULT_STATE_FILE: &str = "/var/lib/gocast/state.json";
+/// Where state files live unless `agent.state_file` says otherwise.
+pub const STATE_DIR: &str = "/var/lib/gocast";
 pub const DEFAULT_HOLD_TIME: Duration = Duration::from_secs(90);
 pub const BGP_PORT: u16 = 179;
 
@@ -231,7 +232,9 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text, &path.display().to_string())
+        // The default state file is keyed by the config's full path.
+        let origin = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+        Self::parse(&text, &origin.display().to_string())
     }
 
     /// Parses config text; `origin` names the source in error messages.
@@ -244,7 +247,7 @@ impl Config {
                 message: e.to_string(),
             })?
         };
-        raw.into_config()
+        raw.into_config(origin)
             .map_err(|(key, message)| ConfigError::Invalid {
                 path: origin.to_owned(),
                 key,
@@ -565,8 +568,8 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> Invalid {
 }
 
 impl RawConfig {
-    fn into_config(self) -> Result<Config, Invalid> {
-        let agent = self.agent.into_agent()?;
+    fn into_config(self, origin: &str) -> Result<Config, Invalid> {
+        let agent = self.agent.into_agent(origin)?;
         let bgp = match self.bgp {
             None => BgpConfig::default(),
             Some(RawBgp::Block(block)) => {
@@ -671,6 +674,14 @@ fn check_unique(apps: &[AppSpec]) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// The state file of a config without `agent.state_file`: one per config file (named after a
+/// hash of its full path), so two agents run from different configs on one host never restore
+/// each other's registrations, while a restart with the same config finds its own.
+pub fn default_state_file(config_path: &str) -> PathBuf {
+    let hash = crate::app::fnv1a64(config_path.as_bytes());
+    Path::new(STATE_DIR).join(format!("state-{:08x}.json", hash & 0xffff_ffff))
+}
+
 impl RawDataplane {
     fn into_dataplane(self) -> Result<DataplaneConfig, Invalid> {
         if self.mode == DataplaneMode::Ebpf {
@@ -696,7 +707,7 @@ impl RawDataplane {
 }
 
 impl RawAgent {
-    fn into_agent(self) -> Result<AgentConfig, Invalid> {
+    fn into_agent(self, origin: &str) -> Result<AgentConfig, Invalid> {
         let listen_addr = self
             .listen_addr
             .as_deref()
@@ -758,7 +769,7 @@ impl RawAgent {
             exec_timeout: positive("exec_timeout", self.exec_timeout, DEFAULT_EXEC_TIMEOUT)?,
             state_file: self
                 .state_file
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_FILE)),
+                .unwrap_or_else(|| default_state_file(origin)),
             allow_http_exec: self.allow_http_exec.unwrap_or(false),
             vip_allowlist: self.vip_allowlist.unwrap_or_default(),
             nat_dest_ip: self.nat_dest_ip,
@@ -1130,6 +1141,12 @@ mod tests {
     #[test]
     fn empty_config_gets_safe_defaults() {
         let c = parse("").unwrap();
+        assert_eq!(c.agent.state_file, default_state_file("test.yaml"));
+        assert!(c.agent.state_file.starts_with(STATE_DIR));
+        assert_ne!(
+            default_state_file("/etc/a.yaml"),
+            default_state_file("/etc/b.yaml")
+        );
         assert_eq!(c.agent.listen_addr.addr, "127.0.0.1:8080".parse().unwrap());
         assert!(!c.agent.listen_addr.all_interfaces);
         assert_eq!(c.agent.monitor_interval, DEFAULT_MONITOR_INTERVAL);
