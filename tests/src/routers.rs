@@ -33,6 +33,9 @@ pub struct Neighbor {
     pub password: Option<String>,
     /// Hold time the router offers, seconds.
     pub hold_time: Option<u16>,
+    /// `Some(port)`: the router connects to the agent's listener on that port (BIRD only);
+    /// `None`: it waits passively for the agent.
+    pub connect_to: Option<u16>,
 }
 
 impl Neighbor {
@@ -46,6 +49,7 @@ impl Neighbor {
             agent_as: 65001,
             password: None,
             hold_time: None,
+            connect_to: None,
         }
     }
 }
@@ -169,11 +173,15 @@ impl Bird {
             .hold_time
             .map(|h| format!("hold time {h};"))
             .unwrap_or_default();
+        let (port, passive) = match neighbor.connect_to {
+            Some(p) => (format!(" port {p}"), "connect retry time 1;"),
+            None => (String::new(), "passive on;"),
+        };
         let text = format!(
             "router id {local};\nlog \"{log}\" all;\nprotocol device {{}}\n\
              protocol kernel {{ ipv4 {{ export all; }}; }}\n\
              protocol kernel {{ ipv6 {{ export all; }}; }}\n\
-             protocol bgp agent {{\n  local {local} as {las};\n  neighbor {agent} as {aas};\n  passive on;\n  error wait time 1, 5;\n  {password}\n  {hold}\n\
+             protocol bgp agent {{\n  local {local} as {las};\n  neighbor {agent}{port} as {aas};\n  {passive}\n  error wait time 1, 5;\n  {password}\n  {hold}\n\
              ipv4 {{ import all; export none; }};\n  ipv6 {{ import all; export none; }};\n}}\n",
             local = neighbor.local,
             las = neighbor.local_as,

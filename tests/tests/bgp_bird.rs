@@ -145,3 +145,38 @@ fn graceful_shutdown_re_announces_with_the_community_before_withdrawing() -> Res
     );
     Ok(())
 }
+
+#[test]
+fn with_listen_port_the_agent_accepts_the_session_bird_opens_with_md5() -> Result<()> {
+    if !privileged("with_listen_port_the_agent_accepts_the_session") {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let topo = Topology::new()?;
+    // BIRD connects to the agent's listener; the agent's own connects go to a closed port.
+    let neighbor = Neighbor {
+        connect_to: Some(1179),
+        password: Some("s3cret".into()),
+        ..Neighbor::toward_agent(&topo)
+    };
+    let bird = Bird::start(&topo.client, dir.path(), &neighbor)?;
+    let apps = "apps:\n  - name: web\n    vip: 192.0.2.53/32\n";
+    let config = agent_config(
+        dir.path(),
+        &topo,
+        "  peer_port: 9\n  listen_port: 1179\n  password: s3cret\n",
+        apps,
+    )?;
+    let _agent = start_agent(&topo, dir.path(), &config, "agent.log")?;
+    wait_until(
+        "route at BIRD over the session BIRD opened",
+        Duration::from_secs(10),
+        || Ok(!bird.route("192.0.2.53/32")?.is_empty()),
+    )?;
+    let route = bird.route("192.0.2.53/32")?;
+    ensure!(
+        route.contains(&format!("BGP.next_hop: {}", topo.agent_ip)),
+        "next hop:\n{route}"
+    );
+    Ok(())
+}

@@ -185,10 +185,16 @@ async fn accept_loop(listener: TcpListener, peers: Listeners, stop: Cancellation
         };
         let from = remote.ip().to_canonical();
         if let Some((_, _, session)) = peers.iter().find(|(ip, _, _)| *ip == Some(from)) {
-            // A full queue means the session is busy with a connection already: drop this one.
-            drop(session.try_send(stream));
+            // A full queue means the session is busy with a connection already: refuse this one.
+            if let Err(
+                mpsc::error::TrySendError::Full(stream) | mpsc::error::TrySendError::Closed(stream),
+            ) = session.try_send(stream)
+            {
+                tokio::spawn(session::reject(stream));
+            }
         } else {
-            debug!(%from, "bgp listener: connection from an unconfigured address closed");
+            debug!(%from, "bgp listener: connection from an unconfigured address refused");
+            tokio::spawn(session::reject(stream));
         }
     }
 }

@@ -290,7 +290,8 @@ impl Session {
     fn on_incoming(&mut self, stream: TcpStream) -> Option<Input> {
         let waiting = matches!(self.fsm.state(), State::Connect | State::Active);
         if self.conn.is_some() || !waiting {
-            debug!(peer = %self.name, state = %self.fsm.state(), "closing an incoming connection: one is already up");
+            debug!(peer = %self.name, state = %self.fsm.state(), "refusing an incoming connection: one is already up");
+            tokio::spawn(reject(stream));
             return None;
         }
         if let Some(task) = self.connecting.take() {
@@ -674,6 +675,19 @@ async fn connect(peer: &PeerConfig, netlink: &Netlink) -> Result<TcpStream, Conn
         gocast_common::tcp_md5::set(&socket, peer_ip, password.as_bytes()).map_err(io_err)?;
     }
     socket.connect(addr).await.map_err(io_err)
+}
+
+/// Closes a connection we will not use with Cease / Connection Rejected (RFC 4486 §4), so the
+/// peer knows why instead of seeing a bare close. Bounded: the peer owes us nothing.
+pub async fn reject(mut stream: TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let cease = codec::Notification {
+        code: codec::error_code::CEASE,
+        subcode: codec::cease_subcode::CONNECTION_REJECTED,
+        data: Vec::new(),
+    };
+    let bytes = codec::encode_notification(&cease);
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&bytes)).await;
 }
 
 async fn next_frame(
