@@ -65,11 +65,11 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct DataplaneConfig {
     pub mode: DataplaneMode,
-    /// Interfaces the eBPF dataplane attaches to; empty = the interface toward the BGP peer.
+    /// Interfaces the eBPF dataplane attaches to; required (non-empty) in `ebpf` mode.
     pub interfaces: Vec<String>,
 }
 
-/// `auto` takes eBPF where it loads and falls back to iptables; the others force one.
+/// `auto` uses iptables for now (eBPF is opt-in); the others force one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DataplaneMode {
@@ -684,10 +684,10 @@ pub fn default_state_file(config_path: &str) -> PathBuf {
 
 impl RawDataplane {
     fn into_dataplane(self) -> Result<DataplaneConfig, Invalid> {
-        if self.mode == DataplaneMode::Ebpf {
+        if self.mode == DataplaneMode::Ebpf && self.interfaces.is_empty() {
             return Err(invalid(
-                "dataplane.mode",
-                "this build has no eBPF dataplane: use auto or iptables",
+                "dataplane.interfaces",
+                "dataplane.mode ebpf needs the interfaces to attach to (there is no default yet)",
             ));
         }
         for (i, name) in self.interfaces.iter().enumerate() {
@@ -1325,7 +1325,7 @@ mod tests {
                 "bgp: {local_as: 1, peers: [{peer_ip: 198.18.0.2, peer_as: 2}, {peer_ip: 198.18.0.2, peer_as: 3, peer_port: 1179}]}",
                 "configured twice",
             ),
-            ("dataplane: {mode: ebpf}", "no eBPF dataplane"),
+            ("dataplane: {mode: ebpf}", "needs the interfaces"),
             ("dataplane: {interfaces: ['a/b']}", "not an interface name"),
             ("bgp: 5", "bgp"),
             ("apps:\n  - name: a\n   vip: x\n", "line"),
@@ -1391,6 +1391,11 @@ mod tests {
         assert_eq!(
             (c.dataplane.mode, c.dataplane.interfaces.len()),
             (DataplaneMode::Iptables, 1)
+        );
+        let c = parse("dataplane: {mode: ebpf, interfaces: [eth0, eth1]}").unwrap();
+        assert_eq!(
+            (c.dataplane.mode, c.dataplane.interfaces.len()),
+            (DataplaneMode::Ebpf, 2)
         );
     }
 

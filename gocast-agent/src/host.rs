@@ -1,4 +1,5 @@
-//! The real [`Host`]: VIPs on `lo` through netlink, NAT through the dataplane.
+//! The real [`Host`]: VIPs on `lo` through netlink, NAT through the dataplane: iptables, or
+//! with `dataplane.mode: ebpf` the eBPF programs (which also count traffic per VIP).
 //!
 //! Also decides the NAT destination of an app without its own: `agent.nat_dest_ip`, else the
 //! local BGP address (the peer's `local_ip`, or the address the kernel uses toward the peer),
@@ -14,8 +15,8 @@ use tracing::{info, warn};
 
 use crate::{
     app::{AppName, NatRule, Vip},
-    config::Config,
-    dataplane::iptables::Iptables,
+    config::{Config, DataplaneMode},
+    dataplane::{DataplaneInfo, ebpf::Ebpf, iptables::Iptables},
     lifecycle::{Host, HostError},
     netlink::Netlink,
 };
@@ -32,10 +33,17 @@ struct NatDest {
     peers: Vec<(Option<IpAddr>, Option<IpAddr>, Option<Ipv6Addr>)>,
 }
 
-/// Netlink and iptables, as the lifecycle uses them.
+/// The dataplane that does NAT.
+enum Nat {
+    Iptables(Iptables),
+    Ebpf(Ebpf),
+}
+
+/// Netlink and the dataplane, as the lifecycle uses them.
 pub struct SystemHost {
     netlink: Netlink,
-    nat: Iptables,
+    nat: Nat,
+    info: DataplaneInfo,
     nat_dest: NatDest,
     /// The destination each app's rules were installed with: removal must name the same one
     /// even if the default has changed since.
@@ -46,6 +54,9 @@ impl SystemHost {
     /// Connects to the kernel and reconciles the host with an empty desired state: VIPs a
     /// previous run left on `lo` (marked by their address protocol) and the rules in the NAT
     /// chain are removed. Nothing else is touched.
+    ///
+    /// With `dataplane.mode: ebpf` the eBPF programs are loaded and attached instead of the
+    /// iptables chain; failing that is an error (no fallback when the mode is forced).
     pub async fn start(config: &Config) -> Result<Self, HostError> {
         let netlink = Netlink::new().await?;
         let stale = netlink.owned_vips().await?;
@@ -53,7 +64,18 @@ impl SystemHost {
             warn!(vip = %net, label = label.as_deref().unwrap_or(""), "removing a vip left by a previous run");
             netlink.remove_address(net).await?;
         }
-        let nat = Iptables::init().await?;
+        let (nat, info) = match config.dataplane.mode {
+            DataplaneMode::Ebpf => {
+                let interfaces = &config.dataplane.interfaces;
+                let ebpf = Ebpf::load(interfaces)?;
+                info!(?interfaces, "eBPF dataplane loaded");
+                (Nat::Ebpf(ebpf), DataplaneInfo::ebpf(interfaces))
+            }
+            mode @ (DataplaneMode::Auto | DataplaneMode::Iptables) => (
+                Nat::Iptables(Iptables::init().await?),
+                DataplaneInfo::for_iptables(mode),
+            ),
+        };
         info!("host reconciled: no stale vip or nat rule left");
         let nat_dest = NatDest {
             configured: config.agent.nat_dest_ip,
@@ -67,14 +89,15 @@ impl SystemHost {
         Ok(Self {
             netlink,
             nat,
+            info,
             nat_dest,
             installed_dest: HashMap::new(),
         })
     }
 
-    /// The iptables rules now installed, for diagnostics.
-    pub fn iptables(&self) -> &Iptables {
-        &self.nat
+    /// Which dataplane runs and why, for `/info`.
+    pub fn dataplane_info(&self) -> DataplaneInfo {
+        self.info.clone()
     }
 
     async fn default_nat_dest(&self, v4: bool) -> Result<IpAddr, HostError> {
@@ -109,10 +132,17 @@ impl SystemHost {
 
 impl Host for SystemHost {
     async fn add_vip(&mut self, vip: &Vip, label: &str) -> Result<(), HostError> {
-        Ok(self.netlink.add_vip(vip, label).await?)
+        self.netlink.add_vip(vip, label).await?;
+        if let Nat::Ebpf(ebpf) = &mut self.nat {
+            ebpf.add_vip(vip.addr())?;
+        }
+        Ok(())
     }
 
     async fn remove_vip(&mut self, vip: &Vip) -> Result<(), HostError> {
+        if let Nat::Ebpf(ebpf) = &mut self.nat {
+            ebpf.remove_vip(vip.addr())?;
+        }
         Ok(self.netlink.remove_vip(vip).await?)
     }
 
@@ -127,7 +157,10 @@ impl Host for SystemHost {
             Some(d) => d,
             None => self.default_nat_dest(vip.addr().is_ipv4()).await?,
         };
-        self.nat.install(app, vip.addr(), rules, dest).await?;
+        match &mut self.nat {
+            Nat::Iptables(iptables) => iptables.install(app, vip.addr(), rules, dest).await?,
+            Nat::Ebpf(ebpf) => ebpf.install_nat(vip.addr(), rules, dest)?,
+        }
         self.installed_dest.insert(app.clone(), dest);
         Ok(())
     }
@@ -142,12 +175,21 @@ impl Host for SystemHost {
         let Some(dest) = self.installed_dest.get(app).copied().or(dest) else {
             return Ok(());
         };
-        self.nat.remove(app, vip.addr(), rules, dest).await?;
+        match &mut self.nat {
+            Nat::Iptables(iptables) => iptables.remove(app, vip.addr(), rules, dest).await?,
+            Nat::Ebpf(ebpf) => ebpf.remove_nat(vip.addr(), rules)?,
+        }
         self.installed_dest.remove(app);
         Ok(())
     }
 
     async fn shutdown(&mut self) -> Result<(), HostError> {
-        Ok(self.nat.teardown().await?)
+        match &mut self.nat {
+            Nat::Iptables(iptables) => Ok(iptables.teardown().await?),
+            Nat::Ebpf(ebpf) => {
+                ebpf.shutdown();
+                Ok(())
+            }
+        }
     }
 }

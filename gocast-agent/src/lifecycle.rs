@@ -152,6 +152,8 @@ pub enum HostError {
     Netlink(#[from] crate::netlink::NetlinkError),
     #[error(transparent)]
     Nat(#[from] crate::dataplane::iptables::IptablesError),
+    #[error(transparent)]
+    Ebpf(#[from] crate::dataplane::ebpf::EbpfError),
     #[error("no NAT destination for IPv{family}: set agent.nat_dest_ip or a bgp local address")]
     NoNatDest { family: u8 },
 }

@@ -15,8 +15,7 @@ use gocast::{
     api::{self, ApiState, StaticInfo},
     bgp::Speaker,
     cli::{self, Cli, Command, LogFormat},
-    config::Config,
-    dataplane::DataplaneInfo,
+    config::{Config, DataplaneMode},
     host::SystemHost,
     lifecycle,
     metrics::Metrics,
@@ -116,9 +115,14 @@ async fn run(config: Config) -> Result<()> {
     let signals = Signals::install()?;
     // Bind before touching the host, so a taken port changes nothing.
     let listener = bind(listen.addr).await?;
-    let host = SystemHost::start(&config)
-        .await
-        .context("preparing the host (netlink, iptables)")?;
+    let host = SystemHost::start(&config).await.with_context(|| {
+        let dataplane = match config.dataplane.mode {
+            DataplaneMode::Ebpf => "eBPF dataplane (dataplane.mode: ebpf)",
+            DataplaneMode::Auto | DataplaneMode::Iptables => "iptables",
+        };
+        format!("preparing the host (netlink, {dataplane})")
+    })?;
+    let dataplane = host.dataplane_info();
     let metrics = Metrics::default();
     let cancel = CancellationToken::new();
     let agent = &config.agent;
@@ -162,7 +166,7 @@ async fn run(config: Config) -> Result<()> {
         metrics,
         info: Arc::new(StaticInfo {
             version: env!("CARGO_PKG_VERSION"),
-            dataplane: DataplaneInfo::iptables(),
+            dataplane,
         }),
         peers: Arc::new(
             speaker

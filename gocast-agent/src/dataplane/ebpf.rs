@@ -1,0 +1,500 @@
+//! The eBPF dataplane: `gocast-ebpf`'s XDP ingress NAT and TC egress reverse NAT, with per-VIP
+//! counters (STYLE.md §2).
+//!
+//! The object is the one `cargo xtask build-ebpf` builds, embedded by `build.rs`; a build
+//! without it embeds an empty file and [`Ebpf::load`] fails with [`EbpfError::NotBuilt`]. Maps
+//! are found by the names in `gocast_common::maps`. Dropping [`Ebpf`] (or [`Ebpf::shutdown`])
+//! detaches both programs; the `clsact` qdisc stays, as other programs may use it.
+
+use std::{collections::HashMap as StdHashMap, io, net::IpAddr};
+
+use aya::{
+    maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        tc::{self, TcError},
+    },
+};
+use gocast_common::maps::{
+    COUNTERS_MAP, MAX_VIPS, NAT_MAP, NatKey, NatTarget, PROTO_TCP, PROTO_UDP, VIPS_MAP,
+    VipCounters, VipKey,
+};
+use tracing::{info, warn};
+
+use crate::app::{NatRule, Proto};
+
+/// The object `build.rs` embedded: empty when it was not built.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gocast-ebpf.o"));
+
+/// The XDP ingress program in the object.
+const XDP_PROGRAM: &str = "gocast_xdp";
+/// The TC egress classifier in the object.
+const TC_PROGRAM: &str = "gocast_tc_egress";
+
+/// An eBPF dataplane operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("eBPF object not built: run cargo xtask build-ebpf")]
+    NotBuilt,
+    #[error("loading the eBPF object")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("eBPF program {program} is not in the object")]
+    MissingProgram { program: &'static str },
+    #[error("loading eBPF program {program}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("attaching eBPF program {program} to interface {interface}")]
+    Attach {
+        program: &'static str,
+        interface: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("adding the clsact qdisc to interface {interface}")]
+    Clsact {
+        interface: String,
+        #[source]
+        source: TcError,
+    },
+    #[error("eBPF map {map} is not in the object")]
+    MissingMap { map: &'static str },
+    #[error("eBPF map {map}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("eBPF map {map}: cannot build per-CPU values")]
+    PerCpu {
+        map: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no counter slot left for vip {vip}: {MAX_VIPS} vips already in {VIPS_MAP}")]
+    Full { vip: IpAddr },
+    #[error("cannot NAT {vip} to {dest}: not the same address family")]
+    FamilyMismatch { vip: IpAddr, dest: IpAddr },
+    #[error("the eBPF dataplane was shut down")]
+    ShutDown,
+}
+
+/// What [`Ebpf::shutdown`] drops: the object (programs and their links) and the maps.
+struct Loaded {
+    /// Owns the programs; dropping it detaches them.
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "held for its drop; the tests run its programs")
+    )]
+    bpf: aya::Ebpf,
+    vips: HashMap<MapData, VipKey, u32>,
+    nat: HashMap<MapData, NatKey, NatTarget>,
+    counters: PerCpuArray<MapData, VipCounters>,
+}
+
+/// The loaded and attached eBPF dataplane.
+pub struct Ebpf {
+    /// Boxed: the maps are large, and the agent holds this next to the iptables dataplane.
+    loaded: Option<Box<Loaded>>,
+    /// Counter slot of each VIP in [`VIPS_MAP`].
+    slots: StdHashMap<IpAddr, u32>,
+    /// Slots freed by removed VIPs, reused before new ones.
+    free: Vec<u32>,
+    /// The next never-used slot.
+    next: u32,
+    interfaces: Vec<String>,
+}
+
+impl std::fmt::Debug for Ebpf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ebpf")
+            .field("loaded", &self.loaded.is_some())
+            .field("vips", &self.slots.len())
+            .field("interfaces", &self.interfaces)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ebpf {
+    /// Loads the embedded object and attaches XDP (native mode, else generic) and the TC egress
+    /// classifier to each interface. With no interface, the programs are loaded but attached
+    /// nowhere (tests).
+    pub fn load(interfaces: &[String]) -> Result<Self, EbpfError> {
+        Self::load_bytes(OBJECT, interfaces)
+    }
+
+    fn load_bytes(object: &[u8], interfaces: &[String]) -> Result<Self, EbpfError> {
+        if object.is_empty() {
+            return Err(EbpfError::NotBuilt);
+        }
+        let mut bpf = aya::Ebpf::load(object).map_err(|e| EbpfError::Load(Box::new(e)))?;
+
+        let xdp: &mut Xdp = program(&mut bpf, XDP_PROGRAM)?;
+        xdp.load().map_err(|source| EbpfError::Program {
+            program: XDP_PROGRAM,
+            source,
+        })?;
+        for interface in interfaces {
+            let mode = match xdp.attach(interface, XdpMode::Driver) {
+                Ok(_) => "native",
+                Err(native) => {
+                    warn!(%interface, error = %native, "native XDP refused; attaching in generic (SKB) mode");
+                    xdp.attach(interface, XdpMode::Skb)
+                        .map_err(|source| EbpfError::Attach {
+                            program: XDP_PROGRAM,
+                            interface: interface.clone(),
+                            source,
+                        })?;
+                    "generic"
+                }
+            };
+            info!(%interface, mode, "XDP program attached");
+        }
+
+        let tc: &mut SchedClassifier = program(&mut bpf, TC_PROGRAM)?;
+        tc.load().map_err(|source| EbpfError::Program {
+            program: TC_PROGRAM,
+            source,
+        })?;
+        for interface in interfaces {
+            add_clsact(interface)?;
+            tc.attach(interface, TcAttachType::Egress)
+                .map_err(|source| EbpfError::Attach {
+                    program: TC_PROGRAM,
+                    interface: interface.clone(),
+                    source,
+                })?;
+            info!(%interface, "TC egress program attached");
+        }
+
+        let vips = take_map(&mut bpf, VIPS_MAP)?;
+        let nat = take_map(&mut bpf, NAT_MAP)?;
+        let counters = take_map(&mut bpf, COUNTERS_MAP)?;
+        Ok(Self {
+            loaded: Some(Box::new(Loaded {
+                bpf,
+                vips,
+                nat,
+                counters,
+            })),
+            slots: StdHashMap::new(),
+            free: Vec::new(),
+            next: 0,
+            interfaces: interfaces.to_vec(),
+        })
+    }
+
+    /// The interfaces the programs are attached to.
+    pub fn interfaces(&self) -> &[String] {
+        &self.interfaces
+    }
+
+    fn loaded(&mut self) -> Result<&mut Loaded, EbpfError> {
+        self.loaded.as_deref_mut().ok_or(EbpfError::ShutDown)
+    }
+
+    /// Puts `vip` in [`VIPS_MAP`] with a counter slot of its own (zeroed); idempotent.
+    pub fn add_vip(&mut self, vip: IpAddr) -> Result<(), EbpfError> {
+        if self.slots.contains_key(&vip) {
+            return Ok(());
+        }
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None if self.next < MAX_VIPS => {
+                self.next += 1;
+                self.next - 1
+            }
+            None => return Err(EbpfError::Full { vip }),
+        };
+        let result = self.insert_vip(vip, slot);
+        match result {
+            Ok(()) => {
+                self.slots.insert(vip, slot);
+                Ok(())
+            }
+            Err(e) => {
+                self.free.push(slot);
+                Err(e)
+            }
+        }
+    }
+
+    fn insert_vip(&mut self, vip: IpAddr, slot: u32) -> Result<(), EbpfError> {
+        let loaded = self.loaded()?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, source)| EbpfError::PerCpu {
+            map: COUNTERS_MAP,
+            source,
+        })?;
+        let zero =
+            PerCpuValues::try_from(vec![VipCounters::default(); cpus]).map_err(|source| {
+                EbpfError::PerCpu {
+                    map: COUNTERS_MAP,
+                    source,
+                }
+            })?;
+        loaded
+            .counters
+            .set(slot, zero, 0)
+            .map_err(map_error(COUNTERS_MAP))?;
+        loaded
+            .vips
+            .insert(VipKey::new(vip), slot, 0)
+            .map_err(map_error(VIPS_MAP))
+    }
+
+    /// Takes `vip` out of [`VIPS_MAP`] and frees its counter slot; idempotent.
+    pub fn remove_vip(&mut self, vip: IpAddr) -> Result<(), EbpfError> {
+        let Some(&slot) = self.slots.get(&vip) else {
+            return Ok(());
+        };
+        if let Some(loaded) = self.loaded.as_mut() {
+            ignore_missing(loaded.vips.remove(&VipKey::new(vip))).map_err(map_error(VIPS_MAP))?;
+        }
+        self.slots.remove(&vip);
+        self.free.push(slot);
+        Ok(())
+    }
+
+    /// Sends traffic to `vip` on each rule's port to `dest` on the rule's destination port.
+    pub fn install_nat(
+        &mut self,
+        vip: IpAddr,
+        rules: &[NatRule],
+        dest: IpAddr,
+    ) -> Result<(), EbpfError> {
+        if vip.is_ipv4() != dest.is_ipv4() {
+            return Err(EbpfError::FamilyMismatch { vip, dest });
+        }
+        let loaded = self.loaded()?;
+        for rule in rules {
+            loaded
+                .nat
+                .insert(nat_key(vip, *rule), NatTarget::new(dest, rule.dest), 0)
+                .map_err(map_error(NAT_MAP))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the rules [`Ebpf::install_nat`] added; missing entries are not an error.
+    pub fn remove_nat(&mut self, vip: IpAddr, rules: &[NatRule]) -> Result<(), EbpfError> {
+        let Some(loaded) = self.loaded.as_mut() else {
+            return Ok(());
+        };
+        for rule in rules {
+            ignore_missing(loaded.nat.remove(&nat_key(vip, *rule))).map_err(map_error(NAT_MAP))?;
+        }
+        Ok(())
+    }
+
+    /// `vip`'s counters summed over CPUs; zero for a VIP not in the map.
+    pub fn counters(&self, vip: IpAddr) -> Result<VipCounters, EbpfError> {
+        let (Some(loaded), Some(slot)) = (self.loaded.as_ref(), self.slots.get(&vip)) else {
+            return Ok(VipCounters::default());
+        };
+        let per_cpu = loaded
+            .counters
+            .get(slot, 0)
+            .map_err(map_error(COUNTERS_MAP))?;
+        Ok(per_cpu
+            .iter()
+            .fold(VipCounters::default(), VipCounters::sum))
+    }
+
+    /// Detaches the programs and closes the maps; later changes fail with
+    /// [`EbpfError::ShutDown`], removals do nothing.
+    pub fn shutdown(&mut self) {
+        if self.loaded.take().is_some() {
+            info!(interfaces = ?self.interfaces, "eBPF programs detached");
+        }
+        self.slots.clear();
+        self.free.clear();
+        self.next = 0;
+    }
+}
+
+fn nat_key(vip: IpAddr, rule: NatRule) -> NatKey {
+    let proto = match rule.proto {
+        Proto::Tcp => PROTO_TCP,
+        Proto::Udp => PROTO_UDP,
+    };
+    NatKey::new(vip, rule.listen, proto)
+}
+
+/// The program `name` as its concrete type.
+fn program<'a, P>(bpf: &'a mut aya::Ebpf, name: &'static str) -> Result<&'a mut P, EbpfError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let program = bpf
+        .program_mut(name)
+        .ok_or(EbpfError::MissingProgram { program: name })?;
+    program.try_into().map_err(|source| EbpfError::Program {
+        program: name,
+        source,
+    })
+}
+
+/// Takes the map `name` out of the object as its concrete type.
+fn take_map<M>(bpf: &mut aya::Ebpf, name: &'static str) -> Result<M, EbpfError>
+where
+    M: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = bpf
+        .take_map(name)
+        .ok_or(EbpfError::MissingMap { map: name })?;
+    M::try_from(map).map_err(map_error(name))
+}
+
+fn map_error(map: &'static str) -> impl Fn(MapError) -> EbpfError {
+    move |source| EbpfError::Map { map, source }
+}
+
+/// `Ok` for a delete of a key that is not there.
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+/// Adds the `clsact` qdisc the TC classifier hangs from; one already there is fine.
+fn add_clsact(interface: &str) -> Result<(), EbpfError> {
+    match tc::qdisc_add_clsact(interface) {
+        Ok(()) | Err(TcError::AlreadyAttached) => Ok(()),
+        Err(TcError::NetlinkError(e))
+            if e.raw_os_error().is_some_and(|code| {
+                io::Error::from_raw_os_error(code).kind() == io::ErrorKind::AlreadyExists
+            }) =>
+        {
+            Ok(())
+        }
+        Err(source) => Err(EbpfError::Clsact {
+            interface: interface.to_owned(),
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+impl Ebpf {
+    /// Runs the XDP program once on `frame` with `BPF_PROG_TEST_RUN`: its verdict and the frame
+    /// as it left.
+    fn xdp_test_run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        use aya::programs::{TestRun as _, TestRunOptions};
+
+        let loaded = self.loaded.as_mut().expect("loaded");
+        let xdp: &mut Xdp = program(&mut loaded.bpf, XDP_PROGRAM).expect("the XDP program");
+        let mut out = vec![0; frame.len() + 256];
+        let result = xdp
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    const XDP_PASS: u32 = 2;
+
+    /// The ones' complement sum of `data` as big-endian 16-bit words, folded.
+    fn sum16(data: &[u8], mut acc: u32) -> u16 {
+        for pair in data.chunks(2) {
+            let hi = u32::from(pair[0]) << 8;
+            acc += hi | pair.get(1).copied().map_or(0, u32::from);
+        }
+        while acc > 0xffff {
+            acc = (acc & 0xffff) + (acc >> 16);
+        }
+        u16::try_from(acc).expect("folded")
+    }
+
+    /// The TCP checksum's pseudo-header sum for `src` → `dst` over a segment of `len` bytes.
+    fn pseudo(src: Ipv4Addr, dst: Ipv4Addr, len: u16) -> u32 {
+        let mut p = Vec::new();
+        p.extend_from_slice(&src.octets());
+        p.extend_from_slice(&dst.octets());
+        p.extend_from_slice(&[0, 6]);
+        p.extend_from_slice(&len.to_be_bytes());
+        u32::from(sum16(&p, 0))
+    }
+
+    /// Ethernet + IPv4 + TCP SYN from `client`:40000 to `vip`:`port`, checksums filled in.
+    fn syn(client: Ipv4Addr, vip: Ipv4Addr, port: u16) -> Vec<u8> {
+        let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
+        let ip_start = f.len();
+        f.extend_from_slice(&[0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0]);
+        f.extend_from_slice(&client.octets());
+        f.extend_from_slice(&vip.octets());
+        let tcp_start = f.len();
+        f.extend_from_slice(&40000u16.to_be_bytes());
+        f.extend_from_slice(&port.to_be_bytes());
+        f.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+        let ip_sum = !sum16(&f[ip_start..tcp_start], 0);
+        f[ip_start + 10..ip_start + 12].copy_from_slice(&ip_sum.to_be_bytes());
+        let tcp_sum = !sum16(&f[tcp_start..], pseudo(client, vip, 20));
+        f[tcp_start + 16..tcp_start + 18].copy_from_slice(&tcp_sum.to_be_bytes());
+        f
+    }
+
+    #[test]
+    fn an_empty_object_is_reported_as_not_built() {
+        let err = Ebpf::load_bytes(&[], &[]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "eBPF object not built: run cargo xtask build-ebpf"
+        );
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(gocast_ebpf_object),
+        ignore = "needs the eBPF object: cargo xtask build-ebpf, then cargo test -- --ignored"
+    )]
+    fn xdp_rewrites_a_syn_to_a_vip_port_with_valid_checksums() {
+        crate::testing::in_new_netns(|| async {
+            let client = Ipv4Addr::new(198, 51, 100, 7);
+            let vip = Ipv4Addr::new(192, 0, 2, 10);
+            let dest = Ipv4Addr::new(10, 0, 0, 2);
+            let mut ebpf = Ebpf::load(&["lo".to_owned()]).expect("the eBPF object loads");
+            ebpf.add_vip(vip.into()).unwrap();
+            let rule: NatRule = "tcp:80:8080".parse().unwrap();
+            ebpf.install_nat(vip.into(), &[rule], dest.into()).unwrap();
+
+            let (verdict, out) = ebpf.xdp_test_run(&syn(client, vip, 80));
+            assert_eq!(verdict, XDP_PASS);
+            assert_eq!(out.len(), 54);
+            let (ip, tcp) = (&out[14..34], &out[34..]);
+            assert_eq!(&ip[12..16], &client.octets(), "source untouched");
+            assert_eq!(&ip[16..20], &dest.octets(), "destination rewritten");
+            assert_eq!(&tcp[0..2], &40000u16.to_be_bytes());
+            assert_eq!(&tcp[2..4], &8080u16.to_be_bytes(), "port rewritten");
+            assert_eq!(sum16(ip, 0), 0xffff, "IPv4 header checksum");
+            assert_eq!(sum16(tcp, pseudo(client, dest, 20)), 0xffff, "TCP checksum");
+
+            let c = ebpf.counters(vip.into()).unwrap();
+            assert_eq!((c.packets_in, c.bytes_in, c.syn_in), (1, 54, 1));
+
+            // Another port of the VIP is counted but not rewritten.
+            let other = syn(client, vip, 443);
+            let (_, out) = ebpf.xdp_test_run(&other);
+            assert_eq!(out, other);
+            ebpf.remove_nat(vip.into(), &[rule]).unwrap();
+            let (_, out) = ebpf.xdp_test_run(&syn(client, vip, 80));
+            assert_eq!(&out[30..34], &vip.octets(), "rule removed");
+            ebpf.remove_vip(vip.into()).unwrap();
+            ebpf.shutdown();
+        });
+    }
+}
