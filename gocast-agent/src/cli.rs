@@ -82,7 +82,12 @@ pub fn normalize(args: Vec<OsString>) -> Vec<OsString> {
         })
     });
     if ours {
-        out.extend(rest);
+        // GoCast's single-dash `-config` is understood in our syntax too.
+        out.extend(rest.into_iter().map(|a| match a.to_str() {
+            Some("-config") => OsString::from("--config"),
+            Some(s) if s.starts_with("-config=") => OsString::from(format!("-{s}")),
+            _ => a,
+        }));
         return out;
     }
     let mut translated = vec![OsString::from("run")];
@@ -271,6 +276,14 @@ mod tests {
         assert_eq!(
             norm(&["gocast", "check-config", "--config", "c"]),
             ["gocast", "check-config", "--config", "c"]
+        );
+        assert_eq!(
+            norm(&["gocast", "run", "-config", "c"]),
+            ["gocast", "run", "--config", "c"]
+        );
+        assert_eq!(
+            norm(&["gocast", "run", "-config=c"]),
+            ["gocast", "run", "--config=c"]
         );
     }
 
