@@ -889,8 +889,7 @@ impl<H: Host> Lifecycle<H> {
     }
 
     async fn add_vip(&mut self, entry: &mut Entry) {
-        let label = entry.spec.name.lo_label();
-        match self.host.add_vip(&entry.spec.vip, &label).await {
+        match self.host.add_vip(&entry.spec.vip, &entry.label).await {
             Ok(()) => {
                 entry.vip_installed = true;
                 entry.last_error = None;
