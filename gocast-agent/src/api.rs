@@ -1,5 +1,5 @@
 //! The HTTP API: GoCast's calls (`/register`, `/unregister`, `/info`) with the same parameters,
-//! plus `/apps`, `/routes`, `/healthz` and `/metrics`.
+//! plus `/apps`, `/routes`, `/stats`, `/healthz` and `/metrics`.
 //!
 //! A request is parsed completely into typed values first, every problem reported at once
 //! (400, JSON `{"error": ...}`); only a valid request reaches the lifecycle, whose refusals map
@@ -25,6 +25,7 @@ use crate::{
     bgp::session::PeerStatus,
     lifecycle::{LifecycleError, LifecycleHandle, Routes},
     metrics::Metrics,
+    stats::Snapshot,
 };
 
 /// An API error: its status and a message that names the bad parameter.
@@ -114,6 +115,8 @@ pub struct StaticInfo {
 pub struct ApiState {
     pub lifecycle: LifecycleHandle,
     pub routes: watch::Receiver<Routes>,
+    /// The per-VIP counters' latest snapshot; `None` without the eBPF dataplane.
+    pub stats: Option<watch::Receiver<Arc<Snapshot>>>,
     pub metrics: Metrics,
     pub info: Arc<StaticInfo>,
     /// Each BGP session's status, in config order.
@@ -129,6 +132,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/apps", get(apps))
         .route("/apps/{name}", get(app_by_name))
         .route("/routes", get(routes))
+        .route("/stats", get(stats))
+        .route("/stats/{*vip}", get(stats_of))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(metrics))
         .with_state(state)
@@ -148,6 +153,7 @@ fn json_pairs(body: &[u8]) -> Result<Vec<(String, String)>, ApiError> {
     for (key, value) in map {
         match value {
             Value::String(s) => out.push((key, s)),
+            Value::Bool(b) => out.push((key, b.to_string())),
             Value::Array(items) => {
                 for item in items {
                     match item {
@@ -228,9 +234,19 @@ pub fn parse_register(pairs: &[(String, String)]) -> Result<AppSpec, ApiError> {
     let mut monitors = Vec::new();
     let mut nats = Vec::new();
     let mut communities = Vec::new();
+    let passive_health = single_opt(pairs, "passive_health", &mut problems)
+        .and_then(|v| match v {
+            "true" | "1" => Some(true),
+            "false" | "0" => Some(false),
+            other => {
+                problems.push(format!("passive_health: {other:?} is not true or false"));
+                None
+            }
+        })
+        .unwrap_or(false);
     for (key, value) in pairs {
         match key.as_str() {
-            "name" | "vip" => {}
+            "name" | "vip" | "passive_health" => {}
             "monitor" | "monitors" => {
                 monitors.extend(parse_into::<Monitor>("monitor", value, &mut problems));
             }
@@ -240,7 +256,7 @@ pub fn parse_register(pairs: &[(String, String)]) -> Result<AppSpec, ApiError> {
                 Err(e) => problems.push(format!("vip_communities: {e}")),
             },
             other => problems.push(format!(
-                "{other}: unknown parameter (expected name, vip, monitor, nat, vip_communities)"
+                "{other}: unknown parameter (expected name, vip, monitor, nat, vip_communities, passive_health)"
             )),
         }
     }
@@ -252,6 +268,7 @@ pub fn parse_register(pairs: &[(String, String)]) -> Result<AppSpec, ApiError> {
             nats,
             communities,
             nat_dest: None,
+            passive_health,
         }),
         _ => match refused {
             Some(why) if problems.is_empty() => Err(ApiError {
@@ -273,20 +290,29 @@ fn single<'a>(
     key: &str,
     problems: &mut Vec<String>,
 ) -> Option<&'a str> {
+    if !pairs.iter().any(|(k, _)| k == key) {
+        problems.push(format!("{key}: missing"));
+    }
+    single_opt(pairs, key, problems)
+}
+
+/// The value of an optional parameter given at most once.
+fn single_opt<'a>(
+    pairs: &'a [(String, String)],
+    key: &str,
+    problems: &mut Vec<String>,
+) -> Option<&'a str> {
     let mut values = pairs
         .iter()
         .filter(|(k, _)| k == key)
         .map(|(_, v)| v.as_str());
     match (values.next(), values.next()) {
-        (None, _) => {
-            problems.push(format!("{key}: missing"));
-            None
-        }
+        (Some(v), None) => Some(v),
         (Some(_), Some(_)) => {
             problems.push(format!("{key}: given more than once"));
             None
         }
-        (Some(v), None) => Some(v),
+        (None, _) => None,
     }
 }
 
@@ -383,6 +409,42 @@ async fn routes(State(state): State<ApiState>) -> Json<Value> {
     Json(json!({ "routes": set }))
 }
 
+/// The latest counters snapshot, or 503 saying why there are no counters.
+fn snapshot(state: &ApiState) -> Result<Arc<Snapshot>, ApiError> {
+    match &state.stats {
+        Some(rx) => Ok(rx.borrow().clone()),
+        None => Err(ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: format!(
+                "per-VIP counters need the eBPF dataplane; this agent runs {} ({})",
+                state.info.dataplane.mode, state.info.dataplane.reason
+            ),
+        }),
+    }
+}
+
+async fn stats(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    Ok(Json(&*snapshot(&state)?).into_response())
+}
+
+/// One VIP, written with or without its length (`/stats/192.0.2.10` or `/stats/192.0.2.10/32`).
+async fn stats_of(
+    State(state): State<ApiState>,
+    Path(vip): Path<String>,
+) -> Result<Response, ApiError> {
+    let snapshot = snapshot(&state)?;
+    if vip.parse::<std::net::IpAddr>().is_err() && vip.parse::<ipnet::IpNet>().is_err() {
+        return Err(ApiError::bad_request(format!(
+            "vip: {vip:?} is not an address or prefix"
+        )));
+    }
+    let found = snapshot.find(&vip).ok_or_else(|| ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: format!("no counters for vip {vip}: no app of this agent has it installed"),
+    })?;
+    Ok(Json(found).into_response())
+}
+
 async fn metrics(State(state): State<ApiState>) -> Response {
     (
         [(
@@ -419,6 +481,10 @@ mod tests {
     }
 
     fn api() -> Api {
+        api_with_stats(None)
+    }
+
+    fn api_with_stats(snapshots: Option<watch::Receiver<Arc<Snapshot>>>) -> Api {
         let dir = tempfile::tempdir().unwrap();
         let settings = Settings {
             monitor_rise: 1,
@@ -430,6 +496,7 @@ mod tests {
                 interval: Duration::from_millis(20),
                 exec_timeout: Duration::from_secs(5),
             },
+            passive_health: snapshots.is_some(),
         };
         let cancel = CancellationToken::new();
         let metrics = Metrics::default();
@@ -440,6 +507,7 @@ mod tests {
             Store::new(dir.path().join("s.json")),
             lifecycle::Outputs {
                 routes: tokio::sync::watch::channel(lifecycle::Routes::default()).0,
+                owners: tokio::sync::watch::channel(crate::stats::Owners::default()).0,
                 announcer: None,
                 metrics: metrics.clone(),
             },
@@ -448,10 +516,11 @@ mod tests {
         let state = ApiState {
             lifecycle: running.handle.clone(),
             routes: running.routes.clone(),
+            stats: snapshots,
             metrics,
             info: Arc::new(StaticInfo {
                 version: "test",
-                dataplane: crate::dataplane::DataplaneInfo::iptables(),
+                dataplane: crate::dataplane::DataplaneInfo::iptables_forced(),
             }),
             peers: Arc::new(Vec::new()),
         };
@@ -729,6 +798,69 @@ mod tests {
         assert!(
             text.as_str().unwrap().contains("gocast_app_healthy"),
             "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn stats_serve_every_vip_and_one_by_address_or_prefix() {
+        use crate::stats::{Counters, Rates, VipStats};
+        let one = VipStats {
+            vip: "192.0.2.10/32".into(),
+            app: Some("web".parse().unwrap()),
+            counters: Counters {
+                packets_in: 3,
+                syn_in: 1,
+                ..Counters::default()
+            },
+            rates: Rates::default(),
+            addr: "192.0.2.10".parse().unwrap(),
+        };
+        let snapshot = Arc::new(Snapshot {
+            sampled_at: None,
+            vips: vec![one],
+        });
+        let (_tx, rx) = watch::channel(snapshot);
+        let metrics_rx = rx.clone();
+        let api = api_with_stats(Some(rx));
+        let (status, all) = get(&api, "/stats").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(all["vips"][0]["vip"], "192.0.2.10/32");
+        assert_eq!(all["vips"][0]["packets_in"], 3);
+        assert!(all["vips"][0]["rates"]["packets_in"].is_number());
+        for uri in ["/stats/192.0.2.10", "/stats/192.0.2.10/32"] {
+            let (status, v) = get(&api, uri).await;
+            assert_eq!(status, StatusCode::OK, "{uri}");
+            assert_eq!(v["syn_in"], 1, "{uri}");
+        }
+        assert_eq!(
+            get(&api, "/stats/192.0.2.11").await.0,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(get(&api, "/stats/nope").await.0, StatusCode::BAD_REQUEST);
+
+        let metrics = Metrics::default();
+        metrics.vip_stats(metrics_rx);
+        let text = metrics.render();
+        for line in [
+            "gocast_vip_packets_total{vip=\"192.0.2.10/32\",direction=\"in\"} 3",
+            "gocast_vip_packets_total{vip=\"192.0.2.10/32\",direction=\"out\"} 0",
+            "gocast_vip_tcp_syn_in_total{vip=\"192.0.2.10/32\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} in:\n{text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn stats_without_the_ebpf_dataplane_say_why() {
+        let api = api();
+        let (status, body) = get(&api, "/stats").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("need the eBPF dataplane"),
+            "{body}"
         );
     }
 }

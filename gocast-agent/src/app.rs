@@ -452,6 +452,9 @@ pub struct AppSpec {
     /// service's `Address`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat_dest: Option<IpAddr>,
+    /// The VIP's counters may fail the app (eBPF dataplane only): SYNs without SYN-ACKs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub passive_health: bool,
 }
 
 /// Parses a comma list of communities, as in `vip_communities=a:b,c:d`; blanks are skipped.

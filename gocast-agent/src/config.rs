@@ -61,15 +61,38 @@ pub struct Config {
     pub dataplane: DataplaneConfig,
 }
 
-/// The `dataplane:` section: which NAT implementation runs, and on which interfaces.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// The `dataplane:` section: which NAT implementation runs, on which interfaces, and when the
+/// per-VIP counters mark an app failing.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct DataplaneConfig {
     pub mode: DataplaneMode,
-    /// Interfaces the eBPF dataplane attaches to; required (non-empty) in `ebpf` mode.
+    /// Interfaces the eBPF dataplane attaches to; empty = the interfaces toward the BGP peers
+    /// (else the default route's).
     pub interfaces: Vec<String>,
+    pub passive_health: PassiveHealthConfig,
 }
 
-/// `auto` uses iptables for now (eBPF is opt-in); the others force one.
+/// `dataplane.passive_health`: thresholds for apps with `passive_health: true`. Over the last
+/// `window`, when at least `min_syn` SYNs came in for the VIP and the share of them left without
+/// a SYN-ACK (or answered by a RST) reaches `max_unanswered`, the app fails.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PassiveHealthConfig {
+    pub window: Duration,
+    pub min_syn: u64,
+    pub max_unanswered: f64,
+}
+
+impl Default for PassiveHealthConfig {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(10),
+            min_syn: 10,
+            max_unanswered: 0.5,
+        }
+    }
+}
+
+/// `auto` runs eBPF and falls back to iptables when it cannot load; the others force one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DataplaneMode {
@@ -274,6 +297,14 @@ struct OutConfig<'a> {
 struct OutDataplane<'a> {
     mode: DataplaneMode,
     interfaces: &'a [String],
+    passive_health: OutPassiveHealth,
+}
+
+#[derive(Serialize)]
+struct OutPassiveHealth {
+    window: String,
+    min_syn: u64,
+    max_unanswered: f64,
 }
 
 #[derive(Serialize)]
@@ -335,6 +366,8 @@ struct OutApp<'a> {
     vip_config: Option<OutVipConfig<'a>>,
     monitors: &'a [Monitor],
     nats: &'a [NatRule],
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    passive_health: bool,
 }
 
 #[derive(Serialize)]
@@ -405,11 +438,17 @@ impl Config {
                     }),
                     monitors: &app.monitors,
                     nats: &app.nats,
+                    passive_health: app.passive_health,
                 })
                 .collect(),
             dataplane: OutDataplane {
                 mode: self.dataplane.mode,
                 interfaces: &self.dataplane.interfaces,
+                passive_health: OutPassiveHealth {
+                    window: go_duration::format(self.dataplane.passive_health.window),
+                    min_syn: self.dataplane.passive_health.min_syn,
+                    max_unanswered: self.dataplane.passive_health.max_unanswered,
+                },
             },
         };
         // Plain data of strings, numbers and lists: serializing cannot fail.
@@ -439,6 +478,17 @@ struct RawDataplane {
     mode: DataplaneMode,
     #[serde(default)]
     interfaces: Vec<String>,
+    #[serde(default)]
+    passive_health: RawPassiveHealth,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPassiveHealth {
+    #[serde(default, with = "go_duration::option")]
+    window: Option<Duration>,
+    min_syn: Option<u64>,
+    max_unanswered: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -551,6 +601,8 @@ struct RawApp {
     monitor: Option<Monitor>,
     #[serde(default)]
     nats: Vec<NatRule>,
+    #[serde(default)]
+    passive_health: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -684,12 +736,6 @@ pub fn default_state_file(config_path: &str) -> PathBuf {
 
 impl RawDataplane {
     fn into_dataplane(self) -> Result<DataplaneConfig, Invalid> {
-        if self.mode == DataplaneMode::Ebpf && self.interfaces.is_empty() {
-            return Err(invalid(
-                "dataplane.interfaces",
-                "dataplane.mode ebpf needs the interfaces to attach to (there is no default yet)",
-            ));
-        }
         for (i, name) in self.interfaces.iter().enumerate() {
             let ok = (1..=15).contains(&name.len()) && !name.contains(['/', ' ', ':']);
             if !ok {
@@ -702,6 +748,39 @@ impl RawDataplane {
         Ok(DataplaneConfig {
             mode: self.mode,
             interfaces: self.interfaces,
+            passive_health: self.passive_health.into_passive_health()?,
+        })
+    }
+}
+
+impl RawPassiveHealth {
+    fn into_passive_health(self) -> Result<PassiveHealthConfig, Invalid> {
+        let default = PassiveHealthConfig::default();
+        let window = self.window.unwrap_or(default.window);
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&window) {
+            return Err(invalid(
+                "dataplane.passive_health.window",
+                "must be between 1s and 1h (counters are sampled once a second)",
+            ));
+        }
+        let min_syn = self.min_syn.unwrap_or(default.min_syn);
+        if min_syn == 0 {
+            return Err(invalid(
+                "dataplane.passive_health.min_syn",
+                "must be at least 1: no verdict without traffic",
+            ));
+        }
+        let max_unanswered = self.max_unanswered.unwrap_or(default.max_unanswered);
+        if !(max_unanswered > 0.0 && max_unanswered <= 1.0) {
+            return Err(invalid(
+                "dataplane.passive_health.max_unanswered",
+                "must be a share in (0, 1], e.g. 0.5",
+            ));
+        }
+        Ok(PassiveHealthConfig {
+            window,
+            min_syn,
+            max_unanswered,
         })
     }
 }
@@ -970,6 +1049,7 @@ impl RawApp {
             nats: self.nats,
             communities: self.vip_config.bgp_communities,
             nat_dest: None,
+            passive_health: self.passive_health,
         })
     }
 }
@@ -1325,7 +1405,22 @@ mod tests {
                 "bgp: {local_as: 1, peers: [{peer_ip: 198.18.0.2, peer_as: 2}, {peer_ip: 198.18.0.2, peer_as: 3, peer_port: 1179}]}",
                 "configured twice",
             ),
-            ("dataplane: {mode: ebpf}", "needs the interfaces"),
+            (
+                "dataplane: {passive_health: {window: 100ms}}",
+                "dataplane.passive_health.window",
+            ),
+            (
+                "dataplane: {passive_health: {max_unanswered: 1.5}}",
+                "dataplane.passive_health.max_unanswered",
+            ),
+            (
+                "dataplane: {passive_health: {min_syn: 0}}",
+                "dataplane.passive_health.min_syn",
+            ),
+            (
+                "dataplane: {passive_health: {windw: 10s}}",
+                "dataplane.passive_health",
+            ),
             ("dataplane: {interfaces: ['a/b']}", "not an interface name"),
             ("bgp: 5", "bgp"),
             ("apps:\n  - name: a\n   vip: x\n", "line"),

@@ -1,5 +1,5 @@
-//! The real [`Host`]: VIPs on `lo` through netlink, NAT through the dataplane: iptables, or
-//! with `dataplane.mode: ebpf` the eBPF programs (which also count traffic per VIP).
+//! The real [`Host`]: VIPs on `lo` through netlink, NAT through the dataplane: the eBPF
+//! programs (which also count traffic per VIP), or iptables where eBPF cannot run.
 //!
 //! Also decides the NAT destination of an app without its own: `agent.nat_dest_ip`, else the
 //! local BGP address (the peer's `local_ip`, or the address the kernel uses toward the peer),
@@ -11,12 +11,16 @@ use std::{
     net::{IpAddr, Ipv6Addr},
 };
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     app::{AppName, NatRule, Vip},
     config::{Config, DataplaneMode},
-    dataplane::{DataplaneInfo, ebpf::Ebpf, iptables::Iptables},
+    dataplane::{
+        DataplaneInfo,
+        ebpf::{CounterReader, Ebpf},
+        iptables::Iptables,
+    },
     lifecycle::{Host, HostError},
     netlink::Netlink,
 };
@@ -55,8 +59,9 @@ impl SystemHost {
     /// previous run left on `lo` (marked by their address protocol) and the rules in the NAT
     /// chain are removed. Nothing else is touched.
     ///
-    /// With `dataplane.mode: ebpf` the eBPF programs are loaded and attached instead of the
-    /// iptables chain; failing that is an error (no fallback when the mode is forced).
+    /// The dataplane: eBPF on `dataplane.interfaces` (default: the interfaces toward the BGP
+    /// peers). In `auto` mode a failure to load or attach falls back to iptables with one WARN;
+    /// in `ebpf` mode it is an error.
     pub async fn start(config: &Config) -> Result<Self, HostError> {
         let netlink = Netlink::new().await?;
         let stale = netlink.owned_vips().await?;
@@ -64,19 +69,8 @@ impl SystemHost {
             warn!(vip = %net, label = label.as_deref().unwrap_or(""), "removing a vip left by a previous run");
             netlink.remove_address(net).await?;
         }
-        let (nat, info) = match config.dataplane.mode {
-            DataplaneMode::Ebpf => {
-                let interfaces = &config.dataplane.interfaces;
-                let ebpf = Ebpf::load(interfaces)?;
-                info!(?interfaces, "eBPF dataplane loaded");
-                (Nat::Ebpf(ebpf), DataplaneInfo::ebpf(interfaces))
-            }
-            mode @ (DataplaneMode::Auto | DataplaneMode::Iptables) => (
-                Nat::Iptables(Iptables::init().await?),
-                DataplaneInfo::for_iptables(mode),
-            ),
-        };
-        info!("host reconciled: no stale vip or nat rule left");
+        let (nat, info) = start_dataplane(&netlink, config).await?;
+        info!(mode = info.mode, reason = %info.reason, "dataplane ready; no stale vip or nat rule left");
         let nat_dest = NatDest {
             configured: config.agent.nat_dest_ip,
             peers: config
@@ -93,6 +87,17 @@ impl SystemHost {
             nat_dest,
             installed_dest: HashMap::new(),
         })
+    }
+
+    /// A reader of the per-VIP counters when the eBPF dataplane runs; `None` with iptables or
+    /// when the maps cannot be opened again (logged: the agent runs on without counters).
+    pub fn counter_reader(&self) -> Option<CounterReader> {
+        let Nat::Ebpf(ebpf) = &self.nat else {
+            return None;
+        };
+        ebpf.counter_reader()
+            .inspect_err(|e| warn!(error = %crate::error_chain(e), "per-VIP counters unavailable"))
+            .ok()
     }
 
     /// Which dataplane runs and why, for `/info`.
@@ -127,6 +132,80 @@ impl SystemHost {
         fallback?.ok_or(HostError::NoNatDest {
             family: if v4 { 4 } else { 6 },
         })
+    }
+}
+
+/// Loads the dataplane `config.dataplane.mode` asks for, falling back from eBPF to iptables in
+/// `auto` mode.
+async fn start_dataplane(
+    netlink: &Netlink,
+    config: &Config,
+) -> Result<(Nat, DataplaneInfo), HostError> {
+    let mode = match config.dataplane.mode {
+        DataplaneMode::Iptables => {
+            let nat = Nat::Iptables(Iptables::init().await?);
+            return Ok((nat, DataplaneInfo::iptables_forced()));
+        }
+        DataplaneMode::Auto => "auto",
+        DataplaneMode::Ebpf => "ebpf",
+    };
+    let loaded = match ebpf_interfaces(netlink, config).await {
+        Ok(interfaces) => Ebpf::load(&interfaces)
+            .map(|ebpf| (ebpf, interfaces))
+            .map_err(HostError::from),
+        Err(e) => Err(e),
+    };
+    match loaded {
+        Ok((ebpf, interfaces)) => {
+            remove_stale_iptables_chain().await;
+            Ok((Nat::Ebpf(ebpf), DataplaneInfo::ebpf(mode, &interfaces)))
+        }
+        Err(e) if config.dataplane.mode == DataplaneMode::Auto => {
+            let why = crate::error_chain(&e);
+            warn!(reason = %why, "eBPF dataplane unavailable: using iptables");
+            let nat = Nat::Iptables(Iptables::init().await?);
+            Ok((nat, DataplaneInfo::iptables_fallback(&why)))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// `dataplane.interfaces`, else the interfaces the kernel uses toward the configured peers,
+/// else (no peer address: autodiscovery) the default route's.
+async fn ebpf_interfaces(netlink: &Netlink, config: &Config) -> Result<Vec<String>, HostError> {
+    if !config.dataplane.interfaces.is_empty() {
+        return Ok(config.dataplane.interfaces.clone());
+    }
+    let mut targets: Vec<IpAddr> = config.bgp.peers.iter().filter_map(|p| p.peer_ip).collect();
+    if targets.is_empty()
+        && let Some((gateway, _)) = netlink.default_gateway().await?
+    {
+        targets.push(gateway);
+    }
+    let mut interfaces = Vec::new();
+    for target in targets {
+        if let Some(name) = netlink.interface_toward(target).await?
+            && !interfaces.contains(&name)
+        {
+            interfaces.push(name);
+        }
+    }
+    if interfaces.is_empty() {
+        return Err(HostError::NoInterface);
+    }
+    Ok(interfaces)
+}
+
+/// The eBPF dataplane replaces iptables: a `GOCAST` chain a previous iptables run left behind
+/// would NAT the same traffic twice. Best effort: no iptables binary means no chain.
+async fn remove_stale_iptables_chain() {
+    match Iptables::init().await {
+        Ok(iptables) => {
+            if let Err(e) = iptables.teardown().await {
+                warn!(error = %crate::error_chain(&e), "cannot remove the iptables chain of a previous run");
+            }
+        }
+        Err(e) => debug!(error = %crate::error_chain(&e), "no iptables chain to clean up"),
     }
 }
 

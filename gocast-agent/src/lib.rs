@@ -7,7 +7,8 @@
 //! - [`lifecycle`]: owns the app registry; health → announce/withdraw → cleanup.
 //! - [`host`]: the real host the lifecycle changes (netlink + dataplane).
 //! - [`netlink`]: VIP addresses on `lo`, routes toward peers.
-//! - [`dataplane`]: NAT (iptables).
+//! - [`dataplane`]: NAT and per-VIP counters (eBPF, iptables fallback).
+//! - [`stats`]: samples the counters: rates for `/stats`, passive health.
 //! - [`store`]: HTTP registrations persisted across restarts.
 //! - [`api`]: the HTTP API; [`metrics`]: Prometheus text.
 //! - [`cli`]: command line, shared by the binary and tests.
@@ -23,7 +24,20 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod monitor;
 pub mod netlink;
+pub mod stats;
 pub mod store;
 
 #[cfg(test)]
 pub mod testing;
+
+/// The error and its causes on one line, for a log field.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}

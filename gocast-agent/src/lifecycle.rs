@@ -20,6 +20,7 @@ use std::{
     collections::BTreeMap,
     future::Future,
     net::IpAddr,
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -36,6 +37,7 @@ use crate::{
     app::{AppName, AppSpec, Community, Monitor, NatRule, Source, Vip},
     metrics::Metrics,
     monitor::{self, MonitorResult, Report},
+    stats::{Owners, Verdict, VipOwner},
     store::{Store, StoreError},
 };
 
@@ -156,6 +158,10 @@ pub enum HostError {
     Ebpf(#[from] crate::dataplane::ebpf::EbpfError),
     #[error("no NAT destination for IPv{family}: set agent.nat_dest_ip or a bgp local address")]
     NoNatDest { family: u8 },
+    #[error(
+        "no interface to attach the eBPF dataplane to: no route toward a BGP peer or a default gateway; set dataplane.interfaces"
+    )]
+    NoInterface,
 }
 
 /// Settings the lifecycle applies.
@@ -167,6 +173,8 @@ pub struct Settings {
     pub allow_http_exec: bool,
     pub vip_allowlist: Vec<IpNet>,
     pub monitor: monitor::Settings,
+    /// The eBPF counters run, so `passive_health: true` has an effect.
+    pub passive_health: bool,
 }
 
 /// Requests to the lifecycle task.
@@ -184,6 +192,8 @@ pub enum Request {
     Apps {
         reply: oneshot::Sender<Vec<AppView>>,
     },
+    /// Changes of passive-health verdict from the stats sampler.
+    PassiveHealth { verdicts: Vec<(AppName, Verdict)> },
 }
 
 /// The client side of the lifecycle; cheap to clone.
@@ -209,6 +219,17 @@ impl LifecycleHandle {
 
     pub async fn apps(&self) -> Result<Vec<AppView>, LifecycleError> {
         self.ask(|reply| Request::Apps { reply }).await
+    }
+
+    /// Tells the lifecycle which apps the traffic counters now fail (or no longer fail).
+    pub async fn passive_health(
+        &self,
+        verdicts: Vec<(AppName, Verdict)>,
+    ) -> Result<(), LifecycleError> {
+        self.tx
+            .send(Request::PassiveHealth { verdicts })
+            .await
+            .map_err(|_| LifecycleError::ShuttingDown)
     }
 
     async fn ask<T>(
@@ -246,6 +267,17 @@ pub struct AppView {
     pub cleanup_in_s: Option<f64>,
     /// The last host operation that failed for this app, if it has not succeeded since.
     pub last_error: Option<String>,
+    /// For apps with `passive_health: true`: what the VIP's traffic counters say.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub passive_health: Option<PassiveView>,
+}
+
+/// The passive health of an app that asked for it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PassiveView {
+    /// `ok`, `failing`, or `unavailable` (the counters need the eBPF dataplane).
+    pub state: &'static str,
+    pub reason: Option<String>,
 }
 
 /// A monitor and its last result.
@@ -280,6 +312,8 @@ struct Entry {
     since: SystemTime,
     cleanup_at: Option<Instant>,
     last_error: Option<String>,
+    /// Why the VIP's traffic fails the app (`passive_health: true` only).
+    passive_failure: Option<String>,
 }
 
 impl Entry {
@@ -290,7 +324,7 @@ impl Entry {
 
     /// The app as `/apps` shows it; a healthy app is in the route set (published at the end of
     /// the lifecycle's current step).
-    fn view(&self) -> AppView {
+    fn view(&self, passive_available: bool) -> AppView {
         AppView {
             name: self.spec.name.clone(),
             vip: self.spec.vip,
@@ -319,6 +353,18 @@ impl Entry {
                 .cleanup_at
                 .map(|t| t.saturating_duration_since(Instant::now()).as_secs_f64()),
             last_error: self.last_error.clone(),
+            passive_health: self.spec.passive_health.then(|| PassiveView {
+                state: match (&self.passive_failure, passive_available) {
+                    (_, false) => "unavailable",
+                    (Some(_), true) => "failing",
+                    (None, true) => "ok",
+                },
+                reason: if passive_available {
+                    self.passive_failure.clone()
+                } else {
+                    Some("passive health needs the eBPF dataplane's counters".into())
+                },
+            }),
         }
     }
 }
@@ -330,6 +376,7 @@ pub struct Lifecycle<H: Host> {
     apps: BTreeMap<AppName, Entry>,
     next_generation: u64,
     routes: watch::Sender<Routes>,
+    owners: watch::Sender<Owners>,
     announcer: Option<Announcer>,
     store: Store,
     monitors: mpsc::UnboundedSender<monitor::Command>,
@@ -357,6 +404,8 @@ pub struct Running {
 pub struct Outputs {
     /// The desired-announcement set; the BGP speaker and the API read it.
     pub routes: watch::Sender<Routes>,
+    /// Each app's VIP, for the stats sampler.
+    pub owners: watch::Sender<Owners>,
     pub announcer: Option<Announcer>,
     pub metrics: Metrics,
 }
@@ -371,6 +420,7 @@ pub fn spawn<H: Host>(
 ) -> Running {
     let Outputs {
         routes: routes_tx,
+        owners,
         announcer,
         metrics,
     } = outputs;
@@ -390,6 +440,7 @@ pub fn spawn<H: Host>(
         apps: BTreeMap::new(),
         next_generation: 1,
         routes: routes_tx,
+        owners,
         announcer,
         store,
         monitors,
@@ -492,13 +543,20 @@ impl<H: Host> Lifecycle<H> {
                 let _ = reply.send(self.unregister(&name).await);
             }
             Request::Apps { reply } => {
-                let _ = reply.send(self.apps.values().map(Entry::view).collect());
+                let available = self.settings.passive_health;
+                let _ = reply.send(self.apps.values().map(|e| e.view(available)).collect());
+            }
+            Request::PassiveHealth { verdicts } => {
+                for (name, verdict) in verdicts {
+                    self.on_passive(&name, verdict);
+                }
             }
         }
     }
 
     fn view(&self, name: &AppName) -> Option<AppView> {
-        self.apps.get(name).map(Entry::view)
+        let available = self.settings.passive_health;
+        self.apps.get(name).map(|e| e.view(available))
     }
 
     /// Refuses an app whose VIP or label belongs to another app.
@@ -658,11 +716,14 @@ impl<H: Host> Lifecycle<H> {
             since: SystemTime::now(),
             cleanup_at: None,
             last_error: None,
+            passive_failure: None,
         };
         self.metrics
             .app_state(entry.spec.name.as_str(), false, false);
         self.watch(&entry);
         self.apps.insert(entry.spec.name.clone(), entry);
+        // The stats sampler learns the new VIP's owner with the next publish.
+        self.dirty = true;
     }
 
     /// Same name, same VIP, other parameters: keep the health state so the route does not
@@ -677,6 +738,7 @@ impl<H: Host> Lifecycle<H> {
         self.next_generation += 1;
         entry.results = vec![None; spec.monitors.len()];
         entry.streak = 0;
+        entry.passive_failure = None;
         entry.spec = spec;
         entry.source = source;
         self.watch(&entry);
@@ -711,6 +773,31 @@ impl<H: Host> Lifecycle<H> {
         self.metrics.app_removed(entry.spec.name.as_str());
     }
 
+    /// A new passive verdict: a failure withdraws a healthy app at once (the window already
+    /// smoothed it); a cleared one lets the next passing monitor report bring it back.
+    fn on_passive(&mut self, name: &AppName, verdict: Verdict) {
+        let Some(entry) = self.apps.get_mut(name) else {
+            return;
+        };
+        if !entry.spec.passive_health {
+            return;
+        }
+        entry.passive_failure = match verdict {
+            Verdict::Failing(reason) => {
+                warn!(app = %name, %reason, "passive health failing");
+                Some(reason)
+            }
+            Verdict::Cleared => {
+                info!(app = %name, "passive health ok again");
+                None
+            }
+        };
+        if entry.passive_failure.is_some() && entry.healthy {
+            entry.streak = 0;
+            self.go_unhealthy(name);
+        }
+    }
+
     async fn on_report(&mut self, report: Report) {
         let Some(entry) = self.apps.get_mut(&report.app) else {
             return;
@@ -718,7 +805,7 @@ impl<H: Host> Lifecycle<H> {
         if entry.generation != report.generation {
             return;
         }
-        let passing = report.results.iter().all(|r| r.ok);
+        let passing = report.results.iter().all(|r| r.ok) && entry.passive_failure.is_none();
         for (slot, r) in entry.results.iter_mut().zip(report.results) {
             *slot = Some(r);
         }
@@ -799,6 +886,7 @@ impl<H: Host> Lifecycle<H> {
                     .filter(|r| !r.ok)
                     .map(|r| format!("{m}: {}", r.reason))
             })
+            .chain(entry.passive_failure.clone())
             .collect();
         warn!(app = %name, vip = %entry.spec.vip, reasons = %reasons.join("; "), "app unhealthy: withdrawing");
         self.metrics.state_changed(name.as_str());
@@ -878,6 +966,25 @@ impl<H: Host> Lifecycle<H> {
             })
             .collect();
         self.metrics.routes(set.len());
+        let owners: BTreeMap<IpAddr, VipOwner> = self
+            .apps
+            .values()
+            .map(|e| {
+                let owner = VipOwner {
+                    vip: e.spec.vip,
+                    app: e.spec.name.clone(),
+                    passive_health: e.spec.passive_health,
+                };
+                (e.spec.vip.addr(), owner)
+            })
+            .collect();
+        self.owners.send_if_modified(|current| {
+            let changed = **current != owners;
+            if changed {
+                *current = Arc::new(owners);
+            }
+            changed
+        });
         self.routes.send_if_modified(|current| {
             if current.set == set {
                 return false;
@@ -1003,6 +1110,7 @@ mod tests {
 
     struct Harness {
         host: FakeHost,
+        owners: watch::Receiver<Owners>,
         running: Running,
         cancel: CancellationToken,
         dir: tempfile::TempDir,
@@ -1019,6 +1127,7 @@ mod tests {
                 interval: Duration::from_millis(20),
                 exec_timeout: Duration::from_secs(5),
             },
+            passive_health: true,
         }
     }
 
@@ -1026,8 +1135,10 @@ mod tests {
         let host = FakeHost::default();
         let cancel = CancellationToken::new();
         let store = Store::new(dir.path().join("state.json"));
+        let (owners_tx, owners) = watch::channel(Owners::default());
         let outputs = Outputs {
             routes: watch::channel(Routes::default()).0,
+            owners: owners_tx,
             announcer: None,
             metrics: Metrics::default(),
         };
@@ -1042,6 +1153,7 @@ mod tests {
         *host.routes.lock().unwrap() = Some(running.routes.clone());
         Harness {
             host,
+            owners,
             running,
             cancel,
             dir,
@@ -1082,6 +1194,7 @@ mod tests {
             nats: vec!["tcp:80:8080".parse().unwrap()],
             communities: vec!["65000:1".parse().unwrap()],
             nat_dest: None,
+            passive_health: false,
         }
     }
 
@@ -1122,6 +1235,57 @@ mod tests {
 
     fn routed(routes: &RouteSet, vip: &str) -> bool {
         routes.contains_key(&vip.parse::<Vip>().unwrap().prefix())
+    }
+
+    #[tokio::test]
+    async fn a_passive_health_failure_withdraws_until_cleared_and_only_for_apps_that_opt_in() {
+        let mut passive = spec("web", "192.0.2.10/32", &["exec:true".into()]);
+        passive.passive_health = true;
+        let other = spec("db", "192.0.2.11/32", &["exec:true".into()]);
+        let mut h = start_fresh(settings(), vec![passive, other]);
+        let owners = h.owners.clone();
+        wait_for(&h, "both healthy", |_, r| {
+            routed(r, "192.0.2.10/32") && routed(r, "192.0.2.11/32")
+        })
+        .await;
+        let owner = owners.borrow()[&"192.0.2.10".parse::<IpAddr>().unwrap()].clone();
+        assert!(owner.passive_health && owner.app.as_str() == "web");
+
+        let failing = |name: &str| {
+            let verdict = Verdict::Failing("no SYN-ACKs".to_owned());
+            (name.parse().unwrap(), verdict)
+        };
+        h.running
+            .handle
+            .passive_health(vec![failing("web"), failing("db")])
+            .await
+            .unwrap();
+        wait_for(&h, "web withdrawn", |_, r| !routed(r, "192.0.2.10/32")).await;
+        assert!(
+            h.running
+                .routes
+                .borrow()
+                .contains_key(&"192.0.2.11/32".parse().unwrap())
+        );
+        let web = app(&h, "web").await.unwrap();
+        assert_eq!(web.state, "unhealthy");
+        let view = web.passive_health.unwrap();
+        assert_eq!(
+            (view.state, view.reason.as_deref()),
+            ("failing", Some("no SYN-ACKs"))
+        );
+        assert!(app(&h, "db").await.unwrap().passive_health.is_none());
+        // Monitors keep passing, but the app stays down while the verdict holds.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!routed(&h.running.routes.borrow(), "192.0.2.10/32"));
+
+        h.running
+            .handle
+            .passive_health(vec![("web".parse().unwrap(), Verdict::Cleared)])
+            .await
+            .unwrap();
+        wait_for(&h, "web back", |_, r| routed(r, "192.0.2.10/32")).await;
+        stop(&mut h).await;
     }
 
     #[tokio::test]

@@ -19,7 +19,7 @@ use gocast::{
     host::SystemHost,
     lifecycle,
     metrics::Metrics,
-    monitor,
+    monitor, stats,
     store::Store,
 };
 use tokio_util::sync::CancellationToken;
@@ -118,11 +118,19 @@ async fn run(config: Config) -> Result<()> {
     let host = SystemHost::start(&config).await.with_context(|| {
         let dataplane = match config.dataplane.mode {
             DataplaneMode::Ebpf => "eBPF dataplane (dataplane.mode: ebpf)",
-            DataplaneMode::Auto | DataplaneMode::Iptables => "iptables",
+            DataplaneMode::Auto => "dataplane",
+            DataplaneMode::Iptables => "iptables",
         };
         format!("preparing the host (netlink, {dataplane})")
     })?;
     let dataplane = host.dataplane_info();
+    let counters = host.counter_reader();
+    if counters.is_none() && config.apps.iter().any(|a| a.passive_health) {
+        warn!(
+            dataplane = dataplane.mode,
+            "passive_health is set on apps but needs the eBPF counters: it has no effect"
+        );
+    }
     let metrics = Metrics::default();
     let cancel = CancellationToken::new();
     let agent = &config.agent;
@@ -136,9 +144,11 @@ async fn run(config: Config) -> Result<()> {
             interval: agent.monitor_interval,
             exec_timeout: agent.exec_timeout,
         },
+        passive_health: counters.is_some(),
     };
     let store = Store::new(&agent.state_file);
     let (routes_tx, routes_rx) = tokio::sync::watch::channel(lifecycle::Routes::default());
+    let (owners_tx, owners_rx) = tokio::sync::watch::channel(stats::Owners::default());
     let (speaker, announcer) = if config.bgp.peers.is_empty() {
         warn!("no bgp peers configured: routes are computed (GET /routes) but not announced");
         (None, None)
@@ -155,14 +165,28 @@ async fn run(config: Config) -> Result<()> {
         store,
         lifecycle::Outputs {
             routes: routes_tx,
+            owners: owners_tx,
             announcer,
             metrics: metrics.clone(),
         },
         cancel.clone(),
     );
+    let snapshots = counters.map(|reader| {
+        stats::spawn(
+            reader,
+            owners_rx,
+            running.handle.clone(),
+            config.dataplane.passive_health,
+            cancel.clone(),
+        )
+    });
+    if let Some(rx) = &snapshots {
+        metrics.vip_stats(rx.clone());
+    }
     let state = ApiState {
         lifecycle: running.handle.clone(),
         routes: running.routes.clone(),
+        stats: snapshots,
         metrics,
         info: Arc::new(StaticInfo {
             version: env!("CARGO_PKG_VERSION"),

@@ -3,18 +3,26 @@
 //! The families are atomics behind `Arc`s: every task records into them without a message
 //! round-trip, and only the API renders them.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text::encode},
     metrics::{
-        counter::Counter,
+        MetricType,
+        counter::{ConstCounter, Counter},
         family::{Family, MetricConstructor},
         gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
 };
+use tokio::sync::watch;
+
+use crate::stats::{Counters, Snapshot};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct AppLabels {
@@ -30,6 +38,75 @@ struct PeerLabels {
 struct MonitorLabels {
     kind: String,
     result: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct VipLabels {
+    vip: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct VipDirectionLabels {
+    vip: String,
+    direction: &'static str,
+}
+
+/// A metric name, its help, and how to pick its value(s) from a VIP's counters.
+type Series<T> = (&'static str, &'static str, fn(&Counters) -> T);
+
+/// The per-VIP counters of the latest stats snapshot, rendered at scrape time: the kernel
+/// counts, so these are constant counters read from the snapshot, not counters we increment.
+#[derive(Debug, Default)]
+struct VipCounterCollector {
+    snapshot: Arc<OnceLock<watch::Receiver<Arc<Snapshot>>>>,
+}
+
+impl Collector for VipCounterCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(rx) = self.snapshot.get() else {
+            return Ok(());
+        };
+        let snapshot = rx.borrow().clone();
+        let by_direction: [Series<[u64; 2]>; 2] = [
+            (
+                "vip_packets",
+                "Packets to (in) and from (out) the VIP, counted by eBPF",
+                |c| [c.packets_in, c.packets_out],
+            ),
+            (
+                "vip_bytes",
+                "Bytes to (in) and from (out) the VIP, counted by eBPF",
+                |c| [c.bytes_in, c.bytes_out],
+            ),
+        ];
+        for (name, help, pick) in by_direction {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for v in &snapshot.vips {
+                for (direction, value) in ["in", "out"].into_iter().zip(pick(&v.counters)) {
+                    let labels = VipDirectionLabels {
+                        vip: v.vip.clone(),
+                        direction,
+                    };
+                    ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let tcp: [Series<u64>; 3] = [
+            ("vip_tcp_syn_in", "TCP SYNs to the VIP", |c| c.syn_in),
+            ("vip_tcp_synack_out", "TCP SYN-ACKs from the VIP", |c| {
+                c.synack_out
+            }),
+            ("vip_tcp_rst_out", "TCP RSTs from the VIP", |c| c.rst_out),
+        ];
+        for (name, help, pick) in tcp {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for v in &snapshot.vips {
+                let labels = VipLabels { vip: v.vip.clone() };
+                ConstCounter::new(pick(&v.counters)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Monitor latency buckets: 100 µs (a socket-table read) to ~13 s (a slow exec).
@@ -60,6 +137,7 @@ struct Inner {
     peer_established: Family<PeerLabels, Counter>,
     updates_sent: Family<PeerLabels, Counter>,
     prefixes_advertised: Family<PeerLabels, Gauge>,
+    vip_snapshot: Arc<OnceLock<watch::Receiver<Arc<Snapshot>>>>,
 }
 
 impl Default for Metrics {
@@ -125,6 +203,9 @@ impl Default for Metrics {
             "Routes in the desired-announcement set",
             routes.clone(),
         );
+        let vip_counters = VipCounterCollector::default();
+        let vip_snapshot = vip_counters.snapshot.clone();
+        registry.register_collector(Box::new(vip_counters));
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -138,6 +219,7 @@ impl Default for Metrics {
                 peer_established,
                 updates_sent,
                 prefixes_advertised,
+                vip_snapshot,
             }),
         }
     }
@@ -233,6 +315,11 @@ impl Metrics {
             .prefixes_advertised
             .get_or_create(&labels)
             .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// Exports the per-VIP counters of the stats sampler's snapshots (eBPF dataplane only).
+    pub fn vip_stats(&self, snapshots: watch::Receiver<Arc<Snapshot>>) {
+        let _ = self.inner.vip_snapshot.set(snapshots);
     }
 
     /// The Prometheus text exposition.

@@ -18,6 +18,7 @@ use rtnetlink::packet_route::{
         AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressProtocol,
         AddressScope,
     },
+    link::LinkAttribute,
     route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType, RouteVia},
 };
 use rtnetlink::{AddressMessageBuilder, Handle, LinkUnspec, RouteMessageBuilder};
@@ -67,6 +68,12 @@ pub enum NetlinkError {
     #[error("cannot look up the route toward {dest}")]
     RouteLookup {
         dest: IpAddr,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("cannot look up interface {index}")]
+    LinkLookup {
+        index: u32,
         #[source]
         source: rtnetlink::Error,
     },
@@ -284,6 +291,38 @@ impl Netlink {
                 return None;
             }
             address_net(m).map(|n| n.addr())
+        }))
+    }
+
+    /// The name of the interface the kernel sends packets toward `dest` through, or `None` if
+    /// `dest` is unroutable or local (the eBPF dataplane attaches there).
+    pub async fn interface_toward(&self, dest: IpAddr) -> Result<Option<String>, NetlinkError> {
+        let Some(route) = self.route_toward(dest).await? else {
+            return Ok(None);
+        };
+        let Some(oif) = route.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        }) else {
+            return Ok(None);
+        };
+        if oif == self.lo_index {
+            return Ok(None);
+        }
+        let link = self
+            .handle
+            .link()
+            .get()
+            .match_index(oif)
+            .execute()
+            .try_next()
+            .await
+            .map_err(|source| NetlinkError::LinkLookup { index: oif, source })?;
+        Ok(link.and_then(|l| {
+            l.attributes.into_iter().find_map(|a| match a {
+                LinkAttribute::IfName(name) => Some(name),
+                _ => None,
+            })
         }))
     }
 

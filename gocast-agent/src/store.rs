@@ -135,6 +135,7 @@ mod tests {
             nats: vec!["tcp:80:8080".parse().unwrap()],
             communities: vec!["65000:1".parse().unwrap(), "1:2:3".parse().unwrap()],
             nat_dest: None,
+            passive_health: false,
         }
     }
 

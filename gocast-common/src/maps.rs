@@ -92,6 +92,17 @@ impl VipKey {
             _pad: [0; 3],
         }
     }
+
+    /// The VIP this key stands for; `None` for a family that is neither.
+    #[must_use]
+    pub const fn ip(&self) -> Option<IpAddr> {
+        let a = self.addr;
+        match self.family {
+            FAMILY_V4 => Some(IpAddr::V4(core::net::Ipv4Addr::new(a[0], a[1], a[2], a[3]))),
+            FAMILY_V6 => Some(IpAddr::V6(core::net::Ipv6Addr::from_octets(a))),
+            _ => None,
+        }
+    }
 }
 
 /// Key of [`NAT_MAP`]: traffic to a VIP port.
@@ -244,6 +255,17 @@ mod tests {
     use core::net::{Ipv4Addr, Ipv6Addr};
 
     use super::*;
+
+    #[test]
+    fn vip_keys_give_back_their_address() {
+        for ip in [
+            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)),
+            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
+        ] {
+            assert_eq!(VipKey::new(ip).ip(), Some(ip));
+        }
+        assert_eq!(VipKey::default().ip(), None);
+    }
 
     #[test]
     fn ipv4_keys_hold_the_address_in_the_first_four_bytes() {

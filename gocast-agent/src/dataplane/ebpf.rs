@@ -9,7 +9,7 @@
 use std::{collections::HashMap as StdHashMap, io, net::IpAddr};
 
 use aya::{
-    maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{HashMap, IterableMap, MapData, MapError, PerCpuArray, PerCpuValues},
     programs::{
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         tc::{self, TcError},
@@ -302,6 +302,16 @@ impl Ebpf {
             .fold(VipCounters::default(), VipCounters::sum))
     }
 
+    /// A second, read-only handle on the VIP and counter maps for the stats sampler, so reading
+    /// counters never waits on the lifecycle that owns this dataplane.
+    pub fn counter_reader(&self) -> Result<CounterReader, EbpfError> {
+        let loaded = self.loaded.as_deref().ok_or(EbpfError::ShutDown)?;
+        Ok(CounterReader {
+            vips: reopen(IterableMap::map(&loaded.vips), VIPS_MAP)?,
+            counters: reopen(IterableMap::map(&loaded.counters), COUNTERS_MAP)?,
+        })
+    }
+
     /// Detaches the programs and closes the maps; later changes fail with
     /// [`EbpfError::ShutDown`], removals do nothing.
     pub fn shutdown(&mut self) {
@@ -312,6 +322,53 @@ impl Ebpf {
         self.free.clear();
         self.next = 0;
     }
+}
+
+/// Reads every VIP's counters straight from the kernel maps.
+pub struct CounterReader {
+    vips: HashMap<MapData, VipKey, u32>,
+    counters: PerCpuArray<MapData, VipCounters>,
+}
+
+impl CounterReader {
+    /// Each VIP in [`VIPS_MAP`] with its counters summed over CPUs.
+    pub fn read(&self) -> Result<Vec<(IpAddr, VipCounters)>, EbpfError> {
+        let mut out = Vec::new();
+        for entry in &self.vips {
+            let (key, slot) = entry.map_err(map_error(VIPS_MAP))?;
+            let Some(ip) = key.ip() else { continue };
+            let per_cpu = match self.counters.get(&slot, 0) {
+                Ok(values) => values,
+                // Removed between the two reads.
+                Err(MapError::KeyNotFound) => continue,
+                Err(e) => return Err(map_error(COUNTERS_MAP)(e)),
+            };
+            let sum = per_cpu
+                .iter()
+                .fold(VipCounters::default(), VipCounters::sum);
+            out.push((ip, sum));
+        }
+        Ok(out)
+    }
+}
+
+/// A map of ours opened again through a duplicate of its file descriptor.
+fn reopen<M>(map: &MapData, name: &'static str) -> Result<M, EbpfError>
+where
+    M: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    use std::os::fd::AsFd as _;
+    let fd = map
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| EbpfError::PerCpu { map: name, source })?;
+    let data = MapData::from_fd(fd).map_err(map_error(name))?;
+    let map = match name {
+        VIPS_MAP => aya::maps::Map::HashMap(data),
+        _ => aya::maps::Map::PerCpuArray(data),
+    };
+    M::try_from(map).map_err(map_error(name))
 }
 
 fn nat_key(vip: IpAddr, rule: NatRule) -> NatKey {

@@ -115,7 +115,7 @@ impl Iptables {
         let ipv6 = match init_family(Family::V6).await {
             Ok(()) => true,
             Err(error) => {
-                warn!(error = %error_chain(&error), "IPv6 NAT disabled: ip6tables is not usable");
+                warn!(error = %crate::error_chain(&error), "IPv6 NAT disabled: ip6tables is not usable");
                 false
             }
         };
@@ -355,18 +355,6 @@ async fn run_found(family: Family, args: &[String]) -> Result<bool, IptablesErro
         Some(NOT_FOUND) => Ok(false),
         _ => Err(done.failed()),
     }
-}
-
-/// The error and its causes on one line, for a log field.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -1,12 +1,10 @@
-//! Dataplane: NAT for VIPs. iptables by default; the eBPF dataplane (XDP + TC) is opt-in with
-//! `dataplane.mode: ebpf`.
+//! Dataplane: NAT for VIPs and per-VIP counters. The eBPF programs (XDP ingress, TC egress) run
+//! where they can load; iptables DNAT is the fallback, or forced with `dataplane.mode: iptables`.
 
 pub mod ebpf;
 pub mod iptables;
 
 use serde::Serialize;
-
-use crate::config::DataplaneMode;
 
 /// Which dataplane runs and why, for `/info`.
 #[derive(Debug, Clone, Serialize)]
@@ -16,33 +14,34 @@ pub struct DataplaneInfo {
 }
 
 impl DataplaneInfo {
-    /// iptables, as `auto` (and tests) run it.
-    pub fn iptables() -> Self {
-        Self::for_iptables(DataplaneMode::Auto)
-    }
-
-    /// iptables, chosen by `mode` (`auto` or `iptables`).
-    pub fn for_iptables(mode: DataplaneMode) -> Self {
-        let reason = match mode {
-            DataplaneMode::Iptables => "forced by dataplane.mode: iptables",
-            DataplaneMode::Auto | DataplaneMode::Ebpf => {
-                "dataplane.mode auto uses iptables; the eBPF dataplane is opt-in (dataplane.mode: ebpf)"
-            }
-        };
+    /// iptables, forced by `dataplane.mode: iptables`.
+    pub fn iptables_forced() -> Self {
         Self {
             mode: "iptables",
-            reason: reason.into(),
+            reason: "forced by dataplane.mode: iptables".into(),
         }
     }
 
-    /// The eBPF dataplane, attached to `interfaces`.
-    pub fn ebpf(interfaces: &[String]) -> Self {
+    /// iptables, because `auto` could not run eBPF for `why`.
+    pub fn iptables_fallback(why: &str) -> Self {
+        Self {
+            mode: "iptables",
+            reason: format!("dataplane.mode auto fell back to iptables: {why}"),
+        }
+    }
+
+    /// The eBPF dataplane, attached to `interfaces`, chosen by `mode` (`auto` or `ebpf`).
+    pub fn ebpf(mode: &str, interfaces: &[String]) -> Self {
         Self {
             mode: "ebpf",
             reason: format!(
-                "forced by dataplane.mode: ebpf; XDP ingress and TC egress on {}",
+                "dataplane.mode {mode}: XDP ingress and TC egress on {}",
                 interfaces.join(", ")
             ),
         }
+    }
+
+    pub fn is_ebpf(&self) -> bool {
+        self.mode == "ebpf"
     }
 }

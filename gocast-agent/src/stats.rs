@@ -1,0 +1,553 @@
+//! Per-VIP traffic statistics from the eBPF counters, and the passive health signal they feed.
+//!
+//! One task samples the kernel's counters once a second ([`SAMPLE_INTERVAL`]). It keeps a
+//! short history per VIP, publishes the latest [`Snapshot`] (totals and per-second rates) on a
+//! watch channel for `/stats`, `/metrics` and `gocast status`, and, for apps with
+//! `passive_health: true`, judges the last `dataplane.passive_health.window`: SYNs that came in
+//! but got no SYN-ACK (or got a RST) fail the app, as a failing monitor would. Only changes of
+//! verdict are sent to the lifecycle.
+//!
+//! A failure holds while the window still shows it: until answers outweigh the unanswered SYNs,
+//! or the bad SYNs have aged out of the window (a withdrawn VIP gets no new traffic). The app
+//! may then come back, and fails again if the service still does not answer.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use gocast_common::maps::VipCounters;
+use ipnet::IpNet;
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    app::{AppName, Vip},
+    config::PassiveHealthConfig,
+    dataplane::ebpf::{CounterReader, EbpfError},
+    lifecycle::LifecycleHandle,
+};
+
+/// How often the counters are read.
+pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// One VIP's counters since its VIP was installed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counters {
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub syn_in: u64,
+    pub synack_out: u64,
+    pub rst_out: u64,
+}
+
+impl From<VipCounters> for Counters {
+    fn from(c: VipCounters) -> Self {
+        Self {
+            packets_in: c.packets_in,
+            bytes_in: c.bytes_in,
+            packets_out: c.packets_out,
+            bytes_out: c.bytes_out,
+            syn_in: c.syn_in,
+            synack_out: c.synack_out,
+            rst_out: c.rst_out,
+        }
+    }
+}
+
+impl Counters {
+    fn fields(self) -> [u64; 7] {
+        [
+            self.packets_in,
+            self.bytes_in,
+            self.packets_out,
+            self.bytes_out,
+            self.syn_in,
+            self.synack_out,
+            self.rst_out,
+        ]
+    }
+
+    /// `self - earlier`, or `None` when a counter went backwards (the VIP was removed and
+    /// added again, which zeroes its counters).
+    fn since(self, earlier: Self) -> Option<Self> {
+        let (now, then) = (self.fields(), earlier.fields());
+        let mut d = [0; 7];
+        for i in 0..7 {
+            d[i] = now[i].checked_sub(then[i])?;
+        }
+        Some(Self {
+            packets_in: d[0],
+            bytes_in: d[1],
+            packets_out: d[2],
+            bytes_out: d[3],
+            syn_in: d[4],
+            synack_out: d[5],
+            rst_out: d[6],
+        })
+    }
+}
+
+/// Per-second rates over the last sample interval, with the same keys as [`Counters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Rates {
+    pub packets_in: f64,
+    pub bytes_in: f64,
+    pub packets_out: f64,
+    pub bytes_out: f64,
+    pub syn_in: f64,
+    pub synack_out: f64,
+    pub rst_out: f64,
+}
+
+impl Rates {
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "a rate needs no precision beyond 2^53 per interval"
+    )]
+    fn of(delta: Counters, over: Duration) -> Self {
+        let secs = over.as_secs_f64();
+        if secs <= 0.0 {
+            return Self::default();
+        }
+        let r = |v: u64| v as f64 / secs;
+        Self {
+            packets_in: r(delta.packets_in),
+            bytes_in: r(delta.bytes_in),
+            packets_out: r(delta.packets_out),
+            bytes_out: r(delta.bytes_out),
+            syn_in: r(delta.syn_in),
+            synack_out: r(delta.synack_out),
+            rst_out: r(delta.rst_out),
+        }
+    }
+}
+
+/// One VIP in `/stats`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VipStats {
+    /// The VIP with its prefix length, as the app registered it.
+    pub vip: String,
+    /// The app owning the VIP (none for a moment while an app is being removed).
+    pub app: Option<AppName>,
+    #[serde(flatten)]
+    pub counters: Counters,
+    pub rates: Rates,
+    /// The VIP's address, to look it up.
+    #[serde(skip)]
+    pub addr: IpAddr,
+}
+
+/// The latest sample of every VIP, as `/stats` serves it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Snapshot {
+    /// When the counters were read (RFC 3339); `None` before the first read.
+    pub sampled_at: Option<String>,
+    pub vips: Vec<VipStats>,
+}
+
+impl Snapshot {
+    /// The VIP written as an address or a prefix (`192.0.2.10` or `192.0.2.10/32`).
+    pub fn find(&self, vip: &str) -> Option<&VipStats> {
+        let addr = vip
+            .parse::<IpAddr>()
+            .ok()
+            .or_else(|| vip.parse::<IpNet>().ok().map(|n| n.addr()))?;
+        self.vips.iter().find(|v| v.addr == addr)
+    }
+}
+
+/// An installed VIP's app, as the lifecycle publishes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VipOwner {
+    pub vip: Vip,
+    pub app: AppName,
+    pub passive_health: bool,
+}
+
+/// Every app's VIP by address; the lifecycle is the only writer.
+pub type Owners = Arc<BTreeMap<IpAddr, VipOwner>>;
+
+/// Where counters come from: the eBPF maps, or a script in tests.
+pub trait CounterSource: Send + 'static {
+    fn read(&mut self) -> Result<Vec<(IpAddr, VipCounters)>, EbpfError>;
+}
+
+impl CounterSource for CounterReader {
+    fn read(&mut self) -> Result<Vec<(IpAddr, VipCounters)>, EbpfError> {
+        CounterReader::read(self)
+    }
+}
+
+/// What one window of counters says about a service.
+#[derive(Debug, Clone, PartialEq)]
+enum Evidence {
+    Failing(String),
+    Healthy,
+    TooLittleTraffic,
+}
+
+fn judge(window: Counters, config: &PassiveHealthConfig) -> Evidence {
+    let syn = window.syn_in;
+    if syn < config.min_syn {
+        return Evidence::TooLittleTraffic;
+    }
+    let unanswered = syn.saturating_sub(window.synack_out);
+    let reset = window.rst_out.min(syn);
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "a share of SYN counts needs no precision beyond 2^53"
+    )]
+    let share = unanswered.max(reset) as f64 / syn as f64;
+    if share >= config.max_unanswered {
+        Evidence::Failing(format!(
+            "passive health: {unanswered} of {syn} SYNs in the last {}s got no SYN-ACK, {} RSTs sent",
+            config.window.as_secs(),
+            window.rst_out
+        ))
+    } else {
+        Evidence::Healthy
+    }
+}
+
+/// One VIP's recent samples and passive verdict.
+#[derive(Debug, Default)]
+struct History {
+    /// Oldest first; the first one is at least a window old once there is that much history.
+    samples: VecDeque<(Instant, Counters)>,
+    failing: bool,
+}
+
+impl History {
+    /// Adds a sample; the rates since the previous one.
+    fn push(&mut self, now: Instant, counters: Counters, window: Duration) -> Rates {
+        let mut rates = Rates::default();
+        if let Some(&(then, before)) = self.samples.back() {
+            if let Some(delta) = counters.since(before) {
+                rates = Rates::of(delta, now.saturating_duration_since(then));
+            } else {
+                self.samples.clear();
+            }
+        }
+        self.samples.push_back((now, counters));
+        while self
+            .samples
+            .get(1)
+            .is_some_and(|&(t, _)| now.saturating_duration_since(t) >= window)
+        {
+            self.samples.pop_front();
+        }
+        rates
+    }
+
+    /// The counters' growth over the window (or over the history there is).
+    fn window(&self) -> Counters {
+        match (self.samples.front(), self.samples.back()) {
+            (Some(&(_, first)), Some(&(_, last))) => last.since(first).unwrap_or_default(),
+            _ => Counters::default(),
+        }
+    }
+
+    /// Applies this window's evidence; the new verdict when it changed.
+    fn update(&mut self, config: &PassiveHealthConfig) -> Option<Verdict> {
+        match judge(self.window(), config) {
+            Evidence::Failing(reason) => {
+                (!std::mem::replace(&mut self.failing, true)).then_some(Verdict::Failing(reason))
+            }
+            // The bad SYNs stay in the window for a window's length: that is the hold-down.
+            Evidence::Healthy | Evidence::TooLittleTraffic => {
+                std::mem::replace(&mut self.failing, false).then_some(Verdict::Cleared)
+            }
+        }
+    }
+}
+
+/// The sampler's state: history per VIP. Pure apart from the clock it is given.
+struct Sampler {
+    config: PassiveHealthConfig,
+    histories: HashMap<IpAddr, History>,
+}
+
+/// A change of an app's passive verdict, for the lifecycle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The VIP's traffic fails the app, for this reason.
+    Failing(String),
+    /// It no longer does.
+    Cleared,
+}
+
+impl Sampler {
+    fn sample(
+        &mut self,
+        now: Instant,
+        read: Vec<(IpAddr, VipCounters)>,
+        owners: &BTreeMap<IpAddr, VipOwner>,
+    ) -> (Vec<VipStats>, Vec<(AppName, Verdict)>) {
+        let mut vips = Vec::with_capacity(read.len());
+        let mut verdicts = Vec::new();
+        let mut seen = HashSet::with_capacity(read.len());
+        for (addr, raw) in read {
+            let counters = Counters::from(raw);
+            let history = self.histories.entry(addr).or_default();
+            let rates = history.push(now, counters, self.config.window);
+            let owner = owners.get(&addr);
+            match owner {
+                Some(o) if o.passive_health => {
+                    if let Some(v) = history.update(&self.config) {
+                        verdicts.push((o.app.clone(), v));
+                    }
+                }
+                _ => history.failing = false,
+            }
+            seen.insert(addr);
+            vips.push(VipStats {
+                vip: owner.map_or_else(|| IpNet::from(addr).to_string(), |o| o.vip.to_string()),
+                app: owner.map(|o| o.app.clone()),
+                counters,
+                rates,
+                addr,
+            });
+        }
+        self.histories.retain(|addr, _| seen.contains(addr));
+        vips.sort_by_key(|v| v.addr);
+        (vips, verdicts)
+    }
+}
+
+/// Starts the sampler; the returned receiver always holds the latest snapshot.
+pub fn spawn<S: CounterSource>(
+    mut source: S,
+    owners: watch::Receiver<Owners>,
+    lifecycle: LifecycleHandle,
+    config: PassiveHealthConfig,
+    cancel: CancellationToken,
+) -> watch::Receiver<Arc<Snapshot>> {
+    let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+    tokio::spawn(async move {
+        let mut sampler = Sampler {
+            config,
+            histories: HashMap::new(),
+        };
+        let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut failing_reads = 0u32;
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let read = match source.read() {
+                Ok(read) => {
+                    if failing_reads > 0 {
+                        info!(failed = failing_reads, "eBPF counters readable again");
+                        failing_reads = 0;
+                    }
+                    read
+                }
+                Err(e) => {
+                    // Logged once per outage; the last snapshot stays.
+                    if failing_reads == 0 {
+                        warn!(error = %crate::error_chain(&e), "cannot read the eBPF counters");
+                    }
+                    failing_reads += 1;
+                    continue;
+                }
+            };
+            let owners = owners.borrow().clone();
+            let (vips, verdicts) = sampler.sample(Instant::now(), read, &owners);
+            tx.send_replace(Arc::new(Snapshot {
+                sampled_at: Some(humantime::format_rfc3339_millis(SystemTime::now()).to_string()),
+                vips,
+            }));
+            if !verdicts.is_empty() && lifecycle.passive_health(verdicts).await.is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> PassiveHealthConfig {
+        PassiveHealthConfig {
+            window: Duration::from_secs(5),
+            min_syn: 10,
+            max_unanswered: 0.5,
+        }
+    }
+
+    fn owners(passive: bool) -> BTreeMap<IpAddr, VipOwner> {
+        let vip: Vip = "192.0.2.10/32".parse().unwrap();
+        BTreeMap::from([(
+            vip.addr(),
+            VipOwner {
+                vip,
+                app: "web".parse().unwrap(),
+                passive_health: passive,
+            },
+        )])
+    }
+
+    fn raw(syn_in: u64, synack_out: u64, rst_out: u64) -> Vec<(IpAddr, VipCounters)> {
+        vec![(
+            "192.0.2.10".parse().unwrap(),
+            VipCounters {
+                packets_in: syn_in * 2,
+                bytes_in: syn_in * 120,
+                packets_out: synack_out,
+                bytes_out: synack_out * 60,
+                syn_in,
+                synack_out,
+                rst_out,
+            },
+        )]
+    }
+
+    /// A verdict change and the second it came at.
+    type Change = (usize, (AppName, Verdict));
+
+    /// Feeds one sample a second: `(syn_in, synack_out, rst_out)` totals.
+    fn run(passive: bool, totals: &[(u64, u64, u64)]) -> (Sampler, Vec<Change>) {
+        let mut s = Sampler {
+            config: config(),
+            histories: HashMap::new(),
+        };
+        let start = Instant::now();
+        let owners = owners(passive);
+        let mut changes = Vec::new();
+        for (i, &(syn, synack, rst)) in totals.iter().enumerate() {
+            let now = start + Duration::from_secs(i as u64);
+            let (_, verdicts) = s.sample(now, raw(syn, synack, rst), &owners);
+            changes.extend(verdicts.into_iter().map(|v| (i, v)));
+        }
+        (s, changes)
+    }
+
+    #[test]
+    fn rates_are_per_second_since_the_previous_sample() {
+        let mut s = Sampler {
+            config: config(),
+            histories: HashMap::new(),
+        };
+        let t = Instant::now();
+        let owners = owners(false);
+        let (first, _) = s.sample(t, raw(10, 10, 0), &owners);
+        assert_eq!(first[0].rates, Rates::default());
+        assert_eq!(first[0].vip, "192.0.2.10/32");
+        assert_eq!(first[0].app.as_ref().unwrap().as_str(), "web");
+        let (second, _) = s.sample(t + Duration::from_secs(2), raw(30, 20, 0), &owners);
+        assert!((second[0].rates.syn_in - 10.0).abs() < 1e-9);
+        assert!((second[0].rates.packets_in - 20.0).abs() < 1e-9);
+        assert_eq!(second[0].counters.syn_in, 30);
+    }
+
+    #[test]
+    fn a_counter_reset_restarts_the_history_instead_of_underflowing() {
+        let (s, _) = run(true, &[(100, 100, 0), (5, 5, 0)]);
+        let h = &s.histories[&"192.0.2.10".parse::<IpAddr>().unwrap()];
+        assert_eq!(h.samples.len(), 1);
+        assert_eq!(h.window(), Counters::default());
+    }
+
+    #[test]
+    fn syns_without_syn_acks_fail_the_app_once_enough_arrived() {
+        // 4 SYNs a second, none answered: min_syn (10) is reached at t=3 (12 SYNs).
+        let totals: Vec<_> = (0..6).map(|i| (4 * i, 0, 0)).collect();
+        let (_, changes) = run(true, &totals);
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        let (at, (app, verdict)) = &changes[0];
+        assert_eq!(*at, 3);
+        assert_eq!(app.as_str(), "web");
+        let Verdict::Failing(reason) = verdict else {
+            panic!("{verdict:?}")
+        };
+        assert!(reason.contains("12 of 12 SYNs"), "{reason}");
+    }
+
+    #[test]
+    fn answered_syns_and_little_traffic_never_fail() {
+        let answered: Vec<_> = (0..8).map(|i| (20 * i, 20 * i, 0)).collect();
+        assert!(run(true, &answered).1.is_empty());
+        let quiet: Vec<_> = (0..8).map(|i| (i, 0, 0)).collect();
+        assert!(run(true, &quiet).1.is_empty(), "below min_syn");
+    }
+
+    #[test]
+    fn syns_answered_by_resets_fail_too() {
+        let totals: Vec<_> = (0..4).map(|i| (10 * i, 10 * i, 8 * i)).collect();
+        let (_, changes) = run(true, &totals);
+        assert_eq!(changes.len(), 1);
+        assert!(matches!(&changes[0].1.1, Verdict::Failing(r) if r.contains("RSTs sent")));
+    }
+
+    #[test]
+    fn apps_without_passive_health_are_never_judged() {
+        let totals: Vec<_> = (0..6).map(|i| (10 * i, 0, 0)).collect();
+        assert!(run(false, &totals).1.is_empty());
+    }
+
+    #[test]
+    fn a_failure_clears_when_answers_come_back_or_a_quiet_window_passes() {
+        // Failing at t=1; then answered SYNs: cleared once the window holds more answers.
+        let mut totals: Vec<(u64, u64, u64)> = vec![(0, 0, 0), (20, 0, 0)];
+        totals.extend((1..8).map(|i| (20 + 30 * i, 30 * i, 0)));
+        let (_, changes) = run(true, &totals);
+        assert_eq!(changes.len(), 2, "{changes:?}");
+        assert_eq!((changes[0].0, &changes[1].1.1), (1, &Verdict::Cleared));
+
+        // Failing at t=1, then no traffic (withdrawn): cleared a window after the last bad one.
+        let mut totals: Vec<(u64, u64, u64)> = vec![(0, 0, 0), (20, 0, 0)];
+        totals.extend(std::iter::repeat_n((20, 0, 0), 10));
+        let (_, changes) = run(true, &totals);
+        assert_eq!(changes.len(), 2, "{changes:?}");
+        let cleared_at = changes[1].0;
+        assert_eq!(
+            cleared_at, 6,
+            "held until the bad SYNs left the window: {changes:?}"
+        );
+        assert_eq!(changes[1].1.1, Verdict::Cleared);
+    }
+
+    #[test]
+    fn vips_are_found_with_or_without_their_length() {
+        let mut s = Sampler {
+            config: config(),
+            histories: HashMap::new(),
+        };
+        let (vips, _) = s.sample(Instant::now(), raw(1, 1, 0), &owners(false));
+        let snap = Snapshot {
+            sampled_at: None,
+            vips,
+        };
+        assert!(snap.find("192.0.2.10").is_some());
+        assert!(snap.find("192.0.2.10/32").is_some());
+        assert!(snap.find("192.0.2.11").is_none());
+        assert!(snap.find("bogus").is_none());
+        let json = serde_json::to_value(&snap).unwrap();
+        let v = &json["vips"][0];
+        for key in [
+            "vip",
+            "packets_in",
+            "bytes_in",
+            "packets_out",
+            "bytes_out",
+            "syn_in",
+            "synack_out",
+            "rst_out",
+            "rates",
+        ] {
+            assert!(!v[key].is_null(), "{key} in {v}");
+        }
+        assert!(!v["rates"]["syn_in"].is_null());
+    }
+}
