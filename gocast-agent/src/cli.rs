@@ -122,7 +122,7 @@ pub fn normalize(args: Vec<OsString>) -> Vec<OsString> {
 }
 
 /// `gocast status`: the peers, then one line per app, as `birdc show` prints tables.
-pub fn render_status(info: &Value, apps: &Value) -> String {
+pub fn render_status(info: &Value, apps: &Value, stats: Option<&Value>) -> String {
     let text = |v: &Value| match v {
         Value::String(s) => s.clone(),
         Value::Null => "-".into(),
@@ -196,7 +196,46 @@ pub fn render_status(info: &Value, apps: &Value) -> String {
         ]);
     }
     out += &table(&rows);
+    out.push('\n');
+    match stats {
+        Some(stats) => out += &traffic_table(stats),
+        None => out += "traffic: no per-VIP counters (they need the eBPF dataplane)\n",
+    }
     out
+}
+
+/// Per-VIP rates from `/stats`.
+fn traffic_table(stats: &Value) -> String {
+    let mut rows = vec![[
+        "VIP".to_owned(),
+        "APP".into(),
+        "IN pkt/s".into(),
+        "IN B/s".into(),
+        "OUT pkt/s".into(),
+        "OUT B/s".into(),
+        "SYN/s".into(),
+        "SYN-ACK/s".into(),
+        "RST/s".into(),
+    ]];
+    for v in stats["vips"].as_array().into_iter().flatten() {
+        let rate = |key: &str| {
+            v["rates"][key]
+                .as_f64()
+                .map_or_else(|| "-".into(), |r| format!("{r:.1}"))
+        };
+        rows.push([
+            v["vip"].as_str().unwrap_or("-").to_owned(),
+            v["app"].as_str().unwrap_or("-").to_owned(),
+            rate("packets_in"),
+            rate("bytes_in"),
+            rate("packets_out"),
+            rate("bytes_out"),
+            rate("syn_in"),
+            rate("synack_out"),
+            rate("rst_out"),
+        ]);
+    }
+    table(&rows)
 }
 
 /// Left-aligned columns, two spaces apart.
@@ -305,10 +344,17 @@ mod tests {
     fn status_shows_peers_and_apps_as_tables() {
         let info = serde_json::json!({"version": "0.1.0", "dataplane": {"mode": "iptables"}, "peers": [{"address": "198.18.0.2", "asn": 65000, "state": "Established", "uptime_s": 12, "prefixes_advertised": 1, "last_error": null}]});
         let apps = serde_json::json!([{"name": "web", "vip": "192.0.2.10/32", "source": "http", "state": "healthy", "announced": true, "monitors": [{"monitor": "port:tcp:80", "ok": true}]}]);
-        let out = render_status(&info, &apps);
+        let out = render_status(&info, &apps, None);
         assert!(out.contains("198.18.0.2  65000  Established  12s"), "{out}");
         assert!(
             out.contains("web  192.0.2.10/32  http    healthy  yes        port:tcp:80 ok"),
+            "{out}"
+        );
+        assert!(out.contains("no per-VIP counters"), "{out}");
+        let stats = serde_json::json!({"vips": [{"vip": "192.0.2.10/32", "app": "web", "rates": {"packets_in": 12.0, "bytes_in": 900.5, "packets_out": 10.0, "bytes_out": 4000.0, "syn_in": 2.0, "synack_out": 2.0, "rst_out": 0.0}}]});
+        let out = render_status(&info, &apps, Some(&stats));
+        assert!(
+            out.contains("192.0.2.10/32  web  12.0      900.5   10.0       4000.0   2.0    2.0        0.0"),
             "{out}"
         );
     }

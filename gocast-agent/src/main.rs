@@ -316,6 +316,8 @@ async fn status(addr: String, config: Option<std::path::PathBuf>) -> Result<()> 
     };
     let info = get("/info").await?;
     let apps = get("/apps").await?;
-    print!("{}", cli::render_status(&info, &apps));
+    // 503 without the eBPF dataplane: the table says so.
+    let stats = get("/stats").await.ok();
+    print!("{}", cli::render_status(&info, &apps, stats.as_ref()));
     Ok(())
 }

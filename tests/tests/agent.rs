@@ -11,12 +11,13 @@ use serde_json::Value;
 const API: &str = "127.0.0.1:8080";
 
 /// Writes the agent's config into `dir`: fast monitors, a short cleanup timer, the client as
-/// (future) BGP peer so the NAT destination defaults to the agent's link address.
+/// (unreachable) BGP peer so the NAT destination defaults to the agent's link address, and the
+/// iptables dataplane, whose rules these tests read (tests/dataplane.rs covers both).
 fn write_config(dir: &Path, topo: &Topology, cleanup: &str, extra_apps: &str) -> Result<String> {
     let path = dir.join("config.yaml");
     let yaml = format!(
         "agent:\n  listen_addr: {API}\n  monitor_interval: 100ms\n  cleanup_timer: {cleanup}\n  state_file: {state}\n\
-         bgp:\n  local_as: 65001\n  remote_as: 65000\n  peer_ip: {peer}\n{extra_apps}",
+         bgp:\n  local_as: 65001\n  remote_as: 65000\n  peer_ip: {peer}\ndataplane:\n  mode: iptables\n{extra_apps}",
         state = dir.join("state.json").display(),
         peer = topo.client_ip,
     );

@@ -1,0 +1,290 @@
+//! NAT and counters end to end, with each dataplane: a client namespace reaches services in the
+//! agent's namespace through VIPs (TCP and UDP, IPv4 and IPv6, two VIPs on one backend port);
+//! with eBPF the per-VIP counters match the packets sent, and passive health withdraws a
+//! service that still listens but no longer answers.
+
+use std::{path::Path, process::Child, time::Duration};
+
+use anyhow::{Context, Result, ensure};
+use gocast_tests::{Agent, Netns, Service, Topology, privileged};
+use serde_json::Value;
+
+const API: &str = "127.0.0.1:8080";
+
+/// The agent's config: the client as (unreachable) BGP peer, so the eBPF dataplane attaches to
+/// the link toward it and NAT sends traffic to the agent's link address.
+fn write_config(dir: &Path, topo: &Topology, mode: &str, apps: &str) -> Result<String> {
+    let path = dir.join("config.yaml");
+    let yaml = format!(
+        "agent:\n  listen_addr: {API}\n  monitor_interval: 100ms\n  cleanup_timer: 10s\n  state_file: {state}\n\
+         bgp:\n  local_as: 65001\n  remote_as: 65000\n  peer_ip: {peer}\n\
+         dataplane:\n  mode: {mode}\n  passive_health: {{window: 3s, min_syn: 5, max_unanswered: 0.5}}\n\
+         apps:\n{apps}",
+        state = dir.join("state.json").display(),
+        peer = topo.client_ip,
+    );
+    std::fs::write(&path, yaml)?;
+    Ok(path.to_string_lossy().into_owned())
+}
+
+fn app(name: &str, vip: &str, monitor: &str, nat: &str) -> String {
+    format!("  - name: {name}\n    vip: {vip}\n    monitor: {monitor}\n    nats: ['{nat}']\n")
+}
+
+fn apps(topo: &Topology) -> Result<Vec<Value>> {
+    let (status, apps) = topo.agent.http_get(&format!("http://{API}/apps"))?;
+    ensure!(status == 200, "/apps: {status}");
+    Ok(apps.as_array().context("apps array")?.clone())
+}
+
+fn all_healthy(topo: &Topology, count: usize) -> Result<bool> {
+    let apps = apps(topo)?;
+    Ok(apps.len() == count && apps.iter().all(|a| a["state"] == "healthy"))
+}
+
+/// A UDP echo server on `port` (all addresses), stopped on drop.
+struct UdpEcho(Child);
+
+impl UdpEcho {
+    fn start(ns: &Netns, port: u16) -> Result<Self> {
+        let script = format!(
+            "import socket\ns = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\ns.bind(('::', {port}))\n\
+             while True:\n    data, peer = s.recvfrom(2048)\n    s.sendto(data, peer)\n"
+        );
+        let child = ns
+            .command("python3")
+            .args(["-c", &script])
+            .spawn()
+            .context("starting the UDP echo server")?;
+        Ok(Self(child))
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Sends `count` datagrams from a connected socket (which only accepts replies from the
+/// address it sent to) and returns how many echoes came back.
+fn udp_exchange(ns: &Netns, vip: &str, port: u16, count: u32) -> Result<u32> {
+    let script = format!(
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.settimeout(1)\n\
+         s.connect(('{vip}', {port}))\nn = 0\nfor i in range({count}):\n    s.send(b'ping %d' % i)\n\
+         \x20   try:\n        n += s.recv(2048) == b'ping %d' % i\n    except socket.timeout:\n        pass\nprint(n)\n"
+    );
+    let out = ns.run("python3", &["-c", &script])?;
+    out.trim().parse().context("echo count")
+}
+
+/// Waits until the stats sampler has published counters for `vip` satisfying `ok`.
+fn stats_until(
+    agent: &mut Agent,
+    topo: &Topology,
+    vip: &str,
+    ok: impl Fn(&Value) -> bool,
+) -> Result<Value> {
+    let mut last = Value::Null;
+    agent.wait_for("counters", Duration::from_secs(5), |_| {
+        let (status, v) = topo.agent.http_get(&format!("http://{API}/stats/{vip}"))?;
+        ensure!(status == 200, "/stats/{vip}: {status} {v}");
+        last = v;
+        Ok(ok(&last))
+    })?;
+    Ok(last)
+}
+
+/// The suite both dataplanes must pass: TCP through two VIPs that share one backend port, UDP
+/// request/response, IPv6; and what `/info` and `/stats` say about the dataplane.
+fn nat_suite(mode: &str) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let topo = Topology::new()?;
+    std::fs::write(dir.path().join("who.txt"), "backend 8081")?;
+    let _http = Service::http(&topo.agent, 8081, dir.path())?;
+    let _echo = UdpEcho::start(&topo.agent, 5353)?;
+    let app_config = [
+        app("web1", "192.0.2.10/32", "port:tcp:8081", "tcp:80:8081"),
+        app("web2", "192.0.2.11/32", "port:tcp:8081", "tcp:80:8081"),
+        app("dns", "192.0.2.12/32", "port:udp:5353", "udp:53:5353"),
+        app("web6", "2001:db8:ff00::10/128", "port:tcp:8081", "tcp:80:8081"),
+    ]
+    .concat();
+    let config = write_config(dir.path(), &topo, mode, &app_config)?;
+    let mut agent = Agent::start(
+        &topo.agent,
+        &["--config", &config],
+        &dir.path().join("agent.log"),
+        API,
+    )?;
+    agent.wait_for("all apps healthy", Duration::from_secs(10), |_| {
+        all_healthy(&topo, 4)
+    })?;
+    let (_, info) = topo.agent.http_get(&format!("http://{API}/info"))?;
+    ensure!(
+        info["dataplane"]["mode"] == mode,
+        "dataplane in /info: {}",
+        info["dataplane"]
+    );
+
+    for url in [
+        "http://192.0.2.10:80/who.txt",
+        "http://192.0.2.11:80/who.txt",
+        "http://[2001:db8:ff00::10]:80/who.txt",
+    ] {
+        // Twice each, interleaved across VIPs: flows to one backend port stay apart.
+        for _ in 0..2 {
+            let (status, body) = topo.client.http_get(url)?;
+            ensure!(
+                status == 200 && body == "backend 8081",
+                "{mode}: {url}: {status} {body}"
+            );
+        }
+    }
+    let echoed = udp_exchange(&topo.client, "192.0.2.12", 53, 20)?;
+    ensure!(echoed == 20, "{mode}: {echoed} of 20 UDP echoes came back");
+
+    let (status, stats) = topo.agent.http_get(&format!("http://{API}/stats"))?;
+    if mode == "iptables" {
+        ensure!(status == 503, "/stats without eBPF: {status} {stats}");
+    } else {
+        ensure!(status == 200, "/stats: {status} {stats}");
+        // Exactly the datagrams sent, in and out.
+        let dns = stats_until(&mut agent, &topo, "192.0.2.12", |v| {
+            v["packets_in"] == 20 && v["packets_out"] == 20
+        })?;
+        ensure!(dns["vip"] == "192.0.2.12/32", "{dns}");
+        ensure!(dns["bytes_in"].as_u64() > Some(20 * 28), "{dns}");
+        // Two connections to web2: two SYNs in, two SYN-ACKs out, no RST.
+        let web2 = stats_until(&mut agent, &topo, "192.0.2.11/32", |v| {
+            v["syn_in"] == 2 && v["synack_out"] == 2
+        })?;
+        ensure!(web2["rst_out"] == 0, "{web2}");
+        let metrics = topo.agent.run("curl", &["-sS", &format!("http://{API}/metrics")])?;
+        ensure!(
+            metrics.contains("gocast_vip_packets_total{vip=\"192.0.2.12/32\",direction=\"in\"} 20"),
+            "metrics:\n{metrics}"
+        );
+        let status = topo.agent.run(
+            gocast_tests::agent_binary()?.to_str().context("path")?,
+            &["status", "--addr", API],
+        )?;
+        ensure!(
+            status.contains("192.0.2.12/32") && status.contains("pkt/s"),
+            "gocast status shows rates:\n{status}"
+        );
+    }
+
+    let (status, elapsed) = agent.signal_and_wait("TERM", Duration::from_secs(5))?;
+    ensure!(status.success(), "exit status {status}");
+    ensure!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
+    Ok(())
+}
+
+#[test]
+fn ebpf_nat_serves_tcp_udp_ipv6_and_shared_backend_ports_and_counts_every_packet() -> Result<()> {
+    if !privileged("ebpf_nat_serves_tcp_udp_ipv6") {
+        return Ok(());
+    }
+    nat_suite("ebpf")
+}
+
+#[test]
+fn iptables_nat_serves_the_same_suite() -> Result<()> {
+    if !privileged("iptables_nat_serves_the_same_suite") {
+        return Ok(());
+    }
+    nat_suite("iptables")
+}
+
+/// A service that listens but never accepts: the port monitor passes, but once its accept
+/// queue is full the kernel drops new SYNs, which is what passive health must catch.
+struct Stuck(Child);
+
+impl Stuck {
+    fn start(ns: &Netns, port: u16) -> Result<Self> {
+        let script = format!(
+            "import socket, time\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+             s.bind(('0.0.0.0', {port}))\ns.listen(1)\nprint('listening', flush=True)\ntime.sleep(3600)\n"
+        );
+        let mut child = ns
+            .command("python3")
+            .args(["-c", &script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting the stuck service")?;
+        let mut line = String::new();
+        let stdout = child.stdout.take().context("stdout")?;
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+        ensure!(line.starts_with("listening"), "stuck service: {line:?}");
+        Ok(Self(child))
+    }
+}
+
+impl Drop for Stuck {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn passive_health_withdraws_a_service_that_listens_but_no_longer_answers() -> Result<()> {
+    if !privileged("passive_health_withdraws_a_stuck_service") {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let topo = Topology::new()?;
+    let _stuck = Stuck::start(&topo.agent, 8090)?;
+    let app_config = format!(
+        "{}    passive_health: true\n{}",
+        app("stuck", "192.0.2.20/32", "port:tcp:8090", "tcp:80:8090"),
+        // Same service, no passive health: it must stay announced.
+        app("plain", "192.0.2.21/32", "port:tcp:8090", "tcp:80:8090"),
+    );
+    let config = write_config(dir.path(), &topo, "ebpf", &app_config)?;
+    let mut agent = Agent::start(
+        &topo.agent,
+        &["--config", &config],
+        &dir.path().join("agent.log"),
+        API,
+    )?;
+    agent.wait_for("both healthy", Duration::from_secs(10), |_| {
+        all_healthy(&topo, 2)
+    })?;
+
+    // Connection attempts in the background: the first two fill the accept queue, the rest
+    // get no SYN-ACK.
+    let mut client = topo
+        .client
+        .command("python3")
+        .args([
+            "-c",
+            "import socket\nfor i in range(40):\n    s = socket.socket()\n    s.settimeout(0.25)\n    \
+             try:\n        s.connect(('192.0.2.20', 80))\n    except OSError:\n        pass\n",
+        ])
+        .spawn()
+        .context("starting the client")?;
+    let withdrawn = agent.wait_for("passive health failing", Duration::from_secs(15), |_| {
+        let (_, routes) = topo.agent.http_get(&format!("http://{API}/routes"))?;
+        Ok(routes["routes"].get("192.0.2.20/32").is_none())
+    });
+    let _ = client.kill();
+    let _ = client.wait();
+    withdrawn?;
+    let apps = apps(&topo)?;
+    let stuck = apps.iter().find(|a| a["name"] == "stuck").context("stuck")?;
+    ensure!(stuck["state"] == "unhealthy", "{stuck}");
+    ensure!(stuck["passive_health"]["state"] == "failing", "{stuck}");
+    let reason = stuck["passive_health"]["reason"].as_str().unwrap_or("");
+    ensure!(reason.contains("got no SYN-ACK"), "{stuck}");
+    ensure!(
+        stuck["monitors"][0]["ok"] == true,
+        "the port monitor still passes: {stuck}"
+    );
+    let plain = apps.iter().find(|a| a["name"] == "plain").context("plain")?;
+    ensure!(plain["state"] == "healthy", "{plain}");
+    Ok(())
+}
