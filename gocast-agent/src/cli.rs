@@ -354,7 +354,9 @@ mod tests {
         let stats = serde_json::json!({"vips": [{"vip": "192.0.2.10/32", "app": "web", "rates": {"packets_in": 12.0, "bytes_in": 900.5, "packets_out": 10.0, "bytes_out": 4000.0, "syn_in": 2.0, "synack_out": 2.0, "rst_out": 0.0}}]});
         let out = render_status(&info, &apps, Some(&stats));
         assert!(
-            out.contains("192.0.2.10/32  web  12.0      900.5   10.0       4000.0   2.0    2.0        0.0"),
+            out.contains(
+                "192.0.2.10/32  web  12.0      900.5   10.0       4000.0   2.0    2.0        0.0"
+            ),
             "{out}"
         );
     }

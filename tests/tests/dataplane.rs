@@ -109,7 +109,12 @@ fn nat_suite(mode: &str) -> Result<()> {
         app("web1", "192.0.2.10/32", "port:tcp:8081", "tcp:80:8081"),
         app("web2", "192.0.2.11/32", "port:tcp:8081", "tcp:80:8081"),
         app("dns", "192.0.2.12/32", "port:udp:5353", "udp:53:5353"),
-        app("web6", "2001:db8:ff00::10/128", "port:tcp:8081", "tcp:80:8081"),
+        app(
+            "web6",
+            "2001:db8:ff00::10/128",
+            "port:tcp:8081",
+            "tcp:80:8081",
+        ),
     ]
     .concat();
     let config = write_config(dir.path(), &topo, mode, &app_config)?;
@@ -162,7 +167,9 @@ fn nat_suite(mode: &str) -> Result<()> {
             v["syn_in"] == 2 && v["synack_out"] == 2
         })?;
         ensure!(web2["rst_out"] == 0, "{web2}");
-        let metrics = topo.agent.run("curl", &["-sS", &format!("http://{API}/metrics")])?;
+        let metrics = topo
+            .agent
+            .run("curl", &["-sS", &format!("http://{API}/metrics")])?;
         ensure!(
             metrics.contains("gocast_vip_packets_total{vip=\"192.0.2.12/32\",direction=\"in\"} 20"),
             "metrics:\n{metrics}"
@@ -275,7 +282,10 @@ fn passive_health_withdraws_a_service_that_listens_but_no_longer_answers() -> Re
     let _ = client.wait();
     withdrawn?;
     let apps = apps(&topo)?;
-    let stuck = apps.iter().find(|a| a["name"] == "stuck").context("stuck")?;
+    let stuck = apps
+        .iter()
+        .find(|a| a["name"] == "stuck")
+        .context("stuck")?;
     ensure!(stuck["state"] == "unhealthy", "{stuck}");
     ensure!(stuck["passive_health"]["state"] == "failing", "{stuck}");
     let reason = stuck["passive_health"]["reason"].as_str().unwrap_or("");
@@ -284,7 +294,10 @@ fn passive_health_withdraws_a_service_that_listens_but_no_longer_answers() -> Re
         stuck["monitors"][0]["ok"] == true,
         "the port monitor still passes: {stuck}"
     );
-    let plain = apps.iter().find(|a| a["name"] == "plain").context("plain")?;
+    let plain = apps
+        .iter()
+        .find(|a| a["name"] == "plain")
+        .context("plain")?;
     ensure!(plain["state"] == "healthy", "{plain}");
     Ok(())
 }

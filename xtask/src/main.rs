@@ -30,10 +30,11 @@ struct Cli {
 /// The tasks `cargo xtask` knows.
 #[derive(Debug, Subcommand)]
 enum Task {
-    /// Build the agent and run it with the given arguments
+    /// Build the eBPF object and the agent, and run it with the given arguments
     /// (e.g. `cargo xtask run -- --config config/minimal.yaml`).
     Run(run::RunArgs),
-    /// Run every check CI runs: Debian packages, rustfmt, clippy, build, and the whole test suite
+    /// Run every check CI runs: Debian packages, rustfmt, clippy, eBPF and agent builds, and the
+    /// whole test suite
     /// (e.g. `cargo xtask test -- --nocapture`).
     Test(test::TestArgs),
     /// Build the agent in release mode and print performance figures; needs root

@@ -7,7 +7,7 @@ use std::process::Command;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::{cmd, workspace_root};
+use crate::{build_ebpf, cmd, workspace_root};
 
 /// First arguments the agent accepts as-is; anything else gets `run` put in front so
 /// `cargo xtask run -- --config FILE` starts the agent without spelling out its subcommand.
@@ -36,6 +36,8 @@ pub struct RunArgs {
 pub fn run(args: &RunArgs) -> Result<()> {
     let root = workspace_root();
 
+    // The agent embeds the eBPF object; without it, it runs on the iptables fallback.
+    build_ebpf::run().context("building the eBPF object")?;
     let mut build = cmd::cargo(&root);
     build.args(["build", "--package", "gocast-agent", "--bin", "gocast"]);
     if args.release {

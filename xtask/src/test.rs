@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::{cmd, packages, workspace_root};
+use crate::{build_ebpf, cmd, packages, workspace_root};
 
 /// The eBPF crate: `no_std`/`no_main` for `bpfel-unknown-none`, built only by `cargo xtask
 /// build-ebpf` (nightly, `bpf-linker`). `--workspace` would compile it for the host, where it
@@ -23,8 +23,8 @@ pub struct TestArgs {
     args: Vec<String>,
 }
 
-/// Runs host setup, formatting, lints, the agent build and the whole test suite, stopping at the
-/// first failing step.
+/// Runs host setup, formatting, lints, the eBPF object and agent builds and the whole test
+/// suite, stopping at the first failing step.
 ///
 /// The environment is inherited throughout so switches like `GOCAST_REQUIRE_PRIVILEGED` reach the
 /// tests.
@@ -50,6 +50,9 @@ pub fn run(args: &TestArgs) -> Result<()> {
             "warnings",
         ]))
     })?;
+    // The agent embeds the eBPF object when it is built (gocast-agent/build.rs); with it, the
+    // BPF_PROG_TEST_RUN tests and the eBPF end-to-end suite run instead of being skipped.
+    step("ebpf", || build_ebpf::run().map(drop))?;
     // The end-to-end tests (package `gocast-tests`) start `target/debug/gocast` themselves, and
     // `cargo test` only builds a binary for integration tests of the binary's own package.
     step("build", || {
