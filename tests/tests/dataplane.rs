@@ -301,3 +301,65 @@ fn passive_health_withdraws_a_service_that_listens_but_no_longer_answers() -> Re
     ensure!(plain["state"] == "healthy", "{plain}");
     Ok(())
 }
+
+/// The namespace's links with their XDP programs (`prog/xdp id N name gocast_xdp`). The TC
+/// program is attached the same way, through a BPF link the agent's process holds (tcx).
+fn attached_programs(ns: &Netns) -> Result<String> {
+    ns.ip(&["-d", "link", "show"])
+}
+
+#[test]
+fn programs_are_attached_while_the_agent_runs_and_gone_after_a_crash_or_a_stop() -> Result<()> {
+    if !privileged("programs_detach_after_a_crash") {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let topo = Topology::new()?;
+    let config = write_config(dir.path(), &topo, "auto", "  []\n")?;
+    let start = |log: &str| {
+        Agent::start(
+            &topo.agent,
+            &["--config", &config],
+            &dir.path().join(log),
+            API,
+        )
+    };
+    let mut agent = start("first.log")?;
+    agent.wait_for("programs attached", Duration::from_secs(5), |_| {
+        let progs = attached_programs(&topo.agent)?;
+        Ok(progs.contains("name gocast_xdp"))
+    })?;
+    // SIGKILL: no shutdown code runs; the kernel detaches programs held by the dead process.
+    agent.signal_and_wait("KILL", Duration::from_secs(5))?;
+    let mut gone = false;
+    for _ in 0..100 {
+        let progs = attached_programs(&topo.agent)?;
+        if !progs.contains("gocast_xdp") {
+            gone = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ensure!(
+        gone,
+        "programs left after a crash:\n{}",
+        attached_programs(&topo.agent)?
+    );
+
+    // A new agent attaches again (nothing stale in the way), then detaches on SIGTERM.
+    let mut agent = start("second.log")?;
+    agent.wait_for("the API", Duration::from_secs(5), |_| {
+        Ok(topo.agent.http_get(&format!("http://{API}/info"))?.0 == 200)
+    })?;
+    let (_, info) = topo.agent.http_get(&format!("http://{API}/info"))?;
+    ensure!(info["dataplane"]["mode"] == "ebpf", "{}", info["dataplane"]);
+    ensure!(attached_programs(&topo.agent)?.contains("gocast_xdp"));
+    let (status, _) = agent.signal_and_wait("TERM", Duration::from_secs(5))?;
+    ensure!(status.success(), "exit status {status}");
+    let progs = attached_programs(&topo.agent)?;
+    ensure!(
+        !progs.contains("gocast_xdp"),
+        "programs left after SIGTERM:\n{progs}"
+    );
+    Ok(())
+}
