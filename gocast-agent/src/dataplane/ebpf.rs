@@ -437,21 +437,26 @@ fn add_clsact(interface: &str) -> Result<(), EbpfError> {
 
 #[cfg(test)]
 impl Ebpf {
-    /// Runs the XDP program once on `frame` with `BPF_PROG_TEST_RUN`: its verdict and the frame
-    /// as it left.
-    fn xdp_test_run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+    /// Runs the program `name` once on `frame` with `BPF_PROG_TEST_RUN`: its verdict and the
+    /// frame as it left.
+    fn test_run(&mut self, name: &'static str, frame: &[u8]) -> (u32, Vec<u8>) {
         use aya::programs::{TestRun as _, TestRunOptions};
 
         let loaded = self.loaded.as_mut().expect("loaded");
-        let xdp: &mut Xdp = program(&mut loaded.bpf, XDP_PROGRAM).expect("the XDP program");
         let mut out = vec![0; frame.len() + 256];
-        let result = xdp
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..TestRunOptions::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
+        let options = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        };
+        let result = if name == XDP_PROGRAM {
+            let xdp: &mut Xdp = program(&mut loaded.bpf, name).expect("the XDP program");
+            xdp.test_run(options)
+        } else {
+            let tc: &mut SchedClassifier = program(&mut loaded.bpf, name).expect("the TC program");
+            tc.test_run(options)
+        }
+        .expect("BPF_PROG_TEST_RUN");
         out.truncate(result.data_size_out as usize);
         (result.return_value, out)
     }
@@ -459,50 +464,118 @@ impl Ebpf {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    //! The programs run on crafted frames with `BPF_PROG_TEST_RUN`; frames are built and the
+    //! results checked with `etherparse`, an implementation independent of ours.
+
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
 
     use super::*;
 
     const XDP_PASS: u32 = 2;
+    const TC_ACT_OK: u32 = 0;
+    const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+    const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+    const DEST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+    const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
+    const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff00, 0, 0, 0, 0, 0x10);
+    const DEST6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
+    const PAYLOAD: &[u8] = b"GET / HTTP/1.1\r\n\r\n";
 
-    /// The ones' complement sum of `data` as big-endian 16-bit words, folded.
-    fn sum16(data: &[u8], mut acc: u32) -> u16 {
-        for pair in data.chunks(2) {
-            let hi = u32::from(pair[0]) << 8;
-            acc += hi | pair.get(1).copied().map_or(0, u32::from);
-        }
-        while acc > 0xffff {
-            acc = (acc & 0xffff) + (acc >> 16);
-        }
-        u16::try_from(acc).expect("folded")
+    fn ether() -> etherparse::PacketBuilderStep<etherparse::Ethernet2Header> {
+        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
     }
 
-    /// The TCP checksum's pseudo-header sum for `src` → `dst` over a segment of `len` bytes.
-    fn pseudo(src: Ipv4Addr, dst: Ipv4Addr, len: u16) -> u32 {
-        let mut p = Vec::new();
-        p.extend_from_slice(&src.octets());
-        p.extend_from_slice(&dst.octets());
-        p.extend_from_slice(&[0, 6]);
-        p.extend_from_slice(&len.to_be_bytes());
-        u32::from(sum16(&p, 0))
+    fn tcp4(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), synack: bool) -> Vec<u8> {
+        let b = ether()
+            .ipv4(src.0.octets(), dst.0.octets(), 64)
+            .tcp(src.1, dst.1, 1, 65535);
+        let b = if synack { b.syn().ack(2) } else { b.syn() };
+        let mut frame = Vec::new();
+        b.write(&mut frame, PAYLOAD).unwrap();
+        frame
     }
 
-    /// Ethernet + IPv4 + TCP SYN from `client`:40000 to `vip`:`port`, checksums filled in.
-    fn syn(client: Ipv4Addr, vip: Ipv4Addr, port: u16) -> Vec<u8> {
-        let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
-        let ip_start = f.len();
-        f.extend_from_slice(&[0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0]);
-        f.extend_from_slice(&client.octets());
-        f.extend_from_slice(&vip.octets());
-        let tcp_start = f.len();
-        f.extend_from_slice(&40000u16.to_be_bytes());
-        f.extend_from_slice(&port.to_be_bytes());
-        f.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
-        let ip_sum = !sum16(&f[ip_start..tcp_start], 0);
-        f[ip_start + 10..ip_start + 12].copy_from_slice(&ip_sum.to_be_bytes());
-        let tcp_sum = !sum16(&f[tcp_start..], pseudo(client, vip, 20));
-        f[tcp_start + 16..tcp_start + 18].copy_from_slice(&tcp_sum.to_be_bytes());
-        f
+    fn udp6(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16)) -> Vec<u8> {
+        let mut frame = Vec::new();
+        ether()
+            .ipv6(src.0.octets(), dst.0.octets(), 64)
+            .udp(src.1, dst.1)
+            .write(&mut frame, PAYLOAD)
+            .unwrap();
+        frame
+    }
+
+    /// The frame's addresses and ports, after checking every checksum with etherparse.
+    fn verified(frame: &[u8]) -> (IpAddr, u16, IpAddr, u16) {
+        let h = PacketHeaders::from_ethernet_slice(frame).expect("a well-formed frame");
+        let payload = h.payload.slice();
+        let (src, dst) = match &h.net {
+            Some(NetHeaders::Ipv4(ip, _)) => {
+                assert_eq!(
+                    ip.header_checksum,
+                    ip.calc_header_checksum(),
+                    "IPv4 checksum"
+                );
+                (IpAddr::from(ip.source), IpAddr::from(ip.destination))
+            }
+            Some(NetHeaders::Ipv6(ip, _)) => {
+                (IpAddr::from(ip.source), IpAddr::from(ip.destination))
+            }
+            other => panic!("not IP: {other:?}"),
+        };
+        let l4 = match (&h.net, &h.transport) {
+            (Some(NetHeaders::Ipv4(ip, _)), Some(TransportHeader::Tcp(t))) => {
+                assert_eq!(
+                    t.checksum,
+                    t.calc_checksum_ipv4(ip, payload).unwrap(),
+                    "TCP"
+                );
+                (t.source_port, t.destination_port)
+            }
+            (Some(NetHeaders::Ipv6(ip, _)), Some(TransportHeader::Tcp(t))) => {
+                assert_eq!(
+                    t.checksum,
+                    t.calc_checksum_ipv6(ip, payload).unwrap(),
+                    "TCP"
+                );
+                (t.source_port, t.destination_port)
+            }
+            (Some(NetHeaders::Ipv4(ip, _)), Some(TransportHeader::Udp(u))) => {
+                assert_eq!(
+                    u.checksum,
+                    u.calc_checksum_ipv4(ip, payload).unwrap(),
+                    "UDP"
+                );
+                (u.source_port, u.destination_port)
+            }
+            (Some(NetHeaders::Ipv6(ip, _)), Some(TransportHeader::Udp(u))) => {
+                assert_eq!(
+                    u.checksum,
+                    u.calc_checksum_ipv6(ip, payload).unwrap(),
+                    "UDP"
+                );
+                (u.source_port, u.destination_port)
+            }
+            other => panic!("not TCP/UDP: {other:?}"),
+        };
+        assert_eq!(payload, PAYLOAD, "payload untouched");
+        (src, l4.0, dst, l4.1)
+    }
+
+    /// Loads the object (attached nowhere) with `VIP` and `VIP6` translated to `DEST`, `DEST6`.
+    fn loaded() -> Ebpf {
+        let mut ebpf = Ebpf::load(&[]).expect("the eBPF object loads");
+        for (vip, dest, rule) in [
+            (IpAddr::V4(VIP), IpAddr::V4(DEST), "tcp:80:8080"),
+            (IpAddr::V6(VIP6), IpAddr::V6(DEST6), "udp:53:5353"),
+        ] {
+            ebpf.add_vip(vip).unwrap();
+            let rule: NatRule = rule.parse().unwrap();
+            ebpf.install_nat(vip, &[rule], dest).unwrap();
+        }
+        ebpf
     }
 
     #[test]
@@ -519,38 +592,122 @@ mod tests {
         not(gocast_ebpf_object),
         ignore = "needs the eBPF object: cargo xtask build-ebpf, then cargo test -- --ignored"
     )]
-    fn xdp_rewrites_a_syn_to_a_vip_port_with_valid_checksums() {
+    fn xdp_rewrites_tcp_to_a_vip_port_and_tc_restores_the_vip_on_the_reply() {
         crate::testing::in_new_netns(|| async {
-            let client = Ipv4Addr::new(198, 51, 100, 7);
-            let vip = Ipv4Addr::new(192, 0, 2, 10);
-            let dest = Ipv4Addr::new(10, 0, 0, 2);
-            let mut ebpf = Ebpf::load(&["lo".to_owned()]).expect("the eBPF object loads");
-            ebpf.add_vip(vip.into()).unwrap();
-            let rule: NatRule = "tcp:80:8080".parse().unwrap();
-            ebpf.install_nat(vip.into(), &[rule], dest.into()).unwrap();
-
-            let (verdict, out) = ebpf.xdp_test_run(&syn(client, vip, 80));
+            let mut ebpf = loaded();
+            let syn = tcp4((CLIENT, 40000), (VIP, 80), false);
+            let (verdict, out) = ebpf.test_run(XDP_PROGRAM, &syn);
             assert_eq!(verdict, XDP_PASS);
-            assert_eq!(out.len(), 54);
-            let (ip, tcp) = (&out[14..34], &out[34..]);
-            assert_eq!(&ip[12..16], &client.octets(), "source untouched");
-            assert_eq!(&ip[16..20], &dest.octets(), "destination rewritten");
-            assert_eq!(&tcp[0..2], &40000u16.to_be_bytes());
-            assert_eq!(&tcp[2..4], &8080u16.to_be_bytes(), "port rewritten");
-            assert_eq!(sum16(ip, 0), 0xffff, "IPv4 header checksum");
-            assert_eq!(sum16(tcp, pseudo(client, dest, 20)), 0xffff, "TCP checksum");
+            assert_eq!(
+                verified(&out),
+                (CLIENT.into(), 40000, DEST.into(), 8080),
+                "destination rewritten, source untouched"
+            );
+            let c = ebpf.counters(VIP.into()).unwrap();
+            assert_eq!(
+                (c.packets_in, c.bytes_in, c.syn_in),
+                (1, syn.len() as u64, 1)
+            );
 
-            let c = ebpf.counters(vip.into()).unwrap();
-            assert_eq!((c.packets_in, c.bytes_in, c.syn_in), (1, 54, 1));
+            // The service's SYN-ACK leaves from DEST:8080; TC egress gives it VIP:80 back.
+            let reply = tcp4((DEST, 8080), (CLIENT, 40000), true);
+            let (verdict, out) = ebpf.test_run(TC_PROGRAM, &reply);
+            assert_eq!(verdict, TC_ACT_OK);
+            assert_eq!(verified(&out), (VIP.into(), 80, CLIENT.into(), 40000));
+            let c = ebpf.counters(VIP.into()).unwrap();
+            assert_eq!((c.packets_out, c.synack_out, c.rst_out), (1, 1, 0));
 
-            // Another port of the VIP is counted but not rewritten.
-            let other = syn(client, vip, 443);
-            let (_, out) = ebpf.xdp_test_run(&other);
-            assert_eq!(out, other);
-            ebpf.remove_nat(vip.into(), &[rule]).unwrap();
-            let (_, out) = ebpf.xdp_test_run(&syn(client, vip, 80));
-            assert_eq!(&out[30..34], &vip.octets(), "rule removed");
-            ebpf.remove_vip(vip.into()).unwrap();
+            // A reply of a flow the XDP program never saw goes out as it is.
+            let stranger = tcp4((DEST, 8080), (CLIENT, 40001), true);
+            assert_eq!(ebpf.test_run(TC_PROGRAM, &stranger).1, stranger);
+            ebpf.shutdown();
+        });
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(gocast_ebpf_object),
+        ignore = "needs the eBPF object: cargo xtask build-ebpf, then cargo test -- --ignored"
+    )]
+    fn ipv6_udp_is_rewritten_both_ways_with_valid_checksums() {
+        crate::testing::in_new_netns(|| async {
+            let mut ebpf = loaded();
+            let query = udp6((CLIENT6, 50000), (VIP6, 53));
+            let (_, out) = ebpf.test_run(XDP_PROGRAM, &query);
+            assert_eq!(verified(&out), (CLIENT6.into(), 50000, DEST6.into(), 5353));
+            let answer = udp6((DEST6, 5353), (CLIENT6, 50000));
+            let (_, out) = ebpf.test_run(TC_PROGRAM, &answer);
+            assert_eq!(verified(&out), (VIP6.into(), 53, CLIENT6.into(), 50000));
+            let c = ebpf.counters(VIP6.into()).unwrap();
+            assert_eq!((c.packets_in, c.packets_out, c.syn_in), (1, 1, 0));
+            ebpf.shutdown();
+        });
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(gocast_ebpf_object),
+        ignore = "needs the eBPF object: cargo xtask build-ebpf, then cargo test -- --ignored"
+    )]
+    fn other_traffic_passes_untouched_and_only_vip_traffic_is_counted() {
+        crate::testing::in_new_netns(|| async {
+            let mut ebpf = loaded();
+            // Not a VIP: untouched, not counted.
+            let other = tcp4((CLIENT, 40000), (Ipv4Addr::new(192, 0, 2, 99), 80), false);
+            assert_eq!(ebpf.test_run(XDP_PROGRAM, &other), (XDP_PASS, other));
+            // A VIP port without a rule: counted, untouched.
+            let unmapped = tcp4((CLIENT, 40000), (VIP, 443), false);
+            assert_eq!(ebpf.test_run(XDP_PROGRAM, &unmapped), (XDP_PASS, unmapped));
+            // ICMP to the VIP: counted, untouched.
+            let mut ping = Vec::new();
+            ether()
+                .ipv4(CLIENT.octets(), VIP.octets(), 64)
+                .icmpv4_echo_request(1, 1)
+                .write(&mut ping, PAYLOAD)
+                .unwrap();
+            assert_eq!(ebpf.test_run(XDP_PROGRAM, &ping), (XDP_PASS, ping));
+            // A fragment of a datagram to VIP:80 (MF set): the ports are not where they seem.
+            let mut fragment = tcp4((CLIENT, 40000), (VIP, 80), false);
+            fragment[14 + 6] |= 0x20;
+            fragment[14 + 10..14 + 12].fill(0);
+            let ip = etherparse::Ipv4Header::from_slice(&fragment[14..])
+                .unwrap()
+                .0;
+            let sum = ip.calc_header_checksum().to_be_bytes();
+            fragment[14 + 10..14 + 12].copy_from_slice(&sum);
+            assert_eq!(ebpf.test_run(XDP_PROGRAM, &fragment), (XDP_PASS, fragment));
+            // Three packets to the VIP; only the unfragmented SYN is read as one.
+            let c = ebpf.counters(VIP.into()).unwrap();
+            assert_eq!((c.packets_in, c.syn_in), (3, 1));
+
+            // A removed rule no longer rewrites; a removed VIP is no longer counted.
+            let rule: NatRule = "tcp:80:8080".parse().unwrap();
+            ebpf.remove_nat(VIP.into(), &[rule]).unwrap();
+            let syn = tcp4((CLIENT, 40000), (VIP, 80), false);
+            assert_eq!(ebpf.test_run(XDP_PROGRAM, &syn).1, syn);
+            ebpf.remove_vip(VIP.into()).unwrap();
+            ebpf.test_run(XDP_PROGRAM, &syn);
+            assert_eq!(ebpf.counters(VIP.into()).unwrap(), VipCounters::default());
+            ebpf.shutdown();
+        });
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(gocast_ebpf_object),
+        ignore = "needs the eBPF object: cargo xtask build-ebpf, then cargo test -- --ignored"
+    )]
+    fn the_counter_reader_sees_every_vip_summed_over_cpus() {
+        crate::testing::in_new_netns(|| async {
+            let mut ebpf = loaded();
+            let reader = ebpf.counter_reader().unwrap();
+            ebpf.test_run(XDP_PROGRAM, &tcp4((CLIENT, 40000), (VIP, 80), false));
+            let mut read = reader.read().unwrap();
+            read.sort_by_key(|(ip, _)| *ip);
+            assert_eq!(read.len(), 2);
+            assert_eq!(read[0].0, IpAddr::V4(VIP));
+            assert_eq!(read[0].1.syn_in, 1);
+            assert_eq!(read[1].1, VipCounters::default());
             ebpf.shutdown();
         });
     }
