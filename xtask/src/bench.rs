@@ -5,10 +5,12 @@
 //! topologies as the tests. Benchmarks measure and print; they never fail on a missed target
 //! (only on a broken setup), and they are not part of `cargo xtask test` or CI.
 //!
-//! Targets are subcommands of `bench`: `bgp` now, `nat` and `memory` later, each in its own
-//! module under `bench/`, sharing the helpers here (release build, percentiles, RSS, verdicts).
+//! Targets are subcommands of `bench`: `bgp`, `nat` and `memory`, each in its own module under
+//! `bench/`, sharing the helpers here (release build, percentiles, RSS, verdicts).
 
 mod bgp;
+mod http;
+mod nat;
 
 use std::{
     path::PathBuf,
@@ -33,16 +35,27 @@ enum Target {
     /// BGP against BIRD: withdraw convergence after a service dies, start → Established, and
     /// the time and memory to announce many apps.
     Bgp(bgp::BgpArgs),
+    /// HTTP through the NAT (direct, eBPF, iptables; short and keepalive connections) and the
+    /// XDP program's cost per packet.
+    Nat(nat::NatArgs),
+    /// The HTTP service `nat` loads, run inside its namespace.
+    #[command(hide = true)]
+    ServeHttp(http::ServeArgs),
 }
 
 /// Runs the chosen benchmark. Needs root: everything happens in network namespaces.
 pub fn run(args: &BenchArgs) -> Result<()> {
+    if let Target::ServeHttp(a) = &args.target {
+        return http::serve(a);
+    }
     ensure!(
         packages::is_root(),
         "benchmarks build network namespaces: run as root"
     );
     match &args.target {
         Target::Bgp(a) => bgp::run(a),
+        Target::Nat(a) => nat::run(a).map(drop),
+        Target::ServeHttp(a) => http::serve(a),
     }
 }
 
