@@ -51,7 +51,7 @@ const XDP_PASS: u32 = 2;
 const XDP_BATCHES: usize = 5;
 
 /// Arguments of `cargo xtask bench nat`.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct NatArgs {
     /// Rounds per lab and connection kind.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
@@ -76,20 +76,6 @@ pub struct NatArgs {
     agent: Option<PathBuf>,
 }
 
-impl Default for NatArgs {
-    fn default() -> Self {
-        Self {
-            rounds: 3,
-            duration_s: 5,
-            connections: 32,
-            wrk_threads: 1,
-            repeat: 2_000_000,
-            only: Vec::new(),
-            agent: None,
-        }
-    }
-}
-
 /// The parts of the benchmark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Part {
@@ -100,22 +86,41 @@ enum Part {
 /// How the client reaches the service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
+    /// `physicalIP:port` in the lab without an agent: the baseline.
     Direct,
+    /// The VIP, through the eBPF dataplane.
     Ebpf,
+    /// The VIP, through iptables DNAT.
     Iptables,
+    /// `physicalIP:port` in the eBPF lab: what attaching XDP and TC costs on this link without
+    /// any NAT (a control, to tell the NAT's cost from the attachment's).
+    EbpfNoNat,
 }
 
 impl Mode {
-    pub const ALL: [Self; 3] = [Self::Direct, Self::Ebpf, Self::Iptables];
+    pub const ALL: [Self; 4] = [Self::Direct, Self::Ebpf, Self::Iptables, Self::EbpfNoNat];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Direct => "direct",
             Self::Ebpf => "eBPF",
             Self::Iptables => "iptables",
+            Self::EbpfNoNat => "eBPF attached, no NAT",
+        }
+    }
+
+    /// The lab this mode runs in, as an index into the labs of [`LAB_MODES`].
+    fn lab(self) -> usize {
+        match self {
+            Self::Direct => 0,
+            Self::Ebpf | Self::EbpfNoNat => 1,
+            Self::Iptables => 2,
         }
     }
 }
+
+/// The labs built, in this order: no agent, the agent in each dataplane mode.
+const LAB_MODES: [Mode; 3] = [Mode::Direct, Mode::Ebpf, Mode::Iptables];
 
 /// New connection per request, or one connection for many.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,20 +143,20 @@ impl Kind {
 /// One round's requests per second, indexed `[kind][mode]` as in [`Kind::ALL`], [`Mode::ALL`].
 #[derive(Debug, Clone, Default)]
 pub struct Round {
-    pub rps: [[f64; 3]; 2],
+    pub rps: [[f64; 4]; 2],
     /// Conntrack entries in the iptables lab's namespace after the round.
     pub conntrack: Option<u64>,
 }
 
-/// The XDP program's mean cost per packet, in nanoseconds.
+/// The XDP program's mean cost per packet, each in nanoseconds.
 #[derive(Debug, Clone, Copy)]
 pub struct XdpCost {
     /// A TCP packet to a VIP port with a NAT rule: counted and rewritten.
-    pub rewrite_ns: f64,
+    pub rewrite: f64,
     /// A TCP packet to a VIP port without a rule: counted only.
-    pub vip_only_ns: f64,
+    pub vip_only: f64,
     /// A TCP packet to an address that is no VIP.
-    pub other_ns: f64,
+    pub other: f64,
 }
 
 /// What `bench nat` measured, for `docs/benchmarks.md`.
@@ -180,17 +185,17 @@ pub fn run(args: &NatArgs) -> Result<NatReport> {
         let cost = xdp_cost(&object, args.repeat).context("xdp part")?;
         report.summary.checked(
             "XDP, NAT rewrite (per packet)",
-            format!("{:.1} ns", cost.rewrite_ns),
+            format!("{:.1} ns", cost.rewrite),
             "≤ 100 ns",
-            cost.rewrite_ns <= XDP_TARGET_NS,
+            cost.rewrite <= XDP_TARGET_NS,
         );
         report.summary.figure(
             "XDP, VIP port without rule",
-            format!("{:.1} ns", cost.vip_only_ns),
+            format!("{:.1} ns", cost.vip_only),
         );
         report
             .summary
-            .figure("XDP, not a VIP", format!("{:.1} ns", cost.other_ns));
+            .figure("XDP, not a VIP", format!("{:.1} ns", cost.other));
         report.xdp = Some(cost);
     }
     report.summary.print("bench nat: summary");
@@ -240,6 +245,8 @@ struct Lab {
     _server: Server,
     topo: Topology,
     _dir: TempDir,
+    /// The service's own address, and what the client asks in this lab's mode.
+    direct_url: String,
     url: String,
 }
 
@@ -258,8 +265,9 @@ impl Lab {
             ],
         )?;
         let server = Server::start(&topo.agent, args.connections + 16)?;
+        let direct_url = format!("http://{}:{SERVICE_PORT}/", topo.agent_ip);
         let (agent, url) = match mode {
-            Mode::Direct => (None, format!("http://{}:{SERVICE_PORT}/", topo.agent_ip)),
+            Mode::Direct | Mode::EbpfNoNat => (None, direct_url.clone()),
             Mode::Ebpf | Mode::Iptables => {
                 let config = agent_config(dir.path(), &topo, mode)?;
                 let agent = Agent::start_with(
@@ -278,6 +286,7 @@ impl Lab {
             _server: server,
             topo,
             _dir: dir,
+            direct_url,
             url,
         };
         lab.check()
@@ -297,7 +306,7 @@ impl Lab {
             || Ok(self.topo.client.http_get(&self.url)?.0 == 200),
         )?;
         match self.mode {
-            Mode::Direct => {}
+            Mode::Direct | Mode::EbpfNoNat => {}
             Mode::Ebpf => {
                 let links = self.topo.agent.ip(&["link", "show", "type", "veth"])?;
                 ensure!(links.contains("xdp"), "no XDP program on the link: {links}");
@@ -322,7 +331,16 @@ impl Lab {
             .and_then(|s| s.trim().parse().ok())
     }
 
-    fn wrk(&self, kind: Kind, args: &NatArgs) -> Result<Wrk> {
+    /// What the client asks for `mode`, which runs in this lab.
+    fn url_for(&self, mode: Mode) -> &str {
+        if mode == Mode::EbpfNoNat {
+            &self.direct_url
+        } else {
+            &self.url
+        }
+    }
+
+    fn wrk(&self, mode: Mode, kind: Kind, args: &NatArgs) -> Result<Wrk> {
         let mut command = self.topo.client.command("wrk");
         command
             .arg(format!("-t{}", args.wrk_threads))
@@ -331,7 +349,10 @@ impl Lab {
         if kind == Kind::Short {
             command.args(["-H", "Connection: close"]);
         }
-        let out = command.arg(&self.url).output().context("running wrk")?;
+        let out = command
+            .arg(self.url_for(mode))
+            .output()
+            .context("running wrk")?;
         let text = String::from_utf8_lossy(&out.stdout);
         ensure!(
             out.status.success(),
@@ -343,7 +364,7 @@ impl Lab {
     }
 }
 
-/// The agent's config: one app, `VIP:80` NATed to the service's port, in `mode`.
+/// The agent's config: one app whose NAT sends `VIP:80` to the service's port, in `mode`.
 fn agent_config(dir: &Path, topo: &Topology, mode: Mode) -> Result<String> {
     let dataplane = match mode {
         Mode::Ebpf => {
@@ -356,7 +377,9 @@ fn agent_config(dir: &Path, topo: &Topology, mode: Mode) -> Result<String> {
                 .context("no veth in the agent namespace")?;
             format!("dataplane:\n  mode: ebpf\n  interfaces: [{iface}]\n")
         }
-        _ => "dataplane:\n  mode: iptables\n".to_owned(),
+        Mode::Iptables | Mode::Direct | Mode::EbpfNoNat => {
+            "dataplane:\n  mode: iptables\n".to_owned()
+        }
     };
     let path = dir.join("config.yaml");
     std::fs::write(
@@ -386,7 +409,11 @@ fn parse_wrk(out: &str) -> Result<Wrk> {
     let mut errors = 0;
     for line in out.lines().map(str::trim) {
         if let Some(v) = line.strip_prefix("Requests/sec:") {
-            rps = Some(v.trim().parse::<f64>().with_context(|| format!("{line:?}"))?);
+            rps = Some(
+                v.trim()
+                    .parse::<f64>()
+                    .with_context(|| format!("{line:?}"))?,
+            );
         } else if let Some(v) = line.strip_prefix("Socket errors:") {
             // `connect 0, read 12, write 0, timeout 0`
             for part in v.split(',') {
@@ -394,7 +421,10 @@ fn parse_wrk(out: &str) -> Result<Wrk> {
                 errors += n.parse::<u64>().with_context(|| format!("{line:?}"))?;
             }
         } else if let Some(v) = line.strip_prefix("Non-2xx or 3xx responses:") {
-            errors += v.trim().parse::<u64>().with_context(|| format!("{line:?}"))?;
+            errors += v
+                .trim()
+                .parse::<u64>()
+                .with_context(|| format!("{line:?}"))?;
         }
     }
     let Some(rps) = rps else {
@@ -408,38 +438,56 @@ fn throughput(binary: &Path, args: &NatArgs) -> Result<Vec<Round>> {
         "\n== throughput: {} rounds × {} s per run, wrk -t{} -c{} ==",
         args.rounds, args.duration_s, args.wrk_threads, args.connections
     );
-    let labs = Mode::ALL
+    let labs = LAB_MODES
         .iter()
         .map(|&mode| Lab::new(mode, binary, args))
         .collect::<Result<Vec<_>>>()?;
+    let run = |mode: Mode, kind: Kind, args: &NatArgs| {
+        labs[mode.lab()]
+            .wrk(mode, kind, args)
+            .with_context(|| format!("{}, {}", kind.name(), mode.name()))
+    };
+    // Warm-up, not recorded: the first run after a lab is built pays for cold caches.
+    let warm_up = NatArgs {
+        duration_s: 1,
+        ..args.clone()
+    };
+    for mode in Mode::ALL {
+        for kind in Kind::ALL {
+            run(mode, kind, &warm_up).context("warm-up")?;
+        }
+    }
     let mut rounds = Vec::new();
     for r in 1..=args.rounds {
         let mut round = Round::default();
         for (k, kind) in Kind::ALL.into_iter().enumerate() {
-            for (m, lab) in labs.iter().enumerate() {
-                let result = lab
-                    .wrk(kind, args)
-                    .with_context(|| format!("round {r}, {}, {}", kind.name(), lab.mode.name()))?;
+            // Each round starts with another mode, so none always runs first (or last).
+            let n = Mode::ALL.len();
+            for m in (0..n).map(|i| (i + r as usize - 1) % n) {
+                let mode = Mode::ALL[m];
+                let result = run(mode, kind, args).with_context(|| format!("round {r}"))?;
                 if result.errors > 0 {
                     println!(
                         "  round {r} {} {}: {} errors",
                         kind.name(),
-                        lab.mode.name(),
+                        mode.name(),
                         result.errors
                     );
                 }
                 round.rps[k][m] = result.rps;
             }
-            let [direct, ebpf, iptables] = round.rps[k];
+            let [direct, ebpf, iptables, no_nat] = round.rps[k];
             println!(
-                "round {r} {:<26} direct {direct:>9.0}/s  eBPF {ebpf:>9.0}/s  iptables {iptables:>9.0}/s  eBPF/direct {:.3}  eBPF/iptables {:.3}  iptables/direct {:.3}",
+                "round {r} {:<26} direct {direct:>7.0}/s  eBPF {ebpf:>7.0}/s  iptables {iptables:>7.0}/s  \
+                 eBPF/direct {:.3}  eBPF/iptables {:.3}  iptables/direct {:.3}  (eBPF attached, no NAT: {:.3} × direct)",
                 kind.name(),
                 ratio(ebpf, direct),
                 ratio(ebpf, iptables),
                 ratio(iptables, direct),
+                ratio(no_nat, direct),
             );
         }
-        round.conntrack = labs[2].conntrack();
+        round.conntrack = labs[Mode::Iptables.lab()].conntrack();
         if let Some(n) = round.conntrack {
             println!("round {r}: {n} conntrack entries in the iptables lab");
         }
@@ -460,7 +508,7 @@ fn summarize_rounds(rounds: &[Round], summary: &mut Summary) {
             Kind::Keepalive => "keepalive",
         };
         for (r, round) in rounds.iter().enumerate() {
-            let [direct, ebpf, iptables] = round.rps[k];
+            let [direct, ebpf, iptables, no_nat] = round.rps[k];
             let r = r + 1;
             summary.figure(
                 &format!("{short} r{r}: direct / eBPF / iptables"),
@@ -476,6 +524,10 @@ fn summarize_rounds(rounds: &[Round], summary: &mut Summary) {
             summary.figure(
                 &format!("{short} r{r}: eBPF / iptables"),
                 format!("{:.3}×", ratio(ebpf, iptables)),
+            );
+            summary.figure(
+                &format!("{short} r{r}: eBPF attached, no NAT / direct"),
+                format!("{:.3}×", ratio(no_nat, direct)),
             );
         }
     }
@@ -525,9 +577,12 @@ fn ones_sum(data: &[u8], mut acc: u32) -> u16 {
 fn xdp_cost(object: &Path, repeat: u32) -> Result<XdpCost> {
     println!("\n== xdp: BPF_PROG_TEST_RUN, {XDP_BATCHES} batches × {repeat} runs per case ==");
     let (a, b) = (Ipv4Addr::new(192, 0, 2, 81), Ipv4Addr::new(192, 0, 2, 82));
-    let (client, other) = (Ipv4Addr::new(198, 18, 255, 1), Ipv4Addr::new(198, 18, 255, 2));
-    let mut bpf = aya::Ebpf::load_file(object)
-        .with_context(|| format!("loading {}", object.display()))?;
+    let (client, other) = (
+        Ipv4Addr::new(198, 18, 255, 1),
+        Ipv4Addr::new(198, 18, 255, 2),
+    );
+    let mut bpf =
+        aya::Ebpf::load_file(object).with_context(|| format!("loading {}", object.display()))?;
     let mut vips: BpfHashMap<_, VipKey, u32> =
         BpfHashMap::try_from(bpf.take_map(VIPS_MAP).context(VIPS_MAP)?)?;
     vips.insert(VipKey::new(a.into()), 0, 0)?;
@@ -559,7 +614,9 @@ fn xdp_cost(object: &Path, repeat: u32) -> Result<XdpCost> {
         ..TestRunOptions::default()
     })?;
     ensure!(
-        once.return_value == XDP_PASS && out[30..34] == b.octets() && out[36..38] == SERVICE_PORT.to_be_bytes(),
+        once.return_value == XDP_PASS
+            && out[30..34] == b.octets()
+            && out[36..38] == SERVICE_PORT.to_be_bytes(),
         "the NAT rule did not rewrite the frame (verdict {})",
         once.return_value
     );
@@ -592,9 +649,9 @@ fn xdp_cost(object: &Path, repeat: u32) -> Result<XdpCost> {
         Ok(median)
     };
     Ok(XdpCost {
-        rewrite_ns: time("NAT rewrite (VIP:80)", &frame)?,
-        vip_only_ns: time("VIP port without rule", &syn_frame(client, a, 443))?,
-        other_ns: time("not a VIP", &syn_frame(client, other, VIP_PORT))?,
+        rewrite: time("NAT rewrite (VIP:80)", &frame)?,
+        vip_only: time("VIP port without rule", &syn_frame(client, a, 443))?,
+        other: time("not a VIP", &syn_frame(client, other, VIP_PORT))?,
     })
 }
 
@@ -639,10 +696,7 @@ mod tests {
         assert_eq!(ones_sum(&f[14..34], 0), 0xffff);
         let mut pseudo = f[26..34].to_vec();
         pseudo.extend_from_slice(&[0, PROTO_TCP, 0, 20]);
-        assert_eq!(
-            ones_sum(&f[34..], u32::from(ones_sum(&pseudo, 0))),
-            0xffff
-        );
+        assert_eq!(ones_sum(&f[34..], u32::from(ones_sum(&pseudo, 0))), 0xffff);
     }
 
     #[test]
