@@ -42,6 +42,12 @@ use crate::build_ebpf;
 const VIP: &str = "192.0.2.80";
 const VIP_PORT: u16 = 80;
 const SERVICE_PORT: u16 = 9080;
+/// A second instance of the service in the eBPF lab, for [`Mode::EbpfNoNat`]. Not
+/// [`SERVICE_PORT`]: the eBPF dataplane keys the flows it rewrote by their reply 5-tuple
+/// (service address and port, client address and port), so a direct connection to
+/// `physicalIP:SERVICE_PORT` from a client port that earlier reached the VIP would get its
+/// replies rewritten to come from the VIP, and fail.
+const CONTROL_PORT: u16 = 9081;
 /// Targets from issue #5.
 const RATIO_TARGET: f64 = 0.95;
 const XDP_TARGET_NS: f64 = 100.0;
@@ -208,12 +214,12 @@ struct Server {
 }
 
 impl Server {
-    fn start(ns: &Netns, threads: u32) -> Result<Self> {
+    fn start(ns: &Netns, port: u16, threads: u32) -> Result<Self> {
         let exe = std::env::current_exe().context("locating the xtask binary")?;
         let mut child = ns
             .command(exe.to_str().context("xtask path")?)
             .args(["bench", "serve-http", "--port"])
-            .arg(SERVICE_PORT.to_string())
+            .arg(port.to_string())
             .arg("--threads")
             .arg(threads.to_string())
             .stdin(Stdio::null())
@@ -243,9 +249,12 @@ struct Lab {
     mode: Mode,
     agent: Option<Agent>,
     _server: Server,
+    /// The service on [`CONTROL_PORT`] (eBPF lab only).
+    _control: Option<Server>,
     topo: Topology,
     _dir: TempDir,
-    /// The service's own address, and what the client asks in this lab's mode.
+    /// The service reached without NAT (on [`CONTROL_PORT`] in the eBPF lab), and what the
+    /// client asks in this lab's mode.
     direct_url: String,
     url: String,
 }
@@ -264,8 +273,15 @@ impl Lab {
                 "net.ipv4.tcp_tw_reuse=1",
             ],
         )?;
-        let server = Server::start(&topo.agent, args.connections + 16)?;
-        let direct_url = format!("http://{}:{SERVICE_PORT}/", topo.agent_ip);
+        let threads = args.connections + 16;
+        let server = Server::start(&topo.agent, SERVICE_PORT, threads)?;
+        let (control, direct_port) = if mode == Mode::Ebpf {
+            let control = Server::start(&topo.agent, CONTROL_PORT, threads)?;
+            (Some(control), CONTROL_PORT)
+        } else {
+            (None, SERVICE_PORT)
+        };
+        let direct_url = format!("http://{}:{direct_port}/", topo.agent_ip);
         let (agent, url) = match mode {
             Mode::Direct | Mode::EbpfNoNat => (None, direct_url.clone()),
             Mode::Ebpf | Mode::Iptables => {
@@ -284,6 +300,7 @@ impl Lab {
             mode,
             agent,
             _server: server,
+            _control: control,
             topo,
             _dir: dir,
             direct_url,
@@ -300,11 +317,13 @@ impl Lab {
 
     /// The client gets an answer, through the dataplane this lab is about.
     fn check(&self) -> Result<()> {
-        wait_until(
-            &format!("an answer from {}", self.url),
-            Duration::from_secs(15),
-            || Ok(self.topo.client.http_get(&self.url)?.0 == 200),
-        )?;
+        for url in [&self.url, &self.direct_url] {
+            wait_until(
+                &format!("an answer from {url}"),
+                Duration::from_secs(15),
+                || Ok(self.topo.client.http_get(url)?.0 == 200),
+            )?;
+        }
         match self.mode {
             Mode::Direct | Mode::EbpfNoNat => {}
             Mode::Ebpf => {
