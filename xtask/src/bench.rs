@@ -100,7 +100,7 @@ fn defaults<A: Args + clap::FromArgMatches>(name: &'static str) -> Result<A> {
 }
 
 /// Builds the agent with the release profile and returns `target/release/gocast`.
-fn release_agent() -> Result<PathBuf> {
+pub(crate) fn release_agent() -> Result<PathBuf> {
     let root = workspace_root();
     cmd::run(cmd::cargo(&root).args([
         "build",

@@ -28,20 +28,24 @@ pub struct ServeArgs {
     /// Worker threads; each serves one connection at a time.
     #[arg(long, default_value_t = 64)]
     threads: usize,
+    /// The response body (a newline is added), e.g. the host's name in `cargo xtask demo`.
+    #[arg(long, default_value = "hello, world")]
+    body: String,
 }
-
-/// The response body.
-const BODY: &[u8] = b"hello, world\n";
 
 /// Serves until killed.
 pub fn serve(args: &ServeArgs) -> Result<()> {
     let addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, args.port));
     // `[::]` accepts IPv4 as well (`net.ipv6.bindv6only` is 0 in a fresh namespace).
     let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+    let keepalive: &'static [u8] = response(&args.body, false).leak();
+    let close: &'static [u8] = response(&args.body, true).leak();
     let workers: Vec<_> = (0..args.threads.max(1))
         .map(|_| {
             let listener = listener.try_clone()?;
-            Ok(thread::spawn(move || accept_loop(&listener)))
+            Ok(thread::spawn(move || {
+                accept_loop(&listener, [keepalive, close]);
+            }))
         })
         .collect::<io::Result<_>>()
         .context("cloning the listener")?;
@@ -52,17 +56,18 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
     Ok(())
 }
 
-fn accept_loop(listener: &TcpListener) {
+/// `responses`: the keepalive answer, then the `Connection: close` one.
+fn accept_loop(listener: &TcpListener, responses: [&[u8]; 2]) {
     loop {
         if let Ok((stream, _)) = listener.accept() {
             // A client that resets is its own problem; the thread goes back to `accept`.
-            let _ = serve_connection(stream);
+            let _ = serve_connection(stream, responses);
         }
     }
 }
 
 /// Answers the requests on one connection until EOF or a `Connection: close` request.
-fn serve_connection(mut stream: TcpStream) -> io::Result<()> {
+fn serve_connection(mut stream: TcpStream, [keepalive, close_it]: [&[u8]; 2]) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let mut buf = vec![0; 8192];
     let mut filled = 0;
@@ -70,7 +75,7 @@ fn serve_connection(mut stream: TcpStream) -> io::Result<()> {
         // Every complete request head in the buffer gets its answer (pipelining is allowed).
         while let Some(end) = head_end(&buf[..filled]) {
             let close = wants_close(&buf[..end]);
-            stream.write_all(&response(close))?;
+            stream.write_all(if close { close_it } else { keepalive })?;
             buf.copy_within(end..filled, 0);
             filled -= end;
             if close {
@@ -102,15 +107,13 @@ fn wants_close(head: &[u8]) -> bool {
     })
 }
 
-fn response(close: bool) -> Vec<u8> {
+fn response(body: &str, close: bool) -> Vec<u8> {
     let connection = if close { "close" } else { "keep-alive" };
-    let mut r = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n",
-        BODY.len()
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}\n",
+        body.len() + 1
     )
-    .into_bytes();
-    r.extend_from_slice(BODY);
-    r
+    .into_bytes()
 }
 
 #[cfg(test)]
@@ -130,7 +133,7 @@ mod tests {
 
     #[test]
     fn responses_carry_length_and_connection() {
-        let r = String::from_utf8(response(true)).unwrap();
+        let r = String::from_utf8(response("hello, world", true)).unwrap();
         assert!(r.starts_with("HTTP/1.1 200 OK\r\n"));
         assert!(r.contains("Content-Length: 13\r\n"));
         assert!(r.contains("Connection: close\r\n"));
@@ -143,13 +146,14 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         thread::spawn(move || {
             let (s, _) = listener.accept().unwrap();
-            serve_connection(s).unwrap();
+            let (k, c) = (response("hi", false), response("hi", true));
+            serve_connection(s, [&k, &c]).unwrap();
         });
         let mut c = TcpStream::connect(addr).unwrap();
         c.write_all(b"GET / HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\nConnection: close\r\n\r\n")
             .unwrap();
         let mut out = String::new();
         c.read_to_string(&mut out).unwrap();
-        assert_eq!(out.matches("hello, world").count(), 2);
+        assert_eq!(out.matches("\r\n\r\nhi\n").count(), 2);
     }
 }
