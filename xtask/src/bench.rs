@@ -5,10 +5,16 @@
 //! topologies as the tests. Benchmarks measure and print; they never fail on a missed target
 //! (only on a broken setup), and they are not part of `cargo xtask test` or CI.
 //!
-//! Targets are subcommands of `bench`: `bgp` now, `nat` and `memory` later, each in its own
-//! module under `bench/`, sharing the helpers here (release build, percentiles, RSS, verdicts).
+//! Targets are subcommands of `bench`: `bgp`, `nat` and `memory`, each in its own module under
+//! `bench/`, sharing the helpers here (release build, percentiles, RSS, verdicts). Without a
+//! target (or with `all`) all three run with their defaults and [`report`] writes
+//! `docs/benchmarks.md` and its charts.
 
 mod bgp;
+mod http;
+mod memory;
+mod nat;
+mod report;
 
 use std::{
     path::PathBuf,
@@ -24,7 +30,7 @@ use crate::{cmd, packages, workspace_root};
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     #[command(subcommand)]
-    target: Target,
+    target: Option<Target>,
 }
 
 /// What to benchmark.
@@ -33,21 +39,68 @@ enum Target {
     /// BGP against BIRD: withdraw convergence after a service dies, start → Established, and
     /// the time and memory to announce many apps.
     Bgp(bgp::BgpArgs),
+    /// HTTP through the NAT (direct, eBPF, iptables; short and keepalive connections) and the
+    /// XDP program's cost per packet.
+    Nat(nat::NatArgs),
+    /// The agent's resident memory (`VmRSS`, `VmHWM`) with 0, 100, 1,000 and 10,000 apps.
+    Memory(memory::MemoryArgs),
+    /// `bgp`, `nat` and `memory` with their defaults, then `docs/benchmarks.md` and its
+    /// charts under `docs/img/` (the default).
+    All,
+    /// The HTTP service `nat` loads, run inside its namespace.
+    #[command(hide = true)]
+    ServeHttp(http::ServeArgs),
 }
 
 /// Runs the chosen benchmark. Needs root: everything happens in network namespaces.
 pub fn run(args: &BenchArgs) -> Result<()> {
+    if let Some(Target::ServeHttp(a)) = &args.target {
+        return http::serve(a);
+    }
     ensure!(
         packages::is_root(),
         "benchmarks build network namespaces: run as root"
     );
     match &args.target {
-        Target::Bgp(a) => bgp::run(a),
+        Some(Target::Bgp(a)) => bgp::run(a).map(drop),
+        Some(Target::Nat(a)) => nat::run(a).map(drop),
+        Some(Target::Memory(a)) => memory::run(a).map(drop),
+        Some(Target::ServeHttp(a)) => http::serve(a),
+        Some(Target::All) | None => all(),
     }
 }
 
+/// Runs every target with its defaults and writes `docs/benchmarks.md`.
+fn all() -> Result<()> {
+    let started = SystemTime::now();
+    let load_before = report::loadavg();
+    let bgp = bgp::run(&defaults("bgp")?).context("bench bgp")?;
+    let nat = nat::run(&defaults("nat")?).context("bench nat")?;
+    let memory = memory::run(&defaults("memory")?).context("bench memory")?;
+    let path = report::write(&report::Reports {
+        started,
+        load_before,
+        load_after: report::loadavg(),
+        bgp,
+        nat,
+        memory,
+    })?;
+    println!("\nwrote {}", path.display());
+    Ok(())
+}
+
+/// A target's arguments as its command line would give them with no flags: one source for the
+/// defaults, the `#[arg(default_value ..)]`s.
+fn defaults<A: Args + clap::FromArgMatches>(name: &'static str) -> Result<A> {
+    let command = A::augment_args(clap::Command::new(name));
+    let matches = command
+        .try_get_matches_from([name])
+        .with_context(|| format!("default arguments of bench {name}"))?;
+    Ok(A::from_arg_matches(&matches)?)
+}
+
 /// Builds the agent with the release profile and returns `target/release/gocast`.
-fn release_agent() -> Result<PathBuf> {
+pub(crate) fn release_agent() -> Result<PathBuf> {
     let root = workspace_root();
     cmd::run(cmd::cargo(&root).args([
         "build",
@@ -144,11 +197,16 @@ fn verdict(ok: bool) -> &'static str {
 
 /// The final table: one row per figure, with its target and verdict where there is one.
 #[derive(Debug, Default)]
-struct Summary {
+pub struct Summary {
     rows: Vec<[String; 4]>,
 }
 
 impl Summary {
+    /// The rows: figure, value, target (or empty), verdict (or empty).
+    fn rows(&self) -> &[[String; 4]] {
+        &self.rows
+    }
+
     /// A figure without a target.
     fn figure(&mut self, name: &str, value: String) {
         self.rows
@@ -216,6 +274,13 @@ mod tests {
         assert_eq!(one.percentile(99.0), Duration::from_millis(7));
         assert_eq!(ms(&[]).median(), Duration::ZERO);
         assert_eq!(ms(&[3, 1, 2, 5, 4]).median(), Duration::from_millis(3));
+    }
+
+    #[test]
+    fn every_target_has_default_arguments() {
+        defaults::<bgp::BgpArgs>("bgp").unwrap();
+        defaults::<nat::NatArgs>("nat").unwrap();
+        defaults::<memory::MemoryArgs>("memory").unwrap();
     }
 
     #[test]

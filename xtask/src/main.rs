@@ -6,6 +6,7 @@
 mod bench;
 mod build_ebpf;
 mod cmd;
+mod demo;
 mod packages;
 mod run;
 mod test;
@@ -40,6 +41,9 @@ enum Task {
     /// Build the agent in release mode and print performance figures; needs root
     /// (e.g. `cargo xtask bench bgp`). Never part of `test` or CI.
     Bench(bench::BenchArgs),
+    /// Build everything, then narrate an anycast lab in network namespaces: BIRD with ECMP,
+    /// two hosts running gocast for one VIP, a client; a service fails and recovers. Needs root.
+    Demo,
     /// Provision nightly, rust-src and bpf-linker if missing, then build the eBPF object to
     /// `target/bpfel-unknown-none/release/gocast-ebpf`.
     BuildEbpf,
@@ -51,6 +55,7 @@ fn main() -> ExitCode {
         Task::Run(args) => run::run(&args),
         Task::Test(args) => test::run(&args),
         Task::Bench(args) => bench::run(&args),
+        Task::Demo => demo::run(),
         Task::BuildEbpf => build_ebpf::run().map(drop),
     };
     match result {

@@ -78,39 +78,53 @@ enum Part {
     Scale,
 }
 
+/// What `bench bgp` measured, for `docs/benchmarks.md`.
+#[derive(Debug, Default)]
+pub struct BgpReport {
+    /// Kill → route gone, one per convergence trial, in trial order.
+    pub convergence: Vec<Duration>,
+    /// The agent's `monitor_interval` in the convergence part.
+    pub interval: Duration,
+    pub summary: Summary,
+}
+
 /// Builds the release agent and runs the selected parts, printing each part's figures and then
 /// one summary table.
-pub fn run(args: &BgpArgs) -> Result<()> {
+pub fn run(args: &BgpArgs) -> Result<BgpReport> {
     let binary = match &args.agent {
         Some(path) => path.clone(),
         None => release_agent()?,
     };
     println!("agent binary: {}", binary.display());
     let wanted = |part| args.only.is_empty() || args.only.contains(&part);
-    let mut summary = Summary::default();
+    let mut report = BgpReport {
+        interval: Duration::from_millis(args.interval_ms),
+        ..BgpReport::default()
+    };
+    let summary = &mut report.summary;
     if wanted(Part::Convergence) {
-        convergence(&binary, args, &mut summary).context("convergence part")?;
+        report.convergence = convergence(&binary, args, summary).context("convergence part")?;
     }
     if wanted(Part::Established) {
-        established(&binary, args.starts, &mut summary).context("established part")?;
+        established(&binary, args.starts, summary).context("established part")?;
     }
     if wanted(Part::Scale) {
-        scale(&binary, args, &mut summary).context("scale part")?;
+        scale(&binary, args, summary).context("scale part")?;
     }
     summary.print("bench bgp: summary");
-    Ok(())
+    Ok(report)
 }
 
 /// An agent namespace and a router namespace running BIRD, with a temp dir for their files.
 /// Fields drop in order: BIRD, then the namespaces (killing anything left inside), then files.
-struct Lab {
+pub(super) struct Lab {
     bird: Bird,
-    topo: Topology,
+    pub(super) topo: Topology,
     dir: TempDir,
 }
 
 impl Lab {
-    fn new() -> Result<Self> {
+    pub(super) fn new() -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let topo = Topology::new()?;
         let bird = Bird::start(&topo.client, dir.path(), &Neighbor::toward_agent(&topo))?;
@@ -119,7 +133,12 @@ impl Lab {
 
     /// Writes a config toward BIRD (the session of [`Neighbor::toward_agent`]) with the given
     /// agent timers and `apps:` section.
-    fn config(&self, monitor_interval: &str, cleanup_timer: &str, apps: &str) -> Result<PathBuf> {
+    pub(super) fn config(
+        &self,
+        monitor_interval: &str,
+        cleanup_timer: &str,
+        apps: &str,
+    ) -> Result<PathBuf> {
         let path = self.dir.path().join("config.yaml");
         std::fs::write(
             &path,
@@ -179,7 +198,7 @@ fn bird_route_count(out: &str) -> Result<u64> {
 }
 
 /// The last `lines` lines of the agent's log, for error messages.
-fn log_tail(agent: &Agent, lines: usize) -> String {
+pub(super) fn log_tail(agent: &Agent, lines: usize) -> String {
     let text = std::fs::read_to_string(&agent.log).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     let tail = all[all.len().saturating_sub(lines)..].join("\n");
@@ -264,13 +283,13 @@ impl Drop for RouteWatch {
 }
 
 /// A bare TCP listener (Python) on `[::]:port` in a namespace: the service the monitor watches.
-struct Listener {
+pub(super) struct Listener {
     child: Option<Child>,
 }
 
 impl Listener {
     /// Starts it and returns once the socket listens.
-    fn start(ns: &Netns, port: u16) -> Result<Self> {
+    pub(super) fn start(ns: &Netns, port: u16) -> Result<Self> {
         let script = format!(
             "import socket, sys\n\
              s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)\n\
@@ -333,7 +352,8 @@ struct Trial {
     propagate: Duration,
 }
 
-fn convergence(binary: &Path, args: &BgpArgs, summary: &mut Summary) -> Result<()> {
+/// Runs the withdraw trials; returns kill → route gone per trial.
+fn convergence(binary: &Path, args: &BgpArgs, summary: &mut Summary) -> Result<Vec<Duration>> {
     let interval = Duration::from_millis(args.interval_ms);
     println!(
         "\n== convergence: {} trials, monitor_interval {}ms ==",
@@ -436,7 +456,7 @@ fn convergence(binary: &Path, args: &BgpArgs, summary: &mut Summary) -> Result<(
             ms(propagate.percentile(99.0))
         ),
     );
-    Ok(())
+    Ok(trials.iter().map(|t| t.total).collect())
 }
 
 /// Service up → route in BIRD and the router's kernel → wait `phase` → kill → route gone.
@@ -548,11 +568,18 @@ fn established(binary: &Path, starts: u32, summary: &mut Summary) -> Result<()> 
     Ok(())
 }
 
-/// The `apps:` section of the scale config: `count` apps, IPv6 /128 VIPs, no monitors.
-fn scale_apps(count: u32) -> String {
+/// The `apps:` section of a scale config: `count` apps, IPv6 /128 VIPs, each with a
+/// `port:tcp:PORT` monitor when `monitor_port` is given, else none.
+pub(super) fn scale_apps(count: u32, monitor_port: Option<u16>) -> String {
+    let monitor = monitor_port
+        .map(|port| format!("    monitor: port:tcp:{port}\n"))
+        .unwrap_or_default();
     let mut yaml = String::from("apps:\n");
     for i in 1..=count {
-        let _ = write!(yaml, "  - name: s{i}\n    vip: 2001:db8:ff00::{i:x}/128\n");
+        let _ = write!(
+            yaml,
+            "  - name: s{i}\n    vip: 2001:db8:ff00::{i:x}/128\n{monitor}"
+        );
     }
     yaml
 }
@@ -625,25 +652,25 @@ fn strip_ansi(line: &str) -> String {
 }
 
 /// What one scale run measured, from the agent's spawn.
-struct ScaleRun {
-    agent: Agent,
+pub(super) struct ScaleRun {
+    pub(super) agent: Agent,
     spawned: SystemTime,
     api_up: Duration,
     /// The agent's session had sent every prefix (`/info`, polled every 50 ms).
     advertised: Option<Duration>,
     /// BIRD held every route (polled every 10 ms); `None` if it did not within the time limit.
-    all_at_bird: Option<Duration>,
+    pub(super) all_at_bird: Option<Duration>,
     /// (since spawn, routes at BIRD), about every 250 ms.
-    progress: Vec<(Duration, u64)>,
+    pub(super) progress: Vec<(Duration, u64)>,
     /// `VmRSS` and `VmHWM` of the agent, read as soon as BIRD held every route (or at the
     /// time limit).
-    rss_kib: u64,
-    hwm_kib: u64,
+    pub(super) rss_kib: u64,
+    pub(super) hwm_kib: u64,
 }
 
 /// Starts the agent with `count` apps while two threads watch BIRD's route count and the
 /// agent's `/info`.
-fn scale_run(
+pub(super) fn scale_run(
     lab: &Lab,
     binary: &Path,
     config: &Path,
@@ -727,7 +754,7 @@ fn scale(binary: &Path, args: &BgpArgs, summary: &mut Summary) -> Result<()> {
     let count = args.apps;
     println!("\n== scale: {count} apps (IPv6 /128, no monitors) ==");
     let lab = Lab::new()?;
-    let config = lab.config("10s", "15m", &scale_apps(count))?;
+    let config = lab.config("10s", "15m", &scale_apps(count, None))?;
     let limit = Duration::from_secs(args.scale_timeout_s);
     let mut run = scale_run(&lab, binary, &config, count, limit)?;
     println!("API up after {} ms", ms(run.api_up));
@@ -848,9 +875,12 @@ mod tests {
 
     #[test]
     fn scale_vips_are_distinct_128s() {
-        let yaml = scale_apps(300);
+        let yaml = scale_apps(300, None);
         assert!(yaml.contains("vip: 2001:db8:ff00::1/128"));
         assert!(yaml.contains("vip: 2001:db8:ff00::12c/128"));
         assert_eq!(yaml.matches("- name: ").count(), 300);
+        assert!(!yaml.contains("monitor"));
+        let monitored = scale_apps(2, Some(8090));
+        assert_eq!(monitored.matches("    monitor: port:tcp:8090\n").count(), 2);
     }
 }

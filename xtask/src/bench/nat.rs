@@ -1,0 +1,726 @@
+//! `cargo xtask bench nat`: HTTP through the agent's NAT against the service reached directly,
+//! and the XDP program's cost per packet.
+//!
+//! - **throughput**: three labs side by side, each a client namespace running `wrk` and an
+//!   agent namespace running the HTTP service of [`super::http`] on [`SERVICE_PORT`]:
+//!   `direct` (no agent: the client asks `physicalIP:SERVICE_PORT`), `ebpf` and `iptables`
+//!   (the agent in that `dataplane.mode` NATs `VIP:80` to the service; the client asks the
+//!   VIP, routed over the link by a static route). Separate namespaces keep iptables'
+//!   conntrack out of the other two. Each round runs, per lab, `wrk` with `Connection: close`
+//!   (a new connection per request) and with keepalive; rounds follow each other without a
+//!   reset, so conntrack's growth under short connections shows in the later rounds. Labs
+//!   alternate within a round, so the ratios compare runs taken at about the same time on a
+//!   busy machine.
+//! - **xdp**: the XDP program loaded from the object, run by `BPF_PROG_TEST_RUN` with a large
+//!   repeat count on crafted frames; the kernel reports the mean time per run.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use aya::{
+    maps::HashMap as BpfHashMap,
+    programs::{TestRun as _, TestRunOptions, Xdp},
+};
+use clap::{Args, ValueEnum};
+use gocast_common::maps::{NAT_MAP, NatKey, NatTarget, PROTO_TCP, VIPS_MAP, VipKey};
+use gocast_tests::{
+    Agent, Netns, Topology,
+    routers::{API, wait_until},
+};
+use tempfile::TempDir;
+
+use super::{Summary, release_agent};
+use crate::build_ebpf;
+
+/// The VIP the agent NATs, its port, and the service's real port.
+const VIP: &str = "192.0.2.80";
+const VIP_PORT: u16 = 80;
+const SERVICE_PORT: u16 = 9080;
+/// A second instance of the service in the eBPF lab, for [`Mode::EbpfNoNat`]. Not
+/// [`SERVICE_PORT`]: the eBPF dataplane keys the flows it rewrote by their reply 5-tuple
+/// (service address and port, client address and port), so a direct connection to
+/// `physicalIP:SERVICE_PORT` from a client port that earlier reached the VIP would get its
+/// replies rewritten to come from the VIP, and fail.
+const CONTROL_PORT: u16 = 9081;
+/// Targets from issue #5.
+const RATIO_TARGET: f64 = 0.95;
+const XDP_TARGET_NS: f64 = 100.0;
+/// `XDP_PASS`, the verdict of every frame the program lets through (rewritten or not).
+const XDP_PASS: u32 = 2;
+/// `BPF_PROG_TEST_RUN` batches per case; the median batch is reported.
+const XDP_BATCHES: usize = 5;
+
+/// Arguments of `cargo xtask bench nat`.
+#[derive(Debug, Clone, Args)]
+pub struct NatArgs {
+    /// Rounds per lab and connection kind.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
+    /// Seconds per `wrk` run.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    duration_s: u64,
+    /// Concurrent connections `wrk` keeps open.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    connections: u32,
+    /// `wrk` threads.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    wrk_threads: u32,
+    /// `BPF_PROG_TEST_RUN` repeat count per batch (at least a million).
+    #[arg(long, default_value_t = 2_000_000, value_parser = clap::value_parser!(u32).range(1_000_000..))]
+    repeat: u32,
+    /// Run only these parts (repeat the flag for several); all by default.
+    #[arg(long, value_enum)]
+    only: Vec<Part>,
+    /// Benchmark this agent binary instead of building `target/release/gocast`.
+    #[arg(long, value_name = "PATH")]
+    agent: Option<PathBuf>,
+}
+
+/// The parts of the benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Part {
+    Throughput,
+    Xdp,
+}
+
+/// How the client reaches the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `physicalIP:port` in the lab without an agent: the baseline.
+    Direct,
+    /// The VIP, through the eBPF dataplane.
+    Ebpf,
+    /// The VIP, through iptables DNAT.
+    Iptables,
+    /// `physicalIP:port` in the eBPF lab: what attaching XDP and TC costs on this link without
+    /// any NAT (a control, to tell the NAT's cost from the attachment's).
+    EbpfNoNat,
+}
+
+impl Mode {
+    pub const ALL: [Self; 4] = [Self::Direct, Self::Ebpf, Self::Iptables, Self::EbpfNoNat];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Ebpf => "eBPF",
+            Self::Iptables => "iptables",
+            Self::EbpfNoNat => "eBPF attached, no NAT",
+        }
+    }
+
+    /// The lab this mode runs in, as an index into the labs of [`LAB_MODES`].
+    fn lab(self) -> usize {
+        match self {
+            Self::Direct => 0,
+            Self::Ebpf | Self::EbpfNoNat => 1,
+            Self::Iptables => 2,
+        }
+    }
+}
+
+/// The labs built, in this order: no agent, the agent in each dataplane mode.
+const LAB_MODES: [Mode; 3] = [Mode::Direct, Mode::Ebpf, Mode::Iptables];
+
+/// New connection per request, or one connection for many.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Short,
+    Keepalive,
+}
+
+impl Kind {
+    pub const ALL: [Self; 2] = [Self::Short, Self::Keepalive];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Short => "short (Connection: close)",
+            Self::Keepalive => "keepalive",
+        }
+    }
+}
+
+/// One round's requests per second, indexed `[kind][mode]` as in [`Kind::ALL`], [`Mode::ALL`].
+#[derive(Debug, Clone, Default)]
+pub struct Round {
+    pub rps: [[f64; 4]; 2],
+    /// Conntrack entries in the iptables lab's namespace after the round.
+    pub conntrack: Option<u64>,
+}
+
+/// The XDP program's mean cost per packet, each in nanoseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct XdpCost {
+    /// A TCP packet to a VIP port with a NAT rule: counted and rewritten.
+    pub rewrite: f64,
+    /// A TCP packet to a VIP port without a rule: counted only.
+    pub vip_only: f64,
+    /// A TCP packet to an address that is no VIP.
+    pub other: f64,
+}
+
+/// What `bench nat` measured, for `docs/benchmarks.md`.
+#[derive(Debug, Default)]
+pub struct NatReport {
+    pub rounds: Vec<Round>,
+    pub xdp: Option<XdpCost>,
+    pub summary: Summary,
+}
+
+/// Builds the eBPF object and the release agent, then runs the selected parts.
+pub fn run(args: &NatArgs) -> Result<NatReport> {
+    let object = build_ebpf::run().context("building the eBPF object")?;
+    let wanted = |part| args.only.is_empty() || args.only.contains(&part);
+    let mut report = NatReport::default();
+    if wanted(Part::Throughput) {
+        let binary = match &args.agent {
+            Some(path) => path.clone(),
+            None => release_agent()?,
+        };
+        println!("agent binary: {}", binary.display());
+        report.rounds = throughput(&binary, args).context("throughput part")?;
+        summarize_rounds(&report.rounds, &mut report.summary);
+    }
+    if wanted(Part::Xdp) {
+        let cost = xdp_cost(&object, args.repeat).context("xdp part")?;
+        report.summary.checked(
+            "XDP, NAT rewrite (per packet)",
+            format!("{:.1} ns", cost.rewrite),
+            "≤ 100 ns",
+            cost.rewrite <= XDP_TARGET_NS,
+        );
+        report.summary.figure(
+            "XDP, VIP port without rule",
+            format!("{:.1} ns", cost.vip_only),
+        );
+        report
+            .summary
+            .figure("XDP, not a VIP", format!("{:.1} ns", cost.other));
+        report.xdp = Some(cost);
+    }
+    report.summary.print("bench nat: summary");
+    Ok(report)
+}
+
+/// The HTTP service of [`super::http`] in a namespace, killed by PID on drop.
+struct Server {
+    child: Child,
+}
+
+impl Server {
+    fn start(ns: &Netns, port: u16, threads: u32) -> Result<Self> {
+        let exe = std::env::current_exe().context("locating the xtask binary")?;
+        let mut child = ns
+            .command(exe.to_str().context("xtask path")?)
+            .args(["bench", "serve-http", "--port"])
+            .arg(port.to_string())
+            .arg("--threads")
+            .arg(threads.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the HTTP service")?;
+        let stdout = child.stdout.take().context("service stdout")?;
+        let server = Self { child };
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        ensure!(line.trim() == "ready", "the HTTP service did not start");
+        Ok(server)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One lab: client ↔ agent namespace with the service, and the agent unless `direct`.
+/// Fields drop in order: agent (which removes its NAT), service, namespaces, files.
+struct Lab {
+    mode: Mode,
+    agent: Option<Agent>,
+    _server: Server,
+    /// The service on [`CONTROL_PORT`] (eBPF lab only).
+    _control: Option<Server>,
+    topo: Topology,
+    _dir: TempDir,
+    /// The service reached without NAT (on [`CONTROL_PORT`] in the eBPF lab), and what the
+    /// client asks in this lab's mode.
+    direct_url: String,
+    url: String,
+}
+
+impl Lab {
+    fn new(mode: Mode, binary: &Path, args: &NatArgs) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let topo = Topology::new()?;
+        // Short connections at tens of thousands per second: every client port, and reuse of
+        // the client's TIME_WAIT ports (both per-namespace sysctls).
+        topo.client.run(
+            "sysctl",
+            &[
+                "-qw",
+                "net.ipv4.ip_local_port_range=1024 65535",
+                "net.ipv4.tcp_tw_reuse=1",
+            ],
+        )?;
+        let threads = args.connections + 16;
+        let server = Server::start(&topo.agent, SERVICE_PORT, threads)?;
+        let (control, direct_port) = if mode == Mode::Ebpf {
+            let control = Server::start(&topo.agent, CONTROL_PORT, threads)?;
+            (Some(control), CONTROL_PORT)
+        } else {
+            (None, SERVICE_PORT)
+        };
+        let direct_url = format!("http://{}:{direct_port}/", topo.agent_ip);
+        let (agent, url) = match mode {
+            Mode::Direct | Mode::EbpfNoNat => (None, direct_url.clone()),
+            Mode::Ebpf | Mode::Iptables => {
+                let config = agent_config(dir.path(), &topo, mode)?;
+                let agent = Agent::start_with(
+                    binary,
+                    &topo.agent,
+                    &["--log-level", "info", "run", "--config", &config],
+                    &dir.path().join("agent.log"),
+                    API,
+                )?;
+                (Some(agent), format!("http://{VIP}:{VIP_PORT}/"))
+            }
+        };
+        let lab = Self {
+            mode,
+            agent,
+            _server: server,
+            _control: control,
+            topo,
+            _dir: dir,
+            direct_url,
+            url,
+        };
+        lab.check()
+            .with_context(|| match &lab.agent {
+                Some(agent) => agent.log_text(),
+                None => String::new(),
+            })
+            .with_context(|| format!("{} lab", mode.name()))?;
+        Ok(lab)
+    }
+
+    /// The client gets an answer, through the dataplane this lab is about.
+    fn check(&self) -> Result<()> {
+        for url in [&self.url, &self.direct_url] {
+            wait_until(
+                &format!("an answer from {url}"),
+                Duration::from_secs(15),
+                || Ok(self.topo.client.http_get(url)?.0 == 200),
+            )?;
+        }
+        match self.mode {
+            Mode::Direct | Mode::EbpfNoNat => {}
+            Mode::Ebpf => {
+                let links = self.topo.agent.ip(&["link", "show", "type", "veth"])?;
+                ensure!(links.contains("xdp"), "no XDP program on the link: {links}");
+            }
+            Mode::Iptables => {
+                let rules = self.topo.agent.nat_rules("iptables")?;
+                ensure!(
+                    rules.contains(&format!("{VIP}/32")) && rules.contains("DNAT"),
+                    "no DNAT rule for the VIP:\n{rules}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Conntrack entries in the agent's namespace (none without the module).
+    fn conntrack(&self) -> Option<u64> {
+        self.topo
+            .agent
+            .run("cat", &["/proc/sys/net/netfilter/nf_conntrack_count"])
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    }
+
+    /// What the client asks for `mode`, which runs in this lab.
+    fn url_for(&self, mode: Mode) -> &str {
+        if mode == Mode::EbpfNoNat {
+            &self.direct_url
+        } else {
+            &self.url
+        }
+    }
+
+    fn wrk(&self, mode: Mode, kind: Kind, args: &NatArgs) -> Result<Wrk> {
+        let mut command = self.topo.client.command("wrk");
+        command
+            .arg(format!("-t{}", args.wrk_threads))
+            .arg(format!("-c{}", args.connections))
+            .arg(format!("-d{}s", args.duration_s));
+        if kind == Kind::Short {
+            command.args(["-H", "Connection: close"]);
+        }
+        let out = command
+            .arg(self.url_for(mode))
+            .output()
+            .context("running wrk")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success(),
+            "wrk failed ({}): {text}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        parse_wrk(&text)
+    }
+}
+
+/// The agent's config: one app whose NAT sends `VIP:80` to the service's port, in `mode`.
+fn agent_config(dir: &Path, topo: &Topology, mode: Mode) -> Result<String> {
+    let dataplane = match mode {
+        Mode::Ebpf => {
+            let links = topo.agent.ip(&["-o", "link", "show", "type", "veth"])?;
+            // `3: gca7@if2: <BROADCAST,...`
+            let iface = links
+                .split_whitespace()
+                .nth(1)
+                .and_then(|n| n.split('@').next())
+                .context("no veth in the agent namespace")?;
+            format!("dataplane:\n  mode: ebpf\n  interfaces: [{iface}]\n")
+        }
+        Mode::Iptables | Mode::Direct | Mode::EbpfNoNat => {
+            "dataplane:\n  mode: iptables\n".to_owned()
+        }
+    };
+    let path = dir.join("config.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "agent:\n  listen_addr: {API}\n  monitor_interval: 1s\n  cleanup_timer: 1h\n  state_file: {state}\n\
+             bgp:\n  local_as: 65001\n  remote_as: 65000\n  peer_ip: {peer}\n\
+             apps:\n  - name: web\n    vip: {VIP}/32\n    monitor: port:tcp:{SERVICE_PORT}\n    nats: ['tcp:{VIP_PORT}:{SERVICE_PORT}']\n\
+             {dataplane}",
+            state = dir.join("state.json").display(),
+            peer = topo.client_ip,
+        ),
+    )?;
+    Ok(path.to_str().context("config path")?.to_owned())
+}
+
+/// What one `wrk` run printed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Wrk {
+    rps: f64,
+    /// Socket errors (connect, read, write, timeout) and non-2xx/3xx answers.
+    errors: u64,
+}
+
+fn parse_wrk(out: &str) -> Result<Wrk> {
+    let mut rps = None;
+    let mut errors = 0;
+    for line in out.lines().map(str::trim) {
+        if let Some(v) = line.strip_prefix("Requests/sec:") {
+            rps = Some(
+                v.trim()
+                    .parse::<f64>()
+                    .with_context(|| format!("{line:?}"))?,
+            );
+        } else if let Some(v) = line.strip_prefix("Socket errors:") {
+            // `connect 0, read 12, write 0, timeout 0`
+            for part in v.split(',') {
+                let n = part.split_whitespace().last().unwrap_or("0");
+                errors += n.parse::<u64>().with_context(|| format!("{line:?}"))?;
+            }
+        } else if let Some(v) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            errors += v
+                .trim()
+                .parse::<u64>()
+                .with_context(|| format!("{line:?}"))?;
+        }
+    }
+    let Some(rps) = rps else {
+        bail!("no Requests/sec in wrk's output:\n{out}");
+    };
+    Ok(Wrk { rps, errors })
+}
+
+fn throughput(binary: &Path, args: &NatArgs) -> Result<Vec<Round>> {
+    println!(
+        "\n== throughput: {} rounds × {} s per run, wrk -t{} -c{} ==",
+        args.rounds, args.duration_s, args.wrk_threads, args.connections
+    );
+    let labs = LAB_MODES
+        .iter()
+        .map(|&mode| Lab::new(mode, binary, args))
+        .collect::<Result<Vec<_>>>()?;
+    let run = |mode: Mode, kind: Kind, args: &NatArgs| {
+        labs[mode.lab()]
+            .wrk(mode, kind, args)
+            .with_context(|| format!("{}, {}", kind.name(), mode.name()))
+    };
+    // Warm-up, not recorded: the first run after a lab is built pays for cold caches.
+    let warm_up = NatArgs {
+        duration_s: 1,
+        ..args.clone()
+    };
+    for mode in Mode::ALL {
+        for kind in Kind::ALL {
+            run(mode, kind, &warm_up).context("warm-up")?;
+        }
+    }
+    let mut rounds = Vec::new();
+    for r in 1..=args.rounds {
+        let mut round = Round::default();
+        for (k, kind) in Kind::ALL.into_iter().enumerate() {
+            // Each round starts with another mode, so none always runs first (or last).
+            let n = Mode::ALL.len();
+            for m in (0..n).map(|i| (i + r as usize - 1) % n) {
+                let mode = Mode::ALL[m];
+                let result = run(mode, kind, args).with_context(|| format!("round {r}"))?;
+                if result.errors > 0 {
+                    println!(
+                        "  round {r} {} {}: {} errors",
+                        kind.name(),
+                        mode.name(),
+                        result.errors
+                    );
+                }
+                round.rps[k][m] = result.rps;
+            }
+            let [direct, ebpf, iptables, no_nat] = round.rps[k];
+            println!(
+                "round {r} {:<26} direct {direct:>7.0}/s  eBPF {ebpf:>7.0}/s  iptables {iptables:>7.0}/s  \
+                 eBPF/direct {:.3}  eBPF/iptables {:.3}  iptables/direct {:.3}  (eBPF attached, no NAT: {:.3} × direct)",
+                kind.name(),
+                ratio(ebpf, direct),
+                ratio(ebpf, iptables),
+                ratio(iptables, direct),
+                ratio(no_nat, direct),
+            );
+        }
+        round.conntrack = labs[Mode::Iptables.lab()].conntrack();
+        if let Some(n) = round.conntrack {
+            println!("round {r}: {n} conntrack entries in the iptables lab");
+        }
+        rounds.push(round);
+    }
+    Ok(rounds)
+}
+
+/// `a / b`, zero when `b` is.
+pub fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 { a / b } else { 0.0 }
+}
+
+fn summarize_rounds(rounds: &[Round], summary: &mut Summary) {
+    for (k, kind) in Kind::ALL.into_iter().enumerate() {
+        let short = match kind {
+            Kind::Short => "short",
+            Kind::Keepalive => "keepalive",
+        };
+        for (r, round) in rounds.iter().enumerate() {
+            let [direct, ebpf, iptables, no_nat] = round.rps[k];
+            let r = r + 1;
+            summary.figure(
+                &format!("{short} r{r}: direct / eBPF / iptables"),
+                format!("{direct:.0} / {ebpf:.0} / {iptables:.0} req/s"),
+            );
+            let e = ratio(ebpf, direct);
+            summary.checked(
+                &format!("{short} r{r}: eBPF / direct"),
+                format!("{e:.3}×"),
+                "≥ 0.95×",
+                e >= RATIO_TARGET,
+            );
+            summary.figure(
+                &format!("{short} r{r}: eBPF / iptables"),
+                format!("{:.3}×", ratio(ebpf, iptables)),
+            );
+            summary.figure(
+                &format!("{short} r{r}: eBPF attached, no NAT / direct"),
+                format!("{:.3}×", ratio(no_nat, direct)),
+            );
+        }
+    }
+    if let Some(n) = rounds.last().and_then(|r| r.conntrack) {
+        summary.figure("conntrack entries (iptables lab, end)", n.to_string());
+    }
+}
+
+/// An Ethernet + IPv4 + TCP SYN frame `src:40000 → dst:port` with valid checksums.
+fn syn_frame(src: Ipv4Addr, dst: Ipv4Addr, port: u16) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
+    f.extend_from_slice(&[0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, PROTO_TCP, 0, 0]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(&40000u16.to_be_bytes());
+    f.extend_from_slice(&port.to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    let ip_sum = !ones_sum(&f[14..34], 0);
+    f[24..26].copy_from_slice(&ip_sum.to_be_bytes());
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, PROTO_TCP, 0, 20]);
+    let tcp_sum = !ones_sum(&f[34..], u32::from(ones_sum(&pseudo, 0)));
+    f[50..52].copy_from_slice(&tcp_sum.to_be_bytes());
+    f
+}
+
+/// The folded ones' complement sum of `data` as big-endian 16-bit words, plus `acc`.
+fn ones_sum(data: &[u8], mut acc: u32) -> u16 {
+    for pair in data.chunks(2) {
+        acc += u32::from(pair[0]) << 8 | pair.get(1).copied().map_or(0, u32::from);
+    }
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    u16::try_from(acc).unwrap_or(u16::MAX)
+}
+
+/// Loads the XDP program from `object` and times three kinds of packet.
+///
+/// With `repeat`, the kernel runs the program again and again on the same buffer, so a frame the
+/// program rewrites is no longer the frame it was. To time the rewrite on every run, two VIPs
+/// NAT to each other (`A:80 → B:8080`, `B:8080 → A:80`): each run turns the frame into one that
+/// matches the other rule. After the first two runs both flows are known, so the figure is that
+/// of a packet of an established flow (lookup, count, rewrite, flow lookup).
+fn xdp_cost(object: &Path, repeat: u32) -> Result<XdpCost> {
+    println!("\n== xdp: BPF_PROG_TEST_RUN, {XDP_BATCHES} batches × {repeat} runs per case ==");
+    let (a, b) = (Ipv4Addr::new(192, 0, 2, 81), Ipv4Addr::new(192, 0, 2, 82));
+    let (client, other) = (
+        Ipv4Addr::new(198, 18, 255, 1),
+        Ipv4Addr::new(198, 18, 255, 2),
+    );
+    let mut bpf =
+        aya::Ebpf::load_file(object).with_context(|| format!("loading {}", object.display()))?;
+    let mut vips: BpfHashMap<_, VipKey, u32> =
+        BpfHashMap::try_from(bpf.take_map(VIPS_MAP).context(VIPS_MAP)?)?;
+    vips.insert(VipKey::new(a.into()), 0, 0)?;
+    vips.insert(VipKey::new(b.into()), 1, 0)?;
+    let mut nat: BpfHashMap<_, NatKey, NatTarget> =
+        BpfHashMap::try_from(bpf.take_map(NAT_MAP).context(NAT_MAP)?)?;
+    nat.insert(
+        NatKey::new(a.into(), VIP_PORT, PROTO_TCP),
+        NatTarget::new(b.into(), SERVICE_PORT),
+        0,
+    )?;
+    nat.insert(
+        NatKey::new(b.into(), SERVICE_PORT, PROTO_TCP),
+        NatTarget::new(a.into(), VIP_PORT),
+        0,
+    )?;
+    let xdp: &mut Xdp = bpf
+        .program_mut("gocast_xdp")
+        .context("no gocast_xdp program in the object")?
+        .try_into()?;
+    xdp.load().context("loading gocast_xdp")?;
+
+    // One run of the matching frame must come out rewritten, or the timing means nothing.
+    let frame = syn_frame(client, a, VIP_PORT);
+    let mut out = vec![0; frame.len() + 256];
+    let once = xdp.test_run(TestRunOptions {
+        data_in: Some(&frame),
+        data_out: Some(&mut out),
+        ..TestRunOptions::default()
+    })?;
+    ensure!(
+        once.return_value == XDP_PASS
+            && out[30..34] == b.octets()
+            && out[36..38] == SERVICE_PORT.to_be_bytes(),
+        "the NAT rule did not rewrite the frame (verdict {})",
+        once.return_value
+    );
+
+    let time = |name: &str, frame: &[u8]| -> Result<f64> {
+        let mut batches = Vec::new();
+        for _ in 0..XDP_BATCHES {
+            let result = xdp.test_run(TestRunOptions {
+                data_in: Some(frame),
+                repeat,
+                ..TestRunOptions::default()
+            })?;
+            ensure!(
+                result.return_value == XDP_PASS,
+                "{name}: verdict {}",
+                result.return_value
+            );
+            batches.push(result.duration.as_secs_f64() * 1e9);
+        }
+        batches.sort_by(f64::total_cmp);
+        let median = batches[batches.len() / 2];
+        println!(
+            "{name:<28} {median:>7.1} ns/packet (batches {})",
+            batches
+                .iter()
+                .map(|b| format!("{b:.1}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        Ok(median)
+    };
+    Ok(XdpCost {
+        rewrite: time("NAT rewrite (VIP:80)", &frame)?,
+        vip_only: time("VIP port without rule", &syn_frame(client, a, 443))?,
+        other: time("not a VIP", &syn_frame(client, other, VIP_PORT))?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_output_is_parsed() {
+        let out = "Running 5s test @ http://192.0.2.80:80/\n  1 threads and 32 connections\n\
+                   \x20 Thread Stats   Avg      Stdev     Max   +/- Stdev\n\
+                   \x20   Latency     1.23ms  456.00us  12.00ms   80.00%\n\
+                   \x20 61234 requests in 5.00s, 7.12MB read\n\
+                   \x20 Socket errors: connect 0, read 12, write 1, timeout 2\n\
+                   \x20 Non-2xx or 3xx responses: 3\n\
+                   Requests/sec:  12246.80\nTransfer/sec:      1.42MB\n";
+        assert_eq!(
+            parse_wrk(out).unwrap(),
+            Wrk {
+                rps: 12246.80,
+                errors: 18
+            }
+        );
+        assert_eq!(
+            parse_wrk("Requests/sec: 10.5\n").unwrap(),
+            Wrk {
+                rps: 10.5,
+                errors: 0
+            }
+        );
+        assert!(parse_wrk("wrk: connection refused").is_err());
+    }
+
+    #[test]
+    fn crafted_syn_has_valid_checksums() {
+        let f = syn_frame(
+            Ipv4Addr::new(198, 18, 255, 1),
+            Ipv4Addr::new(192, 0, 2, 81),
+            80,
+        );
+        assert_eq!(f.len(), 54);
+        assert_eq!(ones_sum(&f[14..34], 0), 0xffff);
+        let mut pseudo = f[26..34].to_vec();
+        pseudo.extend_from_slice(&[0, PROTO_TCP, 0, 20]);
+        assert_eq!(ones_sum(&f[34..], u32::from(ones_sum(&pseudo, 0))), 0xffff);
+    }
+
+    #[test]
+    fn ratios_guard_against_zero() {
+        assert!((ratio(95.0, 100.0) - 0.95).abs() < 1e-9);
+        assert!(ratio(1.0, 0.0).abs() < f64::EPSILON);
+    }
+}

@@ -1,0 +1,531 @@
+//! `docs/benchmarks.md` and its charts (`docs/img/*.svg`), written by `cargo xtask bench`.
+//!
+//! Charts are drawn with plotters' SVG backend alone: text goes out as SVG `<text>`, laid out by
+//! the viewer, so no font files or system libraries are needed to draw them.
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context, Result};
+use plotters::{
+    coord::Shift,
+    prelude::{
+        BLACK, BLUE, ChartBuilder, Circle, Color as _, DrawingArea, GREEN, IntoDrawingArea as _,
+        LineSeries, MAGENTA, PathElement, RED, RGBColor, Rectangle, SVGBackend, WHITE,
+    },
+};
+
+use super::{
+    Summary,
+    bgp::BgpReport,
+    memory::MemoryReport,
+    mib, ms,
+    nat::{Kind, Mode, NatReport, ratio},
+};
+use crate::workspace_root;
+
+/// Everything one `cargo xtask bench` run measured.
+pub struct Reports {
+    pub started: SystemTime,
+    /// `/proc/loadavg` before the first benchmark and after the last.
+    pub load_before: String,
+    pub load_after: String,
+    pub bgp: BgpReport,
+    pub nat: NatReport,
+    pub memory: MemoryReport,
+}
+
+/// The first three fields of `/proc/loadavg` (1, 5 and 15 minutes).
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Writes `docs/benchmarks.md` and the charts; returns the Markdown file's path.
+pub fn write(reports: &Reports) -> Result<PathBuf> {
+    let docs = workspace_root().join("docs");
+    let img = docs.join("img");
+    std::fs::create_dir_all(&img).with_context(|| format!("creating {}", img.display()))?;
+    convergence_chart(&img.join("bgp-convergence.svg"), &reports.bgp)?;
+    nat_chart(&img.join("nat-rounds.svg"), &reports.nat)?;
+    memory_chart(&img.join("memory.svg"), &reports.memory)?;
+    let path = docs.join("benchmarks.md");
+    std::fs::write(&path, markdown(reports, &Machine::read()))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// The machine the figures come from, from `/proc`.
+struct Machine {
+    cpu: String,
+    cores: usize,
+    kernel: String,
+    ram_kib: u64,
+}
+
+impl Machine {
+    fn read() -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        Self {
+            cpu: cpuinfo
+                .lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map_or_else(|| "unknown".to_owned(), |(_, v)| v.trim().to_owned()),
+            cores: cpuinfo
+                .lines()
+                .filter(|l| l.starts_with("processor"))
+                .count(),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+            ram_kib: meminfo
+                .lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or(0),
+        }
+    }
+}
+
+/// The commit the benchmarked tree is at (`+` when it has uncommitted changes).
+fn commit() -> String {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(workspace_root())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let hash = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".to_owned());
+    let dirty = git(&["status", "--porcelain"]).is_some_and(|s| !s.is_empty());
+    if dirty { format!("{hash}+") } else { hash }
+}
+
+fn markdown(r: &Reports, machine: &Machine) -> String {
+    let mut md = String::new();
+    let date = humantime::format_rfc3339_seconds(r.started);
+    let load1: f64 = r
+        .load_before
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let _ = writeln!(
+        md,
+        "# Benchmarks\n\n\
+         Written by `cargo xtask bench` (as root: everything runs in network namespaces), which runs\n\
+         `bench bgp`, `bench nat` and `bench memory` with their defaults. Figures from commit `{}`,\n\
+         started {date}.\n\n\
+         | machine | |\n| --- | --- |\n| CPU | {} |\n| cores | {} |\n| kernel | {} |\n| RAM | {:.1} GiB |\n\
+         | load average (1, 5, 15 min) before / after | {} / {} |\n",
+        commit(),
+        machine.cpu,
+        machine.cores,
+        machine.kernel,
+        // A GiB count far below 2^52.
+        u32::try_from(machine.ram_kib / 1024).map_or(0.0, f64::from) / 1024.0,
+        r.load_before,
+        r.load_after,
+    );
+    #[expect(clippy::cast_precision_loss, reason = "a core count")]
+    let busy = load1 > 0.25 * machine.cores as f64;
+    if busy {
+        let _ = writeln!(
+            md,
+            "**Noisy run:** the machine was busy before the benchmarks started (1-minute load\n\
+             {load1:.2} on {} cores: other work shared it), so absolute figures are low and vary;\n\
+             the ratios compare runs taken side by side and are the figures to read. Re-run on an\n\
+             idle machine for absolute numbers.\n",
+            machine.cores
+        );
+    }
+
+    bgp_section(&mut md, &r.bgp);
+    nat_section(&mut md, &r.nat);
+    memory_section(&mut md, &r.memory);
+    let _ = writeln!(
+        md,
+        "## Reproduce\n\n```sh\ncargo xtask bench            # all three, rewrites this file and docs/img/*.svg\n\
+         cargo xtask bench bgp --help # each target's options\ncargo xtask bench nat --only xdp\n```"
+    );
+    md
+}
+
+fn bgp_section(md: &mut String, bgp: &BgpReport) {
+    let _ = writeln!(md, "## BGP (`cargo xtask bench bgp`)\n");
+    let _ = writeln!(
+        md,
+        "The agent against BIRD 2 in a namespace. Convergence: a service behind a `port:tcp` monitor\n\
+         (`monitor_interval` {} ms) is killed; the time until its route leaves the router's kernel\n\
+         table, {} trials.\n",
+        bgp.interval.as_millis(),
+        bgp.convergence.len()
+    );
+    table(md, &bgp.summary);
+    let _ = writeln!(
+        md,
+        "![Withdraw convergence: trials per 10 ms bucket](img/bgp-convergence.svg)\n"
+    );
+}
+
+fn nat_section(md: &mut String, nat: &NatReport) {
+    let _ = writeln!(md, "## NAT (`cargo xtask bench nat`)\n");
+    let _ = writeln!(
+        md,
+        "`wrk` in a client namespace against a small HTTP service in the agent's namespace, over a\n\
+         veth link: **direct** (no agent, the service's own address), **eBPF** and **iptables**\n\
+         (the VIP, NATed by the agent in that `dataplane.mode`), and as a control **eBPF attached,\n\
+         no NAT** (the service's own address in the eBPF lab: XDP and TC run but match nothing).\n\
+         Short = `Connection: close`, a new connection per request. Rounds run back to back\n\
+         without a reset, so conntrack entries pile up in the iptables lab. Targets (issue #5):\n\
+         eBPF ≥ 0.95 × direct in every round, short and keepalive. When the control is about as\n\
+         low as eBPF, the cost is in having the programs on this link, not in the NAT (on a veth,\n\
+         native XDP turns every skb into an XDP buffer, with a copy when its headroom is short).\n"
+    );
+    md.push_str(
+        "| round | connections | direct req/s | eBPF req/s | iptables req/s | eBPF attached, no NAT | eBPF / direct | eBPF / iptables | conntrack entries (iptables lab) |\n\
+         | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for (i, round) in nat.rounds.iter().enumerate() {
+        for (k, kind) in Kind::ALL.into_iter().enumerate() {
+            let [direct, ebpf, iptables, no_nat] = round.rps[k];
+            let e = ratio(ebpf, direct);
+            let _ = writeln!(
+                md,
+                "| {} | {} | {direct:.0} | {ebpf:.0} | {iptables:.0} | {no_nat:.0} | {e:.3} {} | {:.3} | {} |",
+                i + 1,
+                kind.name(),
+                if e >= 0.95 { "PASS" } else { "FAIL" },
+                ratio(ebpf, iptables),
+                round.conntrack.map_or_else(String::new, |n| n.to_string()),
+            );
+        }
+    }
+    if let Some(x) = nat.xdp {
+        let _ = writeln!(
+            md,
+            "\nThe XDP program alone, `BPF_PROG_TEST_RUN` with a repeat count of millions (median of 5\n\
+             batches; the kernel reports the mean time per run, harness included). Target: ≤ 100 ns\n\
+             for a packet the NAT rewrites.\n\n\
+             | packet | ns per packet |\n| --- | ---: |\n\
+             | TCP to a VIP port with a NAT rule (counted, rewritten, flow known) | {:.1} {} |\n\
+             | TCP to a VIP port without a rule (counted) | {:.1} |\n\
+             | TCP to an address that is no VIP | {:.1} |\n",
+            x.rewrite,
+            if x.rewrite <= 100.0 { "PASS" } else { "FAIL" },
+            x.vip_only,
+            x.other
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n![Requests per second per round](img/nat-rounds.svg)\n"
+    );
+}
+
+fn memory_section(md: &mut String, memory: &MemoryReport) {
+    let _ = writeln!(md, "## Memory (`cargo xtask bench memory`)\n");
+    let _ = writeln!(
+        md,
+        "The agent with N apps (IPv6 /128 VIPs), each with a `port:tcp` monitor on a listening\n\
+         port, so all are healthy, on `lo` and announced to BIRD; memory read a few monitor ticks\n\
+         after BIRD holds every route.\n\n\
+         | apps | VmRSS MiB | VmHWM (peak) MiB | spawn → all routes at BIRD |\n| ---: | ---: | ---: | ---: |"
+    );
+    for row in &memory.rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} ms |",
+            row.apps,
+            mib(row.rss_kib),
+            mib(row.hwm_kib),
+            ms(row.all_at_bird)
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n![Resident memory against app count](img/memory.svg)\n"
+    );
+}
+
+/// A summary as a Markdown table.
+fn table(md: &mut String, summary: &Summary) {
+    md.push_str("| figure | value | target | |\n| --- | ---: | --- | --- |\n");
+    for [name, value, target, verdict] in summary.rows() {
+        let _ = writeln!(md, "| {} | {value} | {target} | {verdict} |", name.trim());
+    }
+    md.push('\n');
+}
+
+/// Colours of the NAT modes, in [`Mode::ALL`] order.
+const MODE_COLOURS: [RGBColor; 4] = [BLACK, BLUE, RED, GREEN];
+
+type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
+
+fn convergence_chart(path: &Path, bgp: &BgpReport) -> Result<()> {
+    const BUCKET_MS: u64 = 10;
+    let mut counts = Vec::new();
+    for d in &bgp.convergence {
+        let bucket = usize::try_from(millis(*d) / BUCKET_MS).unwrap_or(usize::MAX);
+        if counts.len() <= bucket {
+            counts.resize(bucket + 1, 0u32);
+        }
+        counts[bucket] += 1;
+    }
+    let root = SVGBackend::new(path, (800, 400)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let max_x = (counts.len().max(1) as u64 * BUCKET_MS).max(100);
+    let max_y = counts.iter().copied().max().unwrap_or(1).max(1) + 1;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!(
+                "Withdraw convergence, {} trials (monitor_interval {} ms)",
+                bgp.convergence.len(),
+                bgp.interval.as_millis()
+            ),
+            ("sans-serif", 20),
+        )
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0..max_x, 0..max_y)?;
+    chart
+        .configure_mesh()
+        .x_desc("kill → route gone from the router's kernel table (ms)")
+        .y_desc("trials")
+        .draw()?;
+    chart.draw_series(counts.iter().enumerate().map(|(i, &n)| {
+        let x0 = i as u64 * BUCKET_MS;
+        Rectangle::new([(x0, 0), (x0 + BUCKET_MS, n)], BLUE.mix(0.6).filled())
+    }))?;
+    root.present()?;
+    Ok(())
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn nat_chart(path: &Path, nat: &NatReport) -> Result<()> {
+    let root = SVGBackend::new(path, (1000, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let panels = root.split_evenly((1, 2));
+    for (k, kind) in Kind::ALL.into_iter().enumerate() {
+        nat_panel(&panels[k], nat, k, kind)?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+fn nat_panel(area: &Area<'_>, nat: &NatReport, k: usize, kind: Kind) -> Result<()> {
+    let rounds = u32::try_from(nat.rounds.len()).unwrap_or(u32::MAX).max(1);
+    let max_y = nat.rounds.iter().flat_map(|r| r.rps[k]).fold(1.0, f64::max) * 1.15;
+    let mut chart = ChartBuilder::on(area)
+        .caption(
+            format!("{} — req/s per round", kind.name()),
+            ("sans-serif", 18),
+        )
+        .margin(15)
+        .x_label_area_size(35)
+        .y_label_area_size(65)
+        .build_cartesian_2d(0.5..f64::from(rounds) + 0.5, 0.0..max_y)?;
+    chart
+        .configure_mesh()
+        .x_labels(nat.rounds.len())
+        .x_label_formatter(&|x| format!("round {x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .y_desc("requests/s")
+        .draw()?;
+    for (m, mode) in Mode::ALL.into_iter().enumerate() {
+        let colour = MODE_COLOURS[m];
+        let points: Vec<(f64, f64)> = nat
+            .rounds
+            .iter()
+            .zip(1u32..)
+            .map(|(r, i)| (f64::from(i), r.rps[k][m]))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))?
+            .label(mode.name())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
+        chart.draw_series(
+            points
+                .into_iter()
+                .map(|p| Circle::new(p, 4, colour.filled())),
+        )?;
+    }
+    chart
+        .configure_series_labels()
+        .position(plotters::chart::SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
+fn memory_chart(path: &Path, memory: &MemoryReport) -> Result<()> {
+    let root = SVGBackend::new(path, (800, 400)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let rows = &memory.rows;
+    let n = u32::try_from(rows.len()).unwrap_or(u32::MAX).max(1);
+    let max_y = rows.iter().map(|r| r.hwm_kib).max().map_or(1.0, |k| {
+        u32::try_from(k / 1024).map_or(1.0, f64::from) + 1.0
+    }) * 1.15;
+    let labels: Vec<String> = rows.iter().map(|r| r.apps.to_string()).collect();
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Agent memory against app count", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(-0.5..f64::from(n) - 0.5, 0.0..max_y)?;
+    chart
+        .configure_mesh()
+        .x_labels(rows.len())
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (x - i).abs() > 0.01 || i < 0.0 {
+                return String::new();
+            }
+            // A small index, rounded above.
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "an index"
+            )]
+            labels.get(i as usize).cloned().unwrap_or_default()
+        })
+        .x_desc("apps (port:tcp monitors, announced)")
+        .y_desc("MiB")
+        .draw()?;
+    let series = [
+        (
+            "VmRSS",
+            BLUE,
+            rows.iter().map(|r| r.rss_kib).collect::<Vec<_>>(),
+        ),
+        (
+            "VmHWM (peak)",
+            MAGENTA,
+            rows.iter().map(|r| r.hwm_kib).collect(),
+        ),
+    ];
+    for (name, colour, kib) in series {
+        let points: Vec<(f64, f64)> = kib
+            .iter()
+            .zip(0u32..)
+            .map(|(&k, i)| (f64::from(i), kib_to_mib(k)))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
+        chart.draw_series(
+            points
+                .into_iter()
+                .map(|p| Circle::new(p, 4, colour.filled())),
+        )?;
+    }
+    chart
+        .configure_series_labels()
+        .position(plotters::chart::SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+fn kib_to_mib(kib: u64) -> f64 {
+    u32::try_from(kib).map_or(f64::MAX, f64::from) / 1024.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::{memory::MemoryRow, nat::Round};
+
+    fn sample() -> Reports {
+        Reports {
+            started: SystemTime::now(),
+            load_before: "3.10 2.00 1.00".to_owned(),
+            load_after: "2.00 2.00 1.00".to_owned(),
+            bgp: BgpReport {
+                convergence: (0..100).map(|i| Duration::from_millis(60 + i)).collect(),
+                interval: Duration::from_millis(100),
+                summary: Summary::default(),
+            },
+            nat: NatReport {
+                rounds: vec![
+                    Round {
+                        rps: [[100.0, 96.0, 90.0, 98.0], [1000.0, 990.0, 980.0, 995.0]],
+                        conntrack: Some(5),
+                    };
+                    3
+                ],
+                xdp: None,
+                summary: Summary::default(),
+            },
+            memory: MemoryReport {
+                rows: [0, 100, 1000, 10_000]
+                    .into_iter()
+                    .map(|apps| MemoryRow {
+                        apps,
+                        rss_kib: 6000 + u64::from(apps),
+                        hwm_kib: 7000 + u64::from(apps),
+                        all_at_bird: Duration::from_millis(10),
+                    })
+                    .collect(),
+                summary: Summary::default(),
+            },
+        }
+    }
+
+    #[test]
+    fn markdown_has_every_section_and_flags_a_busy_machine() {
+        let machine = Machine {
+            cpu: "Test CPU".to_owned(),
+            cores: 2,
+            kernel: "6.1".to_owned(),
+            ram_kib: 4 * 1024 * 1024,
+        };
+        let md = markdown(&sample(), &machine);
+        for needle in [
+            "| CPU | Test CPU |",
+            "| RAM | 4.0 GiB |",
+            "**Noisy run:**",
+            "| 3 | keepalive | 1000 | 990 | 980 | 995 | 0.990 PASS | 1.010 | 5 |",
+            "| 10000 | 15.6 | 16.6 | 10.0 ms |",
+            "img/bgp-convergence.svg",
+            "img/nat-rounds.svg",
+            "img/memory.svg",
+        ] {
+            assert!(md.contains(needle), "{needle:?} missing in:\n{md}");
+        }
+    }
+
+    #[test]
+    fn charts_render_as_svg() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = sample();
+        convergence_chart(&dir.path().join("c.svg"), &r.bgp).unwrap();
+        nat_chart(&dir.path().join("n.svg"), &r.nat).unwrap();
+        memory_chart(&dir.path().join("m.svg"), &r.memory).unwrap();
+        for f in ["c.svg", "n.svg", "m.svg"] {
+            let svg = std::fs::read_to_string(dir.path().join(f)).unwrap();
+            assert!(svg.starts_with("<svg"), "{f}");
+            assert!(svg.contains("<text"), "{f} has no labels");
+        }
+    }
+}
