@@ -99,9 +99,11 @@ fn defaults<A: Args + clap::FromArgMatches>(name: &'static str) -> Result<A> {
     Ok(A::from_arg_matches(&matches)?)
 }
 
-/// Builds the agent with the release profile and returns `target/release/gocast`.
+/// Builds the eBPF object and the agent with the release profile, and returns
+/// `target/release/gocast`.
 pub(crate) fn release_agent() -> Result<PathBuf> {
     let root = workspace_root();
+    crate::build_ebpf::run().context("building the eBPF object")?;
     cmd::run(cmd::cargo(&root).args([
         "build",
         "--release",

@@ -30,7 +30,7 @@ use anyhow::{Context, Result, bail, ensure};
 use gocast_tests::{Agent, Netns, routers::API, sh};
 use tempfile::TempDir;
 
-use crate::{bench, build_ebpf, packages};
+use crate::{bench, packages};
 
 /// The anycast VIP, the port clients use, and the service's real port.
 const VIP: &str = "192.0.2.100";
@@ -67,7 +67,6 @@ pub fn run() -> Result<()> {
     }
     let started = Instant::now();
     step("Building the eBPF object and the agent (release)");
-    build_ebpf::run()?;
     let binary = bench::release_agent()?;
     let result = Lab::new(&binary).and_then(|mut lab| {
         let result = lab.show();
