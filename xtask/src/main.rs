@@ -6,6 +6,7 @@
 mod bench;
 mod build_ebpf;
 mod cmd;
+mod package;
 mod packages;
 mod run;
 mod test;
@@ -33,12 +34,15 @@ enum Task {
     /// Build the agent and run it with the given arguments
     /// (e.g. `cargo xtask run -- --config config/minimal.yaml`).
     Run(run::RunArgs),
-    /// Run every check CI runs: Debian packages, rustfmt, clippy, build, and the whole test suite
-    /// (e.g. `cargo xtask test -- --nocapture`).
+    /// Run every check CI runs: Debian packages, rustfmt, clippy, build, the `.deb` check, and
+    /// the whole test suite (e.g. `cargo xtask test -- --nocapture`).
     Test(test::TestArgs),
     /// Build the agent in release mode and print performance figures; needs root
     /// (e.g. `cargo xtask bench bgp`). Never part of `test` or CI.
     Bench(bench::BenchArgs),
+    /// Build the Debian package (`target/debian/gocast_*.deb`, release profile) and check its
+    /// contents; `--check` packages the debug binary instead, as `cargo xtask test` does.
+    Package(package::PackageArgs),
     /// Provision nightly, rust-src and bpf-linker if missing, then build the eBPF object to
     /// `target/bpfel-unknown-none/release/gocast-ebpf`.
     BuildEbpf,
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
         Task::Run(args) => run::run(&args),
         Task::Test(args) => test::run(&args),
         Task::Bench(args) => bench::run(&args),
+        Task::Package(args) => package::run(&args),
         Task::BuildEbpf => build_ebpf::run().map(drop),
     };
     match result {
