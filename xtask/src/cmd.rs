@@ -56,3 +56,19 @@ pub fn succeeds_quietly(command: &mut Command) -> bool {
         .status()
         .is_ok_and(|status| status.success())
 }
+
+/// Echoes `command`, runs it with stderr inherited, and returns its standard output; fails
+/// unless it exits successfully.
+pub fn output(command: &mut Command) -> Result<String> {
+    let line = display(command);
+    println!("$ {line}");
+    let output = command
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("failed to start `{line}`"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if !output.status.success() {
+        bail!("`{line}` failed ({}): {}", output.status, stdout.trim());
+    }
+    Ok(stdout)
+}

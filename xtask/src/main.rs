@@ -7,6 +7,7 @@ mod bench;
 mod build_ebpf;
 mod cmd;
 mod demo;
+mod package;
 mod packages;
 mod run;
 mod test;
@@ -34,9 +35,8 @@ enum Task {
     /// Build the eBPF object and the agent, and run it with the given arguments
     /// (e.g. `cargo xtask run -- --config config/minimal.yaml`).
     Run(run::RunArgs),
-    /// Run every check CI runs: Debian packages, rustfmt, clippy, eBPF and agent builds, and the
-    /// whole test suite
-    /// (e.g. `cargo xtask test -- --nocapture`).
+    /// Run every check CI runs: Debian packages, rustfmt, clippy, eBPF and agent builds, the
+    /// `.deb` check, and the whole test suite (e.g. `cargo xtask test -- --nocapture`).
     Test(test::TestArgs),
     /// Build the agent in release mode and print performance figures; needs root
     /// (e.g. `cargo xtask bench bgp`). Never part of `test` or CI.
@@ -44,6 +44,9 @@ enum Task {
     /// Build everything, then narrate an anycast lab in network namespaces: BIRD with ECMP,
     /// two hosts running gocast for one VIP, a client; a service fails and recovers. Needs root.
     Demo,
+    /// Build the Debian package (`target/debian/gocast_*.deb`, release profile) and check its
+    /// contents; `--check` packages the debug binary instead, as `cargo xtask test` does.
+    Package(package::PackageArgs),
     /// Provision nightly, rust-src and bpf-linker if missing, then build the eBPF object to
     /// `target/bpfel-unknown-none/release/gocast-ebpf`.
     BuildEbpf,
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
         Task::Test(args) => test::run(&args),
         Task::Bench(args) => bench::run(&args),
         Task::Demo => demo::run(),
+        Task::Package(args) => package::run(&args),
         Task::BuildEbpf => build_ebpf::run().map(drop),
     };
     match result {

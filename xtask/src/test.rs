@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::{build_ebpf, cmd, packages, workspace_root};
+use crate::{build_ebpf, cmd, package, packages, workspace_root};
 
 /// The eBPF crate: `no_std`/`no_main` for `bpfel-unknown-none`, built only by `cargo xtask
 /// build-ebpf` (nightly, `bpf-linker`). `--workspace` would compile it for the host, where it
@@ -23,8 +23,8 @@ pub struct TestArgs {
     args: Vec<String>,
 }
 
-/// Runs host setup, formatting, lints, the eBPF object and agent builds and the whole test
-/// suite, stopping at the first failing step.
+/// Runs host setup, formatting, lints, the eBPF object and agent builds, the package check and
+/// the whole test suite, stopping at the first failing step.
 ///
 /// The environment is inherited throughout so switches like `GOCAST_REQUIRE_PRIVILEGED` reach the
 /// tests.
@@ -58,6 +58,8 @@ pub fn run(args: &TestArgs) -> Result<()> {
     step("build", || {
         cmd::run(cmd::cargo(&root).args(["build", "--package", "gocast-agent", "--bins"]))
     })?;
+    // The Debian package of that build: files, conffiles, unit, shipped config.
+    step("package", package::check)?;
     step("test", || {
         if let Some(value) = std::env::var_os("GOCAST_REQUIRE_PRIVILEGED") {
             println!("GOCAST_REQUIRE_PRIVILEGED={}", value.to_string_lossy());
