@@ -69,7 +69,20 @@ pub struct DataplaneConfig {
     /// Interfaces the eBPF dataplane attaches to; empty = the interfaces toward the BGP peers
     /// (else the default route's).
     pub interfaces: Vec<String>,
+    pub ingress: IngressMode,
     pub passive_health: PassiveHealthConfig,
+}
+
+/// `dataplane.ingress`: where the eBPF ingress program runs. `auto`: XDP in native mode on
+/// physical interfaces, TC ingress on virtual ones (veth, bridges, bonds...) and where the
+/// driver has no native XDP; `xdp` and `tc` force one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IngressMode {
+    #[default]
+    Auto,
+    Xdp,
+    Tc,
 }
 
 /// `dataplane.passive_health`: thresholds for apps with `passive_health: true`. Over the last
@@ -297,6 +310,7 @@ struct OutConfig<'a> {
 struct OutDataplane<'a> {
     mode: DataplaneMode,
     interfaces: &'a [String],
+    ingress: IngressMode,
     passive_health: OutPassiveHealth,
 }
 
@@ -444,6 +458,7 @@ impl Config {
             dataplane: OutDataplane {
                 mode: self.dataplane.mode,
                 interfaces: &self.dataplane.interfaces,
+                ingress: self.dataplane.ingress,
                 passive_health: OutPassiveHealth {
                     window: go_duration::format(self.dataplane.passive_health.window),
                     min_syn: self.dataplane.passive_health.min_syn,
@@ -478,6 +493,8 @@ struct RawDataplane {
     mode: DataplaneMode,
     #[serde(default)]
     interfaces: Vec<String>,
+    #[serde(default)]
+    ingress: IngressMode,
     #[serde(default)]
     passive_health: RawPassiveHealth,
 }
@@ -748,6 +765,7 @@ impl RawDataplane {
         Ok(DataplaneConfig {
             mode: self.mode,
             interfaces: self.interfaces,
+            ingress: self.ingress,
             passive_health: self.passive_health.into_passive_health()?,
         })
     }
@@ -1395,6 +1413,7 @@ mod tests {
             ),
             ("agent: [1, 2]", "agent"),
             ("dataplane: {mode: xdp}", "dataplane.mode"),
+            ("dataplane: {ingress: skb}", "dataplane.ingress"),
             ("bgp: {local_as: 0, remote_as: 2}", "AS 0 is reserved"),
             ("bgp: {local_as: 1, remote_as: 0}", "AS 0 is reserved"),
             (

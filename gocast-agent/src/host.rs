@@ -15,10 +15,10 @@ use tracing::{debug, info, warn};
 
 use crate::{
     app::{AppName, NatRule, Vip},
-    config::{Config, DataplaneMode},
+    config::{Config, DataplaneMode, IngressMode},
     dataplane::{
         DataplaneInfo,
-        ebpf::{CounterReader, Ebpf},
+        ebpf::{CounterReader, Ebpf, IngressHook},
         iptables::Iptables,
     },
     lifecycle::{Host, HostError},
@@ -150,15 +150,14 @@ async fn start_dataplane(
         DataplaneMode::Ebpf => "ebpf",
     };
     let loaded = match ebpf_interfaces(netlink, config).await {
-        Ok(interfaces) => Ebpf::load(&interfaces)
-            .map(|ebpf| (ebpf, interfaces))
-            .map_err(HostError::from),
+        Ok(interfaces) => Ebpf::load(&interfaces).map_err(HostError::from),
         Err(e) => Err(e),
     };
     match loaded {
-        Ok((ebpf, interfaces)) => {
+        Ok(ebpf) => {
             remove_stale_iptables_chain().await;
-            Ok((Nat::Ebpf(ebpf), DataplaneInfo::ebpf(mode, &interfaces)))
+            let info = DataplaneInfo::ebpf(mode, ebpf.interfaces());
+            Ok((Nat::Ebpf(ebpf), info))
         }
         Err(e) if config.dataplane.mode == DataplaneMode::Auto => {
             let why = crate::error_chain(&e);
@@ -171,8 +170,26 @@ async fn start_dataplane(
 }
 
 /// `dataplane.interfaces`, else the interfaces the kernel uses toward the configured peers,
-/// else (no peer address: autodiscovery) the default route's.
-async fn ebpf_interfaces(netlink: &Netlink, config: &Config) -> Result<Vec<String>, HostError> {
+/// else (no peer address: autodiscovery) the default route's; each with its ingress hook.
+async fn ebpf_interfaces(
+    netlink: &Netlink,
+    config: &Config,
+) -> Result<Vec<(String, IngressHook)>, HostError> {
+    let names = interface_names(netlink, config).await?;
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
+        let hook = match config.dataplane.ingress {
+            IngressMode::Xdp => IngressHook::Xdp,
+            IngressMode::Tc => IngressHook::Tc,
+            IngressMode::Auto if netlink.is_virtual(&name).await? => IngressHook::Tc,
+            IngressMode::Auto => IngressHook::XdpNativeOrTc,
+        };
+        out.push((name, hook));
+    }
+    Ok(out)
+}
+
+async fn interface_names(netlink: &Netlink, config: &Config) -> Result<Vec<String>, HostError> {
     if !config.dataplane.interfaces.is_empty() {
         return Ok(config.dataplane.interfaces.clone());
     }

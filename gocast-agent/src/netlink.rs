@@ -18,7 +18,7 @@ use rtnetlink::packet_route::{
         AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressProtocol,
         AddressScope,
     },
-    link::LinkAttribute,
+    link::{LinkAttribute, LinkInfo},
     route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType, RouteVia},
 };
 use rtnetlink::{AddressMessageBuilder, Handle, LinkUnspec, RouteMessageBuilder};
@@ -68,6 +68,12 @@ pub enum NetlinkError {
     #[error("cannot look up the route toward {dest}")]
     RouteLookup {
         dest: IpAddr,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("cannot look up interface {name}")]
+    LinkByName {
+        name: String,
         #[source]
         source: rtnetlink::Error,
     },
@@ -322,6 +328,29 @@ impl Netlink {
             l.attributes.into_iter().find_map(|a| match a {
                 LinkAttribute::IfName(name) => Some(name),
                 _ => None,
+            })
+        }))
+    }
+
+    /// Whether `interface` is a virtual device (veth, bridge, bond, vlan, tun, ...): the kernel
+    /// names a link kind for those, not for physical NICs.
+    pub async fn is_virtual(&self, interface: &str) -> Result<bool, NetlinkError> {
+        let link = self
+            .handle
+            .link()
+            .get()
+            .match_name(interface.to_owned())
+            .execute()
+            .try_next()
+            .await
+            .map_err(|source| NetlinkError::LinkByName {
+                name: interface.to_owned(),
+                source,
+            })?;
+        Ok(link.is_some_and(|l| {
+            l.attributes.iter().any(|a| {
+                matches!(a, LinkAttribute::LinkInfo(infos)
+                    if infos.iter().any(|i| matches!(i, LinkInfo::Kind(_))))
             })
         }))
     }

@@ -4,6 +4,9 @@
 //!   VIP port in `NAT_MAP`, rewrites destination address and port in place (incremental
 //!   checksums) and records the flow in `FLOWS_MAP`. Fragments, ICMP, IPv6 extension headers
 //!   and all other traffic pass untouched.
+//! - `gocast_tc_ingress` (TC classifier, ingress): the same on an skb, for interfaces where XDP
+//!   would cost more than it saves (virtual devices such as veth, drivers without native XDP,
+//!   whose generic XDP copies every cloned skb). It never drops.
 //! - `gocast_tc_egress` (TC classifier, egress): a reply whose 5-tuple is in `FLOWS_MAP` gets
 //!   the VIP and port back as its source; replies and other traffic from a VIP are counted
 //!   (packets, bytes, SYN-ACKs, RSTs). It never drops.
@@ -109,6 +112,50 @@ fn try_gocast_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     Ok(xdp_action::XDP_PASS)
 }
 
+/// TC ingress entry point: the XDP program's work on an skb. Never drops.
+#[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "`#[classifier]` fixes the signature"
+)]
+pub fn gocast_tc_ingress(ctx: TcContext) -> i32 {
+    // A failed rewrite leaves the packet as it was: it reaches the host un-NATed.
+    let _ = try_gocast_tc_ingress(&ctx);
+    TC_ACT_OK
+}
+
+fn try_gocast_tc_ingress(ctx: &TcContext) -> Result<(), ()> {
+    linearize_headers(ctx);
+    let (family, dst, flow) = match parse::parse(ctx) {
+        Parsed::Flow(flow) => (flow.family, flow.dst, Some(flow)),
+        Parsed::Ip { family, dst } => (family, dst, None),
+        Parsed::Other => return Ok(()),
+    };
+    let Some(counters) = stats::vip_counters(family, &dst) else {
+        return Ok(());
+    };
+    let syn = flow
+        .as_ref()
+        .is_some_and(|f| f.proto == PROTO_TCP && f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN);
+    stats::count_in(counters, u64::from(ctx.len()), syn);
+    if let Some(flow) = flow {
+        nat::dnat_skb(ctx, &flow)?;
+    }
+    Ok(())
+}
+
+/// Makes sure the headers sit in the skb's linear part, where direct packet access reads them
+/// (a GRO'd or paged skb may hold part of them in fragments). Best effort: a short packet
+/// simply stays as it is and is parsed as far as it goes.
+#[inline(always)]
+fn linearize_headers(ctx: &TcContext) {
+    let linear = ctx.data_end() - ctx.data();
+    let want = ctx.len().min(parse::HEADERS_MAX);
+    if (linear as u64) < u64::from(want) {
+        let _ = ctx.pull_data(want);
+    }
+}
+
 /// TC egress entry point: reverse NAT and outbound counting. Never drops.
 #[classifier]
 #[expect(
@@ -123,6 +170,7 @@ pub fn gocast_tc_egress(ctx: TcContext) -> i32 {
 }
 
 fn try_gocast_tc_egress(ctx: &TcContext) -> Result<(), ()> {
+    linearize_headers(ctx);
     let Parsed::Flow(flow) = parse::parse(ctx) else {
         return Ok(());
     };

@@ -1,9 +1,10 @@
-//! Destination NAT in XDP (VIP:port → target) and its reverse in TC egress (target → VIP:port).
+//! Destination NAT (VIP:port → target) in XDP or TC ingress, and its reverse in TC egress
+//! (target → VIP:port).
 //!
 //! XDP rewrites the frame in place with RFC 1624 incremental checksums (pure functions in
-//! `gocast_common::csum`). TC egress uses the kernel's `bpf_l3/l4_csum_replace`, which also
-//! handle `CHECKSUM_PARTIAL` skbs (locally generated packets whose L4 checksum the NIC
-//! finishes), something a pure update cannot see.
+//! `gocast_common::csum`). The TC programs use the kernel's `bpf_l3/l4_csum_replace`, which
+//! also handle `CHECKSUM_PARTIAL` skbs (packets whose L4 checksum is finished later, e.g. from
+//! a veth peer), something a pure update cannot see.
 
 use aya_ebpf::{
     bindings::{BPF_F_PSEUDO_HDR, BPF_NOEXIST},
@@ -18,8 +19,8 @@ use gocast_common::{
 use crate::{
     FLOWS, NAT,
     parse::{
-        Flow, IPV4_CHECK_OFFSET, IPV4_SRC_OFFSET, IPV6_SRC_OFFSET, Ipv4Hdr, Ipv6Hdr, Ports,
-        TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, ptr_at,
+        Flow, IPV4_CHECK_OFFSET, IPV4_DST_OFFSET, IPV4_SRC_OFFSET, IPV6_DST_OFFSET,
+        IPV6_SRC_OFFSET, Ipv4Hdr, Ipv6Hdr, Ports, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, ptr_at,
     },
 };
 
@@ -44,10 +45,9 @@ fn l4_check_offset(proto: u8) -> usize {
     }
 }
 
-/// If `NAT_MAP` has a rule for this flow's destination, rewrites it to the target, records the
-/// flow for the reply direction, and returns `true`.
+/// The NAT rule for this flow's destination, if `NAT_MAP` has one.
 #[inline(always)]
-pub fn dnat(ctx: &XdpContext, flow: &Flow) -> Result<bool, ()> {
+fn target(flow: &Flow) -> Option<NatTarget> {
     let key = NatKey {
         vip: flow.dst,
         port: flow.dst_port,
@@ -57,11 +57,28 @@ pub fn dnat(ctx: &XdpContext, flow: &Flow) -> Result<bool, ()> {
     };
     // SAFETY: copied out at once; a concurrent update at worst sends this packet to the old
     // target.
-    let Some(target) = (unsafe { NAT.get(key) }).copied() else {
+    (unsafe { NAT.get(key) }).copied()
+}
+
+/// XDP: if `NAT_MAP` has a rule for this flow's destination, rewrites it to the target,
+/// records the flow for the reply direction, and returns `true`.
+#[inline(always)]
+pub fn dnat(ctx: &XdpContext, flow: &Flow) -> Result<bool, ()> {
+    let Some(target) = target(flow) else {
         return Ok(false);
     };
-
     rewrite_dst(ctx, flow, &target)?;
+    remember(flow, &target);
+    Ok(true)
+}
+
+/// TC ingress: the same as [`dnat`] on an skb.
+#[inline(always)]
+pub fn dnat_skb(ctx: &TcContext, flow: &Flow) -> Result<bool, ()> {
+    let Some(target) = target(flow) else {
+        return Ok(false);
+    };
+    rewrite_skb(ctx, flow, End::Dst, target.dest, target.port)?;
     remember(flow, &target);
     Ok(true)
 }
@@ -170,7 +187,32 @@ pub fn reverse(ctx: &TcContext, flow: &Flow) -> Result<Option<[u8; 16]>, ()> {
     };
     // SAFETY: a map value pointer from a successful lookup, copied out at once.
     let orig = unsafe { *orig };
+    rewrite_skb(ctx, flow, End::Src, orig.vip, orig.port)?;
+    Ok(Some(orig.vip))
+}
 
+/// Which end of a flow [`rewrite_skb`] changes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum End {
+    Src,
+    Dst,
+}
+
+/// Sets one end's address and port (network order) in an skb, with the kernel's checksum
+/// helpers: the IPv4 header checksum, and the TCP/UDP checksum whose pseudo-header covers the
+/// address.
+#[inline(always)]
+fn rewrite_skb(
+    ctx: &TcContext,
+    flow: &Flow,
+    end: End,
+    addr: [u8; 16],
+    port: u16,
+) -> Result<(), ()> {
+    let (old_addr, old_port, port_at) = match end {
+        End::Src => (flow.src, flow.src_port, flow.l4),
+        End::Dst => (flow.dst, flow.dst_port, flow.l4 + 2),
+    };
     let check_at = flow.l4 + l4_check_offset(flow.proto);
     // UDP: with BPF_F_MARK_MANGLED_0 the kernel leaves a 0 checksum (IPv4 "none") alone and
     // writes a computed 0 as 0xffff.
@@ -182,8 +224,14 @@ pub fn reverse(ctx: &TcContext, flow: &Flow) -> Result<Option<[u8; 16]>, ()> {
     let pseudo = u64::from(BPF_F_PSEUDO_HDR) | udp_flags;
 
     if flow.family == FAMILY_V4 {
-        let old = u32::from_ne_bytes([flow.src[0], flow.src[1], flow.src[2], flow.src[3]]);
-        let new = u32::from_ne_bytes([orig.vip[0], orig.vip[1], orig.vip[2], orig.vip[3]]);
+        let addr_at = flow.l3
+            + if end == End::Src {
+                IPV4_SRC_OFFSET
+            } else {
+                IPV4_DST_OFFSET
+            };
+        let old = u32::from_ne_bytes([old_addr[0], old_addr[1], old_addr[2], old_addr[3]]);
+        let new = u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]);
         ctx.l4_csum_replace(check_at, u64::from(old), u64::from(new), pseudo | 4)
             .map_err(|_| ())?;
         ctx.l3_csum_replace(
@@ -193,11 +241,16 @@ pub fn reverse(ctx: &TcContext, flow: &Flow) -> Result<Option<[u8; 16]>, ()> {
             4,
         )
         .map_err(|_| ())?;
-        ctx.store(flow.l3 + IPV4_SRC_OFFSET, &new, 0)
-            .map_err(|_| ())?;
+        ctx.store(addr_at, &new, 0).map_err(|_| ())?;
     } else {
-        let mut from = words(flow.src);
-        let mut to = words(orig.vip);
+        let addr_at = flow.l3
+            + if end == End::Src {
+                IPV6_SRC_OFFSET
+            } else {
+                IPV6_DST_OFFSET
+            };
+        let mut from = words(old_addr);
+        let mut to = words(addr);
         // SAFETY: both buffers are 16 bytes on this stack frame, the sizes passed.
         let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
         if diff < 0 {
@@ -208,16 +261,14 @@ pub fn reverse(ctx: &TcContext, flow: &Flow) -> Result<Option<[u8; 16]>, ()> {
         // Size 0: `to` is a precomputed checksum difference (16-byte fields have no size flag).
         ctx.l4_csum_replace(check_at, 0, diff, pseudo)
             .map_err(|_| ())?;
-        ctx.store(flow.l3 + IPV6_SRC_OFFSET, &orig.vip, 0)
-            .map_err(|_| ())?;
+        ctx.store(addr_at, &addr, 0).map_err(|_| ())?;
     }
     ctx.l4_csum_replace(
         check_at,
-        u64::from(flow.src_port),
-        u64::from(orig.port),
+        u64::from(old_port),
+        u64::from(port),
         udp_flags | 2,
     )
     .map_err(|_| ())?;
-    ctx.store(flow.l4, &orig.port, 0).map_err(|_| ())?;
-    Ok(Some(orig.vip))
+    ctx.store(port_at, &port, 0).map_err(|_| ())
 }

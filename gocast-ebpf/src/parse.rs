@@ -72,8 +72,15 @@ pub const UDP_CHECK_OFFSET: usize = 6;
 pub const IPV4_CHECK_OFFSET: usize = mem::offset_of!(Ipv4Hdr, check);
 /// Offset of the source address in an IPv4 header.
 pub const IPV4_SRC_OFFSET: usize = mem::offset_of!(Ipv4Hdr, src);
+/// Offset of the destination address in an IPv4 header.
+pub const IPV4_DST_OFFSET: usize = mem::offset_of!(Ipv4Hdr, dst);
 /// Offset of the source address in an IPv6 header.
 pub const IPV6_SRC_OFFSET: usize = mem::offset_of!(Ipv6Hdr, src);
+/// Offset of the destination address in an IPv6 header.
+pub const IPV6_DST_OFFSET: usize = mem::offset_of!(Ipv6Hdr, dst);
+/// Ethernet + IPv6 (or IPv4 with options) + TCP: what must be in an skb's linear part for
+/// direct access to see every header the NAT reads or writes.
+pub const HEADERS_MAX: u32 = 14 + 60 + 20;
 
 /// A program context with direct packet access.
 pub trait Packet {

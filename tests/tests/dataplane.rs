@@ -13,12 +13,12 @@ const API: &str = "127.0.0.1:8080";
 
 /// The agent's config: the client as (unreachable) BGP peer, so the eBPF dataplane attaches to
 /// the link toward it and NAT sends traffic to the agent's link address.
-fn write_config(dir: &Path, topo: &Topology, mode: &str, apps: &str) -> Result<String> {
+fn write_config(dir: &Path, topo: &Topology, dataplane: &str, apps: &str) -> Result<String> {
     let path = dir.join("config.yaml");
     let yaml = format!(
         "agent:\n  listen_addr: {API}\n  monitor_interval: 100ms\n  cleanup_timer: 10s\n  state_file: {state}\n\
          bgp:\n  local_as: 65001\n  remote_as: 65000\n  peer_ip: {peer}\n\
-         dataplane:\n  mode: {mode}\n  passive_health: {{window: 3s, min_syn: 5, max_unanswered: 0.5}}\n\
+         dataplane:\n  {dataplane}\n  passive_health: {{window: 3s, min_syn: 5, max_unanswered: 0.5}}\n\
          apps:\n{apps}",
         state = dir.join("state.json").display(),
         peer = topo.client_ip,
@@ -97,9 +97,10 @@ fn stats_until(
     Ok(last)
 }
 
-/// The suite both dataplanes must pass: TCP through two VIPs that share one backend port, UDP
-/// request/response, IPv6; and what `/info` and `/stats` say about the dataplane.
-fn nat_suite(mode: &str) -> Result<()> {
+/// The suite every dataplane must pass: TCP through two VIPs that share one backend port, UDP
+/// request/response, IPv6; and what `/info` and `/stats` say about the dataplane. `ingress`
+/// is the eBPF ingress hook expected on the veth (`dataplane.ingress: auto` picks TC there).
+fn nat_suite(mode: &str, ingress: &str) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;
     std::fs::write(dir.path().join("who.txt"), "backend 8081")?;
@@ -117,7 +118,11 @@ fn nat_suite(mode: &str) -> Result<()> {
         ),
     ]
     .concat();
-    let config = write_config(dir.path(), &topo, mode, &app_config)?;
+    let dataplane = match (mode, ingress) {
+        ("ebpf", "xdp native") => "mode: ebpf\n  ingress: xdp".to_owned(),
+        _ => format!("mode: {mode}"),
+    };
+    let config = write_config(dir.path(), &topo, &dataplane, &app_config)?;
     let mut agent = Agent::start(
         &topo.agent,
         &["--config", &config],
@@ -129,7 +134,11 @@ fn nat_suite(mode: &str) -> Result<()> {
     })?;
     let (_, info) = topo.agent.http_get(&format!("http://{API}/info"))?;
     ensure!(
-        info["dataplane"]["mode"] == mode,
+        info["dataplane"]["mode"] == mode
+            && (mode == "iptables"
+                || info["dataplane"]["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains(&format!("({ingress})")))),
         "dataplane in /info: {}",
         info["dataplane"]
     );
@@ -195,7 +204,15 @@ fn ebpf_nat_serves_tcp_udp_ipv6_and_shared_backend_ports_and_counts_every_packet
     if !privileged("ebpf_nat_serves_tcp_udp_ipv6") {
         return Ok(());
     }
-    nat_suite("ebpf")
+    nat_suite("ebpf", "tc")
+}
+
+#[test]
+fn ebpf_nat_with_xdp_ingress_serves_the_same_suite() -> Result<()> {
+    if !privileged("ebpf_nat_with_xdp_ingress") {
+        return Ok(());
+    }
+    nat_suite("ebpf", "xdp native")
 }
 
 #[test]
@@ -203,7 +220,7 @@ fn iptables_nat_serves_the_same_suite() -> Result<()> {
     if !privileged("iptables_nat_serves_the_same_suite") {
         return Ok(());
     }
-    nat_suite("iptables")
+    nat_suite("iptables", "")
 }
 
 /// A service that listens but never accepts: the port monitor passes, but once its accept
@@ -251,7 +268,7 @@ fn passive_health_withdraws_a_service_that_listens_but_no_longer_answers() -> Re
         // Same service, no passive health: it must stay announced.
         app("plain", "192.0.2.21/32", "port:tcp:8090", "tcp:80:8090"),
     );
-    let config = write_config(dir.path(), &topo, "ebpf", &app_config)?;
+    let config = write_config(dir.path(), &topo, "mode: ebpf", &app_config)?;
     let mut agent = Agent::start(
         &topo.agent,
         &["--config", &config],
@@ -315,7 +332,7 @@ fn programs_are_attached_while_the_agent_runs_and_gone_after_a_crash_or_a_stop()
     }
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;
-    let config = write_config(dir.path(), &topo, "auto", "  []\n")?;
+    let config = write_config(dir.path(), &topo, "mode: auto\n  ingress: xdp", "  []\n")?;
     let start = |log: &str| {
         Agent::start(
             &topo.agent,

@@ -30,6 +30,55 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/go
 const XDP_PROGRAM: &str = "gocast_xdp";
 /// The TC egress classifier in the object.
 const TC_PROGRAM: &str = "gocast_tc_egress";
+/// The TC ingress classifier: the XDP program's work where XDP does not pay.
+const TC_INGRESS_PROGRAM: &str = "gocast_tc_ingress";
+
+/// Where the ingress program (counters, destination NAT) runs on an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngressHook {
+    /// XDP in native (driver) mode, else generic (`dataplane.ingress: xdp`).
+    Xdp,
+    /// XDP in native mode, else TC ingress: generic XDP copies every cloned skb, TC does not.
+    XdpNativeOrTc,
+    /// TC (clsact) ingress: virtual interfaces such as veth, whose native XDP copies cloned
+    /// skbs into XDP buffers.
+    Tc,
+}
+
+/// Attaches the ingress program at `hook`; returns the hook it ended up at, for logs and
+/// `/info`.
+fn attach_ingress(
+    bpf: &mut aya::Ebpf,
+    interface: &str,
+    hook: IngressHook,
+) -> Result<&'static str, EbpfError> {
+    let attach_error = |program: &'static str| {
+        move |source| EbpfError::Attach {
+            program,
+            interface: interface.to_owned(),
+            source,
+        }
+    };
+    if hook != IngressHook::Tc {
+        let xdp: &mut Xdp = program(bpf, XDP_PROGRAM)?;
+        match xdp.attach(interface, XdpMode::Driver) {
+            Ok(_) => return Ok("xdp native"),
+            Err(native) if hook == IngressHook::Xdp => {
+                warn!(%interface, error = %native, "native XDP refused; attaching in generic (SKB) mode");
+                xdp.attach(interface, XdpMode::Skb)
+                    .map_err(attach_error(XDP_PROGRAM))?;
+                return Ok("xdp generic");
+            }
+            Err(native) => {
+                info!(%interface, error = %native, "native XDP refused; using TC ingress");
+            }
+        }
+    }
+    let tc: &mut SchedClassifier = program(bpf, TC_INGRESS_PROGRAM)?;
+    tc.attach(interface, TcAttachType::Ingress)
+        .map_err(attach_error(TC_INGRESS_PROGRAM))?;
+    Ok("tc")
+}
 
 /// An eBPF dataplane operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -118,55 +167,42 @@ impl std::fmt::Debug for Ebpf {
 }
 
 impl Ebpf {
-    /// Loads the embedded object and attaches XDP (native mode, else generic) and the TC egress
-    /// classifier to each interface. With no interface, the programs are loaded but attached
-    /// nowhere (tests).
-    pub fn load(interfaces: &[String]) -> Result<Self, EbpfError> {
+    /// Loads the embedded object and attaches, on each interface, the ingress program at its
+    /// hook and the TC egress classifier. With no interface, the programs are loaded but
+    /// attached nowhere (tests).
+    pub fn load(interfaces: &[(String, IngressHook)]) -> Result<Self, EbpfError> {
         Self::load_bytes(OBJECT, interfaces)
     }
 
-    fn load_bytes(object: &[u8], interfaces: &[String]) -> Result<Self, EbpfError> {
+    fn load_bytes(object: &[u8], interfaces: &[(String, IngressHook)]) -> Result<Self, EbpfError> {
         if object.is_empty() {
             return Err(EbpfError::NotBuilt);
         }
         let mut bpf = aya::Ebpf::load(object).map_err(|e| EbpfError::Load(Box::new(e)))?;
-
+        for name in [TC_INGRESS_PROGRAM, TC_PROGRAM] {
+            let tc: &mut SchedClassifier = program(&mut bpf, name)?;
+            tc.load()
+                .map_err(|source| EbpfError::Program { program: name, source })?;
+        }
         let xdp: &mut Xdp = program(&mut bpf, XDP_PROGRAM)?;
         xdp.load().map_err(|source| EbpfError::Program {
             program: XDP_PROGRAM,
             source,
         })?;
-        for interface in interfaces {
-            let mode = match xdp.attach(interface, XdpMode::Driver) {
-                Ok(_) => "native",
-                Err(native) => {
-                    warn!(%interface, error = %native, "native XDP refused; attaching in generic (SKB) mode");
-                    xdp.attach(interface, XdpMode::Skb)
-                        .map_err(|source| EbpfError::Attach {
-                            program: XDP_PROGRAM,
-                            interface: interface.clone(),
-                            source,
-                        })?;
-                    "generic"
-                }
-            };
-            info!(%interface, mode, "XDP program attached");
-        }
 
-        let tc: &mut SchedClassifier = program(&mut bpf, TC_PROGRAM)?;
-        tc.load().map_err(|source| EbpfError::Program {
-            program: TC_PROGRAM,
-            source,
-        })?;
-        for interface in interfaces {
+        let mut attached = Vec::with_capacity(interfaces.len());
+        for (interface, hook) in interfaces {
             add_clsact(interface)?;
+            let ingress = attach_ingress(&mut bpf, interface, *hook)?;
+            let tc: &mut SchedClassifier = program(&mut bpf, TC_PROGRAM)?;
             tc.attach(interface, TcAttachType::Egress)
                 .map_err(|source| EbpfError::Attach {
                     program: TC_PROGRAM,
                     interface: interface.clone(),
                     source,
                 })?;
-            info!(%interface, "TC egress program attached");
+            info!(%interface, ingress, "eBPF programs attached: ingress NAT and counters, TC egress reverse NAT");
+            attached.push(format!("{interface} ({ingress})"));
         }
 
         let vips = take_map(&mut bpf, VIPS_MAP)?;
@@ -182,11 +218,12 @@ impl Ebpf {
             slots: StdHashMap::new(),
             free: Vec::new(),
             next: 0,
-            interfaces: interfaces.to_vec(),
+            interfaces: attached,
         })
     }
 
-    /// The interfaces the programs are attached to.
+    /// The interfaces the programs are attached to, each with its ingress hook, e.g.
+    /// `eth0 (xdp native)`.
     pub fn interfaces(&self) -> &[String] {
         &self.interfaces
     }
@@ -453,6 +490,7 @@ impl Ebpf {
             let xdp: &mut Xdp = program(&mut loaded.bpf, name).expect("the XDP program");
             xdp.test_run(options)
         } else {
+            // TC programs: the frame's protocol comes from its EtherType.
             let tc: &mut SchedClassifier = program(&mut loaded.bpf, name).expect("the TC program");
             tc.test_run(options)
         }
@@ -475,6 +513,8 @@ mod tests {
 
     const XDP_PASS: u32 = 2;
     const TC_ACT_OK: u32 = 0;
+    /// The two ingress programs (one runs per interface) and their "pass" verdicts.
+    const INGRESS: [(&str, u32); 2] = [(XDP_PROGRAM, XDP_PASS), (TC_INGRESS_PROGRAM, TC_ACT_OK)];
     const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
     const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
     const DEST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -592,12 +632,18 @@ mod tests {
         not(gocast_ebpf_object),
         ignore = "needs the eBPF object: cargo xtask build-ebpf, then cargo test -- --ignored"
     )]
-    fn xdp_rewrites_tcp_to_a_vip_port_and_tc_restores_the_vip_on_the_reply() {
-        crate::testing::in_new_netns(|| async {
+    fn ingress_rewrites_tcp_to_a_vip_port_and_tc_restores_the_vip_on_the_reply() {
+        for (ingress, pass) in INGRESS {
+            crate::testing::in_new_netns(move || async move { rewrite_and_restore(ingress, pass) });
+        }
+    }
+
+    fn rewrite_and_restore(ingress: &'static str, pass: u32) {
+        {
             let mut ebpf = loaded();
             let syn = tcp4((CLIENT, 40000), (VIP, 80), false);
-            let (verdict, out) = ebpf.test_run(XDP_PROGRAM, &syn);
-            assert_eq!(verdict, XDP_PASS);
+            let (verdict, out) = ebpf.test_run(ingress, &syn);
+            assert_eq!(verdict, pass, "{ingress}");
             assert_eq!(
                 verified(&out),
                 (CLIENT.into(), 40000, DEST.into(), 8080),
@@ -621,7 +667,7 @@ mod tests {
             let stranger = tcp4((DEST, 8080), (CLIENT, 40001), true);
             assert_eq!(ebpf.test_run(TC_PROGRAM, &stranger).1, stranger);
             ebpf.shutdown();
-        });
+        }
     }
 
     #[test]
@@ -630,10 +676,16 @@ mod tests {
         ignore = "needs the eBPF object: cargo xtask build-ebpf, then cargo test -- --ignored"
     )]
     fn ipv6_udp_is_rewritten_both_ways_with_valid_checksums() {
-        crate::testing::in_new_netns(|| async {
+        for (ingress, _) in INGRESS {
+            crate::testing::in_new_netns(move || async move { ipv6_udp(ingress) });
+        }
+    }
+
+    fn ipv6_udp(ingress: &'static str) {
+        {
             let mut ebpf = loaded();
             let query = udp6((CLIENT6, 50000), (VIP6, 53));
-            let (_, out) = ebpf.test_run(XDP_PROGRAM, &query);
+            let (_, out) = ebpf.test_run(ingress, &query);
             assert_eq!(verified(&out), (CLIENT6.into(), 50000, DEST6.into(), 5353));
             let answer = udp6((DEST6, 5353), (CLIENT6, 50000));
             let (_, out) = ebpf.test_run(TC_PROGRAM, &answer);
@@ -641,7 +693,7 @@ mod tests {
             let c = ebpf.counters(VIP6.into()).unwrap();
             assert_eq!((c.packets_in, c.packets_out, c.syn_in), (1, 1, 0));
             ebpf.shutdown();
-        });
+        }
     }
 
     #[test]
@@ -650,14 +702,20 @@ mod tests {
         ignore = "needs the eBPF object: cargo xtask build-ebpf, then cargo test -- --ignored"
     )]
     fn other_traffic_passes_untouched_and_only_vip_traffic_is_counted() {
-        crate::testing::in_new_netns(|| async {
+        for (ingress, pass) in INGRESS {
+            crate::testing::in_new_netns(move || async move { untouched(ingress, pass) });
+        }
+    }
+
+    fn untouched(ingress: &'static str, pass: u32) {
+        {
             let mut ebpf = loaded();
             // Not a VIP: untouched, not counted.
             let other = tcp4((CLIENT, 40000), (Ipv4Addr::new(192, 0, 2, 99), 80), false);
-            assert_eq!(ebpf.test_run(XDP_PROGRAM, &other), (XDP_PASS, other));
+            assert_eq!(ebpf.test_run(ingress, &other), (pass, other));
             // A VIP port without a rule: counted, untouched.
             let unmapped = tcp4((CLIENT, 40000), (VIP, 443), false);
-            assert_eq!(ebpf.test_run(XDP_PROGRAM, &unmapped), (XDP_PASS, unmapped));
+            assert_eq!(ebpf.test_run(ingress, &unmapped), (pass, unmapped));
             // ICMP to the VIP: counted, untouched.
             let mut ping = Vec::new();
             ether()
@@ -665,7 +723,7 @@ mod tests {
                 .icmpv4_echo_request(1, 1)
                 .write(&mut ping, PAYLOAD)
                 .unwrap();
-            assert_eq!(ebpf.test_run(XDP_PROGRAM, &ping), (XDP_PASS, ping));
+            assert_eq!(ebpf.test_run(ingress, &ping), (pass, ping));
             // A fragment of a datagram to VIP:80 (MF set): the ports are not where they seem.
             let mut fragment = tcp4((CLIENT, 40000), (VIP, 80), false);
             fragment[14 + 6] |= 0x20;
@@ -675,7 +733,7 @@ mod tests {
                 .0;
             let sum = ip.calc_header_checksum().to_be_bytes();
             fragment[14 + 10..14 + 12].copy_from_slice(&sum);
-            assert_eq!(ebpf.test_run(XDP_PROGRAM, &fragment), (XDP_PASS, fragment));
+            assert_eq!(ebpf.test_run(ingress, &fragment), (pass, fragment));
             // Three packets to the VIP; only the unfragmented SYN is read as one.
             let c = ebpf.counters(VIP.into()).unwrap();
             assert_eq!((c.packets_in, c.syn_in), (3, 1));
@@ -684,12 +742,12 @@ mod tests {
             let rule: NatRule = "tcp:80:8080".parse().unwrap();
             ebpf.remove_nat(VIP.into(), &[rule]).unwrap();
             let syn = tcp4((CLIENT, 40000), (VIP, 80), false);
-            assert_eq!(ebpf.test_run(XDP_PROGRAM, &syn).1, syn);
+            assert_eq!(ebpf.test_run(ingress, &syn).1, syn);
             ebpf.remove_vip(VIP.into()).unwrap();
-            ebpf.test_run(XDP_PROGRAM, &syn);
+            ebpf.test_run(ingress, &syn);
             assert_eq!(ebpf.counters(VIP.into()).unwrap(), VipCounters::default());
             ebpf.shutdown();
-        });
+        }
     }
 
     #[test]

@@ -30,12 +30,13 @@ impl DataplaneInfo {
         }
     }
 
-    /// The eBPF dataplane, attached to `interfaces`, chosen by `mode` (`auto` or `ebpf`).
+    /// The eBPF dataplane, chosen by `mode` (`auto` or `ebpf`), attached to `interfaces`
+    /// (each with its ingress hook, e.g. `eth0 (xdp native)`).
     pub fn ebpf(mode: &str, interfaces: &[String]) -> Self {
         Self {
             mode: "ebpf",
             reason: format!(
-                "dataplane.mode {mode}: XDP ingress and TC egress on {}",
+                "dataplane.mode {mode}: ingress NAT and TC egress on {}",
                 interfaces.join(", ")
             ),
         }
