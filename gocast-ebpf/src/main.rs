@@ -37,7 +37,7 @@ use gocast_common::maps::{
     VipCounters, VipKey,
 };
 
-use crate::parse::{Parsed, TCP_ACK, TCP_RST, TCP_SYN};
+use crate::parse::{Flow, Parsed, TCP_ACK, TCP_RST, TCP_SYN};
 
 /// `gocast_common::maps::VIPS_MAP`: VIP → index into `COUNTERS`.
 #[map(name = "GOCAST_VIPS")]
@@ -98,18 +98,28 @@ fn try_gocast_xdp(ctx: &XdpContext) -> Result<u32, ()> {
         Parsed::Ip { family, dst } => (family, dst, None),
         Parsed::Other => return Ok(xdp_action::XDP_PASS),
     };
+    let syn = flow.as_ref().is_some_and(is_syn);
     let Some(counters) = stats::vip_counters(family, &dst) else {
+        if syn && let Some(flow) = &flow {
+            nat::forget_direct(flow);
+        }
         return Ok(xdp_action::XDP_PASS);
     };
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let syn = flow
-        .as_ref()
-        .is_some_and(|f| f.proto == PROTO_TCP && f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN);
     stats::count_in(counters, bytes, syn);
-    if let Some(flow) = flow {
-        nat::dnat(ctx, &flow)?;
+    if let Some(flow) = flow
+        && !nat::dnat(ctx, &flow)?
+        && syn
+    {
+        nat::forget_direct(&flow);
     }
     Ok(xdp_action::XDP_PASS)
+}
+
+/// A TCP SYN without ACK: a new connection.
+#[inline(always)]
+fn is_syn(flow: &Flow) -> bool {
+    flow.proto == PROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
 /// TC ingress entry point: the XDP program's work on an skb. Never drops.
@@ -131,15 +141,19 @@ fn try_gocast_tc_ingress(ctx: &TcContext) -> Result<(), ()> {
         Parsed::Ip { family, dst } => (family, dst, None),
         Parsed::Other => return Ok(()),
     };
+    let syn = flow.as_ref().is_some_and(is_syn);
     let Some(counters) = stats::vip_counters(family, &dst) else {
+        if syn && let Some(flow) = &flow {
+            nat::forget_direct(flow);
+        }
         return Ok(());
     };
-    let syn = flow
-        .as_ref()
-        .is_some_and(|f| f.proto == PROTO_TCP && f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN);
     stats::count_in(counters, u64::from(ctx.len()), syn);
-    if let Some(flow) = flow {
-        nat::dnat_skb(ctx, &flow)?;
+    if let Some(flow) = flow
+        && !nat::dnat_skb(ctx, &flow)?
+        && syn
+    {
+        nat::forget_direct(&flow);
     }
     Ok(())
 }

@@ -169,6 +169,24 @@ fn remember(flow: &Flow, target: &NatTarget) {
     let _ = FLOWS.insert(key, value, u64::from(BPF_NOEXIST));
 }
 
+/// For the SYN of a TCP connection that did not go through the NAT (sent to the service's own
+/// address, or anywhere else): drops any flow entry its replies would match. That entry belongs
+/// to an earlier connection from the same client port through a VIP, and would rewrite these
+/// replies to come from the VIP. Only SYNs pay for this.
+#[inline(always)]
+pub fn forget_direct(flow: &Flow) {
+    let reply = FlowKey {
+        src: flow.dst,
+        dst: flow.src,
+        src_port: flow.dst_port,
+        dst_port: flow.src_port,
+        proto: flow.proto,
+        family: flow.family,
+        _pad: [0; 2],
+    };
+    let _ = FLOWS.remove(&reply);
+}
+
 /// If `FLOWS_MAP` knows this reply, rewrites its source back to the VIP and port the client
 /// used and returns the VIP (family is the flow's).
 #[inline(always)]

@@ -157,6 +157,23 @@ fn nat_suite(mode: &str, ingress: &str) -> Result<()> {
             );
         }
     }
+    // One client port, first through the VIP, then straight to the service: the second
+    // connection's replies must not be taken for the first one's.
+    let script = format!(
+        "import socket\ndef get(addr, port):\n    s = socket.socket()\n    \
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n    s.bind(('', 45000))\n    \
+         s.settimeout(3)\n    s.connect((addr, port))\n    s.sendall(b'GET /who.txt HTTP/1.0\\r\\n\\r\\n')\n    \
+         data = b''\n    while True:\n        chunk = s.recv(4096)\n        if not chunk:\n            break\n        \
+         data += chunk\n    s.close()\n    return data.endswith(b'backend 8081')\n\
+         print(get('192.0.2.10', 80), get('{agent}', 8081))\n",
+        agent = topo.agent_ip
+    );
+    let both = topo.client.run("python3", &["-c", &script])?;
+    ensure!(
+        both.trim() == "True True",
+        "{mode}: VIP then direct from one port: {both}"
+    );
+
     let echoed = udp_exchange(&topo.client, "192.0.2.12", 53, 20)?;
     ensure!(echoed == 20, "{mode}: {echoed} of 20 UDP echoes came back");
 

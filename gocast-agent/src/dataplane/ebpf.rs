@@ -181,8 +181,10 @@ impl Ebpf {
         let mut bpf = aya::Ebpf::load(object).map_err(|e| EbpfError::Load(Box::new(e)))?;
         for name in [TC_INGRESS_PROGRAM, TC_PROGRAM] {
             let tc: &mut SchedClassifier = program(&mut bpf, name)?;
-            tc.load()
-                .map_err(|source| EbpfError::Program { program: name, source })?;
+            tc.load().map_err(|source| EbpfError::Program {
+                program: name,
+                source,
+            })?;
         }
         let xdp: &mut Xdp = program(&mut bpf, XDP_PROGRAM)?;
         xdp.load().map_err(|source| EbpfError::Program {
@@ -666,6 +668,12 @@ mod tests {
             // A reply of a flow the XDP program never saw goes out as it is.
             let stranger = tcp4((DEST, 8080), (CLIENT, 40001), true);
             assert_eq!(ebpf.test_run(TC_PROGRAM, &stranger).1, stranger);
+
+            // The same client port now connects to the service directly: the NAT's flow entry
+            // must not rewrite the replies of this new connection.
+            let direct = tcp4((CLIENT, 40000), (DEST, 8080), false);
+            assert_eq!(ebpf.test_run(ingress, &direct), (pass, direct));
+            assert_eq!(ebpf.test_run(TC_PROGRAM, &reply).1, reply);
             ebpf.shutdown();
         }
     }

@@ -80,6 +80,9 @@ pub struct NatArgs {
     /// Benchmark this agent binary instead of building `target/release/gocast`.
     #[arg(long, value_name = "PATH")]
     agent: Option<PathBuf>,
+    /// `dataplane.ingress` of the eBPF lab: `auto` (TC ingress on the veth), `xdp` or `tc`.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "xdp", "tc"])]
+    ingress: String,
 }
 
 /// The parts of the benchmark.
@@ -285,7 +288,7 @@ impl Lab {
         let (agent, url) = match mode {
             Mode::Direct | Mode::EbpfNoNat => (None, direct_url.clone()),
             Mode::Ebpf | Mode::Iptables => {
-                let config = agent_config(dir.path(), &topo, mode)?;
+                let config = agent_config(dir.path(), &topo, mode, &args.ingress)?;
                 let agent = Agent::start_with(
                     binary,
                     &topo.agent,
@@ -327,8 +330,13 @@ impl Lab {
         match self.mode {
             Mode::Direct | Mode::EbpfNoNat => {}
             Mode::Ebpf => {
-                let links = self.topo.agent.ip(&["link", "show", "type", "veth"])?;
-                ensure!(links.contains("xdp"), "no XDP program on the link: {links}");
+                let (_, info) = self.topo.agent.http_get(&format!("http://{API}/info"))?;
+                ensure!(
+                    info["dataplane"]["mode"] == "ebpf",
+                    "the eBPF dataplane does not run: {}",
+                    info["dataplane"]
+                );
+                println!("eBPF lab: {}", info["dataplane"]["reason"]);
             }
             Mode::Iptables => {
                 let rules = self.topo.agent.nat_rules("iptables")?;
@@ -384,7 +392,7 @@ impl Lab {
 }
 
 /// The agent's config: one app whose NAT sends `VIP:80` to the service's port, in `mode`.
-fn agent_config(dir: &Path, topo: &Topology, mode: Mode) -> Result<String> {
+fn agent_config(dir: &Path, topo: &Topology, mode: Mode, ingress: &str) -> Result<String> {
     let dataplane = match mode {
         Mode::Ebpf => {
             let links = topo.agent.ip(&["-o", "link", "show", "type", "veth"])?;
@@ -394,7 +402,7 @@ fn agent_config(dir: &Path, topo: &Topology, mode: Mode) -> Result<String> {
                 .nth(1)
                 .and_then(|n| n.split('@').next())
                 .context("no veth in the agent namespace")?;
-            format!("dataplane:\n  mode: ebpf\n  interfaces: [{iface}]\n")
+            format!("dataplane:\n  mode: ebpf\n  interfaces: [{iface}]\n  ingress: {ingress}\n")
         }
         Mode::Iptables | Mode::Direct | Mode::EbpfNoNat => {
             "dataplane:\n  mode: iptables\n".to_owned()
