@@ -97,6 +97,25 @@ fn stats_until(
     Ok(last)
 }
 
+/// One client port, first through the VIP, then straight to the service: the second
+/// connection's replies must not be taken for the first one's. Prints whether each got the page.
+fn vip_then_direct_from_one_port(topo: &Topology) -> Result<String> {
+    let script = format!(
+        "import socket\ndef get(addr, port):\n    s = socket.socket()\n    \
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n    s.bind(('', 45000))\n    \
+         s.settimeout(3)\n    s.connect((addr, port))\n    s.sendall(b'GET /who.txt HTTP/1.0\\r\\n\\r\\n')\n    \
+         data = b''\n    while True:\n        chunk = s.recv(4096)\n        if not chunk:\n            break\n        \
+         data += chunk\n    s.close()\n    return data.endswith(b'backend 8081')\n\
+         print(get('192.0.2.10', 80), get('{agent}', 8081))\n",
+        agent = topo.agent_ip
+    );
+    Ok(topo
+        .client
+        .run("python3", &["-c", &script])?
+        .trim()
+        .to_owned())
+}
+
 /// The suite every dataplane must pass: TCP through two VIPs that share one backend port, UDP
 /// request/response, IPv6; and what `/info` and `/stats` say about the dataplane. `ingress`
 /// is the eBPF ingress hook expected on the veth (`dataplane.ingress: auto` picks TC there).
@@ -157,31 +176,19 @@ fn nat_suite(mode: &str, ingress: &str) -> Result<()> {
             );
         }
     }
-    // One client port, first through the VIP, then straight to the service: the second
-    // connection's replies must not be taken for the first one's.
-    let script = format!(
-        "import socket\ndef get(addr, port):\n    s = socket.socket()\n    \
-         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n    s.bind(('', 45000))\n    \
-         s.settimeout(3)\n    s.connect((addr, port))\n    s.sendall(b'GET /who.txt HTTP/1.0\\r\\n\\r\\n')\n    \
-         data = b''\n    while True:\n        chunk = s.recv(4096)\n        if not chunk:\n            break\n        \
-         data += chunk\n    s.close()\n    return data.endswith(b'backend 8081')\n\
-         print(get('192.0.2.10', 80), get('{agent}', 8081))\n",
-        agent = topo.agent_ip
-    );
-    let both = topo.client.run("python3", &["-c", &script])?;
+    let both = vip_then_direct_from_one_port(&topo)?;
     ensure!(
-        both.trim() == "True True",
+        both == "True True",
         "{mode}: VIP then direct from one port: {both}"
     );
-
     let echoed = udp_exchange(&topo.client, "192.0.2.12", 53, 20)?;
     ensure!(echoed == 20, "{mode}: {echoed} of 20 UDP echoes came back");
 
-    let (status, stats) = topo.agent.http_get(&format!("http://{API}/stats"))?;
+    let (code, all) = topo.agent.http_get(&format!("http://{API}/stats"))?;
     if mode == "iptables" {
-        ensure!(status == 503, "/stats without eBPF: {status} {stats}");
+        ensure!(code == 503, "/stats without eBPF: {code} {all}");
     } else {
-        ensure!(status == 200, "/stats: {status} {stats}");
+        ensure!(code == 200, "/stats: {code} {all}");
         // Exactly the datagrams sent, in and out.
         let dns = stats_until(&mut agent, &topo, "192.0.2.12", |v| {
             v["packets_in"] == 20 && v["packets_out"] == 20
