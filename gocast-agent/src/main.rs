@@ -16,6 +16,7 @@ use gocast::{
     bgp::Speaker,
     cli::{self, Cli, Command, LogFormat},
     config::{Config, DataplaneMode},
+    consul,
     host::SystemHost,
     lifecycle,
     metrics::Metrics,
@@ -126,6 +127,20 @@ async fn run(config: Config) -> Result<()> {
     let metrics = Metrics::default();
     let cancel = CancellationToken::new();
     let agent = &config.agent;
+    // Consul: the client is built (token, CONSUL_CACERT) before anything runs, so a bad
+    // certificate file stops the start with a clear error.
+    let consul_client = match &agent.consul {
+        Some(c) => {
+            let settings =
+                consul::Settings::new(c, agent.monitor_interval, |k| std::env::var(k).ok())
+                    .context("setting up Consul")?;
+            Some(consul::Client::new(settings, metrics.clone()).context("setting up Consul")?)
+        }
+        None => None,
+    };
+    let consul_health = consul_client
+        .clone()
+        .map(|c| consul::spawn_health(c, cancel.child_token()));
     let settings = lifecycle::Settings {
         monitor_rise: agent.monitor_rise,
         monitor_fall: agent.monitor_fall,
@@ -135,6 +150,7 @@ async fn run(config: Config) -> Result<()> {
         monitor: monitor::Settings {
             interval: agent.monitor_interval,
             exec_timeout: agent.exec_timeout,
+            consul: consul_health,
         },
     };
     let store = Store::new(&agent.state_file);
@@ -160,6 +176,14 @@ async fn run(config: Config) -> Result<()> {
         },
         cancel.clone(),
     );
+    if let Some(client) = consul_client {
+        tokio::spawn(consul::discover(
+            client,
+            running.handle.clone(),
+            metrics.clone(),
+            cancel.child_token(),
+        ));
+    }
     let state = ApiState {
         lifecycle: running.handle.clone(),
         routes: running.routes.clone(),
