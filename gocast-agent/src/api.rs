@@ -59,7 +59,8 @@ impl From<LifecycleError> for ApiError {
             LifecycleError::VipConflict { .. }
             | LifecycleError::VipOverlap { .. }
             | LifecycleError::LabelConflict { .. }
-            | LifecycleError::ConfigApp(_) => StatusCode::CONFLICT,
+            | LifecycleError::ConfigApp(_)
+            | LifecycleError::NameTaken { .. } => StatusCode::CONFLICT,
             LifecycleError::UnknownApp(_) => StatusCode::NOT_FOUND,
             LifecycleError::ExecRefused | LifecycleError::NotAllowed(_) => StatusCode::FORBIDDEN,
             LifecycleError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -495,6 +496,7 @@ mod tests {
             monitor: monitor::Settings {
                 interval: Duration::from_millis(20),
                 exec_timeout: Duration::from_secs(5),
+                consul: None,
             },
             passive_health: snapshots.is_some(),
         };

@@ -24,6 +24,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_MONITOR_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_CLEANUP_TIMER: Duration = Duration::from_mins(15);
 pub const DEFAULT_CONSUL_QUERY_INTERVAL: Duration = Duration::from_mins(5);
+/// How long a `consul` monitor keeps Consul's last answer when Consul does not answer.
+pub const DEFAULT_CONSUL_MONITOR_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(10);
 /// Where state files live unless `agent.state_file` says otherwise.
 pub const STATE_DIR: &str = "/var/lib/gocast";
@@ -138,10 +140,22 @@ pub struct AgentConfig {
 /// Consul discovery settings; present when `consul_addr` is set.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConsulConfig {
-    /// Includes the API prefix, e.g. `http://127.0.0.1:8500/v1`, as GoCast writes it.
+    /// Includes the API prefix, e.g. `http://127.0.0.1:8500/v1`, as GoCast writes it; a
+    /// scheme-less `127.0.0.1:8500/v1` gets `http://`, a bare `http://host:8500` gets `/v1`.
     pub addr: String,
+    /// Upper bound between two catalog reads (the `wait` of a blocking query).
     pub query_interval: Duration,
+    /// ACL token; `CONSUL_HTTP_TOKEN` is used when this is absent.
     pub token: Option<String>,
+    /// The Consul node whose services are discovered; `CONSUL_NODE` wins over it, the
+    /// hostname is used when both are absent.
+    pub node: Option<String>,
+    /// How long a `consul` monitor keeps the last answer while Consul does not answer (never
+    /// less than 3 × `monitor_interval`).
+    pub monitor_grace: Duration,
+    /// Allow `gocast_monitor=exec:..` tags: whoever can register a service in Consul would
+    /// otherwise run commands as the agent's user.
+    pub allow_exec: bool,
 }
 
 /// The HTTP listen address. GoCast's `:8080` (Go's "all interfaces") is kept and flagged so
@@ -331,7 +345,11 @@ struct OutAgent<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     consul_query_interval: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    consul_token: Option<&'a str>,
+    consul_node: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    consul_monitor_grace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allow_consul_exec: Option<bool>,
     monitor_rise: u32,
     monitor_fall: u32,
     exec_timeout: String,
@@ -403,7 +421,13 @@ impl Config {
                     .consul
                     .as_ref()
                     .map(|c| go_duration::format(c.query_interval)),
-                consul_token: a.consul.as_ref().and_then(|c| c.token.as_deref()),
+                // `consul_token` is a secret and never printed, like peer passwords.
+                consul_node: a.consul.as_ref().and_then(|c| c.node.as_deref()),
+                consul_monitor_grace: a
+                    .consul
+                    .as_ref()
+                    .map(|c| go_duration::format(c.monitor_grace)),
+                allow_consul_exec: a.consul.as_ref().map(|c| c.allow_exec),
                 monitor_rise: a.monitor_rise,
                 monitor_fall: a.monitor_fall,
                 exec_timeout: go_duration::format(a.exec_timeout),
@@ -520,6 +544,10 @@ struct RawAgent {
     #[serde(default, with = "go_duration::option")]
     consul_query_interval: Option<Duration>,
     consul_token: Option<String>,
+    consul_node: Option<String>,
+    #[serde(default, with = "go_duration::option")]
+    consul_monitor_grace: Option<Duration>,
+    allow_consul_exec: Option<bool>,
     monitor_rise: Option<u32>,
     monitor_fall: Option<u32>,
     #[serde(default, with = "go_duration::option")]
@@ -824,25 +852,27 @@ impl RawAgent {
         };
         let consul = match self.consul_addr {
             None => None,
-            Some(addr) => {
-                if !(addr.starts_with("http://") || addr.starts_with("https://")) {
-                    return Err(invalid(
-                        "agent.consul_addr",
-                        format!(
-                            "{addr:?} must start with http:// or https:// (e.g. http://127.0.0.1:8500/v1)"
-                        ),
-                    ));
-                }
-                Some(ConsulConfig {
-                    addr: addr.trim_end_matches('/').to_owned(),
-                    query_interval: positive(
-                        "consul_query_interval",
-                        self.consul_query_interval,
-                        DEFAULT_CONSUL_QUERY_INTERVAL,
-                    )?,
-                    token: self.consul_token,
-                })
-            }
+            Some(addr) => Some(ConsulConfig {
+                addr: consul_addr(&addr).map_err(|m| invalid("agent.consul_addr", m))?,
+                query_interval: positive(
+                    "consul_query_interval",
+                    self.consul_query_interval,
+                    DEFAULT_CONSUL_QUERY_INTERVAL,
+                )?,
+                token: self.consul_token.filter(|t| !t.is_empty()),
+                node: match self.consul_node {
+                    Some(n) if n.trim().is_empty() => {
+                        return Err(invalid("agent.consul_node", "must not be empty"));
+                    }
+                    n => n,
+                },
+                monitor_grace: positive(
+                    "consul_monitor_grace",
+                    self.consul_monitor_grace,
+                    DEFAULT_CONSUL_MONITOR_GRACE,
+                )?,
+                allow_exec: self.allow_consul_exec.unwrap_or(false),
+            }),
         };
         if let Some(ip) = self.nat_dest_ip
             && (ip.is_unspecified() || ip.is_multicast() || ip.is_loopback())
@@ -871,6 +901,40 @@ impl RawAgent {
             vip_allowlist: self.vip_allowlist.unwrap_or_default(),
             nat_dest_ip: self.nat_dest_ip,
         })
+    }
+}
+
+/// Normalizes `agent.consul_addr` to `scheme://host:port/prefix`. GoCast appends paths to the
+/// string as written, so `http://127.0.0.1:8500/v1` is the documented form; a scheme-less
+/// address gets `http://` and an address without a path gets Consul's `/v1`, since neither
+/// could ever have worked otherwise.
+fn consul_addr(addr: &str) -> Result<String, String> {
+    let trimmed = addr.trim();
+    let with_scheme = if trimmed.contains("://") {
+        trimmed.to_owned()
+    } else {
+        format!("http://{trimmed}")
+    };
+    let url = reqwest::Url::parse(&with_scheme)
+        .map_err(|e| format!("{addr:?} is not an address like http://127.0.0.1:8500/v1: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "{addr:?}: the scheme must be http:// or https:// (e.g. http://127.0.0.1:8500/v1)"
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!(
+            "{addr:?} has no host (e.g. http://127.0.0.1:8500/v1)"
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("{addr:?}: no query or fragment allowed"));
+    }
+    let with_scheme = with_scheme.trim_end_matches('/');
+    if url.path() == "/" {
+        Ok(format!("{with_scheme}/v1"))
+    } else {
+        Ok(with_scheme.to_owned())
     }
 }
 
@@ -1361,7 +1425,16 @@ mod tests {
             ("agent:\n  monitor_rise: 0\n", "at least 1"),
             ("agent:\n  allow_http_exec: maybe\n", "allow_http_exec"),
             ("agent:\n  vip_allowlist: [192.0.2.0/33]\n", "vip_allowlist"),
-            ("agent:\n  consul_addr: 127.0.0.1:8500\n", "http://"),
+            ("agent:\n  consul_addr: ftp://127.0.0.1:8500\n", "http://"),
+            ("agent:\n  consul_addr: 'http://'\n", "consul_addr"),
+            (
+                "agent:\n  consul_addr: http://a/v1\n  consul_node: ''\n",
+                "consul_node",
+            ),
+            (
+                "agent:\n  consul_addr: http://a/v1\n  consul_monitor_grace: 0s\n",
+                "greater than zero",
+            ),
             ("bgp:\n  local_as: x\n  remote_as: 1\n", "local_as"),
             ("bgp:\n  remote_as: 1\n", "local_as: is required"),
             ("bgp:\n  local_as: 1\n", "peer_as: is required"),
@@ -1412,8 +1485,6 @@ mod tests {
                 "overlaps vip 192.0.2.1/32 of app a",
             ),
             ("agent: [1, 2]", "agent"),
-            ("dataplane: {mode: xdp}", "dataplane.mode"),
-            ("dataplane: {ingress: skb}", "dataplane.ingress"),
             ("bgp: {local_as: 0, remote_as: 2}", "AS 0 is reserved"),
             ("bgp: {local_as: 1, remote_as: 0}", "AS 0 is reserved"),
             (
@@ -1424,6 +1495,23 @@ mod tests {
                 "bgp: {local_as: 1, peers: [{peer_ip: 198.18.0.2, peer_as: 2}, {peer_ip: 198.18.0.2, peer_as: 3, peer_port: 1179}]}",
                 "configured twice",
             ),
+            ("bgp: 5", "bgp"),
+            ("apps:\n  - name: a\n   vip: x\n", "line"),
+        ] {
+            let e = err(yaml);
+            assert!(
+                e.contains(needle),
+                "{yaml:?} gave {e:?}, expected {needle:?}"
+            );
+            assert!(e.starts_with("test.yaml"), "{e}");
+        }
+    }
+
+    #[test]
+    fn bad_dataplane_values_are_errors_naming_the_key() {
+        for (yaml, needle) in [
+            ("dataplane: {mode: xdp}", "dataplane.mode"),
+            ("dataplane: {ingress: skb}", "dataplane.ingress"),
             (
                 "dataplane: {passive_health: {window: 100ms}}",
                 "dataplane.passive_health.window",
@@ -1441,15 +1529,12 @@ mod tests {
                 "dataplane.passive_health",
             ),
             ("dataplane: {interfaces: ['a/b']}", "not an interface name"),
-            ("bgp: 5", "bgp"),
-            ("apps:\n  - name: a\n   vip: x\n", "line"),
         ] {
             let e = err(yaml);
             assert!(
                 e.contains(needle),
                 "{yaml:?} gave {e:?}, expected {needle:?}"
             );
-            assert!(e.starts_with("test.yaml"), "{e}");
         }
     }
 
@@ -1534,6 +1619,41 @@ mod tests {
             "apps:\n  - name: a\n    vip: 192.0.2.1/32\n    nats:\n      - tcp:1:2\n      - tcp:0\n",
         );
         assert!(e.contains("apps[0].nats[1]") && e.contains("line 6"), "{e}");
+    }
+
+    #[test]
+    fn consul_keys_and_every_consul_addr_form() {
+        for (addr, want) in [
+            ("http://127.0.0.1:8500/v1", "http://127.0.0.1:8500/v1"),
+            ("http://127.0.0.1:8500/v1/", "http://127.0.0.1:8500/v1"),
+            ("127.0.0.1:8500/v1", "http://127.0.0.1:8500/v1"),
+            ("http://127.0.0.1:8500", "http://127.0.0.1:8500/v1"),
+            ("consul.example:8500", "http://consul.example:8500/v1"),
+            (
+                "https://consul.example:8501/v1",
+                "https://consul.example:8501/v1",
+            ),
+        ] {
+            let c = parse(&format!("agent:\n  consul_addr: {addr}\n")).unwrap();
+            assert_eq!(c.agent.consul.unwrap().addr, want, "{addr}");
+        }
+        let c = parse(
+            "agent:\n  consul_addr: http://127.0.0.1:8500/v1\n  consul_query_interval: 30s\n  consul_token: s3cret\n  consul_node: node-a\n  consul_monitor_grace: 1m\n  allow_consul_exec: true\n",
+        )
+        .unwrap();
+        let consul = c.agent.consul.clone().unwrap();
+        assert_eq!(consul.query_interval, Duration::from_secs(30));
+        assert_eq!(consul.token.as_deref(), Some("s3cret"));
+        assert_eq!(consul.node.as_deref(), Some("node-a"));
+        assert_eq!(consul.monitor_grace, Duration::from_secs(60));
+        assert!(consul.allow_exec);
+        let printed = c.to_yaml();
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(printed.contains("consul_node: node-a"), "{printed}");
+        let c = parse("agent:\n  consul_addr: http://127.0.0.1:8500/v1\n").unwrap();
+        let consul = c.agent.consul.unwrap();
+        assert_eq!(consul.monitor_grace, DEFAULT_CONSUL_MONITOR_GRACE);
+        assert!(!consul.allow_exec && consul.node.is_none() && consul.token.is_none());
     }
 
     #[test]

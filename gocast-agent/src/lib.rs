@@ -4,6 +4,7 @@
 //! - [`config`]: the GoCast YAML file, parsed once into typed values.
 //! - [`app`]: the app model (`AppName`, `Vip`, `Monitor`, `NatRule`, `Community`).
 //! - [`monitor`]: runs the health checks and reports results.
+//! - [`consul`]: discovery by Consul tags, and the `consul` monitor's poller.
 //! - [`lifecycle`]: owns the app registry; health → announce/withdraw → cleanup.
 //! - [`host`]: the real host the lifecycle changes (netlink + dataplane).
 //! - [`netlink`]: VIP addresses on `lo`, routes toward peers.
@@ -18,6 +19,7 @@ pub mod app;
 pub mod bgp;
 pub mod cli;
 pub mod config;
+pub mod consul;
 pub mod dataplane;
 pub mod host;
 pub mod lifecycle;

@@ -1,6 +1,6 @@
 //! The app registry and each app's life: health → announce/withdraw → cleanup.
 //!
-//! One task owns every app. The API (and later Consul) send [`Request`]s through a
+//! One task owns every app. The API and Consul discovery send [`Request`]s through a
 //! [`LifecycleHandle`]; the monitor scheduler sends [`Report`]s. Nothing else changes app state,
 //! so there are no locks, and every change is decided in one place:
 //!
@@ -13,8 +13,14 @@
 //!
 //! Healthy (after `monitor_rise` passing checks): VIP on `lo`, NAT installed, route in the set.
 //! Unhealthy (after `monitor_fall` failing checks): route out of the set at once; VIP and NAT stay
-//! until `cleanup_timer` passes, then go, and HTTP/Consul apps are forgotten. Recovery before
-//! that only puts the route back. The route always leaves the set before its VIP leaves `lo`.
+//! until `cleanup_timer` passes, then go, and HTTP apps are forgotten (config and Consul apps stay
+//! and are checked again: the config file and the catalog decide whether they exist). Recovery
+//! before that only puts the route back. The route always leaves the set before its VIP leaves
+//! `lo`.
+//!
+//! Consul discovery sends the whole set of Consul apps after each good catalog read
+//! ([`Request::SyncConsul`]); the lifecycle adds, updates and removes Consul apps to match, and
+//! never touches config or HTTP apps.
 
 use std::{
     collections::BTreeMap,
@@ -107,6 +113,8 @@ pub enum LifecycleError {
     },
     #[error("app {0} is not registered")]
     UnknownApp(AppName),
+    #[error("app name {name} is taken by an app from {owner:?}")]
+    NameTaken { name: AppName, owner: Source },
     #[error("exec monitors are refused over HTTP (set agent.allow_http_exec: true to allow them)")]
     ExecRefused,
     #[error("vip {0} is outside agent.vip_allowlist")]
@@ -194,6 +202,14 @@ pub enum Request {
     },
     /// Changes of passive-health verdict from the stats sampler.
     PassiveHealth { verdicts: Vec<(AppName, Verdict)> },
+    /// Makes the Consul apps equal to `apps`: adds new ones, updates changed ones, removes the
+    /// others except those in `keep` (services whose tags are bad now keep their last good
+    /// app). Replies with the apps refused and why; the rest are applied regardless.
+    SyncConsul {
+        apps: Vec<AppSpec>,
+        keep: Vec<AppName>,
+        reply: oneshot::Sender<Vec<(AppName, LifecycleError)>>,
+    },
 }
 
 /// The client side of the lifecycle; cheap to clone.
@@ -230,6 +246,16 @@ impl LifecycleHandle {
             .send(Request::PassiveHealth { verdicts })
             .await
             .map_err(|_| LifecycleError::ShuttingDown)
+    }
+
+    /// See [`Request::SyncConsul`].
+    pub async fn sync_consul(
+        &self,
+        apps: Vec<AppSpec>,
+        keep: Vec<AppName>,
+    ) -> Result<Vec<(AppName, LifecycleError)>, LifecycleError> {
+        self.ask(|reply| Request::SyncConsul { apps, keep, reply })
+            .await
     }
 
     async fn ask<T>(
@@ -429,7 +455,7 @@ pub fn spawn<H: Host>(
     let routes_rx = routes_tx.subscribe();
     // The scheduler stops with the lifecycle: it is cancelled by a child token.
     let monitors = monitor::spawn(
-        settings.monitor,
+        settings.monitor.clone(),
         report_tx,
         metrics.clone(),
         cancel.child_token(),
@@ -551,7 +577,55 @@ impl<H: Host> Lifecycle<H> {
                     self.on_passive(&name, verdict);
                 }
             }
+            Request::SyncConsul { apps, keep, reply } => {
+                let _ = reply.send(self.sync_consul(apps, &keep).await);
+            }
         }
+    }
+
+    /// See [`Request::SyncConsul`]. Removals come first, so an app that moved its VIP to a
+    /// service that replaces it is not refused for a conflict with itself.
+    async fn sync_consul(
+        &mut self,
+        apps: Vec<AppSpec>,
+        keep: &[AppName],
+    ) -> Vec<(AppName, LifecycleError)> {
+        let gone: Vec<AppName> = self
+            .apps
+            .values()
+            .filter(|e| e.source == Source::Consul)
+            .map(|e| e.spec.name.clone())
+            .filter(|n| !keep.contains(n) && !apps.iter().any(|a| &a.name == n))
+            .collect();
+        for name in gone {
+            if let Some(entry) = self.apps.remove(&name) {
+                info!(app = %name, "app left the Consul catalog: withdrawing and removing");
+                self.teardown(entry).await;
+            }
+        }
+        let mut refused = Vec::new();
+        for spec in apps {
+            let name = spec.name.clone();
+            if let Some(owner) = self
+                .apps
+                .get(&name)
+                .map(|e| e.source)
+                .filter(|s| *s != Source::Consul)
+            {
+                refused.push((
+                    name,
+                    LifecycleError::NameTaken {
+                        name: spec.name,
+                        owner,
+                    },
+                ));
+                continue;
+            }
+            if let Err(e) = self.register(spec, Source::Consul).await {
+                refused.push((name, e));
+            }
+        }
+        refused
     }
 
     fn view(&self, name: &AppName) -> Option<AppView> {
@@ -812,7 +886,7 @@ impl<H: Host> Lifecycle<H> {
         if !passing
             && !entry.healthy
             && entry.cleanup_at.is_none()
-            && (entry.source != Source::Config || entry.vip_installed)
+            && (entry.source == Source::Http || entry.vip_installed)
         {
             // An app that never came up is forgotten after cleanup_timer too, as in GoCast.
             entry.cleanup_at = Some(Instant::now() + self.settings.cleanup_timer);
@@ -909,7 +983,9 @@ impl<H: Host> Lifecycle<H> {
                 continue;
             };
             entry.cleanup_at = None;
-            if entry.source == Source::Config {
+            // Consul apps stay while the catalog has them: forgetting one would only bring it
+            // back at the next catalog read, which may be `consul_query_interval` away.
+            if matches!(entry.source, Source::Config | Source::Consul) {
                 info!(app = %name, "cleanup timer passed: removing vip and nat, still monitoring");
                 self.await_withdrawn().await;
                 self.remove_nat(&mut entry).await;
@@ -1126,6 +1202,7 @@ mod tests {
             monitor: monitor::Settings {
                 interval: Duration::from_millis(20),
                 exec_timeout: Duration::from_secs(5),
+                consul: None,
             },
             passive_health: true,
         }
@@ -1628,5 +1705,122 @@ mod tests {
             "only {} of 5000 routes after 10 s",
             h.running.routes.borrow().len()
         );
+    }
+
+    /// A Consul app on `vip` without monitors (always healthy).
+    fn consul_spec(name: &str, vip: &str) -> AppSpec {
+        AppSpec {
+            nats: Vec::new(),
+            communities: Vec::new(),
+            ..spec(name, vip, &[])
+        }
+    }
+
+    async fn app_names(h: &Harness) -> Vec<(String, Source)> {
+        h.running
+            .handle
+            .apps()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|a| (a.name.as_str().to_owned(), a.source))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn consul_sync_adds_updates_and_removes_only_consul_apps() {
+        let h = start_fresh(settings(), vec![consul_spec("cfg", "192.0.2.1/32")]);
+        register(&h, consul_spec("http", "192.0.2.2/32"))
+            .await
+            .unwrap();
+        let handle = &h.running.handle;
+        let refused = handle
+            .sync_consul(
+                vec![
+                    consul_spec("web", "192.0.2.10/32"),
+                    // Collides with the config app's VIP, and with the HTTP app's name.
+                    consul_spec("clash", "192.0.2.1/32"),
+                    consul_spec("http", "192.0.2.20/32"),
+                    consul_spec("api", "192.0.2.11/32"),
+                ],
+                Vec::new(),
+            )
+            .await
+            .unwrap();
+        let refused: Vec<String> = refused.iter().map(|(n, e)| format!("{n}: {e}")).collect();
+        assert_eq!(refused.len(), 2, "{refused:?}");
+        assert!(refused[0].starts_with("clash: vip 192.0.2.1/32 is already used by app cfg"));
+        assert!(refused[1].starts_with("http: app name http is taken"));
+        let names = app_names(&h).await;
+        assert_eq!(
+            names,
+            [
+                ("api".to_owned(), Source::Consul),
+                ("cfg".to_owned(), Source::Config),
+                ("http".to_owned(), Source::Http),
+                ("web".to_owned(), Source::Consul),
+            ]
+        );
+        // Consul apps come back from Consul: never in the HTTP state file.
+        assert_eq!(stored(&h).len(), 1);
+        wait_for(&h, "routes", |_, r| r.len() == 4).await;
+
+        // web changes its communities (in place, no flap); api leaves the catalog.
+        let mut web = consul_spec("web", "192.0.2.10/32");
+        web.communities = vec!["65001:9".parse().unwrap()];
+        let refused = handle.sync_consul(vec![web], Vec::new()).await.unwrap();
+        assert!(refused.is_empty());
+        let names = app_names(&h).await;
+        assert_eq!(names.len(), 3, "{names:?}");
+        assert!(!names.iter().any(|(n, _)| n == "api"));
+        let routes = h.running.routes.borrow().clone();
+        assert!(!routes.contains_key(&"192.0.2.11/32".parse::<Vip>().unwrap().prefix()));
+        let web_route = &routes[&"192.0.2.10/32".parse::<Vip>().unwrap().prefix()];
+        assert_eq!(web_route.communities, vec!["65001:9".parse().unwrap()]);
+        let log = h.host.log();
+        assert!(
+            log.contains(&"remove_vip 192.0.2.11/32 announced=false".to_owned()),
+            "{log:?}"
+        );
+        assert!(
+            !log.iter().any(|l| l.starts_with("remove_vip 192.0.2.10")),
+            "{log:?}"
+        );
+
+        // A service whose tags are bad now keeps its app; an empty catalog removes the rest.
+        let refused = handle
+            .sync_consul(Vec::new(), vec!["web".parse().unwrap()])
+            .await
+            .unwrap();
+        assert!(refused.is_empty());
+        assert!(app_names(&h).await.iter().any(|(n, _)| n == "web"));
+        handle.sync_consul(Vec::new(), Vec::new()).await.unwrap();
+        let names = app_names(&h).await;
+        assert_eq!(names.len(), 2, "config and HTTP apps stay: {names:?}");
+    }
+
+    #[tokio::test]
+    async fn a_consul_app_stays_after_cleanup_and_is_checked_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let up = flag(&dir, "up");
+        std::fs::write(&up, "").unwrap();
+        let h = start(settings(), Vec::new(), dir);
+        let web = spec("web", "192.0.2.10/32", &[exec_flag(&up)]);
+        h.running
+            .handle
+            .sync_consul(vec![web], Vec::new())
+            .await
+            .unwrap();
+        wait_healthy(&h).await;
+        std::fs::remove_file(&up).unwrap();
+        wait_for(&h, "cleaned up", |a, _| {
+            a.is_some_and(|a| a.state == "unhealthy" && !a.vip_installed)
+        })
+        .await;
+        std::fs::write(&up, "").unwrap();
+        wait_for(&h, "healthy again", |a, r| {
+            a.is_some_and(|a| a.state == "healthy") && !r.is_empty()
+        })
+        .await;
     }
 }

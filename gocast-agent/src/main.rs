@@ -16,6 +16,7 @@ use gocast::{
     bgp::Speaker,
     cli::{self, Cli, Command, LogFormat},
     config::{Config, DataplaneMode},
+    consul,
     host::SystemHost,
     lifecycle,
     metrics::Metrics,
@@ -115,14 +116,7 @@ async fn run(config: Config) -> Result<()> {
     let signals = Signals::install()?;
     // Bind before touching the host, so a taken port changes nothing.
     let listener = bind(listen.addr).await?;
-    let host = SystemHost::start(&config).await.with_context(|| {
-        let dataplane = match config.dataplane.mode {
-            DataplaneMode::Ebpf => "eBPF dataplane (dataplane.mode: ebpf)",
-            DataplaneMode::Auto => "dataplane",
-            DataplaneMode::Iptables => "iptables",
-        };
-        format!("preparing the host (netlink, {dataplane})")
-    })?;
+    let host = start_host(&config).await?;
     let dataplane = host.dataplane_info();
     let counters = host.counter_reader();
     if counters.is_none() && config.apps.iter().any(|a| a.passive_health) {
@@ -134,18 +128,11 @@ async fn run(config: Config) -> Result<()> {
     let metrics = Metrics::default();
     let cancel = CancellationToken::new();
     let agent = &config.agent;
-    let settings = lifecycle::Settings {
-        monitor_rise: agent.monitor_rise,
-        monitor_fall: agent.monitor_fall,
-        cleanup_timer: agent.cleanup_timer,
-        allow_http_exec: agent.allow_http_exec,
-        vip_allowlist: agent.vip_allowlist.clone(),
-        monitor: monitor::Settings {
-            interval: agent.monitor_interval,
-            exec_timeout: agent.exec_timeout,
-        },
-        passive_health: counters.is_some(),
-    };
+    let consul_client = consul_client(&config, &metrics)?;
+    let consul_health = consul_client
+        .clone()
+        .map(|c| consul::spawn_health(c, cancel.child_token()));
+    let settings = lifecycle_settings(agent, consul_health, counters.is_some());
     let store = Store::new(&agent.state_file);
     let (routes_tx, routes_rx) = tokio::sync::watch::channel(lifecycle::Routes::default());
     let (owners_tx, owners_rx) = tokio::sync::watch::channel(stats::Owners::default());
@@ -183,6 +170,14 @@ async fn run(config: Config) -> Result<()> {
     if let Some(rx) = &snapshots {
         metrics.vip_stats(rx.clone());
     }
+    if let Some(client) = consul_client {
+        tokio::spawn(consul::discover(
+            client,
+            running.handle.clone(),
+            metrics.clone(),
+            cancel.child_token(),
+        ));
+    }
     let state = ApiState {
         lifecycle: running.handle.clone(),
         routes: running.routes.clone(),
@@ -208,6 +203,53 @@ async fn run(config: Config) -> Result<()> {
     let signal = signals.recv().await;
     info!(%signal, "shutting down");
     shutdown(api_stop, server, speaker.as_ref(), cancel, running.task).await
+}
+
+/// What the lifecycle applies, from the config.
+fn lifecycle_settings(
+    agent: &gocast::config::AgentConfig,
+    consul_health: Option<consul::HealthLink>,
+    passive_health: bool,
+) -> lifecycle::Settings {
+    lifecycle::Settings {
+        monitor_rise: agent.monitor_rise,
+        monitor_fall: agent.monitor_fall,
+        cleanup_timer: agent.cleanup_timer,
+        allow_http_exec: agent.allow_http_exec,
+        vip_allowlist: agent.vip_allowlist.clone(),
+        monitor: monitor::Settings {
+            interval: agent.monitor_interval,
+            exec_timeout: agent.exec_timeout,
+            consul: consul_health,
+        },
+        passive_health,
+    }
+}
+
+/// Connects to the kernel and loads the dataplane, naming the dataplane in any error.
+async fn start_host(config: &Config) -> Result<SystemHost> {
+    SystemHost::start(config).await.with_context(|| {
+        let dataplane = match config.dataplane.mode {
+            DataplaneMode::Ebpf => "eBPF dataplane (dataplane.mode: ebpf)",
+            DataplaneMode::Auto => "dataplane",
+            DataplaneMode::Iptables => "iptables",
+        };
+        format!("preparing the host (netlink, {dataplane})")
+    })
+}
+
+/// The Consul client, built (token, `CONSUL_CACERT`) before anything runs, so a bad
+/// certificate file stops the start with a clear error.
+fn consul_client(config: &Config, metrics: &Metrics) -> Result<Option<consul::Client>> {
+    let agent = &config.agent;
+    let Some(c) = &agent.consul else {
+        return Ok(None);
+    };
+    let settings = consul::Settings::new(c, agent.monitor_interval, |k| std::env::var(k).ok())
+        .context("setting up Consul")?;
+    Ok(Some(
+        consul::Client::new(settings, metrics.clone()).context("setting up Consul")?,
+    ))
 }
 
 /// The shutdown sequence, in one place: stop the API; with `graceful_shutdown`, let the peers

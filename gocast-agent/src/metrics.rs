@@ -4,8 +4,8 @@
 //! round-trip, and only the API renders them.
 
 use std::{
-    sync::{Arc, OnceLock},
-    time::Duration,
+    sync::{Arc, OnceLock, atomic::AtomicU64},
+    time::{Duration, SystemTime},
 };
 
 use prometheus_client::{
@@ -32,6 +32,17 @@ struct AppLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct PeerLabels {
     peer: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ConsulLabels {
+    endpoint: String,
+    result: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct EndpointLabels {
+    endpoint: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -138,6 +149,47 @@ struct Inner {
     updates_sent: Family<PeerLabels, Counter>,
     prefixes_advertised: Family<PeerLabels, Gauge>,
     vip_snapshot: Arc<OnceLock<watch::Receiver<Arc<Snapshot>>>>,
+    consul: ConsulMetrics,
+}
+
+/// Consul's families: requests by outcome, when it last answered, what discovery found.
+struct ConsulMetrics {
+    requests: Family<ConsulLabels, Counter>,
+    last_success: Family<EndpointLabels, Gauge<f64, AtomicU64>>,
+    apps: Gauge,
+    refused: Gauge,
+}
+
+impl ConsulMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            requests: Family::default(),
+            last_success: Family::default(),
+            apps: Gauge::default(),
+            refused: Gauge::default(),
+        };
+        registry.register(
+            "consul_requests",
+            "Requests to Consul by endpoint and result (ok, unreachable, timeout, http_4xx, http_5xx, malformed, unknown_node)",
+            m.requests.clone(),
+        );
+        registry.register(
+            "consul_last_success_timestamp_seconds",
+            "Unix time of the last good answer from Consul, by endpoint",
+            m.last_success.clone(),
+        );
+        registry.register(
+            "consul_apps",
+            "Apps discovered in Consul and accepted at the last good catalog read",
+            m.apps.clone(),
+        );
+        registry.register(
+            "consul_services_refused",
+            "Services tagged enable_gocast refused at the last good catalog read (bad tags, conflicts)",
+            m.refused.clone(),
+        );
+        m
+    }
 }
 
 impl Default for Metrics {
@@ -153,6 +205,7 @@ impl Default for Metrics {
         let peer_established = Family::<PeerLabels, Counter>::default();
         let updates_sent = Family::<PeerLabels, Counter>::default();
         let prefixes_advertised = Family::<PeerLabels, Gauge>::default();
+        let consul = ConsulMetrics::register(&mut registry);
         registry.register(
             "bgp_session_up",
             "1 while the BGP session is Established",
@@ -220,6 +273,7 @@ impl Default for Metrics {
                 updates_sent,
                 prefixes_advertised,
                 vip_snapshot,
+                consul,
             }),
         }
     }
@@ -322,6 +376,42 @@ impl Metrics {
         let _ = self.inner.vip_snapshot.set(snapshots);
     }
 
+    /// One Consul request and how it ended.
+    pub fn consul_request(&self, endpoint: &str, result: &str) {
+        self.inner
+            .consul
+            .requests
+            .get_or_create(&ConsulLabels {
+                endpoint: endpoint.to_owned(),
+                result: result.to_owned(),
+            })
+            .inc();
+        if result == "ok" {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default();
+            self.inner
+                .consul
+                .last_success
+                .get_or_create(&EndpointLabels {
+                    endpoint: endpoint.to_owned(),
+                })
+                .set(now.as_secs_f64());
+        }
+    }
+
+    /// The outcome of the last good catalog read.
+    pub fn consul_discovered(&self, apps: usize, refused: usize) {
+        self.inner
+            .consul
+            .apps
+            .set(i64::try_from(apps).unwrap_or(i64::MAX));
+        self.inner
+            .consul
+            .refused
+            .set(i64::try_from(refused).unwrap_or(i64::MAX));
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -353,5 +443,17 @@ mod tests {
         );
         m.app_removed("web");
         assert!(!m.render().contains("app=\"web\""));
+        m.consul_request("catalog_node", "ok");
+        m.consul_request("catalog_node", "http_5xx");
+        m.consul_discovered(2, 1);
+        let text = m.render();
+        for line in [
+            "gocast_consul_requests_total{endpoint=\"catalog_node\",result=\"http_5xx\"} 1",
+            "gocast_consul_apps 2",
+            "gocast_consul_services_refused 1",
+            "gocast_consul_last_success_timestamp_seconds{endpoint=\"catalog_node\"}",
+        ] {
+            assert!(text.contains(line), "{line}\n{text}");
+        }
     }
 }

@@ -18,6 +18,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
+pub mod fake_consul;
 pub mod routers;
 
 /// Whether privileged tests may run here. Without root they skip with a message — unless

@@ -33,6 +33,7 @@ use tracing::{debug, warn};
 use self::port::{DestroyWatcher, Destroyed, SocketTable, WatchedPorts};
 use crate::{
     app::{AppName, Monitor},
+    consul::{self, HealthLink as ConsulHealth},
     metrics::Metrics,
 };
 
@@ -70,10 +71,13 @@ pub enum Command {
 }
 
 /// Settings of the scheduler.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     pub interval: Duration,
     pub exec_timeout: Duration,
+    /// The Consul health poller, when `consul_addr` is set: `consul` monitors read its last
+    /// verdicts, so a check never waits on Consul (see [`crate::consul::health`]).
+    pub consul: Option<ConsulHealth>,
 }
 
 /// How long after a destroy event its apps are re-checked. Events arriving meanwhile join the
@@ -165,6 +169,7 @@ impl Scheduler {
                         self.apply(cmd, &mut new_apps);
                     }
                     self.sync_ports();
+                    self.sync_consul_services();
                     new_apps.retain(|a| self.apps.contains_key(a));
                     self.check(&new_apps).await;
                 }
@@ -236,6 +241,26 @@ impl Scheduler {
             (Destroys::On(_), false) => self.destroys = Destroys::Off,
             _ => {}
         }
+    }
+
+    /// Tells the Consul health poller which services some app monitors with `consul`.
+    fn sync_consul_services(&self) {
+        let Some(link) = &self.settings.consul else {
+            return;
+        };
+        let services: std::collections::BTreeSet<String> = self
+            .apps
+            .iter()
+            .filter(|(_, w)| w.monitors.contains(&Monitor::Consul))
+            .map(|(name, _)| consul::service_of(name).to_owned())
+            .collect();
+        link.services.send_if_modified(|current| {
+            if *current == services {
+                return false;
+            }
+            *current = services;
+            true
+        });
     }
 
     /// Starts a [`DestroyWatcher`] in this thread's network namespace.
@@ -332,12 +357,18 @@ impl Scheduler {
                     Monitor::Port { proto, port } => {
                         Pending::Ready(port_result(table.as_ref(), *proto, *port, table_latency))
                     }
-                    Monitor::Consul => Pending::Ready(MonitorResult {
-                        ok: false,
-                        reason: "consul monitor: Consul support is not in this version yet".into(),
-                        at: SystemTime::now(),
-                        latency: Duration::ZERO,
-                    }),
+                    Monitor::Consul => {
+                        let verdict = match &self.settings.consul {
+                            Some(link) => link.result(consul::service_of(name)),
+                            None => consul::unconfigured(),
+                        };
+                        Pending::Ready(MonitorResult {
+                            ok: verdict.ok,
+                            reason: verdict.reason,
+                            at: SystemTime::now(),
+                            latency: Duration::ZERO,
+                        })
+                    }
                     Monitor::Exec { command } => Pending::Exec(command.clone()),
                 })
                 .collect();
@@ -472,6 +503,7 @@ mod tests {
         Settings {
             interval: Duration::from_millis(50),
             exec_timeout: Duration::from_secs(5),
+            consul: None,
         }
     }
 
@@ -547,7 +579,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn consul_monitor_fails_with_a_reason_until_consul_support_exists() {
+    async fn consul_monitor_without_consul_addr_fails_and_says_why() {
         let (tx, mut rx) = mpsc::channel(16);
         let cancel = CancellationToken::new();
         let cmds = spawn(settings(), tx, Metrics::default(), cancel.clone());
@@ -558,7 +590,53 @@ mod tests {
         })
         .unwrap();
         let r = next(&mut rx).await;
-        assert!(!r.results[0].ok && r.results[0].reason.contains("consul"));
+        assert!(!r.results[0].ok && r.results[0].reason.contains("consul_addr"));
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn consul_monitor_reads_the_pollers_verdict_and_names_its_services() {
+        use crate::consul::health::{HealthView, Verdict};
+        let (view_tx, view_rx) = watch::channel(HealthView::new(Duration::from_secs(30)));
+        let (services_tx, mut services_rx) = watch::channel(std::collections::BTreeSet::new());
+        let mut s = settings();
+        s.consul = Some(ConsulHealth {
+            view: view_rx,
+            services: services_tx,
+        });
+        let (tx, mut rx) = mpsc::channel(16);
+        let cancel = CancellationToken::new();
+        let cmds = spawn(s, tx, Metrics::default(), cancel.clone());
+        cmds.send(Command::Watch {
+            app: "web".parse().unwrap(),
+            generation: 1,
+            monitors: vec![Monitor::Consul],
+        })
+        .unwrap();
+        let r = next(&mut rx).await;
+        assert!(!r.results[0].ok && r.results[0].reason.contains("first answer"));
+        services_rx.changed().await.unwrap();
+        assert!(services_rx.borrow_and_update().contains("web"));
+        view_tx.send_modify(|v| {
+            let verdict = Verdict {
+                ok: true,
+                reason: "1 Consul check(s) passing".into(),
+            };
+            v.answered("web", verdict, tokio::time::Instant::now());
+        });
+        loop {
+            let r = next(&mut rx).await;
+            if r.results[0].ok {
+                assert!(r.results[0].reason.contains("passing"));
+                break;
+            }
+        }
+        cmds.send(Command::Unwatch {
+            app: "web".parse().unwrap(),
+        })
+        .unwrap();
+        services_rx.changed().await.unwrap();
+        assert!(services_rx.borrow().is_empty());
         cancel.cancel();
     }
 
@@ -577,6 +655,7 @@ mod tests {
         let settings = Settings {
             interval: Duration::from_secs(10),
             exec_timeout: Duration::from_secs(5),
+            consul: None,
         };
         let (tx, mut rx) = mpsc::channel(16);
         let cancel = CancellationToken::new();
