@@ -42,11 +42,8 @@ use crate::build_ebpf;
 const VIP: &str = "192.0.2.80";
 const VIP_PORT: u16 = 80;
 const SERVICE_PORT: u16 = 9080;
-/// A second instance of the service in the eBPF lab, for [`Mode::EbpfNoNat`]. Not
-/// [`SERVICE_PORT`]: the eBPF dataplane keys the flows it rewrote by their reply 5-tuple
-/// (service address and port, client address and port), so a direct connection to
-/// `physicalIP:SERVICE_PORT` from a client port that earlier reached the VIP would get its
-/// replies rewritten to come from the VIP, and fail.
+/// A second instance of the service in the eBPF lab, for [`Mode::EbpfNoNat`]: a port no NAT
+/// rule maps to, so the control measures the programs on the link without any rewrite.
 const CONTROL_PORT: u16 = 9081;
 /// Targets from issue #5.
 const RATIO_TARGET: f64 = 0.95;
