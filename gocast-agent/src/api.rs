@@ -410,22 +410,22 @@ async fn routes(State(state): State<ApiState>) -> Json<Value> {
     Json(json!({ "routes": set }))
 }
 
-/// The latest counters snapshot, or 503 saying why there are no counters.
-fn snapshot(state: &ApiState) -> Result<Arc<Snapshot>, ApiError> {
+/// The latest counters snapshot; without the eBPF dataplane an empty one that says why.
+fn snapshot(state: &ApiState) -> Arc<Snapshot> {
     match &state.stats {
-        Some(rx) => Ok(rx.borrow().clone()),
-        None => Err(ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            message: format!(
+        Some(rx) => rx.borrow().clone(),
+        None => Arc::new(Snapshot {
+            unavailable: Some(format!(
                 "per-VIP counters need the eBPF dataplane; this agent runs {} ({})",
                 state.info.dataplane.mode, state.info.dataplane.reason
-            ),
+            )),
+            ..Snapshot::default()
         }),
     }
 }
 
-async fn stats(State(state): State<ApiState>) -> Result<Response, ApiError> {
-    Ok(Json(&*snapshot(&state)?).into_response())
+async fn stats(State(state): State<ApiState>) -> Response {
+    Json(&*snapshot(&state)).into_response()
 }
 
 /// One VIP, written with or without its length (`/stats/192.0.2.10` or `/stats/192.0.2.10/32`).
@@ -433,7 +433,7 @@ async fn stats_of(
     State(state): State<ApiState>,
     Path(vip): Path<String>,
 ) -> Result<Response, ApiError> {
-    let snapshot = snapshot(&state)?;
+    let snapshot = snapshot(&state);
     if vip.parse::<std::net::IpAddr>().is_err() && vip.parse::<ipnet::IpNet>().is_err() {
         return Err(ApiError::bad_request(format!(
             "vip: {vip:?} is not an address or prefix"
@@ -441,7 +441,10 @@ async fn stats_of(
     }
     let found = snapshot.find(&vip).ok_or_else(|| ApiError {
         status: StatusCode::NOT_FOUND,
-        message: format!("no counters for vip {vip}: no app of this agent has it installed"),
+        message: match &snapshot.unavailable {
+            Some(why) => format!("no counters for vip {vip}: {why}"),
+            None => format!("no counters for vip {vip}: no app of this agent has it installed"),
+        },
     })?;
     Ok(Json(found).into_response())
 }
@@ -818,8 +821,8 @@ mod tests {
             addr: "192.0.2.10".parse().unwrap(),
         };
         let snapshot = Arc::new(Snapshot {
-            sampled_at: None,
             vips: vec![one],
+            ..Snapshot::default()
         });
         let (_tx, rx) = watch::channel(snapshot);
         let metrics_rx = rx.clone();
@@ -853,16 +856,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn stats_without_the_ebpf_dataplane_say_why() {
+    async fn stats_without_the_ebpf_dataplane_are_empty_and_say_why() {
         let api = api();
         let (status, body) = get(&api, "/stats").await;
-        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-        assert!(
-            body["error"]
-                .as_str()
-                .unwrap()
-                .contains("need the eBPF dataplane"),
-            "{body}"
-        );
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["vips"], serde_json::json!([]));
+        let why = body["unavailable"].as_str().unwrap_or_default();
+        assert!(why.contains("need the eBPF dataplane"), "{body}");
+        let (status, body) = get(&api, "/stats/192.0.2.10").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(error.contains("need the eBPF dataplane"), "{body}");
     }
 }

@@ -198,8 +198,8 @@ pub fn render_status(info: &Value, apps: &Value, stats: Option<&Value>) -> Strin
     out += &table(&rows);
     out.push('\n');
     match stats {
-        Some(stats) => out += &traffic_table(stats),
-        None => out += "traffic: no per-VIP counters (they need the eBPF dataplane)\n",
+        Some(stats) if stats["unavailable"].is_null() => out += &traffic_table(stats),
+        _ => out += "traffic: no per-VIP counters (they need the eBPF dataplane)\n",
     }
     out
 }

@@ -150,6 +150,9 @@ pub struct Snapshot {
     /// When the counters were read (RFC 3339); `None` before the first read.
     pub sampled_at: Option<String>,
     pub vips: Vec<VipStats>,
+    /// Why there are no counters at all (the iptables dataplane runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
 }
 
 impl Snapshot {
@@ -365,6 +368,7 @@ pub fn spawn<S: CounterSource>(
             tx.send_replace(Arc::new(Snapshot {
                 sampled_at: Some(humantime::format_rfc3339_millis(SystemTime::now()).to_string()),
                 vips,
+                unavailable: None,
             }));
             if !verdicts.is_empty() && lifecycle.passive_health(verdicts).await.is_err() {
                 break;
@@ -526,8 +530,8 @@ mod tests {
         };
         let (vips, _) = s.sample(Instant::now(), raw(1, 1, 0), &owners(false));
         let snap = Snapshot {
-            sampled_at: None,
             vips,
+            ..Snapshot::default()
         };
         assert!(snap.find("192.0.2.10").is_some());
         assert!(snap.find("192.0.2.10/32").is_some());
