@@ -22,14 +22,16 @@ const NODE: &str = "node-1";
 const TOKEN: &str = "s3cret-token";
 
 /// Writes the agent's config: monitors every 100 ms, Consul at `consul`, `consul_extra`
-/// appended to `agent:`, a session with BIRD in the client namespace, no config apps.
+/// appended to `agent:`, a session with BIRD in the client namespace, no config apps, and the
+/// iptables dataplane (the NAT checks read iptables, and `cargo xtask test` builds eBPF).
 fn config(dir: &Path, topo: &Topology, consul: &str, consul_extra: &str) -> Result<String> {
     let path = dir.join("config.yaml");
     std::fs::write(
         &path,
         format!(
             "agent:\n  listen_addr: {API}\n  monitor_interval: 100ms\n  cleanup_timer: 1s\n  state_file: {state}\n  consul_addr: {consul}\n{consul_extra}\
-             bgp:\n  local_as: 65001\n  remote_as: 65000\n  peer_ip: {peer}\n",
+             bgp:\n  local_as: 65001\n  remote_as: 65000\n  peer_ip: {peer}\n\
+             dataplane:\n  mode: iptables\n",
             state = dir.join("state.json").display(),
             peer = topo.client_ip,
         ),
