@@ -137,7 +137,7 @@ pub struct AgentConfig {
     pub nat_dest_ip: Option<IpAddr>,
 }
 
-/// Consul discovery settings; present when `consul_addr` is set.
+/// Consul discovery settings; present when `consul_addr` is set and not empty.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConsulConfig {
     /// Includes the API prefix, e.g. `http://127.0.0.1:8500/v1`, as GoCast writes it; a
@@ -850,7 +850,8 @@ impl RawAgent {
             Some(0) => Err(invalid(format!("agent.{key}"), "must be at least 1")),
             n => Ok(n.unwrap_or(1)),
         };
-        let consul = match self.consul_addr {
+        // GoCast takes an empty consul_addr as "no Consul", as a config template leaves it.
+        let consul = match self.consul_addr.filter(|a| !a.trim().is_empty()) {
             None => None,
             Some(addr) => Some(ConsulConfig {
                 addr: consul_addr(&addr).map_err(|m| invalid("agent.consul_addr", m))?,
@@ -1654,6 +1655,19 @@ mod tests {
         let consul = c.agent.consul.unwrap();
         assert_eq!(consul.monitor_grace, DEFAULT_CONSUL_MONITOR_GRACE);
         assert!(!consul.allow_exec && consul.node.is_none() && consul.token.is_none());
+    }
+
+    /// GoCast's config templates leave `consul_addr: ""`; that is "no Consul", not an error.
+    #[test]
+    fn an_empty_consul_addr_means_no_consul() {
+        for yaml in [
+            "agent:\n  consul_addr: ''\n",
+            "agent:\n  consul_addr: \"  \"\n  consul_query_interval: 1m\n",
+            "agent:\n  consul_addr:\n",
+        ] {
+            let c = parse(yaml).unwrap_or_else(|e| panic!("{yaml:?}: {e}"));
+            assert!(c.agent.consul.is_none(), "{yaml:?}");
+        }
     }
 
     #[test]

@@ -23,7 +23,7 @@
 //! never touches config or HTTP apps.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     future::Future,
     net::IpAddr,
     sync::Arc,
@@ -583,8 +583,12 @@ impl<H: Host> Lifecycle<H> {
         }
     }
 
-    /// See [`Request::SyncConsul`]. Removals come first, so an app that moved its VIP to a
-    /// service that replaces it is not refused for a conflict with itself.
+    /// See [`Request::SyncConsul`]. Applied in passes, so the order of the services does not
+    /// matter: removals come first (an app that left frees its VIP for a service that takes
+    /// it), then every service is registered, and the refused ones are tried again as long as
+    /// a pass made progress (a refused app may fit once another one moved away). When no pass
+    /// can progress because Consul apps wait for each other's VIPs (two services swapping
+    /// VIPs), those that move are taken down first, then registered anew.
     async fn sync_consul(
         &mut self,
         apps: Vec<AppSpec>,
@@ -604,28 +608,79 @@ impl<H: Host> Lifecycle<H> {
             }
         }
         let mut refused = Vec::new();
+        let mut pending = Vec::new();
         for spec in apps {
-            let name = spec.name.clone();
-            if let Some(owner) = self
+            match self
                 .apps
-                .get(&name)
+                .get(&spec.name)
                 .map(|e| e.source)
                 .filter(|s| *s != Source::Consul)
             {
-                refused.push((
-                    name,
-                    LifecycleError::NameTaken {
-                        name: spec.name,
-                        owner,
-                    },
-                ));
-                continue;
-            }
-            if let Err(e) = self.register(spec, Source::Consul).await {
-                refused.push((name, e));
+                Some(owner) => {
+                    let name = spec.name.clone();
+                    refused.push((
+                        name,
+                        LifecycleError::NameTaken {
+                            name: spec.name,
+                            owner,
+                        },
+                    ));
+                }
+                None => pending.push(spec),
             }
         }
-        refused
+        // Each pass registers an app or takes one down for good (a moved app comes back with
+        // its new VIP, so it cannot block anyone twice): the passes end.
+        loop {
+            let mut progress = false;
+            let mut failed: Vec<(AppSpec, LifecycleError)> = Vec::new();
+            for spec in pending {
+                match self.register(spec.clone(), Source::Consul).await {
+                    Ok(_) => progress = true,
+                    Err(e) => failed.push((spec, e)),
+                }
+            }
+            if !progress {
+                progress = self.unblock_consul_moves(&failed).await;
+            }
+            if failed.is_empty() || !progress {
+                refused.extend(failed.into_iter().map(|(spec, e)| (spec.name, e)));
+                refused.sort_by(|a, b| a.0.cmp(&b.0));
+                return refused;
+            }
+            pending = failed.into_iter().map(|(spec, _)| spec).collect();
+        }
+    }
+
+    /// Takes down the Consul apps that hold a VIP another refused service wants while they
+    /// themselves are waiting to move to another VIP; returns whether it took any down.
+    async fn unblock_consul_moves(&mut self, failed: &[(AppSpec, LifecycleError)]) -> bool {
+        let blockers: BTreeSet<AppName> = failed
+            .iter()
+            .filter_map(|(_, e)| match e {
+                LifecycleError::VipConflict { owner, .. }
+                | LifecycleError::VipOverlap { owner, .. } => Some(owner.clone()),
+                _ => None,
+            })
+            .filter(|owner| {
+                let wanted = failed.iter().find(|(spec, _)| &spec.name == owner);
+                self.apps.get(owner).is_some_and(|entry| {
+                    entry.source == Source::Consul
+                        && wanted.is_some_and(|(spec, _)| spec.vip != entry.spec.vip)
+                })
+            })
+            .collect();
+        for name in &blockers {
+            if let Some(entry) = self.apps.remove(name) {
+                info!(
+                    app = %name,
+                    vip = %entry.spec.vip,
+                    "Consul app leaves its vip to another one: taken down, then registered anew"
+                );
+                self.teardown(entry).await;
+            }
+        }
+        !blockers.is_empty()
     }
 
     fn view(&self, name: &AppName) -> Option<AppView> {
@@ -1797,6 +1852,119 @@ mod tests {
         handle.sync_consul(Vec::new(), Vec::new()).await.unwrap();
         let names = app_names(&h).await;
         assert_eq!(names.len(), 2, "config and HTTP apps stay: {names:?}");
+    }
+
+    async fn vips(h: &Harness) -> Vec<(String, String)> {
+        h.running
+            .handle
+            .apps()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|a| (a.name.as_str().to_owned(), a.vip.to_string()))
+            .collect()
+    }
+
+    /// Regression: services were applied one by one in ID order, so a service taking the VIP
+    /// a later one leaves was refused until the next catalog change.
+    #[tokio::test]
+    async fn consul_sync_takes_a_vip_a_later_service_leaves() {
+        let h = start_fresh(settings(), Vec::new());
+        let handle = &h.running.handle;
+        let refused = handle
+            .sync_consul(vec![consul_spec("b", "192.0.2.1/32")], Vec::new())
+            .await
+            .unwrap();
+        assert!(refused.is_empty());
+        let refused = handle
+            .sync_consul(
+                vec![
+                    consul_spec("a", "192.0.2.1/32"),
+                    consul_spec("b", "192.0.2.3/32"),
+                ],
+                Vec::new(),
+            )
+            .await
+            .unwrap();
+        assert!(refused.is_empty(), "{refused:?}");
+        assert_eq!(
+            vips(&h).await,
+            [
+                ("a".to_owned(), "192.0.2.1/32".to_owned()),
+                ("b".to_owned(), "192.0.2.3/32".to_owned()),
+            ]
+        );
+        wait_for(&h, "routes", |_, r| r.len() == 2).await;
+    }
+
+    /// Regression: two services swapping VIPs in one catalog change each waited for the
+    /// other's VIP, and both were refused forever.
+    #[tokio::test]
+    async fn consul_sync_swaps_vips_between_two_services() {
+        let h = start_fresh(settings(), Vec::new());
+        let handle = &h.running.handle;
+        let refused = handle
+            .sync_consul(
+                vec![
+                    consul_spec("a", "192.0.2.1/32"),
+                    consul_spec("b", "192.0.2.2/32"),
+                    consul_spec("c", "192.0.2.3/32"),
+                ],
+                Vec::new(),
+            )
+            .await
+            .unwrap();
+        assert!(refused.is_empty());
+        let refused = handle
+            .sync_consul(
+                vec![
+                    consul_spec("a", "192.0.2.2/32"),
+                    consul_spec("b", "192.0.2.1/32"),
+                    // Unchanged: never taken down.
+                    consul_spec("c", "192.0.2.3/32"),
+                ],
+                Vec::new(),
+            )
+            .await
+            .unwrap();
+        assert!(refused.is_empty(), "{refused:?}");
+        assert_eq!(
+            vips(&h).await,
+            [
+                ("a".to_owned(), "192.0.2.2/32".to_owned()),
+                ("b".to_owned(), "192.0.2.1/32".to_owned()),
+                ("c".to_owned(), "192.0.2.3/32".to_owned()),
+            ]
+        );
+        let log = h.host.log();
+        assert!(
+            !log.iter().any(|l| l.starts_with("remove_vip 192.0.2.3")),
+            "{log:?}"
+        );
+        wait_for(&h, "routes", |_, r| r.len() == 3).await;
+        // A VIP held by a non-Consul app is still refused, and only that service.
+        register(&h, consul_spec("http", "192.0.2.9/32"))
+            .await
+            .unwrap();
+        let refused = handle
+            .sync_consul(
+                vec![
+                    consul_spec("a", "192.0.2.9/32"),
+                    consul_spec("b", "192.0.2.1/32"),
+                    consul_spec("c", "192.0.2.3/32"),
+                ],
+                Vec::new(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert!(refused[0].1.to_string().contains("used by app http"));
+        // a keeps its last VIP.
+        assert!(
+            vips(&h)
+                .await
+                .contains(&("a".to_owned(), "192.0.2.2/32".to_owned()))
+        );
     }
 
     #[tokio::test]

@@ -5,7 +5,8 @@
 //! - `GET /v1/catalog/node/{node}` → `{"Node": {..}, "Services": {"id": {"ID", "Service", "Tags",
 //!   "Address", "Port", ..}}}`, or `null` for another node.
 //! - `GET /v1/agent/checks` → `{"checkid": {"Node", "CheckID", "Name", "Status", "ServiceID",
-//!   "ServiceName", ..}}`, this node's checks.
+//!   "ServiceName", "ServiceTags", ..}}`, this node's checks; `filter=X in ServiceTags` (the
+//!   one filter form the agent sends) keeps the checks whose service has tag `X`.
 //! - `GET /v1/health/checks/{service}` → `[{same fields}, ..]` of every node.
 //!
 //! Every state change bumps the index and wakes blocked queries. [`Mode`] makes it misbehave;
@@ -143,14 +144,27 @@ impl FakeConsul {
         });
     }
 
-    /// Adds or replaces a check of `service` on `node` (`None`: this node).
+    /// Adds or replaces a check of `service` on `node` (`None`: this node), for a service
+    /// instance tagged `enable_gocast`.
     pub fn set_check(&self, node: Option<&str>, service: &str, check_id: &str, status: &str) {
+        self.set_check_tagged(node, service, check_id, status, &["enable_gocast"]);
+    }
+
+    /// [`Self::set_check`] for a service instance with these tags.
+    pub fn set_check_tagged(
+        &self,
+        node: Option<&str>,
+        service: &str,
+        check_id: &str,
+        status: &str,
+        tags: &[&str],
+    ) {
         self.change(|s| {
             let node = node.map_or_else(|| s.node.clone(), str::to_owned);
             let check = json!({
                 "Node": node, "CheckID": check_id, "Name": format!("Service '{service}' check"),
                 "Status": status, "Notes": "", "Output": format!("{status} output"),
-                "ServiceID": service, "ServiceName": service, "ServiceTags": ["enable_gocast"],
+                "ServiceID": service, "ServiceName": service, "ServiceTags": tags,
                 "Type": "http", "Interval": "10s", "Timeout": "5s", "ExposedPort": 0,
                 "Definition": {}, "CreateIndex": 10, "ModifyIndex": 10,
             });
@@ -290,7 +304,7 @@ fn handle(stream: TcpStream, shared: &Shared, stop: &AtomicBool) -> Result<()> {
     let answer = if s.token.is_some() && token != s.token {
         (403, "ACL not found".to_owned())
     } else {
-        route(&s, &path)
+        route(&s, &path, param("filter").map(decode).as_deref())
     };
     drop(s);
 
@@ -306,6 +320,7 @@ fn handle(stream: TcpStream, shared: &Shared, stop: &AtomicBool) -> Result<()> {
     };
     let reason = match status {
         200 => "OK",
+        400 => "Bad Request",
         403 => "Forbidden",
         404 => "Not Found",
         _ => "Internal Server Error",
@@ -320,8 +335,33 @@ fn handle(stream: TcpStream, shared: &Shared, stop: &AtomicBool) -> Result<()> {
     Ok(())
 }
 
+/// A query value with `%XX` and `+` decoded.
+fn decode(v: &str) -> String {
+    let mut out = Vec::new();
+    let mut bytes = v.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex: String = bytes.by_ref().take(2).map(char::from).collect();
+                out.push(u8::from_str_radix(&hex, 16).unwrap_or(b'?'));
+            }
+            b => out.push(b),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Consul's filter for `X in ServiceTags` (or `"X" in ServiceTags`): the tag, else `None`
+/// (other forms are not understood, and a request with one gets 400 like a bad filter).
+fn tag_filter(filter: &str) -> Option<String> {
+    let tag = filter.trim().strip_suffix("in ServiceTags")?.trim();
+    let tag = tag.trim_matches('"');
+    (!tag.is_empty() && !tag.contains(char::is_whitespace)).then(|| tag.to_owned())
+}
+
 /// The answer of a well-behaved Consul to `path`.
-fn route(s: &State, path: &str) -> (u16, String) {
+fn route(s: &State, path: &str, filter: Option<&str>) -> (u16, String) {
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match segments.as_slice() {
         ["v1", "catalog", "node", node] => {
@@ -338,10 +378,27 @@ fn route(s: &State, path: &str) -> (u16, String) {
             (200, body.to_string())
         }
         ["v1", "agent", "checks"] => {
+            let tag = match filter.map(tag_filter) {
+                None => None,
+                Some(Some(tag)) => Some(tag),
+                Some(None) => {
+                    return (
+                        400,
+                        format!("Failed to create boolean expression evaluator: {filter:?}"),
+                    );
+                }
+            };
             let mine: BTreeMap<&str, &Value> = s
                 .checks
                 .iter()
                 .filter(|((node, _), _)| *node == s.node)
+                .filter(|(_, c)| {
+                    tag.as_ref().is_none_or(|t| {
+                        c["ServiceTags"]
+                            .as_array()
+                            .is_some_and(|tags| tags.iter().any(|x| x == t.as_str()))
+                    })
+                })
                 .map(|((_, id), c)| (id.as_str(), c))
                 .collect();
             (200, json!(mine).to_string())

@@ -147,6 +147,52 @@ fn a_bad_tag_is_refused_and_named(
     Ok(())
 }
 
+/// A service whose VIP an HTTP app holds is refused; once the HTTP app is unregistered, the
+/// service comes up within seconds, though the catalog does not change and the blocking
+/// query would only answer after `consul_query_interval` (5 minutes here).
+fn a_refused_service_gets_a_freed_vip_quickly(
+    agent: &mut Agent,
+    consul: &FakeConsul,
+    topo: &Topology,
+    bird: &Bird,
+) -> Result<()> {
+    let (status, body) = topo.agent.http_get(&format!(
+        "http://{API}/register?name=holder&vip=192.0.2.75/32"
+    ))?;
+    ensure!(status == 200, "/register: {status} {body}");
+    consul.set_service(
+        "late-1",
+        "late",
+        &["enable_gocast", "gocast_vip=192.0.2.75/32"],
+        "",
+    );
+    agent.wait_for("late refused", Duration::from_secs(5), |a| {
+        Ok(a.log_text().lines().any(|l| {
+            l.contains("WARN") && l.contains("\"late\"") && l.contains("used by app holder")
+        }))
+    })?;
+    ensure!(app(topo, "late")?.is_none());
+    let (status, body) = topo
+        .agent
+        .http_get(&format!("http://{API}/unregister?name=holder"))?;
+    ensure!(status == 200, "/unregister: {status} {body}");
+    let t = Instant::now();
+    agent.wait_for("late takes the freed VIP", Duration::from_secs(10), |_| {
+        Ok(app(topo, "late")?.is_some_and(|a| a["source"] == "consul")
+            && routed(bird, "192.0.2.75/32")?)
+    })?;
+    ensure!(
+        t.elapsed() < Duration::from_secs(6),
+        "the freed VIP took {:?}",
+        t.elapsed()
+    );
+    consul.remove_service("late-1");
+    agent.wait_for("late gone", Duration::from_secs(5), |_| {
+        Ok(app(topo, "late")?.is_none())
+    })?;
+    Ok(())
+}
+
 /// Down, 5xx, malformed JSON, slow: each shorter than the grace; no route leaves BIRD, no app
 /// is lost, and each kind of trouble is warned about and counted.
 fn short_trouble_moves_nothing(
@@ -228,7 +274,12 @@ fn a_tagged_service_reaches_bird_follows_its_tags_and_leaves_with_the_catalog() 
         &[
             ("CONSUL_NODE", NODE),
             ("CONSUL_STALE", "true"),
-            ("CONSUL_HTTP_TOKEN", TOKEN),
+            // GoCast's variable wins over Consul's.
+            ("CONSUL_TOKEN", TOKEN),
+            ("CONSUL_HTTP_TOKEN", "not-the-token"),
+            // A proxy that does not exist: Consul on loopback must be reached directly.
+            ("HTTP_PROXY", "http://127.0.0.1:9"),
+            ("http_proxy", "http://127.0.0.1:9"),
         ],
     )?;
 
@@ -275,6 +326,7 @@ fn a_tagged_service_reaches_bird_follows_its_tags_and_leaves_with_the_catalog() 
     );
 
     a_bad_tag_is_refused_and_named(&mut agent, &consul, &topo, &bird, &changed)?;
+    a_refused_service_gets_a_freed_vip_quickly(&mut agent, &consul, &topo, &bird)?;
     requests_carried_token_stale_and_index(&consul)?;
 
     // The service leaves the catalog: withdrawn, VIP and NAT removed, forgotten.
@@ -321,6 +373,8 @@ fn consul_checks_decide_and_consul_trouble_withdraws_nothing_until_the_grace() -
     );
     consul.set_check(None, "web", "service:web", "passing");
     consul.set_check(None, "web", "web-tcp", "passing");
+    // An instance of web not made for GoCast: GoCast's filter leaves its check out.
+    consul.set_check_tagged(None, "web", "web-untagged", "critical", &["v2"]);
     let grace = Duration::from_secs(3);
     let config = config(
         dir.path(),
@@ -333,6 +387,18 @@ fn consul_checks_decide_and_consul_trouble_withdraws_nothing_until_the_grace() -
         Ok(routed(bird, "192.0.2.71/32")? && routed(bird, "192.0.2.72/32")?)
     };
     agent.wait_for("both at BIRD", Duration::from_secs(10), |_| both(&bird))?;
+    let seen = consul.seen();
+    let agent_checks: Vec<_> = seen
+        .iter()
+        .filter(|r| r.path == "/v1/agent/checks")
+        .collect();
+    ensure!(
+        !agent_checks.is_empty()
+            && agent_checks
+                .iter()
+                .all(|r| r.query == "filter=enable_gocast%20in%20ServiceTags"),
+        "{agent_checks:?}"
+    );
 
     // One failing check of the service withdraws it; the other app is untouched.
     consul.set_check(None, "web", "web-tcp", "critical");

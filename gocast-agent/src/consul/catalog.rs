@@ -228,7 +228,7 @@ pub fn service_app(svc: &CatalogService, policy: TagPolicy) -> Result<AppSpec, S
     let nat_dest = if nats.is_empty() {
         None
     } else {
-        nat_destination(svc)?
+        nat_destination(svc, vip)?
     };
     Ok(AppSpec {
         name,
@@ -242,7 +242,11 @@ pub fn service_app(svc: &CatalogService, policy: TagPolicy) -> Result<AppSpec, S
 }
 
 /// The service's `Address` as the NAT destination; `None` (the agent's own) when it is empty.
-fn nat_destination(svc: &CatalogService) -> Result<Option<IpAddr>, ServiceError> {
+/// An address that cannot work is refused (the service is not made an app, with a WARN naming
+/// it) rather than replaced by the agent's own: traffic would go where the service's owner did
+/// not say. Refused: a loopback address (the kernel drops packets that DNAT in PREROUTING
+/// sends to loopback) and an address of the other family than the VIP (NAT cannot change the family).
+fn nat_destination(svc: &CatalogService, vip: Vip) -> Result<Option<IpAddr>, ServiceError> {
     if svc.address.is_empty() {
         return Ok(None);
     }
@@ -257,6 +261,16 @@ fn nat_destination(svc: &CatalogService) -> Result<Option<IpAddr>, ServiceError>
             svc.address
         ))
     })?;
+    if ip.is_loopback() {
+        return Err(err(format!(
+            "service Address {ip} is a loopback address: the kernel drops traffic NATed to it from outside; register the service with a reachable Address, or none for the agent's own"
+        )));
+    }
+    if ip.is_ipv4() != vip.addr().is_ipv4() {
+        return Err(err(format!(
+            "service Address {ip} and vip {vip} are of different IP families: NAT cannot send one to the other"
+        )));
+    }
     if !nat_dest_usable(ip) {
         return Err(err(format!(
             "service Address {ip} cannot be a NAT destination"
@@ -477,6 +491,55 @@ mod tests {
         }
         let e = service_app(&svc("a b", &["enable_gocast"], ""), TagPolicy::default()).unwrap_err();
         assert!(e.to_string().contains("invalid app name"), "{e}");
+    }
+
+    #[test]
+    fn an_address_nat_cannot_reach_refuses_the_service_naming_it() {
+        for (vip, address, needle) in [
+            (
+                "192.0.2.1",
+                "127.0.0.1",
+                "Address 127.0.0.1 is a loopback address",
+            ),
+            ("192.0.2.1", "127.0.1.1", "loopback"),
+            ("2001:db8::1", "::1", "loopback"),
+            (
+                "192.0.2.1",
+                "2001:db8::5",
+                "Address 2001:db8::5 and vip 192.0.2.1/32 are of different IP families",
+            ),
+            ("2001:db8::1/128", "198.18.0.5", "different IP families"),
+        ] {
+            let vip_tag = format!("gocast_vip={vip}");
+            let tags = ["enable_gocast", &vip_tag, "gocast_nat=tcp:80"];
+            let e = service_app(&svc("web", &tags, address), TagPolicy::default()).unwrap_err();
+            let text = e.to_string();
+            assert!(text.starts_with("service \"web\": "), "{text}");
+            assert!(text.contains(needle), "{vip} {address}: {text}");
+        }
+    }
+
+    #[test]
+    fn an_address_of_the_vips_family_is_the_nat_destination() {
+        for (vip, address) in [
+            ("192.0.2.1", "198.18.0.5"),
+            ("2001:db8::1", "2001:db8:1::5"),
+        ] {
+            let a = service_app(
+                &svc(
+                    "web",
+                    &[
+                        "enable_gocast",
+                        &format!("gocast_vip={vip}"),
+                        "gocast_nat=tcp:80",
+                    ],
+                    address,
+                ),
+                TagPolicy::default(),
+            )
+            .unwrap();
+            assert_eq!(a.nat_dest, Some(address.parse().unwrap()));
+        }
     }
 
     #[test]

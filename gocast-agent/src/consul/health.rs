@@ -1,11 +1,12 @@
 //! The `consul` monitor's data: Consul's checks for a service, fetched by one poller task for
 //! every app, and the rule that turns them (or their absence) into a monitor result.
 //!
-//! With a local agent (`consul_addr` on localhost, 127.0.0.1 or `::1`) one
-//! `GET /v1/agent/checks` per poll serves every app; otherwise each service is read with
-//! `GET /v1/health/checks/{service}`, keeping only this node's checks. A service is healthy when
-//! it has at least one check and every one of them is `passing` (GoCast: the first check
-//! decides; a service without checks fails, as in GoCast).
+//! With a local agent (`consul_addr` containing `localhost` or `127.0.0.1`, GoCast's rule, or
+//! on `[::1]`) one `GET /v1/agent/checks?filter=enable_gocast in ServiceTags` per poll serves
+//! every app; otherwise each service is read with `GET /v1/health/checks/{service}`, keeping
+//! only this node's checks. A service is healthy when it has at least one check and every one
+//! of them is `passing` (GoCast: the first check decides; a service without checks fails, as
+//! in GoCast).
 //!
 //! Staleness: the last answer for a service stays valid for `grace` (see
 //! [`HealthView::result`]); a monitor still without a newer answer after that fails, so an

@@ -13,8 +13,10 @@
 //! When Consul misbehaves (unreachable, slow, 5xx, malformed JSON) each task logs a WARN (the
 //! first failure, then at most one a minute while it lasts, and an INFO when Consul answers
 //! again), counts it in `gocast_consul_requests_total`, and retries after a backoff with
-//! jitter; the last good state stays. See [`health`] for how long a `consul` monitor trusts its
-//! last answer.
+//! jitter; the last good state stays. An answer over [`MAX_BODY`] counts as malformed. While
+//! the lifecycle refuses a service (its VIP or name held by another app), discovery reads the
+//! catalog again without blocking every few seconds, so a freed VIP is taken quickly. See
+//! [`health`] for how long a `consul` monitor trusts its last answer.
 
 pub mod catalog;
 pub mod health;
@@ -22,6 +24,7 @@ pub mod health;
 use std::{
     collections::BTreeSet,
     hash::{BuildHasher, RandomState},
+    net::{IpAddr, Ipv6Addr},
     path::PathBuf,
     time::Duration,
 };
@@ -51,6 +54,20 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// First retry delay after a failure; it doubles up to [`MAX_BACKOFF`], ±20 % jitter.
 pub const MIN_BACKOFF: Duration = Duration::from_millis(500);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// While the lifecycle refuses a Consul service (a VIP or name held by another app), the
+/// catalog is read again without blocking after this delay, doubling up to
+/// [`MAX_REFUSED_RETRY`]: a VIP freed elsewhere (an HTTP app unregistered) is picked up in
+/// seconds rather than at the next blocking answer, up to `consul_query_interval` away.
+pub const MIN_REFUSED_RETRY: Duration = Duration::from_secs(1);
+pub const MAX_REFUSED_RETRY: Duration = Duration::from_secs(15);
+/// The largest answer read from Consul. A node's catalog or checks are kilobytes; a hostile or
+/// broken server streaming without end must not take the agent's memory.
+pub const MAX_BODY: usize = 8 << 20;
+/// The most read of a non-2xx answer: enough for Consul's one-line error message.
+pub const MAX_ERROR_BODY: usize = 4 << 10;
+/// `filter=enable_gocast in ServiceTags` for `/agent/checks`, as GoCast sends it: Consul
+/// answers only checks of gocast services.
+pub const AGENT_CHECKS_FILTER: &str = "filter=enable_gocast%20in%20ServiceTags";
 /// While a failure lasts, it is logged again at most this often.
 pub const WARN_EVERY: Duration = Duration::from_mins(1);
 
@@ -94,6 +111,8 @@ pub enum ConsulError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("GET {url}: answer larger than {limit} bytes, refused")]
+    TooLarge { url: String, limit: usize },
     #[error("GET {url}: Consul does not know node {node:?} (answer null)")]
     UnknownNode { url: String, node: String },
 }
@@ -105,7 +124,7 @@ impl ConsulError {
             Self::Timeout { .. } => "timeout",
             Self::Status { status, .. } if *status >= 500 => "http_5xx",
             Self::Status { .. } => "http_4xx",
-            Self::Malformed { .. } => "malformed",
+            Self::Malformed { .. } | Self::TooLarge { .. } => "malformed",
             Self::UnknownNode { .. } => "unknown_node",
             _ => "unreachable",
         }
@@ -131,9 +150,11 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Reads the config and, as GoCast does, `CONSUL_NODE`, `CONSUL_STALE`, plus
-    /// `CONSUL_HTTP_TOKEN` and `CONSUL_CACERT` as Consul's own tools do. `env` is the lookup,
-    /// so tests need not change the process environment.
+    /// Reads the config and, as GoCast does, `CONSUL_NODE`, `CONSUL_STALE`, `CONSUL_TOKEN`,
+    /// plus `CONSUL_HTTP_TOKEN` and `CONSUL_CACERT` as Consul's own tools do. The token is
+    /// `CONSUL_TOKEN` (GoCast's, which wins over the config there too), else
+    /// `agent.consul_token`, else `CONSUL_HTTP_TOKEN`. `env` is the lookup, so tests need not
+    /// change the process environment.
     pub fn new(
         config: &ConsulConfig,
         monitor_interval: Duration,
@@ -160,9 +181,8 @@ impl Settings {
             base,
             node,
             stale: env("CONSUL_STALE").as_deref() == Some("true"),
-            token: config
-                .token
-                .clone()
+            token: nonempty(env("CONSUL_TOKEN"))
+                .or_else(|| config.token.clone())
                 .or_else(|| nonempty(env("CONSUL_HTTP_TOKEN"))),
             ca_cert: nonempty(env("CONSUL_CACERT")).map(PathBuf::from),
             query_interval: config.query_interval,
@@ -174,12 +194,35 @@ impl Settings {
         })
     }
 
-    /// A local agent answers `/agent/checks` for its own node (GoCast looks for `localhost`;
-    /// 127.0.0.1 and `::1` are the same agent).
+    /// A local agent answers `/agent/checks` for its own node. GoCast decides so when the
+    /// address *contains* `localhost` or `127.0.0.1`; so do we, and `[::1]` is the same agent.
     pub fn local_agent(&self) -> bool {
-        matches!(
-            self.base.host_str(),
-            Some("localhost" | "127.0.0.1" | "[::1]" | "::1")
+        let addr = self.base.as_str();
+        addr.contains("localhost")
+            || addr.contains("127.0.0.1")
+            || self.host_ip() == Some(IpAddr::V6(Ipv6Addr::LOCALHOST))
+    }
+
+    /// The host of `consul_addr` when it is an IP address.
+    fn host_ip(&self) -> Option<IpAddr> {
+        let host = self.base.host_str()?;
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .ok()
+    }
+
+    /// Consul on a loopback address is reached directly, never through `HTTP(S)_PROXY`: Go's
+    /// HTTP client (GoCast's) skips the proxy for `localhost` and loopback IPs, and a proxy
+    /// elsewhere cannot reach this host's loopback anyway.
+    pub fn loopback(&self) -> bool {
+        self.host_ip().map_or_else(
+            || {
+                self.base
+                    .host_str()
+                    .is_some_and(|h| h.eq_ignore_ascii_case("localhost"))
+            },
+            |ip| ip.is_loopback(),
         )
     }
 }
@@ -221,6 +264,9 @@ impl Client {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(REQUEST_TIMEOUT)
             .user_agent(concat!("gocast/", env!("CARGO_PKG_VERSION")));
+        if settings.loopback() {
+            builder = builder.no_proxy();
+        }
         if let Some(path) = &settings.ca_cert {
             let pem = std::fs::read(path).map_err(|source| ConsulError::CaCertRead {
                 path: path.clone(),
@@ -321,8 +367,11 @@ impl Client {
             .get("X-Consul-Index")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
-        let body = response.bytes().await.map_err(transport)?;
         if !status.is_success() {
+            // Only the start of an error answer is read: it is for the message.
+            let (body, _) = read_capped(response, MAX_ERROR_BODY)
+                .await
+                .map_err(transport)?;
             let text = String::from_utf8_lossy(&body);
             let text: String = text.trim().chars().take(200).collect();
             return Err(ConsulError::Status {
@@ -331,8 +380,40 @@ impl Client {
                 body: text,
             });
         }
+        let too_large = || ConsulError::TooLarge {
+            url: shown.clone(),
+            limit: MAX_BODY,
+        };
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_BODY as u64)
+        {
+            return Err(too_large());
+        }
+        let (body, complete) = read_capped(response, MAX_BODY).await.map_err(transport)?;
+        if !complete {
+            return Err(too_large());
+        }
         Ok(Answer { body, index })
     }
+}
+
+/// Reads at most `cap` bytes of the body, chunk by chunk; `false` when there was more (the
+/// rest is not read: dropping the response closes the connection).
+async fn read_capped(
+    mut response: reqwest::Response,
+    cap: usize,
+) -> Result<(bytes::Bytes, bool), reqwest::Error> {
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = cap - body.len();
+        if chunk.len() > room {
+            body.extend_from_slice(&chunk[..room]);
+            return Ok((body.freeze(), false));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((body.freeze(), true))
 }
 
 /// An error and its causes on one line.
@@ -365,19 +446,27 @@ pub fn next_index(previous: u64, answered: Option<u64>) -> Option<u64> {
 #[derive(Debug)]
 pub struct Backoff {
     next: Duration,
+    min: Duration,
     cap: Duration,
 }
 
 impl Backoff {
     pub fn new(cap: Duration) -> Self {
+        Self::starting_at(MIN_BACKOFF, cap)
+    }
+
+    /// Starts at `min` rather than [`MIN_BACKOFF`].
+    pub fn starting_at(min: Duration, cap: Duration) -> Self {
+        let min = min.min(cap);
         Self {
-            next: MIN_BACKOFF.min(cap),
+            next: min,
+            min,
             cap,
         }
     }
 
     pub fn reset(&mut self) {
-        self.next = MIN_BACKOFF.min(self.cap);
+        self.next = self.min;
     }
 
     /// The delay before the next try; doubles the one after.
@@ -445,6 +534,28 @@ async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
     }
 }
 
+/// The query and timeout of one catalog read. With an index it is a blocking query, which
+/// Consul may hold up to `wait + wait/16`; without one (the first read, after an index reset,
+/// a Consul without `X-Consul-Index`, a retry of refused services) Consul answers at once, so
+/// the short [`REQUEST_TIMEOUT`] applies.
+fn catalog_query(
+    index: Option<u64>,
+    wait: Duration,
+    stale: bool,
+) -> (Vec<(&'static str, Option<String>)>, Duration) {
+    let mut query = Vec::new();
+    let mut timeout = REQUEST_TIMEOUT;
+    if let Some(i) = index.filter(|i| *i > 0) {
+        query.push(("index", Some(i.to_string())));
+        query.push(("wait", Some(format!("{}ms", wait.as_millis()))));
+        timeout = wait + wait / 16 + REQUEST_TIMEOUT;
+    }
+    if stale {
+        query.push(("stale", None));
+    }
+    (query, timeout)
+}
+
 /// The discovery task: follows the node's catalog with blocking queries and keeps the
 /// lifecycle's Consul apps equal to it. Runs until `cancel`.
 pub async fn discover(
@@ -455,23 +566,18 @@ pub async fn discover(
 ) {
     let s = client.settings().clone();
     let wait = s.query_interval.min(MAX_WAIT);
-    // Consul may hold a blocking query up to wait + wait/16 before answering.
-    let timeout = wait + wait / 16 + REQUEST_TIMEOUT;
     let mut index: Option<u64> = None;
     let mut backoff = Backoff::new(MAX_BACKOFF.min(s.query_interval.max(MIN_BACKOFF)));
+    // Set while the lifecycle refuses some service: the next read does not block.
+    let mut retry_refused = false;
+    let mut refused_backoff = Backoff::starting_at(MIN_REFUSED_RETRY, MAX_REFUSED_RETRY);
     let mut warn_limit = WarnLimiter::new("consul discovery");
     let mut last_refusals: Vec<String> = Vec::new();
     info!(addr = %s.base, node = %s.node, stale = s.stale, "consul discovery started");
     loop {
         let started = Instant::now();
-        let mut query: Vec<(&str, Option<String>)> = Vec::new();
-        if let Some(i) = index.filter(|i| *i > 0) {
-            query.push(("index", Some(i.to_string())));
-            query.push(("wait", Some(format!("{}ms", wait.as_millis()))));
-        }
-        if s.stale {
-            query.push(("stale", None));
-        }
+        let blocking_index = if retry_refused { None } else { index };
+        let (query, timeout) = catalog_query(blocking_index, wait, s.stale);
         let url = client.url(&["catalog", "node", &s.node], &query);
         let read = tokio::select! {
             () = cancel.cancelled() => return,
@@ -507,6 +613,7 @@ pub async fn discover(
         match lifecycle.sync_consul(discovered.apps, keep).await {
             Ok(refused) => {
                 accepted = wanted - refused.len();
+                retry_refused = !refused.is_empty();
                 refusals.extend(
                     refused
                         .iter()
@@ -514,7 +621,10 @@ pub async fn discover(
                 );
             }
             Err(LifecycleError::ShuttingDown) => return,
-            Err(e) => refusals.push(e.to_string()),
+            Err(e) => {
+                retry_refused = true;
+                refusals.push(e.to_string());
+            }
         }
         metrics.consul_discovered(accepted, refusals.len());
         refusals.sort();
@@ -524,10 +634,21 @@ pub async fn discover(
         }
         last_refusals = refusals;
 
-        let pause = if index.is_none() {
+        let pause = if retry_refused {
+            // What the lifecycle refused may fit soon (a VIP freed by another app), and a
+            // blocking read would only answer at the next catalog change.
+            let delay = refused_backoff.next_delay();
+            debug!(
+                retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                "consul services refused: reading the catalog again without blocking"
+            );
+            delay.min(s.query_interval.max(MIN_GAP))
+        } else if index.is_none() {
+            refused_backoff.reset();
             // No X-Consul-Index: this Consul cannot block, so poll at the query interval.
             s.query_interval
         } else {
+            refused_backoff.reset();
             MIN_GAP.saturating_sub(started.elapsed())
         };
         if !sleep_or_cancel(pause, &cancel).await {
@@ -642,7 +763,7 @@ async fn poll_agent(
     wanted: &BTreeSet<String>,
     view: &watch::Sender<HealthView>,
 ) -> Vec<ConsulError> {
-    let url = client.url(&["agent", "checks"], &[]);
+    let url = agent_checks_url(client);
     let result = client
         .get(
             Endpoint::AgentChecks,
@@ -669,6 +790,13 @@ async fn poll_agent(
             vec![e]
         }
     }
+}
+
+/// `/v1/agent/checks` with GoCast's filter.
+fn agent_checks_url(client: &Client) -> reqwest::Url {
+    let mut url = client.url(&["agent", "checks"], &[]);
+    url.set_query(Some(AGENT_CHECKS_FILTER));
+    url
 }
 
 /// `/v1/health/checks/{service}` per service, concurrently; this node's checks decide.
@@ -837,6 +965,223 @@ mod tests {
             let e = Client::new(s, Metrics::default()).unwrap_err().to_string();
             assert!(e.contains("CONSUL_CACERT") && e.contains(&p), "{e}");
         }
+    }
+
+    #[test]
+    fn consul_token_wins_then_the_config_then_consul_http_token() {
+        let mut c = config("http://127.0.0.1:8500/v1");
+        let token = |c: &ConsulConfig, vars: &[(&str, &str)]| {
+            Settings::new(c, Duration::from_secs(10), env(vars))
+                .unwrap()
+                .token
+        };
+        let both = [("CONSUL_TOKEN", "gocast"), ("CONSUL_HTTP_TOKEN", "consul")];
+        assert_eq!(token(&c, &both).as_deref(), Some("gocast"));
+        assert_eq!(token(&c, &both[1..]).as_deref(), Some("consul"));
+        c.token = Some("cfg".into());
+        assert_eq!(token(&c, &both).as_deref(), Some("gocast"));
+        assert_eq!(token(&c, &both[1..]).as_deref(), Some("cfg"));
+        assert_eq!(
+            token(
+                &c,
+                &[("CONSUL_TOKEN", " "), ("CONSUL_HTTP_TOKEN", "consul")]
+            )
+            .as_deref(),
+            Some("cfg"),
+            "an empty CONSUL_TOKEN is not set"
+        );
+    }
+
+    #[test]
+    fn local_agent_mode_follows_gocast_substring_rule() {
+        let local = |addr: &str| {
+            Settings::new(&config(addr), Duration::from_secs(1), env(&[]))
+                .unwrap()
+                .local_agent()
+        };
+        for addr in [
+            "http://127.0.0.1:8500/v1",
+            "http://localhost:8500/v1",
+            "http://[::1]:8500/v1",
+            // GoCast looks for the substring anywhere in the address.
+            "http://consul.localhost.example:8500/v1",
+            "http://127.0.0.10:8500/v1",
+        ] {
+            assert!(local(addr), "{addr}");
+        }
+        for addr in ["http://consul.example:8500/v1", "http://198.18.0.1:8500/v1"] {
+            assert!(!local(addr), "{addr}");
+        }
+    }
+
+    #[test]
+    fn loopback_consul_is_never_proxied() {
+        let loopback = |addr: &str| {
+            Settings::new(&config(addr), Duration::from_secs(1), env(&[]))
+                .unwrap()
+                .loopback()
+        };
+        for addr in [
+            "http://127.0.0.1:8500/v1",
+            "http://127.1.2.3:8500/v1",
+            "http://LOCALHOST:8500/v1",
+            "http://[::1]:8500/v1",
+        ] {
+            assert!(loopback(addr), "{addr}");
+        }
+        for addr in [
+            "http://consul.example:8500/v1",
+            "http://198.18.0.1:8500/v1",
+            "http://[2001:db8::1]:8500/v1",
+        ] {
+            assert!(!loopback(addr), "{addr}");
+        }
+    }
+
+    #[test]
+    fn agent_checks_sends_gocasts_filter() {
+        let c = config("http://127.0.0.1:8500/v1");
+        let s = Settings::new(&c, Duration::from_secs(1), env(&[])).unwrap();
+        let client = Client::new(s, Metrics::default()).unwrap();
+        let url = agent_checks_url(&client);
+        assert_eq!(
+            url.as_str(),
+            "http://127.0.0.1:8500/v1/agent/checks?filter=enable_gocast%20in%20ServiceTags"
+        );
+        let filter: Vec<(String, String)> = url.query_pairs().into_owned().collect();
+        assert_eq!(
+            filter,
+            [(
+                "filter".to_owned(),
+                "enable_gocast in ServiceTags".to_owned()
+            )]
+        );
+    }
+
+    /// Regression: reads without an index got the blocking-query timeout (minutes).
+    #[test]
+    fn only_blocking_reads_get_the_long_timeout() {
+        let wait = Duration::from_secs(160);
+        for index in [None, Some(0)] {
+            let (query, timeout) = catalog_query(index, wait, true);
+            assert_eq!(timeout, REQUEST_TIMEOUT, "{index:?}");
+            assert_eq!(query, [("stale", None)]);
+        }
+        let (query, timeout) = catalog_query(Some(7), wait, false);
+        assert_eq!(timeout, wait + Duration::from_secs(10) + REQUEST_TIMEOUT);
+        assert_eq!(
+            query,
+            [
+                ("index", Some("7".to_owned())),
+                ("wait", Some("160000ms".to_owned()))
+            ]
+        );
+    }
+
+    /// Serves each connection on 127.0.0.1: `head` (status line and headers), then `chunk`
+    /// repeated as a chunked body until the client goes away, or with `None` no body at all.
+    /// Returns a client for it and its metrics.
+    async fn serve(head: &'static str, chunk: Option<&'static [u8]>) -> (Client, Metrics) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = conn.read(&mut buf).await;
+                    if conn.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    match chunk {
+                        // Endless chunked body.
+                        Some(data) => {
+                            let frame = [format!("{:x}\r\n", data.len()).as_bytes(), data, b"\r\n"]
+                                .concat();
+                            while conn.write_all(&frame).await.is_ok() {}
+                        }
+                        // Headers only; the promised body never comes.
+                        None => tokio::time::sleep(Duration::from_secs(60)).await,
+                    }
+                });
+            }
+        });
+        let c = config(&format!("http://127.0.0.1:{port}/v1"));
+        let s = Settings::new(&c, Duration::from_secs(1), env(&[])).unwrap();
+        let metrics = Metrics::default();
+        (Client::new(s, metrics.clone()).unwrap(), metrics)
+    }
+
+    async fn get_catalog(client: &Client) -> Result<(), ConsulError> {
+        let url = client.url(&["catalog", "node", "n"], &[]);
+        let read = client.get(
+            Endpoint::CatalogNode,
+            url,
+            REQUEST_TIMEOUT,
+            catalog::parse_node,
+        );
+        tokio::time::timeout(Duration::from_secs(4), read)
+            .await
+            .expect("an oversized answer must be refused at once, not read to the end")
+            .map(|_| ())
+    }
+
+    const DATA: &[u8] = &[b'x'; 64 << 10];
+
+    #[tokio::test]
+    async fn an_oversized_content_length_is_refused_unread() {
+        let (client, metrics) = serve(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000000\r\n\r\n",
+            None,
+        )
+        .await;
+        let e = get_catalog(&client).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConsulError::TooLarge {
+                    limit: MAX_BODY,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("larger than 8388608 bytes"), "{e}");
+        let m = metrics.render();
+        assert!(
+            m.contains(
+                r#"gocast_consul_requests_total{endpoint="catalog_node",result="malformed"} 1"#
+            ),
+            "{m}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_endless_body_is_cut_at_the_cap() {
+        let (client, metrics) = serve(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+            Some(DATA),
+        )
+        .await;
+        let e = get_catalog(&client).await.unwrap_err();
+        assert!(matches!(e, ConsulError::TooLarge { .. }), "{e}");
+        assert!(metrics.render().contains(r#"result="malformed"} 1"#));
+    }
+
+    #[tokio::test]
+    async fn an_endless_error_body_gives_a_short_message() {
+        let (client, metrics) = serve(
+            "HTTP/1.1 500 Internal Server Error\r\nTransfer-Encoding: chunked\r\n\r\n",
+            Some(DATA),
+        )
+        .await;
+        let e = get_catalog(&client).await.unwrap_err();
+        let ConsulError::Status { status, body, .. } = &e else {
+            panic!("{e}");
+        };
+        assert_eq!(*status, 500);
+        assert!(body.starts_with("xxx") && body.len() <= 200, "{body:?}");
+        assert!(metrics.render().contains(r#"result="http_5xx"} 1"#));
     }
 
     #[test]
