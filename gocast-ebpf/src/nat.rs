@@ -4,9 +4,13 @@
 //! `gocast_common::csum`). TC egress uses the kernel's `bpf_l3/l4_csum_replace`, which also
 //! handle `CHECKSUM_PARTIAL` skbs (locally generated packets whose L4 checksum the NIC
 //! finishes), something a pure update cannot see.
+//!
+//! A new flow, a refused flow-map insert and a failed reverse rewrite are noted for the log
+//! programs (`crate::logs`); nothing else is.
 
 use aya_ebpf::{
     bindings::{BPF_F_PSEUDO_HDR, BPF_NOEXIST},
+    cty::c_long,
     helpers::bpf_csum_diff,
     programs::{TcContext, XdpContext},
 };
@@ -17,11 +21,15 @@ use gocast_common::{
 
 use crate::{
     FLOWS, NAT,
+    logs::{self, INSERT_FAILED, NEW_FLOW, Pending, REVERSE_FAILED},
     parse::{
         Flow, IPV4_CHECK_OFFSET, IPV4_SRC_OFFSET, IPV6_SRC_OFFSET, Ipv4Hdr, Ipv6Hdr, Ports,
         TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, ptr_at,
     },
 };
+
+/// `EEXIST`: a `BPF_NOEXIST` insert lost a race with another CPU inserting the same flow.
+const EEXIST: i32 = 17;
 
 /// An IPv6 address as the four `__be32` words `bpf_csum_diff` takes.
 #[inline(always)]
@@ -45,9 +53,10 @@ fn l4_check_offset(proto: u8) -> usize {
 }
 
 /// If `NAT_MAP` has a rule for this flow's destination, rewrites it to the target, records the
-/// flow for the reply direction, and returns `true`.
+/// flow for the reply direction, and returns `true`. A `syn` (a new TCP connection) or a
+/// refused flow-map insert is noted for the log program, and `log` set.
 #[inline(always)]
-pub fn dnat(ctx: &XdpContext, flow: &Flow) -> Result<bool, ()> {
+pub fn dnat(ctx: &XdpContext, flow: &Flow, syn: bool, log: &mut bool) -> Result<bool, ()> {
     let key = NatKey {
         vip: flow.dst,
         port: flow.dst_port,
@@ -62,7 +71,22 @@ pub fn dnat(ctx: &XdpContext, flow: &Flow) -> Result<bool, ()> {
     };
 
     rewrite_dst(ctx, flow, &target)?;
-    remember(flow, &target);
+    let errno = remember(flow, &target);
+    if errno != 0 || syn {
+        *log = logs::note(
+            logs::XDP_SLOT,
+            Pending {
+                event: if errno != 0 { INSERT_FAILED } else { NEW_FLOW },
+                family: flow.family,
+                vip_port: u16::from_be(flow.dst_port),
+                dest_port: u16::from_be(target.port),
+                _pad: [0; 2],
+                errno: c_long::from(errno),
+                vip: flow.dst,
+                dest: target.dest,
+            },
+        );
+    }
     Ok(true)
 }
 
@@ -119,9 +143,11 @@ fn rewrite_dst(ctx: &XdpContext, flow: &Flow, target: &NatTarget) -> Result<(), 
     Ok(())
 }
 
-/// Records the flow under its reply's 5-tuple so TC egress can restore the VIP.
+/// Records the flow under its reply's 5-tuple so TC egress can restore the VIP. Returns 0, or
+/// the kernel's (negative) error code if it refused: a plain integer, as a `Result` leaves its
+/// error undefined on success, which LLVM may fill with a pointer the verifier rejects.
 #[inline(always)]
-fn remember(flow: &Flow, target: &NatTarget) {
+fn remember(flow: &Flow, target: &NatTarget) -> i32 {
     let key = FlowKey {
         src: target.dest,
         dst: flow.src,
@@ -142,20 +168,25 @@ fn remember(flow: &Flow, target: &NatTarget) {
         // SAFETY: a map value pointer from a successful lookup.
         let known = unsafe { *known };
         if known.vip == value.vip && known.port == value.port {
-            return;
+            return 0;
         }
         // A full flows map evicts, so insert fails only on kernel errors: the reply then goes
-        // out un-NATed, the same as with no entry. Nothing to do per packet.
-        let _ = FLOWS.insert(key, value, 0);
-        return;
+        // out un-NATed, the same as with no entry; the warning is the only trace of it.
+        return FLOWS.insert(key, value, 0).err().unwrap_or(0);
     }
-    let _ = FLOWS.insert(key, value, u64::from(BPF_NOEXIST));
+    match FLOWS.insert(key, value, u64::from(BPF_NOEXIST)) {
+        // Another CPU recorded the flow first: it is there.
+        Ok(()) => 0,
+        Err(errno) if errno == -EEXIST => 0,
+        Err(errno) => errno,
+    }
 }
 
 /// If `FLOWS_MAP` knows this reply, rewrites its source back to the VIP and port the client
-/// used and returns the VIP (family is the flow's).
+/// used and returns the VIP (family is the flow's). A failed rewrite is noted for the log
+/// program, and `log` set.
 #[inline(always)]
-pub fn reverse(ctx: &TcContext, flow: &Flow) -> Result<Option<[u8; 16]>, ()> {
+pub fn reverse(ctx: &TcContext, flow: &Flow, log: &mut bool) -> Result<Option<[u8; 16]>, ()> {
     let key = FlowKey {
         src: flow.src,
         dst: flow.dst,
@@ -170,7 +201,29 @@ pub fn reverse(ctx: &TcContext, flow: &Flow) -> Result<Option<[u8; 16]>, ()> {
     };
     // SAFETY: a map value pointer from a successful lookup, copied out at once.
     let orig = unsafe { *orig };
+    if let Err(errno) = restore_src(ctx, flow, &orig) {
+        *log = logs::note(
+            logs::TC_SLOT,
+            Pending {
+                event: REVERSE_FAILED,
+                family: flow.family,
+                vip_port: u16::from_be(orig.port),
+                dest_port: u16::from_be(flow.src_port),
+                _pad: [0; 2],
+                errno,
+                vip: orig.vip,
+                dest: flow.src,
+            },
+        );
+        return Err(());
+    }
+    Ok(Some(orig.vip))
+}
 
+/// Rewrites the reply's source to `orig`'s VIP and port with the kernel's checksum helpers;
+/// `Err` is the failing helper's (negative) error code.
+#[inline(always)]
+fn restore_src(ctx: &TcContext, flow: &Flow, orig: &FlowValue) -> Result<(), c_long> {
     let check_at = flow.l4 + l4_check_offset(flow.proto);
     // UDP: with BPF_F_MARK_MANGLED_0 the kernel leaves a 0 checksum (IPv4 "none") alone and
     // writes a computed 0 as 0xffff.
@@ -184,40 +237,33 @@ pub fn reverse(ctx: &TcContext, flow: &Flow) -> Result<Option<[u8; 16]>, ()> {
     if flow.family == FAMILY_V4 {
         let old = u32::from_ne_bytes([flow.src[0], flow.src[1], flow.src[2], flow.src[3]]);
         let new = u32::from_ne_bytes([orig.vip[0], orig.vip[1], orig.vip[2], orig.vip[3]]);
-        ctx.l4_csum_replace(check_at, u64::from(old), u64::from(new), pseudo | 4)
-            .map_err(|_| ())?;
+        ctx.l4_csum_replace(check_at, u64::from(old), u64::from(new), pseudo | 4)?;
         ctx.l3_csum_replace(
             flow.l3 + IPV4_CHECK_OFFSET,
             u64::from(old),
             u64::from(new),
             4,
-        )
-        .map_err(|_| ())?;
-        ctx.store(flow.l3 + IPV4_SRC_OFFSET, &new, 0)
-            .map_err(|_| ())?;
+        )?;
+        ctx.store(flow.l3 + IPV4_SRC_OFFSET, &new, 0)?;
     } else {
         let mut from = words(flow.src);
         let mut to = words(orig.vip);
         // SAFETY: both buffers are 16 bytes on this stack frame, the sizes passed.
         let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
         if diff < 0 {
-            return Err(());
+            return Err(diff);
         }
         #[expect(clippy::cast_sign_loss, reason = "checked non-negative above")]
         let diff = diff as u64;
         // Size 0: `to` is a precomputed checksum difference (16-byte fields have no size flag).
-        ctx.l4_csum_replace(check_at, 0, diff, pseudo)
-            .map_err(|_| ())?;
-        ctx.store(flow.l3 + IPV6_SRC_OFFSET, &orig.vip, 0)
-            .map_err(|_| ())?;
+        ctx.l4_csum_replace(check_at, 0, diff, pseudo)?;
+        ctx.store(flow.l3 + IPV6_SRC_OFFSET, &orig.vip, 0)?;
     }
     ctx.l4_csum_replace(
         check_at,
         u64::from(flow.src_port),
         u64::from(orig.port),
         udp_flags | 2,
-    )
-    .map_err(|_| ())?;
-    ctx.store(flow.l4, &orig.port, 0).map_err(|_| ())?;
-    Ok(Some(orig.vip))
+    )?;
+    ctx.store(flow.l4, &orig.port, 0)
 }

@@ -151,11 +151,11 @@ fn nat_suite(mode: &str) -> Result<()> {
     let echoed = udp_exchange(&topo.client, "192.0.2.12", 53, 20)?;
     ensure!(echoed == 20, "{mode}: {echoed} of 20 UDP echoes came back");
 
-    let (status, stats) = topo.agent.http_get(&format!("http://{API}/stats"))?;
+    let (status, all) = topo.agent.http_get(&format!("http://{API}/stats"))?;
     if mode == "iptables" {
-        ensure!(status == 503, "/stats without eBPF: {status} {stats}");
+        ensure!(status == 503, "/stats without eBPF: {status} {all}");
     } else {
-        ensure!(status == 200, "/stats: {status} {stats}");
+        ensure!(status == 200, "/stats: {status} {all}");
         // Exactly the datagrams sent, in and out.
         let dns = stats_until(&mut agent, &topo, "192.0.2.12", |v| {
             v["packets_in"] == 20 && v["packets_out"] == 20
@@ -182,6 +182,15 @@ fn nat_suite(mode: &str) -> Result<()> {
             status.contains("192.0.2.12/32") && status.contains("pkt/s"),
             "gocast status shows rates:\n{status}"
         );
+        // The agent runs with `RUST_LOG=gocast=debug`, which covers the programs' target
+        // `gocast_ebpf::logs`: XDP logs each new flow through aya-log.
+        let log = agent.log_text();
+        for line in [
+            "new flow to 192.0.2.11:80 NATed to ",
+            "new flow to [2001:db8:ff00::10]:80 NATed to [",
+        ] {
+            ensure!(log.contains(line), "no eBPF log {line:?}:\n{log}");
+        }
     }
 
     let (status, elapsed) = agent.signal_and_wait("TERM", Duration::from_secs(5))?;

@@ -5,21 +5,37 @@
 //! without it embeds an empty file and [`Ebpf::load`] fails with [`EbpfError::NotBuilt`]. Maps
 //! are found by the names in `gocast_common::maps`. Dropping [`Ebpf`] (or [`Ebpf::shutdown`])
 //! detaches both programs; the `clsact` qdisc stays, as other programs may use it.
+//!
+//! # Logs
+//!
+//! The programs log through aya-log on rare paths only (a new NAT flow at debug, a refused
+//! flow-map insert or a failed reverse rewrite at warn): the packet programs note the record and
+//! tail-call a log program (`gocast_xdp_log`, `gocast_tc_log`) that emits it. At load time the
+//! agent sets the object's `AYA_LOG_LEVEL` global to the most verbose level its log filter lets
+//! through for [`EBPF_LOG_TARGET`]; the global sits in a frozen read-only map, so the verifier
+//! knows it and drops disabled statements. With no level enabled the log programs are not even
+//! loaded, and the rare paths' tail calls fail and fall through. Ordinary packets never reach
+//! any of this: their only cost is an untaken branch. A task reads the records from the
+//! `AYA_LOGS` ring buffer and hands them to the `log` crate, which `main.rs` bridges into
+//! `tracing`.
 
 use std::{collections::HashMap as StdHashMap, io, net::IpAddr};
 
 use aya::{
-    maps::{HashMap, IterableMap, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{HashMap, IterableMap, MapData, MapError, PerCpuArray, PerCpuValues, ProgramArray},
     programs::{
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         tc::{self, TcError},
     },
 };
+use aya_log::EbpfLogger;
 use gocast_common::maps::{
-    COUNTERS_MAP, MAX_VIPS, NAT_MAP, NatKey, NatTarget, PROTO_TCP, PROTO_UDP, VIPS_MAP,
-    VipCounters, VipKey,
+    COUNTERS_MAP, MAX_VIPS, NAT_MAP, NatKey, NatTarget, PROTO_TCP, PROTO_UDP, TC_LOG_MAP,
+    TC_LOG_PROGRAM, VIPS_MAP, VipCounters, VipKey, XDP_LOG_MAP, XDP_LOG_PROGRAM,
 };
-use tracing::{info, warn};
+use tokio::io::{Interest, unix::AsyncFd};
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tracing::{Level, debug, info, warn};
 
 use crate::app::{NatRule, Proto};
 
@@ -30,6 +46,10 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/go
 const XDP_PROGRAM: &str = "gocast_xdp";
 /// The TC egress classifier in the object.
 const TC_PROGRAM: &str = "gocast_tc_egress";
+
+/// The target (the module path in `gocast-ebpf`) of the programs' log records: filter on it, or
+/// on its prefix `gocast_ebpf`, e.g. `RUST_LOG=info,gocast_ebpf=debug`.
+pub const EBPF_LOG_TARGET: &str = "gocast_ebpf::logs";
 
 /// An eBPF dataplane operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +79,12 @@ pub enum EbpfError {
         #[source]
         source: TcError,
     },
+    #[error("duplicating the file descriptor of eBPF program {program}")]
+    ProgramFd {
+        program: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error("eBPF map {map} is not in the object")]
     MissingMap { map: &'static str },
     #[error("eBPF map {map}")]
@@ -81,7 +107,8 @@ pub enum EbpfError {
     ShutDown,
 }
 
-/// What [`Ebpf::shutdown`] drops: the object (programs and their links) and the maps.
+/// What [`Ebpf::shutdown`] drops: the object (programs and their links), the maps and the log
+/// reader. Fields drop in order: the programs are detached before the reader stops.
 struct Loaded {
     /// Owns the programs; dropping it detaches them.
     #[cfg_attr(
@@ -92,6 +119,20 @@ struct Loaded {
     vips: HashMap<MapData, VipKey, u32>,
     nat: HashMap<MapData, NatKey, NatTarget>,
     counters: PerCpuArray<MapData, VipCounters>,
+    /// `None` when the programs log nothing at the chosen level, or the reader could not start.
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "held for its drop; the tests check the task ends")
+    )]
+    logs: Option<LogReader>,
+}
+
+/// The task that forwards the programs' log records to the `log` crate. It holds only the ring
+/// buffer, never the programs; dropping this stops it (after a last read).
+struct LogReader {
+    _stop: DropGuard,
+    #[cfg_attr(not(test), expect(dead_code, reason = "the tests check the task ends"))]
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// The loaded and attached eBPF dataplane.
@@ -121,15 +162,29 @@ impl Ebpf {
     /// Loads the embedded object and attaches XDP (native mode, else generic) and the TC egress
     /// classifier to each interface. With no interface, the programs are loaded but attached
     /// nowhere (tests).
+    ///
+    /// The programs log at the levels the global `tracing` filter enables for
+    /// [`EBPF_LOG_TARGET`] (see the module's "Logs").
     pub fn load(interfaces: &[String]) -> Result<Self, EbpfError> {
-        Self::load_bytes(OBJECT, interfaces)
+        Self::load_bytes(OBJECT, interfaces, kernel_log_level(), log::logger())
     }
 
-    fn load_bytes(object: &[u8], interfaces: &[String]) -> Result<Self, EbpfError> {
+    /// [`Ebpf::load`] of `object`, with `AYA_LOG_LEVEL` set to `log_level` (0: no logs, else an
+    /// [`aya_log::Level`]) and records going to `logger`.
+    fn load_bytes(
+        object: &[u8],
+        interfaces: &[String],
+        log_level: u8,
+        logger: &'static dyn log::Log,
+    ) -> Result<Self, EbpfError> {
         if object.is_empty() {
             return Err(EbpfError::NotBuilt);
         }
-        let mut bpf = aya::Ebpf::load(object).map_err(|e| EbpfError::Load(Box::new(e)))?;
+        let mut bpf = aya::EbpfLoader::new()
+            // Not `must_exist`: an object without log statements has no such global.
+            .override_global(aya_log::LEVEL, &log_level, false)
+            .load(object)
+            .map_err(|e| EbpfError::Load(Box::new(e)))?;
 
         let xdp: &mut Xdp = program(&mut bpf, XDP_PROGRAM)?;
         xdp.load().map_err(|source| EbpfError::Program {
@@ -172,12 +227,14 @@ impl Ebpf {
         let vips = take_map(&mut bpf, VIPS_MAP)?;
         let nat = take_map(&mut bpf, NAT_MAP)?;
         let counters = take_map(&mut bpf, COUNTERS_MAP)?;
+        let logs = LogReader::start(&mut bpf, log_level, logger);
         Ok(Self {
             loaded: Some(Box::new(Loaded {
                 bpf,
                 vips,
                 nat,
                 counters,
+                logs,
             })),
             slots: StdHashMap::new(),
             free: Vec::new(),
@@ -324,6 +381,140 @@ impl Ebpf {
     }
 }
 
+/// The most verbose [`aya_log::Level`] the global `tracing` filter lets through for
+/// [`EBPF_LOG_TARGET`], as `AYA_LOG_LEVEL` takes it; 0 when it lets none through (or there is no
+/// subscriber, as in unit tests).
+fn kernel_log_level() -> u8 {
+    use aya_log::Level as Aya;
+    // The filter is fixed for the process's life, so asking once at load time is enough.
+    let level = if tracing::enabled!(target: EBPF_LOG_TARGET, Level::TRACE) {
+        Aya::Trace
+    } else if tracing::enabled!(target: EBPF_LOG_TARGET, Level::DEBUG) {
+        Aya::Debug
+    } else if tracing::enabled!(target: EBPF_LOG_TARGET, Level::INFO) {
+        Aya::Info
+    } else if tracing::enabled!(target: EBPF_LOG_TARGET, Level::WARN) {
+        Aya::Warn
+    } else if tracing::enabled!(target: EBPF_LOG_TARGET, Level::ERROR) {
+        Aya::Error
+    } else {
+        return 0;
+    };
+    level as u8
+}
+
+impl LogReader {
+    /// Takes the object's log ring buffer and spawns the task that reads it. Every failure only
+    /// costs the logs: it is logged and the dataplane runs without them.
+    fn start(bpf: &mut aya::Ebpf, level: u8, logger: &'static dyn log::Log) -> Option<Self> {
+        if level == 0 {
+            debug!(
+                target = EBPF_LOG_TARGET,
+                "eBPF logs disabled by the log filter"
+            );
+            return None;
+        }
+        let logger = match EbpfLogger::init_with_logger(bpf, logger) {
+            Ok(logger) => logger,
+            Err(aya_log::Error::MapNotFound) => {
+                debug!("the eBPF object has no log statements");
+                return None;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read the eBPF programs' logs; running without them");
+                return None;
+            }
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            warn!("no tokio runtime to read the eBPF programs' logs; running without them");
+            return None;
+        };
+        if let Err(e) = load_log_programs(bpf) {
+            warn!(error = %crate::error_chain(&e), "cannot load the eBPF log programs; running without eBPF logs");
+            return None;
+        }
+        // `AsyncFd` registers with the runtime of the current context.
+        let _context = runtime.enter();
+        #[expect(
+            deprecated,
+            reason = "its replacement, `register_with_interest`, is `unsafe` (forbidden here) for \
+                      the promise this type keeps: the fd is the ring buffer's own, open and the \
+                      same for the logger's whole life"
+        )]
+        let fd = match AsyncFd::with_interest(logger, Interest::READABLE) {
+            Ok(fd) => fd,
+            Err(e) => {
+                warn!(error = %e, "cannot poll the eBPF log ring buffer; running without eBPF logs");
+                return None;
+            }
+        };
+        let stop = CancellationToken::new();
+        let task = runtime.spawn(read_logs(fd, stop.clone()));
+        Some(Self {
+            _stop: stop.drop_guard(),
+            task,
+        })
+    }
+}
+
+/// Loads the log programs and puts each at index 0 of the program array its packet program
+/// tail-calls. The arrays stay in `bpf`: the kernel empties a program array once user space
+/// closes it.
+fn load_log_programs(bpf: &mut aya::Ebpf) -> Result<(), EbpfError> {
+    let xdp: &mut Xdp = program(bpf, XDP_LOG_PROGRAM)?;
+    xdp.load().map_err(|source| EbpfError::Program {
+        program: XDP_LOG_PROGRAM,
+        source,
+    })?;
+    let xdp = xdp.fd().map_err(|source| EbpfError::Program {
+        program: XDP_LOG_PROGRAM,
+        source,
+    })?;
+    let xdp = xdp.try_clone().map_err(|source| EbpfError::ProgramFd {
+        program: XDP_LOG_PROGRAM,
+        source,
+    })?;
+    let tc: &mut SchedClassifier = program(bpf, TC_LOG_PROGRAM)?;
+    tc.load().map_err(|source| EbpfError::Program {
+        program: TC_LOG_PROGRAM,
+        source,
+    })?;
+    let tc = tc.fd().map_err(|source| EbpfError::Program {
+        program: TC_LOG_PROGRAM,
+        source,
+    })?;
+    let tc = tc.try_clone().map_err(|source| EbpfError::ProgramFd {
+        program: TC_LOG_PROGRAM,
+        source,
+    })?;
+    for (map, fd) in [(XDP_LOG_MAP, &xdp), (TC_LOG_MAP, &tc)] {
+        let array = bpf.map_mut(map).ok_or(EbpfError::MissingMap { map })?;
+        let mut array = ProgramArray::try_from(array).map_err(map_error(map))?;
+        array.set(0, fd, 0).map_err(map_error(map))?;
+    }
+    Ok(())
+}
+
+/// Forwards records as they arrive until `stop`, then forwards what is left and ends.
+async fn read_logs(mut fd: AsyncFd<EbpfLogger<&'static dyn log::Log>>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            ready = fd.readable_mut() => match ready {
+                Ok(mut guard) => {
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+                Err(e) => {
+                    warn!(error = %e, "polling the eBPF log ring buffer failed; no more eBPF logs");
+                    return;
+                }
+            },
+        }
+    }
+    fd.get_mut().flush();
+}
+
 /// Reads every VIP's counters straight from the kernel maps.
 pub struct CounterReader {
     vips: HashMap<MapData, VipKey, u32>,
@@ -455,11 +646,26 @@ impl Ebpf {
         out.truncate(result.data_size_out as usize);
         (result.return_value, out)
     }
+
+    /// Bytes of the XDP program `name` as the verifier left it (dead code removed).
+    fn xdp_translated_len(&mut self, name: &'static str) -> u32 {
+        let loaded = self.loaded.as_mut().expect("loaded");
+        let xdp: &mut Xdp = program(&mut loaded.bpf, name).expect("the XDP program");
+        let info = xdp.info().expect("the XDP program's info");
+        info.size_translated().expect("a translated size")
+    }
+
+    /// The log reader's task, swapped for one that has nothing to do.
+    fn take_log_task(&mut self) -> tokio::task::JoinHandle<()> {
+        let loaded = self.loaded.as_mut().expect("loaded");
+        let logs = loaded.logs.as_mut().expect("a log reader");
+        std::mem::replace(&mut logs.task, tokio::spawn(async {}))
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use std::{net::Ipv4Addr, time::Duration};
 
     use super::*;
 
@@ -505,9 +711,34 @@ mod tests {
         f
     }
 
+    /// A `log` logger that keeps what it is given.
+    #[derive(Default)]
+    struct Capture(std::sync::Mutex<Vec<(log::Level, String, String)>>);
+
+    impl log::Log for Capture {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record<'_>) {
+            let entry = (
+                record.level(),
+                record.target().to_owned(),
+                record.args().to_string(),
+            );
+            self.0.lock().unwrap().push(entry);
+        }
+        fn flush(&self) {}
+    }
+
+    impl Capture {
+        fn records(&self) -> Vec<(log::Level, String, String)> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
     #[test]
     fn an_empty_object_is_reported_as_not_built() {
-        let err = Ebpf::load_bytes(&[], &[]).unwrap_err();
+        let err = Ebpf::load_bytes(&[], &[], 0, log::logger()).unwrap_err();
         assert_eq!(
             err.to_string(),
             "eBPF object not built: run cargo xtask build-ebpf"
@@ -552,6 +783,74 @@ mod tests {
             assert_eq!(&out[30..34], &vip.octets(), "rule removed");
             ebpf.remove_vip(vip.into()).unwrap();
             ebpf.shutdown();
+        });
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(gocast_ebpf_object),
+        ignore = "needs the eBPF object: cargo xtask build-ebpf, then cargo test -- --ignored"
+    )]
+    fn a_new_flow_is_logged_at_debug_and_costs_no_code_at_info() {
+        crate::testing::in_new_netns(|| async {
+            let client = Ipv4Addr::new(198, 51, 100, 7);
+            let vip = Ipv4Addr::new(192, 0, 2, 10);
+            let dest = Ipv4Addr::new(10, 0, 0, 2);
+            let rule: NatRule = "tcp:80:8080".parse().unwrap();
+            let load = |level: aya_log::Level| {
+                let capture: &'static Capture = Box::leak(Box::default());
+                // Attached nowhere: `BPF_PROG_TEST_RUN` runs it.
+                let mut ebpf = Ebpf::load_bytes(OBJECT, &[], level as u8, capture)
+                    .expect("the eBPF object loads with its log statements enabled");
+                ebpf.add_vip(vip.into()).unwrap();
+                ebpf.install_nat(vip.into(), &[rule], dest.into()).unwrap();
+                (ebpf, capture)
+            };
+
+            let (mut debug, records) = load(aya_log::Level::Debug);
+            debug.xdp_test_run(&syn(client, vip, 80));
+            // Not NATed: no record.
+            debug.xdp_test_run(&syn(client, vip, 443));
+            for _ in 0..100 {
+                if !records.records().is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(
+                records.records(),
+                [(
+                    log::Level::Debug,
+                    EBPF_LOG_TARGET.to_owned(),
+                    "new flow to 192.0.2.10:80 NATed to 10.0.0.2:8080".to_owned()
+                )]
+            );
+
+            let (mut info, quiet) = load(aya_log::Level::Info);
+            info.xdp_test_run(&syn(client, vip, 80));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert_eq!(quiet.records(), []);
+            // The verifier removed the disabled statements from the log program; the packet
+            // program has none.
+            let (with, without) = (
+                debug.xdp_translated_len(XDP_LOG_PROGRAM),
+                info.xdp_translated_len(XDP_LOG_PROGRAM),
+            );
+            assert!(without < with, "{without} bytes at info, {with} at debug");
+            assert_eq!(
+                debug.xdp_translated_len(XDP_PROGRAM),
+                info.xdp_translated_len(XDP_PROGRAM)
+            );
+
+            // Shutting down stops the reader.
+            let task = debug.take_log_task();
+            debug.shutdown();
+            tokio::time::timeout(Duration::from_secs(2), task)
+                .await
+                .expect("the log reader ends once stopped")
+                .expect("the log reader ends cleanly");
+            info.shutdown();
         });
     }
 }
