@@ -18,7 +18,7 @@ use crate::{
     config::{Config, DataplaneMode, IngressMode},
     dataplane::{
         DataplaneInfo,
-        ebpf::{CounterReader, Ebpf, IngressHook},
+        ebpf::{CounterReader, Ebpf, EbpfError, IngressHook},
         iptables::Iptables,
     },
     lifecycle::{Host, HostError},
@@ -52,6 +52,8 @@ pub struct SystemHost {
     /// The destination each app's rules were installed with: removal must name the same one
     /// even if the default has changed since.
     installed_dest: HashMap<AppName, IpAddr>,
+    /// The eBPF VIP table filled up once: warned about.
+    warned_full: bool,
 }
 
 impl SystemHost {
@@ -86,6 +88,7 @@ impl SystemHost {
             info,
             nat_dest,
             installed_dest: HashMap::new(),
+            warned_full: false,
         })
     }
 
@@ -230,7 +233,15 @@ impl Host for SystemHost {
     async fn add_vip(&mut self, vip: &Vip, label: &str) -> Result<(), HostError> {
         self.netlink.add_vip(vip, label).await?;
         if let Nat::Ebpf(ebpf) = &mut self.nat {
-            ebpf.add_vip(vip.addr())?;
+            match ebpf.add_vip(vip.addr()) {
+                // The VIP works without counters; only its NAT needs the table (refused then).
+                Err(e @ EbpfError::Full { .. }) => {
+                    if !std::mem::replace(&mut self.warned_full, true) {
+                        warn!(error = %e, "eBPF VIP table full: further vips get no counters and no eBPF NAT");
+                    }
+                }
+                other => other?,
+            }
         }
         Ok(())
     }

@@ -278,13 +278,7 @@ impl Netlink {
         dest: IpAddr,
         v6: bool,
     ) -> Result<Option<IpAddr>, NetlinkError> {
-        let Some(route) = self.route_toward(dest).await? else {
-            return Ok(None);
-        };
-        let Some(oif) = route.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Oif(i) => Some(*i),
-            _ => None,
-        }) else {
+        let Some(oif) = self.oif_toward(dest).await? else {
             return Ok(None);
         };
         let family = if v6 {
@@ -303,13 +297,7 @@ impl Netlink {
     /// The name of the interface the kernel sends packets toward `dest` through, or `None` if
     /// `dest` is unroutable or local (the eBPF dataplane attaches there).
     pub async fn interface_toward(&self, dest: IpAddr) -> Result<Option<String>, NetlinkError> {
-        let Some(route) = self.route_toward(dest).await? else {
-            return Ok(None);
-        };
-        let Some(oif) = route.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Oif(i) => Some(*i),
-            _ => None,
-        }) else {
+        let Some(oif) = self.oif_toward(dest).await? else {
             return Ok(None);
         };
         if oif == self.lo_index {
@@ -351,6 +339,16 @@ impl Netlink {
             l.attributes.iter().any(|a| {
                 matches!(a, LinkAttribute::LinkInfo(infos)
                     if infos.iter().any(|i| matches!(i, LinkInfo::Kind(_))))
+            })
+        }))
+    }
+
+    /// The index of the interface the route toward `dest` leaves through.
+    async fn oif_toward(&self, dest: IpAddr) -> Result<Option<u32>, NetlinkError> {
+        Ok(self.route_toward(dest).await?.and_then(|route| {
+            route.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
             })
         }))
     }

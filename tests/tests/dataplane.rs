@@ -42,6 +42,20 @@ fn all_healthy(topo: &Topology, count: usize) -> Result<bool> {
     Ok(apps.len() == count && apps.iter().all(|a| a["state"] == "healthy"))
 }
 
+/// Starts the agent with `config` and waits until its `count` apps are healthy.
+fn start_healthy(topo: &Topology, dir: &Path, config: &str, count: usize) -> Result<Agent> {
+    let mut agent = Agent::start(
+        &topo.agent,
+        &["--config", config],
+        &dir.join("agent.log"),
+        API,
+    )?;
+    agent.wait_for("all apps healthy", Duration::from_secs(10), |_| {
+        all_healthy(topo, count)
+    })?;
+    Ok(agent)
+}
+
 /// A UDP echo server on `port` (all addresses), stopped on drop.
 struct UdpEcho(Child);
 
@@ -155,15 +169,7 @@ fn nat_suite(mode: &str, ingress: &str) -> Result<()> {
         _ => format!("mode: {mode}"),
     };
     let config = write_config(dir.path(), &topo, &dataplane, &app_config)?;
-    let mut agent = Agent::start(
-        &topo.agent,
-        &["--config", &config],
-        &dir.path().join("agent.log"),
-        API,
-    )?;
-    agent.wait_for("all apps healthy", Duration::from_secs(10), |_| {
-        all_healthy(&topo, 4)
-    })?;
+    let mut agent = start_healthy(&topo, dir.path(), &config, 4)?;
     let (_, info) = topo.agent.http_get(&format!("http://{API}/info"))?;
     ensure!(
         info["dataplane"]["mode"] == mode
@@ -310,15 +316,7 @@ fn passive_health_withdraws_a_service_that_listens_but_no_longer_answers() -> Re
         app("plain", "192.0.2.21/32", "port:tcp:8090", "tcp:80:8090"),
     );
     let config = write_config(dir.path(), &topo, "mode: ebpf", &app_config)?;
-    let mut agent = Agent::start(
-        &topo.agent,
-        &["--config", &config],
-        &dir.path().join("agent.log"),
-        API,
-    )?;
-    agent.wait_for("both healthy", Duration::from_secs(10), |_| {
-        all_healthy(&topo, 2)
-    })?;
+    let mut agent = start_healthy(&topo, dir.path(), &config, 2)?;
 
     // Connection attempts in the background: the first two fill the accept queue, the rest
     // get no SYN-ACK.

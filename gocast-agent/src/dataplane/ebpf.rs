@@ -151,6 +151,10 @@ pub enum EbpfError {
     },
     #[error("no counter slot left for vip {vip}: {MAX_VIPS} vips already in {VIPS_MAP}")]
     Full { vip: IpAddr },
+    #[error(
+        "vip {vip} is not in the eBPF VIP table ({MAX_VIPS} vips at most), so eBPF cannot NAT it"
+    )]
+    NotLoaded { vip: IpAddr },
     #[error("cannot NAT {vip} to {dest}: not the same address family")]
     FamilyMismatch { vip: IpAddr, dest: IpAddr },
     #[error("the eBPF dataplane was shut down")]
@@ -363,6 +367,10 @@ impl Ebpf {
     ) -> Result<(), EbpfError> {
         if vip.is_ipv4() != dest.is_ipv4() {
             return Err(EbpfError::FamilyMismatch { vip, dest });
+        }
+        // The programs NAT only traffic to a VIP in the VIP table.
+        if !self.slots.contains_key(&vip) {
+            return Err(EbpfError::NotLoaded { vip });
         }
         let loaded = self.loaded()?;
         for rule in rules {
@@ -991,6 +999,33 @@ mod tests {
             assert_eq!(ebpf.counters(VIP.into()).unwrap(), VipCounters::default());
             ebpf.shutdown();
         }
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(gocast_ebpf_object),
+        ignore = "needs the eBPF object: cargo xtask build-ebpf, then cargo test -- --ignored"
+    )]
+    fn a_full_vip_table_refuses_more_vips_and_their_nat_but_frees_slots_again() {
+        crate::testing::in_new_netns(|| async {
+            let mut ebpf = Ebpf::load(&[]).expect("the eBPF object loads");
+            let vip =
+                |i: u32| IpAddr::V6(Ipv6Addr::from(0x2001_0db8_ff00_u128 << 80 | u128::from(i)));
+            for i in 0..MAX_VIPS {
+                ebpf.add_vip(vip(i)).unwrap();
+            }
+            let extra = vip(MAX_VIPS);
+            assert!(matches!(ebpf.add_vip(extra), Err(EbpfError::Full { .. })));
+            let rule: NatRule = "tcp:80:8080".parse().unwrap();
+            let err = ebpf
+                .install_nat(extra, &[rule], IpAddr::V6(DEST6))
+                .unwrap_err();
+            assert!(matches!(err, EbpfError::NotLoaded { .. }), "{err}");
+            ebpf.remove_vip(vip(7)).unwrap();
+            ebpf.add_vip(extra).unwrap();
+            ebpf.install_nat(extra, &[rule], IpAddr::V6(DEST6)).unwrap();
+            ebpf.shutdown();
+        });
     }
 
     #[test]

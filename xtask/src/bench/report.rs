@@ -186,13 +186,13 @@ fn nat_section(md: &mut String, nat: &NatReport) {
         md,
         "`wrk` in a client namespace against a small HTTP service in the agent's namespace, over a\n\
          veth link: **direct** (no agent, the service's own address), **eBPF** and **iptables**\n\
-         (the VIP, NATed by the agent in that `dataplane.mode`), and as a control **eBPF attached,\n\
-         no NAT** (the service's own address in the eBPF lab: XDP and TC run but match nothing).\n\
-         Short = `Connection: close`, a new connection per request. Rounds run back to back\n\
-         without a reset, so conntrack entries pile up in the iptables lab. Targets (issue #5):\n\
-         eBPF ≥ 0.95 × direct in every round, short and keepalive. When the control is about as\n\
-         low as eBPF, the cost is in having the programs on this link, not in the NAT (on a veth,\n\
-         native XDP turns every skb into an XDP buffer, with a copy when its headroom is short).\n"
+         (the VIP, NATed by the agent in that `dataplane.mode`; on a veth `dataplane.ingress:\n\
+         auto` runs the ingress program at TC, see the README), and as a control **eBPF attached,\n\
+         no NAT** (a port of the service no rule maps, in the eBPF lab: the programs run but\n\
+         rewrite nothing). Short = `Connection: close`, a new connection per request. Rounds run\n\
+         back to back without a reset, so conntrack entries pile up in the iptables lab. Targets\n\
+         (issue #5): eBPF ≥ 0.95 × direct in every round, short and keepalive. When the control\n\
+         is about as low as eBPF, the cost is in having the programs on this link, not in the NAT.\n"
     );
     md.push_str(
         "| round | connections | direct req/s | eBPF req/s | iptables req/s | eBPF attached, no NAT | eBPF / direct | eBPF / iptables | conntrack entries (iptables lab) |\n\
