@@ -97,6 +97,10 @@ fn init_tracing(format: LogFormat, level: Option<&str>) {
         .or_else(|| EnvFilter::try_from_default_env().ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
     // Colours only for a person at a terminal, not in journald or log files.
+    // `init()` also installs `LogTracer` (tracing-subscriber's `tracing-log` feature): records of
+    // the `log` crate, among them the eBPF programs' (aya-log, target `gocast_ebpf::logs`), become
+    // events under the same filter and format. The eBPF dataplane asks this filter which levels
+    // its programs should log at when it loads them.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())

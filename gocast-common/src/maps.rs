@@ -42,6 +42,17 @@ pub const FLOWS_MAP: &str = "GOCAST_FLOWS";
 /// `PerCpuArray<VipCounters>`: per-VIP counters at the index [`VIPS_MAP`] gives; user space sums
 /// the per-CPU values.
 pub const COUNTERS_MAP: &str = "GOCAST_COUNTERS";
+/// `ProgramArray` with [`XDP_LOG_PROGRAM`] at index 0: XDP tail-calls it to log a rare event.
+/// Left empty, the tail call fails and XDP goes on without logging.
+pub const XDP_LOG_MAP: &str = "GOCAST_XDP_LOG";
+/// `ProgramArray` with [`TC_LOG_PROGRAM`] at index 0, as [`XDP_LOG_MAP`] for TC ingress and
+/// egress.
+pub const TC_LOG_MAP: &str = "GOCAST_TC_LOG";
+/// The XDP program that emits a record XDP noted (aya-log), then passes the packet.
+pub const XDP_LOG_PROGRAM: &str = "gocast_xdp_log";
+/// The TC program that emits a record TC ingress or egress noted (aya-log), then lets the
+/// packet go.
+pub const TC_LOG_PROGRAM: &str = "gocast_tc_log";
 
 /// Capacity of [`VIPS_MAP`] and [`COUNTERS_MAP`].
 pub const MAX_VIPS: u32 = 4096;

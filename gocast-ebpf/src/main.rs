@@ -10,6 +10,9 @@
 //! - `gocast_tc_egress` (TC classifier, egress): a reply whose 5-tuple is in `FLOWS_MAP` gets
 //!   the VIP and port back as its source; replies and other traffic from a VIP are counted
 //!   (packets, bytes, SYN-ACKs, RSTs). It never drops.
+//! - `gocast_xdp_log` (tail-called by `gocast_xdp`), `gocast_tc_log` (by both TC programs): on
+//!   rare paths only (a new NATed flow, a refused flow-map insert, a failed rewrite either way)
+//!   to emit an aya-log record; they return the verdict the caller would have. See `logs`.
 //!
 //! Map names and layouts are in `gocast_common::maps`; the agent loads the object built by
 //! `cargo xtask build-ebpf`.
@@ -18,10 +21,11 @@
 #![no_main]
 #![expect(
     clippy::inline_always,
-    reason = "one flat program per entry point: no BPF-to-BPF calls, which cost verifier state \
-              and cannot mix with tail calls"
+    reason = "one flat program per packet entry point: no BPF-to-BPF calls, which cost verifier \
+              state and cannot mix with tail calls (only the log programs have them, see `logs`)"
 )]
 
+mod logs;
 mod nat;
 mod parse;
 mod stats;
@@ -37,7 +41,10 @@ use gocast_common::maps::{
     VipCounters, VipKey,
 };
 
-use crate::parse::{Flow, Parsed, TCP_ACK, TCP_RST, TCP_SYN};
+use crate::{
+    logs::{TC_LOG, XDP_LOG},
+    parse::{Flow, Parsed, TCP_ACK, TCP_RST, TCP_SYN},
+};
 
 /// `gocast_common::maps::VIPS_MAP`: VIP → index into `COUNTERS`.
 #[map(name = "GOCAST_VIPS")]
@@ -61,6 +68,13 @@ const _: () = {
     assert!(str_eq("GOCAST_NAT", gocast_common::maps::NAT_MAP));
     assert!(str_eq("GOCAST_FLOWS", gocast_common::maps::FLOWS_MAP));
     assert!(str_eq("GOCAST_COUNTERS", gocast_common::maps::COUNTERS_MAP));
+    assert!(str_eq("GOCAST_XDP_LOG", gocast_common::maps::XDP_LOG_MAP));
+    assert!(str_eq("GOCAST_TC_LOG", gocast_common::maps::TC_LOG_MAP));
+    assert!(str_eq(
+        "gocast_xdp_log",
+        gocast_common::maps::XDP_LOG_PROGRAM
+    ));
+    assert!(str_eq("gocast_tc_log", gocast_common::maps::TC_LOG_PROGRAM));
 };
 
 /// `a == b` in a `const` context (`#[map(name = ..)]` takes a literal, not a constant).
@@ -86,13 +100,21 @@ const fn str_eq(a: &str, b: &str) -> bool {
     reason = "`#[xdp]` fixes the signature"
 )]
 pub fn gocast_xdp(ctx: XdpContext) -> u32 {
-    match try_gocast_xdp(&ctx) {
+    let mut log = false;
+    let action = match try_gocast_xdp(&ctx, &mut log) {
         Ok(action) => action,
         Err(()) => xdp_action::XDP_ABORTED,
+    };
+    // Records are only noted on the way to `XDP_PASS`, what the log program returns.
+    if log && action == xdp_action::XDP_PASS {
+        // SAFETY: on success control never comes back; on failure (no log program loaded) it
+        // does, and this program returns its own verdict.
+        unsafe { XDP_LOG.tail_call(&ctx, 0) };
     }
+    action
 }
 
-fn try_gocast_xdp(ctx: &XdpContext) -> Result<u32, ()> {
+fn try_gocast_xdp(ctx: &XdpContext, log: &mut bool) -> Result<u32, ()> {
     let (family, dst, flow) = match parse::parse(ctx) {
         Parsed::Flow(flow) => (flow.family, flow.dst, Some(flow)),
         Parsed::Ip { family, dst } => (family, dst, None),
@@ -108,7 +130,7 @@ fn try_gocast_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     stats::count_in(counters, bytes, syn);
     if let Some(flow) = flow
-        && !nat::dnat(ctx, &flow)?
+        && !nat::dnat(ctx, &flow, syn, log)?
         && syn
     {
         nat::forget_direct(&flow);
@@ -129,12 +151,18 @@ fn is_syn(flow: &Flow) -> bool {
     reason = "`#[classifier]` fixes the signature"
 )]
 pub fn gocast_tc_ingress(ctx: TcContext) -> i32 {
-    // A failed rewrite leaves the packet as it was: it reaches the host un-NATed.
-    let _ = try_gocast_tc_ingress(&ctx);
+    let mut log = false;
+    // A failed rewrite leaves the packet as it was: it reaches the host un-NATed; the log
+    // program says so.
+    let _ = try_gocast_tc_ingress(&ctx, &mut log);
+    if log {
+        // SAFETY: as in `gocast_xdp`; the log program returns `TC_ACT_OK` too.
+        unsafe { TC_LOG.tail_call(&ctx, 0) };
+    }
     TC_ACT_OK
 }
 
-fn try_gocast_tc_ingress(ctx: &TcContext) -> Result<(), ()> {
+fn try_gocast_tc_ingress(ctx: &TcContext, log: &mut bool) -> Result<(), ()> {
     linearize_headers(ctx);
     let (family, dst, flow) = match parse::parse(ctx) {
         Parsed::Flow(flow) => (flow.family, flow.dst, Some(flow)),
@@ -150,7 +178,7 @@ fn try_gocast_tc_ingress(ctx: &TcContext) -> Result<(), ()> {
     };
     stats::count_in(counters, u64::from(ctx.len()), syn);
     if let Some(flow) = flow
-        && !nat::dnat_skb(ctx, &flow)?
+        && !nat::dnat_skb(ctx, &flow, syn, log)?
         && syn
     {
         nat::forget_direct(&flow);
@@ -177,18 +205,23 @@ fn linearize_headers(ctx: &TcContext) {
     reason = "`#[classifier]` fixes the signature"
 )]
 pub fn gocast_tc_egress(ctx: TcContext) -> i32 {
+    let mut log = false;
     // A failed rewrite leaves the packet as it was: it goes out un-NATed, as if the flow were
-    // unknown, rather than being dropped.
-    let _ = try_gocast_tc_egress(&ctx);
+    // unknown, rather than being dropped; the log program says so.
+    let _ = try_gocast_tc_egress(&ctx, &mut log);
+    if log {
+        // SAFETY: as in `gocast_xdp`; the log program returns `TC_ACT_OK` too.
+        unsafe { TC_LOG.tail_call(&ctx, 0) };
+    }
     TC_ACT_OK
 }
 
-fn try_gocast_tc_egress(ctx: &TcContext) -> Result<(), ()> {
+fn try_gocast_tc_egress(ctx: &TcContext, log: &mut bool) -> Result<(), ()> {
     linearize_headers(ctx);
     let Parsed::Flow(flow) = parse::parse(ctx) else {
         return Ok(());
     };
-    let src = match nat::reverse(ctx, &flow)? {
+    let src = match nat::reverse(ctx, &flow, log)? {
         Some(vip) => vip,
         None => flow.src,
     };
@@ -200,6 +233,29 @@ fn try_gocast_tc_egress(ctx: &TcContext) -> Result<(), ()> {
     let rst = is_tcp && flow.tcp_flags & TCP_RST != 0;
     stats::count_out(counters, u64::from(ctx.len()), synack, rst);
     Ok(())
+}
+
+/// XDP log program: emits the record `gocast_xdp` noted, then passes the packet.
+#[xdp]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "`#[xdp]` fixes the signature"
+)]
+pub fn gocast_xdp_log(ctx: XdpContext) -> u32 {
+    logs::emit_xdp(&ctx);
+    xdp_action::XDP_PASS
+}
+
+/// TC log program: emits the record `gocast_tc_ingress` or `gocast_tc_egress` noted, then lets
+/// the packet go.
+#[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "`#[classifier]` fixes the signature"
+)]
+pub fn gocast_tc_log(ctx: TcContext) -> i32 {
+    logs::emit_tc(&ctx);
+    TC_ACT_OK
 }
 
 #[cfg(not(test))]

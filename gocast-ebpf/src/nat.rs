@@ -5,9 +5,13 @@
 //! `gocast_common::csum`). The TC programs use the kernel's `bpf_l3/l4_csum_replace`, which
 //! also handle `CHECKSUM_PARTIAL` skbs (packets whose L4 checksum is finished later, e.g. from
 //! a veth peer), something a pure update cannot see.
+//!
+//! A new flow, a refused flow-map insert and a failed rewrite (TC, either way) are noted for the
+//! log programs (`crate::logs`); nothing else is.
 
 use aya_ebpf::{
     bindings::{BPF_F_PSEUDO_HDR, BPF_NOEXIST},
+    cty::c_long,
     helpers::bpf_csum_diff,
     programs::{TcContext, XdpContext},
 };
@@ -18,11 +22,15 @@ use gocast_common::{
 
 use crate::{
     FLOWS, NAT,
+    logs::{self, DNAT_FAILED, INSERT_FAILED, NEW_FLOW, Pending, REVERSE_FAILED},
     parse::{
         Flow, IPV4_CHECK_OFFSET, IPV4_DST_OFFSET, IPV4_SRC_OFFSET, IPV6_DST_OFFSET,
         IPV6_SRC_OFFSET, Ipv4Hdr, Ipv6Hdr, Ports, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, ptr_at,
     },
 };
+
+/// `EEXIST`: a `BPF_NOEXIST` insert lost a race with another CPU inserting the same flow.
+const EEXIST: i32 = 17;
 
 /// An IPv6 address as the four `__be32` words `bpf_csum_diff` takes.
 #[inline(always)]
@@ -61,26 +69,63 @@ fn target(flow: &Flow) -> Option<NatTarget> {
 }
 
 /// XDP: if `NAT_MAP` has a rule for this flow's destination, rewrites it to the target,
-/// records the flow for the reply direction, and returns `true`.
+/// records the flow for the reply direction, and returns `true`. A `syn` (a new TCP connection)
+/// or a refused flow-map insert is noted for the log program, and `log` set.
 #[inline(always)]
-pub fn dnat(ctx: &XdpContext, flow: &Flow) -> Result<bool, ()> {
+pub fn dnat(ctx: &XdpContext, flow: &Flow, syn: bool, log: &mut bool) -> Result<bool, ()> {
     let Some(target) = target(flow) else {
         return Ok(false);
     };
     rewrite_dst(ctx, flow, &target)?;
-    remember(flow, &target);
+    let errno = remember(flow, &target);
+    if errno != 0 || syn {
+        let event = if errno != 0 { INSERT_FAILED } else { NEW_FLOW };
+        *log = note_dnat(logs::XDP_SLOT, event, c_long::from(errno), flow, &target);
+    }
     Ok(true)
 }
 
-/// TC ingress: the same as [`dnat`] on an skb.
+/// TC ingress: the same as [`dnat`] on an skb; a failed rewrite is noted too.
 #[inline(always)]
-pub fn dnat_skb(ctx: &TcContext, flow: &Flow) -> Result<bool, ()> {
+pub fn dnat_skb(ctx: &TcContext, flow: &Flow, syn: bool, log: &mut bool) -> Result<bool, ()> {
     let Some(target) = target(flow) else {
         return Ok(false);
     };
-    rewrite_skb(ctx, flow, End::Dst, target.dest, target.port)?;
-    remember(flow, &target);
+    if let Err(errno) = rewrite_skb(ctx, flow, End::Dst, target.dest, target.port) {
+        *log = note_dnat(logs::TC_INGRESS_SLOT, DNAT_FAILED, errno, flow, &target);
+        return Err(());
+    }
+    let errno = remember(flow, &target);
+    if errno != 0 || syn {
+        let event = if errno != 0 { INSERT_FAILED } else { NEW_FLOW };
+        *log = note_dnat(
+            logs::TC_INGRESS_SLOT,
+            event,
+            c_long::from(errno),
+            flow,
+            &target,
+        );
+    }
     Ok(true)
+}
+
+/// Notes `event` about `flow`, which a NAT rule sends to `target`, in `slot`; `true` if the log
+/// program should be tail-called.
+#[inline(always)]
+fn note_dnat(slot: u32, event: u8, errno: c_long, flow: &Flow, target: &NatTarget) -> bool {
+    logs::note(
+        slot,
+        Pending {
+            event,
+            family: flow.family,
+            vip_port: u16::from_be(flow.dst_port),
+            dest_port: u16::from_be(target.port),
+            _pad: [0; 2],
+            errno,
+            vip: flow.dst,
+            dest: target.dest,
+        },
+    )
 }
 
 /// Rewrites the destination address and port, updating the IPv4 header checksum and the
@@ -136,9 +181,11 @@ fn rewrite_dst(ctx: &XdpContext, flow: &Flow, target: &NatTarget) -> Result<(), 
     Ok(())
 }
 
-/// Records the flow under its reply's 5-tuple so TC egress can restore the VIP.
+/// Records the flow under its reply's 5-tuple so TC egress can restore the VIP. Returns 0, or
+/// the kernel's (negative) error code if it refused: a plain integer, as a `Result` leaves its
+/// error undefined on success, which LLVM may fill with a pointer the verifier rejects.
 #[inline(always)]
-fn remember(flow: &Flow, target: &NatTarget) {
+fn remember(flow: &Flow, target: &NatTarget) -> i32 {
     let key = FlowKey {
         src: target.dest,
         dst: flow.src,
@@ -159,14 +206,18 @@ fn remember(flow: &Flow, target: &NatTarget) {
         // SAFETY: a map value pointer from a successful lookup.
         let known = unsafe { *known };
         if known.vip == value.vip && known.port == value.port {
-            return;
+            return 0;
         }
         // A full flows map evicts, so insert fails only on kernel errors: the reply then goes
-        // out un-NATed, the same as with no entry. Nothing to do per packet.
-        let _ = FLOWS.insert(key, value, 0);
-        return;
+        // out un-NATed, the same as with no entry; the warning is the only trace of it.
+        return FLOWS.insert(key, value, 0).err().unwrap_or(0);
     }
-    let _ = FLOWS.insert(key, value, u64::from(BPF_NOEXIST));
+    match FLOWS.insert(key, value, u64::from(BPF_NOEXIST)) {
+        // Another CPU recorded the flow first: it is there.
+        Ok(()) => 0,
+        Err(errno) if errno == -EEXIST => 0,
+        Err(errno) => errno,
+    }
 }
 
 /// For the SYN of a TCP connection that did not go through the NAT (sent to the service's own
@@ -188,9 +239,10 @@ pub fn forget_direct(flow: &Flow) {
 }
 
 /// If `FLOWS_MAP` knows this reply, rewrites its source back to the VIP and port the client
-/// used and returns the VIP (family is the flow's).
+/// used and returns the VIP (family is the flow's). A failed rewrite is noted for the log
+/// program, and `log` set.
 #[inline(always)]
-pub fn reverse(ctx: &TcContext, flow: &Flow) -> Result<Option<[u8; 16]>, ()> {
+pub fn reverse(ctx: &TcContext, flow: &Flow, log: &mut bool) -> Result<Option<[u8; 16]>, ()> {
     let key = FlowKey {
         src: flow.src,
         dst: flow.dst,
@@ -205,7 +257,22 @@ pub fn reverse(ctx: &TcContext, flow: &Flow) -> Result<Option<[u8; 16]>, ()> {
     };
     // SAFETY: a map value pointer from a successful lookup, copied out at once.
     let orig = unsafe { *orig };
-    rewrite_skb(ctx, flow, End::Src, orig.vip, orig.port)?;
+    if let Err(errno) = rewrite_skb(ctx, flow, End::Src, orig.vip, orig.port) {
+        *log = logs::note(
+            logs::TC_EGRESS_SLOT,
+            Pending {
+                event: REVERSE_FAILED,
+                family: flow.family,
+                vip_port: u16::from_be(orig.port),
+                dest_port: u16::from_be(flow.src_port),
+                _pad: [0; 2],
+                errno,
+                vip: orig.vip,
+                dest: flow.src,
+            },
+        );
+        return Err(());
+    }
     Ok(Some(orig.vip))
 }
 
@@ -218,7 +285,7 @@ enum End {
 
 /// Sets one end's address and port (network order) in an skb, with the kernel's checksum
 /// helpers: the IPv4 header checksum, and the TCP/UDP checksum whose pseudo-header covers the
-/// address.
+/// address. `Err` is the failing helper's (negative) error code.
 #[inline(always)]
 fn rewrite_skb(
     ctx: &TcContext,
@@ -226,7 +293,7 @@ fn rewrite_skb(
     end: End,
     addr: [u8; 16],
     port: u16,
-) -> Result<(), ()> {
+) -> Result<(), c_long> {
     let (old_addr, old_port, port_at) = match end {
         End::Src => (flow.src, flow.src_port, flow.l4),
         End::Dst => (flow.dst, flow.dst_port, flow.l4 + 2),
@@ -250,16 +317,14 @@ fn rewrite_skb(
             };
         let old = u32::from_ne_bytes([old_addr[0], old_addr[1], old_addr[2], old_addr[3]]);
         let new = u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]);
-        ctx.l4_csum_replace(check_at, u64::from(old), u64::from(new), pseudo | 4)
-            .map_err(|_| ())?;
+        ctx.l4_csum_replace(check_at, u64::from(old), u64::from(new), pseudo | 4)?;
         ctx.l3_csum_replace(
             flow.l3 + IPV4_CHECK_OFFSET,
             u64::from(old),
             u64::from(new),
             4,
-        )
-        .map_err(|_| ())?;
-        ctx.store(addr_at, &new, 0).map_err(|_| ())?;
+        )?;
+        ctx.store(addr_at, &new, 0)?;
     } else {
         let addr_at = flow.l3
             + if end == End::Src {
@@ -272,21 +337,19 @@ fn rewrite_skb(
         // SAFETY: both buffers are 16 bytes on this stack frame, the sizes passed.
         let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
         if diff < 0 {
-            return Err(());
+            return Err(diff);
         }
         #[expect(clippy::cast_sign_loss, reason = "checked non-negative above")]
         let diff = diff as u64;
         // Size 0: `to` is a precomputed checksum difference (16-byte fields have no size flag).
-        ctx.l4_csum_replace(check_at, 0, diff, pseudo)
-            .map_err(|_| ())?;
-        ctx.store(addr_at, &addr, 0).map_err(|_| ())?;
+        ctx.l4_csum_replace(check_at, 0, diff, pseudo)?;
+        ctx.store(addr_at, &addr, 0)?;
     }
     ctx.l4_csum_replace(
         check_at,
         u64::from(old_port),
         u64::from(port),
         udp_flags | 2,
-    )
-    .map_err(|_| ())?;
-    ctx.store(port_at, &port, 0).map_err(|_| ())
+    )?;
+    ctx.store(port_at, &port, 0)
 }

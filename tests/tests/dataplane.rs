@@ -130,6 +130,19 @@ fn vip_then_direct_from_one_port(topo: &Topology) -> Result<String> {
         .to_owned())
 }
 
+/// The agent runs with `RUST_LOG=gocast=debug`, which covers the eBPF programs' target
+/// `gocast_ebpf::logs`: the ingress program, XDP or TC, logs each new flow through aya-log.
+fn new_flows_logged(agent: &Agent) -> Result<()> {
+    let log = agent.log_text();
+    for line in [
+        "new flow to 192.0.2.11:80 NATed to ",
+        "new flow to [2001:db8:ff00::10]:80 NATed to [",
+    ] {
+        ensure!(log.contains(line), "no eBPF log {line:?}:\n{log}");
+    }
+    Ok(())
+}
+
 /// The suite every dataplane must pass: TCP through two VIPs that share one backend port, UDP
 /// request/response, IPv6; and what `/info` and `/stats` say about the dataplane. `ingress`
 /// is the eBPF ingress hook expected on the veth (`dataplane.ingress: auto` picks TC there).
@@ -224,6 +237,7 @@ fn nat_suite(mode: &str, ingress: &str) -> Result<()> {
             status.contains("192.0.2.12/32") && status.contains("pkt/s"),
             "gocast status shows rates:\n{status}"
         );
+        new_flows_logged(&agent)?;
     }
 
     let (status, elapsed) = agent.signal_and_wait("TERM", Duration::from_secs(5))?;

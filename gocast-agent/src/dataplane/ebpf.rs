@@ -5,21 +5,38 @@
 //! without it embeds an empty file and [`Ebpf::load`] fails with [`EbpfError::NotBuilt`]. Maps
 //! are found by the names in `gocast_common::maps`. Dropping [`Ebpf`] (or [`Ebpf::shutdown`])
 //! detaches both programs; the `clsact` qdisc stays, as other programs may use it.
+//!
+//! # Logs
+//!
+//! The programs log through aya-log on rare paths only (a new NAT flow at debug, a refused
+//! flow-map insert or a failed rewrite, TC ingress or egress, at warn): the packet programs note
+//! the record and tail-call a log program (`gocast_xdp_log` from XDP, `gocast_tc_log` from
+//! either TC program) that emits it. At load time the
+//! agent sets the object's `AYA_LOG_LEVEL` global to the most verbose level its log filter lets
+//! through for [`EBPF_LOG_TARGET`]; the global sits in a frozen read-only map, so the verifier
+//! knows it and drops disabled statements. With no level enabled the log programs are not even
+//! loaded, and the rare paths' tail calls fail and fall through. Ordinary packets never reach
+//! any of this: their only cost is an untaken branch. A task reads the records from the
+//! `AYA_LOGS` ring buffer and hands them to the `log` crate, which `main.rs` bridges into
+//! `tracing`.
 
 use std::{collections::HashMap as StdHashMap, io, net::IpAddr};
 
 use aya::{
-    maps::{HashMap, IterableMap, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{HashMap, IterableMap, MapData, MapError, PerCpuArray, PerCpuValues, ProgramArray},
     programs::{
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         tc::{self, TcError},
     },
 };
+use aya_log::EbpfLogger;
 use gocast_common::maps::{
-    COUNTERS_MAP, MAX_VIPS, NAT_MAP, NatKey, NatTarget, PROTO_TCP, PROTO_UDP, VIPS_MAP,
-    VipCounters, VipKey,
+    COUNTERS_MAP, MAX_VIPS, NAT_MAP, NatKey, NatTarget, PROTO_TCP, PROTO_UDP, TC_LOG_MAP,
+    TC_LOG_PROGRAM, VIPS_MAP, VipCounters, VipKey, XDP_LOG_MAP, XDP_LOG_PROGRAM,
 };
-use tracing::{info, warn};
+use tokio::io::{Interest, unix::AsyncFd};
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tracing::{Level, debug, info, warn};
 
 use crate::app::{NatRule, Proto};
 
@@ -80,6 +97,10 @@ fn attach_ingress(
     Ok("tc")
 }
 
+/// The target (the module path in `gocast-ebpf`) of the programs' log records: filter on it, or
+/// on its prefix `gocast_ebpf`, e.g. `RUST_LOG=info,gocast_ebpf=debug`.
+pub const EBPF_LOG_TARGET: &str = "gocast_ebpf::logs";
+
 /// An eBPF dataplane operation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
@@ -108,6 +129,12 @@ pub enum EbpfError {
         #[source]
         source: TcError,
     },
+    #[error("duplicating the file descriptor of eBPF program {program}")]
+    ProgramFd {
+        program: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error("eBPF map {map} is not in the object")]
     MissingMap { map: &'static str },
     #[error("eBPF map {map}")]
@@ -134,7 +161,8 @@ pub enum EbpfError {
     ShutDown,
 }
 
-/// What [`Ebpf::shutdown`] drops: the object (programs and their links) and the maps.
+/// What [`Ebpf::shutdown`] drops: the object (programs and their links), the maps and the log
+/// reader. Fields drop in order: the programs are detached before the reader stops.
 struct Loaded {
     /// Owns the programs; dropping it detaches them.
     #[cfg_attr(
@@ -145,6 +173,20 @@ struct Loaded {
     vips: HashMap<MapData, VipKey, u32>,
     nat: HashMap<MapData, NatKey, NatTarget>,
     counters: PerCpuArray<MapData, VipCounters>,
+    /// `None` when the programs log nothing at the chosen level, or the reader could not start.
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "held for its drop; the tests check the task ends")
+    )]
+    logs: Option<LogReader>,
+}
+
+/// The task that forwards the programs' log records to the `log` crate. It holds only the ring
+/// buffer, never the programs; dropping this stops it (after a last read).
+struct LogReader {
+    _stop: DropGuard,
+    #[cfg_attr(not(test), expect(dead_code, reason = "the tests check the task ends"))]
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// The loaded and attached eBPF dataplane.
@@ -174,15 +216,29 @@ impl Ebpf {
     /// Loads the embedded object and attaches, on each interface, the ingress program at its
     /// hook and the TC egress classifier. With no interface, the programs are loaded but
     /// attached nowhere (tests).
+    ///
+    /// The programs log at the levels the global `tracing` filter enables for
+    /// [`EBPF_LOG_TARGET`] (see the module's "Logs").
     pub fn load(interfaces: &[(String, IngressHook)]) -> Result<Self, EbpfError> {
-        Self::load_bytes(OBJECT, interfaces)
+        Self::load_bytes(OBJECT, interfaces, kernel_log_level(), log::logger())
     }
 
-    fn load_bytes(object: &[u8], interfaces: &[(String, IngressHook)]) -> Result<Self, EbpfError> {
+    /// [`Ebpf::load`] of `object`, with `AYA_LOG_LEVEL` set to `log_level` (0: no logs, else an
+    /// [`aya_log::Level`]) and records going to `logger`.
+    fn load_bytes(
+        object: &[u8],
+        interfaces: &[(String, IngressHook)],
+        log_level: u8,
+        logger: &'static dyn log::Log,
+    ) -> Result<Self, EbpfError> {
         if object.is_empty() {
             return Err(EbpfError::NotBuilt);
         }
-        let mut bpf = aya::Ebpf::load(object).map_err(|e| EbpfError::Load(Box::new(e)))?;
+        let mut bpf = aya::EbpfLoader::new()
+            // Not `must_exist`: an object without log statements has no such global.
+            .override_global(aya_log::LEVEL, &log_level, false)
+            .load(object)
+            .map_err(|e| EbpfError::Load(Box::new(e)))?;
         for name in [TC_INGRESS_PROGRAM, TC_PROGRAM] {
             let tc: &mut SchedClassifier = program(&mut bpf, name)?;
             tc.load().map_err(|source| EbpfError::Program {
@@ -214,12 +270,14 @@ impl Ebpf {
         let vips = take_map(&mut bpf, VIPS_MAP)?;
         let nat = take_map(&mut bpf, NAT_MAP)?;
         let counters = take_map(&mut bpf, COUNTERS_MAP)?;
+        let logs = LogReader::start(&mut bpf, log_level, logger);
         Ok(Self {
             loaded: Some(Box::new(Loaded {
                 bpf,
                 vips,
                 nat,
                 counters,
+                logs,
             })),
             slots: StdHashMap::new(),
             free: Vec::new(),
@@ -371,6 +429,140 @@ impl Ebpf {
     }
 }
 
+/// The most verbose [`aya_log::Level`] the global `tracing` filter lets through for
+/// [`EBPF_LOG_TARGET`], as `AYA_LOG_LEVEL` takes it; 0 when it lets none through (or there is no
+/// subscriber, as in unit tests).
+fn kernel_log_level() -> u8 {
+    use aya_log::Level as Aya;
+    // The filter is fixed for the process's life, so asking once at load time is enough.
+    let level = if tracing::enabled!(target: EBPF_LOG_TARGET, Level::TRACE) {
+        Aya::Trace
+    } else if tracing::enabled!(target: EBPF_LOG_TARGET, Level::DEBUG) {
+        Aya::Debug
+    } else if tracing::enabled!(target: EBPF_LOG_TARGET, Level::INFO) {
+        Aya::Info
+    } else if tracing::enabled!(target: EBPF_LOG_TARGET, Level::WARN) {
+        Aya::Warn
+    } else if tracing::enabled!(target: EBPF_LOG_TARGET, Level::ERROR) {
+        Aya::Error
+    } else {
+        return 0;
+    };
+    level as u8
+}
+
+impl LogReader {
+    /// Takes the object's log ring buffer and spawns the task that reads it. Every failure only
+    /// costs the logs: it is logged and the dataplane runs without them.
+    fn start(bpf: &mut aya::Ebpf, level: u8, logger: &'static dyn log::Log) -> Option<Self> {
+        if level == 0 {
+            debug!(
+                target = EBPF_LOG_TARGET,
+                "eBPF logs disabled by the log filter"
+            );
+            return None;
+        }
+        let logger = match EbpfLogger::init_with_logger(bpf, logger) {
+            Ok(logger) => logger,
+            Err(aya_log::Error::MapNotFound) => {
+                debug!("the eBPF object has no log statements");
+                return None;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read the eBPF programs' logs; running without them");
+                return None;
+            }
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            warn!("no tokio runtime to read the eBPF programs' logs; running without them");
+            return None;
+        };
+        if let Err(e) = load_log_programs(bpf) {
+            warn!(error = %crate::error_chain(&e), "cannot load the eBPF log programs; running without eBPF logs");
+            return None;
+        }
+        // `AsyncFd` registers with the runtime of the current context.
+        let _context = runtime.enter();
+        #[expect(
+            deprecated,
+            reason = "its replacement, `register_with_interest`, is `unsafe` (forbidden here) for \
+                      the promise this type keeps: the fd is the ring buffer's own, open and the \
+                      same for the logger's whole life"
+        )]
+        let fd = match AsyncFd::with_interest(logger, Interest::READABLE) {
+            Ok(fd) => fd,
+            Err(e) => {
+                warn!(error = %e, "cannot poll the eBPF log ring buffer; running without eBPF logs");
+                return None;
+            }
+        };
+        let stop = CancellationToken::new();
+        let task = runtime.spawn(read_logs(fd, stop.clone()));
+        Some(Self {
+            _stop: stop.drop_guard(),
+            task,
+        })
+    }
+}
+
+/// Loads the log programs and puts each at index 0 of the program array its packet program
+/// tail-calls. The arrays stay in `bpf`: the kernel empties a program array once user space
+/// closes it.
+fn load_log_programs(bpf: &mut aya::Ebpf) -> Result<(), EbpfError> {
+    let xdp: &mut Xdp = program(bpf, XDP_LOG_PROGRAM)?;
+    xdp.load().map_err(|source| EbpfError::Program {
+        program: XDP_LOG_PROGRAM,
+        source,
+    })?;
+    let xdp = xdp.fd().map_err(|source| EbpfError::Program {
+        program: XDP_LOG_PROGRAM,
+        source,
+    })?;
+    let xdp = xdp.try_clone().map_err(|source| EbpfError::ProgramFd {
+        program: XDP_LOG_PROGRAM,
+        source,
+    })?;
+    let tc: &mut SchedClassifier = program(bpf, TC_LOG_PROGRAM)?;
+    tc.load().map_err(|source| EbpfError::Program {
+        program: TC_LOG_PROGRAM,
+        source,
+    })?;
+    let tc = tc.fd().map_err(|source| EbpfError::Program {
+        program: TC_LOG_PROGRAM,
+        source,
+    })?;
+    let tc = tc.try_clone().map_err(|source| EbpfError::ProgramFd {
+        program: TC_LOG_PROGRAM,
+        source,
+    })?;
+    for (map, fd) in [(XDP_LOG_MAP, &xdp), (TC_LOG_MAP, &tc)] {
+        let array = bpf.map_mut(map).ok_or(EbpfError::MissingMap { map })?;
+        let mut array = ProgramArray::try_from(array).map_err(map_error(map))?;
+        array.set(0, fd, 0).map_err(map_error(map))?;
+    }
+    Ok(())
+}
+
+/// Forwards records as they arrive until `stop`, then forwards what is left and ends.
+async fn read_logs(mut fd: AsyncFd<EbpfLogger<&'static dyn log::Log>>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            ready = fd.readable_mut() => match ready {
+                Ok(mut guard) => {
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+                Err(e) => {
+                    warn!(error = %e, "polling the eBPF log ring buffer failed; no more eBPF logs");
+                    return;
+                }
+            },
+        }
+    }
+    fd.get_mut().flush();
+}
+
 /// Reads every VIP's counters straight from the kernel maps.
 pub struct CounterReader {
     vips: HashMap<MapData, VipKey, u32>,
@@ -508,6 +700,21 @@ impl Ebpf {
         out.truncate(result.data_size_out as usize);
         (result.return_value, out)
     }
+
+    /// Bytes of the program `name` as the verifier left it (dead code removed).
+    fn translated_len(&self, name: &'static str) -> u32 {
+        let loaded = self.loaded.as_ref().expect("loaded");
+        let program = loaded.bpf.program(name).expect("the program");
+        let info = program.info().expect("the program's info");
+        info.size_translated().expect("a translated size")
+    }
+
+    /// The log reader's task, swapped for one that has nothing to do.
+    fn take_log_task(&mut self) -> tokio::task::JoinHandle<()> {
+        let loaded = self.loaded.as_mut().expect("loaded");
+        let logs = loaded.logs.as_mut().expect("a log reader");
+        std::mem::replace(&mut logs.task, tokio::spawn(async {}))
+    }
 }
 
 #[cfg(test)]
@@ -515,7 +722,10 @@ mod tests {
     //! The programs run on crafted frames with `BPF_PROG_TEST_RUN`; frames are built and the
     //! results checked with `etherparse`, an implementation independent of ours.
 
-    use std::net::{Ipv4Addr, Ipv6Addr};
+    use std::{
+        net::{Ipv4Addr, Ipv6Addr},
+        time::Duration,
+    };
 
     use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
 
@@ -628,9 +838,34 @@ mod tests {
         ebpf
     }
 
+    /// A `log` logger that keeps what it is given.
+    #[derive(Default)]
+    struct Capture(std::sync::Mutex<Vec<(log::Level, String, String)>>);
+
+    impl log::Log for Capture {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record<'_>) {
+            let entry = (
+                record.level(),
+                record.target().to_owned(),
+                record.args().to_string(),
+            );
+            self.0.lock().unwrap().push(entry);
+        }
+        fn flush(&self) {}
+    }
+
+    impl Capture {
+        fn records(&self) -> Vec<(log::Level, String, String)> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
     #[test]
     fn an_empty_object_is_reported_as_not_built() {
-        let err = Ebpf::load_bytes(&[], &[]).unwrap_err();
+        let err = Ebpf::load_bytes(&[], &[], 0, log::logger()).unwrap_err();
         assert_eq!(
             err.to_string(),
             "eBPF object not built: run cargo xtask build-ebpf"
@@ -811,5 +1046,98 @@ mod tests {
             assert_eq!(read[1].1, VipCounters::default());
             ebpf.shutdown();
         });
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(gocast_ebpf_object),
+        ignore = "needs the eBPF object: cargo xtask build-ebpf, then cargo test -- --ignored"
+    )]
+    fn a_new_flow_is_logged_at_debug_and_costs_no_code_at_info() {
+        for (ingress, pass) in INGRESS {
+            crate::testing::in_new_netns(move || async move { new_flow_log(ingress, pass).await });
+        }
+    }
+
+    async fn new_flow_log(ingress: &'static str, pass: u32) {
+        let log_program = if ingress == XDP_PROGRAM {
+            XDP_LOG_PROGRAM
+        } else {
+            TC_LOG_PROGRAM
+        };
+        let rule: NatRule = "tcp:80:8080".parse().unwrap();
+        let load = |level: aya_log::Level| {
+            let capture: &'static Capture = Box::leak(Box::default());
+            // Attached nowhere: `BPF_PROG_TEST_RUN` runs it.
+            let mut ebpf = Ebpf::load_bytes(OBJECT, &[], level as u8, capture)
+                .expect("the eBPF object loads with its log statements enabled");
+            ebpf.add_vip(VIP.into()).unwrap();
+            ebpf.install_nat(VIP.into(), &[rule], DEST.into()).unwrap();
+            (ebpf, capture)
+        };
+
+        let (mut debug, records) = load(aya_log::Level::Debug);
+        // The log program returns the verdict the packet program would have, after the rewrite.
+        let (verdict, out) = debug.test_run(ingress, &tcp4((CLIENT, 40000), (VIP, 80), false));
+        assert_eq!(verdict, pass, "{ingress}");
+        assert_eq!(
+            verified(&out),
+            (CLIENT.into(), 40000, DEST.into(), 8080),
+            "{ingress}"
+        );
+        // Not NATed, or not a SYN: no record.
+        debug.test_run(ingress, &tcp4((CLIENT, 40000), (VIP, 443), false));
+        debug.test_run(ingress, &tcp4((CLIENT, 40000), (VIP, 80), true));
+        // A reply rewritten without trouble: no record.
+        debug.test_run(TC_PROGRAM, &tcp4((DEST, 8080), (CLIENT, 40000), true));
+        for _ in 0..100 {
+            if !records.records().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            records.records(),
+            [(
+                log::Level::Debug,
+                EBPF_LOG_TARGET.to_owned(),
+                "new flow to 192.0.2.10:80 NATed to 198.18.0.1:8080".to_owned()
+            )],
+            "{ingress}"
+        );
+
+        let (mut info, quiet) = load(aya_log::Level::Info);
+        let (verdict, out) = info.test_run(ingress, &tcp4((CLIENT, 40001), (VIP, 80), false));
+        assert_eq!(verdict, pass, "{ingress}");
+        assert_eq!(verified(&out).2, IpAddr::from(DEST), "{ingress}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(quiet.records(), [], "{ingress}");
+        // The verifier removed the disabled statements from the log program; the packet
+        // programs have none.
+        let (with, without) = (
+            debug.translated_len(log_program),
+            info.translated_len(log_program),
+        );
+        assert!(
+            without < with,
+            "{log_program}: {without} bytes at info, {with} at debug"
+        );
+        for name in [ingress, TC_PROGRAM] {
+            assert_eq!(
+                debug.translated_len(name),
+                info.translated_len(name),
+                "{name}"
+            );
+        }
+
+        // Shutting down stops the reader.
+        let task = debug.take_log_task();
+        debug.shutdown();
+        tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .expect("the log reader ends once stopped")
+            .expect("the log reader ends cleanly");
+        info.shutdown();
     }
 }
