@@ -158,7 +158,11 @@ async fn start_dataplane(
     };
     match loaded {
         Ok(ebpf) => {
-            remove_stale_iptables_chain().await;
+            // What aya allocated to load the object (the kernel's BTF) is free now.
+            gocast_common::heap::trim();
+            // In the background: it runs iptables a few times (~100 ms), and nothing of ours
+            // waits for it.
+            tokio::spawn(remove_stale_iptables_chain());
             let info = DataplaneInfo::ebpf(mode, ebpf.interfaces());
             Ok((Nat::Ebpf(ebpf), info))
         }

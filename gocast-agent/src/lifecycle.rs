@@ -408,6 +408,9 @@ pub struct Lifecycle<H: Host> {
     monitors: mpsc::UnboundedSender<monitor::Command>,
     /// Health changed since the route set was last published: publish once per batch.
     dirty: bool,
+    /// An app was added, replaced or removed since the owners were last published (rebuilding
+    /// them on every health change would cost O(apps) allocations each time).
+    owners_changed: bool,
     /// A cleanup deadline was set: recompute the earliest one.
     cleanup_changed: bool,
     next_cleanup: Option<Instant>,
@@ -472,6 +475,7 @@ pub fn spawn<H: Host>(
         monitors,
         metrics,
         dirty: false,
+        owners_changed: false,
         cleanup_changed: false,
         next_cleanup: None,
     };
@@ -852,6 +856,7 @@ impl<H: Host> Lifecycle<H> {
         self.watch(&entry);
         self.apps.insert(entry.spec.name.clone(), entry);
         // The stats sampler learns the new VIP's owner with the next publish.
+        self.owners_changed = true;
         self.dirty = true;
     }
 
@@ -877,6 +882,7 @@ impl<H: Host> Lifecycle<H> {
         if healthy {
             self.go_healthy(&name).await;
         }
+        self.owners_changed = true;
         self.dirty = true;
     }
 
@@ -895,6 +901,7 @@ impl<H: Host> Lifecycle<H> {
         let _ = self.monitors.send(monitor::Command::Unwatch {
             app: entry.spec.name.clone(),
         });
+        self.owners_changed = true;
         self.publish();
         self.await_withdrawn().await;
         self.remove_nat(&mut entry).await;
@@ -1097,25 +1104,21 @@ impl<H: Host> Lifecycle<H> {
             })
             .collect();
         self.metrics.routes(set.len());
-        let owners: BTreeMap<IpAddr, VipOwner> = self
-            .apps
-            .values()
-            .map(|e| {
-                let owner = VipOwner {
-                    vip: e.spec.vip,
-                    app: e.spec.name.clone(),
-                    passive_health: e.spec.passive_health,
-                };
-                (e.spec.vip.addr(), owner)
-            })
-            .collect();
-        self.owners.send_if_modified(|current| {
-            let changed = **current != owners;
-            if changed {
-                *current = Arc::new(owners);
-            }
-            changed
-        });
+        if std::mem::take(&mut self.owners_changed) {
+            let owners: BTreeMap<IpAddr, VipOwner> = self
+                .apps
+                .values()
+                .map(|e| {
+                    let owner = VipOwner {
+                        vip: e.spec.vip,
+                        app: e.spec.name.clone(),
+                        passive_health: e.spec.passive_health,
+                    };
+                    (e.spec.vip.addr(), owner)
+                })
+                .collect();
+            self.owners.send_replace(Arc::new(owners));
+        }
         self.routes.send_if_modified(|current| {
             if current.set == set {
                 return false;

@@ -8,6 +8,8 @@
 #![cfg_attr(not(any(feature = "user", test)), no_std)]
 
 pub mod csum;
+#[cfg(feature = "user")]
+pub mod heap;
 pub mod maps;
 #[cfg(feature = "user")]
 pub mod tcp_md5;

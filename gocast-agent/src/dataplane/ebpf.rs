@@ -34,7 +34,10 @@ use gocast_common::maps::{
     COUNTERS_MAP, MAX_VIPS, NAT_MAP, NatKey, NatTarget, PROTO_TCP, PROTO_UDP, TC_LOG_MAP,
     TC_LOG_PROGRAM, VIPS_MAP, VipCounters, VipKey, XDP_LOG_MAP, XDP_LOG_PROGRAM,
 };
-use tokio::io::{Interest, unix::AsyncFd};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::watch,
+};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{Level, debug, info, warn};
 
@@ -194,7 +197,7 @@ pub struct Ebpf {
     /// Boxed: the maps are large, and the agent holds this next to the iptables dataplane.
     loaded: Option<Box<Loaded>>,
     /// Counter slot of each VIP in [`VIPS_MAP`].
-    slots: StdHashMap<IpAddr, u32>,
+    slots: watch::Sender<StdHashMap<IpAddr, u32>>,
     /// Slots freed by removed VIPs, reused before new ones.
     free: Vec<u32>,
     /// The next never-used slot.
@@ -206,7 +209,7 @@ impl std::fmt::Debug for Ebpf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ebpf")
             .field("loaded", &self.loaded.is_some())
-            .field("vips", &self.slots.len())
+            .field("vips", &self.slots.borrow().len())
             .field("interfaces", &self.interfaces)
             .finish_non_exhaustive()
     }
@@ -235,6 +238,9 @@ impl Ebpf {
             return Err(EbpfError::NotBuilt);
         }
         let mut bpf = aya::EbpfLoader::new()
+            // No CO-RE: the programs read packets and our maps, never kernel structures, so the
+            // kernel's BTF (several MiB to read and parse, ~100 ms) is not needed.
+            .btf(None)
             // Not `must_exist`: an object without log statements has no such global.
             .override_global(aya_log::LEVEL, &log_level, false)
             .load(object)
@@ -279,7 +285,7 @@ impl Ebpf {
                 counters,
                 logs,
             })),
-            slots: StdHashMap::new(),
+            slots: watch::Sender::new(StdHashMap::new()),
             free: Vec::new(),
             next: 0,
             interfaces: attached,
@@ -298,7 +304,7 @@ impl Ebpf {
 
     /// Puts `vip` in [`VIPS_MAP`] with a counter slot of its own (zeroed); idempotent.
     pub fn add_vip(&mut self, vip: IpAddr) -> Result<(), EbpfError> {
-        if self.slots.contains_key(&vip) {
+        if self.slots.borrow().contains_key(&vip) {
             return Ok(());
         }
         let slot = match self.free.pop() {
@@ -312,7 +318,9 @@ impl Ebpf {
         let result = self.insert_vip(vip, slot);
         match result {
             Ok(()) => {
-                self.slots.insert(vip, slot);
+                self.slots.send_modify(|slots| {
+                    slots.insert(vip, slot);
+                });
                 Ok(())
             }
             Err(e) => {
@@ -347,13 +355,15 @@ impl Ebpf {
 
     /// Takes `vip` out of [`VIPS_MAP`] and frees its counter slot; idempotent.
     pub fn remove_vip(&mut self, vip: IpAddr) -> Result<(), EbpfError> {
-        let Some(&slot) = self.slots.get(&vip) else {
+        let Some(slot) = self.slots.borrow().get(&vip).copied() else {
             return Ok(());
         };
         if let Some(loaded) = self.loaded.as_mut() {
             ignore_missing(loaded.vips.remove(&VipKey::new(vip))).map_err(map_error(VIPS_MAP))?;
         }
-        self.slots.remove(&vip);
+        self.slots.send_modify(|slots| {
+            slots.remove(&vip);
+        });
         self.free.push(slot);
         Ok(())
     }
@@ -369,7 +379,7 @@ impl Ebpf {
             return Err(EbpfError::FamilyMismatch { vip, dest });
         }
         // The programs NAT only traffic to a VIP in the VIP table.
-        if !self.slots.contains_key(&vip) {
+        if !self.slots.borrow().contains_key(&vip) {
             return Err(EbpfError::NotLoaded { vip });
         }
         let loaded = self.loaded()?;
@@ -395,24 +405,20 @@ impl Ebpf {
 
     /// `vip`'s counters summed over CPUs; zero for a VIP not in the map.
     pub fn counters(&self, vip: IpAddr) -> Result<VipCounters, EbpfError> {
-        let (Some(loaded), Some(slot)) = (self.loaded.as_ref(), self.slots.get(&vip)) else {
+        let slot = self.slots.borrow().get(&vip).copied();
+        let (Some(loaded), Some(slot)) = (self.loaded.as_ref(), slot) else {
             return Ok(VipCounters::default());
         };
-        let per_cpu = loaded
-            .counters
-            .get(slot, 0)
-            .map_err(map_error(COUNTERS_MAP))?;
-        Ok(per_cpu
-            .iter()
-            .fold(VipCounters::default(), VipCounters::sum))
+        Ok(read_slot(&loaded.counters, slot)?.unwrap_or_default())
     }
 
-    /// A second, read-only handle on the VIP and counter maps for the stats sampler, so reading
-    /// counters never waits on the lifecycle that owns this dataplane.
+    /// A second, read-only handle on the counters for the stats sampler, with the VIP → slot
+    /// table this dataplane keeps, so reading counters never waits on the lifecycle that owns
+    /// it and costs one lookup per VIP.
     pub fn counter_reader(&self) -> Result<CounterReader, EbpfError> {
         let loaded = self.loaded.as_deref().ok_or(EbpfError::ShutDown)?;
         Ok(CounterReader {
-            vips: reopen(IterableMap::map(&loaded.vips), VIPS_MAP)?,
+            slots: self.slots.subscribe(),
             counters: reopen(IterableMap::map(&loaded.counters), COUNTERS_MAP)?,
         })
     }
@@ -423,7 +429,7 @@ impl Ebpf {
         if self.loaded.take().is_some() {
             info!(interfaces = ?self.interfaces, "eBPF programs detached");
         }
-        self.slots.clear();
+        self.slots.send_modify(StdHashMap::clear);
         self.free.clear();
         self.next = 0;
     }
@@ -565,29 +571,38 @@ async fn read_logs(mut fd: AsyncFd<EbpfLogger<&'static dyn log::Log>>, stop: Can
 
 /// Reads every VIP's counters straight from the kernel maps.
 pub struct CounterReader {
-    vips: HashMap<MapData, VipKey, u32>,
+    slots: watch::Receiver<StdHashMap<IpAddr, u32>>,
     counters: PerCpuArray<MapData, VipCounters>,
 }
 
 impl CounterReader {
-    /// Each VIP in [`VIPS_MAP`] with its counters summed over CPUs.
+    /// Each VIP in the VIP table with its counters summed over CPUs.
     pub fn read(&self) -> Result<Vec<(IpAddr, VipCounters)>, EbpfError> {
-        let mut out = Vec::new();
-        for entry in &self.vips {
-            let (key, slot) = entry.map_err(map_error(VIPS_MAP))?;
-            let Some(ip) = key.ip() else { continue };
-            let per_cpu = match self.counters.get(&slot, 0) {
-                Ok(values) => values,
-                // Removed between the two reads.
-                Err(MapError::KeyNotFound) => continue,
-                Err(e) => return Err(map_error(COUNTERS_MAP)(e)),
-            };
-            let sum = per_cpu
-                .iter()
-                .fold(VipCounters::default(), VipCounters::sum);
-            out.push((ip, sum));
+        // Copied out: no lock is held across the lookups.
+        let slots: Vec<(IpAddr, u32)> = self.slots.borrow().iter().map(|(v, s)| (*v, *s)).collect();
+        let mut out = Vec::with_capacity(slots.len());
+        for (vip, slot) in slots {
+            if let Some(sum) = read_slot(&self.counters, slot)? {
+                out.push((vip, sum));
+            }
         }
         Ok(out)
+    }
+}
+
+/// The counters in `slot` summed over CPUs; `None` if the slot is out of range.
+fn read_slot(
+    counters: &PerCpuArray<MapData, VipCounters>,
+    slot: u32,
+) -> Result<Option<VipCounters>, EbpfError> {
+    match counters.get(&slot, 0) {
+        Ok(per_cpu) => Ok(Some(
+            per_cpu
+                .iter()
+                .fold(VipCounters::default(), VipCounters::sum),
+        )),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(map_error(COUNTERS_MAP)(e)),
     }
 }
 
@@ -603,10 +618,7 @@ where
         .try_clone_to_owned()
         .map_err(|source| EbpfError::PerCpu { map: name, source })?;
     let data = MapData::from_fd(fd).map_err(map_error(name))?;
-    let map = match name {
-        VIPS_MAP => aya::maps::Map::HashMap(data),
-        _ => aya::maps::Map::PerCpuArray(data),
-    };
+    let map = aya::maps::Map::PerCpuArray(data);
     M::try_from(map).map_err(map_error(name))
 }
 
