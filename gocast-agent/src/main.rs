@@ -31,6 +31,8 @@ use tracing_subscriber::EnvFilter;
 const SHUTDOWN_BUDGET: Duration = Duration::from_millis(4500);
 /// Time given to in-flight HTTP requests when shutdown starts.
 const API_DRAIN: Duration = Duration::from_millis(500);
+/// How long a start that fails after the BGP sessions began waits for them to close with Cease.
+const ABORTED_START_CEASE: Duration = Duration::from_secs(1);
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse_from(cli::normalize(std::env::args_os().collect())) {
@@ -120,7 +122,24 @@ async fn run(config: Config) -> Result<()> {
     let signals = Signals::install()?;
     // Bind before touching the host, so a taken port changes nothing.
     let listener = bind(listen.addr).await?;
-    let host = start_host(&config).await?;
+    let metrics = Metrics::default();
+    let cancel = CancellationToken::new();
+    let agent = &config.agent;
+    let consul_client = consul_client(&config, &metrics)?;
+    let (routes_tx, routes_rx) = tokio::sync::watch::channel(lifecycle::Routes::default());
+    // BGP before the dataplane: sessions come up while the eBPF programs load and verify, and
+    // nothing is announced before the lifecycle runs.
+    let (speaker, announcer) = start_speaker(&config, routes_rx, &metrics).await?;
+    let host = match start_host(&config).await {
+        Ok(host) => host,
+        Err(e) => {
+            if let Some(announcer) = announcer {
+                announcer.stop.cancel();
+                let _ = tokio::time::timeout(ABORTED_START_CEASE, announcer.done).await;
+            }
+            return Err(e);
+        }
+    };
     let dataplane = host.dataplane_info();
     let counters = host.counter_reader();
     if counters.is_none() && config.apps.iter().any(|a| a.passive_health) {
@@ -129,26 +148,12 @@ async fn run(config: Config) -> Result<()> {
             "passive_health is set on apps but needs the eBPF counters: it has no effect"
         );
     }
-    let metrics = Metrics::default();
-    let cancel = CancellationToken::new();
-    let agent = &config.agent;
-    let consul_client = consul_client(&config, &metrics)?;
     let consul_health = consul_client
         .clone()
         .map(|c| consul::spawn_health(c, cancel.child_token()));
     let settings = lifecycle_settings(agent, consul_health, counters.is_some());
     let store = Store::new(&agent.state_file);
-    let (routes_tx, routes_rx) = tokio::sync::watch::channel(lifecycle::Routes::default());
     let (owners_tx, owners_rx) = tokio::sync::watch::channel(stats::Owners::default());
-    let (speaker, announcer) = if config.bgp.peers.is_empty() {
-        warn!("no bgp peers configured: routes are computed (GET /routes) but not announced");
-        (None, None)
-    } else {
-        let (speaker, announcer) = Speaker::start(&config.bgp, routes_rx, &metrics)
-            .await
-            .context("starting the BGP speaker")?;
-        (Some(speaker), Some(announcer))
-    };
     let running = lifecycle::spawn(
         settings,
         host,
@@ -207,6 +212,22 @@ async fn run(config: Config) -> Result<()> {
     let signal = signals.recv().await;
     info!(%signal, "shutting down");
     shutdown(api_stop, server, speaker.as_ref(), cancel, running.task).await
+}
+
+/// The BGP speaker, unless no peer is configured.
+async fn start_speaker(
+    config: &Config,
+    routes: tokio::sync::watch::Receiver<lifecycle::Routes>,
+    metrics: &Metrics,
+) -> Result<(Option<Speaker>, Option<lifecycle::Announcer>)> {
+    if config.bgp.peers.is_empty() {
+        warn!("no bgp peers configured: routes are computed (GET /routes) but not announced");
+        return Ok((None, None));
+    }
+    let (speaker, announcer) = Speaker::start(&config.bgp, routes, metrics)
+        .await
+        .context("starting the BGP speaker")?;
+    Ok((Some(speaker), Some(announcer)))
 }
 
 /// What the lifecycle applies, from the config.

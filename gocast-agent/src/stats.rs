@@ -1,8 +1,9 @@
 //! Per-VIP traffic statistics from the eBPF counters, and the passive health signal they feed.
 //!
-//! One task samples the kernel's counters once a second ([`SAMPLE_INTERVAL`]). It keeps a
-//! short history per VIP, publishes the latest [`Snapshot`] (totals and per-second rates) on a
-//! watch channel for `/stats`, `/metrics` and `gocast status`, and, for apps with
+//! One task samples the kernel's counters: every VIP every [`FULL_SAMPLE_EVERY`] seconds, VIPs
+//! of apps with passive health every second ([`SAMPLE_INTERVAL`]). It keeps a short history per
+//! VIP, publishes the latest [`Snapshot`] (totals and per-second rates) after each full read on
+//! a watch channel for `/stats`, `/metrics` and `gocast status`, and, for apps with
 //! `passive_health: true`, judges the last `dataplane.passive_health.window`: SYNs that came in
 //! but got no SYN-ACK (or got a RST) fail the app, as a failing monitor would. Only changes of
 //! verdict are sent to the lifecycle.
@@ -32,8 +33,11 @@ use crate::{
     lifecycle::LifecycleHandle,
 };
 
-/// How often the counters are read.
+/// How often the counters of VIPs with passive health are read.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+/// Every VIP is read, and `/stats` republished, every this many intervals: one lookup per VIP
+/// each time, which with thousands of VIPs is most of the agent's idle CPU.
+pub const FULL_SAMPLE_EVERY: u32 = 5;
 
 /// One VIP's counters since its VIP was installed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -179,12 +183,19 @@ pub type Owners = Arc<BTreeMap<IpAddr, VipOwner>>;
 
 /// Where counters come from: the eBPF maps, or a script in tests.
 pub trait CounterSource: Send + 'static {
-    fn read(&mut self) -> Result<Vec<(IpAddr, VipCounters)>, EbpfError>;
+    /// The counters of the VIPs `wanted` accepts.
+    fn read(
+        &mut self,
+        wanted: &dyn Fn(IpAddr) -> bool,
+    ) -> Result<Vec<(IpAddr, VipCounters)>, EbpfError>;
 }
 
 impl CounterSource for CounterReader {
-    fn read(&mut self) -> Result<Vec<(IpAddr, VipCounters)>, EbpfError> {
-        CounterReader::read(self)
+    fn read(
+        &mut self,
+        wanted: &dyn Fn(IpAddr) -> bool,
+    ) -> Result<Vec<(IpAddr, VipCounters)>, EbpfError> {
+        CounterReader::read(self, wanted)
     }
 }
 
@@ -287,11 +298,14 @@ pub enum Verdict {
 }
 
 impl Sampler {
+    /// Takes a read of the counters; `full` when it covered every VIP, so histories of VIPs it
+    /// did not see can go.
     fn sample(
         &mut self,
         now: Instant,
         read: Vec<(IpAddr, VipCounters)>,
         owners: &BTreeMap<IpAddr, VipOwner>,
+        full: bool,
     ) -> (Vec<VipStats>, Vec<(AppName, Verdict)>) {
         let mut vips = Vec::with_capacity(read.len());
         let mut verdicts = Vec::new();
@@ -318,7 +332,9 @@ impl Sampler {
                 addr,
             });
         }
-        self.histories.retain(|addr, _| seen.contains(addr));
+        if full {
+            self.histories.retain(|addr, _| seen.contains(addr));
+        }
         vips.sort_by_key(|v| v.addr);
         (vips, verdicts)
     }
@@ -341,12 +357,21 @@ pub fn spawn<S: CounterSource>(
         let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut failing_reads = 0u32;
+        let mut ticks = 0u32;
         loop {
             tokio::select! {
                 () = cancel.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            let read = match source.read() {
+            let full = ticks.is_multiple_of(FULL_SAMPLE_EVERY);
+            ticks = ticks.wrapping_add(1);
+            let owners = owners.borrow().clone();
+            let passive = |vip: IpAddr| owners.get(&vip).is_some_and(|o| o.passive_health);
+            if !full && !owners.values().any(|o| o.passive_health) {
+                continue;
+            }
+            let wanted: &dyn Fn(IpAddr) -> bool = if full { &|_| true } else { &passive };
+            let read = match source.read(wanted) {
                 Ok(read) => {
                     if failing_reads > 0 {
                         info!(failed = failing_reads, "eBPF counters readable again");
@@ -363,13 +388,16 @@ pub fn spawn<S: CounterSource>(
                     continue;
                 }
             };
-            let owners = owners.borrow().clone();
-            let (vips, verdicts) = sampler.sample(Instant::now(), read, &owners);
-            tx.send_replace(Arc::new(Snapshot {
-                sampled_at: Some(humantime::format_rfc3339_millis(SystemTime::now()).to_string()),
-                vips,
-                unavailable: None,
-            }));
+            let (vips, verdicts) = sampler.sample(Instant::now(), read, &owners, full);
+            if full {
+                tx.send_replace(Arc::new(Snapshot {
+                    sampled_at: Some(
+                        humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+                    ),
+                    vips,
+                    unavailable: None,
+                }));
+            }
             if !verdicts.is_empty() && lifecycle.passive_health(verdicts).await.is_err() {
                 break;
             }
@@ -431,7 +459,7 @@ mod tests {
         let mut changes = Vec::new();
         for (i, &(syn, synack, rst)) in totals.iter().enumerate() {
             let now = start + Duration::from_secs(i as u64);
-            let (_, verdicts) = s.sample(now, raw(syn, synack, rst), &owners);
+            let (_, verdicts) = s.sample(now, raw(syn, synack, rst), &owners, true);
             changes.extend(verdicts.into_iter().map(|v| (i, v)));
         }
         (s, changes)
@@ -445,11 +473,11 @@ mod tests {
         };
         let t = Instant::now();
         let owners = owners(false);
-        let (first, _) = s.sample(t, raw(10, 10, 0), &owners);
+        let (first, _) = s.sample(t, raw(10, 10, 0), &owners, true);
         assert_eq!(first[0].rates, Rates::default());
         assert_eq!(first[0].vip, "192.0.2.10/32");
         assert_eq!(first[0].app.as_ref().unwrap().as_str(), "web");
-        let (second, _) = s.sample(t + Duration::from_secs(2), raw(30, 20, 0), &owners);
+        let (second, _) = s.sample(t + Duration::from_secs(2), raw(30, 20, 0), &owners, true);
         assert!((second[0].rates.syn_in - 10.0).abs() < 1e-9);
         assert!((second[0].rates.packets_in - 20.0).abs() < 1e-9);
         assert_eq!(second[0].counters.syn_in, 30);
@@ -528,7 +556,7 @@ mod tests {
             config: config(),
             histories: HashMap::new(),
         };
-        let (vips, _) = s.sample(Instant::now(), raw(1, 1, 0), &owners(false));
+        let (vips, _) = s.sample(Instant::now(), raw(1, 1, 0), &owners(false), true);
         let snap = Snapshot {
             vips,
             ..Snapshot::default()

@@ -102,7 +102,8 @@ fn stats_until(
     ok: impl Fn(&Value) -> bool,
 ) -> Result<Value> {
     let mut last = Value::Null;
-    agent.wait_for("counters", Duration::from_secs(5), |_| {
+    // Every VIP's counters are read every 5 s.
+    agent.wait_for("counters", Duration::from_secs(12), |_| {
         let (status, v) = topo.agent.http_get(&format!("http://{API}/stats/{vip}"))?;
         ensure!(status == 200, "/stats/{vip}: {status} {v}");
         last = v;

@@ -395,8 +395,8 @@ impl Lab {
         self.burst()?;
 
         step("Per-VIP counters from each agent's /stats");
-        // The agent samples its counters once a second: let it see the last burst.
-        std::thread::sleep(Duration::from_millis(1500));
+        // The agent reads every VIP's counters every 5 s: let it see the last burst.
+        std::thread::sleep(Duration::from_millis(5500));
         for host in &self.hosts {
             Self::print_stats(host)?;
         }

@@ -576,10 +576,19 @@ pub struct CounterReader {
 }
 
 impl CounterReader {
-    /// Each VIP in the VIP table with its counters summed over CPUs.
-    pub fn read(&self) -> Result<Vec<(IpAddr, VipCounters)>, EbpfError> {
+    /// Each VIP in the VIP table that `wanted` accepts, with its counters summed over CPUs.
+    pub fn read(
+        &self,
+        wanted: &dyn Fn(IpAddr) -> bool,
+    ) -> Result<Vec<(IpAddr, VipCounters)>, EbpfError> {
         // Copied out: no lock is held across the lookups.
-        let slots: Vec<(IpAddr, u32)> = self.slots.borrow().iter().map(|(v, s)| (*v, *s)).collect();
+        let slots: Vec<(IpAddr, u32)> = self
+            .slots
+            .borrow()
+            .iter()
+            .filter(|(v, _)| wanted(**v))
+            .map(|(v, s)| (*v, *s))
+            .collect();
         let mut out = Vec::with_capacity(slots.len());
         for (vip, slot) in slots {
             if let Some(sum) = read_slot(&self.counters, slot)? {
@@ -1050,7 +1059,8 @@ mod tests {
             let mut ebpf = loaded();
             let reader = ebpf.counter_reader().unwrap();
             ebpf.test_run(XDP_PROGRAM, &tcp4((CLIENT, 40000), (VIP, 80), false));
-            let mut read = reader.read().unwrap();
+            assert_eq!(reader.read(&|v| v == IpAddr::V6(VIP6)).unwrap().len(), 1);
+            let mut read = reader.read(&|_| true).unwrap();
             read.sort_by_key(|(ip, _)| *ip);
             assert_eq!(read.len(), 2);
             assert_eq!(read[0].0, IpAddr::V4(VIP));
