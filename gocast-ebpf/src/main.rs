@@ -163,8 +163,7 @@ pub fn gocast_tc_ingress(ctx: TcContext) -> i32 {
 }
 
 fn try_gocast_tc_ingress(ctx: &TcContext, log: &mut bool) -> Result<(), ()> {
-    linearize_headers(ctx);
-    let (family, dst, flow) = match parse::parse(ctx) {
+    let (family, dst, flow) = match parse_skb(ctx) {
         Parsed::Flow(flow) => (flow.family, flow.dst, Some(flow)),
         Parsed::Ip { family, dst } => (family, dst, None),
         Parsed::Other => return Ok(()),
@@ -186,16 +185,20 @@ fn try_gocast_tc_ingress(ctx: &TcContext, log: &mut bool) -> Result<(), ()> {
     Ok(())
 }
 
-/// Makes sure the headers sit in the skb's linear part, where direct packet access reads them
-/// (a GRO'd or paged skb may hold part of them in fragments). Best effort: a short packet
-/// simply stays as it is and is parsed as far as it goes.
+/// Parses an skb. Direct packet access sees only its linear part; when the headers did not fit
+/// there (they continue in the skb's fragments), pulls them in and parses again. Only such skbs
+/// pay for the pull, which may copy: the stack nearly always has the headers linear.
 #[inline(always)]
-fn linearize_headers(ctx: &TcContext) {
+fn parse_skb(ctx: &TcContext) -> Parsed {
+    let parsed = parse::parse(ctx);
     let linear = ctx.data_end() - ctx.data();
-    let want = ctx.len().min(parse::HEADERS_MAX);
-    if (linear as u64) < u64::from(want) {
-        let _ = ctx.pull_data(want);
+    if matches!(parsed, Parsed::Flow(_)) || ctx.len() as usize <= linear {
+        return parsed;
     }
+    if ctx.pull_data(ctx.len().min(parse::HEADERS_MAX)).is_err() {
+        return parsed;
+    }
+    parse::parse(ctx)
 }
 
 /// TC egress entry point: reverse NAT and outbound counting. Never drops.
@@ -217,8 +220,7 @@ pub fn gocast_tc_egress(ctx: TcContext) -> i32 {
 }
 
 fn try_gocast_tc_egress(ctx: &TcContext, log: &mut bool) -> Result<(), ()> {
-    linearize_headers(ctx);
-    let Parsed::Flow(flow) = parse::parse(ctx) else {
+    let Parsed::Flow(flow) = parse_skb(ctx) else {
         return Ok(());
     };
     let src = match nat::reverse(ctx, &flow, log)? {
