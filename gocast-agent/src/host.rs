@@ -223,6 +223,9 @@ async fn interface_names(netlink: &Netlink, config: &Config) -> Result<Vec<Strin
 /// The eBPF dataplane replaces iptables: a `GOCAST` chain a previous iptables run left behind
 /// would NAT the same traffic twice. Best effort: no iptables binary means no chain.
 async fn remove_stale_iptables_chain() {
+    if !Iptables::chain_exists().await {
+        return;
+    }
     match Iptables::init().await {
         Ok(iptables) => {
             if let Err(e) = iptables.teardown().await {

@@ -212,6 +212,13 @@ fn nat_suite(mode: &str, ingress: &str) -> Result<()> {
         );
     } else {
         ensure!(code == 200, "/stats: {code} {all}");
+        // eBPF NAT never instantiates iptables' nat table, which would turn on connection
+        // tracking for all traffic.
+        let tables = topo.agent.run("iptables-save", &[])?;
+        ensure!(
+            !tables.contains("*nat"),
+            "{mode}: a nat table exists:\n{tables}"
+        );
         // Exactly the datagrams sent, in and out.
         let dns = stats_until(&mut agent, &topo, "192.0.2.12", |v| {
             v["packets_in"] == 20 && v["packets_out"] == 20

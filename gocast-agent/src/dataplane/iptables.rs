@@ -165,6 +165,22 @@ impl Iptables {
         Ok(())
     }
 
+    /// Whether a `GOCAST` chain exists in either family, asked without creating anything: with
+    /// no chain, the eBPF dataplane never touches iptables (instantiating the `nat` table turns
+    /// on connection tracking for all traffic, a cost eBPF NAT is there to avoid).
+    pub async fn chain_exists() -> bool {
+        for family in [Family::V4, Family::V6] {
+            let list = args(["-t", TABLE, "-S", CHAIN]);
+            if run(family, &list)
+                .await
+                .is_ok_and(|done| done.code == Some(0))
+            {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Flushes `GOCAST`, removes the jumps to it and deletes it, in both families. Used at
     /// shutdown; running it again, or on a host without the chain, does nothing.
     pub async fn teardown(&self) -> Result<(), IptablesError> {
