@@ -11,7 +11,8 @@ use std::{
 
 use anyhow::{Context, Result};
 use plotters::{
-    coord::Shift,
+    chart::{ChartContext, SeriesLabelPosition},
+    coord::{Shift, cartesian::Cartesian2d, types::RangedCoordf64},
     prelude::{
         BLACK, BLUE, ChartBuilder, Circle, Color as _, DrawingArea, GREEN, IntoDrawingArea as _,
         LineSeries, MAGENTA, PathElement, RED, RGBColor, Rectangle, SVGBackend, WHITE,
@@ -358,19 +359,39 @@ fn nat_panel(area: &Area<'_>, nat: &NatReport, k: usize, kind: Kind) -> Result<(
             .zip(1u32..)
             .map(|(r, i)| (f64::from(i), r.rps[k][m]))
             .collect();
-        chart
-            .draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))?
-            .label(mode.name())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
-        chart.draw_series(
-            points
-                .into_iter()
-                .map(|p| Circle::new(p, 4, colour.filled())),
-        )?;
+        marked_line(&mut chart, points, colour, mode.name())?;
     }
+    legend(&mut chart, SeriesLabelPosition::LowerRight)
+}
+
+/// A chart with `f64` axes on an SVG drawing area, as the line charts here draw.
+type LineChart<'a, 'b> =
+    ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// A line through `points` with each point marked, labelled for the legend.
+fn marked_line(
+    chart: &mut LineChart<'_, '_>,
+    points: Vec<(f64, f64)>,
+    colour: RGBColor,
+    label: &str,
+) -> Result<()> {
+    chart
+        .draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
+    chart.draw_series(
+        points
+            .into_iter()
+            .map(|p| Circle::new(p, 4, colour.filled())),
+    )?;
+    Ok(())
+}
+
+/// The legend of the lines drawn, at `position`.
+fn legend<'a, 'b: 'a>(chart: &mut LineChart<'a, 'b>, position: SeriesLabelPosition) -> Result<()> {
     chart
         .configure_series_labels()
-        .position(plotters::chart::SeriesLabelPosition::LowerRight)
+        .position(position)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()?;
@@ -429,22 +450,9 @@ fn memory_chart(path: &Path, memory: &MemoryReport) -> Result<()> {
             .zip(0u32..)
             .map(|(&k, i)| (f64::from(i), kib_to_mib(k)))
             .collect();
-        chart
-            .draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))?
-            .label(name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
-        chart.draw_series(
-            points
-                .into_iter()
-                .map(|p| Circle::new(p, 4, colour.filled())),
-        )?;
+        marked_line(&mut chart, points, colour, name)?;
     }
-    chart
-        .configure_series_labels()
-        .position(plotters::chart::SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
+    legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     root.present()?;
     Ok(())
 }
