@@ -808,14 +808,15 @@ mod tests {
 
     #[tokio::test]
     async fn stats_serve_every_vip_and_one_by_address_or_prefix() {
-        use crate::stats::{Counters, Rates, VipStats};
+        use crate::stats::{Rates, VipStats};
+        use gocast_common::maps::VipCounters;
         let one = VipStats {
             vip: "192.0.2.10/32".into(),
             app: Some("web".parse().unwrap()),
-            counters: Counters {
+            counters: VipCounters {
                 packets_in: 3,
                 syn_in: 1,
-                ..Counters::default()
+                ..VipCounters::default()
             },
             rates: Rates::default(),
             addr: "192.0.2.10".parse().unwrap(),

@@ -22,7 +22,9 @@ use prometheus_client::{
 };
 use tokio::sync::watch;
 
-use crate::stats::{Counters, Snapshot};
+use gocast_common::maps::VipCounters;
+
+use crate::stats::Snapshot;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct AppLabels {
@@ -63,7 +65,7 @@ struct VipDirectionLabels {
 }
 
 /// A metric name, its help, and how to pick its value(s) from a VIP's counters.
-type Series<T> = (&'static str, &'static str, fn(&Counters) -> T);
+type Series<T> = (&'static str, &'static str, fn(&VipCounters) -> T);
 
 /// The per-VIP counters of the latest stats snapshot, rendered at scrape time: the kernel
 /// counts, so these are constant counters read from the snapshot, not counters we increment.

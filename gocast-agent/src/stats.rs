@@ -39,66 +39,7 @@ pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 /// each time, which with thousands of VIPs is most of the agent's idle CPU.
 pub const FULL_SAMPLE_EVERY: u32 = 5;
 
-/// One VIP's counters since its VIP was installed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct Counters {
-    pub packets_in: u64,
-    pub bytes_in: u64,
-    pub packets_out: u64,
-    pub bytes_out: u64,
-    pub syn_in: u64,
-    pub synack_out: u64,
-    pub rst_out: u64,
-}
-
-impl From<VipCounters> for Counters {
-    fn from(c: VipCounters) -> Self {
-        Self {
-            packets_in: c.packets_in,
-            bytes_in: c.bytes_in,
-            packets_out: c.packets_out,
-            bytes_out: c.bytes_out,
-            syn_in: c.syn_in,
-            synack_out: c.synack_out,
-            rst_out: c.rst_out,
-        }
-    }
-}
-
-impl Counters {
-    fn fields(self) -> [u64; 7] {
-        [
-            self.packets_in,
-            self.bytes_in,
-            self.packets_out,
-            self.bytes_out,
-            self.syn_in,
-            self.synack_out,
-            self.rst_out,
-        ]
-    }
-
-    /// `self - earlier`, or `None` when a counter went backwards (the VIP was removed and
-    /// added again, which zeroes its counters).
-    fn since(self, earlier: Self) -> Option<Self> {
-        let (now, then) = (self.fields(), earlier.fields());
-        let mut d = [0; 7];
-        for i in 0..7 {
-            d[i] = now[i].checked_sub(then[i])?;
-        }
-        Some(Self {
-            packets_in: d[0],
-            bytes_in: d[1],
-            packets_out: d[2],
-            bytes_out: d[3],
-            syn_in: d[4],
-            synack_out: d[5],
-            rst_out: d[6],
-        })
-    }
-}
-
-/// Per-second rates over the last sample interval, with the same keys as [`Counters`].
+/// Per-second rates over the last sample interval, with the same keys as [`VipCounters`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Rates {
     pub packets_in: f64,
@@ -115,7 +56,7 @@ impl Rates {
         clippy::cast_precision_loss,
         reason = "a rate needs no precision beyond 2^53 per interval"
     )]
-    fn of(delta: Counters, over: Duration) -> Self {
+    fn of(delta: VipCounters, over: Duration) -> Self {
         let secs = over.as_secs_f64();
         if secs <= 0.0 {
             return Self::default();
@@ -141,7 +82,7 @@ pub struct VipStats {
     /// The app owning the VIP (none for a moment while an app is being removed).
     pub app: Option<AppName>,
     #[serde(flatten)]
-    pub counters: Counters,
+    pub counters: VipCounters,
     pub rates: Rates,
     /// The VIP's address, to look it up.
     #[serde(skip)]
@@ -207,7 +148,7 @@ enum Evidence {
     TooLittleTraffic,
 }
 
-fn judge(window: Counters, config: &PassiveHealthConfig) -> Evidence {
+fn judge(window: VipCounters, config: &PassiveHealthConfig) -> Evidence {
     let syn = window.syn_in;
     if syn < config.min_syn {
         return Evidence::TooLittleTraffic;
@@ -234,16 +175,16 @@ fn judge(window: Counters, config: &PassiveHealthConfig) -> Evidence {
 #[derive(Debug, Default)]
 struct History {
     /// Oldest first; the first one is at least a window old once there is that much history.
-    samples: VecDeque<(Instant, Counters)>,
+    samples: VecDeque<(Instant, VipCounters)>,
     failing: bool,
 }
 
 impl History {
     /// Adds a sample; the rates since the previous one.
-    fn push(&mut self, now: Instant, counters: Counters, window: Duration) -> Rates {
+    fn push(&mut self, now: Instant, counters: VipCounters, window: Duration) -> Rates {
         let mut rates = Rates::default();
         if let Some(&(then, before)) = self.samples.back() {
-            if let Some(delta) = counters.since(before) {
+            if let Some(delta) = counters.checked_since(&before) {
                 rates = Rates::of(delta, now.saturating_duration_since(then));
             } else {
                 self.samples.clear();
@@ -261,10 +202,10 @@ impl History {
     }
 
     /// The counters' growth over the window (or over the history there is).
-    fn window(&self) -> Counters {
+    fn window(&self) -> VipCounters {
         match (self.samples.front(), self.samples.back()) {
-            (Some(&(_, first)), Some(&(_, last))) => last.since(first).unwrap_or_default(),
-            _ => Counters::default(),
+            (Some(&(_, first)), Some(&(_, last))) => last.checked_since(&first).unwrap_or_default(),
+            _ => VipCounters::default(),
         }
     }
 
@@ -311,7 +252,7 @@ impl Sampler {
         let mut verdicts = Vec::new();
         let mut seen = HashSet::with_capacity(read.len());
         for (addr, raw) in read {
-            let counters = Counters::from(raw);
+            let counters = raw;
             let history = self.histories.entry(addr).or_default();
             let rates = history.push(now, counters, self.config.window);
             let owner = owners.get(&addr);
@@ -488,7 +429,7 @@ mod tests {
         let (s, _) = run(true, &[(100, 100, 0), (5, 5, 0)]);
         let h = &s.histories[&"192.0.2.10".parse::<IpAddr>().unwrap()];
         assert_eq!(h.samples.len(), 1);
-        assert_eq!(h.window(), Counters::default());
+        assert_eq!(h.window(), VipCounters::default());
     }
 
     #[test]

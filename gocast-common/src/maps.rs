@@ -224,6 +224,7 @@ const _: () = assert!(size_of::<FlowValue>() == 20);
 /// VIP seen by XDP; "out" is traffic from the VIP (or rewritten back to it) seen by TC egress.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct VipCounters {
     /// Packets to the VIP.
     pub packets_in: u64,
@@ -259,6 +260,36 @@ impl VipCounters {
             rst_out: self.rst_out.wrapping_add(other.rst_out),
         }
     }
+
+    /// `self - earlier` field by field, or `None` when a counter went backwards (the VIP was
+    /// removed and added again, which zeroes its counters).
+    #[must_use]
+    pub const fn checked_since(self, earlier: &Self) -> Option<Self> {
+        let (Some(packets_in), Some(bytes_in), Some(packets_out), Some(bytes_out)) = (
+            self.packets_in.checked_sub(earlier.packets_in),
+            self.bytes_in.checked_sub(earlier.bytes_in),
+            self.packets_out.checked_sub(earlier.packets_out),
+            self.bytes_out.checked_sub(earlier.bytes_out),
+        ) else {
+            return None;
+        };
+        let (Some(syn_in), Some(synack_out), Some(rst_out)) = (
+            self.syn_in.checked_sub(earlier.syn_in),
+            self.synack_out.checked_sub(earlier.synack_out),
+            self.rst_out.checked_sub(earlier.rst_out),
+        ) else {
+            return None;
+        };
+        Some(Self {
+            packets_in,
+            bytes_in,
+            packets_out,
+            bytes_out,
+            syn_in,
+            synack_out,
+            rst_out,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -266,6 +297,24 @@ mod tests {
     use core::net::{Ipv4Addr, Ipv6Addr};
 
     use super::*;
+
+    #[test]
+    fn counters_since_an_earlier_read_are_none_when_one_went_backwards() {
+        let earlier = VipCounters {
+            packets_in: 5,
+            syn_in: 2,
+            ..VipCounters::default()
+        };
+        let now = VipCounters {
+            packets_in: 9,
+            syn_in: 3,
+            rst_out: 1,
+            ..VipCounters::default()
+        };
+        let delta = now.checked_since(&earlier).unwrap();
+        assert_eq!((delta.packets_in, delta.syn_in, delta.rst_out), (4, 1, 1));
+        assert_eq!(earlier.checked_since(&now), None);
+    }
 
     #[test]
     fn vip_keys_give_back_their_address() {
