@@ -115,27 +115,43 @@ pub fn gocast_xdp(ctx: XdpContext) -> u32 {
 }
 
 fn try_gocast_xdp(ctx: &XdpContext, log: &mut bool) -> Result<u32, ()> {
-    let (family, dst, flow) = match parse::parse(ctx) {
+    ingress(
+        parse::parse(ctx),
+        || (ctx.data_end() - ctx.data()) as u64,
+        |flow, syn| nat::dnat(ctx, flow, syn, log),
+    )?;
+    Ok(xdp_action::XDP_PASS)
+}
+
+/// What both ingress programs do with a parsed packet: count it if it is to a VIP, NAT it if a
+/// rule matches (`dnat`, given the flow and whether it is a SYN, says whether one did), and let
+/// a SYN that bypasses the NAT drop a stale flow entry. `bytes` is the packet's length.
+#[inline(always)]
+fn ingress(
+    parsed: Parsed,
+    bytes: impl FnOnce() -> u64,
+    dnat: impl FnOnce(&Flow, bool) -> Result<bool, ()>,
+) -> Result<(), ()> {
+    let (family, dst, flow) = match parsed {
         Parsed::Flow(flow) => (flow.family, flow.dst, Some(flow)),
         Parsed::Ip { family, dst } => (family, dst, None),
-        Parsed::Other => return Ok(xdp_action::XDP_PASS),
+        Parsed::Other => return Ok(()),
     };
     let syn = flow.as_ref().is_some_and(is_syn);
     let Some(counters) = stats::vip_counters(family, &dst) else {
         if syn && let Some(flow) = &flow {
             nat::forget_direct(flow);
         }
-        return Ok(xdp_action::XDP_PASS);
+        return Ok(());
     };
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
-    stats::count_in(counters, bytes, syn);
+    stats::count_in(counters, bytes(), syn);
     if let Some(flow) = flow
-        && !nat::dnat(ctx, &flow, syn, log)?
+        && !dnat(&flow, syn)?
         && syn
     {
         nat::forget_direct(&flow);
     }
-    Ok(xdp_action::XDP_PASS)
+    Ok(())
 }
 
 /// A TCP SYN without ACK: a new connection.
@@ -163,26 +179,11 @@ pub fn gocast_tc_ingress(ctx: TcContext) -> i32 {
 }
 
 fn try_gocast_tc_ingress(ctx: &TcContext, log: &mut bool) -> Result<(), ()> {
-    let (family, dst, flow) = match parse_skb(ctx) {
-        Parsed::Flow(flow) => (flow.family, flow.dst, Some(flow)),
-        Parsed::Ip { family, dst } => (family, dst, None),
-        Parsed::Other => return Ok(()),
-    };
-    let syn = flow.as_ref().is_some_and(is_syn);
-    let Some(counters) = stats::vip_counters(family, &dst) else {
-        if syn && let Some(flow) = &flow {
-            nat::forget_direct(flow);
-        }
-        return Ok(());
-    };
-    stats::count_in(counters, u64::from(ctx.len()), syn);
-    if let Some(flow) = flow
-        && !nat::dnat_skb(ctx, &flow, syn, log)?
-        && syn
-    {
-        nat::forget_direct(&flow);
-    }
-    Ok(())
+    ingress(
+        parse_skb(ctx),
+        || u64::from(ctx.len()),
+        |flow, syn| nat::dnat_skb(ctx, flow, syn, log),
+    )
 }
 
 /// Parses an skb. Direct packet access sees only its linear part; when the headers did not fit
