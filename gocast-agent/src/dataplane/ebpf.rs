@@ -403,15 +403,6 @@ impl Ebpf {
         Ok(())
     }
 
-    /// `vip`'s counters summed over CPUs; zero for a VIP not in the map.
-    pub fn counters(&self, vip: IpAddr) -> Result<VipCounters, EbpfError> {
-        let slot = self.slots.borrow().get(&vip).copied();
-        let (Some(loaded), Some(slot)) = (self.loaded.as_ref(), slot) else {
-            return Ok(VipCounters::default());
-        };
-        Ok(read_slot(&loaded.counters, slot)?.unwrap_or_default())
-    }
-
     /// A second, read-only handle on the counters for the stats sampler, with the VIP → slot
     /// table this dataplane keeps, so reading counters never waits on the lifecycle that owns
     /// it and costs one lookup per VIP.
@@ -697,6 +688,16 @@ fn add_clsact(interface: &str) -> Result<(), EbpfError> {
 
 #[cfg(test)]
 impl Ebpf {
+    /// `vip`'s counters summed over CPUs; zero for a VIP not in the map. (The agent reads them
+    /// through a [`CounterReader`].)
+    fn counters(&self, vip: IpAddr) -> Result<VipCounters, EbpfError> {
+        let slot = self.slots.borrow().get(&vip).copied();
+        let (Some(loaded), Some(slot)) = (self.loaded.as_ref(), slot) else {
+            return Ok(VipCounters::default());
+        };
+        Ok(read_slot(&loaded.counters, slot)?.unwrap_or_default())
+    }
+
     /// Runs the program `name` once on `frame` with `BPF_PROG_TEST_RUN`: its verdict and the
     /// frame as it left.
     fn test_run(&mut self, name: &'static str, frame: &[u8]) -> (u32, Vec<u8>) {
