@@ -152,16 +152,15 @@ async fn start_dataplane(
         DataplaneMode::Auto => "auto",
         DataplaneMode::Ebpf => "ebpf",
     };
-    let loaded = match ebpf_interfaces(netlink, config).await {
-        Ok(interfaces) => Ebpf::load(&interfaces).map_err(HostError::from),
-        Err(e) => Err(e),
-    };
+    let loaded = ebpf_interfaces(netlink, config)
+        .await
+        .and_then(|interfaces| Ok(Ebpf::load(&interfaces)?));
     match loaded {
         Ok(ebpf) => {
             // What aya allocated to load the object (the kernel's BTF) is free now.
             gocast_common::heap::trim();
-            // In the background: it runs iptables a few times (~100 ms), and nothing of ours
-            // waits for it.
+            // In the background: it runs iptables (a check, and a teardown when a chain is
+            // left), and nothing of ours waits for it.
             tokio::spawn(remove_stale_iptables_chain());
             let info = DataplaneInfo::ebpf(mode, ebpf.interfaces());
             Ok((Nat::Ebpf(ebpf), info))
