@@ -23,7 +23,7 @@ use tracing::warn;
 use crate::{
     app::{self, AppName, AppSpec, Monitor, NatRule, Source},
     bgp::session::PeerStatus,
-    lifecycle::{LifecycleError, LifecycleHandle, Routes},
+    messages::{LifecycleError, LifecycleHandle, Routes},
     metrics::Metrics,
     stats::Snapshot,
 };
@@ -511,8 +511,8 @@ mod tests {
             Vec::new(),
             Store::new(dir.path().join("s.json")),
             lifecycle::Outputs {
-                routes: tokio::sync::watch::channel(lifecycle::Routes::default()).0,
-                owners: tokio::sync::watch::channel(crate::stats::Owners::default()).0,
+                routes: tokio::sync::watch::channel(crate::messages::Routes::default()).0,
+                owners: tokio::sync::watch::channel(crate::messages::Owners::default()).0,
                 announcer: None,
                 metrics: metrics.clone(),
             },

@@ -6,6 +6,7 @@
 //! - [`monitor`]: runs the health checks and reports results.
 //! - [`consul`]: discovery by Consul tags, and the `consul` monitor's poller.
 //! - [`lifecycle`]: owns the app registry; health → announce/withdraw → cleanup.
+//! - [`messages`]: the lifecycle's contracts: its handle, requests, errors, views, routes.
 //! - [`host`]: the real host the lifecycle changes (netlink + dataplane).
 //! - [`netlink`]: VIP addresses on `lo`, routes toward peers.
 //! - [`dataplane`]: NAT and per-VIP counters (eBPF, iptables fallback).
@@ -13,6 +14,7 @@
 //! - [`store`]: HTTP registrations persisted across restarts.
 //! - [`api`]: the HTTP API; [`metrics`]: Prometheus text.
 //! - [`cli`]: command line, shared by the binary and tests.
+//! - [`timer`]: the one timer type every task uses; [`error_chain`]: errors on one line.
 
 pub mod api;
 pub mod app;
@@ -23,11 +25,13 @@ pub mod consul;
 pub mod dataplane;
 pub mod host;
 pub mod lifecycle;
+pub mod messages;
 pub mod metrics;
 pub mod monitor;
 pub mod netlink;
 pub mod stats;
 pub mod store;
+pub mod timer;
 
 #[cfg(test)]
 pub mod testing;

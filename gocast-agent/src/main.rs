@@ -18,7 +18,7 @@ use gocast::{
     config::{Config, DataplaneMode},
     consul,
     host::SystemHost,
-    lifecycle,
+    lifecycle, messages,
     metrics::Metrics,
     monitor, stats,
     store::Store,
@@ -126,7 +126,7 @@ async fn run(config: Config) -> Result<()> {
     let cancel = CancellationToken::new();
     let agent = &config.agent;
     let consul_client = consul_client(&config, &metrics)?;
-    let (routes_tx, routes_rx) = tokio::sync::watch::channel(lifecycle::Routes::default());
+    let (routes_tx, routes_rx) = tokio::sync::watch::channel(messages::Routes::default());
     // BGP before the dataplane: sessions come up while the eBPF programs load and verify, and
     // nothing is announced before the lifecycle runs.
     let (speaker, announcer) = start_speaker(&config, routes_rx, &metrics).await?;
@@ -153,7 +153,7 @@ async fn run(config: Config) -> Result<()> {
         .map(|c| consul::spawn_health(c, cancel.child_token()));
     let settings = lifecycle_settings(agent, consul_health, counters.is_some());
     let store = Store::new(&agent.state_file);
-    let (owners_tx, owners_rx) = tokio::sync::watch::channel(stats::Owners::default());
+    let (owners_tx, owners_rx) = tokio::sync::watch::channel(messages::Owners::default());
     let running = lifecycle::spawn(
         settings,
         host,
@@ -217,9 +217,9 @@ async fn run(config: Config) -> Result<()> {
 /// The BGP speaker, unless no peer is configured.
 async fn start_speaker(
     config: &Config,
-    routes: tokio::sync::watch::Receiver<lifecycle::Routes>,
+    routes: tokio::sync::watch::Receiver<messages::Routes>,
     metrics: &Metrics,
-) -> Result<(Option<Speaker>, Option<lifecycle::Announcer>)> {
+) -> Result<(Option<Speaker>, Option<messages::Announcer>)> {
     if config.bgp.peers.is_empty() {
         warn!("no bgp peers configured: routes are computed (GET /routes) but not announced");
         return Ok((None, None));

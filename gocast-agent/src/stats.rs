@@ -27,10 +27,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    app::{AppName, Vip},
+    app::AppName,
     config::PassiveHealthConfig,
     dataplane::ebpf::{CounterReader, EbpfError},
-    lifecycle::LifecycleHandle,
+    messages::{LifecycleHandle, Owners, Verdict, VipOwner},
 };
 
 /// How often the counters of VIPs with passive health are read.
@@ -110,17 +110,6 @@ impl Snapshot {
         self.vips.iter().find(|v| v.addr == addr)
     }
 }
-
-/// An installed VIP's app, as the lifecycle publishes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VipOwner {
-    pub vip: Vip,
-    pub app: AppName,
-    pub passive_health: bool,
-}
-
-/// Every app's VIP by address; the lifecycle is the only writer.
-pub type Owners = Arc<BTreeMap<IpAddr, VipOwner>>;
 
 /// Where counters come from: the eBPF maps, or a script in tests.
 pub trait CounterSource: Send + 'static {
@@ -227,15 +216,6 @@ impl History {
 struct Sampler {
     config: PassiveHealthConfig,
     histories: HashMap<IpAddr, History>,
-}
-
-/// A change of an app's passive verdict, for the lifecycle.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// The VIP's traffic fails the app, for this reason.
-    Failing(String),
-    /// It no longer does.
-    Cleared,
 }
 
 impl Sampler {
@@ -350,6 +330,7 @@ pub fn spawn<S: CounterSource>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::app::Vip;
 
     fn config() -> PassiveHealthConfig {
         PassiveHealthConfig {

@@ -12,7 +12,8 @@ use tokio::sync::watch;
 
 use crate::{
     app::{AppName, NatRule, Vip},
-    lifecycle::{Host, HostError, Routes},
+    lifecycle::{Host, HostError},
+    messages::Routes,
 };
 
 /// Runs `f` on a current-thread tokio runtime in a thread moved to a new, empty network

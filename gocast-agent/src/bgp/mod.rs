@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 use self::session::{PeerStatus, Session, SessionSettings};
 use crate::{
     config::BgpConfig,
-    lifecycle::{Announcer, Routes},
+    messages::{Announcer, Routes},
     metrics::Metrics,
     netlink::{Netlink, NetlinkError},
 };

@@ -15,7 +15,6 @@ use std::{
     collections::{BTreeMap, VecDeque},
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    pin::Pin,
     time::{Duration, Instant},
 };
 
@@ -26,7 +25,6 @@ use tokio::{
     net::{TcpSocket, TcpStream},
     sync::{mpsc, watch},
     task::JoinHandle,
-    time::Sleep,
 };
 use tokio_util::{codec::Framed, sync::CancellationToken};
 use tracing::{debug, info, warn};
@@ -39,9 +37,10 @@ use super::{
 use crate::{
     app::Community,
     config::{self, PeerConfig},
-    lifecycle::Routes,
+    messages::Routes,
     metrics::Metrics,
     netlink::Netlink,
+    timer::Timer,
 };
 
 /// `LOCAL_PREF` sent to iBGP peers when none is configured (the usual default).
@@ -79,26 +78,6 @@ enum ConnectError {
     Netlink(#[from] crate::netlink::NetlinkError),
     #[error("connecting to {addr}: {source}")]
     Io { addr: SocketAddr, source: io::Error },
-}
-
-/// A one-shot timer that may be off; `None` never fires.
-#[derive(Default)]
-struct Timer(Option<Pin<Box<Sleep>>>);
-
-impl Timer {
-    fn set(&mut self, after: Option<Duration>) {
-        self.0 = after.map(|d| Box::pin(tokio::time::sleep(d)));
-    }
-
-    async fn fired(&mut self) {
-        match self.0.as_mut() {
-            Some(sleep) => {
-                sleep.await;
-                self.0 = None;
-            }
-            None => std::future::pending().await,
-        }
-    }
 }
 
 /// The speaker-wide settings a session needs.

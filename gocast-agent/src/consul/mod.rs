@@ -40,7 +40,7 @@ use self::{
 use crate::{
     app::AppName,
     config::ConsulConfig,
-    lifecycle::{LifecycleError, LifecycleHandle},
+    messages::{LifecycleError, LifecycleHandle},
     metrics::Metrics,
 };
 

@@ -1,0 +1,253 @@
+//! The lifecycle's contracts: every message that crosses into or out of the app lifecycle, in
+//! one place (holo's `messages` style), so the tasks around it (API, Consul discovery, stats
+//! sampler, BGP speaker) depend on this module and never on each other or on the lifecycle's
+//! insides.
+//!
+//! ```text
+//!  api, consul discovery ──Request (LifecycleHandle)──▶ lifecycle
+//!  stats sampler ─────────Request::PassiveHealth─────▶ lifecycle
+//!  lifecycle ──Routes (watch)──▶ BGP speaker, api      lifecycle ──Owners (watch)──▶ stats
+//!  BGP speaker ──Announcer (flushed version)──▶ lifecycle
+//! ```
+
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
+
+use ipnet::IpNet;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    app::{AppName, AppSpec, Community, Monitor, NatRule, Source, Vip},
+    store::StoreError,
+};
+
+/// What the lifecycle wants announced: one route per healthy app, keyed by prefix.
+pub type RouteSet = BTreeMap<IpNet, Route>;
+
+/// The route set with a version that grows with every change, so the BGP speaker can say which
+/// version every peer has been sent (see [`Announcer`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Routes {
+    pub version: u64,
+    pub set: RouteSet,
+}
+
+impl std::ops::Deref for Routes {
+    type Target = RouteSet;
+
+    fn deref(&self) -> &RouteSet {
+        &self.set
+    }
+}
+
+/// The lifecycle's side of the BGP speaker: when peers have been sent a route-set version, and
+/// how to stop the speaker. Withdrawals must reach the peers before a VIP leaves `lo`, and the
+/// speaker must say goodbye (Cease) before the VIPs go at shutdown.
+pub struct Announcer {
+    /// The lowest version every established peer has been sent.
+    pub flushed: watch::Receiver<u64>,
+    pub stop: CancellationToken,
+    pub done: tokio::task::JoinHandle<()>,
+}
+
+/// One desired announcement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Route {
+    pub app: AppName,
+    /// The app's own communities; each peer adds its `bgp.communities`.
+    pub communities: Vec<Community>,
+}
+
+/// Why a request was refused. A refused request changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error("vip {vip} is already used by app {owner}")]
+    VipConflict { vip: Vip, owner: AppName },
+    #[error("vip {vip} overlaps vip {other} of app {owner}")]
+    VipOverlap {
+        vip: Vip,
+        other: Vip,
+        owner: AppName,
+    },
+    #[error("app {0} is defined in the config file; change it there")]
+    ConfigApp(AppName),
+    #[error(
+        "app name {name} would get lo label {label}, already used by app {owner}; choose another name"
+    )]
+    LabelConflict {
+        name: AppName,
+        label: String,
+        owner: AppName,
+    },
+    #[error("app {0} is not registered")]
+    UnknownApp(AppName),
+    #[error("app name {name} is taken by an app from {owner:?}")]
+    NameTaken { name: AppName, owner: Source },
+    #[error("exec monitors are refused over HTTP (set agent.allow_http_exec: true to allow them)")]
+    ExecRefused,
+    #[error("vip {0} is outside agent.vip_allowlist")]
+    NotAllowed(Vip),
+    #[error("registration not saved, nothing changed: {0}")]
+    Store(#[from] StoreError),
+    #[error("the agent is shutting down")]
+    ShuttingDown,
+}
+
+/// Requests to the lifecycle task.
+#[derive(Debug)]
+pub enum Request {
+    Register {
+        spec: AppSpec,
+        source: Source,
+        reply: oneshot::Sender<Result<AppView, LifecycleError>>,
+    },
+    Unregister {
+        name: AppName,
+        reply: oneshot::Sender<Result<AppView, LifecycleError>>,
+    },
+    Apps {
+        reply: oneshot::Sender<Vec<AppView>>,
+    },
+    /// Changes of passive-health verdict from the stats sampler.
+    PassiveHealth { verdicts: Vec<(AppName, Verdict)> },
+    /// Makes the Consul apps equal to `apps`: adds new ones, updates changed ones, removes the
+    /// others except those in `keep` (services whose tags are bad now keep their last good
+    /// app). Replies with the apps refused and why; the rest are applied regardless.
+    SyncConsul {
+        apps: Vec<AppSpec>,
+        keep: Vec<AppName>,
+        reply: oneshot::Sender<Vec<(AppName, LifecycleError)>>,
+    },
+}
+
+/// The client side of the lifecycle; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct LifecycleHandle {
+    tx: mpsc::Sender<Request>,
+}
+
+impl From<mpsc::Sender<Request>> for LifecycleHandle {
+    fn from(tx: mpsc::Sender<Request>) -> Self {
+        Self { tx }
+    }
+}
+
+impl LifecycleHandle {
+    pub async fn register(&self, spec: AppSpec, source: Source) -> Result<AppView, LifecycleError> {
+        self.ask(|reply| Request::Register {
+            spec,
+            source,
+            reply,
+        })
+        .await?
+    }
+
+    pub async fn unregister(&self, name: AppName) -> Result<AppView, LifecycleError> {
+        self.ask(|reply| Request::Unregister { name, reply })
+            .await?
+    }
+
+    pub async fn apps(&self) -> Result<Vec<AppView>, LifecycleError> {
+        self.ask(|reply| Request::Apps { reply }).await
+    }
+
+    /// Tells the lifecycle which apps the traffic counters now fail (or no longer fail).
+    pub async fn passive_health(
+        &self,
+        verdicts: Vec<(AppName, Verdict)>,
+    ) -> Result<(), LifecycleError> {
+        self.tx
+            .send(Request::PassiveHealth { verdicts })
+            .await
+            .map_err(|_| LifecycleError::ShuttingDown)
+    }
+
+    /// See [`Request::SyncConsul`].
+    pub async fn sync_consul(
+        &self,
+        apps: Vec<AppSpec>,
+        keep: Vec<AppName>,
+    ) -> Result<Vec<(AppName, LifecycleError)>, LifecycleError> {
+        self.ask(|reply| Request::SyncConsul { apps, keep, reply })
+            .await
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Request,
+    ) -> Result<T, LifecycleError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| LifecycleError::ShuttingDown)?;
+        rx.await.map_err(|_| LifecycleError::ShuttingDown)
+    }
+}
+
+/// An app as `/apps` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct AppView {
+    pub name: AppName,
+    pub vip: Vip,
+    pub source: Source,
+    /// `healthy` or `unhealthy`.
+    pub state: &'static str,
+    /// The route is in the desired-announcement set.
+    pub announced: bool,
+    /// The VIP is on `lo` (it stays there while cleanup is pending).
+    pub vip_installed: bool,
+    pub lo_label: String,
+    pub monitors: Vec<MonitorView>,
+    pub nats: Vec<NatRule>,
+    pub communities: Vec<Community>,
+    /// When the state last changed (RFC 3339).
+    pub since: String,
+    /// Seconds until cleanup removes VIP and NAT, while one is pending.
+    pub cleanup_in_s: Option<f64>,
+    /// The last host operation that failed for this app, if it has not succeeded since.
+    pub last_error: Option<String>,
+    /// For apps with `passive_health: true`: what the VIP's traffic counters say.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub passive_health: Option<PassiveView>,
+}
+
+/// The passive health of an app that asked for it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PassiveView {
+    /// `ok`, `failing`, or `unavailable` (the counters need the eBPF dataplane).
+    pub state: &'static str,
+    pub reason: Option<String>,
+}
+
+/// A monitor and its last result.
+#[derive(Debug, Clone, Serialize)]
+pub struct MonitorView {
+    pub monitor: Monitor,
+    /// `None` until the first check.
+    pub ok: Option<bool>,
+    pub reason: Option<String>,
+    pub checked_at: Option<String>,
+    pub latency_ms: Option<f64>,
+}
+
+/// An installed VIP's app, as the lifecycle publishes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VipOwner {
+    pub vip: Vip,
+    pub app: AppName,
+    pub passive_health: bool,
+}
+
+/// Every app's VIP by address; the lifecycle is the only writer.
+pub type Owners = Arc<BTreeMap<IpAddr, VipOwner>>;
+
+/// A change of an app's passive verdict, for the lifecycle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The VIP's traffic fails the app, for this reason.
+    Failing(String),
+    /// It no longer does.
+    Cleared,
+}
