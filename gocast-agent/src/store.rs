@@ -56,6 +56,30 @@ impl Store {
         &self.path
     }
 
+    /// [`Store::load`] on a blocking thread, so the caller's task keeps running.
+    pub async fn load_off_thread(&self) -> Result<Vec<AppSpec>, StoreError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.load())
+            .await
+            .unwrap_or_else(|e| Err(self.io_error("read", e)))
+    }
+
+    /// [`Store::save`] on a blocking thread, so the caller's task keeps running.
+    pub async fn save_off_thread(&self, apps: Vec<AppSpec>) -> Result<(), StoreError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.save(&apps))
+            .await
+            .unwrap_or_else(|e| Err(self.io_error("write", e)))
+    }
+
+    fn io_error(&self, op: &'static str, e: tokio::task::JoinError) -> StoreError {
+        StoreError::Io {
+            op,
+            path: self.path.clone(),
+            source: std::io::Error::other(e),
+        }
+    }
+
     /// The saved registrations; none when the file does not exist yet.
     pub fn load(&self) -> Result<Vec<AppSpec>, StoreError> {
         let text = match fs::read_to_string(&self.path) {

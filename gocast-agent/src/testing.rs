@@ -66,6 +66,8 @@ pub struct FakeHost {
     pub log: Arc<Mutex<Vec<String>>>,
     pub routes: Arc<Mutex<Option<watch::Receiver<Routes>>>>,
     pub fail_nat: Arc<Mutex<bool>>,
+    /// `add_vip` of this VIP never returns, as with a kernel or lock that hangs.
+    pub stall_vip: Arc<Mutex<Option<Vip>>>,
 }
 
 impl FakeHost {
@@ -80,6 +82,9 @@ impl FakeHost {
 impl Host for FakeHost {
     async fn add_vip(&mut self, vip: &Vip, label: &str) -> Result<(), HostError> {
         self.push(format!("add_vip {vip} {label}"));
+        if *self.stall_vip.lock().unwrap() == Some(*vip) {
+            std::future::pending::<()>().await;
+        }
         Ok(())
     }
     async fn remove_vip(&mut self, vip: &Vip) -> Result<(), HostError> {

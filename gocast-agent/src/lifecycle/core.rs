@@ -1,0 +1,1516 @@
+//! The lifecycle's decisions, as a pure state machine: [`Core::step`] takes an [`Event`] and the
+//! time it happened and appends [`Effect`]s. No I/O, no clock, no async: the driver
+//! ([`super::driver`]) owns the host, the state file, the channels and the clock, and feeds the
+//! results of what it did back in as events ([`Event::HostDone`], [`Event::Persisted`]).
+//!
+//! Rules it keeps (docs/design.md, "App lifecycle"):
+//! - an app is announced only once its VIP is on `lo` and its NAT is installed, as reported by
+//!   the host, and only after `monitor_rise` passing reports; `monitor_fall` failing reports
+//!   withdraw it at once;
+//! - the route leaves the set before the VIP leaves `lo`: every removal follows the publish of
+//!   the route set without it, and asks the driver to wait until the peers were sent it;
+//! - an HTTP registration or removal changes nothing until the state file has it
+//!   ([`Effect::Persist`], then [`Event::Persisted`]); requests that arrive meanwhile wait, in
+//!   order, while monitor reports, host results and timers go on;
+//! - a refused request changes nothing.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+pub use super::events::{Effect, Event, HostDone, HostOp, NatSpec, Now, OpId, Reply, RequestId};
+use super::{
+    Settings,
+    entry::{Entry, Resource},
+};
+use crate::{
+    app::{AppName, AppSpec, Monitor, Source},
+    messages::{AppView, LifecycleError, Route, RouteSet, Verdict, VipOwner},
+    metrics::Metrics,
+    monitor::{self, MonitorResult, Report},
+    store::StoreError,
+};
+
+/// A state-file write in flight and what it completes.
+#[derive(Debug)]
+enum Pending {
+    Register {
+        id: RequestId,
+        spec: AppSpec,
+    },
+    Unregister {
+        id: RequestId,
+        name: AppName,
+    },
+    /// HTTP apps whose cleanup timer passed.
+    Forget(Vec<AppName>),
+}
+
+/// What a registration needs after its checks.
+enum Admission {
+    /// Registered again with the same parameters.
+    Unchanged,
+    Change,
+}
+
+/// What changed since it was last published or computed.
+#[derive(Debug, Default)]
+struct Changed {
+    /// The route set: publish once per batch.
+    routes: bool,
+    /// An app was added, replaced or removed (rebuilding the owners on every health change
+    /// would cost O(apps) allocations each time).
+    owners: bool,
+    /// A cleanup deadline: recompute the earliest one.
+    cleanup: bool,
+}
+
+/// The lifecycle's state and decisions.
+pub struct Core {
+    settings: Settings,
+    metrics: Metrics,
+    apps: BTreeMap<AppName, Entry>,
+    next_generation: u64,
+    next_op: OpId,
+    changed: Changed,
+    next_cleanup: Option<Instant>,
+    persisting: Option<Pending>,
+    /// Requests that arrived while a state-file write was in flight, in order.
+    deferred: VecDeque<Event>,
+    shutting_down: bool,
+}
+
+impl Core {
+    pub fn new(settings: Settings, metrics: Metrics) -> Self {
+        Self {
+            settings,
+            metrics,
+            apps: BTreeMap::new(),
+            next_generation: 1,
+            next_op: 1,
+            changed: Changed::default(),
+            next_cleanup: None,
+            persisting: None,
+            deferred: VecDeque::new(),
+            shutting_down: false,
+        }
+    }
+
+    /// Config apps first, then the saved HTTP registrations that do not clash with them.
+    pub fn restore(
+        &mut self,
+        config_apps: Vec<AppSpec>,
+        saved: Result<Vec<AppSpec>, StoreError>,
+        now: Now,
+        out: &mut Vec<Effect>,
+    ) {
+        for spec in config_apps {
+            self.insert(spec, Source::Config, now, out);
+        }
+        let saved = saved.unwrap_or_else(|e| {
+            error!(error = %e, "starting without saved HTTP registrations");
+            Vec::new()
+        });
+        let count = saved.len();
+        for spec in saved {
+            if let Err(e) = self.check_conflicts(&spec) {
+                error!(app = %spec.name, error = %e, "saved registration dropped");
+                continue;
+            }
+            if self.apps.contains_key(&spec.name) {
+                warn!(app = %spec.name, "saved registration dropped: the config defines this app");
+                continue;
+            }
+            self.insert(spec, Source::Http, now, out);
+        }
+        info!(
+            config = self.count(Source::Config),
+            restored = self.count(Source::Http),
+            saved = count,
+            "apps loaded"
+        );
+        self.flush(out);
+    }
+
+    fn count(&self, source: Source) -> usize {
+        self.apps.values().filter(|e| e.source == source).count()
+    }
+
+    /// When [`Event::CleanupDue`] is next wanted. None while a state-file write is in flight:
+    /// forgetting an HTTP app needs one, and the write's completion looks again.
+    pub fn next_deadline(&mut self) -> Option<Instant> {
+        if std::mem::take(&mut self.changed.cleanup) {
+            self.next_cleanup = self.apps.values().filter_map(|e| e.cleanup_at).min();
+        }
+        if self.persisting.is_some() || self.shutting_down {
+            return None;
+        }
+        self.next_cleanup
+    }
+
+    /// Handles one event.
+    pub fn step(&mut self, event: Event, now: Now, out: &mut Vec<Effect>) {
+        if self.shutting_down {
+            return;
+        }
+        match event {
+            Event::Register { .. } | Event::Unregister { .. } | Event::SyncConsul { .. }
+                if self.persisting.is_some() =>
+            {
+                self.deferred.push_back(event);
+            }
+            Event::Register { id, spec, source } => self.register(id, spec, source, now, out),
+            Event::Unregister { id, name } => self.unregister(id, name, now, out),
+            Event::Apps { id } => {
+                let available = self.settings.passive_health;
+                let views = self.apps.values().map(|e| e.view(now, available)).collect();
+                out.push(Effect::Reply {
+                    id,
+                    reply: Reply::Apps(views),
+                });
+            }
+            Event::SyncConsul { id, apps, keep } => {
+                let refused = self.sync_consul(apps, &keep, now, out);
+                out.push(Effect::Reply {
+                    id,
+                    reply: Reply::Consul(refused),
+                });
+            }
+            Event::PassiveHealth(verdicts) => {
+                for (name, verdict) in verdicts {
+                    self.on_passive(&name, verdict, now);
+                }
+            }
+            Event::Report(report) => self.on_report(report, now, out),
+            Event::Persisted(result) => self.persisted(result, now, out),
+            Event::HostDone(done) => self.host_done(done, now),
+            Event::CleanupDue => self.cleanup_due(now, out),
+            Event::Shutdown => self.shutdown(out),
+        }
+    }
+
+    /// Publishes the route set and the owners if they changed; the driver calls it after each
+    /// batch of events, so a burst of reports costs one route-set update.
+    pub fn flush(&mut self, out: &mut Vec<Effect>) {
+        if self.changed.routes || self.changed.owners {
+            self.publish(out);
+        }
+    }
+
+    fn reply(id: RequestId, result: Result<AppView, LifecycleError>, out: &mut Vec<Effect>) {
+        out.push(Effect::Reply {
+            id,
+            reply: Reply::App(Box::new(result)),
+        });
+    }
+
+    fn view(&self, name: &AppName, now: Now) -> Result<AppView, LifecycleError> {
+        let available = self.settings.passive_health;
+        self.apps
+            .get(name)
+            .map(|e| e.view(now, available))
+            .ok_or_else(|| LifecycleError::UnknownApp(name.clone()))
+    }
+
+    fn register(
+        &mut self,
+        id: RequestId,
+        spec: AppSpec,
+        source: Source,
+        now: Now,
+        out: &mut Vec<Effect>,
+    ) {
+        match self.admit(&spec, source) {
+            Err(e) => Self::reply(id, Err(e), out),
+            Ok(Admission::Unchanged) => Self::reply(id, self.view(&spec.name, now), out),
+            Ok(Admission::Change) if source == Source::Http => {
+                out.push(Effect::Persist(self.http_apps_with(Some(&spec), &[])));
+                self.persisting = Some(Pending::Register { id, spec });
+            }
+            Ok(Admission::Change) => {
+                let result = self.apply_register(spec, source, now, out);
+                Self::reply(id, result, out);
+            }
+        }
+    }
+
+    /// Registers an app that needs no state-file write (or whose write is done).
+    fn register_now(
+        &mut self,
+        spec: AppSpec,
+        source: Source,
+        now: Now,
+        out: &mut Vec<Effect>,
+    ) -> Result<AppView, LifecycleError> {
+        match self.admit(&spec, source)? {
+            Admission::Unchanged => self.view(&spec.name, now),
+            Admission::Change => self.apply_register(spec, source, now, out),
+        }
+    }
+
+    /// Every check a registration must pass; a refused one changes nothing.
+    fn admit(&self, spec: &AppSpec, source: Source) -> Result<Admission, LifecycleError> {
+        self.check_policy(spec, source)?;
+        self.check_conflicts(spec)?;
+        match self.apps.get(&spec.name) {
+            Some(old) if source != Source::Config && old.source == Source::Config => {
+                Err(LifecycleError::ConfigApp(spec.name.clone()))
+            }
+            Some(old) if old.spec == *spec => {
+                debug!(app = %spec.name, "registered again with the same parameters: nothing to do");
+                Ok(Admission::Unchanged)
+            }
+            _ => Ok(Admission::Change),
+        }
+    }
+
+    fn apply_register(
+        &mut self,
+        spec: AppSpec,
+        source: Source,
+        now: Now,
+        out: &mut Vec<Effect>,
+    ) -> Result<AppView, LifecycleError> {
+        let name = spec.name.clone();
+        match self.apps.remove(&name) {
+            Some(old) if old.spec.vip == spec.vip => {
+                self.replace_in_place(old, spec, source, out);
+            }
+            Some(old) => {
+                info!(app = %name, old_vip = %old.spec.vip, new_vip = %spec.vip, "app replaced with a new vip");
+                self.teardown(old, out);
+                self.insert(spec, source, now, out);
+            }
+            None => {
+                info!(app = %name, vip = %spec.vip, ?source, "app registered");
+                self.insert(spec, source, now, out);
+            }
+        }
+        self.view(&name, now)
+    }
+
+    fn unregister(&mut self, id: RequestId, name: AppName, now: Now, out: &mut Vec<Effect>) {
+        let Some(entry) = self.apps.get(&name) else {
+            Self::reply(id, Err(LifecycleError::UnknownApp(name)), out);
+            return;
+        };
+        if entry.source == Source::Http {
+            out.push(Effect::Persist(self.http_apps_with(None, &[&name])));
+            self.persisting = Some(Pending::Unregister { id, name });
+            return;
+        }
+        let result = self.remove_now(&name, now, out);
+        Self::reply(id, result, out);
+    }
+
+    /// Removes an app at once; replies with the app as it was.
+    fn remove_now(
+        &mut self,
+        name: &AppName,
+        now: Now,
+        out: &mut Vec<Effect>,
+    ) -> Result<AppView, LifecycleError> {
+        let view = self.view(name, now)?;
+        if let Some(entry) = self.apps.remove(name) {
+            info!(app = %name, "app unregistered");
+            self.teardown(entry, out);
+        }
+        Ok(view)
+    }
+
+    /// The HTTP apps as they will be once `add` is added and `remove` removed.
+    fn http_apps_with(&self, add: Option<&AppSpec>, remove: &[&AppName]) -> Vec<AppSpec> {
+        let skip = |n: &AppName| add.is_some_and(|s| &s.name == n) || remove.contains(&n);
+        let mut apps: Vec<AppSpec> = self
+            .apps
+            .values()
+            .filter(|e| e.source == Source::Http && !skip(&e.spec.name))
+            .map(|e| e.spec.clone())
+            .collect();
+        apps.extend(add.cloned());
+        apps
+    }
+
+    /// The state file has (or failed to take) the pending change: apply it or refuse it, then
+    /// take the requests that waited.
+    fn persisted(&mut self, result: Result<(), StoreError>, now: Now, out: &mut Vec<Effect>) {
+        match (self.persisting.take(), result) {
+            (None, _) => warn!("a state-file write finished that nothing waited for"),
+            (Some(Pending::Register { id, spec }), Ok(())) => {
+                let result = self.apply_register(spec, Source::Http, now, out);
+                Self::reply(id, result, out);
+            }
+            (Some(Pending::Unregister { id, name }), Ok(())) => {
+                let result = self.remove_now(&name, now, out);
+                Self::reply(id, result, out);
+            }
+            (Some(Pending::Forget(names)), Ok(())) => {
+                for name in names {
+                    if let Some(entry) = self.apps.remove(&name) {
+                        info!(app = %name, "cleanup timer passed: app removed");
+                        self.teardown(entry, out);
+                    }
+                }
+            }
+            (Some(Pending::Register { id, .. } | Pending::Unregister { id, .. }), Err(e)) => {
+                Self::reply(id, Err(LifecycleError::Store(e)), out);
+            }
+            (Some(Pending::Forget(names)), Err(e)) => {
+                // Keep them: forgetting them in memory but not on disk would bring them back
+                // later anyway, and an operator sees them in /apps. Try again after the timer.
+                for name in names {
+                    error!(app = %name, error = %e, "cannot save the removal; keeping the app");
+                    if let Some(entry) = self.apps.get_mut(&name) {
+                        entry.cleanup_at = Some(now.mono + self.settings.cleanup_timer);
+                    }
+                }
+                self.changed.cleanup = true;
+            }
+        }
+        while self.persisting.is_none() {
+            let Some(event) = self.deferred.pop_front() else {
+                break;
+            };
+            self.step(event, now, out);
+        }
+        if self.persisting.is_none() {
+            self.cleanup_due(now, out);
+        }
+    }
+
+    /// See [`crate::messages::Request::SyncConsul`]. Applied in passes, so the order of the
+    /// services does not matter: removals come first (an app that left frees its VIP for a
+    /// service that takes it), then every service is registered, and the refused ones are
+    /// tried again as long as a pass made progress (a refused app may fit once another one
+    /// moved away). When no pass can progress because Consul apps wait for each other's VIPs
+    /// (two services swapping VIPs), those that move are taken down first, then registered
+    /// anew.
+    fn sync_consul(
+        &mut self,
+        apps: Vec<AppSpec>,
+        keep: &[AppName],
+        now: Now,
+        out: &mut Vec<Effect>,
+    ) -> Vec<(AppName, LifecycleError)> {
+        let gone: Vec<AppName> = self
+            .apps
+            .values()
+            .filter(|e| e.source == Source::Consul)
+            .map(|e| e.spec.name.clone())
+            .filter(|n| !keep.contains(n) && !apps.iter().any(|a| &a.name == n))
+            .collect();
+        for name in gone {
+            if let Some(entry) = self.apps.remove(&name) {
+                info!(app = %name, "app left the Consul catalog: withdrawing and removing");
+                self.teardown(entry, out);
+            }
+        }
+        let mut refused = Vec::new();
+        let mut pending = Vec::new();
+        for spec in apps {
+            match self
+                .apps
+                .get(&spec.name)
+                .map(|e| e.source)
+                .filter(|s| *s != Source::Consul)
+            {
+                Some(owner) => refused.push((
+                    spec.name.clone(),
+                    LifecycleError::NameTaken {
+                        name: spec.name,
+                        owner,
+                    },
+                )),
+                None => pending.push(spec),
+            }
+        }
+        // Each pass registers an app or takes one down for good (a moved app comes back with
+        // its new VIP, so it cannot block anyone twice): the passes end.
+        loop {
+            let mut progress = false;
+            let mut failed: Vec<(AppSpec, LifecycleError)> = Vec::new();
+            for spec in pending {
+                match self.register_now(spec.clone(), Source::Consul, now, out) {
+                    Ok(_) => progress = true,
+                    Err(e) => failed.push((spec, e)),
+                }
+            }
+            if !progress {
+                progress = self.unblock_consul_moves(&failed, out);
+            }
+            if failed.is_empty() || !progress {
+                refused.extend(failed.into_iter().map(|(spec, e)| (spec.name, e)));
+                refused.sort_by(|a, b| a.0.cmp(&b.0));
+                return refused;
+            }
+            pending = failed.into_iter().map(|(spec, _)| spec).collect();
+        }
+    }
+
+    /// Takes down the Consul apps that hold a VIP another refused service wants while they
+    /// themselves are waiting to move to another VIP; returns whether it took any down.
+    fn unblock_consul_moves(
+        &mut self,
+        failed: &[(AppSpec, LifecycleError)],
+        out: &mut Vec<Effect>,
+    ) -> bool {
+        let blockers: BTreeSet<AppName> = failed
+            .iter()
+            .filter_map(|(_, e)| match e {
+                LifecycleError::VipConflict { owner, .. }
+                | LifecycleError::VipOverlap { owner, .. } => Some(owner.clone()),
+                _ => None,
+            })
+            .filter(|owner| {
+                let wanted = failed.iter().find(|(spec, _)| &spec.name == owner);
+                self.apps.get(owner).is_some_and(|entry| {
+                    entry.source == Source::Consul
+                        && wanted.is_some_and(|(spec, _)| spec.vip != entry.spec.vip)
+                })
+            })
+            .collect();
+        for name in &blockers {
+            if let Some(entry) = self.apps.remove(name) {
+                info!(
+                    app = %name,
+                    vip = %entry.spec.vip,
+                    "Consul app leaves its vip to another one: taken down, then registered anew"
+                );
+                self.teardown(entry, out);
+            }
+        }
+        !blockers.is_empty()
+    }
+
+    /// Refuses an app whose VIP or label belongs to another app.
+    fn check_conflicts(&self, spec: &AppSpec) -> Result<(), LifecycleError> {
+        let label = spec.name.lo_label();
+        for other in self.apps.values().filter(|e| e.spec.name != spec.name) {
+            if other.spec.vip.addr() == spec.vip.addr() {
+                return Err(LifecycleError::VipConflict {
+                    vip: spec.vip,
+                    owner: other.spec.name.clone(),
+                });
+            }
+            // Two addresses of one subnet on lo: removing the primary takes the secondary with
+            // it, and both would announce the same prefix.
+            if other.spec.vip.prefix().contains(&spec.vip.addr())
+                || spec.vip.prefix().contains(&other.spec.vip.addr())
+            {
+                return Err(LifecycleError::VipOverlap {
+                    vip: spec.vip,
+                    other: other.spec.vip,
+                    owner: other.spec.name.clone(),
+                });
+            }
+            if other.label == label {
+                return Err(LifecycleError::LabelConflict {
+                    name: spec.name.clone(),
+                    label,
+                    owner: other.spec.name.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn check_policy(&self, spec: &AppSpec, source: Source) -> Result<(), LifecycleError> {
+        if source == Source::Config {
+            return Ok(());
+        }
+        if source == Source::Http
+            && !self.settings.allow_http_exec
+            && spec
+                .monitors
+                .iter()
+                .any(|m| matches!(m, Monitor::Exec { .. }))
+        {
+            return Err(LifecycleError::ExecRefused);
+        }
+        let allow = &self.settings.vip_allowlist;
+        if !allow.is_empty() && !allow.iter().any(|net| net.contains(&spec.vip.net())) {
+            return Err(LifecycleError::NotAllowed(spec.vip));
+        }
+        Ok(())
+    }
+
+    fn next_op(&mut self) -> OpId {
+        let id = self.next_op;
+        self.next_op += 1;
+        id
+    }
+
+    fn next_generation(&mut self) -> u64 {
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        generation
+    }
+
+    /// Adds a new app: unhealthy until its monitors pass; a cleanup is pending so an HTTP app
+    /// that never comes up is forgotten after `cleanup_timer`, as in GoCast.
+    fn insert(&mut self, spec: AppSpec, source: Source, now: Now, out: &mut Vec<Effect>) {
+        let entry = Entry {
+            results: vec![None; spec.monitors.len()],
+            label: spec.name.lo_label(),
+            spec,
+            source,
+            generation: self.next_generation(),
+            up: false,
+            announced: false,
+            streak: 0,
+            vip: Resource::Absent,
+            nat: Resource::Absent,
+            since: now.wall,
+            cleanup_at: None,
+            last_error: None,
+            passive_failure: None,
+        };
+        self.metrics
+            .app_state(entry.spec.name.as_str(), false, false);
+        watch(&entry, out);
+        self.apps.insert(entry.spec.name.clone(), entry);
+        // The stats sampler learns the new VIP's owner with the next publish.
+        self.changed.owners = true;
+        self.changed.routes = true;
+    }
+
+    /// Same name, same VIP, other parameters: keep the health state so the route does not
+    /// flap, swap NAT rules and communities, and check the new monitors from now on.
+    fn replace_in_place(
+        &mut self,
+        mut entry: Entry,
+        spec: AppSpec,
+        source: Source,
+        out: &mut Vec<Effect>,
+    ) {
+        info!(app = %spec.name, "app parameters replaced");
+        if entry.spec.nats != spec.nats || entry.spec.nat_dest != spec.nat_dest {
+            // The old rules go with the old parameters; the new ones are installed below.
+            self.remove(&mut entry, false, false, out);
+        }
+        entry.generation = self.next_generation();
+        entry.results = vec![None; spec.monitors.len()];
+        entry.streak = 0;
+        entry.passive_failure = None;
+        entry.spec = spec;
+        entry.source = source;
+        watch(&entry, out);
+        if entry.up {
+            self.install(&mut entry, out);
+        }
+        self.apps.insert(entry.spec.name.clone(), entry);
+        self.changed.owners = true;
+        self.changed.routes = true;
+    }
+
+    /// Removes everything of an app from the host: route first, then NAT and VIP.
+    fn teardown(&mut self, mut entry: Entry, out: &mut Vec<Effect>) {
+        out.push(Effect::Monitor(monitor::Command::Unwatch {
+            app: entry.spec.name.clone(),
+        }));
+        self.changed.owners = true;
+        self.publish(out);
+        self.remove(&mut entry, true, true, out);
+        self.metrics.app_removed(entry.spec.name.as_str());
+    }
+
+    /// Asks for what the app lacks on the host (VIP, then NAT), unless that is already under
+    /// way; it is announced when the host confirms ([`Core::host_done`]).
+    fn install(&mut self, entry: &mut Entry, out: &mut Vec<Effect>) {
+        if entry.installing() {
+            return;
+        }
+        let add_vip = !entry.vip.maybe_present();
+        let add_nat = !entry.spec.nats.is_empty() && !entry.nat.maybe_present();
+        if !add_vip && !add_nat {
+            return;
+        }
+        let id = self.next_op();
+        if add_vip {
+            entry.vip = Resource::Adding(id);
+        }
+        if add_nat {
+            entry.nat = Resource::Adding(id);
+        }
+        out.push(Effect::Host(HostOp::Install {
+            id,
+            app: entry.spec.name.clone(),
+            vip: entry.spec.vip,
+            label: entry.label.clone(),
+            add_vip,
+            nat: add_nat.then(|| entry.nat_spec()),
+        }));
+    }
+
+    /// Asks for the app's NAT rules (and, with `vip`, its VIP) to go. `after_withdrawal`: the
+    /// route set just published must reach the peers first.
+    fn remove(
+        &mut self,
+        entry: &mut Entry,
+        vip: bool,
+        after_withdrawal: bool,
+        out: &mut Vec<Effect>,
+    ) {
+        let remove_vip = vip && entry.vip.maybe_present();
+        let remove_nat = !entry.spec.nats.is_empty() && entry.nat.maybe_present();
+        if !remove_vip && !remove_nat {
+            return;
+        }
+        let id = self.next_op();
+        if remove_vip {
+            entry.vip = Resource::Removing(id);
+        }
+        if remove_nat {
+            entry.nat = Resource::Removing(id);
+        }
+        out.push(Effect::Host(HostOp::Remove {
+            id,
+            app: entry.spec.name.clone(),
+            vip: entry.spec.vip,
+            remove_vip,
+            nat: remove_nat.then(|| entry.nat_spec()),
+            after_withdrawal,
+        }));
+    }
+
+    /// The host did (or failed) an operation: settle each part, then announce an app that is
+    /// up and now complete, or withdraw one that lost a part.
+    fn host_done(&mut self, done: HostDone, now: Now) {
+        let Some(mut entry) = self.apps.remove(&done.app) else {
+            return;
+        };
+        for (resource, result) in [(&mut entry.vip, &done.vip), (&mut entry.nat, &done.nat)] {
+            if let Some(result) = result {
+                resource.settle(done.id, result.is_ok());
+            }
+        }
+        let failure = [done.vip, done.nat]
+            .into_iter()
+            .flatten()
+            .find_map(Result::err);
+        match failure {
+            Some(message) => entry.record(message),
+            None if entry.installed() => entry.last_error = None,
+            None => {}
+        }
+        self.settle_announcement(&mut entry, now);
+        self.apps.insert(done.app, entry);
+    }
+
+    /// Announces an app that is up and complete on the host; withdraws an announced one that
+    /// lost a part (a VIP not on lo, or whose NAT is missing, would black-hole traffic).
+    fn settle_announcement(&mut self, entry: &mut Entry, now: Now) {
+        let name = entry.spec.name.as_str();
+        if entry.up && !entry.announced && entry.installed() {
+            entry.announced = true;
+            entry.since = now.wall;
+            entry.cleanup_at = None;
+            self.changed.cleanup = true;
+            self.changed.routes = true;
+            self.metrics.state_changed(name);
+            self.metrics.app_state(name, true, true);
+            info!(app = %name, vip = %entry.spec.vip, "app healthy: announcing");
+        } else if entry.announced && !entry.installed() && !entry.installing() {
+            entry.announced = false;
+            self.changed.routes = true;
+            self.metrics.app_state(name, false, false);
+            warn!(app = %name, vip = %entry.spec.vip, "host state incomplete: withdrawing");
+        }
+    }
+
+    /// A new passive verdict: a failure withdraws a healthy app at once (the window already
+    /// smoothed it); a cleared one lets the next passing monitor report bring it back.
+    fn on_passive(&mut self, name: &AppName, verdict: Verdict, now: Now) {
+        let Some(mut entry) = self.apps.remove(name) else {
+            return;
+        };
+        if entry.spec.passive_health {
+            entry.passive_failure = match verdict {
+                Verdict::Failing(reason) => {
+                    warn!(app = %name, %reason, "passive health failing");
+                    Some(reason)
+                }
+                Verdict::Cleared => {
+                    info!(app = %name, "passive health ok again");
+                    None
+                }
+            };
+            if entry.passive_failure.is_some() && entry.up {
+                entry.streak = 0;
+                self.go_down(&mut entry, now);
+            }
+        }
+        self.apps.insert(name.clone(), entry);
+    }
+
+    fn on_report(&mut self, report: Report, now: Now, out: &mut Vec<Effect>) {
+        let Some(mut entry) = self.apps.remove(&report.app) else {
+            return;
+        };
+        if entry.generation == report.generation {
+            self.judge(&mut entry, report.results, now, out);
+        }
+        self.apps.insert(report.app, entry);
+    }
+
+    /// Rise and fall: `monitor_rise` consecutive passing reports bring an app up,
+    /// `monitor_fall` failing ones take it down.
+    fn judge(
+        &mut self,
+        entry: &mut Entry,
+        results: Vec<MonitorResult>,
+        now: Now,
+        out: &mut Vec<Effect>,
+    ) {
+        let passing = results.iter().all(|r| r.ok) && entry.passive_failure.is_none();
+        for (slot, r) in entry.results.iter_mut().zip(results) {
+            *slot = Some(r);
+        }
+        if !passing
+            && !entry.up
+            && entry.cleanup_at.is_none()
+            && (entry.source == Source::Http || entry.vip.maybe_present())
+        {
+            // An app that never came up is forgotten after cleanup_timer too, as in GoCast.
+            entry.cleanup_at = Some(now.mono + self.settings.cleanup_timer);
+            self.changed.cleanup = true;
+        }
+        if passing == entry.up {
+            entry.streak = 0;
+            // An up app whose install failed earlier is retried on every passing report.
+            if passing && !entry.installed() {
+                self.install(entry, out);
+            }
+            return;
+        }
+        entry.streak += 1;
+        let needed = if passing {
+            self.settings.monitor_rise
+        } else {
+            self.settings.monitor_fall
+        };
+        if entry.streak < needed {
+            return;
+        }
+        entry.streak = 0;
+        if passing {
+            entry.up = true;
+            // Announced now if complete, else once the host confirms the install.
+            self.install(entry, out);
+            self.settle_announcement(entry, now);
+        } else {
+            self.go_down(entry, now);
+        }
+    }
+
+    fn go_down(&mut self, entry: &mut Entry, now: Now) {
+        let name = entry.spec.name.as_str();
+        entry.up = false;
+        entry.announced = false;
+        entry.since = now.wall;
+        entry.cleanup_at = Some(now.mono + self.settings.cleanup_timer);
+        let reasons: Vec<String> = entry
+            .spec
+            .monitors
+            .iter()
+            .zip(&entry.results)
+            .filter_map(|(m, r)| {
+                r.as_ref()
+                    .filter(|r| !r.ok)
+                    .map(|r| format!("{m}: {}", r.reason))
+            })
+            .chain(entry.passive_failure.clone())
+            .collect();
+        warn!(app = %name, vip = %entry.spec.vip, reasons = %reasons.join("; "), "app unhealthy: withdrawing");
+        self.metrics.state_changed(name);
+        self.metrics.app_state(name, false, false);
+        self.changed.routes = true;
+        self.changed.cleanup = true;
+    }
+
+    /// Cleans up every app whose timer has passed: config and Consul apps lose VIP and NAT and
+    /// are checked again; HTTP apps are forgotten once the state file no longer has them.
+    fn cleanup_due(&mut self, now: Now, out: &mut Vec<Effect>) {
+        let due: Vec<AppName> = self
+            .apps
+            .values()
+            .filter(|e| e.cleanup_at.is_some_and(|t| t <= now.mono))
+            .map(|e| e.spec.name.clone())
+            .collect();
+        let mut forget = Vec::new();
+        for name in due {
+            let Some(mut entry) = self.apps.remove(&name) else {
+                continue;
+            };
+            if entry.source == Source::Http {
+                if self.persisting.is_none() {
+                    entry.cleanup_at = None;
+                    forget.push(name.clone());
+                }
+            } else {
+                // Consul apps stay while the catalog has them: forgetting one would only bring
+                // it back at the next catalog read, which may be `consul_query_interval` away.
+                info!(app = %name, "cleanup timer passed: removing vip and nat, still monitoring");
+                entry.cleanup_at = None;
+                self.remove(&mut entry, true, true, out);
+            }
+            self.apps.insert(name, entry);
+        }
+        self.changed.cleanup = true;
+        if !forget.is_empty() {
+            let names: Vec<&AppName> = forget.iter().collect();
+            out.push(Effect::Persist(self.http_apps_with(None, &names)));
+            self.persisting = Some(Pending::Forget(forget));
+        }
+    }
+
+    /// Publishes the routes of the announced apps, and the owners if apps came or went.
+    fn publish(&mut self, out: &mut Vec<Effect>) {
+        self.changed.routes = false;
+        let set: RouteSet = self
+            .apps
+            .values()
+            .filter(|e| e.announced)
+            .map(|e| {
+                (
+                    e.spec.vip.prefix(),
+                    Route {
+                        app: e.spec.name.clone(),
+                        communities: e.spec.communities.clone(),
+                    },
+                )
+            })
+            .collect();
+        self.metrics.routes(set.len());
+        if std::mem::take(&mut self.changed.owners) {
+            let owners: BTreeMap<IpAddr, VipOwner> = self
+                .apps
+                .values()
+                .map(|e| {
+                    let owner = VipOwner {
+                        vip: e.spec.vip,
+                        app: e.spec.name.clone(),
+                        passive_health: e.spec.passive_health,
+                    };
+                    (e.spec.vip.addr(), owner)
+                })
+                .collect();
+            out.push(Effect::PublishOwners(Arc::new(owners)));
+        }
+        out.push(Effect::PublishRoutes(set));
+    }
+
+    /// Withdraws everything, waits for the peers, closes the sessions, removes every VIP, then
+    /// the whole NAT chain at once (rule by rule would not fit the shutdown budget).
+    fn shutdown(&mut self, out: &mut Vec<Effect>) {
+        info!("shutting down: withdrawing all routes");
+        self.shutting_down = true;
+        for e in self.apps.values_mut() {
+            e.announced = false;
+        }
+        self.publish(out);
+        out.push(Effect::StopSpeaker);
+        let names: Vec<AppName> = self.apps.keys().cloned().collect();
+        for name in names {
+            if let Some(mut entry) = self.apps.remove(&name) {
+                // The NAT chain goes as a whole with the host.
+                entry.spec.nats.clear();
+                self.remove(&mut entry, true, false, out);
+            }
+        }
+        out.push(Effect::ShutdownHost);
+    }
+}
+
+fn watch(entry: &Entry, out: &mut Vec<Effect>) {
+    out.push(Effect::Monitor(monitor::Command::Watch {
+        app: entry.spec.name.clone(),
+        generation: entry.generation,
+        monitors: entry.spec.monitors.clone(),
+    }));
+}
+
+#[cfg(test)]
+mod tests {
+    //! Table tests of the core: events in, effects out; no sockets, no tasks, no clock (time is
+    //! a value the test moves).
+
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+
+    const CLEANUP: Duration = Duration::from_secs(10);
+
+    fn settings(rise: u32, fall: u32) -> Settings {
+        Settings {
+            monitor_rise: rise,
+            monitor_fall: fall,
+            cleanup_timer: CLEANUP,
+            allow_http_exec: false,
+            vip_allowlist: Vec::new(),
+            monitor: monitor::Settings {
+                interval: Duration::from_secs(1),
+                exec_timeout: Duration::from_secs(1),
+                consul: None,
+            },
+            passive_health: true,
+        }
+    }
+
+    fn spec(name: &str, vip: &str) -> AppSpec {
+        AppSpec {
+            name: name.parse().unwrap(),
+            vip: vip.parse().unwrap(),
+            monitors: vec!["port:tcp:80".parse().unwrap()],
+            nats: vec!["tcp:80:8080".parse().unwrap()],
+            communities: Vec::new(),
+            nat_dest: None,
+            passive_health: true,
+        }
+    }
+
+    fn name(s: &str) -> AppName {
+        s.parse().unwrap()
+    }
+
+    /// A core, the time, and what it said last.
+    struct T {
+        core: Core,
+        now: Now,
+        out: Vec<Effect>,
+        next_id: RequestId,
+    }
+
+    impl T {
+        fn new(rise: u32, fall: u32, config: Vec<AppSpec>) -> Self {
+            let mut t = Self {
+                core: Core::new(settings(rise, fall), Metrics::default()),
+                now: Now {
+                    mono: Instant::now(),
+                    wall: SystemTime::UNIX_EPOCH,
+                },
+                out: Vec::new(),
+                next_id: 1,
+            };
+            t.core.restore(config, Ok(Vec::new()), t.now, &mut t.out);
+            t
+        }
+
+        /// Feeds an event, then flushes as the driver does after each batch; returns the effects.
+        fn step(&mut self, event: Event) -> &[Effect] {
+            self.out.clear();
+            self.core.step(event, self.now, &mut self.out);
+            self.core.flush(&mut self.out);
+            &self.out
+        }
+
+        fn advance(&mut self, by: Duration) {
+            self.now.mono += by;
+        }
+
+        fn id(&mut self) -> RequestId {
+            self.next_id += 1;
+            self.next_id
+        }
+
+        fn register(&mut self, spec: AppSpec, source: Source) -> &[Effect] {
+            let id = self.id();
+            self.step(Event::Register { id, spec, source })
+        }
+
+        /// The generation the monitors were last told for `app`.
+        fn generation(&self, app: &str) -> u64 {
+            self.core.apps[&name(app)].generation
+        }
+
+        fn report(&mut self, app: &str, ok: bool) -> &[Effect] {
+            let generation = self.generation(app);
+            let result = MonitorResult {
+                ok,
+                reason: if ok { "ok" } else { "refused" }.into(),
+                at: SystemTime::UNIX_EPOCH,
+                latency: Duration::ZERO,
+            };
+            self.step(Event::Report(Report {
+                app: name(app),
+                generation,
+                results: vec![result],
+            }))
+        }
+
+        /// Confirms (or fails) the host operation in the last effects.
+        fn host_done(&mut self, ok: bool) -> &[Effect] {
+            let done = self
+                .out
+                .iter()
+                .find_map(|e| match e {
+                    Effect::Host(op) => Some(done_for(op, ok)),
+                    _ => None,
+                })
+                .expect("a host operation to answer");
+            self.step(Event::HostDone(done))
+        }
+
+        fn view(&mut self, app: &str) -> AppView {
+            self.core.apps[&name(app)].view(self.now, true)
+        }
+
+        /// Brings a registered app up: passing reports, host confirms.
+        fn bring_up(&mut self, app: &str) {
+            for _ in 0..self.core.settings.monitor_rise {
+                self.report(app, true);
+            }
+            self.host_done(true);
+            assert!(self.announced(app), "{app} announced");
+        }
+
+        fn announced(&self, app: &str) -> bool {
+            self.core.apps[&name(app)].announced
+        }
+    }
+
+    fn done_for(op: &HostOp, ok: bool) -> HostDone {
+        let result =
+            |attempted: bool| attempted.then(|| if ok { Ok(()) } else { Err("boom".into()) });
+        match op {
+            HostOp::Install {
+                id,
+                app,
+                add_vip,
+                nat,
+                ..
+            } => HostDone {
+                id: *id,
+                app: app.clone(),
+                vip: result(*add_vip),
+                nat: result(nat.is_some()),
+            },
+            HostOp::Remove {
+                id,
+                app,
+                remove_vip,
+                nat,
+                ..
+            } => HostDone {
+                id: *id,
+                app: app.clone(),
+                vip: result(*remove_vip),
+                nat: result(nat.is_some()),
+            },
+        }
+    }
+
+    fn routes(effects: &[Effect]) -> Option<Vec<String>> {
+        effects.iter().rev().find_map(|e| match e {
+            Effect::PublishRoutes(set) => Some(set.keys().map(ToString::to_string).collect()),
+            _ => None,
+        })
+    }
+
+    fn host_ops(effects: &[Effect]) -> Vec<&HostOp> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Host(op) => Some(op),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn kinds(effects: &[Effect]) -> Vec<&'static str> {
+        effects
+            .iter()
+            .map(|e| match e {
+                Effect::Reply { .. } => "reply",
+                Effect::Persist(_) => "persist",
+                Effect::Monitor(monitor::Command::Watch { .. }) => "watch",
+                Effect::Monitor(monitor::Command::Unwatch { .. }) => "unwatch",
+                Effect::PublishRoutes(_) => "routes",
+                Effect::PublishOwners(_) => "owners",
+                Effect::Host(HostOp::Install { .. }) => "install",
+                Effect::Host(HostOp::Remove { .. }) => "remove",
+                Effect::StopSpeaker => "stop-speaker",
+                Effect::ShutdownHost => "shutdown-host",
+            })
+            .collect()
+    }
+
+    fn app_reply(effects: &[Effect]) -> &Result<AppView, LifecycleError> {
+        effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::Reply {
+                    reply: Reply::App(r),
+                    ..
+                } => Some(&**r),
+                _ => None,
+            })
+            .expect("a reply")
+    }
+
+    #[test]
+    fn rise_needs_consecutive_passes_and_the_hosts_confirmation_before_announcing() {
+        let mut t = T::new(2, 2, vec![spec("web", "192.0.2.10/32")]);
+        assert!(
+            host_ops(t.report("web", true)).is_empty(),
+            "one pass of two"
+        );
+        assert!(host_ops(t.report("web", false)).is_empty());
+        t.report("web", true);
+        let effects = t.report("web", true);
+        assert_eq!(
+            host_ops(effects),
+            [&HostOp::Install {
+                id: 1,
+                app: name("web"),
+                vip: "192.0.2.10/32".parse().unwrap(),
+                label: "lo:web".into(),
+                add_vip: true,
+                nat: Some(NatSpec {
+                    rules: vec!["tcp:80:8080".parse().unwrap()],
+                    dest: None,
+                }),
+            }]
+        );
+        assert_eq!(
+            routes(effects),
+            None,
+            "not announced before the host confirms"
+        );
+        assert!(!t.announced("web"));
+        let effects = t.host_done(true);
+        assert_eq!(routes(effects).unwrap(), ["192.0.2.10/32"]);
+        assert_eq!(t.view("web").state, "healthy");
+    }
+
+    #[test]
+    fn fall_withdraws_at_once_and_keeps_the_vip_until_cleanup() {
+        let mut t = T::new(1, 2, vec![spec("web", "192.0.2.10/32")]);
+        t.bring_up("web");
+        assert_eq!(routes(t.report("web", false)), None, "one failure of two");
+        let effects = t.report("web", false);
+        assert_eq!(routes(effects).unwrap(), Vec::<String>::new());
+        assert!(host_ops(effects).is_empty(), "the vip stays on lo");
+        assert_eq!(t.core.next_deadline(), Some(t.now.mono + CLEANUP));
+        assert!(t.view("web").vip_installed);
+    }
+
+    #[test]
+    fn recovery_before_cleanup_only_puts_the_route_back() {
+        let mut t = T::new(1, 1, vec![spec("web", "192.0.2.10/32")]);
+        t.bring_up("web");
+        t.report("web", false);
+        let effects = t.report("web", true);
+        assert!(host_ops(effects).is_empty(), "vip and nat are still there");
+        assert_eq!(routes(effects).unwrap(), ["192.0.2.10/32"]);
+        assert_eq!(t.core.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_failed_install_is_not_announced_is_shown_and_is_retried_on_the_next_pass() {
+        let mut t = T::new(1, 1, vec![spec("web", "192.0.2.10/32")]);
+        t.report("web", true);
+        let effects = t.host_done(false);
+        assert_eq!(routes(effects), None);
+        let view = t.view("web");
+        assert_eq!(view.state, "unhealthy");
+        assert_eq!(view.last_error.as_deref(), Some("boom"));
+        let effects = t.report("web", true);
+        assert_eq!(kinds(effects), ["install"]);
+        t.host_done(true);
+        assert!(t.announced("web"));
+        assert_eq!(t.view("web").last_error, None);
+    }
+
+    #[test]
+    fn a_config_app_loses_vip_and_nat_at_cleanup_after_its_withdrawal_and_stays() {
+        let mut t = T::new(1, 1, vec![spec("web", "192.0.2.10/32")]);
+        t.bring_up("web");
+        t.report("web", false);
+        t.advance(CLEANUP);
+        let effects = t.step(Event::CleanupDue);
+        assert_eq!(
+            host_ops(effects),
+            [&HostOp::Remove {
+                id: 2,
+                app: name("web"),
+                vip: "192.0.2.10/32".parse().unwrap(),
+                remove_vip: true,
+                nat: Some(NatSpec {
+                    rules: vec!["tcp:80:8080".parse().unwrap()],
+                    dest: None,
+                }),
+                after_withdrawal: true,
+            }]
+        );
+        t.host_done(true);
+        assert!(!t.view("web").vip_installed);
+        assert_eq!(t.core.next_deadline(), None);
+        // Still monitored: it comes back by itself.
+        assert_eq!(kinds(t.report("web", true)), ["install"]);
+    }
+
+    #[test]
+    fn an_http_registration_changes_nothing_until_the_state_file_has_it() {
+        let mut t = T::new(1, 1, vec![spec("web", "192.0.2.10/32")]);
+        let effects = t.register(spec("api", "192.0.2.20/32"), Source::Http);
+        assert_eq!(kinds(effects), ["persist"]);
+        let Effect::Persist(saved) = &effects[0] else {
+            unreachable!()
+        };
+        assert_eq!(saved, &[spec("api", "192.0.2.20/32")]);
+        // Meanwhile: a second request waits; monitor reports go on.
+        assert!(
+            t.register(spec("db", "192.0.2.30/32"), Source::Http)
+                .is_empty()
+        );
+        t.report("web", true);
+        assert_eq!(kinds(&t.out), ["install"]);
+        let effects = t.step(Event::Persisted(Ok(())));
+        assert_eq!(
+            kinds(effects),
+            ["watch", "reply", "persist", "owners", "routes"]
+        );
+        assert!(app_reply(effects).is_ok());
+        let Effect::Persist(saved) = &effects[2] else {
+            unreachable!()
+        };
+        assert_eq!(saved.len(), 2, "api and db");
+        let effects = t.step(Event::Persisted(Err(StoreError::Io {
+            op: "write",
+            path: "/state".into(),
+            source: std::io::Error::other("disk full"),
+        })));
+        assert!(matches!(app_reply(effects), Err(LifecycleError::Store(_))));
+        assert!(
+            !t.core.apps.contains_key(&name("db")),
+            "refused: nothing changed"
+        );
+    }
+
+    #[test]
+    fn an_http_app_is_forgotten_only_once_the_state_file_no_longer_has_it() {
+        let mut t = T::new(1, 1, Vec::new());
+        t.register(spec("api", "192.0.2.20/32"), Source::Http);
+        t.step(Event::Persisted(Ok(())));
+        t.report("api", false);
+        t.advance(CLEANUP);
+        let effects = t.step(Event::CleanupDue);
+        assert_eq!(kinds(effects), ["persist"]);
+        assert!(t.core.apps.contains_key(&name("api")));
+        let effects = t.step(Event::Persisted(Ok(())));
+        assert_eq!(kinds(effects), ["unwatch", "owners", "routes"]);
+        assert!(!t.core.apps.contains_key(&name("api")));
+    }
+
+    #[test]
+    fn a_failed_removal_write_keeps_the_http_app_and_tries_again_later() {
+        let mut t = T::new(1, 1, Vec::new());
+        t.register(spec("api", "192.0.2.20/32"), Source::Http);
+        t.step(Event::Persisted(Ok(())));
+        t.report("api", false);
+        t.advance(CLEANUP);
+        t.step(Event::CleanupDue);
+        t.step(Event::Persisted(Err(StoreError::Io {
+            op: "write",
+            path: "/state".into(),
+            source: std::io::Error::other("read-only"),
+        })));
+        assert!(t.core.apps.contains_key(&name("api")));
+        assert_eq!(t.core.next_deadline(), Some(t.now.mono + CLEANUP));
+    }
+
+    #[test]
+    fn unregistering_withdraws_before_the_vip_is_removed() {
+        let mut t = T::new(1, 1, vec![spec("web", "192.0.2.10/32")]);
+        t.bring_up("web");
+        let id = t.id();
+        let effects = t.step(Event::Unregister {
+            id,
+            name: name("web"),
+        });
+        assert_eq!(
+            kinds(effects),
+            ["unwatch", "owners", "routes", "remove", "reply"]
+        );
+        assert_eq!(routes(effects).unwrap(), Vec::<String>::new());
+        assert!(matches!(
+            host_ops(effects)[0],
+            HostOp::Remove {
+                remove_vip: true,
+                after_withdrawal: true,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn shutdown_withdraws_then_stops_the_speaker_then_removes_vips_then_cleans_the_host() {
+        let mut t = T::new(
+            1,
+            1,
+            vec![spec("web", "192.0.2.10/32"), spec("api", "192.0.2.20/32")],
+        );
+        t.bring_up("web");
+        t.bring_up("api");
+        let effects = t.step(Event::Shutdown);
+        assert_eq!(
+            kinds(effects),
+            [
+                "routes",
+                "stop-speaker",
+                "remove",
+                "remove",
+                "shutdown-host"
+            ]
+        );
+        assert_eq!(routes(effects).unwrap(), Vec::<String>::new());
+        for op in host_ops(effects) {
+            assert!(matches!(
+                op,
+                HostOp::Remove {
+                    remove_vip: true,
+                    nat: None,
+                    ..
+                }
+            ));
+        }
+        let id = t.id();
+        assert!(
+            t.step(Event::Apps { id }).is_empty(),
+            "nothing after shutdown"
+        );
+    }
+
+    #[test]
+    fn conflicting_registrations_are_refused_and_change_nothing() {
+        let mut t = T::new(1, 1, vec![spec("web", "192.0.2.10/32")]);
+        for (bad, want) in [
+            (spec("other", "192.0.2.10/32"), "is already used by app web"),
+            (spec("wide", "192.0.2.0/24"), "overlaps vip"),
+            (
+                spec("web", "192.0.2.11/32"),
+                "is defined in the config file",
+            ),
+        ] {
+            let effects = t.register(bad, Source::Consul);
+            assert_eq!(kinds(effects), ["reply"]);
+            let err = app_reply(effects).as_ref().unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+        }
+        let mut exec = spec("x", "192.0.2.40/32");
+        exec.monitors = vec!["exec:true".parse().unwrap()];
+        let effects = t.register(exec, Source::Http);
+        assert!(matches!(
+            app_reply(effects),
+            Err(LifecycleError::ExecRefused)
+        ));
+        assert_eq!(t.core.apps.len(), 1);
+    }
+
+    #[test]
+    fn consul_passes_swap_vips_between_two_services() {
+        let mut t = T::new(1, 1, Vec::new());
+        let id = t.id();
+        t.step(Event::SyncConsul {
+            id,
+            apps: vec![spec("a", "192.0.2.1/32"), spec("b", "192.0.2.2/32")],
+            keep: Vec::new(),
+        });
+        let id = t.id();
+        let effects = t.step(Event::SyncConsul {
+            id,
+            apps: vec![spec("a", "192.0.2.2/32"), spec("b", "192.0.2.1/32")],
+            keep: Vec::new(),
+        });
+        let refused = effects.iter().find_map(|e| match e {
+            Effect::Reply {
+                reply: Reply::Consul(r),
+                ..
+            } => Some(r),
+            _ => None,
+        });
+        assert!(refused.unwrap().is_empty());
+        assert_eq!(t.core.apps[&name("a")].spec.vip.to_string(), "192.0.2.2/32");
+        assert_eq!(t.core.apps[&name("b")].spec.vip.to_string(), "192.0.2.1/32");
+    }
+
+    #[test]
+    fn a_nat_change_keeps_the_route_and_a_superseded_result_is_ignored() {
+        let mut t = T::new(1, 1, Vec::new());
+        let mut consul = spec("web", "192.0.2.10/32");
+        t.register(consul.clone(), Source::Consul);
+        t.bring_up("web");
+        consul.nats = vec!["tcp:443:8443".parse().unwrap()];
+        let effects = kinds(t.register(consul, Source::Consul));
+        assert_eq!(
+            effects,
+            ["remove", "watch", "install", "reply", "owners", "routes"]
+        );
+        let ops: Vec<HostOp> = host_ops(&t.out).into_iter().cloned().collect();
+        // The removal of the old rules succeeds, the new rules fail: withdrawn.
+        t.step(Event::HostDone(done_for(&ops[0], true)));
+        assert!(t.announced("web"), "the old rules' removal changes nothing");
+        let effects = t.step(Event::HostDone(done_for(&ops[1], false)));
+        assert_eq!(routes(effects).unwrap(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_passive_failure_withdraws_and_holds_until_cleared() {
+        let mut t = T::new(1, 1, vec![spec("web", "192.0.2.10/32")]);
+        t.bring_up("web");
+        let effects = t.step(Event::PassiveHealth(vec![(
+            name("web"),
+            Verdict::Failing("no SYN-ACK".into()),
+        )]));
+        assert_eq!(routes(effects).unwrap(), Vec::<String>::new());
+        assert_eq!(
+            routes(t.report("web", true)),
+            None,
+            "monitors alone cannot bring it back"
+        );
+        t.step(Event::PassiveHealth(vec![(name("web"), Verdict::Cleared)]));
+        assert_eq!(routes(t.report("web", true)).unwrap(), ["192.0.2.10/32"]);
+    }
+
+    #[test]
+    fn a_stalled_host_operation_does_not_hold_up_another_apps_withdrawal() {
+        let mut t = T::new(
+            1,
+            1,
+            vec![spec("web", "192.0.2.10/32"), spec("api", "192.0.2.20/32")],
+        );
+        t.bring_up("web");
+        t.report("api", true);
+        assert_eq!(kinds(&t.out), ["install"], "api's install never answers");
+        let effects = t.report("web", false);
+        assert_eq!(routes(effects).unwrap(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn requests_are_answered_in_order_after_a_write() {
+        let mut t = T::new(1, 1, Vec::new());
+        t.register(spec("api", "192.0.2.20/32"), Source::Http);
+        let id = t.id();
+        assert!(
+            t.step(Event::Unregister {
+                id,
+                name: name("api"),
+            })
+            .is_empty()
+        );
+        // The registration completes, then the removal asks for its own write.
+        let effects = t.step(Event::Persisted(Ok(())));
+        assert_eq!(
+            kinds(effects),
+            ["watch", "reply", "persist", "owners", "routes"]
+        );
+        let effects = t.step(Event::Persisted(Ok(())));
+        assert_eq!(kinds(effects), ["unwatch", "owners", "routes", "reply"]);
+    }
+}

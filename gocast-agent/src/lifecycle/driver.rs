@@ -1,0 +1,363 @@
+//! The lifecycle task: turns requests, monitor reports, host results and timers into
+//! [`Event`]s for the [`Core`], and carries out the [`Effect`]s it returns. It owns every
+//! channel and the clock; the host and the state file are worked on by tasks of their own, so a
+//! slow netlink call, xtables lock or fsync never holds up another app's withdrawal.
+//!
+//! ```text
+//!  requests ─┐                                   ┌─▶ replies (oneshot)
+//!  reports ──┤                                   ├─▶ routes, owners (watch)
+//!  host done ┼─▶ Event ─▶ Core::step ─▶ Effect ──┼─▶ monitor::Command
+//!  persisted ┤                                   ├─▶ host worker (in order) ─▶ host done
+//!  timer ────┘                                   └─▶ state-file write ─▶ persisted
+//! ```
+
+use std::{collections::HashMap, time::SystemTime};
+
+use tokio::{
+    sync::{mpsc, oneshot, watch},
+    task::JoinHandle,
+    time::{Duration, Instant},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::{
+    Host,
+    core::{Core, Effect, Event, HostDone, HostOp, Now, Reply, RequestId},
+};
+use crate::{
+    app::{AppName, AppSpec},
+    error_chain,
+    messages::{Announcer, AppView, LifecycleError, Owners, Request, Routes},
+    monitor::{self, Report},
+    store::{Store, StoreError},
+    timer::Timer,
+};
+
+/// The most monitor reports or host results handled before the route set is published.
+const BATCH: usize = 4096;
+
+/// How long a VIP waits for its withdrawal to reach the peers before it is removed anyway.
+const WITHDRAW_WAIT: Duration = Duration::from_secs(1);
+
+/// Where a reply goes.
+enum ReplyTo {
+    App(oneshot::Sender<Result<AppView, LifecycleError>>),
+    Apps(oneshot::Sender<Vec<AppView>>),
+    Consul(oneshot::Sender<Vec<(AppName, LifecycleError)>>),
+}
+
+/// Work for the host worker, in order.
+enum Work {
+    /// `after`: wait until the peers were sent this route-set version first.
+    Op {
+        op: HostOp,
+        after: Option<u64>,
+    },
+    StopSpeaker {
+        version: u64,
+    },
+    Shutdown,
+}
+
+/// The lifecycle task's state: the core and the ends of every channel.
+pub(super) struct Driver {
+    pub core: Core,
+    pub routes: watch::Sender<Routes>,
+    pub owners: watch::Sender<Owners>,
+    pub monitors: mpsc::UnboundedSender<monitor::Command>,
+    pub store: Store,
+    replies: HashMap<RequestId, ReplyTo>,
+    next_request: RequestId,
+    work: mpsc::UnboundedSender<Work>,
+    worker: JoinHandle<()>,
+    persisted_tx: mpsc::Sender<Result<(), StoreError>>,
+    persisted_rx: mpsc::Receiver<Result<(), StoreError>>,
+    done_rx: mpsc::UnboundedReceiver<HostDone>,
+    effects: Vec<Effect>,
+}
+
+fn now() -> Now {
+    Now {
+        mono: Instant::now(),
+        wall: SystemTime::now(),
+    }
+}
+
+impl Driver {
+    pub fn new<H: Host>(
+        core: Core,
+        host: H,
+        announcer: Option<Announcer>,
+        outputs: (watch::Sender<Routes>, watch::Sender<Owners>),
+        monitors: mpsc::UnboundedSender<monitor::Command>,
+        store: Store,
+    ) -> Self {
+        let (work, work_rx) = mpsc::unbounded_channel();
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let (persisted_tx, persisted_rx) = mpsc::channel(1);
+        let worker = tokio::spawn(host_worker(host, announcer, work_rx, done_tx));
+        Self {
+            core,
+            routes: outputs.0,
+            owners: outputs.1,
+            monitors,
+            store,
+            replies: HashMap::new(),
+            next_request: 1,
+            work,
+            worker,
+            persisted_tx,
+            persisted_rx,
+            done_rx,
+            effects: Vec::new(),
+        }
+    }
+
+    pub async fn run(
+        mut self,
+        config_apps: Vec<AppSpec>,
+        mut requests: mpsc::Receiver<Request>,
+        mut reports: mpsc::Receiver<Report>,
+        cancel: CancellationToken,
+    ) {
+        let saved = self.store.load_off_thread().await;
+        let mut out = std::mem::take(&mut self.effects);
+        self.core.restore(config_apps, saved, now(), &mut out);
+        self.apply(&mut out);
+        let mut timer = Timer::default();
+        loop {
+            timer.set_at(self.core.next_deadline());
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                Some(req) = requests.recv() => {
+                    let event = self.accept(req);
+                    self.step(event);
+                }
+                Some(report) = reports.recv() => {
+                    self.step(Event::Report(report));
+                    // Take what else is queued (a tick reports every app at once) before
+                    // publishing, so a burst costs one route-set update, not one per app.
+                    for _ in 0..BATCH {
+                        let Ok(report) = reports.try_recv() else { break };
+                        self.step(Event::Report(report));
+                    }
+                }
+                Some(done) = self.done_rx.recv() => {
+                    self.step(Event::HostDone(done));
+                    for _ in 0..BATCH {
+                        let Ok(done) = self.done_rx.try_recv() else { break };
+                        self.step(Event::HostDone(done));
+                    }
+                }
+                Some(result) = self.persisted_rx.recv() => self.step(Event::Persisted(result)),
+                () = timer.fired() => self.step(Event::CleanupDue),
+            }
+            let mut out = std::mem::take(&mut self.effects);
+            self.core.flush(&mut out);
+            self.apply(&mut out);
+        }
+        self.step(Event::Shutdown);
+        drop(self.work);
+        if let Err(e) = self.worker.await {
+            error!(error = %e, "the host worker failed during shutdown");
+        }
+    }
+
+    /// Gives the request an id and keeps where its reply goes.
+    fn accept(&mut self, req: Request) -> Event {
+        let id = self.next_request;
+        self.next_request += 1;
+        let (event, reply) = match req {
+            Request::Register {
+                spec,
+                source,
+                reply,
+            } => (Event::Register { id, spec, source }, ReplyTo::App(reply)),
+            Request::Unregister { name, reply } => {
+                (Event::Unregister { id, name }, ReplyTo::App(reply))
+            }
+            Request::Apps { reply } => (Event::Apps { id }, ReplyTo::Apps(reply)),
+            Request::SyncConsul { apps, keep, reply } => {
+                (Event::SyncConsul { id, apps, keep }, ReplyTo::Consul(reply))
+            }
+            Request::PassiveHealth { verdicts } => return Event::PassiveHealth(verdicts),
+        };
+        self.replies.insert(id, reply);
+        event
+    }
+
+    fn step(&mut self, event: Event) {
+        let mut out = std::mem::take(&mut self.effects);
+        self.core.step(event, now(), &mut out);
+        self.apply(&mut out);
+    }
+
+    /// Carries out the effects in order; none of them waits.
+    fn apply(&mut self, out: &mut Vec<Effect>) {
+        for effect in out.drain(..) {
+            match effect {
+                Effect::Reply { id, reply } => self.reply(id, reply),
+                Effect::Persist(apps) => {
+                    let store = self.store.clone();
+                    let tx = self.persisted_tx.clone();
+                    tokio::spawn(async move {
+                        let _ = tx.send(store.save_off_thread(apps).await).await;
+                    });
+                }
+                // The scheduler lives as long as we do; a send error only happens at shutdown.
+                Effect::Monitor(cmd) => drop(self.monitors.send(cmd)),
+                Effect::PublishRoutes(set) => {
+                    self.routes.send_if_modified(|current| {
+                        if current.set == set {
+                            return false;
+                        }
+                        current.set = set;
+                        current.version += 1;
+                        true
+                    });
+                }
+                Effect::PublishOwners(owners) => drop(self.owners.send_replace(owners)),
+                Effect::Host(op) => {
+                    let after = matches!(
+                        op,
+                        HostOp::Remove {
+                            after_withdrawal: true,
+                            ..
+                        }
+                    )
+                    .then(|| self.routes.borrow().version);
+                    let _ = self.work.send(Work::Op { op, after });
+                }
+                Effect::StopSpeaker => {
+                    let version = self.routes.borrow().version;
+                    let _ = self.work.send(Work::StopSpeaker { version });
+                }
+                Effect::ShutdownHost => drop(self.work.send(Work::Shutdown)),
+            }
+        }
+        self.effects = std::mem::take(out);
+    }
+
+    fn reply(&mut self, id: RequestId, reply: Reply) {
+        // A caller that gave up (dropped its receiver) gets nothing; that is fine.
+        match (self.replies.remove(&id), reply) {
+            (Some(ReplyTo::App(tx)), Reply::App(r)) => drop(tx.send(*r)),
+            (Some(ReplyTo::Apps(tx)), Reply::Apps(r)) => drop(tx.send(r)),
+            (Some(ReplyTo::Consul(tx)), Reply::Consul(r)) => drop(tx.send(r)),
+            (None, _) => warn!(id, "reply to an unknown request"),
+            (Some(_), _) => error!(id, "reply of the wrong kind; request dropped"),
+        }
+    }
+}
+
+/// Applies host operations in the order the core asked for them and reports each result.
+async fn host_worker<H: Host>(
+    mut host: H,
+    mut announcer: Option<Announcer>,
+    mut work: mpsc::UnboundedReceiver<Work>,
+    done: mpsc::UnboundedSender<HostDone>,
+) {
+    while let Some(item) = work.recv().await {
+        match item {
+            Work::Op { op, after } => {
+                if let Some(version) = after {
+                    await_flushed(announcer.as_mut(), version).await;
+                }
+                let _ = done.send(apply_op(&mut host, op).await);
+            }
+            Work::StopSpeaker { version } => {
+                await_flushed(announcer.as_mut(), version).await;
+                if let Some(announcer) = announcer.take() {
+                    announcer.stop.cancel();
+                    if tokio::time::timeout(WITHDRAW_WAIT, announcer.done)
+                        .await
+                        .is_err()
+                    {
+                        warn!("BGP sessions did not close within {WITHDRAW_WAIT:?}");
+                    }
+                }
+            }
+            Work::Shutdown => {
+                if let Err(e) = host.shutdown().await {
+                    error!(error = %e, "dataplane cleanup at shutdown failed");
+                }
+                info!("shutdown complete: no vip, no nat rule left");
+                return;
+            }
+        }
+    }
+}
+
+async fn apply_op<H: Host>(host: &mut H, op: HostOp) -> HostDone {
+    let described = |op: &str, r: Result<(), super::HostError>| {
+        r.map_err(|e| format!("{op}: {}", error_chain(&e)))
+    };
+    match op {
+        HostOp::Install {
+            id,
+            app,
+            vip,
+            label,
+            add_vip,
+            nat,
+        } => {
+            let vip_result = if add_vip {
+                Some(described("add vip", host.add_vip(&vip, &label).await))
+            } else {
+                None
+            };
+            let vip_ok = vip_result.as_ref().is_none_or(Result::is_ok);
+            let nat = match nat {
+                Some(n) if vip_ok => Some(described(
+                    "install nat",
+                    host.install_nat(&app, &vip, &n.rules, n.dest).await,
+                )),
+                _ => None,
+            };
+            HostDone {
+                id,
+                app,
+                vip: vip_result,
+                nat,
+            }
+        }
+        HostOp::Remove {
+            id,
+            app,
+            vip,
+            remove_vip,
+            nat,
+            after_withdrawal: _,
+        } => {
+            let nat = match nat {
+                Some(n) => Some(described(
+                    "remove nat",
+                    host.remove_nat(&app, &vip, &n.rules, n.dest).await,
+                )),
+                None => None,
+            };
+            let vip = if remove_vip {
+                Some(described("remove vip", host.remove_vip(&vip).await))
+            } else {
+                None
+            };
+            HostDone { id, app, vip, nat }
+        }
+    }
+}
+
+/// Waits (bounded) until every established peer has been sent route-set `version`, so a VIP
+/// leaves `lo` only after its withdrawal went out.
+async fn await_flushed(announcer: Option<&mut Announcer>, version: u64) {
+    let Some(announcer) = announcer else {
+        return;
+    };
+    let flushed = announcer.flushed.wait_for(|v| *v >= version);
+    if tokio::time::timeout(WITHDRAW_WAIT, flushed).await.is_err() {
+        warn!(
+            version,
+            "withdrawal not confirmed by every peer within {WITHDRAW_WAIT:?}; going on"
+        );
+    }
+}

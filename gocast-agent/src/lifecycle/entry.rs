@@ -1,0 +1,153 @@
+//! One app as the core keeps it: its spec, health, and where its VIP and NAT stand on the host.
+
+use std::time::SystemTime;
+
+use tokio::time::Instant;
+use tracing::error;
+
+use super::events::{NatSpec, Now, OpId};
+use crate::{
+    app::{AppSpec, Source},
+    messages::{AppView, MonitorView, PassiveView},
+    monitor::MonitorResult,
+};
+
+/// Where one host resource of an app (its VIP, its NAT rules) stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Resource {
+    Absent,
+    Adding(OpId),
+    Present,
+    Removing(OpId),
+}
+
+impl Resource {
+    /// Might be on the host (an add in flight counts): a removal must include it.
+    pub(super) fn maybe_present(self) -> bool {
+        matches!(self, Self::Adding(_) | Self::Present)
+    }
+
+    /// Applies the result of operation `id`; a result of a superseded operation changes nothing.
+    pub(super) fn settle(&mut self, id: OpId, ok: bool) {
+        *self = match *self {
+            Self::Adding(op) if op == id => {
+                if ok {
+                    Self::Present
+                } else {
+                    Self::Absent
+                }
+            }
+            Self::Removing(op) if op == id => {
+                if ok {
+                    Self::Absent
+                } else {
+                    Self::Present
+                }
+            }
+            other => other,
+        };
+    }
+}
+
+/// One app's state.
+#[derive(Debug)]
+pub(super) struct Entry {
+    pub(super) spec: AppSpec,
+    /// `spec.name.lo_label()`, computed once: conflicts are checked against every app.
+    pub(super) label: String,
+    pub(super) source: Source,
+    pub(super) generation: u64,
+    /// Its monitors say up (after `monitor_rise` passing reports).
+    pub(super) up: bool,
+    /// In the route set: up, and everything it needs is on the host.
+    pub(super) announced: bool,
+    /// Consecutive results disagreeing with `up`.
+    pub(super) streak: u32,
+    pub(super) results: Vec<Option<MonitorResult>>,
+    pub(super) vip: Resource,
+    pub(super) nat: Resource,
+    pub(super) since: SystemTime,
+    pub(super) cleanup_at: Option<Instant>,
+    pub(super) last_error: Option<String>,
+    /// Why the VIP's traffic fails the app (`passive_health: true` only).
+    pub(super) passive_failure: Option<String>,
+}
+
+impl Entry {
+    /// Everything an announced app needs is on the host.
+    pub(super) fn installed(&self) -> bool {
+        self.vip == Resource::Present
+            && (self.spec.nats.is_empty() || self.nat == Resource::Present)
+    }
+
+    pub(super) fn installing(&self) -> bool {
+        matches!(self.vip, Resource::Adding(_)) || matches!(self.nat, Resource::Adding(_))
+    }
+
+    pub(super) fn view(&self, now: Now, passive_available: bool) -> AppView {
+        AppView {
+            name: self.spec.name.clone(),
+            vip: self.spec.vip,
+            source: self.source,
+            state: if self.announced {
+                "healthy"
+            } else {
+                "unhealthy"
+            },
+            announced: self.announced,
+            vip_installed: matches!(self.vip, Resource::Present | Resource::Removing(_)),
+            lo_label: self.label.clone(),
+            monitors: self
+                .spec
+                .monitors
+                .iter()
+                .zip(&self.results)
+                .map(|(m, r)| MonitorView {
+                    monitor: m.clone(),
+                    ok: r.as_ref().map(|r| r.ok),
+                    reason: r.as_ref().map(|r| r.reason.clone()),
+                    checked_at: r.as_ref().map(|r| rfc3339(r.at)),
+                    latency_ms: r.as_ref().map(|r| r.latency.as_secs_f64() * 1e3),
+                })
+                .collect(),
+            nats: self.spec.nats.clone(),
+            communities: self.spec.communities.clone(),
+            since: rfc3339(self.since),
+            cleanup_in_s: self
+                .cleanup_at
+                .map(|t| t.saturating_duration_since(now.mono).as_secs_f64()),
+            last_error: self.last_error.clone(),
+            passive_health: self.spec.passive_health.then(|| PassiveView {
+                state: match (&self.passive_failure, passive_available) {
+                    (_, false) => "unavailable",
+                    (Some(_), true) => "failing",
+                    (None, true) => "ok",
+                },
+                reason: if passive_available {
+                    self.passive_failure.clone()
+                } else {
+                    Some("passive health needs the eBPF dataplane's counters".into())
+                },
+            }),
+        }
+    }
+
+    pub(super) fn nat_spec(&self) -> NatSpec {
+        NatSpec {
+            rules: self.spec.nats.clone(),
+            dest: self.spec.nat_dest,
+        }
+    }
+
+    /// Keeps a failed host operation on the app; logs it when it is new, not on every retry.
+    pub(super) fn record(&mut self, message: String) {
+        if self.last_error.as_ref() != Some(&message) {
+            error!(app = %self.spec.name, vip = %self.spec.vip, error = %message, "host operation failed");
+        }
+        self.last_error = Some(message);
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}

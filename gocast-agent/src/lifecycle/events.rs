@@ -1,0 +1,130 @@
+//! The core's vocabulary: the [`Event`]s it takes, the [`Effect`]s it asks for, and the host
+//! operations and results that pass between it and the driver's host worker.
+
+use std::{net::IpAddr, time::SystemTime};
+
+use tokio::time::Instant;
+
+use crate::{
+    app::{AppName, AppSpec, NatRule, Source, Vip},
+    messages::{AppView, LifecycleError, Owners, RouteSet, Verdict},
+    monitor::{self, Report},
+    store::StoreError,
+};
+
+/// Names a request so its reply finds the caller.
+pub type RequestId = u64;
+/// Names a host operation so its result is applied only if nothing superseded it.
+pub type OpId = u64;
+
+/// When an event happens: the monotonic clock for timers, the wall clock for `/apps`.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    pub mono: Instant,
+    pub wall: SystemTime,
+}
+
+/// What the core reacts to.
+#[derive(Debug)]
+pub enum Event {
+    Register {
+        id: RequestId,
+        spec: AppSpec,
+        source: Source,
+    },
+    Unregister {
+        id: RequestId,
+        name: AppName,
+    },
+    Apps {
+        id: RequestId,
+    },
+    /// See [`crate::messages::Request::SyncConsul`].
+    SyncConsul {
+        id: RequestId,
+        apps: Vec<AppSpec>,
+        keep: Vec<AppName>,
+    },
+    PassiveHealth(Vec<(AppName, Verdict)>),
+    Report(Report),
+    /// The state file write asked for by the last [`Effect::Persist`] finished.
+    Persisted(Result<(), StoreError>),
+    HostDone(HostDone),
+    /// The deadline of [`Core::next_deadline`] passed.
+    CleanupDue,
+    /// Withdraw everything, then clean the host; nothing else is accepted after it.
+    Shutdown,
+}
+
+/// The answer to a request.
+#[derive(Debug)]
+pub enum Reply {
+    /// Boxed: an app view is large, and most replies pass through quickly.
+    App(Box<Result<AppView, LifecycleError>>),
+    Apps(Vec<AppView>),
+    Consul(Vec<(AppName, LifecycleError)>),
+}
+
+/// What the driver must do, in the order given.
+#[derive(Debug)]
+pub enum Effect {
+    Reply {
+        id: RequestId,
+        reply: Reply,
+    },
+    /// Write these HTTP apps to the state file, then send [`Event::Persisted`]. At most one is
+    /// outstanding.
+    Persist(Vec<AppSpec>),
+    Monitor(monitor::Command),
+    /// The new desired-announcement set.
+    PublishRoutes(RouteSet),
+    /// Every app's VIP, for the stats sampler.
+    PublishOwners(Owners),
+    /// Change the host, then send [`Event::HostDone`].
+    Host(HostOp),
+    /// Shutdown: once the peers were sent the empty route set (bounded wait), close the
+    /// sessions with a Cease.
+    StopSpeaker,
+    /// Shutdown, last: remove what the dataplane holds (e.g. the whole NAT chain).
+    ShutdownHost,
+}
+
+/// An app's NAT rules and where they send traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatSpec {
+    pub rules: Vec<NatRule>,
+    pub dest: Option<IpAddr>,
+}
+
+/// A change of the host for one app; the driver applies them in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostOp {
+    /// Put the VIP on `lo` (if `add_vip`), then, if that worked, install the NAT rules.
+    Install {
+        id: OpId,
+        app: AppName,
+        vip: Vip,
+        label: String,
+        add_vip: bool,
+        nat: Option<NatSpec>,
+    },
+    /// Remove the NAT rules, then the VIP if `remove_vip`. With `after_withdrawal`, first wait
+    /// (bounded) until the peers were sent every route set published before this operation.
+    Remove {
+        id: OpId,
+        app: AppName,
+        vip: Vip,
+        remove_vip: bool,
+        nat: Option<NatSpec>,
+        after_withdrawal: bool,
+    },
+}
+
+/// The result of a [`HostOp`]: per part attempted, `Ok` or the failure in words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostDone {
+    pub id: OpId,
+    pub app: AppName,
+    pub vip: Option<Result<(), String>>,
+    pub nat: Option<Result<(), String>>,
+}

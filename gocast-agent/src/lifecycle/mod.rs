@@ -1,0 +1,164 @@
+//! The app registry and each app's life: health → announce/withdraw → cleanup.
+//!
+//! One task owns every app. The API and Consul discovery send requests through a
+//! [`LifecycleHandle`](crate::messages::LifecycleHandle); the monitor scheduler sends reports;
+//! the stats sampler sends passive-health verdicts. Nothing else changes app state, so there
+//! are no locks, and every change is decided in one place:
+//!
+//! - [`core`]: the decisions, a pure state machine (events in, effects out; no I/O, no clock),
+//!   table-tested without sockets; [`events`]: its events and effects; `entry`: one app's state;
+//! - [`driver`]: the task around it: channels, clock, the host worker that applies host
+//!   changes in order, and state-file writes off the event loop.
+//!
+//! ```text
+//!  api, consul ──Request──▶ ┌────────────────────┐ ──watch/unwatch──▶ monitor::Scheduler
+//!  stats ──PassiveHealth──▶ │ driver ⇄ core      │ ◀────Report─────── (every monitor_interval)
+//!                           └────────────────────┘ ──Routes (watch)──▶ BGP speaker
+//!                              │ host worker: VIP on lo (netlink), NAT (dataplane)
+//!                              │ state file: HTTP registrations
+//! ```
+//!
+//! Healthy (after `monitor_rise` passing checks): VIP on `lo`, NAT installed, route in the set.
+//! Unhealthy (after `monitor_fall` failing checks): route out of the set at once; VIP and NAT stay
+//! until `cleanup_timer` passes, then go, and HTTP apps are forgotten (config and Consul apps stay
+//! and are checked again: the config file and the catalog decide whether they exist). Recovery
+//! before that only puts the route back. The route always leaves the set before its VIP leaves
+//! `lo`. The rules in full: docs/design.md, "App lifecycle".
+
+pub mod core;
+mod driver;
+mod entry;
+pub mod events;
+#[cfg(test)]
+mod tests;
+
+use std::{future::Future, net::IpAddr, time::Duration};
+
+use ipnet::IpNet;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use self::{core::Core, driver::Driver};
+use crate::{
+    app::{AppName, AppSpec, NatRule, Vip},
+    messages::{Announcer, LifecycleHandle, Owners, Routes},
+    metrics::Metrics,
+    monitor,
+    store::Store,
+};
+
+/// Host changes the lifecycle makes; a trait so the registry logic can be tested without
+/// privileges, and so the eBPF dataplane can take over NAT without touching this file.
+pub trait Host: Send + Sync + 'static {
+    /// Puts the VIP on `lo` with the label; idempotent.
+    fn add_vip(
+        &mut self,
+        vip: &Vip,
+        label: &str,
+    ) -> impl Future<Output = Result<(), HostError>> + Send;
+    /// Takes the VIP off `lo`; idempotent.
+    fn remove_vip(&mut self, vip: &Vip) -> impl Future<Output = Result<(), HostError>> + Send;
+    /// Installs the app's NAT rules toward `dest` (`None`: the agent's NAT destination).
+    fn install_nat(
+        &mut self,
+        app: &AppName,
+        vip: &Vip,
+        rules: &[NatRule],
+        dest: Option<IpAddr>,
+    ) -> impl Future<Output = Result<(), HostError>> + Send;
+    fn remove_nat(
+        &mut self,
+        app: &AppName,
+        vip: &Vip,
+        rules: &[NatRule],
+        dest: Option<IpAddr>,
+    ) -> impl Future<Output = Result<(), HostError>> + Send;
+    /// Removes what the agent left behind at shutdown (e.g. its NAT chain).
+    fn shutdown(&mut self) -> impl Future<Output = Result<(), HostError>> + Send;
+}
+
+/// A host operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error(transparent)]
+    Netlink(#[from] crate::netlink::NetlinkError),
+    #[error(transparent)]
+    Nat(#[from] crate::dataplane::iptables::IptablesError),
+    #[error(transparent)]
+    Ebpf(#[from] crate::dataplane::ebpf::EbpfError),
+    #[error("no NAT destination for IPv{family}: set agent.nat_dest_ip or a bgp local address")]
+    NoNatDest { family: u8 },
+    #[error(
+        "no interface to attach the eBPF dataplane to: no route toward a BGP peer or a default gateway; set dataplane.interfaces"
+    )]
+    NoInterface,
+}
+
+/// Settings the lifecycle applies.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub monitor_rise: u32,
+    pub monitor_fall: u32,
+    pub cleanup_timer: Duration,
+    pub allow_http_exec: bool,
+    pub vip_allowlist: Vec<IpNet>,
+    pub monitor: monitor::Settings,
+    /// The eBPF counters run, so `passive_health: true` has an effect.
+    pub passive_health: bool,
+}
+
+/// Channels to a running lifecycle.
+pub struct Running {
+    pub handle: LifecycleHandle,
+    pub routes: watch::Receiver<Routes>,
+    /// Finishes after shutdown has withdrawn everything and cleaned the host.
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Where the lifecycle's decisions go besides the host.
+pub struct Outputs {
+    /// The desired-announcement set; the BGP speaker and the API read it.
+    pub routes: watch::Sender<Routes>,
+    /// Each app's VIP, for the stats sampler.
+    pub owners: watch::Sender<Owners>,
+    pub announcer: Option<Announcer>,
+    pub metrics: Metrics,
+}
+
+/// Starts the lifecycle with the config apps and the saved HTTP registrations.
+///
+/// `cancel` starts shutdown: withdraw every route, close the BGP sessions, remove every VIP,
+/// then [`Host::shutdown`].
+pub fn spawn<H: Host>(
+    settings: Settings,
+    host: H,
+    config_apps: Vec<AppSpec>,
+    store: Store,
+    outputs: Outputs,
+    cancel: CancellationToken,
+) -> Running {
+    let Outputs {
+        routes,
+        owners,
+        announcer,
+        metrics,
+    } = outputs;
+    let (req_tx, req_rx) = mpsc::channel(256);
+    let (report_tx, report_rx) = mpsc::channel(1024);
+    let routes_rx = routes.subscribe();
+    // The scheduler stops with the lifecycle: it is cancelled by a child token.
+    let monitors = monitor::spawn(
+        settings.monitor.clone(),
+        report_tx,
+        metrics.clone(),
+        cancel.child_token(),
+    );
+    let core = Core::new(settings, metrics);
+    let driver = Driver::new(core, host, announcer, (routes, owners), monitors, store);
+    let task = tokio::spawn(driver.run(config_apps, req_rx, report_rx, cancel));
+    Running {
+        handle: LifecycleHandle::from(req_tx),
+        routes: routes_rx,
+        task,
+    }
+}
