@@ -60,6 +60,7 @@ impl From<LifecycleError> for ApiError {
             | LifecycleError::VipOverlap { .. }
             | LifecycleError::LabelConflict { .. }
             | LifecycleError::ConfigApp(_)
+            | LifecycleError::ConsulApp(_)
             | LifecycleError::NameTaken { .. } => StatusCode::CONFLICT,
             LifecycleError::UnknownApp(_) => StatusCode::NOT_FOUND,
             LifecycleError::ExecRefused | LifecycleError::NotAllowed(_) => StatusCode::FORBIDDEN,

@@ -72,6 +72,8 @@ pub enum LifecycleError {
     },
     #[error("app {0} is defined in the config file; change it there")]
     ConfigApp(AppName),
+    #[error("app {0} comes from the Consul catalog; change the service there")]
+    ConsulApp(AppName),
     #[error(
         "app name {name} would get lo label {label}, already used by app {owner}; choose another name"
     )]

@@ -165,7 +165,7 @@ impl Core {
                 self.deferred.push_back(event);
             }
             Event::Register { id, spec, source } => self.register(id, spec, source, now, out),
-            Event::Unregister { id, name } => self.unregister(id, name, now, out),
+            Event::Unregister { id, name } => self.unregister(id, name, out),
             Event::Apps { id } => {
                 let available = self.settings.passive_health;
                 let views = self.apps.values().map(|e| e.view(now, available)).collect();
@@ -294,18 +294,17 @@ impl Core {
         self.view(&name, now)
     }
 
-    fn unregister(&mut self, id: RequestId, name: AppName, now: Now, out: &mut Vec<Effect>) {
-        let Some(entry) = self.apps.get(&name) else {
-            Self::reply(id, Err(LifecycleError::UnknownApp(name)), out);
-            return;
-        };
-        if entry.source == Source::Http {
-            out.push(Effect::Persist(self.http_apps_with(None, &[&name])));
-            self.persisting = Some(Pending::Unregister { id, name });
-            return;
+    fn unregister(&mut self, id: RequestId, name: AppName, out: &mut Vec<Effect>) {
+        // Only HTTP apps: the config file and the catalog decide whether the others exist.
+        match self.apps.get(&name).map(|e| e.source) {
+            None => Self::reply(id, Err(LifecycleError::UnknownApp(name)), out),
+            Some(Source::Config) => Self::reply(id, Err(LifecycleError::ConfigApp(name)), out),
+            Some(Source::Consul) => Self::reply(id, Err(LifecycleError::ConsulApp(name)), out),
+            Some(Source::Http) => {
+                out.push(Effect::Persist(self.http_apps_with(None, &[&name])));
+                self.persisting = Some(Pending::Unregister { id, name });
+            }
         }
-        let result = self.remove_now(&name, now, out);
-        Self::reply(id, result, out);
     }
 
     /// Removes an app at once; replies with the app as it was.
@@ -1327,13 +1326,17 @@ mod tests {
 
     #[test]
     fn unregistering_withdraws_before_the_vip_is_removed() {
-        let mut t = T::new(1, 1, vec![spec("web", "192.0.2.10/32")]);
-        t.bring_up("web");
+        let mut t = T::new(1, 1, Vec::new());
+        t.register(spec("api", "192.0.2.20/32"), Source::Http);
+        t.step(Event::Persisted(Ok(())));
+        t.bring_up("api");
         let id = t.id();
         let effects = t.step(Event::Unregister {
             id,
-            name: name("web"),
+            name: name("api"),
         });
+        assert_eq!(kinds(effects), ["persist"]);
+        let effects = t.step(Event::Persisted(Ok(())));
         assert_eq!(
             kinds(effects),
             ["unwatch", "owners", "routes", "remove", "reply"]
@@ -1347,6 +1350,23 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn config_and_consul_apps_cannot_be_unregistered_over_http() {
+        let mut t = T::new(1, 1, vec![spec("web", "192.0.2.10/32")]);
+        t.register(spec("svc", "192.0.2.30/32"), Source::Consul);
+        for (app, want) in [("web", "config file"), ("svc", "Consul catalog")] {
+            let id = t.id();
+            let effects = t.step(Event::Unregister {
+                id,
+                name: name(app),
+            });
+            assert_eq!(kinds(effects), ["reply"]);
+            let err = app_reply(effects).as_ref().unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+        }
+        assert_eq!(t.core.apps.len(), 2);
     }
 
     #[test]
