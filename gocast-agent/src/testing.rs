@@ -23,17 +23,17 @@ use crate::{
 /// live in it, and child processes spawned from that thread (iptables) inherit it. `lo` starts
 /// down there.
 ///
-/// Returns `None` when the test cannot run (not root, or `unshare` refused), after printing
-/// `skipping test - <why>`; with `GOCAST_REQUIRE_PRIVILEGED=1` it panics instead, so CI cannot
-/// silently skip. A panic in `f` is re-raised in the caller.
+/// Returns `None` when the test cannot run (not root, or `unshare` refused), after
+/// [`gocast_test_guard`] printed `skipping test - <why>`; with `GOCAST_REQUIRE_PRIVILEGED=1` it
+/// panics instead, so CI cannot silently skip. A panic in `f` is re-raised in the caller.
 pub fn in_new_netns<F, Fut>(f: F) -> Option<Fut::Output>
 where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future,
     Fut::Output: Send + 'static,
 {
-    if !nix::unistd::geteuid().is_root() {
-        return skip("not running as root");
+    if !gocast_test_guard::privileged() {
+        return None;
     }
     let thread = std::thread::spawn(move || {
         unshare(CloneFlags::CLONE_NEWNET)
@@ -46,18 +46,12 @@ where
     });
     match thread.join() {
         Ok(Ok(output)) => Some(output),
-        Ok(Err(why)) => skip(&why),
+        Ok(Err(why)) => {
+            gocast_test_guard::skip(&why);
+            None
+        }
         Err(panic) => std::panic::resume_unwind(panic),
     }
-}
-
-fn skip<T>(why: &str) -> Option<T> {
-    assert!(
-        std::env::var("GOCAST_REQUIRE_PRIVILEGED").as_deref() != Ok("1"),
-        "privileged test cannot run: {why}"
-    );
-    eprintln!("skipping test - {why}");
-    None
 }
 
 /// A [`Host`] that records operations instead of changing the kernel; `remove_vip` also notes whether the route was still announced.

@@ -21,27 +21,9 @@ use serde_json::Value;
 pub mod fake_consul;
 pub mod routers;
 
-/// Whether privileged tests may run here. Without root they skip with a message — unless
-/// `GOCAST_REQUIRE_PRIVILEGED=1`, where a skip would hide a failure, so it panics.
-pub fn privileged(test: &str) -> bool {
-    let root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false);
-    if root {
-        return true;
-    }
-    assert!(
-        std::env::var("GOCAST_REQUIRE_PRIVILEGED").as_deref() != Ok("1"),
-        "{test}: needs root (GOCAST_REQUIRE_PRIVILEGED=1 forbids skipping)"
-    );
-    eprintln!("skipping test {test} - needs root for network namespaces");
-    false
-}
+/// `require_privileged!();` opens every privileged test: it returns `Ok(())` after printing
+/// `skipping test - <why>` without root, and panics instead under `GOCAST_REQUIRE_PRIVILEGED=1`.
+pub use gocast_test_guard::require_privileged;
 
 /// Runs a command and fails with its output if it fails.
 pub fn sh(program: &str, args: &[&str]) -> Result<Output> {

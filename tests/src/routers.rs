@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
-use crate::{Agent, Netns, Service, Topology, privileged};
+use crate::{Agent, Netns, Service, Topology, require_privileged};
 
 /// The agent's API inside its namespace.
 pub const API: &str = "127.0.0.1:8080";
@@ -696,15 +696,12 @@ fn dual_stack_agent(topo: &Topology, dir: &Path, [v4, v6]: [&str; 2]) -> Result<
 
 /// `R` and the agent (apps on `vips`, no service behind them) establish a session: waits until
 /// `R` says Established, lets `check` look at what `R` negotiated, then the agent's `/info`
-/// must say Established too. Skips without root, as `test`.
+/// must say Established too. Skips without root.
 pub fn establishes<R: Router>(
-    test: &str,
     vips: [&str; 2],
     check: impl FnOnce(&R, &Topology) -> Result<()>,
 ) -> Result<()> {
-    if !privileged(test) {
-        return Ok(());
-    }
+    require_privileged!();
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;
     let router = R::start(&topo.client, dir.path(), &Neighbor::toward_agent(&topo))?;
@@ -725,15 +722,12 @@ pub fn establishes<R: Router>(
 
 /// Healthy apps on `vips` (IPv4, IPv6) reach `R` and leave it when their service stops: waits
 /// until `R` holds both routes, lets `check` look at them, stops the service, waits until both
-/// are withdrawn, and the session must still be up. Skips without root, as `test`.
+/// are withdrawn, and the session must still be up. Skips without root.
 pub fn learns_and_withdraws<R: Router>(
-    test: &str,
     vips: [&str; 2],
     check: impl FnOnce(&R, &Topology) -> Result<()>,
 ) -> Result<()> {
-    if !privileged(test) {
-        return Ok(());
-    }
+    require_privileged!();
     let [v4, v6] = vips;
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;

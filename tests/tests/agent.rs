@@ -5,7 +5,7 @@
 use std::{fmt::Write as _, path::Path, time::Duration};
 
 use anyhow::{Context, Result, ensure};
-use gocast_tests::{Agent, Service, Topology, privileged};
+use gocast_tests::{Agent, Service, Topology, require_privileged};
 use serde_json::Value;
 
 const API: &str = "127.0.0.1:8080";
@@ -72,9 +72,7 @@ fn assert_host_clean(topo: &Topology, vip: &str) -> Result<()> {
 #[test]
 fn registered_app_is_served_through_nat_withdrawn_when_its_service_stops_and_cleaned_up()
 -> Result<()> {
-    if !privileged("registered_app_is_served_through_nat") {
-        return Ok(());
-    }
+    require_privileged!();
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;
     let config = write_config(dir.path(), &topo, "1s", "")?;
@@ -159,9 +157,7 @@ fn registered_app_is_served_through_nat_withdrawn_when_its_service_stops_and_cle
 
 #[test]
 fn http_registrations_survive_a_restart_and_sigterm_leaves_nothing_behind() -> Result<()> {
-    if !privileged("http_registrations_survive_a_restart") {
-        return Ok(());
-    }
+    require_privileged!();
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;
     let config = write_config(dir.path(), &topo, "15m", "")?;
@@ -201,9 +197,7 @@ fn http_registrations_survive_a_restart_and_sigterm_leaves_nothing_behind() -> R
 
 #[test]
 fn a_restart_after_a_crash_removes_stale_vips_and_rules_and_nothing_else() -> Result<()> {
-    if !privileged("a_restart_after_a_crash_removes_stale_vips") {
-        return Ok(());
-    }
+    require_privileged!();
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;
     let apps = "apps:\n  - name: cfg\n    vip: 192.0.2.30/32\n    monitor: port:tcp:8083\n    nats: ['tcp:80:8083']\n";
@@ -259,9 +253,7 @@ fn a_restart_after_a_crash_removes_stale_vips_and_rules_and_nothing_else() -> Re
 
 #[test]
 fn sigterm_with_two_hundred_apps_cleans_up_within_five_seconds() -> Result<()> {
-    if !privileged("sigterm_with_two_hundred_apps") {
-        return Ok(());
-    }
+    require_privileged!();
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;
     let mut apps = String::from("apps:\n");

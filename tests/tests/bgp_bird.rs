@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use gocast_tests::{
-    Agent, Service, Topology, privileged,
+    Agent, Service, Topology, require_privileged,
     routers::{
         API, Bird, COMMUNITIES, Neighbor, agent_config, agent_peer, start_agent, wait_until,
         web_apps_with_communities,
@@ -15,9 +15,7 @@ use gocast_tests::{
 
 #[test]
 fn bird_learns_healthy_vips_with_communities_and_loses_them_when_the_monitor_fails() -> Result<()> {
-    if !privileged("bird_learns_healthy_vips") {
-        return Ok(());
-    }
+    require_privileged!();
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;
     let bird = Bird::start(&topo.client, dir.path(), &Neighbor::toward_agent(&topo))?;
@@ -76,9 +74,7 @@ fn bird_learns_healthy_vips_with_communities_and_loses_them_when_the_monitor_fai
 
 #[test]
 fn without_peer_ip_the_default_gateway_is_the_peer_as_in_gocast() -> Result<()> {
-    if !privileged("without_peer_ip_the_default_gateway_is_the_peer") {
-        return Ok(());
-    }
+    require_privileged!();
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;
     let bird = Bird::start(&topo.client, dir.path(), &Neighbor::toward_agent(&topo))?;
@@ -108,9 +104,7 @@ fn without_peer_ip_the_default_gateway_is_the_peer_as_in_gocast() -> Result<()> 
 
 #[test]
 fn graceful_shutdown_re_announces_with_the_community_before_withdrawing() -> Result<()> {
-    if !privileged("graceful_shutdown_re_announces") {
-        return Ok(());
-    }
+    require_privileged!();
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;
     let bird = Bird::start(&topo.client, dir.path(), &Neighbor::toward_agent(&topo))?;
@@ -148,9 +142,7 @@ fn graceful_shutdown_re_announces_with_the_community_before_withdrawing() -> Res
 
 #[test]
 fn with_listen_port_the_agent_accepts_the_session_bird_opens_with_md5() -> Result<()> {
-    if !privileged("with_listen_port_the_agent_accepts_the_session") {
-        return Ok(());
-    }
+    require_privileged!();
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;
     // BIRD connects to the agent's listener; the agent's own connects go to a closed port.

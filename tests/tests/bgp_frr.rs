@@ -35,7 +35,7 @@ fn sorted_list(route: &Value, attr: &str) -> Vec<String> {
 
 #[test]
 fn frr_establishes_a_session_carrying_ipv4_and_ipv6_unicast() -> Result<()> {
-    establishes("frr_establishes_a_session", [V4, V6], |frr: &Frr, topo| {
+    establishes([V4, V6], |frr: &Frr, topo| {
         let out = frr.vtysh(&format!("show bgp neighbors {} json", topo.agent_ip))?;
         let peer: Value = serde_json::from_str(&out)?;
         let peer = &peer[&topo.agent_ip];
@@ -56,7 +56,7 @@ fn frr_establishes_a_session_carrying_ipv4_and_ipv6_unicast() -> Result<()> {
 
 #[test]
 fn frr_learns_healthy_vips_with_communities_and_loses_them_when_the_service_stops() -> Result<()> {
-    learns_and_withdraws("frr_learns_healthy_vips", [V4, V6], |frr: &Frr, topo| {
+    learns_and_withdraws([V4, V6], |frr: &Frr, topo| {
         let v4 = frr.route(V4)?.context("IPv4 route")?;
         ensure!(
             sorted_list(&v4, "community") == sorted(&["65001:100", "65001:7"]),

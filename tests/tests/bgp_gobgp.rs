@@ -54,61 +54,52 @@ fn large_communities(route: &Value, prefix: &str) -> Vec<String> {
 
 #[test]
 fn gobgp_establishes_a_session_carrying_ipv4_and_ipv6_unicast() -> Result<()> {
-    establishes(
-        "gobgp_establishes_a_session",
-        [V4, V6],
-        |gobgp: &Gobgp, topo| {
-            let text = gobgp.gobgp(&["neighbor", &topo.agent_ip])?;
-            ensure!(text.contains("remote AS 65001"), "remote AS:\n{text}");
-            for capability in ["ipv4-unicast:", "ipv6-unicast:", "4-octet-as:"] {
-                ensure!(
-                    text.lines().any(|l| l.trim_start().starts_with(capability)
-                        && l.contains("advertised and received")),
-                    "{capability} not negotiated:\n{text}"
-                );
-            }
-            Ok(())
-        },
-    )
+    establishes([V4, V6], |gobgp: &Gobgp, topo| {
+        let text = gobgp.gobgp(&["neighbor", &topo.agent_ip])?;
+        ensure!(text.contains("remote AS 65001"), "remote AS:\n{text}");
+        for capability in ["ipv4-unicast:", "ipv6-unicast:", "4-octet-as:"] {
+            ensure!(
+                text.lines().any(|l| l.trim_start().starts_with(capability)
+                    && l.contains("advertised and received")),
+                "{capability} not negotiated:\n{text}"
+            );
+        }
+        Ok(())
+    })
 }
 
 #[test]
 fn gobgp_learns_healthy_vips_with_communities_and_loses_them_when_the_service_stops() -> Result<()>
 {
-    learns_and_withdraws(
-        "gobgp_learns_healthy_vips",
-        [V4, V6],
-        |gobgp: &Gobgp, topo| {
-            let v4 = gobgp.route(V4)?.context("IPv4 route")?;
-            ensure!(
-                communities(&v4, V4) == ["65001:100", "65001:7"],
-                "communities (section-wide and the app's):\n{v4:#}"
-            );
-            ensure!(
-                large_communities(&v4, V4) == ["65001:1:2", "65001:7:7"],
-                "large communities:\n{v4:#}"
-            );
-            ensure!(
-                attr(&v4, V4, NEXT_HOP).is_some_and(|a| a["nexthop"] == topo.agent_ip.as_str()),
-                "next hop:\n{v4:#}"
-            );
+    learns_and_withdraws([V4, V6], |gobgp: &Gobgp, topo| {
+        let v4 = gobgp.route(V4)?.context("IPv4 route")?;
+        ensure!(
+            communities(&v4, V4) == ["65001:100", "65001:7"],
+            "communities (section-wide and the app's):\n{v4:#}"
+        );
+        ensure!(
+            large_communities(&v4, V4) == ["65001:1:2", "65001:7:7"],
+            "large communities:\n{v4:#}"
+        );
+        ensure!(
+            attr(&v4, V4, NEXT_HOP).is_some_and(|a| a["nexthop"] == topo.agent_ip.as_str()),
+            "next hop:\n{v4:#}"
+        );
 
-            let v6 = gobgp.route(V6)?.context("IPv6 route")?;
-            ensure!(
-                communities(&v6, V6) == ["65001:100"],
-                "IPv6 communities (section-wide only):\n{v6:#}"
-            );
-            ensure!(
-                large_communities(&v6, V6) == ["65001:1:2"],
-                "IPv6 large communities:\n{v6:#}"
-            );
-            ensure!(
-                attr(&v6, V6, MP_REACH_NLRI)
-                    .is_some_and(|a| a["nexthop"] == topo.agent_ip6.as_str()),
-                "IPv6 next hop {}:\n{v6:#}",
-                topo.agent_ip6
-            );
-            Ok(())
-        },
-    )
+        let v6 = gobgp.route(V6)?.context("IPv6 route")?;
+        ensure!(
+            communities(&v6, V6) == ["65001:100"],
+            "IPv6 communities (section-wide only):\n{v6:#}"
+        );
+        ensure!(
+            large_communities(&v6, V6) == ["65001:1:2"],
+            "IPv6 large communities:\n{v6:#}"
+        );
+        ensure!(
+            attr(&v6, V6, MP_REACH_NLRI).is_some_and(|a| a["nexthop"] == topo.agent_ip6.as_str()),
+            "IPv6 next hop {}:\n{v6:#}",
+            topo.agent_ip6
+        );
+        Ok(())
+    })
 }

@@ -28,7 +28,7 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use gocast_tests::{
-    Agent, Netns, Topology, privileged,
+    Agent, Netns, Topology, require_privileged,
     routers::{API, agent_peer, start_agent},
 };
 use nix::sched::{CloneFlags, setns};
@@ -981,9 +981,7 @@ fn config(dir: &Path, topo: &Topology) -> Result<String> {
     reason = "one agent through every case, in order"
 )]
 fn malformed_messages_get_the_rfc_answer_and_the_agent_survives() -> Result<()> {
-    if !privileged("malformed_messages_get_the_rfc_answer") {
-        return Ok(());
-    }
+    require_privileged!();
     let test_start = Instant::now();
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;

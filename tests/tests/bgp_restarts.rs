@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, path::Path, time::Duration};
 
 use anyhow::{Context, Result, ensure};
 use gocast_tests::{
-    Agent, Service, Topology, privileged,
+    Agent, Service, Topology, require_privileged,
     routers::{API, Bird, Neighbor, agent_config, agent_peer, start_agent, wait_until, web_apps},
     sh,
 };
@@ -59,9 +59,7 @@ fn start_md5(topo: &Topology, dir: &Path, password: &str) -> Result<(Bird, Agent
 
 #[test]
 fn a_restarted_peer_gets_the_session_back_and_the_whole_table_again() -> Result<()> {
-    if !privileged("a_restarted_peer_gets_the_whole_table") {
-        return Ok(());
-    }
+    require_privileged!();
     let (v4, v6) = ("192.0.2.90/32", "2001:db8:ff00::90/128");
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;
@@ -102,9 +100,7 @@ fn a_restarted_peer_gets_the_session_back_and_the_whole_table_again() -> Result<
 
 #[test]
 fn a_restarted_agent_announces_exactly_its_current_routes_and_nothing_stale() -> Result<()> {
-    if !privileged("a_restarted_agent_announces_exactly_its_current_routes") {
-        return Ok(());
-    }
+    require_privileged!();
     let (v4, v6) = ("192.0.2.91/32", "2001:db8:ff00::91/128");
     let (kept, gone) = ("192.0.2.92/32", "192.0.2.93/32");
     let dir = tempfile::tempdir()?;
@@ -172,9 +168,7 @@ fn a_restarted_agent_announces_exactly_its_current_routes_and_nothing_stale() ->
 
 #[test]
 fn a_silent_peer_trips_the_hold_timer_and_the_session_returns_when_it_wakes_up() -> Result<()> {
-    if !privileged("a_silent_peer_trips_the_hold_timer") {
-        return Ok(());
-    }
+    require_privileged!();
     let (v4, v6) = ("192.0.2.94/32", "2001:db8:ff00::94/128");
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;
@@ -231,9 +225,7 @@ fn a_silent_peer_trips_the_hold_timer_and_the_session_returns_when_it_wakes_up()
 
 #[test]
 fn tcp_md5_with_the_right_password_establishes() -> Result<()> {
-    if !privileged("tcp_md5_with_the_right_password_establishes") {
-        return Ok(());
-    }
+    require_privileged!();
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;
     let (bird, agent) = start_md5(&topo, dir.path(), "s3cret")?;
@@ -251,9 +243,7 @@ fn tcp_md5_with_the_right_password_establishes() -> Result<()> {
 
 #[test]
 fn tcp_md5_with_a_wrong_password_never_establishes() -> Result<()> {
-    if !privileged("tcp_md5_with_a_wrong_password_never_establishes") {
-        return Ok(());
-    }
+    require_privileged!();
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;
     let (bird, agent) = start_md5(&topo, dir.path(), "wrong")?;

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, ensure};
 use gocast_tests::{
     Agent, Service, Topology, agent_binary,
     fake_consul::{FakeConsul, Mode},
-    privileged,
+    require_privileged,
     routers::{API, Bird, Neighbor, wait_until},
 };
 use serde_json::Value;
@@ -242,9 +242,7 @@ fn short_trouble_moves_nothing(
 
 #[test]
 fn a_tagged_service_reaches_bird_follows_its_tags_and_leaves_with_the_catalog() -> Result<()> {
-    if !privileged("consul_tagged_service_reaches_bird") {
-        return Ok(());
-    }
+    require_privileged!();
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;
     let bird = Bird::start(&topo.client, dir.path(), &Neighbor::toward_agent(&topo))?;
@@ -343,9 +341,7 @@ fn a_tagged_service_reaches_bird_follows_its_tags_and_leaves_with_the_catalog() 
 
 #[test]
 fn consul_checks_decide_and_consul_trouble_withdraws_nothing_until_the_grace() -> Result<()> {
-    if !privileged("consul_checks_decide") {
-        return Ok(());
-    }
+    require_privileged!();
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;
     let bird = Bird::start(&topo.client, dir.path(), &Neighbor::toward_agent(&topo))?;
@@ -444,9 +440,7 @@ fn consul_checks_decide_and_consul_trouble_withdraws_nothing_until_the_grace() -
 
 #[test]
 fn a_remote_consul_is_asked_per_service_and_only_this_nodes_checks_count() -> Result<()> {
-    if !privileged("consul_remote_health_checks") {
-        return Ok(());
-    }
+    require_privileged!();
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;
     // Not on loopback: the agent reads /v1/health/checks/{service}, not /v1/agent/checks.

@@ -6,7 +6,7 @@
 use std::{path::Path, process::Child, time::Duration};
 
 use anyhow::{Context, Result, ensure};
-use gocast_tests::{Agent, Netns, Service, Topology, privileged};
+use gocast_tests::{Agent, Netns, Service, Topology, require_privileged};
 use serde_json::Value;
 
 const API: &str = "127.0.0.1:8080";
@@ -256,25 +256,19 @@ fn nat_suite(mode: &str, ingress: &str) -> Result<()> {
 
 #[test]
 fn ebpf_nat_serves_tcp_udp_ipv6_and_shared_backend_ports_and_counts_every_packet() -> Result<()> {
-    if !privileged("ebpf_nat_serves_tcp_udp_ipv6") {
-        return Ok(());
-    }
+    require_privileged!();
     nat_suite("ebpf", "tc")
 }
 
 #[test]
 fn ebpf_nat_with_xdp_ingress_serves_the_same_suite() -> Result<()> {
-    if !privileged("ebpf_nat_with_xdp_ingress") {
-        return Ok(());
-    }
+    require_privileged!();
     nat_suite("ebpf", "xdp native")
 }
 
 #[test]
 fn iptables_nat_serves_the_same_suite() -> Result<()> {
-    if !privileged("iptables_nat_serves_the_same_suite") {
-        return Ok(());
-    }
+    require_privileged!();
     nat_suite("iptables", "")
 }
 
@@ -311,9 +305,7 @@ impl Drop for Stuck {
 
 #[test]
 fn passive_health_withdraws_a_service_that_listens_but_no_longer_answers() -> Result<()> {
-    if !privileged("passive_health_withdraws_a_stuck_service") {
-        return Ok(());
-    }
+    require_privileged!();
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;
     let _stuck = Stuck::start(&topo.agent, 8090)?;
@@ -374,9 +366,7 @@ fn attached_programs(ns: &Netns) -> Result<String> {
 
 #[test]
 fn programs_are_attached_while_the_agent_runs_and_gone_after_a_crash_or_a_stop() -> Result<()> {
-    if !privileged("programs_detach_after_a_crash") {
-        return Ok(());
-    }
+    require_privileged!();
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;
     let config = write_config(dir.path(), &topo, "mode: auto\n  ingress: xdp", "  []\n")?;

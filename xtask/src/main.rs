@@ -1,21 +1,9 @@
-//! Developer tasks for the gocast workspace, invoked as `cargo xtask <task>`.
-//!
-//! Keeping these in Rust (instead of shell scripts or a Makefile) means the only thing a fresh
-//! machine needs is a Rust toolchain; `.ci/run` is a one-line wrapper around `cargo xtask test`.
+//! `cargo xtask <task>`: parses the command line and runs the task from the library.
 
-mod bench;
-mod build_ebpf;
-mod cmd;
-mod demo;
-mod package;
-mod packages;
-mod run;
-mod test;
-
-use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use xtask::{build_ebpf, delegate, package, run, test};
 
 /// Command line of `cargo xtask`.
 #[derive(Debug, Parser)]
@@ -40,10 +28,12 @@ enum Task {
     Test(test::TestArgs),
     /// Build the agent in release mode and print performance figures; needs root
     /// (e.g. `cargo xtask bench bgp`). Never part of `test` or CI.
-    Bench(bench::BenchArgs),
+    #[command(disable_help_flag = true)]
+    Bench(Delegated),
     /// Build everything, then narrate an anycast lab in network namespaces: BIRD with ECMP,
     /// two hosts running gocast for one VIP, a client; a service fails and recovers. Needs root.
-    Demo,
+    #[command(disable_help_flag = true)]
+    Demo(Delegated),
     /// Build the Debian package (`target/debian/gocast_*.deb`, release profile) and check its
     /// contents; `--check` packages the debug binary instead, as `cargo xtask test` does.
     Package(package::PackageArgs),
@@ -52,13 +42,25 @@ enum Task {
     BuildEbpf,
 }
 
+/// Arguments of a task that `gocast-bench` runs: passed on as given, `--help` included.
+#[derive(Debug, Args)]
+struct Delegated {
+    /// Arguments for `gocast-bench` (`--help` lists them).
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "ARGS"
+    )]
+    args: Vec<String>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Run(args) => run::run(&args),
         Task::Test(args) => test::run(&args),
-        Task::Bench(args) => bench::run(&args),
-        Task::Demo => demo::run(),
+        Task::Bench(args) => delegate::run("bench", &args.args),
+        Task::Demo(args) => delegate::run("demo", &args.args),
         Task::Package(args) => package::run(&args),
         Task::BuildEbpf => build_ebpf::run().map(drop),
     };
@@ -69,12 +71,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// The workspace root, derived from this crate's manifest directory so it works without
-/// `cargo metadata` and regardless of the directory `cargo xtask` was started from.
-pub fn workspace_root() -> PathBuf {
-    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    // `xtask/` always sits directly under the root; the fallback is unreachable in practice.
-    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
 }

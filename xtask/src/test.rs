@@ -7,7 +7,8 @@ use crate::{build_ebpf, cmd, package, packages, workspace_root};
 
 /// The eBPF crate: `no_std`/`no_main` for `bpfel-unknown-none`, built only by `cargo xtask
 /// build-ebpf` (nightly, `bpf-linker`). `--workspace` would compile it for the host, where it
-/// cannot link, so every workspace-wide step leaves it out.
+/// cannot link, so every workspace-wide step leaves it out. `--workspace` does take the other
+/// non-default member, `gocast-bench`, so the benchmarks are linted and unit-tested here.
 const EBPF_PACKAGE: &str = "gocast-ebpf";
 
 /// Arguments of `cargo xtask test`.

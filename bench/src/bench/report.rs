@@ -18,6 +18,7 @@ use plotters::{
         LineSeries, MAGENTA, PathElement, RED, RGBColor, Rectangle, SVGBackend, WHITE,
     },
 };
+use xtask::workspace_root;
 
 use super::{
     Summary,
@@ -26,7 +27,6 @@ use super::{
     mib, ms,
     nat::{Kind, Mode, NatReport, ratio},
 };
-use crate::workspace_root;
 
 /// Everything one `cargo xtask bench` run measured.
 pub struct Reports {

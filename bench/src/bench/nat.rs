@@ -34,9 +34,9 @@ use gocast_tests::{
     routers::{API, wait_until},
 };
 use tempfile::TempDir;
+use xtask::build_ebpf;
 
 use super::{Summary, release_agent};
-use crate::build_ebpf;
 
 /// The VIP the agent NATs, its port, and the service's real port.
 const VIP: &str = "192.0.2.80";
@@ -215,9 +215,9 @@ struct Server {
 
 impl Server {
     fn start(ns: &Netns, port: u16, threads: u32) -> Result<Self> {
-        let exe = std::env::current_exe().context("locating the xtask binary")?;
+        let exe = std::env::current_exe().context("locating the gocast-bench binary")?;
         let mut child = ns
-            .command(exe.to_str().context("xtask path")?)
+            .command(exe.to_str().context("gocast-bench path")?)
             .args(["bench", "serve-http", "--port"])
             .arg(port.to_string())
             .arg("--threads")

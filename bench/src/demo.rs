@@ -29,8 +29,9 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use gocast_tests::{Agent, Netns, routers::API, sh};
 use tempfile::TempDir;
+use xtask::packages;
 
-use crate::{bench, packages};
+use crate::bench;
 
 /// The anycast VIP, the port clients use, and the service's real port.
 const VIP: &str = "192.0.2.100";
@@ -122,9 +123,9 @@ impl Drop for Process {
 
 /// The HTTP service of `bench serve-http` answering with `name`.
 fn service(ns: &Netns, name: &str) -> Result<Process> {
-    let exe = std::env::current_exe().context("locating the xtask binary")?;
+    let exe = std::env::current_exe().context("locating the gocast-bench binary")?;
     let mut child = ns
-        .command(exe.to_str().context("xtask path")?)
+        .command(exe.to_str().context("gocast-bench path")?)
         .args(["bench", "serve-http", "--threads", "8", "--body", name])
         .arg("--port")
         .arg(SERVICE_PORT.to_string())

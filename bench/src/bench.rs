@@ -24,7 +24,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, Subcommand};
 
-use crate::{cmd, packages, workspace_root};
+use xtask::{build_ebpf, cmd, packages, workspace_root};
 
 /// Arguments of `cargo xtask bench`.
 #[derive(Debug, Args)]
@@ -103,7 +103,7 @@ fn defaults<A: Args + clap::FromArgMatches>(name: &'static str) -> Result<A> {
 /// `target/release/gocast`.
 pub(crate) fn release_agent() -> Result<PathBuf> {
     let root = workspace_root();
-    crate::build_ebpf::run().context("building the eBPF object")?;
+    build_ebpf::run().context("building the eBPF object")?;
     cmd::run(cmd::cargo(&root).args([
         "build",
         "--release",

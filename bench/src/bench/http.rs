@@ -7,7 +7,7 @@
 //! short connection costs no thread start. The pool must be larger than the load generator's
 //! connection count, since a keepalive connection holds its thread.
 //!
-//! It runs inside the benchmark's namespace as `ip netns exec NS xtask bench serve-http ..`
+//! It runs inside the benchmark's namespace as `ip netns exec NS gocast-bench bench serve-http ..`
 //! and is stopped by PID; it prints `ready` once it listens.
 
 use std::{
