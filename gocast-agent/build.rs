@@ -1,4 +1,5 @@
-//! Embeds the eBPF object `cargo xtask build-ebpf` builds (STYLE.md §3: one build path).
+//! Embeds the eBPF object `cargo xtask build-ebpf` builds (one build path: `docs/design.md`,
+//! "Dataplane").
 //!
 //! If `<target>/bpfel-unknown-none/release/gocast-ebpf` exists it is copied to
 //! `$OUT_DIR/gocast-ebpf.o`; otherwise an empty file is written there, so a plain `cargo build`

@@ -1,8 +1,9 @@
 //! The GoCast YAML config, read with serde and turned once into typed values.
 //!
-//! Every shape GoCast users have in the wild is accepted (see `COMPAT.md`): the single-peer
-//! `bgp:` block (`peer_as` or `remote_as`), the multi-peer block with `peers:`, and a YAML list of
-//! single-peer blocks; apps with `monitor:` or `monitors:`. All of them become one [`Config`].
+//! Every shape GoCast users have in the wild is accepted (`docs/design.md`, "Configuration
+//! semantics"): the single-peer `bgp:` block (`peer_as` or `remote_as`), the multi-peer block
+//! with `peers:`, and a YAML list of single-peer blocks; apps with `monitor:` or `monitors:`.
+//! All of them become one [`Config`].
 //! Unknown keys, wrong types and bad values are errors that name the key and, where the YAML
 //! parser knows it, the line.
 

@@ -4,7 +4,7 @@
 //! enters it with `setns` to create the listening socket; the root namespace is never changed).
 //! It completes the handshake, reads the agent's UPDATEs, then sends malformed messages, one case
 //! at a time, on one agent. After each one the agent must still run and answer its API, and
-//! behave as the RFCs say (DECISIONS.md "Malformed input from a peer"):
+//! behave as the RFCs say (`docs/design.md`, "BGP behaviour", malformed input from a peer):
 //! - header, OPEN, attribute-list and NLRI errors: the right NOTIFICATION (RFC 4271 §6, RFC 6608,
 //!   RFC 7313, RFC 7606 §3.g, §5), the connection closes, and the agent connects again;
 //! - malformed ORIGIN, `AS_PATH`, `NEXT_HOP`, COMMUNITIES, `LARGE_COMMUNITY`, wrong flags, a

@@ -1,6 +1,7 @@
 //! `cargo xtask build-ebpf`: provision the eBPF toolchain and build the kernel-side object.
 //!
-//! This is the one build path for `gocast-ebpf`. On a fresh machine it:
+//! This is the one build path for `gocast-ebpf` (`docs/design.md`, "Dataplane"). On a fresh
+//! machine it:
 //!
 //! 1. makes sure a nightly toolchain with `rust-src` exists (`-Z build-std=core` rebuilds `core`
 //!    for `bpfel-unknown-none`, which has no prebuilt standard library);

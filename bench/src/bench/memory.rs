@@ -6,7 +6,7 @@
 //! [`bgp::scale_run`], which returns when BIRD holds every route; after a few more monitor
 //! ticks the agent's `VmRSS` (resident now) and `VmHWM` (peak resident) are read, then its CPU
 //! time over `--cpu-s` seconds of steady state (every app checked once a second), as a share of
-//! one core. GoCast's figure for 1,000 apps at 1 s is 5.6 % of a core; the brief's target ≤ 0.5 %.
+//! one core. GoCast's figure for 1,000 apps at 1 s is 5.6 % of a core; our target ≤ 0.5 %.
 
 use std::{path::Path, thread, time::Duration};
 

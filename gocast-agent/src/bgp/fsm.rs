@@ -12,7 +12,8 @@
 //! - The `ConnectRetryTimer` has two jobs. In Connect it bounds the outgoing connect
 //!   ([`CONNECT_RETRY_TIME`]); in Idle it is the reconnect delay after a session loss (automatic
 //!   restart, §8.1.1): 1 s doubling to 30 s, ±20 % jitter, back to 1 s once Established
-//!   (DECISIONS.md "BGP behaviour"). `ManualStop` turns automatic restart off until `ManualStart`.
+//!   (`docs/design.md`, "BGP behaviour"). `ManualStop` turns automatic restart off until
+//!   `ManualStart`.
 //! - The jitter comes from a xorshift generator seeded from the [`FsmConfig`] (router id, AS
 //!   numbers), so tests are reproducible and hosts with different router ids do not reconnect in
 //!   lockstep after their router restarts.
@@ -37,19 +38,20 @@ const LARGE_HOLD_TIME: Duration = Duration::from_secs(240);
 
 /// How long an outgoing connect may take before it is dropped and tried again ([RFC 4271 §8.2.2]
 /// Connect state, `ConnectRetryTimer_Expires`). §10 suggests 120 s; our peers are a hop or two
-/// away and DECISIONS.md caps the reconnect delay at 30 s, so a stuck SYN must not cost minutes.
+/// away and the reconnect delay is capped at 30 s (`docs/design.md`, "BGP behaviour"), so a
+/// stuck SYN must not cost minutes.
 ///
 /// [RFC 4271 §8.2.2]: https://www.rfc-editor.org/rfc/rfc4271#section-8.2.2
 pub const CONNECT_RETRY_TIME: Duration = Duration::from_secs(10);
 
-/// First reconnect delay after a session loss (DECISIONS.md "BGP behaviour").
+/// First reconnect delay after a session loss (`docs/design.md`, "BGP behaviour").
 const INITIAL_BACKOFF: Duration = Duration::from_secs(1);
 
-/// Longest reconnect delay (DECISIONS.md "BGP behaviour").
+/// Longest reconnect delay (`docs/design.md`, "BGP behaviour").
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// The reconnect delay is multiplied by `(1000 - JITTER_PERMILLE + r) / 1000`, `r` uniform in
-/// `0..=2 * JITTER_PERMILLE`: ±20 % (DECISIONS.md "BGP behaviour").
+/// `0..=2 * JITTER_PERMILLE`: ±20 % (`docs/design.md`, "BGP behaviour").
 const JITTER_PERMILLE: u32 = 200;
 
 /// NOTIFICATION error codes and subcodes ([RFC 4271 §4.5], [RFC 4486], [RFC 6608]).

@@ -1,5 +1,5 @@
 //! The eBPF dataplane: `gocast-ebpf`'s XDP ingress NAT and TC egress reverse NAT, with per-VIP
-//! counters (STYLE.md §2).
+//! counters (`docs/design.md`, "Dataplane").
 //!
 //! The object is the one `cargo xtask build-ebpf` builds, embedded by `build.rs`; a build
 //! without it embeds an empty file and [`Ebpf::load`] fails with [`EbpfError::NotBuilt`]. Maps
