@@ -1,6 +1,7 @@
 //! GoCast in Rust: health-checks the services on a host and announces their anycast VIPs.
 //!
 //! # Layout
+//! - [`agent`]: the running agent: wiring of every task, signals, shutdown.
 //! - [`config`]: the GoCast YAML file, parsed once into typed values.
 //! - [`app`]: the app model (`AppName`, `Vip`, `Monitor`, `NatRule`, `Community`).
 //! - [`monitor`]: runs the health checks and reports results.
@@ -16,6 +17,7 @@
 //! - [`cli`]: command line, shared by the binary and tests.
 //! - [`timer`]: the one timer type every task uses; [`error_chain`]: errors on one line.
 
+pub mod agent;
 pub mod api;
 pub mod app;
 pub mod bgp;
