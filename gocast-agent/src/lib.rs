@@ -14,10 +14,12 @@
 //! - [`store`]: HTTP registrations persisted across restarts.
 //! - [`api`]: the HTTP API; [`metrics`]: Prometheus text.
 //! - [`cli`]: command line, shared by the binary and tests.
-//! - [`timer`]: the one timer type every task uses; [`error_chain`]: errors on one line.
+//! - [`timer`]: the one timer type every task uses; [`backoff`]: the one retry backoff;
+//!   [`error_chain`]: errors on one line.
 
 pub mod api;
 pub mod app;
+pub mod backoff;
 pub mod bgp;
 pub mod cli;
 pub mod config;
