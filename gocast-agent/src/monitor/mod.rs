@@ -33,7 +33,7 @@ use tracing::{debug, warn};
 use self::port::{DestroyWatcher, Destroyed, SocketTable, WatchedPorts};
 use crate::{
     app::{AppName, Monitor},
-    consul::{self, HealthLink as ConsulHealth},
+    consul::health::{self as consul_health, HealthLink as ConsulHealth},
     error_chain,
     metrics::Metrics,
     timer::Timer,
@@ -254,7 +254,7 @@ impl Scheduler {
             .apps
             .iter()
             .filter(|(_, w)| w.monitors.contains(&Monitor::Consul))
-            .map(|(name, _)| consul::service_of(name).to_owned())
+            .map(|(name, _)| consul_health::service_of(name).to_owned())
             .collect();
         link.services.send_if_modified(|current| {
             if *current == services {
@@ -361,8 +361,8 @@ impl Scheduler {
                     }
                     Monitor::Consul => {
                         let verdict = match &self.settings.consul {
-                            Some(link) => link.result(consul::service_of(name)),
-                            None => consul::unconfigured(),
+                            Some(link) => link.result(consul_health::service_of(name)),
+                            None => consul_health::unconfigured(),
                         };
                         Pending::Ready(MonitorResult {
                             ok: verdict.ok,
