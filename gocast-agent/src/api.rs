@@ -472,10 +472,10 @@ mod tests {
 
     use super::*;
     use crate::{
+        lifecycle::tests::FakeHost,
         lifecycle::{self, Running, Settings},
         monitor,
         store::Store,
-        testing::FakeHost,
     };
 
     struct Api {

@@ -15,11 +15,13 @@
 //! - [`store`]: HTTP registrations persisted across restarts.
 //! - [`api`]: the HTTP API; [`metrics`]: Prometheus text.
 //! - [`cli`]: command line, shared by the binary and tests.
-//! - [`timer`]: the one timer type every task uses; [`error_chain`]: errors on one line.
+//! - [`timer`]: the one timer type every task uses; [`backoff`]: the one retry backoff;
+//!   [`error_chain`]: errors on one line.
 
 pub mod agent;
 pub mod api;
 pub mod app;
+pub mod backoff;
 pub mod bgp;
 pub mod cli;
 pub mod config;
@@ -38,14 +40,44 @@ pub mod timer;
 #[cfg(test)]
 pub mod testing;
 
-/// The error and its causes on one line, for a log field.
+/// The error and its causes on one line, for a log field. A cause whose text the line already
+/// holds (an error that prints its source in its own message) is not repeated.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut cause = error.source();
     while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
+        let c_text = c.to_string();
+        if !text.contains(&c_text) {
+            text.push_str(": ");
+            text.push_str(&c_text);
+        }
         cause = c.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    enum Outer {
+        #[error("reading the file")]
+        Plain(#[source] std::io::Error),
+        #[error("reading the file: {0}")]
+        Shown(#[source] std::io::Error),
+    }
+
+    #[test]
+    fn error_chain_joins_causes_once() {
+        let io = || std::io::Error::other("disk on fire");
+        assert_eq!(
+            error_chain(&Outer::Plain(io())),
+            "reading the file: disk on fire"
+        );
+        assert_eq!(
+            error_chain(&Outer::Shown(io())),
+            "reading the file: disk on fire"
+        );
+    }
 }

@@ -14,7 +14,7 @@
 //!   restart, §8.1.1): 1 s doubling to 30 s, ±20 % jitter, back to 1 s once Established
 //!   (`docs/design.md`, "BGP behaviour"). `ManualStop` turns automatic restart off until
 //!   `ManualStart`.
-//! - The jitter comes from a xorshift generator seeded from the [`FsmConfig`] (router id, AS
+//! - The jitter of the reconnect [`Backoff`] is seeded from the [`FsmConfig`] (router id, AS
 //!   numbers), so tests are reproducible and hosts with different router ids do not reconnect in
 //!   lockstep after their router restarts.
 //! - The router id of an eBGP peer may equal ours ([RFC 6286 §2.2]); only iBGP rejects it.
@@ -28,6 +28,7 @@ use std::{fmt, net::Ipv4Addr, time::Duration};
 use super::codec::{
     Family, Message, Notification, Open, ReceivedUpdate, error_code, shutdown_notification,
 };
+use crate::backoff::Backoff;
 
 /// Hold time while we wait for the peer's OPEN: [RFC 4271 §8.2.2] (Connect and Active states,
 /// on the TCP connection coming up) sets "the `HoldTimer` to a large value"; "A `HoldTimer` value of
@@ -49,10 +50,6 @@ const INITIAL_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Longest reconnect delay (`docs/design.md`, "BGP behaviour").
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-
-/// The reconnect delay is multiplied by `(1000 - JITTER_PERMILLE + r) / 1000`, `r` uniform in
-/// `0..=2 * JITTER_PERMILLE`: ±20 % (`docs/design.md`, "BGP behaviour").
-const JITTER_PERMILLE: u32 = 200;
 
 /// NOTIFICATION error codes and subcodes ([RFC 4271 §4.5], [RFC 4486], [RFC 6608]).
 ///
@@ -286,10 +283,9 @@ pub struct Fsm {
     running: bool,
     /// Set when the peer's OPEN is accepted, cleared when the session goes down.
     negotiated: Option<Negotiated>,
-    /// Reconnect delay, before jitter, for the next session loss.
-    backoff: Duration,
-    /// Jitter source; seeded from the config so runs are reproducible.
-    rng: XorShift,
+    /// Reconnect delays after session losses; its jitter is seeded from the config, so runs are
+    /// reproducible.
+    backoff: Backoff,
     /// Outputs of the input being processed; `process` hands them over.
     out: Vec<Output>,
 }
@@ -304,8 +300,7 @@ impl Fsm {
             state: State::Idle,
             running: false,
             negotiated: None,
-            backoff: INITIAL_BACKOFF,
-            rng: XorShift::new(seed),
+            backoff: Backoff::seeded(INITIAL_BACKOFF, MAX_BACKOFF, seed),
             out: Vec::new(),
         }
     }
@@ -555,7 +550,7 @@ impl Fsm {
         let Some(negotiated) = self.negotiated.clone() else {
             return;
         };
-        self.backoff = INITIAL_BACKOFF;
+        self.backoff.reset();
         let hold_time = negotiated.hold_time;
         self.out.push(Output::SetHoldTimer(
             (!hold_time.is_zero()).then_some(hold_time),
@@ -612,16 +607,8 @@ impl Fsm {
         });
         self.negotiated = None;
         self.change_state(State::Idle);
-        let retry = self.running.then(|| self.next_backoff());
+        let retry = self.running.then(|| self.backoff.next_delay());
         self.out.push(Output::SetConnectRetryTimer(retry));
-    }
-
-    /// The jittered reconnect delay; doubles the next one, up to [`MAX_BACKOFF`].
-    fn next_backoff(&mut self) -> Duration {
-        let base = self.backoff;
-        self.backoff = (base * 2).min(MAX_BACKOFF);
-        let permille = 1000 - JITTER_PERMILLE + self.rng.below(2 * JITTER_PERMILLE + 1);
-        base * permille / 1000
     }
 
     /// The OPEN we send (RFC 4271 §4.2): our identity and every capability we speak.
@@ -652,36 +639,6 @@ fn notification(code: u8, subcode: u8) -> Notification {
         code,
         subcode,
         data: Vec::new(),
-    }
-}
-
-/// xorshift64 (Marsaglia, 2003): enough to spread reconnects, nothing more.
-#[derive(Debug)]
-struct XorShift(u64);
-
-impl XorShift {
-    /// Scrambles `seed` with the `SplitMix64` finalizer so close seeds give unrelated sequences;
-    /// the state is never zero (xorshift would stay at zero).
-    fn new(seed: u64) -> Self {
-        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        Self((z ^ (z >> 31)) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    /// A number in `0..bound`.
-    fn below(&mut self, bound: u32) -> u32 {
-        // The remainder is below `bound`, so it fits in a u32.
-        u32::try_from(self.next() % u64::from(bound)).unwrap_or(0)
     }
 }
 
@@ -1440,7 +1397,7 @@ mod tests {
         fsm.process(Input::TcpConnectionConfirmed);
         fsm.process(Input::OpenReceived(peer_open()));
         // Not yet: the reset comes with Established.
-        assert_eq!(fsm.backoff, MAX_BACKOFF);
+        assert_eq!(fsm.backoff.base(), MAX_BACKOFF);
         fsm.process(Input::KeepaliveReceived);
         let out = fsm.process(Input::HoldTimerExpired);
         let delay = retry_delay(&out).expect("reconnect scheduled");
@@ -1453,8 +1410,8 @@ mod tests {
             let mut fsm = Fsm::new(config);
             (0..20)
                 .map(|_| {
-                    fsm.backoff = INITIAL_BACKOFF;
-                    fsm.next_backoff()
+                    fsm.backoff.reset();
+                    fsm.backoff.next_delay()
                 })
                 .collect()
         }

@@ -1,5 +1,5 @@
-//! The `consul` monitor's data: Consul's checks for a service, fetched by one poller task for
-//! every app, and the rule that turns them (or their absence) into a monitor result.
+//! The `consul` monitor's side of Consul: Consul's checks for a service, fetched by one poller
+//! task for every app, and the rule that turns them (or their absence) into a monitor result.
 //!
 //! With a local agent (`consul_addr` containing `localhost` or `127.0.0.1`, GoCast's rule, or
 //! on `[::1]`) one `GET /v1/agent/checks?filter=enable_gocast in ServiceTags` per poll serves
@@ -11,11 +11,31 @@
 //! Staleness: the last answer for a service stays valid for `grace` (see
 //! [`HealthView::result`]); a monitor still without a newer answer after that fails, so an
 //! outage of Consul shorter than `grace` withdraws nothing.
+//!
+//! Contract: one poller task ([`spawn_health`]) serves every `consul` monitor. The monitor
+//! scheduler tells it which services to watch and reads its verdicts through a [`HealthLink`]
+//! without waiting on the network; a new service is polled at once, the others every
+//! `monitor_interval`, and failures back off (never below `monitor_interval`). This side only
+//! needs the [`client`](super::client); it knows nothing of discovery or the lifecycle.
 
-use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    time::Duration,
+};
 
 use serde::Deserialize;
-use tokio::time::Instant;
+use tokio::{sync::watch, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::client::{
+    Client, ConsulError, Endpoint, MAX_BACKOFF, MIN_BACKOFF, REQUEST_TIMEOUT, WarnLimiter,
+};
+use crate::{app::AppName, backoff::Backoff};
+
+/// `filter=enable_gocast in ServiceTags` for `/agent/checks`, as GoCast sends it: Consul
+/// answers only checks of gocast services.
+pub const AGENT_CHECKS_FILTER: &str = "filter=enable_gocast%20in%20ServiceTags";
 
 /// One health check as `/v1/agent/checks` (values of the object) and
 /// `/v1/health/checks/{service}` (elements of the array) return it.
@@ -103,6 +123,7 @@ pub struct HealthView {
 }
 
 impl HealthView {
+    /// An empty view whose answers stay valid for `grace`.
     pub fn new(grace: Duration) -> Self {
         Self {
             grace,
@@ -190,9 +211,191 @@ impl HealthView {
     }
 }
 
+/// The health task's handles for the monitor scheduler.
+#[derive(Debug, Clone)]
+pub struct HealthLink {
+    /// The poller's verdicts.
+    pub view: watch::Receiver<HealthView>,
+    /// The services some app monitors with `consul`; the scheduler keeps it current.
+    pub services: watch::Sender<BTreeSet<String>>,
+}
+
+impl HealthLink {
+    /// The `consul` monitor's result for `service` now.
+    pub fn result(&self, service: &str) -> Verdict {
+        self.view.borrow().result(service, Instant::now())
+    }
+}
+
+/// Starts the health poller; the returned link goes to the monitor scheduler.
+pub fn spawn_health(client: Client, cancel: CancellationToken) -> HealthLink {
+    let (view_tx, view_rx) = watch::channel(HealthView::new(client.settings().grace));
+    let (services_tx, services_rx) = watch::channel(BTreeSet::new());
+    tokio::spawn(poll_health(client, services_rx, view_tx, cancel));
+    HealthLink {
+        view: view_rx,
+        services: services_tx,
+    }
+}
+
+/// Polls Consul's checks every `monitor_interval` for the services some app monitors.
+async fn poll_health(
+    client: Client,
+    mut services: watch::Receiver<BTreeSet<String>>,
+    view: watch::Sender<HealthView>,
+    cancel: CancellationToken,
+) {
+    let s = client.settings().clone();
+    let local = s.local_agent();
+    // Several tries must fit in the grace, or one long backoff would outlast it.
+    let mut backoff = Backoff::new(MIN_BACKOFF, (s.grace / 4).clamp(MIN_BACKOFF, MAX_BACKOFF));
+    let mut warn_limit = WarnLimiter::new("consul monitor");
+    loop {
+        let wanted = services.borrow_and_update().clone();
+        view.send_modify(|v| v.retain(|svc| wanted.contains(svc)));
+        if wanted.is_empty() {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                r = services.changed() => if r.is_err() { return },
+            }
+            continue;
+        }
+        let errors = if local {
+            poll_agent(&client, &wanted, &view).await
+        } else {
+            poll_remote(&client, &wanted, &view).await
+        };
+        let delay = match errors.first() {
+            None => {
+                warn_limit.succeeded();
+                backoff.reset();
+                s.monitor_interval
+            }
+            Some(e) => {
+                let delay = backoff.next_delay().max(s.monitor_interval);
+                warn_limit.failed(e, delay);
+                delay
+            }
+        };
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+            // A new service to watch is polled at once, not a monitor_interval later.
+            r = services.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// One `/v1/agent/checks` for every service; returns the errors.
+async fn poll_agent(
+    client: &Client,
+    wanted: &BTreeSet<String>,
+    view: &watch::Sender<HealthView>,
+) -> Vec<ConsulError> {
+    let url = agent_checks_url(client);
+    let result = read_checks(client, Endpoint::AgentChecks, url, parse_agent_checks).await;
+    let now = Instant::now();
+    match result {
+        Ok(checks) => {
+            view.send_modify(|v| {
+                for svc in wanted {
+                    let mine = checks.iter().filter(|c| &c.service_name == svc);
+                    v.answered(svc, verdict(svc, mine), now);
+                }
+            });
+            Vec::new()
+        }
+        Err(e) => {
+            let text = e.to_string();
+            view.send_modify(|v| wanted.iter().for_each(|svc| v.failed(svc, &text, now)));
+            vec![e]
+        }
+    }
+}
+
+/// One read of checks: never a blocking query, so the short [`REQUEST_TIMEOUT`] applies.
+async fn read_checks(
+    client: &Client,
+    endpoint: Endpoint,
+    url: reqwest::Url,
+    parse: fn(&[u8]) -> Result<Vec<Check>, serde_json::Error>,
+) -> Result<Vec<Check>, ConsulError> {
+    let (checks, _index) = client.get(endpoint, url, REQUEST_TIMEOUT, parse).await?;
+    Ok(checks)
+}
+
+/// `/v1/agent/checks` with GoCast's filter.
+fn agent_checks_url(client: &Client) -> reqwest::Url {
+    let mut url = client.url(&["agent", "checks"], &[]);
+    url.set_query(Some(AGENT_CHECKS_FILTER));
+    url
+}
+
+/// `/v1/health/checks/{service}` per service, concurrently; this node's checks decide.
+async fn poll_remote(
+    client: &Client,
+    wanted: &BTreeSet<String>,
+    view: &watch::Sender<HealthView>,
+) -> Vec<ConsulError> {
+    let node = client.settings().node.clone();
+    let stale = client.settings().stale;
+    let reads = wanted.iter().map(|svc| {
+        let query: Vec<(&str, Option<String>)> = if stale {
+            vec![("stale", None)]
+        } else {
+            Vec::new()
+        };
+        let url = client.url(&["health", "checks", svc], &query);
+        async move {
+            let result = read_checks(client, Endpoint::HealthChecks, url, parse_health_checks);
+            (svc, result.await)
+        }
+    });
+    let results = futures::future::join_all(reads).await;
+    let now = Instant::now();
+    let mut errors = Vec::new();
+    view.send_modify(|v| {
+        for (svc, result) in results {
+            match result {
+                Ok(checks) => {
+                    let mine = checks.iter().filter(|c| {
+                        c.node == node && (c.service_name.is_empty() || &c.service_name == svc)
+                    });
+                    v.answered(svc, verdict(svc, mine), now);
+                }
+                Err(e) => {
+                    v.failed(svc, &e.to_string(), now);
+                    errors.push(e);
+                }
+            }
+        }
+    });
+    errors
+}
+
+/// The `consul` monitor's result for an app when Consul is not configured.
+pub fn unconfigured() -> Verdict {
+    Verdict {
+        ok: false,
+        reason: "consul monitor: agent.consul_addr is not set".into(),
+    }
+}
+
+/// The app name as the service name the `consul` monitor asks about.
+pub fn service_of(app: &AppName) -> &str {
+    app.as_str()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        consul::client::{
+            Settings,
+            tests::{config, env},
+        },
+        metrics::Metrics,
+    };
 
     const AGENT_CHECKS: &str = r#"{
       "serfHealth": {"Node": "node1", "CheckID": "serfHealth", "Name": "Serf Health Status",
@@ -280,5 +483,25 @@ mod tests {
         assert_eq!(view.result("web", t0 + Duration::from_secs(41)), ok);
         view.retain(|_| false);
         assert!(!view.result("web", t0).ok);
+    }
+
+    #[test]
+    fn agent_checks_sends_gocasts_filter() {
+        let c = config("http://127.0.0.1:8500/v1");
+        let s = Settings::new(&c, Duration::from_secs(1), env(&[])).unwrap();
+        let client = Client::new(s, Metrics::default()).unwrap();
+        let url = agent_checks_url(&client);
+        assert_eq!(
+            url.as_str(),
+            "http://127.0.0.1:8500/v1/agent/checks?filter=enable_gocast%20in%20ServiceTags"
+        );
+        let filter: Vec<(String, String)> = url.query_pairs().into_owned().collect();
+        assert_eq!(
+            filter,
+            [(
+                "filter".to_owned(),
+                "enable_gocast in ServiceTags".to_owned()
+            )]
+        );
     }
 }

@@ -30,7 +30,7 @@ mod driver;
 mod entry;
 pub mod events;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::{future::Future, net::IpAddr, time::Duration};
 

@@ -33,8 +33,10 @@ use tracing::{debug, warn};
 use self::port::{DestroyWatcher, Destroyed, SocketTable, WatchedPorts};
 use crate::{
     app::{AppName, Monitor},
-    consul::{self, HealthLink as ConsulHealth},
+    consul::health::{self as consul_health, HealthLink as ConsulHealth},
+    error_chain,
     metrics::Metrics,
+    timer::Timer,
 };
 
 /// The outcome of one monitor run.
@@ -117,8 +119,8 @@ struct Scheduler {
     /// Apps to re-check because a socket on a port they monitor went away. Apps whose exec check
     /// is running stay here until it reports.
     stale: HashSet<AppName>,
-    /// When to re-check the stale apps; `None` while nothing is due.
-    recheck_at: Option<tokio::time::Instant>,
+    /// When to re-check the stale apps; off while nothing is due.
+    recheck: Timer,
 }
 
 /// Starts the scheduler; it stops when `cancel` fires or the command channel closes.
@@ -141,7 +143,7 @@ pub fn spawn(
         ports: watch::Sender::new(WatchedPorts::new()),
         destroys: Destroys::Off,
         stale: HashSet::new(),
-        recheck_at: None,
+        recheck: Timer::default(),
     };
     tokio::spawn(scheduler.run(rx, done_rx, cancel));
     tx
@@ -187,7 +189,7 @@ impl Scheduler {
                     // The watcher thread stopped and logged why.
                     None => self.destroys = Destroys::Unavailable,
                 },
-                () = sleep_until(self.recheck_at) => self.recheck_stale().await,
+                () = self.recheck.fired() => self.recheck_stale().await,
                 _ = ticker.tick() => {
                     let due: Vec<AppName> = self.apps.iter().filter(|(_, w)| !w.in_flight).map(|(n, _)| n.clone()).collect();
                     self.check(&due).await;
@@ -252,7 +254,7 @@ impl Scheduler {
             .apps
             .iter()
             .filter(|(_, w)| w.monitors.contains(&Monitor::Consul))
-            .map(|(name, _)| consul::service_of(name).to_owned())
+            .map(|(name, _)| consul_health::service_of(name).to_owned())
             .collect();
         link.services.send_if_modified(|current| {
             if *current == services {
@@ -273,7 +275,7 @@ impl Scheduler {
             }
             Err(e) => {
                 warn!(
-                    error = format!("{:#}", anyhow::Error::new(e)),
+                    error = error_chain(&e),
                     "cannot watch sockets close: port monitors see a closed port at the next monitor interval only"
                 );
                 Destroys::Unavailable
@@ -305,14 +307,14 @@ impl Scheduler {
 
     /// Re-checks the stale apps [`RECHECK_DELAY`] from now, unless a re-check is already due.
     fn schedule_recheck(&mut self) {
-        self.recheck_at
-            .get_or_insert_with(|| tokio::time::Instant::now() + RECHECK_DELAY);
+        if self.recheck.deadline().is_none() {
+            self.recheck.set(Some(RECHECK_DELAY));
+        }
     }
 
     /// Checks the stale apps now, from a fresh snapshot; those with an exec check still running
     /// wait for it to report.
     async fn recheck_stale(&mut self) {
-        self.recheck_at = None;
         let apps = &self.apps;
         let due: Vec<AppName> = self
             .stale
@@ -359,8 +361,8 @@ impl Scheduler {
                     }
                     Monitor::Consul => {
                         let verdict = match &self.settings.consul {
-                            Some(link) => link.result(consul::service_of(name)),
-                            None => consul::unconfigured(),
+                            Some(link) => link.result(consul_health::service_of(name)),
+                            None => consul_health::unconfigured(),
                         };
                         Pending::Ready(MonitorResult {
                             ok: verdict.ok,
@@ -430,14 +432,6 @@ async fn next_destroyed(destroys: &mut Destroys) -> Option<Destroyed> {
     match destroys {
         Destroys::On(events) => events.recv().await,
         Destroys::Off | Destroys::Unavailable => std::future::pending().await,
-    }
-}
-
-/// Sleeps until `deadline`; pending forever without one.
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }
 

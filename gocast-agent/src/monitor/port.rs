@@ -464,7 +464,7 @@ impl DestroyWatcher {
                 }
                 Err(e) => {
                     tracing::warn!(
-                        error = format!("{:#}", anyhow::Error::new(e)),
+                        error = crate::error_chain(&e),
                         "socket destroy watcher stopped: port monitors see a closed port at the next monitor interval only"
                     );
                     return;
