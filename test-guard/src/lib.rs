@@ -45,7 +45,7 @@ pub fn skip(why: &str) {
 
 /// Whether the effective uid is 0, read from `/proc` because std has no safe `geteuid` and
 /// this crate needs no dependency for it.
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
         status
             .lines()

@@ -4,6 +4,8 @@
 use std::process::Command;
 
 use anyhow::{Context, Result};
+/// Whether the effective uid is 0: the privileged-test guard's check, one implementation.
+pub use gocast_test_guard::is_root;
 
 use crate::cmd;
 
@@ -90,17 +92,4 @@ fn is_installed(package: &str) -> bool {
         .stderr(std::process::Stdio::null())
         .output()
         .is_ok_and(|output| output.status.success() && output.stdout == b"install ok installed")
-}
-
-/// Whether the effective uid is 0, read from `/proc` because std has no safe `geteuid` and the
-/// workspace forbids `unsafe`.
-pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("Uid:"))
-            // Fields are real, effective, saved and filesystem uid; privileges follow the effective one.
-            .and_then(|uids| uids.split_whitespace().nth(1))
-            == Some("0")
-    })
 }

@@ -618,6 +618,28 @@ impl Core {
         self.metrics.app_removed(entry.spec.name.as_str());
     }
 
+    /// Starts an operation on the chosen resources (its id marks them, so only its result
+    /// settles them); `None` when there is nothing to do.
+    fn claim(
+        &mut self,
+        entry: &mut Entry,
+        vip: bool,
+        nat: bool,
+        state: fn(OpId) -> Resource,
+    ) -> Option<OpId> {
+        if !vip && !nat {
+            return None;
+        }
+        let id = self.next_op();
+        if vip {
+            entry.vip = state(id);
+        }
+        if nat {
+            entry.nat = state(id);
+        }
+        Some(id)
+    }
+
     /// Asks for what the app lacks on the host (VIP, then NAT), unless that is already under
     /// way; it is announced when the host confirms ([`Core::host_done`]).
     fn install(&mut self, entry: &mut Entry, out: &mut Vec<Effect>) {
@@ -626,16 +648,9 @@ impl Core {
         }
         let add_vip = !entry.vip.maybe_present();
         let add_nat = !entry.spec.nats.is_empty() && !entry.nat.maybe_present();
-        if !add_vip && !add_nat {
+        let Some(id) = self.claim(entry, add_vip, add_nat, Resource::Adding) else {
             return;
-        }
-        let id = self.next_op();
-        if add_vip {
-            entry.vip = Resource::Adding(id);
-        }
-        if add_nat {
-            entry.nat = Resource::Adding(id);
-        }
+        };
         out.push(Effect::Host(HostOp::Install {
             id,
             app: entry.spec.name.clone(),
@@ -657,16 +672,9 @@ impl Core {
     ) {
         let remove_vip = vip && entry.vip.maybe_present();
         let remove_nat = !entry.spec.nats.is_empty() && entry.nat.maybe_present();
-        if !remove_vip && !remove_nat {
+        let Some(id) = self.claim(entry, remove_vip, remove_nat, Resource::Removing) else {
             return;
-        }
-        let id = self.next_op();
-        if remove_vip {
-            entry.vip = Resource::Removing(id);
-        }
-        if remove_nat {
-            entry.nat = Resource::Removing(id);
-        }
+        };
         out.push(Effect::Host(HostOp::Remove {
             id,
             app: entry.spec.name.clone(),
