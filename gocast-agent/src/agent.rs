@@ -161,6 +161,7 @@ fn lifecycle_settings(
         cleanup_timer: agent.cleanup_timer,
         allow_http_exec: agent.allow_http_exec,
         vip_allowlist: agent.vip_allowlist.clone(),
+        drain_time: agent.drain_time,
         monitor: monitor::Settings {
             interval: agent.monitor_interval,
             exec_timeout: agent.exec_timeout,

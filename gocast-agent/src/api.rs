@@ -497,6 +497,7 @@ mod tests {
             cleanup_timer: Duration::from_secs(60),
             allow_http_exec: false,
             vip_allowlist: Vec::new(),
+            drain_time: Duration::from_secs(1),
             monitor: monitor::Settings {
                 interval: Duration::from_millis(20),
                 exec_timeout: Duration::from_secs(5),

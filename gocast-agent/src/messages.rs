@@ -10,7 +10,7 @@
 //!  BGP speaker ──Announcer (flushed version)──▶ lifecycle
 //! ```
 
-use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::Duration};
 
 use ipnet::IpNet;
 use serde::Serialize;
@@ -19,8 +19,25 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     app::{AppName, AppSpec, Community, Monitor, NatRule, Source, Vip},
+    monitor,
     store::StoreError,
 };
+
+/// Settings the lifecycle applies; a config reload replaces them ([`Request::Reload`]).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub monitor_rise: u32,
+    pub monitor_fall: u32,
+    pub cleanup_timer: Duration,
+    pub allow_http_exec: bool,
+    pub vip_allowlist: Vec<IpNet>,
+    /// How long a drained app's route stays announced with `GRACEFUL_SHUTDOWN` before it is
+    /// withdrawn.
+    pub drain_time: Duration,
+    pub monitor: monitor::Settings,
+    /// The eBPF counters run, so `passive_health: true` has an effect.
+    pub passive_health: bool,
+}
 
 /// What the lifecycle wants announced: one route per healthy app, keyed by prefix.
 pub type RouteSet = BTreeMap<IpNet, Route>;
@@ -57,6 +74,10 @@ pub struct Route {
     pub app: AppName,
     /// The app's own communities; each peer adds its `bgp.communities`.
     pub communities: Vec<Community>,
+    /// The app is draining: announce with `GRACEFUL_SHUTDOWN` (RFC 8326) and, to iBGP peers, a
+    /// low `LOCAL_PREF`, so the peers move traffic away before the withdrawal.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub drain: bool,
 }
 
 /// Why a request was refused. A refused request changed nothing.
@@ -121,6 +142,47 @@ pub enum Request {
         keep: Vec<AppName>,
         reply: oneshot::Sender<Vec<(AppName, LifecycleError)>>,
     },
+    /// A config reload: new settings, and the config apps made equal to `apps` (added,
+    /// changed, removed; HTTP and Consul apps are never touched). A config app that clashes
+    /// with an HTTP or Consul app is refused and reported; the rest are applied.
+    Reload {
+        settings: Box<Settings>,
+        apps: Vec<AppSpec>,
+        reply: oneshot::Sender<SyncReport>,
+    },
+    /// Drains (`drain: true`) or undrains one app, or the whole host (`app: None`). Saved, so
+    /// a restart keeps it.
+    Drain {
+        app: Option<AppName>,
+        drain: bool,
+        reply: oneshot::Sender<Result<DrainReport, LifecycleError>>,
+    },
+}
+
+/// What a sync of one source's apps changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SyncReport {
+    pub added: Vec<AppName>,
+    pub changed: Vec<AppName>,
+    pub removed: Vec<AppName>,
+    /// Refused, with why; the rest were applied regardless.
+    pub refused: Vec<Refused>,
+}
+
+/// An app a sync refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Refused {
+    pub app: AppName,
+    pub reason: String,
+}
+
+/// The drain state after a drain or undrain.
+#[derive(Debug, Clone, Serialize)]
+pub struct DrainReport {
+    /// The whole host is drained.
+    pub host_drained: bool,
+    /// The apps the request changed, as they are now.
+    pub apps: Vec<AppView>,
 }
 
 /// The client side of the lifecycle; cheap to clone.
@@ -175,6 +237,30 @@ impl LifecycleHandle {
             .await
     }
 
+    /// See [`Request::Reload`].
+    pub async fn reload(
+        &self,
+        settings: Settings,
+        apps: Vec<AppSpec>,
+    ) -> Result<SyncReport, LifecycleError> {
+        self.ask(|reply| Request::Reload {
+            settings: Box::new(settings),
+            apps,
+            reply,
+        })
+        .await
+    }
+
+    /// See [`Request::Drain`].
+    pub async fn drain(
+        &self,
+        app: Option<AppName>,
+        drain: bool,
+    ) -> Result<DrainReport, LifecycleError> {
+        self.ask(|reply| Request::Drain { app, drain, reply })
+            .await?
+    }
+
     async fn ask<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<T>) -> Request,
@@ -198,6 +284,13 @@ pub struct AppView {
     pub state: &'static str,
     /// The route is in the desired-announcement set.
     pub announced: bool,
+    /// `draining` (announced with `GRACEFUL_SHUTDOWN` until the drain time passes) or
+    /// `drained` (withdrawn; VIP and NAT stay until cleanup); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain: Option<&'static str>,
+    /// Seconds until a draining app's route is withdrawn.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub withdraw_in_s: Option<f64>,
     /// The VIP is on `lo` (it stays there while cleanup is pending).
     pub vip_installed: bool,
     pub lo_label: String,

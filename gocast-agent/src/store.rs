@@ -1,4 +1,4 @@
-//! HTTP registrations persisted across restarts, in `agent.state_file`.
+//! HTTP registrations and drain state persisted across restarts, in `agent.state_file`.
 //!
 //! Written atomically (temp file in the same directory, fsync, rename, fsync of the directory),
 //! so a crash leaves the old file or the new one, never half of one. A file that cannot be
@@ -13,9 +13,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::app::AppSpec;
+use crate::app::{AppName, AppSpec};
 
-/// Bumped when the format changes incompatibly.
+/// Bumped when the format changes incompatibly. The drain fields were added compatibly: a
+/// file without them loads, and an older agent ignores them.
 const FORMAT_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
@@ -35,10 +36,24 @@ pub enum StoreError {
     },
 }
 
+/// What the state file keeps.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Saved {
+    /// The HTTP registrations.
+    pub apps: Vec<AppSpec>,
+    /// Apps drained by name (any source): a restart during maintenance does not re-announce them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drained: Vec<AppName>,
+    /// The whole host is drained.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub host_drained: bool,
+}
+
 #[derive(Serialize, Deserialize)]
 struct StateFile {
     version: u32,
-    apps: Vec<AppSpec>,
+    #[serde(flatten)]
+    saved: Saved,
 }
 
 /// The state file of one agent.
@@ -57,7 +72,7 @@ impl Store {
     }
 
     /// [`Store::load`] on a blocking thread, so the caller's task keeps running.
-    pub async fn load_off_thread(&self) -> Result<Vec<AppSpec>, StoreError> {
+    pub async fn load_off_thread(&self) -> Result<Saved, StoreError> {
         let store = self.clone();
         tokio::task::spawn_blocking(move || store.load())
             .await
@@ -65,9 +80,9 @@ impl Store {
     }
 
     /// [`Store::save`] on a blocking thread, so the caller's task keeps running.
-    pub async fn save_off_thread(&self, apps: Vec<AppSpec>) -> Result<(), StoreError> {
+    pub async fn save_off_thread(&self, saved: Saved) -> Result<(), StoreError> {
         let store = self.clone();
-        tokio::task::spawn_blocking(move || store.save(&apps))
+        tokio::task::spawn_blocking(move || store.save(&saved))
             .await
             .unwrap_or_else(|e| Err(self.io_error("write", e)))
     }
@@ -80,15 +95,15 @@ impl Store {
         }
     }
 
-    /// The saved registrations; none when the file does not exist yet.
-    pub fn load(&self) -> Result<Vec<AppSpec>, StoreError> {
+    /// What was saved; nothing when the file does not exist yet.
+    pub fn load(&self) -> Result<Saved, StoreError> {
         let text = match fs::read_to_string(&self.path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Saved::default()),
             Err(source) => return Err(self.io("read", source)),
         };
         let reason = match serde_json::from_str::<StateFile>(&text) {
-            Ok(f) if f.version == FORMAT_VERSION => return Ok(f.apps),
+            Ok(f) if f.version == FORMAT_VERSION => return Ok(f.saved),
             Ok(f) => format!("unknown format version {}", f.version),
             Err(e) => e.to_string(),
         };
@@ -106,8 +121,8 @@ impl Store {
         })
     }
 
-    /// Replaces the saved registrations with `apps`.
-    pub fn save(&self, apps: &[AppSpec]) -> Result<(), StoreError> {
+    /// Replaces what is saved.
+    pub fn save(&self, saved: &Saved) -> Result<(), StoreError> {
         let dir = match self.path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
             _ => PathBuf::from("."),
@@ -115,7 +130,7 @@ impl Store {
         fs::create_dir_all(&dir).map_err(|source| self.io("create the directory of", source))?;
         let body = serde_json::to_vec_pretty(&StateFile {
             version: FORMAT_VERSION,
-            apps: apps.to_vec(),
+            saved: saved.clone(),
         })
         .map_err(|e| self.io("encode", e.into()))?;
         let mut tmp_name = self.path.clone().into_os_string();
@@ -167,12 +182,21 @@ mod tests {
     fn saved_registrations_load_back_equal() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path().join("sub/state.json"));
-        assert!(store.load().unwrap().is_empty());
+        assert_eq!(store.load().unwrap(), Saved::default());
         let apps = vec![spec("a", "192.0.2.1/32"), spec("b", "2001:db8::1/128")];
-        store.save(&apps).unwrap();
-        assert_eq!(store.load().unwrap(), apps);
-        store.save(&apps[..1]).unwrap();
-        assert_eq!(store.load().unwrap(), apps[..1]);
+        let saved = Saved {
+            apps: apps.clone(),
+            drained: vec!["b".parse().unwrap()],
+            host_drained: true,
+        };
+        store.save(&saved).unwrap();
+        assert_eq!(store.load().unwrap(), saved);
+        let saved = Saved {
+            apps: apps[..1].to_vec(),
+            ..Saved::default()
+        };
+        store.save(&saved).unwrap();
+        assert_eq!(store.load().unwrap(), saved);
         assert!(!dir.path().join("sub/state.json.tmp").exists());
     }
 
@@ -188,7 +212,7 @@ mod tests {
         assert!(moved_to.exists() && !path.exists());
         assert!(e.to_string().contains("corrupt"), "{e}");
         // Next start: no file, no registrations, no error.
-        assert!(Store::new(&path).load().unwrap().is_empty());
+        assert_eq!(Store::new(&path).load().unwrap(), Saved::default());
     }
 
     #[test]

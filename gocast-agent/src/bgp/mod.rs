@@ -78,6 +78,7 @@ impl Speaker {
                 peer: peer.clone(),
                 router_id,
                 graceful: graceful_rx.clone(),
+                drain_local_pref: bgp.drain_local_pref.unwrap_or(0),
             };
             let (incoming_tx, incoming) = mpsc::channel(1);
             listeners.push((peer.peer_ip, peer.password.clone(), incoming_tx));

@@ -88,6 +88,8 @@ pub struct SessionSettings {
     /// Set when graceful shutdown (RFC 8326) starts: re-announce everything with
     /// `GRACEFUL_SHUTDOWN`.
     pub graceful: watch::Receiver<bool>,
+    /// `LOCAL_PREF` for iBGP peers on gracefully shut down (draining) routes.
+    pub drain_local_pref: u32,
 }
 
 /// One peer's session task.
@@ -481,7 +483,12 @@ impl Session {
             .map(|(prefix, route)| {
                 (
                     *prefix,
-                    attributes(&self.settings.peer, &route.communities, ibgp, graceful),
+                    attributes(
+                        &self.settings.peer,
+                        &route.communities,
+                        ibgp,
+                        (graceful || route.drain).then_some(self.settings.drain_local_pref),
+                    ),
                 )
             })
             .collect();
@@ -566,12 +573,13 @@ impl Session {
     }
 }
 
-/// The attributes of one route toward one peer.
+/// The attributes of one route toward one peer. `graceful`: the route is being shut down
+/// (RFC 8326), with this `LOCAL_PREF` for iBGP peers.
 fn attributes(
     peer: &PeerConfig,
     route_communities: &[Community],
     ibgp: bool,
-    graceful: bool,
+    graceful: Option<u32>,
 ) -> Attributes {
     let mut communities = Vec::new();
     let mut large_communities = Vec::new();
@@ -581,7 +589,7 @@ fn attributes(
             Community::Large(a, b, c) => large_communities.push((a, b, c)),
         }
     }
-    if graceful {
+    if graceful.is_some() {
         communities.push(GRACEFUL_SHUTDOWN);
     }
     communities.sort_unstable();
@@ -600,7 +608,8 @@ fn attributes(
             vec![peer.local_as]
         },
         med: peer.med,
-        local_pref: ibgp.then(|| peer.local_pref.unwrap_or(DEFAULT_LOCAL_PREF)),
+        local_pref: ibgp
+            .then(|| graceful.unwrap_or_else(|| peer.local_pref.unwrap_or(DEFAULT_LOCAL_PREF))),
         communities,
         large_communities,
     }
@@ -722,7 +731,7 @@ mod tests {
             &peer(65001, 65000),
             &["65001:0".parse().unwrap(), "65001:1".parse().unwrap()],
             false,
-            false,
+            None,
         );
         assert_eq!(a.as_path, vec![65001]);
         assert_eq!(a.communities, vec![65001 << 16, 65001 << 16 | 1]);
@@ -732,14 +741,22 @@ mod tests {
 
     #[test]
     fn ibgp_routes_have_an_empty_path_and_local_pref() {
-        let a = attributes(&peer(65001, 65001), &[], true, false);
+        let a = attributes(&peer(65001, 65001), &[], true, None);
         assert!(a.as_path.is_empty());
         assert_eq!(a.local_pref, Some(DEFAULT_LOCAL_PREF));
     }
 
     #[test]
     fn graceful_shutdown_adds_its_community() {
-        let a = attributes(&peer(65001, 65000), &[], false, true);
+        let a = attributes(&peer(65001, 65000), &[], false, Some(0));
         assert!(a.communities.contains(&GRACEFUL_SHUTDOWN));
+        assert_eq!(a.local_pref, None, "eBGP carries no LOCAL_PREF");
+    }
+
+    #[test]
+    fn a_draining_route_to_an_ibgp_peer_gets_the_drain_local_pref() {
+        let a = attributes(&peer(65001, 65001), &[], true, Some(7));
+        assert!(a.communities.contains(&GRACEFUL_SHUTDOWN));
+        assert_eq!(a.local_pref, Some(7));
     }
 }

@@ -42,6 +42,8 @@ pub const DEFAULT_CONSUL_QUERY_INTERVAL: Duration = Duration::from_mins(5);
 /// How long a `consul` monitor keeps Consul's last answer when Consul does not answer.
 pub const DEFAULT_CONSUL_MONITOR_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(10);
+/// Long enough for routers to move traffic after a `GRACEFUL_SHUTDOWN` re-announcement.
+pub const DEFAULT_DRAIN_TIME: Duration = Duration::from_secs(30);
 /// Where state files live unless `agent.state_file` says otherwise.
 pub const STATE_DIR: &str = "/var/lib/gocast";
 pub const DEFAULT_HOLD_TIME: Duration = Duration::from_secs(90);
@@ -150,6 +152,12 @@ pub struct AgentConfig {
     pub vip_allowlist: Vec<IpNet>,
     /// Where NAT sends traffic; `None` = the local BGP address, resolved at start.
     pub nat_dest_ip: Option<IpAddr>,
+    /// How long a drained app's route stays announced with `GRACEFUL_SHUTDOWN` before it is
+    /// withdrawn.
+    pub drain_time: Duration,
+    /// The log filter (`tracing` `EnvFilter` syntax, e.g. `info,gocast::bgp=debug`); the
+    /// command line's `--log-level` and `RUST_LOG` win over it. Applied live on reload.
+    pub log_level: Option<String>,
 }
 
 /// Consul discovery settings; present when `consul_addr` is set and not empty.
@@ -225,6 +233,8 @@ pub struct BgpConfig {
     pub listen_port: Option<u16>,
     /// At shutdown, re-announce with `GRACEFUL_SHUTDOWN` (RFC 8326) and wait this long first.
     pub graceful_shutdown: Option<Duration>,
+    /// `LOCAL_PREF` sent to iBGP peers with a draining app's route (default 0: least preferred).
+    pub drain_local_pref: Option<u32>,
 }
 
 /// One BGP session, with the section-wide values already folded in.

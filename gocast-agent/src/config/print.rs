@@ -64,6 +64,9 @@ struct OutAgent<'a> {
     vip_allowlist: &'a [IpNet],
     #[serde(skip_serializing_if = "Option::is_none")]
     nat_dest_ip: Option<IpAddr>,
+    drain_time: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_level: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -94,6 +97,8 @@ struct OutPeer<'a> {
     listen_port: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     graceful_shutdown: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drain_local_pref: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -141,6 +146,8 @@ impl Config {
                 allow_http_exec: a.allow_http_exec,
                 vip_allowlist: &a.vip_allowlist,
                 nat_dest_ip: a.nat_dest_ip,
+                drain_time: go_duration::format(a.drain_time),
+                log_level: a.log_level.as_deref(),
             },
             bgp: self
                 .bgp
@@ -169,6 +176,7 @@ impl Config {
                         .graceful_shutdown
                         .filter(|_| i == 0)
                         .map(go_duration::format),
+                    drain_local_pref: self.bgp.drain_local_pref.filter(|_| i == 0),
                 })
                 .collect(),
             apps: self

@@ -15,9 +15,10 @@ use crate::app::{AppName, AppSpec, Community, Monitor, NatRule, Vip};
 
 use super::{
     AgentConfig, BGP_PORT, BgpConfig, Config, ConsulConfig, DEFAULT_CLEANUP_TIMER,
-    DEFAULT_CONSUL_MONITOR_GRACE, DEFAULT_CONSUL_QUERY_INTERVAL, DEFAULT_EXEC_TIMEOUT,
-    DEFAULT_HOLD_TIME, DEFAULT_LISTEN, DEFAULT_MONITOR_INTERVAL, DataplaneConfig, DataplaneMode,
-    IngressMode, ListenAddr, Origin, PassiveHealthConfig, PeerConfig, STATE_DIR, go_duration,
+    DEFAULT_CONSUL_MONITOR_GRACE, DEFAULT_CONSUL_QUERY_INTERVAL, DEFAULT_DRAIN_TIME,
+    DEFAULT_EXEC_TIMEOUT, DEFAULT_HOLD_TIME, DEFAULT_LISTEN, DEFAULT_MONITOR_INTERVAL,
+    DataplaneConfig, DataplaneMode, IngressMode, ListenAddr, Origin, PassiveHealthConfig,
+    PeerConfig, STATE_DIR, go_duration,
 };
 
 // ---- the file as written -------------------------------------------------------------------
@@ -77,6 +78,9 @@ struct RawAgent {
     monitor_fall: Option<u32>,
     #[serde(default, with = "go_duration::option")]
     exec_timeout: Option<Duration>,
+    #[serde(default, with = "go_duration::option")]
+    drain_time: Option<Duration>,
+    log_level: Option<String>,
     state_file: Option<PathBuf>,
     allow_http_exec: Option<bool>,
     vip_allowlist: Option<Vec<IpNet>>,
@@ -138,6 +142,7 @@ struct RawBgpBlock {
     listen_port: Option<u16>,
     #[serde(default, with = "go_duration::option")]
     graceful_shutdown: Option<Duration>,
+    drain_local_pref: Option<u32>,
     local_as: Option<u32>,
     #[serde(default)]
     communities: Vec<Community>,
@@ -426,6 +431,15 @@ impl RawAgent {
             allow_http_exec: self.allow_http_exec.unwrap_or(false),
             vip_allowlist: self.vip_allowlist.unwrap_or_default(),
             nat_dest_ip: self.nat_dest_ip,
+            drain_time: self.drain_time.unwrap_or(DEFAULT_DRAIN_TIME),
+            log_level: match self.log_level {
+                Some(filter) => Some(
+                    tracing_subscriber::EnvFilter::try_new(&filter)
+                        .map(|_| filter)
+                        .map_err(|e| invalid("agent.log_level", e.to_string()))?,
+                ),
+                None => None,
+            },
         })
     }
 }
@@ -498,6 +512,11 @@ impl BgpConfig {
             &mut self.graceful_shutdown,
             block.graceful_shutdown,
             format!("{key}.graceful_shutdown"),
+        )?;
+        merge(
+            &mut self.drain_local_pref,
+            block.drain_local_pref,
+            format!("{key}.drain_local_pref"),
         )
     }
 }

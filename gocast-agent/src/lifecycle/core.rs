@@ -26,14 +26,17 @@ use tracing::{debug, error, info, warn};
 pub use super::events::{Effect, Event, HostDone, HostOp, NatSpec, Now, OpId, Reply, RequestId};
 use super::{
     Settings,
-    entry::{Entry, Resource},
+    entry::{Drain, Entry, Resource},
 };
 use crate::{
     app::{AppName, AppSpec, Monitor, Source},
-    messages::{AppView, LifecycleError, Route, RouteSet, Verdict, VipOwner},
+    messages::{
+        AppView, DrainReport, LifecycleError, Refused, Route, RouteSet, SyncReport, Verdict,
+        VipOwner,
+    },
     metrics::Metrics,
     monitor::{self, MonitorResult, Report},
-    store::StoreError,
+    store::{Saved, StoreError},
 };
 
 /// A state-file write in flight and what it completes.
@@ -49,6 +52,11 @@ enum Pending {
     },
     /// HTTP apps whose cleanup timer passed.
     Forget(Vec<AppName>),
+    Drain {
+        id: RequestId,
+        app: Option<AppName>,
+        drain: bool,
+    },
 }
 
 /// What a registration needs after its checks.
@@ -83,6 +91,10 @@ pub struct Core {
     /// Requests that arrived while a state-file write was in flight, in order.
     deferred: VecDeque<Event>,
     shutting_down: bool,
+    /// Apps drained by name (saved): they stay drained across restarts and re-registrations.
+    drained: BTreeSet<AppName>,
+    /// The whole host is drained (saved): every app, present and future.
+    host_drained: bool,
 }
 
 impl Core {
@@ -98,26 +110,39 @@ impl Core {
             persisting: None,
             deferred: VecDeque::new(),
             shutting_down: false,
+            drained: BTreeSet::new(),
+            host_drained: false,
         }
     }
 
-    /// Config apps first, then the saved HTTP registrations that do not clash with them.
+    /// Config apps first, then the saved HTTP registrations that do not clash with them; the
+    /// saved drain state holds from the start (a restart during maintenance announces nothing
+    /// drained).
     pub fn restore(
         &mut self,
         config_apps: Vec<AppSpec>,
-        saved: Result<Vec<AppSpec>, StoreError>,
+        saved: Result<Saved, StoreError>,
         now: Now,
         out: &mut Vec<Effect>,
     ) {
+        let saved = saved.unwrap_or_else(|e| {
+            error!(error = %e, "starting without saved HTTP registrations and drain state");
+            Saved::default()
+        });
+        self.drained = saved.drained.into_iter().collect();
+        self.host_drained = saved.host_drained;
+        if self.host_drained || !self.drained.is_empty() {
+            warn!(
+                host = self.host_drained,
+                apps = self.drained.len(),
+                "drained before the restart: staying drained until undrained"
+            );
+        }
         for spec in config_apps {
             self.insert(spec, Source::Config, now, out);
         }
-        let saved = saved.unwrap_or_else(|e| {
-            error!(error = %e, "starting without saved HTTP registrations");
-            Vec::new()
-        });
-        let count = saved.len();
-        for spec in saved {
+        let count = saved.apps.len();
+        for spec in saved.apps {
             if let Err(e) = self.check_conflicts(&spec) {
                 error!(app = %spec.name, error = %e, "saved registration dropped");
                 continue;
@@ -141,11 +166,17 @@ impl Core {
         self.apps.values().filter(|e| e.source == source).count()
     }
 
-    /// When [`Event::CleanupDue`] is next wanted. None while a state-file write is in flight:
-    /// forgetting an HTTP app needs one, and the write's completion looks again.
+    /// When [`Event::Deadline`] is next wanted (a cleanup, the end of a drain). None while a
+    /// state-file write is in flight: forgetting an HTTP app needs one, and the write's
+    /// completion looks again.
     pub fn next_deadline(&mut self) -> Option<Instant> {
         if std::mem::take(&mut self.changed.cleanup) {
-            self.next_cleanup = self.apps.values().filter_map(|e| e.cleanup_at).min();
+            self.next_cleanup = self
+                .apps
+                .values()
+                .flat_map(|e| [e.cleanup_at, e.drain.until()])
+                .flatten()
+                .min();
         }
         if self.persisting.is_some() || self.shutting_down {
             return None;
@@ -159,7 +190,11 @@ impl Core {
             return;
         }
         match event {
-            Event::Register { .. } | Event::Unregister { .. } | Event::SyncConsul { .. }
+            Event::Register { .. }
+            | Event::Unregister { .. }
+            | Event::SyncConsul { .. }
+            | Event::Reload { .. }
+            | Event::Drain { .. }
                 if self.persisting.is_some() =>
             {
                 self.deferred.push_back(event);
@@ -175,12 +210,20 @@ impl Core {
                 });
             }
             Event::SyncConsul { id, apps, keep } => {
-                let refused = self.sync_consul(apps, &keep, now, out);
+                let (_, refused) = self.sync(Source::Consul, apps, &keep, now, out);
                 out.push(Effect::Reply {
                     id,
                     reply: Reply::Consul(refused),
                 });
             }
+            Event::Reload { id, settings, apps } => {
+                let report = self.reload(*settings, apps, now, out);
+                out.push(Effect::Reply {
+                    id,
+                    reply: Reply::Reload(report),
+                });
+            }
+            Event::Drain { id, app, drain } => self.drain(id, app, drain, out),
             Event::PassiveHealth(verdicts) => {
                 for (name, verdict) in verdicts {
                     self.on_passive(&name, verdict, now);
@@ -189,7 +232,10 @@ impl Core {
             Event::Report(report) => self.on_report(report, now, out),
             Event::Persisted(result) => self.persisted(result, now, out),
             Event::HostDone(done) => self.host_done(done, now),
-            Event::CleanupDue => self.cleanup_due(now, out),
+            Event::Deadline => {
+                self.drains_due(now);
+                self.cleanup_due(now, out);
+            }
             Event::Shutdown => self.shutdown(out),
         }
     }
@@ -229,7 +275,7 @@ impl Core {
             Err(e) => Self::reply(id, Err(e), out),
             Ok(Admission::Unchanged) => Self::reply(id, self.view(&spec.name, now), out),
             Ok(Admission::Change) if source == Source::Http => {
-                out.push(Effect::Persist(self.http_apps_with(Some(&spec), &[])));
+                out.push(Effect::Persist(self.saved_with(Some(&spec), &[])));
                 self.persisting = Some(Pending::Register { id, spec });
             }
             Ok(Admission::Change) => {
@@ -301,7 +347,7 @@ impl Core {
             Some(Source::Config) => Self::reply(id, Err(LifecycleError::ConfigApp(name)), out),
             Some(Source::Consul) => Self::reply(id, Err(LifecycleError::ConsulApp(name)), out),
             Some(Source::Http) => {
-                out.push(Effect::Persist(self.http_apps_with(None, &[&name])));
+                out.push(Effect::Persist(self.saved_with(None, &[&name])));
                 self.persisting = Some(Pending::Unregister { id, name });
             }
         }
@@ -322,8 +368,8 @@ impl Core {
         Ok(view)
     }
 
-    /// The HTTP apps as they will be once `add` is added and `remove` removed.
-    fn http_apps_with(&self, add: Option<&AppSpec>, remove: &[&AppName]) -> Vec<AppSpec> {
+    /// What the state file must hold once `add` is added and `remove` removed.
+    fn saved_with(&self, add: Option<&AppSpec>, remove: &[&AppName]) -> Saved {
         let skip = |n: &AppName| add.is_some_and(|s| &s.name == n) || remove.contains(&n);
         let mut apps: Vec<AppSpec> = self
             .apps
@@ -332,7 +378,11 @@ impl Core {
             .map(|e| e.spec.clone())
             .collect();
         apps.extend(add.cloned());
-        apps
+        Saved {
+            apps,
+            drained: self.drained.iter().cloned().collect(),
+            host_drained: self.host_drained,
+        }
     }
 
     /// The state file has (or failed to take) the pending change: apply it or refuse it, then
@@ -356,8 +406,21 @@ impl Core {
                     }
                 }
             }
+            (Some(Pending::Drain { id, app, drain }), Ok(())) => {
+                let report = self.apply_drain(app, drain, now);
+                out.push(Effect::Reply {
+                    id,
+                    reply: Reply::Drain(Ok(report)),
+                });
+            }
             (Some(Pending::Register { id, .. } | Pending::Unregister { id, .. }), Err(e)) => {
                 Self::reply(id, Err(LifecycleError::Store(e)), out);
+            }
+            (Some(Pending::Drain { id, .. }), Err(e)) => {
+                out.push(Effect::Reply {
+                    id,
+                    reply: Reply::Drain(Err(LifecycleError::Store(e))),
+                });
             }
             (Some(Pending::Forget(names)), Err(e)) => {
                 // Keep them: forgetting them in memory but not on disk would bring them back
@@ -382,30 +445,67 @@ impl Core {
         }
     }
 
-    /// See [`crate::messages::Request::SyncConsul`]. Applied in passes, so the order of the
-    /// services does not matter: removals come first (an app that left frees its VIP for a
-    /// service that takes it), then every service is registered, and the refused ones are
-    /// tried again as long as a pass made progress (a refused app may fit once another one
-    /// moved away). When no pass can progress because Consul apps wait for each other's VIPs
-    /// (two services swapping VIPs), those that move are taken down first, then registered
-    /// anew.
-    fn sync_consul(
+    /// Applies a config reload: the new settings from now on (running timers keep their
+    /// deadlines), and the config apps synced like Consul's (see [`Core::sync`]).
+    fn reload(
         &mut self,
+        settings: Settings,
+        apps: Vec<AppSpec>,
+        now: Now,
+        out: &mut Vec<Effect>,
+    ) -> SyncReport {
+        out.push(Effect::Monitor(monitor::Command::Configure(
+            settings.monitor.clone(),
+        )));
+        self.settings = settings;
+        let (mut report, refused) = self.sync(Source::Config, apps, &[], now, out);
+        report.refused = refused
+            .into_iter()
+            .map(|(app, e)| Refused {
+                app,
+                reason: e.to_string(),
+            })
+            .collect();
+        info!(
+            added = report.added.len(),
+            changed = report.changed.len(),
+            removed = report.removed.len(),
+            refused = report.refused.len(),
+            "config apps reloaded"
+        );
+        report
+    }
+
+    /// Makes the apps of `source` (config or Consul) equal to `apps`: adds new ones, updates
+    /// changed ones, removes the others except those in `keep`; never touches another source's
+    /// apps (a name another source holds is refused). Applied in passes, so the order does not
+    /// matter: removals come first (an app that left frees its VIP for one that takes it), then
+    /// every app is registered, and the refused ones are tried again as long as a pass made
+    /// progress (a refused app may fit once another one moved away). When no pass can progress
+    /// because apps wait for each other's VIPs (two apps swapping VIPs), those that move are
+    /// taken down first, then registered anew.
+    fn sync(
+        &mut self,
+        source: Source,
         apps: Vec<AppSpec>,
         keep: &[AppName],
         now: Now,
         out: &mut Vec<Effect>,
-    ) -> Vec<(AppName, LifecycleError)> {
-        let gone: Vec<AppName> = self
+    ) -> (SyncReport, Vec<(AppName, LifecycleError)>) {
+        let before: BTreeMap<AppName, AppSpec> = self
             .apps
             .values()
-            .filter(|e| e.source == Source::Consul)
-            .map(|e| e.spec.name.clone())
-            .filter(|n| !keep.contains(n) && !apps.iter().any(|a| &a.name == n))
+            .filter(|e| e.source == source)
+            .map(|e| (e.spec.name.clone(), e.spec.clone()))
             .collect();
-        for name in gone {
-            if let Some(entry) = self.apps.remove(&name) {
-                info!(app = %name, "app left the Consul catalog: withdrawing and removing");
+        let gone: Vec<AppName> = before
+            .keys()
+            .filter(|n| !keep.contains(n) && !apps.iter().any(|a| &a.name == *n))
+            .cloned()
+            .collect();
+        for name in &gone {
+            if let Some(entry) = self.apps.remove(name) {
+                info!(app = %name, ?source, "app is gone from its source: withdrawing and removing");
                 self.teardown(entry, out);
             }
         }
@@ -416,7 +516,7 @@ impl Core {
                 .apps
                 .get(&spec.name)
                 .map(|e| e.source)
-                .filter(|s| *s != Source::Consul)
+                .filter(|s| *s != source)
             {
                 Some(owner) => refused.push((
                     spec.name.clone(),
@@ -434,27 +534,41 @@ impl Core {
             let mut progress = false;
             let mut failed: Vec<(AppSpec, LifecycleError)> = Vec::new();
             for spec in pending {
-                match self.register_now(spec.clone(), Source::Consul, now, out) {
+                match self.register_now(spec.clone(), source, now, out) {
                     Ok(_) => progress = true,
                     Err(e) => failed.push((spec, e)),
                 }
             }
             if !progress {
-                progress = self.unblock_consul_moves(&failed, out);
+                progress = self.unblock_moves(source, &failed, out);
             }
             if failed.is_empty() || !progress {
                 refused.extend(failed.into_iter().map(|(spec, e)| (spec.name, e)));
                 refused.sort_by(|a, b| a.0.cmp(&b.0));
-                return refused;
+                break;
             }
             pending = failed.into_iter().map(|(spec, _)| spec).collect();
         }
+        let mut report = SyncReport::default();
+        for entry in self.apps.values().filter(|e| e.source == source) {
+            match before.get(&entry.spec.name) {
+                None => report.added.push(entry.spec.name.clone()),
+                Some(old) if *old != entry.spec => report.changed.push(entry.spec.name.clone()),
+                Some(_) => {}
+            }
+        }
+        report.removed = before
+            .into_keys()
+            .filter(|n| !self.apps.contains_key(n))
+            .collect();
+        (report, refused)
     }
 
-    /// Takes down the Consul apps that hold a VIP another refused service wants while they
+    /// Takes down the apps of `source` that hold a VIP another refused app wants while they
     /// themselves are waiting to move to another VIP; returns whether it took any down.
-    fn unblock_consul_moves(
+    fn unblock_moves(
         &mut self,
+        source: Source,
         failed: &[(AppSpec, LifecycleError)],
         out: &mut Vec<Effect>,
     ) -> bool {
@@ -468,7 +582,7 @@ impl Core {
             .filter(|owner| {
                 let wanted = failed.iter().find(|(spec, _)| &spec.name == owner);
                 self.apps.get(owner).is_some_and(|entry| {
-                    entry.source == Source::Consul
+                    entry.source == source
                         && wanted.is_some_and(|(spec, _)| spec.vip != entry.spec.vip)
                 })
             })
@@ -478,7 +592,7 @@ impl Core {
                 info!(
                     app = %name,
                     vip = %entry.spec.vip,
-                    "Consul app leaves its vip to another one: taken down, then registered anew"
+                    "app leaves its vip to another one: taken down, then registered anew"
                 );
                 self.teardown(entry, out);
             }
@@ -561,6 +675,7 @@ impl Core {
             generation: self.next_generation(),
             up: false,
             announced: false,
+            drain: Drain::Off,
             streak: 0,
             vip: Resource::Absent,
             nat: Resource::Absent,
@@ -569,6 +684,11 @@ impl Core {
             last_error: None,
             passive_failure: None,
         };
+        let mut entry = entry;
+        if self.host_drained || self.drained.contains(&entry.spec.name) {
+            // Never announced while drained: it comes up when undrained.
+            entry.drain = Drain::Drained;
+        }
         self.metrics
             .app_state(entry.spec.name.as_str(), false, false);
         watch(&entry, out);
@@ -643,7 +763,8 @@ impl Core {
     /// Asks for what the app lacks on the host (VIP, then NAT), unless that is already under
     /// way; it is announced when the host confirms ([`Core::host_done`]).
     fn install(&mut self, entry: &mut Entry, out: &mut Vec<Effect>) {
-        if entry.installing() {
+        // A drained app gets its VIP back when undrained.
+        if entry.installing() || entry.drain == Drain::Drained {
             return;
         }
         let add_vip = !entry.vip.maybe_present();
@@ -840,6 +961,100 @@ impl Core {
         self.changed.cleanup = true;
     }
 
+    /// A drain or undrain: checked, saved, then applied ([`Core::apply_drain`]).
+    fn drain(&mut self, id: RequestId, app: Option<AppName>, drain: bool, out: &mut Vec<Effect>) {
+        if let Some(name) = &app
+            && !self.apps.contains_key(name)
+        {
+            out.push(Effect::Reply {
+                id,
+                reply: Reply::Drain(Err(LifecycleError::UnknownApp(name.clone()))),
+            });
+            return;
+        }
+        let mut saved = self.saved_with(None, &[]);
+        match &app {
+            None => saved.host_drained = drain,
+            Some(name) => {
+                saved.drained.retain(|n| n != name);
+                if drain {
+                    saved.drained.push(name.clone());
+                }
+            }
+        }
+        out.push(Effect::Persist(saved));
+        self.persisting = Some(Pending::Drain { id, app, drain });
+    }
+
+    /// Drains or undrains as saved: a routed app is announced with `GRACEFUL_SHUTDOWN` for
+    /// `drain_time`, then withdrawn; an undrained app that is up comes back.
+    fn apply_drain(&mut self, app: Option<AppName>, drain: bool, now: Now) -> DrainReport {
+        let names: Vec<AppName> = match app {
+            None => {
+                self.host_drained = drain;
+                self.apps.keys().cloned().collect()
+            }
+            Some(name) => {
+                if drain {
+                    self.drained.insert(name.clone());
+                } else {
+                    self.drained.remove(&name);
+                }
+                vec![name]
+            }
+        };
+        let mut views = Vec::new();
+        for name in names {
+            let Some(mut entry) = self.apps.remove(&name) else {
+                continue;
+            };
+            let drained = self.host_drained || self.drained.contains(&name);
+            match (drained, entry.drain) {
+                (true, Drain::Off) => {
+                    entry.drain = if entry.routed() {
+                        info!(app = %name, "draining: announcing with GRACEFUL_SHUTDOWN");
+                        Drain::Draining {
+                            until: now.mono + self.settings.drain_time,
+                        }
+                    } else {
+                        info!(app = %name, "drained");
+                        Drain::Drained
+                    };
+                }
+                (false, Drain::Draining { .. } | Drain::Drained) => {
+                    info!(app = %name, "undrained");
+                    entry.drain = Drain::Off;
+                    if entry.up {
+                        entry.cleanup_at = None;
+                    }
+                }
+                _ => {}
+            }
+            self.changed.routes = true;
+            self.changed.cleanup = true;
+            views.push(entry.view(now, self.settings.passive_health));
+            self.apps.insert(name, entry);
+        }
+        DrainReport {
+            host_drained: self.host_drained,
+            apps: views,
+        }
+    }
+
+    /// Ends the drains whose time has passed: the route is withdrawn; VIP and NAT go at
+    /// cleanup, so connections in flight can finish.
+    fn drains_due(&mut self, now: Now) {
+        for entry in self.apps.values_mut() {
+            if entry.drain.until().is_some_and(|t| t <= now.mono) {
+                info!(app = %entry.spec.name, "drain time passed: withdrawing; vip and nat go at cleanup");
+                entry.drain = Drain::Drained;
+                entry.cleanup_at = Some(now.mono + self.settings.cleanup_timer);
+                self.changed.routes = true;
+                self.changed.cleanup = true;
+            }
+        }
+    }
+
     /// Cleans up every app whose timer has passed: config and Consul apps lose VIP and NAT and
     /// are checked again; HTTP apps are forgotten once the state file no longer has them.
     fn cleanup_due(&mut self, now: Now, out: &mut Vec<Effect>) {
@@ -854,7 +1069,8 @@ impl Core {
             let Some(mut entry) = self.apps.remove(&name) else {
                 continue;
             };
-            if entry.source == Source::Http {
+            // A drained app that is up stays: the operator undrains it.
+            if entry.source == Source::Http && !(entry.up && entry.drain == Drain::Drained) {
                 if self.persisting.is_none() {
                     entry.cleanup_at = None;
                     forget.push(name.clone());
@@ -871,7 +1087,7 @@ impl Core {
         self.changed.cleanup = true;
         if !forget.is_empty() {
             let names: Vec<&AppName> = forget.iter().collect();
-            out.push(Effect::Persist(self.http_apps_with(None, &names)));
+            out.push(Effect::Persist(self.saved_with(None, &names)));
             self.persisting = Some(Pending::Forget(forget));
         }
     }
@@ -882,13 +1098,14 @@ impl Core {
         let set: RouteSet = self
             .apps
             .values()
-            .filter(|e| e.announced)
+            .filter(|e| e.routed())
             .map(|e| {
                 (
                     e.spec.vip.prefix(),
                     Route {
                         app: e.spec.name.clone(),
                         communities: e.spec.communities.clone(),
+                        drain: matches!(e.drain, Drain::Draining { .. }),
                     },
                 )
             })
@@ -952,6 +1169,7 @@ mod tests {
     use super::*;
 
     const CLEANUP: Duration = Duration::from_secs(10);
+    const DRAIN: Duration = Duration::from_secs(3);
 
     fn settings(rise: u32, fall: u32) -> Settings {
         Settings {
@@ -960,6 +1178,7 @@ mod tests {
             cleanup_timer: CLEANUP,
             allow_http_exec: false,
             vip_allowlist: Vec::new(),
+            drain_time: DRAIN,
             monitor: monitor::Settings {
                 interval: Duration::from_secs(1),
                 exec_timeout: Duration::from_secs(1),
@@ -1004,7 +1223,8 @@ mod tests {
                 out: Vec::new(),
                 next_id: 1,
             };
-            t.core.restore(config, Ok(Vec::new()), t.now, &mut t.out);
+            t.core
+                .restore(config, Ok(Saved::default()), t.now, &mut t.out);
             t
         }
 
@@ -1137,6 +1357,7 @@ mod tests {
                 Effect::Persist(_) => "persist",
                 Effect::Monitor(monitor::Command::Watch { .. }) => "watch",
                 Effect::Monitor(monitor::Command::Unwatch { .. }) => "unwatch",
+                Effect::Monitor(monitor::Command::Configure(_)) => "configure",
                 Effect::PublishRoutes(_) => "routes",
                 Effect::PublishOwners(_) => "owners",
                 Effect::Host(HostOp::Install { .. }) => "install",
@@ -1240,7 +1461,7 @@ mod tests {
         t.bring_up("web");
         t.report("web", false);
         t.advance(CLEANUP);
-        let effects = t.step(Event::CleanupDue);
+        let effects = t.step(Event::Deadline);
         assert_eq!(
             host_ops(effects),
             [&HostOp::Remove {
@@ -1270,7 +1491,7 @@ mod tests {
         let Effect::Persist(saved) = &effects[0] else {
             unreachable!()
         };
-        assert_eq!(saved, &[spec("api", "192.0.2.20/32")]);
+        assert_eq!(saved.apps, [spec("api", "192.0.2.20/32")]);
         // Meanwhile: a second request waits; monitor reports go on.
         assert!(
             t.register(spec("db", "192.0.2.30/32"), Source::Http)
@@ -1287,7 +1508,7 @@ mod tests {
         let Effect::Persist(saved) = &effects[2] else {
             unreachable!()
         };
-        assert_eq!(saved.len(), 2, "api and db");
+        assert_eq!(saved.apps.len(), 2, "api and db");
         let effects = t.step(Event::Persisted(Err(StoreError::Io {
             op: "write",
             path: "/state".into(),
@@ -1307,7 +1528,7 @@ mod tests {
         t.step(Event::Persisted(Ok(())));
         t.report("api", false);
         t.advance(CLEANUP);
-        let effects = t.step(Event::CleanupDue);
+        let effects = t.step(Event::Deadline);
         assert_eq!(kinds(effects), ["persist"]);
         assert!(t.core.apps.contains_key(&name("api")));
         let effects = t.step(Event::Persisted(Ok(())));
@@ -1322,7 +1543,7 @@ mod tests {
         t.step(Event::Persisted(Ok(())));
         t.report("api", false);
         t.advance(CLEANUP);
-        t.step(Event::CleanupDue);
+        t.step(Event::Deadline);
         t.step(Event::Persisted(Err(StoreError::Io {
             op: "write",
             path: "/state".into(),
@@ -1540,5 +1761,196 @@ mod tests {
         );
         let effects = t.step(Event::Persisted(Ok(())));
         assert_eq!(kinds(effects), ["unwatch", "owners", "routes", "reply"]);
+    }
+
+    fn routes_with_drain(effects: &[Effect]) -> Option<Vec<(String, bool)>> {
+        effects.iter().rev().find_map(|e| match e {
+            Effect::PublishRoutes(set) => Some(
+                set.iter()
+                    .map(|(prefix, route)| (prefix.to_string(), route.drain))
+                    .collect(),
+            ),
+            _ => None,
+        })
+    }
+
+    fn reload_report(effects: &[Effect]) -> &SyncReport {
+        effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::Reply {
+                    reply: Reply::Reload(r),
+                    ..
+                } => Some(r),
+                _ => None,
+            })
+            .expect("a reload reply")
+    }
+
+    fn drain_reply(effects: &[Effect]) -> &Result<DrainReport, LifecycleError> {
+        effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::Reply {
+                    reply: Reply::Drain(r),
+                    ..
+                } => Some(r),
+                _ => None,
+            })
+            .expect("a drain reply")
+    }
+
+    impl T {
+        fn drain(&mut self, app: Option<&str>, drain: bool) -> &[Effect] {
+            let id = self.id();
+            self.step(Event::Drain {
+                id,
+                app: app.map(name),
+                drain,
+            })
+        }
+    }
+
+    #[test]
+    fn a_reload_syncs_config_apps_and_never_touches_http_apps() {
+        let mut t = T::new(
+            1,
+            1,
+            vec![spec("web", "192.0.2.10/32"), spec("api", "192.0.2.20/32")],
+        );
+        t.bring_up("web");
+        t.register(spec("h", "192.0.2.30/32"), Source::Http);
+        t.step(Event::Persisted(Ok(())));
+        let mut web = spec("web", "192.0.2.10/32");
+        web.communities = vec!["65000:7".parse().unwrap()];
+        let mut new_settings = settings(3, 1);
+        new_settings.cleanup_timer = Duration::from_secs(99);
+        let id = t.id();
+        let effects = t.step(Event::Reload {
+            id,
+            settings: Box::new(new_settings),
+            apps: vec![
+                web,
+                spec("db", "192.0.2.40/32"),
+                spec("h", "192.0.2.50/32"),
+                spec("clash", "192.0.2.30/32"),
+            ],
+        });
+        assert_eq!(kinds(&effects[..1]), ["configure"]);
+        let report = reload_report(effects);
+        assert_eq!(report.added, [name("db")]);
+        assert_eq!(report.changed, [name("web")]);
+        assert_eq!(report.removed, [name("api")]);
+        let refused: Vec<_> = report.refused.iter().map(|r| r.app.as_str()).collect();
+        assert_eq!(refused, ["clash", "h"], "{report:?}");
+        // The changed app kept its route, now with the new community; the HTTP app is as it was.
+        let routes = routes(effects).unwrap();
+        assert_eq!(routes, ["192.0.2.10/32"]);
+        assert!(
+            !host_ops(effects)
+                .iter()
+                .any(|op| matches!(op, HostOp::Remove { app, .. } if app.as_str() == "web"))
+        );
+        assert_eq!(t.core.apps[&name("h")].source, Source::Http);
+        assert_eq!(
+            t.core.apps[&name("h")].spec.vip.to_string(),
+            "192.0.2.30/32"
+        );
+        assert_eq!(t.core.settings.monitor_rise, 3);
+    }
+
+    #[test]
+    fn a_drained_app_is_announced_with_graceful_shutdown_then_withdrawn_and_keeps_its_vip() {
+        let mut t = T::new(1, 1, vec![spec("web", "192.0.2.10/32")]);
+        t.bring_up("web");
+        let effects = t.drain(Some("web"), true);
+        assert_eq!(kinds(effects), ["persist"], "saved before it takes effect");
+        let Effect::Persist(saved) = &effects[0] else {
+            unreachable!()
+        };
+        assert_eq!(saved.drained, [name("web")]);
+        let effects = t.step(Event::Persisted(Ok(())));
+        assert_eq!(
+            routes_with_drain(effects).unwrap(),
+            [("192.0.2.10/32".to_owned(), true)]
+        );
+        assert_eq!(
+            drain_reply(effects).as_ref().unwrap().apps[0].drain,
+            Some("draining")
+        );
+        assert_eq!(t.core.next_deadline(), Some(t.now.mono + DRAIN));
+        t.advance(DRAIN);
+        let effects = t.step(Event::Deadline);
+        assert_eq!(routes(effects).unwrap(), Vec::<String>::new());
+        assert!(
+            host_ops(effects).is_empty(),
+            "the vip stays for connections in flight"
+        );
+        assert_eq!(t.view("web").drain, Some("drained"));
+        // Passing reports do not bring it back while drained.
+        assert_eq!(routes(t.report("web", true)), None);
+        t.advance(CLEANUP);
+        let effects = t.step(Event::Deadline);
+        assert!(matches!(
+            host_ops(effects)[..],
+            [HostOp::Remove {
+                remove_vip: true,
+                ..
+            }]
+        ));
+        t.host_done(true);
+        assert!(t.core.apps.contains_key(&name("web")));
+        // Undrain: installed again, then announced without GRACEFUL_SHUTDOWN.
+        t.drain(Some("web"), false);
+        let effects = t.step(Event::Persisted(Ok(())));
+        assert!(drain_reply(effects).is_ok());
+        let effects = t.report("web", true);
+        assert_eq!(kinds(effects), ["install"]);
+        let effects = t.host_done(true);
+        assert_eq!(
+            routes_with_drain(effects).unwrap(),
+            [("192.0.2.10/32".to_owned(), false)]
+        );
+    }
+
+    #[test]
+    fn an_undrain_during_the_drain_time_keeps_the_route() {
+        let mut t = T::new(1, 1, vec![spec("web", "192.0.2.10/32")]);
+        t.bring_up("web");
+        t.drain(None, true);
+        t.step(Event::Persisted(Ok(())));
+        t.drain(None, false);
+        let effects = t.step(Event::Persisted(Ok(())));
+        assert_eq!(
+            routes_with_drain(effects).unwrap(),
+            [("192.0.2.10/32".to_owned(), false)]
+        );
+        assert_eq!(t.core.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_host_drain_is_restored_and_covers_new_apps() {
+        let mut t = T::new(1, 1, Vec::new());
+        t.core.restore(
+            vec![spec("web", "192.0.2.10/32")],
+            Ok(Saved {
+                host_drained: true,
+                ..Saved::default()
+            }),
+            t.now,
+            &mut t.out,
+        );
+        assert!(
+            host_ops(t.report("web", true)).is_empty(),
+            "drained: not even installed"
+        );
+        t.register(spec("new", "192.0.2.20/32"), Source::Consul);
+        assert_eq!(routes(t.report("new", true)), None);
+        assert_eq!(t.view("new").drain, Some("drained"));
+        let effects = t.drain(Some("nope"), true);
+        assert!(matches!(
+            drain_reply(effects),
+            Err(LifecycleError::UnknownApp(_))
+        ));
     }
 }

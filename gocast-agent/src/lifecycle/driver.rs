@@ -28,7 +28,9 @@ use super::{
 use crate::{
     app::{AppName, AppSpec},
     error_chain,
-    messages::{Announcer, AppView, LifecycleError, Owners, Request, Routes},
+    messages::{
+        Announcer, AppView, DrainReport, LifecycleError, Owners, Request, Routes, SyncReport,
+    },
     monitor::{self, Report},
     store::{Store, StoreError},
     timer::Timer,
@@ -45,6 +47,8 @@ enum ReplyTo {
     App(oneshot::Sender<Result<AppView, LifecycleError>>),
     Apps(oneshot::Sender<Vec<AppView>>),
     Consul(oneshot::Sender<Vec<(AppName, LifecycleError)>>),
+    Reload(oneshot::Sender<SyncReport>),
+    Drain(oneshot::Sender<Result<DrainReport, LifecycleError>>),
 }
 
 /// Work for the host worker, in order.
@@ -151,7 +155,7 @@ impl Driver {
                     }
                 }
                 Some(result) = self.persisted_rx.recv() => self.step(Event::Persisted(result)),
-                () = timer.fired() => self.step(Event::CleanupDue),
+                () = timer.fired() => self.step(Event::Deadline),
             }
             let mut out = std::mem::take(&mut self.effects);
             self.core.flush(&mut out);
@@ -181,6 +185,14 @@ impl Driver {
             Request::SyncConsul { apps, keep, reply } => {
                 (Event::SyncConsul { id, apps, keep }, ReplyTo::Consul(reply))
             }
+            Request::Reload {
+                settings,
+                apps,
+                reply,
+            } => (Event::Reload { id, settings, apps }, ReplyTo::Reload(reply)),
+            Request::Drain { app, drain, reply } => {
+                (Event::Drain { id, app, drain }, ReplyTo::Drain(reply))
+            }
             Request::PassiveHealth { verdicts } => return Event::PassiveHealth(verdicts),
         };
         self.replies.insert(id, reply);
@@ -198,11 +210,11 @@ impl Driver {
         for effect in out.drain(..) {
             match effect {
                 Effect::Reply { id, reply } => self.reply(id, reply),
-                Effect::Persist(apps) => {
+                Effect::Persist(saved) => {
                     let store = self.store.clone();
                     let tx = self.persisted_tx.clone();
                     tokio::spawn(async move {
-                        let _ = tx.send(store.save_off_thread(apps).await).await;
+                        let _ = tx.send(store.save_off_thread(saved).await).await;
                     });
                 }
                 // The scheduler lives as long as we do; a send error only happens at shutdown.
@@ -245,6 +257,8 @@ impl Driver {
             (Some(ReplyTo::App(tx)), Reply::App(r)) => drop(tx.send(*r)),
             (Some(ReplyTo::Apps(tx)), Reply::Apps(r)) => drop(tx.send(r)),
             (Some(ReplyTo::Consul(tx)), Reply::Consul(r)) => drop(tx.send(r)),
+            (Some(ReplyTo::Reload(tx)), Reply::Reload(r)) => drop(tx.send(r)),
+            (Some(ReplyTo::Drain(tx)), Reply::Drain(r)) => drop(tx.send(r)),
             (None, _) => warn!(id, "reply to an unknown request"),
             (Some(_), _) => error!(id, "reply of the wrong kind; request dropped"),
         }

@@ -49,6 +49,27 @@ impl Resource {
     }
 }
 
+/// Where an app stands in a drain (RFC 8326 graceful shutdown of its route).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Drain {
+    Off,
+    /// Announced with `GRACEFUL_SHUTDOWN` until then, so the peers move traffic away.
+    Draining {
+        until: Instant,
+    },
+    /// Withdrawn; the VIP and NAT stay until cleanup so connections in flight finish.
+    Drained,
+}
+
+impl Drain {
+    pub(super) fn until(self) -> Option<Instant> {
+        match self {
+            Self::Draining { until } => Some(until),
+            Self::Off | Self::Drained => None,
+        }
+    }
+}
+
 /// One app's state.
 #[derive(Debug)]
 pub(super) struct Entry {
@@ -61,6 +82,7 @@ pub(super) struct Entry {
     pub(super) up: bool,
     /// In the route set: up, and everything it needs is on the host.
     pub(super) announced: bool,
+    pub(super) drain: Drain,
     /// Consecutive results disagreeing with `up`.
     pub(super) streak: u32,
     pub(super) results: Vec<Option<MonitorResult>>,
@@ -74,6 +96,11 @@ pub(super) struct Entry {
 }
 
 impl Entry {
+    /// In the route set: announced, and not withdrawn by a drain.
+    pub(super) fn routed(&self) -> bool {
+        self.announced && self.drain != Drain::Drained
+    }
+
     /// Everything an announced app needs is on the host.
     pub(super) fn installed(&self) -> bool {
         self.vip == Resource::Present
@@ -94,7 +121,16 @@ impl Entry {
             } else {
                 "unhealthy"
             },
-            announced: self.announced,
+            announced: self.routed(),
+            drain: match self.drain {
+                Drain::Off => None,
+                Drain::Draining { .. } => Some("draining"),
+                Drain::Drained => Some("drained"),
+            },
+            withdraw_in_s: self
+                .drain
+                .until()
+                .map(|t| t.saturating_duration_since(now.mono).as_secs_f64()),
             vip_installed: matches!(self.vip, Resource::Present | Resource::Removing(_)),
             lo_label: self.label.clone(),
             monitors: self

@@ -7,9 +7,11 @@ use tokio::time::Instant;
 
 use crate::{
     app::{AppName, AppSpec, NatRule, Source, Vip},
-    messages::{AppView, LifecycleError, Owners, RouteSet, Verdict},
+    messages::{
+        AppView, DrainReport, LifecycleError, Owners, RouteSet, Settings, SyncReport, Verdict,
+    },
     monitor::{self, Report},
-    store::StoreError,
+    store::{Saved, StoreError},
 };
 
 /// Names a request so its reply finds the caller.
@@ -45,13 +47,26 @@ pub enum Event {
         apps: Vec<AppSpec>,
         keep: Vec<AppName>,
     },
+    /// See [`crate::messages::Request::Reload`].
+    Reload {
+        id: RequestId,
+        settings: Box<Settings>,
+        apps: Vec<AppSpec>,
+    },
+    /// See [`crate::messages::Request::Drain`].
+    Drain {
+        id: RequestId,
+        app: Option<AppName>,
+        drain: bool,
+    },
     PassiveHealth(Vec<(AppName, Verdict)>),
     Report(Report),
     /// The state file write asked for by the last [`Effect::Persist`] finished.
     Persisted(Result<(), StoreError>),
     HostDone(HostDone),
-    /// The deadline of [`Core::next_deadline`] passed.
-    CleanupDue,
+    /// The deadline of [`Core::next_deadline`](super::core::Core::next_deadline) passed (a
+    /// cleanup or the end of a drain).
+    Deadline,
     /// Withdraw everything, then clean the host; nothing else is accepted after it.
     Shutdown,
 }
@@ -63,6 +78,8 @@ pub enum Reply {
     App(Box<Result<AppView, LifecycleError>>),
     Apps(Vec<AppView>),
     Consul(Vec<(AppName, LifecycleError)>),
+    Reload(SyncReport),
+    Drain(Result<DrainReport, LifecycleError>),
 }
 
 /// What the driver must do, in the order given.
@@ -72,9 +89,9 @@ pub enum Effect {
         id: RequestId,
         reply: Reply,
     },
-    /// Write these HTTP apps to the state file, then send [`Event::Persisted`]. At most one is
-    /// outstanding.
-    Persist(Vec<AppSpec>),
+    /// Write this (HTTP apps, drain state) to the state file, then send [`Event::Persisted`].
+    /// At most one is outstanding.
+    Persist(Saved),
     Monitor(monitor::Command),
     /// The new desired-announcement set.
     PublishRoutes(RouteSet),

@@ -32,13 +32,13 @@ pub mod events;
 #[cfg(test)]
 pub(crate) mod tests;
 
-use std::{future::Future, net::IpAddr, time::Duration};
+use std::{future::Future, net::IpAddr};
 
-use ipnet::IpNet;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use self::{core::Core, driver::Driver};
+pub use crate::messages::Settings;
 use crate::{
     app::{AppName, AppSpec, NatRule, Vip},
     messages::{Announcer, LifecycleHandle, Owners, Routes},
@@ -92,19 +92,6 @@ pub enum HostError {
         "no interface to attach the eBPF dataplane to: no route toward a BGP peer or a default gateway; set dataplane.interfaces"
     )]
     NoInterface,
-}
-
-/// Settings the lifecycle applies.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub monitor_rise: u32,
-    pub monitor_fall: u32,
-    pub cleanup_timer: Duration,
-    pub allow_http_exec: bool,
-    pub vip_allowlist: Vec<IpNet>,
-    pub monitor: monitor::Settings,
-    /// The eBPF counters run, so `passive_health: true` has an effect.
-    pub passive_health: bool,
 }
 
 /// Channels to a running lifecycle.

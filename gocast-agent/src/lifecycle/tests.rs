@@ -97,6 +97,7 @@ fn settings() -> Settings {
         cleanup_timer: Duration::from_millis(300),
         allow_http_exec: true,
         vip_allowlist: Vec::new(),
+        drain_time: Duration::from_secs(1),
         monitor: monitor::Settings {
             interval: Duration::from_millis(20),
             exec_timeout: Duration::from_secs(5),
@@ -153,7 +154,10 @@ async fn register(h: &Harness, spec: AppSpec) -> Result<AppView, LifecycleError>
 
 /// The HTTP apps in the state file.
 fn stored(h: &Harness) -> Vec<AppSpec> {
-    Store::new(h.dir.path().join("state.json")).load().unwrap()
+    Store::new(h.dir.path().join("state.json"))
+        .load()
+        .unwrap()
+        .apps
 }
 
 /// A flag file whose existence makes `exec:test -e FILE` pass.

@@ -70,6 +70,8 @@ pub enum Command {
     Unwatch {
         app: AppName,
     },
+    /// New settings (a config reload): the next tick follows the new interval.
+    Configure(Settings),
 }
 
 /// Settings of the scheduler.
@@ -166,9 +168,17 @@ impl Scheduler {
                     // Take every command already queued (10,000 config apps arrive at once):
                     // one port sync and one socket-table snapshot serve them all.
                     let mut new_apps = Vec::new();
+                    let interval = self.settings.interval;
                     self.apply(cmd, &mut new_apps);
                     while let Ok(cmd) = commands.try_recv() {
                         self.apply(cmd, &mut new_apps);
+                    }
+                    if self.settings.interval != interval {
+                        ticker = tokio::time::interval_at(
+                            tokio::time::Instant::now() + self.settings.interval,
+                            self.settings.interval,
+                        );
+                        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     }
                     self.sync_ports();
                     self.sync_consul_services();
@@ -220,6 +230,7 @@ impl Scheduler {
                 self.apps.remove(&app);
                 self.stale.remove(&app);
             }
+            Command::Configure(settings) => self.settings = settings,
         }
     }
 
