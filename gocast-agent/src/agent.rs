@@ -1,9 +1,11 @@
 //! The running agent: wires every task together (API, lifecycle, monitors, BGP speaker, stats,
-//! Consul), waits for a signal, and runs the shutdown sequence. The binary (`main.rs`) parses
-//! the command line and calls [`run`]; tests start the binary.
+//! Consul), reloads the config on `SIGHUP` or `POST /reload` ([`crate::reload`]), and runs the
+//! shutdown sequence on `SIGTERM`/`SIGINT`. The binary (`main.rs`) parses the command line and
+//! calls [`run`]; tests start the binary.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
     sync::Arc,
     time::Duration,
 };
@@ -19,10 +21,17 @@ use crate::{
     consul,
     host::SystemHost,
     lifecycle, messages,
+    messages::LifecycleHandle,
     metrics::Metrics,
-    monitor, stats,
+    monitor,
+    reload::{self, ReloadError, ReloadHandle, ReloadReport},
+    stats,
     store::Store,
 };
+
+/// Sets the log filter (`tracing` `EnvFilter` syntax) of the running process; `None` when the
+/// command line or `RUST_LOG` fixed it, which then wins over `agent.log_level`.
+pub type LogFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 /// The whole shutdown (API, withdraw, VIPs, NAT) must finish within 5 s; this leaves margin.
 const SHUTDOWN_BUDGET: Duration = Duration::from_millis(4500);
@@ -31,8 +40,12 @@ const API_DRAIN: Duration = Duration::from_millis(500);
 /// How long a start that fails after the BGP sessions began waits for them to close with Cease.
 const ABORTED_START_CEASE: Duration = Duration::from_secs(1);
 
-/// Runs the agent until SIGTERM or SIGINT, then shuts down cleanly.
-pub async fn run(config: Config) -> Result<()> {
+/// Runs the agent until SIGTERM or SIGINT, then shuts down cleanly; `SIGHUP` reloads the
+/// config file at `path`.
+pub async fn run(config: Config, path: PathBuf, log: Option<LogFilter>) -> Result<()> {
+    if let (Some(set), Some(filter)) = (&log, &config.agent.log_level) {
+        set(filter).map_err(|e| anyhow::anyhow!("agent.log_level: {e}"))?;
+    }
     let listen = config.agent.listen_addr;
     if listen.all_interfaces {
         warn!(addr = %listen, "the HTTP API listens on all interfaces: anyone who can reach it can register VIPs");
@@ -49,35 +62,24 @@ pub async fn run(config: Config) -> Result<()> {
     // BGP before the dataplane: sessions come up while the eBPF programs load and verify, and
     // nothing is announced before the lifecycle runs.
     let (speaker, announcer) = start_speaker(&config, routes_rx, &metrics).await?;
-    let host = match start_host(&config).await {
-        Ok(host) => host,
-        Err(e) => {
-            if let Some(announcer) = announcer {
-                announcer.stop.cancel();
-                let _ = tokio::time::timeout(ABORTED_START_CEASE, announcer.done).await;
-            }
-            return Err(e);
-        }
-    };
+    let (host, announcer) = start_host(&config, announcer).await?;
     let dataplane = host.dataplane_info();
     let counters = host.counter_reader();
+    let counters_present = counters.is_some();
     if counters.is_none() && config.apps.iter().any(|a| a.passive_health) {
         warn!(
             dataplane = dataplane.mode,
             "passive_health is set on apps but needs the eBPF counters: it has no effect"
         );
     }
-    let consul_health = consul_client
-        .clone()
-        .map(|c| consul::spawn_health(c, cancel.child_token()));
-    let settings = lifecycle_settings(agent, consul_health, counters.is_some());
-    let store = Store::new(&agent.state_file);
+    let mut consul = Consul::new(&cancel);
+    consul.start_health(consul_client.clone());
     let (owners_tx, owners_rx) = tokio::sync::watch::channel(messages::Owners::default());
     let running = lifecycle::spawn(
-        settings,
+        lifecycle_settings(agent, consul.health.clone(), counters.is_some()),
         host,
         config.apps.clone(),
-        store,
+        Store::new(&agent.state_file),
         lifecycle::Outputs {
             routes: routes_tx,
             owners: owners_tx,
@@ -98,14 +100,18 @@ pub async fn run(config: Config) -> Result<()> {
     if let Some(rx) = &snapshots {
         metrics.vip_stats(rx.clone());
     }
-    if let Some(client) = consul_client {
-        tokio::spawn(consul::discover(
-            client,
-            running.handle.clone(),
-            metrics.clone(),
-            cancel.child_token(),
-        ));
-    }
+    consul.start_discovery(consul_client, &running.handle, &metrics);
+    let reloader = reload::spawn(
+        path,
+        config.clone(),
+        Reloadable {
+            lifecycle: running.handle.clone(),
+            metrics: metrics.clone(),
+            passive_health: counters_present,
+            consul,
+            log,
+        },
+    );
     let state = ApiState {
         lifecycle: running.handle.clone(),
         routes: running.routes.clone(),
@@ -121,6 +127,7 @@ pub async fn run(config: Config) -> Result<()> {
                 .map(|s| s.peers.clone())
                 .unwrap_or_default(),
         ),
+        reload: Some(reloader.clone()),
     };
     info!(addr = %listen, apps = config.apps.len(), peers = config.bgp.peers.len(), "gocast running");
     let api_stop = CancellationToken::new();
@@ -128,7 +135,7 @@ pub async fn run(config: Config) -> Result<()> {
         .with_graceful_shutdown(api_stop.clone().cancelled_owned());
     let server = tokio::spawn(async move { server.await });
 
-    let signal = signals.recv().await;
+    let signal = signals.recv(&reloader).await;
     info!(%signal, "shutting down");
     shutdown(api_stop, server, speaker.as_ref(), cancel, running.task).await
 }
@@ -171,16 +178,27 @@ fn lifecycle_settings(
     }
 }
 
-/// Connects to the kernel and loads the dataplane, naming the dataplane in any error.
-async fn start_host(config: &Config) -> Result<SystemHost> {
-    SystemHost::start(config).await.with_context(|| {
-        let dataplane = match config.dataplane.mode {
-            DataplaneMode::Ebpf => "eBPF dataplane (dataplane.mode: ebpf)",
-            DataplaneMode::Auto => "dataplane",
-            DataplaneMode::Iptables => "iptables",
-        };
-        format!("preparing the host (netlink, {dataplane})")
-    })
+/// Connects to the kernel and loads the dataplane, naming the dataplane in any error; on
+/// failure the BGP sessions that already started close with a Cease.
+async fn start_host(
+    config: &Config,
+    announcer: Option<messages::Announcer>,
+) -> Result<(SystemHost, Option<messages::Announcer>)> {
+    match SystemHost::start(config).await {
+        Ok(host) => Ok((host, announcer)),
+        Err(e) => {
+            if let Some(announcer) = announcer {
+                announcer.stop.cancel();
+                let _ = tokio::time::timeout(ABORTED_START_CEASE, announcer.done).await;
+            }
+            let dataplane = match config.dataplane.mode {
+                DataplaneMode::Ebpf => "eBPF dataplane (dataplane.mode: ebpf)",
+                DataplaneMode::Auto => "dataplane",
+                DataplaneMode::Iptables => "iptables",
+            };
+            Err(anyhow::Error::new(e).context(format!("preparing the host (netlink, {dataplane})")))
+        }
+    }
 }
 
 /// The Consul client, built (token, `CONSUL_CACERT`) before anything runs, so a bad
@@ -227,10 +245,12 @@ async fn shutdown(
     }
 }
 
-/// SIGTERM and SIGINT, registered as soon as the agent starts.
+/// SIGTERM, SIGINT and SIGHUP, registered as soon as the agent starts (SIGHUP's default
+/// action would end the agent without cleanup).
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -239,15 +259,127 @@ impl Signals {
         Ok(Self {
             term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
             int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
         })
     }
 
-    /// Waits for either and names it.
-    async fn recv(mut self) -> &'static str {
-        tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
+    /// Reloads on each SIGHUP (the outcome is logged by the reloader); returns the name of the
+    /// signal that asks to stop.
+    async fn recv(mut self, reloader: &ReloadHandle) -> &'static str {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return "SIGTERM",
+                _ = self.int.recv() => return "SIGINT",
+                _ = self.hup.recv() => {
+                    info!("SIGHUP: reloading the config file");
+                    let reloader = reloader.clone();
+                    tokio::spawn(async move { reloader.reload().await });
+                }
+            }
         }
+    }
+}
+
+/// The tasks a reload reconfigures.
+struct Reloadable {
+    lifecycle: LifecycleHandle,
+    metrics: Metrics,
+    /// The eBPF counters run (passive health has an effect).
+    passive_health: bool,
+    consul: Consul,
+    log: Option<LogFilter>,
+}
+
+/// Consul discovery and the `consul` monitor's poller, restarted as a pair when their settings
+/// change.
+struct Consul {
+    cancel: CancellationToken,
+    health: Option<consul::HealthLink>,
+    /// Shutdown of the whole agent; the Consul tasks' token is its child.
+    parent: CancellationToken,
+}
+
+impl Consul {
+    fn new(parent: &CancellationToken) -> Self {
+        Self {
+            cancel: parent.child_token(),
+            health: None,
+            parent: parent.clone(),
+        }
+    }
+
+    /// Stops the running pair, if any, so a new one can start.
+    fn stop(&mut self) {
+        self.cancel.cancel();
+        self.cancel = self.parent.child_token();
+        self.health = None;
+    }
+
+    /// The `consul` monitor's poller: first, so the monitor settings can carry its link.
+    fn start_health(&mut self, client: Option<consul::Client>) {
+        self.health = client.map(|c| consul::spawn_health(c, self.cancel.child_token()));
+    }
+
+    fn start_discovery(
+        &self,
+        client: Option<consul::Client>,
+        lifecycle: &LifecycleHandle,
+        metrics: &Metrics,
+    ) {
+        if let Some(client) = client {
+            tokio::spawn(consul::discover(
+                client,
+                lifecycle.clone(),
+                metrics.clone(),
+                self.cancel.child_token(),
+            ));
+        }
+    }
+}
+
+impl reload::Apply for Reloadable {
+    async fn apply(
+        &mut self,
+        current: &Config,
+        new: &Config,
+        report: &mut ReloadReport,
+    ) -> Result<(), ReloadError> {
+        // Everything that can refuse the reload comes before any change.
+        let consul_changed = current.agent.consul != new.agent.consul
+            || (new.agent.consul.is_some()
+                && current.agent.monitor_interval != new.agent.monitor_interval);
+        let consul_client = match &new.agent.consul {
+            Some(c) if consul_changed => {
+                let settings = consul::Settings::new(c, new.agent.monitor_interval, |k| {
+                    std::env::var(k).ok()
+                })?;
+                Some(consul::Client::new(settings, self.metrics.clone())?)
+            }
+            _ => None,
+        };
+        if consul_changed {
+            self.consul.stop();
+            self.consul.start_health(consul_client.clone());
+            report.consul_restarted = true;
+        }
+        let settings =
+            lifecycle_settings(&new.agent, self.consul.health.clone(), self.passive_health);
+        report.apps = self.lifecycle.reload(settings, new.apps.clone()).await?;
+        if consul_changed && new.agent.consul.is_none() {
+            // Consul turned off: its apps go with it.
+            self.lifecycle.sync_consul(Vec::new(), Vec::new()).await?;
+        }
+        self.consul
+            .start_discovery(consul_client, &self.lifecycle, &self.metrics);
+        if current.agent.log_level != new.agent.log_level
+            && let (Some(set), Some(filter)) = (&self.log, &new.agent.log_level)
+        {
+            match set(filter) {
+                Ok(()) => report.log_level = Some(filter.clone()),
+                Err(e) => warn!(error = %e, "agent.log_level not applied"),
+            }
+        }
+        Ok(())
     }
 }
 

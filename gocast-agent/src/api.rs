@@ -13,7 +13,7 @@ use axum::{
     extract::{Path, RawQuery, State},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
 };
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -25,6 +25,7 @@ use crate::{
     bgp::session::PeerStatus,
     messages::{LifecycleError, LifecycleHandle, Routes},
     metrics::Metrics,
+    reload::{ReloadError, ReloadHandle},
     stats::Snapshot,
 };
 
@@ -123,6 +124,8 @@ pub struct ApiState {
     pub info: Arc<StaticInfo>,
     /// Each BGP session's status, in config order.
     pub peers: Arc<Vec<watch::Receiver<PeerStatus>>>,
+    /// Reloads the config file; `None` where there is no file (tests).
+    pub reload: Option<ReloadHandle>,
 }
 
 /// The API's routes, apart from serving, so tests can call them directly.
@@ -130,6 +133,9 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/register", get(register_get).post(register_post))
         .route("/unregister", get(unregister).post(unregister_post))
+        .route("/drain", post(drain))
+        .route("/undrain", post(undrain))
+        .route("/reload", post(reload))
         .route("/info", get(info))
         .route("/apps", get(apps))
         .route("/apps/{name}", get(app_by_name))
@@ -369,6 +375,63 @@ async fn unregister_post(
     unregister_by(&state, &query_and_body(q.as_deref(), &headers, &body)?).await
 }
 
+/// `name=APP` drains one app; no name drains the whole host.
+async fn drain_by(
+    state: &ApiState,
+    q: Option<&str>,
+    headers: &HeaderMap,
+    body: &Bytes,
+    drain: bool,
+) -> Result<Response, ApiError> {
+    let pairs = query_and_body(q, headers, body)?;
+    let app = if pairs.iter().any(|(k, _)| k == "name") {
+        Some(parse_name(&pairs)?)
+    } else {
+        None
+    };
+    let report = state.lifecycle.drain(app, drain).await?;
+    Ok(Json(report).into_response())
+}
+
+async fn drain(
+    State(state): State<ApiState>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    drain_by(&state, q.as_deref(), &headers, &body, true).await
+}
+
+async fn undrain(
+    State(state): State<ApiState>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    drain_by(&state, q.as_deref(), &headers, &body, false).await
+}
+
+/// Reloads the config file: 200 with what changed, 400 with why nothing did.
+async fn reload(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    let Some(reloader) = &state.reload else {
+        return Err(ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "this agent has no config file to reload".into(),
+        });
+    };
+    match reloader.reload().await {
+        Ok(report) => Ok(Json(json!({ "reloaded": report })).into_response()),
+        Err(e @ (ReloadError::Invalid(_) | ReloadError::Consul(_))) => {
+            Err(ApiError::bad_request(e.to_string()))
+        }
+        Err(ReloadError::Lifecycle(e)) => Err(e.into()),
+        Err(e @ ReloadError::ShuttingDown) => Err(ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: e.to_string(),
+        }),
+    }
+}
+
 async fn info(State(state): State<ApiState>) -> Json<Value> {
     Json(json!({
         "version": state.info.version,
@@ -529,6 +592,7 @@ mod tests {
                 version: "test",
                 dataplane: crate::dataplane::DataplaneInfo::iptables_forced(),
             }),
+            reload: None,
             peers: Arc::new(Vec::new()),
         };
         Api {

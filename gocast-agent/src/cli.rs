@@ -1,10 +1,11 @@
-//! The command line: `gocast run | check-config | status`, and GoCast's own flags.
+//! The command line: `gocast run | check-config | status | reload | drain | undrain`, and
+//! GoCast's own flags.
 //!
 //! GoCast is started as `gocast -config=/etc/gocast/config.yaml -logtostderr` (Go's flag
 //! package, glog flags). [`normalize`] turns that into `gocast run --config ...` so existing
 //! unit files and container commands keep working.
 
-use std::{ffi::OsString, path::PathBuf};
+use std::{ffi::OsString, fmt::Write, path::PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::Value;
@@ -49,13 +50,40 @@ pub enum Command {
     },
     /// Show the apps and peers of a running agent.
     Status {
-        /// The agent's HTTP address (host:port).
-        #[arg(long, default_value = "127.0.0.1:8080", conflicts_with = "config")]
-        addr: String,
-        /// Read the address from this config's `agent.listen_addr` instead.
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        agent: AgentAddr,
     },
+    /// Make a running agent re-read its config file and apply the difference; exit 1 with
+    /// the reason if the file is refused (nothing changes then).
+    Reload {
+        #[command(flatten)]
+        agent: AgentAddr,
+    },
+    /// Drain an app, or the whole host without APP: its routes are re-announced with
+    /// `GRACEFUL_SHUTDOWN`, withdrawn after `agent.drain_time`, and stay withdrawn (across
+    /// restarts too) until `undrain`.
+    Drain {
+        app: Option<String>,
+        #[command(flatten)]
+        agent: AgentAddr,
+    },
+    /// Undo `drain` for an app, or for the whole host without APP.
+    Undrain {
+        app: Option<String>,
+        #[command(flatten)]
+        agent: AgentAddr,
+    },
+}
+
+/// Where a running agent's HTTP API is.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentAddr {
+    /// The agent's HTTP address (host:port).
+    #[arg(long, default_value = "127.0.0.1:8080", conflicts_with = "config")]
+    pub addr: String,
+    /// Read the address from this config's `agent.listen_addr` instead.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 /// glog flags GoCast accepted; they have no meaning here and are dropped.
@@ -67,7 +95,15 @@ const GLOG_FLAGS: [&str; 6] = [
     "log_dir",
     "vmodule",
 ];
-const SUBCOMMANDS: [&str; 4] = ["run", "check-config", "status", "help"];
+const SUBCOMMANDS: [&str; 7] = [
+    "run",
+    "check-config",
+    "status",
+    "reload",
+    "drain",
+    "undrain",
+    "help",
+];
 
 /// Rewrites GoCast-style arguments (`-config F`, `-config=F`, glog flags) into ours.
 /// Arguments that already use a subcommand pass through untouched.
@@ -122,6 +158,85 @@ pub fn normalize(args: Vec<OsString>) -> Vec<OsString> {
 }
 
 /// `gocast status`: the peers, then one line per app, as `birdc show` prints tables.
+/// What `gocast reload` prints: the changes, the refusals and what waits for a restart.
+pub fn render_reload(report: &Value) -> String {
+    let names = |v: &Value| -> String {
+        let list: Vec<&str> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        if list.is_empty() {
+            "-".into()
+        } else {
+            list.join(", ")
+        }
+    };
+    let apps = &report["apps"];
+    let mut out = format!(
+        "config reloaded\napps added: {}\napps changed: {}\napps removed: {}\n",
+        names(&apps["added"]),
+        names(&apps["changed"]),
+        names(&apps["removed"]),
+    );
+    for r in apps["refused"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "app refused: {}: {}",
+            r["app"].as_str().unwrap_or("?"),
+            r["reason"].as_str().unwrap_or("?")
+        );
+    }
+    for line in report["bgp"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+    {
+        let _ = writeln!(out, "bgp: {line}");
+    }
+    if let Some(level) = report["log_level"].as_str() {
+        let _ = writeln!(out, "log level: {level}");
+    }
+    if report["consul_restarted"].as_bool() == Some(true) {
+        out += "consul: restarted with the new settings\n";
+    }
+    for n in report["not_applied"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "not applied until a restart: {} ({})",
+            n["key"].as_str().unwrap_or("?"),
+            n["reason"].as_str().unwrap_or("?")
+        );
+    }
+    out
+}
+
+/// What `gocast drain`/`undrain` prints: the host's drain state and each app's.
+pub fn render_drain(report: &Value) -> String {
+    let mut out = format!(
+        "host drained: {}\n",
+        if report["host_drained"].as_bool() == Some(true) {
+            "yes"
+        } else {
+            "no"
+        }
+    );
+    for a in report["apps"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{}: {}{}",
+            a["name"].as_str().unwrap_or("?"),
+            a["drain"].as_str().unwrap_or("not drained"),
+            a["withdraw_in_s"]
+                .as_f64()
+                .map_or_else(String::new, |s| format!(", withdrawn in {s:.0} s")),
+        );
+    }
+    out
+}
+
 pub fn render_status(info: &Value, apps: &Value, stats: Option<&Value>) -> String {
     let text = |v: &Value| match v {
         Value::String(s) => s.clone(),
@@ -177,11 +292,15 @@ pub fn render_status(info: &Value, apps: &Value, stats: Option<&Value>) -> Strin
                 format!("{} {verdict}", text(&m["monitor"]))
             })
             .collect();
+        let health = match a["drain"].as_str() {
+            Some(drain) => format!("{}, {drain}", text(&a["state"])),
+            None => text(&a["state"]),
+        };
         rows.push([
             text(&a["name"]),
             text(&a["vip"]),
             text(&a["source"]),
-            text(&a["state"]),
+            health,
             if a["announced"].as_bool() == Some(true) {
                 "yes"
             } else {

@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`agent`]: the running agent: wiring of every task, signals, shutdown.
+//! - [`reload`]: live reload of the config file.
 //! - [`config`]: the GoCast YAML file, parsed once into typed values.
 //! - [`app`]: the app model (`AppName`, `Vip`, `Monitor`, `NatRule`, `Community`).
 //! - [`monitor`]: runs the health checks and reports results.
@@ -14,7 +15,7 @@
 //! - [`stats`]: samples the counters: rates for `/stats`, passive health.
 //! - [`store`]: HTTP registrations persisted across restarts.
 //! - [`api`]: the HTTP API; [`metrics`]: Prometheus text.
-//! - [`cli`]: command line, shared by the binary and tests.
+//! - [`cli`]: command line, shared by the binary and tests; [`client`]: its calls to a running agent.
 //! - [`timer`]: the one timer type every task uses; [`backoff`]: the one retry backoff;
 //!   [`error_chain`]: errors on one line.
 
@@ -24,6 +25,7 @@ pub mod app;
 pub mod backoff;
 pub mod bgp;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod consul;
 pub mod dataplane;
@@ -33,6 +35,7 @@ pub mod messages;
 pub mod metrics;
 pub mod monitor;
 pub mod netlink;
+pub mod reload;
 pub mod stats;
 pub mod store;
 pub mod timer;

@@ -1,12 +1,14 @@
 //! The `gocast` binary: parses the command line, sets up logging and the runtime, and wires
 //! the library's tasks together. Exit codes: 0 ok, 1 runtime failure, 2 bad config or usage.
 
-use std::{io::IsTerminal, process::ExitCode, time::Duration};
+use std::{io::IsTerminal, process::ExitCode};
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use gocast::{
+    agent::LogFilter,
     cli::{self, Cli, Command, LogFormat},
+    client,
     config::Config,
 };
 use tracing::error;
@@ -24,7 +26,7 @@ fn main() -> ExitCode {
             };
         }
     };
-    init_tracing(cli.log_format, cli.log_level.as_deref());
+    let log = init_tracing(cli.log_format, cli.log_level.as_deref());
     match cli.command {
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => {
@@ -36,18 +38,27 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run { config } => {
-            let config = match Config::load(&config) {
+        Command::Run { config: path } => {
+            let config = match Config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {
                     error!("{e}");
                     return ExitCode::from(2);
                 }
             };
-            exit(runtime().and_then(|rt| rt.block_on(gocast::agent::run(config))))
+            exit(runtime().and_then(|rt| rt.block_on(gocast::agent::run(config, path, log))))
         }
-        Command::Status { addr, config } => {
-            exit(runtime().and_then(|rt| rt.block_on(status(addr, config))))
+        Command::Status { agent } => {
+            exit(runtime().and_then(|rt| rt.block_on(client::status(&agent))))
+        }
+        Command::Reload { agent } => {
+            exit(runtime().and_then(|rt| rt.block_on(client::reload(&agent))))
+        }
+        Command::Drain { app, agent } => {
+            exit(runtime().and_then(|rt| rt.block_on(client::drain(&agent, app.as_deref(), true))))
+        }
+        Command::Undrain { app, agent } => {
+            exit(runtime().and_then(|rt| rt.block_on(client::drain(&agent, app.as_deref(), false))))
         }
     }
 }
@@ -71,63 +82,48 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the tokio runtime")
 }
 
-fn init_tracing(format: LogFormat, level: Option<&str>) {
-    let filter = level
+/// Logs to stderr with the filter from `--log-level`, else `RUST_LOG`, else `info`. Returns how
+/// to change the filter later (`agent.log_level`, applied at start and on reload), unless the
+/// command line or the environment fixed it.
+fn init_tracing(format: LogFormat, level: Option<&str>) -> Option<LogFilter> {
+    let fixed = level
         .map(EnvFilter::new)
-        .or_else(|| EnvFilter::try_from_default_env().ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+        .or_else(|| EnvFilter::try_from_default_env().ok());
+    let reloadable = fixed.is_none();
+    let filter = fixed.unwrap_or_else(|| EnvFilter::new("info"));
     // Colours only for a person at a terminal, not in journald or log files.
     // `init()` also installs `LogTracer` (tracing-subscriber's `tracing-log` feature): records of
     // the `log` crate, among them the eBPF programs' (aya-log, target `gocast_ebpf::logs`), become
     // events under the same filter and format. The eBPF dataplane asks this filter which levels
     // its programs should log at when it loads them.
+    // The filter goes on last: the reload handle's type names everything before it.
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let set: LogFilter = match format {
+        LogFormat::Text => {
+            let builder = builder.with_env_filter(filter).with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            Box::new(move |f| reload_filter(&handle, f))
+        }
+        LogFormat::Json => {
+            let builder = builder
+                .json()
+                .with_env_filter(filter)
+                .with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            Box::new(move |f| reload_filter(&handle, f))
+        }
+    };
+    reloadable.then_some(set)
 }
 
-async fn status(addr: String, config: Option<std::path::PathBuf>) -> Result<()> {
-    let addr = match config {
-        Some(path) => {
-            let c = Config::load(&path)?;
-            let a = c.agent.listen_addr.addr;
-            // An agent listening on all interfaces is reachable on loopback.
-            let ip = if a.ip().is_unspecified() {
-                std::net::Ipv4Addr::LOCALHOST.into()
-            } else {
-                a.ip()
-            };
-            std::net::SocketAddr::new(ip, a.port()).to_string()
-        }
-        None => addr,
-    };
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()?;
-    let get = |path: &str| {
-        let url = format!("http://{addr}{path}");
-        let client = client.clone();
-        async move {
-            client
-                .get(&url)
-                .send()
-                .await
-                .and_then(reqwest::Response::error_for_status)
-                .with_context(|| format!("asking the agent at {url}"))?
-                .json::<serde_json::Value>()
-                .await
-                .with_context(|| format!("reading {url}"))
-        }
-    };
-    let info = get("/info").await?;
-    let apps = get("/apps").await?;
-    // 503 without the eBPF dataplane: the table says so.
-    let stats = get("/stats").await.ok();
-    print!("{}", cli::render_status(&info, &apps, stats.as_ref()));
-    Ok(())
+fn reload_filter<S>(
+    handle: &tracing_subscriber::reload::Handle<EnvFilter, S>,
+    filter: &str,
+) -> Result<(), String> {
+    let filter = EnvFilter::try_new(filter).map_err(|e| e.to_string())?;
+    handle.reload(filter).map_err(|e| e.to_string())
 }

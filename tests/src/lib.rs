@@ -88,9 +88,18 @@ impl Netns {
 
     /// HTTP GET from inside the namespace: (status, body parsed as JSON or as a string).
     pub fn http_get(&self, url: &str) -> Result<(u16, Value)> {
+        self.http("GET", url)
+    }
+
+    /// HTTP POST (no body) from inside the namespace, as [`Netns::http_get`].
+    pub fn http_post(&self, url: &str) -> Result<(u16, Value)> {
+        self.http("POST", url)
+    }
+
+    fn http(&self, method: &str, url: &str) -> Result<(u16, Value)> {
         let out = self
             .command("curl")
-            .args(["-sS", "-m", "5", "-w", "\n%{http_code}", url])
+            .args(["-sS", "-m", "10", "-X", method, "-w", "\n%{http_code}", url])
             .output()
             .context("running curl")?;
         ensure!(
