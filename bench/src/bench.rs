@@ -5,15 +5,16 @@
 //! topologies as the tests. Benchmarks measure and print; they never fail on a missed target
 //! (only on a broken setup), and they are not part of `cargo xtask test` or CI.
 //!
-//! Targets are subcommands of `bench`: `bgp`, `nat` and `memory`, each in its own module under
-//! `bench/`, sharing the helpers here (release build, percentiles, RSS, verdicts). Without a
-//! target (or with `all`) all three run with their defaults and [`report`] writes
-//! `docs/benchmarks.md` and its charts.
+//! Targets are subcommands of `bench`: `bgp`, `nat`, `memory` and `reload`, each in its own
+//! module under `bench/`, sharing the helpers here (release build, percentiles, RSS, verdicts).
+//! Without a target (or with `all`) `bgp`, `nat` and `memory` run with their defaults and
+//! [`report`] writes `docs/benchmarks.md` and its charts.
 
 mod bgp;
 mod http;
 mod memory;
 mod nat;
+mod reload;
 mod report;
 
 use std::{
@@ -44,6 +45,9 @@ enum Target {
     Nat(nat::NatArgs),
     /// The agent's resident memory (`VmRSS`, `VmHWM`) with 0, 100, 1,000 and 10,000 apps.
     Memory(memory::MemoryArgs),
+    /// A live reload against a restart with many apps, with BIRD watching for withdrawn routes
+    /// and session resets.
+    Reload(reload::ReloadArgs),
     /// `bgp`, `nat` and `memory` with their defaults, then `docs/benchmarks.md` and its
     /// charts under `docs/img/` (the default).
     All,
@@ -65,6 +69,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Some(Target::Bgp(a)) => bgp::run(a).map(drop),
         Some(Target::Nat(a)) => nat::run(a).map(drop),
         Some(Target::Memory(a)) => memory::run(a).map(drop),
+        Some(Target::Reload(a)) => reload::run(a),
         Some(Target::ServeHttp(a)) => http::serve(a),
         Some(Target::All) | None => all(),
     }

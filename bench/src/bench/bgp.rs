@@ -154,7 +154,7 @@ impl Lab {
 
     /// Starts the release agent at `info` level (as in production; the tests' debug level
     /// would cost time here) and waits for its API.
-    fn start_agent(&self, binary: &Path, config: &Path, log: &str) -> Result<Agent> {
+    pub(super) fn start_agent(&self, binary: &Path, config: &Path, log: &str) -> Result<Agent> {
         let config = config.to_str().context("config path")?;
         Agent::start_with(
             binary,
@@ -169,8 +169,18 @@ impl Lab {
         self.bird.established().unwrap_or(false)
     }
 
+    /// When BIRD's session last changed state (the "Since" column): a reset changes it.
+    pub(super) fn session_since(&self) -> Result<String> {
+        let out = self.bird.birdc(&["show", "protocols", "agent"])?;
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("agent"))
+            .context("no agent protocol at BIRD")?;
+        Ok(line.split_whitespace().nth(4).unwrap_or("").to_owned())
+    }
+
     /// BGP routes in BIRD's tables (both families), from `show route count protocol agent`.
-    fn bird_routes(&self) -> Result<u64> {
+    pub(super) fn bird_routes(&self) -> Result<u64> {
         let out = self
             .bird
             .birdc(&["show", "route", "count", "protocol", "agent"])?;
