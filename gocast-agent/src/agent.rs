@@ -4,17 +4,18 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
 
 use anyhow::{Context, Result};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     api::{self, ApiState, StaticInfo},
-    bgp::Speaker,
+    bgp::{Speaker, SpeakerReload},
     config::{Config, DataplaneMode},
     consul,
     host::SystemHost,
@@ -31,14 +32,15 @@ const API_DRAIN: Duration = Duration::from_millis(500);
 /// How long a start that fails after the BGP sessions began waits for them to close with Cease.
 const ABORTED_START_CEASE: Duration = Duration::from_secs(1);
 
-/// Runs the agent until SIGTERM or SIGINT, then shuts down cleanly.
-pub async fn run(config: Config) -> Result<()> {
+/// Runs the agent until SIGTERM or SIGINT, then shuts down cleanly. `config_path` is the file
+/// `config` was read from, read again on SIGHUP.
+pub async fn run(config: Config, config_path: PathBuf) -> Result<()> {
     let listen = config.agent.listen_addr;
     if listen.all_interfaces {
         warn!(addr = %listen, "the HTTP API listens on all interfaces: anyone who can reach it can register VIPs");
     }
     // Signals first: one arriving during start-up must still lead to a clean shutdown.
-    let signals = Signals::install()?;
+    let mut signals = Signals::install()?;
     // Bind before touching the host, so a taken port changes nothing.
     let listener = bind(listen.addr).await?;
     let metrics = Metrics::default();
@@ -52,10 +54,8 @@ pub async fn run(config: Config) -> Result<()> {
     let host = match start_host(&config).await {
         Ok(host) => host,
         Err(e) => {
-            if let Some(announcer) = announcer {
-                announcer.stop.cancel();
-                let _ = tokio::time::timeout(ABORTED_START_CEASE, announcer.done).await;
-            }
+            announcer.stop.cancel();
+            let _ = tokio::time::timeout(ABORTED_START_CEASE, announcer.done).await;
             return Err(e);
         }
     };
@@ -81,7 +81,7 @@ pub async fn run(config: Config) -> Result<()> {
         lifecycle::Outputs {
             routes: routes_tx,
             owners: owners_tx,
-            announcer,
+            announcer: Some(announcer),
             metrics: metrics.clone(),
         },
         cancel.clone(),
@@ -115,12 +115,7 @@ pub async fn run(config: Config) -> Result<()> {
             version: env!("CARGO_PKG_VERSION"),
             dataplane,
         }),
-        peers: Arc::new(
-            speaker
-                .as_ref()
-                .map(|s| s.peers.clone())
-                .unwrap_or_default(),
-        ),
+        peers: speaker.peers(),
     };
     info!(addr = %listen, apps = config.apps.len(), peers = config.bgp.peers.len(), "gocast running");
     let api_stop = CancellationToken::new();
@@ -128,25 +123,45 @@ pub async fn run(config: Config) -> Result<()> {
         .with_graceful_shutdown(api_stop.clone().cancelled_owned());
     let server = tokio::spawn(async move { server.await });
 
-    let signal = signals.recv().await;
+    let signal = loop {
+        match signals.recv().await {
+            Signal::Hangup => {
+                if let Err(e) = reload_bgp(&config_path, &speaker).await {
+                    error!("reload on SIGHUP failed, nothing changed: {e:#}");
+                }
+            }
+            stop => break stop,
+        }
+    };
     info!(%signal, "shutting down");
-    shutdown(api_stop, server, speaker.as_ref(), cancel, running.task).await
+    shutdown(api_stop, server, &speaker, cancel, running.task).await
 }
 
-/// The BGP speaker, unless no peer is configured.
+/// Reads the config file again and applies its `bgp:` section to the running speaker; logs
+/// and returns what changed. A file that does not load changes nothing.
+pub async fn reload_bgp(config_path: &Path, speaker: &Speaker) -> Result<SpeakerReload> {
+    let config =
+        Config::load(config_path).with_context(|| format!("reading {}", config_path.display()))?;
+    let report = speaker
+        .reload(&config.bgp)
+        .await
+        .context("reloading the BGP speaker")?;
+    info!(%report, "bgp section reloaded from {}", config_path.display());
+    Ok(report)
+}
+
+/// The BGP speaker. Without peers it announces nothing until a reload adds one.
 async fn start_speaker(
     config: &Config,
     routes: tokio::sync::watch::Receiver<messages::Routes>,
     metrics: &Metrics,
-) -> Result<(Option<Speaker>, Option<messages::Announcer>)> {
+) -> Result<(Speaker, messages::Announcer)> {
     if config.bgp.peers.is_empty() {
         warn!("no bgp peers configured: routes are computed (GET /routes) but not announced");
-        return Ok((None, None));
     }
-    let (speaker, announcer) = Speaker::start(&config.bgp, routes, metrics)
+    Speaker::start(&config.bgp, routes, metrics)
         .await
-        .context("starting the BGP speaker")?;
-    Ok((Some(speaker), Some(announcer)))
+        .context("starting the BGP speaker")
 }
 
 /// What the lifecycle applies, from the config.
@@ -202,7 +217,7 @@ fn consul_client(config: &Config, metrics: &Metrics) -> Result<Option<consul::Cl
 async fn shutdown(
     api_stop: CancellationToken,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
-    speaker: Option<&Speaker>,
+    speaker: &Speaker,
     lifecycle: CancellationToken,
     lifecycle_task: tokio::task::JoinHandle<()>,
 ) -> Result<()> {
@@ -210,10 +225,8 @@ async fn shutdown(
     if tokio::time::timeout(API_DRAIN, server).await.is_err() {
         warn!("HTTP requests still open after {API_DRAIN:?}; closing them");
     }
-    let graceful = speaker.map(Speaker::graceful_wait).unwrap_or_default();
-    if let Some(speaker) = speaker {
-        speaker.graceful_shutdown().await;
-    }
+    let graceful = speaker.graceful_wait();
+    speaker.graceful_shutdown().await;
     let budget = SHUTDOWN_BUDGET.saturating_sub(API_DRAIN);
     lifecycle.cancel();
     match tokio::time::timeout(budget, lifecycle_task).await {
@@ -226,10 +239,30 @@ async fn shutdown(
     }
 }
 
-/// SIGTERM and SIGINT, registered as soon as the agent starts.
+/// SIGTERM, SIGINT and SIGHUP, registered as soon as the agent starts.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+/// A signal the agent acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    Terminate,
+    Interrupt,
+    /// Reload the configuration.
+    Hangup,
+}
+
+impl std::fmt::Display for Signal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Terminate => "SIGTERM",
+            Self::Interrupt => "SIGINT",
+            Self::Hangup => "SIGHUP",
+        })
+    }
 }
 
 impl Signals {
@@ -238,14 +271,16 @@ impl Signals {
         Ok(Self {
             term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
             int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
         })
     }
 
-    /// Waits for either and names it.
-    async fn recv(mut self) -> &'static str {
+    /// Waits for the next one.
+    async fn recv(&mut self) -> Signal {
         tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => Signal::Terminate,
+            _ = self.int.recv() => Signal::Interrupt,
+            _ = self.hup.recv() => Signal::Hangup,
         }
     }
 }

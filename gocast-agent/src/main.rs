@@ -36,15 +36,15 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run { config } => {
-            let config = match Config::load(&config) {
+        Command::Run { config: path } => {
+            let config = match Config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {
                     error!("{e}");
                     return ExitCode::from(2);
                 }
             };
-            exit(runtime().and_then(|rt| rt.block_on(gocast::agent::run(config))))
+            exit(runtime().and_then(|rt| rt.block_on(gocast::agent::run(config, path))))
         }
         Command::Status { addr, config } => {
             exit(runtime().and_then(|rt| rt.block_on(status(addr, config))))
