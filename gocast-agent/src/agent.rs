@@ -83,7 +83,7 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogFilter>) -> Resul
         lifecycle::Outputs {
             routes: routes_tx,
             owners: owners_tx,
-            announcer,
+            announcer: Some(announcer),
             metrics: metrics.clone(),
         },
         cancel.clone(),
@@ -106,6 +106,7 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogFilter>) -> Resul
         config.clone(),
         Reloadable {
             lifecycle: running.handle.clone(),
+            speaker: speaker.clone(),
             metrics: metrics.clone(),
             passive_health: counters_present,
             consul,
@@ -121,12 +122,7 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogFilter>) -> Resul
             version: env!("CARGO_PKG_VERSION"),
             dataplane,
         }),
-        peers: Arc::new(
-            speaker
-                .as_ref()
-                .map(|s| s.peers.clone())
-                .unwrap_or_default(),
-        ),
+        peers: speaker.peers(),
         reload: Some(reloader.clone()),
     };
     info!(addr = %listen, apps = config.apps.len(), peers = config.bgp.peers.len(), "gocast running");
@@ -137,23 +133,21 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogFilter>) -> Resul
 
     let signal = signals.recv(&reloader).await;
     info!(%signal, "shutting down");
-    shutdown(api_stop, server, speaker.as_ref(), cancel, running.task).await
+    shutdown(api_stop, server, &speaker, cancel, running.task).await
 }
 
-/// The BGP speaker, unless no peer is configured.
+/// The BGP speaker. Without peers it announces nothing until a reload adds one.
 async fn start_speaker(
     config: &Config,
     routes: tokio::sync::watch::Receiver<messages::Routes>,
     metrics: &Metrics,
-) -> Result<(Option<Speaker>, Option<messages::Announcer>)> {
+) -> Result<(Speaker, messages::Announcer)> {
     if config.bgp.peers.is_empty() {
         warn!("no bgp peers configured: routes are computed (GET /routes) but not announced");
-        return Ok((None, None));
     }
-    let (speaker, announcer) = Speaker::start(&config.bgp, routes, metrics)
+    Speaker::start(&config.bgp, routes, metrics)
         .await
-        .context("starting the BGP speaker")?;
-    Ok((Some(speaker), Some(announcer)))
+        .context("starting the BGP speaker")
 }
 
 /// What the lifecycle applies, from the config.
@@ -182,15 +176,13 @@ fn lifecycle_settings(
 /// failure the BGP sessions that already started close with a Cease.
 async fn start_host(
     config: &Config,
-    announcer: Option<messages::Announcer>,
-) -> Result<(SystemHost, Option<messages::Announcer>)> {
+    announcer: messages::Announcer,
+) -> Result<(SystemHost, messages::Announcer)> {
     match SystemHost::start(config).await {
         Ok(host) => Ok((host, announcer)),
         Err(e) => {
-            if let Some(announcer) = announcer {
-                announcer.stop.cancel();
-                let _ = tokio::time::timeout(ABORTED_START_CEASE, announcer.done).await;
-            }
+            announcer.stop.cancel();
+            let _ = tokio::time::timeout(ABORTED_START_CEASE, announcer.done).await;
             let dataplane = match config.dataplane.mode {
                 DataplaneMode::Ebpf => "eBPF dataplane (dataplane.mode: ebpf)",
                 DataplaneMode::Auto => "dataplane",
@@ -221,7 +213,7 @@ fn consul_client(config: &Config, metrics: &Metrics) -> Result<Option<consul::Cl
 async fn shutdown(
     api_stop: CancellationToken,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
-    speaker: Option<&Speaker>,
+    speaker: &Speaker,
     lifecycle: CancellationToken,
     lifecycle_task: tokio::task::JoinHandle<()>,
 ) -> Result<()> {
@@ -229,10 +221,8 @@ async fn shutdown(
     if tokio::time::timeout(API_DRAIN, server).await.is_err() {
         warn!("HTTP requests still open after {API_DRAIN:?}; closing them");
     }
-    let graceful = speaker.map(Speaker::graceful_wait).unwrap_or_default();
-    if let Some(speaker) = speaker {
-        speaker.graceful_shutdown().await;
-    }
+    let graceful = speaker.graceful_wait();
+    speaker.graceful_shutdown().await;
     let budget = SHUTDOWN_BUDGET.saturating_sub(API_DRAIN);
     lifecycle.cancel();
     match tokio::time::timeout(budget, lifecycle_task).await {
@@ -283,6 +273,7 @@ impl Signals {
 /// The tasks a reload reconfigures.
 struct Reloadable {
     lifecycle: LifecycleHandle,
+    speaker: Speaker,
     metrics: Metrics,
     /// The eBPF counters run (passive health has an effect).
     passive_health: bool,
@@ -365,6 +356,14 @@ impl reload::Apply for Reloadable {
         let settings =
             lifecycle_settings(&new.agent, self.consul.health.clone(), self.passive_health);
         report.apps = self.lifecycle.reload(settings, new.apps.clone()).await?;
+        match self.speaker.reload(&new.bgp).await {
+            Ok(bgp) => {
+                info!(report = %bgp, "bgp section reloaded");
+                report.bgp = bgp;
+            }
+            // The speaker stops only at shutdown.
+            Err(e) => warn!(error = %e, "bgp section not reloaded"),
+        }
         if consul_changed && new.agent.consul.is_none() {
             // Consul turned off: its apps go with it.
             self.lifecycle.sync_consul(Vec::new(), Vec::new()).await?;

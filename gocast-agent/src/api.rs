@@ -22,7 +22,7 @@ use tracing::warn;
 
 use crate::{
     app::{self, AppName, AppSpec, Monitor, NatRule, Source},
-    bgp::session::PeerStatus,
+    bgp::{Peers, session::PeerStatus},
     messages::{LifecycleError, LifecycleHandle, Routes},
     metrics::Metrics,
     reload::{ReloadError, ReloadHandle},
@@ -122,8 +122,8 @@ pub struct ApiState {
     pub stats: Option<watch::Receiver<Arc<Snapshot>>>,
     pub metrics: Metrics,
     pub info: Arc<StaticInfo>,
-    /// Each BGP session's status, in config order.
-    pub peers: Arc<Vec<watch::Receiver<PeerStatus>>>,
+    /// Each BGP session's status, in config order, following reloads.
+    pub peers: Peers,
     /// Reloads the config file; `None` where there is no file (tests).
     pub reload: Option<ReloadHandle>,
 }
@@ -436,7 +436,7 @@ async fn info(State(state): State<ApiState>) -> Json<Value> {
     Json(json!({
         "version": state.info.version,
         "dataplane": state.info.dataplane,
-        "peers": state.peers.iter().map(|p| PeerInfo::from(&*p.borrow())).collect::<Vec<_>>(),
+        "peers": state.peers.statuses().iter().map(PeerInfo::from).collect::<Vec<_>>(),
     }))
 }
 
@@ -593,7 +593,7 @@ mod tests {
                 dataplane: crate::dataplane::DataplaneInfo::iptables_forced(),
             }),
             reload: None,
-            peers: Arc::new(Vec::new()),
+            peers: Peers::default(),
         };
         Api {
             router: router(state),

@@ -158,6 +158,10 @@ pub fn normalize(args: Vec<OsString>) -> Vec<OsString> {
 }
 
 /// `gocast status`: the peers, then one line per app, as `birdc show` prints tables.
+fn text_of(v: &Value) -> &str {
+    v.as_str().unwrap_or("?")
+}
+
 /// What `gocast reload` prints: the changes, the refusals and what waits for a restart.
 pub fn render_reload(report: &Value) -> String {
     let names = |v: &Value| -> String {
@@ -188,13 +192,27 @@ pub fn render_reload(report: &Value) -> String {
             r["reason"].as_str().unwrap_or("?")
         );
     }
-    for line in report["bgp"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-    {
-        let _ = writeln!(out, "bgp: {line}");
+    let bgp = &report["bgp"];
+    for (what, key) in [("added", "added"), ("removed", "removed")] {
+        let _ = writeln!(out, "bgp peers {what}: {}", names(&bgp[key]));
+    }
+    for (what, key) in [("reset", "reset"), ("sent new attributes", "updated")] {
+        for change in bgp[key].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "bgp peer {} {what} ({})",
+                text_of(&change["peer"]),
+                names(&change["keys"])
+            );
+        }
+    }
+    for n in bgp["not_applied"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "not applied: {} ({})",
+            text_of(&n["key"]),
+            text_of(&n["reason"])
+        );
     }
     if let Some(level) = report["log_level"].as_str() {
         let _ = writeln!(out, "log level: {level}");

@@ -37,6 +37,12 @@ struct PeerLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TaskLabels {
+    task: String,
+    peer: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ConsulLabels {
     endpoint: String,
     result: String,
@@ -150,6 +156,7 @@ struct Inner {
     peer_established: Family<PeerLabels, Counter>,
     updates_sent: Family<PeerLabels, Counter>,
     prefixes_advertised: Family<PeerLabels, Gauge>,
+    task_restarts: Family<TaskLabels, Counter>,
     vip_snapshot: Arc<OnceLock<watch::Receiver<Arc<Snapshot>>>>,
     consul: ConsulMetrics,
 }
@@ -207,6 +214,7 @@ impl Default for Metrics {
         let peer_established = Family::<PeerLabels, Counter>::default();
         let updates_sent = Family::<PeerLabels, Counter>::default();
         let prefixes_advertised = Family::<PeerLabels, Gauge>::default();
+        let task_restarts = Family::<TaskLabels, Counter>::default();
         let consul = ConsulMetrics::register(&mut registry);
         registry.register(
             "bgp_session_up",
@@ -232,6 +240,11 @@ impl Default for Metrics {
             "bgp_prefixes_advertised",
             "Prefixes in the peer's Adj-RIB-Out",
             prefixes_advertised.clone(),
+        );
+        registry.register(
+            "task_restarts",
+            "Supervised tasks started again after they panicked or ended by themselves",
+            task_restarts.clone(),
         );
         registry.register(
             "app_healthy",
@@ -274,6 +287,7 @@ impl Default for Metrics {
                 peer_established,
                 updates_sent,
                 prefixes_advertised,
+                task_restarts,
                 vip_snapshot,
                 consul,
             }),
@@ -373,6 +387,17 @@ impl Metrics {
             .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
+    /// A supervised task (`task`, e.g. `bgp_session`, of `peer`) was started again.
+    pub fn task_restarted(&self, task: &str, peer: &str) {
+        self.inner
+            .task_restarts
+            .get_or_create(&TaskLabels {
+                task: task.to_owned(),
+                peer: peer.to_owned(),
+            })
+            .inc();
+    }
+
     /// Exports the per-VIP counters of the stats sampler's snapshots (eBPF dataplane only).
     pub fn vip_stats(&self, snapshots: watch::Receiver<Arc<Snapshot>>) {
         let _ = self.inner.vip_snapshot.set(snapshots);
@@ -448,8 +473,10 @@ mod tests {
         m.consul_request("catalog_node", "ok");
         m.consul_request("catalog_node", "http_5xx");
         m.consul_discovered(2, 1);
+        m.task_restarted("bgp_session", "198.18.0.2");
         let text = m.render();
         for line in [
+            "gocast_task_restarts_total{task=\"bgp_session\",peer=\"198.18.0.2\"} 1",
             "gocast_consul_requests_total{endpoint=\"catalog_node\",result=\"http_5xx\"} 1",
             "gocast_consul_apps 2",
             "gocast_consul_services_refused 1",

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use crate::{
+    bgp::SpeakerReload,
     config::{Config, ConfigError},
     consul::client::ConsulError,
     messages::{LifecycleError, SyncReport},
@@ -38,11 +39,13 @@ pub enum ReloadError {
     ShuttingDown,
 }
 
-/// A key that changed in the file but keeps its old value until a restart.
+/// A key that changed in the file but keeps its running value, with why (e.g. "needs a
+/// restart").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NotApplied {
+    /// The config key, e.g. `agent.listen_addr`.
     pub key: &'static str,
-    pub reason: &'static str,
+    pub reason: String,
 }
 
 /// What a reload did.
@@ -50,8 +53,8 @@ pub struct NotApplied {
 pub struct ReloadReport {
     /// The config apps added, changed, removed and refused.
     pub apps: SyncReport,
-    /// What happened to each BGP peer, in words.
-    pub bgp: Vec<String>,
+    /// What the BGP speaker did: peers added, removed, reset, sent new attributes.
+    pub bgp: SpeakerReload,
     /// The log filter now in force, if the file's changed it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_level: Option<String>,
@@ -143,7 +146,10 @@ fn keep_restart_only(current: &Config, new: &mut Config) -> Vec<NotApplied> {
                 key,
                 reason, "changed in the config file; not applied until a restart"
             );
-            not_applied.push(NotApplied { key, reason });
+            not_applied.push(NotApplied {
+                key,
+                reason: reason.to_owned(),
+            });
         }
     };
     keep(

@@ -204,6 +204,57 @@ impl Topology {
     }
 }
 
+/// Another router namespace, joined to the agent's by a veth link of its own: a second (third,
+/// ...) BGP peer of the agent. Deleted (namespace and link) on drop.
+#[derive(Debug)]
+pub struct RouterLink {
+    pub ns: Netns,
+    /// The agent's address on this link, and the router's.
+    pub agent_ip: String,
+    pub router_ip: String,
+}
+
+impl Topology {
+    /// A new router namespace (`role` names it) linked to the agent by its own /30.
+    pub fn add_router(&self, role: &str) -> Result<RouterLink> {
+        let ns = Netns::new(role)?;
+        let id = next_id() % 16_000;
+        let base = id * 4;
+        let (a, r) = (
+            format!("198.18.{}.{}", base / 256, base % 256 + 1),
+            format!("198.18.{}.{}", base / 256, base % 256 + 2),
+        );
+        let (va, vr) = (format!("gca{id}"), format!("gcr{id}"));
+        sh(
+            "ip",
+            &[
+                "link",
+                "add",
+                &va,
+                "netns",
+                &self.agent.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &vr,
+                "netns",
+                &ns.name,
+            ],
+        )?;
+        self.agent
+            .ip(&["addr", "add", &format!("{a}/30"), "dev", &va])?;
+        ns.ip(&["addr", "add", &format!("{r}/30"), "dev", &vr])?;
+        self.agent.ip(&["link", "set", &va, "up"])?;
+        ns.ip(&["link", "set", &vr, "up"])?;
+        Ok(RouterLink {
+            ns,
+            agent_ip: a,
+            router_ip: r,
+        })
+    }
+}
+
 /// The agent binary under test: `target/debug/gocast`, which `cargo xtask test` builds before
 /// the tests run. A binary older than the agent's sources is refused, so a plain `cargo test`
 /// after an edit cannot silently test old code.

@@ -26,7 +26,8 @@
 use std::{fmt, net::Ipv4Addr, time::Duration};
 
 use super::codec::{
-    Family, Message, Notification, Open, ReceivedUpdate, error_code, shutdown_notification,
+    Family, Message, Notification, Open, ReceivedUpdate, cease_subcode, error_code,
+    shutdown_notification,
 };
 use crate::backoff::Backoff;
 
@@ -176,6 +177,11 @@ pub enum Input {
         /// Why, for the peer's operator (truncated to 128 octets on a character boundary).
         reason: String,
     },
+    /// Event 2 `ManualStop` because a reload changed the configuration ([RFC 4486 §4]): the
+    /// Cease names the change instead of an administrative shutdown. Otherwise as `ManualStop`.
+    ///
+    /// [RFC 4486 §4]: https://www.rfc-editor.org/rfc/rfc4486#section-4
+    ConfigStop(ConfigChange),
     /// Event 9 `ConnectRetryTimer_Expires`: the reconnect delay is over (Idle), or the
     /// outgoing connect took too long (Connect).
     ConnectRetryTimerExpired,
@@ -206,6 +212,16 @@ pub enum Input {
     /// Events 21 `BGPHeaderErr`, 22 `BGPOpenMsgErr` and 28 `UpdateMsgErr`: the codec found a
     /// malformed message and says which NOTIFICATION answers it (1/x, 2/x, 3/x).
     DecodeFailed(Notification),
+}
+
+/// The configuration changes that end a session ([`Input::ConfigStop`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigChange {
+    /// The peer left the configuration: Cease / Peer De-configured (6/3).
+    PeerRemoved,
+    /// A session parameter changed (AS numbers, hold time, password, addresses, TTL, router
+    /// id), which the peer only learns from a new OPEN: Cease / Other Configuration Change (6/6).
+    SessionChanged,
 }
 
 /// What the session task must do, in order.
@@ -320,6 +336,7 @@ impl Fsm {
         match input {
             Input::ManualStart => self.manual_start(),
             Input::ManualStop { reason } => self.manual_stop(&reason),
+            Input::ConfigStop(change) => self.config_stop(change),
             Input::ConnectRetryTimerExpired => self.connect_retry_timer_expired(),
             Input::HoldTimerExpired => {
                 if self.connected() {
@@ -420,6 +437,26 @@ impl Fsm {
         } else {
             self.administrative_shutdown(reason);
         }
+    }
+
+    /// `ManualStop` with the Cease subcode of the configuration change (RFC 4486 §4).
+    fn config_stop(&mut self, change: ConfigChange) {
+        self.running = false;
+        if self.state == State::Idle {
+            self.out.push(Output::SetConnectRetryTimer(None));
+            return;
+        }
+        let (subcode, reason) = match change {
+            ConfigChange::PeerRemoved => (cease_subcode::PEER_DECONFIGURED, "peer de-configured"),
+            ConfigChange::SessionChanged => (
+                cease_subcode::OTHER_CONFIGURATION_CHANGE,
+                "session parameters changed",
+            ),
+        };
+        let sent = self
+            .connected()
+            .then(|| notification(error_code::CEASE, subcode));
+        self.session_lost(reason.to_owned(), sent, None);
     }
 
     /// Cease / Administrative Shutdown (RFC 4486 §4) with an RFC 8203 Shutdown Communication.
@@ -1285,6 +1322,43 @@ mod tests {
                 State::Established,
                 None,
             )
+        );
+    }
+
+    #[test]
+    fn config_stop_sends_the_cease_subcode_of_the_change_and_stays_down() {
+        for (change, subcode, reason) in [
+            (ConfigChange::PeerRemoved, 3, "peer de-configured"),
+            (
+                ConfigChange::SessionChanged,
+                6,
+                "session parameters changed",
+            ),
+        ] {
+            let mut fsm = established();
+            let out = fsm.process(Input::ConfigStop(change));
+            let cease = notification(6, subcode);
+            assert_eq!(
+                out,
+                down_outputs(Some(cease), reason, State::Established, None),
+                "{change:?}"
+            );
+            assert_eq!(fsm.process(Input::ConnectRetryTimerExpired), []);
+        }
+    }
+
+    #[test]
+    fn config_stop_while_connecting_sends_nothing_and_in_idle_cancels_the_reconnect() {
+        let mut fsm = started(config());
+        assert_eq!(
+            fsm.process(Input::ConfigStop(ConfigChange::PeerRemoved)),
+            down_outputs(None, "peer de-configured", State::Connect, None)
+        );
+        let mut fsm = started(config());
+        fsm.process(Input::TcpConnectionFails);
+        assert_eq!(
+            fsm.process(Input::ConfigStop(ConfigChange::SessionChanged)),
+            [Output::SetConnectRetryTimer(None)]
         );
     }
 

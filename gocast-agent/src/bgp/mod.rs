@@ -1,34 +1,44 @@
-//! The BGP speaker: one [`session::Session`] task per configured peer, each keeping its peer in
-//! step with the lifecycle's route set.
+//! The BGP speaker: a task that owns one supervised [`session::Session`] per configured peer,
+//! each keeping its peer in step with the lifecycle's route set, and that applies reloads of the
+//! `bgp:` section without touching the sessions a change does not concern.
 //!
 //! ```text
-//!  lifecycle ──Routes (watch)──┬──▶ Session(peer 1) ──TCP──▶ router
-//!                              └──▶ Session(peer 2) ──TCP──▶ router
+//!  Speaker (handle) ──reload──▶ speaker task ──▶ supervise(peer 1) ──▶ Session ──TCP──▶ router
+//!                                             └─▶ supervise(peer 2) ──▶ Session ──TCP──▶ router
+//!  lifecycle ──Routes (watch)──▶ each Session
 //!  each Session ──flushed version──▶ min over peers ──▶ lifecycle (withdraw before VIP removal)
-//!  each Session ──PeerStatus──▶ /info, gocast status
+//!  each Session ──PeerStatus──▶ Peers ──▶ /info, /healthz, gocast status
 //! ```
 //!
 //! zettabgp encodes our OPEN; everything else on the wire is ours ([`codec`]), as are the
-//! state machine ([`fsm`]), timers and Adj-RIB-Out ([`rib_out`]).
+//! state machine ([`fsm`]), timers and Adj-RIB-Out ([`rib_out`]). [`reload`] is the pure diff
+//! of a reload, [`speaker`] the task that applies it, [`supervisor`] restarts a session task
+//! that fails, [`listener`] is the optional passive side.
 
 pub mod codec;
 pub mod fsm;
+pub mod listener;
+pub mod reload;
 pub mod rib_out;
 pub mod session;
+pub mod speaker;
+pub mod supervisor;
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr},
     time::Duration,
 };
 
-use tokio::{
-    net::{TcpListener, TcpSocket, TcpStream},
-    sync::{mpsc, watch},
-};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::info;
 
-use self::session::{PeerStatus, Session, SessionSettings};
+pub use self::reload::{NotApplied, PeerChange, SpeakerReload};
+use self::{
+    session::PeerStatus,
+    speaker::{Command, Published, SpeakerTask, Start},
+};
 use crate::{
     config::BgpConfig,
     messages::{Announcer, Routes},
@@ -36,7 +46,7 @@ use crate::{
     netlink::{Netlink, NetlinkError},
 };
 
-/// Why the speaker could not start.
+/// Why the speaker could not start or reload.
 #[derive(Debug, thiserror::Error)]
 pub enum SpeakerError {
     #[error(transparent)]
@@ -47,19 +57,24 @@ pub enum SpeakerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the BGP speaker has stopped")]
+    Stopped,
 }
 
-/// The running speaker, as the API and the shutdown sequence see it.
+/// The running speaker, as the agent, the API and the shutdown sequence see it. Cheap to
+/// clone; every clone talks to the same speaker task.
+#[derive(Clone)]
 pub struct Speaker {
-    /// One per configured peer, in config order.
-    pub peers: Vec<watch::Receiver<PeerStatus>>,
+    commands: mpsc::Sender<Command>,
+    peers: Peers,
     graceful: watch::Sender<bool>,
-    graceful_wait: Option<Duration>,
+    graceful_wait: watch::Receiver<Option<Duration>>,
 }
 
 impl Speaker {
-    /// Starts a session per peer (connecting at once, no start-up delay). Returns the speaker and
-    /// the lifecycle's [`Announcer`].
+    /// Starts the speaker task and a session per peer (connecting at once, no start-up delay);
+    /// with no peer it waits for a reload to add one. Returns the speaker and the lifecycle's
+    /// [`Announcer`].
     pub async fn start(
         bgp: &BgpConfig,
         routes: watch::Receiver<Routes>,
@@ -68,56 +83,34 @@ impl Speaker {
         let netlink = Netlink::new().await?;
         let router_id = router_id(bgp, &netlink).await?;
         let (graceful, graceful_rx) = watch::channel(false);
-        let stop = CancellationToken::new();
-        let mut peers = Vec::new();
-        let mut flushed = Vec::new();
-        let mut tasks = Vec::new();
-        let mut listeners = Vec::new();
-        for peer in &bgp.peers {
-            let settings = SessionSettings {
-                peer: peer.clone(),
-                router_id,
-                graceful: graceful_rx.clone(),
-                drain_local_pref: bgp.drain_local_pref.unwrap_or(0),
-            };
-            let (incoming_tx, incoming) = mpsc::channel(1);
-            listeners.push((peer.peer_ip, peer.password.clone(), incoming_tx));
-            // A netlink connection per session: dumps from sessions that come up together
-            // would otherwise collide (the kernel answers EBUSY).
-            let (session, status, sent) = Session::new(
-                settings,
-                Netlink::new().await?,
-                metrics.clone(),
-                routes.clone(),
-                incoming,
-            );
-            peers.push(status);
-            flushed.push(sent);
-            tasks.push(tokio::spawn(session.run(stop.child_token())));
-        }
-        if let Some(port) = bgp.listen_port {
-            let listener =
-                listen(port, &listeners).map_err(|source| SpeakerError::Listen { port, source })?;
-            tokio::spawn(accept_loop(listener, listeners, stop.child_token()));
-        }
+        let (statuses, statuses_rx) = watch::channel(Vec::new());
+        let (flushed_set, flushed_set_rx) = watch::channel(Vec::new());
+        let (graceful_wait, graceful_wait_rx) = watch::channel(bgp.graceful_shutdown);
+        let task = SpeakerTask::start(Start {
+            bgp: bgp.clone(),
+            router_id,
+            netlink,
+            metrics: metrics.clone(),
+            routes,
+            graceful: graceful_rx,
+            published: Published {
+                statuses,
+                flushed: flushed_set,
+                table: watch::channel(std::sync::Arc::default()).0,
+                graceful_wait,
+            },
+        })?;
         info!(%router_id, peers = bgp.peers.len(), "bgp speaker started");
         let (flushed_tx, flushed_rx) = watch::channel(0);
-        tokio::spawn(lowest_flushed(flushed, flushed_tx));
-        let done = tokio::spawn(async move {
-            for task in tasks {
-                // A panicked session dropped its socket, so the peer has dropped our routes;
-                // the other sessions go on. It must still be seen.
-                if let Err(e) = task.await
-                    && e.is_panic()
-                {
-                    tracing::error!(error = %e, "a BGP session task panicked; that peer stays down until restart");
-                }
-            }
-        });
+        tokio::spawn(speaker::lowest_flushed(flushed_set_rx, flushed_tx));
+        let stop = CancellationToken::new();
+        let (commands, commands_rx) = mpsc::channel(4);
+        let done = tokio::spawn(task.run(commands_rx, stop.clone()));
         let speaker = Self {
-            peers,
+            commands,
+            peers: Peers(statuses_rx),
             graceful,
-            graceful_wait: bgp.graceful_shutdown,
+            graceful_wait: graceful_wait_rx,
         };
         Ok((
             speaker,
@@ -129,10 +122,37 @@ impl Speaker {
         ))
     }
 
+    /// Applies a new `bgp:` section to the running speaker, per peer: added peers start,
+    /// removed ones close with Cease 6/3, a peer whose session parameters changed is reset
+    /// alone (Cease 6/6), a change of route attributes only goes out as UPDATEs on the running
+    /// session (see [`reload`]). Says what it did, and what it could not apply.
+    pub async fn reload(&self, bgp: &BgpConfig) -> Result<SpeakerReload, SpeakerError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Reload {
+                bgp: bgp.clone(),
+                reply,
+            })
+            .await
+            .map_err(|_| SpeakerError::Stopped)?;
+        answer.await.map_err(|_| SpeakerError::Stopped)?
+    }
+
+    /// The peers' statuses, following reloads: for `/info` and `/healthz`.
+    pub fn peers(&self) -> Peers {
+        self.peers.clone()
+    }
+
+    /// The peers whose session task is down (it failed and waits to be restarted).
+    pub fn down_sessions(&self) -> Vec<DownSession> {
+        self.peers.down_sessions()
+    }
+
     /// RFC 8326: re-announce every route with `GRACEFUL_SHUTDOWN` so the peers move traffic
     /// away, and wait the configured time. Does nothing unless `bgp.graceful_shutdown` is set.
     pub async fn graceful_shutdown(&self) {
-        if let Some(wait) = self.graceful_wait {
+        let wait = *self.graceful_wait.borrow();
+        if let Some(wait) = wait {
             info!(
                 ?wait,
                 "graceful shutdown: announcing GRACEFUL_SHUTDOWN and waiting"
@@ -144,83 +164,52 @@ impl Speaker {
 
     /// How long [`Speaker::graceful_shutdown`] takes.
     pub fn graceful_wait(&self) -> Duration {
-        self.graceful_wait.unwrap_or_default()
+        self.graceful_wait.borrow().unwrap_or_default()
     }
 }
 
-/// The sessions a listener hands connections to: (peer address, MD5 password, session).
-type Listeners = Vec<(Option<IpAddr>, Option<String>, mpsc::Sender<TcpStream>)>;
+/// The speaker's peers as the API sees them, in config order; follows peers added and removed
+/// by reloads. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Peers(watch::Receiver<Vec<watch::Receiver<PeerStatus>>>);
 
-/// Binds `[::]:port` (both families), with each peer's MD5 key set on the listening socket.
-fn listen(port: u16, peers: &Listeners) -> std::io::Result<TcpListener> {
-    let socket = TcpSocket::new_v6()?;
-    socket.set_reuseaddr(true)?;
-    for (ip, password, _) in peers {
-        if let (Some(ip), Some(password)) = (ip, password) {
-            // A v4 peer reaches a dual-stack socket as a v4-mapped address.
-            let key_addr = match ip {
-                IpAddr::V4(a) => IpAddr::V6(a.to_ipv6_mapped()),
-                IpAddr::V6(_) => *ip,
-            };
-            gocast_common::tcp_md5::set(&socket, key_addr, password.as_bytes())?;
-        }
+impl Peers {
+    /// Each peer's current status.
+    pub fn statuses(&self) -> Vec<PeerStatus> {
+        self.0.borrow().iter().map(|p| p.borrow().clone()).collect()
     }
-    socket.bind(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port))?;
-    socket.listen(16)
-}
 
-/// Hands each accepted connection to the session of its peer; strangers are closed.
-async fn accept_loop(listener: TcpListener, peers: Listeners, stop: CancellationToken) {
-    loop {
-        let accepted = tokio::select! {
-            () = stop.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, remote) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                warn!(error = %e, "bgp listener: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let from = remote.ip().to_canonical();
-        if let Some((_, _, session)) = peers.iter().find(|(ip, _, _)| *ip == Some(from)) {
-            // A full queue means the session is busy with a connection already: refuse this one.
-            if let Err(
-                mpsc::error::TrySendError::Full(stream) | mpsc::error::TrySendError::Closed(stream),
-            ) = session.try_send(stream)
-            {
-                tokio::spawn(session::reject(stream));
-            }
-        } else {
-            debug!(%from, "bgp listener: connection from an unconfigured address refused");
-            tokio::spawn(session::reject(stream));
-        }
-    }
-}
-
-/// Publishes the lowest route-set version every session has been sent; with no peers nothing
-/// is ever waited for.
-async fn lowest_flushed(mut sessions: Vec<watch::Receiver<u64>>, out: watch::Sender<u64>) {
-    loop {
-        let lowest = sessions
+    /// The peers whose session task is down, with why: what `/healthz` reports as a
+    /// supervised task down.
+    pub fn down_sessions(&self) -> Vec<DownSession> {
+        self.0
+            .borrow()
             .iter()
-            .map(|r| *r.borrow())
-            .min()
-            .unwrap_or(u64::MAX);
-        out.send_replace(lowest);
-        if sessions.is_empty() {
-            return;
-        }
-        let changes = sessions.iter_mut().map(|r| Box::pin(r.changed()));
-        let (result, _, _) = futures::future::select_all(changes).await;
-        if result.is_err() {
-            // A session ended (shutdown): nothing more to wait for.
-            out.send_replace(u64::MAX);
-            return;
-        }
+            .filter_map(|p| {
+                let status = p.borrow();
+                let reason = status.task_down.clone()?;
+                let peer = status
+                    .address
+                    .map_or_else(|| "autodiscover".to_owned(), |a| a.to_string());
+                Some(DownSession { peer, reason })
+            })
+            .collect()
     }
+}
+
+impl Default for Peers {
+    /// No peers (an API without a speaker, in tests).
+    fn default() -> Self {
+        Self(watch::channel(Vec::new()).1)
+    }
+}
+
+/// A peer whose session task is down.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DownSession {
+    pub peer: String,
+    /// Why its task ended (`panicked: ...`, `ended by itself`).
+    pub reason: String,
 }
 
 /// The BGP Identifier: configured, else an IPv4 local address (a peer's `local_ip`, the

@@ -2,14 +2,18 @@
 //! peer's Adj-RIB-Out in step with the lifecycle's route set.
 //!
 //! ```text
-//!   socket ─frames─▶ ┌─────────┐ ─Input─▶ Fsm ─Output─▶ apply(): send, timers, status
-//!   timers ────────▶ │ Session │
-//!   routes (watch) ─▶└─────────┘ ─UPDATEs (when Established)─▶ socket
+//!   socket ─frames─────────▶ ┌─────────┐ ─Input─▶ Fsm ─Output─▶ apply(): send, timers, status
+//!   timers ────────────────▶ │ Session │
+//!   routes (watch) ────────▶ │         │ ─UPDATEs (when Established)─▶ socket
+//!   peer config, stop (watch)└─────────┘
 //! ```
 //!
 //! All effects of the FSM's outputs happen in one function, [`Session::apply`]; I/O failures it
 //! meets become inputs again. The session publishes a [`PeerStatus`] for `/info` and the route
-//! set version it has sent, which the lifecycle waits for before a VIP leaves `lo`.
+//! set version it has sent, which the lifecycle waits for before a VIP leaves `lo`; both
+//! channels belong to its supervisor, which keeps them when it starts a failed session again.
+//! New route attributes from a reload go out on the running session; the speaker's stop says
+//! which Cease ends it.
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -26,12 +30,12 @@ use tokio::{
     sync::{mpsc, watch},
     task::JoinHandle,
 };
-use tokio_util::{codec::Framed, sync::CancellationToken};
+use tokio_util::codec::Framed;
 use tracing::{debug, info, warn};
 
 use super::{
     codec::{self, Attributes, BgpCodec, Family, Message, Origin},
-    fsm::{Fsm, FsmConfig, Input, Negotiated, Output, State},
+    fsm::{ConfigChange, Fsm, FsmConfig, Input, Negotiated, Output, State},
     rib_out::{AdjRibOut, Changes},
 };
 use crate::{
@@ -67,6 +71,27 @@ pub struct PeerStatus {
     pub messages_in: u64,
     pub messages_out: u64,
     pub prefixes_advertised: usize,
+    /// Set while the session's task is down (it panicked or ended by itself) and waits to be
+    /// restarted: why. `/healthz` reports it.
+    pub task_down: Option<String>,
+}
+
+impl PeerStatus {
+    /// A peer whose session has not started yet.
+    pub fn new(peer: &PeerConfig) -> Self {
+        Self {
+            address: peer.peer_ip,
+            asn: peer.peer_as,
+            state: State::Idle,
+            established_at: None,
+            last_error: None,
+            last_notification: None,
+            messages_in: 0,
+            messages_out: 0,
+            prefixes_advertised: 0,
+            task_down: None,
+        }
+    }
 }
 
 /// Why a connection attempt failed.
@@ -80,21 +105,58 @@ enum ConnectError {
     Io { addr: SocketAddr, source: io::Error },
 }
 
+/// Why the speaker ends a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopCause {
+    /// The agent is shutting down: Cease / Administrative Shutdown (6/2).
+    Shutdown,
+    /// A reload removed the peer or changed its session parameters.
+    Config(ConfigChange),
+}
+
+/// Whether, and why, the speaker wants the session gone; a speaker that is gone (the channel
+/// closed) counts as a shutdown.
+pub fn stop_requested(stop: &mut watch::Receiver<Option<StopCause>>) -> Option<StopCause> {
+    let cause = *stop.borrow_and_update();
+    match cause {
+        Some(cause) => Some(cause),
+        None if stop.has_changed().is_err() => Some(StopCause::Shutdown),
+        None => None,
+    }
+}
+
 /// The speaker-wide settings a session needs.
 #[derive(Debug, Clone)]
 pub struct SessionSettings {
-    pub peer: PeerConfig,
+    /// The peer's configuration. A reload changes only route attributes through it; any other
+    /// change starts a new session.
+    pub peer: watch::Receiver<PeerConfig>,
     pub router_id: Ipv4Addr,
     /// Set when graceful shutdown (RFC 8326) starts: re-announce everything with
     /// `GRACEFUL_SHUTDOWN`.
     pub graceful: watch::Receiver<bool>,
-    /// `LOCAL_PREF` for iBGP peers on gracefully shut down (draining) routes.
-    pub drain_local_pref: u32,
+}
+
+/// What a session shares with its supervisor, which keeps it across restarts of the session
+/// task: the API and the lifecycle hold the other ends.
+pub struct SessionLinks<'a> {
+    /// The route set to announce.
+    pub routes: watch::Receiver<Routes>,
+    /// `Some` once the speaker wants the session gone.
+    pub stop: watch::Receiver<Option<StopCause>>,
+    /// Connections the peer opened to our listener (`bgp.listen_port`).
+    pub incoming: &'a mut mpsc::Receiver<TcpStream>,
+    /// What `/info` shows.
+    pub status: &'a watch::Sender<PeerStatus>,
+    /// The route-set version this peer has been sent (see `Announcer::flushed`).
+    pub flushed: &'a watch::Sender<u64>,
 }
 
 /// One peer's session task.
-pub struct Session {
+pub struct Session<'a> {
     settings: SessionSettings,
+    /// The current configuration of the peer (the latest of `settings.peer`).
+    peer: PeerConfig,
     fsm: Fsm,
     netlink: Netlink,
     metrics: Metrics,
@@ -109,26 +171,26 @@ pub struct Session {
     next_hop4: Option<Ipv4Addr>,
     next_hop6: Option<Ipv6Addr>,
     routes: watch::Receiver<Routes>,
-    status: watch::Sender<PeerStatus>,
-    flushed: watch::Sender<u64>,
+    stop: watch::Receiver<Option<StopCause>>,
+    status: &'a watch::Sender<PeerStatus>,
+    flushed: &'a watch::Sender<u64>,
     /// The cause of the failure being processed (connect refused, decode error, ...): the FSM's
     /// reason is generic, this is what an operator needs in `/info`.
     cause: Option<String>,
     /// Connections the peer opened to our listener (`bgp.listen_port`).
-    incoming: mpsc::Receiver<TcpStream>,
+    incoming: &'a mut mpsc::Receiver<TcpStream>,
     /// Label for logs and metrics: the peer's address, or "autodiscover".
     name: String,
 }
 
-impl Session {
+impl<'a> Session<'a> {
     pub fn new(
-        settings: SessionSettings,
+        mut settings: SessionSettings,
         netlink: Netlink,
         metrics: Metrics,
-        routes: watch::Receiver<Routes>,
-        incoming: mpsc::Receiver<TcpStream>,
-    ) -> (Self, watch::Receiver<PeerStatus>, watch::Receiver<u64>) {
-        let peer = &settings.peer;
+        links: SessionLinks<'a>,
+    ) -> Self {
+        let peer = settings.peer.borrow_and_update().clone();
         let fsm = Fsm::new(FsmConfig {
             local_as: peer.local_as,
             peer_as: peer.peer_as,
@@ -137,23 +199,10 @@ impl Session {
             families: vec![Family::Ipv4Unicast, Family::Ipv6Unicast],
             passive: false,
         });
-        let (status, status_rx) = watch::channel(PeerStatus {
-            address: peer.peer_ip,
-            asn: peer.peer_as,
-            state: State::Idle,
-            established_at: None,
-            last_error: None,
-            last_notification: None,
-            messages_in: 0,
-            messages_out: 0,
-            prefixes_advertised: 0,
-        });
-        let (flushed, flushed_rx) = watch::channel(0);
-        let name = peer
-            .peer_ip
-            .map_or_else(|| "autodiscover".to_owned(), |ip| ip.to_string());
-        let session = Self {
+        let name = peer_name(&peer);
+        Self {
             settings,
+            peer,
             fsm,
             netlink,
             metrics,
@@ -166,18 +215,19 @@ impl Session {
             negotiated: None,
             next_hop4: None,
             next_hop6: None,
-            routes,
-            status,
-            flushed,
+            routes: links.routes,
+            stop: links.stop,
+            status: links.status,
+            flushed: links.flushed,
             cause: None,
-            incoming,
+            incoming: links.incoming,
             name,
-        };
-        (session, status_rx, flushed_rx)
+        }
     }
 
-    /// Runs until `stop` fires; then says goodbye (Cease, administrative shutdown) and returns.
-    pub async fn run(mut self, stop: CancellationToken) {
+    /// Runs until the speaker sets `stop`; then says goodbye (the Cease of the cause) and
+    /// returns.
+    pub async fn run(mut self) {
         let mut inputs = VecDeque::from([Input::ManualStart]);
         let mut stopping = false;
         let mut graceful = self.settings.graceful.clone();
@@ -190,9 +240,15 @@ impl Session {
                 return;
             }
             let input = tokio::select! {
-                () = stop.cancelled() => {
+                _ = self.stop.changed() => {
+                    let Some(cause) = stop_requested(&mut self.stop) else {
+                        continue;
+                    };
                     stopping = true;
-                    Input::ManualStop { reason: "gocast shutting down".into() }
+                    match cause {
+                        StopCause::Shutdown => Input::ManualStop { reason: "gocast shutting down".into() },
+                        StopCause::Config(change) => Input::ConfigStop(change),
+                    }
                 }
                 frame = next_frame(&mut self.conn) => self.on_frame(frame),
                 done = connect_done(&mut self.connecting) => self.on_connect(done),
@@ -212,9 +268,30 @@ impl Session {
                     self.sync_routes(&mut inputs).await;
                     continue;
                 }
+                Ok(()) = self.settings.peer.changed() => {
+                    self.reconfigure(&mut inputs).await;
+                    continue;
+                }
             };
             inputs.push_back(input);
         }
+    }
+
+    /// A reload changed this peer's route attributes (communities, MED, origin, `LOCAL_PREF`,
+    /// `NEXT_HOP`); the speaker resets the session for anything else. The Adj-RIB-Out diff then
+    /// sends UPDATEs for the prefixes whose attributes changed, on the running session.
+    async fn reconfigure(&mut self, inputs: &mut VecDeque<Input>) {
+        let peer = self.settings.peer.borrow_and_update().clone();
+        let next_hop_changed = peer.next_hop != self.peer.next_hop;
+        self.peer = peer;
+        debug!(peer = %self.name, "route attributes reconfigured");
+        if next_hop_changed && self.negotiated.is_some() {
+            self.find_next_hops().await;
+            // The next hop is not among the attributes the Adj-RIB-Out compares: everything
+            // goes out again (each announcement replaces the peer's previous path).
+            self.rib.clear();
+        }
+        self.sync_routes(inputs).await;
     }
 
     fn on_frame(&mut self, frame: Option<Result<Message, codec::DecodeError>>) -> Input {
@@ -369,7 +446,7 @@ impl Session {
         if let Some(task) = self.connecting.take() {
             task.abort();
         }
-        let peer = self.settings.peer.clone();
+        let peer = self.peer.clone();
         let netlink = self.netlink.clone();
         self.connecting = Some(tokio::spawn(async move { connect(&peer, &netlink).await }));
     }
@@ -386,7 +463,10 @@ impl Session {
         }
     }
 
-    async fn established(&mut self, negotiated: Negotiated, inputs: &mut VecDeque<Input>) {
+    /// This session's next hops: configured, else the session's own address, else the
+    /// interface's address of that family (a session over IPv4 still carries IPv6 VIPs, and
+    /// the other way round).
+    async fn find_next_hops(&mut self) {
         let (local, remote) = match self.conn.as_ref().map(Framed::get_ref) {
             // Accepted on the dual-stack listener, IPv4 peers show as v4-mapped addresses.
             Some(s) => (
@@ -395,13 +475,7 @@ impl Session {
             ),
             None => (None, None),
         };
-        if let Some(conn) = self.conn.as_mut() {
-            conn.codec_mut().set_four_octet_as(negotiated.four_octet_as);
-        }
-        let peer = &self.settings.peer;
-        // Configured, else the session's own address, else the interface's address of that
-        // family (a session over IPv4 still carries IPv6 VIPs, and the other way round).
-        let configured4 = peer.next_hop.or(match peer.local_ip {
+        let configured4 = self.peer.next_hop.or(match self.peer.local_ip {
             Some(IpAddr::V4(a)) => Some(a),
             _ => None,
         });
@@ -415,7 +489,7 @@ impl Session {
                     IpAddr::V6(_) => None,
                 }),
         };
-        self.next_hop6 = match (self.settings.peer.local_ipv6, local) {
+        self.next_hop6 = match (self.peer.local_ipv6, local) {
             (Some(a), _) => Some(a),
             (None, Some(IpAddr::V6(a))) if !a.is_unicast_link_local() => Some(a),
             _ => self
@@ -426,6 +500,13 @@ impl Session {
                     IpAddr::V4(_) => None,
                 }),
         };
+    }
+
+    async fn established(&mut self, negotiated: Negotiated, inputs: &mut VecDeque<Input>) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.codec_mut().set_four_octet_as(negotiated.four_octet_as);
+        }
+        self.find_next_hops().await;
         for (family, missing) in [
             ("IPv4", self.next_hop4.is_none()),
             ("IPv6", self.next_hop6.is_none()),
@@ -484,10 +565,10 @@ impl Session {
                 (
                     *prefix,
                     attributes(
-                        &self.settings.peer,
+                        &self.peer,
                         &route.communities,
                         ibgp,
-                        (graceful || route.drain).then_some(self.settings.drain_local_pref),
+                        (graceful || route.drain).then_some(self.peer.drain_local_pref),
                     ),
                 )
             })
@@ -571,6 +652,12 @@ impl Session {
             }
         }
     }
+}
+
+/// A peer's label in logs and metrics: its address, or "autodiscover".
+pub fn peer_name(peer: &PeerConfig) -> String {
+    peer.peer_ip
+        .map_or_else(|| "autodiscover".to_owned(), |ip| ip.to_string())
 }
 
 /// The attributes of one route toward one peer. `graceful`: the route is being shut down
@@ -722,6 +809,7 @@ mod tests {
             next_hop: None,
             med: Some(5),
             local_pref: None,
+            drain_local_pref: 0,
         }
     }
 

@@ -233,8 +233,6 @@ pub struct BgpConfig {
     pub listen_port: Option<u16>,
     /// At shutdown, re-announce with `GRACEFUL_SHUTDOWN` (RFC 8326) and wait this long first.
     pub graceful_shutdown: Option<Duration>,
-    /// `LOCAL_PREF` sent to iBGP peers with a draining app's route (default 0: least preferred).
-    pub drain_local_pref: Option<u32>,
 }
 
 /// One BGP session, with the section-wide values already folded in.
@@ -262,6 +260,9 @@ pub struct PeerConfig {
     pub med: Option<u32>,
     /// `LOCAL_PREF` sent to iBGP peers (default 100).
     pub local_pref: Option<u32>,
+    /// `LOCAL_PREF` sent to an iBGP peer with gracefully shut down routes (a drain, or
+    /// `graceful_shutdown` at stop); default 0, the least preferred.
+    pub drain_local_pref: u32,
 }
 
 /// The ORIGIN attribute of announcements.

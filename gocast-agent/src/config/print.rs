@@ -91,14 +91,13 @@ struct OutPeer<'a> {
     med: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     local_pref: Option<u32>,
+    drain_local_pref: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     router_id: Option<Ipv4Addr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     listen_port: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     graceful_shutdown: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    drain_local_pref: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -168,6 +167,7 @@ impl Config {
                     next_hop: p.next_hop,
                     med: p.med,
                     local_pref: p.local_pref,
+                    drain_local_pref: p.drain_local_pref,
                     // Section-wide keys ride on the first block.
                     router_id: self.bgp.router_id.filter(|_| i == 0),
                     listen_port: self.bgp.listen_port.filter(|_| i == 0),
@@ -176,7 +176,6 @@ impl Config {
                         .graceful_shutdown
                         .filter(|_| i == 0)
                         .map(go_duration::format),
-                    drain_local_pref: self.bgp.drain_local_pref.filter(|_| i == 0),
                 })
                 .collect(),
             apps: self

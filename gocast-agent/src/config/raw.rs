@@ -132,6 +132,7 @@ struct RawPeerKeys {
     next_hop: Option<Ipv4Addr>,
     med: Option<u32>,
     local_pref: Option<u32>,
+    drain_local_pref: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -142,7 +143,6 @@ struct RawBgpBlock {
     listen_port: Option<u16>,
     #[serde(default, with = "go_duration::option")]
     graceful_shutdown: Option<Duration>,
-    drain_local_pref: Option<u32>,
     local_as: Option<u32>,
     #[serde(default)]
     communities: Vec<Community>,
@@ -162,6 +162,7 @@ struct RawBgpBlock {
     next_hop: Option<Ipv4Addr>,
     med: Option<u32>,
     local_pref: Option<u32>,
+    drain_local_pref: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -512,11 +513,6 @@ impl BgpConfig {
             &mut self.graceful_shutdown,
             block.graceful_shutdown,
             format!("{key}.graceful_shutdown"),
-        )?;
-        merge(
-            &mut self.drain_local_pref,
-            block.drain_local_pref,
-            format!("{key}.drain_local_pref"),
         )
     }
 }
@@ -600,6 +596,10 @@ impl RawPeerKeys {
             next_hop: peer.next_hop.or(defaults.next_hop),
             med: peer.med.or(defaults.med),
             local_pref: peer.local_pref.or(defaults.local_pref),
+            drain_local_pref: peer
+                .drain_local_pref
+                .or(defaults.drain_local_pref)
+                .unwrap_or(0),
         })
     }
 }
@@ -629,6 +629,7 @@ impl RawBgpBlock {
             next_hop: self.next_hop,
             med: self.med,
             local_pref: self.local_pref,
+            drain_local_pref: self.drain_local_pref,
         };
         let origin = self.origin.unwrap_or(Origin::Igp);
         let section = Section {
