@@ -295,6 +295,7 @@ pub fn render_status(info: &Value, apps: &Value, stats: Option<&Value>) -> Strin
         "STATE".into(),
         "ANNOUNCED".into(),
         "MONITORS".into(),
+        "REPAIRS".into(),
     ]];
     for a in apps.as_array().into_iter().flatten() {
         let monitors: Vec<String> = a["monitors"]
@@ -330,6 +331,7 @@ pub fn render_status(info: &Value, apps: &Value, stats: Option<&Value>) -> Strin
             } else {
                 monitors.join(", ")
             },
+            repairs(a),
         ]);
     }
     out += &table(&rows);
@@ -339,6 +341,17 @@ pub fn render_status(info: &Value, apps: &Value, stats: Option<&Value>) -> Strin
         _ => out += "traffic: no per-VIP counters (they need the eBPF dataplane)\n",
     }
     out
+}
+
+/// How often self-repair put back a part of the app, and the last time: `2 (last: vip
+/// missing from lo, repaired)`.
+fn repairs(app: &Value) -> String {
+    let count = app["repairs"].as_u64().unwrap_or(0);
+    let last = &app["last_repair"];
+    match (last["what"].as_str(), last["result"].as_str()) {
+        (Some(what), Some(result)) if count > 0 => format!("{count} (last: {what}, {result})"),
+        _ => count.to_string(),
+    }
 }
 
 /// Per-VIP rates from `/stats`.
@@ -488,6 +501,14 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("no per-VIP counters"), "{out}");
+        assert!(out.lines().nth(4).unwrap().ends_with("REPAIRS"), "{out}");
+        assert!(out.contains("port:tcp:80 ok  0"), "{out}");
+        let repaired = serde_json::json!([{"name": "web", "vip": "192.0.2.10/32", "state": "healthy", "announced": true, "monitors": [], "repairs": 2, "last_repair": {"at": "2026-01-01T12:00:00.000Z", "what": "vip missing from lo", "result": "repaired"}}]);
+        let out = render_status(&info, &repaired, None);
+        assert!(
+            out.contains("2 (last: vip missing from lo, repaired)"),
+            "{out}"
+        );
         let stats = serde_json::json!({"vips": [{"vip": "192.0.2.10/32", "app": "web", "rates": {"packets_in": 12.0, "bytes_in": 900.5, "packets_out": 10.0, "bytes_out": 4000.0, "syn_in": 2.0, "synack_out": 2.0, "rst_out": 0.0}}]});
         let out = render_status(&info, &apps, Some(&stats));
         assert!(

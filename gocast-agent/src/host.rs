@@ -5,23 +5,33 @@
 //! local BGP address (the peer's `local_ip`, or the address the kernel uses toward the peer),
 //! else the address of the default route's interface — the address GoCast would use. It is
 //! looked up when a rule is installed, so an address that changes later is picked up.
+//!
+//! Self-repair's check of the host ([`Host::verify`], docs/design.md "Self-repair"): one dump
+//! of `lo`'s addresses; with eBPF, map lookups and a check that each program is still attached
+//! to each interface (a detached one is attached again here); with iptables, one `iptables -S`
+//! per address family in use (a missing chain or jump is put back here). Kernel address events
+//! on `lo` come in as drift hints.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, Ipv6Addr},
 };
 
-use tracing::{debug, info, warn};
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
 
 use crate::{
     app::{AppName, NatRule, Vip},
     config::{Config, DataplaneMode, IngressMode},
     dataplane::{
         DataplaneInfo,
-        ebpf::{CounterReader, Ebpf, EbpfError, IngressHook},
-        iptables::Iptables,
+        ebpf::{CounterReader, Ebpf, EbpfError, Hook, IngressHook},
+        iptables::{CHAIN, Iptables},
     },
-    lifecycle::{Host, HostError},
+    lifecycle::{
+        Host, HostError,
+        events::{Drift, Expected, NatSpec, Part, RepairKind},
+    },
     netlink::Netlink,
 };
 
@@ -54,6 +64,13 @@ pub struct SystemHost {
     installed_dest: HashMap<AppName, IpAddr>,
     /// The eBPF VIP table filled up once: warned about.
     warned_full: bool,
+    /// "An address left `lo`", until the lifecycle takes it ([`Host::drift_hints`]).
+    hints: Option<mpsc::Receiver<()>>,
+    /// The last failure to check the host, logged once until a verification works again; and
+    /// whether it happened in the current verification.
+    verify_error: Option<(String, bool)>,
+    /// What the host cannot put back (by [`Drift::Shared`] `what`): logged once.
+    failing: HashSet<String>,
 }
 
 impl SystemHost {
@@ -71,6 +88,13 @@ impl SystemHost {
             warn!(vip = %net, label = label.as_deref().unwrap_or(""), "removing a vip left by a previous run");
             netlink.remove_address(net).await?;
         }
+        // Without the events, drift is still found by the periodic check, only later.
+        let hints = netlink
+            .watch_lo_removals()
+            .inspect_err(
+                |e| warn!(error = %crate::error_chain(e), "not following address events on lo"),
+            )
+            .ok();
         let (nat, info) = start_dataplane(&netlink, config).await?;
         info!(mode = info.mode, reason = %info.reason, "dataplane ready; no stale vip or nat rule left");
         let nat_dest = NatDest {
@@ -89,6 +113,9 @@ impl SystemHost {
             nat_dest,
             installed_dest: HashMap::new(),
             warned_full: false,
+            hints,
+            verify_error: None,
+            failing: HashSet::new(),
         })
     }
 
@@ -136,6 +163,219 @@ impl SystemHost {
             family: if v4 { 4 } else { 6 },
         })
     }
+}
+
+/// Self-repair's checks, one per part of the host.
+impl SystemHost {
+    /// Logs a failed check once (until a whole verification works again); what it could not
+    /// check counts as present.
+    fn check_failed(&mut self, what: &str, e: &dyn std::error::Error) {
+        let message = format!("{what}: {}", crate::error_chain(e));
+        if self
+            .verify_error
+            .as_ref()
+            .is_none_or(|(m, _)| *m != message)
+        {
+            warn!(error = %message, "cannot check the host for drift; trying again later");
+        }
+        self.verify_error = Some((message, true));
+    }
+
+    /// Attaches again each eBPF program someone detached from its interface (one netlink
+    /// query per interface for XDP, one tcx query per TC program).
+    async fn verify_programs(&mut self, drift: &mut Vec<Drift>) {
+        let Nat::Ebpf(ebpf) = &self.nat else {
+            return;
+        };
+        let mut failure: Option<HostError> = None;
+        let hooks = ebpf.hooks();
+        let mut xdp_id = None;
+        if hooks.iter().any(|(_, h)| *h == Hook::Xdp) {
+            match ebpf.program_id(Hook::Xdp) {
+                Ok(id) => xdp_id = Some(id),
+                Err(e) => failure = Some(e.into()),
+            }
+        }
+        let mut checks = Vec::with_capacity(hooks.len());
+        for (interface, hook) in hooks {
+            // XDP is asked from netlink below: no borrow of the dataplane across an await.
+            let attached = match hook {
+                Hook::Xdp => Ok(None),
+                Hook::TcIngress | Hook::TcEgress => ebpf.tc_attached(&interface, hook),
+            };
+            match attached {
+                Ok(attached) => checks.push((interface, hook, attached)),
+                Err(e) => failure = Some(e.into()),
+            }
+        }
+        for (interface, hook, attached) in &mut checks {
+            if let (Hook::Xdp, Some(id)) = (*hook, xdp_id) {
+                match self.netlink.xdp_program_ids(interface).await {
+                    Ok(ids) => *attached = Some(ids.contains(&id)),
+                    Err(e) => failure = Some(e.into()),
+                }
+            }
+        }
+        if let Some(e) = failure {
+            self.check_failed("eBPF programs", &e);
+        }
+        let Nat::Ebpf(ebpf) = &mut self.nat else {
+            return;
+        };
+        for (interface, hook, _) in checks.into_iter().filter(|c| c.2 == Some(false)) {
+            let what = format!("eBPF program {} detached from {interface}", hook.program());
+            let result = ebpf
+                .reattach(&interface, hook)
+                .map_err(|e| crate::error_chain(&e));
+            drift.push(shared_repair(
+                &mut self.failing,
+                RepairKind::Program,
+                what,
+                result,
+            ));
+        }
+    }
+
+    /// Each expected VIP is on `lo` (one dump) and, with eBPF, in the VIP table.
+    async fn verify_vips(&mut self, expected: &[Expected], drift: &mut Vec<Drift>) {
+        if !expected.iter().any(|e| e.on_lo) {
+            return;
+        }
+        let on_lo = match self.netlink.lo_addresses().await {
+            Ok(addresses) => addresses,
+            Err(e) => return self.check_failed("addresses on lo", &e),
+        };
+        for e in expected.iter().filter(|e| e.on_lo) {
+            let what = if on_lo.contains(&e.vip.addr()) {
+                let Nat::Ebpf(ebpf) = &self.nat else {
+                    continue;
+                };
+                match ebpf.vip_missing(e.vip.addr()) {
+                    Ok(false) => continue,
+                    Ok(true) => "vip missing from the eBPF vip table",
+                    Err(err) => {
+                        self.check_failed("eBPF vip table", &err);
+                        continue;
+                    }
+                }
+            } else {
+                "vip missing from lo"
+            };
+            drift.push(Drift::App {
+                app: e.app.clone(),
+                vip: e.vip,
+                part: Part::Vip,
+                what: what.to_owned(),
+            });
+        }
+    }
+
+    /// Each expected NAT rule is in the NAT map or the `GOCAST` chain, toward the destination
+    /// it was installed with. With iptables, a missing chain or jump is put back first.
+    async fn verify_nat(&mut self, expected: &[Expected], drift: &mut Vec<Drift>) {
+        let wanted: Vec<(&Expected, &NatSpec, IpAddr)> = expected
+            .iter()
+            .filter_map(|e| {
+                let nat = e.nat.as_ref()?;
+                let dest = self.installed_dest.get(&e.app).copied().or(nat.dest)?;
+                Some((e, nat, dest))
+            })
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        let missing = |e: &Expected, nat: &NatSpec, what: &str| Drift::App {
+            app: e.app.clone(),
+            vip: e.vip,
+            part: Part::Nat(nat.clone()),
+            what: what.to_owned(),
+        };
+        let iptables = match &self.nat {
+            Nat::Ebpf(ebpf) => {
+                let mut failure = None;
+                for (e, nat, dest) in &wanted {
+                    match ebpf.nat_missing(e.vip.addr(), &nat.rules, *dest) {
+                        Ok(false) => {}
+                        Ok(true) => {
+                            drift.push(missing(
+                                e,
+                                nat,
+                                "nat entries missing from the eBPF nat table",
+                            ));
+                        }
+                        Err(err) => failure = Some(err),
+                    }
+                }
+                if let Some(err) = failure {
+                    self.check_failed("eBPF nat table", &err);
+                }
+                return;
+            }
+            Nat::Iptables(iptables) => iptables,
+        };
+        for v6 in [false, true] {
+            let family: Vec<&(&Expected, &NatSpec, IpAddr)> = wanted
+                .iter()
+                .filter(|(e, _, _)| e.vip.addr().is_ipv6() == v6)
+                .collect();
+            if family.is_empty() {
+                continue;
+            }
+            let listing = match iptables.listing(v6).await {
+                Ok(Some(listing)) => listing,
+                Ok(None) => continue,
+                Err(err) => {
+                    let err = HostError::from(err);
+                    return self.check_failed("iptables nat table", &err);
+                }
+            };
+            if !listing.chain_complete() {
+                let what = format!(
+                    "{} chain {CHAIN} or its jumps from PREROUTING and OUTPUT",
+                    if v6 { "ip6tables" } else { "iptables" }
+                );
+                let result = iptables
+                    .restore_chain(v6)
+                    .await
+                    .map_err(|e| crate::error_chain(&e));
+                drift.push(shared_repair(
+                    &mut self.failing,
+                    RepairKind::Nat,
+                    what,
+                    result,
+                ));
+            }
+            for (e, nat, dest) in family {
+                if !nat
+                    .rules
+                    .iter()
+                    .all(|r| listing.has(e.vip.addr(), *r, *dest))
+                {
+                    drift.push(missing(e, nat, "nat rules missing from the GOCAST chain"));
+                }
+            }
+        }
+    }
+}
+
+/// Logs what the host put back itself (a failure once, until it works again) and reports it.
+fn shared_repair(
+    failing: &mut HashSet<String>,
+    kind: RepairKind,
+    what: String,
+    result: Result<(), String>,
+) -> Drift {
+    match &result {
+        Ok(()) => {
+            failing.remove(&what);
+            warn!(%what, "missing from the host: put back");
+        }
+        Err(e) if failing.insert(what.clone()) => {
+            error!(%what, error = %e, "missing from the host and cannot be put back; trying at every check");
+        }
+        Err(_) => {}
+    }
+    Drift::Shared { kind, what, result }
 }
 
 /// Loads the dataplane `config.dataplane.mode` asks for, falling back from eBPF to iptables in
@@ -304,5 +544,29 @@ impl Host for SystemHost {
                 Ok(())
             }
         }
+    }
+
+    async fn verify(&mut self, expected: &[Expected]) -> Vec<Drift> {
+        if let Some((_, this_time)) = self.verify_error.as_mut() {
+            *this_time = false;
+        }
+        let mut drift = Vec::new();
+        // Programs first: a NAT entry is of no use while its program is detached.
+        self.verify_programs(&mut drift).await;
+        self.verify_vips(expected, &mut drift).await;
+        self.verify_nat(expected, &mut drift).await;
+        if self
+            .verify_error
+            .as_ref()
+            .is_some_and(|(_, this_time)| !this_time)
+        {
+            info!("checking the host for drift works again");
+            self.verify_error = None;
+        }
+        drift
+    }
+
+    fn drift_hints(&mut self) -> Option<mpsc::Receiver<()>> {
+        self.hints.take()
     }
 }

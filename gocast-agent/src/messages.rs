@@ -306,6 +306,23 @@ pub struct AppView {
     /// For apps with `passive_health: true`: what the VIP's traffic counters say.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub passive_health: Option<PassiveView>,
+    /// How many times a part of the app (its VIP on `lo`, its NAT) went missing from the host
+    /// and was handled by self-repair.
+    pub repairs: u64,
+    /// The last of those.
+    pub last_repair: Option<RepairView>,
+}
+
+/// A part of an app that went missing from the host, and what self-repair did about it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RepairView {
+    /// When verification found it missing (RFC 3339).
+    pub at: String,
+    /// What was missing, e.g. `vip missing from lo`.
+    pub what: String,
+    /// `repairing`, `repaired`, `failed: <why>` (the app is withdrawn until an install works),
+    /// or `left off: the app is down` (it is installed again when the app comes up).
+    pub result: String,
 }
 
 /// The passive health of an app that asked for it.

@@ -60,6 +60,14 @@ struct MonitorLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RepairLabels {
+    kind: String,
+}
+
+/// The kinds of self-repair, created at zero so dashboards see the series before the first.
+const REPAIR_KINDS: [&str; 3] = ["vip", "nat", "program"];
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct VipLabels {
     vip: String,
 }
@@ -159,6 +167,7 @@ struct Inner {
     task_restarts: Family<TaskLabels, Counter>,
     vip_snapshot: Arc<OnceLock<watch::Receiver<Arc<Snapshot>>>>,
     consul: ConsulMetrics,
+    repairs: RepairMetrics,
 }
 
 /// Consul's families: requests by outcome, when it last answered, what discovery found.
@@ -201,6 +210,37 @@ impl ConsulMetrics {
     }
 }
 
+/// Self-repair's families: what was put back, and what could not be.
+struct RepairMetrics {
+    repairs: Family<RepairLabels, Counter>,
+    failures: Family<RepairLabels, Counter>,
+}
+
+impl RepairMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            repairs: Family::default(),
+            failures: Family::default(),
+        };
+        for kind in REPAIR_KINDS {
+            let labels = RepairLabels { kind: kind.into() };
+            drop(m.repairs.get_or_create(&labels));
+            drop(m.failures.get_or_create(&labels));
+        }
+        registry.register(
+            "repairs",
+            "Host state found missing and put back by self-repair, by kind (vip, nat, program)",
+            m.repairs.clone(),
+        );
+        registry.register(
+            "repair_failures",
+            "Self-repairs that failed, by kind (an app's failure withdraws it)",
+            m.failures.clone(),
+        );
+        m
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("gocast");
@@ -216,6 +256,7 @@ impl Default for Metrics {
         let prefixes_advertised = Family::<PeerLabels, Gauge>::default();
         let task_restarts = Family::<TaskLabels, Counter>::default();
         let consul = ConsulMetrics::register(&mut registry);
+        let repairs = RepairMetrics::register(&mut registry);
         registry.register(
             "bgp_session_up",
             "1 while the BGP session is Established",
@@ -290,6 +331,7 @@ impl Default for Metrics {
                 task_restarts,
                 vip_snapshot,
                 consul,
+                repairs,
             }),
         }
     }
@@ -398,6 +440,18 @@ impl Metrics {
             .inc();
     }
 
+    /// Self-repair found a part of kind `kind` (`vip`, `nat`, `program`) missing from the host.
+    pub fn repair(&self, kind: &str) {
+        let labels = RepairLabels { kind: kind.into() };
+        self.inner.repairs.repairs.get_or_create(&labels).inc();
+    }
+
+    /// Putting back a part of kind `kind` failed.
+    pub fn repair_failed(&self, kind: &str) {
+        let labels = RepairLabels { kind: kind.into() };
+        self.inner.repairs.failures.get_or_create(&labels).inc();
+    }
+
     /// Exports the per-VIP counters of the stats sampler's snapshots (eBPF dataplane only).
     pub fn vip_stats(&self, snapshots: watch::Receiver<Arc<Snapshot>>) {
         let _ = self.inner.vip_snapshot.set(snapshots);
@@ -470,6 +524,15 @@ mod tests {
         );
         m.app_removed("web");
         assert!(!m.render().contains("app=\"web\""));
+        m.repair("vip");
+        let text = m.render();
+        for line in [
+            "gocast_repairs_total{kind=\"vip\"} 1",
+            "gocast_repairs_total{kind=\"program\"} 0",
+            "gocast_repair_failures_total{kind=\"nat\"} 0",
+        ] {
+            assert!(text.contains(line), "{line}\n{text}");
+        }
         m.consul_request("catalog_node", "ok");
         m.consul_request("catalog_node", "http_5xx");
         m.consul_discovered(2, 1);

@@ -9,19 +9,22 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use ipnet::IpNet;
 use nix::errno::Errno;
+use rtnetlink::packet_core::NetlinkPayload;
 use rtnetlink::packet_route::{
-    AddressFamily,
+    AddressFamily, RouteNetlinkMessage,
     address::{
         AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressProtocol,
         AddressScope,
     },
-    link::{LinkAttribute, LinkInfo},
+    link::{LinkAttribute, LinkInfo, LinkXdp},
     route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType, RouteVia},
 };
-use rtnetlink::{AddressMessageBuilder, Handle, LinkUnspec, RouteMessageBuilder};
+use rtnetlink::{AddressMessageBuilder, Handle, LinkUnspec, MulticastGroup, RouteMessageBuilder};
+use tokio::sync::mpsc;
+use tracing::debug;
 
 use crate::app::Vip;
 
@@ -85,6 +88,8 @@ pub enum NetlinkError {
     },
     #[error("cannot list the IPv4 routes")]
     ListRoutes(#[source] rtnetlink::Error),
+    #[error("cannot subscribe to the kernel's address events")]
+    Subscribe(#[source] std::io::Error),
     #[error(
         "{vip} is already on lo and was not added by gocast (label {label:?}); remove it or choose another vip"
     )]
@@ -257,6 +262,91 @@ impl Netlink {
             })
             .collect();
         Ok(owned)
+    }
+
+    /// Every address on `lo`, both families, in one dump: self-repair checks that each VIP
+    /// is still there.
+    pub async fn lo_addresses(&self) -> Result<Vec<IpAddr>, NetlinkError> {
+        let addresses = self.addresses_of(self.lo_index).await?;
+        Ok(addresses
+            .iter()
+            .filter_map(address_net)
+            .map(|n| n.addr())
+            .collect())
+    }
+
+    /// The ids of the XDP programs attached to `interface`, in any mode; empty if none (or no
+    /// such interface).
+    pub async fn xdp_program_ids(&self, interface: &str) -> Result<Vec<u32>, NetlinkError> {
+        let link = self
+            .handle
+            .link()
+            .get()
+            .match_name(interface.to_owned())
+            .execute()
+            .try_next()
+            .await;
+        let link = match link {
+            Err(e) if errno(&e) == Some(Errno::ENODEV) => return Ok(Vec::new()),
+            other => other.map_err(|source| NetlinkError::LinkByName {
+                name: interface.to_owned(),
+                source,
+            })?,
+        };
+        let xdp = link
+            .into_iter()
+            .flat_map(|l| l.attributes)
+            .filter_map(|a| match a {
+                LinkAttribute::Xdp(xdp) => Some(xdp),
+                _ => None,
+            });
+        Ok(xdp
+            .flatten()
+            .filter_map(|x| match x {
+                LinkXdp::ProgId(id)
+                | LinkXdp::DrvProgId(id)
+                | LinkXdp::SkbProgId(id)
+                | LinkXdp::HwProgId(id) => Some(id),
+                _ => None,
+            })
+            .filter(|id| *id != 0)
+            .collect())
+    }
+
+    /// Follows the kernel's address events (`RTNLGRP_IPV4_IFADDR`, `RTNLGRP_IPV6_IFADDR`) on a
+    /// connection of its own and sends `()` when an address leaves `lo`. Bursts are coalesced:
+    /// the channel holds one message, and a full channel already says "verify". The task ends
+    /// when the receiver is dropped.
+    pub fn watch_lo_removals(&self) -> Result<mpsc::Receiver<()>, NetlinkError> {
+        let groups = [MulticastGroup::Ipv4Ifaddr, MulticastGroup::Ipv6Ifaddr];
+        let (connection, handle, mut events) =
+            rtnetlink::new_multicast_connection(&groups).map_err(NetlinkError::Subscribe)?;
+        let connection = tokio::spawn(connection);
+        let (tx, rx) = mpsc::channel(1);
+        let lo = self.lo_index;
+        tokio::spawn(async move {
+            // Holds the connection's handle: without one, the connection would end.
+            let _handle = handle;
+            loop {
+                let event = tokio::select! {
+                    () = tx.closed() => break,
+                    event = events.next() => event,
+                };
+                let Some((message, _)) = event else {
+                    debug!("the kernel's address events ended");
+                    break;
+                };
+                if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelAddress(m)) =
+                    message.payload
+                    && m.header.index == lo
+                {
+                    // Full: a "verify now" is already waiting, which covers this one too.
+                    let _ = tx.try_send(());
+                }
+            }
+            connection.abort();
+        });
+        Ok(rx)
     }
 
     /// The preferred source address the kernel would use toward `dest` (`ip route get DEST`),

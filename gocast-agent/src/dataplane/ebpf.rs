@@ -26,7 +26,8 @@ use aya::{
     maps::{HashMap, IterableMap, MapData, MapError, PerCpuArray, PerCpuValues, ProgramArray},
     programs::{
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
-        tc::{self, TcError},
+        tc::{self, SchedClassifierLinkId, TcError},
+        xdp::XdpLinkId,
     },
 };
 use aya_log::EbpfLogger;
@@ -65,39 +66,128 @@ pub enum IngressHook {
     Tc,
 }
 
-/// Attaches the ingress program at `hook`; returns the hook it ended up at, for logs and
-/// `/info`.
+/// Where one of the programs runs on an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// The ingress program at XDP.
+    Xdp,
+    /// The ingress program at TC ingress.
+    TcIngress,
+    /// The reverse-NAT program at TC egress.
+    TcEgress,
+}
+
+impl Hook {
+    /// The program that runs there.
+    pub fn program(self) -> &'static str {
+        match self {
+            Self::Xdp => XDP_PROGRAM,
+            Self::TcIngress => TC_INGRESS_PROGRAM,
+            Self::TcEgress => TC_PROGRAM,
+        }
+    }
+
+    fn tc_type(self) -> TcAttachType {
+        match self {
+            Self::TcEgress => TcAttachType::Egress,
+            Self::Xdp | Self::TcIngress => TcAttachType::Ingress,
+        }
+    }
+}
+
+/// One program attached to one interface, kept so self-repair can check it and attach it
+/// again the same way (docs/design.md, "Self-repair").
+#[derive(Debug)]
+struct Attachment {
+    interface: String,
+    hook: Hook,
+    /// The mode an XDP program was attached in (unused for TC).
+    xdp_mode: XdpMode,
+    /// The link holding the program there; `None` after attaching it again failed.
+    link: Option<AttachedLink>,
+}
+
+/// The aya link of an [`Attachment`], owned by its program in the object.
+#[derive(Debug)]
+enum AttachedLink {
+    Xdp(XdpLinkId),
+    Tc(SchedClassifierLinkId),
+}
+
+/// Attaches the program of `hook` to `interface` (an XDP program in `mode`).
+fn attach(
+    bpf: &mut aya::Ebpf,
+    interface: &str,
+    hook: Hook,
+    mode: XdpMode,
+) -> Result<AttachedLink, EbpfError> {
+    let attach_error = |source| EbpfError::Attach {
+        program: hook.program(),
+        interface: interface.to_owned(),
+        source,
+    };
+    match hook {
+        Hook::Xdp => {
+            let xdp: &mut Xdp = program(bpf, XDP_PROGRAM)?;
+            let link = xdp.attach(interface, mode).map_err(attach_error)?;
+            Ok(AttachedLink::Xdp(link))
+        }
+        Hook::TcIngress | Hook::TcEgress => {
+            let tc: &mut SchedClassifier = program(bpf, hook.program())?;
+            let link = tc.attach(interface, hook.tc_type()).map_err(attach_error)?;
+            Ok(AttachedLink::Tc(link))
+        }
+    }
+}
+
+/// Attaches the ingress program at `hook`; returns the attachment and the hook it ended up
+/// at, for logs and `/info`.
 fn attach_ingress(
     bpf: &mut aya::Ebpf,
     interface: &str,
     hook: IngressHook,
-) -> Result<&'static str, EbpfError> {
-    let attach_error = |program: &'static str| {
-        move |source| EbpfError::Attach {
-            program,
-            interface: interface.to_owned(),
-            source,
-        }
+) -> Result<(Attachment, &'static str), EbpfError> {
+    let attachment = |hook, xdp_mode, link| Attachment {
+        interface: interface.to_owned(),
+        hook,
+        xdp_mode,
+        link: Some(link),
     };
     if hook != IngressHook::Tc {
-        let xdp: &mut Xdp = program(bpf, XDP_PROGRAM)?;
-        match xdp.attach(interface, XdpMode::Driver) {
-            Ok(_) => return Ok("xdp native"),
-            Err(native) if hook == IngressHook::Xdp => {
+        match attach(bpf, interface, Hook::Xdp, XdpMode::Driver) {
+            Ok(link) => return Ok((attachment(Hook::Xdp, XdpMode::Driver, link), "xdp native")),
+            Err(EbpfError::Attach { source: native, .. }) if hook == IngressHook::Xdp => {
                 warn!(%interface, error = %native, "native XDP refused; attaching in generic (SKB) mode");
-                xdp.attach(interface, XdpMode::Skb)
-                    .map_err(attach_error(XDP_PROGRAM))?;
-                return Ok("xdp generic");
+                let link = attach(bpf, interface, Hook::Xdp, XdpMode::Skb)?;
+                return Ok((attachment(Hook::Xdp, XdpMode::Skb, link), "xdp generic"));
             }
-            Err(native) => {
+            Err(EbpfError::Attach { source: native, .. }) => {
                 info!(%interface, error = %native, "native XDP refused; using TC ingress");
             }
+            Err(other) => return Err(other),
         }
     }
-    let tc: &mut SchedClassifier = program(bpf, TC_INGRESS_PROGRAM)?;
-    tc.attach(interface, TcAttachType::Ingress)
-        .map_err(attach_error(TC_INGRESS_PROGRAM))?;
-    Ok("tc")
+    let link = attach(bpf, interface, Hook::TcIngress, XdpMode::default())?;
+    Ok((attachment(Hook::TcIngress, XdpMode::default(), link), "tc"))
+}
+
+/// Detaches a link of ours. The kernel may have detached it already (someone did): then this
+/// only closes its descriptor.
+fn detach(bpf: &mut aya::Ebpf, hook: Hook, link: AttachedLink) -> Result<(), EbpfError> {
+    let detach_error = |source| EbpfError::Program {
+        program: hook.program(),
+        source,
+    };
+    match link {
+        AttachedLink::Xdp(id) => {
+            let xdp: &mut Xdp = program(bpf, XDP_PROGRAM)?;
+            xdp.detach(id).map_err(detach_error)
+        }
+        AttachedLink::Tc(id) => {
+            let tc: &mut SchedClassifier = program(bpf, hook.program())?;
+            tc.detach(id).map_err(detach_error)
+        }
+    }
 }
 
 /// The target (the module path in `gocast-ebpf`) of the programs' log records: filter on it, or
@@ -162,16 +252,18 @@ pub enum EbpfError {
     FamilyMismatch { vip: IpAddr, dest: IpAddr },
     #[error("the eBPF dataplane was shut down")]
     ShutDown,
+    #[error("asking which eBPF programs are attached to interface {interface}")]
+    Query {
+        interface: String,
+        #[source]
+        source: ProgramError,
+    },
 }
 
 /// What [`Ebpf::shutdown`] drops: the object (programs and their links), the maps and the log
 /// reader. Fields drop in order: the programs are detached before the reader stops.
 struct Loaded {
-    /// Owns the programs; dropping it detaches them.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "held for its drop; the tests run its programs")
-    )]
+    /// Owns the programs and their links; dropping it detaches them.
     bpf: aya::Ebpf,
     vips: HashMap<MapData, VipKey, u32>,
     nat: HashMap<MapData, NatKey, NatTarget>,
@@ -203,6 +295,11 @@ pub struct Ebpf {
     /// The next never-used slot.
     next: u32,
     interfaces: Vec<String>,
+    /// Every program on every interface, for self-repair.
+    attachments: Vec<Attachment>,
+    /// TC programs are attached through tcx links (Linux 6.6, as aya decides), which the
+    /// kernel can list: only then is their attachment checked.
+    tcx: bool,
 }
 
 impl std::fmt::Debug for Ebpf {
@@ -259,19 +356,23 @@ impl Ebpf {
         })?;
 
         let mut attached = Vec::with_capacity(interfaces.len());
+        let mut attachments = Vec::with_capacity(2 * interfaces.len());
         for (interface, hook) in interfaces {
             add_clsact(interface)?;
-            let ingress = attach_ingress(&mut bpf, interface, *hook)?;
-            let tc: &mut SchedClassifier = program(&mut bpf, TC_PROGRAM)?;
-            tc.attach(interface, TcAttachType::Egress)
-                .map_err(|source| EbpfError::Attach {
-                    program: TC_PROGRAM,
-                    interface: interface.clone(),
-                    source,
-                })?;
-            info!(%interface, ingress, "eBPF programs attached: ingress NAT and counters, TC egress reverse NAT");
-            attached.push(format!("{interface} ({ingress})"));
+            let (ingress, label) = attach_ingress(&mut bpf, interface, *hook)?;
+            attachments.push(ingress);
+            let egress = attach(&mut bpf, interface, Hook::TcEgress, XdpMode::default())?;
+            attachments.push(Attachment {
+                interface: interface.clone(),
+                hook: Hook::TcEgress,
+                xdp_mode: XdpMode::default(),
+                link: Some(egress),
+            });
+            info!(%interface, ingress = label, "eBPF programs attached: ingress NAT and counters, TC egress reverse NAT");
+            attached.push(format!("{interface} ({label})"));
         }
+        let tcx = aya::util::KernelVersion::current()
+            .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
 
         let vips = take_map(&mut bpf, VIPS_MAP)?;
         let nat = take_map(&mut bpf, NAT_MAP)?;
@@ -289,6 +390,8 @@ impl Ebpf {
             free: Vec::new(),
             next: 0,
             interfaces: attached,
+            attachments,
+            tcx,
         })
     }
 
@@ -302,9 +405,18 @@ impl Ebpf {
         self.loaded.as_deref_mut().ok_or(EbpfError::ShutDown)
     }
 
-    /// Puts `vip` in [`VIPS_MAP`] with a counter slot of its own (zeroed); idempotent.
+    /// Puts `vip` in [`VIPS_MAP`] with a counter slot of its own (zeroed); idempotent. A VIP
+    /// that has a slot but whose entry went missing gets it back, counters kept.
     pub fn add_vip(&mut self, vip: IpAddr) -> Result<(), EbpfError> {
-        if self.slots.borrow().contains_key(&vip) {
+        let known = self.slots.borrow().get(&vip).copied();
+        if let Some(slot) = known {
+            if self.vip_missing(vip)? {
+                let loaded = self.loaded()?;
+                loaded
+                    .vips
+                    .insert(VipKey::new(vip), slot, 0)
+                    .map_err(map_error(VIPS_MAP))?;
+            }
             return Ok(());
         }
         let slot = match self.free.pop() {
@@ -400,6 +512,109 @@ impl Ebpf {
         for rule in rules {
             ignore_missing(loaded.nat.remove(&nat_key(vip, *rule))).map_err(map_error(NAT_MAP))?;
         }
+        Ok(())
+    }
+
+    /// Whether `vip` has a counter slot but its entry in [`VIPS_MAP`] is gone (or names
+    /// another slot): someone deleted it. [`Ebpf::add_vip`] puts it back.
+    pub fn vip_missing(&self, vip: IpAddr) -> Result<bool, EbpfError> {
+        let known = self.slots.borrow().get(&vip).copied();
+        let (Some(slot), Some(loaded)) = (known, self.loaded.as_deref()) else {
+            return Ok(false);
+        };
+        match loaded.vips.get(&VipKey::new(vip), 0) {
+            Ok(found) => Ok(found != slot),
+            Err(MapError::KeyNotFound) => Ok(true),
+            Err(e) => Err(map_error(VIPS_MAP)(e)),
+        }
+    }
+
+    /// Whether any of `rules` is gone from [`NAT_MAP`] or sends elsewhere than `dest`.
+    pub fn nat_missing(
+        &self,
+        vip: IpAddr,
+        rules: &[NatRule],
+        dest: IpAddr,
+    ) -> Result<bool, EbpfError> {
+        let Some(loaded) = self.loaded.as_deref() else {
+            return Ok(false);
+        };
+        for rule in rules {
+            match loaded.nat.get(&nat_key(vip, *rule), 0) {
+                Ok(target) if target == NatTarget::new(dest, rule.dest) => {}
+                Ok(_) | Err(MapError::KeyNotFound) => return Ok(true),
+                Err(e) => return Err(map_error(NAT_MAP)(e)),
+            }
+        }
+        Ok(false)
+    }
+
+    /// Every program's interface and hook; none after shutdown.
+    pub fn hooks(&self) -> Vec<(String, Hook)> {
+        if self.loaded.is_none() {
+            return Vec::new();
+        }
+        self.attachments
+            .iter()
+            .map(|a| (a.interface.clone(), a.hook))
+            .collect()
+    }
+
+    /// The kernel's id of the program that runs at `hook`.
+    pub fn program_id(&self, hook: Hook) -> Result<u32, EbpfError> {
+        let loaded = self.loaded.as_deref().ok_or(EbpfError::ShutDown)?;
+        let name = hook.program();
+        let program = loaded
+            .bpf
+            .program(name)
+            .ok_or(EbpfError::MissingProgram { program: name })?;
+        let info = program.info().map_err(|source| EbpfError::Program {
+            program: name,
+            source,
+        })?;
+        Ok(info.id())
+    }
+
+    /// Whether the TC program of `hook` is attached to `interface`, as the kernel lists its
+    /// tcx programs. `None` when this cannot tell: for XDP (netlink reports it:
+    /// `Netlink::xdp_program_ids`) and for TC attached through netlink (before Linux 6.6).
+    pub fn tc_attached(&self, interface: &str, hook: Hook) -> Result<Option<bool>, EbpfError> {
+        if hook == Hook::Xdp || !self.tcx {
+            return Ok(None);
+        }
+        let id = self.program_id(hook)?;
+        let (_, programs) =
+            SchedClassifier::query_tcx(interface, hook.tc_type()).map_err(|source| {
+                EbpfError::Query {
+                    interface: interface.to_owned(),
+                    source,
+                }
+            })?;
+        Ok(Some(programs.iter().any(|p| p.id() == id)))
+    }
+
+    /// Attaches the program of `hook` to `interface` again, the way it was, after someone
+    /// detached it (docs/design.md, "Self-repair"). The dead link is dropped first.
+    pub fn reattach(&mut self, interface: &str, hook: Hook) -> Result<(), EbpfError> {
+        let loaded = self.loaded.as_deref_mut().ok_or(EbpfError::ShutDown)?;
+        let Some(attachment) = self
+            .attachments
+            .iter_mut()
+            .find(|a| a.interface == interface && a.hook == hook)
+        else {
+            return Ok(());
+        };
+        if let Some(old) = attachment.link.take()
+            && let Err(e) = detach(&mut loaded.bpf, hook, old)
+        {
+            debug!(%interface, error = %crate::error_chain(&e), "dropping the detached link");
+        }
+        if hook != Hook::Xdp {
+            // Deleting the clsact qdisc takes TC programs attached through netlink with it.
+            add_clsact(interface)?;
+        }
+        let link = attach(&mut loaded.bpf, interface, hook, attachment.xdp_mode)?;
+        attachment.link = Some(link);
         Ok(())
     }
 

@@ -10,6 +10,7 @@
 //! it) and is killed after [`TIMEOUT`], so a wedged iptables cannot stall the agent.
 
 use std::{
+    collections::HashSet,
     net::{IpAddr, SocketAddr},
     process::Stdio,
     time::Duration,
@@ -220,6 +221,28 @@ impl Iptables {
         Ok(rules)
     }
 
+    /// The `nat` table of IPv4 (with `v6`, IPv6) as `iptables -t nat -S` lists it, in one call:
+    /// self-repair's check of the chain, its jumps and its rules. `None` for IPv6 when
+    /// ip6tables is not usable (no IPv6 rule was ever installed).
+    pub async fn listing(&self, v6: bool) -> Result<Option<Listing>, IptablesError> {
+        let family = if v6 { Family::V6 } else { Family::V4 };
+        if family == Family::V6 && !self.ipv6 {
+            return Ok(None);
+        }
+        let text = run_ok(family, &args(["-t", TABLE, "-S"])).await?;
+        Ok(Some(Listing::parse(&text)))
+    }
+
+    /// Puts back chain `GOCAST` and the jumps to it where they are missing, flushing nothing:
+    /// after someone flushed `PREROUTING` or deleted the chain (docs/design.md,
+    /// "Self-repair"). The rules are put back app by app.
+    pub async fn restore_chain(&self, v6: bool) -> Result<(), IptablesError> {
+        let family = if v6 { Family::V6 } else { Family::V4 };
+        let _guard = self.lock.lock().await;
+        create_chain(family).await?;
+        ensure_jumps(family).await
+    }
+
     fn families(&self) -> impl Iterator<Item = Family> {
         [Family::V4]
             .into_iter()
@@ -239,13 +262,24 @@ impl Iptables {
 }
 
 async fn init_family(family: Family) -> Result<(), IptablesError> {
+    create_chain(family).await?;
+    run_ok(family, &args(["-t", TABLE, "-F", CHAIN])).await?;
+    ensure_jumps(family).await
+}
+
+/// Creates [`CHAIN`]; one that exists is fine.
+async fn create_chain(family: Family) -> Result<(), IptablesError> {
     // `-N` fails if the chain exists; only then is that failure fine.
     if let Err(error) = run_ok(family, &args(["-t", TABLE, "-N", CHAIN])).await
         && !chain_exists(family).await?
     {
         return Err(error);
     }
-    run_ok(family, &args(["-t", TABLE, "-F", CHAIN])).await?;
+    Ok(())
+}
+
+/// Makes each of [`HOOKS`] jump to [`CHAIN`] exactly once, first.
+async fn ensure_jumps(family: Family) -> Result<(), IptablesError> {
     for hook in HOOKS {
         let jump = args(["-t", TABLE, "-C", hook, "-j", CHAIN]);
         if !run_found(family, &jump).await? {
@@ -259,6 +293,72 @@ async fn init_family(family: Family) -> Result<(), IptablesError> {
         }
     }
     Ok(())
+}
+
+/// The agent's part of one family's `nat` table, parsed from `iptables -t nat -S`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Listing {
+    /// [`CHAIN`] exists.
+    chain: bool,
+    /// The built-in chains that jump to it.
+    hooks: Vec<String>,
+    /// Its DNAT rules: protocol, VIP, listen port, destination.
+    rules: HashSet<(String, IpAddr, u16, SocketAddr)>,
+}
+
+impl Listing {
+    /// Reads the lines of [`CHAIN`] and the jumps to it; ignores everything else. A rule it
+    /// cannot read is left out, which only makes a rule look missing (and be added again).
+    fn parse(text: &str) -> Self {
+        let mut listing = Self::default();
+        for line in text.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.as_slice() {
+                ["-N", chain] if *chain == CHAIN => listing.chain = true,
+                ["-A", hook, "-j", chain] if *chain == CHAIN && HOOKS.contains(hook) => {
+                    listing.hooks.push((*hook).to_owned());
+                }
+                ["-A", chain, rest @ ..] if *chain == CHAIN => {
+                    listing.rules.extend(parse_rule(rest));
+                }
+                _ => {}
+            }
+        }
+        listing
+    }
+
+    /// The chain exists and every hook jumps to it.
+    pub fn chain_complete(&self) -> bool {
+        self.chain && HOOKS.iter().all(|h| self.hooks.iter().any(|l| l == h))
+    }
+
+    /// Whether the rule that sends `vip`'s `rule` to `dest` is in the chain.
+    pub fn has(&self, vip: IpAddr, rule: NatRule, dest: IpAddr) -> bool {
+        let key = (
+            rule.proto.as_str().to_owned(),
+            vip,
+            rule.listen,
+            SocketAddr::new(dest, rule.dest),
+        );
+        self.rules.contains(&key)
+    }
+}
+
+/// A DNAT rule's protocol, VIP, listen port and destination, from the words after
+/// `-A GOCAST` as `-S` prints them: `-d VIP/LEN -p P -m P --dport L ... -j DNAT
+/// --to-destination DEST:PORT`.
+fn parse_rule(words: &[&str]) -> Option<(String, IpAddr, u16, SocketAddr)> {
+    let value = |flag: &str| {
+        words
+            .iter()
+            .position(|w| *w == flag)
+            .and_then(|i| words.get(i + 1).copied())
+    };
+    let vip = value("-d")?.split('/').next()?.parse().ok()?;
+    let proto = value("-p")?.to_ascii_lowercase();
+    let listen = value("--dport")?.parse().ok()?;
+    let dest = value("--to-destination")?.parse().ok()?;
+    Some((proto, vip, listen, dest))
 }
 
 /// How many times `hook` jumps to [`CHAIN`], from `-S HOOK`.
@@ -434,6 +534,40 @@ mod tests {
         assert_eq!(check[3..], delete[3..]);
     }
 
+    #[test]
+    fn a_listing_reads_the_chain_its_jumps_and_its_rules_and_nothing_else() {
+        let text = "-P PREROUTING ACCEPT\n-N DOCKER\n-N GOCAST\n-A PREROUTING -j GOCAST\n\
+             -A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER\n\
+             -A GOCAST -d 192.0.2.10/32 -p tcp -m tcp --dport 80 -m comment --comment \"gocast:web\" -j DNAT --to-destination 198.18.0.5:8080\n\
+             -A GOCAST -d 2001:db8::10/128 -p udp -m udp --dport 53 -m comment --comment gocast:dns -j DNAT --to-destination [2001:db8::5]:53\n\
+             -A DOCKER -d 192.0.2.11/32 -p tcp -m tcp --dport 81 -j DNAT --to-destination 198.18.0.5:81\n";
+        let listing = Listing::parse(text);
+        assert!(listing.chain);
+        assert!(
+            !listing.chain_complete(),
+            "OUTPUT does not jump: {listing:?}"
+        );
+        let web = "tcp:80:8080".parse().unwrap();
+        assert!(listing.has(ip("192.0.2.10"), web, ip("198.18.0.5")));
+        assert!(!listing.has(ip("192.0.2.10"), web, ip("198.18.0.6")));
+        assert!(listing.has(
+            ip("2001:db8::10"),
+            "udp:53".parse().unwrap(),
+            ip("2001:db8::5")
+        ));
+        assert!(
+            !listing.has(
+                ip("192.0.2.11"),
+                "tcp:81".parse().unwrap(),
+                ip("198.18.0.5")
+            ),
+            "another chain's rule is not ours"
+        );
+        let complete = Listing::parse(&format!("{text}-A OUTPUT -j GOCAST\n"));
+        assert!(complete.chain_complete());
+        assert_eq!(Listing::parse(""), Listing::default());
+    }
+
     #[tokio::test]
     async fn a_vip_and_a_destination_of_different_families_are_refused() {
         // No command runs before the check, so this needs no privileges.
@@ -596,6 +730,31 @@ mod tests {
             }
             assert!(nat.list().await.is_err());
             nat.teardown().await.unwrap();
+        });
+    }
+
+    #[test]
+    fn a_flushed_table_gets_its_chain_and_jumps_back_and_the_rules_are_seen_missing() {
+        in_new_netns(|| async {
+            let nat = Iptables::init().await.unwrap();
+            install_port_80(&nat, "web", "192.0.2.10", "198.18.0.5").await;
+            let rule = "tcp:80".parse().unwrap();
+            let listing = nat.listing(false).await.unwrap().unwrap();
+            assert!(listing.chain_complete());
+            assert!(listing.has(ip("192.0.2.10"), rule, ip("198.18.0.5")));
+            // As `iptables -t nat -F` does: every chain flushed, jumps included.
+            run_ok(Family::V4, &args(["-t", TABLE, "-F"]))
+                .await
+                .unwrap();
+            let listing = nat.listing(false).await.unwrap().unwrap();
+            assert!(listing.chain && !listing.chain_complete(), "{listing:?}");
+            assert!(!listing.has(ip("192.0.2.10"), rule, ip("198.18.0.5")));
+            nat.restore_chain(false).await.unwrap();
+            nat.restore_chain(false).await.unwrap();
+            assert!(nat.listing(false).await.unwrap().unwrap().chain_complete());
+            for hook in HOOKS {
+                assert_eq!(jumps(Family::V4, hook).await.unwrap(), 1, "{hook}");
+            }
         });
     }
 }

@@ -26,7 +26,7 @@ use tracing::{debug, error, info, warn};
 pub use super::events::{Effect, Event, HostDone, HostOp, NatSpec, Now, OpId, Reply, RequestId};
 use super::{
     Settings,
-    entry::{Drain, Entry, Resource},
+    entry::{Drain, Entry, Repairs, Resource},
 };
 use crate::{
     app::{AppName, AppSpec, Monitor, Source},
@@ -38,6 +38,8 @@ use crate::{
     monitor::{self, MonitorResult, Report},
     store::{Saved, StoreError},
 };
+
+mod repair;
 
 /// A state-file write in flight and what it completes.
 #[derive(Debug)]
@@ -95,6 +97,8 @@ pub struct Core {
     drained: BTreeSet<AppName>,
     /// The whole host is drained (saved): every app, present and future.
     host_drained: bool,
+    /// Self-repair: the verification of the host in flight.
+    verification: repair::Verification,
 }
 
 impl Core {
@@ -112,6 +116,7 @@ impl Core {
             shutting_down: false,
             drained: BTreeSet::new(),
             host_drained: false,
+            verification: repair::Verification::default(),
         }
     }
 
@@ -236,6 +241,8 @@ impl Core {
                 self.drains_due(now);
                 self.cleanup_due(now, out);
             }
+            Event::VerifyDue => self.verify_due(out),
+            Event::Verified { id, drift } => self.verified(id, drift, now, out),
             Event::Shutdown => self.shutdown(out),
         }
     }
@@ -683,6 +690,7 @@ impl Core {
             cleanup_at: None,
             last_error: None,
             passive_failure: None,
+            repairs: Repairs::default(),
         };
         let mut entry = entry;
         if self.host_drained || self.drained.contains(&entry.spec.name) {
@@ -817,6 +825,7 @@ impl Core {
                 resource.settle(done.id, result.is_ok());
             }
         }
+        self.repair_done(&mut entry, &done);
         let failure = [done.vip, done.nat]
             .into_iter()
             .flatten()
@@ -1364,6 +1373,7 @@ mod tests {
                 Effect::Host(HostOp::Remove { .. }) => "remove",
                 Effect::StopSpeaker => "stop-speaker",
                 Effect::ShutdownHost => "shutdown-host",
+                Effect::Verify { .. } => "verify",
             })
             .collect()
     }
@@ -1952,5 +1962,310 @@ mod tests {
             drain_reply(effects),
             Err(LifecycleError::UnknownApp(_))
         ));
+    }
+    /// Self-repair (docs/design.md, "Self-repair"): verification results in, repairs out.
+    mod repair {
+        use super::*;
+        use crate::{
+            app::Vip,
+            lifecycle::events::{Drift, Expected, Part, RepairKind, VerifyId},
+        };
+
+        fn vip(s: &str) -> Vip {
+            s.parse().unwrap()
+        }
+
+        /// The NAT rules `spec` gives every app.
+        fn nat80() -> NatSpec {
+            NatSpec {
+                rules: vec!["tcp:80:8080".parse().unwrap()],
+                dest: None,
+            }
+        }
+
+        fn lost(app: &str, at: &str, part: Part) -> Drift {
+            let what = match part {
+                Part::Vip => "vip missing from lo",
+                Part::Nat(_) => "nat rules missing",
+            };
+            Drift::App {
+                app: name(app),
+                vip: vip(at),
+                part,
+                what: what.into(),
+            }
+        }
+
+        impl T {
+            /// Asks for a verification; returns what the host worker is to check.
+            fn verify(&mut self) -> (VerifyId, Vec<Expected>) {
+                let effects = self.step(Event::VerifyDue);
+                match effects {
+                    [Effect::Verify { id, expected }] => (*id, expected.clone()),
+                    other => panic!("expected one verification, got {:?}", kinds(other)),
+                }
+            }
+
+            fn last_repair(&mut self, app: &str) -> (u64, String, String) {
+                let view = self.view(app);
+                let last = view.last_repair.expect("a repair");
+                (view.repairs, last.what, last.result)
+            }
+
+            fn metric(&self, line: &str) -> bool {
+                self.core.metrics.render().lines().any(|l| l == line)
+            }
+        }
+
+        #[test]
+        fn only_parts_that_are_present_are_verified() {
+            let mut t = T::new(
+                1,
+                1,
+                vec![spec("web", "192.0.2.10/32"), spec("api", "192.0.2.20/32")],
+            );
+            let install = host_ops(t.report("web", true))[0].clone();
+            let (id, expected) = t.verify();
+            assert!(
+                expected.is_empty(),
+                "web's install is in flight: {expected:?}"
+            );
+            t.step(Event::Verified {
+                id,
+                drift: Vec::new(),
+            });
+            t.step(Event::HostDone(done_for(&install, true)));
+            let (_, expected) = t.verify();
+            assert_eq!(
+                expected,
+                [Expected {
+                    app: name("web"),
+                    vip: vip("192.0.2.10/32"),
+                    on_lo: true,
+                    nat: Some(nat80()),
+                }]
+            );
+        }
+
+        #[test]
+        fn a_vip_found_missing_is_put_back_while_the_app_stays_announced() {
+            let mut t = T::new(1, 1, vec![spec("web", "192.0.2.10/32")]);
+            t.bring_up("web");
+            let (id, _) = t.verify();
+            let effects = t.step(Event::Verified {
+                id,
+                drift: vec![lost("web", "192.0.2.10/32", Part::Vip)],
+            });
+            assert_eq!(
+                host_ops(effects),
+                [&HostOp::Install {
+                    id: 2,
+                    app: name("web"),
+                    vip: vip("192.0.2.10/32"),
+                    label: "lo:web".into(),
+                    add_vip: true,
+                    nat: None,
+                }],
+                "only the vip, and the nat stays"
+            );
+            assert_eq!(routes(effects), None, "no flap while it is put back");
+            assert!(t.announced("web"));
+            assert_eq!(
+                t.last_repair("web"),
+                (1, "vip missing from lo".into(), "repairing".into())
+            );
+            t.host_done(true);
+            assert_eq!(t.last_repair("web").2, "repaired");
+            assert!(t.announced("web"));
+            assert!(t.metric("gocast_repairs_total{kind=\"vip\"} 1"));
+            assert!(t.metric("gocast_repair_failures_total{kind=\"vip\"} 0"));
+        }
+
+        #[test]
+        fn a_repair_that_fails_withdraws_the_app_and_says_why() {
+            let mut t = T::new(1, 1, vec![spec("web", "192.0.2.10/32")]);
+            t.bring_up("web");
+            let (id, _) = t.verify();
+            t.step(Event::Verified {
+                id,
+                drift: vec![lost("web", "192.0.2.10/32", Part::Nat(nat80()))],
+            });
+            let effects = t.host_done(false);
+            assert_eq!(routes(effects).unwrap(), Vec::<String>::new());
+            let view = t.view("web");
+            assert_eq!(view.state, "unhealthy");
+            assert_eq!(view.last_error.as_deref(), Some("boom"));
+            assert_eq!(t.last_repair("web").2, "failed: boom");
+            assert!(t.metric("gocast_repair_failures_total{kind=\"nat\"} 1"));
+            // Still up: the next passing report installs it again and it is announced.
+            assert_eq!(kinds(t.report("web", true)), ["install"]);
+            t.host_done(true);
+            assert!(t.announced("web"));
+            assert_eq!(t.last_repair("web").2, "failed: boom", "history stays");
+        }
+
+        #[test]
+        fn a_vip_and_nat_lost_together_come_back_in_one_operation() {
+            let mut t = T::new(1, 1, vec![spec("web", "192.0.2.10/32")]);
+            t.bring_up("web");
+            let (id, _) = t.verify();
+            let effects = t.step(Event::Verified {
+                id,
+                drift: vec![
+                    lost("web", "192.0.2.10/32", Part::Vip),
+                    lost("web", "192.0.2.10/32", Part::Nat(nat80())),
+                ],
+            });
+            assert!(matches!(
+                host_ops(effects)[..],
+                [HostOp::Install {
+                    add_vip: true,
+                    nat: Some(_),
+                    ..
+                }]
+            ));
+            assert_eq!(
+                t.last_repair("web"),
+                (
+                    1,
+                    "vip missing from lo; nat rules missing".into(),
+                    "repairing".into()
+                )
+            );
+            t.host_done(true);
+            assert!(t.announced("web"));
+        }
+
+        #[test]
+        fn a_drift_of_a_part_that_changed_since_is_ignored() {
+            let mut t = T::new(1, 1, vec![spec("web", "192.0.2.10/32")]);
+            let mut consul = spec("svc", "192.0.2.30/32");
+            t.register(consul.clone(), Source::Consul);
+            t.bring_up("web");
+            t.bring_up("svc");
+            // A result nobody waits for.
+            let stale = |t: &mut T, id| {
+                t.step(Event::Verified {
+                    id,
+                    drift: vec![
+                        lost("web", "192.0.2.10/32", Part::Vip),
+                        lost("svc", "192.0.2.30/32", Part::Nat(nat80())),
+                    ],
+                })
+                .len()
+            };
+            assert_eq!(stale(&mut t, 99), 0);
+            let (id, _) = t.verify();
+            // Meanwhile web goes down and is cleaned up (its vip is being removed), and svc gets
+            // other NAT rules.
+            t.report("web", false);
+            t.advance(CLEANUP);
+            assert_eq!(kinds(t.step(Event::Deadline)), ["remove"]);
+            consul.nats = vec!["tcp:443:8443".parse().unwrap()];
+            let ops: Vec<HostOp> = host_ops(t.register(consul, Source::Consul))
+                .into_iter()
+                .cloned()
+                .collect();
+            for op in &ops {
+                t.step(Event::HostDone(done_for(op, true)));
+            }
+            // Present again, but with other rules than the ones verified.
+            assert_eq!(t.core.apps[&name("svc")].nat, Resource::Present);
+            assert_eq!(stale(&mut t, id), 0);
+            assert_eq!(t.view("web").repairs, 0);
+            assert_eq!(t.view("svc").repairs, 0);
+            assert!(t.announced("svc"));
+            assert!(t.metric("gocast_repairs_total{kind=\"vip\"} 0"));
+        }
+
+        #[test]
+        fn verifications_run_one_at_a_time_and_one_asked_meanwhile_follows() {
+            let mut t = T::new(1, 1, vec![spec("web", "192.0.2.10/32")]);
+            let (first, _) = t.verify();
+            assert!(t.step(Event::VerifyDue).is_empty(), "one in flight");
+            assert!(t.step(Event::VerifyDue).is_empty());
+            let effects = t.step(Event::Verified {
+                id: first,
+                drift: Vec::new(),
+            });
+            assert!(
+                matches!(effects, [Effect::Verify { id, .. }] if *id == first + 1),
+                "{:?}",
+                kinds(effects)
+            );
+            assert!(
+                t.step(Event::Verified {
+                    id: first + 1,
+                    drift: Vec::new(),
+                })
+                .is_empty()
+            );
+        }
+
+        #[test]
+        fn a_down_app_that_lost_its_vip_is_left_off_and_cleanup_leaves_the_vip_alone() {
+            let mut t = T::new(1, 1, vec![spec("web", "192.0.2.10/32")]);
+            t.bring_up("web");
+            t.report("web", false);
+            let (id, _) = t.verify();
+            let effects = t.step(Event::Verified {
+                id,
+                drift: vec![lost("web", "192.0.2.10/32", Part::Vip)],
+            });
+            assert!(host_ops(effects).is_empty());
+            assert_eq!(t.last_repair("web").2, "left off: the app is down");
+            assert!(!t.view("web").vip_installed);
+            t.advance(CLEANUP);
+            let effects = t.step(Event::Deadline);
+            assert!(matches!(
+                host_ops(effects)[..],
+                [HostOp::Remove {
+                    remove_vip: false,
+                    nat: Some(_),
+                    ..
+                }]
+            ));
+            t.host_done(true);
+            // Back up: installed in full again.
+            let effects = t.report("web", true);
+            assert!(matches!(
+                host_ops(effects)[..],
+                [HostOp::Install {
+                    add_vip: true,
+                    nat: Some(_),
+                    ..
+                }]
+            ));
+        }
+
+        #[test]
+        fn what_the_host_put_back_itself_is_counted() {
+            let mut t = T::new(1, 1, Vec::new());
+            let (id, _) = t.verify();
+            let effects = t.step(Event::Verified {
+                id,
+                drift: vec![
+                    Drift::Shared {
+                        kind: RepairKind::Program,
+                        what: "gocast_xdp detached from eth0".into(),
+                        result: Ok(()),
+                    },
+                    Drift::Shared {
+                        kind: RepairKind::Nat,
+                        what: "iptables chain GOCAST or its jumps".into(),
+                        result: Err("iptables failed".into()),
+                    },
+                ],
+            });
+            assert!(effects.is_empty());
+            for line in [
+                "gocast_repairs_total{kind=\"program\"} 1",
+                "gocast_repair_failures_total{kind=\"program\"} 0",
+                "gocast_repairs_total{kind=\"nat\"} 1",
+                "gocast_repair_failures_total{kind=\"nat\"} 1",
+            ] {
+                assert!(t.metric(line), "{line}");
+            }
+        }
     }
 }

@@ -8,8 +8,12 @@
 //!  reports ──┤                                   ├─▶ routes, owners (watch)
 //!  host done ┼─▶ Event ─▶ Core::step ─▶ Effect ──┼─▶ monitor::Command
 //!  persisted ┤                                   ├─▶ host worker (in order) ─▶ host done
-//!  timer ────┘                                   └─▶ state-file write ─▶ persisted
+//!  timer ────┤                                   └─▶ state-file write ─▶ persisted
+//!  verify ───┘ (every VERIFY_INTERVAL, and when the host hints at drift)
 //! ```
+//!
+//! The host worker also runs the verifications of self-repair (docs/design.md, "Self-repair"),
+//! in order with the host operations, and sends their results on the same channel as theirs.
 
 use std::{collections::HashMap, time::SystemTime};
 
@@ -24,6 +28,7 @@ use tracing::{error, info, warn};
 use super::{
     Host,
     core::{Core, Effect, Event, HostDone, HostOp, Now, Reply, RequestId},
+    events::{Expected, VerifyId},
 };
 use crate::{
     app::{AppName, AppSpec},
@@ -41,6 +46,12 @@ const BATCH: usize = 4096;
 
 /// How long a VIP waits for its withdrawal to reach the peers before it is removed anyway.
 const WITHDRAW_WAIT: Duration = Duration::from_secs(1);
+
+/// How often the host is compared with what the core believes is installed. Half of the
+/// 1 s within which a lost NAT rule or detached program must be back (no kernel event says
+/// so; a VIP leaving `lo` is verified at once); one netlink dump and, with iptables, one
+/// `iptables -S` per address family in use.
+const VERIFY_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Where a reply goes.
 enum ReplyTo {
@@ -62,6 +73,10 @@ enum Work {
         version: u64,
     },
     Shutdown,
+    Verify {
+        id: VerifyId,
+        expected: Vec<Expected>,
+    },
 }
 
 /// The lifecycle task's state: the core and the ends of every channel.
@@ -77,8 +92,11 @@ pub(super) struct Driver {
     worker: JoinHandle<()>,
     persisted_tx: mpsc::Sender<Result<(), StoreError>>,
     persisted_rx: mpsc::Receiver<Result<(), StoreError>>,
-    done_rx: mpsc::UnboundedReceiver<HostDone>,
+    /// What the host worker did: [`Event::HostDone`] and [`Event::Verified`], in its order.
+    done_rx: mpsc::UnboundedReceiver<Event>,
     effects: Vec<Effect>,
+    /// The host's "verify now" ([`Host::drift_hints`]); `None` once it closed.
+    hints: Option<mpsc::Receiver<()>>,
 }
 
 fn now() -> Now {
@@ -91,7 +109,7 @@ fn now() -> Now {
 impl Driver {
     pub fn new<H: Host>(
         core: Core,
-        host: H,
+        mut host: H,
         announcer: Option<Announcer>,
         outputs: (watch::Sender<Routes>, watch::Sender<Owners>),
         monitors: mpsc::UnboundedSender<monitor::Command>,
@@ -100,6 +118,7 @@ impl Driver {
         let (work, work_rx) = mpsc::unbounded_channel();
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let (persisted_tx, persisted_rx) = mpsc::channel(1);
+        let hints = host.drift_hints();
         let worker = tokio::spawn(host_worker(host, announcer, work_rx, done_tx));
         Self {
             core,
@@ -115,6 +134,7 @@ impl Driver {
             persisted_rx,
             done_rx,
             effects: Vec::new(),
+            hints,
         }
     }
 
@@ -130,6 +150,8 @@ impl Driver {
         self.core.restore(config_apps, saved, now(), &mut out);
         self.apply(&mut out);
         let mut timer = Timer::default();
+        let mut verify = Timer::default();
+        verify.set(Some(VERIFY_INTERVAL));
         loop {
             timer.set_at(self.core.next_deadline());
             tokio::select! {
@@ -148,14 +170,26 @@ impl Driver {
                     }
                 }
                 Some(done) = self.done_rx.recv() => {
-                    self.step(Event::HostDone(done));
+                    self.step(done);
                     for _ in 0..BATCH {
                         let Ok(done) = self.done_rx.try_recv() else { break };
-                        self.step(Event::HostDone(done));
+                        self.step(done);
                     }
                 }
                 Some(result) = self.persisted_rx.recv() => self.step(Event::Persisted(result)),
                 () = timer.fired() => self.step(Event::Deadline),
+                () = verify.fired() => {
+                    verify.set(Some(VERIFY_INTERVAL));
+                    self.step(Event::VerifyDue);
+                }
+                hint = next_hint(self.hints.as_mut()) => {
+                    if hint.is_some() {
+                        self.step(Event::VerifyDue);
+                    } else {
+                        warn!("the host's drift hints stopped; verifying every {VERIFY_INTERVAL:?} only");
+                        self.hints = None;
+                    }
+                }
             }
             let mut out = std::mem::take(&mut self.effects);
             self.core.flush(&mut out);
@@ -246,6 +280,9 @@ impl Driver {
                     let _ = self.work.send(Work::StopSpeaker { version });
                 }
                 Effect::ShutdownHost => drop(self.work.send(Work::Shutdown)),
+                Effect::Verify { id, expected } => {
+                    drop(self.work.send(Work::Verify { id, expected }));
+                }
             }
         }
         self.effects = std::mem::take(out);
@@ -270,7 +307,7 @@ async fn host_worker<H: Host>(
     mut host: H,
     mut announcer: Option<Announcer>,
     mut work: mpsc::UnboundedReceiver<Work>,
-    done: mpsc::UnboundedSender<HostDone>,
+    done: mpsc::UnboundedSender<Event>,
 ) {
     while let Some(item) = work.recv().await {
         match item {
@@ -278,7 +315,7 @@ async fn host_worker<H: Host>(
                 if let Some(version) = after {
                     await_flushed(announcer.as_mut(), version).await;
                 }
-                let _ = done.send(apply_op(&mut host, op).await);
+                let _ = done.send(Event::HostDone(apply_op(&mut host, op).await));
             }
             Work::StopSpeaker { version } => {
                 await_flushed(announcer.as_mut(), version).await;
@@ -298,6 +335,10 @@ async fn host_worker<H: Host>(
                 }
                 info!("shutdown complete: no vip, no nat rule left");
                 return;
+            }
+            Work::Verify { id, expected } => {
+                let drift = host.verify(&expected).await;
+                let _ = done.send(Event::Verified { id, drift });
             }
         }
     }
@@ -358,6 +399,14 @@ async fn apply_op<H: Host>(host: &mut H, op: HostOp) -> HostDone {
             };
             HostDone { id, app, vip, nat }
         }
+    }
+}
+
+/// The next "verify now" from the host; pending forever without hints. `None`: they stopped.
+async fn next_hint(hints: Option<&mut mpsc::Receiver<()>>) -> Option<()> {
+    match hints {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -5,10 +5,10 @@ use std::time::SystemTime;
 use tokio::time::Instant;
 use tracing::error;
 
-use super::events::{NatSpec, Now, OpId};
+use super::events::{NatSpec, Now, OpId, RepairKind};
 use crate::{
     app::{AppSpec, Source},
-    messages::{AppView, MonitorView, PassiveView},
+    messages::{AppView, MonitorView, PassiveView, RepairView},
     monitor::MonitorResult,
 };
 
@@ -93,6 +93,53 @@ pub(super) struct Entry {
     pub(super) last_error: Option<String>,
     /// Why the VIP's traffic fails the app (`passive_health: true` only).
     pub(super) passive_failure: Option<String>,
+    pub(super) repairs: Repairs,
+}
+
+/// What self-repair did for one app (docs/design.md, "Self-repair").
+#[derive(Debug, Default)]
+pub(super) struct Repairs {
+    /// Times a part of the app was found missing from the host.
+    pub(super) count: u64,
+    pub(super) last: Option<LastRepair>,
+}
+
+/// The last time a part of the app was found missing.
+#[derive(Debug)]
+pub(super) struct LastRepair {
+    pub(super) at: SystemTime,
+    /// What was missing, e.g. "vip missing from lo".
+    pub(super) what: String,
+    /// The parts being put back, for the failure counter.
+    pub(super) kinds: Vec<RepairKind>,
+    pub(super) outcome: Outcome,
+}
+
+/// How a repair ended, or that it has not yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Outcome {
+    /// The host operation putting the parts back is in flight.
+    Repairing(OpId),
+    Repaired,
+    /// The operation failed; the app is withdrawn until an install works.
+    Failed(String),
+    /// The app is down: nothing is put back now; it is installed again when it comes up.
+    LeftOff,
+}
+
+impl LastRepair {
+    fn view(&self) -> RepairView {
+        RepairView {
+            at: rfc3339(self.at),
+            what: self.what.clone(),
+            result: match &self.outcome {
+                Outcome::Repairing(_) => "repairing".to_owned(),
+                Outcome::Repaired => "repaired".to_owned(),
+                Outcome::Failed(why) => format!("failed: {why}"),
+                Outcome::LeftOff => "left off: the app is down".to_owned(),
+            },
+        }
+    }
 }
 
 impl Entry {
@@ -165,6 +212,8 @@ impl Entry {
                     Some("passive health needs the eBPF dataplane's counters".into())
                 },
             }),
+            repairs: self.repairs.count,
+            last_repair: self.repairs.last.as_ref().map(LastRepair::view),
         }
     }
 

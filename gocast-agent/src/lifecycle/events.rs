@@ -18,6 +18,8 @@ use crate::{
 pub type RequestId = u64;
 /// Names a host operation so its result is applied only if nothing superseded it.
 pub type OpId = u64;
+/// Names a verification of the host, so a result nobody waits for is ignored.
+pub type VerifyId = u64;
 
 /// When an event happens: the monotonic clock for timers, the wall clock for `/apps`.
 #[derive(Debug, Clone, Copy)]
@@ -67,6 +69,14 @@ pub enum Event {
     /// The deadline of [`Core::next_deadline`](super::core::Core::next_deadline) passed (a
     /// cleanup or the end of a drain).
     Deadline,
+    /// Time to compare the host with what the core believes is installed: the periodic check,
+    /// or the kernel said an address left `lo`.
+    VerifyDue,
+    /// The host worker ran the verification asked for by [`Effect::Verify`] `id`.
+    Verified {
+        id: VerifyId,
+        drift: Vec<Drift>,
+    },
     /// Withdraw everything, then clean the host; nothing else is accepted after it.
     Shutdown,
 }
@@ -104,6 +114,12 @@ pub enum Effect {
     StopSpeaker,
     /// Shutdown, last: remove what the dataplane holds (e.g. the whole NAT chain).
     ShutdownHost,
+    /// Check, after the host operations asked for before it, that what `expected` lists is
+    /// still on the host; then send [`Event::Verified`]. At most one is outstanding.
+    Verify {
+        id: VerifyId,
+        expected: Vec<Expected>,
+    },
 }
 
 /// An app's NAT rules and where they send traffic.
@@ -111,6 +127,65 @@ pub enum Effect {
 pub struct NatSpec {
     pub rules: Vec<NatRule>,
     pub dest: Option<IpAddr>,
+}
+
+/// What the core believes one app has on the host: only resources that are present (none in
+/// flight), so an address our own operation is adding or removing never counts as drift.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expected {
+    pub app: AppName,
+    pub vip: Vip,
+    /// The VIP should be on `lo` (and, with eBPF, in the VIP table).
+    pub on_lo: bool,
+    /// The NAT rules that should be installed.
+    pub nat: Option<NatSpec>,
+}
+
+/// What a verification found missing from the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Drift {
+    /// A part of one app (listed in [`Expected`]) is gone; the core puts it back.
+    App {
+        app: AppName,
+        /// The VIP and NAT rules as verified: a drift of an app whose spec changed since is
+        /// stale.
+        vip: Vip,
+        part: Part,
+        /// What is missing, in words, for `/apps` and the logs (e.g. "vip missing from lo").
+        what: String,
+    },
+    /// Something all apps share went missing (an eBPF program detached from an interface, the
+    /// jumps to the iptables chain); the host put it back itself, or failed to.
+    Shared {
+        kind: RepairKind,
+        what: String,
+        result: Result<(), String>,
+    },
+}
+
+/// Which part of an app drifted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    Vip,
+    Nat(NatSpec),
+}
+
+/// What a repair put back: the `kind` label of `gocast_repairs_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RepairKind {
+    Vip,
+    Nat,
+    Program,
+}
+
+impl RepairKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Vip => "vip",
+            Self::Nat => "nat",
+            Self::Program => "program",
+        }
+    }
 }
 
 /// A change of the host for one app; the driver applies them in order.

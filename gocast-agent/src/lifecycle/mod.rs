@@ -37,7 +37,11 @@ use std::{future::Future, net::IpAddr};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use self::{core::Core, driver::Driver};
+use self::{
+    core::Core,
+    driver::Driver,
+    events::{Drift, Expected},
+};
 pub use crate::messages::Settings;
 use crate::{
     app::{AppName, AppSpec, NatRule, Vip},
@@ -75,6 +79,16 @@ pub trait Host: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), HostError>> + Send;
     /// Removes what the agent left behind at shutdown (e.g. its NAT chain).
     fn shutdown(&mut self) -> impl Future<Output = Result<(), HostError>> + Send;
+    /// Compares the host with `expected` and returns what is missing (docs/design.md,
+    /// "Self-repair"). Puts back itself what all apps share (an eBPF program detached from an
+    /// interface, the jumps to the NAT chain) and reports it as [`Drift::Shared`]; puts back
+    /// nothing of an app: the core decides that. What it cannot check (a listing failed) is
+    /// not drift.
+    fn verify(&mut self, expected: &[Expected]) -> impl Future<Output = Vec<Drift>> + Send;
+    /// Where the host says "verify now": the kernel reported a change that may be drift (an
+    /// address left `lo`). `None` if it cannot tell; the periodic verification still runs.
+    /// Taken once, by the driver.
+    fn drift_hints(&mut self) -> Option<mpsc::Receiver<()>>;
 }
 
 /// A host operation that failed.

@@ -3,16 +3,20 @@
 use std::{
     net::IpAddr,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::{
     app::Source,
+    lifecycle::events::Part,
     messages::{AppView, LifecycleError, RouteSet, Verdict},
 };
 
@@ -24,6 +28,14 @@ pub(crate) struct FakeHost {
     pub fail_nat: Arc<Mutex<bool>>,
     /// `add_vip` of this VIP never returns, as with a kernel or lock that hangs.
     pub stall_vip: Arc<Mutex<Option<Vip>>>,
+    /// VIPs someone took off `lo` behind the agent's back, until `add_vip` puts them back.
+    pub lost_vips: Arc<Mutex<Vec<Vip>>>,
+    /// `add_vip` fails for these VIPs.
+    pub fail_vip: Arc<Mutex<Vec<Vip>>>,
+    /// How many verifications ran.
+    pub verifications: Arc<AtomicUsize>,
+    /// The sending end of the drift hints the lifecycle took.
+    pub hint: Arc<Mutex<Option<mpsc::Sender<()>>>>,
 }
 
 impl FakeHost {
@@ -41,6 +53,10 @@ impl Host for FakeHost {
         if *self.stall_vip.lock().unwrap() == Some(*vip) {
             std::future::pending::<()>().await;
         }
+        if self.fail_vip.lock().unwrap().contains(vip) {
+            return Err(HostError::NoInterface);
+        }
+        self.lost_vips.lock().unwrap().retain(|v| v != vip);
         Ok(())
     }
     async fn remove_vip(&mut self, vip: &Vip) -> Result<(), HostError> {
@@ -79,6 +95,25 @@ impl Host for FakeHost {
     async fn shutdown(&mut self) -> Result<(), HostError> {
         self.push("shutdown".into());
         Ok(())
+    }
+    async fn verify(&mut self, expected: &[Expected]) -> Vec<Drift> {
+        self.verifications.fetch_add(1, Ordering::SeqCst);
+        let lost = self.lost_vips.lock().unwrap();
+        expected
+            .iter()
+            .filter(|e| e.on_lo && lost.contains(&e.vip))
+            .map(|e| Drift::App {
+                app: e.app.clone(),
+                vip: e.vip,
+                part: Part::Vip,
+                what: "vip missing from lo".into(),
+            })
+            .collect()
+    }
+    fn drift_hints(&mut self) -> Option<mpsc::Receiver<()>> {
+        let (tx, rx) = mpsc::channel(1);
+        *self.hint.lock().unwrap() = Some(tx);
+        Some(rx)
     }
 }
 
@@ -841,6 +876,89 @@ async fn a_consul_app_stays_after_cleanup_and_is_checked_again() {
     .await;
     std::fs::write(&up, "").unwrap();
     wait_for(&h, "healthy again", |a, r| {
+        a.is_some_and(|a| a.state == "healthy") && !r.is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_vip_taken_off_lo_is_put_back_on_the_next_verification_and_shown() {
+    let h = start_fresh(settings(), vec![spec("web", "192.0.2.10/32", &[])]);
+    wait_healthy(&h).await;
+    h.host
+        .lost_vips
+        .lock()
+        .unwrap()
+        .push("192.0.2.10/32".parse().unwrap());
+    wait_for(&h, "repaired", |a, _| {
+        a.is_some_and(|a| {
+            a.repairs == 1
+                && a.last_repair
+                    .as_ref()
+                    .is_some_and(|r| r.result == "repaired")
+        })
+    })
+    .await;
+    let web = app(&h, "web").await.unwrap();
+    assert_eq!(web.state, "healthy");
+    assert_eq!(web.last_repair.unwrap().what, "vip missing from lo");
+    assert!(routed(&h.running.routes.borrow(), "192.0.2.10/32"));
+    assert_eq!(
+        h.host.log(),
+        [
+            "add_vip 192.0.2.10/32 lo:web",
+            "install_nat web 1",
+            "add_vip 192.0.2.10/32 lo:web"
+        ],
+        "only the vip is put back"
+    );
+}
+
+#[tokio::test]
+async fn a_drift_hint_verifies_at_once_instead_of_at_the_next_period() {
+    let h = start_fresh(settings(), vec![spec("web", "192.0.2.10/32", &[])]);
+    wait_healthy(&h).await;
+    // Right after a periodic verification, the next one is a whole period away.
+    let seen = h.host.verifications.load(Ordering::SeqCst);
+    while h.host.verifications.load(Ordering::SeqCst) == seen {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    h.host
+        .lost_vips
+        .lock()
+        .unwrap()
+        .push("192.0.2.10/32".parse().unwrap());
+    let start = tokio::time::Instant::now();
+    let hint = h.host.hint.lock().unwrap().clone().unwrap();
+    hint.send(()).await.unwrap();
+    while h.host.lost_vips.lock().unwrap().len() == 1 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(
+        start.elapsed() < Duration::from_millis(200),
+        "put back after {:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_vip_that_cannot_be_put_back_withdraws_the_app_and_says_why() {
+    let h = start_fresh(settings(), vec![spec("web", "192.0.2.10/32", &[])]);
+    wait_healthy(&h).await;
+    let vip: Vip = "192.0.2.10/32".parse().unwrap();
+    h.host.fail_vip.lock().unwrap().push(vip);
+    h.host.lost_vips.lock().unwrap().push(vip);
+    wait_for(&h, "withdrawn", |a, r| {
+        a.is_some_and(|a| a.state == "unhealthy") && r.is_empty()
+    })
+    .await;
+    let web = app(&h, "web").await.unwrap();
+    let repair = web.last_repair.unwrap();
+    assert!(repair.result.starts_with("failed: add vip: "), "{repair:?}");
+    assert!(web.last_error.unwrap().contains("no interface"));
+    // Once the vip can be added again, the next passing report brings the app back.
+    h.host.fail_vip.lock().unwrap().clear();
+    wait_for(&h, "back", |a, r| {
         a.is_some_and(|a| a.state == "healthy") && !r.is_empty()
     })
     .await;
