@@ -1,6 +1,7 @@
 //! The running agent: wires every task together (API, lifecycle, monitors, BGP speaker, stats,
-//! Consul), waits for a signal, and runs the shutdown sequence. The binary (`main.rs`) parses
-//! the command line and calls [`run`]; tests start the binary.
+//! Consul), supervises them ([`crate::supervise`]), tells systemd how it goes
+//! ([`crate::systemd`]), waits for a signal, and runs the shutdown sequence. The binary
+//! (`main.rs`) parses the command line and calls [`run`]; tests start the binary.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -10,11 +11,11 @@ use std::{
 
 use anyhow::{Context, Result};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     api::{self, ApiState, StaticInfo},
-    bgp::Speaker,
+    bgp::{Speaker, fsm::State, session::PeerStatus},
     config::{Config, DataplaneMode},
     consul,
     host::SystemHost,
@@ -22,23 +23,34 @@ use crate::{
     metrics::Metrics,
     monitor, stats,
     store::Store,
+    supervise::{self, Health, Supervised, TaskStatus},
+    systemd,
 };
 
 /// The whole shutdown (API, withdraw, VIPs, NAT) must finish within 5 s; this leaves margin.
 const SHUTDOWN_BUDGET: Duration = Duration::from_millis(4500);
 /// Time given to in-flight HTTP requests when shutdown starts.
 const API_DRAIN: Duration = Duration::from_millis(500);
-/// How long a start that fails after the BGP sessions began waits for them to close with Cease.
+/// How long a start that fails after the BGP sessions began, or an agent whose lifecycle failed,
+/// waits for the sessions to close with Cease.
 const ABORTED_START_CEASE: Duration = Duration::from_secs(1);
+/// The `STATUS=` line changes at most this often.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
 
-/// Runs the agent until SIGTERM or SIGINT, then shuts down cleanly.
+/// Runs the agent until SIGTERM or SIGINT, then shuts down cleanly. SIGHUP asks for a reload
+/// ([`reload_requested`]) and never ends the agent.
+///
+/// If the lifecycle task dies or stops turning, nothing can withdraw routes one by one or take
+/// VIPs off `lo` any more: the agent closes the BGP sessions (Cease: the peers drop every route
+/// at once) and returns an error, so the binary exits 1 and systemd restarts it; the next start
+/// removes the VIPs and NAT rules left behind.
 pub async fn run(config: Config) -> Result<()> {
     let listen = config.agent.listen_addr;
     if listen.all_interfaces {
         warn!(addr = %listen, "the HTTP API listens on all interfaces: anyone who can reach it can register VIPs");
     }
     // Signals first: one arriving during start-up must still lead to a clean shutdown.
-    let signals = Signals::install()?;
+    let mut signals = Signals::install()?;
     // Bind before touching the host, so a taken port changes nothing.
     let listener = bind(listen.addr).await?;
     let metrics = Metrics::default();
@@ -46,19 +58,10 @@ pub async fn run(config: Config) -> Result<()> {
     let agent = &config.agent;
     let consul_client = consul_client(&config, &metrics)?;
     let (routes_tx, routes_rx) = tokio::sync::watch::channel(messages::Routes::default());
-    // BGP before the dataplane: sessions come up while the eBPF programs load and verify, and
-    // nothing is announced before the lifecycle runs.
-    let (speaker, announcer) = start_speaker(&config, routes_rx, &metrics).await?;
-    let host = match start_host(&config).await {
-        Ok(host) => host,
-        Err(e) => {
-            if let Some(announcer) = announcer {
-                announcer.stop.cancel();
-                let _ = tokio::time::timeout(ABORTED_START_CEASE, announcer.done).await;
-            }
-            return Err(e);
-        }
-    };
+    let (speaker, announcer, host) = start_bgp_and_host(&config, routes_rx, &metrics).await?;
+    // The lifecycle owns the Announcer; this copy of its stop lets the agent still close the
+    // sessions with Cease when the lifecycle itself has failed.
+    let stop_bgp = announcer.as_ref().map(|a| a.stop.clone());
     let dataplane = host.dataplane_info();
     let counters = host.counter_reader();
     if counters.is_none() && config.apps.iter().any(|a| a.passive_health) {
@@ -67,13 +70,16 @@ pub async fn run(config: Config) -> Result<()> {
             "passive_health is set on apps but needs the eBPF counters: it has no effect"
         );
     }
+    // Every supervised task whose being down /healthz reports.
+    let mut tasks = Vec::new();
     let consul_health = consul_client
         .clone()
-        .map(|c| consul::spawn_health(c, cancel.child_token()));
+        .map(|c| supervise_consul_health(c, &metrics, &cancel, &mut tasks));
     let settings = lifecycle_settings(agent, consul_health, counters.is_some());
     let store = Store::new(&agent.state_file);
     let (owners_tx, owners_rx) = tokio::sync::watch::channel(messages::Owners::default());
-    let running = lifecycle::spawn(
+    let status_owners = owners_tx.subscribe();
+    let mut running = lifecycle::spawn(
         settings,
         host,
         config.apps.clone(),
@@ -86,51 +92,297 @@ pub async fn run(config: Config) -> Result<()> {
         },
         cancel.clone(),
     );
+    tasks.push(running.monitors.clone());
     let snapshots = counters.map(|reader| {
-        stats::spawn(
-            reader,
-            owners_rx,
-            running.handle.clone(),
-            config.dataplane.passive_health,
-            cancel.clone(),
+        supervise_stats(
+            reader, owners_rx, &running, &config, &metrics, &cancel, &mut tasks,
         )
     });
-    if let Some(rx) = &snapshots {
-        metrics.vip_stats(rx.clone());
-    }
     if let Some(client) = consul_client {
-        tokio::spawn(consul::discover(
-            client,
-            running.handle.clone(),
-            metrics.clone(),
-            cancel.child_token(),
-        ));
+        tasks.push(supervise_discovery(client, &running, &metrics, &cancel));
     }
+    let peers = Arc::new(
+        speaker
+            .as_ref()
+            .map(|s| s.peers.clone())
+            .unwrap_or_default(),
+    );
     let state = ApiState {
         lifecycle: running.handle.clone(),
         routes: running.routes.clone(),
         stats: snapshots,
-        metrics,
+        metrics: metrics.clone(),
         info: Arc::new(StaticInfo {
             version: env!("CARGO_PKG_VERSION"),
             dataplane,
         }),
-        peers: Arc::new(
-            speaker
-                .as_ref()
-                .map(|s| s.peers.clone())
-                .unwrap_or_default(),
-        ),
+        peers: peers.clone(),
+        health: health(&running, tasks),
     };
     info!(addr = %listen, apps = config.apps.len(), peers = config.bgp.peers.len(), "gocast running");
     let api_stop = CancellationToken::new();
-    let server = axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(api_stop.clone().cancelled_owned());
-    let server = tokio::spawn(async move { server.await });
+    let server = serve_api(listener, api::router(state), &metrics, api_stop.clone())?;
+    let summary = Summary {
+        owners: status_owners,
+        routes: running.routes.clone(),
+        peers: peers.clone(),
+    };
+    spawn_notifications(running.ready, summary, &cancel);
 
-    let signal = signals.recv().await;
-    info!(%signal, "shutting down");
-    shutdown(api_stop, server, speaker.as_ref(), cancel, running.task).await
+    let stopped = tokio::select! {
+        signal = signals.recv() => Ok(signal),
+        failure = supervise::lifecycle_failure(&mut running.task, &running.pulse) => Err(failure),
+    };
+    systemd::notify_stopping();
+    match stopped {
+        Ok(signal) => {
+            info!(%signal, "shutting down");
+            shutdown(
+                api_stop,
+                server.done,
+                speaker.as_ref(),
+                cancel,
+                running.task,
+            )
+            .await
+        }
+        Err(failure) => abandon(&failure, api_stop, server.done, &peers, stop_bgp, cancel).await,
+    }
+}
+
+/// What `/healthz` checks: the lifecycle's heartbeat and the supervised `tasks`.
+fn health(running: &lifecycle::Running, tasks: Vec<TaskStatus>) -> Health {
+    // BGP sessions plug in here: once the speaker tells which of its supervised sessions are
+    // down, add a `supervise::Check` returning a reason per down session, e.g.
+    // `Arc::new(move || sessions.down().map(|p| format!("bgp session {p} is down")).collect())`.
+    let checks: Vec<supervise::Check> = Vec::new();
+    Health::new(running.pulse.clone(), tasks, checks)
+}
+
+/// The stats sampler under supervision (task `stats`): its snapshots, also exported at
+/// `/metrics`.
+fn supervise_stats(
+    reader: crate::dataplane::ebpf::CounterReader,
+    owners: tokio::sync::watch::Receiver<messages::Owners>,
+    running: &lifecycle::Running,
+    config: &Config,
+    metrics: &Metrics,
+    cancel: &CancellationToken,
+    tasks: &mut Vec<TaskStatus>,
+) -> tokio::sync::watch::Receiver<Arc<stats::Snapshot>> {
+    let (snapshots, sampler) = stats::sampler(
+        reader,
+        owners,
+        running.handle.clone(),
+        config.dataplane.passive_health,
+    );
+    let stats = supervise::spawn("stats", metrics.clone(), cancel.clone(), move |cancel| {
+        sampler.run(cancel)
+    });
+    tasks.push(stats.status);
+    metrics.vip_stats(snapshots.clone());
+    snapshots
+}
+
+/// The Consul health poller under supervision (task `consul_health`): its link for the monitor
+/// scheduler.
+fn supervise_consul_health(
+    client: consul::Client,
+    metrics: &Metrics,
+    cancel: &CancellationToken,
+    tasks: &mut Vec<TaskStatus>,
+) -> consul::HealthLink {
+    let (link, poller) = consul::spawn_health(client, metrics.clone(), cancel.child_token());
+    tasks.push(poller.status);
+    link
+}
+
+/// Consul discovery under supervision (task `consul_discovery`).
+fn supervise_discovery(
+    client: consul::Client,
+    running: &lifecycle::Running,
+    metrics: &Metrics,
+    cancel: &CancellationToken,
+) -> TaskStatus {
+    let (lifecycle, m) = (running.handle.clone(), metrics.clone());
+    supervise::spawn(
+        "consul_discovery",
+        metrics.clone(),
+        cancel.child_token(),
+        move |cancel| consul::discover(client.clone(), lifecycle.clone(), m.clone(), cancel),
+    )
+    .status
+}
+
+/// SIGHUP: a reload is asked for. The hook the reload fills; until then it only logs, and the
+/// agent goes on as it was.
+pub fn reload_requested() {
+    info!("reload requested (SIGHUP); reloading is not implemented yet, nothing changes");
+}
+
+/// Serves the API under supervision (task `api`): a server that fails is started again on the
+/// same socket.
+fn serve_api(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    metrics: &Metrics,
+    stop: CancellationToken,
+) -> Result<Supervised> {
+    // Each instance gets its own handle on the one bound socket: the port is never released.
+    let socket = listener
+        .into_std()
+        .context("taking the API socket for its supervisor")?;
+    Ok(supervise::spawn(
+        "api",
+        metrics.clone(),
+        stop,
+        move |stop| {
+            let listener = socket
+                .try_clone()
+                .and_then(tokio::net::TcpListener::from_std);
+            let router = router.clone();
+            async move {
+                let listener = match listener {
+                    Ok(l) => l,
+                    Err(e) => {
+                        error!(error = %e, "cannot serve the HTTP API on its socket");
+                        return;
+                    }
+                };
+                let server =
+                    axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned());
+                if let Err(e) = server.await {
+                    error!(error = %e, "the HTTP API server failed");
+                }
+            }
+        },
+    ))
+}
+
+/// Under systemd: `READY=1` after the first reconcile, `STATUS=` as the summary changes.
+fn spawn_notifications(
+    ready: tokio::sync::oneshot::Receiver<()>,
+    summary: Summary,
+    cancel: &CancellationToken,
+) {
+    if systemd::enabled() {
+        tokio::spawn(announce_ready(ready));
+        tokio::spawn(report_status(summary, cancel.child_token()));
+    }
+}
+
+/// `READY=1` once the lifecycle has done its first reconcile.
+async fn announce_ready(ready: tokio::sync::oneshot::Receiver<()>) {
+    // An error: the lifecycle ended before it was ready; the agent is failing anyway.
+    if ready.await.is_ok() {
+        info!("start-up reconcile done: ready");
+        systemd::notify_ready();
+    }
+}
+
+/// What the `STATUS=` line summarizes.
+struct Summary {
+    owners: tokio::sync::watch::Receiver<messages::Owners>,
+    routes: tokio::sync::watch::Receiver<messages::Routes>,
+    peers: Arc<Vec<tokio::sync::watch::Receiver<PeerStatus>>>,
+}
+
+impl Summary {
+    /// E.g. `12 apps, 10 announced, 2/2 peers established`.
+    fn line(&self) -> String {
+        let apps = self.owners.borrow().len();
+        let announced = self.routes.borrow().len();
+        let up = self
+            .peers
+            .iter()
+            .filter(|p| p.borrow().state == State::Established)
+            .count();
+        status_line(apps, announced, up, self.peers.len())
+    }
+}
+
+fn status_line(apps: usize, announced: usize, established: usize, peers: usize) -> String {
+    let apps = match apps {
+        1 => "1 app".to_owned(),
+        n => format!("{n} apps"),
+    };
+    if peers == 0 {
+        return format!("{apps}, {announced} routes computed, no BGP peer configured");
+    }
+    format!("{apps}, {announced} announced, {established}/{peers} peers established")
+}
+
+/// Tells systemd the summary line when it changes, at most once a second.
+async fn report_status(summary: Summary, cancel: CancellationToken) {
+    let mut last = String::new();
+    let mut tick = tokio::time::interval(STATUS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while cancel.run_until_cancelled(tick.tick()).await.is_some() {
+        let line = summary.line();
+        if line != last {
+            systemd::notify_status(&line);
+            last = line;
+        }
+    }
+}
+
+/// The lifecycle failed: stop the API and the other tasks, close the BGP sessions with Cease
+/// (bounded), leave VIPs and NAT to the next start's clean-up, and fail.
+async fn abandon(
+    failure: &str,
+    api_stop: CancellationToken,
+    server: tokio::task::JoinHandle<()>,
+    peers: &[tokio::sync::watch::Receiver<PeerStatus>],
+    stop_bgp: Option<CancellationToken>,
+    cancel: CancellationToken,
+) -> Result<()> {
+    error!(
+        reason = %failure,
+        "the lifecycle failed: closing the BGP sessions and exiting, so the service manager restarts the agent"
+    );
+    systemd::notify_status(&format!("lifecycle failed: {failure}; exiting"));
+    api_stop.cancel();
+    cancel.cancel();
+    if let Some(stop) = stop_bgp {
+        stop.cancel();
+        // A session leaves Established only after its Cease went out.
+        let closed = futures::future::join_all(peers.iter().cloned().map(|mut p| async move {
+            let _ = p.wait_for(|s| s.state != State::Established).await;
+        }));
+        if tokio::time::timeout(ABORTED_START_CEASE, closed)
+            .await
+            .is_err()
+        {
+            warn!("BGP sessions did not close within {ABORTED_START_CEASE:?}");
+        } else {
+            info!("BGP sessions closed: the peers have dropped this host's routes");
+        }
+    }
+    if tokio::time::timeout(API_DRAIN, server).await.is_err() {
+        warn!("HTTP requests still open after {API_DRAIN:?}; closing them");
+    }
+    Err(anyhow::anyhow!("the lifecycle failed: {failure}"))
+}
+
+/// The BGP speaker, then the host. BGP first: sessions come up while the eBPF programs load and
+/// verify, and nothing is announced before the lifecycle runs. A host that cannot be prepared
+/// closes the sessions again (Cease) before the error returns.
+async fn start_bgp_and_host(
+    config: &Config,
+    routes: tokio::sync::watch::Receiver<messages::Routes>,
+    metrics: &Metrics,
+) -> Result<(Option<Speaker>, Option<messages::Announcer>, SystemHost)> {
+    let (speaker, announcer) = start_speaker(config, routes, metrics).await?;
+    match start_host(config).await {
+        Ok(host) => Ok((speaker, announcer, host)),
+        Err(e) => {
+            if let Some(announcer) = announcer {
+                announcer.stop.cancel();
+                let _ = tokio::time::timeout(ABORTED_START_CEASE, announcer.done).await;
+            }
+            Err(e)
+        }
+    }
 }
 
 /// The BGP speaker, unless no peer is configured.
@@ -201,7 +453,7 @@ fn consul_client(config: &Config, metrics: &Metrics) -> Result<Option<consul::Cl
 /// Cease, and VIPs and NAT go. Each step is bounded and logged.
 async fn shutdown(
     api_stop: CancellationToken,
-    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    server: tokio::task::JoinHandle<()>,
     speaker: Option<&Speaker>,
     lifecycle: CancellationToken,
     lifecycle_task: tokio::task::JoinHandle<()>,
@@ -226,10 +478,12 @@ async fn shutdown(
     }
 }
 
-/// SIGTERM and SIGINT, registered as soon as the agent starts.
+/// SIGTERM, SIGINT and SIGHUP, registered as soon as the agent starts (SIGHUP's default action
+/// would end the agent).
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -238,14 +492,18 @@ impl Signals {
         Ok(Self {
             term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
             int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
         })
     }
 
-    /// Waits for either and names it.
-    async fn recv(mut self) -> &'static str {
-        tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
+    /// Waits for SIGTERM or SIGINT and names it; each SIGHUP meanwhile asks for a reload.
+    async fn recv(&mut self) -> &'static str {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return "SIGTERM",
+                _ = self.int.recv() => return "SIGINT",
+                _ = self.hup.recv() => reload_requested(),
+            }
         }
     }
 }
@@ -264,5 +522,26 @@ async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
                 .with_context(|| format!("binding the HTTP API to {v4}"))
         }
         result => result.with_context(|| format!("binding the HTTP API to {addr}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_line_counts_apps_routes_and_peers() {
+        assert_eq!(
+            status_line(12, 10, 2, 2),
+            "12 apps, 10 announced, 2/2 peers established"
+        );
+        assert_eq!(
+            status_line(1, 0, 0, 1),
+            "1 app, 0 announced, 0/1 peers established"
+        );
+        assert_eq!(
+            status_line(3, 3, 0, 0),
+            "3 apps, 3 routes computed, no BGP peer configured"
+        );
     }
 }

@@ -12,6 +12,9 @@ use gocast::{
 use tracing::error;
 use tracing_subscriber::EnvFilter;
 
+/// How long leftover tasks and blocking threads get once the agent has returned.
+const RUNTIME_GRACE: Duration = Duration::from_secs(1);
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse_from(cli::normalize(std::env::args_os().collect())) {
         Ok(cli) => cli,
@@ -44,7 +47,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            exit(runtime().and_then(|rt| rt.block_on(gocast::agent::run(config))))
+            exit(runtime().and_then(|rt| {
+                let result = rt.block_on(gocast::agent::run(config));
+                // A stuck task (a lifecycle that stopped turning) must not hold up the exit that
+                // lets systemd restart the agent; after a clean shutdown nothing is left to wait for.
+                rt.shutdown_timeout(RUNTIME_GRACE);
+                result
+            }))
         }
         Command::Status { addr, config } => {
             exit(runtime().and_then(|rt| rt.block_on(status(addr, config))))

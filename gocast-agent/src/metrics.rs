@@ -54,6 +54,11 @@ struct MonitorLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TaskLabels {
+    task: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct VipLabels {
     vip: String,
 }
@@ -152,6 +157,7 @@ struct Inner {
     prefixes_advertised: Family<PeerLabels, Gauge>,
     vip_snapshot: Arc<OnceLock<watch::Receiver<Arc<Snapshot>>>>,
     consul: ConsulMetrics,
+    task_restarts: Family<TaskLabels, Counter>,
 }
 
 /// Consul's families: requests by outcome, when it last answered, what discovery found.
@@ -208,6 +214,12 @@ impl Default for Metrics {
         let updates_sent = Family::<PeerLabels, Counter>::default();
         let prefixes_advertised = Family::<PeerLabels, Gauge>::default();
         let consul = ConsulMetrics::register(&mut registry);
+        let task_restarts = Family::<TaskLabels, Counter>::default();
+        registry.register(
+            "task_restarts",
+            "Restarts of a supervised task after it panicked or ended unexpectedly",
+            task_restarts.clone(),
+        );
         registry.register(
             "bgp_session_up",
             "1 while the BGP session is Established",
@@ -276,6 +288,7 @@ impl Default for Metrics {
                 prefixes_advertised,
                 vip_snapshot,
                 consul,
+                task_restarts,
             }),
         }
     }
@@ -412,6 +425,14 @@ impl Metrics {
             .consul
             .refused
             .set(i64::try_from(refused).unwrap_or(i64::MAX));
+    }
+
+    /// A supervised task is being restarted.
+    pub fn task_restarted(&self, task: &'static str) {
+        self.inner
+            .task_restarts
+            .get_or_create(&TaskLabels { task })
+            .inc();
     }
 
     /// The Prometheus text exposition.

@@ -10,6 +10,9 @@
 //!  persisted ┤                                   ├─▶ host worker (in order) ─▶ host done
 //!  timer ────┘                                   └─▶ state-file write ─▶ persisted
 //! ```
+//!
+//! Every turn of the loop beats the [`Heartbeat`] (an idle tick turns it too): `/healthz`, the
+//! agent's guard and systemd's watchdog read it, so a loop that stops turning is noticed.
 
 use std::{collections::HashMap, time::SystemTime};
 
@@ -31,6 +34,7 @@ use crate::{
     messages::{Announcer, AppView, LifecycleError, Owners, Request, Routes},
     monitor::{self, Report},
     store::{Store, StoreError},
+    supervise::Heartbeat,
     timer::Timer,
 };
 
@@ -120,11 +124,15 @@ impl Driver {
         mut requests: mpsc::Receiver<Request>,
         mut reports: mpsc::Receiver<Report>,
         cancel: CancellationToken,
+        mut heartbeat: Heartbeat,
     ) {
         let saved = self.store.load_off_thread().await;
         let mut out = std::mem::take(&mut self.effects);
         self.core.restore(config_apps, saved, now(), &mut out);
         self.apply(&mut out);
+        heartbeat.ready();
+        // Turns the loop when nothing else does, so the heartbeat proves the loop is alive.
+        let mut idle = heartbeat.ticker();
         let mut timer = Timer::default();
         loop {
             timer.set_at(self.core.next_deadline());
@@ -152,10 +160,13 @@ impl Driver {
                 }
                 Some(result) = self.persisted_rx.recv() => self.step(Event::Persisted(result)),
                 () = timer.fired() => self.step(Event::CleanupDue),
+                _ = idle.tick() => {}
             }
             let mut out = std::mem::take(&mut self.effects);
             self.core.flush(&mut out);
             self.apply(&mut out);
+            heartbeat.beat();
+            heartbeat.test_stall().await;
         }
         self.step(Event::Shutdown);
         drop(self.work);
