@@ -1,7 +1,8 @@
 //! The running agent: wires every task together (API, lifecycle, monitors, BGP speaker, stats,
-//! Consul), reloads the config on `SIGHUP` or `POST /reload` ([`crate::reload`]), and runs the
-//! shutdown sequence on `SIGTERM`/`SIGINT`. The binary (`main.rs`) parses the command line and
-//! calls [`run`]; tests start the binary.
+//! Consul), supervises them ([`crate::supervise`]), tells systemd how it goes
+//! ([`crate::systemd`]), reloads the config on `SIGHUP` or `POST /reload` ([`crate::reload`]),
+//! and runs the shutdown sequence on `SIGTERM`/`SIGINT`. The binary (`main.rs`) parses the
+//! command line and calls [`run`]; tests start the binary.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -12,11 +13,11 @@ use std::{
 
 use anyhow::{Context, Result};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     api::{self, ApiState, StaticInfo},
-    bgp::Speaker,
+    bgp::{Peers, Speaker, fsm::State},
     config::{Config, DataplaneMode},
     consul,
     host::SystemHost,
@@ -27,6 +28,8 @@ use crate::{
     reload::{self, ReloadError, ReloadHandle, ReloadReport},
     stats,
     store::Store,
+    supervise::{self, Health, Supervised, TaskStatus},
+    systemd,
 };
 
 /// Sets the log filter (`tracing` `EnvFilter` syntax) of the running process; `None` when the
@@ -37,21 +40,23 @@ pub type LogFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 const SHUTDOWN_BUDGET: Duration = Duration::from_millis(4500);
 /// Time given to in-flight HTTP requests when shutdown starts.
 const API_DRAIN: Duration = Duration::from_millis(500);
-/// How long a start that fails after the BGP sessions began waits for them to close with Cease.
+/// How long a start that fails after the BGP sessions began, or an agent whose lifecycle failed,
+/// waits for the sessions to close with Cease.
 const ABORTED_START_CEASE: Duration = Duration::from_secs(1);
+/// The `STATUS=` line changes at most this often.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
 
-/// Runs the agent until SIGTERM or SIGINT, then shuts down cleanly; `SIGHUP` reloads the
-/// config file at `path`.
+/// Runs the agent until SIGTERM or SIGINT, then shuts down cleanly; SIGHUP reloads the config
+/// file at `path` and never ends the agent.
+///
+/// If the lifecycle task dies or stops turning, nothing can withdraw routes one by one or take
+/// VIPs off `lo` any more: the agent closes the BGP sessions (Cease: the peers drop every route
+/// at once) and returns an error, so the binary exits 1 and systemd restarts it; the next start
+/// removes the VIPs and NAT rules left behind.
 pub async fn run(config: Config, path: PathBuf, log: Option<LogFilter>) -> Result<()> {
-    if let (Some(set), Some(filter)) = (&log, &config.agent.log_level) {
-        set(filter).map_err(|e| anyhow::anyhow!("agent.log_level: {e}"))?;
-    }
-    let listen = config.agent.listen_addr;
-    if listen.all_interfaces {
-        warn!(addr = %listen, "the HTTP API listens on all interfaces: anyone who can reach it can register VIPs");
-    }
+    let listen = prepare(&config, log.as_ref())?;
     // Signals first: one arriving during start-up must still lead to a clean shutdown.
-    let signals = Signals::install()?;
+    let mut signals = Signals::install()?;
     // Bind before touching the host, so a taken port changes nothing.
     let listener = bind(listen.addr).await?;
     let metrics = Metrics::default();
@@ -59,10 +64,10 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogFilter>) -> Resul
     let agent = &config.agent;
     let consul_client = consul_client(&config, &metrics)?;
     let (routes_tx, routes_rx) = tokio::sync::watch::channel(messages::Routes::default());
-    // BGP before the dataplane: sessions come up while the eBPF programs load and verify, and
-    // nothing is announced before the lifecycle runs.
-    let (speaker, announcer) = start_speaker(&config, routes_rx, &metrics).await?;
-    let (host, announcer) = start_host(&config, announcer).await?;
+    let (speaker, announcer, host) = start_bgp_and_host(&config, routes_rx, &metrics).await?;
+    // The lifecycle owns the Announcer; this copy of its stop lets the agent still close the
+    // sessions with Cease when the lifecycle itself has failed.
+    let stop_bgp = announcer.stop.clone();
     let dataplane = host.dataplane_info();
     let counters = host.counter_reader();
     let counters_present = counters.is_some();
@@ -72,14 +77,19 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogFilter>) -> Resul
             "passive_health is set on apps but needs the eBPF counters: it has no effect"
         );
     }
-    let mut consul = Consul::new(&cancel);
-    consul.start_health(consul_client.clone());
+    // Every supervised task whose being down /healthz reports.
+    let mut tasks = Vec::new();
+    let mut consul = Consul::new(&cancel, &metrics);
+    tasks.extend(consul.start_health(consul_client.clone()));
+    let settings = lifecycle_settings(agent, consul.health.clone(), counters_present);
+    let store = Store::new(&agent.state_file);
     let (owners_tx, owners_rx) = tokio::sync::watch::channel(messages::Owners::default());
-    let running = lifecycle::spawn(
-        lifecycle_settings(agent, consul.health.clone(), counters.is_some()),
+    let status_owners = owners_tx.subscribe();
+    let mut running = lifecycle::spawn(
+        settings,
         host,
         config.apps.clone(),
-        Store::new(&agent.state_file),
+        store,
         lifecycle::Outputs {
             routes: routes_tx,
             owners: owners_tx,
@@ -88,19 +98,13 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogFilter>) -> Resul
         },
         cancel.clone(),
     );
+    tasks.push(running.monitors.clone());
     let snapshots = counters.map(|reader| {
-        stats::spawn(
-            reader,
-            owners_rx,
-            running.handle.clone(),
-            config.dataplane.passive_health,
-            cancel.clone(),
+        supervise_stats(
+            reader, owners_rx, &running, &config, &metrics, &cancel, &mut tasks,
         )
     });
-    if let Some(rx) = &snapshots {
-        metrics.vip_stats(rx.clone());
-    }
-    consul.start_discovery(consul_client, &running.handle, &metrics);
+    tasks.extend(consul.start_discovery(consul_client, &running.handle));
     let reloader = reload::spawn(
         path,
         config.clone(),
@@ -113,27 +117,261 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogFilter>) -> Resul
             log,
         },
     );
+    let peers = speaker.peers();
     let state = ApiState {
         lifecycle: running.handle.clone(),
         routes: running.routes.clone(),
         stats: snapshots,
-        metrics,
+        metrics: metrics.clone(),
         info: Arc::new(StaticInfo {
             version: env!("CARGO_PKG_VERSION"),
             dataplane,
         }),
-        peers: speaker.peers(),
+        peers: peers.clone(),
         reload: Some(reloader.clone()),
+        health: health(&running, tasks, &peers),
     };
     info!(addr = %listen, apps = config.apps.len(), peers = config.bgp.peers.len(), "gocast running");
     let api_stop = CancellationToken::new();
-    let server = axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(api_stop.clone().cancelled_owned());
-    let server = tokio::spawn(async move { server.await });
+    let server = serve_api(listener, api::router(state), &metrics, api_stop.clone())?;
+    let summary = Summary {
+        owners: status_owners,
+        routes: running.routes.clone(),
+        peers: peers.clone(),
+    };
+    spawn_notifications(running.ready, summary, &cancel);
 
-    let signal = signals.recv(&reloader).await;
-    info!(%signal, "shutting down");
-    shutdown(api_stop, server, &speaker, cancel, running.task).await
+    let stopped = tokio::select! {
+        signal = signals.recv(&reloader) => Ok(signal),
+        failure = supervise::lifecycle_failure(&mut running.task, &running.pulse) => Err(failure),
+    };
+    systemd::notify_stopping();
+    match stopped {
+        Ok(signal) => {
+            info!(%signal, "shutting down");
+            shutdown(api_stop, server.done, &speaker, cancel, running.task).await
+        }
+        Err(failure) => abandon(&failure, api_stop, server.done, &peers, stop_bgp, cancel).await,
+    }
+}
+
+/// Applies `agent.log_level` and warns about an API open to every interface; returns the API
+/// address.
+fn prepare(config: &Config, log: Option<&LogFilter>) -> Result<crate::config::ListenAddr> {
+    if let (Some(set), Some(filter)) = (log, &config.agent.log_level) {
+        set(filter).map_err(|e| anyhow::anyhow!("agent.log_level: {e}"))?;
+    }
+    let listen = config.agent.listen_addr;
+    if listen.all_interfaces {
+        warn!(addr = %listen, "the HTTP API listens on all interfaces: anyone who can reach it can register VIPs");
+    }
+    Ok(listen)
+}
+
+/// What `/healthz` checks: the lifecycle's heartbeat, the supervised `tasks` and the BGP
+/// speaker's supervised sessions.
+fn health(running: &lifecycle::Running, tasks: Vec<TaskStatus>, peers: &Peers) -> Health {
+    let peers = peers.clone();
+    let sessions: supervise::Check = Arc::new(move || {
+        peers
+            .down_sessions()
+            .into_iter()
+            .map(|d| format!("bgp session {} is down (restarting): {}", d.peer, d.reason))
+            .collect()
+    });
+    Health::new(running.pulse.clone(), tasks, vec![sessions])
+}
+
+/// The stats sampler under supervision (task `stats`): its snapshots, also exported at
+/// `/metrics`.
+fn supervise_stats(
+    reader: crate::dataplane::ebpf::CounterReader,
+    owners: tokio::sync::watch::Receiver<messages::Owners>,
+    running: &lifecycle::Running,
+    config: &Config,
+    metrics: &Metrics,
+    cancel: &CancellationToken,
+    tasks: &mut Vec<TaskStatus>,
+) -> tokio::sync::watch::Receiver<Arc<stats::Snapshot>> {
+    let (snapshots, sampler) = stats::sampler(
+        reader,
+        owners,
+        running.handle.clone(),
+        config.dataplane.passive_health,
+    );
+    let stats = supervise::spawn("stats", metrics.clone(), cancel.clone(), move |cancel| {
+        sampler.run(cancel)
+    });
+    tasks.push(stats.status);
+    metrics.vip_stats(snapshots.clone());
+    snapshots
+}
+
+/// Serves the API under supervision (task `api`): a server that fails is started again on the
+/// same socket.
+fn serve_api(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    metrics: &Metrics,
+    stop: CancellationToken,
+) -> Result<Supervised> {
+    // Each instance gets its own handle on the one bound socket: the port is never released.
+    let socket = listener
+        .into_std()
+        .context("taking the API socket for its supervisor")?;
+    Ok(supervise::spawn(
+        "api",
+        metrics.clone(),
+        stop,
+        move |stop| {
+            let listener = socket
+                .try_clone()
+                .and_then(tokio::net::TcpListener::from_std);
+            let router = router.clone();
+            async move {
+                let listener = match listener {
+                    Ok(l) => l,
+                    Err(e) => {
+                        error!(error = %e, "cannot serve the HTTP API on its socket");
+                        return;
+                    }
+                };
+                let server =
+                    axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned());
+                if let Err(e) = server.await {
+                    error!(error = %e, "the HTTP API server failed");
+                }
+            }
+        },
+    ))
+}
+
+/// Under systemd: `READY=1` after the first reconcile, `STATUS=` as the summary changes.
+fn spawn_notifications(
+    ready: tokio::sync::oneshot::Receiver<()>,
+    summary: Summary,
+    cancel: &CancellationToken,
+) {
+    if systemd::enabled() {
+        tokio::spawn(announce_ready(ready));
+        tokio::spawn(report_status(summary, cancel.child_token()));
+    }
+}
+
+/// `READY=1` once the lifecycle has done its first reconcile.
+async fn announce_ready(ready: tokio::sync::oneshot::Receiver<()>) {
+    // An error: the lifecycle ended before it was ready; the agent is failing anyway.
+    if ready.await.is_ok() {
+        info!("start-up reconcile done: ready");
+        systemd::notify_ready();
+    }
+}
+
+/// What the `STATUS=` line summarizes.
+struct Summary {
+    owners: tokio::sync::watch::Receiver<messages::Owners>,
+    routes: tokio::sync::watch::Receiver<messages::Routes>,
+    peers: Peers,
+}
+
+impl Summary {
+    /// E.g. `12 apps, 10 announced, 2/2 peers established`.
+    fn line(&self) -> String {
+        let apps = self.owners.borrow().len();
+        let announced = self.routes.borrow().len();
+        let peers = self.peers.statuses();
+        let up = peers
+            .iter()
+            .filter(|p| p.state == State::Established)
+            .count();
+        status_line(apps, announced, up, peers.len())
+    }
+}
+
+fn status_line(apps: usize, announced: usize, established: usize, peers: usize) -> String {
+    let apps = match apps {
+        1 => "1 app".to_owned(),
+        n => format!("{n} apps"),
+    };
+    if peers == 0 {
+        return format!("{apps}, {announced} routes computed, no BGP peer configured");
+    }
+    format!("{apps}, {announced} announced, {established}/{peers} peers established")
+}
+
+/// Tells systemd the summary line when it changes, at most once a second.
+async fn report_status(summary: Summary, cancel: CancellationToken) {
+    let mut last = String::new();
+    let mut tick = tokio::time::interval(STATUS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while cancel.run_until_cancelled(tick.tick()).await.is_some() {
+        let line = summary.line();
+        if line != last {
+            systemd::notify_status(&line);
+            last = line;
+        }
+    }
+}
+
+/// The lifecycle failed: stop the API and the other tasks, close the BGP sessions with Cease
+/// (bounded), leave VIPs and NAT to the next start's clean-up, and fail.
+async fn abandon(
+    failure: &str,
+    api_stop: CancellationToken,
+    server: tokio::task::JoinHandle<()>,
+    peers: &Peers,
+    stop_bgp: CancellationToken,
+    cancel: CancellationToken,
+) -> Result<()> {
+    error!(
+        reason = %failure,
+        "the lifecycle failed: closing the BGP sessions and exiting, so the service manager restarts the agent"
+    );
+    systemd::notify_status(&format!("lifecycle failed: {failure}; exiting"));
+    api_stop.cancel();
+    cancel.cancel();
+    stop_bgp.cancel();
+    // A session leaves Established only after its Cease went out.
+    let closed = async {
+        while peers
+            .statuses()
+            .iter()
+            .any(|s| s.state == State::Established)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    if tokio::time::timeout(ABORTED_START_CEASE, closed)
+        .await
+        .is_err()
+    {
+        warn!("BGP sessions did not close within {ABORTED_START_CEASE:?}");
+    } else {
+        info!("BGP sessions closed: the peers have dropped this host's routes");
+    }
+    if tokio::time::timeout(API_DRAIN, server).await.is_err() {
+        warn!("HTTP requests still open after {API_DRAIN:?}; closing them");
+    }
+    Err(anyhow::anyhow!("the lifecycle failed: {failure}"))
+}
+
+/// The BGP speaker, then the host. BGP first: sessions come up while the eBPF programs load and
+/// verify, and nothing is announced before the lifecycle runs. A host that cannot be prepared
+/// closes the sessions again (Cease) before the error returns.
+async fn start_bgp_and_host(
+    config: &Config,
+    routes: tokio::sync::watch::Receiver<messages::Routes>,
+    metrics: &Metrics,
+) -> Result<(Speaker, messages::Announcer, SystemHost)> {
+    let (speaker, announcer) = start_speaker(config, routes, metrics).await?;
+    match start_host(config).await {
+        Ok(host) => Ok((speaker, announcer, host)),
+        Err(e) => {
+            announcer.stop.cancel();
+            let _ = tokio::time::timeout(ABORTED_START_CEASE, announcer.done).await;
+            Err(e)
+        }
+    }
 }
 
 /// The BGP speaker. Without peers it announces nothing until a reload adds one.
@@ -172,25 +410,16 @@ fn lifecycle_settings(
     }
 }
 
-/// Connects to the kernel and loads the dataplane, naming the dataplane in any error; on
-/// failure the BGP sessions that already started close with a Cease.
-async fn start_host(
-    config: &Config,
-    announcer: messages::Announcer,
-) -> Result<(SystemHost, messages::Announcer)> {
-    match SystemHost::start(config).await {
-        Ok(host) => Ok((host, announcer)),
-        Err(e) => {
-            announcer.stop.cancel();
-            let _ = tokio::time::timeout(ABORTED_START_CEASE, announcer.done).await;
-            let dataplane = match config.dataplane.mode {
-                DataplaneMode::Ebpf => "eBPF dataplane (dataplane.mode: ebpf)",
-                DataplaneMode::Auto => "dataplane",
-                DataplaneMode::Iptables => "iptables",
-            };
-            Err(anyhow::Error::new(e).context(format!("preparing the host (netlink, {dataplane})")))
-        }
-    }
+/// Connects to the kernel and loads the dataplane, naming the dataplane in any error.
+async fn start_host(config: &Config) -> Result<SystemHost> {
+    SystemHost::start(config).await.with_context(|| {
+        let dataplane = match config.dataplane.mode {
+            DataplaneMode::Ebpf => "eBPF dataplane (dataplane.mode: ebpf)",
+            DataplaneMode::Auto => "dataplane",
+            DataplaneMode::Iptables => "iptables",
+        };
+        format!("preparing the host (netlink, {dataplane})")
+    })
 }
 
 /// The Consul client, built (token, `CONSUL_CACERT`) before anything runs, so a bad
@@ -212,7 +441,7 @@ fn consul_client(config: &Config, metrics: &Metrics) -> Result<Option<consul::Cl
 /// Cease, and VIPs and NAT go. Each step is bounded and logged.
 async fn shutdown(
     api_stop: CancellationToken,
-    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    server: tokio::task::JoinHandle<()>,
     speaker: &Speaker,
     lifecycle: CancellationToken,
     lifecycle_task: tokio::task::JoinHandle<()>,
@@ -235,8 +464,8 @@ async fn shutdown(
     }
 }
 
-/// SIGTERM, SIGINT and SIGHUP, registered as soon as the agent starts (SIGHUP's default
-/// action would end the agent without cleanup).
+/// SIGTERM, SIGINT and SIGHUP, registered as soon as the agent starts (SIGHUP's default action
+/// would end the agent).
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
@@ -253,9 +482,9 @@ impl Signals {
         })
     }
 
-    /// Reloads on each SIGHUP (the outcome is logged by the reloader); returns the name of the
-    /// signal that asks to stop.
-    async fn recv(mut self, reloader: &ReloadHandle) -> &'static str {
+    /// Waits for SIGTERM or SIGINT and names it; each SIGHUP meanwhile reloads the config
+    /// (the reloader logs the outcome).
+    async fn recv(&mut self, reloader: &ReloadHandle) -> &'static str {
         loop {
             tokio::select! {
                 _ = self.term.recv() => return "SIGTERM",
@@ -281,21 +510,23 @@ struct Reloadable {
     log: Option<LogFilter>,
 }
 
-/// Consul discovery and the `consul` monitor's poller, restarted as a pair when their settings
-/// change.
+/// Consul discovery and the `consul` monitor's poller, each supervised, restarted as a pair
+/// when a reload changes their settings.
 struct Consul {
     cancel: CancellationToken,
     health: Option<consul::HealthLink>,
     /// Shutdown of the whole agent; the Consul tasks' token is its child.
     parent: CancellationToken,
+    metrics: Metrics,
 }
 
 impl Consul {
-    fn new(parent: &CancellationToken) -> Self {
+    fn new(parent: &CancellationToken, metrics: &Metrics) -> Self {
         Self {
             cancel: parent.child_token(),
             health: None,
             parent: parent.clone(),
+            metrics: metrics.clone(),
         }
     }
 
@@ -306,25 +537,32 @@ impl Consul {
         self.health = None;
     }
 
-    /// The `consul` monitor's poller: first, so the monitor settings can carry its link.
-    fn start_health(&mut self, client: Option<consul::Client>) {
-        self.health = client.map(|c| consul::spawn_health(c, self.cancel.child_token()));
+    /// The `consul` monitor's poller (task `consul_health`): first, so the monitor settings
+    /// can carry its link. Returns its status for `/healthz`.
+    fn start_health(&mut self, client: Option<consul::Client>) -> Option<TaskStatus> {
+        let (link, poller) =
+            consul::spawn_health(client?, self.metrics.clone(), self.cancel.child_token());
+        self.health = Some(link);
+        Some(poller.status)
     }
 
+    /// Discovery (task `consul_discovery`). Returns its status for `/healthz`.
     fn start_discovery(
         &self,
         client: Option<consul::Client>,
         lifecycle: &LifecycleHandle,
-        metrics: &Metrics,
-    ) {
-        if let Some(client) = client {
-            tokio::spawn(consul::discover(
-                client,
-                lifecycle.clone(),
-                metrics.clone(),
-                self.cancel.child_token(),
-            ));
-        }
+    ) -> Option<TaskStatus> {
+        let client = client?;
+        let (lifecycle, metrics) = (lifecycle.clone(), self.metrics.clone());
+        let discovery = supervise::spawn(
+            "consul_discovery",
+            self.metrics.clone(),
+            self.cancel.child_token(),
+            move |cancel| {
+                consul::discover(client.clone(), lifecycle.clone(), metrics.clone(), cancel)
+            },
+        );
+        Some(discovery.status)
     }
 }
 
@@ -349,6 +587,8 @@ impl reload::Apply for Reloadable {
             _ => None,
         };
         if consul_changed {
+            // The restarted pair is supervised too; `/healthz` keeps watching the pair it was
+            // started with (docs/design.md, "Live reload").
             self.consul.stop();
             self.consul.start_health(consul_client.clone());
             report.consul_restarted = true;
@@ -368,8 +608,7 @@ impl reload::Apply for Reloadable {
             // Consul turned off: its apps go with it.
             self.lifecycle.sync_consul(Vec::new(), Vec::new()).await?;
         }
-        self.consul
-            .start_discovery(consul_client, &self.lifecycle, &self.metrics);
+        self.consul.start_discovery(consul_client, &self.lifecycle);
         if current.agent.log_level != new.agent.log_level
             && let (Some(set), Some(filter)) = (&self.log, &new.agent.log_level)
         {
@@ -396,5 +635,26 @@ async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
                 .with_context(|| format!("binding the HTTP API to {v4}"))
         }
         result => result.with_context(|| format!("binding the HTTP API to {addr}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_line_counts_apps_routes_and_peers() {
+        assert_eq!(
+            status_line(12, 10, 2, 2),
+            "12 apps, 10 announced, 2/2 peers established"
+        );
+        assert_eq!(
+            status_line(1, 0, 0, 1),
+            "1 app, 0 announced, 0/1 peers established"
+        );
+        assert_eq!(
+            status_line(3, 3, 0, 0),
+            "3 apps, 3 routes computed, no BGP peer configured"
+        );
     }
 }

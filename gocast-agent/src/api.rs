@@ -1,6 +1,9 @@
 //! The HTTP API: GoCast's calls (`/register`, `/unregister`, `/info`) with the same parameters,
 //! plus `/apps`, `/routes`, `/stats`, `/healthz` and `/metrics`.
 //!
+//! `/healthz` answers 503 with the reasons while the lifecycle does not turn or a supervised task
+//! is down (see [`crate::supervise`]).
+//!
 //! A request is parsed completely into typed values first, every problem reported at once
 //! (400, JSON `{"error": ...}`); only a valid request reaches the lifecycle, whose refusals map
 //! to 403 (policy), 404 (unknown app) and 409 (VIP taken). A refused request changes nothing.
@@ -27,6 +30,7 @@ use crate::{
     metrics::Metrics,
     reload::{ReloadError, ReloadHandle},
     stats::Snapshot,
+    supervise::Health,
 };
 
 /// An API error: its status and a message that names the bad parameter.
@@ -126,6 +130,8 @@ pub struct ApiState {
     pub peers: Peers,
     /// Reloads the config file; `None` where there is no file (tests).
     pub reload: Option<ReloadHandle>,
+    /// What `/healthz` checks: the lifecycle's heartbeat, the supervised tasks.
+    pub health: Health,
 }
 
 /// The API's routes, apart from serving, so tests can call them directly.
@@ -142,7 +148,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/routes", get(routes))
         .route("/stats", get(stats))
         .route("/stats/{*vip}", get(stats_of))
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .with_state(state)
 }
@@ -513,6 +519,21 @@ async fn stats_of(
     Ok(Json(found).into_response())
 }
 
+/// 200 `{"status": "ok"}` (GoCast's answer) while the lifecycle turns and every supervised task
+/// runs; 503 `{"status": "unhealthy", "reasons": [..]}` otherwise. Reads a few `watch` values:
+/// cheap enough for a load balancer's probe every second.
+async fn healthz(State(state): State<ApiState>) -> Response {
+    let reasons = state.health.reasons();
+    if reasons.is_empty() {
+        return Json(json!({"status": "ok"})).into_response();
+    }
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"status": "unhealthy", "reasons": reasons})),
+    )
+        .into_response()
+}
+
 async fn metrics(State(state): State<ApiState>) -> Response {
     (
         [(
@@ -553,6 +574,12 @@ mod tests {
     }
 
     fn api_with_stats(snapshots: Option<watch::Receiver<Arc<Snapshot>>>) -> Api {
+        api_with(snapshots, None)
+    }
+
+    /// An API over a real lifecycle; `health` replaces what `/healthz` reads (by default the
+    /// lifecycle's own heartbeat and scheduler).
+    fn api_with(snapshots: Option<watch::Receiver<Arc<Snapshot>>>, health: Option<Health>) -> Api {
         let dir = tempfile::tempdir().unwrap();
         let settings = Settings {
             monitor_rise: 1,
@@ -594,6 +621,13 @@ mod tests {
             }),
             reload: None,
             peers: Peers::default(),
+            health: health.unwrap_or_else(|| {
+                Health::new(
+                    running.pulse.clone(),
+                    vec![running.monitors.clone()],
+                    Vec::new(),
+                )
+            }),
         };
         Api {
             router: router(state),
@@ -870,6 +904,27 @@ mod tests {
             text.as_str().unwrap().contains("gocast_app_healthy"),
             "{text}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn healthz_is_503_with_the_reason_while_the_lifecycle_does_not_turn() {
+        use crate::supervise::{Liveness, Pulse};
+        let (beat, last) = watch::channel(tokio::time::Instant::now());
+        let pulse = Pulse::new(last, Liveness::new(None));
+        let api = api_with(None, Some(Health::new(pulse, Vec::new(), Vec::new())));
+        assert_eq!(
+            get(&api, "/healthz").await,
+            (StatusCode::OK, json!({"status": "ok"}))
+        );
+        tokio::time::advance(Duration::from_millis(12_300)).await;
+        let (status, body) = get(&api, "/healthz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(
+            body,
+            json!({"status": "unhealthy", "reasons": ["lifecycle has not turned for 12.3 s"]})
+        );
+        beat.send_replace(tokio::time::Instant::now());
+        assert_eq!(get(&api, "/healthz").await.0, StatusCode::OK);
     }
 
     #[tokio::test]

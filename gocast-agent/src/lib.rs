@@ -15,6 +15,8 @@
 //! - [`stats`]: samples the counters: rates for `/stats`, passive health.
 //! - [`store`]: HTTP registrations persisted across restarts.
 //! - [`api`]: the HTTP API; [`metrics`]: Prometheus text.
+//! - [`supervise`]: restarts of failed tasks, the lifecycle's heartbeat, what `/healthz` checks.
+//! - [`systemd`]: `sd_notify` (ready, status, watchdog, reloading, stopping); nothing without it.
 //! - [`cli`]: command line, shared by the binary and tests; [`client`]: its calls to a running agent.
 //! - [`timer`]: the one timer type every task uses; [`backoff`]: the one retry backoff;
 //!   [`error_chain`]: errors on one line.
@@ -38,6 +40,8 @@ pub mod netlink;
 pub mod reload;
 pub mod stats;
 pub mod store;
+pub mod supervise;
+pub mod systemd;
 pub mod timer;
 
 #[cfg(test)]

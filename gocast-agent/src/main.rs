@@ -1,7 +1,7 @@
 //! The `gocast` binary: parses the command line, sets up logging and the runtime, and wires
 //! the library's tasks together. Exit codes: 0 ok, 1 runtime failure, 2 bad config or usage.
 
-use std::{io::IsTerminal, process::ExitCode};
+use std::{io::IsTerminal, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -13,6 +13,9 @@ use gocast::{
 };
 use tracing::error;
 use tracing_subscriber::EnvFilter;
+
+/// How long leftover tasks and blocking threads get once the agent has returned.
+const RUNTIME_GRACE: Duration = Duration::from_secs(1);
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse_from(cli::normalize(std::env::args_os().collect())) {
@@ -46,7 +49,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            exit(runtime().and_then(|rt| rt.block_on(gocast::agent::run(config, path, log))))
+            exit(runtime().and_then(|rt| {
+                let result = rt.block_on(gocast::agent::run(config, path, log));
+                // A stuck task (a lifecycle that stopped turning) must not hold up the exit that
+                // lets systemd restart the agent; after a clean shutdown nothing is left to wait for.
+                rt.shutdown_timeout(RUNTIME_GRACE);
+                result
+            }))
         }
         Command::Status { agent } => {
             exit(runtime().and_then(|rt| rt.block_on(client::status(&agent))))

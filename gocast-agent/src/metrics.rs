@@ -429,7 +429,8 @@ impl Metrics {
             .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
-    /// A supervised task (`task`, e.g. `bgp_session`, of `peer`) was started again.
+    /// A supervised task (`task`, e.g. `bgp_session`, of `peer`; `peer` empty for the agent's
+    /// other tasks) was started again.
     pub fn task_restarted(&self, task: &str, peer: &str) {
         self.inner
             .task_restarts

@@ -24,6 +24,7 @@ use crate::{
     config::{Config, ConfigError},
     consul::client::ConsulError,
     messages::{LifecycleError, SyncReport},
+    systemd,
 };
 
 /// Why a reload changed nothing.
@@ -99,7 +100,10 @@ pub fn spawn<A: Apply>(path: PathBuf, current: Config, applier: A) -> ReloadHand
         let mut current = current;
         let mut applier = applier;
         while let Some(reply) = rx.recv().await {
+            // systemd shows "reloading" meanwhile (`Type=notify` units; nothing without it).
+            systemd::notify_reloading();
             let result = reload_once(&path, &mut current, &mut applier).await;
+            systemd::notify_ready();
             match &result {
                 Ok(report) => info!(
                     added = report.apps.added.len(),

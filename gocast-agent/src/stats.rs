@@ -14,8 +14,9 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    future::Future,
     net::IpAddr,
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -261,70 +262,142 @@ impl Sampler {
     }
 }
 
-/// Starts the sampler; the returned receiver always holds the latest snapshot.
-pub fn spawn<S: CounterSource>(
-    mut source: S,
+/// The sampler, ready to run: the returned receiver always holds the latest snapshot, and
+/// [`SamplerTask::run`] runs one instance. The agent supervises it (task `stats`, see
+/// [`crate::supervise`]; this module sits below the metrics, so it does not start the
+/// supervisor itself).
+pub fn sampler<S: CounterSource>(
+    source: S,
     owners: watch::Receiver<Owners>,
     lifecycle: LifecycleHandle,
     config: PassiveHealthConfig,
-    cancel: CancellationToken,
-) -> watch::Receiver<Arc<Snapshot>> {
+) -> (watch::Receiver<Arc<Snapshot>>, SamplerTask<S>) {
     let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
-    tokio::spawn(async move {
-        let mut sampler = Sampler {
+    let shared = Arc::new(Mutex::new(Shared {
+        source,
+        sampler: Sampler {
             config,
             histories: HashMap::new(),
-        };
-        let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let mut failing_reads = 0u32;
-        let mut ticks = 0u32;
-        loop {
-            tokio::select! {
-                () = cancel.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            let full = ticks.is_multiple_of(FULL_SAMPLE_EVERY);
-            ticks = ticks.wrapping_add(1);
-            let owners = owners.borrow().clone();
-            let passive = |vip: IpAddr| owners.get(&vip).is_some_and(|o| o.passive_health);
-            if !full && !owners.values().any(|o| o.passive_health) {
-                continue;
-            }
-            let wanted: &dyn Fn(IpAddr) -> bool = if full { &|_| true } else { &passive };
-            let read = match source.read(wanted) {
-                Ok(read) => {
-                    if failing_reads > 0 {
-                        info!(failed = failing_reads, "eBPF counters readable again");
-                        failing_reads = 0;
-                    }
-                    read
-                }
-                Err(e) => {
-                    // Logged once per outage; the last snapshot stays.
-                    if failing_reads == 0 {
-                        warn!(error = %crate::error_chain(&e), "cannot read the eBPF counters");
-                    }
-                    failing_reads += 1;
-                    continue;
-                }
-            };
-            let (vips, verdicts) = sampler.sample(Instant::now(), read, &owners, full);
-            if full {
-                tx.send_replace(Arc::new(Snapshot {
-                    sampled_at: Some(
-                        humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-                    ),
-                    vips,
-                    unavailable: None,
-                }));
-            }
-            if !verdicts.is_empty() && lifecycle.passive_health(verdicts).await.is_err() {
-                break;
-            }
+        },
+        failing_reads: 0,
+    }));
+    let task = SamplerTask {
+        shared,
+        owners,
+        lifecycle,
+        snapshots: tx,
+    };
+    (rx, task)
+}
+
+/// Everything an instance of the sampler needs, kept across restarts.
+///
+/// A restarted sampler goes on where the failed one stopped: the counter source and the per-VIP
+/// histories (with each app's passive verdict, which the lifecycle hears of only when it changes)
+/// live here, outside the instance, behind a lock held for one synchronous read and sample.
+pub struct SamplerTask<S> {
+    shared: Arc<Mutex<Shared<S>>>,
+    owners: watch::Receiver<Owners>,
+    lifecycle: LifecycleHandle,
+    snapshots: watch::Sender<Arc<Snapshot>>,
+}
+
+impl<S: CounterSource> SamplerTask<S> {
+    /// One instance: reads every [`SAMPLE_INTERVAL`] until `cancel` or the lifecycle is gone.
+    pub fn run(&self, cancel: CancellationToken) -> impl Future<Output = ()> + Send + use<S> {
+        run(
+            self.shared.clone(),
+            self.owners.clone(),
+            self.lifecycle.clone(),
+            self.snapshots.clone(),
+            cancel,
+        )
+    }
+}
+
+/// One sample: every VIP read, and the changes of passive verdict.
+type Sample = (Vec<VipStats>, Vec<(AppName, Verdict)>);
+
+/// What the sampler keeps across restarts.
+struct Shared<S> {
+    source: S,
+    sampler: Sampler,
+    /// Reads failed in a row (logged once per outage).
+    failing_reads: u32,
+}
+
+impl<S: CounterSource> Shared<S> {
+    /// Reads the counters (every VIP when `full`, else those with passive health) and samples
+    /// them; `None` when nothing was read.
+    fn read_and_sample(
+        &mut self,
+        owners: &BTreeMap<IpAddr, VipOwner>,
+        full: bool,
+    ) -> Option<Sample> {
+        let passive = |vip: IpAddr| owners.get(&vip).is_some_and(|o| o.passive_health);
+        if !full && !owners.values().any(|o| o.passive_health) {
+            return None;
         }
-    });
-    rx
+        let wanted: &dyn Fn(IpAddr) -> bool = if full { &|_| true } else { &passive };
+        let read = match self.source.read(wanted) {
+            Ok(read) => {
+                if self.failing_reads > 0 {
+                    info!(failed = self.failing_reads, "eBPF counters readable again");
+                    self.failing_reads = 0;
+                }
+                read
+            }
+            Err(e) => {
+                // Logged once per outage; the last snapshot stays.
+                if self.failing_reads == 0 {
+                    warn!(error = %crate::error_chain(&e), "cannot read the eBPF counters");
+                }
+                self.failing_reads += 1;
+                return None;
+            }
+        };
+        Some(self.sampler.sample(Instant::now(), read, owners, full))
+    }
+}
+
+async fn run<S: CounterSource>(
+    shared: Arc<Mutex<Shared<S>>>,
+    owners: watch::Receiver<Owners>,
+    lifecycle: LifecycleHandle,
+    tx: watch::Sender<Arc<Snapshot>>,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut ticks = 0u32;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let full = ticks.is_multiple_of(FULL_SAMPLE_EVERY);
+        ticks = ticks.wrapping_add(1);
+        let owners = owners.borrow().clone();
+        // A panic inside a previous instance's sample poisoned the lock; its state is counters
+        // history, still good enough to go on with.
+        let sampled = shared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .read_and_sample(&owners, full);
+        let Some((vips, verdicts)) = sampled else {
+            continue;
+        };
+        if full {
+            tx.send_replace(Arc::new(Snapshot {
+                sampled_at: Some(humantime::format_rfc3339_millis(SystemTime::now()).to_string()),
+                vips,
+                unavailable: None,
+            }));
+        }
+        if !verdicts.is_empty() && lifecycle.passive_health(verdicts).await.is_err() {
+            break;
+        }
+    }
 }
 
 #[cfg(test)]

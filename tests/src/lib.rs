@@ -318,11 +318,29 @@ impl Agent {
         log: &Path,
         api: &str,
     ) -> Result<Self> {
+        Self::start_with_env(binary, ns, args, &[], log, api)
+    }
+
+    /// [`Agent::start_with`] with extra environment variables (e.g. systemd's `NOTIFY_SOCKET`).
+    pub fn start_with_env(
+        binary: &Path,
+        ns: &Netns,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: &Path,
+        api: &str,
+    ) -> Result<Self> {
         let file = std::fs::File::create(log)?;
         let child = ns
             .command(binary.to_str().context("binary path")?)
             .args(args)
             .env("RUST_LOG", "gocast=debug,info")
+            // Only a test that plays the service manager gives the agent one: one running the
+            // tests (a CI job under systemd) must never hear from the agents under test.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()

@@ -320,7 +320,8 @@ fn check_tree(deb: &Path, tree: &Path, problems: &mut Vec<String>) -> Result<()>
     Ok(())
 }
 
-/// The unit's own promises: the packaged binary and config, a state directory, no reload.
+/// The unit's own promises: the packaged binary and config, notify with a watchdog, reload by
+/// SIGHUP, a state directory.
 fn check_unit(unit: &str) -> Vec<String> {
     let mut problems = Vec::new();
     let values = |key: &str| -> Vec<&str> {
@@ -332,9 +333,18 @@ fn check_unit(unit: &str) -> Vec<String> {
     if exec != [format!("/usr/bin/gocast run --config /{CONFIG_PATH}")] {
         problems.push(format!("ExecStart is {exec:?}"));
     }
-    // The agent handles SIGTERM and SIGINT only: a SIGHUP would end it.
-    if !values("ExecReload").is_empty() {
-        problems.push("ExecReload is set, but the agent has no reload".into());
+    // The agent tells systemd when it is ready and pings its watchdog; SIGHUP asks it to reload.
+    for (key, want) in [
+        ("Type", "notify"),
+        ("NotifyAccess", "main"),
+        ("ExecReload", "/bin/kill -HUP $MAINPID"),
+    ] {
+        if values(key) != [want] {
+            problems.push(format!("{key} is {:?}, not {want}", values(key)));
+        }
+    }
+    if values("WatchdogSec").len() != 1 {
+        problems.push("WatchdogSec is not set (the agent pings its watchdog)".into());
     }
     if values("StateDirectory") != ["gocast"] {
         problems.push("StateDirectory is not gocast (/var/lib/gocast)".into());
@@ -382,13 +392,24 @@ fn check_shipped_config(normalized: &str, unit: &str) -> Vec<String> {
 }
 
 /// `systemd-analyze verify` of the packaged unit in the extracted tree (so `ExecStart` finds
-/// the packaged binary), with the host's own units beside it for the targets it names.
+/// the packaged binary), with the host's own units beside it for the targets it names and the
+/// host's copy of each base-system tool it runs (`ExecReload`'s `/bin/kill`).
 /// `None` when clean; warnings count as problems (the tool exits 0 on an unknown key).
 fn verify_unit(tree: &Path) -> Result<Option<String>> {
     if !cmd::succeeds_quietly(Command::new("systemd-analyze").arg("--version")) {
         return Ok(Some(
             "systemd-analyze is missing: install the systemd package to verify the unit".into(),
         ));
+    }
+    let unit = fs::read_to_string(tree.join(UNIT_PATH)).unwrap_or_default();
+    for tool in base_tools(&unit) {
+        let (host, dest) = (Path::new("/").join(&tool), tree.join(&tool));
+        if !dest.exists() && host.is_file() {
+            if let Some(dir) = dest.parent() {
+                fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            }
+            fs::copy(&host, &dest).with_context(|| format!("copying {}", host.display()))?;
+        }
     }
     let units = tree.join("usr/lib/systemd/system");
     for host_dir in ["/usr/lib/systemd/system", "/lib/systemd/system"] {
@@ -415,6 +436,22 @@ fn verify_unit(tree: &Path) -> Result<Option<String>> {
         .then(|| format!("systemd-analyze verify gocast.service: {said}")))
 }
 
+/// The programs the unit's `Exec*=` lines run that the package does not ship, relative to `/`
+/// (`bin/kill`): the base system provides them on the target. Lines whose failure is ignored
+/// (`-`) are left out: `systemd-analyze verify` does not look for their program.
+fn base_tools(unit: &str) -> Vec<PathBuf> {
+    unit.lines()
+        .filter_map(|l| l.strip_prefix("Exec")?.split_once('=').map(|(_, v)| v))
+        .filter_map(|v| {
+            let flags = v.len() - v.trim_start_matches(['@', '+', '!', ':', '-']).len();
+            let program = v[flags..].split_whitespace().next()?;
+            let relative = program.strip_prefix('/')?;
+            let skipped = v[..flags].contains('-') || program == "/usr/bin/gocast";
+            (!skipped).then(|| PathBuf::from(relative))
+        })
+        .collect()
+}
+
 /// `dpkg-deb ARGS DEB [FIELD]`'s standard output.
 fn dpkg_deb(args: &[&str], deb: &Path, field: Option<&str>) -> Result<String> {
     let mut command = Command::new("dpkg-deb");
@@ -434,10 +471,17 @@ mod tests {
     }
 
     #[test]
-    fn a_unit_with_reload_or_another_config_is_refused() {
-        let bad = UNIT.replace("--config /etc/gocast/config.yaml", "--config /etc/x.yaml")
-            + "\nExecReload=/bin/kill -HUP $MAINPID\n";
-        assert_eq!(check_unit(&bad).len(), 2, "{:?}", check_unit(&bad));
+    fn a_unit_without_notify_or_with_another_config_is_refused() {
+        let bad = UNIT
+            .replace("--config /etc/gocast/config.yaml", "--config /etc/x.yaml")
+            .replace("Type=notify", "Type=exec")
+            .replace("WatchdogSec=30s", "");
+        assert_eq!(check_unit(&bad).len(), 3, "{:?}", check_unit(&bad));
+    }
+
+    #[test]
+    fn the_base_tools_the_unit_runs_are_kill_only() {
+        assert_eq!(base_tools(UNIT), [PathBuf::from("bin/kill")]);
     }
 
     #[test]

@@ -31,7 +31,12 @@ use tokio_util::sync::CancellationToken;
 use super::client::{
     Client, ConsulError, Endpoint, MAX_BACKOFF, MIN_BACKOFF, REQUEST_TIMEOUT, WarnLimiter,
 };
-use crate::{app::AppName, backoff::Backoff};
+use crate::{
+    app::AppName,
+    backoff::Backoff,
+    metrics::Metrics,
+    supervise::{self, Supervised},
+};
 
 /// `filter=enable_gocast in ServiceTags` for `/agent/checks`, as GoCast sends it: Consul
 /// answers only checks of gocast services.
@@ -227,15 +232,25 @@ impl HealthLink {
     }
 }
 
-/// Starts the health poller; the returned link goes to the monitor scheduler.
-pub fn spawn_health(client: Client, cancel: CancellationToken) -> HealthLink {
+/// Starts the health poller under supervision ([`supervise::spawn`], task `consul_health`);
+/// the returned link goes to the monitor scheduler. Both ends of the link stay with the
+/// supervisor, so a restarted poller serves the same scheduler: it reads the wanted services
+/// afresh and keeps the verdicts the view already holds.
+pub fn spawn_health(
+    client: Client,
+    metrics: Metrics,
+    cancel: CancellationToken,
+) -> (HealthLink, Supervised) {
     let (view_tx, view_rx) = watch::channel(HealthView::new(client.settings().grace));
     let (services_tx, services_rx) = watch::channel(BTreeSet::new());
-    tokio::spawn(poll_health(client, services_rx, view_tx, cancel));
-    HealthLink {
+    let supervised = supervise::spawn("consul_health", metrics, cancel, move |cancel| {
+        poll_health(client.clone(), services_rx.clone(), view_tx.clone(), cancel)
+    });
+    let link = HealthLink {
         view: view_rx,
         services: services_tx,
-    }
+    };
+    (link, supervised)
 }
 
 /// Polls Consul's checks every `monitor_interval` for the services some app monitors.

@@ -14,6 +14,8 @@
 //!
 //! The host worker also runs the verifications of self-repair (docs/design.md, "Self-repair"),
 //! in order with the host operations, and sends their results on the same channel as theirs.
+//! Every turn of the loop beats the [`Heartbeat`] (an idle tick turns it too): `/healthz`, the
+//! agent's guard and systemd's watchdog read it, so a loop that stops turning is noticed.
 
 use std::{collections::HashMap, time::SystemTime};
 
@@ -38,6 +40,7 @@ use crate::{
     },
     monitor::{self, Report},
     store::{Store, StoreError},
+    supervise::Heartbeat,
     timer::Timer,
 };
 
@@ -144,11 +147,15 @@ impl Driver {
         mut requests: mpsc::Receiver<Request>,
         mut reports: mpsc::Receiver<Report>,
         cancel: CancellationToken,
+        mut heartbeat: Heartbeat,
     ) {
         let saved = self.store.load_off_thread().await;
         let mut out = std::mem::take(&mut self.effects);
         self.core.restore(config_apps, saved, now(), &mut out);
         self.apply(&mut out);
+        heartbeat.ready();
+        // Turns the loop when nothing else does, so the heartbeat proves the loop is alive.
+        let mut idle = heartbeat.ticker();
         let mut timer = Timer::default();
         let mut verify = Timer::default();
         verify.set(Some(VERIFY_INTERVAL));
@@ -190,10 +197,13 @@ impl Driver {
                         self.hints = None;
                     }
                 }
+                _ = idle.tick() => {}
             }
             let mut out = std::mem::take(&mut self.effects);
             self.core.flush(&mut out);
             self.apply(&mut out);
+            heartbeat.beat();
+            heartbeat.test_stall().await;
         }
         self.step(Event::Shutdown);
         drop(self.work);

@@ -34,7 +34,7 @@ pub(crate) mod tests;
 
 use std::{future::Future, net::IpAddr};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use self::{
@@ -49,6 +49,7 @@ use crate::{
     metrics::Metrics,
     monitor,
     store::Store,
+    supervise::{self, Pulse, TaskStatus},
 };
 
 /// Host changes the lifecycle makes; a trait so the registry logic can be tested without
@@ -114,6 +115,13 @@ pub struct Running {
     pub routes: watch::Receiver<Routes>,
     /// Finishes after shutdown has withdrawn everything and cleaned the host.
     pub task: tokio::task::JoinHandle<()>,
+    /// When the loop last turned: it turns at least every [`supervise::Liveness::tick`].
+    pub pulse: Pulse,
+    /// Fires once the config apps and the saved registrations are restored (the first
+    /// reconcile): the agent then tells systemd `READY=1`.
+    pub ready: oneshot::Receiver<()>,
+    /// The monitor scheduler, which the lifecycle starts (supervised).
+    pub monitors: TaskStatus,
 }
 
 /// Where the lifecycle's decisions go besides the host.
@@ -148,18 +156,22 @@ pub fn spawn<H: Host>(
     let (report_tx, report_rx) = mpsc::channel(1024);
     let routes_rx = routes.subscribe();
     // The scheduler stops with the lifecycle: it is cancelled by a child token.
-    let monitors = monitor::spawn(
+    let (monitors, scheduler) = monitor::spawn(
         settings.monitor.clone(),
         report_tx,
         metrics.clone(),
-        cancel.child_token(),
+        &cancel,
     );
+    let (heartbeat, pulse, ready) = supervise::heartbeat(supervise::Liveness::current());
     let core = Core::new(settings, metrics);
     let driver = Driver::new(core, host, announcer, (routes, owners), monitors, store);
-    let task = tokio::spawn(driver.run(config_apps, req_rx, report_rx, cancel));
+    let task = tokio::spawn(driver.run(config_apps, req_rx, report_rx, cancel, heartbeat));
     Running {
         handle: LifecycleHandle::from(req_tx),
         routes: routes_rx,
         task,
+        pulse,
+        ready,
+        monitors: scheduler.status,
     }
 }

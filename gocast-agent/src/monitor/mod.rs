@@ -36,6 +36,7 @@ use crate::{
     consul::health::{self as consul_health, HealthLink as ConsulHealth},
     error_chain,
     metrics::Metrics,
+    supervise::{self, Supervised},
     timer::Timer,
 };
 
@@ -107,7 +108,7 @@ enum Destroys {
     Unavailable,
 }
 
-/// The scheduler task's state. Created by [`spawn`].
+/// The scheduler task's state: one per instance. Created by [`spawn`].
 struct Scheduler {
     settings: Settings,
     apps: HashMap<AppName, Watched>,
@@ -125,30 +126,98 @@ struct Scheduler {
     recheck: Timer,
 }
 
-/// Starts the scheduler; it stops when `cancel` fires or the command channel closes.
+/// Starts the scheduler under supervision ([`supervise::spawn`], task `monitor`); it stops when
+/// `cancel` fires or the lifecycle drops the command sender.
+///
+/// The watches survive a restart of the scheduler: a small inbox task, outside the restarted
+/// part, takes the lifecycle's commands, keeps the set of watched apps and forwards each command
+/// to the scheduler of the moment; a new scheduler first gets every watch again (and so checks
+/// every app at once). The lifecycle does not learn of the restart and re-sends nothing. The
+/// inbox only records and forwards, so it has nothing that could fail.
 pub fn spawn(
     settings: Settings,
     reports: mpsc::Sender<Report>,
     metrics: Metrics,
-    cancel: CancellationToken,
-) -> mpsc::UnboundedSender<Command> {
+    cancel: &CancellationToken,
+) -> (mpsc::UnboundedSender<Command>, Supervised) {
     // Unbounded: the lifecycle must never wait on the scheduler, which itself waits on the
     // lifecycle to take its reports. Its length is bounded by the number of apps anyway.
     let (tx, rx) = mpsc::unbounded_channel();
-    let (done_tx, done_rx) = mpsc::unbounded_channel();
-    let scheduler = Scheduler {
-        settings,
-        apps: HashMap::new(),
-        reports,
-        done_tx,
-        metrics,
-        ports: watch::Sender::new(WatchedPorts::new()),
-        destroys: Destroys::Off,
-        stale: HashSet::new(),
-        recheck: Timer::default(),
-    };
-    tokio::spawn(scheduler.run(rx, done_rx, cancel));
-    tx
+    let (instances_tx, instances) = mpsc::unbounded_channel();
+    let stop = cancel.child_token();
+    tokio::spawn(inbox(rx, instances, stop.clone()));
+    let supervised = supervise::spawn("monitor", metrics.clone(), stop, move |cancel| {
+        let (commands_tx, commands) = mpsc::unbounded_channel();
+        // Only fails once the inbox is gone, that is at shutdown: the scheduler then ends too.
+        let _ = instances_tx.send(commands_tx);
+        let (done_tx, done) = mpsc::unbounded_channel();
+        let scheduler = Scheduler {
+            settings: settings.clone(),
+            apps: HashMap::new(),
+            reports: reports.clone(),
+            done_tx,
+            metrics: metrics.clone(),
+            ports: watch::Sender::new(WatchedPorts::new()),
+            destroys: Destroys::Off,
+            stale: HashSet::new(),
+            recheck: Timer::default(),
+        };
+        scheduler.run(commands, done, cancel)
+    });
+    (tx, supervised)
+}
+
+/// Forwards the lifecycle's commands to the scheduler instance of the moment, and replays the
+/// latest settings and every watch to a new instance (see [`spawn`]). Ends, stopping the scheduler, when the lifecycle
+/// drops its sender.
+async fn inbox(
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    mut instances: mpsc::UnboundedReceiver<mpsc::UnboundedSender<Command>>,
+    stop: CancellationToken,
+) {
+    let mut watched: HashMap<AppName, (u64, Vec<Monitor>)> = HashMap::new();
+    // The settings of the last reload, if any: a new instance starts with the original ones.
+    let mut configured: Option<Settings> = None;
+    let mut current: Option<mpsc::UnboundedSender<Command>> = None;
+    loop {
+        tokio::select! {
+            // A new instance first, so it gets the replay before any later command.
+            biased;
+            () = stop.cancelled() => return,
+            Some(instance) = instances.recv() => {
+                if let Some(settings) = &configured {
+                    let _ = instance.send(Command::Configure(settings.clone()));
+                }
+                for (app, (generation, monitors)) in &watched {
+                    let _ = instance.send(Command::Watch {
+                        app: app.clone(),
+                        generation: *generation,
+                        monitors: monitors.clone(),
+                    });
+                }
+                current = Some(instance);
+            }
+            cmd = commands.recv() => {
+                let Some(cmd) = cmd else {
+                    stop.cancel();
+                    return;
+                };
+                match &cmd {
+                    Command::Watch { app, generation, monitors } => {
+                        watched.insert(app.clone(), (*generation, monitors.clone()));
+                    }
+                    Command::Unwatch { app } => {
+                        watched.remove(app);
+                    }
+                    Command::Configure(settings) => configured = Some(settings.clone()),
+                }
+                // A dead instance drops the command; the replay to the next one has it.
+                if let Some(instance) = &current {
+                    let _ = instance.send(cmd);
+                }
+            }
+        }
+    }
 }
 
 impl Scheduler {
@@ -525,7 +594,7 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         let (tx, mut rx) = mpsc::channel(16);
         let cancel = CancellationToken::new();
-        let cmds = spawn(settings(), tx, Metrics::default(), cancel.clone());
+        let (cmds, _scheduler) = spawn(settings(), tx, Metrics::default(), &cancel);
         let app: AppName = "web".parse().unwrap();
         let monitors = vec![
             format!("port:tcp:{port}").parse().unwrap(),
@@ -559,7 +628,7 @@ mod tests {
     async fn a_slow_exec_check_does_not_delay_other_apps() {
         let (tx, mut rx) = mpsc::channel(64);
         let cancel = CancellationToken::new();
-        let cmds = spawn(settings(), tx, Metrics::default(), cancel.clone());
+        let (cmds, _scheduler) = spawn(settings(), tx, Metrics::default(), &cancel);
         let slow: AppName = "slow".parse().unwrap();
         let fast: AppName = "fast".parse().unwrap();
         cmds.send(Command::Watch {
@@ -587,7 +656,7 @@ mod tests {
     async fn consul_monitor_without_consul_addr_fails_and_says_why() {
         let (tx, mut rx) = mpsc::channel(16);
         let cancel = CancellationToken::new();
-        let cmds = spawn(settings(), tx, Metrics::default(), cancel.clone());
+        let (cmds, _scheduler) = spawn(settings(), tx, Metrics::default(), &cancel);
         cmds.send(Command::Watch {
             app: "c".parse().unwrap(),
             generation: 1,
@@ -611,7 +680,7 @@ mod tests {
         });
         let (tx, mut rx) = mpsc::channel(16);
         let cancel = CancellationToken::new();
-        let cmds = spawn(s, tx, Metrics::default(), cancel.clone());
+        let (cmds, _scheduler) = spawn(s, tx, Metrics::default(), &cancel);
         cmds.send(Command::Watch {
             app: "web".parse().unwrap(),
             generation: 1,
@@ -645,6 +714,50 @@ mod tests {
         cancel.cancel();
     }
 
+    #[tokio::test]
+    async fn a_new_scheduler_instance_gets_every_watch_again_then_later_commands() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (instances_tx, instances) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let inbox = tokio::spawn(inbox(rx, instances, stop.clone()));
+        let watch = |name: &str, generation| Command::Watch {
+            app: name.parse().unwrap(),
+            generation,
+            monitors: vec!["exec:true".parse().unwrap()],
+        };
+        let (first_tx, mut first) = mpsc::unbounded_channel();
+        instances_tx.send(first_tx).unwrap();
+        tx.send(watch("a", 1)).unwrap();
+        tx.send(watch("b", 1)).unwrap();
+        tx.send(watch("a", 2)).unwrap();
+        tx.send(Command::Unwatch {
+            app: "b".parse().unwrap(),
+        })
+        .unwrap();
+        for _ in 0..4 {
+            assert!(first.recv().await.is_some());
+        }
+        // The first instance died; the second gets what is watched now: a at generation 2.
+        drop(first);
+        let (second_tx, mut second) = mpsc::unbounded_channel();
+        instances_tx.send(second_tx).unwrap();
+        tx.send(watch("c", 1)).unwrap();
+        let got: Vec<(String, u64)> = [second.recv().await, second.recv().await]
+            .into_iter()
+            .map(|c| match c {
+                Some(Command::Watch {
+                    app, generation, ..
+                }) => (app.to_string(), generation),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(got, [("a".to_owned(), 2), ("c".to_owned(), 1)]);
+        // The lifecycle dropping its sender stops the scheduler.
+        drop(tx);
+        inbox.await.unwrap();
+        assert!(stop.is_cancelled());
+    }
+
     /// A scheduler whose ticks are too far apart to matter, watching a port monitor on a fresh
     /// listener; returns after the first (healthy) report.
     async fn watching_a_listener() -> (
@@ -664,7 +777,7 @@ mod tests {
         };
         let (tx, mut rx) = mpsc::channel(16);
         let cancel = CancellationToken::new();
-        let cmds = spawn(settings, tx, Metrics::default(), cancel.clone());
+        let (cmds, _scheduler) = spawn(settings, tx, Metrics::default(), &cancel);
         cmds.send(Command::Watch {
             app: "web".parse().unwrap(),
             generation: 1,
