@@ -414,7 +414,7 @@ mod tests {
     use super::*;
 
     fn restarts(metrics: &Metrics, task: &str) -> u64 {
-        let needle = format!("gocast_task_restarts_total{{task=\"{task}\"}} ");
+        let needle = format!("gocast_task_restarts_total{{task=\"{task}\",peer=\"\"}} ");
         metrics
             .render()
             .lines()
