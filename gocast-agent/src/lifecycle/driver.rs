@@ -96,7 +96,7 @@ pub(super) struct Driver {
     persisted_tx: mpsc::Sender<Result<(), StoreError>>,
     persisted_rx: mpsc::Receiver<Result<(), StoreError>>,
     /// What the host worker did: [`Event::HostDone`] and [`Event::Verified`], in its order.
-    done_rx: mpsc::UnboundedReceiver<Event>,
+    done_rx: mpsc::UnboundedReceiver<Vec<Event>>,
     effects: Vec<Effect>,
     /// The host's "verify now" ([`Host::drift_hints`]); `None` once it closed.
     hints: Option<mpsc::Receiver<()>>,
@@ -176,11 +176,9 @@ impl Driver {
                         self.step(Event::Report(report));
                     }
                 }
-                Some(done) = self.done_rx.recv() => {
-                    self.step(done);
-                    for _ in 0..BATCH {
-                        let Ok(done) = self.done_rx.try_recv() else { break };
-                        self.step(done);
+                Some(results) = self.done_rx.recv() => {
+                    for event in results {
+                        self.step(event);
                     }
                 }
                 Some(result) = self.persisted_rx.recv() => self.step(Event::Persisted(result)),
@@ -317,39 +315,52 @@ async fn host_worker<H: Host>(
     mut host: H,
     mut announcer: Option<Announcer>,
     mut work: mpsc::UnboundedReceiver<Work>,
-    done: mpsc::UnboundedSender<Event>,
+    done: mpsc::UnboundedSender<Vec<Event>>,
 ) {
-    while let Some(item) = work.recv().await {
-        match item {
-            Work::Op { op, after } => {
-                if let Some(version) = after {
-                    await_flushed(announcer.as_mut(), version).await;
+    while let Some(first) = work.recv().await {
+        // What is queued behind the first item is taken too (thousands of apps come up in one
+        // batch of monitor reports) and answered in one message, so the lifecycle publishes
+        // their routes once, not once per app.
+        let mut results = Vec::new();
+        let mut next = Some(first);
+        while let Some(item) = next.take() {
+            match item {
+                Work::Op { op, after } => {
+                    if let Some(version) = after {
+                        await_flushed(announcer.as_mut(), version).await;
+                    }
+                    results.push(Event::HostDone(apply_op(&mut host, op).await));
                 }
-                let _ = done.send(Event::HostDone(apply_op(&mut host, op).await));
-            }
-            Work::StopSpeaker { version } => {
-                await_flushed(announcer.as_mut(), version).await;
-                if let Some(announcer) = announcer.take() {
-                    announcer.stop.cancel();
-                    if tokio::time::timeout(WITHDRAW_WAIT, announcer.done)
-                        .await
-                        .is_err()
-                    {
-                        warn!("BGP sessions did not close within {WITHDRAW_WAIT:?}");
+                Work::Verify { id, expected } => {
+                    let drift = host.verify(&expected).await;
+                    results.push(Event::Verified { id, drift });
+                }
+                Work::StopSpeaker { version } => {
+                    await_flushed(announcer.as_mut(), version).await;
+                    if let Some(announcer) = announcer.take() {
+                        announcer.stop.cancel();
+                        if tokio::time::timeout(WITHDRAW_WAIT, announcer.done)
+                            .await
+                            .is_err()
+                        {
+                            warn!("BGP sessions did not close within {WITHDRAW_WAIT:?}");
+                        }
                     }
                 }
-            }
-            Work::Shutdown => {
-                if let Err(e) = host.shutdown().await {
-                    error!(error = %e, "dataplane cleanup at shutdown failed");
+                Work::Shutdown => {
+                    if let Err(e) = host.shutdown().await {
+                        error!(error = %e, "dataplane cleanup at shutdown failed");
+                    }
+                    info!("shutdown complete: no vip, no nat rule left");
+                    return;
                 }
-                info!("shutdown complete: no vip, no nat rule left");
-                return;
             }
-            Work::Verify { id, expected } => {
-                let drift = host.verify(&expected).await;
-                let _ = done.send(Event::Verified { id, drift });
+            if results.len() < BATCH {
+                next = work.try_recv().ok();
             }
+        }
+        if !results.is_empty() {
+            let _ = done.send(results);
         }
     }
 }
