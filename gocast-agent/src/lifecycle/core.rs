@@ -30,16 +30,15 @@ use super::{
 };
 use crate::{
     app::{AppName, AppSpec, Monitor, Source},
-    messages::{
-        AppView, DrainReport, LifecycleError, Refused, Route, RouteSet, SyncReport, Verdict,
-        VipOwner,
-    },
+    messages::{AppView, LifecycleError, Route, RouteSet, Verdict, VipOwner},
     metrics::Metrics,
     monitor::{self, MonitorResult, Report},
     store::{Saved, StoreError},
 };
 
+mod drain;
 mod repair;
+mod sync;
 
 /// A state-file write in flight and what it completes.
 #[derive(Debug)]
@@ -452,161 +451,6 @@ impl Core {
         }
     }
 
-    /// Applies a config reload: the new settings from now on (running timers keep their
-    /// deadlines), and the config apps synced like Consul's (see [`Core::sync`]).
-    fn reload(
-        &mut self,
-        settings: Settings,
-        apps: Vec<AppSpec>,
-        now: Now,
-        out: &mut Vec<Effect>,
-    ) -> SyncReport {
-        out.push(Effect::Monitor(monitor::Command::Configure(
-            settings.monitor.clone(),
-        )));
-        self.settings = settings;
-        let (mut report, refused) = self.sync(Source::Config, apps, &[], now, out);
-        report.refused = refused
-            .into_iter()
-            .map(|(app, e)| Refused {
-                app,
-                reason: e.to_string(),
-            })
-            .collect();
-        info!(
-            added = report.added.len(),
-            changed = report.changed.len(),
-            removed = report.removed.len(),
-            refused = report.refused.len(),
-            "config apps reloaded"
-        );
-        report
-    }
-
-    /// Makes the apps of `source` (config or Consul) equal to `apps`: adds new ones, updates
-    /// changed ones, removes the others except those in `keep`; never touches another source's
-    /// apps (a name another source holds is refused). Applied in passes, so the order does not
-    /// matter: removals come first (an app that left frees its VIP for one that takes it), then
-    /// every app is registered, and the refused ones are tried again as long as a pass made
-    /// progress (a refused app may fit once another one moved away). When no pass can progress
-    /// because apps wait for each other's VIPs (two apps swapping VIPs), those that move are
-    /// taken down first, then registered anew.
-    fn sync(
-        &mut self,
-        source: Source,
-        apps: Vec<AppSpec>,
-        keep: &[AppName],
-        now: Now,
-        out: &mut Vec<Effect>,
-    ) -> (SyncReport, Vec<(AppName, LifecycleError)>) {
-        let before: BTreeMap<AppName, AppSpec> = self
-            .apps
-            .values()
-            .filter(|e| e.source == source)
-            .map(|e| (e.spec.name.clone(), e.spec.clone()))
-            .collect();
-        let gone: Vec<AppName> = before
-            .keys()
-            .filter(|n| !keep.contains(n) && !apps.iter().any(|a| &a.name == *n))
-            .cloned()
-            .collect();
-        for name in &gone {
-            if let Some(entry) = self.apps.remove(name) {
-                info!(app = %name, ?source, "app is gone from its source: withdrawing and removing");
-                self.teardown(entry, out);
-            }
-        }
-        let mut refused = Vec::new();
-        let mut pending = Vec::new();
-        for spec in apps {
-            match self
-                .apps
-                .get(&spec.name)
-                .map(|e| e.source)
-                .filter(|s| *s != source)
-            {
-                Some(owner) => refused.push((
-                    spec.name.clone(),
-                    LifecycleError::NameTaken {
-                        name: spec.name,
-                        owner,
-                    },
-                )),
-                None => pending.push(spec),
-            }
-        }
-        // Each pass registers an app or takes one down for good (a moved app comes back with
-        // its new VIP, so it cannot block anyone twice): the passes end.
-        loop {
-            let mut progress = false;
-            let mut failed: Vec<(AppSpec, LifecycleError)> = Vec::new();
-            for spec in pending {
-                match self.register_now(spec.clone(), source, now, out) {
-                    Ok(_) => progress = true,
-                    Err(e) => failed.push((spec, e)),
-                }
-            }
-            if !progress {
-                progress = self.unblock_moves(source, &failed, out);
-            }
-            if failed.is_empty() || !progress {
-                refused.extend(failed.into_iter().map(|(spec, e)| (spec.name, e)));
-                refused.sort_by(|a, b| a.0.cmp(&b.0));
-                break;
-            }
-            pending = failed.into_iter().map(|(spec, _)| spec).collect();
-        }
-        let mut report = SyncReport::default();
-        for entry in self.apps.values().filter(|e| e.source == source) {
-            match before.get(&entry.spec.name) {
-                None => report.added.push(entry.spec.name.clone()),
-                Some(old) if *old != entry.spec => report.changed.push(entry.spec.name.clone()),
-                Some(_) => {}
-            }
-        }
-        report.removed = before
-            .into_keys()
-            .filter(|n| !self.apps.contains_key(n))
-            .collect();
-        (report, refused)
-    }
-
-    /// Takes down the apps of `source` that hold a VIP another refused app wants while they
-    /// themselves are waiting to move to another VIP; returns whether it took any down.
-    fn unblock_moves(
-        &mut self,
-        source: Source,
-        failed: &[(AppSpec, LifecycleError)],
-        out: &mut Vec<Effect>,
-    ) -> bool {
-        let blockers: BTreeSet<AppName> = failed
-            .iter()
-            .filter_map(|(_, e)| match e {
-                LifecycleError::VipConflict { owner, .. }
-                | LifecycleError::VipOverlap { owner, .. } => Some(owner.clone()),
-                _ => None,
-            })
-            .filter(|owner| {
-                let wanted = failed.iter().find(|(spec, _)| &spec.name == owner);
-                self.apps.get(owner).is_some_and(|entry| {
-                    entry.source == source
-                        && wanted.is_some_and(|(spec, _)| spec.vip != entry.spec.vip)
-                })
-            })
-            .collect();
-        for name in &blockers {
-            if let Some(entry) = self.apps.remove(name) {
-                info!(
-                    app = %name,
-                    vip = %entry.spec.vip,
-                    "app leaves its vip to another one: taken down, then registered anew"
-                );
-                self.teardown(entry, out);
-            }
-        }
-        !blockers.is_empty()
-    }
-
     /// Refuses an app whose VIP or label belongs to another app.
     fn check_conflicts(&self, spec: &AppSpec) -> Result<(), LifecycleError> {
         let label = spec.name.lo_label();
@@ -970,100 +814,6 @@ impl Core {
         self.changed.cleanup = true;
     }
 
-    /// A drain or undrain: checked, saved, then applied ([`Core::apply_drain`]).
-    fn drain(&mut self, id: RequestId, app: Option<AppName>, drain: bool, out: &mut Vec<Effect>) {
-        if let Some(name) = &app
-            && !self.apps.contains_key(name)
-        {
-            out.push(Effect::Reply {
-                id,
-                reply: Reply::Drain(Err(LifecycleError::UnknownApp(name.clone()))),
-            });
-            return;
-        }
-        let mut saved = self.saved_with(None, &[]);
-        match &app {
-            None => saved.host_drained = drain,
-            Some(name) => {
-                saved.drained.retain(|n| n != name);
-                if drain {
-                    saved.drained.push(name.clone());
-                }
-            }
-        }
-        out.push(Effect::Persist(saved));
-        self.persisting = Some(Pending::Drain { id, app, drain });
-    }
-
-    /// Drains or undrains as saved: a routed app is announced with `GRACEFUL_SHUTDOWN` for
-    /// `drain_time`, then withdrawn; an undrained app that is up comes back.
-    fn apply_drain(&mut self, app: Option<AppName>, drain: bool, now: Now) -> DrainReport {
-        let names: Vec<AppName> = match app {
-            None => {
-                self.host_drained = drain;
-                self.apps.keys().cloned().collect()
-            }
-            Some(name) => {
-                if drain {
-                    self.drained.insert(name.clone());
-                } else {
-                    self.drained.remove(&name);
-                }
-                vec![name]
-            }
-        };
-        let mut views = Vec::new();
-        for name in names {
-            let Some(mut entry) = self.apps.remove(&name) else {
-                continue;
-            };
-            let drained = self.host_drained || self.drained.contains(&name);
-            match (drained, entry.drain) {
-                (true, Drain::Off) => {
-                    entry.drain = if entry.routed() {
-                        info!(app = %name, "draining: announcing with GRACEFUL_SHUTDOWN");
-                        Drain::Draining {
-                            until: now.mono + self.settings.drain_time,
-                        }
-                    } else {
-                        info!(app = %name, "drained");
-                        Drain::Drained
-                    };
-                }
-                (false, Drain::Draining { .. } | Drain::Drained) => {
-                    info!(app = %name, "undrained");
-                    entry.drain = Drain::Off;
-                    if entry.up {
-                        entry.cleanup_at = None;
-                    }
-                }
-                _ => {}
-            }
-            self.changed.routes = true;
-            self.changed.cleanup = true;
-            views.push(entry.view(now, self.settings.passive_health));
-            self.apps.insert(name, entry);
-        }
-        DrainReport {
-            host_drained: self.host_drained,
-            apps: views,
-        }
-    }
-
-    /// Ends the drains whose time has passed: the route is withdrawn; VIP and NAT go at
-    /// cleanup, so connections in flight can finish.
-    fn drains_due(&mut self, now: Now) {
-        for entry in self.apps.values_mut() {
-            if entry.drain.until().is_some_and(|t| t <= now.mono) {
-                info!(app = %entry.spec.name, "drain time passed: withdrawing; vip and nat go at cleanup");
-                entry.drain = Drain::Drained;
-                entry.cleanup_at = Some(now.mono + self.settings.cleanup_timer);
-                self.changed.routes = true;
-                self.changed.cleanup = true;
-            }
-        }
-    }
-
     /// Cleans up every app whose timer has passed: config and Consul apps lose VIP and NAT and
     /// are checked again; HTTP apps are forgotten once the state file no longer has them.
     fn cleanup_due(&mut self, now: Now, out: &mut Vec<Effect>) {
@@ -1176,6 +926,7 @@ mod tests {
     use std::time::{Duration, SystemTime};
 
     use super::*;
+    use crate::messages::{DrainReport, SyncReport};
 
     const CLEANUP: Duration = Duration::from_secs(10);
     const DRAIN: Duration = Duration::from_secs(3);
