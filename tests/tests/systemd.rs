@@ -129,12 +129,17 @@ fn under_a_service_manager_the_agent_notifies_ready_status_watchdog_and_stopping
         })
         .with_context(|| agent.log_text())?;
 
-    // SIGHUP asks for a reload and must not end the agent.
+    // SIGHUP reloads, tells systemd (RELOADING=1, then READY=1) and never ends the agent.
     let pid = agent.pid().context("agent running")?.to_string();
     sh("kill", &["-HUP", &pid])?;
-    agent.wait_for("reload requested in the log", Duration::from_secs(5), |a| {
-        Ok(a.log_text().contains("reload requested"))
+    agent.wait_for("the reload in the log", Duration::from_secs(5), |a| {
+        Ok(a.log_text().contains("config reloaded"))
     })?;
+    manager
+        .wait_for("RELOADING=1 then READY=1", Duration::from_secs(2), |seen| {
+            Manager::count(seen, "RELOADING=1") == 1 && Manager::count(seen, "READY=1") == 2
+        })
+        .with_context(|| agent.log_text())?;
     std::thread::sleep(Duration::from_millis(500));
     let (status, body) = topo.agent.http_get(&format!("http://{API}/healthz"))?;
     ensure!(
@@ -154,8 +159,8 @@ fn under_a_service_manager_the_agent_notifies_ready_status_watchdog_and_stopping
         Manager::count(seen, "STOPPING=1") == 1
     })?;
     ensure!(
-        Manager::count(&manager.seen, "READY=1") == 1,
-        "{:?}",
+        Manager::count(&manager.seen, "READY=1") == 2,
+        "ready at start and after the reload: {:?}",
         manager.seen
     );
     Ok(())
