@@ -31,8 +31,8 @@ use super::{
 use crate::{
     app::{AppName, AppSpec, Monitor, Source},
     messages::{
-        AppView, DrainReport, LifecycleError, Refused, Route, RouteSet, SyncReport, Verdict,
-        VipOwner,
+        AppView, DrainReport, LifecycleError, Protected, Refused, Route, RouteSet, SyncReport,
+        Verdict, VipOwner,
     },
     metrics::Metrics,
     monitor::{self, MonitorResult, Report},
@@ -99,6 +99,8 @@ pub struct Core {
     host_drained: bool,
     /// Self-repair: the verification of the host in flight.
     verification: repair::Verification,
+    /// The host's own addresses ([`Event::LocalAddresses`]), sorted: no VIP may cover one.
+    local: Vec<Protected>,
 }
 
 impl Core {
@@ -117,6 +119,7 @@ impl Core {
             drained: BTreeSet::new(),
             host_drained: false,
             verification: repair::Verification::default(),
+            local: Vec::new(),
         }
     }
 
@@ -144,11 +147,18 @@ impl Core {
             );
         }
         for spec in config_apps {
+            if let Err(e) = self.check_protected(&spec) {
+                error!(app = %spec.name, error = %e, "config app refused; the others run");
+                continue;
+            }
             self.insert(spec, Source::Config, now, out);
         }
         let count = saved.apps.len();
         for spec in saved.apps {
-            if let Err(e) = self.check_conflicts(&spec) {
+            if let Err(e) = self
+                .check_protected(&spec)
+                .and_then(|()| self.check_conflicts(&spec))
+            {
                 error!(app = %spec.name, error = %e, "saved registration dropped");
                 continue;
             }
@@ -243,7 +253,36 @@ impl Core {
             }
             Event::VerifyDue => self.verify_due(out),
             Event::Verified { id, drift } => self.verified(id, drift, now, out),
+            Event::LocalAddresses(addresses) => self.local_addresses(addresses),
             Event::Shutdown => self.shutdown(out),
+        }
+    }
+
+    /// The host's addresses changed (or are known for the first time): new registrations are
+    /// checked against them. An app they make unsafe stays (its VIP is on `lo` already, and
+    /// withdrawing a healthy route because an address appeared elsewhere would be an outage
+    /// of its own); it is logged, and the operator decides.
+    fn local_addresses(&mut self, mut addresses: Vec<Protected>) {
+        addresses.sort();
+        addresses.dedup();
+        if addresses == self.local {
+            return;
+        }
+        debug!(count = addresses.len(), "the host's addresses changed");
+        let old = std::mem::replace(&mut self.local, addresses);
+        for entry in self.apps.values() {
+            let vip = entry.spec.vip;
+            if let Some(p) = self.local.iter().find(|p| self.unsafe_for(vip, p))
+                && !old.iter().any(|o| self.unsafe_for(vip, o))
+            {
+                warn!(
+                    app = %entry.spec.name,
+                    %vip,
+                    addr = %p.addr,
+                    what = %p.what,
+                    "an app's vip now covers an address of the host; it stays (unregister or change it)"
+                );
+            }
         }
     }
 
@@ -309,6 +348,7 @@ impl Core {
     /// Every check a registration must pass; a refused one changes nothing.
     fn admit(&self, spec: &AppSpec, source: Source) -> Result<Admission, LifecycleError> {
         self.check_policy(spec, source)?;
+        self.check_protected(spec)?;
         self.check_conflicts(spec)?;
         match self.apps.get(&spec.name) {
             Some(old) if source != Source::Config && old.source == Source::Config => {
@@ -637,6 +677,43 @@ impl Core {
             }
         }
         Ok(())
+    }
+
+    /// Refuses a VIP that equals or covers a protected address: a configured BGP peer, next
+    /// hop or local address, or an address of the host (docs/security.md, "Safe VIPs"). For
+    /// every source, config apps included.
+    fn check_protected(&self, spec: &AppSpec) -> Result<(), LifecycleError> {
+        let vip = spec.vip;
+        if self
+            .apps
+            .get(&spec.name)
+            .is_some_and(|old| old.spec.vip == vip)
+        {
+            // Already there with this VIP: refusing it would change nothing on the host (an
+            // address that appeared since was warned about; see `local_addresses`).
+            return Ok(());
+        }
+        let protected = self.settings.protected.iter().chain(&self.local);
+        match protected.into_iter().find(|p| self.unsafe_for(vip, p)) {
+            None => Ok(()),
+            Some(p) => Err(LifecycleError::ProtectedAddress {
+                vip,
+                addr: p.addr,
+                relation: if vip.addr() == p.addr {
+                    "equals"
+                } else {
+                    "covers"
+                },
+                what: p.what.clone(),
+            }),
+        }
+    }
+
+    /// `vip` equals or covers `p`, and `p` is not the VIP of one of our apps on `lo` (the host
+    /// leaves those out already; this keeps it so on kernels that do not keep `IFA_PROTO`).
+    fn unsafe_for(&self, vip: crate::app::Vip, p: &Protected) -> bool {
+        vip.prefix().contains(&p.addr)
+            && !(p.on_lo() && self.apps.values().any(|e| e.spec.vip.addr() == p.addr))
     }
 
     fn check_policy(&self, spec: &AppSpec, source: Source) -> Result<(), LifecycleError> {
@@ -1194,6 +1271,7 @@ mod tests {
                 consul: None,
             },
             passive_health: true,
+            protected: Vec::new(),
         }
     }
 
