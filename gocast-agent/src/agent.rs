@@ -81,7 +81,12 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogFilter>) -> Resul
     let mut tasks = Vec::new();
     let mut consul = Consul::new(&cancel, &metrics);
     tasks.extend(consul.start_health(consul_client.clone()));
-    let settings = lifecycle_settings(agent, &config.bgp.peers, consul.health.clone(), counters_present);
+    let settings = lifecycle_settings(
+        agent,
+        &config.bgp.peers,
+        consul.health.clone(),
+        counters_present,
+    );
     let store = Store::new(&agent.state_file);
     let (owners_tx, owners_rx) = tokio::sync::watch::channel(messages::Owners::default());
     let status_owners = owners_tx.subscribe();
@@ -431,7 +436,10 @@ fn protected_addresses(peers: &[crate::config::PeerConfig]) -> Vec<lifecycle::Pr
             protected.push(lifecycle::Protected::new(ip, peer("the local address")));
         }
         if let Some(ip) = p.local_ipv6 {
-            protected.push(lifecycle::Protected::new(ip.into(), peer("the local IPv6 address")));
+            protected.push(lifecycle::Protected::new(
+                ip.into(),
+                peer("the local IPv6 address"),
+            ));
         }
     }
     protected
@@ -620,8 +628,12 @@ impl reload::Apply for Reloadable {
             self.consul.start_health(consul_client.clone());
             report.consul_restarted = true;
         }
-        let settings =
-            lifecycle_settings(&new.agent, &new.bgp.peers, self.consul.health.clone(), self.passive_health);
+        let settings = lifecycle_settings(
+            &new.agent,
+            &new.bgp.peers,
+            self.consul.health.clone(),
+            self.passive_health,
+        );
         report.apps = self.lifecycle.reload(settings, new.apps.clone()).await?;
         match self.speaker.reload(&new.bgp).await {
             Ok(bgp) => {

@@ -594,14 +594,21 @@ impl Host for SystemHost {
         }
         // An autodiscovered peer is the default gateway, which is no address of ours; the
         // route dump runs only then.
-        if self.nat_dest.peers.iter().any(|(peer, _, _)| peer.is_none()) {
+        if self
+            .nat_dest
+            .peers
+            .iter()
+            .any(|(peer, _, _)| peer.is_none())
+        {
             match self.netlink.default_gateway().await {
                 Ok(Some((gateway, _))) => protected.push(Protected::new(
                     gateway,
                     "the BGP peer (the default gateway, autodiscovered)",
                 )),
                 Ok(None) => {}
-                Err(e) => debug!(error = %crate::error_chain(&e), "cannot look up the default gateway"),
+                Err(e) => {
+                    debug!(error = %crate::error_chain(&e), "cannot look up the default gateway")
+                }
             }
         }
         Some(protected)

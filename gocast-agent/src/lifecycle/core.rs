@@ -1301,8 +1301,25 @@ mod tests {
 
     impl T {
         fn new(rise: u32, fall: u32, config: Vec<AppSpec>) -> Self {
+            Self::with(settings(rise, fall), Vec::new(), config)
+        }
+
+        /// A core that knows the host's addresses `local` before it restores `config`, as
+        /// the driver starts it.
+        fn with(settings: Settings, local: Vec<Protected>, config: Vec<AppSpec>) -> Self {
+            let mut core = Core::new(settings, Metrics::default());
+            let mut out = Vec::new();
+            core.step(
+                Event::LocalAddresses(local),
+                Now {
+                    mono: Instant::now(),
+                    wall: SystemTime::UNIX_EPOCH,
+                },
+                &mut out,
+            );
+            assert!(out.is_empty());
             let mut t = Self {
-                core: Core::new(settings(rise, fall), Metrics::default()),
+                core,
                 now: Now {
                     mono: Instant::now(),
                     wall: SystemTime::UNIX_EPOCH,
@@ -2345,5 +2362,161 @@ mod tests {
                 assert!(t.metric(line), "{line}");
             }
         }
+    }
+
+    /// Safe VIPs (docs/security.md): the configured peer and next hop, and the host's
+    /// addresses (an operator's address on `lo` included, the agent's own VIPs not).
+    fn guarded(config: Vec<AppSpec>) -> T {
+        let mut s = settings(1, 1);
+        s.protected = vec![
+            Protected::new("198.18.1.2".parse().unwrap(), "the BGP peer"),
+            Protected::new(
+                "198.18.1.5".parse().unwrap(),
+                "the next hop of BGP peer 198.18.1.2",
+            ),
+        ];
+        let local = vec![
+            Protected::interface("198.18.1.1".parse().unwrap(), "eth0"),
+            Protected::interface("2001:db8:1::1".parse().unwrap(), "eth0"),
+            Protected::interface("203.0.113.7".parse().unwrap(), "lo"),
+        ];
+        T::with(s, local, config)
+    }
+
+    #[test]
+    fn a_vip_equal_to_or_covering_a_protected_address_is_refused_from_every_source() {
+        let cases = [
+            // (vip, source, the protected address named, or None: accepted)
+            (
+                "198.18.1.2/32",
+                Source::Http,
+                Some(("198.18.1.2", "equals", "the BGP peer")),
+            ),
+            (
+                "198.18.1.0/30",
+                Source::Http,
+                Some(("198.18.1.2", "covers", "the BGP peer")),
+            ),
+            (
+                "198.18.1.2/32",
+                Source::Consul,
+                Some(("198.18.1.2", "equals", "the BGP peer")),
+            ),
+            (
+                "198.18.1.4/30",
+                Source::Consul,
+                Some(("198.18.1.5", "covers", "the next hop")),
+            ),
+            (
+                "198.18.1.1/32",
+                Source::Http,
+                Some(("198.18.1.1", "equals", "interface eth0")),
+            ),
+            (
+                "198.18.0.0/16",
+                Source::Consul,
+                Some(("198.18.1.2", "covers", "the BGP peer")),
+            ),
+            (
+                "2001:db8:1::/64",
+                Source::Http,
+                Some(("2001:db8:1::1", "covers", "interface eth0")),
+            ),
+            (
+                "203.0.113.7/32",
+                Source::Http,
+                Some(("203.0.113.7", "equals", "interface lo")),
+            ),
+            ("198.18.1.6/32", Source::Http, None),
+            ("198.18.1.8/30", Source::Consul, None),
+            ("2001:db8:2::1/128", Source::Http, None),
+        ];
+        for (vip, source, refused) in cases {
+            let mut t = guarded(Vec::new());
+            let effects = t.register(spec("x", vip), source);
+            if refused.is_none() && source == Source::Http {
+                assert_eq!(kinds(effects), ["persist"], "{vip}");
+                continue;
+            }
+            match (refused, app_reply(effects)) {
+                (None, reply) => assert!(reply.is_ok(), "{vip}: {reply:?}"),
+                (Some((addr, relation, what)), Err(e)) => {
+                    let LifecycleError::ProtectedAddress {
+                        addr: a,
+                        relation: r,
+                        what: w,
+                        ..
+                    } = e
+                    else {
+                        panic!("{vip}: {e}");
+                    };
+                    assert_eq!((a.to_string().as_str(), *r), (addr, relation), "{vip}");
+                    assert!(w.contains(what), "{vip}: {w}");
+                    let message = e.to_string();
+                    assert!(message.contains(vip) && message.contains(addr), "{message}");
+                    assert_eq!(kinds(effects), ["reply"], "{vip}: refused, nothing changed");
+                }
+                (Some(_), Ok(view)) => panic!("{vip} accepted: {view:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn config_apps_that_cover_a_protected_address_are_refused_and_the_others_run() {
+        let mut t = guarded(vec![
+            spec("peer", "198.18.1.2/32"),
+            spec("web", "192.0.2.10/32"),
+        ]);
+        assert_eq!(t.core.apps.keys().collect::<Vec<_>>(), [&name("web")]);
+        let mut s = settings(1, 1);
+        s.protected = t.core.settings.protected.clone();
+        let id = t.id();
+        let effects = t.step(Event::Reload {
+            id,
+            settings: Box::new(s),
+            apps: vec![
+                spec("web", "192.0.2.10/32"),
+                spec("link", "198.18.1.0/30"),
+                spec("db", "192.0.2.20/32"),
+            ],
+        });
+        let report = reload_report(effects);
+        assert_eq!(report.added, [name("db")]);
+        assert_eq!(report.refused.len(), 1);
+        assert_eq!(report.refused[0].app, name("link"));
+        assert!(
+            report.refused[0]
+                .reason
+                .contains("198.18.1.2, the BGP peer"),
+            "{}",
+            report.refused[0].reason
+        );
+        assert!(!t.core.apps.contains_key(&name("link")));
+    }
+
+    #[test]
+    fn the_agents_own_vips_on_lo_are_not_protected_and_an_address_that_appears_later_leaves_apps_alone()
+     {
+        let mut t = guarded(Vec::new());
+        t.register(spec("web", "192.0.2.10/32"), Source::Consul);
+        t.bring_up("web");
+        // A kernel without IFA_PROTO lists our own VIP as an address of lo: still ours.
+        let mut local = t.core.local.clone();
+        local.push(Protected::interface("192.0.2.10".parse().unwrap(), "lo"));
+        assert!(t.step(Event::LocalAddresses(local.clone())).is_empty());
+        let mut changed = spec("web", "192.0.2.10/31");
+        changed.communities = vec!["65000:1".parse().unwrap()];
+        assert!(app_reply(t.register(changed.clone(), Source::Consul)).is_ok());
+        t.bring_up("web");
+        // An address of eth0 that the running app now covers: the app stays announced.
+        local.push(Protected::interface("192.0.2.11".parse().unwrap(), "eth0"));
+        assert!(t.step(Event::LocalAddresses(local)).is_empty());
+        assert!(t.view("web").announced);
+        // Registered again unchanged: fine; a new app on that address: refused.
+        assert!(app_reply(t.register(changed, Source::Consul)).is_ok());
+        assert!(matches!(
+            app_reply(t.register(spec("other", "192.0.2.11/32"), Source::Http)),
+            Err(LifecycleError::ProtectedAddress { .. })
+        ));
     }
 }
