@@ -607,7 +607,7 @@ impl Host for SystemHost {
                 )),
                 Ok(None) => {}
                 Err(e) => {
-                    debug!(error = %crate::error_chain(&e), "cannot look up the default gateway")
+                    debug!(error = %crate::error_chain(&e), "cannot look up the default gateway");
                 }
             }
         }

@@ -2440,19 +2440,23 @@ mod tests {
             }
             match (refused, app_reply(effects)) {
                 (None, reply) => assert!(reply.is_ok(), "{vip}: {reply:?}"),
-                (Some((addr, relation, what)), Err(e)) => {
+                (Some((addr, relation, what)), Err(err)) => {
                     let LifecycleError::ProtectedAddress {
-                        addr: a,
-                        relation: r,
-                        what: w,
+                        addr: found,
+                        relation: rel,
+                        what: named,
                         ..
-                    } = e
+                    } = err
                     else {
-                        panic!("{vip}: {e}");
+                        panic!("{vip}: {err}");
                     };
-                    assert_eq!((a.to_string().as_str(), *r), (addr, relation), "{vip}");
-                    assert!(w.contains(what), "{vip}: {w}");
-                    let message = e.to_string();
+                    assert_eq!(
+                        (found.to_string().as_str(), *rel),
+                        (addr, relation),
+                        "{vip}"
+                    );
+                    assert!(named.contains(what), "{vip}: {named}");
+                    let message = err.to_string();
                     assert!(message.contains(vip) && message.contains(addr), "{message}");
                     assert_eq!(kinds(effects), ["reply"], "{vip}: refused, nothing changed");
                 }
