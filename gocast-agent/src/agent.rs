@@ -81,7 +81,12 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogFilter>) -> Resul
     let mut tasks = Vec::new();
     let mut consul = Consul::new(&cancel, &metrics);
     tasks.extend(consul.start_health(consul_client.clone()));
-    let settings = lifecycle_settings(agent, consul.health.clone(), counters_present);
+    let settings = lifecycle_settings(
+        agent,
+        &config.bgp.peers,
+        consul.health.clone(),
+        counters_present,
+    );
     let store = Store::new(&agent.state_file);
     let (owners_tx, owners_rx) = tokio::sync::watch::channel(messages::Owners::default());
     let status_owners = owners_tx.subscribe();
@@ -391,6 +396,7 @@ async fn start_speaker(
 /// What the lifecycle applies, from the config.
 fn lifecycle_settings(
     agent: &crate::config::AgentConfig,
+    peers: &[crate::config::PeerConfig],
     consul_health: Option<consul::HealthLink>,
     passive_health: bool,
 ) -> lifecycle::Settings {
@@ -407,7 +413,36 @@ fn lifecycle_settings(
             consul: consul_health,
         },
         passive_health,
+        protected: protected_addresses(peers),
     }
+}
+
+/// The configured addresses no VIP may cover: each peer's address, next hop and local
+/// addresses (docs/security.md, "Safe VIPs").
+fn protected_addresses(peers: &[crate::config::PeerConfig]) -> Vec<lifecycle::Protected> {
+    let mut protected = Vec::new();
+    for p in peers {
+        let peer = |what: &str| match p.peer_ip {
+            Some(ip) => format!("{what} of BGP peer {ip}"),
+            None => format!("{what} of the autodiscovered BGP peer"),
+        };
+        if let Some(ip) = p.peer_ip {
+            protected.push(lifecycle::Protected::new(ip, "the BGP peer"));
+        }
+        if let Some(ip) = p.next_hop {
+            protected.push(lifecycle::Protected::new(ip.into(), peer("the next hop")));
+        }
+        if let Some(ip) = p.local_ip {
+            protected.push(lifecycle::Protected::new(ip, peer("the local address")));
+        }
+        if let Some(ip) = p.local_ipv6 {
+            protected.push(lifecycle::Protected::new(
+                ip.into(),
+                peer("the local IPv6 address"),
+            ));
+        }
+    }
+    protected
 }
 
 /// Connects to the kernel and loads the dataplane, naming the dataplane in any error.
@@ -593,8 +628,12 @@ impl reload::Apply for Reloadable {
             self.consul.start_health(consul_client.clone());
             report.consul_restarted = true;
         }
-        let settings =
-            lifecycle_settings(&new.agent, self.consul.health.clone(), self.passive_health);
+        let settings = lifecycle_settings(
+            &new.agent,
+            &new.bgp.peers,
+            self.consul.health.clone(),
+            self.passive_health,
+        );
         report.apps = self.lifecycle.reload(settings, new.apps.clone()).await?;
         match self.speaker.reload(&new.bgp).await {
             Ok(bgp) => {

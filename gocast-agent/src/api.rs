@@ -66,7 +66,8 @@ impl From<LifecycleError> for ApiError {
             | LifecycleError::LabelConflict { .. }
             | LifecycleError::ConfigApp(_)
             | LifecycleError::ConsulApp(_)
-            | LifecycleError::NameTaken { .. } => StatusCode::CONFLICT,
+            | LifecycleError::NameTaken { .. }
+            | LifecycleError::ProtectedAddress { .. } => StatusCode::CONFLICT,
             LifecycleError::UnknownApp(_) => StatusCode::NOT_FOUND,
             LifecycleError::ExecRefused | LifecycleError::NotAllowed(_) => StatusCode::FORBIDDEN,
             LifecycleError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -594,6 +595,7 @@ mod tests {
                 consul: None,
             },
             passive_health: snapshots.is_some(),
+            protected: Vec::new(),
         };
         let cancel = CancellationToken::new();
         let metrics = Metrics::default();

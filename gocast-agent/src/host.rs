@@ -29,7 +29,7 @@ use crate::{
         iptables::{CHAIN, Iptables},
     },
     lifecycle::{
-        Host, HostError,
+        Host, HostError, Protected,
         events::{Drift, Expected, NatSpec, Part, RepairKind},
     },
     netlink::Netlink,
@@ -71,6 +71,8 @@ pub struct SystemHost {
     verify_error: Option<(String, bool)>,
     /// What the host cannot put back (by [`Drift::Shared`] `what`): logged once.
     failing: HashSet<String>,
+    /// The last failure to list the host's addresses, logged once until a listing works.
+    addresses_error: Option<String>,
 }
 
 impl SystemHost {
@@ -116,6 +118,7 @@ impl SystemHost {
             hints,
             verify_error: None,
             failing: HashSet::new(),
+            addresses_error: None,
         })
     }
 
@@ -568,5 +571,46 @@ impl Host for SystemHost {
 
     fn drift_hints(&mut self) -> Option<mpsc::Receiver<()>> {
         self.hints.take()
+    }
+
+    async fn local_addresses(&mut self) -> Option<Vec<Protected>> {
+        let listed = self.netlink.interface_addresses().await;
+        let mut protected: Vec<Protected> = match listed {
+            Ok(addresses) => addresses
+                .into_iter()
+                .map(|(addr, name)| Protected::interface(addr, &name))
+                .collect(),
+            Err(e) => {
+                let message = crate::error_chain(&e);
+                if self.addresses_error.as_ref() != Some(&message) {
+                    warn!(error = %message, "cannot list the host's addresses; vips are checked against the last known ones");
+                }
+                self.addresses_error = Some(message);
+                return None;
+            }
+        };
+        if self.addresses_error.take().is_some() {
+            info!("listing the host's addresses works again");
+        }
+        // An autodiscovered peer is the default gateway, which is no address of ours; the
+        // route dump runs only then.
+        if self
+            .nat_dest
+            .peers
+            .iter()
+            .any(|(peer, _, _)| peer.is_none())
+        {
+            match self.netlink.default_gateway().await {
+                Ok(Some((gateway, _))) => protected.push(Protected::new(
+                    gateway,
+                    "the BGP peer (the default gateway, autodiscovered)",
+                )),
+                Ok(None) => {}
+                Err(e) => {
+                    debug!(error = %crate::error_chain(&e), "cannot look up the default gateway");
+                }
+            }
+        }
+        Some(protected)
     }
 }

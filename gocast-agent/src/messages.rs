@@ -37,6 +37,38 @@ pub struct Settings {
     pub monitor: monitor::Settings,
     /// The eBPF counters run, so `passive_health: true` has an effect.
     pub passive_health: bool,
+    /// Addresses from the config that no VIP may equal or cover (docs/security.md, "Safe
+    /// VIPs"): each BGP peer, next hop and local address. The addresses of the host's
+    /// interfaces come from the host instead ([`crate::lifecycle::events::Event::LocalAddresses`]).
+    pub protected: Vec<Protected>,
+}
+
+/// An address no VIP may equal or cover: on `lo`, a VIP covering it makes the kernel route it
+/// locally, so the host loses its BGP peer, next hop or the interface's own traffic.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Protected {
+    pub addr: IpAddr,
+    /// What it is, for the refusal: "the BGP peer", "an address of interface eth0".
+    pub what: String,
+}
+
+impl Protected {
+    pub fn new(addr: IpAddr, what: impl Into<String>) -> Self {
+        Self {
+            addr,
+            what: what.into(),
+        }
+    }
+
+    /// An address of the host's interface `name`.
+    pub fn interface(addr: IpAddr, name: &str) -> Self {
+        Self::new(addr, format!("an address of interface {name}"))
+    }
+
+    /// An address on `lo` that is not one of the agent's VIPs.
+    pub fn on_lo(&self) -> bool {
+        self.what == "an address of interface lo"
+    }
 }
 
 /// What the lifecycle wants announced: one route per healthy app, keyed by prefix.
@@ -109,6 +141,16 @@ pub enum LifecycleError {
     NameTaken { name: AppName, owner: Source },
     #[error("exec monitors are refused over HTTP (set agent.allow_http_exec: true to allow them)")]
     ExecRefused,
+    #[error(
+        "vip {vip} refused: it {relation} {addr}, {what}; on lo it would take that address from the host"
+    )]
+    ProtectedAddress {
+        vip: Vip,
+        addr: IpAddr,
+        /// "equals" or "covers".
+        relation: &'static str,
+        what: String,
+    },
     #[error("vip {0} is outside agent.vip_allowlist")]
     NotAllowed(Vip),
     #[error("registration not saved, nothing changed: {0}")]

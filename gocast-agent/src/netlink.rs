@@ -86,6 +86,10 @@ pub enum NetlinkError {
         #[source]
         source: rtnetlink::Error,
     },
+    #[error("cannot list the interfaces")]
+    ListLinks(#[source] rtnetlink::Error),
+    #[error("cannot list the addresses of the interfaces")]
+    ListAllAddresses(#[source] rtnetlink::Error),
     #[error("cannot list the IPv4 routes")]
     ListRoutes(#[source] rtnetlink::Error),
     #[error("cannot subscribe to the kernel's address events")]
@@ -272,6 +276,58 @@ impl Netlink {
             .iter()
             .filter_map(address_net)
             .map(|n| n.addr())
+            .collect())
+    }
+
+    /// Every address of every interface with the interface's name, in two dumps (links, then
+    /// addresses): what no VIP may cover (docs/security.md, "Safe VIPs"). Left out: the
+    /// addresses this agent put on `lo` (marked with [`ADDR_PROTO`]) and loopback addresses
+    /// (127/8, `::1`), which no VIP can be anyway.
+    pub async fn interface_addresses(&self) -> Result<Vec<(IpAddr, String)>, NetlinkError> {
+        let links: Vec<_> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(NetlinkError::ListLinks)?;
+        let names: std::collections::HashMap<u32, String> = links
+            .into_iter()
+            .filter_map(|l| {
+                let name = l.attributes.into_iter().find_map(|a| match a {
+                    LinkAttribute::IfName(n) => Some(n),
+                    _ => None,
+                })?;
+                Some((l.header.index, name))
+            })
+            .collect();
+        let addresses: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(NetlinkError::ListAllAddresses)?;
+        Ok(addresses
+            .iter()
+            .filter(|m| {
+                !m.attributes.iter().any(
+                    |a| matches!(a, AddressAttribute::Protocol(p) if u8::from(*p) == ADDR_PROTO),
+                )
+            })
+            .filter_map(|m| {
+                let addr = address_net(m)?.addr();
+                if addr.is_loopback() {
+                    return None;
+                }
+                let name = names
+                    .get(&m.header.index)
+                    .cloned()
+                    .unwrap_or_else(|| format!("#{}", m.header.index));
+                Some((addr, name))
+            })
             .collect())
     }
 

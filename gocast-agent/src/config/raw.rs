@@ -239,6 +239,7 @@ impl RawConfig {
             .map(|(i, app)| app.into_spec(&format!("apps[{i}]")))
             .collect::<Result<Vec<_>, _>>()?;
         check_unique(&apps)?;
+        check_protected(&apps, &bgp.peers)?;
         let dataplane = self.dataplane.into_dataplane()?;
         Ok(Config {
             agent,
@@ -295,6 +296,44 @@ fn check_unique(apps: &[AppSpec]) -> Result<(), Invalid> {
                 format!(
                     "vip {} overlaps vip {} of app {}",
                     app.vip, other.vip, other.name
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// No VIP may equal or cover a configured BGP peer, next hop or local address: on `lo` it
+/// would take that address from the host and end the session (docs/security.md, "Safe VIPs").
+/// The host's interface addresses are checked by the agent when it runs.
+fn check_protected(apps: &[AppSpec], peers: &[PeerConfig]) -> Result<(), Invalid> {
+    let protected: Vec<(IpAddr, &str)> = peers
+        .iter()
+        .flat_map(|p| {
+            [
+                p.peer_ip.map(|ip| (ip, "bgp peer_ip")),
+                p.next_hop.map(|ip| (ip.into(), "bgp next_hop")),
+                p.local_ip.map(|ip| (ip, "bgp local_ip")),
+                p.local_ipv6.map(|ip| (ip.into(), "bgp local_ipv6")),
+            ]
+        })
+        .flatten()
+        .collect();
+    for (i, app) in apps.iter().enumerate() {
+        if let Some((addr, key)) = protected
+            .iter()
+            .find(|(addr, _)| app.vip.prefix().contains(addr))
+        {
+            let relation = if app.vip.addr() == *addr {
+                "equals"
+            } else {
+                "covers"
+            };
+            return Err(invalid(
+                format!("apps[{i}].vip"),
+                format!(
+                    "vip {} {relation} {addr} ({key}); on lo it would take that address from the host",
+                    app.vip
                 ),
             ));
         }

@@ -238,6 +238,31 @@ fn bad_values_are_errors_naming_key_and_line() {
 }
 
 #[test]
+fn an_app_vip_on_a_configured_peer_next_hop_or_local_address_is_refused_naming_the_key() {
+    for (yaml, needle) in [
+        (
+            "bgp: {local_as: 1, remote_as: 2, peer_ip: 198.18.1.2}\napps: [{name: a, vip: 198.18.1.2/32}]",
+            "apps[0].vip: vip 198.18.1.2/32 equals 198.18.1.2 (bgp peer_ip)",
+        ),
+        (
+            "bgp: {local_as: 1, remote_as: 2, peer_ip: 198.18.1.2}\napps: [{name: a, vip: 192.0.2.1/32}, {name: b, vip: 198.18.1.1/30}]",
+            "apps[1].vip: vip 198.18.1.1/30 covers 198.18.1.2 (bgp peer_ip)",
+        ),
+        (
+            "bgp: {local_as: 1, remote_as: 2, peer_ip: 198.18.1.2, next_hop: 203.0.113.9}\napps: [{name: a, vip: 203.0.113.0/24}]",
+            "covers 203.0.113.9 (bgp next_hop)",
+        ),
+        (
+            "bgp: {local_as: 1, remote_as: 2, local_ip: 198.18.1.1}\napps: [{name: a, vip: 198.18.1.1/32}]",
+            "equals 198.18.1.1 (bgp local_ip)",
+        ),
+    ] {
+        let e = err(yaml);
+        assert!(e.contains(needle), "{yaml}: {e}");
+    }
+}
+
+#[test]
 fn bad_dataplane_values_are_errors_naming_the_key() {
     for (yaml, needle) in [
         ("dataplane: {mode: xdp}", "dataplane.mode"),

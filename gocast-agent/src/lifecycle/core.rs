@@ -30,7 +30,7 @@ use super::{
 };
 use crate::{
     app::{AppName, AppSpec, Monitor, Source},
-    messages::{AppView, LifecycleError, Route, RouteSet, Verdict, VipOwner},
+    messages::{AppView, LifecycleError, Protected, Route, RouteSet, Verdict, VipOwner},
     metrics::Metrics,
     monitor::{self, MonitorResult, Report},
     store::{Saved, StoreError},
@@ -98,6 +98,8 @@ pub struct Core {
     host_drained: bool,
     /// Self-repair: the verification of the host in flight.
     verification: repair::Verification,
+    /// The host's own addresses ([`Event::LocalAddresses`]), sorted: no VIP may cover one.
+    local: Vec<Protected>,
 }
 
 impl Core {
@@ -116,6 +118,7 @@ impl Core {
             drained: BTreeSet::new(),
             host_drained: false,
             verification: repair::Verification::default(),
+            local: Vec::new(),
         }
     }
 
@@ -143,11 +146,18 @@ impl Core {
             );
         }
         for spec in config_apps {
+            if let Err(e) = self.check_protected(&spec) {
+                error!(app = %spec.name, error = %e, "config app refused; the others run");
+                continue;
+            }
             self.insert(spec, Source::Config, now, out);
         }
         let count = saved.apps.len();
         for spec in saved.apps {
-            if let Err(e) = self.check_conflicts(&spec) {
+            if let Err(e) = self
+                .check_protected(&spec)
+                .and_then(|()| self.check_conflicts(&spec))
+            {
                 error!(app = %spec.name, error = %e, "saved registration dropped");
                 continue;
             }
@@ -242,7 +252,36 @@ impl Core {
             }
             Event::VerifyDue => self.verify_due(out),
             Event::Verified { id, drift } => self.verified(id, drift, now, out),
+            Event::LocalAddresses(addresses) => self.local_addresses(addresses),
             Event::Shutdown => self.shutdown(out),
+        }
+    }
+
+    /// The host's addresses changed (or are known for the first time): new registrations are
+    /// checked against them. An app they make unsafe stays (its VIP is on `lo` already, and
+    /// withdrawing a healthy route because an address appeared elsewhere would be an outage
+    /// of its own); it is logged, and the operator decides.
+    fn local_addresses(&mut self, mut addresses: Vec<Protected>) {
+        addresses.sort();
+        addresses.dedup();
+        if addresses == self.local {
+            return;
+        }
+        debug!(count = addresses.len(), "the host's addresses changed");
+        let old = std::mem::replace(&mut self.local, addresses);
+        for entry in self.apps.values() {
+            let vip = entry.spec.vip;
+            if let Some(p) = self.local.iter().find(|p| self.unsafe_for(vip, p))
+                && !old.iter().any(|o| self.unsafe_for(vip, o))
+            {
+                warn!(
+                    app = %entry.spec.name,
+                    %vip,
+                    addr = %p.addr,
+                    what = %p.what,
+                    "an app's vip now covers an address of the host; it stays (unregister or change it)"
+                );
+            }
         }
     }
 
@@ -308,6 +347,7 @@ impl Core {
     /// Every check a registration must pass; a refused one changes nothing.
     fn admit(&self, spec: &AppSpec, source: Source) -> Result<Admission, LifecycleError> {
         self.check_policy(spec, source)?;
+        self.check_protected(spec)?;
         self.check_conflicts(spec)?;
         match self.apps.get(&spec.name) {
             Some(old) if source != Source::Config && old.source == Source::Config => {
@@ -481,6 +521,43 @@ impl Core {
             }
         }
         Ok(())
+    }
+
+    /// Refuses a VIP that equals or covers a protected address: a configured BGP peer, next
+    /// hop or local address, or an address of the host (docs/security.md, "Safe VIPs"). For
+    /// every source, config apps included.
+    fn check_protected(&self, spec: &AppSpec) -> Result<(), LifecycleError> {
+        let vip = spec.vip;
+        if self
+            .apps
+            .get(&spec.name)
+            .is_some_and(|old| old.spec.vip == vip)
+        {
+            // Already there with this VIP: refusing it would change nothing on the host (an
+            // address that appeared since was warned about; see `local_addresses`).
+            return Ok(());
+        }
+        let protected = self.settings.protected.iter().chain(&self.local);
+        match protected.into_iter().find(|p| self.unsafe_for(vip, p)) {
+            None => Ok(()),
+            Some(p) => Err(LifecycleError::ProtectedAddress {
+                vip,
+                addr: p.addr,
+                relation: if vip.addr() == p.addr {
+                    "equals"
+                } else {
+                    "covers"
+                },
+                what: p.what.clone(),
+            }),
+        }
+    }
+
+    /// `vip` equals or covers `p`, and `p` is not the VIP of one of our apps on `lo` (the host
+    /// leaves those out already; this keeps it so on kernels that do not keep `IFA_PROTO`).
+    fn unsafe_for(&self, vip: crate::app::Vip, p: &Protected) -> bool {
+        vip.prefix().contains(&p.addr)
+            && !(p.on_lo() && self.apps.values().any(|e| e.spec.vip.addr() == p.addr))
     }
 
     fn check_policy(&self, spec: &AppSpec, source: Source) -> Result<(), LifecycleError> {
@@ -945,6 +1022,7 @@ mod tests {
                 consul: None,
             },
             passive_health: true,
+            protected: Vec::new(),
         }
     }
 
@@ -974,8 +1052,25 @@ mod tests {
 
     impl T {
         fn new(rise: u32, fall: u32, config: Vec<AppSpec>) -> Self {
+            Self::with(settings(rise, fall), Vec::new(), config)
+        }
+
+        /// A core that knows the host's addresses `local` before it restores `config`, as
+        /// the driver starts it.
+        fn with(settings: Settings, local: Vec<Protected>, config: Vec<AppSpec>) -> Self {
+            let mut core = Core::new(settings, Metrics::default());
+            let mut out = Vec::new();
+            core.step(
+                Event::LocalAddresses(local),
+                Now {
+                    mono: Instant::now(),
+                    wall: SystemTime::UNIX_EPOCH,
+                },
+                &mut out,
+            );
+            assert!(out.is_empty());
             let mut t = Self {
-                core: Core::new(settings(rise, fall), Metrics::default()),
+                core,
                 now: Now {
                     mono: Instant::now(),
                     wall: SystemTime::UNIX_EPOCH,
@@ -2018,5 +2113,165 @@ mod tests {
                 assert!(t.metric(line), "{line}");
             }
         }
+    }
+
+    /// Safe VIPs (docs/security.md): the configured peer and next hop, and the host's
+    /// addresses (an operator's address on `lo` included, the agent's own VIPs not).
+    fn guarded(config: Vec<AppSpec>) -> T {
+        let mut s = settings(1, 1);
+        s.protected = vec![
+            Protected::new("198.18.1.2".parse().unwrap(), "the BGP peer"),
+            Protected::new(
+                "198.18.1.5".parse().unwrap(),
+                "the next hop of BGP peer 198.18.1.2",
+            ),
+        ];
+        let local = vec![
+            Protected::interface("198.18.1.1".parse().unwrap(), "eth0"),
+            Protected::interface("2001:db8:1::1".parse().unwrap(), "eth0"),
+            Protected::interface("203.0.113.7".parse().unwrap(), "lo"),
+        ];
+        T::with(s, local, config)
+    }
+
+    #[test]
+    fn a_vip_equal_to_or_covering_a_protected_address_is_refused_from_every_source() {
+        let cases = [
+            // (vip, source, the protected address named, or None: accepted)
+            (
+                "198.18.1.2/32",
+                Source::Http,
+                Some(("198.18.1.2", "equals", "the BGP peer")),
+            ),
+            (
+                "198.18.1.0/30",
+                Source::Http,
+                Some(("198.18.1.2", "covers", "the BGP peer")),
+            ),
+            (
+                "198.18.1.2/32",
+                Source::Consul,
+                Some(("198.18.1.2", "equals", "the BGP peer")),
+            ),
+            (
+                "198.18.1.4/30",
+                Source::Consul,
+                Some(("198.18.1.5", "covers", "the next hop")),
+            ),
+            (
+                "198.18.1.1/32",
+                Source::Http,
+                Some(("198.18.1.1", "equals", "interface eth0")),
+            ),
+            (
+                "198.18.0.0/16",
+                Source::Consul,
+                Some(("198.18.1.2", "covers", "the BGP peer")),
+            ),
+            (
+                "2001:db8:1::/64",
+                Source::Http,
+                Some(("2001:db8:1::1", "covers", "interface eth0")),
+            ),
+            (
+                "203.0.113.7/32",
+                Source::Http,
+                Some(("203.0.113.7", "equals", "interface lo")),
+            ),
+            ("198.18.1.6/32", Source::Http, None),
+            ("198.18.1.8/30", Source::Consul, None),
+            ("2001:db8:2::1/128", Source::Http, None),
+        ];
+        for (vip, source, refused) in cases {
+            let mut t = guarded(Vec::new());
+            let effects = t.register(spec("x", vip), source);
+            if refused.is_none() && source == Source::Http {
+                assert_eq!(kinds(effects), ["persist"], "{vip}");
+                continue;
+            }
+            match (refused, app_reply(effects)) {
+                (None, reply) => assert!(reply.is_ok(), "{vip}: {reply:?}"),
+                (Some((addr, relation, what)), Err(err)) => {
+                    let LifecycleError::ProtectedAddress {
+                        addr: found,
+                        relation: rel,
+                        what: named,
+                        ..
+                    } = err
+                    else {
+                        panic!("{vip}: {err}");
+                    };
+                    assert_eq!(
+                        (found.to_string().as_str(), *rel),
+                        (addr, relation),
+                        "{vip}"
+                    );
+                    assert!(named.contains(what), "{vip}: {named}");
+                    let message = err.to_string();
+                    assert!(message.contains(vip) && message.contains(addr), "{message}");
+                    assert_eq!(kinds(effects), ["reply"], "{vip}: refused, nothing changed");
+                }
+                (Some(_), Ok(view)) => panic!("{vip} accepted: {view:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn config_apps_that_cover_a_protected_address_are_refused_and_the_others_run() {
+        let mut t = guarded(vec![
+            spec("peer", "198.18.1.2/32"),
+            spec("web", "192.0.2.10/32"),
+        ]);
+        assert_eq!(t.core.apps.keys().collect::<Vec<_>>(), [&name("web")]);
+        let mut s = settings(1, 1);
+        s.protected = t.core.settings.protected.clone();
+        let id = t.id();
+        let effects = t.step(Event::Reload {
+            id,
+            settings: Box::new(s),
+            apps: vec![
+                spec("web", "192.0.2.10/32"),
+                spec("link", "198.18.1.0/30"),
+                spec("db", "192.0.2.20/32"),
+            ],
+        });
+        let report = reload_report(effects);
+        assert_eq!(report.added, [name("db")]);
+        assert_eq!(report.refused.len(), 1);
+        assert_eq!(report.refused[0].app, name("link"));
+        assert!(
+            report.refused[0]
+                .reason
+                .contains("198.18.1.2, the BGP peer"),
+            "{}",
+            report.refused[0].reason
+        );
+        assert!(!t.core.apps.contains_key(&name("link")));
+    }
+
+    #[test]
+    fn the_agents_own_vips_on_lo_are_not_protected_and_an_address_that_appears_later_leaves_apps_alone()
+     {
+        let mut t = guarded(Vec::new());
+        t.register(spec("web", "192.0.2.10/32"), Source::Consul);
+        t.bring_up("web");
+        // A kernel without IFA_PROTO lists our own VIP as an address of lo: still ours.
+        let mut local = t.core.local.clone();
+        local.push(Protected::interface("192.0.2.10".parse().unwrap(), "lo"));
+        assert!(t.step(Event::LocalAddresses(local.clone())).is_empty());
+        let mut changed = spec("web", "192.0.2.10/31");
+        changed.communities = vec!["65000:1".parse().unwrap()];
+        assert!(app_reply(t.register(changed.clone(), Source::Consul)).is_ok());
+        t.bring_up("web");
+        // An address of eth0 that the running app now covers: the app stays announced.
+        local.push(Protected::interface("192.0.2.11".parse().unwrap(), "eth0"));
+        assert!(t.step(Event::LocalAddresses(local)).is_empty());
+        assert!(t.view("web").announced);
+        // Registered again unchanged: fine; a new app on that address: refused.
+        assert!(app_reply(t.register(changed, Source::Consul)).is_ok());
+        assert!(matches!(
+            app_reply(t.register(spec("other", "192.0.2.11/32"), Source::Http)),
+            Err(LifecycleError::ProtectedAddress { .. })
+        ));
     }
 }

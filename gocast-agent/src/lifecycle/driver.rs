@@ -80,6 +80,11 @@ enum Work {
         id: VerifyId,
         expected: Vec<Expected>,
     },
+    /// List the host's addresses ([`Event::LocalAddresses`]). `first`: at start, answered even
+    /// if the listing failed, so the driver can wait for it.
+    Addresses {
+        first: bool,
+    },
 }
 
 /// The lifecycle task's state: the core and the ends of every channel.
@@ -149,6 +154,14 @@ impl Driver {
         cancel: CancellationToken,
         mut heartbeat: Heartbeat,
     ) {
+        // The host's addresses before any app: a config app or saved registration that would
+        // cover one is refused from the start.
+        let _ = self.work.send(Work::Addresses { first: true });
+        if let Some(results) = self.done_rx.recv().await {
+            for event in results {
+                self.step(event);
+            }
+        }
         let saved = self.store.load_off_thread().await;
         let mut out = std::mem::take(&mut self.effects);
         self.core.restore(config_apps, saved, now(), &mut out);
@@ -290,6 +303,8 @@ impl Driver {
                 Effect::ShutdownHost => drop(self.work.send(Work::Shutdown)),
                 Effect::Verify { id, expected } => {
                     drop(self.work.send(Work::Verify { id, expected }));
+                    // The host's addresses are checked as often as the rest of the host.
+                    drop(self.work.send(Work::Addresses { first: false }));
                 }
             }
         }
@@ -322,6 +337,7 @@ async fn host_worker<H: Host>(
         // batch of monitor reports) and answered in one message, so the lifecycle publishes
         // their routes once, not once per app.
         let mut results = Vec::new();
+        let mut answer = false;
         let mut next = Some(first);
         while let Some(item) = next.take() {
             match item {
@@ -334,6 +350,12 @@ async fn host_worker<H: Host>(
                 Work::Verify { id, expected } => {
                     let drift = host.verify(&expected).await;
                     results.push(Event::Verified { id, drift });
+                }
+                Work::Addresses { first } => {
+                    answer |= first;
+                    if let Some(addresses) = host.local_addresses().await {
+                        results.push(Event::LocalAddresses(addresses));
+                    }
                 }
                 Work::StopSpeaker { version } => {
                     await_flushed(announcer.as_mut(), version).await;
@@ -359,7 +381,7 @@ async fn host_worker<H: Host>(
                 next = work.try_recv().ok();
             }
         }
-        if !results.is_empty() {
+        if !results.is_empty() || answer {
             let _ = done.send(results);
         }
     }

@@ -8,7 +8,8 @@ use tokio::time::Instant;
 use crate::{
     app::{AppName, AppSpec, NatRule, Source, Vip},
     messages::{
-        AppView, DrainReport, LifecycleError, Owners, RouteSet, Settings, SyncReport, Verdict,
+        AppView, DrainReport, LifecycleError, Owners, Protected, RouteSet, Settings, SyncReport,
+        Verdict,
     },
     monitor::{self, Report},
     store::{Saved, StoreError},
@@ -77,6 +78,12 @@ pub enum Event {
         id: VerifyId,
         drift: Vec<Drift>,
     },
+    /// The addresses of the host's interfaces now (every interface; loopback addresses and
+    /// the VIPs the agent put on `lo` left out), and the default gateway: no VIP may equal or
+    /// cover one (docs/security.md, "Safe VIPs"). Sent at start, before any app is restored,
+    /// and after each verification of the host, so a new address counts within
+    /// `VERIFY_INTERVAL`.
+    LocalAddresses(Vec<Protected>),
     /// Withdraw everything, then clean the host; nothing else is accepted after it.
     Shutdown,
 }

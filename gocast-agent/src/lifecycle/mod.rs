@@ -42,7 +42,7 @@ use self::{
     driver::Driver,
     events::{Drift, Expected},
 };
-pub use crate::messages::Settings;
+pub use crate::messages::{Protected, Settings};
 use crate::{
     app::{AppName, AppSpec, NatRule, Vip},
     messages::{Announcer, LifecycleHandle, Owners, Routes},
@@ -90,6 +90,11 @@ pub trait Host: Send + Sync + 'static {
     /// address left `lo`). `None` if it cannot tell; the periodic verification still runs.
     /// Taken once, by the driver.
     fn drift_hints(&mut self) -> Option<mpsc::Receiver<()>>;
+    /// The host's own addresses, which no VIP may cover (docs/security.md, "Safe VIPs"):
+    /// every interface's, except loopback addresses and the VIPs the agent put on `lo`; with
+    /// an autodiscovered BGP peer, also the default gateway. `None` if they cannot be listed
+    /// now (the last known ones stay in force).
+    fn local_addresses(&mut self) -> impl Future<Output = Option<Vec<Protected>>> + Send;
 }
 
 /// A host operation that failed.

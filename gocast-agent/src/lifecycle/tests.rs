@@ -36,6 +36,8 @@ pub(crate) struct FakeHost {
     pub verifications: Arc<AtomicUsize>,
     /// The sending end of the drift hints the lifecycle took.
     pub hint: Arc<Mutex<Option<mpsc::Sender<()>>>>,
+    /// The host's own addresses ([`Host::local_addresses`]).
+    pub local: Arc<Mutex<Vec<Protected>>>,
 }
 
 impl FakeHost {
@@ -115,6 +117,9 @@ impl Host for FakeHost {
         *self.hint.lock().unwrap() = Some(tx);
         Some(rx)
     }
+    async fn local_addresses(&mut self) -> Option<Vec<Protected>> {
+        Some(self.local.lock().unwrap().clone())
+    }
 }
 
 struct Harness {
@@ -139,6 +144,7 @@ fn settings() -> Settings {
             consul: None,
         },
         passive_health: true,
+        protected: Vec::new(),
     }
 }
 
