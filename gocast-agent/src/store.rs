@@ -274,13 +274,19 @@ impl Store {
     }
 
     fn keep(&self, reason: &str) {
-        *self.kept.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.to_owned());
+        *self
+            .kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason.to_owned());
     }
 
     /// Replaces what is saved. Refused while a file that failed to load is still in place.
     pub fn save(&self, saved: &Saved) -> Result<(), StoreError> {
         {
-            let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+            let mut kept = self
+                .kept
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(reason) = kept.as_ref() {
                 match fs::symlink_metadata(&self.path) {
                     // Moved or removed by hand: saving is safe again.
