@@ -160,12 +160,45 @@ fn pairs(text: &str) -> Result<Vec<(String, String)>, ApiError> {
         .map_err(|e| ApiError::bad_request(format!("malformed parameters: {e}")))
 }
 
+/// A JSON object's members in order, a key given twice refused (a map would keep one of them
+/// silently, where the same duplicate in a query string is a 400).
+struct Members(Vec<(String, Value)>);
+
+impl<'de> serde::Deserialize<'de> for Members {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Members;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Members, A::Error> {
+                let mut members: Vec<(String, Value)> = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if members.iter().any(|(k, _)| *k == key) {
+                        return Err(serde::de::Error::custom(format_args!(
+                            "duplicate key {:?}",
+                            crate::app::truncated(&key, 64)
+                        )));
+                    }
+                    members.push((key, map.next_value()?));
+                }
+                Ok(Members(members))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// A JSON body becomes the same pairs a query would give: strings once, arrays repeated.
 fn json_pairs(body: &[u8]) -> Result<Vec<(String, String)>, ApiError> {
-    let map: serde_json::Map<String, Value> = serde_json::from_slice(body)
+    let Members(members) = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?;
     let mut out = Vec::new();
-    for (key, value) in map {
+    for (key, value) in members {
         match value {
             Value::String(s) => out.push((key, s)),
             Value::Bool(b) => out.push((key, b.to_string())),
@@ -849,6 +882,24 @@ mod tests {
             .body(Body::from("{nope"))
             .unwrap();
         assert_eq!(call(&api, bad_json).await.0, StatusCode::BAD_REQUEST);
+        // A key twice in a JSON body is a 400 naming it, as it is in a query string.
+        for body in [
+            r#"{"name":"dup","vip":"192.0.2.31/32","vip":"192.0.2.32/32"}"#,
+            r#"{"name":"dup","name":"dup2","vip":"192.0.2.31/32"}"#,
+        ] {
+            let dup = axum::http::Request::post("/register")
+                .header("content-type", "application/json")
+                .body(Body::from(body))
+                .unwrap();
+            let (status, answer) = call(&api, dup).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {answer}");
+            let message = answer["error"].as_str().unwrap();
+            assert!(message.contains("duplicate key"), "{message}");
+            assert!(
+                message.contains("\"vip\"") || message.contains("\"name\""),
+                "{message}"
+            );
+        }
         let after = get(&api, "/apps").await.1;
         assert_eq!(
             before.as_array().unwrap().len(),

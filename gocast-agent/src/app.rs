@@ -33,6 +33,23 @@ pub enum ParseError {
     Community(String),
 }
 
+/// `s` cut to at most `max` bytes (on a character boundary) with `…` and the full length
+/// appended when cut: a value from a request or a state file can be megabytes, a log line or an
+/// error message should not be.
+pub fn truncated(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &s[..end], s.len())
+}
+
+/// The longest input value quoted back in an error.
+const QUOTED: usize = 64;
+
 /// Implements `Display`-based `Serialize` and `FromStr`-based `Deserialize`, so YAML, JSON and
 /// the state file all carry the user's spelling and are parsed by the one `FromStr`.
 macro_rules! string_serde {
@@ -129,7 +146,7 @@ impl FromStr for AppName {
         if ok {
             Ok(Self(s.to_owned()))
         } else {
-            Err(ParseError::Name(s.to_owned()))
+            Err(ParseError::Name(truncated(s, QUOTED)))
         }
     }
 }
@@ -192,7 +209,7 @@ impl FromStr for Vip {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = |reason| ParseError::Vip {
-            value: s.to_owned(),
+            value: truncated(s, QUOTED),
             reason,
         };
         let net: IpNet = match s.parse() {
@@ -209,7 +226,7 @@ impl FromStr for Vip {
         };
         match Self::refusal(net) {
             Some(reason) => Err(ParseError::VipRefused {
-                value: s.to_owned(),
+                value: truncated(s, QUOTED),
                 reason,
             }),
             None => Ok(Self(net)),
@@ -288,7 +305,7 @@ impl FromStr for Monitor {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = |reason| ParseError::Monitor {
-            value: s.to_owned(),
+            value: truncated(s, QUOTED),
             reason,
         };
         let (kind, rest) = s.split_once(':').unwrap_or((s, ""));
@@ -337,7 +354,7 @@ impl FromStr for NatRule {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = |reason| ParseError::Nat {
-            value: s.to_owned(),
+            value: truncated(s, QUOTED),
             reason,
         };
         let mut parts = s.split(':');
@@ -391,7 +408,7 @@ impl FromStr for Community {
     type Err = ParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || ParseError::Community(s.to_owned());
+        let err = || ParseError::Community(truncated(s, QUOTED));
         if let Some((_, v)) = WELL_KNOWN.iter().find(|(name, _)| *name == s) {
             return Ok(Self::Standard(*v));
         }

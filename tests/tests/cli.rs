@@ -78,3 +78,23 @@ fn version_is_printed() -> Result<()> {
     ensure!(out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("gocast "));
     Ok(())
 }
+
+#[test]
+fn a_password_longer_than_a_tcp_md5_key_exits_2() -> Result<()> {
+    let long = "x".repeat(81);
+    let (code, out, err) = check_config(&format!(
+        "bgp: {{local_as: 65001, remote_as: 65000, peer_ip: 198.18.0.2, password: {long}}}\n"
+    ))?;
+    ensure!(code == 2, "exit {code}: {out}{err}");
+    ensure!(
+        err.contains("bgp.password") && err.contains("at most 80"),
+        "{err}"
+    );
+    ensure!(!err.contains(&long), "the password is printed: {err}");
+    let (code, _, err) = check_config(&format!(
+        "bgp: {{local_as: 65001, remote_as: 65000, peer_ip: 198.18.0.2, password: {}}}\n",
+        "x".repeat(80)
+    ))?;
+    ensure!(code == 0, "80 bytes are allowed: {err}");
+    Ok(())
+}

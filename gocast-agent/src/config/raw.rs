@@ -188,6 +188,9 @@ struct RawVipConfig {
     bgp_communities: Vec<Community>,
 }
 
+/// The longest TCP MD5 key the kernel takes (`TCP_MD5SIG_MAXKEYLEN`).
+pub(super) const MAX_PASSWORD: usize = 80;
+
 /// A semantic error: (key path, message).
 type Invalid = (String, String);
 
@@ -222,6 +225,9 @@ impl RawConfig {
                 bgp
             }
         };
+        if bgp.listen_port == Some(0) {
+            return Err(invalid("bgp.listen_port", "must be 1-65535"));
+        }
         for (i, p) in bgp.peers.iter().enumerate() {
             // One session per address: /info and metrics name a peer by it.
             let twin = bgp.peers[..i].iter().any(|q| q.peer_ip == p.peer_ip);
@@ -597,6 +603,28 @@ impl RawPeerKeys {
                 "must be 0 or at least 3s (RFC 4271)",
             ));
         }
+        if hold_time > Duration::from_secs(u64::from(u16::MAX)) {
+            return Err(invalid(
+                format!("{key}.hold_time"),
+                "must be at most 65535s (16 bits in the OPEN message)",
+            ));
+        }
+        let password = peer.password.clone().or_else(|| defaults.password.clone());
+        if let Some(p) = &password
+            && p.len() > MAX_PASSWORD
+        {
+            return Err(invalid(
+                format!("{key}.password"),
+                format!(
+                    "is {} bytes; a TCP MD5 key is at most {MAX_PASSWORD} (the kernel's limit)",
+                    p.len()
+                ),
+            ));
+        }
+        let peer_port = peer.peer_port.or(defaults.peer_port).unwrap_or(BGP_PORT);
+        if peer_port == 0 {
+            return Err(invalid(format!("{key}.peer_port"), "must be 1-65535"));
+        }
         let peer_ip = peer.peer_ip;
         // A section-wide local_ip is the default for the peers of its family only.
         let local_ip = peer.local_ip.or(defaults
@@ -624,10 +652,10 @@ impl RawPeerKeys {
             local_as: section.local_as,
             peer_as,
             peer_ip,
-            peer_port: peer.peer_port.or(defaults.peer_port).unwrap_or(BGP_PORT),
+            peer_port,
             local_ip,
             local_ipv6: peer.local_ipv6.or(defaults.local_ipv6),
-            password: peer.password.clone().or_else(|| defaults.password.clone()),
+            password,
             multihop,
             hold_time,
             communities: section.communities.to_vec(),
@@ -721,17 +749,32 @@ impl RawApp {
     }
 }
 
-/// `hold_time` as BGP people write it: seconds (`90`) or a duration (`90s`).
+/// `hold_time` as BGP people write it: seconds (`90`) or a duration (`90s`). Out-of-range
+/// numbers are read as they are, for the bound check to name the key.
 fn hold_time<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Secs {
-        Int(u16),
-        Text(String),
+    struct V;
+    impl de::Visitor<'_> for V {
+        type Value = Option<Duration>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("seconds (90) or a duration (90s)")
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(Duration::from_secs(v)))
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            u64::try_from(v)
+                .map(|v| Some(Duration::from_secs(v)))
+                .map_err(|_| E::custom("hold_time must not be negative"))
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            go_duration::parse(v).map(Some).map_err(E::custom)
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
     }
-    match Option::<Secs>::deserialize(d)? {
-        None => Ok(None),
-        Some(Secs::Int(s)) => Ok(Some(Duration::from_secs(u64::from(s)))),
-        Some(Secs::Text(t)) => go_duration::parse(&t).map(Some).map_err(de::Error::custom),
-    }
+    d.deserialize_any(V)
 }

@@ -468,3 +468,95 @@ fn a_section_local_ip_is_the_default_for_peers_of_its_family_only() {
     assert_eq!(c.bgp.peers[1].local_ip, None);
     assert!(err("bgp: {local_as: 1, peers: [{peer_ip: '2001:db8::2', peer_as: 2, local_ip: 198.18.0.1}]}").contains("different families"));
 }
+
+/// Every bound docs/design.md and docs/security.md state, one bad value each: the error names
+/// the key. What `check-config` refuses here, the agent never has to find out at run time.
+#[test]
+fn every_documented_bound_is_enforced() {
+    let peer = "bgp: {local_as: 1, remote_as: 2, peer_ip: 198.18.0.2";
+    let app = |extra: &str| format!("apps: [{{name: a, vip: 192.0.2.1/32{extra}}}]");
+    let consul = "agent: {consul_addr: 'http://127.0.0.1:8500/v1'";
+    for (yaml, key) in [
+        (
+            format!("{peer}, password: {}}}", "x".repeat(81)),
+            "bgp.password",
+        ),
+        (format!("{peer}, hold_time: 2}}"), "bgp.hold_time"),
+        (format!("{peer}, hold_time: 65536s}}"), "bgp.hold_time"),
+        (format!("{peer}, hold_time: 65536}}"), "hold_time"),
+        (format!("{peer}, multihop: 0}}"), "bgp.multihop"),
+        (format!("{peer}, multihop: 256}}"), "multihop"),
+        (format!("{peer}, peer_port: 0}}"), "bgp.peer_port"),
+        (format!("{peer}, peer_port: 65536}}"), "peer_port"),
+        (format!("{peer}, listen_port: 0}}"), "bgp.listen_port"),
+        (
+            "bgp: {local_as: 0, remote_as: 2}".to_owned(),
+            "bgp.local_as",
+        ),
+        ("bgp: {local_as: 1, remote_as: 0}".to_owned(), "bgp.peer_as"),
+        (
+            "bgp: {local_as: 1, peers: [{peer_ip: 198.18.0.2, peer_as: 2, password: '".to_owned()
+                + &"y".repeat(81)
+                + "'}]}",
+            "bgp.peers[0].password",
+        ),
+        (
+            "agent: {monitor_interval: 0s}".to_owned(),
+            "agent.monitor_interval",
+        ),
+        ("agent: {exec_timeout: 0s}".to_owned(), "agent.exec_timeout"),
+        ("agent: {monitor_rise: 0}".to_owned(), "agent.monitor_rise"),
+        ("agent: {monitor_fall: 0}".to_owned(), "agent.monitor_fall"),
+        (
+            format!("{consul}, consul_query_interval: 0s}}"),
+            "agent.consul_query_interval",
+        ),
+        (
+            format!("{consul}, consul_monitor_grace: 0s}}"),
+            "agent.consul_monitor_grace",
+        ),
+        (format!("{consul}, consul_node: ' '}}"), "agent.consul_node"),
+        (
+            "agent: {nat_dest_ip: 0.0.0.0}".to_owned(),
+            "agent.nat_dest_ip",
+        ),
+        (
+            format!("apps: [{{name: {}, vip: 192.0.2.1/32}}]", "n".repeat(65)),
+            "apps[0].name",
+        ),
+        (app(", monitor: 'port:tcp:0'"), "apps[0].monitor"),
+        (app(", nats: ['tcp:0:80']"), "apps[0].nats"),
+        (
+            app(", vip_config: {bgp_communities: ['65536:1']}"),
+            "apps[0].vip_config",
+        ),
+        (
+            "dataplane: {interfaces: [abcdefghijklmnop]}".to_owned(),
+            "dataplane.interfaces[0]",
+        ),
+        (
+            "dataplane: {passive_health: {window: 0s}}".to_owned(),
+            "dataplane.passive_health.window",
+        ),
+        (
+            "dataplane: {passive_health: {min_syn: 0}}".to_owned(),
+            "dataplane.passive_health.min_syn",
+        ),
+        (
+            "dataplane: {passive_health: {max_unanswered: 1.5}}".to_owned(),
+            "dataplane.passive_health.max_unanswered",
+        ),
+    ] {
+        let e = err(&yaml);
+        assert!(
+            e.contains(key),
+            "{yaml:.120} gave {e:?}, expected the key {key:?}"
+        );
+    }
+    // The limits themselves are allowed.
+    parse(&format!(
+        "{peer}, password: {}, hold_time: 65535, multihop: 255, peer_port: 65535}}",
+        "x".repeat(80)
+    ))
+    .unwrap();
+}

@@ -153,16 +153,22 @@ impl Core {
             self.insert(spec, Source::Config, now, out);
         }
         let count = saved.apps.len();
+        let mut dropped = 0;
         for spec in saved.apps {
+            // What a registration over HTTP must pass, it must pass again from the file:
+            // `exec:` monitors only with allow_http_exec, VIPs inside the allowlist.
             if let Err(e) = self
-                .check_protected(&spec)
+                .check_policy(&spec, Source::Http)
+                .and_then(|()| self.check_protected(&spec))
                 .and_then(|()| self.check_conflicts(&spec))
             {
                 error!(app = %spec.name, error = %e, "saved registration dropped");
+                dropped += 1;
                 continue;
             }
             if self.apps.contains_key(&spec.name) {
                 warn!(app = %spec.name, "saved registration dropped: the config defines this app");
+                dropped += 1;
                 continue;
             }
             self.insert(spec, Source::Http, now, out);
@@ -171,6 +177,7 @@ impl Core {
             config = self.count(Source::Config),
             restored = self.count(Source::Http),
             saved = count,
+            dropped,
             "apps loaded"
         );
         self.flush(out);
@@ -1809,6 +1816,52 @@ mod tests {
             Err(LifecycleError::UnknownApp(_))
         ));
     }
+    #[test]
+    fn saved_registrations_pass_the_http_policy_again_at_restore() {
+        let exec = |name: &str, vip: &str| {
+            let mut s = spec(name, vip);
+            s.monitors = vec!["exec:touch /tmp/gocast-should-not-run".parse().unwrap()];
+            s
+        };
+        // (allow_http_exec, vip_allowlist, saved app, restored?)
+        for (allow_exec, allowlist, app, restored) in [
+            (false, "", exec("x", "192.0.2.1/32"), false),
+            (true, "", exec("x", "192.0.2.1/32"), true),
+            (false, "", spec("p", "192.0.2.1/32"), true),
+            (false, "198.51.100.0/24", spec("p", "192.0.2.1/32"), false),
+            (false, "192.0.2.0/24", spec("p", "192.0.2.1/32"), true),
+        ] {
+            let mut settings = settings(1, 1);
+            settings.allow_http_exec = allow_exec;
+            settings.vip_allowlist = allowlist.parse().into_iter().collect();
+            let mut core = Core::new(settings, Metrics::default());
+            let mut out = Vec::new();
+            let now = Now {
+                mono: Instant::now(),
+                wall: SystemTime::UNIX_EPOCH,
+            };
+            let name = app.name.clone();
+            let saved = Saved {
+                apps: vec![app],
+                ..Saved::default()
+            };
+            core.restore(Vec::new(), Ok(saved), now, &mut out);
+            assert_eq!(
+                core.apps.contains_key(&name),
+                restored,
+                "allow_http_exec {allow_exec}, allowlist {allowlist:?}, app {name}"
+            );
+            if !restored {
+                assert!(
+                    !out.iter()
+                        .any(|e| matches!(e, Effect::Monitor(monitor::Command::Watch { .. }))),
+                    "nothing of a dropped app is watched: {:?}",
+                    kinds(&out)
+                );
+            }
+        }
+    }
+
     /// Self-repair (docs/design.md, "Self-repair"): verification results in, repairs out.
     mod repair {
         use super::*;

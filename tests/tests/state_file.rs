@@ -1,0 +1,147 @@
+//! The state file cannot be turned against the host: a file others could have written is moved
+//! aside unread (its `exec:` monitors never run), a saved `exec:` registration needs
+//! `allow_http_exec` again at restore, and a file that is not UTF-8 is moved aside, after which
+//! registrations save normally.
+
+use std::{os::unix::fs::PermissionsExt, path::Path, time::Duration};
+
+use anyhow::{Result, ensure};
+use gocast_tests::{Agent, Topology, require_privileged};
+
+const API: &str = "127.0.0.1:8080";
+
+fn write_config(dir: &Path, topo: &Topology, allow_http_exec: bool) -> Result<String> {
+    let path = dir.join("config.yaml");
+    let yaml = format!(
+        "agent:\n  listen_addr: {API}\n  monitor_interval: 100ms\n  state_file: {state}\n  allow_http_exec: {allow_http_exec}\n\
+         bgp:\n  local_as: 65001\n  remote_as: 65000\n  peer_ip: {peer}\ndataplane:\n  mode: iptables\n",
+        state = dir.join("state.json").display(),
+        peer = topo.client_ip,
+    );
+    std::fs::write(&path, yaml)?;
+    Ok(path.to_string_lossy().into_owned())
+}
+
+fn write_state(dir: &Path, body: &[u8], mode: u32) -> Result<()> {
+    let path = dir.join("state.json");
+    std::fs::write(&path, body)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+/// The files next to the state file whose name has `.kind-` (`unsafe`, `corrupt`).
+fn moved_aside(dir: &Path, kind: &str) -> Result<usize> {
+    Ok(std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("state.json.{kind}-"))
+        })
+        .count())
+}
+
+fn apps(topo: &Topology) -> Result<serde_json::Value> {
+    let (status, apps) = topo.agent.http_get(&format!("http://{API}/apps"))?;
+    ensure!(status == 200, "/apps: {status}");
+    Ok(apps)
+}
+
+#[test]
+fn a_state_file_others_could_write_runs_nothing_and_is_moved_aside() -> Result<()> {
+    require_privileged!();
+    let dir = tempfile::tempdir()?;
+    let topo = Topology::new()?;
+    let marker = dir.path().join("ran");
+    let state = format!(
+        r#"{{"version":1,"apps":[{{"name":"evil","vip":"192.0.2.66/32","monitors":["exec:touch {}"],"nats":[],"communities":[]}}]}}"#,
+        marker.display()
+    );
+
+    // World-writable, even with allow_http_exec: not read at all.
+    write_state(dir.path(), state.as_bytes(), 0o666)?;
+    let config = write_config(dir.path(), &topo, true)?;
+    let mut agent = Agent::start(
+        &topo.agent,
+        &["--config", &config],
+        &dir.path().join("agent.log"),
+        API,
+    )?;
+    std::thread::sleep(Duration::from_millis(800));
+    ensure!(
+        !marker.exists(),
+        "the exec: monitor ran\n{}",
+        agent.log_text()
+    );
+    ensure!(apps(&topo)? == serde_json::json!([]), "{}", apps(&topo)?);
+    ensure!(!dir.path().join("state.json").exists(), "left in place");
+    ensure!(moved_aside(dir.path(), "unsafe")? == 1, "not moved aside");
+    let log = agent.log_text();
+    ensure!(
+        log.contains("ERROR") && log.contains("writable by group or others"),
+        "the log says why:\n{log}"
+    );
+    agent.signal_and_wait("TERM", Duration::from_secs(10))?;
+
+    // The agent's own file, but allow_http_exec off: the saved exec: app is dropped.
+    write_state(dir.path(), state.as_bytes(), 0o600)?;
+    let config = write_config(dir.path(), &topo, false)?;
+    let mut agent = Agent::start(
+        &topo.agent,
+        &["--config", &config],
+        &dir.path().join("agent2.log"),
+        API,
+    )?;
+    std::thread::sleep(Duration::from_millis(800));
+    ensure!(
+        !marker.exists(),
+        "the exec: monitor ran\n{}",
+        agent.log_text()
+    );
+    ensure!(apps(&topo)? == serde_json::json!([]), "{}", apps(&topo)?);
+    let log = agent.log_text();
+    ensure!(
+        log.contains("saved registration dropped") && log.contains("allow_http_exec"),
+        "the log says why:\n{log}"
+    );
+    agent.signal_and_wait("TERM", Duration::from_secs(10))?;
+    Ok(())
+}
+
+#[test]
+fn a_state_file_that_is_not_utf8_is_moved_aside_and_saving_works_again() -> Result<()> {
+    require_privileged!();
+    let dir = tempfile::tempdir()?;
+    let topo = Topology::new()?;
+    write_state(dir.path(), b"{\"version\":1,\"apps\":[\xff]}", 0o600)?;
+    let config = write_config(dir.path(), &topo, false)?;
+    let mut agent = Agent::start(
+        &topo.agent,
+        &["--config", &config],
+        &dir.path().join("agent.log"),
+        API,
+    )?;
+    ensure!(
+        moved_aside(dir.path(), "corrupt")? == 1,
+        "not moved aside\n{}",
+        agent.log_text()
+    );
+    ensure!(
+        agent.log_text().contains("not UTF-8"),
+        "{}",
+        agent.log_text()
+    );
+    let (status, body) = topo.agent.http_get(&format!(
+        "http://{API}/register?name=web&vip=192.0.2.10/32&monitor=port:tcp:8081"
+    ))?;
+    ensure!(
+        status == 200,
+        "register: {status} {body}\n{}",
+        agent.log_text()
+    );
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("state.json"))?)?;
+    ensure!(saved["apps"][0]["name"] == "web", "{saved}");
+    agent.signal_and_wait("TERM", Duration::from_secs(10))?;
+    Ok(())
+}
