@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use crate::{
-    app::{self, AppName, AppSpec, Monitor, NatRule, Source},
+    app::{self, AppName, QUOTE_MAX, excerpt, AppSpec, Monitor, NatRule, Source},
     bgp::{Peers, session::PeerStatus},
     messages::{LifecycleError, LifecycleHandle, Routes},
     metrics::Metrics,
@@ -153,6 +153,14 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
+/// Monitors one app may have: each is a task probing every interval, and one request once
+/// carried 60,000.
+pub const MAX_MONITORS: usize = 32;
+/// NAT rules one app may have (each is a map entry or an iptables rule per address family).
+pub const MAX_NATS: usize = 64;
+/// Problems listed in one 400: a request of 60,000 bad values gets a short answer.
+const MAX_PROBLEMS: usize = 8;
+
 /// Query or form pairs, in order, repeated keys kept (`monitor=a&monitor=b`).
 fn pairs(text: &str) -> Result<Vec<(String, String)>, ApiError> {
     serde_urlencoded::from_str(text)
@@ -174,7 +182,9 @@ fn json_pairs(body: &[u8]) -> Result<Vec<(String, String)>, ApiError> {
                         Value::String(s) => out.push((key.clone(), s)),
                         other => {
                             return Err(ApiError::bad_request(format!(
-                                "{key}: expected strings, got {other}"
+                                "{}: expected strings, got {}",
+                                excerpt(&key, QUOTE_MAX),
+                                excerpt(&other.to_string(), QUOTE_MAX)
                             )));
                         }
                     }
@@ -182,7 +192,9 @@ fn json_pairs(body: &[u8]) -> Result<Vec<(String, String)>, ApiError> {
             }
             other => {
                 return Err(ApiError::bad_request(format!(
-                    "{key}: expected a string or a list of strings, got {other}"
+                    "{}: expected a string or a list of strings, got {}",
+                    excerpt(&key, QUOTE_MAX),
+                    excerpt(&other.to_string(), QUOTE_MAX)
                 )));
             }
         }
@@ -253,7 +265,10 @@ pub fn parse_register(pairs: &[(String, String)]) -> Result<AppSpec, ApiError> {
             "true" | "1" => Some(true),
             "false" | "0" => Some(false),
             other => {
-                problems.push(format!("passive_health: {other:?} is not true or false"));
+                problems.push(format!(
+                    "passive_health: {:?} is not true or false",
+                    excerpt(other, QUOTE_MAX)
+                ));
                 None
             }
         })
@@ -270,9 +285,22 @@ pub fn parse_register(pairs: &[(String, String)]) -> Result<AppSpec, ApiError> {
                 Err(e) => problems.push(format!("vip_communities: {e}")),
             },
             other => problems.push(format!(
-                "{other}: unknown parameter (expected name, vip, monitor, nat, vip_communities, passive_health)"
+                "{}: unknown parameter (expected name, vip, monitor, nat, vip_communities, passive_health)",
+                excerpt(other, QUOTE_MAX)
             )),
         }
+    }
+    if monitors.len() > MAX_MONITORS {
+        problems.push(format!(
+            "monitor: {} given, at most {MAX_MONITORS} per app",
+            monitors.len()
+        ));
+    }
+    if nats.len() > MAX_NATS {
+        problems.push(format!(
+            "nat: {} given, at most {MAX_NATS} per app",
+            nats.len()
+        ));
     }
     match (name, vip) {
         (Some(name), Some(vip)) if problems.is_empty() => Ok(AppSpec {
@@ -291,11 +319,26 @@ pub fn parse_register(pairs: &[(String, String)]) -> Result<AppSpec, ApiError> {
             }),
             Some(why) => {
                 problems.push(why);
-                Err(ApiError::bad_request(problems.join("; ")))
+                Err(report(&problems))
             }
-            None => Err(ApiError::bad_request(problems.join("; "))),
+            None => Err(report(&problems)),
         },
     }
+}
+
+/// A 400 listing the first [`MAX_PROBLEMS`] problems.
+fn report(problems: &[String]) -> ApiError {
+    let mut message = problems
+        .iter()
+        .take(MAX_PROBLEMS)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join("; ");
+    if problems.len() > MAX_PROBLEMS {
+        let more = problems.len() - MAX_PROBLEMS;
+        message = format!("{message}; and {more} more");
+    }
+    ApiError::bad_request(message)
 }
 
 /// The value of a parameter that must appear exactly once.
@@ -334,7 +377,7 @@ fn parse_name(pairs: &[(String, String)]) -> Result<AppName, ApiError> {
     let mut problems = Vec::new();
     single(pairs, "name", &mut problems)
         .and_then(|v| parse_into("name", v, &mut problems))
-        .ok_or_else(|| ApiError::bad_request(problems.join("; ")))
+        .ok_or_else(|| report(&problems))
 }
 
 async fn register(state: &ApiState, pairs: &[(String, String)]) -> Result<Response, ApiError> {
@@ -506,7 +549,8 @@ async fn stats_of(
     let snapshot = snapshot(&state);
     if vip.parse::<std::net::IpAddr>().is_err() && vip.parse::<ipnet::IpNet>().is_err() {
         return Err(ApiError::bad_request(format!(
-            "vip: {vip:?} is not an address or prefix"
+            "vip: {:?} is not an address or prefix",
+            excerpt(&vip, QUOTE_MAX)
         )));
     }
     let found = snapshot.find(&vip).ok_or_else(|| ApiError {

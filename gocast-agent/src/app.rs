@@ -33,6 +33,17 @@ pub enum ParseError {
     Community(String),
 }
 
+/// The most of a bad value an error message quotes: a 1 MB name must not come back whole.
+pub const QUOTE_MAX: usize = 64;
+
+/// `s` cut to its first `max` characters, noting how long it was.
+pub fn excerpt(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        None => s.to_owned(),
+        Some((end, _)) => format!("{}... ({} bytes)", &s[..end], s.len()),
+    }
+}
+
 /// Implements `Display`-based `Serialize` and `FromStr`-based `Deserialize`, so YAML, JSON and
 /// the state file all carry the user's spelling and are parsed by the one `FromStr`.
 macro_rules! string_serde {
@@ -129,7 +140,7 @@ impl FromStr for AppName {
         if ok {
             Ok(Self(s.to_owned()))
         } else {
-            Err(ParseError::Name(s.to_owned()))
+            Err(ParseError::Name(excerpt(s, QUOTE_MAX)))
         }
     }
 }
@@ -192,7 +203,7 @@ impl FromStr for Vip {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = |reason| ParseError::Vip {
-            value: s.to_owned(),
+            value: excerpt(s, QUOTE_MAX),
             reason,
         };
         let net: IpNet = match s.parse() {
@@ -209,7 +220,7 @@ impl FromStr for Vip {
         };
         match Self::refusal(net) {
             Some(reason) => Err(ParseError::VipRefused {
-                value: s.to_owned(),
+                value: excerpt(s, QUOTE_MAX),
                 reason,
             }),
             None => Ok(Self(net)),
@@ -288,7 +299,7 @@ impl FromStr for Monitor {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = |reason| ParseError::Monitor {
-            value: s.to_owned(),
+            value: excerpt(s, QUOTE_MAX),
             reason,
         };
         let (kind, rest) = s.split_once(':').unwrap_or((s, ""));
@@ -337,7 +348,7 @@ impl FromStr for NatRule {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = |reason| ParseError::Nat {
-            value: s.to_owned(),
+            value: excerpt(s, QUOTE_MAX),
             reason,
         };
         let mut parts = s.split(':');
@@ -391,7 +402,7 @@ impl FromStr for Community {
     type Err = ParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || ParseError::Community(s.to_owned());
+        let err = || ParseError::Community(excerpt(s, QUOTE_MAX));
         if let Some((_, v)) = WELL_KNOWN.iter().find(|(name, _)| *name == s) {
             return Ok(Self::Standard(*v));
         }
