@@ -900,6 +900,134 @@ mod tests {
         assert_eq!(before[0]["vip"], after[0]["vip"]);
     }
 
+    fn guarded(api: &Api, scope: crate::auth::AuthScope) -> Router {
+        crate::auth::guard(
+            api.router.clone(),
+            crate::auth::Auth {
+                token: Some(crate::auth::Token::new("s3cret")),
+                scope,
+            },
+        )
+    }
+
+    async fn status_of(router: &Router, req: axum::http::Request<Body>) -> StatusCode {
+        router.clone().oneshot(req).await.unwrap().status()
+    }
+
+    fn req(method: &str, uri: &str, token: Option<&str>) -> axum::http::Request<Body> {
+        let mut b = axum::http::Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        b.body(Body::empty()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn with_a_token_writes_need_it_and_reads_stay_open() {
+        let api = api();
+        let router = guarded(&api, crate::auth::AuthScope::Writes);
+        let register = "/register?name=web&vip=192.0.2.10/32";
+        let denied = router
+            .clone()
+            .oneshot(req("POST", register, None))
+            .await
+            .unwrap();
+        assert_eq!(denied.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(denied.headers()["www-authenticate"], "Bearer");
+        let body = denied.into_body().collect().await.unwrap().to_bytes();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert!(body["error"].as_str().unwrap().contains("Bearer"), "{body}");
+        for bad in ["wrong", "s3cre", "s3cret2", ""] {
+            assert_eq!(
+                status_of(&router, req("POST", register, Some(bad))).await,
+                StatusCode::UNAUTHORIZED,
+                "{bad:?}"
+            );
+        }
+        // GoCast's GET /register changes state too.
+        assert_eq!(
+            status_of(&router, req("GET", register, None)).await,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(get(&api, "/apps").await.1, json!([]));
+        assert_eq!(
+            status_of(&router, req("POST", register, Some("s3cret"))).await,
+            StatusCode::OK
+        );
+        for read in ["/apps", "/info", "/healthz", "/routes"] {
+            assert_eq!(
+                status_of(&router, req("GET", read, None)).await,
+                StatusCode::OK,
+                "{read}"
+            );
+        }
+        let all = guarded(&api, crate::auth::AuthScope::All);
+        assert_eq!(
+            status_of(&all, req("GET", "/apps", None)).await,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            status_of(&all, req("GET", "/apps", Some("s3cret"))).await,
+            StatusCode::OK
+        );
+    }
+
+    #[tokio::test]
+    async fn the_unix_socket_needs_no_token() {
+        let api = api();
+        let router = guarded(&api, crate::auth::AuthScope::All);
+        let mut r = req("POST", "/register?name=web&vip=192.0.2.10/32", None);
+        r.extensions_mut().insert(Arc::new(crate::serve::Client::Unix {
+            uid: 0,
+            gid: 0,
+            pid: Some(1),
+        }));
+        assert_eq!(status_of(&router, r).await, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn a_long_bad_input_is_quoted_short() {
+        let api = api();
+        let long = "x".repeat(10_000);
+        for uri in [
+            format!("/register?name={long}&vip=192.0.2.1/32"),
+            format!("/register?name=a&vip={long}"),
+            format!("/register?name=a&vip=192.0.2.1/32&monitor={long}"),
+            format!("/register?name=a&vip=192.0.2.1/32&{long}=1"),
+        ] {
+            let (status, body) = get(&api, &uri).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST);
+            let message = body["error"].as_str().unwrap();
+            assert!(message.len() < 400, "{} bytes", message.len());
+            assert!(message.contains("10000 bytes"), "{message}");
+        }
+    }
+
+    #[tokio::test]
+    async fn too_many_monitors_or_nat_rules_are_refused() {
+        let api = api();
+        let monitors: String = (1..=MAX_MONITORS + 1)
+            .map(|p| format!("&monitor=port:tcp:{p}"))
+            .collect();
+        let (status, body) = get(&api, &format!("/register?name=a&vip=192.0.2.1/32{monitors}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body["error"].as_str().unwrap().contains("at most 32"), "{body}");
+        let nats: String = (1..=MAX_NATS + 1).map(|p| format!("&nat=tcp:{p}")).collect();
+        let (status, body) = get(&api, &format!("/register?name=a&vip=192.0.2.1/32{nats}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body["error"].as_str().unwrap().contains("at most 64"), "{body}");
+        let ok: String = (1..=MAX_MONITORS)
+            .map(|p| format!("&monitor=port:tcp:{p}"))
+            .collect();
+        assert_eq!(
+            get(&api, &format!("/register?name=a&vip=192.0.2.1/32{ok}")).await.0,
+            StatusCode::OK
+        );
+        let bad: String = (0..1000).map(|_| "&monitor=bad").collect();
+        let (_, body) = get(&api, &format!("/register?name=b&vip=192.0.2.2/32{bad}")).await;
+        assert!(body["error"].as_str().unwrap().len() < 2000, "{body}");
+    }
+
     #[tokio::test]
     async fn every_problem_of_a_request_is_reported_at_once() {
         let api = api();
