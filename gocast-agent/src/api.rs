@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use crate::{
-    app::{self, AppName, QUOTE_MAX, excerpt, AppSpec, Monitor, NatRule, Source},
+    app::{self, AppName, AppSpec, Monitor, NatRule, QUOTE_MAX, Source, excerpt},
     bgp::{Peers, session::PeerStatus},
     messages::{LifecycleError, LifecycleHandle, Routes},
     metrics::Metrics,
@@ -977,11 +977,12 @@ mod tests {
         let api = api();
         let router = guarded(&api, crate::auth::AuthScope::All);
         let mut r = req("POST", "/register?name=web&vip=192.0.2.10/32", None);
-        r.extensions_mut().insert(Arc::new(crate::serve::Client::Unix {
-            uid: 0,
-            gid: 0,
-            pid: Some(1),
-        }));
+        r.extensions_mut()
+            .insert(Arc::new(crate::serve::Client::Unix {
+                uid: 0,
+                gid: 0,
+                pid: Some(1),
+            }));
         assert_eq!(status_of(&router, r).await, StatusCode::OK);
     }
 
@@ -1008,19 +1009,36 @@ mod tests {
         let api = api();
         let monitors: String = (1..=MAX_MONITORS + 1)
             .map(|p| format!("&monitor=port:tcp:{p}"))
-            .collect();
-        let (status, body) = get(&api, &format!("/register?name=a&vip=192.0.2.1/32{monitors}")).await;
+            .collect::<Vec<_>>()
+            .concat();
+        let (status, body) = get(
+            &api,
+            &format!("/register?name=a&vip=192.0.2.1/32{monitors}"),
+        )
+        .await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
-        assert!(body["error"].as_str().unwrap().contains("at most 32"), "{body}");
-        let nats: String = (1..=MAX_NATS + 1).map(|p| format!("&nat=tcp:{p}")).collect();
+        assert!(
+            body["error"].as_str().unwrap().contains("at most 32"),
+            "{body}"
+        );
+        let nats: String = (1..=MAX_NATS + 1)
+            .map(|p| format!("&nat=tcp:{p}"))
+            .collect::<Vec<_>>()
+            .concat();
         let (status, body) = get(&api, &format!("/register?name=a&vip=192.0.2.1/32{nats}")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
-        assert!(body["error"].as_str().unwrap().contains("at most 64"), "{body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("at most 64"),
+            "{body}"
+        );
         let ok: String = (1..=MAX_MONITORS)
             .map(|p| format!("&monitor=port:tcp:{p}"))
-            .collect();
+            .collect::<Vec<_>>()
+            .concat();
         assert_eq!(
-            get(&api, &format!("/register?name=a&vip=192.0.2.1/32{ok}")).await.0,
+            get(&api, &format!("/register?name=a&vip=192.0.2.1/32{ok}"))
+                .await
+                .0,
             StatusCode::OK
         );
         let bad: String = (0..1000).map(|_| "&monitor=bad").collect();

@@ -144,7 +144,10 @@ async fn read_body(req: Request, next: Next) -> Response {
             StatusCode::PAYLOAD_TOO_LARGE,
             &format!("request body unreadable or larger than {MAX_BODY} bytes"),
         ),
-        Ok(Ok(bytes)) => next.run(Request::from_parts(parts, Body::from(bytes))).await,
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
     }
 }
 

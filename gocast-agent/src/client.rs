@@ -76,7 +76,12 @@ impl Client {
         self.call(http::Method::POST, path, query).await
     }
 
-    async fn call(&self, method: http::Method, path: &str, query: &[(&str, &str)]) -> Result<Value> {
+    async fn call(
+        &self,
+        method: http::Method,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> Result<Value> {
         let query = serde_urlencoded::to_string(query)?;
         let path = if query.is_empty() {
             path.to_owned()
@@ -108,7 +113,9 @@ impl Client {
                     unix_call(socket, method, &path, self.token.as_deref()),
                 )
                 .await
-                .with_context(|| format!("asking the agent at {url}: no answer within {TIMEOUT:?}"))?
+                .with_context(|| {
+                    format!("asking the agent at {url}: no answer within {TIMEOUT:?}")
+                })?
                 .with_context(|| format!("asking the agent at {url}"))?;
                 (url, status, body)
             }

@@ -7,7 +7,10 @@
 //! client can hold on:
 //!
 //! - one semaphore caps the open API connections (TCP and Unix together); a connection beyond the
-//!   cap is closed at once, before any byte is read, so the clients already served keep going;
+//!   cap closes the oldest *idle* one (no request being handled: nothing sent yet, a partial
+//!   header, or kept alive between requests) and takes its place, so a flood of idle clients
+//!   cannot keep a health probe out; when every connection is busy, the new one is closed at
+//!   once;
 //! - hyper's header read timeout closes a connection whose request header is not complete within
 //!   [`HEADER_TIMEOUT`]; hyper starts that clock whenever it waits for a request, so it is also
 //!   the idle timeout of a kept-alive connection;
@@ -18,11 +21,15 @@
 //! exec monitors' pipes); [`raise_nofile_limit`] first lifts the soft limit to the hard one.
 
 use std::{
+    collections::BTreeMap,
     fmt,
     net::SocketAddr,
     os::unix::fs::{FileTypeExt, PermissionsExt},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -51,6 +58,8 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
 /// Descriptors the API may never take: `sock_diag` and netlink sockets, one per BGP session (two
 /// while one reconnects), the state file and its temporary copy, exec monitors' pipes.
 pub const FD_RESERVE: u64 = 256;
+/// How long a connection over the cap waits for the evicted one's slot.
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
 /// A refused connection is logged at most this often (with the count since).
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -213,6 +222,7 @@ impl Sockets {
     /// Serves `router` on every socket until `stop`, with at most `cap` connections open in all.
     pub async fn serve(&self, router: Router, cap: Arc<Semaphore>, stop: CancellationToken) {
         let tracker = TaskTracker::new();
+        let open = Registry::default();
         let mut loops = Vec::new();
         for listener in &self.0 {
             let listener = match listener.try_clone() {
@@ -226,6 +236,7 @@ impl Sockets {
                 listener,
                 router.clone(),
                 cap.clone(),
+                open.clone(),
                 tracker.clone(),
                 stop.clone(),
             ));
@@ -241,6 +252,7 @@ async fn accept_loop(
     listener: ApiListener,
     router: Router,
     cap: Arc<Semaphore>,
+    open: Registry,
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
@@ -287,17 +299,33 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(permit) = cap.clone().try_acquire_owned() else {
-            // Closed before reading a byte: the connections already open are the ones served.
-            refusals.count();
-            drop(conn);
-            continue;
+        let permit = match cap.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) if open.evict_oldest_idle() => {
+                let freed = tokio::time::timeout(EVICTION_WAIT, cap.clone().acquire_owned()).await;
+                let Ok(Ok(permit)) = freed else {
+                    refusals.count();
+                    continue;
+                };
+                permit
+            }
+            Err(_) => {
+                // Every connection is handling a request: those are the ones served.
+                refusals.count();
+                drop(conn);
+                continue;
+            }
         };
         let router = router.clone();
+        let slot = open.add();
         let stop = stop.clone();
+        let open = open.clone();
         tracker.spawn(async move {
+            let id = slot.id;
             match conn {
-                Conn::Tcp(stream, addr) => serve_conn(stream, Client::Tcp(addr), router, stop).await,
+                Conn::Tcp(stream, addr) => {
+                    serve_conn(stream, Client::Tcp(addr), router, slot, stop).await;
+                }
                 Conn::Unix(stream) => {
                     let client = match stream.peer_cred() {
                         Ok(c) => Client::Unix {
@@ -310,9 +338,10 @@ async fn accept_loop(
                             return;
                         }
                     };
-                    serve_conn(stream, client, router, stop).await;
+                    serve_conn(stream, client, router, slot, stop).await;
                 }
             }
+            open.remove(id);
             drop(permit);
         });
     }
@@ -333,10 +362,7 @@ struct Refusals {
 impl Refusals {
     fn count(&mut self) {
         self.since_log += 1;
-        if self
-            .logged
-            .is_none_or(|t| t.elapsed() >= REFUSAL_LOG_EVERY)
-        {
+        if self.logged.is_none_or(|t| t.elapsed() >= REFUSAL_LOG_EVERY) {
             warn!(
                 refused = self.since_log,
                 "API connection cap reached: new connections are closed at once"
@@ -347,15 +373,104 @@ impl Refusals {
     }
 }
 
+/// The open connections, oldest first, so one over the cap can close the oldest idle one.
+#[derive(Clone, Default)]
+struct Registry(Arc<Mutex<Open>>);
+
+#[derive(Default)]
+struct Open {
+    next: u64,
+    conns: BTreeMap<u64, (Arc<AtomicUsize>, CancellationToken)>,
+}
+
+/// A connection's entry: requests in progress, and its eviction.
+struct Slot {
+    id: u64,
+    busy: Arc<AtomicUsize>,
+    evict: CancellationToken,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Open> {
+        // The lock guards plain inserts and removals: a panic cannot leave it half changed.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn add(&self) -> Slot {
+        let mut open = self.lock();
+        let id = open.next;
+        open.next += 1;
+        let slot = Slot {
+            id,
+            busy: Arc::default(),
+            evict: CancellationToken::new(),
+        };
+        open.conns
+            .insert(id, (slot.busy.clone(), slot.evict.clone()));
+        slot
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().conns.remove(&id);
+    }
+
+    /// Closes the oldest connection not handling a request; false if there is none.
+    fn evict_oldest_idle(&self) -> bool {
+        let mut open = self.lock();
+        let idle = open
+            .conns
+            .iter()
+            .find(|(_, (busy, _))| busy.load(Ordering::Acquire) == 0)
+            .map(|(id, _)| *id);
+        match idle.and_then(|id| open.conns.remove(&id)) {
+            Some((_, evict)) => {
+                evict.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Counts a request in progress on its connection while alive.
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// One HTTP/1.1 connection, with the client in each request's extensions.
-async fn serve_conn<S>(stream: S, client: Client, router: Router, stop: CancellationToken)
-where
+async fn serve_conn<S>(
+    stream: S,
+    client: Client,
+    router: Router,
+    slot: Slot,
+    stop: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let client = Arc::new(client);
+    let busy = slot.busy.clone();
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         req.extensions_mut().insert(client.clone());
-        router.clone().oneshot(req.map(Body::new))
+        let guard = Busy::new(&busy);
+        let response = router.clone().oneshot(req.map(Body::new));
+        async move {
+            let response = response.await;
+            drop(guard);
+            response
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -364,6 +479,8 @@ where
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
+        // Over the cap a newer connection took this idle one's place.
+        () = slot.evict.cancelled() => return,
         () = stop.cancelled() => {
             conn.as_mut().graceful_shutdown();
             conn.await
@@ -395,7 +512,11 @@ mod tests {
         let stop = CancellationToken::new();
         let sockets = Sockets::new(vec![ApiListener::Tcp(listener)]);
         let s = stop.clone();
-        tokio::spawn(async move { sockets.serve(router, Arc::new(Semaphore::new(cap)), s).await });
+        tokio::spawn(async move {
+            sockets
+                .serve(router, Arc::new(Semaphore::new(cap)), s)
+                .await;
+        });
         (addr, stop)
     }
 
@@ -409,16 +530,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn connections_beyond_the_cap_are_closed_and_the_others_served() {
+    async fn at_the_cap_a_new_connection_closes_the_oldest_idle_one() {
         let (addr, stop) = server(2);
-        let idle1 = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let idle2 = tokio::net::TcpStream::connect(addr).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let refused = get(addr).await.unwrap_or_default();
-        assert!(!refused.contains("200 OK"), "{refused}");
-        drop((idle1, idle2));
+        let mut idle1 = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let _idle2 = tokio::net::TcpStream::connect(addr).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(get(addr).await.unwrap().contains("200 OK"));
+        let mut buf = [0; 1];
+        let closed = tokio::time::timeout(Duration::from_secs(1), idle1.read(&mut buf)).await;
+        assert!(matches!(closed, Ok(Ok(0) | Err(_))), "{closed:?}");
         stop.cancel();
     }
 

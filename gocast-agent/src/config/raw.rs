@@ -11,15 +11,15 @@ use std::{
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, de};
 
-use crate::auth::AuthScope;
 use crate::app::{AppName, AppSpec, Community, Monitor, NatRule, Vip};
+use crate::auth::AuthScope;
 
 use super::{
-    AgentConfig, ApiConfig, BGP_PORT, DEFAULT_UNIX_MODE, BgpConfig, Config, ConsulConfig, DEFAULT_CLEANUP_TIMER,
+    AgentConfig, ApiConfig, BGP_PORT, BgpConfig, Config, ConsulConfig, DEFAULT_CLEANUP_TIMER,
     DEFAULT_CONSUL_MONITOR_GRACE, DEFAULT_CONSUL_QUERY_INTERVAL, DEFAULT_DRAIN_TIME,
     DEFAULT_EXEC_TIMEOUT, DEFAULT_HOLD_TIME, DEFAULT_LISTEN, DEFAULT_MONITOR_INTERVAL,
-    DataplaneConfig, DataplaneMode, IngressMode, ListenAddr, Origin, PassiveHealthConfig,
-    PeerConfig, STATE_DIR, go_duration,
+    DEFAULT_UNIX_MODE, DataplaneConfig, DataplaneMode, IngressMode, ListenAddr, Origin,
+    PassiveHealthConfig, PeerConfig, STATE_DIR, go_duration,
 };
 
 // ---- the file as written -------------------------------------------------------------------
