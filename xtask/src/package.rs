@@ -347,10 +347,10 @@ fn check_unit(unit: &str) -> Vec<String> {
         problems.push("WatchdogSec is not set (the agent pings its watchdog)".into());
     }
     // systemd's default soft limit (1,024) is what idle API clients once exhausted.
-    if !values("LimitNOFILE")
+    if values("LimitNOFILE")
         .first()
         .and_then(|v| v.parse::<u64>().ok())
-        .is_some_and(|n| n >= 4096)
+        .is_none_or(|n| n < 4096)
     {
         problems.push("LimitNOFILE is not set to at least 4096".into());
     }
