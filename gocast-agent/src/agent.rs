@@ -53,12 +53,20 @@ const STATUS_EVERY: Duration = Duration::from_secs(1);
 /// VIPs off `lo` any more: the agent closes the BGP sessions (Cease: the peers drop every route
 /// at once) and returns an error, so the binary exits 1 and systemd restarts it; the next start
 /// removes the VIPs and NAT rules left behind.
+#[expect(
+    clippy::too_many_lines,
+    reason = "the start-up order is the point: every task, in the order it must start, in one place"
+)]
 pub async fn run(config: Config, path: PathBuf, log: Option<LogFilter>) -> Result<()> {
     let listen = prepare(&config, log.as_ref())?;
     // Signals first: one arriving during start-up must still lead to a clean shutdown.
     let mut signals = Signals::install()?;
+    // Before anything opens a descriptor: the API's cap is sized from this limit.
+    let nofile = crate::serve::raise_nofile_limit();
+    let auth = api_auth(&config)?;
     // Bind before touching the host, so a taken port changes nothing.
-    let listener = bind(listen.addr).await?;
+    let sockets = bind_api(&config, listen.addr).await?;
+    let cap = crate::serve::connection_cap(config.agent.api.max_connections, nofile);
     let metrics = Metrics::default();
     let cancel = CancellationToken::new();
     let agent = &config.agent;
@@ -138,7 +146,8 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogFilter>) -> Resul
     };
     info!(addr = %listen, apps = config.apps.len(), peers = config.bgp.peers.len(), "gocast running");
     let api_stop = CancellationToken::new();
-    let server = serve_api(listener, api::router(state), &metrics, api_stop.clone())?;
+    let router = crate::auth::guard(api::router(state), auth);
+    let server = serve_api(sockets, router, cap, &metrics, api_stop.clone());
     let summary = Summary {
         owners: status_owners,
         routes: running.routes.clone(),
@@ -151,13 +160,12 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogFilter>) -> Resul
         failure = supervise::lifecycle_failure(&mut running.task, &running.pulse) => Err(failure),
     };
     systemd::notify_stopping();
-    match stopped {
-        Ok(signal) => {
-            info!(%signal, "shutting down");
-            shutdown(api_stop, server.done, &speaker, cancel, running.task).await
-        }
-        Err(failure) => abandon(&failure, api_stop, server.done, &peers, stop_bgp, cancel).await,
-    }
+    let Ok(signal) = stopped else {
+        let failure = stopped.unwrap_err();
+        return abandon(&failure, api_stop, server.done, &peers, stop_bgp, cancel).await;
+    };
+    info!(%signal, "shutting down");
+    shutdown(api_stop, server.done, &speaker, cancel, running.task).await
 }
 
 /// Applies `agent.log_level` and warns about an API open to every interface; returns the API
@@ -213,42 +221,61 @@ fn supervise_stats(
 }
 
 /// Serves the API under supervision (task `api`): a server that fails is started again on the
-/// same socket.
+/// same sockets, under the same connection cap.
 fn serve_api(
-    listener: tokio::net::TcpListener,
+    sockets: crate::serve::Sockets,
     router: axum::Router,
+    cap: usize,
     metrics: &Metrics,
     stop: CancellationToken,
-) -> Result<Supervised> {
-    // Each instance gets its own handle on the one bound socket: the port is never released.
-    let socket = listener
+) -> Supervised {
+    info!(max_connections = cap, "API connection cap");
+    let sockets = Arc::new(sockets);
+    let cap = Arc::new(tokio::sync::Semaphore::new(cap));
+    supervise::spawn("api", metrics.clone(), stop, move |stop| {
+        let sockets = sockets.clone();
+        let router = router.clone();
+        let cap = cap.clone();
+        async move { sockets.serve(router, cap, stop).await }
+    })
+}
+
+/// The API's token (`GOCAST_API_TOKEN_FILE` wins over `agent.api_token_file`), read once: a
+/// change needs a restart.
+fn api_auth(config: &Config) -> Result<crate::auth::Auth> {
+    let path = std::env::var_os("GOCAST_API_TOKEN_FILE")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| config.agent.api.token_file.clone());
+    let token = path
+        .map(|p| crate::auth::Token::load(&p))
+        .transpose()
+        .context("agent.api_token_file")?;
+    if token.is_none() && config.agent.api.auth == crate::auth::AuthScope::All {
+        warn!("agent.api_auth is all but no token is set: the API is open");
+    }
+    Ok(crate::auth::Auth {
+        token,
+        scope: config.agent.api.auth,
+    })
+}
+
+/// The TCP socket and, with `agent.listen_unix`, the Unix one.
+async fn bind_api(config: &Config, addr: SocketAddr) -> Result<crate::serve::Sockets> {
+    use crate::serve::ApiListener;
+    let tcp = bind(addr)
+        .await?
         .into_std()
         .context("taking the API socket for its supervisor")?;
-    Ok(supervise::spawn(
-        "api",
-        metrics.clone(),
-        stop,
-        move |stop| {
-            let listener = socket
-                .try_clone()
-                .and_then(tokio::net::TcpListener::from_std);
-            let router = router.clone();
-            async move {
-                let listener = match listener {
-                    Ok(l) => l,
-                    Err(e) => {
-                        error!(error = %e, "cannot serve the HTTP API on its socket");
-                        return;
-                    }
-                };
-                let server =
-                    axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned());
-                if let Err(e) = server.await {
-                    error!(error = %e, "the HTTP API server failed");
-                }
-            }
-        },
-    ))
+    let mut listeners = vec![ApiListener::Tcp(tcp)];
+    let api = &config.agent.api;
+    if let Some(path) = &api.listen_unix {
+        let unix = crate::serve::bind_unix(path, api.unix_mode, api.unix_group.as_deref())
+            .context("agent.listen_unix")?;
+        info!(path = %path.display(), mode = format_args!("{:04o}", api.unix_mode), "the API also listens on a Unix socket");
+        listeners.push(ApiListener::Unix(unix));
+    }
+    Ok(crate::serve::Sockets::new(listeners))
 }
 
 /// Under systemd: `READY=1` after the first reconcile, `STATUS=` as the summary changes.

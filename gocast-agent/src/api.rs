@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use crate::{
-    app::{self, AppName, AppSpec, Monitor, NatRule, Source},
+    app::{self, AppName, AppSpec, Monitor, NatRule, QUOTE_MAX, Source, truncated},
     bgp::{Peers, session::PeerStatus},
     messages::{LifecycleError, LifecycleHandle, Routes},
     metrics::Metrics,
@@ -154,6 +154,14 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
+/// Monitors one app may have: each is a task probing every interval, and one request once
+/// carried 60,000.
+pub const MAX_MONITORS: usize = 32;
+/// NAT rules one app may have (each is a map entry or an iptables rule per address family).
+pub const MAX_NATS: usize = 64;
+/// Problems listed in one 400: a request of 60,000 bad values gets a short answer.
+const MAX_PROBLEMS: usize = 8;
+
 /// Query or form pairs, in order, repeated keys kept (`monitor=a&monitor=b`).
 fn pairs(text: &str) -> Result<Vec<(String, String)>, ApiError> {
     serde_urlencoded::from_str(text)
@@ -208,7 +216,9 @@ fn json_pairs(body: &[u8]) -> Result<Vec<(String, String)>, ApiError> {
                         Value::String(s) => out.push((key.clone(), s)),
                         other => {
                             return Err(ApiError::bad_request(format!(
-                                "{key}: expected strings, got {other}"
+                                "{}: expected strings, got {}",
+                                truncated(&key, QUOTE_MAX),
+                                truncated(&other.to_string(), QUOTE_MAX)
                             )));
                         }
                     }
@@ -216,7 +226,9 @@ fn json_pairs(body: &[u8]) -> Result<Vec<(String, String)>, ApiError> {
             }
             other => {
                 return Err(ApiError::bad_request(format!(
-                    "{key}: expected a string or a list of strings, got {other}"
+                    "{}: expected a string or a list of strings, got {}",
+                    truncated(&key, QUOTE_MAX),
+                    truncated(&other.to_string(), QUOTE_MAX)
                 )));
             }
         }
@@ -287,7 +299,10 @@ pub fn parse_register(pairs: &[(String, String)]) -> Result<AppSpec, ApiError> {
             "true" | "1" => Some(true),
             "false" | "0" => Some(false),
             other => {
-                problems.push(format!("passive_health: {other:?} is not true or false"));
+                problems.push(format!(
+                    "passive_health: {:?} is not true or false",
+                    truncated(other, QUOTE_MAX)
+                ));
                 None
             }
         })
@@ -304,9 +319,22 @@ pub fn parse_register(pairs: &[(String, String)]) -> Result<AppSpec, ApiError> {
                 Err(e) => problems.push(format!("vip_communities: {e}")),
             },
             other => problems.push(format!(
-                "{other}: unknown parameter (expected name, vip, monitor, nat, vip_communities, passive_health)"
+                "{}: unknown parameter (expected name, vip, monitor, nat, vip_communities, passive_health)",
+                truncated(other, QUOTE_MAX)
             )),
         }
+    }
+    if monitors.len() > MAX_MONITORS {
+        problems.push(format!(
+            "monitor: {} given, at most {MAX_MONITORS} per app",
+            monitors.len()
+        ));
+    }
+    if nats.len() > MAX_NATS {
+        problems.push(format!(
+            "nat: {} given, at most {MAX_NATS} per app",
+            nats.len()
+        ));
     }
     match (name, vip) {
         (Some(name), Some(vip)) if problems.is_empty() => Ok(AppSpec {
@@ -325,11 +353,26 @@ pub fn parse_register(pairs: &[(String, String)]) -> Result<AppSpec, ApiError> {
             }),
             Some(why) => {
                 problems.push(why);
-                Err(ApiError::bad_request(problems.join("; ")))
+                Err(report(&problems))
             }
-            None => Err(ApiError::bad_request(problems.join("; "))),
+            None => Err(report(&problems)),
         },
     }
+}
+
+/// A 400 listing the first [`MAX_PROBLEMS`] problems.
+fn report(problems: &[String]) -> ApiError {
+    let mut message = problems
+        .iter()
+        .take(MAX_PROBLEMS)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join("; ");
+    if problems.len() > MAX_PROBLEMS {
+        let more = problems.len() - MAX_PROBLEMS;
+        message = format!("{message}; and {more} more");
+    }
+    ApiError::bad_request(message)
 }
 
 /// The value of a parameter that must appear exactly once.
@@ -368,7 +411,7 @@ fn parse_name(pairs: &[(String, String)]) -> Result<AppName, ApiError> {
     let mut problems = Vec::new();
     single(pairs, "name", &mut problems)
         .and_then(|v| parse_into("name", v, &mut problems))
-        .ok_or_else(|| ApiError::bad_request(problems.join("; ")))
+        .ok_or_else(|| report(&problems))
 }
 
 async fn register(state: &ApiState, pairs: &[(String, String)]) -> Result<Response, ApiError> {
@@ -540,7 +583,8 @@ async fn stats_of(
     let snapshot = snapshot(&state);
     if vip.parse::<std::net::IpAddr>().is_err() && vip.parse::<ipnet::IpNet>().is_err() {
         return Err(ApiError::bad_request(format!(
-            "vip: {vip:?} is not an address or prefix"
+            "vip: {:?} is not an address or prefix",
+            truncated(&vip, QUOTE_MAX)
         )));
     }
     let found = snapshot.find(&vip).ok_or_else(|| ApiError {
@@ -907,6 +951,152 @@ mod tests {
         );
         assert_eq!(before[0]["name"], after[0]["name"]);
         assert_eq!(before[0]["vip"], after[0]["vip"]);
+    }
+
+    fn guarded(api: &Api, scope: crate::auth::AuthScope) -> Router {
+        crate::auth::guard(
+            api.router.clone(),
+            crate::auth::Auth {
+                token: Some(crate::auth::Token::new("s3cret")),
+                scope,
+            },
+        )
+    }
+
+    async fn status_of(router: &Router, req: axum::http::Request<Body>) -> StatusCode {
+        router.clone().oneshot(req).await.unwrap().status()
+    }
+
+    fn req(method: &str, uri: &str, token: Option<&str>) -> axum::http::Request<Body> {
+        let mut b = axum::http::Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        b.body(Body::empty()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn with_a_token_writes_need_it_and_reads_stay_open() {
+        let api = api();
+        let router = guarded(&api, crate::auth::AuthScope::Writes);
+        let register = "/register?name=web&vip=192.0.2.10/32";
+        let denied = router
+            .clone()
+            .oneshot(req("POST", register, None))
+            .await
+            .unwrap();
+        assert_eq!(denied.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(denied.headers()["www-authenticate"], "Bearer");
+        let body = denied.into_body().collect().await.unwrap().to_bytes();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert!(body["error"].as_str().unwrap().contains("Bearer"), "{body}");
+        for bad in ["wrong", "s3cre", "s3cret2", ""] {
+            assert_eq!(
+                status_of(&router, req("POST", register, Some(bad))).await,
+                StatusCode::UNAUTHORIZED,
+                "{bad:?}"
+            );
+        }
+        // GoCast's GET /register changes state too.
+        assert_eq!(
+            status_of(&router, req("GET", register, None)).await,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(get(&api, "/apps").await.1, json!([]));
+        assert_eq!(
+            status_of(&router, req("POST", register, Some("s3cret"))).await,
+            StatusCode::OK
+        );
+        for read in ["/apps", "/info", "/healthz", "/routes"] {
+            assert_eq!(
+                status_of(&router, req("GET", read, None)).await,
+                StatusCode::OK,
+                "{read}"
+            );
+        }
+        let all = guarded(&api, crate::auth::AuthScope::All);
+        assert_eq!(
+            status_of(&all, req("GET", "/apps", None)).await,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            status_of(&all, req("GET", "/apps", Some("s3cret"))).await,
+            StatusCode::OK
+        );
+    }
+
+    #[tokio::test]
+    async fn the_unix_socket_needs_no_token() {
+        let api = api();
+        let router = guarded(&api, crate::auth::AuthScope::All);
+        let mut r = req("POST", "/register?name=web&vip=192.0.2.10/32", None);
+        r.extensions_mut()
+            .insert(Arc::new(crate::serve::Client::Unix {
+                uid: 0,
+                gid: 0,
+                pid: Some(1),
+            }));
+        assert_eq!(status_of(&router, r).await, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn a_long_bad_input_is_quoted_short() {
+        let api = api();
+        let long = "x".repeat(10_000);
+        for uri in [
+            format!("/register?name={long}&vip=192.0.2.1/32"),
+            format!("/register?name=a&vip={long}"),
+            format!("/register?name=a&vip=192.0.2.1/32&monitor={long}"),
+            format!("/register?name=a&vip=192.0.2.1/32&{long}=1"),
+        ] {
+            let (status, body) = get(&api, &uri).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST);
+            let message = body["error"].as_str().unwrap();
+            assert!(message.len() < 400, "{} bytes", message.len());
+            assert!(message.contains("10000 bytes"), "{message}");
+        }
+    }
+
+    #[tokio::test]
+    async fn too_many_monitors_or_nat_rules_are_refused() {
+        let api = api();
+        let monitors: String = (1..=MAX_MONITORS + 1)
+            .map(|p| format!("&monitor=port:tcp:{p}"))
+            .collect::<Vec<_>>()
+            .concat();
+        let (status, body) = get(
+            &api,
+            &format!("/register?name=a&vip=192.0.2.1/32{monitors}"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(
+            body["error"].as_str().unwrap().contains("at most 32"),
+            "{body}"
+        );
+        let nats: String = (1..=MAX_NATS + 1)
+            .map(|p| format!("&nat=tcp:{p}"))
+            .collect::<Vec<_>>()
+            .concat();
+        let (status, body) = get(&api, &format!("/register?name=a&vip=192.0.2.1/32{nats}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(
+            body["error"].as_str().unwrap().contains("at most 64"),
+            "{body}"
+        );
+        let ok: String = (1..=MAX_MONITORS)
+            .map(|p| format!("&monitor=port:tcp:{p}"))
+            .collect::<Vec<_>>()
+            .concat();
+        assert_eq!(
+            get(&api, &format!("/register?name=a&vip=192.0.2.1/32{ok}"))
+                .await
+                .0,
+            StatusCode::OK
+        );
+        let bad: String = (0..1000).map(|_| "&monitor=bad").collect();
+        let (_, body) = get(&api, &format!("/register?name=b&vip=192.0.2.2/32{bad}")).await;
+        assert!(body["error"].as_str().unwrap().len() < 2000, "{body}");
     }
 
     #[tokio::test]

@@ -47,8 +47,8 @@ pub fn truncated(s: &str, max: usize) -> String {
     format!("{}… ({} bytes)", &s[..end], s.len())
 }
 
-/// The longest input value quoted back in an error.
-const QUOTED: usize = 64;
+/// The most of a bad value an error message quotes: a 1 MB name must not come back whole.
+pub const QUOTE_MAX: usize = 64;
 
 /// Implements `Display`-based `Serialize` and `FromStr`-based `Deserialize`, so YAML, JSON and
 /// the state file all carry the user's spelling and are parsed by the one `FromStr`.
@@ -146,7 +146,7 @@ impl FromStr for AppName {
         if ok {
             Ok(Self(s.to_owned()))
         } else {
-            Err(ParseError::Name(truncated(s, QUOTED)))
+            Err(ParseError::Name(truncated(s, QUOTE_MAX)))
         }
     }
 }
@@ -209,7 +209,7 @@ impl FromStr for Vip {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = |reason| ParseError::Vip {
-            value: truncated(s, QUOTED),
+            value: truncated(s, QUOTE_MAX),
             reason,
         };
         let net: IpNet = match s.parse() {
@@ -226,7 +226,7 @@ impl FromStr for Vip {
         };
         match Self::refusal(net) {
             Some(reason) => Err(ParseError::VipRefused {
-                value: truncated(s, QUOTED),
+                value: truncated(s, QUOTE_MAX),
                 reason,
             }),
             None => Ok(Self(net)),
@@ -305,7 +305,7 @@ impl FromStr for Monitor {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = |reason| ParseError::Monitor {
-            value: truncated(s, QUOTED),
+            value: truncated(s, QUOTE_MAX),
             reason,
         };
         let (kind, rest) = s.split_once(':').unwrap_or((s, ""));
@@ -354,7 +354,7 @@ impl FromStr for NatRule {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = |reason| ParseError::Nat {
-            value: truncated(s, QUOTED),
+            value: truncated(s, QUOTE_MAX),
             reason,
         };
         let mut parts = s.split(':');
@@ -408,7 +408,7 @@ impl FromStr for Community {
     type Err = ParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || ParseError::Community(truncated(s, QUOTED));
+        let err = || ParseError::Community(truncated(s, QUOTE_MAX));
         if let Some((_, v)) = WELL_KNOWN.iter().find(|(name, _)| *name == s) {
             return Ok(Self::Standard(*v));
         }

@@ -81,9 +81,13 @@ pub struct AgentAddr {
     /// The agent's HTTP address (host:port).
     #[arg(long, default_value = "127.0.0.1:8080", conflicts_with = "config")]
     pub addr: String,
-    /// Read the address from this config's `agent.listen_addr` instead.
+    /// Read the address from this config instead: its `agent.listen_unix` socket when that
+    /// exists, else `agent.listen_addr`; its `agent.api_token_file` for the token.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// The agent's Unix socket (`agent.listen_unix`); wins over `--addr` and the config.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
 }
 
 /// glog flags GoCast accepted; they have no meaning here and are dropped.

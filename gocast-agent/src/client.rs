@@ -3,10 +3,13 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
     time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
+use axum::{body::Body, http};
+use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
 use crate::{
@@ -16,71 +19,152 @@ use crate::{
 
 /// How long a call may take; a reload applies a whole config, so it gets the most.
 const TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest answer read (`/apps` of a host with thousands of apps).
+const MAX_ANSWER: usize = 64 * 1024 * 1024;
 
 /// A client of one agent's API.
 pub struct Client {
-    base: String,
-    http: reqwest::Client,
+    transport: Transport,
+    /// Sent as `Authorization: Bearer` when the token file is readable.
+    token: Option<String>,
+}
+
+enum Transport {
+    Tcp { base: String, http: reqwest::Client },
+    Unix(PathBuf),
 }
 
 impl Client {
-    /// The agent at `--addr`, or at `--config`'s `agent.listen_addr`.
+    /// The agent at `--socket`, at `--addr`, or where `--config` says (its Unix socket when it
+    /// exists, else its TCP address).
     pub fn new(agent: &AgentAddr) -> Result<Self> {
-        let addr = match &agent.config {
-            Some(path) => {
-                let a = Config::load(path)?.agent.listen_addr.addr;
+        let config = agent.config.as_deref().map(Config::load).transpose()?;
+        let api = config.as_ref().map(|c| &c.agent.api);
+        let unix = agent.socket.clone().or_else(|| {
+            api.and_then(|a| a.listen_unix.clone())
+                .filter(|p| p.exists())
+        });
+        let transport = match (unix, &config) {
+            (Some(path), _) => Transport::Unix(path),
+            (None, Some(config)) => {
+                let a = config.agent.listen_addr.addr;
                 // An agent listening on all interfaces is reachable on loopback.
                 let ip = if a.ip().is_unspecified() {
                     Ipv4Addr::LOCALHOST.into()
                 } else {
                     a.ip()
                 };
-                SocketAddr::new(ip, a.port()).to_string()
+                tcp(&SocketAddr::new(ip, a.port()).to_string())?
             }
-            None => agent.addr.clone(),
+            (None, None) => tcp(&agent.addr)?,
         };
+        let token_file = std::env::var_os("GOCAST_API_TOKEN_FILE")
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| api.and_then(|a| a.token_file.clone()));
         Ok(Self {
-            base: format!("http://{addr}"),
-            http: reqwest::Client::builder().timeout(TIMEOUT).build()?,
+            transport,
+            token: token_file.as_deref().and_then(read_token),
         })
     }
 
     async fn get(&self, path: &str) -> Result<Value> {
-        let url = format!("{}{path}", self.base);
-        let response = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .with_context(|| format!("asking the agent at {url}"))?;
-        read(&url, response).await
+        self.call(http::Method::GET, path, &[]).await
     }
 
     async fn post(&self, path: &str, query: &[(&str, &str)]) -> Result<Value> {
-        let url = format!("{}{path}", self.base);
-        let response = self
-            .http
-            .post(&url)
-            .query(query)
-            .send()
-            .await
-            .with_context(|| format!("asking the agent at {url}"))?;
-        read(&url, response).await
+        self.call(http::Method::POST, path, query).await
+    }
+
+    async fn call(
+        &self,
+        method: http::Method,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> Result<Value> {
+        let query = serde_urlencoded::to_string(query)?;
+        let path = if query.is_empty() {
+            path.to_owned()
+        } else {
+            format!("{path}?{query}")
+        };
+        let (url, status, body) = match &self.transport {
+            Transport::Tcp { base, http } => {
+                let url = format!("{base}{path}");
+                let mut request = http.request(method, &url);
+                if let Some(token) = &self.token {
+                    request = request.bearer_auth(token);
+                }
+                let response = request
+                    .send()
+                    .await
+                    .with_context(|| format!("asking the agent at {url}"))?;
+                let status = response.status();
+                let body = response
+                    .bytes()
+                    .await
+                    .with_context(|| format!("reading {url}"))?;
+                (url, status, body)
+            }
+            Transport::Unix(socket) => {
+                let url = format!("unix:{}{path}", socket.display());
+                let (status, body) = tokio::time::timeout(
+                    TIMEOUT,
+                    unix_call(socket, method, &path, self.token.as_deref()),
+                )
+                .await
+                .with_context(|| {
+                    format!("asking the agent at {url}: no answer within {TIMEOUT:?}")
+                })?
+                .with_context(|| format!("asking the agent at {url}"))?;
+                (url, status, body)
+            }
+        };
+        let body: Value =
+            serde_json::from_slice(&body).with_context(|| format!("reading {url}"))?;
+        if !status.is_success() {
+            let message = body["error"].as_str().unwrap_or("no reason given");
+            bail!("{url}: {status}: {message}");
+        }
+        Ok(body)
     }
 }
 
-/// The JSON answer; an error status becomes an error with the agent's own message.
-async fn read(url: &str, response: reqwest::Response) -> Result<Value> {
-    let status = response.status();
-    let body: Value = response
-        .json()
-        .await
-        .with_context(|| format!("reading {url}"))?;
-    if !status.is_success() {
-        let message = body["error"].as_str().unwrap_or("no reason given");
-        bail!("{url}: {status}: {message}");
+fn tcp(addr: &str) -> Result<Transport> {
+    Ok(Transport::Tcp {
+        base: format!("http://{addr}"),
+        http: reqwest::Client::builder().timeout(TIMEOUT).build()?,
+    })
+}
+
+/// The token, trimmed; `None` when the file cannot be read (the agent then says 401 if it
+/// needs one).
+fn read_token(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    Some(text.trim().to_owned()).filter(|t| !t.is_empty())
+}
+
+/// One HTTP/1.1 request over the agent's Unix socket.
+async fn unix_call(
+    socket: &Path,
+    method: http::Method,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(http::StatusCode, bytes::Bytes)> {
+    let stream = tokio::net::UnixStream::connect(socket).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, "localhost");
+    if let Some(token) = token {
+        request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
     }
-    Ok(body)
+    let response = sender.send_request(request.body(Body::empty())?).await?;
+    let status = response.status();
+    let body = axum::body::to_bytes(Body::new(response.into_body()), MAX_ANSWER).await?;
+    Ok((status, body))
 }
 
 /// `gocast status`: the apps and peers as tables.

@@ -14,7 +14,8 @@
 //! - [`dataplane`]: NAT and per-VIP counters (eBPF, iptables fallback).
 //! - [`stats`]: samples the counters: rates for `/stats`, passive health.
 //! - [`store`]: HTTP registrations persisted across restarts.
-//! - [`api`]: the HTTP API; [`metrics`]: Prometheus text.
+//! - [`api`]: the HTTP API; [`serve`]: its accept loop and limits; [`auth`]: its token and
+//!   audit log; [`metrics`]: Prometheus text.
 //! - [`supervise`]: restarts of failed tasks, the lifecycle's heartbeat, what `/healthz` checks.
 //! - [`systemd`]: `sd_notify` (ready, status, watchdog, reloading, stopping); nothing without it.
 //! - [`cli`]: command line, shared by the binary and tests; [`client`]: its calls to a running agent.
@@ -24,6 +25,7 @@
 pub mod agent;
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod backoff;
 pub mod bgp;
 pub mod cli;
@@ -38,6 +40,7 @@ pub mod metrics;
 pub mod monitor;
 pub mod netlink;
 pub mod reload;
+pub mod serve;
 pub mod stats;
 pub mod store;
 pub mod supervise;

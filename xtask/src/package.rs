@@ -346,6 +346,14 @@ fn check_unit(unit: &str) -> Vec<String> {
     if values("WatchdogSec").len() != 1 {
         problems.push("WatchdogSec is not set (the agent pings its watchdog)".into());
     }
+    // systemd's default soft limit (1,024) is what idle API clients once exhausted.
+    if values("LimitNOFILE")
+        .first()
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_none_or(|n| n < 4096)
+    {
+        problems.push("LimitNOFILE is not set to at least 4096".into());
+    }
     if values("StateDirectory") != ["gocast"] {
         problems.push("StateDirectory is not gocast (/var/lib/gocast)".into());
     }
@@ -367,10 +375,24 @@ fn check_unit(unit: &str) -> Vec<String> {
 fn check_shipped_config(normalized: &str, unit: &str) -> Vec<String> {
     let mut problems = Vec::new();
     let has = |line: &str| normalized.lines().any(|l| l.trim() == line);
-    for line in ["listen_addr: 127.0.0.1:8080", "allow_http_exec: false"] {
+    for line in [
+        "listen_addr: 127.0.0.1:8080",
+        "allow_http_exec: false",
+        "listen_unix: /run/gocast/api.sock",
+    ] {
         if !has(line) {
             problems.push(format!("the shipped config does not say `{line}`"));
         }
+    }
+    if normalized.lines().any(|l| l.trim() == "vip_allowlist: []") {
+        problems.push("the shipped config has no vip_allowlist".into());
+    }
+    let runtime = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("RuntimeDirectory="))
+        .map(str::trim);
+    if runtime != Some("gocast") {
+        problems.push("the unit's RuntimeDirectory is not gocast (the API socket's)".into());
     }
     if normalized.lines().any(|l| l.starts_with("bgp:")) {
         problems.push("the shipped config has a BGP peer: it would announce on install".into());
@@ -486,7 +508,7 @@ mod tests {
 
     #[test]
     fn a_shipped_config_with_a_peer_or_an_open_api_is_refused() {
-        let safe = "agent:\n  listen_addr: 127.0.0.1:8080\n  allow_http_exec: false\n  state_file: /var/lib/gocast/state-1.json\n";
+        let safe = "agent:\n  listen_addr: 127.0.0.1:8080\n  allow_http_exec: false\n  listen_unix: /run/gocast/api.sock\n  state_file: /var/lib/gocast/state-1.json\n";
         assert_eq!(check_shipped_config(safe, UNIT), Vec::<String>::new());
         let open = safe.replace("127.0.0.1:8080", "[::]:8080") + "bgp:\n- local_as: 1\n";
         assert_eq!(check_shipped_config(&open, UNIT).len(), 2);

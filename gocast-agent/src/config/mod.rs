@@ -152,12 +152,35 @@ pub struct AgentConfig {
     pub vip_allowlist: Vec<IpNet>,
     /// Where NAT sends traffic; `None` = the local BGP address, resolved at start.
     pub nat_dest_ip: Option<IpAddr>,
+    /// Who may use the API and how much of the agent it may take (read at start only).
+    pub api: ApiConfig,
     /// How long a drained app's route stays announced with `GRACEFUL_SHUTDOWN` before it is
     /// withdrawn.
     pub drain_time: Duration,
     /// The log filter (`tracing` `EnvFilter` syntax, e.g. `info,gocast::bgp=debug`); the
     /// command line's `--log-level` and `RUST_LOG` win over it. Applied live on reload.
     pub log_level: Option<String>,
+}
+
+/// `agent.listen_unix_mode` when not set: owner and group read and write.
+pub const DEFAULT_UNIX_MODE: u32 = 0o660;
+
+/// The API's access and limits: `agent.api_*` and `agent.listen_unix*`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiConfig {
+    /// A file holding the bearer token state-changing TCP requests need; `GOCAST_API_TOKEN_FILE`
+    /// wins over it. `None`: no token (GoCast's open API).
+    pub token_file: Option<PathBuf>,
+    /// Whether reads need the token too.
+    pub auth: crate::auth::AuthScope,
+    /// Open API connections at most (TCP and Unix together); lowered to keep descriptors in
+    /// reserve (`serve::connection_cap`).
+    pub max_connections: usize,
+    /// A Unix-socket API besides TCP, gated by the file's owner, group and mode.
+    pub listen_unix: Option<PathBuf>,
+    pub unix_mode: u32,
+    /// The socket file's group; `None` keeps the agent's.
+    pub unix_group: Option<String>,
 }
 
 /// Consul discovery settings; present when `consul_addr` is set and not empty.

@@ -64,6 +64,15 @@ struct OutAgent<'a> {
     vip_allowlist: &'a [IpNet],
     #[serde(skip_serializing_if = "Option::is_none")]
     nat_dest_ip: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    api_token_file: Option<&'a Path>,
+    api_auth: crate::auth::AuthScope,
+    api_max_connections: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen_unix: Option<&'a Path>,
+    listen_unix_mode: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen_unix_group: Option<&'a str>,
     drain_time: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     log_level: Option<&'a str>,
@@ -145,6 +154,12 @@ impl Config {
                 allow_http_exec: a.allow_http_exec,
                 vip_allowlist: &a.vip_allowlist,
                 nat_dest_ip: a.nat_dest_ip,
+                api_token_file: a.api.token_file.as_deref(),
+                api_auth: a.api.auth,
+                api_max_connections: a.api.max_connections,
+                listen_unix: a.api.listen_unix.as_deref(),
+                listen_unix_mode: format!("{:04o}", a.api.unix_mode),
+                listen_unix_group: a.api.unix_group.as_deref(),
                 drain_time: go_duration::format(a.drain_time),
                 log_level: a.log_level.as_deref(),
             },

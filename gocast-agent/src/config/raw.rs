@@ -12,13 +12,14 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, de};
 
 use crate::app::{AppName, AppSpec, Community, Monitor, NatRule, Vip};
+use crate::auth::AuthScope;
 
 use super::{
-    AgentConfig, BGP_PORT, BgpConfig, Config, ConsulConfig, DEFAULT_CLEANUP_TIMER,
+    AgentConfig, ApiConfig, BGP_PORT, BgpConfig, Config, ConsulConfig, DEFAULT_CLEANUP_TIMER,
     DEFAULT_CONSUL_MONITOR_GRACE, DEFAULT_CONSUL_QUERY_INTERVAL, DEFAULT_DRAIN_TIME,
     DEFAULT_EXEC_TIMEOUT, DEFAULT_HOLD_TIME, DEFAULT_LISTEN, DEFAULT_MONITOR_INTERVAL,
-    DataplaneConfig, DataplaneMode, IngressMode, ListenAddr, Origin, PassiveHealthConfig,
-    PeerConfig, STATE_DIR, go_duration,
+    DEFAULT_UNIX_MODE, DataplaneConfig, DataplaneMode, IngressMode, ListenAddr, Origin,
+    PassiveHealthConfig, PeerConfig, STATE_DIR, go_duration,
 };
 
 // ---- the file as written -------------------------------------------------------------------
@@ -85,6 +86,35 @@ struct RawAgent {
     allow_http_exec: Option<bool>,
     vip_allowlist: Option<Vec<IpNet>>,
     nat_dest_ip: Option<IpAddr>,
+    api_token_file: Option<PathBuf>,
+    #[serde(default)]
+    api_auth: AuthScope,
+    api_max_connections: Option<usize>,
+    listen_unix: Option<PathBuf>,
+    listen_unix_mode: Option<FileMode>,
+    listen_unix_group: Option<String>,
+}
+
+/// A file mode in octal as `chmod` reads it: `0660`, `"0660"` or `660` all mean `rw-rw----`
+/// (YAML 1.2 reads an unquoted `0660` as the decimal number 660).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum FileMode {
+    Number(u64),
+    Text(String),
+}
+
+impl FileMode {
+    fn bits(&self) -> Result<u32, String> {
+        let digits = match self {
+            Self::Number(n) => n.to_string(),
+            Self::Text(s) => s.trim().to_owned(),
+        };
+        u32::from_str_radix(&digits, 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| format!("{digits:?} is not an octal mode like 0660"))
+    }
 }
 
 /// `bgp:` is a block (single peer, or `peers:`) or a list of single-peer blocks.
@@ -451,6 +481,20 @@ impl RawAgent {
                 allow_exec: self.allow_consul_exec.unwrap_or(false),
             }),
         };
+        let api = ApiConfig {
+            token_file: self.api_token_file,
+            auth: self.api_auth,
+            max_connections: match self.api_max_connections {
+                Some(0) => return Err(invalid("agent.api_max_connections", "must be at least 1")),
+                n => n.unwrap_or(crate::serve::DEFAULT_MAX_CONNECTIONS),
+            },
+            listen_unix: self.listen_unix,
+            unix_mode: match &self.listen_unix_mode {
+                Some(m) => m.bits().map_err(|e| invalid("agent.listen_unix_mode", e))?,
+                None => DEFAULT_UNIX_MODE,
+            },
+            unix_group: self.listen_unix_group.filter(|g| !g.is_empty()),
+        };
         if let Some(ip) = self.nat_dest_ip
             && (ip.is_unspecified() || ip.is_multicast() || ip.is_loopback())
         {
@@ -477,6 +521,7 @@ impl RawAgent {
             allow_http_exec: self.allow_http_exec.unwrap_or(false),
             vip_allowlist: self.vip_allowlist.unwrap_or_default(),
             nat_dest_ip: self.nat_dest_ip,
+            api,
             drain_time: self.drain_time.unwrap_or(DEFAULT_DRAIN_TIME),
             log_level: match self.log_level {
                 Some(filter) => Some(
