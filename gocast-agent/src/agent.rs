@@ -216,7 +216,7 @@ fn supervise_stats(
         sampler.run(cancel)
     });
     tasks.push(stats.status);
-    metrics.vip_stats(snapshots.clone());
+    metrics.vip_stats(stats::counter_source(snapshots.clone()));
     snapshots
 }
 

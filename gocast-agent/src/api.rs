@@ -1209,7 +1209,7 @@ mod tests {
         assert_eq!(get(&api, "/stats/nope").await.0, StatusCode::BAD_REQUEST);
 
         let metrics = Metrics::default();
-        metrics.vip_stats(metrics_rx);
+        metrics.vip_stats(crate::stats::counter_source(metrics_rx));
         let text = metrics.render();
         for line in [
             "gocast_vip_packets_total{vip=\"192.0.2.10/32\",direction=\"in\"} 3",

@@ -20,11 +20,8 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use tokio::sync::watch;
 
 use gocast_common::maps::VipCounters;
-
-use crate::stats::Snapshot;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct AppLabels {
@@ -81,19 +78,30 @@ struct VipDirectionLabels {
 /// A metric name, its help, and how to pick its value(s) from a VIP's counters.
 type Series<T> = (&'static str, &'static str, fn(&VipCounters) -> T);
 
+/// Each VIP (as written, e.g. `192.0.2.10/32`) with its counters, as the stats sampler last read
+/// them. A function rather than the sampler's own type, so metrics (which every task records
+/// into) needs nothing from the sampler.
+pub type VipCounterSource = Arc<dyn Fn() -> Vec<(String, VipCounters)> + Send + Sync>;
+
 /// The per-VIP counters of the latest stats snapshot, rendered at scrape time: the kernel
 /// counts, so these are constant counters read from the snapshot, not counters we increment.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct VipCounterCollector {
-    snapshot: Arc<OnceLock<watch::Receiver<Arc<Snapshot>>>>,
+    source: Arc<OnceLock<VipCounterSource>>,
+}
+
+impl std::fmt::Debug for VipCounterCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VipCounterCollector")
+    }
 }
 
 impl Collector for VipCounterCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Some(rx) = self.snapshot.get() else {
+        let Some(source) = self.source.get() else {
             return Ok(());
         };
-        let snapshot = rx.borrow().clone();
+        let vips = source();
         let by_direction: [Series<[u64; 2]>; 2] = [
             (
                 "vip_packets",
@@ -108,10 +116,10 @@ impl Collector for VipCounterCollector {
         ];
         for (name, help, pick) in by_direction {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for v in &snapshot.vips {
-                for (direction, value) in ["in", "out"].into_iter().zip(pick(&v.counters)) {
+            for (vip, counters) in &vips {
+                for (direction, value) in ["in", "out"].into_iter().zip(pick(counters)) {
                     let labels = VipDirectionLabels {
-                        vip: v.vip.clone(),
+                        vip: vip.clone(),
                         direction,
                     };
                     ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
@@ -127,9 +135,9 @@ impl Collector for VipCounterCollector {
         ];
         for (name, help, pick) in tcp {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for v in &snapshot.vips {
-                let labels = VipLabels { vip: v.vip.clone() };
-                ConstCounter::new(pick(&v.counters)).encode(family.encode_family(&labels)?)?;
+            for (vip, counters) in &vips {
+                let labels = VipLabels { vip: vip.clone() };
+                ConstCounter::new(pick(counters)).encode(family.encode_family(&labels)?)?;
             }
         }
         Ok(())
@@ -165,7 +173,7 @@ struct Inner {
     updates_sent: Family<PeerLabels, Counter>,
     prefixes_advertised: Family<PeerLabels, Gauge>,
     task_restarts: Family<TaskLabels, Counter>,
-    vip_snapshot: Arc<OnceLock<watch::Receiver<Arc<Snapshot>>>>,
+    vip_counters: Arc<OnceLock<VipCounterSource>>,
     consul: ConsulMetrics,
     repairs: RepairMetrics,
 }
@@ -313,7 +321,7 @@ impl Default for Metrics {
             routes.clone(),
         );
         let vip_counters = VipCounterCollector::default();
-        let vip_snapshot = vip_counters.snapshot.clone();
+        let vip_source = vip_counters.source.clone();
         registry.register_collector(Box::new(vip_counters));
         Self {
             inner: Arc::new(Inner {
@@ -329,7 +337,7 @@ impl Default for Metrics {
                 updates_sent,
                 prefixes_advertised,
                 task_restarts,
-                vip_snapshot,
+                vip_counters: vip_source,
                 consul,
                 repairs,
             }),
@@ -453,9 +461,9 @@ impl Metrics {
         self.inner.repairs.failures.get_or_create(&labels).inc();
     }
 
-    /// Exports the per-VIP counters of the stats sampler's snapshots (eBPF dataplane only).
-    pub fn vip_stats(&self, snapshots: watch::Receiver<Arc<Snapshot>>) {
-        let _ = self.inner.vip_snapshot.set(snapshots);
+    /// Exports the per-VIP counters the stats sampler last read (eBPF dataplane only).
+    pub fn vip_stats(&self, source: VipCounterSource) {
+        let _ = self.inner.vip_counters.set(source);
     }
 
     /// One Consul request and how it ended.

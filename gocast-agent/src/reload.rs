@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use crate::{
     bgp::SpeakerReload,
-    config::{Config, ConfigError},
+    config::{Config, ConfigError, NotApplied},
     consul::client::ConsulError,
     messages::{LifecycleError, SyncReport},
     systemd,
@@ -38,15 +38,6 @@ pub enum ReloadError {
     Lifecycle(#[from] LifecycleError),
     #[error("the agent is shutting down")]
     ShuttingDown,
-}
-
-/// A key that changed in the file but keeps its running value, with why (e.g. "needs a
-/// restart").
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct NotApplied {
-    /// The config key, e.g. `agent.listen_addr`.
-    pub key: &'static str,
-    pub reason: String,
 }
 
 /// What a reload did.

@@ -90,6 +90,20 @@ pub struct VipStats {
     pub addr: IpAddr,
 }
 
+/// What `/metrics` exports from the snapshots: each VIP with its counters, read at scrape time.
+pub fn counter_source(
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+) -> crate::metrics::VipCounterSource {
+    Arc::new(move || {
+        snapshots
+            .borrow()
+            .vips
+            .iter()
+            .map(|v| (v.vip.clone(), v.counters))
+            .collect()
+    })
+}
+
 /// The latest sample of every VIP, as `/stats` serves it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Snapshot {

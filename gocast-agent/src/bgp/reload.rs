@@ -11,7 +11,7 @@
 //! - a change of **route attributes** only (communities, origin, MED, `LOCAL_PREF`, `NEXT_HOP`)
 //!   is sent as UPDATEs on the running session, for the prefixes whose attributes changed.
 
-pub use crate::reload::NotApplied;
+pub use crate::config::NotApplied;
 use std::{
     fmt,
     net::{IpAddr, Ipv4Addr, SocketAddr},

@@ -34,6 +34,15 @@ use self::raw::RawConfig;
 pub use self::raw::default_state_file;
 use crate::app::{AppSpec, Community};
 
+/// A key that changed in the file but keeps its running value, with why (e.g. "needs a
+/// restart").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NotApplied {
+    /// The config key, e.g. `agent.listen_addr`.
+    pub key: &'static str,
+    pub reason: String,
+}
+
 /// Defaults, as GoCast has them where it has them.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_MONITOR_INTERVAL: Duration = Duration::from_secs(10);
