@@ -235,6 +235,20 @@ impl Bird {
         Ok(self.session_state()? == "Established")
     }
 
+    /// When the session last changed state (`show protocols`' "Since" column, milliseconds): a
+    /// session reset changes it.
+    pub fn since(&self) -> Result<String> {
+        let out = self.birdc(&["show", "protocols", "agent"])?;
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("agent"))
+            .context("no agent protocol")?;
+        line.split_whitespace()
+            .nth(4)
+            .map(str::to_owned)
+            .with_context(|| format!("no since column: {line}"))
+    }
+
     /// `show route PREFIX all`; empty when the route is not there.
     pub fn route(&self, prefix: &str) -> Result<String> {
         let out = self.birdc(&["show", "route", prefix, "all"])?;

@@ -71,19 +71,6 @@ fn reload(agent: &mut Agent) -> Result<()> {
     })
 }
 
-/// When BIRD's session last changed state (`show protocols`, milliseconds).
-fn since(bird: &Bird) -> Result<String> {
-    let out = bird.birdc(&["show", "protocols", "agent"])?;
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("agent"))
-        .context("no agent protocol")?;
-    line.split_whitespace()
-        .nth(4)
-        .map(str::to_owned)
-        .with_context(|| format!("no since column: {line}"))
-}
-
 /// The hold time BIRD negotiated (`Hold timer: 12.345/90` → 90).
 fn negotiated_hold_time(bird: &Bird) -> Result<String> {
     let out = bird.birdc(&["show", "protocols", "all", "agent"])?;
@@ -162,7 +149,7 @@ fn new_communities_and_med_go_out_as_updates_without_resetting_the_session() -> 
         Ok(bird.route(VIP)?.contains("(65001,100)"))
     })
     .with_context(|| context(&[&bird], &agent))?;
-    let up_since = since(&bird)?;
+    let up_since = bird.since()?;
     let established = established_count(&topo, &topo.client_ip)?;
     ensure!(established == 1, "established {established} times");
 
@@ -182,7 +169,7 @@ fn new_communities_and_med_go_out_as_updates_without_resetting_the_session() -> 
     .with_context(|| context(&[&bird], &agent))?;
     ensure!(bird.established()?, "{}", context(&[&bird], &agent));
     ensure!(
-        since(&bird)? == up_since,
+        bird.since()? == up_since,
         "BIRD's session was reset: {}",
         context(&[&bird], &agent)
     );
@@ -213,7 +200,7 @@ fn a_peer_added_by_reload_comes_up_and_a_removed_one_is_closed_and_loses_the_rou
         || Ok(!bird.route(VIP)?.is_empty()),
     )
     .with_context(|| context(&[&bird], &agent))?;
-    let up_since = since(&bird)?;
+    let up_since = bird.since()?;
 
     write_config(
         dir.path(),
@@ -237,7 +224,7 @@ fn a_peer_added_by_reload_comes_up_and_a_removed_one_is_closed_and_loses_the_rou
     );
     ensure!(info_peers(&topo)?.len() == 2, "{:?}", info_peers(&topo)?);
     ensure!(
-        since(&bird)? == up_since,
+        bird.since()? == up_since,
         "the first session was touched: {}",
         context(&[&bird, &bird2], &agent)
     );
@@ -258,7 +245,7 @@ fn a_peer_added_by_reload_comes_up_and_a_removed_one_is_closed_and_loses_the_rou
     ensure!(info_peers(&topo)?.len() == 1, "{:?}", info_peers(&topo)?);
     ensure!(bird.established()? && !bird.route(VIP)?.is_empty());
     ensure!(
-        since(&bird)? == up_since,
+        bird.since()? == up_since,
         "the first session was touched: {}",
         context(&[&bird, &bird2], &agent)
     );
@@ -288,7 +275,7 @@ fn a_changed_hold_time_resets_that_peer_alone() -> Result<()> {
     })
     .with_context(|| context(&[&bird, &bird2], &agent))?;
     ensure!(negotiated_hold_time(&bird2)? == "90");
-    let up_since = since(&bird)?;
+    let up_since = bird.since()?;
     let second_established = established_count(&topo, &second.router_ip)?;
 
     let changed = PeerSpec {
@@ -323,7 +310,7 @@ fn a_changed_hold_time_resets_that_peer_alone() -> Result<()> {
         "no Cease 6/6 sent: {peers:?}"
     );
     ensure!(
-        since(&bird)? == up_since && established_count(&topo, &topo.client_ip)? == 1,
+        bird.since()? == up_since && established_count(&topo, &topo.client_ip)? == 1,
         "the first session was touched: {}",
         context(&[&bird, &bird2], &agent)
     );

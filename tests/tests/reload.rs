@@ -56,17 +56,6 @@ fn app(name: &str, vip: &str, monitor: &str, communities: &[&str]) -> String {
     format!("  - name: {name}\n    vip: {vip}\n{extra}    monitor: {monitor}\n")
 }
 
-/// When BIRD's session last changed state (`show protocols`' "Since" column): a session reset
-/// changes it.
-fn since(bird: &Bird) -> Result<String> {
-    let out = bird.birdc(&["show", "protocols", "agent"])?;
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("agent"))
-        .context("no agent protocol")?;
-    Ok(line.split_whitespace().nth(4).unwrap_or("").to_owned())
-}
-
 fn sighup(agent: &Agent) -> Result<()> {
     let pid = agent.pid().context("agent pid")?;
     sh("kill", &["-HUP", &pid.to_string()])?;
@@ -152,7 +141,7 @@ fn a_reload_applies_only_the_difference_and_keeps_the_session_and_unchanged_rout
             .iter()
             .all(|p| bird.route(p).is_ok_and(|r| !r.is_empty())))
     })?;
-    let session = since(&bird)?;
+    let session = bird.since()?;
     let watch = Watch::start(bird.clone(), "192.0.2.61/32");
 
     let after = format!(
@@ -218,7 +207,7 @@ fn a_reload_applies_only_the_difference_and_keeps_the_session_and_unchanged_rout
         "the unchanged app's route left BIRD during the reloads"
     );
     ensure!(
-        since(&bird)? == session && bird.established()?,
+        bird.since()? == session && bird.established()?,
         "the BGP session was reset"
     );
     Ok(())

@@ -169,14 +169,9 @@ impl Lab {
         self.bird.established().unwrap_or(false)
     }
 
-    /// When BIRD's session last changed state (the "Since" column): a reset changes it.
+    /// When BIRD's session last changed state: a reset changes it.
     pub(super) fn session_since(&self) -> Result<String> {
-        let out = self.bird.birdc(&["show", "protocols", "agent"])?;
-        let line = out
-            .lines()
-            .find(|l| l.starts_with("agent"))
-            .context("no agent protocol at BIRD")?;
-        Ok(line.split_whitespace().nth(4).unwrap_or("").to_owned())
+        self.bird.since()
     }
 
     /// BGP routes in BIRD's tables (both families), from `show route count protocol agent`.

@@ -705,9 +705,18 @@ impl Core {
         }
         let add_vip = !entry.vip.maybe_present();
         let add_nat = !entry.spec.nats.is_empty() && !entry.nat.maybe_present();
-        let Some(id) = self.claim(entry, add_vip, add_nat, Resource::Adding) else {
-            return;
-        };
+        self.start_install(entry, add_vip, add_nat, out);
+    }
+
+    /// Asks the host to add the chosen parts (VIP, then NAT); `None` when there is none.
+    fn start_install(
+        &mut self,
+        entry: &mut Entry,
+        add_vip: bool,
+        add_nat: bool,
+        out: &mut Vec<Effect>,
+    ) -> Option<OpId> {
+        let id = self.claim(entry, add_vip, add_nat, Resource::Adding)?;
         out.push(Effect::Host(HostOp::Install {
             id,
             app: entry.spec.name.clone(),
@@ -716,6 +725,7 @@ impl Core {
             add_vip,
             nat: add_nat.then(|| entry.nat_spec()),
         }));
+        Some(id)
     }
 
     /// Asks for the app's NAT rules (and, with `vip`, its VIP) to go. `after_withdrawal`: the

@@ -20,9 +20,7 @@ use crate::{
     app::{AppName, Vip},
     lifecycle::{
         entry::{Entry, LastRepair, Outcome, Resource},
-        events::{
-            Drift, Effect, Expected, HostDone, HostOp, Now, OpId, Part, RepairKind, VerifyId,
-        },
+        events::{Drift, Effect, Expected, HostDone, Now, OpId, Part, RepairKind, VerifyId},
     },
 };
 
@@ -119,7 +117,9 @@ impl Core {
         let (app, vip) = (&entry.spec.name, entry.spec.vip);
         let outcome = if entry.up {
             warn!(app = %app, %vip, %what, "missing from the host: putting it back");
-            Outcome::Repairing(self.put_back(entry, out))
+            // Something is absent: the drift said so.
+            self.put_back(entry, out)
+                .map_or(Outcome::LeftOff, Outcome::Repairing)
         } else {
             info!(app = %app, %vip, %what, "missing from the host; the app is down, so it stays off");
             Outcome::LeftOff
@@ -135,25 +135,10 @@ impl Core {
     /// Installs the parts of the app that are absent (at least the ones just found missing)
     /// and returns the operation. Unlike `Core::install` it does not wait for another part's
     /// operation in flight: the parts it adds are absent, so none of them is being changed.
-    fn put_back(&mut self, entry: &mut Entry, out: &mut Vec<Effect>) -> OpId {
+    fn put_back(&mut self, entry: &mut Entry, out: &mut Vec<Effect>) -> Option<OpId> {
         let add_vip = entry.vip == Resource::Absent;
         let add_nat = !entry.spec.nats.is_empty() && entry.nat == Resource::Absent;
-        let id = self.next_op();
-        if add_vip {
-            entry.vip = Resource::Adding(id);
-        }
-        if add_nat {
-            entry.nat = Resource::Adding(id);
-        }
-        out.push(Effect::Host(HostOp::Install {
-            id,
-            app: entry.spec.name.clone(),
-            vip: entry.spec.vip,
-            label: entry.label.clone(),
-            add_vip,
-            nat: add_nat.then(|| entry.nat_spec()),
-        }));
-        id
+        self.start_install(entry, add_vip, add_nat, out)
     }
 
     /// Settles the app's repair if `done` is the operation putting its parts back.
