@@ -47,6 +47,9 @@ use crate::{
 /// The most monitor reports or host results handled before the route set is published.
 const BATCH: usize = 4096;
 
+/// The host's addresses (for safe VIPs) are listed with every this many verifications.
+const ADDRESSES_EVERY: u64 = 10;
+
 /// How long a VIP waits for its withdrawal to reach the peers before it is removed anyway.
 const WITHDRAW_WAIT: Duration = Duration::from_secs(1);
 
@@ -105,6 +108,8 @@ pub(super) struct Driver {
     effects: Vec<Effect>,
     /// The host's "verify now" ([`Host::drift_hints`]); `None` once it closed.
     hints: Option<mpsc::Receiver<()>>,
+    /// Verifications asked for so far, to list the host's addresses every few of them.
+    verifications: u64,
 }
 
 fn now() -> Now {
@@ -142,6 +147,7 @@ impl Driver {
             persisted_rx,
             done_rx,
             effects: Vec::new(),
+            verifications: 0,
             hints,
         }
     }
@@ -303,8 +309,12 @@ impl Driver {
                 Effect::ShutdownHost => drop(self.work.send(Work::Shutdown)),
                 Effect::Verify { id, expected } => {
                     drop(self.work.send(Work::Verify { id, expected }));
-                    // The host's addresses are checked as often as the rest of the host.
-                    drop(self.work.send(Work::Addresses { first: false }));
+                    // The host's addresses change rarely and listing them costs a dump of
+                    // every address: every tenth verification (about 5 s) is enough.
+                    self.verifications += 1;
+                    if self.verifications.is_multiple_of(ADDRESSES_EVERY) {
+                        drop(self.work.send(Work::Addresses { first: false }));
+                    }
                 }
             }
         }
