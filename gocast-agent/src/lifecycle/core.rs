@@ -100,6 +100,9 @@ pub struct Core {
     verification: repair::Verification,
     /// The host's own addresses ([`Event::LocalAddresses`]), sorted: no VIP may cover one.
     local: Vec<Protected>,
+    /// Unregistrations answered once their host operation is done, so a 200 means the VIP
+    /// and NAT rules are gone (as GoCast's answer did).
+    replies_after: BTreeMap<OpId, (RequestId, AppView)>,
 }
 
 impl Core {
@@ -118,6 +121,7 @@ impl Core {
             drained: BTreeSet::new(),
             host_drained: false,
             verification: repair::Verification::default(),
+            replies_after: BTreeMap::new(),
             local: Vec::new(),
         }
     }
@@ -252,7 +256,12 @@ impl Core {
             }
             Event::Report(report) => self.on_report(report, now, out),
             Event::Persisted(result) => self.persisted(result, now, out),
-            Event::HostDone(done) => self.host_done(done, now),
+            Event::HostDone(done) => {
+                if let Some((id, view)) = self.replies_after.remove(&done.id) {
+                    Self::reply(id, Ok(view), out);
+                }
+                self.host_done(done, now);
+            }
             Event::Deadline => {
                 self.drains_due(now);
                 self.cleanup_due(now, out);
@@ -407,18 +416,21 @@ impl Core {
     }
 
     /// Removes an app at once; replies with the app as it was.
-    fn remove_now(
-        &mut self,
-        name: &AppName,
-        now: Now,
-        out: &mut Vec<Effect>,
-    ) -> Result<AppView, LifecycleError> {
-        let view = self.view(name, now)?;
-        if let Some(entry) = self.apps.remove(name) {
-            info!(app = %name, "app unregistered");
-            self.teardown(entry, out);
+    /// Removes an app at once; replies with the app as it was, once the host removed its VIP
+    /// and NAT rules (at once if it had none).
+    fn remove_now(&mut self, id: RequestId, name: &AppName, now: Now, out: &mut Vec<Effect>) {
+        let view = match self.view(name, now) {
+            Ok(view) => view,
+            Err(e) => return Self::reply(id, Err(e), out),
+        };
+        let Some(entry) = self.apps.remove(name) else {
+            return Self::reply(id, Ok(view), out);
+        };
+        info!(app = %name, "app unregistered");
+        match self.teardown(entry, out) {
+            Some(op) => drop(self.replies_after.insert(op, (id, view))),
+            None => Self::reply(id, Ok(view), out),
         }
-        Ok(view)
     }
 
     /// What the state file must hold once `add` is added and `remove` removed.
@@ -448,8 +460,7 @@ impl Core {
                 Self::reply(id, result, out);
             }
             (Some(Pending::Unregister { id, name }), Ok(())) => {
-                let result = self.remove_now(&name, now, out);
-                Self::reply(id, result, out);
+                self.remove_now(id, &name, now, out);
             }
             (Some(Pending::Forget(names)), Ok(())) => {
                 for name in names {
@@ -664,14 +675,16 @@ impl Core {
     }
 
     /// Removes everything of an app from the host: route first, then NAT and VIP.
-    fn teardown(&mut self, mut entry: Entry, out: &mut Vec<Effect>) {
+    /// Returns the host operation removing its parts, if any.
+    fn teardown(&mut self, mut entry: Entry, out: &mut Vec<Effect>) -> Option<OpId> {
         out.push(Effect::Monitor(monitor::Command::Unwatch {
             app: entry.spec.name.clone(),
         }));
         self.changed.owners = true;
         self.publish(out);
-        self.remove(&mut entry, true, true, out);
+        let op = self.remove(&mut entry, true, true, out);
         self.metrics.app_removed(entry.spec.name.as_str());
+        op
     }
 
     /// Starts an operation on the chosen resources (its id marks them, so only its result
@@ -736,12 +749,10 @@ impl Core {
         vip: bool,
         after_withdrawal: bool,
         out: &mut Vec<Effect>,
-    ) {
+    ) -> Option<OpId> {
         let remove_vip = vip && entry.vip.maybe_present();
         let remove_nat = !entry.spec.nats.is_empty() && entry.nat.maybe_present();
-        let Some(id) = self.claim(entry, remove_vip, remove_nat, Resource::Removing) else {
-            return;
-        };
+        let id = self.claim(entry, remove_vip, remove_nat, Resource::Removing)?;
         out.push(Effect::Host(HostOp::Remove {
             id,
             app: entry.spec.name.clone(),
@@ -750,6 +761,7 @@ impl Core {
             nat: remove_nat.then(|| entry.nat_spec()),
             after_withdrawal,
         }));
+        Some(id)
     }
 
     /// The host did (or failed) an operation: settle each part, then announce an app that is
@@ -1427,7 +1439,7 @@ mod tests {
     }
 
     #[test]
-    fn unregistering_withdraws_before_the_vip_is_removed() {
+    fn unregistering_withdraws_then_removes_the_vip_then_answers() {
         let mut t = T::new(1, 1, Vec::new());
         t.register(spec("api", "192.0.2.20/32"), Source::Http);
         t.step(Event::Persisted(Ok(())));
@@ -1439,10 +1451,7 @@ mod tests {
         });
         assert_eq!(kinds(effects), ["persist"]);
         let effects = t.step(Event::Persisted(Ok(())));
-        assert_eq!(
-            kinds(effects),
-            ["unwatch", "owners", "routes", "remove", "reply"]
-        );
+        assert_eq!(kinds(effects), ["unwatch", "owners", "routes", "remove"]);
         assert_eq!(routes(effects).unwrap(), Vec::<String>::new());
         assert!(matches!(
             host_ops(effects)[0],
@@ -1452,6 +1461,10 @@ mod tests {
                 ..
             }
         ));
+        // The answer waits for the host: a 200 means the VIP and NAT rules are gone.
+        let effects = t.host_done(true);
+        assert_eq!(kinds(effects), ["reply"]);
+        assert!(app_reply(effects).is_ok());
     }
 
     #[test]
