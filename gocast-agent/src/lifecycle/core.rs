@@ -266,7 +266,7 @@ impl Core {
                 self.drains_due(now);
                 self.cleanup_due(now, out);
             }
-            Event::VerifyDue => self.verify_due(out),
+            Event::VerifyDue { vips } => self.verify_due(vips, out),
             Event::Verified { id, drift } => self.verified(id, drift, now, out),
             Event::LocalAddresses(addresses) => self.local_addresses(addresses),
             Event::Shutdown => self.shutdown(out),
@@ -1921,7 +1921,7 @@ mod tests {
         impl T {
             /// Asks for a verification; returns what the host worker is to check.
             fn verify(&mut self) -> (VerifyId, Vec<Expected>) {
-                let effects = self.step(Event::VerifyDue);
+                let effects = self.step(Event::VerifyDue { vips: true });
                 match effects {
                     [Effect::Verify { id, expected }] => (*id, expected.clone()),
                     other => panic!("expected one verification, got {:?}", kinds(other)),
@@ -2104,8 +2104,11 @@ mod tests {
         fn verifications_run_one_at_a_time_and_one_asked_meanwhile_follows() {
             let mut t = T::new(1, 1, vec![spec("web", "192.0.2.10/32")]);
             let (first, _) = t.verify();
-            assert!(t.step(Event::VerifyDue).is_empty(), "one in flight");
-            assert!(t.step(Event::VerifyDue).is_empty());
+            assert!(
+                t.step(Event::VerifyDue { vips: true }).is_empty(),
+                "one in flight"
+            );
+            assert!(t.step(Event::VerifyDue { vips: true }).is_empty());
             let effects = t.step(Event::Verified {
                 id: first,
                 drift: Vec::new(),

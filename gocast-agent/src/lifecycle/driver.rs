@@ -47,9 +47,9 @@ use crate::{
 /// The most monitor reports or host results handled before the route set is published.
 const BATCH: usize = 4096;
 
-/// Every this many verifications, VIPs on `lo` are checked without an address event, and the
-/// host's addresses (for safe VIPs) are listed again.
-const SWEEP_EVERY: u64 = 10;
+/// Every this many verification periods, VIPs on `lo` are checked without an address event,
+/// and the host's addresses (for safe VIPs) are listed again.
+const SWEEP_EVERY: u64 = 60;
 
 /// How long a VIP waits for its withdrawal to reach the peers before it is removed anyway.
 const WITHDRAW_WAIT: Duration = Duration::from_secs(1);
@@ -109,10 +109,8 @@ pub(super) struct Driver {
     effects: Vec<Effect>,
     /// The host's "verify now" ([`Host::drift_hints`]); `None` once it closed.
     hints: Option<mpsc::Receiver<()>>,
-    /// Verifications asked for so far, for the sweep every [`SWEEP_EVERY`].
+    /// Verification periods so far, for the sweep every [`SWEEP_EVERY`].
     verifications: u64,
-    /// The kernel said an address left `lo`: the next verification checks the VIPs.
-    vips_due: bool,
 }
 
 fn now() -> Now {
@@ -151,7 +149,6 @@ impl Driver {
             done_rx,
             effects: Vec::new(),
             verifications: 0,
-            vips_due: false,
             hints,
         }
     }
@@ -208,12 +205,20 @@ impl Driver {
                 () = timer.fired() => self.step(Event::Deadline),
                 () = verify.fired() => {
                     verify.set(Some(VERIFY_INTERVAL));
-                    self.step(Event::VerifyDue);
+                    // Listing `lo` and the host's addresses costs a dump of every address:
+                    // VIPs are checked when the kernel said an address left `lo` and, as a
+                    // safety net, every 60th period (30 s); NAT and programs, which
+                    // raise no event, every period.
+                    self.verifications += 1;
+                    let sweep = self.verifications.is_multiple_of(SWEEP_EVERY);
+                    if sweep {
+                        drop(self.work.send(Work::Addresses { first: false }));
+                    }
+                    self.step(Event::VerifyDue { vips: sweep });
                 }
                 hint = next_hint(self.hints.as_mut()) => {
                     if hint.is_some() {
-                        self.vips_due = true;
-                        self.step(Event::VerifyDue);
+                        self.step(Event::VerifyDue { vips: true });
                     } else {
                         warn!("the host's drift hints stopped; verifying every {VERIFY_INTERVAL:?} only");
                         self.hints = None;
@@ -312,22 +317,8 @@ impl Driver {
                     let _ = self.work.send(Work::StopSpeaker { version });
                 }
                 Effect::ShutdownHost => drop(self.work.send(Work::Shutdown)),
-                Effect::Verify { id, mut expected } => {
-                    // Listing `lo` and the host's addresses costs a dump of every address:
-                    // VIPs are checked when the kernel said an address left `lo` and, as a
-                    // safety net, every tenth verification (about 5 s); NAT and programs,
-                    // which raise no event, every time.
-                    self.verifications += 1;
-                    let sweep = self.verifications.is_multiple_of(SWEEP_EVERY);
-                    if !(std::mem::take(&mut self.vips_due) || sweep) {
-                        for e in &mut expected {
-                            e.on_lo = false;
-                        }
-                    }
+                Effect::Verify { id, expected } => {
                     drop(self.work.send(Work::Verify { id, expected }));
-                    if sweep {
-                        drop(self.work.send(Work::Addresses { first: false }));
-                    }
                 }
             }
         }

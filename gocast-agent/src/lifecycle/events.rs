@@ -72,7 +72,11 @@ pub enum Event {
     Deadline,
     /// Time to compare the host with what the core believes is installed: the periodic check,
     /// or the kernel said an address left `lo`.
-    VerifyDue,
+    VerifyDue {
+        /// Check the VIPs on `lo` too (an address event, or the periodic sweep); NAT rules and
+        /// programs are checked every time.
+        vips: bool,
+    },
     /// The host worker ran the verification asked for by [`Effect::Verify`] `id`.
     Verified {
         id: VerifyId,

@@ -28,24 +28,28 @@ use crate::{
 #[derive(Debug, Default)]
 pub(super) struct Verification {
     in_flight: Option<VerifyId>,
-    /// One was due while another was in flight: run it when that one ends, so a kernel event
-    /// that arrived meanwhile is not lost.
-    again: bool,
+    /// One was due while another was in flight (with VIPs or without): run it when that one
+    /// ends, so a kernel event that arrived meanwhile is not lost.
+    again: Option<bool>,
     last: VerifyId,
 }
 
 impl Core {
-    /// Asks the host worker to verify every app's present parts, unless a verification is in
-    /// flight (then once more after it).
-    pub(super) fn verify_due(&mut self, out: &mut Vec<Effect>) {
+    /// Asks the host worker to verify every app's present NAT rules (and, with `vips`, VIPs),
+    /// unless a verification is in flight (then once more after it).
+    pub(super) fn verify_due(&mut self, vips: bool, out: &mut Vec<Effect>) {
         if self.verification.in_flight.is_some() {
-            self.verification.again = true;
+            self.verification.again = Some(self.verification.again.unwrap_or(false) || vips);
             return;
         }
         self.verification.last += 1;
         let id = self.verification.last;
         self.verification.in_flight = Some(id);
-        let expected = self.apps.values().filter_map(expected).collect();
+        let expected = self
+            .apps
+            .values()
+            .filter_map(|e| expected(e, vips))
+            .collect();
         out.push(Effect::Verify { id, expected });
     }
 
@@ -93,8 +97,8 @@ impl Core {
                 self.apps.insert(name, entry);
             }
         }
-        if std::mem::take(&mut self.verification.again) {
-            self.verify_due(out);
+        if let Some(vips) = self.verification.again.take() {
+            self.verify_due(vips, out);
         }
     }
 
@@ -179,9 +183,10 @@ impl Core {
     }
 }
 
-/// What the app has on the host as the core believes it, if anything: only present parts.
-fn expected(entry: &Entry) -> Option<Expected> {
-    let on_lo = entry.vip == Resource::Present;
+/// What the app has on the host as the core believes it, if anything: only present parts (its
+/// VIP only when `vips`).
+fn expected(entry: &Entry, vips: bool) -> Option<Expected> {
+    let on_lo = vips && entry.vip == Resource::Present;
     let nat =
         (!entry.spec.nats.is_empty() && entry.nat == Resource::Present).then(|| entry.nat_spec());
     (on_lo || nat.is_some()).then(|| Expected {
