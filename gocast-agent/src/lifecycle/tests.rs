@@ -888,14 +888,10 @@ async fn a_consul_app_stays_after_cleanup_and_is_checked_again() {
 }
 
 #[tokio::test]
-async fn a_vip_taken_off_lo_is_put_back_on_the_next_verification_and_shown() {
+async fn a_vip_taken_off_lo_is_put_back_when_the_kernel_says_so_and_shown() {
     let h = start_fresh(settings(), vec![spec("web", "192.0.2.10/32", &[])]);
     wait_healthy(&h).await;
-    h.host
-        .lost_vips
-        .lock()
-        .unwrap()
-        .push("192.0.2.10/32".parse().unwrap());
+    lose_vip(&h, "192.0.2.10/32".parse().unwrap()).await;
     wait_for(&h, "repaired", |a, _| {
         a.is_some_and(|a| {
             a.repairs == 1
@@ -918,6 +914,13 @@ async fn a_vip_taken_off_lo_is_put_back_on_the_next_verification_and_shown() {
         ],
         "only the vip is put back"
     );
+}
+
+/// Takes `vip` off the fake `lo` and tells the lifecycle, as the kernel's address event does.
+async fn lose_vip(h: &Harness, vip: Vip) {
+    h.host.lost_vips.lock().unwrap().push(vip);
+    let hint = h.host.hint.lock().unwrap().clone().unwrap();
+    hint.send(()).await.unwrap();
 }
 
 #[tokio::test]
@@ -953,7 +956,7 @@ async fn a_vip_that_cannot_be_put_back_withdraws_the_app_and_says_why() {
     wait_healthy(&h).await;
     let vip: Vip = "192.0.2.10/32".parse().unwrap();
     h.host.fail_vip.lock().unwrap().push(vip);
-    h.host.lost_vips.lock().unwrap().push(vip);
+    lose_vip(&h, vip).await;
     wait_for(&h, "withdrawn", |a, r| {
         a.is_some_and(|a| a.state == "unhealthy") && r.is_empty()
     })
