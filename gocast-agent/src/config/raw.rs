@@ -163,6 +163,8 @@ struct RawPeerKeys {
     med: Option<u32>,
     local_pref: Option<u32>,
     drain_local_pref: Option<u32>,
+    /// Never connect; wait for the peer's connection (needs `listen_port`).
+    passive: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -193,6 +195,8 @@ struct RawBgpBlock {
     med: Option<u32>,
     local_pref: Option<u32>,
     drain_local_pref: Option<u32>,
+    /// Never connect; wait for the peer's connection (needs `listen_port`).
+    passive: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -259,12 +263,21 @@ impl RawConfig {
             return Err(invalid("bgp.listen_port", "must be 1-65535"));
         }
         for (i, p) in bgp.peers.iter().enumerate() {
+            let who = p
+                .peer_ip
+                .map_or_else(|| "autodiscovered peer".to_owned(), |ip| ip.to_string());
+            if p.passive && bgp.listen_port.is_none() {
+                return Err(invalid(
+                    "bgp.passive",
+                    format!(
+                        "peer {who}: passive: true needs bgp.listen_port (a passive peer never \
+                         connects; it waits for the peer's connection)"
+                    ),
+                ));
+            }
             // One session per address: /info and metrics name a peer by it.
             let twin = bgp.peers[..i].iter().any(|q| q.peer_ip == p.peer_ip);
             if twin {
-                let who = p
-                    .peer_ip
-                    .map_or_else(|| "autodiscovered peer".to_owned(), |ip| ip.to_string());
                 return Err(invalid("bgp", format!("peer {who} is configured twice")));
             }
         }
@@ -712,6 +725,7 @@ impl RawPeerKeys {
                 .drain_local_pref
                 .or(defaults.drain_local_pref)
                 .unwrap_or(0),
+            passive: peer.passive.or(defaults.passive).unwrap_or(false),
         })
     }
 }
@@ -742,6 +756,7 @@ impl RawBgpBlock {
             med: self.med,
             local_pref: self.local_pref,
             drain_local_pref: self.drain_local_pref,
+            passive: self.passive,
         };
         let origin = self.origin.unwrap_or(Origin::Igp);
         let section = Section {
