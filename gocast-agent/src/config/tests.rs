@@ -470,7 +470,10 @@ fn passive_is_read_per_peer_and_per_block_printed_and_needs_listen_port() {
     assert_eq!(printed.matches("passive: true").count(), 1, "{printed}");
     assert_eq!(Config::parse(&printed, "printed").unwrap(), c);
     let e = err("bgp: {local_as: 1, peers: [{peer_ip: 198.18.0.2, peer_as: 2, passive: true}]}");
-    assert!(e.contains("bgp.passive") && e.contains("listen_port"), "{e}");
+    assert!(
+        e.contains("bgp.passive") && e.contains("listen_port"),
+        "{e}"
+    );
 }
 
 #[test]
