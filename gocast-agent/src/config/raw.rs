@@ -120,7 +120,8 @@ impl FileMode {
 /// `bgp:` is a block (single peer, or `peers:`) or a list of single-peer blocks.
 #[derive(Debug)]
 enum RawBgp {
-    Block(RawBgpBlock),
+    /// Boxed: a block is large next to a list's pointer.
+    Block(Box<RawBgpBlock>),
     List(Vec<RawBgpBlock>),
 }
 
@@ -134,7 +135,7 @@ impl<'de> Deserialize<'de> for RawBgp {
             }
             fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<RawBgp, A::Error> {
                 RawBgpBlock::deserialize(de::value::MapAccessDeserializer::new(map))
-                    .map(RawBgp::Block)
+                    .map(|block| RawBgp::Block(Box::new(block)))
             }
             fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<RawBgp, A::Error> {
                 Vec::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(RawBgp::List)
@@ -238,6 +239,7 @@ impl RawConfig {
         let bgp = match self.bgp {
             None => BgpConfig::default(),
             Some(RawBgp::Block(block)) => {
+                let block = *block;
                 let mut bgp = BgpConfig::default();
                 bgp.take_section_keys(&block, "bgp")?;
                 bgp.peers = block.into_peers("bgp")?;
