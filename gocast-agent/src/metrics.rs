@@ -1,4 +1,4 @@
-//! Prometheus metrics, served as text at `/metrics`.
+//! Prometheus metrics, served as OpenMetrics text at `/metrics`.
 //!
 //! The families are atomics behind `Arc`s: every task records into them without a message
 //! round-trip, and only the API renders them.
@@ -82,6 +82,11 @@ type Series<T> = (&'static str, &'static str, fn(&VipCounters) -> T);
 /// them. A function rather than the sampler's own type, so metrics (which every task records
 /// into) needs nothing from the sampler.
 pub type VipCounterSource = Arc<dyn Fn() -> Vec<(String, VipCounters)> + Send + Sync>;
+
+/// The media type of [`Metrics::render`]'s output: prometheus-client's text encoder writes
+/// OpenMetrics 1.0 (`_total` counters under a `_total`-less TYPE name, a closing `# EOF`), so a
+/// scraper must be told so rather than take it for the older `text/plain; version=0.0.4`.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// The per-VIP counters of the latest stats snapshot, rendered at scrape time: the kernel
 /// counts, so these are constant counters read from the snapshot, not counters we increment.
@@ -502,7 +507,7 @@ impl Metrics {
             .set(i64::try_from(refused).unwrap_or(i64::MAX));
     }
 
-    /// The Prometheus text exposition.
+    /// The OpenMetrics text exposition ([`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
@@ -556,5 +561,109 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line}\n{text}");
         }
+    }
+
+    /// Checks `text` against the OpenMetrics 1.0 text format, strictly for what the encoder
+    /// writes. No Rust crate parses OpenMetrics (`prometheus-parse` reads the older format and
+    /// skips what it does not know, `# EOF` included), so the rules are spelled out here: every
+    /// sample belongs to the family last declared by `# TYPE`, with a suffix its type allows;
+    /// a family is declared once; names, labels and values are well formed; `# EOF` ends it.
+    pub(crate) fn assert_openmetrics(text: &str) {
+        fn is_name(s: &str) -> bool {
+            let mut chars = s.chars();
+            chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+        }
+        fn suffixes(kind: &str) -> &'static [&'static str] {
+            match kind {
+                "counter" => &["_total", "_created"],
+                "histogram" => &["_bucket", "_count", "_sum", "_created"],
+                "summary" => &["", "_count", "_sum", "_created"],
+                "info" => &["_info"],
+                "gauge" | "unknown" => &[""],
+                other => panic!("unknown metric type {other}"),
+            }
+        }
+        /// Parses `{a="b",c="d"}` from the start of `s`, returning the rest.
+        fn labels(s: &str, line: &str) -> &'static str {
+            let mut rest = s.strip_prefix('{').unwrap_or_else(|| panic!("{line}"));
+            loop {
+                if let Some(after) = rest.strip_prefix('}') {
+                    return Box::leak(after.to_owned().into_boxed_str());
+                }
+                let (name, after) = rest.split_once("=\"").unwrap_or_else(|| panic!("{line}"));
+                assert!(is_name(name), "label name {name:?}: {line}");
+                let mut escaped = false;
+                let end = after
+                    .char_indices()
+                    .find(|&(_, c)| {
+                        let closes = c == '"' && !escaped;
+                        escaped = c == '\\' && !escaped;
+                        closes
+                    })
+                    .map(|(i, _)| i)
+                    .unwrap_or_else(|| panic!("unterminated label value: {line}"));
+                rest = &after[end + 1..];
+                rest = rest.strip_prefix(',').unwrap_or(rest);
+            }
+        }
+        assert!(text.ends_with("# EOF\n"), "no closing # EOF:\n{text}");
+        let body = &text[..text.len() - "# EOF\n".len()];
+        let mut declared = std::collections::HashSet::new();
+        let mut family: Option<(String, String)> = None;
+        for line in body.lines() {
+            if let Some(meta) = line.strip_prefix("# ") {
+                let mut parts = meta.splitn(3, ' ');
+                let (keyword, name) = (parts.next().unwrap(), parts.next().unwrap_or(""));
+                assert!(is_name(name), "{line}");
+                match keyword {
+                    "TYPE" => {
+                        let kind = parts.next().unwrap_or_else(|| panic!("{line}"));
+                        suffixes(kind);
+                        assert!(declared.insert(name.to_owned()), "declared twice: {line}");
+                        family = Some((name.to_owned(), kind.to_owned()));
+                    }
+                    "HELP" | "UNIT" => {}
+                    other => panic!("unknown descriptor {other}: {line}"),
+                }
+                continue;
+            }
+            let (name, kind) = family
+                .as_ref()
+                .unwrap_or_else(|| panic!("sample before any TYPE: {line}"));
+            let end = line.find(['{', ' ']).unwrap_or_else(|| panic!("{line}"));
+            let sample = &line[..end];
+            assert!(
+                suffixes(kind)
+                    .iter()
+                    .any(|suffix| sample.strip_suffix(suffix) == Some(name.as_str())),
+                "{sample} is not a sample of {kind} {name}"
+            );
+            let rest = if line[end..].starts_with('{') {
+                labels(&line[end..], line)
+            } else {
+                Box::leak(line[end..].to_owned().into_boxed_str())
+            };
+            let value = rest
+                .strip_prefix(' ')
+                .unwrap_or_else(|| panic!("no value: {line}"));
+            let value = value.split(' ').next().unwrap_or_default();
+            assert!(
+                value.parse::<f64>().is_ok() || ["+Inf", "-Inf", "NaN"].contains(&value),
+                "value {value:?}: {line}"
+            );
+        }
+    }
+
+    #[test]
+    fn rendered_text_is_openmetrics() {
+        let m = Metrics::default();
+        m.app_state("web", true, false);
+        m.monitor_observed("exec", Duration::from_millis(20), false);
+        m.consul_request("catalog_node", "ok");
+        m.peer_state("198.18.0.2", true);
+        assert_openmetrics(&m.render());
     }
 }
