@@ -61,6 +61,22 @@ struct RepairLabels {
     kind: String,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    commit: &'static str,
+    dataplane: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DataplaneLabels {
+    mode: String,
+    reason: String,
+}
+
+/// The commit the agent was built from (`build.rs`), `unknown` without git.
+pub const COMMIT: &str = env!("GOCAST_COMMIT");
+
 /// The kinds of self-repair, created at zero so dashboards see the series before the first.
 const REPAIR_KINDS: [&str; 3] = ["vip", "nat", "program"];
 
@@ -178,6 +194,8 @@ struct Inner {
     updates_sent: Family<PeerLabels, Counter>,
     prefixes_advertised: Family<PeerLabels, Gauge>,
     task_restarts: Family<TaskLabels, Counter>,
+    build_info: Family<BuildLabels, Gauge>,
+    dataplane_info: Family<DataplaneLabels, Gauge>,
     vip_counters: Arc<OnceLock<VipCounterSource>>,
     consul: ConsulMetrics,
     repairs: RepairMetrics,
@@ -325,6 +343,18 @@ impl Default for Metrics {
             "Routes in the desired-announcement set",
             routes.clone(),
         );
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        let dataplane_info = Family::<DataplaneLabels, Gauge>::default();
+        registry.register(
+            "build_info",
+            "1, labelled with the agent's version, commit and running dataplane (ebpf, iptables)",
+            build_info.clone(),
+        );
+        registry.register(
+            "dataplane_info",
+            "1, labelled with the running dataplane and why it was chosen (e.g. the eBPF fallback's cause)",
+            dataplane_info.clone(),
+        );
         let vip_counters = VipCounterCollector::default();
         let vip_source = vip_counters.source.clone();
         registry.register_collector(Box::new(vip_counters));
@@ -342,6 +372,8 @@ impl Default for Metrics {
                 updates_sent,
                 prefixes_advertised,
                 task_restarts,
+                build_info,
+                dataplane_info,
                 vip_counters: vip_source,
                 consul,
                 repairs,
@@ -452,6 +484,29 @@ impl Metrics {
                 peer: peer.to_owned(),
             })
             .inc();
+    }
+
+    /// The dataplane the host started with: sets `gocast_build_info` and `gocast_dataplane_info`
+    /// (one series each; a later call replaces it).
+    pub fn dataplane(&self, info: &crate::dataplane::DataplaneInfo) {
+        self.inner.build_info.clear();
+        self.inner
+            .build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                commit: COMMIT,
+                dataplane: info.mode.to_owned(),
+            })
+            .set(1);
+        self.inner.dataplane_info.clear();
+        self.inner
+            .dataplane_info
+            .get_or_create(&DataplaneLabels {
+                mode: info.mode.to_owned(),
+                // A label value is a quoted string the encoder does not escape.
+                reason: info.reason.replace(['"', '\\', '\n'], " "),
+            })
+            .set(1);
     }
 
     /// Self-repair found a part of kind `kind` (`vip`, `nat`, `program`) missing from the host.
@@ -664,6 +719,29 @@ mod tests {
         m.monitor_observed("exec", Duration::from_millis(20), false);
         m.consul_request("catalog_node", "ok");
         m.peer_state("198.18.0.2", true);
+        m.dataplane(&crate::dataplane::DataplaneInfo::iptables_fallback(
+            "loading \"xdp\": EPERM",
+        ));
         assert_openmetrics(&m.render());
+    }
+
+    #[test]
+    fn build_and_dataplane_info_carry_the_running_dataplane() {
+        let m = Metrics::default();
+        m.dataplane(&crate::dataplane::DataplaneInfo::iptables_forced());
+        m.dataplane(&crate::dataplane::DataplaneInfo::iptables_fallback("no BTF"));
+        let text = m.render();
+        let build = format!(
+            "gocast_build_info{{version=\"{}\",commit=\"{COMMIT}\",dataplane=\"iptables\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&build), "{build}\n{text}");
+        assert!(
+            text.contains("gocast_dataplane_info{mode=\"iptables\",reason=\"dataplane.mode auto fell back to iptables: no BTF\"} 1"),
+            "{text}"
+        );
+        assert_eq!(text.matches("gocast_build_info{").count(), 1, "{text}");
+        assert_eq!(text.matches("gocast_dataplane_info{").count(), 1, "{text}");
+        assert!(!COMMIT.is_empty());
     }
 }
