@@ -1,4 +1,4 @@
-//! Prometheus metrics, served as OpenMetrics text at `/metrics`.
+//! Prometheus metrics, served as `OpenMetrics` text at `/metrics`.
 //!
 //! The families are atomics behind `Arc`s: every task records into them without a message
 //! round-trip, and only the API renders them.
@@ -15,6 +15,7 @@ use prometheus_client::{
         MetricType,
         counter::{ConstCounter, Counter},
         family::{Family, MetricConstructor},
+        gauge::ConstGauge,
         gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
@@ -100,7 +101,7 @@ type Series<T> = (&'static str, &'static str, fn(&VipCounters) -> T);
 pub type VipCounterSource = Arc<dyn Fn() -> Vec<(String, VipCounters)> + Send + Sync>;
 
 /// The media type of [`Metrics::render`]'s output: prometheus-client's text encoder writes
-/// OpenMetrics 1.0 (`_total` counters under a `_total`-less TYPE name, a closing `# EOF`), so a
+/// `OpenMetrics` 1.0 (`_total` counters under a `_total`-less TYPE name, a closing `# EOF`), so a
 /// scraper must be told so rather than take it for the older `text/plain; version=0.0.4`.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -165,6 +166,104 @@ impl Collector for VipCounterCollector {
     }
 }
 
+/// The standard `process_*` metrics of the agent itself, read from the kernel at scrape time
+/// (the names every Prometheus client uses, so the usual dashboards and alerts apply).
+#[derive(Debug, Default)]
+struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "counts, bytes and seconds far below 2^52, exported as floats"
+    )]
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // A value that cannot be read is left out rather than failing the whole scrape.
+        if let Ok(usage) = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        {
+            let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+            let cpu = secs(usage.user_time()) + secs(usage.system_time());
+            let family = encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(cpu).encode(family)?;
+        }
+        let gauges = [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                std::fs::read_to_string("/proc/self/status")
+                    .ok()
+                    .as_deref()
+                    .and_then(vm_rss_bytes)
+                    .map(|b| b as f64),
+            ),
+            (
+                "process_open_fds",
+                "Number of open file descriptors",
+                std::fs::read_dir("/proc/self/fd")
+                    .ok()
+                    .map(|dir| dir.count() as f64),
+            ),
+            (
+                "process_max_fds",
+                "Maximum number of open file descriptors (the soft limit)",
+                nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                    .ok()
+                    .map(|(soft, _)| soft as f64),
+            ),
+            (
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds",
+                start_time_seconds(),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let Some(value) = value else { continue };
+            let family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(value).encode(family)?;
+        }
+        Ok(())
+    }
+}
+
+/// `VmRSS` of `/proc/self/status`, in bytes (the kernel writes it in kB).
+fn vm_rss_bytes(status: &str) -> Option<u64> {
+    let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    let kb: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Field 22 of `/proc/self/stat`, `starttime`: clock ticks after boot. Counted after the `)`
+/// closing the command name, which may itself hold spaces and parentheses.
+fn start_ticks(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    // `rest` starts at field 3 (state), so field 22 is its 20th.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// `btime` of `/proc/stat`: boot time, seconds since the epoch.
+fn boot_time(stat: &str) -> Option<u64> {
+    stat.lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "ticks since boot and epoch seconds, far below 2^52"
+)]
+fn start_time_seconds() -> Option<f64> {
+    let ticks = start_ticks(&std::fs::read_to_string("/proc/self/stat").ok()?)?;
+    let boot = boot_time(&std::fs::read_to_string("/proc/stat").ok()?)?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+    Some(boot as f64 + ticks as f64 / hz as f64)
+}
+
 /// Monitor latency buckets: 100 µs (a socket-table read) to ~13 s (a slow exec).
 #[derive(Debug, Clone, Copy)]
 struct LatencyBuckets;
@@ -183,6 +282,8 @@ pub struct Metrics {
 
 struct Inner {
     registry: Registry,
+    /// The `process_*` families, outside the `gocast` prefix.
+    process: Registry,
     app_healthy: Family<AppLabels, Gauge>,
     app_announced: Family<AppLabels, Gauge>,
     state_changes: Family<AppLabels, Counter>,
@@ -194,8 +295,7 @@ struct Inner {
     updates_sent: Family<PeerLabels, Counter>,
     prefixes_advertised: Family<PeerLabels, Gauge>,
     task_restarts: Family<TaskLabels, Counter>,
-    build_info: Family<BuildLabels, Gauge>,
-    dataplane_info: Family<DataplaneLabels, Gauge>,
+    info: InfoMetrics,
     vip_counters: Arc<OnceLock<VipCounterSource>>,
     consul: ConsulMetrics,
     repairs: RepairMetrics,
@@ -236,6 +336,32 @@ impl ConsulMetrics {
             "consul_services_refused",
             "Services tagged enable_gocast refused at the last good catalog read (bad tags, conflicts)",
             m.refused.clone(),
+        );
+        m
+    }
+}
+
+/// What runs: the build and the dataplane, one series each, always 1.
+struct InfoMetrics {
+    build: Family<BuildLabels, Gauge>,
+    dataplane: Family<DataplaneLabels, Gauge>,
+}
+
+impl InfoMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            build: Family::default(),
+            dataplane: Family::default(),
+        };
+        registry.register(
+            "build_info",
+            "1, labelled with the agent's version, commit and running dataplane (ebpf, iptables)",
+            m.build.clone(),
+        );
+        registry.register(
+            "dataplane_info",
+            "1, labelled with the running dataplane and why it was chosen (e.g. the eBPF fallback's cause)",
+            m.dataplane.clone(),
         );
         m
     }
@@ -343,24 +469,18 @@ impl Default for Metrics {
             "Routes in the desired-announcement set",
             routes.clone(),
         );
-        let build_info = Family::<BuildLabels, Gauge>::default();
-        let dataplane_info = Family::<DataplaneLabels, Gauge>::default();
-        registry.register(
-            "build_info",
-            "1, labelled with the agent's version, commit and running dataplane (ebpf, iptables)",
-            build_info.clone(),
-        );
-        registry.register(
-            "dataplane_info",
-            "1, labelled with the running dataplane and why it was chosen (e.g. the eBPF fallback's cause)",
-            dataplane_info.clone(),
-        );
+        let info = InfoMetrics::register(&mut registry);
         let vip_counters = VipCounterCollector::default();
         let vip_source = vip_counters.source.clone();
         registry.register_collector(Box::new(vip_counters));
         Self {
             inner: Arc::new(Inner {
                 registry,
+                process: {
+                    let mut process = Registry::default();
+                    process.register_collector(Box::new(ProcessCollector));
+                    process
+                },
                 app_healthy,
                 app_announced,
                 state_changes,
@@ -372,8 +492,7 @@ impl Default for Metrics {
                 updates_sent,
                 prefixes_advertised,
                 task_restarts,
-                build_info,
-                dataplane_info,
+                info,
                 vip_counters: vip_source,
                 consul,
                 repairs,
@@ -489,18 +608,20 @@ impl Metrics {
     /// The dataplane the host started with: sets `gocast_build_info` and `gocast_dataplane_info`
     /// (one series each; a later call replaces it).
     pub fn dataplane(&self, info: &crate::dataplane::DataplaneInfo) {
-        self.inner.build_info.clear();
+        self.inner.info.build.clear();
         self.inner
-            .build_info
+            .info
+            .build
             .get_or_create(&BuildLabels {
                 version: env!("CARGO_PKG_VERSION"),
                 commit: COMMIT,
                 dataplane: info.mode.to_owned(),
             })
             .set(1);
-        self.inner.dataplane_info.clear();
+        self.inner.info.dataplane.clear();
         self.inner
-            .dataplane_info
+            .info
+            .dataplane
             .get_or_create(&DataplaneLabels {
                 mode: info.mode.to_owned(),
                 // A label value is a quoted string the encoder does not escape.
@@ -562,11 +683,14 @@ impl Metrics {
             .set(i64::try_from(refused).unwrap_or(i64::MAX));
     }
 
-    /// The OpenMetrics text exposition ([`CONTENT_TYPE`]).
+    /// The `OpenMetrics` text exposition ([`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
         let mut out = String::new();
-        // Writing into a String cannot fail.
+        // Writing into a String cannot fail. Each `encode` closes with `# EOF`: the first one's
+        // goes, so the exposition has one, at its end.
         let _ = encode(&mut out, &self.inner.registry);
+        out.truncate(out.strip_suffix("# EOF\n").unwrap_or(&out).len());
+        let _ = encode(&mut out, &self.inner.process);
         out
     }
 }
@@ -618,9 +742,9 @@ mod tests {
         }
     }
 
-    /// Checks `text` against the OpenMetrics 1.0 text format, strictly for what the encoder
-    /// writes. No Rust crate parses OpenMetrics (`prometheus-parse` reads the older format and
-    /// skips what it does not know, `# EOF` included), so the rules are spelled out here: every
+    /// Checks `text` against the `OpenMetrics` 1.0 text format, strictly for what the encoder
+    /// writes. `prometheus-parse`, the Rust parser at hand, reads the older format and
+    /// skips what it does not know, `# EOF` included, so the rules are spelled out here: every
     /// sample belongs to the family last declared by `# TYPE`, with a suffix its type allows;
     /// a family is declared once; names, labels and values are well formed; `# EOF` ends it.
     pub(crate) fn assert_openmetrics(text: &str) {
@@ -658,8 +782,7 @@ mod tests {
                         escaped = c == '\\' && !escaped;
                         closes
                     })
-                    .map(|(i, _)| i)
-                    .unwrap_or_else(|| panic!("unterminated label value: {line}"));
+                    .map_or_else(|| panic!("unterminated label value: {line}"), |(i, _)| i);
                 rest = &after[end + 1..];
                 rest = rest.strip_prefix(',').unwrap_or(rest);
             }
@@ -726,10 +849,53 @@ mod tests {
     }
 
     #[test]
+    fn process_metrics_are_read_at_scrape_time() {
+        let text = Metrics::default().render();
+        let value = |name: &str| -> f64 {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("no {name}:\n{text}"));
+            line[name.len() + 1..].parse().unwrap()
+        };
+        assert!(value("process_cpu_seconds_total") > 0.0);
+        assert!(value("process_resident_memory_bytes") > 1_000_000.0);
+        assert!(value("process_open_fds") >= 3.0);
+        assert!(value("process_max_fds") >= value("process_open_fds"));
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let start = value("process_start_time_seconds");
+        assert!(
+            start <= now + 1.0 && start > now - 86_400.0,
+            "{start} vs {now}"
+        );
+        assert_eq!(text.matches("# EOF").count(), 1, "{text}");
+        assert_openmetrics(&text);
+    }
+
+    #[test]
+    fn proc_fields_are_parsed() {
+        let stat = "4242 (a b) c) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 98765 19 20";
+        assert_eq!(start_ticks(stat), Some(98_765));
+        assert_eq!(
+            boot_time("cpu 1 2\nbtime 1700000000\nprocesses 5\n"),
+            Some(1_700_000_000)
+        );
+        assert_eq!(
+            vm_rss_bytes("VmPeak:\t 10 kB\nVmRSS:\t    2048 kB\n"),
+            Some(2_097_152)
+        );
+    }
+
+    #[test]
     fn build_and_dataplane_info_carry_the_running_dataplane() {
         let m = Metrics::default();
         m.dataplane(&crate::dataplane::DataplaneInfo::iptables_forced());
-        m.dataplane(&crate::dataplane::DataplaneInfo::iptables_fallback("no BTF"));
+        m.dataplane(&crate::dataplane::DataplaneInfo::iptables_fallback(
+            "no BTF",
+        ));
         let text = m.render();
         let build = format!(
             "gocast_build_info{{version=\"{}\",commit=\"{COMMIT}\",dataplane=\"iptables\"}} 1",
