@@ -35,6 +35,21 @@ struct PeerLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct MessageLabels {
+    peer: String,
+    direction: &'static str,
+    r#type: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct NotificationLabels {
+    peer: String,
+    direction: &'static str,
+    code: u8,
+    subcode: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct TaskLabels {
     task: String,
     peer: String,
@@ -294,6 +309,7 @@ struct Inner {
     peer_established: Family<PeerLabels, Counter>,
     updates_sent: Family<PeerLabels, Counter>,
     prefixes_advertised: Family<PeerLabels, Gauge>,
+    bgp: BgpMetrics,
     task_restarts: Family<TaskLabels, Counter>,
     info: InfoMetrics,
     vip_counters: Arc<OnceLock<VipCounterSource>>,
@@ -336,6 +352,39 @@ impl ConsulMetrics {
             "consul_services_refused",
             "Services tagged enable_gocast refused at the last good catalog read (bad tags, conflicts)",
             m.refused.clone(),
+        );
+        m
+    }
+}
+
+/// BGP messages by type, NOTIFICATIONs by code, and session flaps, per peer.
+struct BgpMetrics {
+    messages: Family<MessageLabels, Counter>,
+    notifications: Family<NotificationLabels, Counter>,
+    flaps: Family<PeerLabels, Counter>,
+}
+
+impl BgpMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            messages: Family::default(),
+            notifications: Family::default(),
+            flaps: Family::default(),
+        };
+        registry.register(
+            "bgp_messages",
+            "BGP messages by peer, direction (in, out) and type (open, update, notification, keepalive, route_refresh)",
+            m.messages.clone(),
+        );
+        registry.register(
+            "bgp_notifications",
+            "BGP NOTIFICATIONs by peer, direction (in, out), error code and subcode (RFC 4271 4.5)",
+            m.notifications.clone(),
+        );
+        registry.register(
+            "bgp_session_flaps",
+            "Times an Established session went down",
+            m.flaps.clone(),
         );
         m
     }
@@ -470,6 +519,7 @@ impl Default for Metrics {
             routes.clone(),
         );
         let info = InfoMetrics::register(&mut registry);
+        let bgp = BgpMetrics::register(&mut registry);
         let vip_counters = VipCounterCollector::default();
         let vip_source = vip_counters.source.clone();
         registry.register_collector(Box::new(vip_counters));
@@ -491,6 +541,7 @@ impl Default for Metrics {
                 peer_established,
                 updates_sent,
                 prefixes_advertised,
+                bgp,
                 task_restarts,
                 info,
                 vip_counters: vip_source,
@@ -591,6 +642,50 @@ impl Metrics {
             .prefixes_advertised
             .get_or_create(&labels)
             .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// `count` BGP messages of `kind` (`update`, ...) sent (`out`) to or received (`in`) from `peer`.
+    pub fn bgp_messages(
+        &self,
+        peer: &str,
+        direction: &'static str,
+        kind: &'static str,
+        count: u64,
+    ) {
+        self.inner
+            .bgp
+            .messages
+            .get_or_create(&MessageLabels {
+                peer: peer.to_owned(),
+                direction,
+                r#type: kind,
+            })
+            .inc_by(count);
+    }
+
+    /// A NOTIFICATION sent (`out`) or received (`in`).
+    pub fn bgp_notification(&self, peer: &str, direction: &'static str, code: u8, subcode: u8) {
+        self.inner
+            .bgp
+            .notifications
+            .get_or_create(&NotificationLabels {
+                peer: peer.to_owned(),
+                direction,
+                code,
+                subcode,
+            })
+            .inc();
+    }
+
+    /// `peer`'s session left Established.
+    pub fn bgp_session_flap(&self, peer: &str) {
+        self.inner
+            .bgp
+            .flaps
+            .get_or_create(&PeerLabels {
+                peer: peer.to_owned(),
+            })
+            .inc();
     }
 
     /// A supervised task (`task`, e.g. `bgp_session`, of `peer`; `peer` empty for the agent's
@@ -872,6 +967,26 @@ mod tests {
             "{start} vs {now}"
         );
         assert_eq!(text.matches("# EOF").count(), 1, "{text}");
+        assert_openmetrics(&text);
+    }
+
+    #[test]
+    fn bgp_messages_notifications_and_flaps_are_rendered_per_peer() {
+        let m = Metrics::default();
+        m.bgp_messages("198.18.0.2", "in", "keepalive", 1);
+        m.bgp_messages("198.18.0.2", "in", "keepalive", 1);
+        m.bgp_messages("198.18.0.2", "out", "update", 3);
+        m.bgp_notification("198.18.0.2", "out", 6, 2);
+        m.bgp_session_flap("198.18.0.2");
+        let text = m.render();
+        for line in [
+            "gocast_bgp_messages_total{peer=\"198.18.0.2\",direction=\"in\",type=\"keepalive\"} 2",
+            "gocast_bgp_messages_total{peer=\"198.18.0.2\",direction=\"out\",type=\"update\"} 3",
+            "gocast_bgp_notifications_total{peer=\"198.18.0.2\",direction=\"out\",code=\"6\",subcode=\"2\"} 1",
+            "gocast_bgp_session_flaps_total{peer=\"198.18.0.2\"} 1",
+        ] {
+            assert!(text.contains(line), "{line}\n{text}");
+        }
         assert_openmetrics(&text);
     }
 
