@@ -77,6 +77,7 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogFilter>) -> Resul
     // sessions with Cease when the lifecycle itself has failed.
     let stop_bgp = announcer.stop.clone();
     let dataplane = host.dataplane_info();
+    metrics.dataplane(&dataplane);
     let counters = host.counter_reader();
     let counters_present = counters.is_some();
     if counters.is_none() && config.apps.iter().any(|a| a.passive_health) {

@@ -614,10 +614,7 @@ async fn healthz(State(state): State<ApiState>) -> Response {
 
 async fn metrics(State(state): State<ApiState>) -> Response {
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         state.metrics.render(),
     )
         .into_response()
@@ -1146,6 +1143,22 @@ mod tests {
         assert!(
             text.as_str().unwrap().contains("gocast_app_healthy"),
             "{text}"
+        );
+        // The body ends in `# EOF`: a scraper told `text/plain; version=0.0.4` parses it as the
+        // older format, where that line and the `_total`-less TYPE names do not fit.
+        let resp = api
+            .router
+            .clone()
+            .oneshot(
+                axum::http::Request::get("/metrics")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.headers()[header::CONTENT_TYPE],
+            "application/openmetrics-text; version=1.0.0; charset=utf-8"
         );
     }
 

@@ -283,9 +283,7 @@ pub fn render_status(info: &Value, apps: &Value, stats: Option<&Value>) -> Strin
             p["address"].as_str().unwrap_or("(autodiscover)").to_owned(),
             text(&p["asn"]),
             text(&p["state"]),
-            p["uptime_s"]
-                .as_u64()
-                .map_or_else(|| "-".into(), |s| format!("{s}s")),
+            p["uptime_s"].as_u64().map_or_else(|| "-".into(), uptime),
             text(&p["prefixes_advertised"]),
             text(&p["last_error"]),
         ]);
@@ -301,6 +299,15 @@ pub fn render_status(info: &Value, apps: &Value, stats: Option<&Value>) -> Strin
         "MONITORS".into(),
         "REPAIRS".into(),
     ]];
+    // An announced route goes to every Established session: "announced to 1/2 peers" tells a
+    // half-announced host from a fully announced one without reading the peer table.
+    let all_peers = info["peers"].as_array().map_or(0, Vec::len);
+    let established = info["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["state"] == "Established")
+        .count();
     for a in apps.as_array().into_iter().flatten() {
         let monitors: Vec<String> = a["monitors"]
             .as_array()
@@ -325,11 +332,10 @@ pub fn render_status(info: &Value, apps: &Value, stats: Option<&Value>) -> Strin
             text(&a["source"]),
             health,
             if a["announced"].as_bool() == Some(true) {
-                "yes"
+                format!("to {established}/{all_peers} peers")
             } else {
-                "no"
-            }
-            .into(),
+                "no".into()
+            },
             if monitors.is_empty() {
                 "-".into()
             } else {
@@ -345,6 +351,17 @@ pub fn render_status(info: &Value, apps: &Value, stats: Option<&Value>) -> Strin
         _ => out += "traffic: no per-VIP counters (they need the eBPF dataplane)\n",
     }
     out
+}
+
+/// A session's uptime for people, to its two largest units: `42s`, `5m 3s`, `2h 5m`, `3d 4h`.
+fn uptime(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, _) => format!("{h}h {m}m"),
+        _ => format!("{d}d {h}h"),
+    }
 }
 
 /// How often self-repair put back a part of the app, and the last time: `2 (last: vip
@@ -495,13 +512,38 @@ mod tests {
     }
 
     #[test]
+    fn status_counts_the_established_peers_an_app_is_announced_to() {
+        let info = serde_json::json!({"version": "0.1.0", "dataplane": {"mode": "ebpf"}, "peers": [
+            {"address": "198.18.0.2", "asn": 65000, "state": "Established", "uptime_s": 93_784},
+            {"address": "198.18.1.2", "asn": 65000, "state": "Active", "uptime_s": null}]});
+        let apps = serde_json::json!([
+            {"name": "web", "vip": "192.0.2.10/32", "state": "healthy", "announced": true, "monitors": []},
+            {"name": "db", "vip": "192.0.2.11/32", "state": "unhealthy", "announced": false, "monitors": []}]);
+        let out = render_status(&info, &apps, None);
+        assert!(out.contains("Established  1d 2h"), "{out}");
+        let web = out.lines().find(|l| l.starts_with("web ")).unwrap();
+        assert!(web.contains("to 1/2 peers"), "{out}");
+        let db = out.lines().find(|l| l.starts_with("db ")).unwrap();
+        assert!(db.contains("  no  "), "{out}");
+    }
+
+    #[test]
+    fn uptimes_read_in_their_two_largest_units() {
+        assert_eq!(uptime(0), "0s");
+        assert_eq!(uptime(42), "42s");
+        assert_eq!(uptime(303), "5m 3s");
+        assert_eq!(uptime(7_500), "2h 5m");
+        assert_eq!(uptime(273_600), "3d 4h");
+    }
+
+    #[test]
     fn status_shows_peers_and_apps_as_tables() {
         let info = serde_json::json!({"version": "0.1.0", "dataplane": {"mode": "iptables"}, "peers": [{"address": "198.18.0.2", "asn": 65000, "state": "Established", "uptime_s": 12, "prefixes_advertised": 1, "last_error": null}]});
         let apps = serde_json::json!([{"name": "web", "vip": "192.0.2.10/32", "source": "http", "state": "healthy", "announced": true, "monitors": [{"monitor": "port:tcp:80", "ok": true}]}]);
         let out = render_status(&info, &apps, None);
         assert!(out.contains("198.18.0.2  65000  Established  12s"), "{out}");
         assert!(
-            out.contains("web  192.0.2.10/32  http    healthy  yes        port:tcp:80 ok"),
+            out.contains("web  192.0.2.10/32  http    healthy  to 1/1 peers  port:tcp:80 ok"),
             "{out}"
         );
         assert!(out.contains("no per-VIP counters"), "{out}");

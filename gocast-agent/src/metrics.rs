@@ -1,4 +1,4 @@
-//! Prometheus metrics, served as text at `/metrics`.
+//! Prometheus metrics, served as `OpenMetrics` text at `/metrics`.
 //!
 //! The families are atomics behind `Arc`s: every task records into them without a message
 //! round-trip, and only the API renders them.
@@ -15,6 +15,7 @@ use prometheus_client::{
         MetricType,
         counter::{ConstCounter, Counter},
         family::{Family, MetricConstructor},
+        gauge::ConstGauge,
         gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
@@ -31,6 +32,21 @@ struct AppLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct PeerLabels {
     peer: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct MessageLabels {
+    peer: String,
+    direction: &'static str,
+    r#type: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct NotificationLabels {
+    peer: String,
+    direction: &'static str,
+    code: u8,
+    subcode: u8,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -61,6 +77,22 @@ struct RepairLabels {
     kind: String,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    commit: &'static str,
+    dataplane: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DataplaneLabels {
+    mode: String,
+    reason: String,
+}
+
+/// The commit the agent was built from (`build.rs`), `unknown` without git.
+pub const COMMIT: &str = env!("GOCAST_COMMIT");
+
 /// The kinds of self-repair, created at zero so dashboards see the series before the first.
 const REPAIR_KINDS: [&str; 3] = ["vip", "nat", "program"];
 
@@ -82,6 +114,11 @@ type Series<T> = (&'static str, &'static str, fn(&VipCounters) -> T);
 /// them. A function rather than the sampler's own type, so metrics (which every task records
 /// into) needs nothing from the sampler.
 pub type VipCounterSource = Arc<dyn Fn() -> Vec<(String, VipCounters)> + Send + Sync>;
+
+/// The media type of [`Metrics::render`]'s output: prometheus-client's text encoder writes
+/// `OpenMetrics` 1.0 (`_total` counters under a `_total`-less TYPE name, a closing `# EOF`), so a
+/// scraper must be told so rather than take it for the older `text/plain; version=0.0.4`.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// The per-VIP counters of the latest stats snapshot, rendered at scrape time: the kernel
 /// counts, so these are constant counters read from the snapshot, not counters we increment.
@@ -144,6 +181,104 @@ impl Collector for VipCounterCollector {
     }
 }
 
+/// The standard `process_*` metrics of the agent itself, read from the kernel at scrape time
+/// (the names every Prometheus client uses, so the usual dashboards and alerts apply).
+#[derive(Debug, Default)]
+struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "counts, bytes and seconds far below 2^52, exported as floats"
+    )]
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // A value that cannot be read is left out rather than failing the whole scrape.
+        if let Ok(usage) = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        {
+            let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+            let cpu = secs(usage.user_time()) + secs(usage.system_time());
+            let family = encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(cpu).encode(family)?;
+        }
+        let gauges = [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                std::fs::read_to_string("/proc/self/status")
+                    .ok()
+                    .as_deref()
+                    .and_then(vm_rss_bytes)
+                    .map(|b| b as f64),
+            ),
+            (
+                "process_open_fds",
+                "Number of open file descriptors",
+                std::fs::read_dir("/proc/self/fd")
+                    .ok()
+                    .map(|dir| dir.count() as f64),
+            ),
+            (
+                "process_max_fds",
+                "Maximum number of open file descriptors (the soft limit)",
+                nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                    .ok()
+                    .map(|(soft, _)| soft as f64),
+            ),
+            (
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds",
+                start_time_seconds(),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let Some(value) = value else { continue };
+            let family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(value).encode(family)?;
+        }
+        Ok(())
+    }
+}
+
+/// `VmRSS` of `/proc/self/status`, in bytes (the kernel writes it in kB).
+fn vm_rss_bytes(status: &str) -> Option<u64> {
+    let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    let kb: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Field 22 of `/proc/self/stat`, `starttime`: clock ticks after boot. Counted after the `)`
+/// closing the command name, which may itself hold spaces and parentheses.
+fn start_ticks(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    // `rest` starts at field 3 (state), so field 22 is its 20th.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// `btime` of `/proc/stat`: boot time, seconds since the epoch.
+fn boot_time(stat: &str) -> Option<u64> {
+    stat.lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "ticks since boot and epoch seconds, far below 2^52"
+)]
+fn start_time_seconds() -> Option<f64> {
+    let ticks = start_ticks(&std::fs::read_to_string("/proc/self/stat").ok()?)?;
+    let boot = boot_time(&std::fs::read_to_string("/proc/stat").ok()?)?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+    Some(boot as f64 + ticks as f64 / hz as f64)
+}
+
 /// Monitor latency buckets: 100 µs (a socket-table read) to ~13 s (a slow exec).
 #[derive(Debug, Clone, Copy)]
 struct LatencyBuckets;
@@ -162,6 +297,8 @@ pub struct Metrics {
 
 struct Inner {
     registry: Registry,
+    /// The `process_*` families, outside the `gocast` prefix.
+    process: Registry,
     app_healthy: Family<AppLabels, Gauge>,
     app_announced: Family<AppLabels, Gauge>,
     state_changes: Family<AppLabels, Counter>,
@@ -172,7 +309,9 @@ struct Inner {
     peer_established: Family<PeerLabels, Counter>,
     updates_sent: Family<PeerLabels, Counter>,
     prefixes_advertised: Family<PeerLabels, Gauge>,
+    bgp: BgpMetrics,
     task_restarts: Family<TaskLabels, Counter>,
+    info: InfoMetrics,
     vip_counters: Arc<OnceLock<VipCounterSource>>,
     consul: ConsulMetrics,
     repairs: RepairMetrics,
@@ -213,6 +352,65 @@ impl ConsulMetrics {
             "consul_services_refused",
             "Services tagged enable_gocast refused at the last good catalog read (bad tags, conflicts)",
             m.refused.clone(),
+        );
+        m
+    }
+}
+
+/// BGP messages by type, NOTIFICATIONs by code, and session flaps, per peer.
+struct BgpMetrics {
+    messages: Family<MessageLabels, Counter>,
+    notifications: Family<NotificationLabels, Counter>,
+    flaps: Family<PeerLabels, Counter>,
+}
+
+impl BgpMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            messages: Family::default(),
+            notifications: Family::default(),
+            flaps: Family::default(),
+        };
+        registry.register(
+            "bgp_messages",
+            "BGP messages by peer, direction (in, out) and type (open, update, notification, keepalive, route_refresh)",
+            m.messages.clone(),
+        );
+        registry.register(
+            "bgp_notifications",
+            "BGP NOTIFICATIONs by peer, direction (in, out), error code and subcode (RFC 4271 4.5)",
+            m.notifications.clone(),
+        );
+        registry.register(
+            "bgp_session_flaps",
+            "Times an Established session went down",
+            m.flaps.clone(),
+        );
+        m
+    }
+}
+
+/// What runs: the build and the dataplane, one series each, always 1.
+struct InfoMetrics {
+    build: Family<BuildLabels, Gauge>,
+    dataplane: Family<DataplaneLabels, Gauge>,
+}
+
+impl InfoMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            build: Family::default(),
+            dataplane: Family::default(),
+        };
+        registry.register(
+            "build_info",
+            "1, labelled with the agent's version, commit and running dataplane (ebpf, iptables)",
+            m.build.clone(),
+        );
+        registry.register(
+            "dataplane_info",
+            "1, labelled with the running dataplane and why it was chosen (e.g. the eBPF fallback's cause)",
+            m.dataplane.clone(),
         );
         m
     }
@@ -320,12 +518,19 @@ impl Default for Metrics {
             "Routes in the desired-announcement set",
             routes.clone(),
         );
+        let info = InfoMetrics::register(&mut registry);
+        let bgp = BgpMetrics::register(&mut registry);
         let vip_counters = VipCounterCollector::default();
         let vip_source = vip_counters.source.clone();
         registry.register_collector(Box::new(vip_counters));
         Self {
             inner: Arc::new(Inner {
                 registry,
+                process: {
+                    let mut process = Registry::default();
+                    process.register_collector(Box::new(ProcessCollector));
+                    process
+                },
                 app_healthy,
                 app_announced,
                 state_changes,
@@ -336,7 +541,9 @@ impl Default for Metrics {
                 peer_established,
                 updates_sent,
                 prefixes_advertised,
+                bgp,
                 task_restarts,
+                info,
                 vip_counters: vip_source,
                 consul,
                 repairs,
@@ -437,6 +644,50 @@ impl Metrics {
             .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
+    /// `count` BGP messages of `kind` (`update`, ...) sent (`out`) to or received (`in`) from `peer`.
+    pub fn bgp_messages(
+        &self,
+        peer: &str,
+        direction: &'static str,
+        kind: &'static str,
+        count: u64,
+    ) {
+        self.inner
+            .bgp
+            .messages
+            .get_or_create(&MessageLabels {
+                peer: peer.to_owned(),
+                direction,
+                r#type: kind,
+            })
+            .inc_by(count);
+    }
+
+    /// A NOTIFICATION sent (`out`) or received (`in`).
+    pub fn bgp_notification(&self, peer: &str, direction: &'static str, code: u8, subcode: u8) {
+        self.inner
+            .bgp
+            .notifications
+            .get_or_create(&NotificationLabels {
+                peer: peer.to_owned(),
+                direction,
+                code,
+                subcode,
+            })
+            .inc();
+    }
+
+    /// `peer`'s session left Established.
+    pub fn bgp_session_flap(&self, peer: &str) {
+        self.inner
+            .bgp
+            .flaps
+            .get_or_create(&PeerLabels {
+                peer: peer.to_owned(),
+            })
+            .inc();
+    }
+
     /// A supervised task (`task`, e.g. `bgp_session`, of `peer`; `peer` empty for the agent's
     /// other tasks) was started again.
     pub fn task_restarted(&self, task: &str, peer: &str) {
@@ -447,6 +698,31 @@ impl Metrics {
                 peer: peer.to_owned(),
             })
             .inc();
+    }
+
+    /// The dataplane the host started with: sets `gocast_build_info` and `gocast_dataplane_info`
+    /// (one series each; a later call replaces it).
+    pub fn dataplane(&self, info: &crate::dataplane::DataplaneInfo) {
+        self.inner.info.build.clear();
+        self.inner
+            .info
+            .build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                commit: COMMIT,
+                dataplane: info.mode.to_owned(),
+            })
+            .set(1);
+        self.inner.info.dataplane.clear();
+        self.inner
+            .info
+            .dataplane
+            .get_or_create(&DataplaneLabels {
+                mode: info.mode.to_owned(),
+                // A label value is a quoted string the encoder does not escape.
+                reason: info.reason.replace(['"', '\\', '\n'], " "),
+            })
+            .set(1);
     }
 
     /// Self-repair found a part of kind `kind` (`vip`, `nat`, `program`) missing from the host.
@@ -502,11 +778,14 @@ impl Metrics {
             .set(i64::try_from(refused).unwrap_or(i64::MAX));
     }
 
-    /// The Prometheus text exposition.
+    /// The `OpenMetrics` text exposition ([`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
         let mut out = String::new();
-        // Writing into a String cannot fail.
+        // Writing into a String cannot fail. Each `encode` closes with `# EOF`: the first one's
+        // goes, so the exposition has one, at its end.
         let _ = encode(&mut out, &self.inner.registry);
+        out.truncate(out.strip_suffix("# EOF\n").unwrap_or(&out).len());
+        let _ = encode(&mut out, &self.inner.process);
         out
     }
 }
@@ -556,5 +835,194 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line}\n{text}");
         }
+    }
+
+    /// Checks `text` against the `OpenMetrics` 1.0 text format, strictly for what the encoder
+    /// writes. `prometheus-parse`, the Rust parser at hand, reads the older format and
+    /// skips what it does not know, `# EOF` included, so the rules are spelled out here: every
+    /// sample belongs to the family last declared by `# TYPE`, with a suffix its type allows;
+    /// a family is declared once; names, labels and values are well formed; `# EOF` ends it.
+    pub(crate) fn assert_openmetrics(text: &str) {
+        fn is_name(s: &str) -> bool {
+            let mut chars = s.chars();
+            chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+        }
+        fn suffixes(kind: &str) -> &'static [&'static str] {
+            match kind {
+                "counter" => &["_total", "_created"],
+                "histogram" => &["_bucket", "_count", "_sum", "_created"],
+                "summary" => &["", "_count", "_sum", "_created"],
+                "info" => &["_info"],
+                "gauge" | "unknown" => &[""],
+                other => panic!("unknown metric type {other}"),
+            }
+        }
+        /// Parses `{a="b",c="d"}` from the start of `s`, returning the rest.
+        fn labels(s: &str, line: &str) -> &'static str {
+            let mut rest = s.strip_prefix('{').unwrap_or_else(|| panic!("{line}"));
+            loop {
+                if let Some(after) = rest.strip_prefix('}') {
+                    return Box::leak(after.to_owned().into_boxed_str());
+                }
+                let (name, after) = rest.split_once("=\"").unwrap_or_else(|| panic!("{line}"));
+                assert!(is_name(name), "label name {name:?}: {line}");
+                let mut escaped = false;
+                let end = after
+                    .char_indices()
+                    .find(|&(_, c)| {
+                        let closes = c == '"' && !escaped;
+                        escaped = c == '\\' && !escaped;
+                        closes
+                    })
+                    .map_or_else(|| panic!("unterminated label value: {line}"), |(i, _)| i);
+                rest = &after[end + 1..];
+                rest = rest.strip_prefix(',').unwrap_or(rest);
+            }
+        }
+        assert!(text.ends_with("# EOF\n"), "no closing # EOF:\n{text}");
+        let body = &text[..text.len() - "# EOF\n".len()];
+        let mut declared = std::collections::HashSet::new();
+        let mut family: Option<(String, String)> = None;
+        for line in body.lines() {
+            if let Some(meta) = line.strip_prefix("# ") {
+                let mut parts = meta.splitn(3, ' ');
+                let (keyword, name) = (parts.next().unwrap(), parts.next().unwrap_or(""));
+                assert!(is_name(name), "{line}");
+                match keyword {
+                    "TYPE" => {
+                        let kind = parts.next().unwrap_or_else(|| panic!("{line}"));
+                        suffixes(kind);
+                        assert!(declared.insert(name.to_owned()), "declared twice: {line}");
+                        family = Some((name.to_owned(), kind.to_owned()));
+                    }
+                    "HELP" | "UNIT" => {}
+                    other => panic!("unknown descriptor {other}: {line}"),
+                }
+                continue;
+            }
+            let (name, kind) = family
+                .as_ref()
+                .unwrap_or_else(|| panic!("sample before any TYPE: {line}"));
+            let end = line.find(['{', ' ']).unwrap_or_else(|| panic!("{line}"));
+            let sample = &line[..end];
+            assert!(
+                suffixes(kind)
+                    .iter()
+                    .any(|suffix| sample.strip_suffix(suffix) == Some(name.as_str())),
+                "{sample} is not a sample of {kind} {name}"
+            );
+            let rest = if line[end..].starts_with('{') {
+                labels(&line[end..], line)
+            } else {
+                Box::leak(line[end..].to_owned().into_boxed_str())
+            };
+            let value = rest
+                .strip_prefix(' ')
+                .unwrap_or_else(|| panic!("no value: {line}"));
+            let value = value.split(' ').next().unwrap_or_default();
+            assert!(
+                value.parse::<f64>().is_ok() || ["+Inf", "-Inf", "NaN"].contains(&value),
+                "value {value:?}: {line}"
+            );
+        }
+    }
+
+    #[test]
+    fn rendered_text_is_openmetrics() {
+        let m = Metrics::default();
+        m.app_state("web", true, false);
+        m.monitor_observed("exec", Duration::from_millis(20), false);
+        m.consul_request("catalog_node", "ok");
+        m.peer_state("198.18.0.2", true);
+        m.dataplane(&crate::dataplane::DataplaneInfo::iptables_fallback(
+            "loading \"xdp\": EPERM",
+        ));
+        assert_openmetrics(&m.render());
+    }
+
+    #[test]
+    fn process_metrics_are_read_at_scrape_time() {
+        let text = Metrics::default().render();
+        let value = |name: &str| -> f64 {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("no {name}:\n{text}"));
+            line[name.len() + 1..].parse().unwrap()
+        };
+        assert!(value("process_cpu_seconds_total") > 0.0);
+        assert!(value("process_resident_memory_bytes") > 1_000_000.0);
+        assert!(value("process_open_fds") >= 3.0);
+        assert!(value("process_max_fds") >= value("process_open_fds"));
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let start = value("process_start_time_seconds");
+        assert!(
+            start <= now + 1.0 && start > now - 86_400.0,
+            "{start} vs {now}"
+        );
+        assert_eq!(text.matches("# EOF").count(), 1, "{text}");
+        assert_openmetrics(&text);
+    }
+
+    #[test]
+    fn bgp_messages_notifications_and_flaps_are_rendered_per_peer() {
+        let m = Metrics::default();
+        m.bgp_messages("198.18.0.2", "in", "keepalive", 1);
+        m.bgp_messages("198.18.0.2", "in", "keepalive", 1);
+        m.bgp_messages("198.18.0.2", "out", "update", 3);
+        m.bgp_notification("198.18.0.2", "out", 6, 2);
+        m.bgp_session_flap("198.18.0.2");
+        let text = m.render();
+        for line in [
+            "gocast_bgp_messages_total{peer=\"198.18.0.2\",direction=\"in\",type=\"keepalive\"} 2",
+            "gocast_bgp_messages_total{peer=\"198.18.0.2\",direction=\"out\",type=\"update\"} 3",
+            "gocast_bgp_notifications_total{peer=\"198.18.0.2\",direction=\"out\",code=\"6\",subcode=\"2\"} 1",
+            "gocast_bgp_session_flaps_total{peer=\"198.18.0.2\"} 1",
+        ] {
+            assert!(text.contains(line), "{line}\n{text}");
+        }
+        assert_openmetrics(&text);
+    }
+
+    #[test]
+    fn proc_fields_are_parsed() {
+        let stat = "4242 (a b) c) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 98765 19 20";
+        assert_eq!(start_ticks(stat), Some(98_765));
+        assert_eq!(
+            boot_time("cpu 1 2\nbtime 1700000000\nprocesses 5\n"),
+            Some(1_700_000_000)
+        );
+        assert_eq!(
+            vm_rss_bytes("VmPeak:\t 10 kB\nVmRSS:\t    2048 kB\n"),
+            Some(2_097_152)
+        );
+    }
+
+    #[test]
+    fn build_and_dataplane_info_carry_the_running_dataplane() {
+        let m = Metrics::default();
+        m.dataplane(&crate::dataplane::DataplaneInfo::iptables_forced());
+        m.dataplane(&crate::dataplane::DataplaneInfo::iptables_fallback(
+            "no BTF",
+        ));
+        let text = m.render();
+        let build = format!(
+            "gocast_build_info{{version=\"{}\",commit=\"{COMMIT}\",dataplane=\"iptables\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&build), "{build}\n{text}");
+        assert!(
+            text.contains("gocast_dataplane_info{mode=\"iptables\",reason=\"dataplane.mode auto fell back to iptables: no BTF\"} 1"),
+            "{text}"
+        );
+        assert_eq!(text.matches("gocast_build_info{").count(), 1, "{text}");
+        assert_eq!(text.matches("gocast_dataplane_info{").count(), 1, "{text}");
+        assert!(!COMMIT.is_empty());
     }
 }

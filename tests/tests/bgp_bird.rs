@@ -52,6 +52,25 @@ fn bird_learns_healthy_vips_with_communities_and_loses_them_when_the_monitor_fai
     let peer = agent_peer(&topo)?;
     ensure!(peer["state"] == "Established", "{peer}");
     ensure!(peer["prefixes_advertised"] == 2, "{peer}");
+    // The per-type message counters move with the session: BIRD's OPEN and KEEPALIVE came in,
+    // our UPDATEs went out.
+    let (status, metrics) = topo.agent.http_get(&format!("http://{API}/metrics"))?;
+    let metrics = metrics.as_str().unwrap_or_default();
+    ensure!(status == 200, "/metrics: {status}");
+    for series in [
+        "direction=\"in\",type=\"open\"} 1",
+        "direction=\"in\",type=\"keepalive\"} ",
+        "direction=\"out\",type=\"update\"} ",
+    ] {
+        ensure!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("gocast_bgp_messages_total{")
+                    && l.contains(series)
+                    && !l.ends_with("} 0")),
+            "no {series} in /metrics:\n{metrics}"
+        );
+    }
 
     service.stop();
     wait_until("withdrawn at BIRD", Duration::from_secs(3), || {

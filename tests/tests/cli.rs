@@ -1,9 +1,10 @@
-//! The `gocast` binary's command line: config checking and exit codes (no privileges needed).
+//! The `gocast` binary's command line: config checking, exit codes and log lines (no
+//! privileges needed, but for the running agent's log lines).
 
-use std::process::Command;
+use std::{process::Command, time::Duration};
 
 use anyhow::{Result, ensure};
-use gocast_tests::agent_binary;
+use gocast_tests::{Agent, Topology, agent_binary, require_privileged};
 
 fn check_config(yaml: &str) -> Result<(i32, String, String)> {
     let dir = tempfile::tempdir()?;
@@ -96,5 +97,75 @@ fn a_password_longer_than_a_tcp_md5_key_exits_2() -> Result<()> {
         "x".repeat(80)
     ))?;
     ensure!(code == 0, "80 bytes are allowed: {err}");
+    Ok(())
+}
+
+const API: &str = "127.0.0.1:8080";
+
+/// Whether every line has a syslog priority prefix journald reads (`<3>` ... `<7>`).
+fn all_prioritized(text: &str) -> bool {
+    text.lines().filter(|l| !l.is_empty()).all(|l| {
+        let b = l.as_bytes();
+        b.len() > 3 && b[0] == b'<' && (b'0'..=b'7').contains(&b[1]) && b[2] == b'>'
+    })
+}
+
+#[test]
+fn under_journald_log_lines_carry_their_priority_and_elsewhere_not() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("c.yaml");
+    std::fs::write(&path, "agent: {nope: 1}\n")?;
+    let run = |journal: bool| -> Result<String> {
+        let mut cmd = Command::new(agent_binary()?);
+        cmd.args(["run", "--config"]).arg(&path);
+        cmd.env_remove("JOURNAL_STREAM");
+        if journal {
+            cmd.env("JOURNAL_STREAM", "1:1");
+        }
+        Ok(String::from_utf8_lossy(&cmd.output()?.stderr).into_owned())
+    };
+    let journal = run(true)?;
+    ensure!(
+        journal.starts_with("<3>") && journal.contains("nope") && all_prioritized(&journal),
+        "{journal}"
+    );
+    let plain = run(false)?;
+    ensure!(plain.contains("nope") && !plain.starts_with('<'), "{plain}");
+    Ok(())
+}
+
+#[test]
+fn the_running_agent_logs_info_and_warnings_with_their_priority_for_the_journal() -> Result<()> {
+    require_privileged!();
+    let dir = tempfile::tempdir()?;
+    let topo = Topology::new()?;
+    let config = dir.path().join("config.yaml");
+    // The client runs no BGP speaker: the refused session is the warning.
+    std::fs::write(
+        &config,
+        format!(
+            "agent:\n  listen_addr: {API}\n  state_file: {state}\nbgp:\n  local_as: 65001\n  remote_as: 65000\n  peer_ip: {peer}\ndataplane:\n  mode: iptables\n",
+            state = dir.path().join("state.json").display(),
+            peer = topo.client_ip,
+        ),
+    )?;
+    let mut agent = Agent::start_with_env(
+        &agent_binary()?,
+        &topo.agent,
+        &["run", "--config", config.to_str().unwrap_or_default()],
+        &[("JOURNAL_STREAM", "1:1")],
+        &dir.path().join("agent.log"),
+        API,
+    )?;
+    agent.wait_for("a warning", Duration::from_secs(10), |a| {
+        Ok(std::fs::read_to_string(&a.log)?
+            .lines()
+            .any(|l| l.starts_with("<4>")))
+    })?;
+    let log = std::fs::read_to_string(&agent.log)?;
+    ensure!(
+        all_prioritized(&log) && log.lines().any(|l| l.starts_with("<6>")),
+        "{log}"
+    );
     Ok(())
 }

@@ -298,6 +298,7 @@ impl<'a> Session<'a> {
         match frame {
             Some(Ok(message)) => {
                 self.status.send_modify(|s| s.messages_in += 1);
+                self.count_message("in", &message);
                 match message {
                     Message::Open(open) => Input::OpenReceived(open),
                     Message::Update(update) => Input::UpdateReceived(update),
@@ -370,6 +371,11 @@ impl<'a> Session<'a> {
                 Output::Connect => self.start_connect(),
                 Output::SendMessage(message) => {
                     let limit = self.write_limit();
+                    // Counted before the write takes the message; a failed write is counted
+                    // too (the peer may have read part of it), and logged.
+                    if self.conn.is_some() {
+                        self.count_message("out", &message);
+                    }
                     if let Some(conn) = self.conn.as_mut() {
                         let sent =
                             tokio::time::timeout(limit, SinkExt::<Message>::send(conn, message))
@@ -425,6 +431,9 @@ impl<'a> Session<'a> {
                 }
                 Output::StateChanged { from, to } => {
                     debug!(peer = %self.name, %from, %to, "bgp state");
+                    if from == State::Established && to != State::Established {
+                        self.metrics.bgp_session_flap(&self.name);
+                    }
                     self.metrics
                         .peer_state(&self.name, to == State::Established);
                     self.status.send_modify(|s| s.state = to);
@@ -611,6 +620,9 @@ impl<'a> Session<'a> {
             return;
         };
         let count = messages.len() as u64;
+        // Every pre-encoded message is an UPDATE (routes, withdrawals, End-of-RIB).
+        self.metrics
+            .bgp_messages(&self.name, "out", "update", count);
         let sent = tokio::time::timeout(limit, async {
             for m in messages {
                 SinkExt::<Bytes>::feed(conn, m).await?;
@@ -619,6 +631,22 @@ impl<'a> Session<'a> {
         })
         .await;
         self.after_write(sent, count, inputs);
+    }
+
+    /// Counts one message by direction and type, and a NOTIFICATION by its code and subcode.
+    fn count_message(&self, direction: &'static str, message: &Message) {
+        let kind = match message {
+            Message::Open(_) => "open",
+            Message::Update(_) => "update",
+            Message::Notification(_) => "notification",
+            Message::Keepalive => "keepalive",
+            Message::RouteRefresh(_) => "route_refresh",
+        };
+        self.metrics.bgp_messages(&self.name, direction, kind, 1);
+        if let Message::Notification(n) = message {
+            self.metrics
+                .bgp_notification(&self.name, direction, n.code, n.subcode);
+        }
     }
 
     /// How long one write may block: a peer that stops reading (its receive window full)
