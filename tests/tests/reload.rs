@@ -206,9 +206,13 @@ fn a_reload_applies_only_the_difference_and_keeps_the_session_and_unchanged_rout
         !watch.lost(),
         "the unchanged app's route left BIRD during the reloads"
     );
+    let now = bird.since()?;
     ensure!(
-        bird.since()? == session && bird.established()?,
-        "the BGP session was reset"
+        now == session && bird.established()?,
+        "the BGP session was reset (since {session} → {now}):\n{}\n--- BIRD ---\n{}\n--- agent ---\n{}",
+        bird.birdc(&["show", "protocols", "all", "agent"])?,
+        bird.log_text(),
+        agent.log_text()
     );
     Ok(())
 }
