@@ -47,6 +47,9 @@ use crate::{
 /// The most monitor reports or host results handled before the route set is published.
 const BATCH: usize = 4096;
 
+/// A batch of host results at least this large is a burst worth returning memory after.
+const TRIM_AFTER: usize = 512;
+
 /// Every this many verification periods, VIPs on `lo` are checked without an address event,
 /// and the host's addresses (for safe VIPs) are listed again.
 const SWEEP_EVERY: u64 = 60;
@@ -197,8 +200,16 @@ impl Driver {
                     }
                 }
                 Some(results) = self.done_rx.recv() => {
+                    let burst = results.len() >= TRIM_AFTER;
                     for event in results {
                         self.step(event);
+                    }
+                    if burst {
+                        // Thousands of apps came up (or went) at once: the operations, results
+                        // and effects of that burst are freed now; give the pages back rather
+                        // than keep the peak resident for the agent's whole life.
+                        self.effects = Vec::new();
+                        gocast_common::heap::trim();
                     }
                 }
                 Some(result) = self.persisted_rx.recv() => self.step(Event::Persisted(result)),
