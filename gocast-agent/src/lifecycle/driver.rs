@@ -184,6 +184,7 @@ impl Driver {
         verify.set(Some(VERIFY_INTERVAL));
         loop {
             timer.set_at(self.core.next_deadline());
+            let mut burst = false;
             tokio::select! {
                 () = cancel.cancelled() => break,
                 Some(req) = requests.recv() => {
@@ -200,16 +201,9 @@ impl Driver {
                     }
                 }
                 Some(results) = self.done_rx.recv() => {
-                    let burst = results.len() >= TRIM_AFTER;
+                    burst = results.len() >= TRIM_AFTER;
                     for event in results {
                         self.step(event);
-                    }
-                    if burst {
-                        // Thousands of apps came up (or went) at once: the operations, results
-                        // and effects of that burst are freed now; give the pages back rather
-                        // than keep the peak resident for the agent's whole life.
-                        self.effects = Vec::new();
-                        gocast_common::heap::trim();
                     }
                 }
                 Some(result) = self.persisted_rx.recv() => self.step(Event::Persisted(result)),
@@ -240,6 +234,13 @@ impl Driver {
             let mut out = std::mem::take(&mut self.effects);
             self.core.flush(&mut out);
             self.apply(&mut out);
+            if burst {
+                // Thousands of apps came up (or went) at once: the operations, results and
+                // effects of that burst are freed now that its routes are published; give the
+                // pages back rather than keep the peak resident for the agent's whole life.
+                self.effects = Vec::new();
+                gocast_common::heap::trim();
+            }
             heartbeat.beat();
             heartbeat.test_stall().await;
         }
