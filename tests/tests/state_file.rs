@@ -76,11 +76,11 @@ fn a_state_file_others_could_write_runs_nothing_and_is_moved_aside() -> Result<(
     ensure!(apps(&topo)? == serde_json::json!([]), "{}", apps(&topo)?);
     ensure!(!dir.path().join("state.json").exists(), "left in place");
     ensure!(moved_aside(dir.path(), "unsafe")? == 1, "not moved aside");
-    let log = agent.log_text();
-    ensure!(
-        log.contains("ERROR") && log.contains("writable by group or others"),
-        "the log says why:\n{log}"
-    );
+    // The lifecycle loads the file (and logs why it refused it) right after the API is up.
+    agent.wait_for("the log saying why", Duration::from_secs(5), |a| {
+        let log = a.log_text();
+        Ok(log.contains("ERROR") && log.contains("writable by group or others"))
+    })?;
     agent.signal_and_wait("TERM", Duration::from_secs(10))?;
 
     // The agent's own file, but allow_http_exec off: the saved exec: app is dropped.
@@ -121,16 +121,12 @@ fn a_state_file_that_is_not_utf8_is_moved_aside_and_saving_works_again() -> Resu
         &dir.path().join("agent.log"),
         API,
     )?;
-    ensure!(
-        moved_aside(dir.path(), "corrupt")? == 1,
-        "not moved aside\n{}",
-        agent.log_text()
-    );
-    ensure!(
-        agent.log_text().contains("not UTF-8"),
-        "{}",
-        agent.log_text()
-    );
+    // The lifecycle loads the file (moves it aside, logs why) right after the API is up.
+    agent.wait_for(
+        "the file moved aside and the log saying why",
+        Duration::from_secs(5),
+        |a| Ok(moved_aside(dir.path(), "corrupt")? == 1 && a.log_text().contains("not UTF-8")),
+    )?;
     let (status, body) = topo.agent.http_get(&format!(
         "http://{API}/register?name=web&vip=192.0.2.10/32&monitor=port:tcp:8081"
     ))?;
