@@ -430,7 +430,6 @@ mod tests {
             med: None,
             local_pref: None,
             drain_local_pref: 0,
-            passive: false,
         }
     }
 
