@@ -191,3 +191,114 @@ fn with_listen_port_the_agent_accepts_the_session_bird_opens_with_md5() -> Resul
     );
     Ok(())
 }
+
+/// Rejects TCP to BIRD's port 179 in its namespace (a reset, as from a router configured to
+/// initiate or a filtered port), so the agent's own connects always fail.
+fn reject_bgp_port(topo: &Topology) -> Result<()> {
+    topo.client.run(
+        "iptables",
+        &[
+            "-I",
+            "INPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            "179",
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "tcp-reset",
+        ],
+    )?;
+    Ok(())
+}
+
+/// How many of the agent's SYNs the rule of [`reject_bgp_port`] has answered.
+fn rejected_syns(topo: &Topology) -> Result<u64> {
+    let out = topo
+        .client
+        .run("iptables", &["-L", "INPUT", "-v", "-n", "-x"])?;
+    let line = out
+        .lines()
+        .find(|l| l.contains("REJECT") && l.contains("dpt:179"))
+        .with_context(|| format!("no REJECT rule:\n{out}"))?;
+    let packets = line.split_whitespace().next().unwrap_or_default();
+    packets
+        .parse()
+        .with_context(|| format!("packet count in {line:?}"))
+}
+
+/// BIRD initiates toward `listen_port` and the agent cannot reach BIRD's port 179: the agent
+/// starts with `bgp_extra`; returns BIRD, the agent and how long the route took to arrive.
+fn bird_initiates_while_its_port_is_closed(
+    dir: &std::path::Path,
+    topo: &Topology,
+    bgp_extra: &str,
+    vip: &str,
+) -> Result<(Bird, Agent, Duration)> {
+    let neighbor = Neighbor {
+        connect_to: Some(1179),
+        ..Neighbor::toward_agent(topo)
+    };
+    reject_bgp_port(topo)?;
+    let bird = Bird::start(&topo.client, dir, &neighbor)?;
+    let apps = format!("apps:\n  - name: web\n    vip: {vip}\n");
+    let config = agent_config(
+        dir,
+        topo,
+        &format!("  listen_port: 1179\n{bgp_extra}"),
+        &apps,
+    )?;
+    let agent = start_agent(topo, dir, &config, "agent.log")?;
+    // BIRD's first connect waits for its `start delay time` (5 s), from its own start.
+    let took = wait_until(
+        "route at BIRD over the session BIRD opened",
+        Duration::from_secs(10),
+        || Ok(!bird.route(vip)?.is_empty()),
+    )?;
+    ensure!(bird.established()?, "BIRD: {}", bird.session_state()?);
+    let peer = agent_peer(topo)?;
+    ensure!(peer["state"] == "Established", "{peer}");
+    Ok((bird, agent, took))
+}
+
+/// The issue: after a failed connect the agent went Idle with a growing backoff and refused
+/// the router's connections there; RFC 4271 §8.2.2 goes to Active, which accepts them.
+#[test]
+fn a_session_bird_opens_comes_up_while_the_agents_own_connects_fail() -> Result<()> {
+    require_privileged!();
+    let dir = tempfile::tempdir()?;
+    let topo = Topology::new()?;
+    let (bird, _agent, took) =
+        bird_initiates_while_its_port_is_closed(dir.path(), &topo, "", "192.0.2.54/32")?;
+    ensure!(
+        rejected_syns(&topo)? > 0,
+        "the agent never tried to connect, so nothing failed"
+    );
+    // Stays up: the agent's retries do not disturb the session BIRD opened.
+    let since = bird.since()?;
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(
+        bird.established()? && bird.since()? == since,
+        "session reset after {took:?}: {}",
+        bird.session_state()?
+    );
+    Ok(())
+}
+
+#[test]
+fn a_passive_peer_is_never_connected_to_and_comes_up_when_bird_connects() -> Result<()> {
+    require_privileged!();
+    let dir = tempfile::tempdir()?;
+    let topo = Topology::new()?;
+    let (_bird, _agent, _) = bird_initiates_while_its_port_is_closed(
+        dir.path(),
+        &topo,
+        "  passive: true\n",
+        "192.0.2.55/32",
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    let syns = rejected_syns(&topo)?;
+    ensure!(syns == 0, "the passive agent connected {syns} times");
+    Ok(())
+}

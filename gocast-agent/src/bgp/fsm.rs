@@ -10,10 +10,14 @@
 //! - One connection at a time: no collision detection (§6.8), no `DelayOpen` (§8.1.1). The session
 //!   hands the FSM a single connection and refuses any other one itself.
 //! - The `ConnectRetryTimer` has two jobs. In Connect it bounds the outgoing connect
-//!   ([`CONNECT_RETRY_TIME`]); in Idle it is the reconnect delay after a session loss (automatic
-//!   restart, §8.1.1): 1 s doubling to 30 s, ±20 % jitter, back to 1 s once Established
-//!   (`docs/design.md`, "BGP behaviour"). `ManualStop` turns automatic restart off until
-//!   `ManualStart`.
+//!   ([`CONNECT_RETRY_TIME`]); in Active and Idle it is the reconnect delay: 1 s doubling to
+//!   30 s, ±20 % jitter, back to 1 s once Established (`docs/design.md`, "BGP behaviour").
+//!   A failed attempt (our connect fails, or the connection breaks in `OpenSent`) goes to
+//!   Active as in §8.2.2, which still takes the peer's own connection; a session lost after
+//!   the peer's OPEN was accepted goes to Idle (automatic restart, §8.1.1), which refuses
+//!   connections until the delay is over, so a peer that keeps dropping sessions is damped.
+//!   `ManualStop` turns automatic restart off until `ManualStart`.
+//! - A passive peer ([`FsmConfig::passive`]) never leaves Active for Connect.
 //! - The jitter of the reconnect [`Backoff`] is seeded from the [`FsmConfig`] (router id, AS
 //!   numbers), so tests are reproducible and hosts with different router ids do not reconnect in
 //!   lockstep after their router restarts.
@@ -182,7 +186,7 @@ pub enum Input {
     ///
     /// [RFC 4486 §4]: https://www.rfc-editor.org/rfc/rfc4486#section-4
     ConfigStop(ConfigChange),
-    /// Event 9 `ConnectRetryTimer_Expires`: the reconnect delay is over (Idle), or the
+    /// Event 9 `ConnectRetryTimer_Expires`: the reconnect delay is over (Idle, Active), or the
     /// outgoing connect took too long (Connect).
     ConnectRetryTimerExpired,
     /// Event 10 `HoldTimer_Expires`: the peer has been silent for the hold time.
@@ -472,7 +476,9 @@ impl Fsm {
 
     fn connect_retry_timer_expired(&mut self) {
         match self.state {
-            State::Idle | State::Active if self.running => self.start_attempt(),
+            State::Idle if self.running => self.start_attempt(),
+            // A passive peer has no retry in Active; a stale expiry changes nothing.
+            State::Active if self.running && !self.config.passive => self.start_attempt(),
             State::Connect => {
                 // RFC 4271 §8.2.2 Connect state: drop the attempt, start a new one.
                 self.out.push(Output::CloseConnection);
@@ -510,12 +516,26 @@ impl Fsm {
 
     fn connection_lost(&mut self, reason: &str) {
         match self.state {
-            State::Connect | State::OpenSent | State::OpenConfirm | State::Established => {
+            // RFC 4271 §8.2.2 Connect and OpenSent states, Event 18: the attempt failed before
+            // any OPEN was accepted, so go to Active, which still takes the peer's own
+            // connection, and connect again when the ConnectRetryTimer fires.
+            State::Connect | State::OpenSent => self.attempt_failed(reason),
+            // A session that got as far as the peer's OPEN: Idle, refusing connections until
+            // the reconnect delay is over (damping).
+            State::OpenConfirm | State::Established => {
                 self.session_lost(reason.to_owned(), None, None);
             }
             // No connection to lose.
             State::Idle | State::Active => {}
         }
+    }
+
+    /// A connection attempt failed (ours, or the peer's before its OPEN): report it, go to
+    /// Active and connect again after the reconnect delay (never, when passive).
+    fn attempt_failed(&mut self, reason: &str) {
+        self.end_attempt(reason.to_owned(), None, None, State::Active);
+        let retry = (self.running && !self.config.passive).then(|| self.backoff.next_delay());
+        self.out.push(Output::SetConnectRetryTimer(retry));
     }
 
     /// Validates the peer's OPEN in `OpenSent` (RFC 4271 §6.2, RFC 6286 §2.2) and answers it with
@@ -630,6 +650,20 @@ impl Fsm {
         sent: Option<Notification>,
         received: Option<Notification>,
     ) {
+        self.end_attempt(reason, sent, received, State::Idle);
+        let retry = self.running.then(|| self.backoff.next_delay());
+        self.out.push(Output::SetConnectRetryTimer(retry));
+    }
+
+    /// Sends `sent` if any, closes, stops the hold and keepalive timers, reports, and enters
+    /// `to`; the caller sets the `ConnectRetryTimer`.
+    fn end_attempt(
+        &mut self,
+        reason: String,
+        sent: Option<Notification>,
+        received: Option<Notification>,
+        to: State,
+    ) {
         if let Some(sent) = &sent {
             self.out
                 .push(Output::SendMessage(Message::Notification(sent.clone())));
@@ -643,9 +677,7 @@ impl Fsm {
             notification_received: received,
         });
         self.negotiated = None;
-        self.change_state(State::Idle);
-        let retry = self.running.then(|| self.backoff.next_delay());
-        self.out.push(Output::SetConnectRetryTimer(retry));
+        self.change_state(to);
     }
 
     /// The OPEN we send (RFC 4271 §4.2): our identity and every capability we speak.
@@ -734,6 +766,25 @@ mod tests {
             Output::SetConnectRetryTimer(retry),
         ]);
         out
+    }
+
+    /// What a failed attempt outputs: closed, timers stopped, reported, Active, retry armed.
+    fn failed_outputs(reason: &str, from: State, retry: Option<Duration>) -> Vec<Output> {
+        let mut out = down_outputs(None, reason, from, retry);
+        for o in &mut out {
+            if let Output::StateChanged { to, .. } = o {
+                *to = State::Active;
+            }
+        }
+        out
+    }
+
+    /// An FSM in Idle after an Established session was lost, its reconnect pending.
+    fn idle_after_session_loss() -> Fsm {
+        let mut fsm = established();
+        fsm.process(Input::TcpConnectionClosed);
+        assert_eq!(fsm.state(), State::Idle);
+        fsm
     }
 
     /// What leaving Idle for Connect outputs: the retry timer armed, a connect started.
@@ -1354,8 +1405,7 @@ mod tests {
             fsm.process(Input::ConfigStop(ConfigChange::PeerRemoved)),
             down_outputs(None, "peer de-configured", State::Connect, None)
         );
-        let mut fsm = started(config());
-        fsm.process(Input::TcpConnectionFails);
+        let mut fsm = idle_after_session_loss();
         assert_eq!(
             fsm.process(Input::ConfigStop(ConfigChange::SessionChanged)),
             [Output::SetConnectRetryTimer(None)]
@@ -1364,8 +1414,7 @@ mod tests {
 
     #[test]
     fn manual_stop_stays_idle_until_the_next_manual_start() {
-        let mut fsm = started(config());
-        fsm.process(Input::TcpConnectionFails);
+        let mut fsm = idle_after_session_loss();
         assert_eq!(fsm.state(), State::Idle);
         // A reconnect is pending; the stop cancels it.
         assert_eq!(
@@ -1407,18 +1456,116 @@ mod tests {
     }
 
     #[test]
-    fn connect_failure_goes_idle_and_retries_after_the_delay() {
+    fn a_failed_connect_goes_to_active_and_reports_the_failure() {
         let mut fsm = started(config());
         let out = fsm.process(Input::TcpConnectionFails);
-        let retry = retry_delay(&out);
+        let retry = retry_delay(&out).expect("connect retry armed");
         assert_eq!(
             out,
-            down_outputs(None, "TCP connection failed", State::Connect, retry)
+            failed_outputs("TCP connection failed", State::Connect, Some(retry))
         );
+        assert!(retry >= Duration::from_millis(800) && retry <= Duration::from_millis(1200));
+        assert_eq!(fsm.state(), State::Active);
+    }
+
+    #[test]
+    fn active_accepts_the_peers_connection_after_a_failed_connect() {
+        let mut fsm = started(config());
+        fsm.process(Input::TcpConnectionFails);
+        let out = fsm.process(Input::TcpConnectionConfirmed);
+        assert_eq!(out[0], Output::SetConnectRetryTimer(None));
+        assert!(matches!(out[1], Output::SendMessage(Message::Open(_))));
+        assert!(!out.contains(&Output::CloseConnection));
+        assert_eq!(fsm.state(), State::OpenSent);
+    }
+
+    #[test]
+    fn active_connects_again_when_the_connect_retry_timer_fires() {
+        let mut fsm = started(config());
+        fsm.process(Input::TcpConnectionFails);
+        assert_eq!(
+            fsm.process(Input::ConnectRetryTimerExpired),
+            [
+                Output::StateChanged {
+                    from: State::Active,
+                    to: State::Connect,
+                },
+                Output::SetConnectRetryTimer(Some(CONNECT_RETRY_TIME)),
+                Output::Connect,
+            ]
+        );
+        assert_eq!(fsm.state(), State::Connect);
+    }
+
+    #[test]
+    fn a_connection_lost_in_open_sent_goes_to_active() {
+        for input in [Input::TcpConnectionFails, Input::TcpConnectionClosed] {
+            let mut fsm = open_sent(config());
+            let out = fsm.process(input.clone());
+            assert!(retry_delay(&out).is_some(), "{input:?}");
+            assert_eq!(fsm.state(), State::Active, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn a_session_lost_after_established_still_goes_idle_and_refuses_connections_until_the_delay() {
+        let mut fsm = idle_after_session_loss();
+        assert_eq!(
+            fsm.process(Input::TcpConnectionConfirmed),
+            [Output::CloseConnection]
+        );
+        assert_eq!(fsm.state(), State::Idle);
         assert_eq!(
             fsm.process(Input::ConnectRetryTimerExpired),
             starts_connecting()
         );
+    }
+
+    #[test]
+    fn passive_peer_after_a_lost_attempt_waits_in_active_without_a_retry_timer() {
+        let mut fsm = Fsm::new(FsmConfig {
+            passive: true,
+            ..config()
+        });
+        fsm.process(Input::ManualStart);
+        fsm.process(Input::TcpConnectionConfirmed);
+        let out = fsm.process(Input::TcpConnectionClosed);
+        assert_eq!(
+            out,
+            failed_outputs("peer closed the connection", State::OpenSent, None)
+        );
+        assert!(!out.contains(&Output::Connect));
+        assert_eq!(fsm.state(), State::Active);
+        assert_eq!(fsm.process(Input::ConnectRetryTimerExpired), []);
+        assert_eq!(fsm.state(), State::Active);
+    }
+
+    #[test]
+    fn passive_peer_after_a_lost_session_waits_in_active_again_after_the_delay() {
+        let (mut fsm, _) = established_with(
+            FsmConfig {
+                passive: true,
+                ..config()
+            },
+            peer_open(),
+        );
+        fsm.process(Input::TcpConnectionClosed);
+        assert_eq!(fsm.state(), State::Idle);
+        let out = fsm.process(Input::ConnectRetryTimerExpired);
+        assert!(!out.contains(&Output::Connect));
+        assert_eq!(fsm.state(), State::Active);
+    }
+
+    #[test]
+    fn manual_stop_in_active_goes_idle_and_stays_there() {
+        let mut fsm = started(config());
+        fsm.process(Input::TcpConnectionFails);
+        let out = fsm.process(Input::ManualStop {
+            reason: String::new(),
+        });
+        assert_eq!(out.last(), Some(&Output::SetConnectRetryTimer(None)));
+        assert_eq!(fsm.state(), State::Idle);
+        assert_eq!(fsm.process(Input::ConnectRetryTimerExpired), []);
     }
 
     #[test]

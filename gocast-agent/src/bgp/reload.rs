@@ -140,6 +140,7 @@ fn session_changes(old: &PeerConfig, new: &PeerConfig) -> Vec<&'static str> {
         med: _,
         local_pref: _,
         drain_local_pref: _,
+        passive,
     } = new;
     let mut changed = Vec::new();
     let mut check = |key, differs: bool| {
@@ -155,6 +156,8 @@ fn session_changes(old: &PeerConfig, new: &PeerConfig) -> Vec<&'static str> {
     check("password", *password != old.password);
     check("multihop", *multihop != old.multihop);
     check("hold_time", *hold_time != old.hold_time);
+    // A passive session waits for the peer; an active one connects: a new session either way.
+    check("passive", *passive != old.passive);
     changed
 }
 
@@ -271,6 +274,7 @@ mod tests {
             med: None,
             local_pref: None,
             drain_local_pref: 0,
+            passive: false,
         }
     }
 
@@ -315,6 +319,11 @@ mod tests {
                 "multihop",
                 |p| p.multihop = Some(2),
                 Action::Reset(vec!["multihop"]),
+            ),
+            (
+                "passive",
+                |p| p.passive = true,
+                Action::Reset(vec!["passive"]),
             ),
             (
                 "local_ip",

@@ -197,7 +197,7 @@ impl<'a> Session<'a> {
             router_id: settings.router_id,
             hold_time: peer.hold_time,
             families: vec![Family::Ipv4Unicast, Family::Ipv6Unicast],
-            passive: false,
+            passive: peer.passive,
         });
         let name = peer_name(&peer);
         Self {
@@ -838,6 +838,7 @@ mod tests {
             med: Some(5),
             local_pref: None,
             drain_local_pref: 0,
+            passive: false,
         }
     }
 

@@ -430,6 +430,7 @@ mod tests {
             med: None,
             local_pref: None,
             drain_local_pref: 0,
+            passive: false,
         }
     }
 

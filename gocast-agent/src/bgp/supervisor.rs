@@ -304,6 +304,7 @@ mod tests {
                 med: None,
                 local_pref: None,
                 drain_local_pref: 0,
+                passive: false,
             };
             let (stop_tx, stop) = watch::channel(None);
             let (status, mut status_rx) = watch::channel(PeerStatus::new(&peer));

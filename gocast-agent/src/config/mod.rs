@@ -295,6 +295,9 @@ pub struct PeerConfig {
     /// `LOCAL_PREF` sent to an iBGP peer with gracefully shut down routes (a drain, or
     /// `graceful_shutdown` at stop); default 0, the least preferred.
     pub drain_local_pref: u32,
+    /// Never connect to the peer: wait in Active for its connection on `bgp.listen_port`
+    /// (RFC 4271 §8.1.1 `PassiveTcpEstablishment`).
+    pub passive: bool,
 }
 
 /// The ORIGIN attribute of announcements.

@@ -101,6 +101,8 @@ struct OutPeer<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     local_pref: Option<u32>,
     drain_local_pref: u32,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    passive: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     router_id: Option<Ipv4Addr>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -183,6 +185,7 @@ impl Config {
                     med: p.med,
                     local_pref: p.local_pref,
                     drain_local_pref: p.drain_local_pref,
+                    passive: p.passive,
                     // Section-wide keys ride on the first block.
                     router_id: self.bgp.router_id.filter(|_| i == 0),
                     listen_port: self.bgp.listen_port.filter(|_| i == 0),

@@ -120,7 +120,8 @@ impl FileMode {
 /// `bgp:` is a block (single peer, or `peers:`) or a list of single-peer blocks.
 #[derive(Debug)]
 enum RawBgp {
-    Block(RawBgpBlock),
+    /// Boxed: a block is large next to a list's pointer.
+    Block(Box<RawBgpBlock>),
     List(Vec<RawBgpBlock>),
 }
 
@@ -134,7 +135,7 @@ impl<'de> Deserialize<'de> for RawBgp {
             }
             fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<RawBgp, A::Error> {
                 RawBgpBlock::deserialize(de::value::MapAccessDeserializer::new(map))
-                    .map(RawBgp::Block)
+                    .map(|block| RawBgp::Block(Box::new(block)))
             }
             fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<RawBgp, A::Error> {
                 Vec::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(RawBgp::List)
@@ -163,6 +164,8 @@ struct RawPeerKeys {
     med: Option<u32>,
     local_pref: Option<u32>,
     drain_local_pref: Option<u32>,
+    /// Never connect; wait for the peer's connection (needs `listen_port`).
+    passive: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -193,6 +196,8 @@ struct RawBgpBlock {
     med: Option<u32>,
     local_pref: Option<u32>,
     drain_local_pref: Option<u32>,
+    /// Never connect; wait for the peer's connection (needs `listen_port`).
+    passive: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -234,6 +239,7 @@ impl RawConfig {
         let bgp = match self.bgp {
             None => BgpConfig::default(),
             Some(RawBgp::Block(block)) => {
+                let block = *block;
                 let mut bgp = BgpConfig::default();
                 bgp.take_section_keys(&block, "bgp")?;
                 bgp.peers = block.into_peers("bgp")?;
@@ -259,12 +265,21 @@ impl RawConfig {
             return Err(invalid("bgp.listen_port", "must be 1-65535"));
         }
         for (i, p) in bgp.peers.iter().enumerate() {
+            let who = p
+                .peer_ip
+                .map_or_else(|| "autodiscovered peer".to_owned(), |ip| ip.to_string());
+            if p.passive && bgp.listen_port.is_none() {
+                return Err(invalid(
+                    "bgp.passive",
+                    format!(
+                        "peer {who}: passive: true needs bgp.listen_port (a passive peer never \
+                         connects; it waits for the peer's connection)"
+                    ),
+                ));
+            }
             // One session per address: /info and metrics name a peer by it.
             let twin = bgp.peers[..i].iter().any(|q| q.peer_ip == p.peer_ip);
             if twin {
-                let who = p
-                    .peer_ip
-                    .map_or_else(|| "autodiscovered peer".to_owned(), |ip| ip.to_string());
                 return Err(invalid("bgp", format!("peer {who} is configured twice")));
             }
         }
@@ -712,6 +727,7 @@ impl RawPeerKeys {
                 .drain_local_pref
                 .or(defaults.drain_local_pref)
                 .unwrap_or(0),
+            passive: peer.passive.or(defaults.passive).unwrap_or(false),
         })
     }
 }
@@ -742,6 +758,7 @@ impl RawBgpBlock {
             med: self.med,
             local_pref: self.local_pref,
             drain_local_pref: self.drain_local_pref,
+            passive: self.passive,
         };
         let origin = self.origin.unwrap_or(Origin::Igp);
         let section = Section {

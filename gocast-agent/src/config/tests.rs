@@ -462,6 +462,21 @@ fn bgp_speaker_keys_are_read_per_peer_and_per_section() {
 }
 
 #[test]
+fn passive_is_read_per_peer_and_per_block_printed_and_needs_listen_port() {
+    let c = parse("bgp:\n  local_as: 65001\n  listen_port: 1179\n  passive: true\n  peers:\n    - {peer_ip: 198.18.0.2, peer_as: 65000}\n    - {peer_ip: 198.18.0.6, peer_as: 65000, passive: false}\n").unwrap();
+    assert!(c.bgp.peers[0].passive);
+    assert!(!c.bgp.peers[1].passive);
+    let printed = c.to_yaml();
+    assert_eq!(printed.matches("passive: true").count(), 1, "{printed}");
+    assert_eq!(Config::parse(&printed, "printed").unwrap(), c);
+    let e = err("bgp: {local_as: 1, peers: [{peer_ip: 198.18.0.2, peer_as: 2, passive: true}]}");
+    assert!(
+        e.contains("bgp.passive") && e.contains("listen_port"),
+        "{e}"
+    );
+}
+
+#[test]
 fn a_section_local_ip_is_the_default_for_peers_of_its_family_only() {
     let c = parse("bgp:\n  local_as: 65001\n  local_ip: 198.18.0.1\n  peers:\n    - {peer_ip: 198.18.0.2, peer_as: 65000}\n    - {peer_ip: '2001:db8::2', peer_as: 65000}\n").unwrap();
     assert_eq!(c.bgp.peers[0].local_ip, Some("198.18.0.1".parse().unwrap()));
@@ -489,6 +504,7 @@ fn every_documented_bound_is_enforced() {
         (format!("{peer}, peer_port: 0}}"), "bgp.peer_port"),
         (format!("{peer}, peer_port: 65536}}"), "peer_port"),
         (format!("{peer}, listen_port: 0}}"), "bgp.listen_port"),
+        (format!("{peer}, passive: true}}"), "bgp.passive"),
         (
             "bgp: {local_as: 0, remote_as: 2}".to_owned(),
             "bgp.local_as",
