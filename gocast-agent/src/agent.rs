@@ -196,8 +196,8 @@ fn health(running: &lifecycle::Running, tasks: Vec<TaskStatus>, peers: &Peers) -
     Health::new(running.pulse.clone(), tasks, vec![sessions])
 }
 
-/// The stats sampler under supervision (task `stats`): its snapshots, also exported at
-/// `/metrics`.
+/// The stats sampler under supervision (task `stats`): the reads for `/stats`, whose snapshots
+/// are also exported at `/metrics`.
 fn supervise_stats(
     reader: crate::dataplane::ebpf::CounterReader,
     owners: tokio::sync::watch::Receiver<messages::Owners>,
@@ -206,8 +206,8 @@ fn supervise_stats(
     metrics: &Metrics,
     cancel: &CancellationToken,
     tasks: &mut Vec<TaskStatus>,
-) -> tokio::sync::watch::Receiver<Arc<stats::Snapshot>> {
-    let (snapshots, sampler) = stats::sampler(
+) -> stats::Stats {
+    let (reads, sampler) = stats::sampler(
         reader,
         owners,
         running.handle.clone(),
@@ -217,8 +217,8 @@ fn supervise_stats(
         sampler.run(cancel)
     });
     tasks.push(stats.status);
-    metrics.vip_stats(stats::counter_source(snapshots.clone()));
-    snapshots
+    metrics.vip_stats(stats::counter_source(reads.snapshots()));
+    reads
 }
 
 /// Serves the API under supervision (task `api`): a server that fails is started again on the

@@ -8,7 +8,7 @@
 //! (400, JSON `{"error": ...}`); only a valid request reaches the lifecycle, whose refusals map
 //! to 403 (policy), 404 (unknown app) and 409 (VIP taken). A refused request changes nothing.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
@@ -29,7 +29,7 @@ use crate::{
     messages::{LifecycleError, LifecycleHandle, Routes},
     metrics::Metrics,
     reload::{ReloadError, ReloadHandle},
-    stats::Snapshot,
+    stats::{self, Snapshot},
     supervise::Health,
 };
 
@@ -123,8 +123,8 @@ pub struct StaticInfo {
 pub struct ApiState {
     pub lifecycle: LifecycleHandle,
     pub routes: watch::Receiver<Routes>,
-    /// The per-VIP counters' latest snapshot; `None` without the eBPF dataplane.
-    pub stats: Option<watch::Receiver<Arc<Snapshot>>>,
+    /// Reads the per-VIP counters; `None` without the eBPF dataplane.
+    pub stats: Option<stats::Stats>,
     pub metrics: Metrics,
     pub info: Arc<StaticInfo>,
     /// Each BGP session's status, in config order, following reloads.
@@ -557,11 +557,49 @@ async fn routes(State(state): State<ApiState>) -> Json<Value> {
     Json(json!({ "routes": set }))
 }
 
-/// The latest counters snapshot; without the eBPF dataplane an empty one that says why.
-fn snapshot(state: &ApiState) -> Arc<Snapshot> {
-    match &state.stats {
-        Some(rx) => rx.borrow().clone(),
-        None => Arc::new(Snapshot {
+/// The `/stats` query: `interval=DURATION` (Go syntax, [`stats::INTERVAL_MIN`] to
+/// [`stats::INTERVAL_MAX`]) measures the rates over that interval; without it they cover about
+/// the last second.
+fn parse_interval(q: Option<&str>) -> Result<Option<Duration>, ApiError> {
+    let pairs = pairs(q.unwrap_or(""))?;
+    let mut problems = Vec::new();
+    if let Some((key, _)) = pairs.iter().find(|(k, _)| k != "interval") {
+        problems.push(format!(
+            "{}: unknown parameter (expected interval)",
+            truncated(key, QUOTE_MAX)
+        ));
+    }
+    let interval = single_opt(&pairs, "interval", &mut problems).and_then(|v| {
+        match crate::config::go_duration::parse(v) {
+            Ok(d) if (stats::INTERVAL_MIN..=stats::INTERVAL_MAX).contains(&d) => Some(d),
+            Ok(_) => {
+                problems.push(format!(
+                    "interval: {v:?} is out of range ({} to {})",
+                    crate::config::go_duration::format(stats::INTERVAL_MIN),
+                    crate::config::go_duration::format(stats::INTERVAL_MAX)
+                ));
+                None
+            }
+            Err(e) => {
+                problems.push(format!("interval: {:?}: {e}", truncated(v, QUOTE_MAX)));
+                None
+            }
+        }
+    });
+    if problems.is_empty() {
+        Ok(interval)
+    } else {
+        Err(report(&problems))
+    }
+}
+
+/// The counters read now (or over `interval`); without the eBPF dataplane an empty snapshot
+/// that says why.
+async fn read_stats(state: &ApiState, interval: Option<Duration>) -> Arc<Snapshot> {
+    match (&state.stats, interval) {
+        (Some(stats), None) => stats.now().await,
+        (Some(stats), Some(interval)) => Arc::new(stats.over(interval).await),
+        (None, _) => Arc::new(Snapshot {
             unavailable: Some(format!(
                 "per-VIP counters need the eBPF dataplane; this agent runs {} ({})",
                 state.info.dataplane.mode, state.info.dataplane.reason
@@ -571,22 +609,28 @@ fn snapshot(state: &ApiState) -> Arc<Snapshot> {
     }
 }
 
-async fn stats(State(state): State<ApiState>) -> Response {
-    Json(&*snapshot(&state)).into_response()
+async fn stats(
+    State(state): State<ApiState>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    let interval = parse_interval(q.as_deref())?;
+    Ok(Json(&*read_stats(&state, interval).await).into_response())
 }
 
 /// One VIP, written with or without its length (`/stats/192.0.2.10` or `/stats/192.0.2.10/32`).
 async fn stats_of(
     State(state): State<ApiState>,
     Path(vip): Path<String>,
+    RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    let snapshot = snapshot(&state);
     if vip.parse::<std::net::IpAddr>().is_err() && vip.parse::<ipnet::IpNet>().is_err() {
         return Err(ApiError::bad_request(format!(
             "vip: {:?} is not an address or prefix",
             truncated(&vip, QUOTE_MAX)
         )));
     }
+    let interval = parse_interval(q.as_deref())?;
+    let snapshot = read_stats(&state, interval).await;
     let found = snapshot.find(&vip).ok_or_else(|| ApiError {
         status: StatusCode::NOT_FOUND,
         message: match &snapshot.unavailable {
@@ -640,6 +684,7 @@ mod tests {
     struct Api {
         router: Router,
         running: Running,
+        stats: Option<stats::Stats>,
         _dir: tempfile::TempDir,
         _cancel: CancellationToken,
     }
@@ -648,13 +693,28 @@ mod tests {
         api_with_stats(None)
     }
 
-    fn api_with_stats(snapshots: Option<watch::Receiver<Arc<Snapshot>>>) -> Api {
-        api_with(snapshots, None)
+    fn api_with_stats(counters: Option<Fixed>) -> Api {
+        api_with(counters, None)
+    }
+
+    /// The same counters at every read.
+    struct Fixed(Vec<(std::net::IpAddr, gocast_common::maps::VipCounters)>);
+
+    impl stats::CounterSource for Fixed {
+        fn read(
+            &mut self,
+            _: &dyn Fn(std::net::IpAddr) -> bool,
+        ) -> Result<
+            Vec<(std::net::IpAddr, gocast_common::maps::VipCounters)>,
+            crate::dataplane::ebpf::EbpfError,
+        > {
+            Ok(self.0.clone())
+        }
     }
 
     /// An API over a real lifecycle; `health` replaces what `/healthz` reads (by default the
     /// lifecycle's own heartbeat and scheduler).
-    fn api_with(snapshots: Option<watch::Receiver<Arc<Snapshot>>>, health: Option<Health>) -> Api {
+    fn api_with(counters: Option<Fixed>, health: Option<Health>) -> Api {
         let dir = tempfile::tempdir().unwrap();
         let settings = Settings {
             monitor_rise: 1,
@@ -668,7 +728,7 @@ mod tests {
                 exec_timeout: Duration::from_secs(5),
                 consul: None,
             },
-            passive_health: snapshots.is_some(),
+            passive_health: counters.is_some(),
             protected: Vec::new(),
         };
         let cancel = CancellationToken::new();
@@ -686,10 +746,30 @@ mod tests {
             },
             cancel.clone(),
         );
+        let stats = counters.map(|source| {
+            let vip: crate::app::Vip = "192.0.2.10/32".parse().unwrap();
+            let owner = crate::messages::VipOwner {
+                vip,
+                app: "web".parse().unwrap(),
+                passive_health: false,
+            };
+            let owners = Arc::new(BTreeMap::from([(vip.addr(), owner)]));
+            let (stats, _cadence) = stats::sampler(
+                source,
+                watch::channel(owners).1,
+                running.handle.clone(),
+                crate::config::PassiveHealthConfig {
+                    window: Duration::from_secs(5),
+                    min_syn: 10,
+                    max_unanswered: 0.5,
+                },
+            );
+            stats
+        });
         let state = ApiState {
             lifecycle: running.handle.clone(),
             routes: running.routes.clone(),
-            stats: snapshots,
+            stats,
             metrics,
             info: Arc::new(StaticInfo {
                 version: "test",
@@ -706,6 +786,7 @@ mod tests {
             }),
         };
         Api {
+            stats: state.stats.clone(),
             router: router(state),
             running,
             _dir: dir,
@@ -1185,41 +1266,36 @@ mod tests {
 
     #[tokio::test]
     async fn stats_serve_every_vip_and_one_by_address_or_prefix() {
-        use crate::stats::{Rates, VipStats};
         use gocast_common::maps::VipCounters;
-        let one = VipStats {
-            vip: "192.0.2.10/32".into(),
-            app: Some("web".parse().unwrap()),
-            counters: VipCounters {
-                packets_in: 3,
-                syn_in: 1,
-                ..VipCounters::default()
-            },
-            rates: Rates::default(),
-            addr: "192.0.2.10".parse().unwrap(),
+        let counters = VipCounters {
+            packets_in: 3,
+            syn_in: 1,
+            ..VipCounters::default()
         };
-        let snapshot = Arc::new(Snapshot {
-            vips: vec![one],
-            ..Snapshot::default()
-        });
-        let (_tx, rx) = watch::channel(snapshot);
-        let metrics_rx = rx.clone();
-        let api = api_with_stats(Some(rx));
+        let api = api_with_stats(Some(Fixed(vec![("192.0.2.10".parse().unwrap(), counters)])));
         let (status, all) = get(&api, "/stats").await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(all["vips"][0]["vip"], "192.0.2.10/32");
+        assert_eq!(all["vips"][0]["app"], "web");
         assert_eq!(all["vips"][0]["packets_in"], 3);
         assert!(all["vips"][0]["rates"]["packets_in"].is_number());
+        assert!(all["sampled_at"].is_string(), "read at the request: {all}");
         for uri in ["/stats/192.0.2.10", "/stats/192.0.2.10/32"] {
             let (status, v) = get(&api, uri).await;
             assert_eq!(status, StatusCode::OK, "{uri}");
             assert_eq!(v["syn_in"], 1, "{uri}");
         }
+        let (status, v) = get(&api, "/stats/192.0.2.10?interval=100ms").await;
+        assert_eq!(status, StatusCode::OK);
+        let span = v["rates_interval_s"].as_f64().unwrap();
+        assert!(span >= 0.1, "{v}");
+        assert_eq!(v["rates"]["packets_in"], 0.0);
         assert_eq!(
             get(&api, "/stats/192.0.2.11").await.0,
             StatusCode::NOT_FOUND
         );
         assert_eq!(get(&api, "/stats/nope").await.0, StatusCode::BAD_REQUEST);
+        let metrics_rx = api.stats.as_ref().unwrap().snapshots();
 
         let metrics = Metrics::default();
         metrics.vip_stats(crate::stats::counter_source(metrics_rx));

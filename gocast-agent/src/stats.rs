@@ -1,16 +1,22 @@
 //! Per-VIP traffic statistics from the eBPF counters, and the passive health signal they feed.
 //!
-//! One task samples the kernel's counters: every VIP every [`FULL_SAMPLE_EVERY`] seconds, VIPs
-//! of apps with passive health every second ([`SAMPLE_INTERVAL`]). It keeps a short history per
-//! VIP, publishes the latest [`Snapshot`] (totals and per-second rates) after each full read on
-//! a watch channel for `/stats`, `/metrics` and `gocast status`, and, for apps with
-//! `passive_health: true`, judges the last `dataplane.passive_health.window`: SYNs that came in
-//! but got no SYN-ACK (or got a RST) fail the app, as a failing monitor would. Only changes of
-//! verdict are sent to the lifecycle.
+//! Two readers share one counter source and one history per VIP:
+//! - `/stats` and `/stats/{vip}` read the kernel's counters when asked ([`Stats::now`]): a read
+//!   at most [`COALESCE`] old serves a request, so concurrent requests cost one read, and a VIP
+//!   is there as soon as the dataplane has its counter slot (installed before it is announced).
+//!   `rates` cover the span since the VIP's newest sample at least [`RATE_SPAN`] older;
+//!   [`Stats::over`] measures over the caller's interval instead (two reads that far apart).
+//! - One task keeps passive health's own cadence: VIPs of apps with passive health every second
+//!   ([`SAMPLE_INTERVAL`]), every VIP every [`FULL_SAMPLE_EVERY`] seconds (for `/metrics` and
+//!   to forget VIPs that went). For apps with `passive_health: true` it judges the last
+//!   `dataplane.passive_health.window`: SYNs that came in but got no SYN-ACK (or got a RST) fail
+//!   the app, as a failing monitor would. Only changes of verdict are sent to the lifecycle;
+//!   reads for `/stats` never judge.
 //!
 //! A failure holds while the window still shows it: until answers outweigh the unanswered SYNs,
-//! or the bad SYNs have aged out of the window (a withdrawn VIP gets no new traffic). The app
-//! may then come back, and fails again if the service still does not answer.
+//! or the bad SYNs have aged out of the window (a withdrawn VIP gets no new traffic). The
+//! lifecycle then holds the app down and wants active proof that the service accepts before it
+//! announces again (docs/design.md, "Passive health").
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
@@ -36,11 +42,19 @@ use crate::{
 
 /// How often the counters of VIPs with passive health are read.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
-/// Every VIP is read, and `/stats` republished, every this many intervals: one lookup per VIP
-/// each time, which with thousands of VIPs is most of the agent's idle CPU.
+/// Every VIP is read by the background task every this many intervals: one lookup per VIP each
+/// time, which with thousands of VIPs is most of the agent's idle CPU. `/stats` reads on demand.
 pub const FULL_SAMPLE_EVERY: u32 = 5;
+/// A read this recent serves a `/stats` request: concurrent requests share one read.
+pub const COALESCE: Duration = Duration::from_millis(100);
+/// `rates` cover at least this span when the VIP has a sample that old.
+pub const RATE_SPAN: Duration = Duration::from_secs(1);
+/// Bounds of `/stats?interval=`: the request waits that long, so it stays well within a
+/// client's patience and the API's timeouts.
+pub const INTERVAL_MIN: Duration = Duration::from_millis(100);
+pub const INTERVAL_MAX: Duration = Duration::from_secs(10);
 
-/// Per-second rates over the last sample interval, with the same keys as [`VipCounters`].
+/// Per-second rates over an interval, with the same keys as [`VipCounters`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Rates {
     pub packets_in: f64,
@@ -85,6 +99,8 @@ pub struct VipStats {
     #[serde(flatten)]
     pub counters: VipCounters,
     pub rates: Rates,
+    /// The span `rates` cover, in seconds; `None` (zero rates) on the VIP's first read.
+    pub rates_interval_s: Option<f64>,
     /// The VIP's address, to look it up.
     #[serde(skip)]
     pub addr: IpAddr,
@@ -104,7 +120,7 @@ pub fn counter_source(
     })
 }
 
-/// The latest sample of every VIP, as `/stats` serves it.
+/// Every VIP's counters as of one read, as `/stats` serves it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Snapshot {
     /// When the counters were read (RFC 3339); `None` before the first read.
@@ -113,6 +129,9 @@ pub struct Snapshot {
     /// Why there are no counters at all (the iptables dataplane runs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unavailable: Option<String>,
+    /// When the counters were read, on the monotonic clock.
+    #[serde(skip)]
+    pub read_at: Option<Instant>,
 }
 
 impl Snapshot {
@@ -123,6 +142,28 @@ impl Snapshot {
             .ok()
             .or_else(|| vip.parse::<IpNet>().ok().map(|n| n.addr()))?;
         self.vips.iter().find(|v| v.addr == addr)
+    }
+
+    /// This read with its rates taken over the span since `earlier`, for the VIPs both have
+    /// (a VIP new since then keeps the rates of its own history).
+    #[must_use]
+    pub fn rates_since(&self, earlier: &Self) -> Self {
+        let mut out = self.clone();
+        let (Some(now), Some(then)) = (self.read_at, earlier.read_at) else {
+            return out;
+        };
+        let span = now.saturating_duration_since(then);
+        if span.is_zero() {
+            return out;
+        }
+        for v in &mut out.vips {
+            let before = earlier.vips.iter().find(|e| e.addr == v.addr);
+            if let Some(delta) = before.and_then(|b| v.counters.checked_since(&b.counters)) {
+                v.rates = Rates::of(delta, span);
+                v.rates_interval_s = Some(span.as_secs_f64());
+            }
+        }
+        out
     }
 }
 
@@ -178,31 +219,50 @@ fn judge(window: VipCounters, config: &PassiveHealthConfig) -> Evidence {
 /// One VIP's recent samples and passive verdict.
 #[derive(Debug, Default)]
 struct History {
-    /// Oldest first; the first one is at least a window old once there is that much history.
+    /// Oldest first, at most a sample a [`SAMPLE_INTERVAL`] from reads for `/stats`; the first
+    /// one is at least `keep` old once there is that much history.
     samples: VecDeque<(Instant, VipCounters)>,
     failing: bool,
 }
 
 impl History {
-    /// Adds a sample; the rates since the previous one.
-    fn push(&mut self, now: Instant, counters: VipCounters, window: Duration) -> Rates {
-        let mut rates = Rates::default();
-        if let Some(&(then, before)) = self.samples.back() {
-            if let Some(delta) = counters.checked_since(&before) {
-                rates = Rates::of(delta, now.saturating_duration_since(then));
-            } else {
-                self.samples.clear();
-            }
+    /// The rates of `counters` read at `now`, since the newest sample at least [`RATE_SPAN`]
+    /// older (or the oldest there is), with the span they cover.
+    fn rates(&self, now: Instant, counters: VipCounters) -> Option<(Rates, Duration)> {
+        let &(then, before) = self
+            .samples
+            .iter()
+            .rev()
+            .find(|(t, _)| now.saturating_duration_since(*t) >= RATE_SPAN)
+            .or_else(|| self.samples.front())?;
+        let span = now.saturating_duration_since(then);
+        let delta = counters.checked_since(&before)?;
+        (!span.is_zero()).then(|| (Rates::of(delta, span), span))
+    }
+
+    /// Adds a sample, keeping what covers `keep` (the passive window, or [`RATE_SPAN`]).
+    fn push(&mut self, now: Instant, counters: VipCounters, keep: Duration) {
+        if let Some((_, before)) = self.samples.back()
+            && counters.checked_since(before).is_none()
+        {
+            // The slot was reused or reset: older samples describe another VIP's traffic.
+            self.samples.clear();
         }
         self.samples.push_back((now, counters));
         while self
             .samples
             .get(1)
-            .is_some_and(|&(t, _)| now.saturating_duration_since(t) >= window)
+            .is_some_and(|&(t, _)| now.saturating_duration_since(t) >= keep)
         {
             self.samples.pop_front();
         }
-        rates
+    }
+
+    /// How long ago the newest sample was taken; `None` without one.
+    fn newest_age(&self, now: Instant) -> Option<Duration> {
+        self.samples
+            .back()
+            .map(|&(t, _)| now.saturating_duration_since(t))
     }
 
     /// The counters' growth over the window (or over the history there is).
@@ -219,12 +279,18 @@ impl History {
             Evidence::Failing(reason) => {
                 (!std::mem::replace(&mut self.failing, true)).then_some(Verdict::Failing(reason))
             }
-            // The bad SYNs stay in the window for a window's length: that is the hold-down.
             Evidence::Healthy | Evidence::TooLittleTraffic => {
                 std::mem::replace(&mut self.failing, false).then_some(Verdict::Cleared)
             }
         }
     }
+}
+
+/// Who is reading: the passive-health cadence judges, a `/stats` request does not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reader {
+    Cadence,
+    Request,
 }
 
 /// The sampler's state: history per VIP. Pure apart from the clock it is given.
@@ -242,29 +308,45 @@ impl Sampler {
         read: Vec<(IpAddr, VipCounters)>,
         owners: &BTreeMap<IpAddr, VipOwner>,
         full: bool,
+        reader: Reader,
     ) -> (Vec<VipStats>, Vec<(AppName, Verdict)>) {
         let mut vips = Vec::with_capacity(read.len());
         let mut verdicts = Vec::new();
         let mut seen = HashSet::with_capacity(read.len());
-        for (addr, raw) in read {
-            let counters = raw;
+        for (addr, counters) in read {
             let history = self.histories.entry(addr).or_default();
-            let rates = history.push(now, counters, self.config.window);
+            let rates = history.rates(now, counters);
             let owner = owners.get(&addr);
-            match owner {
-                Some(o) if o.passive_health => {
-                    if let Some(v) = history.update(&self.config) {
-                        verdicts.push((o.app.clone(), v));
+            let passive = owner.filter(|o| o.passive_health);
+            // Requests add at most a sample per interval, so the history stays small whatever
+            // the request rate; the cadence's samples are the ones passive health judges.
+            if reader == Reader::Cadence
+                || history.newest_age(now).is_none_or(|age| age >= SAMPLE_INTERVAL)
+            {
+                let keep = if passive.is_some() {
+                    self.config.window.max(RATE_SPAN)
+                } else {
+                    RATE_SPAN
+                };
+                history.push(now, counters, keep);
+            }
+            if reader == Reader::Cadence {
+                match passive {
+                    Some(o) => {
+                        if let Some(v) = history.update(&self.config) {
+                            verdicts.push((o.app.clone(), v));
+                        }
                     }
+                    None => history.failing = false,
                 }
-                _ => history.failing = false,
             }
             seen.insert(addr);
             vips.push(VipStats {
                 vip: owner.map_or_else(|| IpNet::from(addr).to_string(), |o| o.vip.to_string()),
                 app: owner.map(|o| o.app.clone()),
                 counters,
-                rates,
+                rates: rates.map(|(r, _)| r).unwrap_or_default(),
+                rates_interval_s: rates.map(|(_, span)| span.as_secs_f64()),
                 addr,
             });
         }
@@ -276,78 +358,132 @@ impl Sampler {
     }
 }
 
-/// The sampler, ready to run: the returned receiver always holds the latest snapshot, and
-/// [`SamplerTask::run`] runs one instance. The agent supervises it (task `stats`, see
+/// The sampler, ready to run: [`Stats`] reads for `/stats`, [`SamplerTask::run`] runs one
+/// instance of the passive-health cadence. The agent supervises it (task `stats`, see
 /// [`crate::supervise`]; this module sits below the metrics, so it does not start the
 /// supervisor itself).
-pub fn sampler<S: CounterSource>(
-    source: S,
+pub fn sampler(
+    source: impl CounterSource,
     owners: watch::Receiver<Owners>,
     lifecycle: LifecycleHandle,
     config: PassiveHealthConfig,
-) -> (watch::Receiver<Arc<Snapshot>>, SamplerTask<S>) {
+) -> (Stats, SamplerTask) {
     let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
     let shared = Arc::new(Mutex::new(Shared {
-        source,
+        source: Box::new(source),
         sampler: Sampler {
             config,
             histories: HashMap::new(),
         },
         failing_reads: 0,
+        snapshots: tx,
     }));
+    let stats = Stats {
+        shared: shared.clone(),
+        owners: owners.clone(),
+        snapshots: rx,
+    };
     let task = SamplerTask {
         shared,
         owners,
         lifecycle,
-        snapshots: tx,
     };
-    (rx, task)
+    (stats, task)
 }
 
-/// Everything an instance of the sampler needs, kept across restarts.
+/// Reads for `/stats`: cheap to clone, one per API state.
+#[derive(Clone)]
+pub struct Stats {
+    shared: Arc<Mutex<Shared>>,
+    owners: watch::Receiver<Owners>,
+    /// The last read, as published; what a request gets if its own read panicked.
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+}
+
+impl Stats {
+    /// The counters as of a read at most [`COALESCE`] old; rates over the last [`RATE_SPAN`]
+    /// or so (each VIP says the span).
+    pub async fn now(&self) -> Arc<Snapshot> {
+        let asked = Instant::now();
+        self.read_since(asked.checked_sub(COALESCE).unwrap_or(asked))
+            .await
+    }
+
+    /// The counters now, with rates over `interval`: a read now and one `interval` later.
+    pub async fn over(&self, interval: Duration) -> Snapshot {
+        let first = self.now().await;
+        let Some(start) = first.read_at else {
+            // Nothing could be read: no rates to measure.
+            return (*first).clone();
+        };
+        tokio::time::sleep_until((start + interval).into()).await;
+        self.read_since(start + interval).await.rates_since(&first)
+    }
+
+    /// What `/metrics` reads: the last snapshot published, by a request or the cadence.
+    pub fn snapshots(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshots.clone()
+    }
+
+    /// A snapshot read at or after `since`: the last one if it is that recent, else a new read
+    /// on a blocking thread (the lookups are system calls). Requests queue on the lock while
+    /// one reads, then take its result.
+    async fn read_since(&self, since: Instant) -> Arc<Snapshot> {
+        let shared = self.shared.clone();
+        let owners = self.owners.borrow().clone();
+        tokio::task::spawn_blocking(move || {
+            shared
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .fresh(since, &owners)
+        })
+        .await
+        .unwrap_or_else(|_| self.snapshots.borrow().clone())
+    }
+}
+
+/// Everything an instance of the cadence needs, kept across restarts.
 ///
 /// A restarted sampler goes on where the failed one stopped: the counter source and the per-VIP
 /// histories (with each app's passive verdict, which the lifecycle hears of only when it changes)
 /// live here, outside the instance, behind a lock held for one synchronous read and sample.
-pub struct SamplerTask<S> {
-    shared: Arc<Mutex<Shared<S>>>,
+pub struct SamplerTask {
+    shared: Arc<Mutex<Shared>>,
     owners: watch::Receiver<Owners>,
     lifecycle: LifecycleHandle,
-    snapshots: watch::Sender<Arc<Snapshot>>,
 }
 
-impl<S: CounterSource> SamplerTask<S> {
+impl SamplerTask {
     /// One instance: reads every [`SAMPLE_INTERVAL`] until `cancel` or the lifecycle is gone.
-    pub fn run(&self, cancel: CancellationToken) -> impl Future<Output = ()> + Send + use<S> {
+    pub fn run(&self, cancel: CancellationToken) -> impl Future<Output = ()> + Send + use<> {
         run(
             self.shared.clone(),
             self.owners.clone(),
             self.lifecycle.clone(),
-            self.snapshots.clone(),
             cancel,
         )
     }
 }
 
-/// One sample: every VIP read, and the changes of passive verdict.
-type Sample = (Vec<VipStats>, Vec<(AppName, Verdict)>);
-
-/// What the sampler keeps across restarts.
-struct Shared<S> {
-    source: S,
+/// What the sampler keeps across restarts, shared by the cadence and the requests.
+struct Shared {
+    source: Box<dyn CounterSource>,
     sampler: Sampler,
     /// Reads failed in a row (logged once per outage).
     failing_reads: u32,
+    /// The last full read; also what `/metrics` exports.
+    snapshots: watch::Sender<Arc<Snapshot>>,
 }
 
-impl<S: CounterSource> Shared<S> {
+impl Shared {
     /// Reads the counters (every VIP when `full`, else those with passive health) and samples
-    /// them; `None` when nothing was read.
+    /// them; the changes of passive verdict. A full read is published.
     fn read_and_sample(
         &mut self,
         owners: &BTreeMap<IpAddr, VipOwner>,
         full: bool,
-    ) -> Option<Sample> {
+        reader: Reader,
+    ) -> Option<Vec<(AppName, Verdict)>> {
         let passive = |vip: IpAddr| owners.get(&vip).is_some_and(|o| o.passive_health);
         if !full && !owners.values().any(|o| o.passive_health) {
             return None;
@@ -370,15 +506,38 @@ impl<S: CounterSource> Shared<S> {
                 return None;
             }
         };
-        Some(self.sampler.sample(Instant::now(), read, owners, full))
+        let now = Instant::now();
+        let (vips, verdicts) = self.sampler.sample(now, read, owners, full, reader);
+        if full {
+            self.snapshots.send_replace(Arc::new(Snapshot {
+                sampled_at: Some(humantime::format_rfc3339_millis(SystemTime::now()).to_string()),
+                vips,
+                unavailable: None,
+                read_at: Some(now),
+            }));
+        }
+        Some(verdicts)
+    }
+
+    /// The last full read if it was taken at or after `since`, else a new one (the last one if
+    /// the counters cannot be read).
+    fn fresh(&mut self, since: Instant, owners: &BTreeMap<IpAddr, VipOwner>) -> Arc<Snapshot> {
+        let recent = self
+            .snapshots
+            .borrow()
+            .read_at
+            .is_some_and(|t| t >= since);
+        if !recent {
+            self.read_and_sample(owners, true, Reader::Request);
+        }
+        self.snapshots.borrow().clone()
     }
 }
 
-async fn run<S: CounterSource>(
-    shared: Arc<Mutex<Shared<S>>>,
+async fn run(
+    shared: Arc<Mutex<Shared>>,
     owners: watch::Receiver<Owners>,
     lifecycle: LifecycleHandle,
-    tx: watch::Sender<Arc<Snapshot>>,
     cancel: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
@@ -394,20 +553,13 @@ async fn run<S: CounterSource>(
         let owners = owners.borrow().clone();
         // A panic inside a previous instance's sample poisoned the lock; its state is counters
         // history, still good enough to go on with.
-        let sampled = shared
+        let verdicts = shared
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .read_and_sample(&owners, full);
-        let Some((vips, verdicts)) = sampled else {
+            .read_and_sample(&owners, full, Reader::Cadence);
+        let Some(verdicts) = verdicts else {
             continue;
         };
-        if full {
-            tx.send_replace(Arc::new(Snapshot {
-                sampled_at: Some(humantime::format_rfc3339_millis(SystemTime::now()).to_string()),
-                vips,
-                unavailable: None,
-            }));
-        }
         if !verdicts.is_empty() && lifecycle.passive_health(verdicts).await.is_err() {
             break;
         }
@@ -468,7 +620,7 @@ mod tests {
         let mut changes = Vec::new();
         for (i, &(syn, synack, rst)) in totals.iter().enumerate() {
             let now = start + Duration::from_secs(i as u64);
-            let (_, verdicts) = s.sample(now, raw(syn, synack, rst), &owners, true);
+            let (_, verdicts) = s.sample(now, raw(syn, synack, rst), &owners, true, Reader::Cadence);
             changes.extend(verdicts.into_iter().map(|v| (i, v)));
         }
         (s, changes)
@@ -482,14 +634,61 @@ mod tests {
         };
         let t = Instant::now();
         let owners = owners(false);
-        let (first, _) = s.sample(t, raw(10, 10, 0), &owners, true);
+        let (first, _) = s.sample(t, raw(10, 10, 0), &owners, true, Reader::Cadence);
         assert_eq!(first[0].rates, Rates::default());
         assert_eq!(first[0].vip, "192.0.2.10/32");
         assert_eq!(first[0].app.as_ref().unwrap().as_str(), "web");
-        let (second, _) = s.sample(t + Duration::from_secs(2), raw(30, 20, 0), &owners, true);
+        let (second, _) = s.sample(t + Duration::from_secs(2), raw(30, 20, 0), &owners, true, Reader::Cadence);
         assert!((second[0].rates.syn_in - 10.0).abs() < 1e-9);
         assert!((second[0].rates.packets_in - 20.0).abs() < 1e-9);
         assert_eq!(second[0].counters.syn_in, 30);
+        assert_eq!(second[0].rates_interval_s, Some(2.0));
+    }
+
+    #[test]
+    fn reads_for_requests_never_judge_and_add_at_most_a_sample_a_second() {
+        let mut s = Sampler {
+            config: config(),
+            histories: HashMap::new(),
+        };
+        let t = Instant::now();
+        let owners = owners(true);
+        // Every unanswered: the cadence would fail the app, a request must not.
+        for i in 0..20u64 {
+            let now = t + Duration::from_millis(100 * i);
+            let (vips, verdicts) = s.sample(now, raw(10 * i, 0, 0), &owners, true, Reader::Request);
+            assert!(verdicts.is_empty(), "{verdicts:?}");
+            if i >= 10 {
+                // The newest sample at least a second old is the base of the rates.
+                let span = vips[0].rates_interval_s.unwrap();
+                assert!((1.0..2.0).contains(&span), "{span}");
+                assert!((vips[0].rates.syn_in - 100.0).abs() < 1e-6, "{:?}", vips[0].rates);
+            }
+        }
+        let h = &s.histories[&"192.0.2.10".parse::<IpAddr>().unwrap()];
+        assert_eq!(h.samples.len(), 2, "{:?}", h.samples);
+        let (_, verdicts) = s.sample(t + Duration::from_secs(2), raw(200, 0, 0), &owners, true, Reader::Cadence);
+        assert_eq!(verdicts.len(), 1, "the cadence judges the same history");
+    }
+
+    #[test]
+    fn rates_since_an_earlier_read_cover_exactly_the_span_between() {
+        let t = Instant::now();
+        let mut s = Sampler {
+            config: config(),
+            histories: HashMap::new(),
+        };
+        let read = |s: &mut Sampler, at: Instant, syn| Snapshot {
+            vips: s.sample(at, raw(syn, syn, 0), &owners(false), true, Reader::Request).0,
+            read_at: Some(at),
+            ..Snapshot::default()
+        };
+        let first = read(&mut s, t, 10);
+        let second = read(&mut s, t + Duration::from_millis(500), 60);
+        let rated = second.rates_since(&first);
+        assert_eq!(rated.vips[0].rates_interval_s, Some(0.5));
+        assert!((rated.vips[0].rates.syn_in - 100.0).abs() < 1e-9);
+        assert_eq!(rated.vips[0].counters.syn_in, 60);
     }
 
     #[test]
@@ -565,7 +764,7 @@ mod tests {
             config: config(),
             histories: HashMap::new(),
         };
-        let (vips, _) = s.sample(Instant::now(), raw(1, 1, 0), &owners(false), true);
+        let (vips, _) = s.sample(Instant::now(), raw(1, 1, 0), &owners(false), true, Reader::Cadence);
         let snap = Snapshot {
             vips,
             ..Snapshot::default()
