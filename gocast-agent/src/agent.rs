@@ -95,6 +95,7 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogFilter>) -> Resul
         &config.bgp.peers,
         consul.health.clone(),
         counters_present,
+        config.dataplane.passive_health.window,
     );
     let store = Store::new(&agent.state_file);
     let (owners_tx, owners_rx) = tokio::sync::watch::channel(messages::Owners::default());
@@ -427,6 +428,7 @@ fn lifecycle_settings(
     peers: &[crate::config::PeerConfig],
     consul_health: Option<consul::HealthLink>,
     passive_health: bool,
+    passive_window: std::time::Duration,
 ) -> lifecycle::Settings {
     lifecycle::Settings {
         monitor_rise: agent.monitor_rise,
@@ -441,6 +443,7 @@ fn lifecycle_settings(
             consul: consul_health,
         },
         passive_health,
+        passive_window,
         protected: protected_addresses(peers),
     }
 }
@@ -661,6 +664,7 @@ impl reload::Apply for Reloadable {
             &new.bgp.peers,
             self.consul.health.clone(),
             self.passive_health,
+            new.dataplane.passive_health.window,
         );
         report.apps = self.lifecycle.reload(settings, new.apps.clone()).await?;
         match self.speaker.reload(&new.bgp).await {

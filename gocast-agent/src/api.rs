@@ -729,6 +729,7 @@ mod tests {
                 consul: None,
             },
             passive_health: counters.is_some(),
+            passive_window: Duration::from_secs(5),
             protected: Vec::new(),
         };
         let cancel = CancellationToken::new();

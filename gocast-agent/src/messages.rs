@@ -37,6 +37,9 @@ pub struct Settings {
     pub monitor: monitor::Settings,
     /// The eBPF counters run, so `passive_health: true` has an effect.
     pub passive_health: bool,
+    /// `dataplane.passive_health.window`: the unit of the hold-down after a passive failure
+    /// (see [`crate::lifecycle::passive`]).
+    pub passive_window: Duration,
     /// Addresses from the config that no VIP may equal or cover (docs/security.md, "Safe
     /// VIPs"): each BGP peer, next hop and local address. The addresses of the host's
     /// interfaces come from the host instead ([`crate::lifecycle::events::Event::LocalAddresses`]).
@@ -373,6 +376,13 @@ pub struct PassiveView {
     /// `ok`, `failing`, or `unavailable` (the counters need the eBPF dataplane).
     pub state: &'static str,
     pub reason: Option<String>,
+    /// Passive failures in a row (reset after a stable period).
+    pub failures: u32,
+    /// Seconds left of the hold-down after a passive failure, while one runs.
+    pub hold_down_s: Option<f64>,
+    /// Withdrawn by passive health: it comes back only once a check proved that the service
+    /// accepts a connection.
+    pub awaiting_proof: bool,
 }
 
 /// A monitor and its last result.

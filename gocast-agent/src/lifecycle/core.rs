@@ -27,6 +27,7 @@ pub use super::events::{Effect, Event, HostDone, HostOp, NatSpec, Now, OpId, Rep
 use super::{
     Settings,
     entry::{Drain, Entry, Repairs, Resource},
+    passive::Passive,
 };
 use crate::{
     app::{AppName, AppSpec, Source},
@@ -252,7 +253,7 @@ impl Core {
             Event::Drain { id, app, drain } => self.drain(id, app, drain, out),
             Event::PassiveHealth(verdicts) => {
                 for (name, verdict) in verdicts {
-                    self.on_passive(&name, verdict, now);
+                    self.on_passive(&name, verdict, now, out);
                 }
             }
             Event::Report(report) => self.on_report(report, now, out),
@@ -540,7 +541,7 @@ impl Core {
             since: now.wall,
             cleanup_at: None,
             last_error: None,
-            passive_failure: None,
+            passive: Passive::default(),
             repairs: Repairs::default(),
         };
         let mut entry = entry;
@@ -574,7 +575,9 @@ impl Core {
         entry.generation = self.next_generation();
         entry.results = vec![None; spec.monitors.len()];
         entry.streak = 0;
-        entry.passive_failure = None;
+        if !spec.passive_health {
+            entry.passive = Passive::default();
+        }
         entry.spec = spec;
         entry.source = source;
         watch(&entry, out);
@@ -722,29 +725,52 @@ impl Core {
         }
     }
 
-    /// A new passive verdict: a failure withdraws a healthy app at once (the window already
-    /// smoothed it); a cleared one lets the next passing monitor report bring it back.
-    fn on_passive(&mut self, name: &AppName, verdict: Verdict, now: Now) {
+    /// A new passive verdict from the counters: a failure withdraws a healthy app at once (the
+    /// window already smoothed it); a cleared one lets a later check bring it back, after the
+    /// hold-down and with proof that the service accepts (see [`super::passive`]).
+    fn on_passive(&mut self, name: &AppName, verdict: Verdict, now: Now, out: &mut Vec<Effect>) {
         let Some(mut entry) = self.apps.remove(name) else {
             return;
         };
         if entry.spec.passive_health {
-            entry.passive_failure = match verdict {
-                Verdict::Failing(reason) => {
-                    warn!(app = %name, %reason, "passive health failing");
-                    Some(reason)
-                }
+            let reason = match verdict {
+                Verdict::Failing(reason) => Some(reason),
                 Verdict::Cleared => {
-                    info!(app = %name, "passive health ok again");
+                    info!(app = %name, "passive health: the traffic no longer fails the app");
                     None
                 }
             };
-            if entry.passive_failure.is_some() && entry.up {
-                entry.streak = 0;
-                self.go_down(&mut entry, now);
-            }
+            self.passive_reading(&mut entry, true, reason, now, out);
         }
         self.apps.insert(name.clone(), entry);
+    }
+
+    /// Records a passive reading (the counters', or the listener's when not `traffic`); a
+    /// failure that begins sets the hold-down, asks the monitors for proof and withdraws.
+    fn passive_reading(
+        &mut self,
+        entry: &mut Entry,
+        traffic: bool,
+        reason: Option<String>,
+        now: Now,
+        out: &mut Vec<Effect>,
+    ) {
+        let window = self.settings.passive_window;
+        if !entry.passive.set(traffic, reason, now.mono, window) {
+            return;
+        }
+        warn!(
+            app = %entry.spec.name,
+            reason = entry.passive.failure().unwrap_or_default(),
+            failures = entry.passive.strikes,
+            hold_down_s = entry.passive.hold_left(now.mono).unwrap_or_default(),
+            "passive health failing: held down until the service proves it accepts"
+        );
+        watch(entry, out);
+        if entry.up {
+            entry.streak = 0;
+            self.go_down(entry, now);
+        }
     }
 
     fn on_report(&mut self, report: Report, now: Now, out: &mut Vec<Effect>) {
@@ -752,21 +778,26 @@ impl Core {
             return;
         };
         if entry.generation == report.generation {
-            self.judge(&mut entry, report.results, now, out);
+            if entry.spec.passive_health {
+                self.passive_reading(&mut entry, false, report.stuck, now, out);
+            }
+            self.judge(&mut entry, report.results, report.proved, now, out);
         }
         self.apps.insert(report.app, entry);
     }
 
     /// Rise and fall: `monitor_rise` consecutive passing reports bring an app up,
-    /// `monitor_fall` failing ones take it down.
+    /// `monitor_fall` failing ones take it down. After a passive failure a report passes only
+    /// once the hold-down is over and it `proved` that the service accepts.
     fn judge(
         &mut self,
         entry: &mut Entry,
         results: Vec<MonitorResult>,
+        proved: bool,
         now: Now,
         out: &mut Vec<Effect>,
     ) {
-        let passing = results.iter().all(|r| r.ok) && entry.passive_failure.is_none();
+        let passing = results.iter().all(|r| r.ok) && entry.passive.allows(now.mono, proved);
         for (slot, r) in entry.results.iter_mut().zip(results) {
             *slot = Some(r);
         }
@@ -799,6 +830,11 @@ impl Core {
         entry.streak = 0;
         if passing {
             entry.up = true;
+            if entry.passive.needs_proof {
+                info!(app = %entry.spec.name, "passive health: the service accepts again");
+                entry.passive.back(now.mono);
+                watch(entry, out);
+            }
             // Announced now if complete, else once the host confirms the install.
             self.install(entry, out);
             self.settle_announcement(entry, now);
@@ -823,7 +859,7 @@ impl Core {
                     .filter(|r| !r.ok)
                     .map(|r| format!("{m}: {}", r.reason))
             })
-            .chain(entry.passive_failure.clone())
+            .chain(entry.passive.failure().map(str::to_owned))
             .collect();
         warn!(app = %name, vip = %entry.spec.vip, reasons = %reasons.join("; "), "app unhealthy: withdrawing");
         self.metrics.state_changed(name);
@@ -933,6 +969,7 @@ fn watch(entry: &Entry, out: &mut Vec<Effect>) {
         app: entry.spec.name.clone(),
         generation: entry.generation,
         monitors: entry.spec.monitors.clone(),
+        prove: entry.passive.needs_proof,
     }));
 }
 
@@ -948,6 +985,7 @@ mod tests {
 
     const CLEANUP: Duration = Duration::from_secs(10);
     const DRAIN: Duration = Duration::from_secs(3);
+    const PASSIVE_WINDOW: Duration = Duration::from_secs(5);
 
     fn settings(rise: u32, fall: u32) -> Settings {
         Settings {
@@ -963,6 +1001,7 @@ mod tests {
                 consul: None,
             },
             passive_health: true,
+            passive_window: PASSIVE_WINDOW,
             protected: Vec::new(),
         }
     }
@@ -1052,6 +1091,18 @@ mod tests {
         }
 
         fn report(&mut self, app: &str, ok: bool) -> &[Effect] {
+            self.report_with(app, ok, None, false)
+        }
+
+        /// A report with the listener's reading (`stuck`) and whether it `proved` the service
+        /// accepts.
+        fn report_with(
+            &mut self,
+            app: &str,
+            ok: bool,
+            stuck: Option<&str>,
+            proved: bool,
+        ) -> &[Effect] {
             let generation = self.generation(app);
             let result = MonitorResult {
                 ok,
@@ -1063,6 +1114,8 @@ mod tests {
                 app: name(app),
                 generation,
                 results: vec![result],
+                stuck: stuck.map(str::to_owned),
+                proved,
             }))
         }
 
@@ -1507,22 +1560,96 @@ mod tests {
         assert_eq!(routes(effects).unwrap(), Vec::<String>::new());
     }
 
+    /// Whether the effects ask the monitors to prove that `app` accepts (`Some(prove)` for a
+    /// watch of it).
+    fn prove(effects: &[Effect], app: &str) -> Option<bool> {
+        effects.iter().rev().find_map(|e| match e {
+            Effect::Monitor(monitor::Command::Watch { app: a, prove, .. }) if a.as_str() == app => {
+                Some(*prove)
+            }
+            _ => None,
+        })
+    }
+
+    fn failing(app: &str) -> Event {
+        Event::PassiveHealth(vec![(name(app), Verdict::Failing("no SYN-ACK".into()))])
+    }
+
     #[test]
-    fn a_passive_failure_withdraws_and_holds_until_cleared() {
+    fn a_passive_failure_withdraws_and_comes_back_after_the_hold_down_on_proof_only() {
         let mut t = T::new(1, 1, vec![spec("web", "192.0.2.10/32")]);
         t.bring_up("web");
-        let effects = t.step(Event::PassiveHealth(vec![(
-            name("web"),
-            Verdict::Failing("no SYN-ACK".into()),
-        )]));
+        let effects = t.step(failing("web"));
         assert_eq!(routes(effects).unwrap(), Vec::<String>::new());
+        assert_eq!(prove(effects, "web"), Some(true), "the monitors are asked for proof");
         assert_eq!(
-            routes(t.report("web", true)),
+            routes(t.report_with("web", true, None, true)),
             None,
-            "monitors alone cannot bring it back"
+            "monitors cannot bring it back while the traffic fails it"
         );
         t.step(Event::PassiveHealth(vec![(name("web"), Verdict::Cleared)]));
-        assert_eq!(routes(t.report("web", true)).unwrap(), ["192.0.2.10/32"]);
+        assert_eq!(routes(t.report_with("web", true, None, true)), None, "held down");
+        t.advance(PASSIVE_WINDOW);
+        assert_eq!(routes(t.report("web", true)), None, "a check without proof");
+        let effects = t.report_with("web", true, None, true);
+        assert_eq!(prove(effects, "web"), Some(false), "proved: no more proof asked");
+        assert!(t.announced("web"), "VIP and NAT stayed: announced at once");
+        let view = t.core.view(&name("web"), t.now).unwrap();
+        let passive = view.passive_health.unwrap();
+        assert_eq!((passive.state, passive.failures), ("ok", 1));
+        assert_eq!((passive.hold_down_s, passive.awaiting_proof), (None, false));
+    }
+
+    #[test]
+    fn a_full_accept_queue_withdraws_an_app_with_passive_health_until_it_accepts() {
+        let mut plain = spec("plain", "192.0.2.11/32");
+        plain.passive_health = false;
+        let mut t = T::new(1, 1, vec![spec("web", "192.0.2.10/32"), plain]);
+        t.bring_up("web");
+        t.bring_up("plain");
+        let stuck = Some("tcp port 80 listens but does not accept");
+        let effects = t.report_with("web", true, stuck, false);
+        assert_eq!(routes(effects).unwrap(), ["192.0.2.11/32"]);
+        t.report_with("plain", true, stuck, false);
+        assert!(t.announced("plain"), "no passive health: the open port passes");
+        // No traffic reaches a withdrawn VIP, but the queue stays full: no flapping.
+        for _ in 0..10 {
+            t.advance(PASSIVE_WINDOW);
+            assert_eq!(routes(t.report_with("web", true, stuck, true)), None);
+        }
+        let view = t.core.view(&name("web"), t.now).unwrap();
+        let passive = view.passive_health.unwrap();
+        assert_eq!(passive.state, "failing");
+        assert!(passive.reason.unwrap().contains("does not accept"));
+        assert!(passive.awaiting_proof);
+        t.report_with("web", true, None, true);
+        assert!(t.announced("web"), "back once it accepts");
+    }
+
+    #[test]
+    fn repeated_passive_failures_hold_down_twice_as_long_up_to_eight_windows() {
+        let mut t = T::new(1, 1, vec![spec("web", "192.0.2.10/32")]);
+        t.bring_up("web");
+        let mut holds = Vec::new();
+        for _ in 0..5 {
+            t.step(failing("web"));
+            t.step(Event::PassiveHealth(vec![(name("web"), Verdict::Cleared)]));
+            let view = t.core.view(&name("web"), t.now).unwrap();
+            let hold = view.passive_health.unwrap().hold_down_s.unwrap();
+            holds.push(hold / PASSIVE_WINDOW.as_secs_f64());
+            t.advance(Duration::from_secs_f64(hold));
+            t.report_with("web", true, None, true);
+            assert!(t.announced("web"));
+            t.advance(PASSIVE_WINDOW);
+        }
+        assert_eq!(holds, [1.0, 2.0, 4.0, 8.0, 8.0]);
+        // Announced for the stable period: the next failure counts as the first again.
+        t.advance(PASSIVE_WINDOW * super::super::passive::STABLE_FACTOR);
+        t.step(failing("web"));
+        let view = t.core.view(&name("web"), t.now).unwrap();
+        let passive = view.passive_health.unwrap();
+        assert_eq!(passive.failures, 1);
+        assert_eq!(passive.hold_down_s, Some(PASSIVE_WINDOW.as_secs_f64()));
     }
 
     #[test]

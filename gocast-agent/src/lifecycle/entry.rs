@@ -5,7 +5,10 @@ use std::time::SystemTime;
 use tokio::time::Instant;
 use tracing::error;
 
-use super::events::{NatSpec, Now, OpId, RepairKind};
+use super::{
+    events::{NatSpec, Now, OpId, RepairKind},
+    passive::Passive,
+};
 use crate::{
     app::{AppSpec, Source},
     messages::{AppView, MonitorView, PassiveView, RepairView},
@@ -91,8 +94,8 @@ pub(super) struct Entry {
     pub(super) since: SystemTime,
     pub(super) cleanup_at: Option<Instant>,
     pub(super) last_error: Option<String>,
-    /// Why the VIP's traffic fails the app (`passive_health: true` only).
-    pub(super) passive_failure: Option<String>,
+    /// Passive health (`passive_health: true` only): what fails the app, its hold-down.
+    pub(super) passive: Passive,
     pub(super) repairs: Repairs,
 }
 
@@ -201,16 +204,22 @@ impl Entry {
                 .map(|t| t.saturating_duration_since(now.mono).as_secs_f64()),
             last_error: self.last_error.clone(),
             passive_health: self.spec.passive_health.then(|| PassiveView {
-                state: match (&self.passive_failure, passive_available) {
-                    (_, false) => "unavailable",
-                    (Some(_), true) => "failing",
+                // The listener's reading needs no counters: it fails the app either way.
+                state: match (self.passive.failure(), passive_available) {
+                    (Some(_), _) => "failing",
+                    (None, false) => "unavailable",
                     (None, true) => "ok",
                 },
-                reason: if passive_available {
-                    self.passive_failure.clone()
-                } else {
-                    Some("passive health needs the eBPF dataplane's counters".into())
+                reason: match (self.passive.failure(), passive_available) {
+                    (Some(why), _) => Some(why.to_owned()),
+                    (None, false) => {
+                        Some("passive health needs the eBPF dataplane's counters".into())
+                    }
+                    (None, true) => None,
                 },
+                failures: self.passive.strikes,
+                hold_down_s: self.passive.hold_left(now.mono),
+                awaiting_proof: self.passive.needs_proof,
             }),
             repairs: self.repairs.count,
             last_repair: self.repairs.last.as_ref().map(LastRepair::view),

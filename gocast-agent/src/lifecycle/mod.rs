@@ -29,6 +29,7 @@ pub mod core;
 mod driver;
 mod entry;
 pub mod events;
+pub mod passive;
 #[cfg(test)]
 pub(crate) mod tests;
 

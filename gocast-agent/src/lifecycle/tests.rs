@@ -144,6 +144,7 @@ fn settings() -> Settings {
             consul: None,
         },
         passive_health: true,
+        passive_window: Duration::from_millis(200),
         protected: Vec::new(),
     }
 }

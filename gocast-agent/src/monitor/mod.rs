@@ -32,7 +32,7 @@ use tracing::{debug, warn};
 
 use self::port::{DestroyWatcher, Destroyed, SocketTable, WatchedPorts};
 use crate::{
-    app::{AppName, Monitor},
+    app::{AppName, Monitor, Proto},
     consul::health::{self as consul_health, HealthLink as ConsulHealth},
     error_chain,
     metrics::Metrics,
@@ -57,6 +57,13 @@ pub struct Report {
     /// The generation given in [`Command::Watch`]: results for a replaced app are ignored.
     pub generation: u64,
     pub results: Vec<MonitorResult>,
+    /// A `port:tcp` monitor's port listens but refuses connections: its accept queue is full
+    /// ([`port::SocketTable::accept_queue_full`]). Its monitor still passes (the port is open,
+    /// as GoCast judged it); the lifecycle counts this for apps with passive health.
+    pub stuck: Option<String>,
+    /// Checked with `prove` ([`Command::Watch`]): each `port:tcp` monitor passed only if the
+    /// service accepted a connection ([`port::prove_accepts`]).
+    pub proved: bool,
 }
 
 /// Requests from the lifecycle.
@@ -67,6 +74,9 @@ pub enum Command {
         app: AppName,
         generation: u64,
         monitors: Vec<Monitor>,
+        /// Prove that the service accepts: each `port:tcp` monitor connects and waits for the
+        /// service to accept (after a passive-health failure, until the app is back).
+        prove: bool,
     },
     Unwatch {
         app: AppName,
@@ -85,6 +95,9 @@ pub struct Settings {
     pub consul: Option<ConsulHealth>,
 }
 
+/// How long a proof waits for the connection and then for the service to accept it.
+pub const PROOF_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How long after a destroy event its apps are re-checked. Events arriving meanwhile join the
 /// same re-check, so a service closing its IPv4 and IPv6 listeners costs one snapshot, and a storm
 /// of events re-checks an app at most once per this delay.
@@ -93,7 +106,8 @@ pub const RECHECK_DELAY: Duration = Duration::from_millis(10);
 struct Watched {
     generation: u64,
     monitors: Vec<Monitor>,
-    /// An exec check is running: skip this app's ticks until it reports.
+    prove: bool,
+    /// An exec check or a proof is running: skip this app's ticks until it reports.
     in_flight: bool,
 }
 
@@ -175,7 +189,7 @@ async fn inbox(
     mut instances: mpsc::UnboundedReceiver<mpsc::UnboundedSender<Command>>,
     stop: CancellationToken,
 ) {
-    let mut watched: HashMap<AppName, (u64, Vec<Monitor>)> = HashMap::new();
+    let mut watched: HashMap<AppName, (u64, Vec<Monitor>, bool)> = HashMap::new();
     // The settings of the last reload, if any: a new instance starts with the original ones.
     let mut configured: Option<Settings> = None;
     let mut current: Option<mpsc::UnboundedSender<Command>> = None;
@@ -188,11 +202,12 @@ async fn inbox(
                 if let Some(settings) = &configured {
                     let _ = instance.send(Command::Configure(settings.clone()));
                 }
-                for (app, (generation, monitors)) in &watched {
+                for (app, (generation, monitors, prove)) in &watched {
                     let _ = instance.send(Command::Watch {
                         app: app.clone(),
                         generation: *generation,
                         monitors: monitors.clone(),
+                        prove: *prove,
                     });
                 }
                 current = Some(instance);
@@ -203,8 +218,8 @@ async fn inbox(
                     return;
                 };
                 match &cmd {
-                    Command::Watch { app, generation, monitors } => {
-                        watched.insert(app.clone(), (*generation, monitors.clone()));
+                    Command::Watch { app, generation, monitors, prove } => {
+                        watched.insert(app.clone(), (*generation, monitors.clone(), *prove));
                     }
                     Command::Unwatch { app } => {
                         watched.remove(app);
@@ -284,12 +299,14 @@ impl Scheduler {
                 app,
                 generation,
                 monitors,
+                prove,
             } => {
                 self.apps.insert(
                     app.clone(),
                     Watched {
                         generation,
                         monitors,
+                        prove,
                         in_flight: false,
                     },
                 );
@@ -432,12 +449,21 @@ impl Scheduler {
             let Some(w) = self.apps.get_mut(name) else {
                 continue;
             };
+            let listeners = |port| match &table {
+                Some(Ok(t)) => t.listeners(port).to_vec(),
+                _ => Vec::new(),
+            };
             let pending: Vec<Pending> = w
                 .monitors
                 .iter()
                 .map(|m| match m {
                     Monitor::Port { proto, port } => {
-                        Pending::Ready(port_result(table.as_ref(), *proto, *port, table_latency))
+                        let result = port_result(table.as_ref(), *proto, *port, table_latency);
+                        if w.prove && *proto == Proto::Tcp && result.ok {
+                            Pending::Prove(*port, listeners(*port))
+                        } else {
+                            Pending::Ready(result)
+                        }
                     }
                     Monitor::Consul => {
                         let verdict = match &self.settings.consul {
@@ -454,10 +480,22 @@ impl Scheduler {
                     Monitor::Exec { command } => Pending::Exec(command.clone()),
                 })
                 .collect();
+            let stuck = match &table {
+                Some(Ok(t)) => w.monitors.iter().find_map(|m| match m {
+                    Monitor::Port {
+                        proto: Proto::Tcp,
+                        port,
+                    } => t.accept_queue_full(*port),
+                    _ => None,
+                }),
+                _ => None,
+            };
             let report = Report {
                 app: name.clone(),
                 generation: w.generation,
                 results: Vec::new(),
+                stuck,
+                proved: w.prove,
             };
             if pending.iter().all(|p| matches!(p, Pending::Ready(_))) {
                 let results: Vec<MonitorResult> =
@@ -479,6 +517,24 @@ impl Scheduler {
                 let runs = pending.into_iter().map(|p| async move {
                     match p {
                         Pending::Ready(r) => r,
+                        Pending::Prove(port, listeners) => {
+                            let t = Instant::now();
+                            let proof = tokio::task::spawn_blocking(move || {
+                                port::prove_accepts(&listeners, port, PROOF_TIMEOUT)
+                            })
+                            .await
+                            .unwrap_or_else(|e| Err(format!("tcp port {port}: proof failed: {e}")));
+                            let (ok, reason) = match proof {
+                                Ok(reason) => (true, reason),
+                                Err(reason) => (false, reason),
+                            };
+                            MonitorResult {
+                                ok,
+                                reason,
+                                at: SystemTime::now(),
+                                latency: t.elapsed(),
+                            }
+                        }
                         Pending::Exec(command) => {
                             let t = Instant::now();
                             let verdict = exec::run(&command, timeout).await;
@@ -519,13 +575,15 @@ async fn next_destroyed(destroys: &mut Destroys) -> Option<Destroyed> {
 enum Pending {
     Ready(MonitorResult),
     Exec(String),
+    /// A connection to the listeners of this TCP port, to be accepted.
+    Prove(u16, Vec<port::Listener>),
 }
 
 impl Pending {
     fn ready(self) -> Option<MonitorResult> {
         match self {
             Self::Ready(r) => Some(r),
-            Self::Exec(_) => None,
+            Self::Exec(_) | Self::Prove(..) => None,
         }
     }
 }
@@ -604,6 +662,7 @@ mod tests {
             app: app.clone(),
             generation: 7,
             monitors,
+            prove: false,
         })
         .unwrap();
         let r = next(&mut rx).await;
@@ -635,12 +694,14 @@ mod tests {
             app: slow.clone(),
             generation: 1,
             monitors: vec!["exec:sleep 2".parse().unwrap()],
+            prove: false,
         })
         .unwrap();
         cmds.send(Command::Watch {
             app: fast.clone(),
             generation: 1,
             monitors: vec!["exec:true".parse().unwrap()],
+            prove: false,
         })
         .unwrap();
         let mut fast_reports = 0;
@@ -661,6 +722,7 @@ mod tests {
             app: "c".parse().unwrap(),
             generation: 1,
             monitors: vec![Monitor::Consul],
+            prove: false,
         })
         .unwrap();
         let r = next(&mut rx).await;
@@ -685,6 +747,7 @@ mod tests {
             app: "web".parse().unwrap(),
             generation: 1,
             monitors: vec![Monitor::Consul],
+            prove: false,
         })
         .unwrap();
         let r = next(&mut rx).await;
@@ -724,6 +787,7 @@ mod tests {
             app: name.parse().unwrap(),
             generation,
             monitors: vec!["exec:true".parse().unwrap()],
+            prove: false,
         };
         let (first_tx, mut first) = mpsc::unbounded_channel();
         instances_tx.send(first_tx).unwrap();
@@ -782,6 +846,7 @@ mod tests {
             app: "web".parse().unwrap(),
             generation: 1,
             monitors: vec![format!("port:tcp:{port}").parse().unwrap()],
+            prove: false,
         })
         .unwrap();
         assert!(next(&mut rx).await.results[0].ok);

@@ -9,6 +9,20 @@
 //! One [`SocketTable::snapshot`] per monitor tick serves every app: four dumps (TCP and UDP, IPv4
 //! and IPv6) whatever the number of apps, then each check is a lookup.
 //!
+//! # A listener that does not accept
+//!
+//! For a TCP listener the dump's `idiag_rqueue` is its accept queue's length (connections the
+//! kernel completed that the service has not `accept()`ed) and `idiag_wqueue` its backlog
+//! (`inet_diag_get_info` in `net/ipv4/tcp_diag.c`). The kernel refuses new connections once the
+//! queue holds more than the backlog (`sk_acceptq_is_full`, `include/net/sock.h`): SYNs then get
+//! no answer. [`SocketTable::accept_queue_full`] reads that off the same snapshot, with no
+//! traffic to the VIP at all; the lifecycle counts it as a passive-health failure.
+//!
+//! [`prove_accepts`] is the active proof that such a service works again: a connection to the
+//! listener is completed by the kernel and then `accept()`ed by the service, seen as the server
+//! side of our connection getting an inode (a socket still in the accept queue has none:
+//! `sock_i_ino` of a `struct sock` with no `struct socket`).
+//!
 //! Requests and replies are `netlink-packet-sock-diag` messages (`inet_diag_req_v2`,
 //! `inet_diag_msg`) framed by `netlink-packet-core`'s `NetlinkMessage`; `netlink-sys` carries them.
 //!
@@ -40,9 +54,10 @@
 
 use std::collections::HashSet;
 use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr as InetAddr, TcpStream};
 use std::ops::ControlFlow;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use netlink_packet_core::{
     NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
@@ -60,13 +75,31 @@ use crate::app::Proto;
 /// The kernel sizes dump datagrams to at most 32 KiB; a larger buffer never truncates one.
 const RECV_BUF_LEN: usize = 64 * 1024;
 
-/// The listening TCP ports and bound UDP ports of this network namespace, IPv4 and IPv6.
+/// The listening TCP sockets and bound UDP ports of this network namespace, IPv4 and IPv6.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SocketTable {
-    /// Sorted, deduplicated.
-    tcp: Vec<u16>,
+    /// Sorted by port.
+    tcp: Vec<Listener>,
     /// Sorted, deduplicated.
     udp: Vec<u16>,
+}
+
+/// One listening TCP socket, with its accept queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listener {
+    pub addr: IpAddr,
+    pub port: u16,
+    /// Connections completed but not yet accepted (`idiag_rqueue`).
+    pub queued: u32,
+    /// The backlog given to `listen()`, as the kernel capped it (`idiag_wqueue`).
+    pub backlog: u32,
+}
+
+impl Listener {
+    /// The kernel refuses new connections (`sk_acceptq_is_full`: more queued than the backlog).
+    pub fn full(&self) -> bool {
+        self.queued > self.backlog
+    }
 }
 
 impl SocketTable {
@@ -88,28 +121,183 @@ impl SocketTable {
 
         let mut buf = vec![0; RECV_BUF_LEN];
         let mut table = Self::default();
+        let mut udp = Vec::new();
         for dump in &DUMPS {
-            let ports = match dump.proto {
+            let sockets = match dump.proto {
                 Proto::Tcp => &mut table.tcp,
-                Proto::Udp => &mut table.udp,
+                Proto::Udp => &mut udp,
             };
-            run_dump(&socket, dump, &mut buf, ports)?;
+            run_dump(&socket, dump, &mut buf, sockets)?;
         }
-        for ports in [&mut table.tcp, &mut table.udp] {
-            ports.sort_unstable();
-            ports.dedup();
-        }
+        table.tcp.sort_unstable_by_key(|l| l.port);
+        table.udp = udp.iter().map(|l| l.port).collect();
+        table.udp.sort_unstable();
+        table.udp.dedup();
         Ok(table)
     }
 
     /// Whether `port` has a listening TCP socket (`Proto::Tcp`) or a bound UDP socket
     /// (`Proto::Udp`), IPv4 or IPv6.
     pub fn is_open(&self, proto: Proto, port: u16) -> bool {
-        let ports = match proto {
-            Proto::Tcp => &self.tcp,
-            Proto::Udp => &self.udp,
+        match proto {
+            Proto::Tcp => !self.listeners(port).is_empty(),
+            Proto::Udp => self.udp.binary_search(&port).is_ok(),
+        }
+    }
+
+    /// The TCP listeners on `port`.
+    pub fn listeners(&self, port: u16) -> &[Listener] {
+        let start = self.tcp.partition_point(|l| l.port < port);
+        let end = self.tcp.partition_point(|l| l.port <= port);
+        &self.tcp[start..end]
+    }
+
+    /// Why TCP `port` refuses connections while it listens: every listener's accept queue is
+    /// full. `None` when one has room (or none listens: that is the port monitor's verdict).
+    pub fn accept_queue_full(&self, port: u16) -> Option<String> {
+        let listeners = self.listeners(port);
+        let first = listeners.first()?;
+        listeners.iter().all(Listener::full).then(|| {
+            format!(
+                "tcp port {port} listens but does not accept: accept queue full ({} waiting, backlog {})",
+                first.queued, first.backlog
+            )
+        })
+    }
+}
+
+/// Proves that a service on TCP `port` accepts connections: connects to one of `listeners`
+/// that has room (a wildcard one through loopback) and waits until the service has
+/// `accept()`ed the connection, up to `within`. The reason, either way.
+///
+/// Blocking: run it in `spawn_blocking`.
+pub fn prove_accepts(listeners: &[Listener], port: u16, within: Duration) -> Result<String, String> {
+    let mut candidates: Vec<&Listener> = listeners.iter().filter(|l| !l.full()).collect();
+    if candidates.is_empty() {
+        return Err(format!("tcp port {port}: no listener with room in its accept queue"));
+    }
+    // IPv4 first: a dual-stack wildcard listener takes it, and `::1` may be missing.
+    candidates.sort_by_key(|l| l.addr.is_ipv6());
+    let deadline = Instant::now() + within;
+    let listener = candidates[0];
+    let target = InetAddr::new(
+        match listener.addr {
+            IpAddr::V4(a) if a.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(a) if a.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            a => a,
+        },
+        port,
+    );
+    let stream = TcpStream::connect_timeout(&target, within)
+        .map_err(|e| format!("tcp port {port}: connecting to {target} failed: {e}"))?;
+    let (local, peer) = stream
+        .local_addr()
+        .and_then(|l| Ok((l, stream.peer_addr()?)))
+        .and_then(|pair| stream.set_nonblocking(true).map(|()| pair))
+        .map_err(|e| format!("tcp port {port}: {e}"))?;
+    loop {
+        // Data or an end of stream can only come from a service that accepted (and maybe
+        // closed at once, which leaves its side without an inode); a reset from one that
+        // closed its listener.
+        let answered = match stream.peek(&mut [0; 1]) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => accepted(peer, local)
+                .map_err(|e| format!("tcp port {port}: {}", crate::error_chain(&e))),
+            Err(e) => Err(format!("tcp port {port}: the connection failed: {e}")),
         };
-        ports.binary_search(&port).is_ok()
+        match answered? {
+            true => return Ok(format!("tcp port {port} accepted a connection")),
+            false if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            false => {
+                return Err(format!(
+                    "tcp port {port}: connected, but the service did not accept within {within:?}"
+                ));
+            }
+        }
+    }
+}
+
+/// Whether the server side of the connection `server` ↔ `client` has been accepted (has an
+/// inode): one `sock_diag` request for that exact socket.
+fn accepted(server: InetAddr, client: InetAddr) -> Result<bool, PortError> {
+    const DUMP: &str = "accepted connection";
+    let socket = Socket::new(NETLINK_SOCK_DIAG).map_err(|source| PortError::Netlink {
+        op: "open socket",
+        source,
+    })?;
+    socket
+        .connect(&SocketAddr::new(0, 0))
+        .map_err(|source| PortError::Netlink {
+            op: "connect to kernel",
+            source,
+        })?;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST;
+    let mut message = NetlinkMessage::new(
+        header,
+        SockDiagMessage::InetRequest(InetRequest {
+            family: if server.is_ipv4() { AF_INET } else { AF_INET6 },
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::all(),
+            // The kernel looks the socket up as a packet from `client` to `server` would.
+            socket_id: SocketId {
+                source_port: server.port(),
+                destination_port: client.port(),
+                source_address: server.ip(),
+                destination_address: client.ip(),
+                interface_id: 0,
+                // INET_DIAG_NOCOOKIE: match on the addresses only.
+                cookie: [0xff; 8],
+            },
+        })
+        .into(),
+    );
+    message.finalize();
+    let mut request = vec![0; message.buffer_len()];
+    message.serialize(&mut request);
+    socket
+        .send(&request, 0)
+        .map_err(|source| PortError::Netlink {
+            op: "send socket request",
+            source,
+        })?;
+    let mut buf = vec![0; RECV_BUF_LEN];
+    let len = socket
+        .recv(&mut &mut buf[..], 0)
+        .map_err(|source| PortError::Netlink {
+            op: "receive socket reply",
+            source,
+        })?;
+    let data = buf.get(..len).ok_or_else(|| PortError::Malformed {
+        dump: DUMP,
+        what: format!("{len}-byte datagram overflows the buffer"),
+    })?;
+    let message = NetlinkMessage::<SockDiagMessage>::deserialize(data).map_err(|e| {
+        PortError::Malformed {
+            dump: DUMP,
+            what: e.to_string(),
+        }
+    })?;
+    match message.payload {
+        NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+            Ok(response.header.inode != 0)
+        }
+        // ENOENT: not found (yet, or any more); the caller's peek tells what happened.
+        NetlinkPayload::Error(error) => match error.code {
+            Some(code) if code.get() == -(Errno::ENOENT as i32) => Ok(false),
+            Some(code) => Err(PortError::Refused {
+                dump: DUMP,
+                source: io::Error::from_raw_os_error(code.get().saturating_neg()),
+            }),
+            None => Ok(false),
+        },
+        _ => Err(PortError::Malformed {
+            dump: DUMP,
+            what: "no socket in the reply".into(),
+        }),
     }
 }
 
@@ -223,13 +411,13 @@ impl Dump {
     }
 }
 
-/// Sends the dump request and collects the source port of every reply record into `ports`,
-/// reading datagrams until `NLMSG_DONE` (a dump spans many multi-part datagrams).
+/// Sends the dump request and collects every reply record into `sockets`, reading datagrams
+/// until `NLMSG_DONE` (a dump spans many multi-part datagrams).
 fn run_dump(
     socket: &Socket,
     dump: &Dump,
     buf: &mut [u8],
-    ports: &mut Vec<u16>,
+    sockets: &mut Vec<Listener>,
 ) -> Result<(), PortError> {
     socket
         .send(&dump.request(), 0)
@@ -257,7 +445,7 @@ fn run_dump(
             // The kernel never sends an empty datagram; stop rather than spin.
             return Err(dump.malformed("empty datagram"));
         }
-        if parse_datagram(dump, datagram, ports)?.is_break() {
+        if parse_datagram(dump, datagram, sockets)?.is_break() {
             return Ok(());
         }
     }
@@ -267,7 +455,7 @@ fn run_dump(
 fn parse_datagram(
     dump: &Dump,
     mut data: &[u8],
-    ports: &mut Vec<u16>,
+    sockets: &mut Vec<Listener>,
 ) -> Result<ControlFlow<()>, PortError> {
     while !data.is_empty() {
         // Checks that the header fits and that its length stays within the datagram, then parses
@@ -292,7 +480,12 @@ fn parse_datagram(
                 // The kernel already filtered TCP to LISTEN; re-checking keeps a kernel that
                 // ignores the filter from turning connections into "open" ports.
                 if dump.proto == Proto::Udp || socket.state == TCP_LISTEN {
-                    ports.push(socket.socket_id.source_port);
+                    sockets.push(Listener {
+                        addr: socket.socket_id.source_address,
+                        port: socket.socket_id.source_port,
+                        queued: socket.recv_queue,
+                        backlog: socket.send_queue,
+                    });
                 }
             }
             // NLMSG_NOOP and anything else carry no inet sockets.
@@ -698,6 +891,7 @@ mod tests {
         let mut ports = Vec::new();
         let flow = parse_datagram(&DUMPS[1], &datagram(records.clone()), &mut ports).unwrap();
         assert!(flow.is_continue());
+        let ports: Vec<u16> = ports.iter().map(|l| l.port).collect();
         assert_eq!(ports, [80, 443], "TCP keeps listeners only");
 
         let done = NetlinkMessage::new(
@@ -712,6 +906,7 @@ mod tests {
         )
         .unwrap();
         assert!(flow.is_break());
+        let ports: Vec<u16> = ports.iter().map(|l| l.port).collect();
         assert_eq!(ports, [80, 81, 443], "UDP keeps every socket");
     }
 
