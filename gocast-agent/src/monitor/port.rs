@@ -762,6 +762,44 @@ mod tests {
     }
 
     #[test]
+    fn a_listener_that_never_accepts_fills_its_queue_and_proves_nothing_until_it_accepts() {
+        use socket2::{Domain, Socket as RawSocket, Type};
+        let socket = RawSocket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        socket
+            .bind(&"127.0.0.1:0".parse::<InetAddr>().unwrap().into())
+            .unwrap();
+        // Backlog 0: one connection waiting fills the queue (`sk_acceptq_is_full`).
+        socket.listen(0).unwrap();
+        let listener: TcpListener = socket.into();
+        let port = listener.local_addr().unwrap().port();
+        let table = snapshot();
+        assert_eq!(table.accept_queue_full(port), None, "{table:?}");
+        let why = prove_accepts(table.listeners(port), port, Duration::from_millis(200)).unwrap_err();
+        assert!(why.contains("did not accept"), "{why}");
+        // The proof's connection still waits in the queue: full now.
+        let why = snapshot().accept_queue_full(port).expect("queue full");
+        assert!(why.contains("1 waiting, backlog 0"), "{why}");
+        let why = prove_accepts(snapshot().listeners(port), port, Duration::from_millis(200))
+            .unwrap_err();
+        assert!(why.contains("no listener with room"), "{why}");
+
+        // The service accepts again: the waiting connection, then the proof's.
+        let service = std::thread::spawn(move || {
+            let waiting = listener.accept().unwrap();
+            let proof = listener.accept().unwrap();
+            (waiting, proof)
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while snapshot().accept_queue_full(port).is_some() {
+            assert!(Instant::now() < deadline, "the queue never drained");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let proof = prove_accepts(snapshot().listeners(port), port, Duration::from_secs(5));
+        assert_eq!(proof, Ok(format!("tcp port {port} accepted a connection")));
+        service.join().unwrap();
+    }
+
+    #[test]
     fn tcp_port_is_closed_once_the_listener_is_dropped() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
