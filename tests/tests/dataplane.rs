@@ -1,9 +1,15 @@
 //! NAT and counters end to end, with each dataplane: a client namespace reaches services in the
 //! agent's namespace through VIPs (TCP and UDP, IPv4 and IPv6, two VIPs on one backend port);
-//! with eBPF the per-VIP counters match the packets sent, and passive health withdraws a
-//! service that still listens but no longer answers.
+//! with eBPF the per-VIP counters match the packets sent and `/stats` reads them when asked,
+//! and passive health withdraws a service that still listens but no longer answers, holds it
+//! down without flapping and brings it back once it accepts.
 
-use std::{path::Path, process::Child, time::Duration};
+use std::{
+    io::Write as _,
+    path::Path,
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, ensure};
 use gocast_tests::{Agent, Netns, Service, Topology, require_privileged};
@@ -56,30 +62,29 @@ fn start_healthy(topo: &Topology, dir: &Path, config: &str, count: usize) -> Res
     Ok(agent)
 }
 
-/// A UDP echo server on `port` (all addresses), stopped on drop.
-struct UdpEcho(Child);
+/// A child process, killed and reaped on drop (by its PID, whatever happens in the test).
+struct Running(Child);
 
-impl UdpEcho {
-    fn start(ns: &Netns, port: u16) -> Result<Self> {
-        let script = format!(
-            "import socket\ns = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
-             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\ns.bind(('::', {port}))\n\
-             while True:\n    data, peer = s.recvfrom(2048)\n    s.sendto(data, peer)\n"
-        );
-        let child = ns
-            .command("python3")
-            .args(["-c", &script])
-            .spawn()
-            .context("starting the UDP echo server")?;
-        Ok(Self(child))
-    }
-}
-
-impl Drop for UdpEcho {
+impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A UDP echo server on `port` (all addresses).
+fn udp_echo(ns: &Netns, port: u16) -> Result<Running> {
+    let script = format!(
+        "import socket\ns = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\ns.bind(('::', {port}))\n\
+         while True:\n    data, peer = s.recvfrom(2048)\n    s.sendto(data, peer)\n"
+    );
+    let child = ns
+        .command("python3")
+        .args(["-c", &script])
+        .spawn()
+        .context("starting the UDP echo server")?;
+    Ok(Running(child))
 }
 
 /// Sends `count` datagrams from a connected socket (which only accepts replies from the
@@ -94,7 +99,7 @@ fn udp_exchange(ns: &Netns, vip: &str, port: u16, count: u32) -> Result<u32> {
     out.trim().parse().context("echo count")
 }
 
-/// Waits until the stats sampler has published counters for `vip` satisfying `ok`.
+/// Waits until `/stats` shows counters for `vip` satisfying `ok`.
 fn stats_until(
     agent: &mut Agent,
     topo: &Topology,
@@ -102,7 +107,6 @@ fn stats_until(
     ok: impl Fn(&Value) -> bool,
 ) -> Result<Value> {
     let mut last = Value::Null;
-    // Every VIP's counters are read every 5 s.
     agent.wait_for("counters", Duration::from_secs(12), |_| {
         let (status, v) = topo.agent.http_get(&format!("http://{API}/stats/{vip}"))?;
         ensure!(status == 200, "/stats/{vip}: {status} {v}");
@@ -152,7 +156,7 @@ fn nat_suite(mode: &str, ingress: &str) -> Result<()> {
     let topo = Topology::new()?;
     std::fs::write(dir.path().join("who.txt"), "backend 8081")?;
     let _http = Service::http(&topo.agent, 8081, dir.path())?;
-    let _echo = UdpEcho::start(&topo.agent, 5353)?;
+    let _echo = udp_echo(&topo.agent, 5353)?;
     let app_config = [
         app("web1", "192.0.2.10/32", "port:tcp:8081", "tcp:80:8081"),
         app("web2", "192.0.2.11/32", "port:tcp:8081", "tcp:80:8081"),
@@ -272,34 +276,39 @@ fn iptables_nat_serves_the_same_suite() -> Result<()> {
     nat_suite("iptables", "")
 }
 
-/// A service that listens but never accepts: the port monitor passes, but once its accept
-/// queue is full the kernel drops new SYNs, which is what passive health must catch.
-struct Stuck(Child);
+/// A service that listens (backlog 1) but does not accept until told to: the port stays open,
+/// but once two connections wait the accept queue is full and the kernel drops new SYNs, which
+/// is what passive health must catch.
+struct Stuck(Running);
 
 impl Stuck {
     fn start(ns: &Netns, port: u16) -> Result<Self> {
         let script = format!(
-            "import socket, time\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-             s.bind(('0.0.0.0', {port}))\ns.listen(1)\nprint('listening', flush=True)\ntime.sleep(3600)\n"
+            "import socket, sys\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+             s.bind(('0.0.0.0', {port}))\ns.listen(1)\nprint('listening', flush=True)\nsys.stdin.readline()\n\
+             while True:\n    s.accept()[0].close()\n"
         );
         let mut child = ns
             .command("python3")
             .args(["-c", &script])
-            .stdout(std::process::Stdio::piped())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
             .spawn()
             .context("starting the stuck service")?;
-        let mut line = String::new();
         let stdout = child.stdout.take().context("stdout")?;
+        let stuck = Self(Running(child));
+        let mut line = String::new();
         std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
         ensure!(line.starts_with("listening"), "stuck service: {line:?}");
-        Ok(Self(child))
+        Ok(stuck)
     }
-}
 
-impl Drop for Stuck {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+    /// From now on the service accepts (and closes) every connection.
+    fn accept(&mut self) -> Result<()> {
+        let stdin = self.0.0.stdin.as_mut().context("stdin")?;
+        stdin.write_all(b"accept\n")?;
+        stdin.flush()?;
+        Ok(())
     }
 }
 
@@ -344,11 +353,19 @@ fn passive_health_withdraws_a_service_that_listens_but_no_longer_answers() -> Re
         .context("stuck")?;
     ensure!(stuck["state"] == "unhealthy", "{stuck}");
     ensure!(stuck["passive_health"]["state"] == "failing", "{stuck}");
+    // The counters (SYNs without SYN-ACK) or the listener's full accept queue, whichever
+    // noticed first.
     let reason = stuck["passive_health"]["reason"].as_str().unwrap_or("");
-    ensure!(reason.contains("got no SYN-ACK"), "{stuck}");
     ensure!(
-        stuck["monitors"][0]["ok"] == true,
-        "the port monitor still passes: {stuck}"
+        reason.contains("got no SYN-ACK") || reason.contains("does not accept"),
+        "{stuck}"
+    );
+    // The port is open, but after a passive failure the port monitor wants proof that the
+    // service accepts: it cannot get it.
+    let monitor = stuck["monitors"][0]["reason"].as_str().unwrap_or("");
+    ensure!(
+        stuck["monitors"][0]["ok"] == false && monitor.contains("tcp port 8090"),
+        "the port monitor asks for proof: {stuck}"
     );
     let plain = apps
         .iter()
@@ -415,5 +432,151 @@ fn programs_are_attached_while_the_agent_runs_and_gone_after_a_crash_or_a_stop()
         !progs.contains("gocast_xdp"),
         "programs left after SIGTERM:\n{progs}"
     );
+    Ok(())
+}
+
+/// The route set has `vip`.
+fn routed(topo: &Topology, vip: &str) -> Result<bool> {
+    let (status, routes) = topo.agent.http_get(&format!("http://{API}/routes"))?;
+    ensure!(status == 200, "/routes: {status}");
+    Ok(routes["routes"].get(vip).is_some())
+}
+
+#[test]
+fn passive_health_holds_a_stuck_service_down_without_flapping_until_it_accepts() -> Result<()> {
+    require_privileged!();
+    let dir = tempfile::tempdir()?;
+    let topo = Topology::new()?;
+    let mut stuck = Stuck::start(&topo.agent, 8090)?;
+    let app_config = format!(
+        "{}    passive_health: true\n",
+        app("stuck", "192.0.2.20/32", "port:tcp:8090", "tcp:80:8090")
+    );
+    let config = write_config(dir.path(), &topo, "mode: ebpf", &app_config)?;
+    let mut agent = start_healthy(&topo, dir.path(), &config, 1)?;
+
+    // Two connections fill the queue and stay open; the SYNs after them get no answer.
+    let _client = Running(
+        topo.client
+            .command("python3")
+            .args([
+                "-c",
+                "import socket, time\nheld = []\nfor i in range(12):\n    s = socket.socket()\n    \
+                 s.settimeout(0.25)\n    try:\n        s.connect(('192.0.2.20', 80))\n        held.append(s)\n    \
+                 except OSError:\n        pass\ntime.sleep(3600)\n",
+            ])
+            .spawn()
+            .context("starting the client")?,
+    );
+    agent.wait_for("withdrawn", Duration::from_secs(15), |_| {
+        Ok(!routed(&topo, "192.0.2.20/32")?)
+    })?;
+    // Three windows (3 s each) with no traffic reaching the withdrawn VIP: it stays withdrawn.
+    let withdrawn_at = Instant::now();
+    while withdrawn_at.elapsed() < Duration::from_secs(9) {
+        ensure!(
+            !routed(&topo, "192.0.2.20/32")?,
+            "announced again {:?} after the withdrawal while the service does not accept",
+            withdrawn_at.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, view) = topo.agent.http_get(&format!("http://{API}/apps/stuck"))?;
+    let passive = &view["passive_health"];
+    ensure!(
+        passive["state"] == "failing"
+            && passive["awaiting_proof"] == true
+            && passive["failures"] == 1,
+        "{view}"
+    );
+    ensure!(
+        passive["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("does not accept")),
+        "the full accept queue keeps it down: {view}"
+    );
+
+    stuck.accept()?;
+    agent.wait_for("announced again", Duration::from_secs(15), |_| {
+        routed(&topo, "192.0.2.20/32")
+    })?;
+    let (_, view) = topo.agent.http_get(&format!("http://{API}/apps/stuck"))?;
+    let passive = &view["passive_health"];
+    ensure!(
+        passive["state"] == "ok" && passive["awaiting_proof"] == false,
+        "{view}"
+    );
+    ensure!(
+        agent.log_text().contains("passive health: the service accepts again"),
+        "log:\n{}",
+        agent.log_text()
+    );
+    Ok(())
+}
+
+#[test]
+fn stats_show_traffic_at_once_and_a_vip_registered_now() -> Result<()> {
+    require_privileged!();
+    let dir = tempfile::tempdir()?;
+    let topo = Topology::new()?;
+    let _echo = udp_echo(&topo.agent, 5353)?;
+    let config = write_config(
+        dir.path(),
+        &topo,
+        "mode: ebpf",
+        &app("dns", "192.0.2.12/32", "port:udp:5353", "udp:53:5353"),
+    )?;
+    let _agent = start_healthy(&topo, dir.path(), &config, 1)?;
+    let stats = |path: &str| -> Result<Value> {
+        let (status, v) = topo.agent.http_get(&format!("http://{API}{path}"))?;
+        ensure!(status == 200, "{path}: {status} {v}");
+        Ok(v)
+    };
+
+    // One read right after the traffic, no waiting: exact.
+    for round in 1..=3 {
+        let echoed = udp_exchange(&topo.client, "192.0.2.12", 53, 10)?;
+        ensure!(echoed == 10, "{echoed} of 10 echoes");
+        let dns = stats("/stats/192.0.2.12")?;
+        ensure!(
+            dns["packets_in"] == 10 * round && dns["packets_out"] == 10 * round,
+            "round {round}: {dns}"
+        );
+    }
+    // Rates over the caller's interval: the read waits that long.
+    let asked = Instant::now();
+    let dns = stats("/stats/192.0.2.12?interval=500ms")?;
+    let span = dns["rates_interval_s"].as_f64().context("rates_interval_s")?;
+    ensure!((0.5..2.0).contains(&span) && asked.elapsed() >= Duration::from_millis(500), "{dns}");
+    ensure!(dns["rates"]["packets_in"] == 0.0, "no traffic in the interval: {dns}");
+    let (status, bad) = topo
+        .agent
+        .http_get(&format!("http://{API}/stats?interval=1h"))?;
+    ensure!(status == 400, "{status} {bad}");
+
+    // A VIP registered now is in /stats as soon as its app is healthy.
+    let (status, view) = topo.agent.http_post(&format!(
+        "http://{API}/register?name=late&vip=192.0.2.13/32&monitor=port:udp:5353&nat=udp:53:5353"
+    ))?;
+    ensure!(status == 200, "register: {status} {view}");
+    let started = Instant::now();
+    loop {
+        let (_, app) = topo.agent.http_get(&format!("http://{API}/apps/late"))?;
+        if app["state"] == "healthy" {
+            break;
+        }
+        ensure!(started.elapsed() < Duration::from_secs(10), "late never healthy: {app}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let all = stats("/stats")?;
+    let late = all["vips"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["vip"] == "192.0.2.13/32"))
+        .with_context(|| format!("192.0.2.13 in {all}"))?;
+    ensure!(late["app"] == "late" && late["packets_in"] == 0, "{late}");
+    let echoed = udp_exchange(&topo.client, "192.0.2.13", 53, 5)?;
+    ensure!(echoed == 5, "{echoed} of 5 echoes");
+    let late = stats("/stats/192.0.2.13/32")?;
+    ensure!(late["packets_in"] == 5 && late["packets_out"] == 5, "{late}");
     Ok(())
 }
