@@ -609,10 +609,7 @@ async fn read_stats(state: &ApiState, interval: Option<Duration>) -> Arc<Snapsho
     }
 }
 
-async fn stats(
-    State(state): State<ApiState>,
-    RawQuery(q): RawQuery,
-) -> Result<Response, ApiError> {
+async fn stats(State(state): State<ApiState>, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
     let interval = parse_interval(q.as_deref())?;
     Ok(Json(&*read_stats(&state, interval).await).into_response())
 }

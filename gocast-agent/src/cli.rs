@@ -322,10 +322,11 @@ pub fn render_status(info: &Value, apps: &Value, stats: Option<&Value>) -> Strin
                 format!("{} {verdict}", text(&m["monitor"]))
             })
             .collect();
-        let health = match a["drain"].as_str() {
+        let mut health = match a["drain"].as_str() {
             Some(drain) => format!("{}, {drain}", text(&a["state"])),
             None => text(&a["state"]),
         };
+        health += &passive_hold(&a["passive_health"]);
         rows.push([
             text(&a["name"]),
             text(&a["vip"]),
@@ -351,6 +352,18 @@ pub fn render_status(info: &Value, apps: &Value, stats: Option<&Value>) -> Strin
         _ => out += "traffic: no per-VIP counters (they need the eBPF dataplane)\n",
     }
     out
+}
+
+/// After a passive-health failure: `, passive hold-down 12 s` while it runs, then `, passive:
+/// awaiting proof` until a check proves the service accepts; empty otherwise.
+fn passive_hold(passive: &Value) -> String {
+    if passive["awaiting_proof"] != true {
+        return String::new();
+    }
+    match passive["hold_down_s"].as_f64() {
+        Some(s) => format!(", passive hold-down {s:.0} s"),
+        None => ", passive: awaiting proof".into(),
+    }
 }
 
 /// A session's uptime for people, to its two largest units: `42s`, `5m 3s`, `2h 5m`, `3d 4h`.
@@ -555,6 +568,9 @@ mod tests {
             out.contains("2 (last: vip missing from lo, repaired)"),
             "{out}"
         );
+        let held = serde_json::json!([{"name": "web", "vip": "192.0.2.10/32", "state": "unhealthy", "announced": false, "monitors": [], "repairs": 0, "passive_health": {"state": "ok", "reason": null, "failures": 2, "hold_down_s": 9.6, "awaiting_proof": true}}]);
+        let out = render_status(&info, &held, None);
+        assert!(out.contains("unhealthy, passive hold-down 10 s"), "{out}");
         let stats = serde_json::json!({"vips": [{"vip": "192.0.2.10/32", "app": "web", "rates": {"packets_in": 12.0, "bytes_in": 900.5, "packets_out": 10.0, "bytes_out": 4000.0, "syn_in": 2.0, "synack_out": 2.0, "rst_out": 0.0}}]});
         let out = render_status(&info, &apps, Some(&stats));
         assert!(

@@ -321,7 +321,9 @@ impl Sampler {
             // Requests add at most a sample per interval, so the history stays small whatever
             // the request rate; the cadence's samples are the ones passive health judges.
             if reader == Reader::Cadence
-                || history.newest_age(now).is_none_or(|age| age >= SAMPLE_INTERVAL)
+                || history
+                    .newest_age(now)
+                    .is_none_or(|age| age >= SAMPLE_INTERVAL)
             {
                 let keep = if passive.is_some() {
                     self.config.window.max(RATE_SPAN)
@@ -522,11 +524,7 @@ impl Shared {
     /// The last full read if it was taken at or after `since`, else a new one (the last one if
     /// the counters cannot be read).
     fn fresh(&mut self, since: Instant, owners: &BTreeMap<IpAddr, VipOwner>) -> Arc<Snapshot> {
-        let recent = self
-            .snapshots
-            .borrow()
-            .read_at
-            .is_some_and(|t| t >= since);
+        let recent = self.snapshots.borrow().read_at.is_some_and(|t| t >= since);
         if !recent {
             self.read_and_sample(owners, true, Reader::Request);
         }
@@ -620,7 +618,8 @@ mod tests {
         let mut changes = Vec::new();
         for (i, &(syn, synack, rst)) in totals.iter().enumerate() {
             let now = start + Duration::from_secs(i as u64);
-            let (_, verdicts) = s.sample(now, raw(syn, synack, rst), &owners, true, Reader::Cadence);
+            let (_, verdicts) =
+                s.sample(now, raw(syn, synack, rst), &owners, true, Reader::Cadence);
             changes.extend(verdicts.into_iter().map(|v| (i, v)));
         }
         (s, changes)
@@ -638,7 +637,13 @@ mod tests {
         assert_eq!(first[0].rates, Rates::default());
         assert_eq!(first[0].vip, "192.0.2.10/32");
         assert_eq!(first[0].app.as_ref().unwrap().as_str(), "web");
-        let (second, _) = s.sample(t + Duration::from_secs(2), raw(30, 20, 0), &owners, true, Reader::Cadence);
+        let (second, _) = s.sample(
+            t + Duration::from_secs(2),
+            raw(30, 20, 0),
+            &owners,
+            true,
+            Reader::Cadence,
+        );
         assert!((second[0].rates.syn_in - 10.0).abs() < 1e-9);
         assert!((second[0].rates.packets_in - 20.0).abs() < 1e-9);
         assert_eq!(second[0].counters.syn_in, 30);
@@ -662,12 +667,22 @@ mod tests {
                 // The newest sample at least a second old is the base of the rates.
                 let span = vips[0].rates_interval_s.unwrap();
                 assert!((1.0..2.0).contains(&span), "{span}");
-                assert!((vips[0].rates.syn_in - 100.0).abs() < 1e-6, "{:?}", vips[0].rates);
+                assert!(
+                    (vips[0].rates.syn_in - 100.0).abs() < 1e-6,
+                    "{:?}",
+                    vips[0].rates
+                );
             }
         }
         let h = &s.histories[&"192.0.2.10".parse::<IpAddr>().unwrap()];
         assert_eq!(h.samples.len(), 2, "{:?}", h.samples);
-        let (_, verdicts) = s.sample(t + Duration::from_secs(2), raw(200, 0, 0), &owners, true, Reader::Cadence);
+        let (_, verdicts) = s.sample(
+            t + Duration::from_secs(2),
+            raw(200, 0, 0),
+            &owners,
+            true,
+            Reader::Cadence,
+        );
         assert_eq!(verdicts.len(), 1, "the cadence judges the same history");
     }
 
@@ -679,7 +694,9 @@ mod tests {
             histories: HashMap::new(),
         };
         let read = |s: &mut Sampler, at: Instant, syn| Snapshot {
-            vips: s.sample(at, raw(syn, syn, 0), &owners(false), true, Reader::Request).0,
+            vips: s
+                .sample(at, raw(syn, syn, 0), &owners(false), true, Reader::Request)
+                .0,
             read_at: Some(at),
             ..Snapshot::default()
         };
@@ -764,7 +781,13 @@ mod tests {
             config: config(),
             histories: HashMap::new(),
         };
-        let (vips, _) = s.sample(Instant::now(), raw(1, 1, 0), &owners(false), true, Reader::Cadence);
+        let (vips, _) = s.sample(
+            Instant::now(),
+            raw(1, 1, 0),
+            &owners(false),
+            true,
+            Reader::Cadence,
+        );
         let snap = Snapshot {
             vips,
             ..Snapshot::default()

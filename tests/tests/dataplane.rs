@@ -507,7 +507,9 @@ fn passive_health_holds_a_stuck_service_down_without_flapping_until_it_accepts()
         "{view}"
     );
     ensure!(
-        agent.log_text().contains("passive health: the service accepts again"),
+        agent
+            .log_text()
+            .contains("passive health: the service accepts again"),
         "log:\n{}",
         agent.log_text()
     );
@@ -546,9 +548,17 @@ fn stats_show_traffic_at_once_and_a_vip_registered_now() -> Result<()> {
     // Rates over the caller's interval: the read waits that long.
     let asked = Instant::now();
     let dns = stats("/stats/192.0.2.12?interval=500ms")?;
-    let span = dns["rates_interval_s"].as_f64().context("rates_interval_s")?;
-    ensure!((0.5..2.0).contains(&span) && asked.elapsed() >= Duration::from_millis(500), "{dns}");
-    ensure!(dns["rates"]["packets_in"] == 0.0, "no traffic in the interval: {dns}");
+    let span = dns["rates_interval_s"]
+        .as_f64()
+        .context("rates_interval_s")?;
+    ensure!(
+        (0.5..2.0).contains(&span) && asked.elapsed() >= Duration::from_millis(500),
+        "{dns}"
+    );
+    ensure!(
+        dns["rates"]["packets_in"] == 0.0,
+        "no traffic in the interval: {dns}"
+    );
     let (status, bad) = topo
         .agent
         .http_get(&format!("http://{API}/stats?interval=1h"))?;
@@ -565,7 +575,10 @@ fn stats_show_traffic_at_once_and_a_vip_registered_now() -> Result<()> {
         if app["state"] == "healthy" {
             break;
         }
-        ensure!(started.elapsed() < Duration::from_secs(10), "late never healthy: {app}");
+        ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "late never healthy: {app}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let all = stats("/stats")?;
@@ -577,6 +590,9 @@ fn stats_show_traffic_at_once_and_a_vip_registered_now() -> Result<()> {
     let echoed = udp_exchange(&topo.client, "192.0.2.13", 53, 5)?;
     ensure!(echoed == 5, "{echoed} of 5 echoes");
     let late = stats("/stats/192.0.2.13/32")?;
-    ensure!(late["packets_in"] == 5 && late["packets_out"] == 5, "{late}");
+    ensure!(
+        late["packets_in"] == 5 && late["packets_out"] == 5,
+        "{late}"
+    );
     Ok(())
 }

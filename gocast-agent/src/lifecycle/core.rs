@@ -1581,18 +1581,30 @@ mod tests {
         t.bring_up("web");
         let effects = t.step(failing("web"));
         assert_eq!(routes(effects).unwrap(), Vec::<String>::new());
-        assert_eq!(prove(effects, "web"), Some(true), "the monitors are asked for proof");
+        assert_eq!(
+            prove(effects, "web"),
+            Some(true),
+            "the monitors are asked for proof"
+        );
         assert_eq!(
             routes(t.report_with("web", true, None, true)),
             None,
             "monitors cannot bring it back while the traffic fails it"
         );
         t.step(Event::PassiveHealth(vec![(name("web"), Verdict::Cleared)]));
-        assert_eq!(routes(t.report_with("web", true, None, true)), None, "held down");
+        assert_eq!(
+            routes(t.report_with("web", true, None, true)),
+            None,
+            "held down"
+        );
         t.advance(PASSIVE_WINDOW);
         assert_eq!(routes(t.report("web", true)), None, "a check without proof");
         let effects = t.report_with("web", true, None, true);
-        assert_eq!(prove(effects, "web"), Some(false), "proved: no more proof asked");
+        assert_eq!(
+            prove(effects, "web"),
+            Some(false),
+            "proved: no more proof asked"
+        );
         assert!(t.announced("web"), "VIP and NAT stayed: announced at once");
         let view = t.core.view(&name("web"), t.now).unwrap();
         let passive = view.passive_health.unwrap();
@@ -1611,7 +1623,10 @@ mod tests {
         let effects = t.report_with("web", true, stuck, false);
         assert_eq!(routes(effects).unwrap(), ["192.0.2.11/32"]);
         t.report_with("plain", true, stuck, false);
-        assert!(t.announced("plain"), "no passive health: the open port passes");
+        assert!(
+            t.announced("plain"),
+            "no passive health: the open port passes"
+        );
         // No traffic reaches a withdrawn VIP, but the queue stays full: no flapping.
         for _ in 0..10 {
             t.advance(PASSIVE_WINDOW);

@@ -58,7 +58,13 @@ impl Passive {
 
     /// Records a new reason from the counters (`traffic`) or the listener; true when this
     /// starts a failure, which then counts a strike and sets the hold-down.
-    pub fn set(&mut self, traffic: bool, reason: Option<String>, now: Instant, window: Duration) -> bool {
+    pub fn set(
+        &mut self,
+        traffic: bool,
+        reason: Option<String>,
+        now: Instant,
+        window: Duration,
+    ) -> bool {
         let was_failing = self.failure().is_some();
         if traffic {
             self.traffic = reason;
@@ -125,7 +131,10 @@ mod tests {
         let t = Instant::now();
         let mut p = Passive::default();
         assert!(p.set(true, Some("no SYN-ACK".into()), t, WINDOW));
-        assert!(!p.set(false, Some("queue full".into()), t, WINDOW), "one failure, two reasons");
+        assert!(
+            !p.set(false, Some("queue full".into()), t, WINDOW),
+            "one failure, two reasons"
+        );
         assert_eq!(p.strikes, 1);
         p.set(true, None, t + WINDOW, WINDOW);
         assert!(!p.allows(t + WINDOW, true), "the listener still fails it");

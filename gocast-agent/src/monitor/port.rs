@@ -171,10 +171,16 @@ impl SocketTable {
 /// `accept()`ed the connection, up to `within`. The reason, either way.
 ///
 /// Blocking: run it in `spawn_blocking`.
-pub fn prove_accepts(listeners: &[Listener], port: u16, within: Duration) -> Result<String, String> {
+pub fn prove_accepts(
+    listeners: &[Listener],
+    port: u16,
+    within: Duration,
+) -> Result<String, String> {
     let mut candidates: Vec<&Listener> = listeners.iter().filter(|l| !l.full()).collect();
     if candidates.is_empty() {
-        return Err(format!("tcp port {port}: no listener with room in its accept queue"));
+        return Err(format!(
+            "tcp port {port}: no listener with room in its accept queue"
+        ));
     }
     // IPv4 first: a dual-stack wildcard listener takes it, and `::1` may be missing.
     candidates.sort_by_key(|l| l.addr.is_ipv6());
@@ -275,12 +281,11 @@ fn accepted(server: InetAddr, client: InetAddr) -> Result<bool, PortError> {
         dump: DUMP,
         what: format!("{len}-byte datagram overflows the buffer"),
     })?;
-    let message = NetlinkMessage::<SockDiagMessage>::deserialize(data).map_err(|e| {
-        PortError::Malformed {
+    let message =
+        NetlinkMessage::<SockDiagMessage>::deserialize(data).map_err(|e| PortError::Malformed {
             dump: DUMP,
             what: e.to_string(),
-        }
-    })?;
+        })?;
     match message.payload {
         NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
             Ok(response.header.inode != 0)
@@ -774,7 +779,8 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         let table = snapshot();
         assert_eq!(table.accept_queue_full(port), None, "{table:?}");
-        let why = prove_accepts(table.listeners(port), port, Duration::from_millis(200)).unwrap_err();
+        let why =
+            prove_accepts(table.listeners(port), port, Duration::from_millis(200)).unwrap_err();
         assert!(why.contains("did not accept"), "{why}");
         // The proof's connection still waits in the queue: full now.
         let why = snapshot().accept_queue_full(port).expect("queue full");
