@@ -597,8 +597,8 @@ fn parse_interval(q: Option<&str>) -> Result<Option<Duration>, ApiError> {
 /// that says why.
 async fn read_stats(state: &ApiState, interval: Option<Duration>) -> Arc<Snapshot> {
     match (&state.stats, interval) {
-        (Some(stats), None) => stats.now().await,
-        (Some(stats), Some(interval)) => Arc::new(stats.over(interval).await),
+        (Some(reads), None) => reads.now().await,
+        (Some(reads), Some(interval)) => Arc::new(reads.over(interval).await),
         (None, _) => Arc::new(Snapshot {
             unavailable: Some(format!(
                 "per-VIP counters need the eBPF dataplane; this agent runs {} ({})",
@@ -744,7 +744,7 @@ mod tests {
             },
             cancel.clone(),
         );
-        let stats = counters.map(|source| {
+        let reads = counters.map(|source| {
             let vip: crate::app::Vip = "192.0.2.10/32".parse().unwrap();
             let owner = crate::messages::VipOwner {
                 vip,
@@ -752,7 +752,7 @@ mod tests {
                 passive_health: false,
             };
             let owners = Arc::new(BTreeMap::from([(vip.addr(), owner)]));
-            let (stats, _cadence) = stats::sampler(
+            let (reads, _cadence) = stats::sampler(
                 source,
                 watch::channel(owners).1,
                 running.handle.clone(),
@@ -762,12 +762,12 @@ mod tests {
                     max_unanswered: 0.5,
                 },
             );
-            stats
+            reads
         });
         let state = ApiState {
             lifecycle: running.handle.clone(),
             routes: running.routes.clone(),
-            stats,
+            stats: reads,
             metrics,
             info: Arc::new(StaticInfo {
                 version: "test",

@@ -529,7 +529,7 @@ fn stats_show_traffic_at_once_and_a_vip_registered_now() -> Result<()> {
         &app("dns", "192.0.2.12/32", "port:udp:5353", "udp:53:5353"),
     )?;
     let _agent = start_healthy(&topo, dir.path(), &config, 1)?;
-    let stats = |path: &str| -> Result<Value> {
+    let read = |path: &str| -> Result<Value> {
         let (status, v) = topo.agent.http_get(&format!("http://{API}{path}"))?;
         ensure!(status == 200, "{path}: {status} {v}");
         Ok(v)
@@ -539,7 +539,7 @@ fn stats_show_traffic_at_once_and_a_vip_registered_now() -> Result<()> {
     for round in 1..=3 {
         let echoed = udp_exchange(&topo.client, "192.0.2.12", 53, 10)?;
         ensure!(echoed == 10, "{echoed} of 10 echoes");
-        let dns = stats("/stats/192.0.2.12")?;
+        let dns = read("/stats/192.0.2.12")?;
         ensure!(
             dns["packets_in"] == 10 * round && dns["packets_out"] == 10 * round,
             "round {round}: {dns}"
@@ -547,7 +547,7 @@ fn stats_show_traffic_at_once_and_a_vip_registered_now() -> Result<()> {
     }
     // Rates over the caller's interval: the read waits that long.
     let asked = Instant::now();
-    let dns = stats("/stats/192.0.2.12?interval=500ms")?;
+    let dns = read("/stats/192.0.2.12?interval=500ms")?;
     let span = dns["rates_interval_s"]
         .as_f64()
         .context("rates_interval_s")?;
@@ -581,7 +581,7 @@ fn stats_show_traffic_at_once_and_a_vip_registered_now() -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let all = stats("/stats")?;
+    let all = read("/stats")?;
     let late = all["vips"]
         .as_array()
         .and_then(|v| v.iter().find(|v| v["vip"] == "192.0.2.13/32"))
@@ -589,7 +589,7 @@ fn stats_show_traffic_at_once_and_a_vip_registered_now() -> Result<()> {
     ensure!(late["app"] == "late" && late["packets_in"] == 0, "{late}");
     let echoed = udp_exchange(&topo.client, "192.0.2.13", 53, 5)?;
     ensure!(echoed == 5, "{echoed} of 5 echoes");
-    let late = stats("/stats/192.0.2.13/32")?;
+    let late = read("/stats/192.0.2.13/32")?;
     ensure!(
         late["packets_in"] == 5 && late["packets_out"] == 5,
         "{late}"

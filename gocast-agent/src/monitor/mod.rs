@@ -480,21 +480,13 @@ impl Scheduler {
                     Monitor::Exec { command } => Pending::Exec(command.clone()),
                 })
                 .collect();
-            let stuck = match &table {
-                Some(Ok(t)) => w.monitors.iter().find_map(|m| match m {
-                    Monitor::Port {
-                        proto: Proto::Tcp,
-                        port,
-                    } => t.accept_queue_full(*port),
-                    _ => None,
-                }),
-                _ => None,
-            };
             let report = Report {
                 app: name.clone(),
                 generation: w.generation,
                 results: Vec::new(),
-                stuck,
+                stuck: table
+                    .as_ref()
+                    .and_then(|t| stuck(t.as_ref().ok()?, &w.monitors)),
                 proved: w.prove,
             };
             if pending.iter().all(|p| matches!(p, Pending::Ready(_))) {
@@ -514,44 +506,7 @@ impl Scheduler {
                 self.metrics.clone(),
             );
             tokio::spawn(async move {
-                let runs = pending.into_iter().map(|p| async move {
-                    match p {
-                        Pending::Ready(r) => r,
-                        Pending::Prove(port, listeners) => {
-                            let t = Instant::now();
-                            let proof = tokio::task::spawn_blocking(move || {
-                                port::prove_accepts(&listeners, port, PROOF_TIMEOUT)
-                            })
-                            .await
-                            .unwrap_or_else(|e| Err(format!("tcp port {port}: proof failed: {e}")));
-                            let (ok, reason) = match proof {
-                                Ok(reason) => (true, reason),
-                                Err(reason) => (false, reason),
-                            };
-                            MonitorResult {
-                                ok,
-                                reason,
-                                at: SystemTime::now(),
-                                latency: t.elapsed(),
-                            }
-                        }
-                        Pending::Exec(command) => {
-                            let t = Instant::now();
-                            let verdict = exec::run(&command, timeout).await;
-                            let latency = t.elapsed();
-                            let (ok, reason) = match verdict {
-                                Ok(()) => (true, "exit status 0".to_owned()),
-                                Err(why) => (false, why),
-                            };
-                            MonitorResult {
-                                ok,
-                                reason,
-                                at: SystemTime::now(),
-                                latency,
-                            }
-                        }
-                    }
-                });
+                let runs = pending.into_iter().map(|p| p.run(timeout));
                 let results = futures::future::join_all(runs).await;
                 observe(&metrics, &monitors, &results);
                 let generation = report.generation;
@@ -586,6 +541,44 @@ impl Pending {
             Self::Exec(_) | Self::Prove(..) => None,
         }
     }
+
+    /// The result, running what is still to be run (an exec check bounded by `timeout`).
+    async fn run(self, timeout: Duration) -> MonitorResult {
+        let started = Instant::now();
+        let verdict = match self {
+            Self::Ready(r) => return r,
+            Self::Prove(port, listeners) => tokio::task::spawn_blocking(move || {
+                port::prove_accepts(&listeners, port, PROOF_TIMEOUT)
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("tcp port {port}: proof failed: {e}"))),
+            Self::Exec(command) => exec::run(&command, timeout)
+                .await
+                .map(|()| "exit status 0".to_owned()),
+        };
+        let latency = started.elapsed();
+        let (ok, reason) = match verdict {
+            Ok(reason) => (true, reason),
+            Err(reason) => (false, reason),
+        };
+        MonitorResult {
+            ok,
+            reason,
+            at: SystemTime::now(),
+            latency,
+        }
+    }
+}
+
+/// Why a `port:tcp` monitor's listener refuses connections, if one does.
+fn stuck(table: &SocketTable, monitors: &[Monitor]) -> Option<String> {
+    monitors.iter().find_map(|m| match m {
+        Monitor::Port {
+            proto: Proto::Tcp,
+            port,
+        } => table.accept_queue_full(*port),
+        _ => None,
+    })
 }
 
 fn observe(metrics: &Metrics, monitors: &[Monitor], results: &[MonitorResult]) {
