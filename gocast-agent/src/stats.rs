@@ -686,6 +686,52 @@ mod tests {
         assert_eq!(verdicts.len(), 1, "the cadence judges the same history");
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_requests_share_one_read() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        /// Counts its reads, each taking a while as thousands of lookups would.
+        struct Counting(Arc<AtomicUsize>);
+        impl CounterSource for Counting {
+            fn read(
+                &mut self,
+                _: &dyn Fn(IpAddr) -> bool,
+            ) -> Result<Vec<(IpAddr, VipCounters)>, EbpfError> {
+                self.0.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(20));
+                Ok(raw(1, 1, 0))
+            }
+        }
+
+        let reads = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+        let stats = Stats {
+            shared: Arc::new(Mutex::new(Shared {
+                source: Box::new(Counting(reads.clone())),
+                sampler: Sampler {
+                    config: config(),
+                    histories: HashMap::new(),
+                },
+                failing_reads: 0,
+                snapshots: tx,
+            })),
+            owners: watch::channel(Arc::new(owners(false))).1,
+            snapshots: rx,
+        };
+        let answers = futures::future::join_all((0..20).map(|_| stats.now())).await;
+        assert_eq!(reads.load(Ordering::SeqCst), 1);
+        assert!(
+            answers
+                .iter()
+                .all(|a| a.vips.len() == 1 && a.sampled_at.is_some())
+        );
+        assert_eq!(
+            stats.snapshots().borrow().vips.len(),
+            1,
+            "published for /metrics"
+        );
+    }
+
     #[test]
     fn rates_since_an_earlier_read_cover_exactly_the_span_between() {
         let t = Instant::now();
