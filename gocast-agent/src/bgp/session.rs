@@ -161,6 +161,12 @@ pub struct Session<'a> {
     netlink: Netlink,
     metrics: Metrics,
     conn: Option<Framed<TcpStream, BgpCodec>>,
+    /// The peer's connection that just arrived, until the FSM says whether to take it, track
+    /// it as the collision candidate, or refuse it.
+    arriving: Option<TcpStream>,
+    /// The peer's second connection while ours is in `OpenSent`/`OpenConfirm` (RFC 4271 §6.8):
+    /// kept until an OPEN decides which connection survives.
+    candidate: Option<Framed<TcpStream, BgpCodec>>,
     connecting: Option<JoinHandle<Result<TcpStream, ConnectError>>>,
     hold: Timer,
     keepalive: Timer,
@@ -207,6 +213,8 @@ impl<'a> Session<'a> {
             netlink,
             metrics,
             conn: None,
+            arriving: None,
+            candidate: None,
             connecting: None,
             hold: Timer::default(),
             keepalive: Timer::default(),
@@ -251,11 +259,12 @@ impl<'a> Session<'a> {
                     }
                 }
                 frame = next_frame(&mut self.conn) => self.on_frame(frame),
+                frame = next_frame(&mut self.candidate) => self.on_candidate_frame(frame),
                 done = connect_done(&mut self.connecting) => self.on_connect(done),
-                Some(stream) = self.incoming.recv() => match self.on_incoming(stream) {
-                    Some(input) => input,
-                    None => continue,
-                },
+                Some(stream) = self.incoming.recv() => {
+                    self.arriving = Some(stream);
+                    Input::TcpConnectionConfirmed
+                }
                 () = self.hold.fired() => Input::HoldTimerExpired,
                 () = self.keepalive.fired() => Input::KeepaliveTimerExpired,
                 () = self.retry.fired() => Input::ConnectRetryTimerExpired,
@@ -320,20 +329,38 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// A message on the collision candidate: only its OPEN matters; anything else ends it.
+    fn on_candidate_frame(&mut self, frame: Option<Result<Message, codec::DecodeError>>) -> Input {
+        match frame {
+            Some(Ok(message)) => {
+                self.count_message("in", &message);
+                match message {
+                    Message::Open(open) => Input::CandidateOpenReceived(open),
+                    Message::Notification(_) => Input::CandidateFailed { answer: None },
+                    // RFC 6608: anything but OPEN in OpenSent is an FSM error.
+                    _ => Input::CandidateFailed {
+                        answer: Some(codec::Notification {
+                            code: codec::error_code::FSM,
+                            subcode: 1,
+                            data: Vec::new(),
+                        }),
+                    },
+                }
+            }
+            Some(Err(e)) if !e.is_transport() => Input::CandidateFailed {
+                answer: Some(e.notification()),
+            },
+            Some(Err(_)) | None => Input::CandidateFailed { answer: None },
+        }
+    }
+
     fn on_connect(&mut self, done: Result<TcpStream, ConnectError>) -> Input {
         self.connecting = None;
         match done {
             Ok(stream) => {
-                if let Ok(remote) = stream.peer_addr() {
-                    self.status
-                        .send_modify(|s| s.address = Some(remote.ip().to_canonical()));
-                }
-                // Small messages (KEEPALIVEs, single withdrawals) must leave at once.
-                if let Err(e) = stream.set_nodelay(true) {
-                    debug!(peer = %self.name, error = %e, "cannot set TCP_NODELAY");
-                }
-                self.conn = Some(Framed::new(stream, BgpCodec::new()));
-                Input::TcpConnectionConfirmed
+                self.conn = Some(self.framed(stream));
+                self.show_address();
+                Input::TcpCrAcked
             }
             Err(e) => {
                 // Logged (once per new cause) with the SessionDown that follows.
@@ -343,20 +370,25 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// A connection the peer opened. Taken while we are still trying to connect ourselves
-    /// (RFC 4271 §6.8 collisions are avoided by keeping at most one connection: once one is
-    /// up, later ones are closed).
-    fn on_incoming(&mut self, stream: TcpStream) -> Option<Input> {
-        let waiting = matches!(self.fsm.state(), State::Connect | State::Active);
-        if self.conn.is_some() || !waiting {
-            debug!(peer = %self.name, state = %self.fsm.state(), "refusing an incoming connection: one is already up");
-            tokio::spawn(reject(stream));
-            return None;
+    /// A new connection of this session, ours or the peer's.
+    fn framed(&self, stream: TcpStream) -> Framed<TcpStream, BgpCodec> {
+        // Small messages (KEEPALIVEs, single withdrawals) must leave at once.
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!(peer = %self.name, error = %e, "cannot set TCP_NODELAY");
         }
-        if let Some(task) = self.connecting.take() {
-            task.abort();
+        Framed::new(stream, BgpCodec::new())
+    }
+
+    /// Shows the address the session's connection goes to (an autodiscovered peer's, too).
+    fn show_address(&self) {
+        if let Some(remote) = self
+            .conn
+            .as_ref()
+            .and_then(|c| c.get_ref().peer_addr().ok())
+        {
+            self.status
+                .send_modify(|s| s.address = Some(remote.ip().to_canonical()));
         }
-        Some(self.on_connect(Ok(stream)))
     }
 
     /// Remembers why the session is about to go down, for the `SessionDown` that follows.
@@ -369,6 +401,56 @@ impl<'a> Session<'a> {
         for output in outputs {
             match output {
                 Output::Connect => self.start_connect(),
+                Output::AcceptConnection => {
+                    if let Some(task) = self.connecting.take() {
+                        task.abort();
+                    }
+                    self.conn = self.arriving.take().map(|s| self.framed(s));
+                    self.show_address();
+                }
+                Output::RefuseConnection(notification) => {
+                    if let Some(stream) = self.arriving.take() {
+                        debug!(peer = %self.name, state = %self.fsm.state(), %notification, "refusing the peer's connection");
+                        tokio::spawn(close_with(stream, notification));
+                    }
+                }
+                Output::TrackCandidate => {
+                    self.candidate = self.arriving.take().map(|s| self.framed(s));
+                }
+                Output::SendToCandidate(message) => {
+                    if self.candidate.is_some() {
+                        self.count_message("out", &message);
+                    }
+                    if let Some(candidate) = self.candidate.as_mut() {
+                        let sent = tokio::time::timeout(
+                            MAX_WRITE_WAIT,
+                            SinkExt::<Message>::send(candidate, message),
+                        )
+                        .await;
+                        if !matches!(sent, Ok(Ok(()))) {
+                            inputs.push_back(Input::CandidateFailed { answer: None });
+                        }
+                    }
+                }
+                Output::CloseCandidate {
+                    notification,
+                    reason,
+                } => {
+                    if let Some(candidate) = self.candidate.take() {
+                        info!(peer = %self.name, %reason, "closing the peer's other connection");
+                        if let Some(n) = notification {
+                            self.count_message("out", &Message::Notification(n.clone()));
+                            tokio::spawn(close_with(candidate.into_inner(), n));
+                        }
+                    }
+                }
+                Output::PromoteCandidate { reason } => {
+                    info!(peer = %self.name, %reason, "using the peer's other connection");
+                    self.conn = self.candidate.take();
+                    self.show_address();
+                    // The failure of the closed connection is not the session's.
+                    self.cause = None;
+                }
                 Output::SendMessage(message) => {
                     let limit = self.write_limit();
                     // Counted before the write takes the message; a failed write is counted
@@ -781,15 +863,20 @@ async fn connect(peer: &PeerConfig, netlink: &Netlink) -> Result<TcpStream, Conn
 }
 
 /// Closes a connection we will not use with Cease / Connection Rejected (RFC 4486 §4), so the
-/// peer knows why instead of seeing a bare close. Bounded: the peer owes us nothing.
-pub async fn reject(mut stream: TcpStream) {
-    use tokio::io::AsyncWriteExt;
+/// peer knows why instead of seeing a bare close.
+pub async fn reject(stream: TcpStream) {
     let cease = codec::Notification {
         code: codec::error_code::CEASE,
         subcode: codec::cease_subcode::CONNECTION_REJECTED,
         data: Vec::new(),
     };
-    let bytes = codec::encode_notification(&cease);
+    close_with(stream, cease).await;
+}
+
+/// Sends `notification` and closes. Bounded: the peer owes us nothing.
+async fn close_with(mut stream: TcpStream, notification: codec::Notification) {
+    use tokio::io::AsyncWriteExt;
+    let bytes = codec::encode_notification(&notification);
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&bytes)).await;
 }
 
