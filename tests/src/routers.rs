@@ -36,6 +36,9 @@ pub struct Neighbor {
     /// `Some(port)`: the router connects to the agent's listener on that port (BIRD only);
     /// `None`: it waits passively for the agent.
     pub connect_to: Option<u16>,
+    /// How long BIRD waits before its first connect (`connect delay time`, BIRD's default 5 s
+    /// when `None`).
+    pub connect_delay: Option<u16>,
 }
 
 impl Neighbor {
@@ -50,6 +53,7 @@ impl Neighbor {
             password: None,
             hold_time: None,
             connect_to: None,
+            connect_delay: None,
         }
     }
 }
@@ -173,10 +177,13 @@ impl Bird {
             .hold_time
             .map(|h| format!("hold time {h};"))
             .unwrap_or_default();
-        let (port, passive) = match neighbor.connect_to {
-            Some(p) => (format!(" port {p}"), "connect retry time 1;"),
-            None => (String::new(), "passive on;"),
+        let (port, mut passive) = match neighbor.connect_to {
+            Some(p) => (format!(" port {p}"), "connect retry time 1;".to_owned()),
+            None => (String::new(), "passive on;".to_owned()),
         };
+        if let Some(delay) = neighbor.connect_delay {
+            passive.push_str(&format!(" connect delay time {delay};"));
+        }
         let text = format!(
             "router id {local};\nlog \"{log}\" all;\nprotocol device {{}}\n\
              protocol kernel {{ ipv4 {{ export all; }}; }}\n\

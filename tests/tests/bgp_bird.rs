@@ -250,7 +250,7 @@ fn bird_initiates_while_its_port_is_closed(
         &apps,
     )?;
     let agent = start_agent(topo, dir, &config, "agent.log")?;
-    // BIRD's first connect waits for its `start delay time` (5 s), from its own start.
+    // BIRD's first connect waits for its `connect delay time` (1 s), from its own start.
     let took = wait_until(
         "route at BIRD over the session BIRD opened",
         Duration::from_secs(10),
@@ -280,8 +280,10 @@ fn a_session_bird_opens_comes_up_while_the_agents_own_connects_fail() -> Result<
     std::thread::sleep(Duration::from_secs(3));
     ensure!(
         bird.established()? && bird.since()? == since,
-        "session reset after {took:?}: {}",
-        bird.session_state()?
+        "session reset after {took:?}: {}\n--- BIRD ---\n{}\n--- agent ---\n{}",
+        bird.session_state()?,
+        bird.log_text(),
+        _agent.log_text()
     );
     Ok(())
 }
@@ -300,5 +302,116 @@ fn a_passive_peer_is_never_connected_to_and_comes_up_when_bird_connects() -> Res
     std::thread::sleep(Duration::from_secs(2));
     let syns = rejected_syns(&topo)?;
     ensure!(syns == 0, "the passive agent connected {syns} times");
+    Ok(())
+}
+
+/// Holds back the messages (OPEN, KEEPALIVE, NOTIFICATION: any payload) on connections the
+/// agent opens to BIRD's port 179, both ways, while the handshakes pass: neither side sees the
+/// other's OPEN there, so BIRD goes on to open its own connection beside it (BIRD gives that
+/// up once an OPEN arrives) and the agent has its connection in `OpenSent` when BIRD's arrives:
+/// a connection collision every time. Dropped segments are sent again once the rules are gone.
+fn hold_back_messages_to_port_179(topo: &Topology, on: bool) -> Result<()> {
+    for (chain, port) in [("INPUT", "--dport"), ("OUTPUT", "--sport")] {
+        topo.client.run(
+            "iptables",
+            &[
+                if on { "-I" } else { "-D" },
+                chain,
+                "-p",
+                "tcp",
+                port,
+                "179",
+                "-m",
+                "length",
+                "--length",
+                "70:65535",
+                "-j",
+                "DROP",
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// Both sides connect: the agent to BIRD's port 179 at once, BIRD to `listen_port` 3 s after
+/// (re)starting, while the agent's connection is held in `OpenSent`. RFC 4271 §6.8 collision
+/// resolution must keep the same connection on both sides, at the start and after BIRD
+/// restarts the session; the session must then stay up. Returns the agent's log.
+fn crossing_connections_end_in_one_session(agent_router_id: &str) -> Result<String> {
+    let dir = tempfile::tempdir()?;
+    let topo = Topology::new()?;
+    let neighbor = Neighbor {
+        connect_to: Some(1179),
+        connect_delay: Some(3),
+        ..Neighbor::toward_agent(&topo)
+    };
+    let bird = Bird::start(&topo.client, dir.path(), &neighbor)?;
+    let apps = "apps:\n  - name: web\n    vip: 192.0.2.56/32\n";
+    let config = agent_config(
+        dir.path(),
+        &topo,
+        &format!("  listen_port: 1179\n  router_id: {agent_router_id}\n"),
+        apps,
+    )?;
+    hold_back_messages_to_port_179(&topo, true)?;
+    let agent = start_agent(&topo, dir.path(), &config, "agent.log")?;
+    let context = |what: &str| {
+        format!(
+            "{what}\n--- BIRD ---\n{}\n--- agent ---\n{}",
+            bird.log_text(),
+            agent.log_text()
+        )
+    };
+    for round in 1..=2 {
+        if round > 1 {
+            hold_back_messages_to_port_179(&topo, true)?;
+            bird.birdc(&["restart", "agent"])?;
+        }
+        wait_until("a collision at the agent", Duration::from_secs(15), || {
+            Ok(agent.log_text().matches("connection collision").count() >= round)
+        })
+        .with_context(|| context(&format!("round {round}")))?;
+        hold_back_messages_to_port_179(&topo, false)?;
+        wait_until("Established", Duration::from_secs(20), || {
+            Ok(bird.established()? && agent_peer(&topo)?["state"] == "Established")
+        })
+        .with_context(|| context(&format!("round {round}")))?;
+        wait_until("route at BIRD", Duration::from_secs(10), || {
+            Ok(!bird.route("192.0.2.56/32")?.is_empty())
+        })
+        .with_context(|| context("route"))?;
+    }
+    let since = bird.since()?;
+    std::thread::sleep(Duration::from_secs(10));
+    ensure!(
+        bird.established()? && bird.since()? == since,
+        "{}",
+        context(&format!("session reset: {}", bird.session_state()?))
+    );
+    let peer = agent_peer(&topo)?;
+    ensure!(peer["state"] == "Established", "{peer}");
+    Ok(agent.log_text())
+}
+
+#[test]
+fn crossing_connections_keep_birds_when_birds_router_id_is_higher() -> Result<()> {
+    require_privileged!();
+    // Our router id below BIRD's (198.18.x.y).
+    let log = crossing_connections_end_in_one_session("198.18.0.0")?;
+    ensure!(
+        log.contains("keeping the peer's connection") && !log.contains("keeping our connection"),
+        "{log}"
+    );
+    Ok(())
+}
+
+#[test]
+fn crossing_connections_keep_the_agents_when_its_router_id_is_higher() -> Result<()> {
+    require_privileged!();
+    let log = crossing_connections_end_in_one_session("198.19.255.254")?;
+    ensure!(
+        log.contains("keeping our connection") && !log.contains("keeping the peer's connection"),
+        "{log}"
+    );
     Ok(())
 }

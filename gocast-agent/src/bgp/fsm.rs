@@ -651,8 +651,9 @@ impl Fsm {
         };
         self.candidate = false;
         self.ours = false;
-        self.out
-            .push(Output::SendMessage(Message::Notification(collision_notification())));
+        self.out.push(Output::SendMessage(Message::Notification(
+            collision_notification(),
+        )));
         self.out.push(Output::CloseConnection);
         self.out.push(Output::PromoteCandidate { reason });
         self.accept_open(negotiated);
@@ -1995,7 +1996,10 @@ mod tests {
         let mut fsm = tracking_candidate(config());
         fsm.process(Input::OpenReceived(peer_open_with_id(LOWER_ID)));
         let out = fsm.process(Input::CandidateOpenReceived(peer_open_with_id(LOWER_ID)));
-        assert!(matches!(&out[..], [Output::CloseCandidate { .. }]), "{out:?}");
+        assert!(
+            matches!(&out[..], [Output::CloseCandidate { .. }]),
+            "{out:?}"
+        );
         assert_eq!(fsm.state(), State::OpenConfirm);
     }
 
@@ -2004,13 +2008,20 @@ mod tests {
         // RFC 6286 §2.3; an eBGP peer may share our identifier. Our AS 65001 > 65000.
         let mut fsm = tracking_candidate(config());
         let out = fsm.process(Input::CandidateOpenReceived(peer_open_with_id(OUR_ID)));
-        assert!(matches!(&out[..], [Output::CloseCandidate { .. }]), "{out:?}");
+        assert!(
+            matches!(&out[..], [Output::CloseCandidate { .. }]),
+            "{out:?}"
+        );
         let mut fsm = tracking_candidate(FsmConfig {
             local_as: 64999,
             ..config()
         });
         let out = fsm.process(Input::CandidateOpenReceived(peer_open_with_id(OUR_ID)));
-        assert!(out.iter().any(|o| matches!(o, Output::PromoteCandidate { .. })), "{out:?}");
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::PromoteCandidate { .. })),
+            "{out:?}"
+        );
     }
 
     #[test]
@@ -2020,7 +2031,11 @@ mod tests {
         fsm.process(Input::TcpConnectionConfirmed);
         fsm.process(Input::TcpConnectionConfirmed);
         let out = fsm.process(Input::CandidateOpenReceived(peer_open_with_id(LOWER_ID)));
-        assert!(out.iter().any(|o| matches!(o, Output::PromoteCandidate { .. })), "{out:?}");
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::PromoteCandidate { .. })),
+            "{out:?}"
+        );
         assert_eq!(fsm.state(), State::OpenConfirm);
     }
 
@@ -2035,7 +2050,8 @@ mod tests {
             let mut fsm = tracking_candidate(config());
             let out = fsm.process(lost.clone());
             assert!(
-                out.iter().any(|o| matches!(o, Output::PromoteCandidate { .. })),
+                out.iter()
+                    .any(|o| matches!(o, Output::PromoteCandidate { .. })),
                 "{lost:?}: {out:?}"
             );
             assert!(!out.iter().any(|o| matches!(o, Output::SessionDown { .. })));
@@ -2074,10 +2090,7 @@ mod tests {
         );
         assert_eq!(fsm.state(), State::Established);
         // A late OPEN on it is stale.
-        assert_eq!(
-            fsm.process(Input::CandidateOpenReceived(peer_open())),
-            []
-        );
+        assert_eq!(fsm.process(Input::CandidateOpenReceived(peer_open())), []);
     }
 
     #[test]
@@ -2112,7 +2125,13 @@ mod tests {
     fn a_tracked_connection_that_ends_is_dropped_and_ours_carries_on() {
         let mut fsm = tracking_candidate(config());
         let out = fsm.process(Input::CandidateFailed { answer: None });
-        assert!(matches!(&out[..], [Output::CloseCandidate { notification: None, .. }]));
+        assert!(matches!(
+            &out[..],
+            [Output::CloseCandidate {
+                notification: None,
+                ..
+            }]
+        ));
         assert_eq!(fsm.state(), State::OpenSent);
         // Losing ours now goes to Active as any failed attempt.
         fsm.process(Input::TcpConnectionClosed);
@@ -2127,10 +2146,15 @@ mod tests {
         });
         let cease = shutdown_notification("");
         assert!(
-            out.iter().any(|o| matches!(o, Output::CloseCandidate { notification: Some(n), .. } if *n == cease)),
+            out.iter().any(
+                |o| matches!(o, Output::CloseCandidate { notification: Some(n), .. } if *n == cease)
+            ),
             "{out:?}"
         );
-        assert!(!out.iter().any(|o| matches!(o, Output::PromoteCandidate { .. })));
+        assert!(
+            !out.iter()
+                .any(|o| matches!(o, Output::PromoteCandidate { .. }))
+        );
         assert_eq!(fsm.state(), State::Idle);
     }
 }
