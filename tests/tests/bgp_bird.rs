@@ -415,3 +415,139 @@ fn crossing_connections_keep_the_agents_when_its_router_id_is_higher() -> Result
     );
     Ok(())
 }
+
+/// The `BGP.<attribute>:` line of `birdc show route all`, without its name ("" when absent).
+fn bird_attribute<'a>(route: &'a str, attribute: &str) -> &'a str {
+    let key = format!("BGP.{attribute}:");
+    route
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(key.as_str()))
+        .unwrap_or_default()
+        .trim()
+}
+
+/// Checks one route of the agent's `/peers/{addr}/routes` against BIRD's copy: next hop, AS
+/// path, and exactly the same standard and large communities.
+fn same_route_at_bird(bird: &Bird, sent: &serde_json::Value) -> Result<()> {
+    let prefix = sent["prefix"].as_str().context("prefix")?;
+    let at_bird = bird.route(prefix)?;
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(str::to_owned))
+            .collect()
+    };
+    ensure!(
+        bird_attribute(&at_bird, "next_hop").starts_with(sent["next_hop"].as_str().unwrap_or("?")),
+        "next hop {} of {prefix} at BIRD:\n{at_bird}",
+        sent["next_hop"]
+    );
+    let path: Vec<String> = sent["as_path"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(ToString::to_string)
+        .collect();
+    ensure!(
+        bird_attribute(&at_bird, "as_path") == path.join(" "),
+        "AS path {path:?} of {prefix} at BIRD:\n{at_bird}"
+    );
+    // BIRD writes 65001:7 as (65001,7) and 65001:7:7 as (65001, 7, 7).
+    for (attribute, key, separator) in [
+        ("community", "communities", ","),
+        ("large_community", "large_communities", ", "),
+    ] {
+        let ours = strings(&sent[key]);
+        let theirs = bird_attribute(&at_bird, attribute);
+        ensure!(
+            theirs.matches('(').count() == ours.len()
+                && ours
+                    .iter()
+                    .all(|c| theirs.contains(&format!("({})", c.replace(':', separator)))),
+            "{key} {ours:?} of {prefix}, BIRD has {theirs:?}:\n{at_bird}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn the_routes_view_shows_what_bird_received_and_follows_a_withdrawal() -> Result<()> {
+    require_privileged!();
+    let dir = tempfile::tempdir()?;
+    let topo = Topology::new()?;
+    let bird = Bird::start(&topo.client, dir.path(), &Neighbor::toward_agent(&topo))?;
+    let (v4, v6) = ("192.0.2.57/32", "2001:db8:ff00::57/128");
+    let apps = web_apps_with_communities(v4, v6);
+    let config = agent_config(dir.path(), &topo, COMMUNITIES, &apps)?;
+    let mut service = Service::http(&topo.agent, 8090, dir.path())?;
+    let _agent = start_agent(&topo, dir.path(), &config, "agent.log")?;
+    wait_until("both routes at BIRD", Duration::from_secs(5), || {
+        Ok(!bird.route(v4)?.is_empty() && !bird.route(v6)?.is_empty())
+    })?;
+
+    let url = format!("http://{API}/peers/{}/routes", topo.client_ip);
+    let (status, view) = topo.agent.http_get(&url)?;
+    ensure!(status == 200, "{url}: {status} {view}");
+    ensure!(
+        view["state"] == "Established" && view["asn"] == 65000,
+        "{view}"
+    );
+    let routes = view["routes"].as_array().context("routes")?;
+    let prefixes: Vec<&str> = routes.iter().filter_map(|r| r["prefix"].as_str()).collect();
+    ensure!(prefixes == [v4, v6], "{view}");
+    for route in routes {
+        same_route_at_bird(&bird, route)?;
+        ensure!(
+            route["origin"] == "igp" && route["sent_at"].is_string(),
+            "{route}"
+        );
+    }
+
+    // The CLI prints the same: a table, and the API's JSON.
+    let (ok, table) = gocast_cli(&topo, &["routes", "--peer", &topo.client_ip])?;
+    ensure!(
+        ok && table.contains(v4) && table.contains(v6) && table.contains("65001:7:7"),
+        "gocast routes:\n{table}"
+    );
+    let (ok, json) = gocast_cli(&topo, &["routes", "--json"])?;
+    let all: serde_json::Value = serde_json::from_str(&json).with_context(|| json.clone())?;
+    ensure!(
+        ok && all[0]["routes"] == view["routes"],
+        "gocast routes --json:\n{json}"
+    );
+
+    service.stop();
+    wait_until("withdrawn at BIRD", Duration::from_secs(3), || {
+        Ok(bird.route(v4)?.is_empty() && bird.route(v6)?.is_empty())
+    })?;
+    let (_, view) = topo.agent.http_get(&url)?;
+    ensure!(
+        view["routes"] == serde_json::json!([]),
+        "after the withdrawal: {view}"
+    );
+
+    let (status, body) = topo
+        .agent
+        .http_get(&format!("http://{API}/peers/198.18.255.255/routes"))?;
+    ensure!(status == 404, "unknown peer: {status} {body}");
+    Ok(())
+}
+
+/// Runs the agent's CLI against its API in the agent's namespace: success and the output.
+fn gocast_cli(topo: &Topology, args: &[&str]) -> Result<(bool, String)> {
+    let out = topo
+        .agent
+        .command(
+            gocast_tests::agent_binary()?
+                .to_str()
+                .context("binary path")?,
+        )
+        .args(args)
+        .args(["--addr", API])
+        .output()
+        .context("running the gocast CLI")?;
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text += &String::from_utf8_lossy(&out.stderr);
+    Ok((out.status.success(), text))
+}

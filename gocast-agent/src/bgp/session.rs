@@ -19,7 +19,8 @@ use std::{
     collections::{BTreeMap, VecDeque},
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    time::{Duration, Instant},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
 };
 
 use bytes::Bytes;
@@ -74,6 +75,19 @@ pub struct PeerStatus {
     /// Set while the session's task is down (it panicked or ended by itself) and waits to be
     /// restarted: why. `/healthz` reports it.
     pub task_down: Option<String>,
+    /// What the peer was last sent for each prefix and not withdrawn since: the Adj-RIB-Out
+    /// as it went out (`GET /peers/{addr}/routes`). Empty while the session is down.
+    pub sent: Arc<BTreeMap<IpNet, SentRoute>>,
+}
+
+/// One route as it was last sent to the peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentRoute {
+    /// The `NEXT_HOP` (IPv4) or the `MP_REACH_NLRI` next hop (IPv6).
+    pub next_hop: IpAddr,
+    pub attributes: Attributes,
+    /// When the UPDATE carrying it was sent.
+    pub sent_at: SystemTime,
 }
 
 impl PeerStatus {
@@ -90,6 +104,7 @@ impl PeerStatus {
             messages_out: 0,
             prefixes_advertised: 0,
             task_down: None,
+            sent: Arc::default(),
         }
     }
 }
@@ -507,6 +522,7 @@ impl<'a> Session<'a> {
                         }
                         s.established_at = None;
                         s.prefixes_advertised = 0;
+                        s.sent = Arc::default();
                     });
                     // Nothing is announced to a peer that is down: any version counts as sent.
                     self.flushed.send_replace(self.routes.borrow().version);
@@ -675,6 +691,7 @@ impl<'a> Session<'a> {
     async fn send_changes(&mut self, changes: &Changes, inputs: &mut VecDeque<Input>) {
         let four_octet = self.negotiated.as_ref().is_some_and(|n| n.four_octet_as);
         let mut messages = Vec::new();
+        let mut sent = Vec::new();
         for (_, prefixes) in &changes.withdraw {
             messages.extend(codec::encode_withdraw(prefixes));
         }
@@ -687,12 +704,34 @@ impl<'a> Session<'a> {
                 messages.extend(codec::encode_announce(
                     attrs, next_hop, prefixes, four_octet,
                 ));
+                sent.push((next_hop, attrs, prefixes));
             }
         }
-        if !messages.is_empty() {
-            self.metrics.updates_sent(&self.name, messages.len());
-            self.send_bytes(messages, inputs).await;
+        if messages.is_empty() {
+            return;
         }
+        self.metrics.updates_sent(&self.name, messages.len());
+        self.send_bytes(messages, inputs).await;
+        // Published in place: the map is copied only while a reader holds the previous one.
+        let sent_at = SystemTime::now();
+        self.status.send_modify(|s| {
+            let view = Arc::make_mut(&mut s.sent);
+            for (_, prefixes) in &changes.withdraw {
+                for prefix in prefixes {
+                    view.remove(prefix);
+                }
+            }
+            for (next_hop, attributes, prefixes) in sent {
+                for prefix in prefixes {
+                    let route = SentRoute {
+                        next_hop,
+                        attributes: attributes.clone(),
+                        sent_at,
+                    };
+                    view.insert(*prefix, route);
+                }
+            }
+        });
     }
 
     /// Queues pre-encoded messages and flushes once.
