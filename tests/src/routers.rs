@@ -177,13 +177,14 @@ impl Bird {
             .hold_time
             .map(|h| format!("hold time {h};"))
             .unwrap_or_default();
-        let (port, mut passive) = match neighbor.connect_to {
-            Some(p) => (format!(" port {p}"), "connect retry time 1;".to_owned()),
-            None => (String::new(), "passive on;".to_owned()),
+        let (port, passive) = match neighbor.connect_to {
+            Some(p) => (format!(" port {p}"), "connect retry time 1;"),
+            None => (String::new(), "passive on;"),
         };
-        if let Some(delay) = neighbor.connect_delay {
-            passive.push_str(&format!(" connect delay time {delay};"));
-        }
+        let passive = match neighbor.connect_delay {
+            Some(delay) => format!("{passive} connect delay time {delay};"),
+            None => passive.to_owned(),
+        };
         let text = format!(
             "router id {local};\nlog \"{log}\" all;\nprotocol device {{}}\n\
              protocol kernel {{ ipv4 {{ export all; }}; }}\n\

@@ -269,7 +269,7 @@ fn a_session_bird_opens_comes_up_while_the_agents_own_connects_fail() -> Result<
     require_privileged!();
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;
-    let (bird, _agent, took) =
+    let (bird, agent, took) =
         bird_initiates_while_its_port_is_closed(dir.path(), &topo, "", "192.0.2.54/32")?;
     ensure!(
         rejected_syns(&topo)? > 0,
@@ -283,7 +283,7 @@ fn a_session_bird_opens_comes_up_while_the_agents_own_connects_fail() -> Result<
         "session reset after {took:?}: {}\n--- BIRD ---\n{}\n--- agent ---\n{}",
         bird.session_state()?,
         bird.log_text(),
-        _agent.log_text()
+        agent.log_text()
     );
     Ok(())
 }

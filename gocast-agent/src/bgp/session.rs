@@ -432,21 +432,7 @@ impl<'a> Session<'a> {
                 Output::TrackCandidate => {
                     self.candidate = self.arriving.take().map(|s| self.framed(s));
                 }
-                Output::SendToCandidate(message) => {
-                    if self.candidate.is_some() {
-                        self.count_message("out", &message);
-                    }
-                    if let Some(candidate) = self.candidate.as_mut() {
-                        let sent = tokio::time::timeout(
-                            MAX_WRITE_WAIT,
-                            SinkExt::<Message>::send(candidate, message),
-                        )
-                        .await;
-                        if !matches!(sent, Ok(Ok(()))) {
-                            inputs.push_back(Input::CandidateFailed { answer: None });
-                        }
-                    }
-                }
+                Output::SendToCandidate(message) => self.send_to_candidate(message, inputs).await,
                 Output::CloseCandidate {
                     notification,
                     reason,
@@ -494,39 +480,11 @@ impl<'a> Session<'a> {
                     reason,
                     notification_sent,
                     notification_received,
-                } => {
-                    let notification = match (&notification_sent, &notification_received) {
-                        (Some(n), _) => Some(format!("sent {n}")),
-                        (_, Some(n)) => Some(format!("received {n}")),
-                        _ => None,
-                    };
-                    let detail = match (self.cause.take(), &notification) {
-                        (Some(cause), Some(n)) => format!("{reason}: {cause} ({n})"),
-                        (Some(cause), None) => format!("{reason}: {cause}"),
-                        (None, Some(n)) => format!("{reason} ({n})"),
-                        (None, None) => reason,
-                    };
-                    let was_up = self.negotiated.take().is_some();
-                    let repeated = self.status.borrow().last_error.as_ref() == Some(&detail);
-                    // A peer that stays down would log every retry: say it once per new cause.
-                    if was_up || !repeated {
-                        warn!(peer = %self.name, reason = %detail, "session down");
-                    }
-                    self.rib.clear();
-                    self.next_hop4 = None;
-                    self.next_hop6 = None;
-                    self.status.send_modify(|s| {
-                        s.last_error = Some(detail);
-                        if notification.is_some() {
-                            s.last_notification = notification;
-                        }
-                        s.established_at = None;
-                        s.prefixes_advertised = 0;
-                        s.sent = Arc::default();
-                    });
-                    // Nothing is announced to a peer that is down: any version counts as sent.
-                    self.flushed.send_replace(self.routes.borrow().version);
-                }
+                } => self.session_down(
+                    reason,
+                    notification_sent.as_ref(),
+                    notification_received.as_ref(),
+                ),
                 Output::StateChanged { from, to } => {
                     debug!(peer = %self.name, %from, %to, "bgp state");
                     if from == State::Established && to != State::Established {
@@ -545,6 +503,62 @@ impl<'a> Session<'a> {
                         warn!(peer = %self.name, reason = %why, "malformed UPDATE treated as withdraw (RFC 7606)");
                     }
                 }
+            }
+        }
+    }
+
+    /// The session or the attempt ended: report it once per new cause, forget what the peer
+    /// was sent (it dropped our routes), and count every route-set version as sent to it.
+    fn session_down(
+        &mut self,
+        reason: String,
+        notification_sent: Option<&codec::Notification>,
+        notification_received: Option<&codec::Notification>,
+    ) {
+        let notification = match (notification_sent, notification_received) {
+            (Some(n), _) => Some(format!("sent {n}")),
+            (_, Some(n)) => Some(format!("received {n}")),
+            _ => None,
+        };
+        let detail = match (self.cause.take(), &notification) {
+            (Some(cause), Some(n)) => format!("{reason}: {cause} ({n})"),
+            (Some(cause), None) => format!("{reason}: {cause}"),
+            (None, Some(n)) => format!("{reason} ({n})"),
+            (None, None) => reason,
+        };
+        let was_up = self.negotiated.take().is_some();
+        let repeated = self.status.borrow().last_error.as_ref() == Some(&detail);
+        // A peer that stays down would log every retry: say it once per new cause.
+        if was_up || !repeated {
+            warn!(peer = %self.name, reason = %detail, "session down");
+        }
+        self.rib.clear();
+        self.next_hop4 = None;
+        self.next_hop6 = None;
+        self.status.send_modify(|s| {
+            s.last_error = Some(detail);
+            if notification.is_some() {
+                s.last_notification = notification;
+            }
+            s.established_at = None;
+            s.prefixes_advertised = 0;
+            s.sent = Arc::default();
+        });
+        // Nothing is announced to a peer that is down: any version counts as sent.
+        self.flushed.send_replace(self.routes.borrow().version);
+    }
+
+    /// Sends on the collision candidate; a failed write ends the candidate.
+    async fn send_to_candidate(&mut self, message: Message, inputs: &mut VecDeque<Input>) {
+        if self.candidate.is_some() {
+            self.count_message("out", &message);
+        }
+        if let Some(candidate) = self.candidate.as_mut() {
+            let sent =
+                tokio::time::timeout(MAX_WRITE_WAIT, SinkExt::<Message>::send(candidate, message))
+                    .await;
+            if !matches!(sent, Ok(Ok(()))) {
+                inputs.push_back(Input::CandidateFailed { answer: None });
             }
         }
     }
