@@ -1,4 +1,4 @@
-//! The command line: `gocast run | check-config | status | reload | drain | undrain`, and
+//! The command line: `gocast run | check-config | status | routes | reload | drain | undrain`, and
 //! GoCast's own flags.
 //!
 //! GoCast is started as `gocast -config=/etc/gocast/config.yaml -logtostderr` (Go's flag

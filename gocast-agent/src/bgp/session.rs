@@ -3,13 +3,18 @@
 //!
 //! ```text
 //!   socket ─frames─────────▶ ┌─────────┐ ─Input─▶ Fsm ─Output─▶ apply(): send, timers, status
+//!   candidate ─frames──────▶ │         │
+//!   listener ─connections──▶ │         │
 //!   timers ────────────────▶ │ Session │
 //!   routes (watch) ────────▶ │         │ ─UPDATEs (when Established)─▶ socket
 //!   peer config, stop (watch)└─────────┘
 //! ```
 //!
 //! All effects of the FSM's outputs happen in one function, [`Session::apply`]; I/O failures it
-//! meets become inputs again. The session publishes a [`PeerStatus`] for `/info` and the route
+//! meets become inputs again. A connection the peer opens (`bgp.listen_port`) waits in the session
+//! until the FSM takes it, refuses it, or tracks it as the collision candidate beside the
+//! session's own (RFC 4271 §6.8, see `fsm.rs`). The session publishes a [`PeerStatus`] for
+//! `/info` (with the Adj-RIB-Out as sent, for `/peers/{addr}/routes`) and the route
 //! set version it has sent, which the lifecycle waits for before a VIP leaves `lo`; both
 //! channels belong to its supervisor, which keeps them when it starts a failed session again.
 //! New route attributes from a reload go out on the running session; the speaker's stop says
