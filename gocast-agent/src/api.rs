@@ -1,5 +1,5 @@
 //! The HTTP API: GoCast's calls (`/register`, `/unregister`, `/info`) with the same parameters,
-//! plus `/apps`, `/routes`, `/stats`, `/healthz` and `/metrics`.
+//! plus `/apps`, `/routes`, `/peers/{addr}/routes`, `/stats`, `/healthz` and `/metrics`.
 //!
 //! `/healthz` answers 503 with the reasons while the lifecycle does not turn or a supervised task
 //! is down (see [`crate::supervise`]).
@@ -8,7 +8,7 @@
 //! (400, JSON `{"error": ...}`); only a valid request reaches the lifecycle, whose refusals map
 //! to 403 (policy), 404 (unknown app) and 409 (VIP taken). A refused request changes nothing.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
@@ -25,7 +25,11 @@ use tracing::warn;
 
 use crate::{
     app::{self, AppName, AppSpec, Monitor, NatRule, QUOTE_MAX, Source, truncated},
-    bgp::{Peers, session::PeerStatus},
+    bgp::{
+        Peers,
+        codec::Origin,
+        session::{PeerStatus, SentRoute},
+    },
     messages::{LifecycleError, LifecycleHandle, Routes},
     metrics::Metrics,
     reload::{ReloadError, ReloadHandle},
@@ -147,6 +151,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/apps", get(apps))
         .route("/apps/{name}", get(app_by_name))
         .route("/routes", get(routes))
+        .route("/peers/{addr}/routes", get(peer_routes))
         .route("/stats", get(stats))
         .route("/stats/{*vip}", get(stats_of))
         .route("/healthz", get(healthz))
@@ -555,6 +560,80 @@ async fn routes(State(state): State<ApiState>) -> Json<Value> {
         })
         .collect();
     Json(json!({ "routes": set }))
+}
+
+/// One route of `GET /peers/{addr}/routes`.
+#[derive(Debug, Serialize)]
+struct SentRouteView {
+    prefix: String,
+    next_hop: String,
+    as_path: Vec<u32>,
+    origin: &'static str,
+    med: Option<u32>,
+    local_pref: Option<u32>,
+    communities: Vec<String>,
+    large_communities: Vec<String>,
+    sent_at: String,
+}
+
+impl SentRouteView {
+    fn new(prefix: &ipnet::IpNet, route: &SentRoute) -> Self {
+        let a = &route.attributes;
+        Self {
+            prefix: prefix.to_string(),
+            next_hop: route.next_hop.to_string(),
+            as_path: a.as_path.clone(),
+            origin: match a.origin {
+                Origin::Igp => "igp",
+                Origin::Egp => "egp",
+                Origin::Incomplete => "incomplete",
+            },
+            med: a.med,
+            local_pref: a.local_pref,
+            communities: a
+                .communities
+                .iter()
+                .map(|c| app::Community::Standard(*c).to_string())
+                .collect(),
+            large_communities: a
+                .large_communities
+                .iter()
+                .map(|&(g, l1, l2)| app::Community::Large(g, l1, l2).to_string())
+                .collect(),
+            sent_at: humantime::format_rfc3339_millis(route.sent_at).to_string(),
+        }
+    }
+}
+
+/// What the session of the peer at `addr` has sent and not withdrawn (its Adj-RIB-Out), as the
+/// session published it: 400 for something that is not an address, 404 for no such peer.
+async fn peer_routes(
+    State(state): State<ApiState>,
+    Path(addr): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let ip: IpAddr = addr
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("peer: {addr:?} is not an IP address")))?;
+    let peer = state
+        .peers
+        .statuses()
+        .into_iter()
+        .find(|p| p.address == Some(ip))
+        .ok_or_else(|| ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("peer: no BGP peer {ip}"),
+        })?;
+    let routes: Vec<SentRouteView> = peer
+        .sent
+        .iter()
+        .map(|(prefix, route)| SentRouteView::new(prefix, route))
+        .collect();
+    Ok(Json(json!({
+        "peer": ip.to_string(),
+        "asn": peer.asn,
+        "state": peer.state.to_string(),
+        "routes": routes,
+    })))
 }
 
 /// The `/stats` query: `interval=DURATION` (Go syntax, [`stats::INTERVAL_MIN`] to
@@ -1205,6 +1284,44 @@ mod tests {
         assert_eq!(
             get(&api, "/routes").await.1,
             serde_json::json!({"routes": {}})
+        );
+    }
+
+    #[tokio::test]
+    async fn peer_routes_refuse_a_bad_address_and_an_unknown_peer() {
+        let api = api();
+        let (status, body) = get(&api, "/peers/not-an-ip/routes").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("not-an-ip"),
+            "{body}"
+        );
+        let (status, body) = get(&api, "/peers/198.18.0.2/routes").await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+        assert_eq!(body["error"], "peer: no BGP peer 198.18.0.2");
+    }
+
+    #[test]
+    fn a_sent_route_shows_every_attribute_as_configured() {
+        let route = SentRoute {
+            next_hop: "198.18.0.1".parse().unwrap(),
+            attributes: crate::bgp::codec::Attributes {
+                origin: Origin::Igp,
+                as_path: vec![65001],
+                med: Some(5),
+                local_pref: None,
+                communities: vec![65001 << 16 | 7, 0xFFFF_FF01],
+                large_communities: vec![(65001, 7, 7)],
+            },
+            sent_at: std::time::UNIX_EPOCH + Duration::from_millis(1_500),
+        };
+        let view = SentRouteView::new(&"192.0.2.10/32".parse().unwrap(), &route);
+        assert_eq!(
+            serde_json::to_value(view).unwrap(),
+            serde_json::json!({"prefix": "192.0.2.10/32", "next_hop": "198.18.0.1",
+                "as_path": [65001], "origin": "igp", "med": 5, "local_pref": null,
+                "communities": ["65001:7", "no-export"], "large_communities": ["65001:7:7"],
+                "sent_at": "1970-01-01T00:00:01.500Z"})
         );
     }
 

@@ -1,4 +1,4 @@
-//! The command line: `gocast run | check-config | status | reload | drain | undrain`, and
+//! The command line: `gocast run | check-config | status | routes | reload | drain | undrain`, and
 //! GoCast's own flags.
 //!
 //! GoCast is started as `gocast -config=/etc/gocast/config.yaml -logtostderr` (Go's flag
@@ -53,6 +53,18 @@ pub enum Command {
         #[command(flatten)]
         agent: AgentAddr,
     },
+    /// Show what the agent's BGP sessions have sent and not withdrawn (their Adj-RIB-Out), with
+    /// every attribute.
+    Routes {
+        /// Only the session with this peer address.
+        #[arg(long)]
+        peer: Option<String>,
+        /// Print the API's JSON (`GET /peers/{addr}/routes`; an array of those without `--peer`).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        agent: AgentAddr,
+    },
     /// Make a running agent re-read its config file and apply the difference; exit 1 with
     /// the reason if the file is refused (nothing changes then).
     Reload {
@@ -99,10 +111,11 @@ const GLOG_FLAGS: [&str; 6] = [
     "log_dir",
     "vmodule",
 ];
-const SUBCOMMANDS: [&str; 7] = [
+const SUBCOMMANDS: [&str; 8] = [
     "run",
     "check-config",
     "status",
+    "routes",
     "reload",
     "drain",
     "undrain",
@@ -164,6 +177,72 @@ pub fn normalize(args: Vec<OsString>) -> Vec<OsString> {
 /// `gocast status`: the peers, then one line per app, as `birdc show` prints tables.
 fn text_of(v: &Value) -> &str {
     v.as_str().unwrap_or("?")
+}
+
+/// What `gocast routes` prints for one peer (a `GET /peers/{addr}/routes` answer): a heading,
+/// then one line per route.
+pub fn render_peer_routes(answer: &Value) -> String {
+    let list = |v: &Value| -> String {
+        let items: Vec<String> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|i| match i {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            })
+            .collect();
+        if items.is_empty() {
+            "-".into()
+        } else {
+            items.join(" ")
+        }
+    };
+    let number = |v: &Value| v.as_u64().map_or_else(|| "-".into(), |n| n.to_string());
+    let routes = answer["routes"].as_array().map_or(&[][..], Vec::as_slice);
+    let mut out = format!(
+        "peer {} (AS {}, {}): {} routes sent\n",
+        text_of(&answer["peer"]),
+        number(&answer["asn"]),
+        text_of(&answer["state"]),
+        routes.len()
+    );
+    if routes.is_empty() {
+        return out;
+    }
+    let mut rows = vec![[
+        "PREFIX".to_owned(),
+        "NEXT HOP".into(),
+        "AS PATH".into(),
+        "ORIGIN".into(),
+        "MED".into(),
+        "LOCAL PREF".into(),
+        "COMMUNITIES".into(),
+        "SENT".into(),
+    ]];
+    for r in routes {
+        let communities = [list(&r["communities"]), list(&r["large_communities"])]
+            .into_iter()
+            .filter(|c| c != "-")
+            .collect::<Vec<_>>()
+            .join(" ");
+        rows.push([
+            text_of(&r["prefix"]).to_owned(),
+            text_of(&r["next_hop"]).to_owned(),
+            list(&r["as_path"]),
+            text_of(&r["origin"]).to_owned(),
+            number(&r["med"]),
+            number(&r["local_pref"]),
+            if communities.is_empty() {
+                "-".into()
+            } else {
+                communities
+            },
+            text_of(&r["sent_at"]).to_owned(),
+        ]);
+    }
+    out += &table(&rows);
+    out
 }
 
 /// What `gocast reload` prints: the changes, the refusals and what waits for a restart.
@@ -547,6 +626,40 @@ mod tests {
         assert_eq!(uptime(303), "5m 3s");
         assert_eq!(uptime(7_500), "2h 5m");
         assert_eq!(uptime(273_600), "3d 4h");
+    }
+
+    #[test]
+    fn routes_prints_each_sent_route_with_its_attributes() {
+        let answer = serde_json::json!({"peer": "198.18.0.2", "asn": 65000, "state": "Established",
+            "routes": [{"prefix": "192.0.2.10/32", "next_hop": "198.18.0.1", "as_path": [65001],
+                "origin": "igp", "med": null, "local_pref": null,
+                "communities": ["65001:7", "no-export"], "large_communities": ["65001:7:7"],
+                "sent_at": "2026-01-01T12:00:00.000Z"}]});
+        let out = render_peer_routes(&answer);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines[0],
+            "peer 198.18.0.2 (AS 65000, Established): 1 routes sent"
+        );
+        assert!(
+            lines[1].starts_with("PREFIX") && lines[1].contains("COMMUNITIES"),
+            "{out}"
+        );
+        for field in [
+            "192.0.2.10/32",
+            "198.18.0.1",
+            "65001",
+            "igp",
+            "65001:7 no-export 65001:7:7",
+            "2026-01-01T12:00:00.000Z",
+        ] {
+            assert!(lines[2].contains(field), "{field}: {out}");
+        }
+        let empty = serde_json::json!({"peer": "198.18.0.2", "asn": 65000, "state": "Active", "routes": []});
+        assert_eq!(
+            render_peer_routes(&empty),
+            "peer 198.18.0.2 (AS 65000, Active): 0 routes sent\n"
+        );
     }
 
     #[test]

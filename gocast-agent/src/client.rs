@@ -178,6 +178,40 @@ pub async fn status(agent: &AgentAddr) -> Result<()> {
     Ok(())
 }
 
+/// `gocast routes [--peer ADDR] [--json]`: what each session (or one) has sent.
+pub async fn routes(agent: &AgentAddr, peer: Option<&str>, json: bool) -> Result<()> {
+    let client = Client::new(agent)?;
+    let peers: Vec<String> = match peer {
+        Some(peer) => vec![peer.to_owned()],
+        // An autodiscovered peer not found yet has no address and no session to ask.
+        None => client.get("/info").await?["peers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["address"].as_str().map(str::to_owned))
+            .collect(),
+    };
+    let mut answers = Vec::new();
+    for peer in &peers {
+        // The address goes into the path: refuse what is not one before it gets there.
+        let ip: std::net::IpAddr = peer
+            .parse()
+            .with_context(|| format!("--peer {peer:?} is not an IP address"))?;
+        answers.push(client.get(&format!("/peers/{ip}/routes")).await?);
+    }
+    if json {
+        let value = match (peer, answers.len()) {
+            (Some(_), 1) => answers.remove(0),
+            _ => Value::Array(answers),
+        };
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        let text: Vec<String> = answers.iter().map(cli::render_peer_routes).collect();
+        print!("{}", text.join("\n"));
+    }
+    Ok(())
+}
+
 /// `gocast reload`: prints what changed; fails with the agent's reason if it refused.
 pub async fn reload(agent: &AgentAddr) -> Result<()> {
     let answer = Client::new(agent)?.post("/reload", &[]).await?;

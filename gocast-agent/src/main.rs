@@ -64,6 +64,9 @@ fn main() -> ExitCode {
         Command::Status { agent } => {
             exit(runtime().and_then(|rt| rt.block_on(client::status(&agent))))
         }
+        Command::Routes { peer, json, agent } => exit(
+            runtime().and_then(|rt| rt.block_on(client::routes(&agent, peer.as_deref(), json))),
+        ),
         Command::Reload { agent } => {
             exit(runtime().and_then(|rt| rt.block_on(client::reload(&agent))))
         }

@@ -351,7 +351,8 @@ impl Agent {
             api: api.to_owned(),
         };
         let url = format!("http://{api}/healthz");
-        agent.wait_for("the API", Duration::from_secs(10), |_| {
+        // Generous: a debug agent on two cores shared with builds (load 15) took over 10 s.
+        agent.wait_for("the API", Duration::from_secs(30), |_| {
             Ok(ns.http_get(&url).is_ok_and(|(s, _)| s == 200))
         })?;
         Ok(agent)

@@ -36,6 +36,9 @@ pub struct Neighbor {
     /// `Some(port)`: the router connects to the agent's listener on that port (BIRD only);
     /// `None`: it waits passively for the agent.
     pub connect_to: Option<u16>,
+    /// How long BIRD waits before its first connect (`connect delay time`, BIRD's default 5 s
+    /// when `None`).
+    pub connect_delay: Option<u16>,
 }
 
 impl Neighbor {
@@ -50,6 +53,7 @@ impl Neighbor {
             password: None,
             hold_time: None,
             connect_to: None,
+            connect_delay: None,
         }
     }
 }
@@ -176,6 +180,10 @@ impl Bird {
         let (port, passive) = match neighbor.connect_to {
             Some(p) => (format!(" port {p}"), "connect retry time 1;"),
             None => (String::new(), "passive on;"),
+        };
+        let passive = match neighbor.connect_delay {
+            Some(delay) => format!("{passive} connect delay time {delay};"),
+            None => passive.to_owned(),
         };
         let text = format!(
             "router id {local};\nlog \"{log}\" all;\nprotocol device {{}}\n\

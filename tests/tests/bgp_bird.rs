@@ -250,7 +250,7 @@ fn bird_initiates_while_its_port_is_closed(
         &apps,
     )?;
     let agent = start_agent(topo, dir, &config, "agent.log")?;
-    // BIRD's first connect waits for its `start delay time` (5 s), from its own start.
+    // BIRD's first connect waits for its `connect delay time` (1 s), from its own start.
     let took = wait_until(
         "route at BIRD over the session BIRD opened",
         Duration::from_secs(10),
@@ -269,7 +269,7 @@ fn a_session_bird_opens_comes_up_while_the_agents_own_connects_fail() -> Result<
     require_privileged!();
     let dir = tempfile::tempdir()?;
     let topo = Topology::new()?;
-    let (bird, _agent, took) =
+    let (bird, agent, took) =
         bird_initiates_while_its_port_is_closed(dir.path(), &topo, "", "192.0.2.54/32")?;
     ensure!(
         rejected_syns(&topo)? > 0,
@@ -280,8 +280,10 @@ fn a_session_bird_opens_comes_up_while_the_agents_own_connects_fail() -> Result<
     std::thread::sleep(Duration::from_secs(3));
     ensure!(
         bird.established()? && bird.since()? == since,
-        "session reset after {took:?}: {}",
-        bird.session_state()?
+        "session reset after {took:?}: {}\n--- BIRD ---\n{}\n--- agent ---\n{}",
+        bird.session_state()?,
+        bird.log_text(),
+        agent.log_text()
     );
     Ok(())
 }
@@ -301,4 +303,251 @@ fn a_passive_peer_is_never_connected_to_and_comes_up_when_bird_connects() -> Res
     let syns = rejected_syns(&topo)?;
     ensure!(syns == 0, "the passive agent connected {syns} times");
     Ok(())
+}
+
+/// Holds back the messages (OPEN, KEEPALIVE, NOTIFICATION: any payload) on connections the
+/// agent opens to BIRD's port 179, both ways, while the handshakes pass: neither side sees the
+/// other's OPEN there, so BIRD goes on to open its own connection beside it (BIRD gives that
+/// up once an OPEN arrives) and the agent has its connection in `OpenSent` when BIRD's arrives:
+/// a connection collision every time. Dropped segments are sent again once the rules are gone.
+fn hold_back_messages_to_port_179(topo: &Topology, on: bool) -> Result<()> {
+    for (chain, port) in [("INPUT", "--dport"), ("OUTPUT", "--sport")] {
+        topo.client.run(
+            "iptables",
+            &[
+                if on { "-I" } else { "-D" },
+                chain,
+                "-p",
+                "tcp",
+                port,
+                "179",
+                "-m",
+                "length",
+                "--length",
+                "70:65535",
+                "-j",
+                "DROP",
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// Both sides connect: the agent to BIRD's port 179 at once, BIRD to `listen_port` 3 s after
+/// (re)starting, while the agent's connection is held in `OpenSent`. RFC 4271 §6.8 collision
+/// resolution must keep the same connection on both sides, at the start and after BIRD
+/// restarts the session; the session must then stay up. Returns the agent's log.
+fn crossing_connections_end_in_one_session(agent_router_id: &str) -> Result<String> {
+    let dir = tempfile::tempdir()?;
+    let topo = Topology::new()?;
+    let neighbor = Neighbor {
+        connect_to: Some(1179),
+        connect_delay: Some(3),
+        ..Neighbor::toward_agent(&topo)
+    };
+    let bird = Bird::start(&topo.client, dir.path(), &neighbor)?;
+    let apps = "apps:\n  - name: web\n    vip: 192.0.2.56/32\n";
+    let config = agent_config(
+        dir.path(),
+        &topo,
+        &format!("  listen_port: 1179\n  router_id: {agent_router_id}\n"),
+        apps,
+    )?;
+    hold_back_messages_to_port_179(&topo, true)?;
+    let agent = start_agent(&topo, dir.path(), &config, "agent.log")?;
+    let context = |what: &str| {
+        format!(
+            "{what}\n--- BIRD ---\n{}\n--- agent ---\n{}",
+            bird.log_text(),
+            agent.log_text()
+        )
+    };
+    for round in 1..=2 {
+        if round > 1 {
+            hold_back_messages_to_port_179(&topo, true)?;
+            bird.birdc(&["restart", "agent"])?;
+        }
+        wait_until("a collision at the agent", Duration::from_secs(15), || {
+            Ok(agent.log_text().matches("connection collision").count() >= round)
+        })
+        .with_context(|| context(&format!("round {round}")))?;
+        hold_back_messages_to_port_179(&topo, false)?;
+        wait_until("Established", Duration::from_secs(20), || {
+            Ok(bird.established()? && agent_peer(&topo)?["state"] == "Established")
+        })
+        .with_context(|| context(&format!("round {round}")))?;
+        wait_until("route at BIRD", Duration::from_secs(10), || {
+            Ok(!bird.route("192.0.2.56/32")?.is_empty())
+        })
+        .with_context(|| context("route"))?;
+    }
+    let since = bird.since()?;
+    std::thread::sleep(Duration::from_secs(10));
+    ensure!(
+        bird.established()? && bird.since()? == since,
+        "{}",
+        context(&format!("session reset: {}", bird.session_state()?))
+    );
+    let peer = agent_peer(&topo)?;
+    ensure!(peer["state"] == "Established", "{peer}");
+    Ok(agent.log_text())
+}
+
+#[test]
+fn crossing_connections_keep_birds_when_birds_router_id_is_higher() -> Result<()> {
+    require_privileged!();
+    // Our router id below BIRD's (198.18.x.y).
+    let log = crossing_connections_end_in_one_session("198.18.0.0")?;
+    ensure!(
+        log.contains("keeping the peer's connection") && !log.contains("keeping our connection"),
+        "{log}"
+    );
+    Ok(())
+}
+
+#[test]
+fn crossing_connections_keep_the_agents_when_its_router_id_is_higher() -> Result<()> {
+    require_privileged!();
+    let log = crossing_connections_end_in_one_session("198.19.255.254")?;
+    ensure!(
+        log.contains("keeping our connection") && !log.contains("keeping the peer's connection"),
+        "{log}"
+    );
+    Ok(())
+}
+
+/// The `BGP.<attribute>:` line of `birdc show route all`, without its name ("" when absent).
+fn bird_attribute<'a>(route: &'a str, attribute: &str) -> &'a str {
+    let key = format!("BGP.{attribute}:");
+    route
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(key.as_str()))
+        .unwrap_or_default()
+        .trim()
+}
+
+/// Checks one route of the agent's `/peers/{addr}/routes` against BIRD's copy: next hop, AS
+/// path, and exactly the same standard and large communities.
+fn same_route_at_bird(bird: &Bird, sent: &serde_json::Value) -> Result<()> {
+    let prefix = sent["prefix"].as_str().context("prefix")?;
+    let at_bird = bird.route(prefix)?;
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(str::to_owned))
+            .collect()
+    };
+    ensure!(
+        bird_attribute(&at_bird, "next_hop").starts_with(sent["next_hop"].as_str().unwrap_or("?")),
+        "next hop {} of {prefix} at BIRD:\n{at_bird}",
+        sent["next_hop"]
+    );
+    let path: Vec<String> = sent["as_path"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(ToString::to_string)
+        .collect();
+    ensure!(
+        bird_attribute(&at_bird, "as_path") == path.join(" "),
+        "AS path {path:?} of {prefix} at BIRD:\n{at_bird}"
+    );
+    // BIRD writes 65001:7 as (65001,7) and 65001:7:7 as (65001, 7, 7).
+    for (attribute, key, separator) in [
+        ("community", "communities", ","),
+        ("large_community", "large_communities", ", "),
+    ] {
+        let ours = strings(&sent[key]);
+        let theirs = bird_attribute(&at_bird, attribute);
+        ensure!(
+            theirs.matches('(').count() == ours.len()
+                && ours
+                    .iter()
+                    .all(|c| theirs.contains(&format!("({})", c.replace(':', separator)))),
+            "{key} {ours:?} of {prefix}, BIRD has {theirs:?}:\n{at_bird}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn the_routes_view_shows_what_bird_received_and_follows_a_withdrawal() -> Result<()> {
+    require_privileged!();
+    let dir = tempfile::tempdir()?;
+    let topo = Topology::new()?;
+    let bird = Bird::start(&topo.client, dir.path(), &Neighbor::toward_agent(&topo))?;
+    let (v4, v6) = ("192.0.2.57/32", "2001:db8:ff00::57/128");
+    let apps = web_apps_with_communities(v4, v6);
+    let config = agent_config(dir.path(), &topo, COMMUNITIES, &apps)?;
+    let mut service = Service::http(&topo.agent, 8090, dir.path())?;
+    let _agent = start_agent(&topo, dir.path(), &config, "agent.log")?;
+    wait_until("both routes at BIRD", Duration::from_secs(5), || {
+        Ok(!bird.route(v4)?.is_empty() && !bird.route(v6)?.is_empty())
+    })?;
+
+    let url = format!("http://{API}/peers/{}/routes", topo.client_ip);
+    let (status, view) = topo.agent.http_get(&url)?;
+    ensure!(status == 200, "{url}: {status} {view}");
+    ensure!(
+        view["state"] == "Established" && view["asn"] == 65000,
+        "{view}"
+    );
+    let routes = view["routes"].as_array().context("routes")?;
+    let prefixes: Vec<&str> = routes.iter().filter_map(|r| r["prefix"].as_str()).collect();
+    ensure!(prefixes == [v4, v6], "{view}");
+    for route in routes {
+        same_route_at_bird(&bird, route)?;
+        ensure!(
+            route["origin"] == "igp" && route["sent_at"].is_string(),
+            "{route}"
+        );
+    }
+
+    // The CLI prints the same: a table, and the API's JSON.
+    let (ok, table) = gocast_cli(&topo, &["routes", "--peer", &topo.client_ip])?;
+    ensure!(
+        ok && table.contains(v4) && table.contains(v6) && table.contains("65001:7:7"),
+        "gocast routes:\n{table}"
+    );
+    let (ok, json) = gocast_cli(&topo, &["routes", "--json"])?;
+    let all: serde_json::Value = serde_json::from_str(&json).with_context(|| json.clone())?;
+    ensure!(
+        ok && all[0]["routes"] == view["routes"],
+        "gocast routes --json:\n{json}"
+    );
+
+    service.stop();
+    wait_until("withdrawn at BIRD", Duration::from_secs(3), || {
+        Ok(bird.route(v4)?.is_empty() && bird.route(v6)?.is_empty())
+    })?;
+    let (_, view) = topo.agent.http_get(&url)?;
+    ensure!(
+        view["routes"] == serde_json::json!([]),
+        "after the withdrawal: {view}"
+    );
+
+    let (status, body) = topo
+        .agent
+        .http_get(&format!("http://{API}/peers/198.18.255.255/routes"))?;
+    ensure!(status == 404, "unknown peer: {status} {body}");
+    Ok(())
+}
+
+/// Runs the agent's CLI against its API in the agent's namespace: success and the output.
+fn gocast_cli(topo: &Topology, args: &[&str]) -> Result<(bool, String)> {
+    let out = topo
+        .agent
+        .command(
+            gocast_tests::agent_binary()?
+                .to_str()
+                .context("binary path")?,
+        )
+        .args(args)
+        .args(["--addr", API])
+        .output()
+        .context("running the gocast CLI")?;
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text += &String::from_utf8_lossy(&out.stderr);
+    Ok((out.status.success(), text))
 }

@@ -7,8 +7,14 @@
 //! report. The session owns the socket and the timers; the FSM makes every decision.
 //!
 //! Where we differ from RFC 4271 §8, and why:
-//! - One connection at a time: no collision detection (§6.8), no `DelayOpen` (§8.1.1). The session
-//!   hands the FSM a single connection and refuses any other one itself.
+//! - At most two connections, and only while no session is up: the session's own connection and,
+//!   when the peer connects while ours is in `OpenSent` or `OpenConfirm`, the peer's one, tracked
+//!   as a *candidate* until an OPEN tells which survives (collision detection, [RFC 4271 §6.8]):
+//!   the connection opened by the side with the higher BGP Identifier (the higher AS when the
+//!   identifiers are equal, [RFC 6286 §2.3]) is kept, the other gets Cease / Connection
+//!   Collision Resolution (6/7, [RFC 4486]). Both sides apply the same rule, so they keep the
+//!   same connection. A connection while Established, or a third one, is closed with 6/7; one
+//!   in Idle with Cease / Connection Rejected (6/5). No `DelayOpen` (§8.1.1).
 //! - The `ConnectRetryTimer` has two jobs. In Connect it bounds the outgoing connect
 //!   ([`CONNECT_RETRY_TIME`]); in Active and Idle it is the reconnect delay: 1 s doubling to
 //!   30 s, ±20 % jitter, back to 1 s once Established (`docs/design.md`, "BGP behaviour").
@@ -25,6 +31,9 @@
 //! - Received routes are never installed: an UPDATE re-arms the hold timer and is reported.
 //!
 //! [RFC 4271 §8]: https://www.rfc-editor.org/rfc/rfc4271#section-8
+//! [RFC 4271 §6.8]: https://www.rfc-editor.org/rfc/rfc4271#section-6.8
+//! [RFC 6286 §2.3]: https://www.rfc-editor.org/rfc/rfc6286#section-2.3
+//! [RFC 4486]: https://www.rfc-editor.org/rfc/rfc4486#section-4
 //! [RFC 6286 §2.2]: https://www.rfc-editor.org/rfc/rfc6286#section-2.2
 
 use std::{fmt, net::Ipv4Addr, time::Duration};
@@ -193,9 +202,20 @@ pub enum Input {
     HoldTimerExpired,
     /// Event 11 `KeepaliveTimer_Expires`: time to send a KEEPALIVE.
     KeepaliveTimerExpired,
-    /// Events 16 `Tcp_CR_Acked` and 17 `TcpConnectionConfirmed`: our connect succeeded, or (in
-    /// Active) the peer connected to us.
+    /// Event 16 `Tcp_CR_Acked`: our connect succeeded.
+    TcpCrAcked,
+    /// Event 17 `TcpConnectionConfirmed`: the peer connected to us (`bgp.listen_port`). Taken
+    /// in Connect and Active, tracked as the collision candidate in `OpenSent` and
+    /// `OpenConfirm`, refused otherwise; the outputs say which.
     TcpConnectionConfirmed,
+    /// Event 19 `BGPOpen` on the collision candidate (the peer's second connection).
+    CandidateOpenReceived(Open),
+    /// The collision candidate ended: closed by the peer, a NOTIFICATION, any message but OPEN,
+    /// or a malformed one. `answer` is the NOTIFICATION to send on it, if any.
+    CandidateFailed {
+        /// What to send before closing it.
+        answer: Option<Notification>,
+    },
     /// Event 18 `TcpConnectionFails`: the connect failed, or the connection broke (I/O error).
     TcpConnectionFails,
     /// Event 18 `TcpConnectionFails` as well, when the peer closed the connection; kept apart
@@ -232,7 +252,7 @@ pub enum ConfigChange {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
     /// Open a TCP connection to the peer ([RFC 4271 §8.2.2] Idle and Connect states); answer
-    /// with `TcpConnectionConfirmed` or `TcpConnectionFails`.
+    /// with `TcpCrAcked` or `TcpConnectionFails`.
     ///
     /// [RFC 4271 §8.2.2]: https://www.rfc-editor.org/rfc/rfc4271#section-8.2.2
     Connect,
@@ -240,6 +260,30 @@ pub enum Output {
     ///
     /// [RFC 4271 §4]: https://www.rfc-editor.org/rfc/rfc4271#section-4
     SendMessage(Message),
+    /// Use the peer's new connection (`TcpConnectionConfirmed`) as the session's connection,
+    /// abandoning our connect in progress.
+    AcceptConnection,
+    /// Close the peer's new connection after sending this NOTIFICATION.
+    RefuseConnection(Notification),
+    /// Keep the peer's new connection beside ours until an OPEN decides ([RFC 4271 §6.8]).
+    ///
+    /// [RFC 4271 §6.8]: https://www.rfc-editor.org/rfc/rfc4271#section-6.8
+    TrackCandidate,
+    /// Send this message on the collision candidate.
+    SendToCandidate(Message),
+    /// Close the collision candidate, after sending `notification` if any.
+    CloseCandidate {
+        /// What to send first.
+        notification: Option<Notification>,
+        /// Why, for the log.
+        reason: String,
+    },
+    /// The session's connection is closed (by the outputs before this one); the collision
+    /// candidate becomes the session's connection.
+    PromoteCandidate {
+        /// Why, for the log.
+        reason: String,
+    },
     /// Close the connection, or abandon the connect in progress ([RFC 4271 §8.2.2] "drops the
     /// TCP connection"). Messages still queued before it are sent first.
     ///
@@ -303,6 +347,12 @@ pub struct Fsm {
     running: bool,
     /// Set when the peer's OPEN is accepted, cleared when the session goes down.
     negotiated: Option<Negotiated>,
+    /// We opened the session's connection (`TcpCrAcked`), rather than the peer: collision
+    /// resolution keeps the connection opened by the dominant side.
+    ours: bool,
+    /// The peer's second connection is tracked beside ours (only in `OpenSent` and
+    /// `OpenConfirm`); our OPEN has been sent on it.
+    candidate: bool,
     /// Reconnect delays after session losses; its jitter is seeded from the config, so runs are
     /// reproducible.
     backoff: Backoff,
@@ -320,6 +370,8 @@ impl Fsm {
             state: State::Idle,
             running: false,
             negotiated: None,
+            ours: false,
+            candidate: false,
             backoff: Backoff::seeded(INITIAL_BACKOFF, MAX_BACKOFF, seed),
             out: Vec::new(),
         }
@@ -349,7 +401,14 @@ impl Fsm {
                 }
             }
             Input::KeepaliveTimerExpired => self.keepalive_timer_expired(),
+            Input::TcpCrAcked => self.tcp_cr_acked(),
             Input::TcpConnectionConfirmed => self.tcp_connection_confirmed(),
+            Input::CandidateOpenReceived(open) => self.candidate_open_received(&open),
+            Input::CandidateFailed { answer } => {
+                if self.candidate {
+                    self.close_candidate(answer, "the peer's other connection ended".into());
+                }
+            }
             Input::TcpConnectionFails => self.connection_lost("TCP connection failed"),
             Input::TcpConnectionClosed => self.connection_lost("peer closed the connection"),
             Input::OpenReceived(open) => match self.state {
@@ -382,9 +441,19 @@ impl Fsm {
                 _ => self.unexpected_message("ROUTE-REFRESH"),
             },
             Input::NotificationReceived(received) => {
-                if self.connected() {
-                    // The notification itself travels in SessionDown; the session prints it.
-                    self.session_lost("closed by the peer".into(), None, Some(received));
+                // The notification itself travels in SessionDown; the session prints it.
+                let collision = received.code == error_code::CEASE
+                    && received.subcode == cease_subcode::CONNECTION_COLLISION;
+                match self.state {
+                    // The peer resolved a collision against this connection (RFC 4271 §6.8):
+                    // not a misbehaving peer, so no damping; Active takes its other one.
+                    State::OpenSent | State::OpenConfirm if collision => {
+                        self.attempt_failed("closed by the peer".into(), Some(received));
+                    }
+                    _ if self.connected() => {
+                        self.session_lost("closed by the peer".into(), None, Some(received));
+                    }
+                    _ => {}
                 }
             }
             Input::DecodeFailed(answer) => {
@@ -498,20 +567,104 @@ impl Fsm {
         }
     }
 
+    /// Our connect succeeded (RFC 4271 §8.2.2 Connect state, Event 16).
+    fn tcp_cr_acked(&mut self) {
+        match self.state {
+            State::Connect | State::Active => {
+                self.ours = true;
+                self.send_open();
+            }
+            // A stale result: the attempt was abandoned.
+            _ => self.out.push(Output::CloseConnection),
+        }
+    }
+
+    /// The peer connected to us (Event 17).
     fn tcp_connection_confirmed(&mut self) {
         match self.state {
             State::Connect | State::Active => {
-                self.out.push(Output::SetConnectRetryTimer(None));
-                self.out
-                    .push(Output::SendMessage(Message::Open(self.our_open())));
-                self.out.push(Output::SetHoldTimer(Some(LARGE_HOLD_TIME)));
-                self.change_state(State::OpenSent);
+                self.ours = false;
+                self.out.push(Output::AcceptConnection);
+                self.send_open();
             }
-            // RFC 4271 §8.2.2 Idle state: incoming connections are refused.
-            State::Idle => self.out.push(Output::CloseConnection),
-            // The session hands over one connection at a time; nothing to do.
-            State::OpenSent | State::OpenConfirm | State::Established => {}
+            // RFC 4271 §8.2.2 OpenSent and OpenConfirm states: "a second TCP session may be in
+            // progress. This second TCP session is tracked per Connection Collision processing
+            // (Section 6.8) until an OPEN message is received."
+            State::OpenSent | State::OpenConfirm if !self.candidate => {
+                self.candidate = true;
+                self.out.push(Output::TrackCandidate);
+                self.out
+                    .push(Output::SendToCandidate(Message::Open(self.our_open())));
+            }
+            // RFC 4271 §6.8: a collision with an Established session closes the new connection.
+            State::OpenSent | State::OpenConfirm | State::Established => self
+                .out
+                .push(Output::RefuseConnection(collision_notification())),
+            // RFC 4271 §8.2.2 Idle state: incoming connections are refused (damping).
+            State::Idle => self.out.push(Output::RefuseConnection(notification(
+                error_code::CEASE,
+                cease_subcode::CONNECTION_REJECTED,
+            ))),
         }
+    }
+
+    /// Sends our OPEN on the new connection and waits for the peer's (`OpenSent`).
+    fn send_open(&mut self) {
+        self.out.push(Output::SetConnectRetryTimer(None));
+        self.out
+            .push(Output::SendMessage(Message::Open(self.our_open())));
+        self.out.push(Output::SetHoldTimer(Some(LARGE_HOLD_TIME)));
+        self.change_state(State::OpenSent);
+    }
+
+    /// The peer's OPEN on its second connection: the BGP Identifiers decide which connection
+    /// survives (RFC 4271 §6.8). Ours does only if we opened it and our identifier is the
+    /// higher one; if the peer opened both, its newer one wins (a peer has one connection of
+    /// its own at a time, so it gave the older one up).
+    fn candidate_open_received(&mut self, open: &Open) {
+        if !self.candidate {
+            return;
+        }
+        let negotiated = match self.check_open(open) {
+            Ok(negotiated) => negotiated,
+            Err((reason, answer)) => {
+                self.close_candidate(Some(answer), reason);
+                return;
+            }
+        };
+        let dominant = (self.config.router_id, self.config.local_as) > (open.router_id, open.asn);
+        if self.ours && dominant {
+            let reason = format!(
+                "connection collision: keeping our connection (BGP identifier {} is higher than the peer's {})",
+                self.config.router_id, open.router_id
+            );
+            self.close_candidate(Some(collision_notification()), reason);
+            return;
+        }
+        let reason = if self.ours {
+            format!(
+                "connection collision: keeping the peer's connection (its BGP identifier {} is higher than ours {})",
+                open.router_id, self.config.router_id
+            )
+        } else {
+            "the peer opened a new connection: keeping it".to_owned()
+        };
+        self.candidate = false;
+        self.ours = false;
+        self.out.push(Output::SendMessage(Message::Notification(
+            collision_notification(),
+        )));
+        self.out.push(Output::CloseConnection);
+        self.out.push(Output::PromoteCandidate { reason });
+        self.accept_open(negotiated);
+    }
+
+    fn close_candidate(&mut self, notification: Option<Notification>, reason: String) {
+        self.candidate = false;
+        self.out.push(Output::CloseCandidate {
+            notification,
+            reason,
+        });
     }
 
     fn connection_lost(&mut self, reason: &str) {
@@ -519,7 +672,7 @@ impl Fsm {
             // RFC 4271 §8.2.2 Connect and OpenSent states, Event 18: the attempt failed before
             // any OPEN was accepted, so go to Active, which still takes the peer's own
             // connection, and connect again when the ConnectRetryTimer fires.
-            State::Connect | State::OpenSent => self.attempt_failed(reason),
+            State::Connect | State::OpenSent => self.attempt_failed(reason.to_owned(), None),
             // A session that got as far as the peer's OPEN: Idle, refusing connections until
             // the reconnect delay is over (damping).
             State::OpenConfirm | State::Established => {
@@ -532,8 +685,10 @@ impl Fsm {
 
     /// A connection attempt failed (ours, or the peer's before its OPEN): report it, go to
     /// Active and connect again after the reconnect delay (never, when passive).
-    fn attempt_failed(&mut self, reason: &str) {
-        self.end_attempt(reason.to_owned(), None, None, State::Active);
+    fn attempt_failed(&mut self, reason: String, received: Option<Notification>) {
+        if self.end_attempt(reason, None, received, State::Active) {
+            return;
+        }
         let retry = (self.running && !self.config.passive).then(|| self.backoff.next_delay());
         self.out.push(Output::SetConnectRetryTimer(retry));
     }
@@ -541,6 +696,15 @@ impl Fsm {
     /// Validates the peer's OPEN in `OpenSent` (RFC 4271 §6.2, RFC 6286 §2.2) and answers it with
     /// a KEEPALIVE (§8.2.2 `OpenSent` state, Event 19).
     fn open_received(&mut self, open: &Open) {
+        match self.check_open(open) {
+            Ok(negotiated) => self.accept_open(negotiated),
+            Err((reason, sent)) => self.session_lost(reason, Some(sent), None),
+        }
+    }
+
+    /// What the OPEN negotiates with ours, or why it is rejected and the NOTIFICATION that
+    /// says so (RFC 4271 §6.2).
+    fn check_open(&self, open: &Open) -> Result<Negotiated, (String, Notification)> {
         let config = &self.config;
         let ibgp = config.local_as == config.peer_as;
         if open.asn != config.peer_as {
@@ -548,24 +712,21 @@ impl Fsm {
                 "OPEN rejected: peer announced AS {}, expected AS {}",
                 open.asn, config.peer_as
             );
-            let sent = notification(OPEN_MESSAGE_ERROR, BAD_PEER_AS);
-            self.session_lost(reason, Some(sent), None);
-            return;
+            return Err((reason, notification(OPEN_MESSAGE_ERROR, BAD_PEER_AS)));
         }
         if matches!(open.hold_time, 1 | 2) {
             let reason = format!(
                 "OPEN rejected: hold time {} s (must be 0 or at least 3 s)",
                 open.hold_time
             );
-            let sent = notification(OPEN_MESSAGE_ERROR, UNACCEPTABLE_HOLD_TIME);
-            self.session_lost(reason, Some(sent), None);
-            return;
+            return Err((
+                reason,
+                notification(OPEN_MESSAGE_ERROR, UNACCEPTABLE_HOLD_TIME),
+            ));
         }
         if open.router_id.is_unspecified() || (ibgp && open.router_id == config.router_id) {
             let reason = format!("OPEN rejected: BGP identifier {}", open.router_id);
-            let sent = notification(OPEN_MESSAGE_ERROR, BAD_BGP_IDENTIFIER);
-            self.session_lost(reason, Some(sent), None);
-            return;
+            return Err((reason, notification(OPEN_MESSAGE_ERROR, BAD_BGP_IDENTIFIER)));
         }
 
         let hold_time =
@@ -583,7 +744,7 @@ impl Fsm {
             .filter(|family| peer_families.contains(family))
             .copied()
             .collect();
-        self.negotiated = Some(Negotiated {
+        Ok(Negotiated {
             hold_time,
             keepalive,
             families,
@@ -591,8 +752,14 @@ impl Fsm {
             route_refresh: open.route_refresh,
             peer_router_id: open.router_id,
             ibgp,
-        });
+        })
+    }
 
+    /// Answers an accepted OPEN with a KEEPALIVE and waits for the peer's (`OpenConfirm`).
+    fn accept_open(&mut self, negotiated: Negotiated) {
+        let hold_time = negotiated.hold_time;
+        let keepalive = negotiated.keepalive;
+        self.negotiated = Some(negotiated);
         self.out.push(Output::SendMessage(Message::Keepalive));
         self.out.push(Output::SetHoldTimer(
             (!hold_time.is_zero()).then_some(hold_time),
@@ -608,6 +775,13 @@ impl Fsm {
             return;
         };
         self.backoff.reset();
+        if self.candidate {
+            // RFC 4271 §6.8: a collision with an Established session closes the new connection.
+            self.close_candidate(
+                Some(collision_notification()),
+                "connection collision: the session is up on the other connection".into(),
+            );
+        }
         let hold_time = negotiated.hold_time;
         self.out.push(Output::SetHoldTimer(
             (!hold_time.is_zero()).then_some(hold_time),
@@ -650,25 +824,47 @@ impl Fsm {
         sent: Option<Notification>,
         received: Option<Notification>,
     ) {
-        self.end_attempt(reason, sent, received, State::Idle);
+        if self.end_attempt(reason, sent, received, State::Idle) {
+            return;
+        }
         let retry = self.running.then(|| self.backoff.next_delay());
         self.out.push(Output::SetConnectRetryTimer(retry));
     }
 
     /// Sends `sent` if any, closes, stops the hold and keepalive timers, reports, and enters
-    /// `to`; the caller sets the `ConnectRetryTimer`.
+    /// `to`; the caller sets the `ConnectRetryTimer`. While a collision candidate is tracked
+    /// and we are running, it becomes the connection instead (`OpenSent`, our OPEN is on it):
+    /// returns `true` then, and nothing is reported.
     fn end_attempt(
         &mut self,
         reason: String,
         sent: Option<Notification>,
         received: Option<Notification>,
         to: State,
-    ) {
+    ) -> bool {
         if let Some(sent) = &sent {
             self.out
                 .push(Output::SendMessage(Message::Notification(sent.clone())));
         }
         self.out.push(Output::CloseConnection);
+        if self.candidate {
+            self.candidate = false;
+            if self.running {
+                self.ours = false;
+                self.negotiated = None;
+                self.out.push(Output::PromoteCandidate {
+                    reason: format!("{reason}: carrying on with the peer's other connection"),
+                });
+                self.out.push(Output::SetHoldTimer(Some(LARGE_HOLD_TIME)));
+                self.out.push(Output::SetKeepaliveTimer(None));
+                self.change_state(State::OpenSent);
+                return true;
+            }
+            self.out.push(Output::CloseCandidate {
+                notification: sent.clone(),
+                reason: reason.clone(),
+            });
+        }
         self.out.push(Output::SetHoldTimer(None));
         self.out.push(Output::SetKeepaliveTimer(None));
         self.out.push(Output::SessionDown {
@@ -678,6 +874,7 @@ impl Fsm {
         });
         self.negotiated = None;
         self.change_state(to);
+        false
     }
 
     /// The OPEN we send (RFC 4271 §4.2): our identity and every capability we speak.
@@ -700,6 +897,14 @@ impl Fsm {
             Err(_) => u16::MAX,
         }
     }
+}
+
+/// Cease / Connection Collision Resolution ([RFC 4486 §4]), for the connection a collision
+/// closes.
+///
+/// [RFC 4486 §4]: https://www.rfc-editor.org/rfc/rfc4486#section-4
+fn collision_notification() -> Notification {
+    notification(error_code::CEASE, cease_subcode::CONNECTION_COLLISION)
 }
 
 /// A NOTIFICATION without data.
@@ -809,7 +1014,7 @@ mod tests {
     /// An FSM in `OpenSent`.
     fn open_sent(config: FsmConfig) -> Fsm {
         let mut fsm = started(config);
-        fsm.process(Input::TcpConnectionConfirmed);
+        fsm.process(Input::TcpCrAcked);
         assert_eq!(fsm.state(), State::OpenSent);
         fsm
     }
@@ -913,7 +1118,8 @@ mod tests {
         assert_eq!(fsm.state(), State::Active);
         // The peer connects to us.
         let out = fsm.process(Input::TcpConnectionConfirmed);
-        assert!(matches!(out[1], Output::SendMessage(Message::Open(_))));
+        assert_eq!(out[0], Output::AcceptConnection);
+        assert!(matches!(out[2], Output::SendMessage(Message::Open(_))));
         assert_eq!(fsm.state(), State::OpenSent);
     }
 
@@ -921,7 +1127,7 @@ mod tests {
     fn connection_confirmed_sends_open_and_arms_the_large_hold_timer() {
         let mut fsm = started(config());
         assert_eq!(
-            fsm.process(Input::TcpConnectionConfirmed),
+            fsm.process(Input::TcpCrAcked),
             [
                 Output::SetConnectRetryTimer(None),
                 Output::SendMessage(Message::Open(Open {
@@ -1473,8 +1679,9 @@ mod tests {
         let mut fsm = started(config());
         fsm.process(Input::TcpConnectionFails);
         let out = fsm.process(Input::TcpConnectionConfirmed);
-        assert_eq!(out[0], Output::SetConnectRetryTimer(None));
-        assert!(matches!(out[1], Output::SendMessage(Message::Open(_))));
+        assert_eq!(out[0], Output::AcceptConnection);
+        assert_eq!(out[1], Output::SetConnectRetryTimer(None));
+        assert!(matches!(out[2], Output::SendMessage(Message::Open(_))));
         assert!(!out.contains(&Output::CloseConnection));
         assert_eq!(fsm.state(), State::OpenSent);
     }
@@ -1512,7 +1719,7 @@ mod tests {
         let mut fsm = idle_after_session_loss();
         assert_eq!(
             fsm.process(Input::TcpConnectionConfirmed),
-            [Output::CloseConnection]
+            [Output::RefuseConnection(notification(6, 5))]
         );
         assert_eq!(fsm.state(), State::Idle);
         assert_eq!(
@@ -1615,7 +1822,7 @@ mod tests {
             );
         }
 
-        fsm.process(Input::TcpConnectionConfirmed);
+        fsm.process(Input::TcpCrAcked);
         fsm.process(Input::OpenReceived(peer_open()));
         // Not yet: the reset comes with Established.
         assert_eq!(fsm.backoff.base(), MAX_BACKOFF);
@@ -1676,7 +1883,7 @@ mod tests {
         let mut fsm = Fsm::new(config());
         assert_eq!(
             fsm.process(Input::TcpConnectionConfirmed),
-            [Output::CloseConnection]
+            [Output::RefuseConnection(notification(6, 5))]
         );
         assert_eq!(fsm.state(), State::Idle);
     }
@@ -1687,7 +1894,7 @@ mod tests {
         let mut changes = Vec::new();
         for input in [
             Input::ManualStart,
-            Input::TcpConnectionConfirmed,
+            Input::TcpCrAcked,
             Input::OpenReceived(peer_open()),
             Input::KeepaliveReceived,
             Input::KeepaliveReceived,
@@ -1709,5 +1916,245 @@ mod tests {
                 (State::Established, State::Idle),
             ]
         );
+    }
+
+    /// A peer's OPEN with this BGP identifier.
+    fn peer_open_with_id(router_id: Ipv4Addr) -> Open {
+        Open {
+            router_id,
+            ..peer_open()
+        }
+    }
+
+    /// An FSM whose own connection is in `OpenSent` and which tracks the peer's second
+    /// connection (our OPEN sent on it).
+    fn tracking_candidate(config: FsmConfig) -> Fsm {
+        let mut fsm = open_sent(config);
+        assert_eq!(
+            fsm.process(Input::TcpConnectionConfirmed),
+            [
+                Output::TrackCandidate,
+                Output::SendToCandidate(Message::Open(fsm.our_open()))
+            ]
+        );
+        fsm
+    }
+
+    const LOWER_ID: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 0);
+
+    #[test]
+    fn the_peers_connection_while_ours_is_in_open_sent_is_tracked_with_our_open() {
+        let fsm = tracking_candidate(config());
+        assert_eq!(fsm.state(), State::OpenSent);
+    }
+
+    #[test]
+    fn collision_keeps_our_connection_when_our_identifier_is_higher() {
+        let mut fsm = tracking_candidate(config());
+        let out = fsm.process(Input::CandidateOpenReceived(peer_open_with_id(LOWER_ID)));
+        assert!(
+            matches!(&out[..], [Output::CloseCandidate { notification: Some(n), .. }] if *n == notification(6, 7)),
+            "{out:?}"
+        );
+        assert_eq!(fsm.state(), State::OpenSent);
+        // Our connection carries on as if nothing happened.
+        fsm.process(Input::OpenReceived(peer_open_with_id(LOWER_ID)));
+        let out = fsm.process(Input::KeepaliveReceived);
+        assert!(out.iter().any(|o| matches!(o, Output::Established(_))));
+    }
+
+    #[test]
+    fn collision_keeps_the_peers_connection_when_its_identifier_is_higher() {
+        for ours_in in [State::OpenSent, State::OpenConfirm] {
+            let mut fsm = tracking_candidate(config());
+            if ours_in == State::OpenConfirm {
+                fsm.process(Input::OpenReceived(peer_open()));
+            }
+            let out = fsm.process(Input::CandidateOpenReceived(peer_open()));
+            assert_eq!(
+                out[..3],
+                [
+                    Output::SendMessage(Message::Notification(notification(6, 7))),
+                    Output::CloseConnection,
+                    Output::PromoteCandidate {
+                        reason: "connection collision: keeping the peer's connection (its BGP identifier 192.0.2.254 is higher than ours 192.0.2.1)".into()
+                    },
+                ],
+                "{ours_in}"
+            );
+            // The peer's OPEN is answered on the connection that is now the session's.
+            assert_eq!(out[3], Output::SendMessage(Message::Keepalive));
+            assert!(!out.iter().any(|o| matches!(o, Output::SessionDown { .. })));
+            assert_eq!(fsm.state(), State::OpenConfirm);
+            let out = fsm.process(Input::KeepaliveReceived);
+            assert!(out.iter().any(|o| matches!(o, Output::Established(_))));
+        }
+    }
+
+    #[test]
+    fn collision_keeps_our_connection_in_open_confirm_when_our_identifier_is_higher() {
+        let mut fsm = tracking_candidate(config());
+        fsm.process(Input::OpenReceived(peer_open_with_id(LOWER_ID)));
+        let out = fsm.process(Input::CandidateOpenReceived(peer_open_with_id(LOWER_ID)));
+        assert!(
+            matches!(&out[..], [Output::CloseCandidate { .. }]),
+            "{out:?}"
+        );
+        assert_eq!(fsm.state(), State::OpenConfirm);
+    }
+
+    #[test]
+    fn collision_with_equal_identifiers_keeps_the_connection_of_the_higher_as() {
+        // RFC 6286 §2.3; an eBGP peer may share our identifier. Our AS 65001 > 65000.
+        let mut fsm = tracking_candidate(config());
+        let out = fsm.process(Input::CandidateOpenReceived(peer_open_with_id(OUR_ID)));
+        assert!(
+            matches!(&out[..], [Output::CloseCandidate { .. }]),
+            "{out:?}"
+        );
+        let mut fsm = tracking_candidate(FsmConfig {
+            local_as: 64999,
+            ..config()
+        });
+        let out = fsm.process(Input::CandidateOpenReceived(peer_open_with_id(OUR_ID)));
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::PromoteCandidate { .. })),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn a_newer_connection_from_the_peer_replaces_its_older_one_whatever_the_identifiers() {
+        let mut fsm = started(config());
+        fsm.process(Input::TcpConnectionFails);
+        fsm.process(Input::TcpConnectionConfirmed);
+        fsm.process(Input::TcpConnectionConfirmed);
+        let out = fsm.process(Input::CandidateOpenReceived(peer_open_with_id(LOWER_ID)));
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::PromoteCandidate { .. })),
+            "{out:?}"
+        );
+        assert_eq!(fsm.state(), State::OpenConfirm);
+    }
+
+    #[test]
+    fn losing_our_connection_while_tracking_the_peers_carries_on_with_the_peers() {
+        for lost in [
+            Input::TcpConnectionClosed,
+            Input::NotificationReceived(notification(6, 7)),
+            Input::NotificationReceived(notification(6, 2)),
+            Input::HoldTimerExpired,
+        ] {
+            let mut fsm = tracking_candidate(config());
+            let out = fsm.process(lost.clone());
+            assert!(
+                out.iter()
+                    .any(|o| matches!(o, Output::PromoteCandidate { .. })),
+                "{lost:?}: {out:?}"
+            );
+            assert!(!out.iter().any(|o| matches!(o, Output::SessionDown { .. })));
+            assert!(out.contains(&Output::SetHoldTimer(Some(LARGE_HOLD_TIME))));
+            assert_eq!(retry_delay(&out), None, "{lost:?}");
+            assert_eq!(fsm.state(), State::OpenSent, "{lost:?}");
+            // The candidate's OPEN now arrives as the session's.
+            fsm.process(Input::OpenReceived(peer_open()));
+            assert_eq!(fsm.state(), State::OpenConfirm);
+        }
+    }
+
+    #[test]
+    fn a_collision_cease_before_established_goes_to_active_without_damping() {
+        let mut fsm = open_confirm(config(), peer_open());
+        let out = fsm.process(Input::NotificationReceived(notification(6, 7)));
+        assert_eq!(fsm.state(), State::Active);
+        assert!(retry_delay(&out).is_some());
+        // Active takes the peer's connection at once.
+        let out = fsm.process(Input::TcpConnectionConfirmed);
+        assert_eq!(out[0], Output::AcceptConnection);
+        // Any other Cease in OpenConfirm still damps.
+        let mut fsm = open_confirm(config(), peer_open());
+        fsm.process(Input::NotificationReceived(notification(6, 2)));
+        assert_eq!(fsm.state(), State::Idle);
+    }
+
+    #[test]
+    fn established_closes_the_tracked_connection_with_a_collision_cease() {
+        let mut fsm = tracking_candidate(config());
+        fsm.process(Input::OpenReceived(peer_open_with_id(LOWER_ID)));
+        let out = fsm.process(Input::KeepaliveReceived);
+        assert!(
+            matches!(&out[0], Output::CloseCandidate { notification: Some(n), .. } if *n == notification(6, 7)),
+            "{out:?}"
+        );
+        assert_eq!(fsm.state(), State::Established);
+        // A late OPEN on it is stale.
+        assert_eq!(fsm.process(Input::CandidateOpenReceived(peer_open())), []);
+    }
+
+    #[test]
+    fn a_connection_while_established_or_a_third_one_is_refused_with_a_collision_cease() {
+        let mut fsm = established();
+        assert_eq!(
+            fsm.process(Input::TcpConnectionConfirmed),
+            [Output::RefuseConnection(notification(6, 7))]
+        );
+        let mut fsm = tracking_candidate(config());
+        assert_eq!(
+            fsm.process(Input::TcpConnectionConfirmed),
+            [Output::RefuseConnection(notification(6, 7))]
+        );
+    }
+
+    #[test]
+    fn a_bad_open_on_the_tracked_connection_closes_only_that_one() {
+        let mut fsm = tracking_candidate(config());
+        let out = fsm.process(Input::CandidateOpenReceived(Open {
+            asn: 65099,
+            ..peer_open()
+        }));
+        assert!(
+            matches!(&out[..], [Output::CloseCandidate { notification: Some(n), .. }] if *n == notification(2, 2)),
+            "{out:?}"
+        );
+        assert_eq!(fsm.state(), State::OpenSent);
+    }
+
+    #[test]
+    fn a_tracked_connection_that_ends_is_dropped_and_ours_carries_on() {
+        let mut fsm = tracking_candidate(config());
+        let out = fsm.process(Input::CandidateFailed { answer: None });
+        assert!(matches!(
+            &out[..],
+            [Output::CloseCandidate {
+                notification: None,
+                ..
+            }]
+        ));
+        assert_eq!(fsm.state(), State::OpenSent);
+        // Losing ours now goes to Active as any failed attempt.
+        fsm.process(Input::TcpConnectionClosed);
+        assert_eq!(fsm.state(), State::Active);
+    }
+
+    #[test]
+    fn manual_stop_closes_the_tracked_connection_too() {
+        let mut fsm = tracking_candidate(config());
+        let out = fsm.process(Input::ManualStop {
+            reason: String::new(),
+        });
+        let cease = shutdown_notification("");
+        assert!(
+            out.iter().any(
+                |o| matches!(o, Output::CloseCandidate { notification: Some(n), .. } if *n == cease)
+            ),
+            "{out:?}"
+        );
+        assert!(
+            !out.iter()
+                .any(|o| matches!(o, Output::PromoteCandidate { .. }))
+        );
+        assert_eq!(fsm.state(), State::Idle);
     }
 }

@@ -3,13 +3,18 @@
 //!
 //! ```text
 //!   socket ─frames─────────▶ ┌─────────┐ ─Input─▶ Fsm ─Output─▶ apply(): send, timers, status
+//!   candidate ─frames──────▶ │         │
+//!   listener ─connections──▶ │         │
 //!   timers ────────────────▶ │ Session │
 //!   routes (watch) ────────▶ │         │ ─UPDATEs (when Established)─▶ socket
 //!   peer config, stop (watch)└─────────┘
 //! ```
 //!
 //! All effects of the FSM's outputs happen in one function, [`Session::apply`]; I/O failures it
-//! meets become inputs again. The session publishes a [`PeerStatus`] for `/info` and the route
+//! meets become inputs again. A connection the peer opens (`bgp.listen_port`) waits in the session
+//! until the FSM takes it, refuses it, or tracks it as the collision candidate beside the
+//! session's own (RFC 4271 §6.8, see `fsm.rs`). The session publishes a [`PeerStatus`] for
+//! `/info` (with the Adj-RIB-Out as sent, for `/peers/{addr}/routes`) and the route
 //! set version it has sent, which the lifecycle waits for before a VIP leaves `lo`; both
 //! channels belong to its supervisor, which keeps them when it starts a failed session again.
 //! New route attributes from a reload go out on the running session; the speaker's stop says
@@ -19,7 +24,8 @@ use std::{
     collections::{BTreeMap, VecDeque},
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    time::{Duration, Instant},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
 };
 
 use bytes::Bytes;
@@ -74,6 +80,19 @@ pub struct PeerStatus {
     /// Set while the session's task is down (it panicked or ended by itself) and waits to be
     /// restarted: why. `/healthz` reports it.
     pub task_down: Option<String>,
+    /// What the peer was last sent for each prefix and not withdrawn since: the Adj-RIB-Out
+    /// as it went out (`GET /peers/{addr}/routes`). Empty while the session is down.
+    pub sent: Arc<BTreeMap<IpNet, SentRoute>>,
+}
+
+/// One route as it was last sent to the peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentRoute {
+    /// The `NEXT_HOP` (IPv4) or the `MP_REACH_NLRI` next hop (IPv6).
+    pub next_hop: IpAddr,
+    pub attributes: Attributes,
+    /// When the UPDATE carrying it was sent.
+    pub sent_at: SystemTime,
 }
 
 impl PeerStatus {
@@ -90,6 +109,7 @@ impl PeerStatus {
             messages_out: 0,
             prefixes_advertised: 0,
             task_down: None,
+            sent: Arc::default(),
         }
     }
 }
@@ -161,6 +181,12 @@ pub struct Session<'a> {
     netlink: Netlink,
     metrics: Metrics,
     conn: Option<Framed<TcpStream, BgpCodec>>,
+    /// The peer's connection that just arrived, until the FSM says whether to take it, track
+    /// it as the collision candidate, or refuse it.
+    arriving: Option<TcpStream>,
+    /// The peer's second connection while ours is in `OpenSent`/`OpenConfirm` (RFC 4271 §6.8):
+    /// kept until an OPEN decides which connection survives.
+    candidate: Option<Framed<TcpStream, BgpCodec>>,
     connecting: Option<JoinHandle<Result<TcpStream, ConnectError>>>,
     hold: Timer,
     keepalive: Timer,
@@ -207,6 +233,8 @@ impl<'a> Session<'a> {
             netlink,
             metrics,
             conn: None,
+            arriving: None,
+            candidate: None,
             connecting: None,
             hold: Timer::default(),
             keepalive: Timer::default(),
@@ -251,11 +279,12 @@ impl<'a> Session<'a> {
                     }
                 }
                 frame = next_frame(&mut self.conn) => self.on_frame(frame),
+                frame = next_frame(&mut self.candidate) => self.on_candidate_frame(frame),
                 done = connect_done(&mut self.connecting) => self.on_connect(done),
-                Some(stream) = self.incoming.recv() => match self.on_incoming(stream) {
-                    Some(input) => input,
-                    None => continue,
-                },
+                Some(stream) = self.incoming.recv() => {
+                    self.arriving = Some(stream);
+                    Input::TcpConnectionConfirmed
+                }
                 () = self.hold.fired() => Input::HoldTimerExpired,
                 () = self.keepalive.fired() => Input::KeepaliveTimerExpired,
                 () = self.retry.fired() => Input::ConnectRetryTimerExpired,
@@ -320,20 +349,38 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// A message on the collision candidate: only its OPEN matters; anything else ends it.
+    fn on_candidate_frame(&mut self, frame: Option<Result<Message, codec::DecodeError>>) -> Input {
+        match frame {
+            Some(Ok(message)) => {
+                self.count_message("in", &message);
+                match message {
+                    Message::Open(open) => Input::CandidateOpenReceived(open),
+                    Message::Notification(_) => Input::CandidateFailed { answer: None },
+                    // RFC 6608: anything but OPEN in OpenSent is an FSM error.
+                    _ => Input::CandidateFailed {
+                        answer: Some(codec::Notification {
+                            code: codec::error_code::FSM,
+                            subcode: 1,
+                            data: Vec::new(),
+                        }),
+                    },
+                }
+            }
+            Some(Err(e)) if !e.is_transport() => Input::CandidateFailed {
+                answer: Some(e.notification()),
+            },
+            Some(Err(_)) | None => Input::CandidateFailed { answer: None },
+        }
+    }
+
     fn on_connect(&mut self, done: Result<TcpStream, ConnectError>) -> Input {
         self.connecting = None;
         match done {
             Ok(stream) => {
-                if let Ok(remote) = stream.peer_addr() {
-                    self.status
-                        .send_modify(|s| s.address = Some(remote.ip().to_canonical()));
-                }
-                // Small messages (KEEPALIVEs, single withdrawals) must leave at once.
-                if let Err(e) = stream.set_nodelay(true) {
-                    debug!(peer = %self.name, error = %e, "cannot set TCP_NODELAY");
-                }
-                self.conn = Some(Framed::new(stream, BgpCodec::new()));
-                Input::TcpConnectionConfirmed
+                self.conn = Some(self.framed(stream));
+                self.show_address();
+                Input::TcpCrAcked
             }
             Err(e) => {
                 // Logged (once per new cause) with the SessionDown that follows.
@@ -343,20 +390,25 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// A connection the peer opened. Taken while we are still trying to connect ourselves
-    /// (RFC 4271 §6.8 collisions are avoided by keeping at most one connection: once one is
-    /// up, later ones are closed).
-    fn on_incoming(&mut self, stream: TcpStream) -> Option<Input> {
-        let waiting = matches!(self.fsm.state(), State::Connect | State::Active);
-        if self.conn.is_some() || !waiting {
-            debug!(peer = %self.name, state = %self.fsm.state(), "refusing an incoming connection: one is already up");
-            tokio::spawn(reject(stream));
-            return None;
+    /// A new connection of this session, ours or the peer's.
+    fn framed(&self, stream: TcpStream) -> Framed<TcpStream, BgpCodec> {
+        // Small messages (KEEPALIVEs, single withdrawals) must leave at once.
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!(peer = %self.name, error = %e, "cannot set TCP_NODELAY");
         }
-        if let Some(task) = self.connecting.take() {
-            task.abort();
+        Framed::new(stream, BgpCodec::new())
+    }
+
+    /// Shows the address the session's connection goes to (an autodiscovered peer's, too).
+    fn show_address(&self) {
+        if let Some(remote) = self
+            .conn
+            .as_ref()
+            .and_then(|c| c.get_ref().peer_addr().ok())
+        {
+            self.status
+                .send_modify(|s| s.address = Some(remote.ip().to_canonical()));
         }
-        Some(self.on_connect(Ok(stream)))
     }
 
     /// Remembers why the session is about to go down, for the `SessionDown` that follows.
@@ -369,6 +421,42 @@ impl<'a> Session<'a> {
         for output in outputs {
             match output {
                 Output::Connect => self.start_connect(),
+                Output::AcceptConnection => {
+                    if let Some(task) = self.connecting.take() {
+                        task.abort();
+                    }
+                    self.conn = self.arriving.take().map(|s| self.framed(s));
+                    self.show_address();
+                }
+                Output::RefuseConnection(notification) => {
+                    if let Some(stream) = self.arriving.take() {
+                        debug!(peer = %self.name, state = %self.fsm.state(), %notification, "refusing the peer's connection");
+                        tokio::spawn(close_with(stream, notification));
+                    }
+                }
+                Output::TrackCandidate => {
+                    self.candidate = self.arriving.take().map(|s| self.framed(s));
+                }
+                Output::SendToCandidate(message) => self.send_to_candidate(message, inputs).await,
+                Output::CloseCandidate {
+                    notification,
+                    reason,
+                } => {
+                    if let Some(candidate) = self.candidate.take() {
+                        info!(peer = %self.name, %reason, "closing the peer's other connection");
+                        if let Some(n) = notification {
+                            self.count_message("out", &Message::Notification(n.clone()));
+                            tokio::spawn(close_with(candidate.into_inner(), n));
+                        }
+                    }
+                }
+                Output::PromoteCandidate { reason } => {
+                    info!(peer = %self.name, %reason, "using the peer's other connection");
+                    self.conn = self.candidate.take();
+                    self.show_address();
+                    // The failure of the closed connection is not the session's.
+                    self.cause = None;
+                }
                 Output::SendMessage(message) => {
                     let limit = self.write_limit();
                     // Counted before the write takes the message; a failed write is counted
@@ -397,38 +485,11 @@ impl<'a> Session<'a> {
                     reason,
                     notification_sent,
                     notification_received,
-                } => {
-                    let notification = match (&notification_sent, &notification_received) {
-                        (Some(n), _) => Some(format!("sent {n}")),
-                        (_, Some(n)) => Some(format!("received {n}")),
-                        _ => None,
-                    };
-                    let detail = match (self.cause.take(), &notification) {
-                        (Some(cause), Some(n)) => format!("{reason}: {cause} ({n})"),
-                        (Some(cause), None) => format!("{reason}: {cause}"),
-                        (None, Some(n)) => format!("{reason} ({n})"),
-                        (None, None) => reason,
-                    };
-                    let was_up = self.negotiated.take().is_some();
-                    let repeated = self.status.borrow().last_error.as_ref() == Some(&detail);
-                    // A peer that stays down would log every retry: say it once per new cause.
-                    if was_up || !repeated {
-                        warn!(peer = %self.name, reason = %detail, "session down");
-                    }
-                    self.rib.clear();
-                    self.next_hop4 = None;
-                    self.next_hop6 = None;
-                    self.status.send_modify(|s| {
-                        s.last_error = Some(detail);
-                        if notification.is_some() {
-                            s.last_notification = notification;
-                        }
-                        s.established_at = None;
-                        s.prefixes_advertised = 0;
-                    });
-                    // Nothing is announced to a peer that is down: any version counts as sent.
-                    self.flushed.send_replace(self.routes.borrow().version);
-                }
+                } => self.session_down(
+                    reason,
+                    notification_sent.as_ref(),
+                    notification_received.as_ref(),
+                ),
                 Output::StateChanged { from, to } => {
                     debug!(peer = %self.name, %from, %to, "bgp state");
                     if from == State::Established && to != State::Established {
@@ -447,6 +508,62 @@ impl<'a> Session<'a> {
                         warn!(peer = %self.name, reason = %why, "malformed UPDATE treated as withdraw (RFC 7606)");
                     }
                 }
+            }
+        }
+    }
+
+    /// The session or the attempt ended: report it once per new cause, forget what the peer
+    /// was sent (it dropped our routes), and count every route-set version as sent to it.
+    fn session_down(
+        &mut self,
+        reason: String,
+        notification_sent: Option<&codec::Notification>,
+        notification_received: Option<&codec::Notification>,
+    ) {
+        let notification = match (notification_sent, notification_received) {
+            (Some(n), _) => Some(format!("sent {n}")),
+            (_, Some(n)) => Some(format!("received {n}")),
+            _ => None,
+        };
+        let detail = match (self.cause.take(), &notification) {
+            (Some(cause), Some(n)) => format!("{reason}: {cause} ({n})"),
+            (Some(cause), None) => format!("{reason}: {cause}"),
+            (None, Some(n)) => format!("{reason} ({n})"),
+            (None, None) => reason,
+        };
+        let was_up = self.negotiated.take().is_some();
+        let repeated = self.status.borrow().last_error.as_ref() == Some(&detail);
+        // A peer that stays down would log every retry: say it once per new cause.
+        if was_up || !repeated {
+            warn!(peer = %self.name, reason = %detail, "session down");
+        }
+        self.rib.clear();
+        self.next_hop4 = None;
+        self.next_hop6 = None;
+        self.status.send_modify(|s| {
+            s.last_error = Some(detail);
+            if notification.is_some() {
+                s.last_notification = notification;
+            }
+            s.established_at = None;
+            s.prefixes_advertised = 0;
+            s.sent = Arc::default();
+        });
+        // Nothing is announced to a peer that is down: any version counts as sent.
+        self.flushed.send_replace(self.routes.borrow().version);
+    }
+
+    /// Sends on the collision candidate; a failed write ends the candidate.
+    async fn send_to_candidate(&mut self, message: Message, inputs: &mut VecDeque<Input>) {
+        if self.candidate.is_some() {
+            self.count_message("out", &message);
+        }
+        if let Some(candidate) = self.candidate.as_mut() {
+            let sent =
+                tokio::time::timeout(MAX_WRITE_WAIT, SinkExt::<Message>::send(candidate, message))
+                    .await;
+            if !matches!(sent, Ok(Ok(()))) {
+                inputs.push_back(Input::CandidateFailed { answer: None });
             }
         }
     }
@@ -593,6 +710,7 @@ impl<'a> Session<'a> {
     async fn send_changes(&mut self, changes: &Changes, inputs: &mut VecDeque<Input>) {
         let four_octet = self.negotiated.as_ref().is_some_and(|n| n.four_octet_as);
         let mut messages = Vec::new();
+        let mut sent = Vec::new();
         for (_, prefixes) in &changes.withdraw {
             messages.extend(codec::encode_withdraw(prefixes));
         }
@@ -605,12 +723,34 @@ impl<'a> Session<'a> {
                 messages.extend(codec::encode_announce(
                     attrs, next_hop, prefixes, four_octet,
                 ));
+                sent.push((next_hop, attrs, prefixes));
             }
         }
-        if !messages.is_empty() {
-            self.metrics.updates_sent(&self.name, messages.len());
-            self.send_bytes(messages, inputs).await;
+        if messages.is_empty() {
+            return;
         }
+        self.metrics.updates_sent(&self.name, messages.len());
+        self.send_bytes(messages, inputs).await;
+        // Published in place: the map is copied only while a reader holds the previous one.
+        let sent_at = SystemTime::now();
+        self.status.send_modify(|s| {
+            let view = Arc::make_mut(&mut s.sent);
+            for (_, prefixes) in &changes.withdraw {
+                for prefix in prefixes {
+                    view.remove(prefix);
+                }
+            }
+            for (next_hop, attributes, prefixes) in sent {
+                for prefix in prefixes {
+                    let route = SentRoute {
+                        next_hop,
+                        attributes: attributes.clone(),
+                        sent_at,
+                    };
+                    view.insert(*prefix, route);
+                }
+            }
+        });
     }
 
     /// Queues pre-encoded messages and flushes once.
@@ -781,15 +921,20 @@ async fn connect(peer: &PeerConfig, netlink: &Netlink) -> Result<TcpStream, Conn
 }
 
 /// Closes a connection we will not use with Cease / Connection Rejected (RFC 4486 §4), so the
-/// peer knows why instead of seeing a bare close. Bounded: the peer owes us nothing.
-pub async fn reject(mut stream: TcpStream) {
-    use tokio::io::AsyncWriteExt;
+/// peer knows why instead of seeing a bare close.
+pub async fn reject(stream: TcpStream) {
     let cease = codec::Notification {
         code: codec::error_code::CEASE,
         subcode: codec::cease_subcode::CONNECTION_REJECTED,
         data: Vec::new(),
     };
-    let bytes = codec::encode_notification(&cease);
+    close_with(stream, cease).await;
+}
+
+/// Sends `notification` and closes. Bounded: the peer owes us nothing.
+async fn close_with(mut stream: TcpStream, notification: codec::Notification) {
+    use tokio::io::AsyncWriteExt;
+    let bytes = codec::encode_notification(&notification);
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&bytes)).await;
 }
 
