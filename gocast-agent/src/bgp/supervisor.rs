@@ -103,14 +103,14 @@ pub async fn supervise(mut s: Supervised) {
             backoff.reset();
         }
         let delay = backoff.next_delay();
-        error!(peer = %name, task = TASK, error = %why, ?delay, "BGP session task failed; restarting it");
+        error!(task = TASK, error = %why, ?delay, "BGP session task failed; restarting it");
         mark_down(&s, &name, &why);
         if !wait_down(&mut s, delay).await {
             return;
         }
         s.metrics.task_restarted(TASK, &name);
         s.status.send_modify(|st| st.task_down = None);
-        info!(peer = %name, task = TASK, "BGP session task restarted");
+        info!(task = TASK, "BGP session task restarted");
     }
 }
 
@@ -156,10 +156,13 @@ fn mark_down(s: &Supervised, name: &str, why: &str) {
         st.state = State::Idle;
         st.established_at = None;
         st.prefixes_advertised = 0;
+        st.prefixes_received = 0;
+        st.families.clear();
         st.last_error = Some(format!("session task {why}"));
     });
     s.metrics.peer_state(name, false);
     s.metrics.prefixes_advertised(name, 0);
+    s.metrics.prefixes_received(name, 0);
     // Nothing is announced to a peer without a session: any version counts as sent.
     s.flushed.send_replace(s.routes.borrow().version);
 }
