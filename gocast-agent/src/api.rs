@@ -626,9 +626,7 @@ async fn healthz(State(state): State<ApiState>) -> Response {
 
 /// `OpenMetrics`, or Prometheus 0.0.4 text for a scraper whose `Accept` asks only for that.
 async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response {
-    let accept = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok());
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
     let format = Exposition::negotiate(accept);
     (
         [(header::CONTENT_TYPE, format.content_type())],

@@ -1026,7 +1026,10 @@ mod tests {
             text.contains("# TYPE gocast_bgp_messages_total counter\n"),
             "{text}"
         );
-        assert!(text.contains("# HELP gocast_bgp_messages_total BGP"), "{text}");
+        assert!(
+            text.contains("# HELP gocast_bgp_messages_total BGP"),
+            "{text}"
+        );
         assert!(text.contains("# TYPE gocast_app_healthy gauge\n"), "{text}");
         assert!(!text.contains("# EOF"), "{text}");
         let om = m.render();

@@ -87,7 +87,9 @@ pub fn parse(text: &str, format: Format) -> Option<Result<Vec<Family>, String>> 
         Err(e) => return Some(Err(format!("running {PYTHON}: {e}"))),
     };
     if !output.status.success() {
-        return Some(Err(String::from_utf8_lossy(&output.stderr).trim().to_owned()));
+        return Some(Err(String::from_utf8_lossy(&output.stderr)
+            .trim()
+            .to_owned()));
     }
     let families = String::from_utf8_lossy(&output.stdout)
         .lines()

@@ -551,7 +551,10 @@ impl<'a> Session<'a> {
             ("IPv6", self.next_hop6.is_none()),
         ] {
             if missing && negotiated.families.len() > 1 {
-                warn!(family, "no address of this family toward the peer: its VIPs are not announced on this session (set local_ip / local_ipv6 / next_hop)");
+                warn!(
+                    family,
+                    "no address of this family toward the peer: its VIPs are not announced on this session (set local_ip / local_ipv6 / next_hop)"
+                );
             }
         }
         info!(
