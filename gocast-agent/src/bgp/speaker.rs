@@ -24,7 +24,7 @@ use tokio::{
     task::JoinHandle,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info_span, warn};
+use tracing::warn;
 
 use super::{
     SpeakerError,
@@ -32,7 +32,7 @@ use super::{
     listener::{Listener, Table},
     reload::{Action, NotApplied, PeerChange, PeerKey, SpeakerReload, keys, listener_keys, plan},
     router_id,
-    session::{PeerStatus, SessionSettings, StopCause, peer_name},
+    session::{PeerStatus, SessionSettings, StopCause},
     supervisor::{self, Supervised},
 };
 use crate::{
@@ -226,12 +226,7 @@ impl SpeakerTask {
             status,
             flushed: flushed_rx,
             incoming,
-            // Every line of the session and its supervisor carries `peer=` (docs/operations.md,
-            // "Logs": one peer's story filters out of the journal).
-            task: tokio::spawn(
-                supervisor::supervise(supervised)
-                    .instrument(info_span!("bgp", peer = %peer_name(peer))),
-            ),
+            task: tokio::spawn(supervisor::supervise(supervised)),
         }
     }
 
