@@ -378,7 +378,6 @@ struct Inner {
     peer_established: Family<PeerLabels, Counter>,
     updates_sent: Family<PeerLabels, Counter>,
     prefixes_advertised: Family<PeerLabels, Gauge>,
-    prefixes_received: Family<PeerLabels, Gauge>,
     bgp: BgpMetrics,
     task_restarts: Family<TaskLabels, Counter>,
     info: InfoMetrics,
@@ -427,11 +426,12 @@ impl ConsulMetrics {
     }
 }
 
-/// BGP messages by type, NOTIFICATIONs by code, and session flaps, per peer.
+/// BGP messages by type, NOTIFICATIONs by code, session flaps and received prefixes, per peer.
 struct BgpMetrics {
     messages: Family<MessageLabels, Counter>,
     notifications: Family<NotificationLabels, Counter>,
     flaps: Family<PeerLabels, Counter>,
+    prefixes_received: Family<PeerLabels, Gauge>,
 }
 
 impl BgpMetrics {
@@ -440,6 +440,7 @@ impl BgpMetrics {
             messages: Family::default(),
             notifications: Family::default(),
             flaps: Family::default(),
+            prefixes_received: Family::default(),
         };
         registry.register(
             "bgp_messages",
@@ -455,6 +456,11 @@ impl BgpMetrics {
             "bgp_session_flaps",
             "Times an Established session went down",
             m.flaps.clone(),
+        );
+        registry.register(
+            "bgp_prefixes_received",
+            "Prefixes the peer announces to the agent (none is installed)",
+            m.prefixes_received.clone(),
         );
         m
     }
@@ -530,7 +536,6 @@ impl Default for Metrics {
         let peer_established = Family::<PeerLabels, Counter>::default();
         let updates_sent = Family::<PeerLabels, Counter>::default();
         let prefixes_advertised = Family::<PeerLabels, Gauge>::default();
-        let prefixes_received = Family::<PeerLabels, Gauge>::default();
         let task_restarts = Family::<TaskLabels, Counter>::default();
         let consul = ConsulMetrics::register(&mut registry);
         let repairs = RepairMetrics::register(&mut registry);
@@ -558,11 +563,6 @@ impl Default for Metrics {
             "bgp_prefixes_advertised",
             "Prefixes in the peer's Adj-RIB-Out",
             prefixes_advertised.clone(),
-        );
-        registry.register(
-            "bgp_prefixes_received",
-            "Prefixes the peer announces to the agent (none is installed)",
-            prefixes_received.clone(),
         );
         registry.register(
             "task_restarts",
@@ -617,7 +617,6 @@ impl Default for Metrics {
                 peer_established,
                 updates_sent,
                 prefixes_advertised,
-                prefixes_received,
                 bgp,
                 task_restarts,
                 info,
@@ -726,6 +725,7 @@ impl Metrics {
             peer: peer.to_owned(),
         };
         self.inner
+            .bgp
             .prefixes_received
             .get_or_create(&labels)
             .set(i64::try_from(count).unwrap_or(i64::MAX));

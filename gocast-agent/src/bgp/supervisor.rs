@@ -371,7 +371,7 @@ mod tests {
             let net = |s: &str| s.parse::<IpNet>().unwrap();
             let mut updates = encode_announce(
                 &attrs,
-                Ipv4Addr::new(127, 0, 0, 1).into(),
+                Ipv4Addr::LOCALHOST.into(),
                 &[
                     net("198.18.100.0/24"),
                     net("198.18.101.0/24"),
