@@ -1,7 +1,7 @@
 //! The agent's BGP speaker against a real `GoBGP` 3 (`gobgpd`) in a network namespace: the session
 //! comes up with both families, healthy apps' VIPs arrive with the configured standard and
 //! large communities and the agent's next hops, and stopping the service withdraws them; what
-//! GoBGP announces to the agent is counted in `/info`.
+//! `GoBGP` announces to the agent is counted in `/info`.
 
 use std::time::Duration;
 
