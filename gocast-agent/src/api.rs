@@ -27,11 +27,11 @@ use crate::{
     app::{self, AppName, AppSpec, Monitor, NatRule, QUOTE_MAX, Source, truncated},
     bgp::{
         Peers,
-        codec::Origin,
+        codec::{Family, Origin},
         session::{PeerStatus, SentRoute},
     },
     messages::{LifecycleError, LifecycleHandle, Routes},
-    metrics::Metrics,
+    metrics::{Exposition, Metrics},
     reload::{ReloadError, ReloadHandle},
     stats::{self, Snapshot},
     supervise::Health,
@@ -97,6 +97,9 @@ pub struct PeerInfo {
     pub messages_in: u64,
     pub messages_out: u64,
     pub prefixes_advertised: usize,
+    pub prefixes_received: usize,
+    /// `ipv4`, `ipv6`: the families whose VIPs this peer is sent (empty unless Established).
+    pub families: Vec<&'static str>,
 }
 
 impl From<&PeerStatus> for PeerInfo {
@@ -111,6 +114,15 @@ impl From<&PeerStatus> for PeerInfo {
             messages_in: s.messages_in,
             messages_out: s.messages_out,
             prefixes_advertised: s.prefixes_advertised,
+            prefixes_received: s.prefixes_received,
+            families: s
+                .families
+                .iter()
+                .map(|f| match f {
+                    Family::Ipv4Unicast => "ipv4",
+                    Family::Ipv6Unicast => "ipv6",
+                })
+                .collect(),
         }
     }
 }
@@ -732,10 +744,13 @@ async fn healthz(State(state): State<ApiState>) -> Response {
         .into_response()
 }
 
-async fn metrics(State(state): State<ApiState>) -> Response {
+/// `OpenMetrics`, or Prometheus 0.0.4 text for a scraper whose `Accept` asks only for that.
+async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = Exposition::negotiate(accept);
     (
-        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
-        state.metrics.render(),
+        [(header::CONTENT_TYPE, format.content_type())],
+        state.metrics.exposition(format),
     )
         .into_response()
 }

@@ -52,6 +52,8 @@ pub enum Command {
     Status {
         #[command(flatten)]
         agent: AgentAddr,
+        #[command(flatten)]
+        output: Output,
     },
     /// Show what the agent's BGP sessions have sent and not withdrawn (their Adj-RIB-Out), with
     /// every attribute.
@@ -59,9 +61,10 @@ pub enum Command {
         /// Only the session with this peer address.
         #[arg(long)]
         peer: Option<String>,
-        /// Print the API's JSON (`GET /peers/{addr}/routes`; an array of those without `--peer`).
-        #[arg(long)]
-        json: bool,
+        /// `--json`: the API's answer (`GET /peers/{addr}/routes`; an array of those without
+        /// `--peer`).
+        #[command(flatten)]
+        output: Output,
         #[command(flatten)]
         agent: AgentAddr,
     },
@@ -70,6 +73,8 @@ pub enum Command {
     Reload {
         #[command(flatten)]
         agent: AgentAddr,
+        #[command(flatten)]
+        output: Output,
     },
     /// Drain an app, or the whole host without APP: its routes are re-announced with
     /// `GRACEFUL_SHUTDOWN`, withdrawn after `agent.drain_time`, and stay withdrawn (across
@@ -78,13 +83,25 @@ pub enum Command {
         app: Option<String>,
         #[command(flatten)]
         agent: AgentAddr,
+        #[command(flatten)]
+        output: Output,
     },
     /// Undo `drain` for an app, or for the whole host without APP.
     Undrain {
         app: Option<String>,
         #[command(flatten)]
         agent: AgentAddr,
+        #[command(flatten)]
+        output: Output,
     },
+}
+
+/// How a command that talks to the agent prints its answer.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct Output {
+    /// Print the agent's JSON instead of tables (schemas: docs/design.md, "The CLI's JSON").
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Where a running agent's HTTP API is.
@@ -174,7 +191,7 @@ pub fn normalize(args: Vec<OsString>) -> Vec<OsString> {
     out
 }
 
-/// `gocast status`: the peers, then one line per app, as `birdc show` prints tables.
+/// A string field, `?` when missing.
 fn text_of(v: &Value) -> &str {
     v.as_str().unwrap_or("?")
 }
@@ -338,6 +355,8 @@ pub fn render_drain(report: &Value) -> String {
     out
 }
 
+/// `gocast status`: the peers, then one line per app, then the traffic, as `birdc show`
+/// prints tables.
 pub fn render_status(info: &Value, apps: &Value, stats: Option<&Value>) -> String {
     let text = |v: &Value| match v {
         Value::String(s) => s.clone(),
@@ -354,7 +373,8 @@ pub fn render_status(info: &Value, apps: &Value, stats: Option<&Value>) -> Strin
         "AS".into(),
         "STATE".into(),
         "UPTIME".into(),
-        "PREFIXES".into(),
+        "SENT".into(),
+        "RECEIVED".into(),
         "LAST ERROR".into(),
     ]];
     for p in info["peers"].as_array().into_iter().flatten() {
@@ -364,6 +384,7 @@ pub fn render_status(info: &Value, apps: &Value, stats: Option<&Value>) -> Strin
             text(&p["state"]),
             p["uptime_s"].as_u64().map_or_else(|| "-".into(), uptime),
             text(&p["prefixes_advertised"]),
+            text(&p["prefixes_received"]),
             text(&p["last_error"]),
         ]);
     }
@@ -378,15 +399,23 @@ pub fn render_status(info: &Value, apps: &Value, stats: Option<&Value>) -> Strin
         "MONITORS".into(),
         "REPAIRS".into(),
     ]];
-    // An announced route goes to every Established session: "announced to 1/2 peers" tells a
-    // half-announced host from a fully announced one without reading the peer table.
-    let all_peers = info["peers"].as_array().map_or(0, Vec::len);
-    let established = info["peers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| p["state"] == "Established")
-        .count();
+    // A route in the announced set reaches the Established sessions that carry its family
+    // (one without a next hop of that family does not get it): "to 1/2 peers" tells a
+    // half-announced host from a fully announced one, and "wanted, 0/2 peers" a route that
+    // reaches no one, without reading the peer table.
+    let peers = info["peers"].as_array().map_or(&[][..], Vec::as_slice);
+    let reached = |vip: &str| {
+        let family = if vip.contains(':') { "ipv6" } else { "ipv4" };
+        peers
+            .iter()
+            .filter(|p| p["state"] == "Established")
+            .filter(|p| {
+                p["families"]
+                    .as_array()
+                    .is_some_and(|f| f.iter().any(|f| f == family))
+            })
+            .count()
+    };
     for a in apps.as_array().into_iter().flatten() {
         let monitors: Vec<String> = a["monitors"]
             .as_array()
@@ -411,10 +440,13 @@ pub fn render_status(info: &Value, apps: &Value, stats: Option<&Value>) -> Strin
             text(&a["vip"]),
             text(&a["source"]),
             health,
-            if a["announced"].as_bool() == Some(true) {
-                format!("to {established}/{all_peers} peers")
-            } else {
-                "no".into()
+            match (
+                a["announced"].as_bool(),
+                reached(a["vip"].as_str().unwrap_or("")),
+            ) {
+                (Some(true), 0) => format!("wanted, 0/{} peers", peers.len()),
+                (Some(true), n) => format!("to {n}/{} peers", peers.len()),
+                _ => "no".into(),
             },
             if monitors.is_empty() {
                 "-".into()
@@ -604,19 +636,60 @@ mod tests {
     }
 
     #[test]
-    fn status_counts_the_established_peers_an_app_is_announced_to() {
+    fn status_counts_the_established_peers_that_carry_the_vips_family() {
         let info = serde_json::json!({"version": "0.1.0", "dataplane": {"mode": "ebpf"}, "peers": [
-            {"address": "198.18.0.2", "asn": 65000, "state": "Established", "uptime_s": 93_784},
-            {"address": "198.18.1.2", "asn": 65000, "state": "Active", "uptime_s": null}]});
+            {"address": "198.18.0.2", "asn": 65000, "state": "Established", "uptime_s": 93_784,
+             "prefixes_advertised": 1, "prefixes_received": 3, "families": ["ipv4"]},
+            {"address": "198.18.1.2", "asn": 65000, "state": "Active", "uptime_s": null,
+             "prefixes_advertised": 0, "prefixes_received": 0, "families": []}]});
         let apps = serde_json::json!([
             {"name": "web", "vip": "192.0.2.10/32", "state": "healthy", "announced": true, "monitors": []},
+            {"name": "web6", "vip": "2001:db8::10/128", "state": "healthy", "announced": true, "monitors": []},
             {"name": "db", "vip": "192.0.2.11/32", "state": "unhealthy", "announced": false, "monitors": []}]);
         let out = render_status(&info, &apps, None);
-        assert!(out.contains("Established  1d 2h"), "{out}");
-        let web = out.lines().find(|l| l.starts_with("web ")).unwrap();
-        assert!(web.contains("to 1/2 peers"), "{out}");
-        let db = out.lines().find(|l| l.starts_with("db ")).unwrap();
-        assert!(db.contains("  no  "), "{out}");
+        assert!(out.contains("Established  1d 2h   1     3"), "{out}");
+        let line = |name: &str| {
+            out.lines()
+                .find(|l| l.starts_with(&format!("{name} ")))
+                .unwrap()
+                .to_owned()
+        };
+        assert!(line("web").contains("to 1/2 peers"), "{out}");
+        // The only Established session has no IPv6 next hop: the IPv6 VIP reaches no one.
+        assert!(line("web6").contains("wanted, 0/2 peers"), "{out}");
+        assert!(line("db").contains("  no  "), "{out}");
+    }
+
+    #[test]
+    fn with_every_peer_down_no_app_reads_as_announced_to_a_peer() {
+        let info = serde_json::json!({"version": "0.1.0", "dataplane": {"mode": "iptables"}, "peers": [
+            {"address": "198.18.0.2", "asn": 65000, "state": "Idle", "uptime_s": null, "families": []},
+            {"address": "198.18.1.2", "asn": 65000, "state": "Connect", "uptime_s": null, "families": []}]});
+        let apps = serde_json::json!([
+            {"name": "web", "vip": "192.0.2.10/32", "state": "healthy", "announced": true, "monitors": []}]);
+        let out = render_status(&info, &apps, None);
+        assert!(out.contains("wanted, 0/2 peers"), "{out}");
+        assert!(!out.contains("to "), "{out}");
+    }
+
+    #[test]
+    fn json_output_is_a_flag_of_every_command_that_asks_the_agent() {
+        for args in [
+            &["gocast", "status", "--json"][..],
+            &["gocast", "reload", "--json"],
+            &["gocast", "drain", "web", "--json"],
+            &["gocast", "undrain", "--json"],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap();
+            let output = match cli.command {
+                Command::Status { output, .. }
+                | Command::Reload { output, .. }
+                | Command::Drain { output, .. }
+                | Command::Undrain { output, .. } => output,
+                other => panic!("{other:?}"),
+            };
+            assert!(output.json, "{args:?}");
+        }
     }
 
     #[test]
@@ -664,7 +737,7 @@ mod tests {
 
     #[test]
     fn status_shows_peers_and_apps_as_tables() {
-        let info = serde_json::json!({"version": "0.1.0", "dataplane": {"mode": "iptables"}, "peers": [{"address": "198.18.0.2", "asn": 65000, "state": "Established", "uptime_s": 12, "prefixes_advertised": 1, "last_error": null}]});
+        let info = serde_json::json!({"version": "0.1.0", "dataplane": {"mode": "iptables"}, "peers": [{"address": "198.18.0.2", "asn": 65000, "state": "Established", "uptime_s": 12, "prefixes_advertised": 1, "prefixes_received": 0, "families": ["ipv4", "ipv6"], "last_error": null}]});
         let apps = serde_json::json!([{"name": "web", "vip": "192.0.2.10/32", "source": "http", "state": "healthy", "announced": true, "monitors": [{"monitor": "port:tcp:80", "ok": true}]}]);
         let out = render_status(&info, &apps, None);
         assert!(out.contains("198.18.0.2  65000  Established  12s"), "{out}");

@@ -10,10 +10,10 @@ use std::{
 use anyhow::{Context, Result, bail};
 use axum::{body::Body, http};
 use hyper_util::rt::TokioIo;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::{
-    cli::{self, AgentAddr},
+    cli::{self, AgentAddr, Output},
     config::Config,
 };
 
@@ -167,19 +167,24 @@ async fn unix_call(
     Ok((status, body))
 }
 
-/// `gocast status`: the apps and peers as tables.
-pub async fn status(agent: &AgentAddr) -> Result<()> {
+/// `gocast status`: the apps and peers as tables, or with `--json` the three answers it reads
+/// in one object: `{"info": /info, "apps": /apps, "stats": /stats or null}`.
+pub async fn status(agent: &AgentAddr, output: Output) -> Result<()> {
     let client = Client::new(agent)?;
     let info = client.get("/info").await?;
     let apps = client.get("/apps").await?;
     // Without the eBPF dataplane there are no counters: the table says so.
     let stats = client.get("/stats").await.ok();
-    print!("{}", cli::render_status(&info, &apps, stats.as_ref()));
-    Ok(())
+    if output.json {
+        print_json(&json!({"info": info, "apps": apps, "stats": stats}))
+    } else {
+        print!("{}", cli::render_status(&info, &apps, stats.as_ref()));
+        Ok(())
+    }
 }
 
 /// `gocast routes [--peer ADDR] [--json]`: what each session (or one) has sent.
-pub async fn routes(agent: &AgentAddr, peer: Option<&str>, json: bool) -> Result<()> {
+pub async fn routes(agent: &AgentAddr, peer: Option<&str>, output: Output) -> Result<()> {
     let client = Client::new(agent)?;
     let peers: Vec<String> = match peer {
         Some(peer) => vec![peer.to_owned()],
@@ -199,12 +204,12 @@ pub async fn routes(agent: &AgentAddr, peer: Option<&str>, json: bool) -> Result
             .with_context(|| format!("--peer {peer:?} is not an IP address"))?;
         answers.push(client.get(&format!("/peers/{ip}/routes")).await?);
     }
-    if json {
+    if output.json {
         let value = match (peer, answers.len()) {
             (Some(_), 1) => answers.remove(0),
             _ => Value::Array(answers),
         };
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        print_json(&value)?;
     } else {
         let text: Vec<String> = answers.iter().map(cli::render_peer_routes).collect();
         print!("{}", text.join("\n"));
@@ -212,18 +217,36 @@ pub async fn routes(agent: &AgentAddr, peer: Option<&str>, json: bool) -> Result
     Ok(())
 }
 
-/// `gocast reload`: prints what changed; fails with the agent's reason if it refused.
-pub async fn reload(agent: &AgentAddr) -> Result<()> {
+/// `gocast reload`: prints what changed (`--json`: the API's answer); fails with the agent's
+/// reason if it refused.
+pub async fn reload(agent: &AgentAddr, output: Output) -> Result<()> {
     let answer = Client::new(agent)?.post("/reload", &[]).await?;
+    if output.json {
+        return print_json(&answer);
+    }
     print!("{}", cli::render_reload(&answer["reloaded"]));
     Ok(())
 }
 
-/// `gocast drain [APP]` / `gocast undrain [APP]`.
-pub async fn drain(agent: &AgentAddr, app: Option<&str>, drain: bool) -> Result<()> {
+/// `gocast drain [APP]` / `gocast undrain [APP]` (`--json`: the API's answer).
+pub async fn drain(
+    agent: &AgentAddr,
+    app: Option<&str>,
+    drain: bool,
+    output: Output,
+) -> Result<()> {
     let path = if drain { "/drain" } else { "/undrain" };
     let query: Vec<(&str, &str)> = app.map(|a| ("name", a)).into_iter().collect();
     let answer = Client::new(agent)?.post(path, &query).await?;
+    if output.json {
+        return print_json(&answer);
+    }
     print!("{}", cli::render_drain(&answer));
+    Ok(())
+}
+
+/// One JSON document on stdout, pretty-printed (jq reads it as well as a person does).
+fn print_json(value: &Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }

@@ -61,21 +61,23 @@ fn main() -> ExitCode {
                 result
             }))
         }
-        Command::Status { agent } => {
-            exit(runtime().and_then(|rt| rt.block_on(client::status(&agent))))
+        Command::Status { agent, output } => {
+            exit(runtime().and_then(|rt| rt.block_on(client::status(&agent, output))))
         }
-        Command::Routes { peer, json, agent } => exit(
-            runtime().and_then(|rt| rt.block_on(client::routes(&agent, peer.as_deref(), json))),
+        Command::Routes { peer, output, agent } => exit(
+            runtime().and_then(|rt| rt.block_on(client::routes(&agent, peer.as_deref(), output))),
         ),
-        Command::Reload { agent } => {
-            exit(runtime().and_then(|rt| rt.block_on(client::reload(&agent))))
+        Command::Reload { agent, output } => {
+            exit(runtime().and_then(|rt| rt.block_on(client::reload(&agent, output))))
         }
-        Command::Drain { app, agent } => {
-            exit(runtime().and_then(|rt| rt.block_on(client::drain(&agent, app.as_deref(), true))))
-        }
-        Command::Undrain { app, agent } => {
-            exit(runtime().and_then(|rt| rt.block_on(client::drain(&agent, app.as_deref(), false))))
-        }
+        Command::Drain { app, agent, output } => exit(
+            runtime()
+                .and_then(|rt| rt.block_on(client::drain(&agent, app.as_deref(), true, output))),
+        ),
+        Command::Undrain { app, agent, output } => exit(
+            runtime()
+                .and_then(|rt| rt.block_on(client::drain(&agent, app.as_deref(), false, output))),
+        ),
     }
 }
 

@@ -1,9 +1,11 @@
-//! Prometheus metrics, served as `OpenMetrics` text at `/metrics`.
+//! Prometheus metrics, served at `/metrics` as `OpenMetrics` text, or in the Prometheus 0.0.4
+//! text format to a scraper that asks only for that ([`Exposition`]).
 //!
 //! The families are atomics behind `Arc`s: every task records into them without a message
 //! round-trip, and only the API renders them.
 
 use std::{
+    fmt::Write as _,
     sync::{Arc, OnceLock, atomic::AtomicU64},
     time::{Duration, SystemTime},
 };
@@ -119,6 +121,73 @@ pub type VipCounterSource = Arc<dyn Fn() -> Vec<(String, VipCounters)> + Send + 
 /// `OpenMetrics` 1.0 (`_total` counters under a `_total`-less TYPE name, a closing `# EOF`), so a
 /// scraper must be told so rather than take it for the older `text/plain; version=0.0.4`.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The media type of the Prometheus text format 0.0.4 ([`Exposition::Prometheus`]).
+pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The two text formats `/metrics` speaks, chosen by the scraper's `Accept` header
+/// (docs/design.md, "`GET /healthz`, `GET /metrics`").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exposition {
+    /// `OpenMetrics` 1.0: what Prometheus asks for first, and the answer to `*/*` or to no
+    /// `Accept` at all (curl, a person).
+    OpenMetrics,
+    /// The Prometheus text format 0.0.4, for a scraper that accepts `text/plain` but not
+    /// `OpenMetrics` (Prometheus before 2.5, some agents): it would misread `OpenMetrics`
+    /// counters, whose TYPE line names the family without `_total`.
+    Prometheus,
+}
+
+impl Exposition {
+    /// The format for an `Accept` header. Quality values are not weighed: a scraper that
+    /// names `OpenMetrics` at all can parse it.
+    pub fn negotiate(accept: Option<&str>) -> Self {
+        let accept = accept.unwrap_or_default().to_ascii_lowercase();
+        if accept.contains("text/plain") && !accept.contains("application/openmetrics-text") {
+            Self::Prometheus
+        } else {
+            Self::OpenMetrics
+        }
+    }
+
+    pub const fn content_type(self) -> &'static str {
+        match self {
+            Self::OpenMetrics => CONTENT_TYPE,
+            Self::Prometheus => PROMETHEUS_CONTENT_TYPE,
+        }
+    }
+}
+
+/// `OpenMetrics` text as prometheus-client writes it, rewritten into the Prometheus 0.0.4
+/// format: a counter family is declared under its sample name (`x_total`), `# UNIT` lines
+/// (which 0.0.4 lacks) and the closing `# EOF` go. Gauges and histograms are written alike in
+/// both. The encoder writes no `_created` sample, exemplar or info/stateset family, the parts
+/// of `OpenMetrics` that 0.0.4 cannot say.
+fn prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 64 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let descriptor = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| Some((p, line.strip_prefix(p)?.split_once(' ')?)));
+        match descriptor {
+            Some((prefix, (name, tail))) if counters.contains(name) => {
+                let _ = writeln!(out, "{prefix}{name}_total {tail}");
+            }
+            _ => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
 
 /// The per-VIP counters of the latest stats snapshot, rendered at scrape time: the kernel
 /// counts, so these are constant counters read from the snapshot, not counters we increment.
@@ -357,11 +426,12 @@ impl ConsulMetrics {
     }
 }
 
-/// BGP messages by type, NOTIFICATIONs by code, and session flaps, per peer.
+/// BGP messages by type, NOTIFICATIONs by code, session flaps and received prefixes, per peer.
 struct BgpMetrics {
     messages: Family<MessageLabels, Counter>,
     notifications: Family<NotificationLabels, Counter>,
     flaps: Family<PeerLabels, Counter>,
+    prefixes_received: Family<PeerLabels, Gauge>,
 }
 
 impl BgpMetrics {
@@ -370,6 +440,7 @@ impl BgpMetrics {
             messages: Family::default(),
             notifications: Family::default(),
             flaps: Family::default(),
+            prefixes_received: Family::default(),
         };
         registry.register(
             "bgp_messages",
@@ -385,6 +456,11 @@ impl BgpMetrics {
             "bgp_session_flaps",
             "Times an Established session went down",
             m.flaps.clone(),
+        );
+        registry.register(
+            "bgp_prefixes_received",
+            "Prefixes the peer announces to the agent (none is installed)",
+            m.prefixes_received.clone(),
         );
         m
     }
@@ -644,6 +720,17 @@ impl Metrics {
             .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
+    pub fn prefixes_received(&self, peer: &str, count: usize) {
+        let labels = PeerLabels {
+            peer: peer.to_owned(),
+        };
+        self.inner
+            .bgp
+            .prefixes_received
+            .get_or_create(&labels)
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
     /// `count` BGP messages of `kind` (`update`, ...) sent (`out`) to or received (`in`) from `peer`.
     pub fn bgp_messages(
         &self,
@@ -778,6 +865,14 @@ impl Metrics {
             .set(i64::try_from(refused).unwrap_or(i64::MAX));
     }
 
+    /// The exposition in `format`, for `/metrics`.
+    pub fn exposition(&self, format: Exposition) -> String {
+        match format {
+            Exposition::OpenMetrics => self.render(),
+            Exposition::Prometheus => prometheus_text(&self.render()),
+        }
+    }
+
     /// The `OpenMetrics` text exposition ([`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -792,6 +887,8 @@ impl Metrics {
 
 #[cfg(test)]
 mod tests {
+    use gocast_test_guard::exposition::{self, Format};
+
     use super::*;
 
     #[test]
@@ -837,110 +934,133 @@ mod tests {
         }
     }
 
-    /// Checks `text` against the `OpenMetrics` 1.0 text format, strictly for what the encoder
-    /// writes. `prometheus-parse`, the Rust parser at hand, reads the older format and
-    /// skips what it does not know, `# EOF` included, so the rules are spelled out here: every
-    /// sample belongs to the family last declared by `# TYPE`, with a suffix its type allows;
-    /// a family is declared once; names, labels and values are well formed; `# EOF` ends it.
+    /// Parses `text` with the reference parser in `format`; every family must have its HELP.
+    /// `None` when the parser is not installed (the test was skipped).
+    fn parsed(text: &str, format: Format) -> Option<Vec<exposition::Family>> {
+        let families = exposition::parse(text, format)?
+            .unwrap_or_else(|e| panic!("{format:?} parser refuses it: {e}\n{text}"));
+        for f in &families {
+            assert!(f.help, "{} has no HELP:\n{text}", f.name);
+        }
+        Some(families)
+    }
+
+    /// Checks `text` with the `OpenMetrics` reference parser (strict: it needs `# EOF` at the
+    /// end and every sample in the family its TYPE declares).
     pub(crate) fn assert_openmetrics(text: &str) {
-        fn is_name(s: &str) -> bool {
-            let mut chars = s.chars();
-            chars
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
-                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
-        }
-        fn suffixes(kind: &str) -> &'static [&'static str] {
-            match kind {
-                "counter" => &["_total", "_created"],
-                "histogram" => &["_bucket", "_count", "_sum", "_created"],
-                "summary" => &["", "_count", "_sum", "_created"],
-                "info" => &["_info"],
-                "gauge" | "unknown" => &[""],
-                other => panic!("unknown metric type {other}"),
-            }
-        }
-        /// Parses `{a="b",c="d"}` from the start of `s`, returning the rest.
-        fn labels(s: &str, line: &str) -> &'static str {
-            let mut rest = s.strip_prefix('{').unwrap_or_else(|| panic!("{line}"));
-            loop {
-                if let Some(after) = rest.strip_prefix('}') {
-                    return Box::leak(after.to_owned().into_boxed_str());
-                }
-                let (name, after) = rest.split_once("=\"").unwrap_or_else(|| panic!("{line}"));
-                assert!(is_name(name), "label name {name:?}: {line}");
-                let mut escaped = false;
-                let end = after
-                    .char_indices()
-                    .find(|&(_, c)| {
-                        let closes = c == '"' && !escaped;
-                        escaped = c == '\\' && !escaped;
-                        closes
-                    })
-                    .map_or_else(|| panic!("unterminated label value: {line}"), |(i, _)| i);
-                rest = &after[end + 1..];
-                rest = rest.strip_prefix(',').unwrap_or(rest);
-            }
-        }
-        assert!(text.ends_with("# EOF\n"), "no closing # EOF:\n{text}");
-        let body = &text[..text.len() - "# EOF\n".len()];
-        let mut declared = std::collections::HashSet::new();
-        let mut family: Option<(String, String)> = None;
-        for line in body.lines() {
-            if let Some(meta) = line.strip_prefix("# ") {
-                let mut parts = meta.splitn(3, ' ');
-                let (keyword, name) = (parts.next().unwrap(), parts.next().unwrap_or(""));
-                assert!(is_name(name), "{line}");
-                match keyword {
-                    "TYPE" => {
-                        let kind = parts.next().unwrap_or_else(|| panic!("{line}"));
-                        suffixes(kind);
-                        assert!(declared.insert(name.to_owned()), "declared twice: {line}");
-                        family = Some((name.to_owned(), kind.to_owned()));
-                    }
-                    "HELP" | "UNIT" => {}
-                    other => panic!("unknown descriptor {other}: {line}"),
-                }
-                continue;
-            }
-            let (name, kind) = family
-                .as_ref()
-                .unwrap_or_else(|| panic!("sample before any TYPE: {line}"));
-            let end = line.find(['{', ' ']).unwrap_or_else(|| panic!("{line}"));
-            let sample = &line[..end];
-            assert!(
-                suffixes(kind)
-                    .iter()
-                    .any(|suffix| sample.strip_suffix(suffix) == Some(name.as_str())),
-                "{sample} is not a sample of {kind} {name}"
-            );
-            let rest = if line[end..].starts_with('{') {
-                labels(&line[end..], line)
-            } else {
-                Box::leak(line[end..].to_owned().into_boxed_str())
+        parsed(text, Format::OpenMetrics);
+    }
+
+    /// Records into every family, so the exposition holds each kind of series.
+    fn every_family() -> Metrics {
+        let m = Metrics::default();
+        m.app_state("web", true, false);
+        m.state_changed("web");
+        m.monitor_observed("exec", Duration::from_millis(20), false);
+        m.routes(1);
+        m.consul_request("catalog_node", "ok");
+        m.consul_discovered(1, 0);
+        m.peer_state("198.18.0.2", true);
+        m.peer_established("198.18.0.2");
+        m.updates_sent("198.18.0.2", 2);
+        m.prefixes_advertised("198.18.0.2", 1);
+        m.prefixes_received("198.18.0.2", 3);
+        m.bgp_messages("198.18.0.2", "in", "keepalive", 1);
+        m.bgp_notification("198.18.0.2", "out", 6, 2);
+        m.bgp_session_flap("198.18.0.2");
+        m.task_restarted("stats", "");
+        m.repair("vip");
+        m.repair_failed("nat");
+        m.dataplane(&crate::dataplane::DataplaneInfo::iptables_fallback(
+            "loading \"xdp\": EPERM",
+        ));
+        m.vip_stats(Arc::new(|| {
+            vec![("192.0.2.10/32".to_owned(), VipCounters::default())]
+        }));
+        m
+    }
+
+    #[test]
+    fn every_family_parses_in_both_formats_with_its_type() {
+        let m = every_family();
+        for format in [Exposition::OpenMetrics, Exposition::Prometheus] {
+            let text = m.exposition(format);
+            let parser_format = match format {
+                Exposition::OpenMetrics => Format::OpenMetrics,
+                Exposition::Prometheus => Format::Prometheus,
             };
-            let value = rest
-                .strip_prefix(' ')
-                .unwrap_or_else(|| panic!("no value: {line}"));
-            let value = value.split(' ').next().unwrap_or_default();
-            assert!(
-                value.parse::<f64>().is_ok() || ["+Inf", "-Inf", "NaN"].contains(&value),
-                "value {value:?}: {line}"
-            );
+            let Some(families) = parsed(&text, parser_format) else {
+                return;
+            };
+            let kind = |name: &str| {
+                families
+                    .iter()
+                    .find(|f| f.name == name && f.samples > 0)
+                    .map(|f| f.kind.as_str())
+            };
+            for (name, expected) in [
+                ("gocast_bgp_messages", "counter"),
+                ("gocast_bgp_notifications", "counter"),
+                ("gocast_bgp_prefixes_received", "gauge"),
+                ("gocast_monitor_duration_seconds", "histogram"),
+                ("gocast_vip_packets", "counter"),
+                ("gocast_build_info", "gauge"),
+                ("gocast_task_restarts", "counter"),
+                ("process_cpu_seconds", "counter"),
+                ("process_open_fds", "gauge"),
+            ] {
+                assert_eq!(kind(name), Some(expected), "{format:?} {name}:\n{text}");
+            }
+            // Every family the text declares came out typed, none as "unknown" leftovers.
+            let declared = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
+            assert_eq!(families.len(), declared, "{format:?}: {families:?}\n{text}");
+            assert!(families.iter().all(|f| f.kind != "unknown"), "{families:?}");
         }
     }
 
     #[test]
-    fn rendered_text_is_openmetrics() {
-        let m = Metrics::default();
-        m.app_state("web", true, false);
-        m.monitor_observed("exec", Duration::from_millis(20), false);
-        m.consul_request("catalog_node", "ok");
-        m.peer_state("198.18.0.2", true);
-        m.dataplane(&crate::dataplane::DataplaneInfo::iptables_fallback(
-            "loading \"xdp\": EPERM",
-        ));
-        assert_openmetrics(&m.render());
+    fn the_prometheus_format_names_counters_by_their_samples_and_has_no_eof() {
+        let m = every_family();
+        let text = m.exposition(Exposition::Prometheus);
+        assert!(
+            text.contains("# TYPE gocast_bgp_messages_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP gocast_bgp_messages_total BGP"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE gocast_app_healthy gauge\n"), "{text}");
+        assert!(!text.contains("# EOF"), "{text}");
+        let om = m.render();
+        assert_eq!(
+            text.lines().filter(|l| !l.starts_with('#')).count(),
+            om.lines().filter(|l| !l.starts_with('#')).count(),
+            "the same samples"
+        );
+    }
+
+    #[test]
+    fn the_format_follows_the_accept_header() {
+        for (accept, expected) in [
+            (None, Exposition::OpenMetrics),
+            (Some("*/*"), Exposition::OpenMetrics),
+            // What Prometheus 2.5 and later send.
+            (
+                Some(
+                    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+                ),
+                Exposition::OpenMetrics,
+            ),
+            (Some("text/plain;version=0.0.4"), Exposition::Prometheus),
+            (Some("Text/Plain"), Exposition::Prometheus),
+        ] {
+            assert_eq!(Exposition::negotiate(accept), expected, "{accept:?}");
+        }
+        assert_eq!(
+            Exposition::Prometheus.content_type(),
+            "text/plain; version=0.0.4; charset=utf-8"
+        );
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! Test helpers: run privileged tests in a network namespace of their own, so they never touch
-//! the host's addresses, routes or iptables rules.
+//! the host's addresses, routes or iptables rules; capture what is logged.
 
-use std::future::Future;
+use std::{
+    future::Future,
+    sync::{Arc, Mutex},
+};
 
 use nix::sched::{CloneFlags, unshare};
 
@@ -40,5 +43,50 @@ where
             None
         }
         Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+/// Every line logged on this thread while it lives, in the agent's text format (no colours):
+/// for tests of what a log line carries (`app=web`, `peer=198.18.0.2`).
+pub struct Logs {
+    buffer: Arc<Mutex<Vec<u8>>>,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+impl Logs {
+    /// Starts capturing at every level, on the current thread (a current-thread runtime's
+    /// tasks included).
+    pub fn capture() -> Self {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let writer = Buffer(buffer.clone());
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || writer.clone())
+            .finish();
+        Self {
+            buffer,
+            _guard: tracing::subscriber::set_default(subscriber),
+        }
+    }
+
+    /// What was logged so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.buffer.lock().unwrap()).into_owned()
+    }
+}
+
+/// The shared buffer as the subscriber's writer.
+#[derive(Clone)]
+struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Buffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }

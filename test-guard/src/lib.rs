@@ -7,7 +7,10 @@
 //! panics instead.
 //!
 //! An end-to-end test starts with [`require_privileged!`]; the agent's `in_new_netns` calls
-//! [`privileged`] and, when it cannot enter a namespace, [`skip`].
+//! [`privileged`] and, when it cannot enter a namespace, [`skip`]. [`exposition`] runs the
+//! reference parser of `/metrics`, a prerequisite that skips the same way.
+
+pub mod exposition;
 
 /// The environment variable under which a privileged test that cannot run fails (value `1`).
 pub const REQUIRE_PRIVILEGED: &str = "GOCAST_REQUIRE_PRIVILEGED";

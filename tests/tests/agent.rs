@@ -109,8 +109,9 @@ fn registered_app_is_served_through_nat_withdrawn_when_its_service_stops_and_cle
         status_out.lines().any(|l| l.starts_with("web")
             && l.contains("192.0.2.10/32")
             && l.contains("healthy")
-            // Announced, but the peer (nobody listens on the client) is not Established.
-            && l.contains("to 0/1 peers")),
+            // Wanted, but the peer (nobody listens on the client) is not Established: no
+            // peer has the route, and the table says so.
+            && l.contains("wanted, 0/1 peers")),
         "status table:\n{status_out}"
     );
     // From another host, VIP:80 reaches the service on 8081.

@@ -1,9 +1,12 @@
 //! The agent's BGP speaker against a real `GoBGP` 3 (`gobgpd`) in a network namespace: the session
 //! comes up with both families, healthy apps' VIPs arrive with the configured standard and
-//! large communities and the agent's next hops, and stopping the service withdraws them.
+//! large communities and the agent's next hops, and stopping the service withdraws them; what
+//! `GoBGP` announces to the agent is counted in `/info`.
+
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use gocast_tests::routers::{Gobgp, establishes, learns_and_withdraws};
+use gocast_tests::routers::{Gobgp, agent_peer, establishes, learns_and_withdraws, wait_until};
 use serde_json::Value;
 
 const V4: &str = "192.0.2.80/32";
@@ -99,6 +102,32 @@ fn gobgp_learns_healthy_vips_with_communities_and_loses_them_when_the_service_st
             attr(&v6, V6, MP_REACH_NLRI).is_some_and(|a| a["nexthop"] == topo.agent_ip6.as_str()),
             "IPv6 next hop {}:\n{v6:#}",
             topo.agent_ip6
+        );
+        Ok(())
+    })
+}
+
+#[test]
+fn the_agent_counts_the_prefixes_gobgp_announces_and_withdraws() -> Result<()> {
+    establishes([V4, V6], |gobgp: &Gobgp, topo| {
+        let rib =
+            |op: &str, prefix: &str| gobgp.gobgp(&["global", "rib", "-a", "ipv4", op, prefix]);
+        let received = |n: u64| {
+            wait_until(
+                &format!("{n} received prefixes in /info"),
+                Duration::from_secs(10),
+                || Ok(agent_peer(topo)?["prefixes_received"] == n),
+            )
+        };
+        rib("add", "198.18.200.0/24")?;
+        rib("add", "198.18.201.0/24")?;
+        received(2)?;
+        rib("del", "198.18.201.0/24")?;
+        received(1)?;
+        let peer = agent_peer(topo)?;
+        ensure!(
+            peer["families"] == serde_json::json!(["ipv4", "ipv6"]),
+            "both families carry VIPs: {peer}"
         );
         Ok(())
     })

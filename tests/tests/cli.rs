@@ -169,3 +169,140 @@ fn the_running_agent_logs_info_and_warnings_with_their_priority_for_the_journal(
     );
     Ok(())
 }
+
+/// Runs `gocast ARGS --addr API` inside `ns`; fails with its stderr unless it exits 0.
+fn gocast_in(ns: &gocast_tests::Netns, args: &[&str]) -> Result<String> {
+    let out = ns
+        .command(agent_binary()?.to_str().unwrap_or_default())
+        .args(args)
+        .args(["--addr", API])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "gocast {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// `/metrics` fetched inside `ns` with `accept`: (content type, body).
+fn scrape(ns: &gocast_tests::Netns, accept: &str) -> Result<(String, String)> {
+    let out = ns
+        .command("curl")
+        .args(["-sS", "-m", "10", "-H"])
+        .arg(format!("Accept: {accept}"))
+        .args(["-w", "\n%{content_type}", &format!("http://{API}/metrics")])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout)?;
+    // `-w` adds a newline and the content type after the body, which ends in its own newline.
+    let (body, content_type) = text.rsplit_once('\n').unwrap_or((&text, ""));
+    Ok((content_type.to_owned(), body.to_owned()))
+}
+
+#[test]
+fn every_read_command_prints_json_and_metrics_parse_in_both_formats() -> Result<()> {
+    use gocast_test_guard::exposition::{self, Format};
+
+    require_privileged!();
+    let dir = tempfile::tempdir()?;
+    let topo = Topology::new()?;
+    let config = dir.path().join("config.yaml");
+    // The client runs no BGP speaker: the only peer never comes up.
+    std::fs::write(
+        &config,
+        format!(
+            "agent:\n  listen_addr: {API}\n  monitor_interval: 200ms\n  state_file: {state}\nbgp:\n  local_as: 65001\n  remote_as: 65000\n  peer_ip: {peer}\ndataplane:\n  mode: iptables\napps:\n  - name: web\n    vip: 192.0.2.10/32\n    monitors: ['exec:true']\n",
+            state = dir.path().join("state.json").display(),
+            peer = topo.client_ip,
+        ),
+    )?;
+    let mut agent = Agent::start(
+        &topo.agent,
+        &["run", "--config", config.to_str().unwrap_or_default()],
+        &dir.path().join("agent.log"),
+        API,
+    )?;
+    agent.wait_for("web announced", Duration::from_secs(20), |_| {
+        let (_, apps) = topo.agent.http_get(&format!("http://{API}/apps"))?;
+        Ok(apps[0]["announced"] == true)
+    })?;
+
+    let status: serde_json::Value =
+        serde_json::from_str(&gocast_in(&topo.agent, &["status", "--json"])?)?;
+    let peer = &status["info"]["peers"][0];
+    ensure!(
+        peer["address"] == topo.client_ip.as_str()
+            && peer["state"] != "Established"
+            && peer["prefixes_received"] == 0
+            && peer["families"] == serde_json::json!([]),
+        "{status:#}"
+    );
+    let web = &status["apps"][0];
+    ensure!(
+        web["name"] == "web" && web["announced"] == true && web["state"] == "healthy",
+        "{status:#}"
+    );
+    // iptables: no counters, which `stats` says rather than leaving out.
+    ensure!(status["stats"]["unavailable"].is_string(), "{status:#}");
+    // The table does not claim that a route nobody receives is announced.
+    let table = gocast_in(&topo.agent, &["status"])?;
+    ensure!(
+        table.contains("wanted, 0/1 peers") && !table.contains("to 0/1"),
+        "{table}"
+    );
+
+    let drained: serde_json::Value =
+        serde_json::from_str(&gocast_in(&topo.agent, &["drain", "web", "--json"])?)?;
+    ensure!(
+        drained["host_drained"] == false && drained["apps"][0]["name"] == "web",
+        "{drained:#}"
+    );
+    let undrained: serde_json::Value =
+        serde_json::from_str(&gocast_in(&topo.agent, &["undrain", "web", "--json"])?)?;
+    ensure!(undrained["apps"][0]["drain"].is_null(), "{undrained:#}");
+    let reloaded: serde_json::Value =
+        serde_json::from_str(&gocast_in(&topo.agent, &["reload", "--json"])?)?;
+    ensure!(reloaded["reloaded"]["apps"].is_object(), "{reloaded:#}");
+
+    // What Prometheus sends, then what a scraper that knows only the old format sends.
+    for (accept, content_type, format) in [
+        (
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::OpenMetrics,
+        ),
+        (
+            "text/plain;version=0.0.4",
+            "text/plain; version=0.0.4; charset=utf-8",
+            Format::Prometheus,
+        ),
+    ] {
+        let (got, body) = scrape(&topo.agent, accept)?;
+        ensure!(got == content_type, "{accept}: {got}");
+        let Some(parsed) = exposition::parse(&body, format) else {
+            return Ok(());
+        };
+        let families = parsed.map_err(|e| anyhow::anyhow!("{format:?}: {e}\n{body}"))?;
+        for name in [
+            "gocast_app_announced",
+            "gocast_bgp_session_up",
+            "gocast_build_info",
+            "process_resident_memory_bytes",
+        ] {
+            ensure!(
+                families.iter().any(|f| f.name == name && f.samples > 0),
+                "{format:?}: no {name}\n{body}"
+            );
+        }
+        ensure!(
+            families.iter().all(|f| f.help),
+            "{format:?}: a family without HELP\n{body}"
+        );
+    }
+    Ok(())
+}

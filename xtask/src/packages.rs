@@ -11,10 +11,21 @@ use crate::cmd;
 
 /// Debian packages the end-to-end tests need: iptables/iproute2 build the topologies, bird2, frr
 /// and gobgpd are the BGP peers, systemd brings `systemd-analyze` for the package check
-/// (`package.rs`), and the rest are probes and load generators.
+/// (`package.rs`), python3-prometheus-client is the reference parser `/metrics` is checked with
+/// (`test-guard/src/exposition.rs`), and the rest are probes and load generators.
 const DEBIAN_PACKAGES: &[&str] = &[
-    "iptables", "iproute2", "curl", "python3", "bird2", "frr", "gobgpd", "tcpdump", "bpftool",
-    "wrk", "systemd",
+    "iptables",
+    "iproute2",
+    "curl",
+    "python3",
+    "python3-prometheus-client",
+    "bird2",
+    "frr",
+    "gobgpd",
+    "tcpdump",
+    "bpftool",
+    "wrk",
+    "systemd",
 ];
 
 /// Seconds any single apt-get or rustup call may take, so a stuck mirror fails CI instead of

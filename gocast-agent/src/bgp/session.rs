@@ -21,7 +21,7 @@
 //! which Cease ends it.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::{BTreeMap, HashSet, VecDeque},
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
@@ -40,7 +40,7 @@ use tokio_util::codec::Framed;
 use tracing::{debug, info, warn};
 
 use super::{
-    codec::{self, Attributes, BgpCodec, Family, Message, Origin},
+    codec::{self, Attributes, BgpCodec, Family, Message, Origin, ReceivedUpdate},
     fsm::{ConfigChange, Fsm, FsmConfig, Input, Negotiated, Output, State},
     rib_out::{AdjRibOut, Changes},
 };
@@ -77,6 +77,11 @@ pub struct PeerStatus {
     pub messages_in: u64,
     pub messages_out: u64,
     pub prefixes_advertised: usize,
+    /// Prefixes the peer announces to us now (its Adj-RIB-In's size; we install none).
+    pub prefixes_received: usize,
+    /// The families whose routes go to this peer: negotiated and with a next hop. Empty
+    /// unless Established; a VIP of another family is not announced to this peer.
+    pub families: Vec<Family>,
     /// Set while the session's task is down (it panicked or ended by itself) and waits to be
     /// restarted: why. `/healthz` reports it.
     pub task_down: Option<String>,
@@ -108,6 +113,8 @@ impl PeerStatus {
             messages_in: 0,
             messages_out: 0,
             prefixes_advertised: 0,
+            prefixes_received: 0,
+            families: Vec::new(),
             task_down: None,
             sent: Arc::default(),
         }
@@ -192,6 +199,9 @@ pub struct Session<'a> {
     keepalive: Timer,
     retry: Timer,
     rib: AdjRibOut,
+    /// The prefixes the peer announces to us, for the count in `/info`: nothing else reads
+    /// them (the agent installs no route).
+    received: HashSet<IpNet>,
     negotiated: Option<Negotiated>,
     /// Next hops announced on this session, found when it is established.
     next_hop4: Option<Ipv4Addr>,
@@ -240,6 +250,7 @@ impl<'a> Session<'a> {
             keepalive: Timer::default(),
             retry: Timer::default(),
             rib: AdjRibOut::default(),
+            received: HashSet::new(),
             negotiated: None,
             next_hop4: None,
             next_hop6: None,
@@ -313,7 +324,7 @@ impl<'a> Session<'a> {
         let peer = self.settings.peer.borrow_and_update().clone();
         let next_hop_changed = peer.next_hop != self.peer.next_hop;
         self.peer = peer;
-        debug!(peer = %self.name, "route attributes reconfigured");
+        debug!("route attributes reconfigured");
         if next_hop_changed && self.negotiated.is_some() {
             self.find_next_hops().await;
             // The next hop is not among the attributes the Adj-RIB-Out compares: everything
@@ -341,7 +352,7 @@ impl<'a> Session<'a> {
                 Input::TcpConnectionClosed
             }
             Some(Err(e)) => {
-                warn!(peer = %self.name, error = %e, "malformed message from peer");
+                warn!(error = %e, "malformed message from peer");
                 self.note_error(format!("malformed message: {e}"));
                 Input::DecodeFailed(e.notification())
             }
@@ -394,7 +405,7 @@ impl<'a> Session<'a> {
     fn framed(&self, stream: TcpStream) -> Framed<TcpStream, BgpCodec> {
         // Small messages (KEEPALIVEs, single withdrawals) must leave at once.
         if let Err(e) = stream.set_nodelay(true) {
-            debug!(peer = %self.name, error = %e, "cannot set TCP_NODELAY");
+            debug!(error = %e, "cannot set TCP_NODELAY");
         }
         Framed::new(stream, BgpCodec::new())
     }
@@ -430,7 +441,7 @@ impl<'a> Session<'a> {
                 }
                 Output::RefuseConnection(notification) => {
                     if let Some(stream) = self.arriving.take() {
-                        debug!(peer = %self.name, state = %self.fsm.state(), %notification, "refusing the peer's connection");
+                        debug!(state = %self.fsm.state(), %notification, "refusing the peer's connection");
                         tokio::spawn(close_with(stream, notification));
                     }
                 }
@@ -443,7 +454,7 @@ impl<'a> Session<'a> {
                     reason,
                 } => {
                     if let Some(candidate) = self.candidate.take() {
-                        info!(peer = %self.name, %reason, "closing the peer's other connection");
+                        info!(%reason, "closing the peer's other connection");
                         if let Some(n) = notification {
                             self.count_message("out", &Message::Notification(n.clone()));
                             tokio::spawn(close_with(candidate.into_inner(), n));
@@ -451,7 +462,7 @@ impl<'a> Session<'a> {
                     }
                 }
                 Output::PromoteCandidate { reason } => {
-                    info!(peer = %self.name, %reason, "using the peer's other connection");
+                    info!(%reason, "using the peer's other connection");
                     self.conn = self.candidate.take();
                     self.show_address();
                     // The failure of the closed connection is not the session's.
@@ -491,7 +502,7 @@ impl<'a> Session<'a> {
                     notification_received.as_ref(),
                 ),
                 Output::StateChanged { from, to } => {
-                    debug!(peer = %self.name, %from, %to, "bgp state");
+                    debug!(%from, %to, "bgp state");
                     if from == State::Established && to != State::Established {
                         self.metrics.bgp_session_flap(&self.name);
                     }
@@ -503,11 +514,7 @@ impl<'a> Session<'a> {
                     let changes = self.rib.all(family);
                     self.send_changes(&changes, inputs).await;
                 }
-                Output::UpdateReceived(update) => {
-                    if let Some(why) = &update.treat_as_withdraw {
-                        warn!(peer = %self.name, reason = %why, "malformed UPDATE treated as withdraw (RFC 7606)");
-                    }
-                }
+                Output::UpdateReceived(update) => self.received(&update),
             }
         }
     }
@@ -535,9 +542,11 @@ impl<'a> Session<'a> {
         let repeated = self.status.borrow().last_error.as_ref() == Some(&detail);
         // A peer that stays down would log every retry: say it once per new cause.
         if was_up || !repeated {
-            warn!(peer = %self.name, reason = %detail, "session down");
+            warn!(reason = %detail, "session down");
         }
         self.rib.clear();
+        self.received = HashSet::new();
+        self.metrics.prefixes_received(&self.name, 0);
         self.next_hop4 = None;
         self.next_hop6 = None;
         self.status.send_modify(|s| {
@@ -547,6 +556,8 @@ impl<'a> Session<'a> {
             }
             s.established_at = None;
             s.prefixes_advertised = 0;
+            s.prefixes_received = 0;
+            s.families.clear();
             s.sent = Arc::default();
         });
         // Nothing is announced to a peer that is down: any version counts as sent.
@@ -568,6 +579,25 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Follows the peer's announcements and withdrawals for the received-prefix count.
+    /// Treat-as-withdraw (RFC 7606 §2) withdraws the UPDATE's announced prefixes too.
+    fn received(&mut self, update: &ReceivedUpdate) {
+        for prefix in &update.withdrawn {
+            self.received.remove(prefix);
+        }
+        if let Some(why) = &update.treat_as_withdraw {
+            warn!(reason = %why, "malformed UPDATE treated as withdraw (RFC 7606)");
+            for prefix in &update.announced {
+                self.received.remove(prefix);
+            }
+        } else {
+            self.received.extend(update.announced.iter().copied());
+        }
+        let count = self.received.len();
+        self.metrics.prefixes_received(&self.name, count);
+        self.status.send_modify(|s| s.prefixes_received = count);
+    }
+
     fn start_connect(&mut self) {
         if let Some(task) = self.connecting.take() {
             task.abort();
@@ -583,7 +613,7 @@ impl<'a> Session<'a> {
         match self.netlink.global_address_toward(remote, v6).await {
             Ok(found) => found,
             Err(e) => {
-                warn!(peer = %self.name, error = %e, "cannot look up a next hop");
+                warn!(error = %e, "cannot look up a next hop");
                 None
             }
         }
@@ -638,11 +668,13 @@ impl<'a> Session<'a> {
             ("IPv6", self.next_hop6.is_none()),
         ] {
             if missing && negotiated.families.len() > 1 {
-                warn!(peer = %self.name, family, "no address of this family toward the peer: its VIPs are not announced on this session (set local_ip / local_ipv6 / next_hop)");
+                warn!(
+                    family,
+                    "no address of this family toward the peer: its VIPs are not announced on this session (set local_ip / local_ipv6 / next_hop)"
+                );
             }
         }
         info!(
-            peer = %self.name,
             hold = ?negotiated.hold_time,
             families = ?negotiated.families,
             next_hop4 = ?self.next_hop4,
@@ -703,7 +735,10 @@ impl<'a> Session<'a> {
         self.send_changes(&changes, inputs).await;
         self.metrics.prefixes_advertised(&self.name, self.rib.len());
         let count = self.rib.len();
-        self.status.send_modify(|s| s.prefixes_advertised = count);
+        self.status.send_modify(|s| {
+            s.prefixes_advertised = count;
+            s.families = families;
+        });
         self.flushed.send_replace(routes.version);
     }
 

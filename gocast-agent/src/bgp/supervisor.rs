@@ -29,7 +29,7 @@ use tokio::{
     sync::{mpsc, watch},
     task::JoinHandle,
 };
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use super::{
     fsm::State,
@@ -72,7 +72,14 @@ pub struct Supervised {
 }
 
 /// Runs the peer's session until the speaker stops it, restarting it whenever it fails.
-pub async fn supervise(mut s: Supervised) {
+/// Every line it and its sessions log is in the span `bgp{peer=ADDR}`, so one peer's story
+/// filters out of the journal (docs/operations.md, "Logs").
+pub async fn supervise(s: Supervised) {
+    let span = info_span!("bgp", peer = %peer_name(&s.settings.peer.borrow()));
+    supervise_in_span(s).instrument(span).await;
+}
+
+async fn supervise_in_span(mut s: Supervised) {
     if let Some(old) = s.predecessor.take()
         && tokio::time::timeout(PREDECESSOR_WAIT, old).await.is_err()
     {
@@ -103,14 +110,14 @@ pub async fn supervise(mut s: Supervised) {
             backoff.reset();
         }
         let delay = backoff.next_delay();
-        error!(peer = %name, task = TASK, error = %why, ?delay, "BGP session task failed; restarting it");
+        error!(task = TASK, error = %why, ?delay, "BGP session task failed; restarting it");
         mark_down(&s, &name, &why);
         if !wait_down(&mut s, delay).await {
             return;
         }
         s.metrics.task_restarted(TASK, &name);
         s.status.send_modify(|st| st.task_down = None);
-        info!(peer = %name, task = TASK, "BGP session task restarted");
+        info!(task = TASK, "BGP session task restarted");
     }
 }
 
@@ -156,10 +163,13 @@ fn mark_down(s: &Supervised, name: &str, why: &str) {
         st.state = State::Idle;
         st.established_at = None;
         st.prefixes_advertised = 0;
+        st.prefixes_received = 0;
+        st.families.clear();
         st.last_error = Some(format!("session task {why}"));
     });
     s.metrics.peer_state(name, false);
     s.metrics.prefixes_advertised(name, 0);
+    s.metrics.prefixes_received(name, 0);
     // Nothing is announced to a peer without a session: any version counts as sent.
     s.flushed.send_replace(s.routes.borrow().version);
 }
@@ -247,9 +257,15 @@ mod tests {
     use tokio::net::TcpListener;
     use tokio_util::codec::Framed;
 
+    use bytes::Bytes;
+    use ipnet::IpNet;
+
     use super::*;
     use crate::{
-        bgp::codec::{BgpCodec, Family, Message, Open},
+        bgp::codec::{
+            Attributes, BgpCodec, Family, Message, Open, Origin as CodecOrigin, encode_announce,
+            encode_withdraw,
+        },
         config::{Origin, PeerConfig},
         testing::in_new_netns,
     };
@@ -257,9 +273,10 @@ mod tests {
     const WAIT: Duration = Duration::from_secs(5);
 
     /// A router that answers every connection's OPEN with its own and a KEEPALIVE, so each
-    /// session comes up.
-    async fn accepting_router(listener: TcpListener) {
+    /// session comes up, then sends `updates` (encoded UPDATEs).
+    async fn accepting_router(listener: TcpListener, updates: Vec<Bytes>) {
         while let Ok((stream, _)) = listener.accept().await {
+            let updates = updates.clone();
             tokio::spawn(async move {
                 let mut conn = Framed::new(stream, BgpCodec::new());
                 while let Some(Ok(message)) = conn.next().await {
@@ -274,10 +291,129 @@ mod tests {
                         };
                         let _ = conn.send(Message::Open(open)).await;
                         let _ = conn.send(Message::Keepalive).await;
+                        for update in &updates {
+                            let _ = SinkExt::<Bytes>::send(&mut conn, update.clone()).await;
+                        }
                     }
                 }
             });
         }
+    }
+
+    /// A peer on `127.0.0.1:port`.
+    fn peer(port: u16) -> PeerConfig {
+        PeerConfig {
+            local_as: 65001,
+            peer_as: 65000,
+            peer_ip: Some(Ipv4Addr::LOCALHOST.into()),
+            peer_port: port,
+            local_ip: None,
+            local_ipv6: None,
+            password: None,
+            multihop: None,
+            hold_time: Duration::from_secs(90),
+            communities: Vec::new(),
+            origin: Origin::Igp,
+            next_hop: None,
+            med: None,
+            local_pref: None,
+            drain_local_pref: 0,
+            passive: false,
+        }
+    }
+
+    /// A supervised session to `peer`, and the ends the test holds.
+    fn supervised(
+        peer: PeerConfig,
+        metrics: &Metrics,
+        inject_panic: bool,
+    ) -> (
+        Supervised,
+        watch::Sender<Option<StopCause>>,
+        watch::Receiver<PeerStatus>,
+    ) {
+        let (stop_tx, stop) = watch::channel(None);
+        let (status, status_rx) = watch::channel(PeerStatus::new(&peer));
+        let (_incoming_tx, incoming) = mpsc::channel(1);
+        let s = Supervised {
+            settings: SessionSettings {
+                peer: watch::channel(peer).1,
+                router_id: Ipv4Addr::new(192, 0, 2, 1),
+                graceful: watch::channel(false).1,
+            },
+            metrics: metrics.clone(),
+            routes: watch::channel(Routes::default()).1,
+            stop,
+            incoming,
+            status,
+            flushed: watch::channel(0).0,
+            predecessor: None,
+            inject_panic,
+        };
+        (s, stop_tx, status_rx)
+    }
+
+    #[test]
+    fn received_prefixes_are_counted_and_every_line_carries_the_peer() {
+        in_new_netns(|| async {
+            let logs = crate::testing::Logs::capture();
+            Netlink::new().await.unwrap();
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let attrs = Attributes {
+                origin: CodecOrigin::Igp,
+                as_path: vec![65000],
+                med: None,
+                local_pref: None,
+                communities: Vec::new(),
+                large_communities: Vec::new(),
+            };
+            let net = |s: &str| s.parse::<IpNet>().unwrap();
+            let mut updates = encode_announce(
+                &attrs,
+                Ipv4Addr::LOCALHOST.into(),
+                &[
+                    net("198.18.100.0/24"),
+                    net("198.18.101.0/24"),
+                    net("0.0.0.0/0"),
+                ],
+                true,
+            );
+            updates.extend(encode_withdraw(&[net("198.18.101.0/24")]));
+            tokio::spawn(accepting_router(listener, updates));
+            let metrics = Metrics::default();
+            let (s, stop_tx, mut status) = supervised(peer(port), &metrics, false);
+            let task = tokio::spawn(supervise(s));
+
+            // OPEN, KEEPALIVE and two UPDATEs in: three announced, one withdrawn.
+            let seen = tokio::time::timeout(
+                WAIT,
+                status.wait_for(|s| s.messages_in >= 4 && s.prefixes_received == 2),
+            )
+            .await
+            .unwrap()
+            .unwrap()
+            .clone();
+            assert_eq!(seen.families, [Family::Ipv4Unicast]);
+            assert!(
+                metrics
+                    .render()
+                    .contains("gocast_bgp_prefixes_received{peer=\"127.0.0.1\"} 2")
+            );
+            stop_tx.send_replace(Some(StopCause::Shutdown));
+            tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+            assert_eq!(status.borrow().prefixes_received, 0, "forgotten when down");
+
+            let text = logs.text();
+            let bgp: Vec<&str> = text.lines().filter(|l| l.contains("gocast::bgp")).collect();
+            assert!(
+                bgp.iter().any(|l| l.contains("session established")),
+                "{text}"
+            );
+            for line in bgp {
+                assert!(line.contains("bgp{peer=127.0.0.1}"), "{line}");
+            }
+        });
     }
 
     #[test]
@@ -287,44 +423,10 @@ mod tests {
             Netlink::new().await.unwrap();
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let port = listener.local_addr().unwrap().port();
-            tokio::spawn(accepting_router(listener));
-            let peer = PeerConfig {
-                local_as: 65001,
-                peer_as: 65000,
-                peer_ip: Some(Ipv4Addr::LOCALHOST.into()),
-                peer_port: port,
-                local_ip: None,
-                local_ipv6: None,
-                password: None,
-                multihop: None,
-                hold_time: Duration::from_secs(90),
-                communities: Vec::new(),
-                origin: Origin::Igp,
-                next_hop: None,
-                med: None,
-                local_pref: None,
-                drain_local_pref: 0,
-                passive: false,
-            };
-            let (stop_tx, stop) = watch::channel(None);
-            let (status, mut status_rx) = watch::channel(PeerStatus::new(&peer));
-            let (_incoming_tx, incoming) = mpsc::channel(1);
+            tokio::spawn(accepting_router(listener, Vec::new()));
             let metrics = Metrics::default();
-            let task = tokio::spawn(supervise(Supervised {
-                settings: SessionSettings {
-                    peer: watch::channel(peer).1,
-                    router_id: Ipv4Addr::new(192, 0, 2, 1),
-                    graceful: watch::channel(false).1,
-                },
-                metrics: metrics.clone(),
-                routes: watch::channel(Routes::default()).1,
-                stop,
-                incoming,
-                status,
-                flushed: watch::channel(0).0,
-                predecessor: None,
-                inject_panic: true,
-            }));
+            let (s, stop_tx, mut status_rx) = supervised(peer(port), &metrics, true);
+            let task = tokio::spawn(supervise(s));
 
             let down = tokio::time::timeout(WAIT, status_rx.wait_for(|s| s.task_down.is_some()))
                 .await

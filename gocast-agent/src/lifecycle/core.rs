@@ -30,7 +30,7 @@ use super::{
     passive::Passive,
 };
 use crate::{
-    app::{AppName, AppSpec, Source},
+    app::{AppName, AppSpec, Monitor, Source},
     messages::{AppView, LifecycleError, Protected, Route, RouteSet, Verdict, VipOwner},
     metrics::Metrics,
     monitor::{self, MonitorResult, Report},
@@ -798,7 +798,13 @@ impl Core {
         out: &mut Vec<Effect>,
     ) {
         let passing = results.iter().all(|r| r.ok) && entry.passive.allows(now.mono, proved);
-        for (slot, r) in entry.results.iter_mut().zip(results) {
+        for ((slot, r), monitor) in entry
+            .results
+            .iter_mut()
+            .zip(results)
+            .zip(&entry.spec.monitors)
+        {
+            log_verdict(&entry.spec.name, monitor, slot.as_ref(), &r);
             *slot = Some(r);
         }
         if !passing
@@ -971,6 +977,22 @@ fn watch(entry: &Entry, out: &mut Vec<Effect>) {
         monitors: entry.spec.monitors.clone(),
         prove: entry.passive.needs_proof,
     }));
+}
+
+/// A monitor's verdict when it changes: INFO when a known verdict flips (what an on-call
+/// engineer reads before the app's own "unhealthy: withdrawing"), DEBUG for the first one.
+fn log_verdict(
+    app: &AppName,
+    monitor: &Monitor,
+    before: Option<&MonitorResult>,
+    now: &MonitorResult,
+) {
+    let verdict = if now.ok { "passing" } else { "failing" };
+    match before {
+        Some(b) if b.ok == now.ok => {}
+        Some(_) => info!(app = %app, %monitor, reason = %now.reason, "monitor {verdict}"),
+        None => debug!(app = %app, %monitor, reason = %now.reason, "monitor {verdict}"),
+    }
 }
 
 #[cfg(test)]

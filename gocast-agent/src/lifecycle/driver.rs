@@ -25,7 +25,7 @@ use tokio::{
     time::{Duration, Instant},
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use super::{
     Host,
@@ -371,7 +371,11 @@ async fn host_worker<H: Host>(
                     if let Some(version) = after {
                         await_flushed(announcer.as_mut(), version).await;
                     }
-                    results.push(Event::HostDone(apply_op(&mut host, op).await));
+                    // What the host logs while it works for an app (netlink, iptables,
+                    // eBPF maps) carries the app's name, as the lifecycle's own lines do.
+                    let span = info_span!("app", app = %op.app(), vip = %op.vip());
+                    let done = apply_op(&mut host, op).instrument(span).await;
+                    results.push(Event::HostDone(done));
                 }
                 Work::Verify { id, expected } => {
                     let drift = host.verify(&expected).await;
@@ -413,8 +417,13 @@ async fn host_worker<H: Host>(
     }
 }
 
+/// Carries out one operation, inside the app's span; what changed on the host is logged
+/// here (failures once, by the core: `Entry::record`).
 async fn apply_op<H: Host>(host: &mut H, op: HostOp) -> HostDone {
     let described = |op: &str, r: Result<(), super::HostError>| {
+        if r.is_ok() {
+            info!("{op}: done");
+        }
         r.map_err(|e| format!("{op}: {}", error_chain(&e)))
     };
     match op {

@@ -223,6 +223,22 @@ pub enum HostOp {
     },
 }
 
+impl HostOp {
+    /// The app the operation is for.
+    pub fn app(&self) -> &AppName {
+        match self {
+            Self::Install { app, .. } | Self::Remove { app, .. } => app,
+        }
+    }
+
+    /// That app's VIP.
+    pub fn vip(&self) -> Vip {
+        match self {
+            Self::Install { vip, .. } | Self::Remove { vip, .. } => *vip,
+        }
+    }
+}
+
 /// The result of a [`HostOp`]: per part attempted, `Ok` or the failure in words.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostDone {

@@ -51,6 +51,8 @@ impl FakeHost {
 
 impl Host for FakeHost {
     async fn add_vip(&mut self, vip: &Vip, label: &str) -> Result<(), HostError> {
+        // As the real host's netlink and iptables lines do: logged inside the lifecycle's span.
+        tracing::debug!(%vip, "fake host: adding a vip");
         self.push(format!("add_vip {vip} {label}"));
         if *self.stall_vip.lock().unwrap() == Some(*vip) {
             std::future::pending::<()>().await;
@@ -307,6 +309,74 @@ async fn a_passive_health_failure_withdraws_until_cleared_and_only_for_apps_that
         .unwrap();
     wait_for(&h, "web back", |_, r| routed(r, "192.0.2.10/32")).await;
     stop(&mut h).await;
+}
+
+#[tokio::test]
+async fn one_apps_story_filters_out_of_the_log_by_its_name() {
+    let logs = crate::testing::Logs::capture();
+    let dir = tempfile::tempdir().unwrap();
+    let (web_up, db_up) = (flag(&dir, "web"), flag(&dir, "db"));
+    std::fs::write(&web_up, "").unwrap();
+    std::fs::write(&db_up, "").unwrap();
+    let mut h = start(
+        settings(),
+        vec![spec("db", "192.0.2.11/32", &[exec_flag(&db_up)])],
+        dir,
+    );
+    register(&h, spec("web", "192.0.2.10/32", &[exec_flag(&web_up)]))
+        .await
+        .unwrap();
+    let announced = |vip: &str| {
+        let r = h.running.routes.borrow();
+        routed(&r, vip)
+    };
+    for _ in 0..500 {
+        if announced("192.0.2.10/32") && announced("192.0.2.11/32") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    std::fs::remove_file(&web_up).unwrap();
+    // Withdrawn, then forgotten after the cleanup timer with its VIP and NAT removed.
+    for _ in 0..500 {
+        if app(&h, "web").await.is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(app(&h, "web").await.is_none(), "{}", logs.text());
+    stop(&mut h).await;
+
+    let text = logs.text();
+    let web: Vec<&str> = text.lines().filter(|l| l.contains("app=web")).collect();
+    for step in [
+        "app registered",
+        "monitor passing",
+        "fake host: adding a vip",
+        "add vip: done",
+        "install nat: done",
+        "app healthy: announcing",
+        "monitor failing",
+        "app unhealthy: withdrawing",
+        "remove nat: done",
+        "remove vip: done",
+        "cleanup timer passed",
+    ] {
+        assert!(
+            web.iter().any(|l| l.contains(step)),
+            "no `{step}` among web's lines:\n{}\n\nall:\n{text}",
+            web.join("\n")
+        );
+    }
+    // Nothing about web is logged without its name, and nothing of db's under it.
+    for line in text.lines().filter(|l| l.contains("192.0.2.10")) {
+        assert!(line.contains("app=web"), "{line}");
+    }
+    assert!(web.iter().all(|l| !l.contains("app=db")), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("app=db") && l.contains("announcing"))
+    );
 }
 
 #[tokio::test]
