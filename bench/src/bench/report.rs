@@ -25,7 +25,7 @@ use super::{
     bgp::BgpReport,
     memory::MemoryReport,
     mib, ms,
-    nat::{Kind, Mode, NatReport, ratio},
+    nat::{Attribution, Kind, Mode, NatReport, XdpCost, ratio},
 };
 
 /// Everything one `cargo xtask bench` run measured.
@@ -214,26 +214,88 @@ fn nat_section(md: &mut String, nat: &NatReport) {
             );
         }
     }
+    attribution_table(md, &nat.attribution);
     if let Some(x) = nat.xdp {
         let _ = writeln!(
             md,
-            "\nThe XDP program alone, `BPF_PROG_TEST_RUN` with a repeat count of millions (median of 5\n\
-             batches; the kernel reports the mean time per run, harness included). Target: ≤ 100 ns\n\
-             for a packet the NAT rewrites.\n\n\
-             | packet | ns per packet |\n| --- | ---: |\n\
-             | TCP to a VIP port with a NAT rule (counted, rewritten, flow known) | {:.1} {} |\n\
-             | TCP to a VIP port without a rule (counted) | {:.1} |\n\
-             | TCP to an address that is no VIP | {:.1} |\n",
-            x.rewrite,
-            if x.rewrite <= 100.0 { "PASS" } else { "FAIL" },
-            x.vip_only,
-            x.other
+            "\nThe packet programs alone, `BPF_PROG_TEST_RUN` with a repeat count of millions (median\n\
+             of 5 batches; the kernel reports the mean time per run, harness included). Target:\n\
+             ≤ 100 ns for a packet the NAT rewrites (XDP).{}\n",
+            if nat.compared.is_some() {
+                " The last column: the `--compare` object, its batches alternating with these."
+            } else {
+                ""
+            }
         );
+        let c = nat.compared;
+        let col = |f: fn(&XdpCost) -> f64| {
+            c.as_ref()
+                .map_or_else(String::new, |c| format!(" {:.1} |", f(c)))
+        };
+        let head = if c.is_some() { " compared |" } else { "" };
+        let rule = if c.is_some() { " ---: |" } else { "" };
+        let _ = writeln!(md, "| packet | ns per packet |{head}\n| --- | ---: |{rule}");
+        let rows: [(&str, fn(&XdpCost) -> f64); 6] = [
+            (
+                "XDP: TCP to a VIP port with a NAT rule (counted, rewritten, flow known)",
+                |x| x.rewrite,
+            ),
+            ("XDP: TCP to a VIP port without a rule (counted)", |x| {
+                x.vip_only
+            }),
+            ("XDP: TCP to an address that is no VIP", |x| x.other),
+            (
+                "TC ingress: TCP of a known NATed flow (counted, rewritten)",
+                |x| x.tc_rewrite,
+            ),
+            ("TC egress: its reply (VIP restored, counted)", |x| {
+                x.tc_reverse
+            }),
+            ("TC egress: TCP from a port no rule targets", |x| x.tc_other),
+        ];
+        for (i, (label, f)) in rows.into_iter().enumerate() {
+            let verdict = match i {
+                0 if x.rewrite <= 100.0 => " PASS",
+                0 => " FAIL",
+                _ => "",
+            };
+            let _ = writeln!(md, "| {label} | {:.1}{verdict} |{}", f(&x), col(f));
+        }
     }
     let _ = writeln!(
         md,
         "\n![Requests per second per round](img/nat-rounds.svg)\n"
     );
+}
+
+/// The attribution runs: per program, runs and time with the kernel's statistics on.
+fn attribution_table(md: &mut String, runs: &[Attribution]) {
+    if runs.is_empty() {
+        return;
+    }
+    md.push_str(
+        "\nWhere the time goes: one more `wrk` run per kind in the eBPF lab, with the kernel's\n\
+         program statistics on (`BPF_ENABLE_STATS`; each run then also pays two clock reads, so\n\
+         these rates are a little lower than the rounds'). Per program: runs per second, mean ns\n\
+         per run, and the time in it as a share of one core.\n\n\
+         | connections | mode | req/s | program | runs/s | ns/run | % of a core |\n\
+         | --- | --- | ---: | --- | ---: | ---: | ---: |\n",
+    );
+    for run in runs {
+        for p in &run.programs {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.0} | {} | {:.0} | {:.1} | {:.2} |",
+                run.kind.name(),
+                run.mode.name(),
+                run.rps,
+                p.name,
+                p.runs_per_s,
+                p.ns_per_run,
+                p.core_pct
+            );
+        }
+    }
 }
 
 fn memory_section(md: &mut String, memory: &MemoryReport) {
@@ -484,7 +546,9 @@ mod tests {
                     };
                     3
                 ],
+                attribution: Vec::new(),
                 xdp: None,
+                compared: None,
                 summary: Summary::default(),
             },
             memory: MemoryReport {
