@@ -78,8 +78,11 @@ pub fn run() -> Result<PathBuf> {
     );
     // In place: cargo still sees the output as fresh (it is newer than its sources), and
     // stripping a stripped object changes nothing.
+    // Through `rustup run`, which puts the toolchain's `libLLVM` on the library path.
     cmd::run(
-        Command::new(nightly_objcopy()?)
+        Command::new("rustup")
+            .args(["run", TOOLCHAIN])
+            .arg(nightly_objcopy()?)
             .arg("--strip-debug")
             .arg(&object),
     )

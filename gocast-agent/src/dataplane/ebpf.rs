@@ -50,6 +50,13 @@ use crate::app::{NatRule, Proto};
 /// The object `build.rs` embedded: empty when it was not built.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gocast-ebpf.o"));
 
+/// aya-log's ring buffer in the object.
+const LOG_RING: &str = "AYA_LOGS";
+/// Its size. Records (a few hundred bytes) come on rare paths only and a task drains them
+/// at once, so 16 KiB is plenty; the agent maps the buffer's pages twice, so aya-log's
+/// default 128 KiB cost 260 KiB of resident memory, this 36 KiB.
+const LOG_RING_BYTES: u32 = 16 * 1024;
+
 /// The XDP ingress program in the object.
 const XDP_PROGRAM: &str = "gocast_xdp";
 /// The TC egress classifier in the object.
@@ -351,6 +358,7 @@ impl Ebpf {
             .btf(None)
             // Not `must_exist`: an object without log statements has no such global.
             .override_global(aya_log::LEVEL, &log_level, false)
+            .set_max_entries(LOG_RING, LOG_RING_BYTES)
             .load(object)
             .map_err(|e| EbpfError::Load(Box::new(e)))?;
         for name in [TC_INGRESS_PROGRAM, TC_PROGRAM] {
