@@ -306,14 +306,16 @@ fn memory_section(md: &mut String, memory: &MemoryReport) {
          port, so all are healthy, on `lo` and announced to BIRD; memory read a few monitor ticks\n\
          after BIRD holds every route; CPU over the next seconds of steady state (each app checked\n\
          once a second), in % of one core (GoCast: 5.6 % with 1,000 apps; target ≤ 0.5 %).\n\n\
-         | apps | VmRSS MiB | VmHWM (peak) MiB | CPU % of a core | spawn → all routes at BIRD |\n| ---: | ---: | ---: | ---: | ---: |"
+         | apps | VmRSS MiB | of it anonymous / file-backed MiB | VmHWM (peak) MiB | CPU % of a core | spawn → all routes at BIRD |\n| ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for row in &memory.rows {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {:.2} | {} ms |",
+            "| {} | {} | {} / {} | {} | {:.2} | {} ms |",
             row.apps,
             mib(row.rss_kib),
+            mib(row.anon_kib),
+            mib(row.file_kib),
             mib(row.hwm_kib),
             row.cpu_pct,
             ms(row.all_at_bird)
@@ -558,6 +560,8 @@ mod tests {
                         apps,
                         rss_kib: 6000 + u64::from(apps),
                         hwm_kib: 7000 + u64::from(apps),
+                        anon_kib: 1000,
+                        file_kib: 5000 + u64::from(apps),
                         all_at_bird: Duration::from_millis(10),
                         cpu_pct: 0.1,
                     })

@@ -358,7 +358,7 @@ impl Ebpf {
             .btf(None)
             // Not `must_exist`: an object without log statements has no such global.
             .override_global(aya_log::LEVEL, &log_level, false)
-            .set_max_entries(LOG_RING, LOG_RING_BYTES)
+            .map_max_entries(LOG_RING, LOG_RING_BYTES)
             .load(object)
             .map_err(|e| EbpfError::Load(Box::new(e)))?;
         for name in [TC_INGRESS_PROGRAM, TC_PROGRAM] {
