@@ -199,9 +199,9 @@ pub struct XdpCost {
     pub vip_only: f64,
     /// A TCP packet to an address that is no VIP.
     pub other: f64,
-    /// TC ingress, a packet of an established NATed flow.
+    /// TC ingress, a packet of an established flow through the NAT.
     pub tc_rewrite: f64,
-    /// TC egress, the reply of an established NATed flow: rewritten and counted.
+    /// TC egress, the reply of such a flow: rewritten and counted.
     pub tc_reverse: f64,
     /// TC egress, a packet from a port no NAT rule targets.
     pub tc_other: f64,
@@ -453,13 +453,7 @@ impl Lab {
 fn agent_config(dir: &Path, topo: &Topology, mode: Mode, ingress: &str) -> Result<String> {
     let dataplane = match mode {
         Mode::Ebpf => {
-            let links = topo.agent.ip(&["-o", "link", "show", "type", "veth"])?;
-            // `3: gca7@if2: <BROADCAST,...`
-            let iface = links
-                .split_whitespace()
-                .nth(1)
-                .and_then(|n| n.split('@').next())
-                .context("no veth in the agent namespace")?;
+            let iface = veth(topo)?;
             format!("dataplane:\n  mode: ebpf\n  interfaces: [{iface}]\n  ingress: {ingress}\n")
         }
         Mode::Iptables | Mode::Direct | Mode::EbpfNoNat => {
@@ -479,6 +473,18 @@ fn agent_config(dir: &Path, topo: &Topology, mode: Mode, ingress: &str) -> Resul
         ),
     )?;
     Ok(path.to_str().context("config path")?.to_owned())
+}
+
+/// The agent namespace's veth.
+fn veth(topo: &Topology) -> Result<String> {
+    let links = topo.agent.ip(&["-o", "link", "show", "type", "veth"])?;
+    // `3: gca7@if2: <BROADCAST,...`
+    links
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.split('@').next())
+        .map(str::to_owned)
+        .context("no veth in the agent namespace")
 }
 
 /// What one `wrk` run printed.
@@ -585,12 +591,7 @@ fn throughput(binary: &Path, args: &NatArgs) -> Result<(Vec<Round>, Vec<Attribut
 /// One `wrk` run per connection kind, eBPF and its control, with the kernel's program
 /// statistics on: each of the agent's programs' runs and time.
 fn attribute(lab: &Lab, args: &NatArgs) -> Result<Vec<Attribution>> {
-    let pid = lab
-        .agent
-        .as_ref()
-        .and_then(Agent::pid)
-        .context("the eBPF lab's agent has no pid")?;
-    let ids = agent_programs(pid)?;
+    let ids = agent_programs(lab)?;
     println!("\n== attribution: kernel program statistics on, programs {ids:?} ==");
     // Counted while the descriptor is open; closed (and the counting off again) on return.
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
@@ -633,27 +634,55 @@ fn attribute(lab: &Lab, args: &NatArgs) -> Result<Vec<Attribution>> {
     Ok(out)
 }
 
-/// The ids of the eBPF programs process `pid` holds, as `bpftool` lists them.
-fn agent_programs(pid: i32) -> Result<Vec<u32>> {
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "prog", "show"])
-        .output()
-        .context("running bpftool")?;
-    ensure!(out.status.success(), "bpftool prog show: {}", out.status);
-    let list: serde_json::Value = serde_json::from_slice(&out.stdout).context("bpftool's JSON")?;
-    let ids: Vec<u32> = list
-        .as_array()
-        .context("bpftool: not a list")?
-        .iter()
-        .filter(|p| {
-            p["pids"]
-                .as_array()
-                .is_some_and(|pids| pids.iter().any(|e| e["pid"] == pid))
-        })
-        .filter_map(|p| p["id"].as_u64().and_then(|id| u32::try_from(id).ok()))
-        .collect();
-    ensure!(!ids.is_empty(), "bpftool lists no program of pid {pid}");
-    Ok(ids)
+/// The ids of the eBPF lab agent's programs: those attached to its veth (`bpftool net`,
+/// in its namespace), and those sharing a map with them (the unattached XDP and log programs of
+/// the same object). By maps, not by name: other agents may run on this machine.
+fn agent_programs(lab: &Lab) -> Result<Vec<u32>> {
+    let iface = veth(&lab.topo)?;
+    let out = lab
+        .topo
+        .agent
+        .run("bpftool", &["-j", "net", "show", "dev", &iface])?;
+    let net: serde_json::Value = serde_json::from_str(&out).context("bpftool's JSON")?;
+    let mut attached = Vec::new();
+    collect_ids(&net, &mut attached);
+    ensure!(
+        !attached.is_empty(),
+        "no program attached to {iface}: {out}"
+    );
+    let mut maps = Vec::new();
+    let mut all = Vec::new();
+    for info in aya::programs::loaded_programs() {
+        let info = info.context("listing eBPF programs")?;
+        all.push((info.id(), info.map_ids()?.unwrap_or_default()));
+    }
+    for (id, map_ids) in &all {
+        if attached.contains(id) {
+            maps.extend(map_ids.iter().copied());
+        }
+    }
+    Ok(all
+        .into_iter()
+        .filter(|(_, map_ids)| map_ids.iter().any(|m| maps.contains(m)))
+        .map(|(id, _)| id)
+        .collect())
+}
+
+/// Every `id` / `prog_id` number in `bpftool`'s JSON.
+fn collect_ids(value: &serde_json::Value, out: &mut Vec<u32>) {
+    match value {
+        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_ids(v, out)),
+        serde_json::Value::Object(fields) => {
+            for (key, v) in fields {
+                if key == "id" || key == "prog_id" {
+                    out.extend(v.as_u64().and_then(|id| u32::try_from(id).ok()));
+                } else {
+                    collect_ids(v, out);
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Name, run count and run time (ns) of each of the programs `ids`.

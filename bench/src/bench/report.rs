@@ -228,14 +228,14 @@ fn nat_section(md: &mut String, nat: &NatReport) {
             }
         );
         let c = nat.compared;
-        let col = |f: fn(&XdpCost) -> f64| {
+        let col = |f: Figure| {
             c.as_ref()
                 .map_or_else(String::new, |c| format!(" {:.1} |", f(c)))
         };
         let head = if c.is_some() { " compared |" } else { "" };
         let rule = if c.is_some() { " ---: |" } else { "" };
         let _ = writeln!(md, "| packet | ns per packet |{head}\n| --- | ---: |{rule}");
-        let rows: [(&str, fn(&XdpCost) -> f64); 6] = [
+        let rows: [(&str, Figure); 6] = [
             (
                 "XDP: TCP to a VIP port with a NAT rule (counted, rewritten, flow known)",
                 |x| x.rewrite,
@@ -267,6 +267,9 @@ fn nat_section(md: &mut String, nat: &NatReport) {
         "\n![Requests per second per round](img/nat-rounds.svg)\n"
     );
 }
+
+/// One figure of an [`XdpCost`].
+type Figure = fn(&XdpCost) -> f64;
 
 /// The attribution runs: per program, runs and time with the kernel's statistics on.
 fn attribution_table(md: &mut String, runs: &[Attribution]) {
