@@ -26,7 +26,7 @@ use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Child, Stdio},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context, Result, bail, ensure};
@@ -529,6 +529,8 @@ fn throughput(binary: &Path, args: &NatArgs) -> Result<(Vec<Round>, Vec<Attribut
         "\n== throughput: {} rounds × {} s per run, wrk -t{} -c{} ==",
         args.rounds, args.duration_s, args.wrk_threads, args.connections
     );
+    // Whole seconds: the kernel reports load times at that precision.
+    let since = SystemTime::now() - Duration::from_secs(1);
     let labs = LAB_MODES
         .iter()
         .map(|&mode| Lab::new(mode, binary, args))
@@ -584,14 +586,14 @@ fn throughput(binary: &Path, args: &NatArgs) -> Result<(Vec<Round>, Vec<Attribut
         }
         rounds.push(round);
     }
-    let attribution = attribute(&labs[Mode::Ebpf.lab()], args).context("attribution run")?;
+    let attribution = attribute(&labs[Mode::Ebpf.lab()], since, args).context("attribution run")?;
     Ok((rounds, attribution))
 }
 
 /// One `wrk` run per connection kind, eBPF and its control, with the kernel's program
 /// statistics on: each of the agent's programs' runs and time.
-fn attribute(lab: &Lab, args: &NatArgs) -> Result<Vec<Attribution>> {
-    let ids = agent_programs(lab)?;
+fn attribute(lab: &Lab, since: SystemTime, args: &NatArgs) -> Result<Vec<Attribution>> {
+    let ids = agent_programs(since)?;
     println!("\n== attribution: kernel program statistics on, programs {ids:?} ==");
     // Counted while the descriptor is open; closed (and the counting off again) on return.
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
@@ -634,55 +636,31 @@ fn attribute(lab: &Lab, args: &NatArgs) -> Result<Vec<Attribution>> {
     Ok(out)
 }
 
-/// The ids of the eBPF lab agent's programs: those attached to its veth (`bpftool net`,
-/// in its namespace), and those sharing a map with them (the unattached XDP and log programs of
-/// the same object). By maps, not by name: other agents may run on this machine.
-fn agent_programs(lab: &Lab) -> Result<Vec<u32>> {
-    let iface = veth(&lab.topo)?;
-    let out = lab
-        .topo
-        .agent
-        .run("bpftool", &["-j", "net", "show", "dev", &iface])?;
-    let net: serde_json::Value = serde_json::from_str(&out).context("bpftool's JSON")?;
-    let mut attached = Vec::new();
-    collect_ids(&net, &mut attached);
-    ensure!(
-        !attached.is_empty(),
-        "no program attached to {iface}: {out}"
-    );
-    let mut maps = Vec::new();
+/// The ids of the eBPF lab agent's programs: the TC egress program loaded last since `since`
+/// (when the labs were built), and all programs sharing a map with it (the same object's).
+/// By maps and load time, not by name alone: other agents may run on this machine, and this
+/// `bpftool` lists neither tcx attachments nor the processes holding programs.
+fn agent_programs(since: SystemTime) -> Result<Vec<u32>> {
     let mut all = Vec::new();
     for info in aya::programs::loaded_programs() {
         let info = info.context("listing eBPF programs")?;
-        all.push((info.id(), info.map_ids()?.unwrap_or_default()));
+        let ours = info
+            .name_as_str()
+            .is_some_and(|n| n.starts_with("gocast_tc_egr"))
+            && info.loaded_at().is_some_and(|t| t >= since);
+        all.push((info.id(), ours, info.map_ids()?.unwrap_or_default()));
     }
-    for (id, map_ids) in &all {
-        if attached.contains(id) {
-            maps.extend(map_ids.iter().copied());
-        }
-    }
+    let maps = all
+        .iter()
+        .filter(|(_, ours, _)| *ours)
+        .max_by_key(|(id, _, _)| *id)
+        .map(|(_, _, maps)| maps.clone())
+        .context("no gocast_tc_egress program loaded since the labs were built")?;
     Ok(all
         .into_iter()
-        .filter(|(_, map_ids)| map_ids.iter().any(|m| maps.contains(m)))
-        .map(|(id, _)| id)
+        .filter(|(_, _, map_ids)| map_ids.iter().any(|m| maps.contains(m)))
+        .map(|(id, _, _)| id)
         .collect())
-}
-
-/// Every `id` / `prog_id` number in `bpftool`'s JSON.
-fn collect_ids(value: &serde_json::Value, out: &mut Vec<u32>) {
-    match value {
-        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_ids(v, out)),
-        serde_json::Value::Object(fields) => {
-            for (key, v) in fields {
-                if key == "id" || key == "prog_id" {
-                    out.extend(v.as_u64().and_then(|id| u32::try_from(id).ok()));
-                } else {
-                    collect_ids(v, out);
-                }
-            }
-        }
-        _ => {}
-    }
 }
 
 /// Name, run count and run time (ns) of each of the programs `ids`.
