@@ -219,7 +219,7 @@ pub struct FlowKey {
 unsafe impl aya::Pod for FlowKey {}
 const _: () = assert!(size_of::<FlowKey>() == 40);
 
-/// Value of [`FLOWS_MAP`] and [`NAT_FLOWS_MAP`]: how to rewrite one direction of a NATed flow.
+/// Value of [`FLOWS_MAP`] and [`NAT_FLOWS_MAP`]: how to rewrite one direction of a flow the NAT rewrote.
 /// In [`NAT_FLOWS_MAP`] the new destination (the NAT target), in [`FLOWS_MAP`] the new source
 /// (the VIP and port the client used).
 #[repr(C)]

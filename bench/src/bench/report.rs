@@ -58,7 +58,10 @@ pub fn write(reports: &Reports) -> Result<PathBuf> {
     nat_chart(&img.join("nat-rounds.svg"), &reports.nat)?;
     memory_chart(&img.join("memory.svg"), &reports.memory)?;
     let path = docs.join("benchmarks.md");
-    std::fs::write(&path, markdown(reports, &Machine::read()))
+    let kept = std::fs::read_to_string(&path)
+        .map(|old| hand_written(&old).to_owned())
+        .unwrap_or_default();
+    std::fs::write(&path, markdown(reports, &Machine::read(), &kept))
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
@@ -114,7 +117,22 @@ fn commit() -> String {
     if dirty { format!("{hash}+") } else { hash }
 }
 
-fn markdown(r: &Reports, machine: &Machine) -> String {
+/// The heading that starts the hand-written part of `docs/benchmarks.md` (findings, what was
+/// tried): kept as it is when the file is written again, up to "## Reproduce".
+const HAND_WRITTEN: &str = "## Where the time and memory go";
+
+/// The hand-written part of `old`, empty if it has none.
+fn hand_written(old: &str) -> &str {
+    let Some(start) = old.find(HAND_WRITTEN) else {
+        return "";
+    };
+    let end = old[start..]
+        .find("## Reproduce")
+        .map_or(old.len(), |e| start + e);
+    &old[start..end]
+}
+
+fn markdown(r: &Reports, machine: &Machine, hand_written: &str) -> String {
     let mut md = String::new();
     let date = humantime::format_rfc3339_seconds(r.started);
     let load1: f64 = r
@@ -156,6 +174,7 @@ fn markdown(r: &Reports, machine: &Machine) -> String {
     bgp_section(&mut md, &r.bgp);
     nat_section(&mut md, &r.nat);
     memory_section(&mut md, &r.memory);
+    md.push_str(hand_written);
     let _ = writeln!(
         md,
         "## Reproduce\n\n```sh\ncargo xtask bench            # all three, rewrites this file and docs/img/*.svg\n\
@@ -582,16 +601,21 @@ mod tests {
             kernel: "6.1".to_owned(),
             ram_kib: 4 * 1024 * 1024,
         };
-        let md = markdown(&sample(), &machine);
+        let kept = "## Where the time and memory go (notes)\n\nKept.\n\n";
+        let old = format!("# Benchmarks\n\nold figures\n\n{kept}## Reproduce\n\nold\n");
+        assert_eq!(hand_written(&old), kept);
+        assert_eq!(hand_written("# Benchmarks\n"), "");
+        let md = markdown(&sample(), &machine, hand_written(&old));
         for needle in [
             "| CPU | Test CPU |",
             "| RAM | 4.0 GiB |",
             "**Noisy run:**",
             "| 3 | keepalive | 1000 | 990 | 980 | 995 | 0.990 PASS | 1.010 | 5 |",
-            "| 10000 | 15.6 | 16.6 | 0.10 | 10.0 ms |",
+            "| 10000 | 15.6 | 1.0 / 14.6 | 16.6 | 0.10 | 10.0 ms |",
             "img/bgp-convergence.svg",
             "img/nat-rounds.svg",
             "img/memory.svg",
+            "Kept.\n\n## Reproduce",
         ] {
             assert!(md.contains(needle), "{needle:?} missing in:\n{md}");
         }
