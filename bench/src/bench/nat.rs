@@ -593,10 +593,16 @@ fn throughput(binary: &Path, args: &NatArgs) -> Result<(Vec<Round>, Vec<Attribut
 /// One `wrk` run per connection kind, eBPF and its control, with the kernel's program
 /// statistics on: each of the agent's programs' runs and time.
 fn attribute(lab: &Lab, since: SystemTime, args: &NatArgs) -> Result<Vec<Attribution>> {
-    let ids = agent_programs(since)?;
-    println!("\n== attribution: kernel program statistics on, programs {ids:?} ==");
     // Counted while the descriptor is open; closed (and the counting off again) on return.
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
+    let probe = NatArgs {
+        duration_s: 1,
+        ..args.clone()
+    };
+    lab.wrk(Mode::Ebpf, Kind::Keepalive, &probe)
+        .context("traffic to find the lab's programs")?;
+    let ids = agent_programs(since)?;
+    println!("\n== attribution: kernel program statistics on, programs {ids:?} ==");
     let mut out = Vec::new();
     for kind in Kind::ALL {
         for mode in [Mode::Ebpf, Mode::EbpfNoNat] {
@@ -636,9 +642,10 @@ fn attribute(lab: &Lab, since: SystemTime, args: &NatArgs) -> Result<Vec<Attribu
     Ok(out)
 }
 
-/// The ids of the eBPF lab agent's programs: the TC egress program loaded last since `since`
-/// (when the labs were built), and all programs sharing a map with it (the same object's).
-/// By maps and load time, not by name alone: other agents may run on this machine, and this
+/// The ids of the eBPF lab agent's programs: of the TC egress programs loaded since `since`
+/// (when the labs were built), the one that ran most since statistics went on (the caller ran
+/// traffic through the lab), and all programs sharing a map with it (the same object's). Not
+/// by name or load time alone: other agents (tests) may run on this machine, and this
 /// `bpftool` lists neither tcx attachments nor the processes holding programs.
 fn agent_programs(since: SystemTime) -> Result<Vec<u32>> {
     let mut all = Vec::new();
@@ -648,14 +655,15 @@ fn agent_programs(since: SystemTime) -> Result<Vec<u32>> {
             .name_as_str()
             .is_some_and(|n| n.starts_with("gocast_tc_egr"))
             && info.loaded_at().is_some_and(|t| t >= since);
-        all.push((info.id(), ours, info.map_ids()?.unwrap_or_default()));
+        let runs = if ours { info.run_count() } else { 0 };
+        all.push((info.id(), runs, info.map_ids()?.unwrap_or_default()));
     }
     let maps = all
         .iter()
-        .filter(|(_, ours, _)| *ours)
-        .max_by_key(|(id, _, _)| *id)
+        .filter(|(_, runs, _)| *runs > 0)
+        .max_by_key(|(_, runs, _)| *runs)
         .map(|(_, _, maps)| maps.clone())
-        .context("no gocast_tc_egress program loaded since the labs were built")?;
+        .context("no gocast_tc_egress program loaded since the labs were built ran")?;
     Ok(all
         .into_iter()
         .filter(|(_, _, map_ids)| map_ids.iter().any(|m| maps.contains(m)))
