@@ -36,9 +36,21 @@ pub const PROTO_UDP: u8 = 17;
 pub const VIPS_MAP: &str = "GOCAST_VIPS";
 /// `HashMap<NatKey, NatTarget>`: where traffic to a VIP port is sent (XDP destination NAT).
 pub const NAT_MAP: &str = "GOCAST_NAT";
-/// `LruHashMap<FlowKey, FlowValue>`: flows the NAT rewrote, keyed by their reply direction, so TC egress
-/// can put the VIP back as the reply's source. LRU: idle flows age out without a sweeper.
+/// `LruHashMap<FlowKey, NatFlow>`: flows the NAT rewrote, keyed by their reply direction, so TC
+/// egress can put the VIP back as the reply's source. LRU: idle flows age out without a sweeper.
 pub const FLOWS_MAP: &str = "GOCAST_FLOWS";
+/// `LruHashMap<FlowKey, NatFlow>`: the same flows keyed by their packets to the VIP (client →
+/// VIP:port), each with everything the rewrite needs, so a packet of an established flow costs
+/// one lookup here; [`VIPS_MAP`] and [`NAT_MAP`] are read only for a flow's first packet (and
+/// every TCP SYN).
+pub const NAT_FLOWS_MAP: &str = "GOCAST_NAT_FLOWS";
+/// `Array<u32>` of [`MAX_VIPS`]: the generation of each counter slot. The agent bumps it after
+/// changing the slot's VIP or its NAT rules; a [`NatFlow`] of an older generation is stale and
+/// its packet takes the first-packet path again.
+pub const SLOTS_MAP: &str = "GOCAST_SLOTS";
+/// `Array<PortBits>` of [`PORT_WORDS`]: which ports are a NAT rule's VIP port or target port, so
+/// packets on other ports skip the flow maps.
+pub const PORTS_MAP: &str = "GOCAST_PORTS";
 /// `PerCpuArray<VipCounters>`: per-VIP counters at the index [`VIPS_MAP`] gives; user space sums
 /// the per-CPU values.
 pub const COUNTERS_MAP: &str = "GOCAST_COUNTERS";
@@ -58,8 +70,11 @@ pub const TC_LOG_PROGRAM: &str = "gocast_tc_log";
 pub const MAX_VIPS: u32 = 4096;
 /// Capacity of [`NAT_MAP`].
 pub const MAX_NAT_RULES: u32 = 4096;
-/// Capacity of [`FLOWS_MAP`]; beyond it the least recently used flows are evicted.
+/// Capacity of [`FLOWS_MAP`] and [`NAT_FLOWS_MAP`]; beyond it the least recently used flows are
+/// evicted.
 pub const MAX_FLOWS: u32 = 65_536;
+/// Entries of [`PORTS_MAP`]: one bit per port.
+pub const PORT_WORDS: u32 = 65_536 / 64;
 
 /// An address as map bytes and its family, per the module's layout rule.
 #[must_use]
@@ -204,21 +219,58 @@ pub struct FlowKey {
 unsafe impl aya::Pod for FlowKey {}
 const _: () = assert!(size_of::<FlowKey>() == 40);
 
-/// Value of [`FLOWS_MAP`]: what the client originally addressed, to restore as the reply's source.
+/// Value of [`FLOWS_MAP`] and [`NAT_FLOWS_MAP`]: how to rewrite one direction of a flow the NAT rewrote.
+/// In [`NAT_FLOWS_MAP`] the new destination (the NAT target), in [`FLOWS_MAP`] the new source
+/// (the VIP and port the client used).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct FlowValue {
-    /// The VIP, network order (IPv4 in bytes `0..4`).
-    pub vip: [u8; 16],
-    /// The VIP port the client used, network order.
+pub struct NatFlow {
+    /// The address to write, network order (IPv4 in bytes `0..4`).
+    pub addr: [u8; 16],
+    /// The port to write, network order.
     pub port: u16,
     /// Zero.
     pub _pad: [u8; 2],
+    /// What replacing the packet's address by `addr` adds to a checksum over it: the folded
+    /// one's-complement sum of `~old + new` over its 16-bit words (RFC 1624 eqn. 3, see
+    /// `csum::addr_diff`). The IPv4 header checksum and the TCP/UDP pseudo-header change by the
+    /// same amount.
+    pub addr_diff: u32,
+    /// The VIP's counter slot (index into [`COUNTERS_MAP`]).
+    pub slot: u32,
+    /// [`SLOTS_MAP`]'s generation of `slot` when the entry was written.
+    pub generation: u32,
 }
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)`, integers and byte arrays only, no implicit padding (size checked below).
-unsafe impl aya::Pod for FlowValue {}
-const _: () = assert!(size_of::<FlowValue>() == 20);
+unsafe impl aya::Pod for NatFlow {}
+const _: () = assert!(size_of::<NatFlow>() == 32);
+
+/// Value of [`PORTS_MAP`]: 64 ports each. A port `p` in network order (the `u16` of its wire
+/// bytes, as in the keys) is bit `p % 64` of entry `p / 64`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortBits {
+    /// Ports some NAT rule has as its VIP port (ingress looks up [`NAT_FLOWS_MAP`]).
+    pub vip: u64,
+    /// Ports some NAT rule has as its target port (egress looks up [`FLOWS_MAP`]).
+    pub target: u64,
+}
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`, `u64`s only, no padding (size checked below).
+unsafe impl aya::Pod for PortBits {}
+const _: () = assert!(size_of::<PortBits>() == 16);
+
+/// Where a port (network order) sits in [`PORTS_MAP`]: entry index and bit mask.
+#[inline(always)]
+#[expect(
+    clippy::inline_always,
+    reason = "on the eBPF hot path, which must not make BPF-to-BPF calls"
+)]
+#[must_use]
+pub const fn port_bit(port: u16) -> (u32, u64) {
+    ((port / 64) as u32, 1 << (port % 64))
+}
 
 /// Value of [`COUNTERS_MAP`]: one VIP's traffic on one CPU, host order. "In" is traffic to the
 /// VIP seen by XDP; "out" is traffic from the VIP (or rewritten back to it) seen by TC egress.

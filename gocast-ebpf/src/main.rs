@@ -2,14 +2,15 @@
 //!
 //! - `gocast_xdp` (XDP, ingress): counts packets to a VIP in `VIPS_MAP`; for TCP/UDP to a
 //!   VIP port in `NAT_MAP`, rewrites destination address and port in place (incremental
-//!   checksums) and records the flow in `FLOWS_MAP`. Fragments, ICMP, IPv6 extension headers
-//!   and all other traffic pass untouched.
+//!   checksums) and records the flow both ways (`NAT_FLOWS_MAP`, `FLOWS_MAP`), so its later
+//!   packets cost one lookup (see `nat`). Fragments, ICMP, IPv6 extension headers and all
+//!   other traffic pass untouched.
 //! - `gocast_tc_ingress` (TC classifier, ingress): the same on an skb, for interfaces where XDP
 //!   would cost more than it saves (virtual devices such as veth, drivers without native XDP,
 //!   whose generic XDP copies every cloned skb). It never drops.
-//! - `gocast_tc_egress` (TC classifier, egress): a reply whose 5-tuple is in `FLOWS_MAP` gets
-//!   the VIP and port back as its source; replies and other traffic from a VIP are counted
-//!   (packets, bytes, SYN-ACKs, RSTs). It never drops.
+//! - `gocast_tc_egress` (TC classifier, egress): a reply from a NAT target port (`PORTS_MAP`)
+//!   whose 5-tuple is in `FLOWS_MAP` gets the VIP and port back as its source; replies and
+//!   other traffic from a VIP are counted (packets, bytes, SYN-ACKs, RSTs). It never drops.
 //! - `gocast_xdp_log` (tail-called by `gocast_xdp`), `gocast_tc_log` (by both TC programs): on
 //!   rare paths only (a new NATed flow, a refused flow-map insert, a failed rewrite either way)
 //!   to emit an aya-log record; they return the verdict the caller would have. See `logs`.
@@ -33,16 +34,17 @@ mod stats;
 use aya_ebpf::{
     bindings::{TC_ACT_OK, xdp_action},
     macros::{classifier, map, xdp},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{TcContext, XdpContext},
 };
 use gocast_common::maps::{
-    FlowKey, FlowValue, MAX_FLOWS, MAX_NAT_RULES, MAX_VIPS, NatKey, NatTarget, PROTO_TCP,
-    VipCounters, VipKey,
+    FlowKey, MAX_FLOWS, MAX_NAT_RULES, MAX_VIPS, NatFlow, NatKey, NatTarget, PORT_WORDS, PROTO_TCP,
+    PortBits, VipCounters, VipKey,
 };
 
 use crate::{
     logs::{TC_LOG, XDP_LOG},
+    nat::Ingress,
     parse::{Flow, Parsed, TCP_ACK, TCP_RST, TCP_SYN},
 };
 
@@ -56,7 +58,19 @@ static NAT: HashMap<NatKey, NatTarget> = HashMap::with_max_entries(MAX_NAT_RULES
 
 /// `gocast_common::maps::FLOWS_MAP`: reply 5-tuple → the VIP and port to restore.
 #[map(name = "GOCAST_FLOWS")]
-static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+static FLOWS: LruHashMap<FlowKey, NatFlow> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// `gocast_common::maps::NAT_FLOWS_MAP`: a NATed flow's 5-tuple → its target.
+#[map(name = "GOCAST_NAT_FLOWS")]
+static NAT_FLOWS: LruHashMap<FlowKey, NatFlow> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// `gocast_common::maps::SLOTS_MAP`: each counter slot's generation.
+#[map(name = "GOCAST_SLOTS")]
+static SLOTS: Array<u32> = Array::with_max_entries(MAX_VIPS, 0);
+
+/// `gocast_common::maps::PORTS_MAP`: the NAT rules' VIP and target ports.
+#[map(name = "GOCAST_PORTS")]
+static PORTS: Array<PortBits> = Array::with_max_entries(PORT_WORDS, 0);
 
 /// `gocast_common::maps::COUNTERS_MAP`: per-CPU counters per VIP index.
 #[map(name = "GOCAST_COUNTERS")]
@@ -68,6 +82,12 @@ const _: () = {
     assert!(str_eq("GOCAST_NAT", gocast_common::maps::NAT_MAP));
     assert!(str_eq("GOCAST_FLOWS", gocast_common::maps::FLOWS_MAP));
     assert!(str_eq("GOCAST_COUNTERS", gocast_common::maps::COUNTERS_MAP));
+    assert!(str_eq(
+        "GOCAST_NAT_FLOWS",
+        gocast_common::maps::NAT_FLOWS_MAP
+    ));
+    assert!(str_eq("GOCAST_SLOTS", gocast_common::maps::SLOTS_MAP));
+    assert!(str_eq("GOCAST_PORTS", gocast_common::maps::PORTS_MAP));
     assert!(str_eq("GOCAST_XDP_LOG", gocast_common::maps::XDP_LOG_MAP));
     assert!(str_eq("GOCAST_TC_LOG", gocast_common::maps::TC_LOG_MAP));
     assert!(str_eq(
@@ -115,38 +135,46 @@ pub fn gocast_xdp(ctx: XdpContext) -> u32 {
 }
 
 fn try_gocast_xdp(ctx: &XdpContext, log: &mut bool) -> Result<u32, ()> {
-    ingress(
-        parse::parse(ctx),
-        || (ctx.data_end() - ctx.data()) as u64,
-        |flow, syn| nat::dnat(ctx, flow, syn, log),
-    )?;
+    ingress(ctx, parse::parse(ctx), log)?;
     Ok(xdp_action::XDP_PASS)
 }
 
-/// What both ingress programs do with a parsed packet: count it if it is to a VIP, NAT it if a
-/// rule matches (`dnat`, given the flow and whether it is a SYN, says whether one did), and let
-/// a SYN that bypasses the NAT drop a stale flow entry. `bytes` is the packet's length.
+/// What both ingress programs do with a parsed packet. A packet of an established NATed flow:
+/// counted in and rewritten by its flow entry. Any other packet to a VIP: counted, and NATed if
+/// a rule matches (which records the flow). A SYN that bypasses the NAT drops a stale flow
+/// entry.
 #[inline(always)]
-fn ingress(
-    parsed: Parsed,
-    bytes: impl FnOnce() -> u64,
-    dnat: impl FnOnce(&Flow, bool) -> Result<bool, ()>,
-) -> Result<(), ()> {
+fn ingress<C: Ingress>(ctx: &C, parsed: Parsed, log: &mut bool) -> Result<(), ()> {
     let (family, dst, flow) = match parsed {
         Parsed::Flow(flow) => (flow.family, flow.dst, Some(flow)),
         Parsed::Ip { family, dst } => (family, dst, None),
         Parsed::Other => return Ok(()),
     };
     let syn = flow.as_ref().is_some_and(is_syn);
-    let Some(counters) = stats::vip_counters(family, &dst) else {
+    // A SYN always takes the long way: it may start a flow under changed rules.
+    if let Some(flow) = &flow
+        && !syn
+        && let Some(known) = nat::known(flow)
+    {
+        if let Some(counters) = stats::counters(known.slot) {
+            stats::count_in(counters, ctx.bytes(), false);
+        }
+        return nat::forward(ctx, flow, &known, log);
+    }
+    let Some(slot) = stats::vip_slot(family, &dst) else {
         if syn && let Some(flow) = &flow {
             nat::forget_direct(flow);
         }
         return Ok(());
     };
-    stats::count_in(counters, bytes(), syn);
+    // Read before the NAT rule: the agent bumps it after changing a rule, so an entry written
+    // from an old rule carries an old generation.
+    let generation = stats::generation(slot);
+    if let Some(counters) = stats::counters(slot) {
+        stats::count_in(counters, ctx.bytes(), syn);
+    }
     if let Some(flow) = flow
-        && !dnat(&flow, syn)?
+        && !nat::dnat(ctx, &flow, syn, (slot, generation), log)?
         && syn
     {
         nat::forget_direct(&flow);
@@ -179,11 +207,7 @@ pub fn gocast_tc_ingress(ctx: TcContext) -> i32 {
 }
 
 fn try_gocast_tc_ingress(ctx: &TcContext, log: &mut bool) -> Result<(), ()> {
-    ingress(
-        parse_skb(ctx),
-        || u64::from(ctx.len()),
-        |flow, syn| nat::dnat_skb(ctx, flow, syn, log),
-    )
+    ingress(ctx, parse_skb(ctx), log)
 }
 
 /// Parses an skb. Direct packet access sees only its linear part; when the headers did not fit
@@ -224,11 +248,13 @@ fn try_gocast_tc_egress(ctx: &TcContext, log: &mut bool) -> Result<(), ()> {
     let Parsed::Flow(flow) = parse_skb(ctx) else {
         return Ok(());
     };
-    let src = match nat::reverse(ctx, &flow, log)? {
-        Some(vip) => vip,
-        None => flow.src,
+    let slot = match nat::reverse(ctx, &flow, log)? {
+        // The flow's slot, unless its VIP changed since: then the VIP's slot now, if any.
+        Some(orig) if stats::generation(orig.slot) == orig.generation => Some(orig.slot),
+        Some(orig) => stats::vip_slot(flow.family, &orig.addr),
+        None => stats::vip_slot(flow.family, &flow.src),
     };
-    let Some(counters) = stats::vip_counters(flow.family, &src) else {
+    let Some(counters) = slot.and_then(stats::counters) else {
         return Ok(());
     };
     let is_tcp = flow.proto == PROTO_TCP;

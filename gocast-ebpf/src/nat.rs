@@ -1,48 +1,128 @@
 //! Destination NAT (VIP:port → target) in XDP or TC ingress, and its reverse in TC egress
 //! (target → VIP:port).
 //!
+//! A flow's first packet (and every TCP SYN) finds its rule in `NAT_MAP` and writes two
+//! [`NatFlow`] entries: one under the packet's own 5-tuple in `NAT_FLOWS_MAP`, one under the
+//! reply's in `FLOWS_MAP`. Each carries the new address and port, the address's checksum
+//! difference and the VIP's counter slot, so every later packet in either direction costs one
+//! LRU lookup, an array read (the slot's generation, see `gocast_common::maps::SLOTS_MAP`) and
+//! the writes. Packets on a port no rule uses skip the flow maps (`PORTS_MAP`).
+//!
 //! XDP rewrites the frame in place with RFC 1624 incremental checksums (pure functions in
 //! `gocast_common::csum`). The TC programs use the kernel's `bpf_l3/l4_csum_replace`, which
 //! also handle `CHECKSUM_PARTIAL` skbs (packets whose L4 checksum is finished later, e.g. from
-//! a veth peer), something a pure update cannot see.
+//! a veth peer), something a pure update cannot see; they write through helpers, never direct
+//! packet access, which would make the kernel unclone every cloned skb the program sees (all of
+//! TCP's outgoing ones) before it runs.
 //!
 //! A new flow, a refused flow-map insert and a failed rewrite (TC, either way) are noted for the
 //! log programs (`crate::logs`); nothing else is.
 
 use aya_ebpf::{
-    bindings::{BPF_F_PSEUDO_HDR, BPF_NOEXIST},
+    bindings::BPF_F_PSEUDO_HDR,
     cty::c_long,
-    helpers::bpf_csum_diff,
     programs::{TcContext, XdpContext},
 };
 use gocast_common::{
-    csum::{csum_replace2, csum_replace4, csum_replace16, udp_has_checksum, udp_mangled},
-    maps::{FAMILY_V4, FlowKey, FlowValue, NatKey, NatTarget, PROTO_TCP},
+    csum::{addr_diff, csum_add, csum_replace2, udp_has_checksum, udp_mangled},
+    maps::{FAMILY_V4, FlowKey, NatFlow, NatKey, NatTarget, PROTO_TCP, PortBits, port_bit},
 };
 
 use crate::{
-    FLOWS, NAT,
+    FLOWS, NAT, NAT_FLOWS, PORTS,
     logs::{self, DNAT_FAILED, INSERT_FAILED, NEW_FLOW, Pending, REVERSE_FAILED},
     parse::{
         Flow, IPV4_CHECK_OFFSET, IPV4_DST_OFFSET, IPV4_SRC_OFFSET, IPV6_DST_OFFSET,
         IPV6_SRC_OFFSET, Ipv4Hdr, Ipv6Hdr, Ports, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, ptr_at,
     },
+    stats,
 };
 
-/// `EEXIST`: a `BPF_NOEXIST` insert lost a race with another CPU inserting the same flow.
-const EEXIST: i32 = 17;
+/// `EFAULT`: XDP's rewrite found a header past the end of the frame.
+const EFAULT: c_long = 14;
 
-/// An IPv6 address as the four `__be32` words `bpf_csum_diff` takes.
-#[inline(always)]
-fn words(a: [u8; 16]) -> [u32; 4] {
-    [
-        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-    ]
+/// An ingress program's context: how long its packet is, how it rewrites the destination,
+/// which log slot it notes in.
+pub trait Ingress {
+    /// `crate::logs` slot of this program.
+    const LOG_SLOT: u32;
+    /// The packet's length, for the byte counters.
+    fn bytes(&self) -> u64;
+    /// Sets the destination address and port to `to`'s, checksums included. `Err` is a
+    /// (negative) error code.
+    fn rewrite_dst(&self, flow: &Flow, to: &NatFlow) -> Result<(), c_long>;
 }
 
+impl Ingress for XdpContext {
+    const LOG_SLOT: u32 = logs::XDP_SLOT;
+
+    #[inline(always)]
+    fn bytes(&self) -> u64 {
+        (self.data_end() - self.data()) as u64
+    }
+
+    #[inline(always)]
+    fn rewrite_dst(&self, flow: &Flow, to: &NatFlow) -> Result<(), c_long> {
+        rewrite_dst(self, flow, to).map_err(|()| -EFAULT)
+    }
+}
+
+impl Ingress for TcContext {
+    const LOG_SLOT: u32 = logs::TC_INGRESS_SLOT;
+
+    #[inline(always)]
+    fn bytes(&self) -> u64 {
+        u64::from(self.len())
+    }
+
+    #[inline(always)]
+    fn rewrite_dst(&self, flow: &Flow, to: &NatFlow) -> Result<(), c_long> {
+        rewrite_skb(self, flow, End::Dst, to)
+    }
+}
+
+/// Whether `port` (network order) is set in the field of its `PORTS_MAP` entry `field` picks.
+#[inline(always)]
+fn port_used(port: u16, field: impl FnOnce(&PortBits) -> u64) -> bool {
+    let (index, mask) = port_bit(port);
+    PORTS.get(index).is_some_and(|bits| field(bits) & mask != 0)
+}
+
+/// The flow's 5-tuple as a key.
+#[inline(always)]
+fn key(flow: &Flow) -> FlowKey {
+    FlowKey {
+        src: flow.src,
+        dst: flow.dst,
+        src_port: flow.src_port,
+        dst_port: flow.dst_port,
+        proto: flow.proto,
+        family: flow.family,
+        _pad: [0; 2],
+    }
+}
+
+/// The entry of an established NATed flow this packet belongs to, if its VIP and rules did not
+/// change since it was written: all the rewrite and counting need.
+#[inline(always)]
+pub fn known(flow: &Flow) -> Option<NatFlow> {
+    if !port_used(flow.dst_port, |bits| bits.vip) {
+        return None;
+    }
+    // SAFETY: a map value pointer from a successful lookup, copied out at once.
+    let entry = unsafe { *NAT_FLOWS.get_ptr(key(flow))? };
+    (stats::generation(entry.slot) == entry.generation).then_some(entry)
+}
+
+/// Rewrites a packet of a [`known`] flow; a failure is noted for the log program.
+#[inline(always)]
+pub fn forward<C: Ingress>(ctx: &C, flow: &Flow, to: &NatFlow, log: &mut bool) -> Result<(), ()> {
+    if let Err(errno) = ctx.rewrite_dst(flow, to) {
+        *log = note_dnat(C::LOG_SLOT, DNAT_FAILED, errno, flow, to.addr, to.port);
+        return Err(());
+    }
+    Ok(())
+}
 /// Offset of the L4 checksum for `proto`.
 #[inline(always)]
 fn l4_check_offset(proto: u8) -> usize {
@@ -68,156 +148,136 @@ fn target(flow: &Flow) -> Option<NatTarget> {
     (unsafe { NAT.get(key) }).copied()
 }
 
-/// XDP: if `NAT_MAP` has a rule for this flow's destination, rewrites it to the target,
-/// records the flow for the reply direction, and returns `true`. A `syn` (a new TCP connection)
-/// or a refused flow-map insert is noted for the log program, and `log` set.
+/// A flow's first packet (or a SYN), to a VIP with counter `slot` of `generation`: if
+/// `NAT_MAP` has a rule for its destination, rewrites it to the target, records the flow both
+/// ways, and returns `true`. A `syn` (a new TCP connection), a refused flow-map insert or a
+/// failed rewrite is noted for the log program, and `log` set.
 #[inline(always)]
-pub fn dnat(ctx: &XdpContext, flow: &Flow, syn: bool, log: &mut bool) -> Result<bool, ()> {
+pub fn dnat<C: Ingress>(
+    ctx: &C,
+    flow: &Flow,
+    syn: bool,
+    (slot, generation): (u32, u32),
+    log: &mut bool,
+) -> Result<bool, ()> {
     let Some(target) = target(flow) else {
         return Ok(false);
     };
-    rewrite_dst(ctx, flow, &target)?;
-    let errno = remember(flow, &target);
-    if errno != 0 || syn {
-        let event = if errno != 0 { INSERT_FAILED } else { NEW_FLOW };
-        *log = note_dnat(logs::XDP_SLOT, event, c_long::from(errno), flow, &target);
-    }
-    Ok(true)
-}
-
-/// TC ingress: the same as [`dnat`] on an skb; a failed rewrite is noted too.
-#[inline(always)]
-pub fn dnat_skb(ctx: &TcContext, flow: &Flow, syn: bool, log: &mut bool) -> Result<bool, ()> {
-    let Some(target) = target(flow) else {
-        return Ok(false);
+    let to = NatFlow {
+        addr: target.dest,
+        port: target.port,
+        _pad: [0; 2],
+        addr_diff: u32::from(addr_diff(&flow.dst, &target.dest)),
+        slot,
+        generation,
     };
-    if let Err(errno) = rewrite_skb(ctx, flow, End::Dst, target.dest, target.port) {
-        *log = note_dnat(logs::TC_INGRESS_SLOT, DNAT_FAILED, errno, flow, &target);
-        return Err(());
-    }
-    let errno = remember(flow, &target);
+    forward(ctx, flow, &to, log)?;
+    let errno = remember(flow, &to);
     if errno != 0 || syn {
         let event = if errno != 0 { INSERT_FAILED } else { NEW_FLOW };
         *log = note_dnat(
-            logs::TC_INGRESS_SLOT,
+            C::LOG_SLOT,
             event,
             c_long::from(errno),
             flow,
-            &target,
+            target.dest,
+            target.port,
         );
     }
     Ok(true)
 }
 
-/// Notes `event` about `flow`, which a NAT rule sends to `target`, in `slot`; `true` if the log
-/// program should be tail-called.
+/// Notes `event` about `flow`, which a NAT rule sends to `dest`:`port`, in `slot`; `true` if
+/// the log program should be tail-called.
 #[inline(always)]
-fn note_dnat(slot: u32, event: u8, errno: c_long, flow: &Flow, target: &NatTarget) -> bool {
+fn note_dnat(slot: u32, event: u8, errno: c_long, flow: &Flow, dest: [u8; 16], port: u16) -> bool {
     logs::note(
         slot,
         Pending {
             event,
             family: flow.family,
             vip_port: u16::from_be(flow.dst_port),
-            dest_port: u16::from_be(target.port),
+            dest_port: u16::from_be(port),
             _pad: [0; 2],
             errno,
             vip: flow.dst,
-            dest: target.dest,
+            dest,
         },
     )
 }
 
-/// Rewrites the destination address and port, updating the IPv4 header checksum and the
-/// TCP/UDP checksum (whose pseudo-header covers the address).
+/// XDP: sets the destination address and port, updating the IPv4 header checksum and the
+/// TCP/UDP checksum (whose pseudo-header covers the address) by `to.addr_diff` and the port's
+/// change.
 #[inline(always)]
-fn rewrite_dst(ctx: &XdpContext, flow: &Flow, target: &NatTarget) -> Result<(), ()> {
+fn rewrite_dst(ctx: &XdpContext, flow: &Flow, to: &NatFlow) -> Result<(), ()> {
     let check: *mut [u8; 2] = ptr_at(ctx, flow.l4 + l4_check_offset(flow.proto))?;
     let ports: *mut Ports = ptr_at(ctx, flow.l4)?;
-    // SAFETY: `ptr_at` checked that the checksum is inside the packet.
-    let old_l4 = u16::from_be_bytes(unsafe { *check });
-    // An IPv4 UDP datagram without a checksum keeps none.
-    let l4_sum = flow.proto == PROTO_TCP || flow.family != FAMILY_V4 || udp_has_checksum(old_l4);
-    let old_port = u16::from_be(flow.dst_port);
-    let new_port = u16::from_be(target.port);
-    let mut l4 = old_l4;
-
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "a folded 16-bit sum kept in a u32"
+    )]
+    let diff = to.addr_diff as u16;
     if flow.family == FAMILY_V4 {
         let ip: *mut Ipv4Hdr = ptr_at(ctx, flow.l3)?;
-        let old = [flow.dst[0], flow.dst[1], flow.dst[2], flow.dst[3]];
-        let new = [
-            target.dest[0],
-            target.dest[1],
-            target.dest[2],
-            target.dest[3],
-        ];
         // SAFETY: `ptr_at` checked that the header is inside the packet.
         unsafe {
-            let l3 = csum_replace4(u16::from_be_bytes((*ip).check), old, new);
-            (*ip).check = l3.to_be_bytes();
-            (*ip).dst = new;
+            (*ip).check = csum_add(u16::from_be_bytes((*ip).check), diff).to_be_bytes();
+            (*ip).dst = [to.addr[0], to.addr[1], to.addr[2], to.addr[3]];
         }
-        l4 = csum_replace4(l4, old, new);
     } else {
         let ip: *mut Ipv6Hdr = ptr_at(ctx, flow.l3)?;
         // SAFETY: `ptr_at` checked that the header is inside the packet.
-        unsafe { (*ip).dst = target.dest };
-        l4 = csum_replace16(l4, &flow.dst, &target.dest);
+        unsafe { (*ip).dst = to.addr };
     }
-    l4 = csum_replace2(l4, old_port, new_port);
-
     // SAFETY: `ptr_at` checked both are inside the packet.
     unsafe {
-        (*ports).dst = target.port.to_ne_bytes();
-        if l4_sum {
-            let l4 = if flow.proto == PROTO_TCP {
-                l4
-            } else {
-                udp_mangled(l4)
-            };
-            *check = l4.to_be_bytes();
+        (*ports).dst = to.port.to_ne_bytes();
+        let old = u16::from_be_bytes(*check);
+        // An IPv4 UDP datagram without a checksum keeps none.
+        if flow.proto == PROTO_TCP {
+            let l4 = csum_add(old, diff);
+            *check =
+                csum_replace2(l4, u16::from_be(flow.dst_port), u16::from_be(to.port)).to_be_bytes();
+        } else if flow.family != FAMILY_V4 || udp_has_checksum(old) {
+            let l4 = csum_add(old, diff);
+            let l4 = csum_replace2(l4, u16::from_be(flow.dst_port), u16::from_be(to.port));
+            *check = udp_mangled(l4).to_be_bytes();
         }
     }
     Ok(())
 }
 
-/// Records the flow under its reply's 5-tuple so TC egress can restore the VIP. Returns 0, or
-/// the kernel's (negative) error code if it refused: a plain integer, as a `Result` leaves its
-/// error undefined on success, which LLVM may fill with a pointer the verifier rejects.
+/// Records the flow both ways: under its own 5-tuple, how to rewrite it (`to`); under its
+/// reply's, how TC egress puts the VIP back. Returns 0, or the kernel's (negative) error code
+/// if it refused: a plain integer, as a `Result` leaves its error undefined on success, which
+/// LLVM may fill with a pointer the verifier rejects. Only first packets and SYNs get here, so
+/// plain updates (an entry for another VIP or generation is replaced).
 #[inline(always)]
-fn remember(flow: &Flow, target: &NatTarget) -> i32 {
-    let key = FlowKey {
-        src: target.dest,
+fn remember(flow: &Flow, to: &NatFlow) -> i32 {
+    let reply = FlowKey {
+        src: to.addr,
         dst: flow.src,
-        src_port: target.port,
+        src_port: to.port,
         dst_port: flow.src_port,
         proto: flow.proto,
         family: flow.family,
         _pad: [0; 2],
     };
-    let value = FlowValue {
-        vip: flow.dst,
+    let back = NatFlow {
+        addr: flow.dst,
         port: flow.dst_port,
         _pad: [0; 2],
+        addr_diff: u32::from(addr_diff(&to.addr, &flow.dst)),
+        slot: to.slot,
+        generation: to.generation,
     };
-    // Most packets belong to a known flow: a lookup (which also refreshes the LRU) is cheaper
-    // than an update. An entry for another VIP is replaced.
-    if let Some(known) = FLOWS.get_ptr(key) {
-        // SAFETY: a map value pointer from a successful lookup.
-        let known = unsafe { *known };
-        if known.vip == value.vip && known.port == value.port {
-            return 0;
-        }
-        // A full flows map evicts, so insert fails only on kernel errors: the reply then goes
-        // out un-NATed, the same as with no entry; the warning is the only trace of it.
-        return FLOWS.insert(key, value, 0).err().unwrap_or(0);
+    // A full map evicts, so an insert fails only on kernel errors: the reply then goes out
+    // un-NATed (or the next packet takes this path again); the warning is the only trace.
+    if let Err(errno) = FLOWS.insert(reply, back, 0) {
+        return errno;
     }
-    match FLOWS.insert(key, value, u64::from(BPF_NOEXIST)) {
-        // Another CPU recorded the flow first: it is there.
-        Ok(()) => 0,
-        Err(errno) if errno == -EEXIST => 0,
-        Err(errno) => errno,
-    }
+    NAT_FLOWS.insert(key(flow), *to, 0).err().unwrap_or(0)
 }
 
 /// For the SYN of a TCP connection that did not go through the NAT (sent to the service's own
@@ -239,25 +299,19 @@ pub fn forget_direct(flow: &Flow) {
 }
 
 /// If `FLOWS_MAP` knows this reply, rewrites its source back to the VIP and port the client
-/// used and returns the VIP (family is the flow's). A failed rewrite is noted for the log
-/// program, and `log` set.
+/// used and returns the entry (the VIP's family is the flow's). Replies from a port no NAT rule
+/// sends to return at once. A failed rewrite is noted for the log program, and `log` set.
 #[inline(always)]
-pub fn reverse(ctx: &TcContext, flow: &Flow, log: &mut bool) -> Result<Option<[u8; 16]>, ()> {
-    let key = FlowKey {
-        src: flow.src,
-        dst: flow.dst,
-        src_port: flow.src_port,
-        dst_port: flow.dst_port,
-        proto: flow.proto,
-        family: flow.family,
-        _pad: [0; 2],
-    };
-    let Some(orig) = FLOWS.get_ptr(key) else {
+pub fn reverse(ctx: &TcContext, flow: &Flow, log: &mut bool) -> Result<Option<NatFlow>, ()> {
+    if !port_used(flow.src_port, |bits| bits.target) {
+        return Ok(None);
+    }
+    let Some(orig) = FLOWS.get_ptr(key(flow)) else {
         return Ok(None);
     };
     // SAFETY: a map value pointer from a successful lookup, copied out at once.
     let orig = unsafe { *orig };
-    if let Err(errno) = rewrite_skb(ctx, flow, End::Src, orig.vip, orig.port) {
+    if let Err(errno) = rewrite_skb(ctx, flow, End::Src, &orig) {
         *log = logs::note(
             logs::TC_EGRESS_SLOT,
             Pending {
@@ -267,13 +321,13 @@ pub fn reverse(ctx: &TcContext, flow: &Flow, log: &mut bool) -> Result<Option<[u
                 dest_port: u16::from_be(flow.src_port),
                 _pad: [0; 2],
                 errno,
-                vip: orig.vip,
+                vip: orig.addr,
                 dest: flow.src,
             },
         );
         return Err(());
     }
-    Ok(Some(orig.vip))
+    Ok(Some(orig))
 }
 
 /// Which end of a flow [`rewrite_skb`] changes.
@@ -283,20 +337,14 @@ enum End {
     Dst,
 }
 
-/// Sets one end's address and port (network order) in an skb, with the kernel's checksum
-/// helpers: the IPv4 header checksum, and the TCP/UDP checksum whose pseudo-header covers the
-/// address. `Err` is the failing helper's (negative) error code.
+/// Sets one end's address and port to `to`'s in an skb, with the kernel's checksum helpers:
+/// the IPv4 header checksum and the TCP/UDP pseudo-header by `to.addr_diff`, the TCP/UDP
+/// checksum by the port's change. `Err` is the failing helper's (negative) error code.
 #[inline(always)]
-fn rewrite_skb(
-    ctx: &TcContext,
-    flow: &Flow,
-    end: End,
-    addr: [u8; 16],
-    port: u16,
-) -> Result<(), c_long> {
-    let (old_addr, old_port, port_at) = match end {
-        End::Src => (flow.src, flow.src_port, flow.l4),
-        End::Dst => (flow.dst, flow.dst_port, flow.l4 + 2),
+fn rewrite_skb(ctx: &TcContext, flow: &Flow, end: End, to: &NatFlow) -> Result<(), c_long> {
+    let (old_port, port_at) = match end {
+        End::Src => (flow.src_port, flow.l4),
+        End::Dst => (flow.dst_port, flow.l4 + 2),
     };
     let check_at = flow.l4 + l4_check_offset(flow.proto);
     // UDP: with BPF_F_MARK_MANGLED_0 the kernel leaves a 0 checksum (IPv4 "none") alone and
@@ -306,8 +354,16 @@ fn rewrite_skb(
     } else {
         u64::from(aya_ebpf::bindings::BPF_F_MARK_MANGLED_0)
     };
-    let pseudo = u64::from(BPF_F_PSEUDO_HDR) | udp_flags;
-
+    // The kernel sums 16-bit words as they sit in memory (little-endian here), `addr_diff`
+    // as they read big-endian: the same one's-complement sum, bytes swapped.
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "a folded 16-bit sum kept in a u32"
+    )]
+    let diff = u64::from(u16::from_be(to.addr_diff as u16));
+    // Size 0: `to` is a checksum difference. Pseudo-header: for a `CHECKSUM_PARTIAL` skb the
+    // kernel updates the partial sum, which covers the addresses but not the ports.
+    ctx.l4_csum_replace(check_at, 0, diff, u64::from(BPF_F_PSEUDO_HDR) | udp_flags)?;
     if flow.family == FAMILY_V4 {
         let addr_at = flow.l3
             + if end == End::Src {
@@ -315,16 +371,9 @@ fn rewrite_skb(
             } else {
                 IPV4_DST_OFFSET
             };
-        let old = u32::from_ne_bytes([old_addr[0], old_addr[1], old_addr[2], old_addr[3]]);
-        let new = u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]);
-        ctx.l4_csum_replace(check_at, u64::from(old), u64::from(new), pseudo | 4)?;
-        ctx.l3_csum_replace(
-            flow.l3 + IPV4_CHECK_OFFSET,
-            u64::from(old),
-            u64::from(new),
-            4,
-        )?;
-        ctx.store(addr_at, &new, 0)?;
+        ctx.l3_csum_replace(flow.l3 + IPV4_CHECK_OFFSET, 0, diff, 0)?;
+        let addr = [to.addr[0], to.addr[1], to.addr[2], to.addr[3]];
+        ctx.store(addr_at, &addr, 0)?;
     } else {
         let addr_at = flow.l3
             + if end == End::Src {
@@ -332,24 +381,13 @@ fn rewrite_skb(
             } else {
                 IPV6_DST_OFFSET
             };
-        let mut from = words(old_addr);
-        let mut to = words(addr);
-        // SAFETY: both buffers are 16 bytes on this stack frame, the sizes passed.
-        let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
-        if diff < 0 {
-            return Err(diff);
-        }
-        #[expect(clippy::cast_sign_loss, reason = "checked non-negative above")]
-        let diff = diff as u64;
-        // Size 0: `to` is a precomputed checksum difference (16-byte fields have no size flag).
-        ctx.l4_csum_replace(check_at, 0, diff, pseudo)?;
-        ctx.store(addr_at, &addr, 0)?;
+        ctx.store(addr_at, &to.addr, 0)?;
     }
     ctx.l4_csum_replace(
         check_at,
         u64::from(old_port),
-        u64::from(port),
+        u64::from(to.port),
         udp_flags | 2,
     )?;
-    ctx.store(port_at, &port, 0)
+    ctx.store(port_at, &to.port, 0)
 }

@@ -1,13 +1,14 @@
-//! Per-VIP counters: `VIPS_MAP` gives a VIP's index, `COUNTERS_MAP` (per CPU, so plain adds)
-//! holds its counters. User space sums the CPUs.
+//! Per-VIP counters: `VIPS_MAP` gives a VIP's slot, `COUNTERS_MAP` (per CPU, so plain adds)
+//! holds its counters at that index, `SLOTS_MAP` the slot's generation. User space sums the
+//! CPUs.
 
-use gocast_common::maps::{MAX_VIPS, VipCounters, VipKey};
+use gocast_common::maps::{VipCounters, VipKey};
 
-use crate::{COUNTERS, VIPS};
+use crate::{COUNTERS, SLOTS, VIPS};
 
-/// The counters of the VIP `addr`, or `None` if it is not one of ours.
+/// The counter slot of the VIP `addr`, or `None` if it is not one of ours.
 #[inline(always)]
-pub fn vip_counters(family: u8, addr: &[u8; 16]) -> Option<*mut VipCounters> {
+pub fn vip_slot(family: u8, addr: &[u8; 16]) -> Option<u32> {
     let key = VipKey {
         addr: *addr,
         family,
@@ -15,12 +16,20 @@ pub fn vip_counters(family: u8, addr: &[u8; 16]) -> Option<*mut VipCounters> {
     };
     // SAFETY: the value is a plain `u32` copied out at once; a concurrent update can at worst
     // make this packet count under the old index.
-    let index = unsafe { *VIPS.get(key)? };
-    // The array lookup checks bounds too; this keeps a bad index from user space harmless.
-    if index >= MAX_VIPS {
-        return None;
-    }
-    COUNTERS.get_ptr_mut(index)
+    Some(unsafe { *VIPS.get(key)? })
+}
+
+/// The generation of `slot` (0 for an index out of range).
+#[inline(always)]
+pub fn generation(slot: u32) -> u32 {
+    SLOTS.get(slot).copied().unwrap_or(0)
+}
+
+/// This CPU's counters in `slot`. The array lookup checks bounds, which keeps a bad index from
+/// user space harmless.
+#[inline(always)]
+pub fn counters(slot: u32) -> Option<*mut VipCounters> {
+    COUNTERS.get_ptr_mut(slot)
 }
 
 /// Counts a packet to a VIP.

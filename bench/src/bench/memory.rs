@@ -52,6 +52,10 @@ pub struct MemoryRow {
     pub rss_kib: u64,
     /// `VmHWM` after settling, KiB.
     pub hwm_kib: u64,
+    /// Of `VmRSS`: anonymous (heap, stacks) and file-backed (the binary's and libraries'
+    /// pages), KiB.
+    pub anon_kib: u64,
+    pub file_kib: u64,
     /// Spawn → BIRD holds every route.
     pub all_at_bird: Duration,
     /// CPU time over the steady-state window, in % of one core.
@@ -75,8 +79,10 @@ pub fn run(args: &MemoryArgs) -> Result<MemoryReport> {
     for &count in &args.apps {
         let row = measure(&binary, count, args).with_context(|| format!("{count} apps"))?;
         println!(
-            "{count:>6} apps: VmRSS {} MiB, VmHWM {} MiB, CPU {:.2} % of a core ({} ms to all routes at BIRD)",
+            "{count:>6} apps: VmRSS {} MiB (anon {}, file {}), VmHWM {} MiB, CPU {:.2} % of a core ({} ms to all routes at BIRD)",
             mib(row.rss_kib),
+            mib(row.anon_kib),
+            mib(row.file_kib),
             mib(row.hwm_kib),
             row.cpu_pct,
             ms(row.all_at_bird)
@@ -116,6 +122,7 @@ fn measure(binary: &Path, count: u32, args: &MemoryArgs) -> Result<MemoryRow> {
     thread::sleep(Duration::from_secs(args.settle_s).max(INTERVAL * 2));
     let pid = run.agent.pid().context("agent pid")?;
     let (rss_kib, hwm_kib) = (proc_kib(pid, "VmRSS")?, proc_kib(pid, "VmHWM")?);
+    let (anon_kib, file_kib) = (proc_kib(pid, "RssAnon")?, proc_kib(pid, "RssFile")?);
     ensure!(
         hwm_kib >= rss_kib && hwm_kib >= run.hwm_kib,
         "VmHWM {hwm_kib} below VmRSS {rss_kib}"
@@ -133,6 +140,8 @@ fn measure(binary: &Path, count: u32, args: &MemoryArgs) -> Result<MemoryRow> {
         apps: count,
         rss_kib,
         hwm_kib,
+        anon_kib,
+        file_kib,
         all_at_bird,
         cpu_pct,
     })

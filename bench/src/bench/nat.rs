@@ -11,24 +11,33 @@
 //!   reset, so conntrack's growth under short connections shows in the later rounds. Labs
 //!   alternate within a round, so the ratios compare runs taken at about the same time on a
 //!   busy machine.
-//! - **xdp**: the XDP program loaded from the object, run by `BPF_PROG_TEST_RUN` with a large
-//!   repeat count on crafted frames; the kernel reports the mean time per run.
+//!   After the rounds, one more `wrk` run per connection kind in the eBPF lab with the kernel's
+//!   program statistics on (`BPF_ENABLE_STATS`, which itself costs each run two clock reads, so
+//!   not during the rounds): each of the agent's programs' runs and nanoseconds per run, and
+//!   their share of a core, for and against the control.
+//! - **xdp**: the packet programs loaded from the object, run by `BPF_PROG_TEST_RUN` with a
+//!   large repeat count on crafted frames; the kernel reports the mean time per run. With
+//!   `--compare OBJECT` another build of the object (e.g. an earlier commit's) is timed too,
+//!   batch for batch alternating with this one.
 
 use std::{
+    collections::BTreeMap,
     io::{BufRead as _, BufReader},
     net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Child, Stdio},
-    time::Duration,
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context, Result, bail, ensure};
 use aya::{
-    maps::HashMap as BpfHashMap,
-    programs::{TestRun as _, TestRunOptions, Xdp},
+    maps::{Array as BpfArray, HashMap as BpfHashMap},
+    programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
 use clap::{Args, ValueEnum};
-use gocast_common::maps::{NAT_MAP, NatKey, NatTarget, PROTO_TCP, VIPS_MAP, VipKey};
+use gocast_common::maps::{
+    NAT_MAP, NatKey, NatTarget, PORTS_MAP, PROTO_TCP, PortBits, VIPS_MAP, VipKey, port_bit,
+};
 use gocast_tests::{
     Agent, Netns, Topology,
     routers::{API, wait_until},
@@ -50,6 +59,8 @@ const RATIO_TARGET: f64 = 0.95;
 const XDP_TARGET_NS: f64 = 100.0;
 /// `XDP_PASS`, the verdict of every frame the program lets through (rewritten or not).
 const XDP_PASS: u32 = 2;
+/// `TC_ACT_OK`, the TC programs' verdict for every frame.
+const TC_ACT_OK: u32 = 0;
 /// `BPF_PROG_TEST_RUN` batches per case; the median batch is reported.
 const XDP_BATCHES: usize = 5;
 
@@ -80,6 +91,10 @@ pub struct NatArgs {
     /// `dataplane.ingress` of the eBPF lab: `auto` (TC ingress on the veth), `xdp` or `tc`.
     #[arg(long, default_value = "auto", value_parser = ["auto", "xdp", "tc"])]
     ingress: String,
+    /// Also time this eBPF object (e.g. an earlier commit's build) in the `xdp` part, its
+    /// batches alternating with this build's.
+    #[arg(long, value_name = "OBJECT")]
+    compare: Option<PathBuf>,
 }
 
 /// The parts of the benchmark.
@@ -154,7 +169,28 @@ pub struct Round {
     pub conntrack: Option<u64>,
 }
 
-/// The XDP program's mean cost per packet, each in nanoseconds.
+/// One program's kernel statistics over one `wrk` run.
+#[derive(Debug, Clone)]
+pub struct ProgramStat {
+    pub name: String,
+    /// Runs per second of `wrk`.
+    pub runs_per_s: f64,
+    /// Mean time per run, in nanoseconds.
+    pub ns_per_run: f64,
+    /// Time in the program per second of `wrk`, in % of one core.
+    pub core_pct: f64,
+}
+
+/// The attribution run of one connection kind and mode (eBPF or its control), stats on.
+#[derive(Debug, Clone)]
+pub struct Attribution {
+    pub kind: Kind,
+    pub mode: Mode,
+    pub rps: f64,
+    pub programs: Vec<ProgramStat>,
+}
+
+/// The packet programs' mean cost per packet, each in nanoseconds.
 #[derive(Debug, Clone, Copy)]
 pub struct XdpCost {
     /// A TCP packet to a VIP port with a NAT rule: counted and rewritten.
@@ -163,13 +199,22 @@ pub struct XdpCost {
     pub vip_only: f64,
     /// A TCP packet to an address that is no VIP.
     pub other: f64,
+    /// TC ingress, a packet of an established flow through the NAT.
+    pub tc_rewrite: f64,
+    /// TC egress, the reply of such a flow: rewritten and counted.
+    pub tc_reverse: f64,
+    /// TC egress, a packet from a port no NAT rule targets.
+    pub tc_other: f64,
 }
 
 /// What `bench nat` measured, for `docs/benchmarks.md`.
 #[derive(Debug, Default)]
 pub struct NatReport {
     pub rounds: Vec<Round>,
+    pub attribution: Vec<Attribution>,
     pub xdp: Option<XdpCost>,
+    /// The `--compare` object's figures, timed alongside.
+    pub compared: Option<XdpCost>,
     pub summary: Summary,
 }
 
@@ -184,11 +229,16 @@ pub fn run(args: &NatArgs) -> Result<NatReport> {
             None => release_agent()?,
         };
         println!("agent binary: {}", binary.display());
-        report.rounds = throughput(&binary, args).context("throughput part")?;
+        (report.rounds, report.attribution) =
+            throughput(&binary, args).context("throughput part")?;
         summarize_rounds(&report.rounds, &mut report.summary);
     }
     if wanted(Part::Xdp) {
-        let cost = xdp_cost(&object, args.repeat).context("xdp part")?;
+        let mut objects = vec![object.as_path()];
+        objects.extend(args.compare.as_deref());
+        let costs = xdp_cost(&objects, args.repeat).context("xdp part")?;
+        let cost = costs[0];
+        report.compared = costs.get(1).copied();
         report.summary.checked(
             "XDP, NAT rewrite (per packet)",
             format!("{:.1} ns", cost.rewrite),
@@ -202,6 +252,17 @@ pub fn run(args: &NatArgs) -> Result<NatReport> {
         report
             .summary
             .figure("XDP, not a VIP", format!("{:.1} ns", cost.other));
+        report.summary.figure(
+            "TC ingress, NAT rewrite",
+            format!("{:.1} ns", cost.tc_rewrite),
+        );
+        report.summary.figure(
+            "TC egress, reverse NAT",
+            format!("{:.1} ns", cost.tc_reverse),
+        );
+        report
+            .summary
+            .figure("TC egress, not ours", format!("{:.1} ns", cost.tc_other));
         report.xdp = Some(cost);
     }
     report.summary.print("bench nat: summary");
@@ -392,13 +453,7 @@ impl Lab {
 fn agent_config(dir: &Path, topo: &Topology, mode: Mode, ingress: &str) -> Result<String> {
     let dataplane = match mode {
         Mode::Ebpf => {
-            let links = topo.agent.ip(&["-o", "link", "show", "type", "veth"])?;
-            // `3: gca7@if2: <BROADCAST,...`
-            let iface = links
-                .split_whitespace()
-                .nth(1)
-                .and_then(|n| n.split('@').next())
-                .context("no veth in the agent namespace")?;
+            let iface = veth(topo)?;
             format!("dataplane:\n  mode: ebpf\n  interfaces: [{iface}]\n  ingress: {ingress}\n")
         }
         Mode::Iptables | Mode::Direct | Mode::EbpfNoNat => {
@@ -418,6 +473,18 @@ fn agent_config(dir: &Path, topo: &Topology, mode: Mode, ingress: &str) -> Resul
         ),
     )?;
     Ok(path.to_str().context("config path")?.to_owned())
+}
+
+/// The agent namespace's veth.
+fn veth(topo: &Topology) -> Result<String> {
+    let links = topo.agent.ip(&["-o", "link", "show", "type", "veth"])?;
+    // `3: gca7@if2: <BROADCAST,...`
+    links
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.split('@').next())
+        .map(str::to_owned)
+        .context("no veth in the agent namespace")
 }
 
 /// What one `wrk` run printed.
@@ -457,11 +524,13 @@ fn parse_wrk(out: &str) -> Result<Wrk> {
     Ok(Wrk { rps, errors })
 }
 
-fn throughput(binary: &Path, args: &NatArgs) -> Result<Vec<Round>> {
+fn throughput(binary: &Path, args: &NatArgs) -> Result<(Vec<Round>, Vec<Attribution>)> {
     println!(
         "\n== throughput: {} rounds × {} s per run, wrk -t{} -c{} ==",
         args.rounds, args.duration_s, args.wrk_threads, args.connections
     );
+    // Whole seconds: the kernel reports load times at that precision.
+    let since = SystemTime::now() - Duration::from_secs(1);
     let labs = LAB_MODES
         .iter()
         .map(|&mode| Lab::new(mode, binary, args))
@@ -517,7 +586,103 @@ fn throughput(binary: &Path, args: &NatArgs) -> Result<Vec<Round>> {
         }
         rounds.push(round);
     }
-    Ok(rounds)
+    let attribution = attribute(&labs[Mode::Ebpf.lab()], since, args).context("attribution run")?;
+    Ok((rounds, attribution))
+}
+
+/// One `wrk` run per connection kind, eBPF and its control, with the kernel's program
+/// statistics on: each of the agent's programs' runs and time.
+fn attribute(lab: &Lab, since: SystemTime, args: &NatArgs) -> Result<Vec<Attribution>> {
+    // Counted while the descriptor is open; closed (and the counting off again) on return.
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
+    let probe = NatArgs {
+        duration_s: 1,
+        ..args.clone()
+    };
+    lab.wrk(Mode::Ebpf, Kind::Keepalive, &probe)
+        .context("traffic to find the lab's programs")?;
+    let ids = agent_programs(since)?;
+    println!("\n== attribution: kernel program statistics on, programs {ids:?} ==");
+    let mut out = Vec::new();
+    for kind in Kind::ALL {
+        for mode in [Mode::Ebpf, Mode::EbpfNoNat] {
+            let before = program_stats(&ids)?;
+            let started = Instant::now();
+            let wrk = lab.wrk(mode, kind, args)?;
+            let secs = started.elapsed().as_secs_f64();
+            let after = program_stats(&ids)?;
+            let mut programs = Vec::new();
+            for (id, (name, runs, ns)) in after {
+                let (_, runs0, ns0) = before.get(&id).cloned().unwrap_or_default();
+                let (runs, ns) = (runs.saturating_sub(runs0), ns.saturating_sub(ns0));
+                #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+                let (runs, ns) = (runs as f64, ns as f64);
+                programs.push(ProgramStat {
+                    name,
+                    runs_per_s: runs / secs,
+                    ns_per_run: ratio(ns, runs),
+                    core_pct: ns / secs / 1e7,
+                });
+            }
+            println!("{} {}: {:.0} req/s", kind.name(), mode.name(), wrk.rps);
+            for p in &programs {
+                println!(
+                    "  {:<18} {:>9.0} runs/s {:>7.1} ns/run {:>5.2} % of a core",
+                    p.name, p.runs_per_s, p.ns_per_run, p.core_pct
+                );
+            }
+            out.push(Attribution {
+                kind,
+                mode,
+                rps: wrk.rps,
+                programs,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The ids of the eBPF lab agent's programs: of the TC egress programs loaded since `since`
+/// (when the labs were built), the one that ran most since statistics went on (the caller ran
+/// traffic through the lab), and all programs sharing a map with it (the same object's). Not
+/// by name or load time alone: other agents (tests) may run on this machine, and this
+/// `bpftool` lists neither tcx attachments nor the processes holding programs.
+fn agent_programs(since: SystemTime) -> Result<Vec<u32>> {
+    let mut all = Vec::new();
+    for info in aya::programs::loaded_programs() {
+        let info = info.context("listing eBPF programs")?;
+        let ours = info
+            .name_as_str()
+            .is_some_and(|n| n.starts_with("gocast_tc_egr"))
+            && info.loaded_at().is_some_and(|t| t >= since);
+        let runs = if ours { info.run_count() } else { 0 };
+        all.push((info.id(), runs, info.map_ids()?.unwrap_or_default()));
+    }
+    let maps = all
+        .iter()
+        .filter(|(_, runs, _)| *runs > 0)
+        .max_by_key(|(_, runs, _)| *runs)
+        .map(|(_, _, maps)| maps.clone())
+        .context("no gocast_tc_egress program loaded since the labs were built ran")?;
+    Ok(all
+        .into_iter()
+        .filter(|(_, _, map_ids)| map_ids.iter().any(|m| maps.contains(m)))
+        .map(|(id, _, _)| id)
+        .collect())
+}
+
+/// Name, run count and run time (ns) of each of the programs `ids`.
+fn program_stats(ids: &[u32]) -> Result<BTreeMap<u32, (String, u64, u64)>> {
+    let mut out = BTreeMap::new();
+    for info in aya::programs::loaded_programs() {
+        let info = info.context("listing eBPF programs")?;
+        if ids.contains(&info.id()) {
+            let name = info.name_as_str().unwrap_or("?").to_owned();
+            let ns = u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX);
+            out.insert(info.id(), (name, info.run_count(), ns));
+        }
+    }
+    Ok(out)
 }
 
 /// `a / b`, zero when `b` is.
@@ -560,16 +725,16 @@ fn summarize_rounds(rounds: &[Round], summary: &mut Summary) {
     }
 }
 
-/// An Ethernet + IPv4 + TCP ACK frame `src:40000 → dst:port` with valid checksums: a packet of
-/// an established connection, what nearly all traffic is (a SYN also pays for remembering the
-/// flow and, with logs on, for a log record).
-fn ack_frame(src: Ipv4Addr, dst: Ipv4Addr, port: u16) -> Vec<u8> {
+/// An Ethernet + IPv4 + TCP ACK frame `src:sport → dst:dport` with valid checksums: a packet
+/// of an established connection, what nearly all traffic is (a SYN also pays for remembering
+/// the flow and, with logs on, for a log record).
+fn ack_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
     let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
     f.extend_from_slice(&[0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, PROTO_TCP, 0, 0]);
     f.extend_from_slice(&src.octets());
     f.extend_from_slice(&dst.octets());
-    f.extend_from_slice(&40000u16.to_be_bytes());
-    f.extend_from_slice(&port.to_be_bytes());
+    f.extend_from_slice(&sport.to_be_bytes());
+    f.extend_from_slice(&dport.to_be_bytes());
     f.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0]);
     let ip_sum = !ones_sum(&f[14..34], 0);
     f[24..26].copy_from_slice(&ip_sum.to_be_bytes());
@@ -593,92 +758,197 @@ fn ones_sum(data: &[u8], mut acc: u32) -> u16 {
     u16::try_from(acc).unwrap_or(u16::MAX)
 }
 
-/// Loads the XDP program from `object` and times three kinds of packet.
+/// The addresses of the `xdp` part: two VIPs, a client, an address that is no VIP.
+const A: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 81);
+const B: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 82);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 255, 1);
+const OTHER: Ipv4Addr = Ipv4Addr::new(198, 18, 255, 2);
+const CLIENT_PORT: u16 = 40000;
+
+/// The packet programs of `object`, loaded with the `xdp` part's rules.
 ///
-/// With `repeat`, the kernel runs the program again and again on the same buffer, so a frame the
+/// With `repeat`, the kernel runs a program again and again on the same buffer, so a frame the
 /// program rewrites is no longer the frame it was. To time the rewrite on every run, two VIPs
 /// NAT to each other (`A:80 → B:8080`, `B:8080 → A:80`): each run turns the frame into one that
 /// matches the other rule. After the first two runs both flows are known, so the figure is that
-/// of a packet of an established flow (lookup, count, rewrite, flow lookup).
-fn xdp_cost(object: &Path, repeat: u32) -> Result<XdpCost> {
-    println!("\n== xdp: BPF_PROG_TEST_RUN, {XDP_BATCHES} batches × {repeat} runs per case ==");
-    let (a, b) = (Ipv4Addr::new(192, 0, 2, 81), Ipv4Addr::new(192, 0, 2, 82));
-    let (client, other) = (
-        Ipv4Addr::new(198, 18, 255, 1),
-        Ipv4Addr::new(198, 18, 255, 2),
-    );
+/// of a packet of an established flow; TC egress likewise turns `B:8080`'s reply into `A:80`'s
+/// and back.
+fn load_programs(object: &Path) -> Result<aya::Ebpf> {
     let mut bpf =
         aya::Ebpf::load_file(object).with_context(|| format!("loading {}", object.display()))?;
     let mut vips: BpfHashMap<_, VipKey, u32> =
-        BpfHashMap::try_from(bpf.take_map(VIPS_MAP).context(VIPS_MAP)?)?;
-    vips.insert(VipKey::new(a.into()), 0, 0)?;
-    vips.insert(VipKey::new(b.into()), 1, 0)?;
+        BpfHashMap::try_from(bpf.map_mut(VIPS_MAP).context(VIPS_MAP)?)?;
+    vips.insert(VipKey::new(A.into()), 0, 0)?;
+    vips.insert(VipKey::new(B.into()), 1, 0)?;
     let mut nat: BpfHashMap<_, NatKey, NatTarget> =
-        BpfHashMap::try_from(bpf.take_map(NAT_MAP).context(NAT_MAP)?)?;
-    nat.insert(
-        NatKey::new(a.into(), VIP_PORT, PROTO_TCP),
-        NatTarget::new(b.into(), SERVICE_PORT),
-        0,
-    )?;
-    nat.insert(
-        NatKey::new(b.into(), SERVICE_PORT, PROTO_TCP),
-        NatTarget::new(a.into(), VIP_PORT),
-        0,
-    )?;
+        BpfHashMap::try_from(bpf.map_mut(NAT_MAP).context(NAT_MAP)?)?;
+    for (from, from_port, to, to_port) in [
+        (A, VIP_PORT, B, SERVICE_PORT),
+        (B, SERVICE_PORT, A, VIP_PORT),
+    ] {
+        nat.insert(
+            NatKey::new(from.into(), from_port, PROTO_TCP),
+            NatTarget::new(to.into(), to_port),
+            0,
+        )?;
+    }
+    // An object from before the port filter has no such map.
+    if let Some(map) = bpf.map_mut(PORTS_MAP) {
+        let mut ports: BpfArray<_, PortBits> = BpfArray::try_from(map)?;
+        for port in [VIP_PORT, SERVICE_PORT] {
+            let (index, mask) = port_bit(port.to_be());
+            ports.set(
+                index,
+                PortBits {
+                    vip: mask,
+                    target: mask,
+                },
+                0,
+            )?;
+        }
+    }
     let xdp: &mut Xdp = bpf
         .program_mut("gocast_xdp")
         .context("no gocast_xdp program in the object")?
         .try_into()?;
     xdp.load().context("loading gocast_xdp")?;
+    for name in ["gocast_tc_ingress", "gocast_tc_egress"] {
+        let tc: &mut SchedClassifier = bpf
+            .program_mut(name)
+            .with_context(|| format!("no {name} program in the object"))?
+            .try_into()?;
+        tc.load().with_context(|| format!("loading {name}"))?;
+    }
+    Ok(bpf)
+}
+
+/// One `BPF_PROG_TEST_RUN` of program `name` on `frame`, `repeat` times: the verdict, the mean
+/// ns per run, and the frame as the last run left it.
+fn test_run(
+    bpf: &mut aya::Ebpf,
+    name: &str,
+    frame: &[u8],
+    repeat: u32,
+) -> Result<(u32, f64, Vec<u8>)> {
+    let mut out = vec![0; frame.len() + 256];
+    let options = TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        repeat,
+        ..TestRunOptions::default()
+    };
+    let program = bpf
+        .program_mut(name)
+        .with_context(|| format!("no {name}"))?;
+    let result = if name == "gocast_xdp" {
+        <&mut Xdp>::try_from(program)?.test_run(options)?
+    } else {
+        <&mut SchedClassifier>::try_from(program)?.test_run(options)?
+    };
+    out.truncate(result.data_size_out as usize);
+    Ok((
+        result.return_value,
+        result.duration.as_secs_f64() * 1e9,
+        out,
+    ))
+}
+
+/// Loads each object's packet programs and times six kinds of packet, batch for batch
+/// alternating between the objects; one [`XdpCost`] per object.
+fn xdp_cost(objects: &[&Path], repeat: u32) -> Result<Vec<XdpCost>> {
+    println!(
+        "\n== xdp: BPF_PROG_TEST_RUN, {XDP_BATCHES} batches × {repeat} runs per case, objects {} ==",
+        objects
+            .iter()
+            .map(|o| o.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut loaded = objects
+        .iter()
+        .map(|o| load_programs(o))
+        .collect::<Result<Vec<_>>>()?;
 
     // One run of the matching frame must come out rewritten, or the timing means nothing.
-    let frame = ack_frame(client, a, VIP_PORT);
-    let mut out = vec![0; frame.len() + 256];
-    let once = xdp.test_run(TestRunOptions {
-        data_in: Some(&frame),
-        data_out: Some(&mut out),
-        ..TestRunOptions::default()
-    })?;
-    ensure!(
-        once.return_value == XDP_PASS
-            && out[30..34] == b.octets()
-            && out[36..38] == SERVICE_PORT.to_be_bytes(),
-        "the NAT rule did not rewrite the frame (verdict {})",
-        once.return_value
-    );
-
-    let time = |name: &str, frame: &[u8]| -> Result<f64> {
-        let mut batches = Vec::new();
-        for _ in 0..XDP_BATCHES {
-            let result = xdp.test_run(TestRunOptions {
-                data_in: Some(frame),
-                repeat,
-                ..TestRunOptions::default()
-            })?;
-            ensure!(
-                result.return_value == XDP_PASS,
-                "{name}: verdict {}",
-                result.return_value
-            );
-            batches.push(result.duration.as_secs_f64() * 1e9);
-        }
-        batches.sort_by(f64::total_cmp);
-        let median = batches[batches.len() / 2];
-        println!(
-            "{name:<28} {median:>7.1} ns/packet (batches {})",
-            batches
-                .iter()
-                .map(|b| format!("{b:.1}"))
-                .collect::<Vec<_>>()
-                .join(" ")
+    let frame = ack_frame(CLIENT, CLIENT_PORT, A, VIP_PORT);
+    for bpf in &mut loaded {
+        let (verdict, _, out) = test_run(bpf, "gocast_xdp", &frame, 1)?;
+        ensure!(
+            verdict == XDP_PASS
+                && out[30..34] == B.octets()
+                && out[36..38] == SERVICE_PORT.to_be_bytes(),
+            "the NAT rule did not rewrite the frame (verdict {verdict})"
         );
-        Ok(median)
-    };
-    Ok(XdpCost {
-        rewrite: time("NAT rewrite (VIP:80)", &frame)?,
-        vip_only: time("VIP port without rule", &ack_frame(client, a, 443))?,
-        other: time("not a VIP", &ack_frame(client, other, VIP_PORT))?,
-    })
+    }
+    let reply = ack_frame(B, SERVICE_PORT, CLIENT, CLIENT_PORT);
+    let cases: [(&str, &str, Vec<u8>, u32); 6] = [
+        ("XDP NAT rewrite (VIP:80)", "gocast_xdp", frame, XDP_PASS),
+        (
+            "XDP VIP port without rule",
+            "gocast_xdp",
+            ack_frame(CLIENT, CLIENT_PORT, A, 443),
+            XDP_PASS,
+        ),
+        (
+            "XDP not a VIP",
+            "gocast_xdp",
+            ack_frame(CLIENT, CLIENT_PORT, OTHER, VIP_PORT),
+            XDP_PASS,
+        ),
+        (
+            "TC ingress NAT rewrite",
+            "gocast_tc_ingress",
+            ack_frame(CLIENT, CLIENT_PORT, A, VIP_PORT),
+            TC_ACT_OK,
+        ),
+        (
+            "TC egress reverse NAT",
+            "gocast_tc_egress",
+            reply,
+            TC_ACT_OK,
+        ),
+        (
+            "TC egress not ours",
+            "gocast_tc_egress",
+            ack_frame(OTHER, 22, CLIENT, CLIENT_PORT),
+            TC_ACT_OK,
+        ),
+    ];
+    let mut medians = vec![[0.0; 6]; loaded.len()];
+    for (c, (label, program, frame, pass)) in cases.iter().enumerate() {
+        let mut batches = vec![Vec::new(); loaded.len()];
+        for _ in 0..XDP_BATCHES {
+            for (bpf, batches) in loaded.iter_mut().zip(&mut batches) {
+                let (verdict, ns, _) = test_run(bpf, program, frame, repeat)?;
+                ensure!(verdict == *pass, "{label}: verdict {verdict}");
+                batches.push(ns);
+            }
+        }
+        for (o, batches) in batches.iter_mut().enumerate() {
+            batches.sort_by(f64::total_cmp);
+            medians[o][c] = batches[batches.len() / 2];
+            println!(
+                "{label:<28} object {o}: {:>7.1} ns/packet (batches {})",
+                medians[o][c],
+                batches
+                    .iter()
+                    .map(|b| format!("{b:.1}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+        }
+    }
+    Ok(medians
+        .into_iter()
+        .map(|m| XdpCost {
+            rewrite: m[0],
+            vip_only: m[1],
+            other: m[2],
+            tc_rewrite: m[3],
+            tc_reverse: m[4],
+            tc_other: m[5],
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -713,11 +983,7 @@ mod tests {
 
     #[test]
     fn crafted_ack_has_valid_checksums() {
-        let f = ack_frame(
-            Ipv4Addr::new(198, 18, 255, 1),
-            Ipv4Addr::new(192, 0, 2, 81),
-            80,
-        );
+        let f = ack_frame(CLIENT, CLIENT_PORT, A, 80);
         assert_eq!(f.len(), 54);
         assert_eq!(ones_sum(&f[14..34], 0), 0xffff);
         let mut pseudo = f[26..34].to_vec();

@@ -25,7 +25,7 @@ use super::{
     bgp::BgpReport,
     memory::MemoryReport,
     mib, ms,
-    nat::{Kind, Mode, NatReport, ratio},
+    nat::{Attribution, Kind, Mode, NatReport, XdpCost, ratio},
 };
 
 /// Everything one `cargo xtask bench` run measured.
@@ -58,7 +58,10 @@ pub fn write(reports: &Reports) -> Result<PathBuf> {
     nat_chart(&img.join("nat-rounds.svg"), &reports.nat)?;
     memory_chart(&img.join("memory.svg"), &reports.memory)?;
     let path = docs.join("benchmarks.md");
-    std::fs::write(&path, markdown(reports, &Machine::read()))
+    let kept = std::fs::read_to_string(&path)
+        .map(|old| hand_written(&old).to_owned())
+        .unwrap_or_default();
+    std::fs::write(&path, markdown(reports, &Machine::read(), &kept))
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
@@ -114,7 +117,22 @@ fn commit() -> String {
     if dirty { format!("{hash}+") } else { hash }
 }
 
-fn markdown(r: &Reports, machine: &Machine) -> String {
+/// The heading that starts the hand-written part of `docs/benchmarks.md` (findings, what was
+/// tried): kept as it is when the file is written again, up to "## Reproduce".
+const HAND_WRITTEN: &str = "## Where the time and memory go";
+
+/// The hand-written part of `old`, empty if it has none.
+fn hand_written(old: &str) -> &str {
+    let Some(start) = old.find(HAND_WRITTEN) else {
+        return "";
+    };
+    let end = old[start..]
+        .find("## Reproduce")
+        .map_or(old.len(), |e| start + e);
+    &old[start..end]
+}
+
+fn markdown(r: &Reports, machine: &Machine, hand_written: &str) -> String {
     let mut md = String::new();
     let date = humantime::format_rfc3339_seconds(r.started);
     let load1: f64 = r
@@ -156,6 +174,7 @@ fn markdown(r: &Reports, machine: &Machine) -> String {
     bgp_section(&mut md, &r.bgp);
     nat_section(&mut md, &r.nat);
     memory_section(&mut md, &r.memory);
+    md.push_str(hand_written);
     let _ = writeln!(
         md,
         "## Reproduce\n\n```sh\ncargo xtask bench            # all three, rewrites this file and docs/img/*.svg\n\
@@ -214,26 +233,91 @@ fn nat_section(md: &mut String, nat: &NatReport) {
             );
         }
     }
+    attribution_table(md, &nat.attribution);
     if let Some(x) = nat.xdp {
         let _ = writeln!(
             md,
-            "\nThe XDP program alone, `BPF_PROG_TEST_RUN` with a repeat count of millions (median of 5\n\
-             batches; the kernel reports the mean time per run, harness included). Target: ≤ 100 ns\n\
-             for a packet the NAT rewrites.\n\n\
-             | packet | ns per packet |\n| --- | ---: |\n\
-             | TCP to a VIP port with a NAT rule (counted, rewritten, flow known) | {:.1} {} |\n\
-             | TCP to a VIP port without a rule (counted) | {:.1} |\n\
-             | TCP to an address that is no VIP | {:.1} |\n",
-            x.rewrite,
-            if x.rewrite <= 100.0 { "PASS" } else { "FAIL" },
-            x.vip_only,
-            x.other
+            "\nThe packet programs alone, `BPF_PROG_TEST_RUN` with a repeat count of millions (median\n\
+             of 5 batches; the kernel reports the mean time per run, harness included). Target:\n\
+             ≤ 100 ns for a packet the NAT rewrites (XDP).{}\n",
+            if nat.compared.is_some() {
+                " The last column: the `--compare` object, its batches alternating with these."
+            } else {
+                ""
+            }
         );
+        let c = nat.compared;
+        let col = |f: Figure| {
+            c.as_ref()
+                .map_or_else(String::new, |c| format!(" {:.1} |", f(c)))
+        };
+        let head = if c.is_some() { " compared |" } else { "" };
+        let rule = if c.is_some() { " ---: |" } else { "" };
+        let _ = writeln!(md, "| packet | ns per packet |{head}\n| --- | ---: |{rule}");
+        let rows: [(&str, Figure); 6] = [
+            (
+                "XDP: TCP to a VIP port with a NAT rule (counted, rewritten, flow known)",
+                |x| x.rewrite,
+            ),
+            ("XDP: TCP to a VIP port without a rule (counted)", |x| {
+                x.vip_only
+            }),
+            ("XDP: TCP to an address that is no VIP", |x| x.other),
+            (
+                "TC ingress: TCP of a known NATed flow (counted, rewritten)",
+                |x| x.tc_rewrite,
+            ),
+            ("TC egress: its reply (VIP restored, counted)", |x| {
+                x.tc_reverse
+            }),
+            ("TC egress: TCP from a port no rule targets", |x| x.tc_other),
+        ];
+        for (i, (label, f)) in rows.into_iter().enumerate() {
+            let verdict = match i {
+                0 if x.rewrite <= 100.0 => " PASS",
+                0 => " FAIL",
+                _ => "",
+            };
+            let _ = writeln!(md, "| {label} | {:.1}{verdict} |{}", f(&x), col(f));
+        }
     }
     let _ = writeln!(
         md,
         "\n![Requests per second per round](img/nat-rounds.svg)\n"
     );
+}
+
+/// One figure of an [`XdpCost`].
+type Figure = fn(&XdpCost) -> f64;
+
+/// The attribution runs: per program, runs and time with the kernel's statistics on.
+fn attribution_table(md: &mut String, runs: &[Attribution]) {
+    if runs.is_empty() {
+        return;
+    }
+    md.push_str(
+        "\nWhere the time goes: one more `wrk` run per kind in the eBPF lab, with the kernel's\n\
+         program statistics on (`BPF_ENABLE_STATS`; each run then also pays two clock reads, so\n\
+         these rates are a little lower than the rounds'). Per program: runs per second, mean ns\n\
+         per run, and the time in it as a share of one core.\n\n\
+         | connections | mode | req/s | program | runs/s | ns/run | % of a core |\n\
+         | --- | --- | ---: | --- | ---: | ---: | ---: |\n",
+    );
+    for run in runs {
+        for p in &run.programs {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.0} | {} | {:.0} | {:.1} | {:.2} |",
+                run.kind.name(),
+                run.mode.name(),
+                run.rps,
+                p.name,
+                p.runs_per_s,
+                p.ns_per_run,
+                p.core_pct
+            );
+        }
+    }
 }
 
 fn memory_section(md: &mut String, memory: &MemoryReport) {
@@ -244,14 +328,16 @@ fn memory_section(md: &mut String, memory: &MemoryReport) {
          port, so all are healthy, on `lo` and announced to BIRD; memory read a few monitor ticks\n\
          after BIRD holds every route; CPU over the next seconds of steady state (each app checked\n\
          once a second), in % of one core (GoCast: 5.6 % with 1,000 apps; target ≤ 0.5 %).\n\n\
-         | apps | VmRSS MiB | VmHWM (peak) MiB | CPU % of a core | spawn → all routes at BIRD |\n| ---: | ---: | ---: | ---: | ---: |"
+         | apps | VmRSS MiB | of it anonymous / file-backed MiB | VmHWM (peak) MiB | CPU % of a core | spawn → all routes at BIRD |\n| ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for row in &memory.rows {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {:.2} | {} ms |",
+            "| {} | {} | {} / {} | {} | {:.2} | {} ms |",
             row.apps,
             mib(row.rss_kib),
+            mib(row.anon_kib),
+            mib(row.file_kib),
             mib(row.hwm_kib),
             row.cpu_pct,
             ms(row.all_at_bird)
@@ -484,7 +570,9 @@ mod tests {
                     };
                     3
                 ],
+                attribution: Vec::new(),
                 xdp: None,
+                compared: None,
                 summary: Summary::default(),
             },
             memory: MemoryReport {
@@ -494,6 +582,8 @@ mod tests {
                         apps,
                         rss_kib: 6000 + u64::from(apps),
                         hwm_kib: 7000 + u64::from(apps),
+                        anon_kib: 1000,
+                        file_kib: 5000 + u64::from(apps),
                         all_at_bird: Duration::from_millis(10),
                         cpu_pct: 0.1,
                     })
@@ -511,16 +601,21 @@ mod tests {
             kernel: "6.1".to_owned(),
             ram_kib: 4 * 1024 * 1024,
         };
-        let md = markdown(&sample(), &machine);
+        let kept = "## Where the time and memory go (notes)\n\nKept.\n\n";
+        let old = format!("# Benchmarks\n\nold figures\n\n{kept}## Reproduce\n\nold\n");
+        assert_eq!(hand_written(&old), kept);
+        assert_eq!(hand_written("# Benchmarks\n"), "");
+        let md = markdown(&sample(), &machine, hand_written(&old));
         for needle in [
             "| CPU | Test CPU |",
             "| RAM | 4.0 GiB |",
             "**Noisy run:**",
             "| 3 | keepalive | 1000 | 990 | 980 | 995 | 0.990 PASS | 1.010 | 5 |",
-            "| 10000 | 15.6 | 16.6 | 0.10 | 10.0 ms |",
+            "| 10000 | 15.6 | 1.0 / 14.6 | 16.6 | 0.10 | 10.0 ms |",
             "img/bgp-convergence.svg",
             "img/nat-rounds.svg",
             "img/memory.svg",
+            "Kept.\n\n## Reproduce",
         ] {
             assert!(md.contains(needle), "{needle:?} missing in:\n{md}");
         }

@@ -23,7 +23,9 @@
 use std::{collections::HashMap as StdHashMap, io, net::IpAddr};
 
 use aya::{
-    maps::{HashMap, IterableMap, MapData, MapError, PerCpuArray, PerCpuValues, ProgramArray},
+    maps::{
+        Array, HashMap, IterableMap, MapData, MapError, PerCpuArray, PerCpuValues, ProgramArray,
+    },
     programs::{
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         tc::{self, SchedClassifierLinkId, TcError},
@@ -32,8 +34,9 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use gocast_common::maps::{
-    COUNTERS_MAP, MAX_VIPS, NAT_MAP, NatKey, NatTarget, PROTO_TCP, PROTO_UDP, TC_LOG_MAP,
-    TC_LOG_PROGRAM, VIPS_MAP, VipCounters, VipKey, XDP_LOG_MAP, XDP_LOG_PROGRAM,
+    COUNTERS_MAP, MAX_VIPS, NAT_MAP, NatKey, NatTarget, PORTS_MAP, PROTO_TCP, PROTO_UDP, PortBits,
+    SLOTS_MAP, TC_LOG_MAP, TC_LOG_PROGRAM, VIPS_MAP, VipCounters, VipKey, XDP_LOG_MAP,
+    XDP_LOG_PROGRAM, port_bit,
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -46,6 +49,13 @@ use crate::app::{NatRule, Proto};
 
 /// The object `build.rs` embedded: empty when it was not built.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gocast-ebpf.o"));
+
+/// aya-log's ring buffer in the object.
+const LOG_RING: &str = "AYA_LOGS";
+/// Its size. Records (a few hundred bytes) come on rare paths only and a task drains them
+/// at once, so 16 KiB is plenty; the agent maps the buffer's pages twice, so aya-log's
+/// default 128 KiB cost 260 KiB of resident memory, this 36 KiB.
+const LOG_RING_BYTES: u32 = 16 * 1024;
 
 /// The XDP ingress program in the object.
 const XDP_PROGRAM: &str = "gocast_xdp";
@@ -268,6 +278,9 @@ struct Loaded {
     vips: HashMap<MapData, VipKey, u32>,
     nat: HashMap<MapData, NatKey, NatTarget>,
     counters: PerCpuArray<MapData, VipCounters>,
+    /// Each slot's generation ([`SLOTS_MAP`]).
+    generations: Array<MapData, u32>,
+    ports: Array<MapData, PortBits>,
     /// `None` when the programs log nothing at the chosen level, or the reader could not start.
     #[cfg_attr(
         not(test),
@@ -294,6 +307,11 @@ pub struct Ebpf {
     free: Vec<u32>,
     /// The next never-used slot.
     next: u32,
+    /// The last generation written to [`SLOTS_MAP`]: each bump takes the next, so a slot
+    /// never gets back a generation it had.
+    generation: u32,
+    /// What [`NAT_MAP`] holds, to derive [`PORTS_MAP`] from.
+    rules: StdHashMap<NatKey, NatTarget>,
     interfaces: Vec<String>,
     /// Every program on every interface, for self-repair.
     attachments: Vec<Attachment>,
@@ -340,6 +358,7 @@ impl Ebpf {
             .btf(None)
             // Not `must_exist`: an object without log statements has no such global.
             .override_global(aya_log::LEVEL, &log_level, false)
+            .map_max_entries(LOG_RING, LOG_RING_BYTES)
             .load(object)
             .map_err(|e| EbpfError::Load(Box::new(e)))?;
         for name in [TC_INGRESS_PROGRAM, TC_PROGRAM] {
@@ -377,6 +396,8 @@ impl Ebpf {
         let vips = take_map(&mut bpf, VIPS_MAP)?;
         let nat = take_map(&mut bpf, NAT_MAP)?;
         let counters = take_map(&mut bpf, COUNTERS_MAP)?;
+        let generations = take_map(&mut bpf, SLOTS_MAP)?;
+        let ports = take_map(&mut bpf, PORTS_MAP)?;
         let logs = LogReader::start(&mut bpf, log_level, logger);
         Ok(Self {
             loaded: Some(Box::new(Loaded {
@@ -384,11 +405,15 @@ impl Ebpf {
                 vips,
                 nat,
                 counters,
+                generations,
+                ports,
                 logs,
             })),
             slots: watch::Sender::new(StdHashMap::new()),
             free: Vec::new(),
             next: 0,
+            generation: 0,
+            rules: StdHashMap::new(),
             interfaces: attached,
             attachments,
             tcx,
@@ -443,6 +468,7 @@ impl Ebpf {
     }
 
     fn insert_vip(&mut self, vip: IpAddr, slot: u32) -> Result<(), EbpfError> {
+        self.bump(slot)?;
         let loaded = self.loaded()?;
         let cpus = aya::util::nr_cpus().map_err(|(_, source)| EbpfError::PerCpu {
             map: COUNTERS_MAP,
@@ -472,6 +498,7 @@ impl Ebpf {
         };
         if let Some(loaded) = self.loaded.as_mut() {
             ignore_missing(loaded.vips.remove(&VipKey::new(vip))).map_err(map_error(VIPS_MAP))?;
+            self.bump(slot)?;
         }
         self.slots.send_modify(|slots| {
             slots.remove(&vip);
@@ -491,17 +518,23 @@ impl Ebpf {
             return Err(EbpfError::FamilyMismatch { vip, dest });
         }
         // The programs NAT only traffic to a VIP in the VIP table.
-        if !self.slots.borrow().contains_key(&vip) {
+        let Some(slot) = self.slots.borrow().get(&vip).copied() else {
             return Err(EbpfError::NotLoaded { vip });
-        }
-        let loaded = self.loaded()?;
+        };
+        let mut changed = Vec::with_capacity(2 * rules.len());
         for rule in rules {
-            loaded
+            let (key, target) = (nat_key(vip, *rule), NatTarget::new(dest, rule.dest));
+            self.loaded()?
                 .nat
-                .insert(nat_key(vip, *rule), NatTarget::new(dest, rule.dest), 0)
+                .insert(key, target, 0)
                 .map_err(map_error(NAT_MAP))?;
+            changed.extend([key.port, target.port]);
+            if let Some(old) = self.rules.insert(key, target) {
+                changed.push(old.port);
+            }
         }
-        Ok(())
+        self.sync_ports(&changed)?;
+        self.bump(slot)
     }
 
     /// Removes the rules [`Ebpf::install_nat`] added; missing entries are not an error.
@@ -509,8 +542,42 @@ impl Ebpf {
         let Some(loaded) = self.loaded.as_mut() else {
             return Ok(());
         };
+        let mut changed = Vec::with_capacity(2 * rules.len());
         for rule in rules {
-            ignore_missing(loaded.nat.remove(&nat_key(vip, *rule))).map_err(map_error(NAT_MAP))?;
+            let key = nat_key(vip, *rule);
+            ignore_missing(loaded.nat.remove(&key)).map_err(map_error(NAT_MAP))?;
+            if let Some(old) = self.rules.remove(&key) {
+                changed.extend([key.port, old.port]);
+            }
+        }
+        self.sync_ports(&changed)?;
+        let slot = self.slots.borrow().get(&vip).copied();
+        slot.map_or(Ok(()), |slot| self.bump(slot))
+    }
+
+    /// Gives `slot` a new generation in [`SLOTS_MAP`], after its VIP or NAT rules changed:
+    /// the programs then take the first-packet path for every flow cached under the old one
+    /// (`gocast-ebpf`'s `nat` module).
+    fn bump(&mut self, slot: u32) -> Result<(), EbpfError> {
+        self.generation = self.generation.wrapping_add(1);
+        let generation = self.generation;
+        self.loaded()?
+            .generations
+            .set(slot, generation, 0)
+            .map_err(map_error(SLOTS_MAP))
+    }
+
+    /// Rewrites the [`PORTS_MAP`] entries of `ports` (network order) from [`Self::rules`].
+    fn sync_ports(&mut self, ports: &[u16]) -> Result<(), EbpfError> {
+        let mut indices: Vec<u32> = ports.iter().map(|p| port_bit(*p).0).collect();
+        indices.sort_unstable();
+        indices.dedup();
+        for index in indices {
+            let bits = port_bits(&self.rules, index);
+            self.loaded()?
+                .ports
+                .set(index, bits, 0)
+                .map_err(map_error(PORTS_MAP))?;
         }
         Ok(())
     }
@@ -638,6 +705,7 @@ impl Ebpf {
         self.slots.send_modify(StdHashMap::clear);
         self.free.clear();
         self.next = 0;
+        self.rules.clear();
     }
 }
 
@@ -837,6 +905,20 @@ where
     M::try_from(map).map_err(map_error(name))
 }
 
+/// [`PORTS_MAP`] entry `index` for `rules`: the VIP ports and target ports in its 64.
+fn port_bits(rules: &StdHashMap<NatKey, NatTarget>, index: u32) -> PortBits {
+    let mut bits = PortBits::default();
+    for (key, target) in rules {
+        for (port, field) in [(key.port, &mut bits.vip), (target.port, &mut bits.target)] {
+            let (i, mask) = port_bit(port);
+            if i == index {
+                *field |= mask;
+            }
+        }
+    }
+    bits
+}
+
 fn nat_key(vip: IpAddr, rule: NatRule) -> NatKey {
     let proto = match rule.proto {
         Proto::Tcp => PROTO_TCP,
@@ -994,6 +1076,18 @@ mod tests {
         frame
     }
 
+    /// A TCP ACK with data: a packet of an established connection.
+    fn ack4(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
+        let mut frame = Vec::new();
+        ether()
+            .ipv4(src.0.octets(), dst.0.octets(), 64)
+            .tcp(src.1, dst.1, 2, 65535)
+            .ack(2)
+            .write(&mut frame, PAYLOAD)
+            .unwrap();
+        frame
+    }
+
     fn udp6(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16)) -> Vec<u8> {
         let mut frame = Vec::new();
         ether()
@@ -1144,6 +1238,27 @@ mod tests {
             assert_eq!(verified(&out), (VIP.into(), 80, CLIENT.into(), 40000));
             let c = ebpf.counters(VIP.into()).unwrap();
             assert_eq!((c.packets_out, c.synack_out, c.rst_out), (1, 1, 0));
+
+            // The connection's next packets take the established-flow path, with the same
+            // result both ways.
+            let ack = ack4((CLIENT, 40000), (VIP, 80));
+            let (_, out) = ebpf.test_run(ingress, &ack);
+            assert_eq!(verified(&out), (CLIENT.into(), 40000, DEST.into(), 8080));
+            let reply_ack = ack4((DEST, 8080), (CLIENT, 40000));
+            let (_, out) = ebpf.test_run(TC_PROGRAM, &reply_ack);
+            assert_eq!(verified(&out), (VIP.into(), 80, CLIENT.into(), 40000));
+            let c = ebpf.counters(VIP.into()).unwrap();
+            assert_eq!((c.packets_in, c.syn_in, c.packets_out), (2, 1, 2));
+
+            // A changed rule applies to an established flow from its next packet on; a removed
+            // one stops rewriting it.
+            let moved: NatRule = "tcp:80:8081".parse().unwrap();
+            ebpf.install_nat(VIP.into(), &[moved], DEST.into()).unwrap();
+            let (_, out) = ebpf.test_run(ingress, &ack);
+            assert_eq!(verified(&out), (CLIENT.into(), 40000, DEST.into(), 8081));
+            ebpf.remove_nat(VIP.into(), &[moved]).unwrap();
+            assert_eq!(ebpf.test_run(ingress, &ack).1, ack);
+            assert_eq!(ebpf.counters(VIP.into()).unwrap().packets_in, 4);
 
             // A reply of a flow the XDP program never saw goes out as it is.
             let stranger = tcp4((DEST, 8080), (CLIENT, 40001), true);
