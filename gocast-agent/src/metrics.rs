@@ -50,6 +50,17 @@ struct NotificationLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BfdStateLabels {
+    peer: String,
+    state: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DropLabels {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct TaskLabels {
     task: String,
     peer: String,
@@ -310,6 +321,7 @@ struct Inner {
     updates_sent: Family<PeerLabels, Counter>,
     prefixes_advertised: Family<PeerLabels, Gauge>,
     bgp: BgpMetrics,
+    bfd: BfdMetrics,
     task_restarts: Family<TaskLabels, Counter>,
     info: InfoMetrics,
     vip_counters: Arc<OnceLock<VipCounterSource>>,
@@ -385,6 +397,39 @@ impl BgpMetrics {
             "bgp_session_flaps",
             "Times an Established session went down",
             m.flaps.clone(),
+        );
+        m
+    }
+}
+
+/// BFD sessions (RFC 5880): state and transitions per peer, dropped packets by reason.
+struct BfdMetrics {
+    up: Family<PeerLabels, Gauge>,
+    transitions: Family<BfdStateLabels, Counter>,
+    dropped: Family<DropLabels, Counter>,
+}
+
+impl BfdMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            up: Family::default(),
+            transitions: Family::default(),
+            dropped: Family::default(),
+        };
+        registry.register(
+            "bfd_session_up",
+            "1 while the peer's BFD session is Up",
+            m.up.clone(),
+        );
+        registry.register(
+            "bfd_state_transitions",
+            "BFD session state changes, by peer and new state (admin_down, down, init, up)",
+            m.transitions.clone(),
+        );
+        registry.register(
+            "bfd_packets_dropped",
+            "Received BFD packets dropped, by reason (ttl, length, version, detect_mult, multipoint, my_discriminator, your_discriminator, authentication, source, overload)",
+            m.dropped.clone(),
         );
         m
     }
@@ -520,6 +565,7 @@ impl Default for Metrics {
         );
         let info = InfoMetrics::register(&mut registry);
         let bgp = BgpMetrics::register(&mut registry);
+        let bfd = BfdMetrics::register(&mut registry);
         let vip_counters = VipCounterCollector::default();
         let vip_source = vip_counters.source.clone();
         registry.register_collector(Box::new(vip_counters));
@@ -542,6 +588,7 @@ impl Default for Metrics {
                 updates_sent,
                 prefixes_advertised,
                 bgp,
+                bfd,
                 task_restarts,
                 info,
                 vip_counters: vip_source,
@@ -685,6 +732,30 @@ impl Metrics {
             .get_or_create(&PeerLabels {
                 peer: peer.to_owned(),
             })
+            .inc();
+    }
+
+    /// `peer`'s BFD session changed to `state` (`up`, `down`, ...).
+    pub fn bfd_state(&self, peer: &str, state: &'static str) {
+        let peer = peer.to_owned();
+        self.inner
+            .bfd
+            .up
+            .get_or_create(&PeerLabels { peer: peer.clone() })
+            .set(i64::from(state == "up"));
+        self.inner
+            .bfd
+            .transitions
+            .get_or_create(&BfdStateLabels { peer, state })
+            .inc();
+    }
+
+    /// A received BFD packet was dropped.
+    pub fn bfd_dropped(&self, reason: &'static str) {
+        self.inner
+            .bfd
+            .dropped
+            .get_or_create(&DropLabels { reason })
             .inc();
     }
 

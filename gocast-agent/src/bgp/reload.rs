@@ -141,6 +141,7 @@ fn session_changes(old: &PeerConfig, new: &PeerConfig) -> Vec<&'static str> {
         local_pref: _,
         drain_local_pref: _,
         passive,
+        bfd,
     } = new;
     let mut changed = Vec::new();
     let mut check = |key, differs: bool| {
@@ -158,6 +159,9 @@ fn session_changes(old: &PeerConfig, new: &PeerConfig) -> Vec<&'static str> {
     check("hold_time", *hold_time != old.hold_time);
     // A passive session waits for the peer; an active one connects: a new session either way.
     check("passive", *passive != old.passive);
+    // Turning BFD on or off changes whether the session waits for it; new timers or `strict`
+    // are taken by the running sessions (`attribute_changes`).
+    check("bfd", bfd.is_some() != old.bfd.is_some());
     changed
 }
 
@@ -177,6 +181,12 @@ fn attribute_changes(old: &PeerConfig, new: &PeerConfig) -> Vec<&'static str> {
     check(
         "drain_local_pref",
         new.drain_local_pref != old.drain_local_pref,
+    );
+    // The BFD session takes new timers with a Poll Sequence (RFC 5880 §6.8.3), and the BGP
+    // session reads `strict` when it next connects: neither resets BGP.
+    check(
+        "bfd",
+        new.bfd.is_some() && old.bfd.is_some() && new.bfd != old.bfd,
     );
     changed
 }
@@ -275,6 +285,7 @@ mod tests {
             local_pref: None,
             drain_local_pref: 0,
             passive: false,
+            bfd: None,
         }
     }
 

@@ -431,6 +431,7 @@ mod tests {
             local_pref: None,
             drain_local_pref: 0,
             passive: false,
+            bfd: None,
         }
     }
 

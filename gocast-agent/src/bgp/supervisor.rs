@@ -305,6 +305,7 @@ mod tests {
                 local_pref: None,
                 drain_local_pref: 0,
                 passive: false,
+                bfd: None,
             };
             let (stop_tx, stop) = watch::channel(None);
             let (status, mut status_rx) = watch::channel(PeerStatus::new(&peer));
