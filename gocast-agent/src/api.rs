@@ -25,6 +25,7 @@ use tracing::warn;
 
 use crate::{
     app::{self, AppName, AppSpec, Monitor, NatRule, QUOTE_MAX, Source, truncated},
+    bfd::BfdStatus,
     bgp::{Peers, session::PeerStatus},
     messages::{LifecycleError, LifecycleHandle, Routes},
     metrics::Metrics,
@@ -93,6 +94,17 @@ pub struct PeerInfo {
     pub messages_in: u64,
     pub messages_out: u64,
     pub prefixes_advertised: usize,
+    /// The peer's BFD session, when `bfd` is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bfd: Option<BfdInfo>,
+}
+
+/// A BFD session as `/info` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BfdInfo {
+    #[serde(flatten)]
+    pub status: BfdStatus,
+    pub uptime_s: Option<u64>,
 }
 
 impl From<&PeerStatus> for PeerInfo {
@@ -107,6 +119,10 @@ impl From<&PeerStatus> for PeerInfo {
             messages_in: s.messages_in,
             messages_out: s.messages_out,
             prefixes_advertised: s.prefixes_advertised,
+            bfd: s.bfd.as_ref().map(|b| BfdInfo {
+                status: b.clone(),
+                uptime_s: b.up_since.map(|t| t.elapsed().as_secs()),
+            }),
         }
     }
 }

@@ -38,7 +38,10 @@ use crate::{backoff::XorShift, config::PeerConfig, metrics::Metrics, timer::Time
 
 /// AdminDown packets sent at stop, one transmit interval apart (the first at once): one lost
 /// packet must not turn a shutdown into a detection-time failure at the router.
-pub const ADMIN_DOWN_PACKETS: usize = 3;
+pub const ADMIN_DOWN_PACKETS: u32 = 3;
+/// Repeats that would end later than this after the first are left out: the shutdown waits
+/// for them, and a session at the slow (not Up) rate has no failure to hide.
+const ADMIN_DOWN_WITHIN: Duration = Duration::from_millis(800);
 /// Source ports of single-hop sessions (RFC 5881 §4).
 const SOURCE_PORTS: std::ops::RangeInclusive<u16> = 49152..=65535;
 /// Tries at a free source port before giving up.
@@ -227,7 +230,10 @@ impl Session {
         let outputs = self.fsm.process(Input::AdminDown);
         self.apply(outputs).await;
         let interval = self.fsm.transmit_interval().unwrap_or(super::fsm::SLOW_TX);
-        for _ in 1..ADMIN_DOWN_PACKETS {
+        let repeats = (1..ADMIN_DOWN_PACKETS)
+            .take_while(|n| interval * *n <= ADMIN_DOWN_WITHIN)
+            .count();
+        for _ in 0..repeats {
             tokio::time::sleep(interval).await;
             let outputs = self.fsm.process(Input::TransmitTimer);
             self.apply(outputs).await;

@@ -14,6 +14,12 @@
 //! channels belong to its supervisor, which keeps them when it starts a failed session again.
 //! New route attributes from a reload go out on the running session; the speaker's stop says
 //! which Cease ends it.
+//!
+//! With BFD on the peer (RFC 5882 §4.3), the session follows its [`BfdStatus`]: BFD leaving Up
+//! because the path failed drops the connection at once (as a TCP failure, event 18; the cause
+//! goes to `/info` and the log), and with `bfd.strict` no connection is made or accepted while
+//! BFD is not Up, so the session cannot reach Established before BFD does. A peer taking BFD
+//! AdminDown leaves BGP alone (RFC 5882 §3.2).
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -40,6 +46,7 @@ use super::{
 };
 use crate::{
     app::Community,
+    bfd::{BfdStatus, packet::State as BfdState},
     config::{self, PeerConfig},
     messages::Routes,
     metrics::Metrics,
@@ -74,6 +81,8 @@ pub struct PeerStatus {
     /// Set while the session's task is down (it panicked or ended by itself) and waits to be
     /// restarted: why. `/healthz` reports it.
     pub task_down: Option<String>,
+    /// The peer's BFD session, when `bfd` is set.
+    pub bfd: Option<BfdStatus>,
 }
 
 impl PeerStatus {
@@ -90,6 +99,7 @@ impl PeerStatus {
             messages_out: 0,
             prefixes_advertised: 0,
             task_down: None,
+            bfd: None,
         }
     }
 }
@@ -150,6 +160,8 @@ pub struct SessionLinks<'a> {
     pub status: &'a watch::Sender<PeerStatus>,
     /// The route-set version this peer has been sent (see `Announcer::flushed`).
     pub flushed: &'a watch::Sender<u64>,
+    /// The peer's BFD session, when `bfd` is set.
+    pub bfd: Option<watch::Receiver<BfdStatus>>,
 }
 
 /// One peer's session task.
@@ -181,6 +193,9 @@ pub struct Session<'a> {
     incoming: &'a mut mpsc::Receiver<TcpStream>,
     /// Label for logs and metrics: the peer's address, or "autodiscover".
     name: String,
+    bfd: Option<watch::Receiver<BfdStatus>>,
+    /// Whether BFD was Up at its last status: a failure is a change from Up.
+    bfd_up: bool,
 }
 
 impl<'a> Session<'a> {
@@ -222,6 +237,8 @@ impl<'a> Session<'a> {
             cause: None,
             incoming: links.incoming,
             name,
+            bfd: links.bfd,
+            bfd_up: false,
         }
     }
 
@@ -231,6 +248,9 @@ impl<'a> Session<'a> {
         let mut inputs = VecDeque::from([Input::ManualStart]);
         let mut stopping = false;
         let mut graceful = self.settings.graceful.clone();
+        if let Some(bfd) = self.bfd.as_mut() {
+            bfd.mark_changed();
+        }
         loop {
             while let Some(input) = inputs.pop_front() {
                 let outputs = self.fsm.process(input);
@@ -272,6 +292,10 @@ impl<'a> Session<'a> {
                     self.reconfigure(&mut inputs).await;
                     continue;
                 }
+                Some(()) = bfd_changed(&mut self.bfd) => match self.on_bfd() {
+                    Some(input) => input,
+                    None => continue,
+                },
             };
             inputs.push_back(input);
         }
@@ -320,6 +344,30 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// A new BFD status: shown in `/info`; a failure of the path drops the connection.
+    fn on_bfd(&mut self) -> Option<Input> {
+        let status = self.bfd.as_mut()?.borrow_and_update().clone();
+        let was_up = std::mem::replace(&mut self.bfd_up, status.state == BfdState::Up);
+        let failed = status.failed(was_up);
+        let reason = status.last_down.clone().unwrap_or_default();
+        let peer_admin_down = was_up && !failed && status.state != BfdState::Up;
+        self.status.send_modify(|s| s.bfd = Some(status));
+        if peer_admin_down {
+            info!(peer = %self.name, "the peer took BFD down administratively: BGP stays up (RFC 5882 §3.2)");
+        }
+        if !failed || self.conn.is_none() {
+            return None;
+        }
+        self.note_error(format!("BFD session down: {reason}"));
+        Some(Input::TcpConnectionFails)
+    }
+
+    /// With `bfd.strict`, BFD's status until it is Up: connections wait for it.
+    fn bfd_gate(&self) -> Option<watch::Receiver<BfdStatus>> {
+        let strict = self.peer.bfd.is_some_and(|b| b.strict);
+        self.bfd.clone().filter(|_| strict)
+    }
+
     fn on_connect(&mut self, done: Result<TcpStream, ConnectError>) -> Input {
         self.connecting = None;
         match done {
@@ -348,6 +396,11 @@ impl<'a> Session<'a> {
     /// up, later ones are closed).
     fn on_incoming(&mut self, stream: TcpStream) -> Option<Input> {
         let waiting = matches!(self.fsm.state(), State::Connect | State::Active);
+        if self.bfd_gate().is_some() && !self.bfd_up {
+            debug!(peer = %self.name, "refusing an incoming connection: BFD is not up (bfd.strict)");
+            tokio::spawn(reject(stream));
+            return None;
+        }
         if self.conn.is_some() || !waiting {
             debug!(peer = %self.name, state = %self.fsm.state(), "refusing an incoming connection: one is already up");
             tokio::spawn(reject(stream));
@@ -457,7 +510,14 @@ impl<'a> Session<'a> {
         }
         let peer = self.peer.clone();
         let netlink = self.netlink.clone();
-        self.connecting = Some(tokio::spawn(async move { connect(&peer, &netlink).await }));
+        let gate = self.bfd_gate();
+        self.connecting = Some(tokio::spawn(async move {
+            if let Some(mut gate) = gate {
+                // The BFD session outlives this task (its supervisor holds it).
+                let _ = gate.wait_for(|s| s.state == BfdState::Up).await;
+            }
+            connect(&peer, &netlink).await
+        }));
     }
 
     /// The global address of a family on the interface toward the peer; errors are logged.
@@ -798,6 +858,14 @@ async fn next_frame(
 ) -> Option<Result<Message, codec::DecodeError>> {
     match conn.as_mut() {
         Some(c) => c.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next change of BFD's status; pending forever without BFD (or once it is gone).
+async fn bfd_changed(bfd: &mut Option<watch::Receiver<BfdStatus>>) -> Option<()> {
+    match bfd.as_mut() {
+        Some(b) => b.changed().await.ok(),
         None => std::future::pending().await,
     }
 }
