@@ -9,7 +9,9 @@
 //!   hold time, TCP MD5 password, TTL, source addresses, and the speaker's router id) resets
 //!   that session alone, with Cease / Other Configuration Change (6/6, RFC 4486);
 //! - a change of **route attributes** only (communities, origin, MED, `LOCAL_PREF`, `NEXT_HOP`)
-//!   is sent as UPDATEs on the running session, for the prefixes whose attributes changed.
+//!   is sent as UPDATEs on the running session, for the prefixes whose attributes changed;
+//! - new **BFD** timers go to the running BFD session (a Poll Sequence, RFC 5880 §6.8.3) and a
+//!   new `bfd.strict` applies at the next connection; turning BFD on or off resets the session.
 
 pub use crate::config::NotApplied;
 use std::{
@@ -165,7 +167,8 @@ fn session_changes(old: &PeerConfig, new: &PeerConfig) -> Vec<&'static str> {
     changed
 }
 
-/// The route attributes that differ: sent as UPDATEs on the running session.
+/// What a running session takes in place: route attributes (sent as UPDATEs) and BFD's
+/// timers and strictness.
 fn attribute_changes(old: &PeerConfig, new: &PeerConfig) -> Vec<&'static str> {
     let mut changed = Vec::new();
     let mut check = |key, differs: bool| {
@@ -300,6 +303,30 @@ mod tests {
         PeerKey::Address(SocketAddr::new(ip.parse().unwrap(), 179))
     }
 
+    #[test]
+    fn new_bfd_timers_or_strictness_update_the_running_session_without_a_reset() {
+        let with_bfd = PeerConfig {
+            bfd: Some(crate::config::BfdConfig::default()),
+            ..peer("198.18.0.2")
+        };
+        let faster = PeerConfig {
+            bfd: Some(crate::config::BfdConfig {
+                min_tx: Duration::from_millis(100),
+                strict: false,
+                ..crate::config::BfdConfig::default()
+            }),
+            ..with_bfd.clone()
+        };
+        let p = plan(&[with_bfd.clone()], ID, &[faster], ID);
+        assert_eq!(p.peers, vec![(key("198.18.0.2"), Action::Update(vec!["bfd"]))]);
+        let off = PeerConfig {
+            bfd: None,
+            ..with_bfd.clone()
+        };
+        let p = plan(&[with_bfd], ID, &[off], ID);
+        assert_eq!(p.peers, vec![(key("198.18.0.2"), Action::Reset(vec!["bfd"]))]);
+    }
+
     /// One edit of the peer `198.18.0.2`, and what a reload must do about it.
     #[test]
     fn each_changed_key_resets_the_session_or_only_updates_its_routes() {
@@ -345,6 +372,11 @@ mod tests {
                 "local_ipv6",
                 |p| p.local_ipv6 = Some("2001:db8::1".parse().unwrap()),
                 Action::Reset(vec!["local_ipv6"]),
+            ),
+            (
+                "bfd turned on",
+                |p| p.bfd = Some(crate::config::BfdConfig::default()),
+                Action::Reset(vec!["bfd"]),
             ),
             (
                 "communities",
