@@ -206,7 +206,8 @@ impl Fsm {
             out.push(Output::Send(self.packet(true)));
         }
         let interval = self.transmit_interval();
-        if interval != old_interval || out.iter().any(|o| matches!(o, Output::StateChanged { .. })) {
+        if interval != old_interval || out.iter().any(|o| matches!(o, Output::StateChanged { .. }))
+        {
             out.push(Output::SetTransmitTimer(interval));
         }
         out
@@ -246,8 +247,7 @@ impl Fsm {
     fn start_poll(&mut self, out: &mut Vec<Output>) {
         self.desired_min_tx = self.params.min_tx;
         self.required_min_rx = self.params.min_rx;
-        if self.desired_min_tx == self.active_min_tx && self.required_min_rx == self.active_min_rx
-        {
+        if self.desired_min_tx == self.active_min_tx && self.required_min_rx == self.active_min_rx {
             return;
         }
         self.polling = true;
@@ -304,7 +304,11 @@ impl Fsm {
 /// (so the peer never sees a gap of a full interval). `random` is any number; only its value
 /// modulo 1000 counts.
 pub fn jittered(interval: Duration, detect_mult: u8, random: u32) -> Duration {
-    let (low, high) = if detect_mult == 1 { (750, 900) } else { (750, 1000) };
+    let (low, high) = if detect_mult == 1 {
+        (750, 900)
+    } else {
+        (750, 1000)
+    };
     let permille = low + random % (high - low + 1);
     interval * permille / 1000
 }
@@ -380,7 +384,10 @@ mod tests {
         let f = fsm();
         let out = f.start();
         let p = sent(&out)[0];
-        assert_eq!((p.state, p.your_discr, p.desired_min_tx), (State::Down, None, SLOW_TX));
+        assert_eq!(
+            (p.state, p.your_discr, p.desired_min_tx),
+            (State::Down, None, SLOW_TX)
+        );
         assert_eq!(out[1], Output::SetTransmitTimer(Some(SLOW_TX)));
     }
 
@@ -482,7 +489,11 @@ mod tests {
             [(State::Up, State::Down, Diag::ControlDetectionTimeExpired)]
         );
         assert_eq!(f.remote_discr(), None);
-        assert_eq!(f.transmit_interval(), Some(SLOW_TX), "back to the slow rate");
+        assert_eq!(
+            f.transmit_interval(),
+            Some(SLOW_TX),
+            "back to the slow rate"
+        );
         let p = f.process(Input::TransmitTimer);
         assert_eq!(sent(&p)[0].diag, Diag::ControlDetectionTimeExpired);
     }
@@ -527,7 +538,10 @@ mod tests {
             [(State::Up, State::AdminDown, Diag::AdministrativelyDown)]
         );
         let p = sent(&out)[0];
-        assert_eq!((p.state, p.diag), (State::AdminDown, Diag::AdministrativelyDown));
+        assert_eq!(
+            (p.state, p.diag),
+            (State::AdminDown, Diag::AdministrativelyDown)
+        );
         assert!(f.process(Input::Received(from_peer(State::Up))).is_empty());
         assert_eq!(f.state(), State::AdminDown);
     }
@@ -544,8 +558,16 @@ mod tests {
         let p = sent(&out)[0];
         assert!(p.poll);
         assert_eq!((p.desired_min_tx, p.required_min_rx), (MS(500), MS(100)));
-        assert_eq!(f.detection_time(), Some(MS(900)), "not shortened before the Final");
-        assert_eq!(f.transmit_interval(), Some(MS(300)), "not slowed before the Final");
+        assert_eq!(
+            f.detection_time(),
+            Some(MS(900)),
+            "not shortened before the Final"
+        );
+        assert_eq!(
+            f.transmit_interval(),
+            Some(MS(300)),
+            "not slowed before the Final"
+        );
         f.process(Input::Received(ControlPacket {
             final_: true,
             desired_min_tx: MS(100),

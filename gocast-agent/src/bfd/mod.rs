@@ -186,21 +186,29 @@ mod tests {
             let up = wait_state(&mut a.status, State::Up).await;
             assert!(up.remote_discriminator.is_some());
             // The poll sequence after Up moves both to 50 ms: 3 × 50 ms.
-            tokio::time::timeout(WAIT, a.status.wait_for(|s| s.detection_time_ms == Some(150)))
-                .await
-                .unwrap()
-                .unwrap();
+            tokio::time::timeout(
+                WAIT,
+                a.status.wait_for(|s| s.detection_time_ms == Some(150)),
+            )
+            .await
+            .unwrap()
+            .unwrap();
             b.stop().await;
             let down = wait_state(&mut a.status, State::Down).await;
             assert_eq!(down.remote_state, Some(State::AdminDown));
-            assert!(!down.failed(true), "RFC 5882 §3.2: AdminDown is not a path failure");
+            assert!(
+                !down.failed(true),
+                "RFC 5882 §3.2: AdminDown is not a path failure"
+            );
             assert_eq!(
                 down.last_down.as_deref(),
                 Some("neighbor signaled session down (3)")
             );
             let text = metrics.render();
             assert!(
-                text.contains("gocast_bfd_state_transitions_total{peer=\"127.0.0.1\",state=\"up\"}"),
+                text.contains(
+                    "gocast_bfd_state_transitions_total{peer=\"127.0.0.1\",state=\"up\"}"
+                ),
                 "{text}"
             );
             a.stop().await;
@@ -212,10 +220,12 @@ mod tests {
         in_new_netns(|| async {
             Netlink::new().await.unwrap();
             let metrics = Metrics::default();
-            let mut a = Bfd::on_ports(A, B, &metrics)
-                .spawn_session(watch::channel(peer()).1, &metrics);
+            let mut a =
+                Bfd::on_ports(A, B, &metrics).spawn_session(watch::channel(peer()).1, &metrics);
             // A peer played by hand: it answers the first packet with Init, then goes silent.
-            let fake = tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, B)).await.unwrap();
+            let fake = tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, B))
+                .await
+                .unwrap();
             fake.set_ttl(255).unwrap();
             let mut buf = [0u8; 64];
             let (len, _) = tokio::time::timeout(WAIT, fake.recv_from(&mut buf))
@@ -250,7 +260,11 @@ mod tests {
                 Some("control detection time expired (1)")
             );
             // 150 ms plus scheduling slack on a loaded host.
-            assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "{:?}",
+                started.elapsed()
+            );
             a.stop().await;
         });
     }
@@ -289,7 +303,12 @@ mod tests {
             zero_my[4..8].fill(0);
             let mut unknown_your = valid;
             unknown_your[8..12].copy_from_slice(&1234_u32.to_be_bytes());
-            for bad in [&valid[..10], &zero_my[..], &unknown_your[..], &[0xff; 40][..]] {
+            for bad in [
+                &valid[..10],
+                &zero_my[..],
+                &unknown_your[..],
+                &[0xff; 40][..],
+            ] {
                 ttl255.send_to(bad, to).await.unwrap();
             }
             let expected = [

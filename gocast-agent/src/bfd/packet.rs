@@ -229,7 +229,8 @@ impl ControlPacket {
         if auth {
             return Err(DecodeError::Authentication);
         }
-        let micros = |offset| Duration::from_micros(u64::from(u32::from_be_bytes(word(head, offset))));
+        let micros =
+            |offset| Duration::from_micros(u64::from(u32::from_be_bytes(word(head, offset))));
         Ok(Self {
             diag: Diag::from_bits(vers_diag),
             state,
@@ -404,8 +405,9 @@ mod tests {
         )
             .prop_map(|((diag, state, flags, mult), (my, your, intervals))| {
                 let state = State::from_bits(state);
-                let your = NonZeroU32::new(your)
-                    .or_else(|| (!matches!(state, State::Down | State::AdminDown)).then_some(NonZeroU32::MIN));
+                let your = NonZeroU32::new(your).or_else(|| {
+                    (!matches!(state, State::Down | State::AdminDown)).then_some(NonZeroU32::MIN)
+                });
                 let us = |v: u32| Duration::from_micros(u64::from(v));
                 ControlPacket {
                     diag: Diag::from_bits(diag),

@@ -191,7 +191,10 @@ pub fn udp(addr: SocketAddr) -> io::Result<UdpSocket> {
 }
 
 /// The next datagram on any socket: its length, source and received TTL / hop limit.
-async fn recv_any(sockets: &[UdpSocket], buf: &mut [u8]) -> io::Result<(usize, IpAddr, Option<u8>)> {
+async fn recv_any(
+    sockets: &[UdpSocket],
+    buf: &mut [u8],
+) -> io::Result<(usize, IpAddr, Option<u8>)> {
     if sockets.is_empty() {
         return std::future::pending().await;
     }

@@ -265,8 +265,16 @@ impl Session {
         let remote = self.fsm.remote_discr().map(NonZeroU32::get);
         self.status.send_if_modified(|s| {
             let new = (tx.map(millis), detect.map(millis), remote);
-            let changed = (s.transmit_interval_ms, s.detection_time_ms, s.remote_discriminator) != new;
-            (s.transmit_interval_ms, s.detection_time_ms, s.remote_discriminator) = new;
+            let changed = (
+                s.transmit_interval_ms,
+                s.detection_time_ms,
+                s.remote_discriminator,
+            ) != new;
+            (
+                s.transmit_interval_ms,
+                s.detection_time_ms,
+                s.remote_discriminator,
+            ) = new;
             changed
         });
     }
@@ -290,11 +298,14 @@ impl Session {
             s.up_since = (to == State::Up).then(Instant::now);
         });
     }
-
 }
 
 /// The session's own sending socket: source port in 49152–65535, TTL / hop limit 255.
-fn transmit_socket(peer: IpAddr, local: Option<IpAddr>, rng: &mut XorShift) -> io::Result<UdpSocket> {
+fn transmit_socket(
+    peer: IpAddr,
+    local: Option<IpAddr>,
+    rng: &mut XorShift,
+) -> io::Result<UdpSocket> {
     let ip = local.unwrap_or(match peer {
         IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),

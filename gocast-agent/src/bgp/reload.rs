@@ -318,13 +318,19 @@ mod tests {
             ..with_bfd.clone()
         };
         let p = plan(&[with_bfd.clone()], ID, &[faster], ID);
-        assert_eq!(p.peers, vec![(key("198.18.0.2"), Action::Update(vec!["bfd"]))]);
+        assert_eq!(
+            p.peers,
+            vec![(key("198.18.0.2"), Action::Update(vec!["bfd"]))]
+        );
         let off = PeerConfig {
             bfd: None,
             ..with_bfd.clone()
         };
         let p = plan(&[with_bfd], ID, &[off], ID);
-        assert_eq!(p.peers, vec![(key("198.18.0.2"), Action::Reset(vec!["bfd"]))]);
+        assert_eq!(
+            p.peers,
+            vec![(key("198.18.0.2"), Action::Reset(vec!["bfd"]))]
+        );
     }
 
     /// One edit of the peer `198.18.0.2`, and what a reload must do about it.

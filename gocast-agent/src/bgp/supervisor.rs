@@ -102,7 +102,8 @@ pub async fn supervise(mut s: Supervised) {
         .is_some()
         .then(|| s.bfd.spawn_session(s.settings.peer.clone(), &s.metrics));
     let bfd_status = bfd.as_ref().map(|b| b.status.clone());
-    s.status.send_modify(|st| st.bfd = bfd_status.as_ref().map(|b| b.borrow().clone()));
+    s.status
+        .send_modify(|st| st.bfd = bfd_status.as_ref().map(|b| b.borrow().clone()));
     supervise_sessions(&mut s, bfd_status).await;
     if let Some(bfd) = bfd {
         bfd.stop().await;

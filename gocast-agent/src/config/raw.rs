@@ -15,11 +15,11 @@ use crate::app::{AppName, AppSpec, Community, Monitor, NatRule, Vip};
 use crate::auth::AuthScope;
 
 use super::{
-    AgentConfig, ApiConfig, BFD_INTERVAL_MAX, BFD_INTERVAL_MIN, BGP_PORT, BfdConfig, BgpConfig, Config, ConsulConfig, DEFAULT_CLEANUP_TIMER,
-    DEFAULT_CONSUL_MONITOR_GRACE, DEFAULT_CONSUL_QUERY_INTERVAL, DEFAULT_DRAIN_TIME,
-    DEFAULT_EXEC_TIMEOUT, DEFAULT_HOLD_TIME, DEFAULT_LISTEN, DEFAULT_MONITOR_INTERVAL,
-    DEFAULT_UNIX_MODE, DataplaneConfig, DataplaneMode, IngressMode, ListenAddr, Origin,
-    PassiveHealthConfig, PeerConfig, STATE_DIR, go_duration,
+    AgentConfig, ApiConfig, BFD_INTERVAL_MAX, BFD_INTERVAL_MIN, BGP_PORT, BfdConfig, BgpConfig,
+    Config, ConsulConfig, DEFAULT_CLEANUP_TIMER, DEFAULT_CONSUL_MONITOR_GRACE,
+    DEFAULT_CONSUL_QUERY_INTERVAL, DEFAULT_DRAIN_TIME, DEFAULT_EXEC_TIMEOUT, DEFAULT_HOLD_TIME,
+    DEFAULT_LISTEN, DEFAULT_MONITOR_INTERVAL, DEFAULT_UNIX_MODE, DataplaneConfig, DataplaneMode,
+    IngressMode, ListenAddr, Origin, PassiveHealthConfig, PeerConfig, STATE_DIR, go_duration,
 };
 
 // ---- the file as written -------------------------------------------------------------------

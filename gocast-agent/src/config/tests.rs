@@ -507,12 +507,18 @@ fn every_documented_bound_is_enforced() {
         (format!("{peer}, passive: true}}"), "bgp.passive"),
         (format!("{peer}, bfd: {{min_tx: 5ms}}}}"), "bgp.bfd.min_tx"),
         (format!("{peer}, bfd: {{min_rx: 61s}}}}"), "bgp.bfd.min_rx"),
-        (format!("{peer}, bfd: {{multiplier: 0}}}}"), "bgp.bfd.multiplier"),
+        (
+            format!("{peer}, bfd: {{multiplier: 0}}}}"),
+            "bgp.bfd.multiplier",
+        ),
         (format!("{peer}, bfd: {{multiplier: 256}}}}"), "multiplier"),
         (format!("{peer}, bfd: {{min_tx: 300}}}}"), "min_tx"),
         (format!("{peer}, bfd: {{interval: 1s}}}}"), "interval"),
         (format!("{peer}, bfd: yes please}}"), "bfd"),
-        ("bgp: {local_as: 1, remote_as: 2, bfd: true}".to_owned(), "bgp.bfd"),
+        (
+            "bgp: {local_as: 1, remote_as: 2, bfd: true}".to_owned(),
+            "bgp.bfd",
+        ),
         (
             "bgp: {local_as: 0, remote_as: 2}".to_owned(),
             "bgp.local_as",
@@ -612,7 +618,14 @@ fn bfd_is_off_by_default_true_takes_the_defaults_and_a_peer_overrides_the_sectio
             strict: false
         })
     );
-    assert_eq!(parse("bgp: {local_as: 1, remote_as: 2, peer_ip: 198.18.0.2}").unwrap().bgp.peers[0].bfd, None);
+    assert_eq!(
+        parse("bgp: {local_as: 1, remote_as: 2, peer_ip: 198.18.0.2}")
+            .unwrap()
+            .bgp
+            .peers[0]
+            .bfd,
+        None
+    );
     let again = Config::parse(&c.to_yaml(), "printed").unwrap();
     assert_eq!(again.bgp.peers, c.bgp.peers, "{}", c.to_yaml());
 }
