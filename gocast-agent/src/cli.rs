@@ -169,10 +169,10 @@ fn bfd_cell(bfd: &Value) -> String {
     };
     let mut cell = state.to_owned();
     if let Some(ms) = bfd["detection_time_ms"].as_u64() {
-        cell += &format!(", detect {ms}ms");
+        let _ = write!(cell, ", detect {ms}ms");
     }
     if let Some(last) = bfd["last_down"].as_str() {
-        cell += &format!(" (last down: {last})");
+        let _ = write!(cell, " (last down: {last})");
     }
     cell
 }

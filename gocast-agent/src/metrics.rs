@@ -564,13 +564,13 @@ impl Default for Metrics {
             routes.clone(),
         );
         let info = InfoMetrics::register(&mut registry);
-        let bgp = BgpMetrics::register(&mut registry);
-        let bfd = BfdMetrics::register(&mut registry);
         let vip_counters = VipCounterCollector::default();
         let vip_source = vip_counters.source.clone();
         registry.register_collector(Box::new(vip_counters));
         Self {
             inner: Arc::new(Inner {
+                bgp: BgpMetrics::register(&mut registry),
+                bfd: BfdMetrics::register(&mut registry),
                 registry,
                 process: {
                     let mut process = Registry::default();
@@ -587,8 +587,6 @@ impl Default for Metrics {
                 peer_established,
                 updates_sent,
                 prefixes_advertised,
-                bgp,
-                bfd,
                 task_restarts,
                 info,
                 vip_counters: vip_source,

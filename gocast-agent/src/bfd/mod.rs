@@ -12,7 +12,7 @@
 //! [`packet`] is the wire format with its checked decoder, [`fsm`] the pure state machine,
 //! [`session`] the task that drives one session, [`receiver`] the shared receive sockets.
 //! One session per BGP peer with `bfd` set; it outlives restarts of the BGP session task and
-//! is stopped, AdminDown, after the BGP session has sent its Cease.
+//! is stopped, `AdminDown`, after the BGP session has sent its Cease.
 
 pub mod fsm;
 pub mod packet;
@@ -33,7 +33,7 @@ use crate::{config::PeerConfig, error_chain, metrics::Metrics, supervise};
 pub const PORT: u16 = 3784;
 /// The `task` label of BFD session restarts in `gocast_task_restarts_total`.
 pub const TASK: &str = "bfd_session";
-/// The longest a stopping session may take to say AdminDown.
+/// The longest a stopping session may take to say `AdminDown`.
 const STOP_WAIT: Duration = Duration::from_secs(5);
 
 /// The agent's BFD: hands sessions to the receiver task. Cheap to clone; the receiver (and its
@@ -108,7 +108,7 @@ pub struct SessionHandle {
 }
 
 impl SessionHandle {
-    /// Takes the session AdminDown and waits (bounded) for it to have told the peer.
+    /// Takes the session `AdminDown` and waits (bounded) for it to have told the peer.
     pub async fn stop(self) {
         self.stop.cancel();
         if tokio::time::timeout(STOP_WAIT, self.supervised.done)

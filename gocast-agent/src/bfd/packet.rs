@@ -130,6 +130,10 @@ impl std::fmt::Display for Diag {
 
 /// A valid Control packet. Intervals are microseconds on the wire, [`Duration`] here.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "the packet's flag bits, one field each as RFC 5880 §4.1 names them"
+)]
 pub struct ControlPacket {
     pub diag: Diag,
     pub state: State,
@@ -263,8 +267,7 @@ impl ControlPacket {
                 (VERSION << 5) | self.diag.code(),
                 flags,
                 self.detect_mult,
-                // LEN is 24.
-                LEN as u8,
+                u8::try_from(LEN).unwrap_or(u8::MAX),
             ]),
             self.my_discr.get(),
             self.your_discr.map_or(0, NonZeroU32::get),

@@ -208,7 +208,7 @@ async fn recv_any(
     socket.try_io(Interest::READABLE, || recv_with_ttl(socket, buf))
 }
 
-/// One `recvmsg` with the IP_TTL / IPV6_HOPLIMIT control message.
+/// One `recvmsg` with the `IP_TTL` / `IPV6_HOPLIMIT` control message.
 fn recv_with_ttl(socket: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, IpAddr, Option<u8>)> {
     let mut cmsg = nix::cmsg_space!(libc::c_int);
     let mut iov = [IoSliceMut::new(buf)];

@@ -6,11 +6,11 @@
 //!  receiver ─Received (mpsc)─▶ ┌─────────┐ ─Input─▶ Fsm ─Output─▶ apply(): send, timers, status
 //!  transmit / detect timers ─▶ │ session │
 //!  peer config (watch) ──────▶ │         │ ─BfdStatus (watch)─▶ BGP session, /info
-//!  stop (token) ─────────────▶ └─────────┘ ─AdminDown packets, then ends
+//!  stop (token) ─────────────▶ └─────────┘ ─`AdminDown` packets, then ends
 //! ```
 //!
 //! All effects of the FSM's outputs happen in [`Session::apply`]. On stop the session goes
-//! AdminDown (Diag 7) and repeats it [`ADMIN_DOWN_PACKETS`] times, so the router sees a
+//! `AdminDown` (Diag 7) and repeats it [`ADMIN_DOWN_PACKETS`] times, so the router sees a
 //! deliberate shutdown and not a failure (RFC 5882 §3.2).
 
 use std::{
@@ -36,7 +36,7 @@ use super::{
 };
 use crate::{backoff::XorShift, config::PeerConfig, metrics::Metrics, timer::Timer};
 
-/// AdminDown packets sent at stop, one transmit interval apart (the first at once): one lost
+/// `AdminDown` packets sent at stop, one transmit interval apart (the first at once): one lost
 /// packet must not turn a shutdown into a detection-time failure at the router.
 pub const ADMIN_DOWN_PACKETS: u32 = 3;
 /// Repeats that would end later than this after the first are left out: the shutdown waits
@@ -91,7 +91,7 @@ impl BfdStatus {
     }
 
     /// Whether the session just left Up because the path failed, as opposed to the peer
-    /// taking BFD down on purpose (AdminDown), which RFC 5882 §3.2 says must not take the
+    /// taking BFD down on purpose (`AdminDown`), which RFC 5882 §3.2 says must not take the
     /// client (BGP) down. `was_up`: the state before this status.
     pub fn failed(&self, was_up: bool) -> bool {
         was_up && self.state != State::Up && self.remote_state != Some(State::AdminDown)
@@ -187,7 +187,7 @@ impl Session {
         })
     }
 
-    /// Runs until `stop`; then goes AdminDown, tells the peer, and returns.
+    /// Runs until `stop`; then goes `AdminDown`, tells the peer, and returns.
     pub async fn run(
         mut self,
         mut peer_config: watch::Receiver<PeerConfig>,
@@ -225,7 +225,7 @@ impl Session {
         self.admin_down().await;
     }
 
-    /// AdminDown (§6.8.16), repeated [`ADMIN_DOWN_PACKETS`] times at the transmit interval.
+    /// `AdminDown` (§6.8.16), repeated [`ADMIN_DOWN_PACKETS`] times at the transmit interval.
     async fn admin_down(&mut self) {
         let outputs = self.fsm.process(Input::AdminDown);
         self.apply(outputs).await;

@@ -317,7 +317,7 @@ mod tests {
             }),
             ..with_bfd.clone()
         };
-        let p = plan(&[with_bfd.clone()], ID, &[faster], ID);
+        let p = plan(std::slice::from_ref(&with_bfd), ID, &[faster], ID);
         assert_eq!(
             p.peers,
             vec![(key("198.18.0.2"), Action::Update(vec!["bfd"]))]

@@ -19,7 +19,7 @@
 //! because the path failed drops the connection at once (as a TCP failure, event 18; the cause
 //! goes to `/info` and the log), and with `bfd.strict` no connection is made or accepted while
 //! BFD is not Up, so the session cannot reach Established before BFD does. A peer taking BFD
-//! AdminDown leaves BGP alone (RFC 5882 §3.2).
+//! `AdminDown` leaves BGP alone (RFC 5882 §3.2).
 
 use std::{
     collections::{BTreeMap, VecDeque},

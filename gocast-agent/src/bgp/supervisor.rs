@@ -18,7 +18,7 @@
 //! waits for it.
 //!
 //! A peer with `bfd` set also has its BFD session here ([`crate::bfd`]): it starts before the
-//! first BGP session, outlives their restarts, and is stopped (AdminDown) only after the last
+//! first BGP session, outlives their restarts, and is stopped (`AdminDown`) only after the last
 //! one has sent its Cease, so the router sees a shutdown, not a path failure (RFC 5882 §3.2).
 
 use std::{

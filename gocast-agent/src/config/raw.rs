@@ -791,16 +791,7 @@ impl RawPeerKeys {
                 format!("{l} and peer {p} are of different families"),
             ));
         }
-        let bfd = match peer.bfd.as_ref().or(defaults.bfd.as_ref()) {
-            Some(raw) => raw.to_config(key)?,
-            None => None,
-        };
-        if bfd.is_some() && peer_ip.is_none() {
-            return Err(invalid(
-                format!("{key}.bfd"),
-                "needs peer_ip: a BFD session is set up toward a known neighbour address",
-            ));
-        }
+        let bfd = self.bfd(defaults, key)?;
         Ok(PeerConfig {
             local_as: section.local_as,
             peer_as,
@@ -823,6 +814,23 @@ impl RawPeerKeys {
             passive: peer.passive.or(defaults.passive).unwrap_or(false),
             bfd,
         })
+    }
+}
+
+impl RawPeerKeys {
+    /// The peer's `bfd:`, else the block's; only toward a configured `peer_ip`.
+    fn bfd(&self, defaults: &RawPeerKeys, key: &str) -> Result<Option<BfdConfig>, Invalid> {
+        let bfd = match self.bfd.as_ref().or(defaults.bfd.as_ref()) {
+            Some(raw) => raw.to_config(key)?,
+            None => None,
+        };
+        if bfd.is_some() && self.peer_ip.is_none() {
+            return Err(invalid(
+                format!("{key}.bfd"),
+                "needs peer_ip: a BFD session is set up toward a known neighbour address",
+            ));
+        }
+        Ok(bfd)
     }
 }
 
