@@ -1,4 +1,5 @@
-//! BFD (RFC 5880/5881/5882) between the agent and a real BIRD 2 in network namespaces: the
+//! BFD (RFC 5880/5881/5882) between the agent and a real BIRD 2 (and FRR 8) in network
+//! namespaces: the
 //! session comes up over IPv4 and IPv6; a host that goes silent without closing TCP loses its
 //! routes at BIRD within the detection time instead of the 90 s hold time, and gets them back
 //! when it returns; a router whose BFD stops is seen down by the agent; SIGTERM is an
@@ -292,5 +293,49 @@ for _ in range(50):
     ensure!(s.agent_bfd_state()? == "up", "no state change");
     ensure!(s.bird_bfd_up()?);
     ensure!(s.bird.established()?);
+    Ok(())
+}
+
+/// FRR (`bgpd` + `bfdd` through `zebra`): BFD comes up, and a silent host loses its routes
+/// within the detection time.
+#[test]
+fn frr_runs_bfd_with_the_agent_and_withdraws_a_silent_host() -> Result<()> {
+    use gocast_tests::routers::{Frr, Router};
+    require_privileged!();
+    let dir = tempfile::tempdir()?;
+    let topo = Topology::new()?;
+    let frr = Frr::start_with_bfd(&topo.client, dir.path(), &Neighbor::toward_agent(&topo))?;
+    let _service = Service::http(&topo.agent, 8090, dir.path())?;
+    let config = agent_config(
+        dir.path(),
+        &topo,
+        "  hold_time: 90\n  bfd: true\n",
+        &web_apps(V4, V6),
+    )?;
+    let agent = start_agent(&topo, dir.path(), &config, "agent.log")?;
+    wait_until("BFD up at FRR", COME_UP, || {
+        Ok(frr.bfd_status(&topo.agent_ip)?.as_deref() == Some("up"))
+    })
+    .with_context(|| frr.context(&agent))?;
+    wait_until("routes at FRR", COME_UP, || {
+        Ok(frr.has_route(V4)? && frr.has_route(V6)?)
+    })
+    .with_context(|| frr.context(&agent))?;
+    ensure!(agent_peer(&topo)?["bfd"]["state"] == "up");
+    let pid = agent.pid().context("agent pid")?.to_string();
+    sh("kill", &["-STOP", &pid])?;
+    let stopped = Instant::now();
+    let gone = wait_until("routes gone at FRR", Duration::from_secs(30), || {
+        Ok(!frr.has_route(V4)? && !frr.has_route(V6)?)
+    });
+    let took = stopped.elapsed();
+    sh("kill", &["-CONT", &pid])?;
+    gone.with_context(|| frr.context(&agent))?;
+    eprintln!("host silent -> routes gone at FRR: {took:?} (hold time 90 s)");
+    ensure!(took < Duration::from_secs(10), "withdrawn after {took:?}");
+    wait_until("routes back at FRR", Duration::from_secs(60), || {
+        Ok(frr.has_route(V4)? && frr.has_route(V6)?)
+    })
+    .with_context(|| frr.context(&agent))?;
     Ok(())
 }
