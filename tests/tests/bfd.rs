@@ -22,7 +22,7 @@ const COME_UP: Duration = Duration::from_secs(20);
 /// BIRD with BFD toward the agent, the agent with `bfd: true` and a healthy service behind
 /// both VIPs, routes at BIRD.
 struct Setup {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     topo: Topology,
     bird: Bird,
     _service: Service,
@@ -42,7 +42,7 @@ fn setup() -> Result<Setup> {
     )?;
     let agent = start_agent(&topo, dir.path(), &config, "agent.log")?;
     let s = Setup {
-        _dir: dir,
+        dir,
         topo,
         bird,
         _service: service,
@@ -293,6 +293,40 @@ for _ in range(50):
     ensure!(s.agent_bfd_state()? == "up", "no state change");
     ensure!(s.bird_bfd_up()?);
     ensure!(s.bird.established()?);
+    Ok(())
+}
+
+/// A reload with new BFD timers changes the running BFD session (a poll sequence) and leaves
+/// the BGP session as it was.
+#[test]
+fn new_bfd_timers_by_reload_apply_without_resetting_bgp() -> Result<()> {
+    require_privileged!();
+    let mut s = setup()?;
+    wait_until("agreed timers", COME_UP, || {
+        Ok(agent_peer(&s.topo)?["bfd"]["detection_time_ms"] == 900)
+    })?;
+    let since = s.bird.since()?;
+    agent_config(
+        s.dir.path(),
+        &s.topo,
+        "  hold_time: 90\n  bfd: {min_tx: 300ms, min_rx: 500ms}\n",
+        &web_apps(V4, V6),
+    )?;
+    let done = |a: &Agent| a.log_text().matches("bgp section reloaded").count();
+    let before = done(&s.agent);
+    let pid = s.agent.pid().context("agent pid")?;
+    sh("kill", &["-HUP", &pid.to_string()])?;
+    s.agent
+        .wait_for("the reload", Duration::from_secs(5), |a| {
+            Ok(done(a) > before)
+        })?;
+    // BIRD sends every 300 ms; we now accept no faster than 500 ms: 3 × 500 ms.
+    wait_until("the new detection time", Duration::from_secs(10), || {
+        Ok(agent_peer(&s.topo)?["bfd"]["detection_time_ms"] == 1500)
+    })
+    .with_context(|| s.context())?;
+    ensure!(s.bird_bfd_up()?, "BFD stayed up");
+    ensure!(s.bird.since()? == since, "the BGP session was not reset");
     Ok(())
 }
 

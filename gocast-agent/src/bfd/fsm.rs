@@ -119,6 +119,11 @@ impl Fsm {
         self.remote_state
     }
 
+    /// The configured timers.
+    pub fn params(&self) -> Params {
+        self.params
+    }
+
     /// Our Detect Mult (it sets the jitter range, [`jittered`]).
     pub fn multiplier(&self) -> u8 {
         self.params.multiplier

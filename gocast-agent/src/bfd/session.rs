@@ -208,6 +208,10 @@ impl Session {
                 () = self.detect.fired() => Input::DetectTimer,
                 Ok(()) = peer_config.changed() => {
                     let new = params(&peer_config.borrow_and_update());
+                    // Any key of the peer may have changed; only new timers concern BFD.
+                    if new == self.fsm.params() {
+                        continue;
+                    }
                     Input::Reconfigure(new)
                 }
             };
