@@ -1,9 +1,9 @@
-//! BFD (RFC 5880/5881/5882) between the agent and a real BIRD 2 (and FRR 8) in network
-//! namespaces: the
-//! session comes up over IPv4 and IPv6; a host that goes silent without closing TCP loses its
-//! routes at BIRD within the detection time instead of the 90 s hold time, and gets them back
-//! when it returns; a router whose BFD stops is seen down by the agent; SIGTERM is an
-//! administrative shutdown to BIRD, not a BFD failure; hostile BFD packets change nothing.
+//! BFD (RFC 5880/5881/5882) between the agent and real routers in network namespaces, BIRD 2
+//! and FRR 8: the session comes up over IPv4 and IPv6; a host that goes silent without closing
+//! TCP loses its routes within the detection time instead of the 90 s hold time, and gets them
+//! back when it returns; a router whose BFD stops is seen down by the agent; SIGTERM is an
+//! administrative shutdown to BIRD, not a BFD failure; hostile BFD packets change nothing; new
+//! timers by reload do not reset BGP.
 
 use std::time::{Duration, Instant};
 
