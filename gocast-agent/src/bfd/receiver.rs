@@ -39,11 +39,10 @@ pub const TTL: u8 = 255;
 /// reads them at a rate of a few per second.
 pub const QUEUE_LEN: usize = 16;
 
-/// A packet for one session.
+/// A packet for one session, from its peer's address (checked here).
 #[derive(Debug)]
 pub struct Received {
     pub packet: ControlPacket,
-    pub from: IpAddr,
 }
 
 /// What sessions ask of the receiver.
@@ -157,7 +156,7 @@ impl Receiver {
                 "source"
             });
         };
-        if entry.packets.try_send(Received { packet, from }).is_err() {
+        if entry.packets.try_send(Received { packet }).is_err() {
             drop("overload");
         }
     }
