@@ -25,6 +25,7 @@ use tracing::warn;
 
 use crate::{
     app::{self, AppName, AppSpec, Monitor, NatRule, QUOTE_MAX, Source, truncated},
+    bfd::BfdStatus,
     bgp::{
         Peers,
         codec::{Family, Origin},
@@ -100,6 +101,17 @@ pub struct PeerInfo {
     pub prefixes_received: usize,
     /// `ipv4`, `ipv6`: the families whose VIPs this peer is sent (empty unless Established).
     pub families: Vec<&'static str>,
+    /// The peer's BFD session, when `bfd` is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bfd: Option<BfdInfo>,
+}
+
+/// A BFD session as `/info` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BfdInfo {
+    #[serde(flatten)]
+    pub status: BfdStatus,
+    pub uptime_s: Option<u64>,
 }
 
 impl From<&PeerStatus> for PeerInfo {
@@ -123,6 +135,10 @@ impl From<&PeerStatus> for PeerInfo {
                     Family::Ipv6Unicast => "ipv6",
                 })
                 .collect(),
+            bfd: s.bfd.as_ref().map(|b| BfdInfo {
+                status: b.clone(),
+                uptime_s: b.up_since.map(|t| t.elapsed().as_secs()),
+            }),
         }
     }
 }

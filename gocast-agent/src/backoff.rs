@@ -62,21 +62,21 @@ impl Backoff {
     }
 }
 
-/// xorshift64 (Marsaglia, 2003): enough to spread retries, nothing more.
+/// xorshift64 (Marsaglia, 2003): enough to spread retries and BFD transmissions, nothing more.
 #[derive(Debug, Clone)]
-struct XorShift(u64);
+pub(crate) struct XorShift(u64);
 
 impl XorShift {
     /// Scrambles `seed` with the `SplitMix64` finalizer so close seeds give unrelated sequences;
     /// the state is never zero (xorshift would stay at zero).
-    fn new(seed: u64) -> Self {
+    pub(crate) fn new(seed: u64) -> Self {
         let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         Self((z ^ (z >> 31)) | 1)
     }
 
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x << 13;
         x ^= x >> 7;
@@ -85,8 +85,13 @@ impl XorShift {
         x
     }
 
+    /// Seeded from the OS.
+    pub(crate) fn from_os() -> Self {
+        Self::new(RandomState::new().hash_one(0u8))
+    }
+
     /// A number in `0..bound`.
-    fn below(&mut self, bound: u32) -> u32 {
+    pub(crate) fn below(&mut self, bound: u32) -> u32 {
         // The remainder is below `bound`, so it fits in a u32.
         u32::try_from(self.next() % u64::from(bound)).unwrap_or(0)
     }

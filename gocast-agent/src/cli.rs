@@ -191,6 +191,22 @@ pub fn normalize(args: Vec<OsString>) -> Vec<OsString> {
     out
 }
 
+/// A peer's BFD session in one cell: `up, detect 900ms`, `down (last: control detection time
+/// expired (1))`, or `-` without BFD.
+fn bfd_cell(bfd: &Value) -> String {
+    let Some(state) = bfd["state"].as_str() else {
+        return "-".into();
+    };
+    let mut cell = state.to_owned();
+    if let Some(ms) = bfd["detection_time_ms"].as_u64() {
+        let _ = write!(cell, ", detect {ms}ms");
+    }
+    if let Some(last) = bfd["last_down"].as_str() {
+        let _ = write!(cell, " (last down: {last})");
+    }
+    cell
+}
+
 /// A string field, `?` when missing.
 fn text_of(v: &Value) -> &str {
     v.as_str().unwrap_or("?")
@@ -375,6 +391,7 @@ pub fn render_status(info: &Value, apps: &Value, stats: Option<&Value>) -> Strin
         "UPTIME".into(),
         "SENT".into(),
         "RECEIVED".into(),
+        "BFD".into(),
         "LAST ERROR".into(),
     ]];
     for p in info["peers"].as_array().into_iter().flatten() {
@@ -385,6 +402,7 @@ pub fn render_status(info: &Value, apps: &Value, stats: Option<&Value>) -> Strin
             p["uptime_s"].as_u64().map_or_else(|| "-".into(), uptime),
             text(&p["prefixes_advertised"]),
             text(&p["prefixes_received"]),
+            bfd_cell(&p["bfd"]),
             text(&p["last_error"]),
         ]);
     }
@@ -741,6 +759,12 @@ mod tests {
         let apps = serde_json::json!([{"name": "web", "vip": "192.0.2.10/32", "source": "http", "state": "healthy", "announced": true, "monitors": [{"monitor": "port:tcp:80", "ok": true}]}]);
         let out = render_status(&info, &apps, None);
         assert!(out.contains("198.18.0.2  65000  Established  12s"), "{out}");
+        let with_bfd = serde_json::json!({"version": "0.1.0", "dataplane": {"mode": "iptables"}, "peers": [{"address": "198.18.0.2", "asn": 65000, "state": "Established", "uptime_s": 12, "prefixes_advertised": 1, "bfd": {"state": "up", "detection_time_ms": 900, "last_down": "control detection time expired (1)"}}]});
+        let out_bfd = render_status(&with_bfd, &apps, None);
+        assert!(
+            out_bfd.contains("up, detect 900ms (last down: control detection time expired (1))"),
+            "{out_bfd}"
+        );
         assert!(
             out.contains("web  192.0.2.10/32  http    healthy  to 1/1 peers  port:tcp:80 ok"),
             "{out}"

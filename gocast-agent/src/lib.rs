@@ -10,6 +10,7 @@
 //! - [`lifecycle`]: owns the app registry; health → announce/withdraw → cleanup.
 //! - [`messages`]: the lifecycle's contracts: its handle, requests, errors, views, routes.
 //! - [`host`]: the real host the lifecycle changes (netlink + dataplane).
+//! - [`bfd`]: BFD (RFC 5880/5881) on the BGP sessions: sub-second detection of a silent host.
 //! - [`netlink`]: VIP addresses on `lo`, routes toward peers.
 //! - [`dataplane`]: NAT and per-VIP counters (eBPF, iptables fallback).
 //! - [`stats`]: samples the counters: rates for `/stats`, passive health.
@@ -27,6 +28,7 @@ pub mod api;
 pub mod app;
 pub mod auth;
 pub mod backoff;
+pub mod bfd;
 pub mod bgp;
 pub mod cli;
 pub mod client;

@@ -64,7 +64,11 @@ fn main() -> ExitCode {
         Command::Status { agent, output } => {
             exit(runtime().and_then(|rt| rt.block_on(client::status(&agent, output))))
         }
-        Command::Routes { peer, output, agent } => exit(
+        Command::Routes {
+            peer,
+            output,
+            agent,
+        } => exit(
             runtime().and_then(|rt| rt.block_on(client::routes(&agent, peer.as_deref(), output))),
         ),
         Command::Reload { agent, output } => {

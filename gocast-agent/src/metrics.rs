@@ -52,6 +52,17 @@ struct NotificationLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BfdStateLabels {
+    peer: String,
+    state: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DropLabels {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct TaskLabels {
     task: String,
     peer: String,
@@ -379,6 +390,7 @@ struct Inner {
     updates_sent: Family<PeerLabels, Counter>,
     prefixes_advertised: Family<PeerLabels, Gauge>,
     bgp: BgpMetrics,
+    bfd: BfdMetrics,
     task_restarts: Family<TaskLabels, Counter>,
     info: InfoMetrics,
     vip_counters: Arc<OnceLock<VipCounterSource>>,
@@ -461,6 +473,39 @@ impl BgpMetrics {
             "bgp_prefixes_received",
             "Prefixes the peer announces to the agent (none is installed)",
             m.prefixes_received.clone(),
+        );
+        m
+    }
+}
+
+/// BFD sessions (RFC 5880): state and transitions per peer, dropped packets by reason.
+struct BfdMetrics {
+    up: Family<PeerLabels, Gauge>,
+    transitions: Family<BfdStateLabels, Counter>,
+    dropped: Family<DropLabels, Counter>,
+}
+
+impl BfdMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            up: Family::default(),
+            transitions: Family::default(),
+            dropped: Family::default(),
+        };
+        registry.register(
+            "bfd_session_up",
+            "1 while the peer's BFD session is Up",
+            m.up.clone(),
+        );
+        registry.register(
+            "bfd_state_transitions",
+            "BFD session state changes, by peer and new state (admin_down, down, init, up)",
+            m.transitions.clone(),
+        );
+        registry.register(
+            "bfd_packets_dropped",
+            "Received BFD packets dropped, by reason (ttl, length, version, detect_mult, multipoint, my_discriminator, your_discriminator, authentication, source, overload)",
+            m.dropped.clone(),
         );
         m
     }
@@ -595,12 +640,13 @@ impl Default for Metrics {
             routes.clone(),
         );
         let info = InfoMetrics::register(&mut registry);
-        let bgp = BgpMetrics::register(&mut registry);
         let vip_counters = VipCounterCollector::default();
         let vip_source = vip_counters.source.clone();
         registry.register_collector(Box::new(vip_counters));
         Self {
             inner: Arc::new(Inner {
+                bgp: BgpMetrics::register(&mut registry),
+                bfd: BfdMetrics::register(&mut registry),
                 registry,
                 process: {
                     let mut process = Registry::default();
@@ -617,7 +663,6 @@ impl Default for Metrics {
                 peer_established,
                 updates_sent,
                 prefixes_advertised,
-                bgp,
                 task_restarts,
                 info,
                 vip_counters: vip_source,
@@ -772,6 +817,30 @@ impl Metrics {
             .get_or_create(&PeerLabels {
                 peer: peer.to_owned(),
             })
+            .inc();
+    }
+
+    /// `peer`'s BFD session changed to `state` (`up`, `down`, ...).
+    pub fn bfd_state(&self, peer: &str, state: &'static str) {
+        let peer = peer.to_owned();
+        self.inner
+            .bfd
+            .up
+            .get_or_create(&PeerLabels { peer: peer.clone() })
+            .set(i64::from(state == "up"));
+        self.inner
+            .bfd
+            .transitions
+            .get_or_create(&BfdStateLabels { peer, state })
+            .inc();
+    }
+
+    /// A received BFD packet was dropped.
+    pub fn bfd_dropped(&self, reason: &'static str) {
+        self.inner
+            .bfd
+            .dropped
+            .get_or_create(&DropLabels { reason })
             .inc();
     }
 

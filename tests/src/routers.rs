@@ -165,6 +165,16 @@ impl Bird {
     /// After a session error BIRD accepts the agent again within 1-5 s (`error wait time`;
     /// its default of 60 s would outlast any test).
     pub fn start(ns: &Netns, dir: &Path, neighbor: &Neighbor) -> Result<Self> {
+        Self::start_conf(ns, dir, neighbor, false)
+    }
+
+    /// [`Bird::start`] with BFD on the session (`protocol bfd` at 300 ms × 3, `bfd on` on
+    /// the neighbor); the BFD protocol is named `bfd1`.
+    pub fn start_with_bfd(ns: &Netns, dir: &Path, neighbor: &Neighbor) -> Result<Self> {
+        Self::start_conf(ns, dir, neighbor, true)
+    }
+
+    fn start_conf(ns: &Netns, dir: &Path, neighbor: &Neighbor, bfd: bool) -> Result<Self> {
         let conf = dir.join("bird.conf");
         let ctl = dir.join("bird.ctl");
         let log = dir.join("bird.log");
@@ -185,11 +195,25 @@ impl Bird {
             Some(delay) => format!("{passive} connect delay time {delay};"),
             None => passive.to_owned(),
         };
+        let (bfd_protocol, bfd_on) = if bfd {
+            (
+                "protocol bfd bfd1 { interface \"*\" { min rx interval 300 ms; min tx interval 300 ms; multiplier 3; }; }\n",
+                "bfd on;",
+            )
+        } else {
+            ("", "")
+        };
+        // A router id is 32 bits: an IPv6-only neighbour gets a fixed one.
+        let router_id = if neighbor.local.contains(':') {
+            "198.18.255.254"
+        } else {
+            neighbor.local.as_str()
+        };
         let text = format!(
-            "router id {local};\nlog \"{log}\" all;\nprotocol device {{}}\n\
+            "router id {router_id};\nlog \"{log}\" all;\nprotocol device {{}}\n\
              protocol kernel {{ ipv4 {{ export all; }}; }}\n\
-             protocol kernel {{ ipv6 {{ export all; }}; }}\n\
-             protocol bgp agent {{\n  local {local} as {las};\n  neighbor {agent}{port} as {aas};\n  {passive}\n  error wait time 1, 5;\n  {password}\n  {hold}\n\
+             protocol kernel {{ ipv6 {{ export all; }}; }}\n{bfd_protocol}\
+             protocol bgp agent {{\n  local {local} as {las};\n  neighbor {agent}{port} as {aas};\n  {passive}\n  error wait time 1, 5;\n  {password}\n  {hold}\n  {bfd_on}\n\
              ipv4 {{ import all; export none; }};\n  ipv6 {{ import all; export none; }};\n}}\n",
             local = neighbor.local,
             las = neighbor.local_as,
@@ -255,6 +279,16 @@ impl Bird {
             .nth(4)
             .map(str::to_owned)
             .with_context(|| format!("no since column: {line}"))
+    }
+
+    /// The state of BIRD's BFD session toward `peer` (`Up`, `Down`, ...), `None` without one.
+    pub fn bfd_state(&self, peer: &str) -> Result<Option<String>> {
+        let out = self.birdc(&["show", "bfd", "sessions"])?;
+        Ok(out
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(peer))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .map(str::to_owned))
     }
 
     /// `show route PREFIX all`; empty when the route is not there.
@@ -359,6 +393,62 @@ pub struct Frr {
     vty: PathBuf,
     ns: String,
     agent: String,
+    /// With BFD: `zebra` and `bfdd` (bgpd reaches bfdd through zebra), in a directory of
+    /// their own owned by `frr`, as they run as that user. Declared after `daemon`, so bgpd
+    /// stops first.
+    bfd: Option<FrrBfd>,
+}
+
+/// FRR's BFD side: `zebra` and `bfdd` in the foreground, killed on drop.
+#[derive(Debug)]
+struct FrrBfd {
+    dir: PathBuf,
+    zebra: Daemon,
+    bfdd: Daemon,
+}
+
+impl FrrBfd {
+    fn start(ns: &Netns, dir: &Path) -> Result<Self> {
+        let dir = dir.join("frr-bfd");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("zebra.conf"), "hostname gct-zebra\n")?;
+        std::fs::write(dir.join("bfdd.conf"), "bfd\n!\n")?;
+        crate::sh("chown", &["-R", "frr:frr", dir.to_str().context("dir")?])?;
+        let mut bfd = Self {
+            zebra: Daemon::new("zebra", dir.join("zebra.log")),
+            bfdd: Daemon::new("bfdd", dir.join("bfdd.log")),
+            dir,
+        };
+        let common = |daemon: &str| {
+            let mut c = ns.command(&format!("/usr/lib/frr/{daemon}"));
+            c.args(["-u", "frr", "-g", "frr", "-P", "0", "-z"])
+                .arg(bfd.dir.join("zserv.api"))
+                .arg("--vty_socket")
+                .arg(&bfd.dir)
+                .arg("-i")
+                .arg(bfd.dir.join(format!("{daemon}.pid")))
+                .arg("-f")
+                .arg(bfd.dir.join(format!("{daemon}.conf")))
+                .arg("--log")
+                .arg(format!(
+                    "file:{}",
+                    bfd.dir.join(format!("{daemon}.log")).display()
+                ))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            c
+        };
+        let mut zebra = common("zebra");
+        let mut bfdd = common("bfdd");
+        bfdd.arg("--bfdctl").arg(bfd.dir.join("bfdd.sock"));
+        let zserv = bfd.dir.join("zserv.api");
+        bfd.zebra.start(&mut zebra, || zserv.exists())?;
+        let (ns_name, vty) = (ns.name.clone(), bfd.dir.clone());
+        bfd.bfdd.start(&mut bfdd, || {
+            vtysh_to(&ns_name, &vty, "bfdd", "show bfd peers").is_ok()
+        })?;
+        Ok(bfd)
+    }
 }
 
 impl Router for Frr {
@@ -368,41 +458,7 @@ impl Router for Frr {
     /// Starts `bgpd` in `ns`: a passive session toward the agent with IPv4 and IPv6 unicast
     /// activated on it and no import policy required.
     fn start(ns: &Netns, dir: &Path, neighbor: &Neighbor) -> Result<Self> {
-        let conf = dir.join("bgpd.conf");
-        let vty = dir.join("frr-vty");
-        std::fs::create_dir_all(&vty)?;
-        let agent = &neighbor.agent;
-        let password = neighbor
-            .password
-            .as_ref()
-            .map(|p| format!(" neighbor {agent} password {p}\n"))
-            .unwrap_or_default();
-        let hold = neighbor
-            .hold_time
-            .map(|h| format!(" neighbor {agent} timers {} {h}\n", (h / 3).max(1)))
-            .unwrap_or_default();
-        let text = format!(
-            "frr defaults traditional\nhostname gct-frr\n!\n\
-             router bgp {las}\n bgp router-id {local}\n no bgp ebgp-requires-policy\n\
-             neighbor {agent} remote-as {aas}\n neighbor {agent} passive\n{password}{hold}\
-             !\n address-family ipv4 unicast\n  neighbor {agent} activate\n exit-address-family\n\
-             !\n address-family ipv6 unicast\n  neighbor {agent} activate\n exit-address-family\n\
-             exit\n!\n",
-            las = neighbor.local_as,
-            local = neighbor.local,
-            aas = neighbor.agent_as,
-        );
-        std::fs::write(&conf, text)?;
-        let mut frr = Self {
-            daemon: Daemon::new(Self::DAEMON, dir.join("bgpd.log")),
-            conf,
-            pidfile: dir.join("bgpd.pid"),
-            vty,
-            ns: ns.name.clone(),
-            agent: agent.clone(),
-        };
-        frr.spawn(ns)?;
-        Ok(frr)
+        Self::start_conf(ns, dir, neighbor, false)
     }
 
     /// The session's `bgpState`.
@@ -424,10 +480,81 @@ impl Router for Frr {
 }
 
 impl Frr {
+    /// [`Router::start`] with BFD: `zebra` and `bfdd` run too, and the neighbor has `bfd`
+    /// (FRR's defaults: 300 ms × 3).
+    pub fn start_with_bfd(ns: &Netns, dir: &Path, neighbor: &Neighbor) -> Result<Self> {
+        Self::start_conf(ns, dir, neighbor, true)
+    }
+
+    fn start_conf(ns: &Netns, dir: &Path, neighbor: &Neighbor, bfd: bool) -> Result<Self> {
+        let conf = dir.join("bgpd.conf");
+        let vty = dir.join("frr-vty");
+        std::fs::create_dir_all(&vty)?;
+        let agent = &neighbor.agent;
+        let password = neighbor
+            .password
+            .as_ref()
+            .map(|p| format!(" neighbor {agent} password {p}\n"))
+            .unwrap_or_default();
+        let hold = neighbor
+            .hold_time
+            .map(|h| format!(" neighbor {agent} timers {} {h}\n", (h / 3).max(1)))
+            .unwrap_or_default();
+        let bfd_line = if bfd {
+            format!(" neighbor {agent} bfd\n")
+        } else {
+            String::new()
+        };
+        let text = format!(
+            "frr defaults traditional\nhostname gct-frr\n!\n\
+             router bgp {las}\n bgp router-id {local}\n no bgp ebgp-requires-policy\n\
+             neighbor {agent} remote-as {aas}\n neighbor {agent} passive\n{password}{hold}{bfd_line}\
+             !\n address-family ipv4 unicast\n  neighbor {agent} activate\n exit-address-family\n\
+             !\n address-family ipv6 unicast\n  neighbor {agent} activate\n exit-address-family\n\
+             exit\n!\n",
+            las = neighbor.local_as,
+            local = neighbor.local,
+            aas = neighbor.agent_as,
+        );
+        std::fs::write(&conf, text)?;
+        let mut frr = Self {
+            daemon: Daemon::new(Self::DAEMON, dir.join("bgpd.log")),
+            conf,
+            pidfile: dir.join("bgpd.pid"),
+            vty,
+            ns: ns.name.clone(),
+            agent: agent.clone(),
+            bfd: bfd.then(|| FrrBfd::start(ns, dir)).transpose()?,
+        };
+        frr.spawn(ns)?;
+        Ok(frr)
+    }
+
+    /// The status of bfdd's session toward `peer` (`up`, `down`, ...), `None` without one.
+    pub fn bfd_status(&self, peer: &str) -> Result<Option<String>> {
+        let Some(bfd) = &self.bfd else {
+            return Ok(None);
+        };
+        let out = vtysh_to(&self.ns, &bfd.dir, "bfdd", "show bfd peers json")?;
+        let peers: Value =
+            serde_json::from_str(&out).with_context(|| format!("not JSON: {out}"))?;
+        Ok(peers
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["peer"] == peer)
+            .and_then(|p| p["status"].as_str())
+            .map(str::to_owned))
+    }
+
     fn spawn(&mut self, ns: &Netns) -> Result<()> {
         let mut command = ns.command("/usr/lib/frr/bgpd");
+        match &self.bfd {
+            Some(bfd) => command.arg("-z").arg(bfd.dir.join("zserv.api")),
+            None => command.arg("-Z"),
+        };
         command
-            .args(["-Z", "-S", "-P", "0", "-f"])
+            .args(["-S", "-P", "0", "-f"])
             .arg(&self.conf)
             .arg("-i")
             .arg(&self.pidfile)
@@ -483,11 +610,16 @@ impl Frr {
 }
 
 fn vtysh(ns: &str, vty: &Path, command: &str) -> Result<String> {
+    vtysh_to(ns, vty, "bgpd", command)
+}
+
+/// One `vtysh` command to `daemon` through the vty sockets in `vty`.
+fn vtysh_to(ns: &str, vty: &Path, daemon: &str, command: &str) -> Result<String> {
     client_output(
         in_ns(ns, "vtysh")
             .arg("--vty_socket")
             .arg(vty)
-            .args(["-d", "bgpd", "-c", command]),
+            .args(["-d", daemon, "-c", command]),
         "vtysh",
         &format!("vtysh -c '{command}'"),
     )

@@ -8,6 +8,10 @@
 //! - **established**: agent spawn → BIRD shows the session Established; the idle RSS (no apps).
 //! - **scale**: many apps without monitors → time until BIRD holds all their routes, and the
 //!   agent's RSS at that moment.
+//! - **silence**: the host goes silent without closing TCP (SIGSTOP of the agent, t0) → its
+//!   route leaves BIRD's kernel table (t1); with BFD at its defaults (300 ms × 3, hold time
+//!   90 s) and, side by side, without BFD, where only the hold time acts (kept at
+//!   [`SILENT_HOLD`] so the part stays short). SIGCONT, then the route must come back.
 
 use std::{
     fmt::Write as _,
@@ -40,6 +44,11 @@ const PORT: u16 = 8090;
 const P50_TARGET: Duration = Duration::from_millis(300);
 const P99_TARGET: Duration = Duration::from_secs(1);
 const SCALE_TARGET: Duration = Duration::from_secs(2);
+/// Issue #16: a silent host's routes leave the router within BFD's detection time (900 ms).
+const SILENT_BFD_TARGET: Duration = Duration::from_secs(1);
+/// The hold time of the silence part without BFD: the shortest BIRD and the agent agree on
+/// in practice, so the comparison is the best case for BGP alone.
+const SILENT_HOLD: Duration = Duration::from_secs(9);
 /// How long any single wait may take before the bench gives up on a broken setup.
 const STEP_LIMIT: Duration = Duration::from_secs(10);
 
@@ -61,6 +70,9 @@ pub struct BgpArgs {
     /// How long the scale part waits for all routes, in seconds.
     #[arg(long, default_value_t = 60)]
     scale_timeout_s: u64,
+    /// Silent-host trials with BFD (and a third as many without, each a hold time long).
+    #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(u32).range(3..))]
+    silent_trials: u32,
     /// Run only these parts (repeat the flag for several); all by default.
     #[arg(long, value_enum)]
     only: Vec<Part>,
@@ -76,6 +88,7 @@ enum Part {
     Convergence,
     Established,
     Scale,
+    Silence,
 }
 
 /// What `bench bgp` measured, for `docs/benchmarks.md`.
@@ -111,6 +124,9 @@ pub fn run(args: &BgpArgs) -> Result<BgpReport> {
     if wanted(Part::Scale) {
         scale(&binary, args, summary).context("scale part")?;
     }
+    if wanted(Part::Silence) {
+        silence(&binary, args.silent_trials, summary).context("silence part")?;
+    }
     summary.print("bench bgp: summary");
     Ok(report)
 }
@@ -125,9 +141,18 @@ pub(super) struct Lab {
 
 impl Lab {
     pub(super) fn new() -> Result<Self> {
+        Self::with_bird(Bird::start)
+    }
+
+    /// A lab whose BIRD runs BFD on the session (300 ms × 3).
+    fn with_bfd() -> Result<Self> {
+        Self::with_bird(Bird::start_with_bfd)
+    }
+
+    fn with_bird(start: fn(&Netns, &Path, &Neighbor) -> Result<Bird>) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let topo = Topology::new()?;
-        let bird = Bird::start(&topo.client, dir.path(), &Neighbor::toward_agent(&topo))?;
+        let bird = start(&topo.client, dir.path(), &Neighbor::toward_agent(&topo))?;
         Ok(Self { bird, topo, dir })
     }
 
@@ -571,6 +596,76 @@ fn established(binary: &Path, starts: u32, summary: &mut Summary) -> Result<()> 
     );
     summary.figure("idle VmRSS, 0 apps", format!("{} MiB", mib(idle_rss)));
     Ok(())
+}
+
+/// The silence part: `trials` SIGSTOPs of an agent with BFD, a third as many without.
+fn silence(binary: &Path, trials: u32, summary: &mut Summary) -> Result<()> {
+    let hold = SILENT_HOLD.as_secs();
+    println!(
+        "\n== host silent → route gone at BIRD: {trials} trials with BFD, {} without (hold time {hold} s) ==",
+        trials / 3
+    );
+    let with = silent_trials(binary, true, trials)?;
+    let without = silent_trials(binary, false, trials / 3)?;
+    for (name, s) in [("with BFD", &with), ("without BFD", &without)] {
+        println!("{name}: p50 {} ms, max {} ms", ms(s.median()), ms(s.max()));
+    }
+    summary.checked(
+        "host silent → route gone at BIRD, BFD 300 ms × 3 (p50)",
+        format!("{} ms", ms(with.median())),
+        "≤ 1 s",
+        with.median() <= SILENT_BFD_TARGET,
+    );
+    summary.figure(
+        "host silent → route gone at BIRD, BFD (max)",
+        format!("{} ms", ms(with.max())),
+    );
+    summary.figure(
+        &format!("host silent → route gone at BIRD, no BFD, hold time {hold} s (p50)"),
+        format!("{} ms", ms(without.median())),
+    );
+    Ok(())
+}
+
+/// SIGSTOP → route deleted in BIRD's kernel table, `trials` times; SIGCONT and the route's
+/// return between trials.
+fn silent_trials(binary: &Path, bfd: bool, trials: u32) -> Result<Samples> {
+    let lab = if bfd { Lab::with_bfd()? } else { Lab::new()? };
+    let extra = if bfd {
+        "  hold_time: 90\n  bfd: true\n".to_owned()
+    } else {
+        format!("  hold_time: {}\n", SILENT_HOLD.as_secs())
+    };
+    let apps = format!("{extra}apps:\n  - name: {APP}\n    vip: {VIP}/32\n");
+    let config = lab.config("10s", "15m", &apps)?;
+    let watch = RouteWatch::start(&lab.topo.client, VIP)?;
+    let agent = lab.start_agent(binary, &config, "agent-silence.log")?;
+    // BFD starts at one packet a second, and BIRD waits 1-5 s after a session error.
+    let back = Duration::from_secs(60);
+    watch
+        .wait(true, back)
+        .with_context(|| log_tail(&agent, 30))?;
+    let pid = agent.pid().context("agent pid")?.to_string();
+    let mut took = Vec::new();
+    for trial in 0..trials {
+        watch.drain();
+        let stopped = Instant::now();
+        gocast_tests::sh("kill", &["-STOP", &pid])?;
+        let gone = watch.wait(false, SILENT_HOLD * 4);
+        gocast_tests::sh("kill", &["-CONT", &pid])?;
+        let gone = gone.with_context(|| format!("trial {trial}\n{}", log_tail(&agent, 30)))?;
+        let t = gone.at.duration_since(stopped);
+        println!(
+            "{} trial {trial}: {} ms",
+            if bfd { "BFD" } else { "no BFD" },
+            ms(t)
+        );
+        took.push(t);
+        watch
+            .wait(true, back)
+            .with_context(|| format!("route back after trial {trial}\n{}", log_tail(&agent, 30)))?;
+    }
+    Ok(Samples::new(took))
 }
 
 /// The `apps:` section of a scale config: `count` apps, IPv6 /128 VIPs, each with a

@@ -40,6 +40,7 @@ use self::{
     speaker::{Command, Published, SpeakerTask, Start},
 };
 use crate::{
+    bfd::Bfd,
     config::BgpConfig,
     messages::{Announcer, Routes},
     metrics::Metrics,
@@ -93,6 +94,7 @@ impl Speaker {
             metrics: metrics.clone(),
             routes,
             graceful: graceful_rx,
+            bfd: Bfd::start(metrics),
             published: Published {
                 statuses,
                 flushed: flushed_set,

@@ -9,7 +9,9 @@
 //!   hold time, TCP MD5 password, TTL, source addresses, and the speaker's router id) resets
 //!   that session alone, with Cease / Other Configuration Change (6/6, RFC 4486);
 //! - a change of **route attributes** only (communities, origin, MED, `LOCAL_PREF`, `NEXT_HOP`)
-//!   is sent as UPDATEs on the running session, for the prefixes whose attributes changed.
+//!   is sent as UPDATEs on the running session, for the prefixes whose attributes changed;
+//! - new **BFD** timers go to the running BFD session (a Poll Sequence, RFC 5880 §6.8.3) and a
+//!   new `bfd.strict` applies at the next connection; turning BFD on or off resets the session.
 
 pub use crate::config::NotApplied;
 use std::{
@@ -141,6 +143,7 @@ fn session_changes(old: &PeerConfig, new: &PeerConfig) -> Vec<&'static str> {
         local_pref: _,
         drain_local_pref: _,
         passive,
+        bfd,
     } = new;
     let mut changed = Vec::new();
     let mut check = |key, differs: bool| {
@@ -158,10 +161,14 @@ fn session_changes(old: &PeerConfig, new: &PeerConfig) -> Vec<&'static str> {
     check("hold_time", *hold_time != old.hold_time);
     // A passive session waits for the peer; an active one connects: a new session either way.
     check("passive", *passive != old.passive);
+    // Turning BFD on or off changes whether the session waits for it; new timers or `strict`
+    // are taken by the running sessions (`attribute_changes`).
+    check("bfd", bfd.is_some() != old.bfd.is_some());
     changed
 }
 
-/// The route attributes that differ: sent as UPDATEs on the running session.
+/// What a running session takes in place: route attributes (sent as UPDATEs) and BFD's
+/// timers and strictness.
 fn attribute_changes(old: &PeerConfig, new: &PeerConfig) -> Vec<&'static str> {
     let mut changed = Vec::new();
     let mut check = |key, differs: bool| {
@@ -177,6 +184,12 @@ fn attribute_changes(old: &PeerConfig, new: &PeerConfig) -> Vec<&'static str> {
     check(
         "drain_local_pref",
         new.drain_local_pref != old.drain_local_pref,
+    );
+    // The BFD session takes new timers with a Poll Sequence (RFC 5880 §6.8.3), and the BGP
+    // session reads `strict` when it next connects: neither resets BGP.
+    check(
+        "bfd",
+        new.bfd.is_some() && old.bfd.is_some() && new.bfd != old.bfd,
     );
     changed
 }
@@ -275,6 +288,7 @@ mod tests {
             local_pref: None,
             drain_local_pref: 0,
             passive: false,
+            bfd: None,
         }
     }
 
@@ -287,6 +301,36 @@ mod tests {
 
     fn key(ip: &str) -> PeerKey {
         PeerKey::Address(SocketAddr::new(ip.parse().unwrap(), 179))
+    }
+
+    #[test]
+    fn new_bfd_timers_or_strictness_update_the_running_session_without_a_reset() {
+        let with_bfd = PeerConfig {
+            bfd: Some(crate::config::BfdConfig::default()),
+            ..peer("198.18.0.2")
+        };
+        let faster = PeerConfig {
+            bfd: Some(crate::config::BfdConfig {
+                min_tx: Duration::from_millis(100),
+                strict: false,
+                ..crate::config::BfdConfig::default()
+            }),
+            ..with_bfd.clone()
+        };
+        let p = plan(std::slice::from_ref(&with_bfd), ID, &[faster], ID);
+        assert_eq!(
+            p.peers,
+            vec![(key("198.18.0.2"), Action::Update(vec!["bfd"]))]
+        );
+        let off = PeerConfig {
+            bfd: None,
+            ..with_bfd.clone()
+        };
+        let p = plan(&[with_bfd], ID, &[off], ID);
+        assert_eq!(
+            p.peers,
+            vec![(key("198.18.0.2"), Action::Reset(vec!["bfd"]))]
+        );
     }
 
     /// One edit of the peer `198.18.0.2`, and what a reload must do about it.
@@ -334,6 +378,11 @@ mod tests {
                 "local_ipv6",
                 |p| p.local_ipv6 = Some("2001:db8::1".parse().unwrap()),
                 Action::Reset(vec!["local_ipv6"]),
+            ),
+            (
+                "bfd turned on",
+                |p| p.bfd = Some(crate::config::BfdConfig::default()),
+                Action::Reset(vec!["bfd"]),
             ),
             (
                 "communities",

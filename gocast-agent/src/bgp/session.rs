@@ -19,6 +19,12 @@
 //! channels belong to its supervisor, which keeps them when it starts a failed session again.
 //! New route attributes from a reload go out on the running session; the speaker's stop says
 //! which Cease ends it.
+//!
+//! With BFD on the peer (RFC 5882 §4.3), the session follows its [`BfdStatus`]: BFD leaving Up
+//! because the path failed drops the connection at once (as a TCP failure, event 18; the cause
+//! goes to `/info` and the log), and with `bfd.strict` no connection is made or accepted while
+//! BFD is not Up, so the session cannot reach Established before BFD does. A peer taking BFD
+//! `AdminDown` leaves BGP alone (RFC 5882 §3.2).
 
 use std::{
     collections::{BTreeMap, HashSet, VecDeque},
@@ -46,6 +52,7 @@ use super::{
 };
 use crate::{
     app::Community,
+    bfd::{BfdStatus, packet::State as BfdState},
     config::{self, PeerConfig},
     messages::Routes,
     metrics::Metrics,
@@ -88,6 +95,8 @@ pub struct PeerStatus {
     /// What the peer was last sent for each prefix and not withdrawn since: the Adj-RIB-Out
     /// as it went out (`GET /peers/{addr}/routes`). Empty while the session is down.
     pub sent: Arc<BTreeMap<IpNet, SentRoute>>,
+    /// The peer's BFD session, when `bfd` is set.
+    pub bfd: Option<BfdStatus>,
 }
 
 /// One route as it was last sent to the peer.
@@ -117,6 +126,7 @@ impl PeerStatus {
             families: Vec::new(),
             task_down: None,
             sent: Arc::default(),
+            bfd: None,
         }
     }
 }
@@ -177,6 +187,8 @@ pub struct SessionLinks<'a> {
     pub status: &'a watch::Sender<PeerStatus>,
     /// The route-set version this peer has been sent (see `Announcer::flushed`).
     pub flushed: &'a watch::Sender<u64>,
+    /// The peer's BFD session, when `bfd` is set.
+    pub bfd: Option<watch::Receiver<BfdStatus>>,
 }
 
 /// One peer's session task.
@@ -217,6 +229,9 @@ pub struct Session<'a> {
     incoming: &'a mut mpsc::Receiver<TcpStream>,
     /// Label for logs and metrics: the peer's address, or "autodiscover".
     name: String,
+    bfd: Option<watch::Receiver<BfdStatus>>,
+    /// Whether BFD was Up at its last status: a failure is a change from Up.
+    bfd_up: bool,
 }
 
 impl<'a> Session<'a> {
@@ -261,6 +276,8 @@ impl<'a> Session<'a> {
             cause: None,
             incoming: links.incoming,
             name,
+            bfd: links.bfd,
+            bfd_up: false,
         }
     }
 
@@ -270,6 +287,9 @@ impl<'a> Session<'a> {
         let mut inputs = VecDeque::from([Input::ManualStart]);
         let mut stopping = false;
         let mut graceful = self.settings.graceful.clone();
+        if let Some(bfd) = self.bfd.as_mut() {
+            bfd.mark_changed();
+        }
         loop {
             while let Some(input) = inputs.pop_front() {
                 let outputs = self.fsm.process(input);
@@ -293,6 +313,11 @@ impl<'a> Session<'a> {
                 frame = next_frame(&mut self.candidate) => self.on_candidate_frame(frame),
                 done = connect_done(&mut self.connecting) => self.on_connect(done),
                 Some(stream) = self.incoming.recv() => {
+                    if self.bfd_gate().is_some() && !self.bfd_up {
+                        debug!("refusing an incoming connection: BFD is not up (bfd.strict)");
+                        tokio::spawn(reject(stream));
+                        continue;
+                    }
                     self.arriving = Some(stream);
                     Input::TcpConnectionConfirmed
                 }
@@ -312,6 +337,10 @@ impl<'a> Session<'a> {
                     self.reconfigure(&mut inputs).await;
                     continue;
                 }
+                Some(()) = bfd_changed(&mut self.bfd) => match self.on_bfd() {
+                    Some(input) => input,
+                    None => continue,
+                },
             };
             inputs.push_back(input);
         }
@@ -383,6 +412,30 @@ impl<'a> Session<'a> {
             },
             Some(Err(_)) | None => Input::CandidateFailed { answer: None },
         }
+    }
+
+    /// A new BFD status: shown in `/info`; a failure of the path drops the connection.
+    fn on_bfd(&mut self) -> Option<Input> {
+        let status = self.bfd.as_mut()?.borrow_and_update().clone();
+        let was_up = std::mem::replace(&mut self.bfd_up, status.state == BfdState::Up);
+        let failed = status.failed(was_up);
+        let reason = status.last_down.clone().unwrap_or_default();
+        let peer_admin_down = was_up && !failed && status.state != BfdState::Up;
+        self.status.send_modify(|s| s.bfd = Some(status));
+        if peer_admin_down {
+            info!("the peer took BFD down administratively: BGP stays up (RFC 5882 §3.2)");
+        }
+        if !failed || self.conn.is_none() {
+            return None;
+        }
+        self.note_error(format!("BFD session down: {reason}"));
+        Some(Input::TcpConnectionFails)
+    }
+
+    /// With `bfd.strict`, BFD's status until it is Up: connections wait for it.
+    fn bfd_gate(&self) -> Option<watch::Receiver<BfdStatus>> {
+        let strict = self.peer.bfd.is_some_and(|b| b.strict);
+        self.bfd.clone().filter(|_| strict)
     }
 
     fn on_connect(&mut self, done: Result<TcpStream, ConnectError>) -> Input {
@@ -604,7 +657,14 @@ impl<'a> Session<'a> {
         }
         let peer = self.peer.clone();
         let netlink = self.netlink.clone();
-        self.connecting = Some(tokio::spawn(async move { connect(&peer, &netlink).await }));
+        let gate = self.bfd_gate();
+        self.connecting = Some(tokio::spawn(async move {
+            if let Some(mut gate) = gate {
+                // The BFD session outlives this task (its supervisor holds it).
+                let _ = gate.wait_for(|s| s.state == BfdState::Up).await;
+            }
+            connect(&peer, &netlink).await
+        }));
     }
 
     /// The global address of a family on the interface toward the peer; errors are logged.
@@ -982,6 +1042,14 @@ async fn next_frame(
     }
 }
 
+/// The next change of BFD's status; pending forever without BFD (or once it is gone).
+async fn bfd_changed(bfd: &mut Option<watch::Receiver<BfdStatus>>) -> Option<()> {
+    match bfd.as_mut() {
+        Some(b) => b.changed().await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
 async fn connect_done(
     task: &mut Option<JoinHandle<Result<TcpStream, ConnectError>>>,
 ) -> Result<TcpStream, ConnectError> {
@@ -1019,6 +1087,7 @@ mod tests {
             local_pref: None,
             drain_local_pref: 0,
             passive: false,
+            bfd: None,
         }
     }
 

@@ -36,6 +36,7 @@ use super::{
     supervisor::{self, Supervised},
 };
 use crate::{
+    bfd::Bfd,
     config::{BgpConfig, PeerConfig},
     messages::Routes,
     metrics::Metrics,
@@ -91,6 +92,8 @@ pub struct SpeakerTask {
     retiring: Vec<JoinHandle<()>>,
     listener: Option<Listener>,
     published: Published,
+    /// Where peers with `bfd` set run their BFD session.
+    bfd: Bfd,
     /// Test-only fault injection: the peer whose first session panics (see
     /// [`supervisor::fault`]); taken by the first session started for it.
     #[cfg(debug_assertions)]
@@ -106,6 +109,7 @@ pub struct Start {
     pub routes: watch::Receiver<Routes>,
     pub graceful: watch::Receiver<bool>,
     pub published: Published,
+    pub bfd: Bfd,
 }
 
 impl SpeakerTask {
@@ -119,6 +123,7 @@ impl SpeakerTask {
             routes,
             graceful,
             published,
+            bfd,
         } = start;
         let mut task = Self {
             bgp: BgpConfig::default(),
@@ -131,6 +136,7 @@ impl SpeakerTask {
             retiring: Vec::new(),
             listener: None,
             published,
+            bfd,
             #[cfg(debug_assertions)]
             panic_target: supervisor::fault::target(),
         };
@@ -216,6 +222,7 @@ impl SpeakerTask {
             status: status.clone(),
             flushed,
             predecessor,
+            bfd: self.bfd.clone(),
             #[cfg(debug_assertions)]
             inject_panic,
         };
@@ -431,6 +438,7 @@ mod tests {
             local_pref: None,
             drain_local_pref: 0,
             passive: false,
+            bfd: None,
         }
     }
 

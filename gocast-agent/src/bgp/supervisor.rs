@@ -16,6 +16,10 @@
 //! [`Backoff`]'s delay. The socket died with the session, so the peer has dropped our routes:
 //! while the session is down, every route-set version counts as sent to it and no withdrawal
 //! waits for it.
+//!
+//! A peer with `bfd` set also has its BFD session here ([`crate::bfd`]): it starts before the
+//! first BGP session, outlives their restarts, and is stopped (`AdminDown`) only after the last
+//! one has sent its Cease, so the router sees a shutdown, not a path failure (RFC 5882 §3.2).
 
 use std::{
     any::Any,
@@ -37,7 +41,14 @@ use super::{
         PeerStatus, Session, SessionLinks, SessionSettings, StopCause, peer_name, stop_requested,
     },
 };
-use crate::{backoff::Backoff, error_chain, messages::Routes, metrics::Metrics, netlink::Netlink};
+use crate::{
+    backoff::Backoff,
+    bfd::{Bfd, BfdStatus},
+    error_chain,
+    messages::Routes,
+    metrics::Metrics,
+    netlink::Netlink,
+};
 
 /// The `task` label of session restarts in `gocast_task_restarts_total`.
 pub const TASK: &str = "bgp_session";
@@ -66,12 +77,15 @@ pub struct Supervised {
     /// The task of the session this one replaces, awaited first (it still writes `status`
     /// until it ends).
     pub predecessor: Option<JoinHandle<()>>,
+    /// Where the peer's BFD session (if `bfd` is set) registers.
+    pub bfd: Bfd,
     /// Test-only fault injection (see [`fault`]): the first session panics once Established.
     #[cfg(debug_assertions)]
     pub inject_panic: bool,
 }
 
-/// Runs the peer's session until the speaker stops it, restarting it whenever it fails.
+/// Runs the peer's session until the speaker stops it, restarting it whenever it fails; then
+/// stops its BFD session.
 /// Every line it and its sessions log is in the span `bgp{peer=ADDR}`, so one peer's story
 /// filters out of the journal (docs/operations.md, "Logs").
 pub async fn supervise(s: Supervised) {
@@ -87,6 +101,24 @@ async fn supervise_in_span(mut s: Supervised) {
             "the session being replaced did not close within {PREDECESSOR_WAIT:?}; starting anyway"
         );
     }
+    let bfd = s
+        .settings
+        .peer
+        .borrow()
+        .bfd
+        .is_some()
+        .then(|| s.bfd.spawn_session(s.settings.peer.clone(), &s.metrics));
+    let bfd_status = bfd.as_ref().map(|b| b.status.clone());
+    s.status
+        .send_modify(|st| st.bfd = bfd_status.as_ref().map(|b| b.borrow().clone()));
+    supervise_sessions(&mut s, bfd_status).await;
+    if let Some(bfd) = bfd {
+        bfd.stop().await;
+    }
+}
+
+/// The restart loop of [`supervise`].
+async fn supervise_sessions(s: &mut Supervised, bfd: Option<watch::Receiver<BfdStatus>>) {
     let (name, address, asn) = {
         let peer = s.settings.peer.borrow();
         (peer_name(&peer), peer.peer_ip, peer.peer_as)
@@ -102,7 +134,7 @@ async fn supervise_in_span(mut s: Supervised) {
             return;
         }
         let started = Instant::now();
-        let why = match run_once(&mut s).await {
+        let why = match run_once(s, bfd.clone()).await {
             Ok(()) => return,
             Err(why) => why,
         };
@@ -111,8 +143,8 @@ async fn supervise_in_span(mut s: Supervised) {
         }
         let delay = backoff.next_delay();
         error!(task = TASK, error = %why, ?delay, "BGP session task failed; restarting it");
-        mark_down(&s, &name, &why);
-        if !wait_down(&mut s, delay).await {
+        mark_down(s, &name, &why);
+        if !wait_down(s, delay).await {
             return;
         }
         s.metrics.task_restarted(TASK, &name);
@@ -122,7 +154,10 @@ async fn supervise_in_span(mut s: Supervised) {
 }
 
 /// Runs one session task to its end: `Ok` when the speaker stopped it, else why it ended.
-async fn run_once(s: &mut Supervised) -> Result<(), String> {
+async fn run_once(
+    s: &mut Supervised,
+    bfd: Option<watch::Receiver<BfdStatus>>,
+) -> Result<(), String> {
     // A connection per session: dumps from sessions that come up together would otherwise
     // collide (the kernel answers EBUSY).
     let netlink = Netlink::new()
@@ -138,6 +173,7 @@ async fn run_once(s: &mut Supervised) -> Result<(), String> {
             incoming: &mut s.incoming,
             status: &s.status,
             flushed: &s.flushed,
+            bfd,
         },
     );
     let run = session.run();
@@ -319,6 +355,7 @@ mod tests {
             local_pref: None,
             drain_local_pref: 0,
             passive: false,
+            bfd: None,
         }
     }
 
@@ -348,6 +385,7 @@ mod tests {
             status,
             flushed: watch::channel(0).0,
             predecessor: None,
+            bfd: Bfd::start(metrics),
             inject_panic,
         };
         (s, stop_tx, status_rx)

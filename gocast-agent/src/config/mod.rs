@@ -56,6 +56,14 @@ pub const DEFAULT_DRAIN_TIME: Duration = Duration::from_secs(30);
 /// Where state files live unless `agent.state_file` says otherwise.
 pub const STATE_DIR: &str = "/var/lib/gocast";
 pub const DEFAULT_HOLD_TIME: Duration = Duration::from_secs(90);
+/// BFD's default `min_tx` and `min_rx`: with [`DEFAULT_BFD_MULTIPLIER`], a silent host is
+/// detected within 900 ms (what BIRD and FRR offer as their own defaults, 100–300 ms × 3).
+pub const DEFAULT_BFD_INTERVAL: Duration = Duration::from_millis(300);
+pub const DEFAULT_BFD_MULTIPLIER: u8 = 3;
+/// The bounds of `bfd.min_tx` / `bfd.min_rx`: below 10 ms a loaded host would flap its own
+/// sessions; above a minute BFD detects nothing the hold timer would not.
+pub const BFD_INTERVAL_MIN: Duration = Duration::from_millis(10);
+pub const BFD_INTERVAL_MAX: Duration = Duration::from_secs(60);
 pub const BGP_PORT: u16 = 179;
 
 /// A config that could not be used; nothing has been started when this is returned.
@@ -298,6 +306,32 @@ pub struct PeerConfig {
     /// Never connect to the peer: wait in Active for its connection on `bgp.listen_port`
     /// (RFC 4271 §8.1.1 `PassiveTcpEstablishment`).
     pub passive: bool,
+    /// BFD on this peer's session (RFC 5880/5881/5882), when set.
+    pub bfd: Option<BfdConfig>,
+}
+
+/// `bfd:` on a peer (or as the section's default): `bfd: true` takes the defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BfdConfig {
+    /// Our Desired Min TX Interval once the session is Up.
+    pub min_tx: Duration,
+    /// Our Required Min RX Interval.
+    pub min_rx: Duration,
+    /// Our Detect Mult: the peer declares us down after this many intervals of silence.
+    pub multiplier: u8,
+    /// Hold the BGP session until BFD is Up (RFC 5882 §4.3 leaves it to the client).
+    pub strict: bool,
+}
+
+impl Default for BfdConfig {
+    fn default() -> Self {
+        Self {
+            min_tx: DEFAULT_BFD_INTERVAL,
+            min_rx: DEFAULT_BFD_INTERVAL,
+            multiplier: DEFAULT_BFD_MULTIPLIER,
+            strict: true,
+        }
+    }
 }
 
 /// The ORIGIN attribute of announcements.

@@ -104,11 +104,21 @@ struct OutPeer<'a> {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     passive: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
+    bfd: Option<OutBfd>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     router_id: Option<Ipv4Addr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     listen_port: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     graceful_shutdown: Option<String>,
+}
+
+#[derive(Serialize)]
+struct OutBfd {
+    min_tx: String,
+    min_rx: String,
+    multiplier: u8,
+    strict: bool,
 }
 
 #[derive(Serialize)]
@@ -186,6 +196,12 @@ impl Config {
                     local_pref: p.local_pref,
                     drain_local_pref: p.drain_local_pref,
                     passive: p.passive,
+                    bfd: p.bfd.map(|b| OutBfd {
+                        min_tx: go_duration::format(b.min_tx),
+                        min_rx: go_duration::format(b.min_rx),
+                        multiplier: b.multiplier,
+                        strict: b.strict,
+                    }),
                     // Section-wide keys ride on the first block.
                     router_id: self.bgp.router_id.filter(|_| i == 0),
                     listen_port: self.bgp.listen_port.filter(|_| i == 0),

@@ -15,11 +15,11 @@ use crate::app::{AppName, AppSpec, Community, Monitor, NatRule, Vip};
 use crate::auth::AuthScope;
 
 use super::{
-    AgentConfig, ApiConfig, BGP_PORT, BgpConfig, Config, ConsulConfig, DEFAULT_CLEANUP_TIMER,
-    DEFAULT_CONSUL_MONITOR_GRACE, DEFAULT_CONSUL_QUERY_INTERVAL, DEFAULT_DRAIN_TIME,
-    DEFAULT_EXEC_TIMEOUT, DEFAULT_HOLD_TIME, DEFAULT_LISTEN, DEFAULT_MONITOR_INTERVAL,
-    DEFAULT_UNIX_MODE, DataplaneConfig, DataplaneMode, IngressMode, ListenAddr, Origin,
-    PassiveHealthConfig, PeerConfig, STATE_DIR, go_duration,
+    AgentConfig, ApiConfig, BFD_INTERVAL_MAX, BFD_INTERVAL_MIN, BGP_PORT, BfdConfig, BgpConfig,
+    Config, ConsulConfig, DEFAULT_CLEANUP_TIMER, DEFAULT_CONSUL_MONITOR_GRACE,
+    DEFAULT_CONSUL_QUERY_INTERVAL, DEFAULT_DRAIN_TIME, DEFAULT_EXEC_TIMEOUT, DEFAULT_HOLD_TIME,
+    DEFAULT_LISTEN, DEFAULT_MONITOR_INTERVAL, DEFAULT_UNIX_MODE, DataplaneConfig, DataplaneMode,
+    IngressMode, ListenAddr, Origin, PassiveHealthConfig, PeerConfig, STATE_DIR, go_duration,
 };
 
 // ---- the file as written -------------------------------------------------------------------
@@ -166,6 +166,8 @@ struct RawPeerKeys {
     drain_local_pref: Option<u32>,
     /// Never connect; wait for the peer's connection (needs `listen_port`).
     passive: Option<bool>,
+    /// BFD on the session: `true`, `false` or the timers.
+    bfd: Option<RawBfd>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -198,6 +200,87 @@ struct RawBgpBlock {
     drain_local_pref: Option<u32>,
     /// Never connect; wait for the peer's connection (needs `listen_port`).
     passive: Option<bool>,
+    /// BFD on the session: `true`, `false` or the timers.
+    bfd: Option<RawBfd>,
+}
+
+/// `bfd: true`, `bfd: false` or `bfd: {min_tx: 300ms, ...}`. A peer's own `bfd:` replaces the
+/// section's as a whole.
+#[derive(Debug, Clone)]
+enum RawBfd {
+    Switch(bool),
+    Timers(RawBfdTimers),
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBfdTimers {
+    #[serde(default, with = "go_duration::option")]
+    min_tx: Option<Duration>,
+    #[serde(default, with = "go_duration::option")]
+    min_rx: Option<Duration>,
+    multiplier: Option<u8>,
+    strict: Option<bool>,
+}
+
+impl<'de> Deserialize<'de> for RawBfd {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = RawBfd;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("true, false or {min_tx, min_rx, multiplier, strict}")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<RawBfd, E> {
+                Ok(RawBfd::Switch(v))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<RawBfd, A::Error> {
+                RawBfdTimers::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(RawBfd::Timers)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl RawBfd {
+    /// The checked config, `None` when off.
+    fn to_config(&self, key: &str) -> Result<Option<BfdConfig>, Invalid> {
+        let timers = match self {
+            Self::Switch(false) => return Ok(None),
+            Self::Switch(true) => RawBfdTimers::default(),
+            Self::Timers(t) => t.clone(),
+        };
+        let defaults = BfdConfig::default();
+        let interval = |value: Option<Duration>, name: &str, default| {
+            let v = value.unwrap_or(default);
+            if (BFD_INTERVAL_MIN..=BFD_INTERVAL_MAX).contains(&v) {
+                Ok(v)
+            } else {
+                Err(invalid(
+                    format!("{key}.bfd.{name}"),
+                    format!(
+                        "must be between {} and {}",
+                        go_duration::format(BFD_INTERVAL_MIN),
+                        go_duration::format(BFD_INTERVAL_MAX)
+                    ),
+                ))
+            }
+        };
+        let multiplier = timers.multiplier.unwrap_or(defaults.multiplier);
+        if multiplier == 0 {
+            return Err(invalid(
+                format!("{key}.bfd.multiplier"),
+                "must be 1-255 (RFC 5880 Detect Mult)",
+            ));
+        }
+        Ok(Some(BfdConfig {
+            min_tx: interval(timers.min_tx, "min_tx", defaults.min_tx)?,
+            min_rx: interval(timers.min_rx, "min_rx", defaults.min_rx)?,
+            multiplier,
+            strict: timers.strict.unwrap_or(defaults.strict),
+        }))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -708,6 +791,7 @@ impl RawPeerKeys {
                 format!("{l} and peer {p} are of different families"),
             ));
         }
+        let bfd = self.bfd(defaults, key)?;
         Ok(PeerConfig {
             local_as: section.local_as,
             peer_as,
@@ -728,7 +812,25 @@ impl RawPeerKeys {
                 .or(defaults.drain_local_pref)
                 .unwrap_or(0),
             passive: peer.passive.or(defaults.passive).unwrap_or(false),
+            bfd,
         })
+    }
+}
+
+impl RawPeerKeys {
+    /// The peer's `bfd:`, else the block's; only toward a configured `peer_ip`.
+    fn bfd(&self, defaults: &RawPeerKeys, key: &str) -> Result<Option<BfdConfig>, Invalid> {
+        let bfd = match self.bfd.as_ref().or(defaults.bfd.as_ref()) {
+            Some(raw) => raw.to_config(key)?,
+            None => None,
+        };
+        if bfd.is_some() && self.peer_ip.is_none() {
+            return Err(invalid(
+                format!("{key}.bfd"),
+                "needs peer_ip: a BFD session is set up toward a known neighbour address",
+            ));
+        }
+        Ok(bfd)
     }
 }
 
@@ -759,6 +861,7 @@ impl RawBgpBlock {
             local_pref: self.local_pref,
             drain_local_pref: self.drain_local_pref,
             passive: self.passive,
+            bfd: self.bfd.clone(),
         };
         let origin = self.origin.unwrap_or(Origin::Igp);
         let section = Section {

@@ -505,6 +505,20 @@ fn every_documented_bound_is_enforced() {
         (format!("{peer}, peer_port: 65536}}"), "peer_port"),
         (format!("{peer}, listen_port: 0}}"), "bgp.listen_port"),
         (format!("{peer}, passive: true}}"), "bgp.passive"),
+        (format!("{peer}, bfd: {{min_tx: 5ms}}}}"), "bgp.bfd.min_tx"),
+        (format!("{peer}, bfd: {{min_rx: 61s}}}}"), "bgp.bfd.min_rx"),
+        (
+            format!("{peer}, bfd: {{multiplier: 0}}}}"),
+            "bgp.bfd.multiplier",
+        ),
+        (format!("{peer}, bfd: {{multiplier: 256}}}}"), "multiplier"),
+        (format!("{peer}, bfd: {{min_tx: 300}}}}"), "min_tx"),
+        (format!("{peer}, bfd: {{interval: 1s}}}}"), "interval"),
+        (format!("{peer}, bfd: yes please}}"), "bfd"),
+        (
+            "bgp: {local_as: 1, remote_as: 2, bfd: true}".to_owned(),
+            "bgp.bfd",
+        ),
         (
             "bgp: {local_as: 0, remote_as: 2}".to_owned(),
             "bgp.local_as",
@@ -575,4 +589,43 @@ fn every_documented_bound_is_enforced() {
         "x".repeat(80)
     ))
     .unwrap();
+}
+
+#[test]
+fn bfd_is_off_by_default_true_takes_the_defaults_and_a_peer_overrides_the_section() {
+    let c = parse(
+        "bgp:\n  local_as: 65001\n  bfd: true\n  peers:\n    - {peer_ip: 198.18.0.2, peer_as: 65000}\n    - {peer_ip: 198.18.0.6, peer_as: 65000, bfd: false}\n    - {peer_ip: 198.18.0.10, peer_as: 65000, bfd: {min_tx: 100ms, multiplier: 5, strict: false}}\n",
+    )
+    .unwrap();
+    let bfd: Vec<_> = c.bgp.peers.iter().map(|p| p.bfd).collect();
+    assert_eq!(bfd[0], Some(BfdConfig::default()));
+    assert_eq!(
+        BfdConfig::default(),
+        BfdConfig {
+            min_tx: Duration::from_millis(300),
+            min_rx: Duration::from_millis(300),
+            multiplier: 3,
+            strict: true
+        }
+    );
+    assert_eq!(bfd[1], None);
+    assert_eq!(
+        bfd[2],
+        Some(BfdConfig {
+            min_tx: Duration::from_millis(100),
+            min_rx: Duration::from_millis(300),
+            multiplier: 5,
+            strict: false
+        })
+    );
+    assert_eq!(
+        parse("bgp: {local_as: 1, remote_as: 2, peer_ip: 198.18.0.2}")
+            .unwrap()
+            .bgp
+            .peers[0]
+            .bfd,
+        None
+    );
+    let again = Config::parse(&c.to_yaml(), "printed").unwrap();
+    assert_eq!(again.bgp.peers, c.bgp.peers, "{}", c.to_yaml());
 }
