@@ -293,11 +293,13 @@ impl Driver {
         for effect in out.drain(..) {
             match effect {
                 Effect::Reply { id, reply } => self.reply(id, reply),
-                Effect::Persist(saved) => {
+                // One write for the whole batch (group commit): the core sends the next only
+                // after this one's result.
+                Effect::Persist(changes) => {
                     let store = self.store.clone();
                     let tx = self.persisted_tx.clone();
                     tokio::spawn(async move {
-                        let _ = tx.send(store.save_off_thread(saved).await).await;
+                        let _ = tx.send(store.save_off_thread(changes).await).await;
                     });
                 }
                 // The scheduler lives as long as we do; a send error only happens at shutdown.
