@@ -605,16 +605,14 @@ impl Host for SystemHost {
         let mut dests = Vec::with_capacity(jobs.len());
         for job in jobs {
             let v4 = job.vip.addr().is_ipv4();
-            let dest = match job.dest {
-                Some(d) => Some(d),
-                None => match defaults[usize::from(!v4)] {
-                    Some(known) => known,
-                    None => {
-                        let found = self.default_nat_dest(v4).await.ok();
-                        defaults[usize::from(!v4)] = Some(found);
-                        found
-                    }
-                },
+            let dest = match (job.dest, defaults[usize::from(!v4)]) {
+                (Some(d), _) => Some(d),
+                (None, Some(known)) => known,
+                (None, None) => {
+                    let found = self.default_nat_dest(v4).await.ok();
+                    defaults[usize::from(!v4)] = Some(found);
+                    found
+                }
             };
             dests.push(dest.ok_or(v4));
         }

@@ -142,18 +142,17 @@ fn a_state_file_that_is_not_utf8_is_moved_aside_and_saving_works_again() -> Resu
     Ok(())
 }
 
-/// Registers `req{i}` for i = first, first + step, .. until `stop` is set; returns the names
-/// that were answered 200 (acknowledged as saved).
+/// Registers `req{i}` for i = first, first + CLIENTS, .. until `halt` is set; returns the
+/// names that were answered 200 (acknowledged as saved).
 fn storm(
     topo: &Topology,
     first: u32,
-    step: u32,
-    stop: &std::sync::atomic::AtomicBool,
+    halt: &std::sync::atomic::AtomicBool,
     acked: &std::sync::atomic::AtomicU32,
 ) -> Vec<String> {
     let mut ok = Vec::new();
     let mut i = first;
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 0xffff {
+    while !halt.load(std::sync::atomic::Ordering::Relaxed) && i < 0xffff {
         let name = format!("req{i}");
         let url = format!(
             "http://{API}/register?name={name}&vip=2001:db8:ff00::{i:x}/128&monitor=port:tcp:{PORT}&nat=tcp:80:8080"
@@ -163,12 +162,15 @@ fn storm(
             ok.push(name);
             acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        i += step;
+        i += CLIENTS;
     }
     ok
 }
 
+/// The service the stormed apps' monitors check.
 const PORT: u16 = 8081;
+/// Concurrent registering clients.
+const CLIENTS: u32 = 16;
 
 #[test]
 fn every_registration_acknowledged_before_a_sigkill_is_restored_and_installed() -> Result<()> {
@@ -195,13 +197,12 @@ fn every_registration_acknowledged_before_a_sigkill_is_restored_and_installed() 
         &dir.path().join("agent.log"),
         API,
     )?;
-    const CLIENTS: u32 = 16;
     let (stop, acked) = (AtomicBool::new(false), AtomicU32::new(0));
     let saved: Vec<String> = std::thread::scope(|s| -> Result<Vec<String>> {
         let clients: Vec<_> = (0..CLIENTS)
             .map(|c| {
                 let (topo, stop, acked) = (&topo, &stop, &acked);
-                s.spawn(move || storm(topo, c, CLIENTS, stop, acked))
+                s.spawn(move || storm(topo, c, stop, acked))
             })
             .collect();
         // Killed in the middle of the storm: requests in flight, a write maybe half done.

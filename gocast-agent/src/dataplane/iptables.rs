@@ -177,15 +177,16 @@ impl Iptables {
             for family in [Family::V4, Family::V6] {
                 let mut members = Vec::new();
                 for (i, job) in jobs.iter().enumerate() {
+                    if Family::of(job.vip) != family {
+                        continue;
+                    }
                     match self.family(job.vip, job.dest) {
-                        Ok(f) if f == family => members.push(i),
-                        Ok(_) => {}
+                        Ok(_) => members.push(i),
                         // Nothing IPv6 was ever installed, so nothing is left to remove.
                         Err(IptablesError::Ipv6Unavailable { .. }) if op == Op::Delete => {
                             results[i] = Some(Ok(()));
                         }
-                        Err(e) if Family::of(job.vip) == family => results[i] = Some(Err(e)),
-                        Err(_) => {}
+                        Err(e) => results[i] = Some(Err(e)),
                     }
                 }
                 if members.is_empty() {
