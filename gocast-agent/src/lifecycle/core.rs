@@ -135,6 +135,8 @@ pub struct Core {
     persisting: Option<Vec<Pending>>,
     /// The next write, gathered while handling requests (sent at the end of the step).
     staged: Staged,
+    /// The apps a registration may clash with, by address and label.
+    conflicts: checks::ConflictIndex,
     /// Requests that arrived while a state-file write was in flight, in order.
     deferred: VecDeque<Event>,
     shutting_down: bool,
@@ -163,6 +165,7 @@ impl Core {
             next_cleanup: None,
             persisting: None,
             staged: Staged::default(),
+            conflicts: checks::ConflictIndex::default(),
             deferred: VecDeque::new(),
             shutting_down: false,
             drained: BTreeSet::new(),
@@ -380,6 +383,7 @@ impl Core {
         if self.changed.routes || self.changed.owners {
             self.publish(out);
         }
+        self.tidy_conflict_index();
     }
 
     fn reply(id: RequestId, result: Result<AppView, LifecycleError>, out: &mut Vec<Effect>) {
@@ -628,6 +632,8 @@ impl Core {
         self.metrics
             .app_state(entry.spec.name.as_str(), false, false);
         watch(&entry, out);
+        self.conflicts
+            .add(&entry.spec.name, entry.spec.vip, &entry.label);
         self.apps.insert(entry.spec.name.clone(), entry);
         // The stats sampler learns the new VIP's owner with the next publish.
         self.changed.owners = true;
