@@ -1549,6 +1549,31 @@ mod tests {
     }
 
     #[test]
+    fn conflicts_are_found_through_the_index_after_churn_and_a_wide_vip_covers_later_ones() {
+        let mut t = T::new(1, 1, vec![spec("wide", "192.0.2.0/28")]);
+        let effects = t.register(spec("inside", "192.0.2.5/32"), Source::Consul);
+        let err = app_reply(effects).as_ref().unwrap_err().to_string();
+        assert!(err.contains("overlaps vip"), "{err}");
+        // Apps come and go (stale index entries pile up and the index is rebuilt); a freed
+        // VIP is free, a taken one is still refused.
+        for round in 0..100 {
+            let id = t.id();
+            let apps = vec![spec(&format!("c{round}"), "192.0.2.100/32")];
+            t.step(Event::SyncConsul {
+                id,
+                apps,
+                keep: Vec::new(),
+            });
+        }
+        assert!(t.core.conflicts.len() <= 4 * t.core.apps.len() + 64);
+        let effects = t.register(spec("late", "192.0.2.100/32"), Source::Http);
+        let err = app_reply(effects).as_ref().unwrap_err().to_string();
+        assert!(err.contains("is already used by app c99"), "{err}");
+        let effects = t.register(spec("free", "192.0.2.101/32"), Source::Http);
+        assert_eq!(kinds(effects), ["persist"]);
+    }
+
+    #[test]
     fn consul_passes_swap_vips_between_two_services() {
         let mut t = T::new(1, 1, Vec::new());
         let id = t.id();

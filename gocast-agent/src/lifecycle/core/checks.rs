@@ -64,7 +64,7 @@ impl ConflictIndex {
         self.by_label.insert(label.to_owned(), name.clone());
     }
 
-    fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.by_addr.len() + self.wide.len() + self.by_label.len()
     }
 }
