@@ -147,6 +147,9 @@ fn api_section(md: &mut String, api: &ApiReport) {
             ratio(row.unregister, base.map(|b| b.unregister)),
         );
     }
+    for failed in &api.failed {
+        let _ = writeln!(md, "\nBaseline without a figure: {failed}.");
+    }
     md.push('\n');
     table(md, &api.summary);
     let _ = writeln!(
