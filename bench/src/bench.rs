@@ -302,6 +302,7 @@ mod tests {
         defaults::<bgp::BgpArgs>("bgp").unwrap();
         defaults::<nat::NatArgs>("nat").unwrap();
         defaults::<memory::MemoryArgs>("memory").unwrap();
+        defaults::<api::ApiArgs>("api").unwrap();
     }
 
     #[test]
