@@ -26,10 +26,10 @@ use crate::{
     dataplane::{
         DataplaneInfo,
         ebpf::{CounterReader, Ebpf, EbpfError, Hook, IngressHook},
-        iptables::{CHAIN, Iptables},
+        iptables::{CHAIN, Iptables, NatItem},
     },
     lifecycle::{
-        Host, HostError, Protected,
+        Host, HostError, NatJob, Protected,
         events::{Drift, Expected, NatSpec, Part, RepairKind},
     },
     netlink::Netlink,
@@ -165,6 +165,24 @@ impl SystemHost {
         fallback?.ok_or(HostError::NoNatDest {
             family: if v4 { 4 } else { 6 },
         })
+    }
+}
+
+impl SystemHost {
+    /// With eBPF, puts a VIP now on `lo` into the VIP table (for its counters and NAT).
+    fn add_to_table(&mut self, vip: &Vip) -> Result<(), HostError> {
+        if let Nat::Ebpf(ebpf) = &mut self.nat {
+            match ebpf.add_vip(vip.addr()) {
+                // The VIP works without counters; only its NAT needs the table (refused then).
+                Err(e @ EbpfError::Full { .. }) => {
+                    if !std::mem::replace(&mut self.warned_full, true) {
+                        warn!(error = %e, "eBPF VIP table full: further vips get no counters and no eBPF NAT");
+                    }
+                }
+                other => other?,
+            }
+        }
+        Ok(())
     }
 }
 
@@ -481,18 +499,7 @@ async fn remove_stale_iptables_chain() {
 impl Host for SystemHost {
     async fn add_vip(&mut self, vip: &Vip, label: &str) -> Result<(), HostError> {
         self.netlink.add_vip(vip, label).await?;
-        if let Nat::Ebpf(ebpf) = &mut self.nat {
-            match ebpf.add_vip(vip.addr()) {
-                // The VIP works without counters; only its NAT needs the table (refused then).
-                Err(e @ EbpfError::Full { .. }) => {
-                    if !std::mem::replace(&mut self.warned_full, true) {
-                        warn!(error = %e, "eBPF VIP table full: further vips get no counters and no eBPF NAT");
-                    }
-                }
-                other => other?,
-            }
-        }
-        Ok(())
+        self.add_to_table(vip)
     }
 
     async fn remove_vip(&mut self, vip: &Vip) -> Result<(), HostError> {
@@ -537,6 +544,150 @@ impl Host for SystemHost {
         }
         self.installed_dest.remove(app);
         Ok(())
+    }
+
+    async fn add_vips(&mut self, vips: &[(&Vip, &str)]) -> Vec<Result<(), HostError>> {
+        // Every request in flight together on the one netlink socket: one round trip for the
+        // batch instead of one per VIP. The eBPF table is then filled in the same order.
+        let netlink = &self.netlink;
+        let added =
+            futures::future::join_all(vips.iter().map(|(vip, label)| netlink.add_vip(vip, label)))
+                .await;
+        let mut results = Vec::with_capacity(vips.len());
+        for ((vip, _), result) in vips.iter().zip(added) {
+            results.push(match result {
+                Ok(()) => self.add_to_table(vip),
+                Err(e) => Err(e.into()),
+            });
+        }
+        results
+    }
+
+    async fn remove_vips(&mut self, vips: &[&Vip]) -> Vec<Result<(), HostError>> {
+        let mut results = Vec::with_capacity(vips.len());
+        let mut leave = Vec::new();
+        for vip in vips {
+            let out_of_table = match &mut self.nat {
+                Nat::Ebpf(ebpf) => ebpf.remove_vip(vip.addr()).map_err(HostError::from),
+                Nat::Iptables(_) => Ok(()),
+            };
+            if out_of_table.is_ok() {
+                leave.push(*vip);
+            }
+            results.push(out_of_table);
+        }
+        let netlink = &self.netlink;
+        let removed =
+            futures::future::join_all(leave.iter().map(|vip| netlink.remove_vip(vip))).await;
+        let mut removed = removed.into_iter();
+        for result in &mut results {
+            if result.is_ok() {
+                *result = removed.next().unwrap_or(Ok(())).map_err(HostError::from);
+            }
+        }
+        results
+    }
+
+    async fn install_nats(&mut self, jobs: &[NatJob<'_>]) -> Vec<Result<(), HostError>> {
+        if matches!(self.nat, Nat::Ebpf(_)) {
+            // Map updates: nothing to gain from batching.
+            let mut results = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                results.push(
+                    self.install_nat(job.app, job.vip, job.rules, job.dest)
+                        .await,
+                );
+            }
+            return results;
+        }
+        // The default destination is looked up once per family for the batch.
+        let mut defaults: [Option<Option<IpAddr>>; 2] = [None, None];
+        let mut dests = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let v4 = job.vip.addr().is_ipv4();
+            let dest = match (job.dest, defaults[usize::from(!v4)]) {
+                (Some(d), _) => Some(d),
+                (None, Some(known)) => known,
+                (None, None) => {
+                    let found = self.default_nat_dest(v4).await.ok();
+                    defaults[usize::from(!v4)] = Some(found);
+                    found
+                }
+            };
+            dests.push(dest.ok_or(v4));
+        }
+        let items: Vec<NatItem<'_>> = jobs
+            .iter()
+            .zip(&dests)
+            .filter_map(|(job, dest)| {
+                Some(NatItem {
+                    app: job.app,
+                    vip: job.vip.addr(),
+                    rules: job.rules,
+                    dest: *dest.as_ref().ok()?,
+                })
+            })
+            .collect();
+        let Nat::Iptables(iptables) = &self.nat else {
+            unreachable!("eBPF returned above");
+        };
+        let mut installed = iptables.install_many(&items).await.into_iter();
+        let mut results = Vec::with_capacity(jobs.len());
+        for (job, dest) in jobs.iter().zip(dests) {
+            results.push(match dest {
+                // Looked up again for its error (rare: no destination at all).
+                Err(v4) => self.default_nat_dest(v4).await.map(drop),
+                Ok(dest) => match installed.next() {
+                    Some(Ok(())) => {
+                        self.installed_dest.insert(job.app.clone(), dest);
+                        Ok(())
+                    }
+                    Some(Err(e)) => Err(e.into()),
+                    None => Ok(()),
+                },
+            });
+        }
+        results
+    }
+
+    async fn remove_nats(&mut self, jobs: &[NatJob<'_>]) -> Vec<Result<(), HostError>> {
+        let Nat::Iptables(iptables) = &self.nat else {
+            let mut results = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                results.push(self.remove_nat(job.app, job.vip, job.rules, job.dest).await);
+            }
+            return results;
+        };
+        // The destination each app's rules were installed with; none: nothing to remove.
+        let dests: Vec<Option<IpAddr>> = jobs
+            .iter()
+            .map(|job| self.installed_dest.get(job.app).copied().or(job.dest))
+            .collect();
+        let items: Vec<NatItem<'_>> = jobs
+            .iter()
+            .zip(&dests)
+            .filter_map(|(job, dest)| {
+                Some(NatItem {
+                    app: job.app,
+                    vip: job.vip.addr(),
+                    rules: job.rules,
+                    dest: (*dest)?,
+                })
+            })
+            .collect();
+        let mut removed = iptables.remove_many(&items).await.into_iter();
+        let mut results = Vec::with_capacity(jobs.len());
+        for (job, dest) in jobs.iter().zip(dests) {
+            results.push(match dest.map(|_| removed.next().unwrap_or(Ok(()))) {
+                None => Ok(()),
+                Some(Ok(())) => {
+                    self.installed_dest.remove(job.app);
+                    Ok(())
+                }
+                Some(Err(e)) => Err(e.into()),
+            });
+        }
+        results
     }
 
     async fn shutdown(&mut self) -> Result<(), HostError> {

@@ -156,8 +156,9 @@ pub enum LifecycleError {
     },
     #[error("vip {0} is outside agent.vip_allowlist")]
     NotAllowed(Vip),
+    /// Shared: one failed write refuses every request of its batch.
     #[error("registration not saved, nothing changed: {0}")]
-    Store(#[from] StoreError),
+    Store(std::sync::Arc<StoreError>),
     #[error("the agent is shutting down")]
     ShuttingDown,
 }

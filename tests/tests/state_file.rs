@@ -141,3 +141,129 @@ fn a_state_file_that_is_not_utf8_is_moved_aside_and_saving_works_again() -> Resu
     agent.signal_and_wait("TERM", Duration::from_secs(10))?;
     Ok(())
 }
+
+/// Registers `req{i}` for i = first, first + CLIENTS, .. until `halt` is set; returns the
+/// names that were answered 200 (acknowledged as saved).
+fn storm(
+    topo: &Topology,
+    first: u32,
+    halt: &std::sync::atomic::AtomicBool,
+    acked: &std::sync::atomic::AtomicU32,
+) -> Vec<String> {
+    let mut ok = Vec::new();
+    let mut i = first;
+    while !halt.load(std::sync::atomic::Ordering::Relaxed) && i < 0xffff {
+        let name = format!("req{i}");
+        let url = format!(
+            "http://{API}/register?name={name}&vip=2001:db8:ff00::{i:x}/128&monitor=port:tcp:{PORT}&nat=tcp:80:8080"
+        );
+        // A refused connection or a cut answer (the agent was killed) is no acknowledgement.
+        if topo.agent.http_post(&url).is_ok_and(|(s, _)| s == 200) {
+            ok.push(name);
+            acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        i += CLIENTS;
+    }
+    ok
+}
+
+/// The service the stormed apps' monitors check.
+const PORT: u16 = 8081;
+/// Concurrent registering clients.
+const CLIENTS: u32 = 16;
+
+#[test]
+fn every_registration_acknowledged_before_a_sigkill_is_restored_and_installed() -> Result<()> {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    require_privileged!();
+    let dir = tempfile::tempdir()?;
+    let topo = Topology::new()?;
+    let _service = gocast_tests::Service::http(&topo.agent, PORT, dir.path())?;
+    let path = dir.path().join("config.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "agent:\n  listen_addr: {API}\n  monitor_interval: 100ms\n  state_file: {state}\n  nat_dest_ip: {dest}\n\
+             bgp:\n  local_as: 65001\n  remote_as: 65000\n  peer_ip: {peer}\ndataplane:\n  mode: iptables\n",
+            state = dir.path().join("state.json").display(),
+            dest = topo.agent_ip6,
+            peer = topo.client_ip,
+        ),
+    )?;
+    let config = path.to_string_lossy().into_owned();
+    let mut agent = Agent::start(
+        &topo.agent,
+        &["--config", &config],
+        &dir.path().join("agent.log"),
+        API,
+    )?;
+    let (stop, acked) = (AtomicBool::new(false), AtomicU32::new(0));
+    let saved: Vec<String> = std::thread::scope(|s| -> Result<Vec<String>> {
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|c| {
+                let (topo, stop, acked) = (&topo, &stop, &acked);
+                s.spawn(move || storm(topo, c, stop, acked))
+            })
+            .collect();
+        // Killed in the middle of the storm: requests in flight, a write maybe half done.
+        let killed = agent.wait_for(
+            "200 acknowledged registrations",
+            Duration::from_secs(60),
+            |_| Ok(acked.load(Ordering::Relaxed) >= 200),
+        );
+        let kill = agent.signal_and_wait("KILL", Duration::from_secs(10));
+        stop.store(true, Ordering::Relaxed);
+        let mut saved = Vec::new();
+        for client in clients {
+            saved.extend(
+                client
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a client panicked"))?,
+            );
+        }
+        killed?;
+        kill?;
+        Ok(saved)
+    })?;
+    ensure!(saved.len() >= 200, "{} acknowledged", saved.len());
+
+    let mut agent = Agent::start(
+        &topo.agent,
+        &["--config", &config],
+        &dir.path().join("agent2.log"),
+        API,
+    )?;
+    // Every acknowledged registration is back and, its service being up, on `lo` with its
+    // NAT rule again (the start-up clean-up removed what the killed agent left).
+    agent.wait_for(
+        "every acknowledged app restored and installed",
+        Duration::from_secs(60),
+        |_| {
+            let apps = apps(&topo)?;
+            let installed: std::collections::HashSet<&str> = apps
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|a| a["vip_installed"] == true)
+                .filter_map(|a| a["name"].as_str())
+                .collect();
+            Ok(saved.iter().all(|n| installed.contains(n.as_str())))
+        },
+    )?;
+    let rules = topo.agent.nat_rules("ip6tables")?;
+    for name in &saved {
+        ensure!(
+            rules.contains(&format!("\"gocast:{name}\"")),
+            "no NAT rule for {name}:\n{rules}"
+        );
+    }
+    let lo = topo.agent.ip(&["-6", "addr", "show", "dev", "lo"])?;
+    let on_lo = lo.matches("2001:db8:ff00::").count();
+    ensure!(
+        on_lo >= saved.len(),
+        "{on_lo} VIPs on lo for {} apps",
+        saved.len()
+    );
+    agent.signal_and_wait("TERM", Duration::from_secs(30))?;
+    Ok(())
+}

@@ -22,6 +22,7 @@ use xtask::workspace_root;
 
 use super::{
     Summary,
+    api::ApiReport,
     bgp::BgpReport,
     memory::MemoryReport,
     mib, ms,
@@ -58,12 +59,180 @@ pub fn write(reports: &Reports) -> Result<PathBuf> {
     nat_chart(&img.join("nat-rounds.svg"), &reports.nat)?;
     memory_chart(&img.join("memory.svg"), &reports.memory)?;
     let path = docs.join("benchmarks.md");
-    let kept = std::fs::read_to_string(&path)
-        .map(|old| hand_written(&old).to_owned())
-        .unwrap_or_default();
-    std::fs::write(&path, markdown(reports, &Machine::read(), &kept))
+    // `bench api` needs a baseline build and runs on its own: its part is kept as it was.
+    let old = std::fs::read_to_string(&path).unwrap_or_default();
+    let mut md = markdown(reports, &Machine::read(), hand_written(&old));
+    if let Some(api) = api_part(&old) {
+        md = with_api_part(&md, api);
+    }
+    std::fs::write(&path, md).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// The heading of the `bench api` part of `docs/benchmarks.md`.
+const API_HEADING: &str = "## API (`cargo xtask bench api`)";
+
+/// Writes the `bench api` part of `docs/benchmarks.md` (and its chart), leaving the rest of
+/// the file as it is; returns the file's path.
+pub fn write_api(api: &ApiReport) -> Result<PathBuf> {
+    let docs = workspace_root().join("docs");
+    let img = docs.join("img");
+    std::fs::create_dir_all(&img).with_context(|| format!("creating {}", img.display()))?;
+    api_chart(&img.join("api.svg"), api)?;
+    let path = docs.join("benchmarks.md");
+    let old = std::fs::read_to_string(&path).unwrap_or_default();
+    let mut part = String::new();
+    api_section(&mut part, api);
+    std::fs::write(&path, with_api_part(&old, &part))
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
+}
+
+/// The `bench api` part of `md`: its heading up to the next `## ` heading.
+fn api_part(md: &str) -> Option<&str> {
+    let start = md.find(API_HEADING)?;
+    let rest = &md[start + API_HEADING.len()..];
+    let end = rest
+        .find("\n## ")
+        .map_or(md.len(), |e| start + API_HEADING.len() + e + 1);
+    Some(&md[start..end])
+}
+
+/// `md` with its `bench api` part replaced by `part`, or `part` added before "Reproduce".
+fn with_api_part(md: &str, part: &str) -> String {
+    if let Some(old) = api_part(md) {
+        return md.replacen(old, part, 1);
+    }
+    let at = md.find("## Reproduce").unwrap_or(md.len());
+    format!("{}{part}{}", &md[..at], &md[at..])
+}
+
+fn api_section(md: &mut String, api: &ApiReport) {
+    let _ = writeln!(md, "{API_HEADING}\n");
+    let _ = writeln!(
+        md,
+        "{} concurrent HTTP clients, each on a keepalive connection, against an agent whose\n\
+         registry (and state file) already holds the other apps of the size; without and with\n\
+         iptables NAT (`dataplane.mode: iptables`, one `ip6tables` DNAT rule per app). A\n\
+         registration is answered once saved (durable); **installed** is from the first\n\
+         registration until every VIP is on `lo` with its rule; an unregistration is answered\n\
+         once its VIP and rule are gone. **baseline** is the agent before group commit and batched\n\
+         NAT (commit `bcd9fcc`), measured in the same run with fewer requests. Targets (issue 14):\n\
+         ≥ 10,000/s without NAT and ≥ 5,000/s with iptables NAT, registrations and\n\
+         unregistrations, up to 10,000 apps.\n",
+        api.clients
+    );
+    md.push_str(
+        "| apps | NAT | agent | requests | registrations/s | installed/s | unregistrations/s |\n\
+         | ---: | --- | --- | ---: | ---: | ---: | ---: |\n",
+    );
+    for row in &api.rows {
+        let ratio = |new: f64, old: Option<f64>| match (row.agent, old) {
+            ("new", Some(old)) => format!(" ({:.1}×)", new / old),
+            _ => String::new(),
+        };
+        let base = api.baseline_of(row);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {:.0}{} | {:.0}{} | {:.0}{} |",
+            row.apps,
+            if row.nat { "iptables" } else { "none" },
+            row.agent,
+            row.requests,
+            row.register,
+            ratio(row.register, base.map(|b| b.register)),
+            row.installed,
+            ratio(row.installed, base.map(|b| b.installed)),
+            row.unregister,
+            ratio(row.unregister, base.map(|b| b.unregister)),
+        );
+    }
+    for failed in &api.failed {
+        let _ = writeln!(md, "\nBaseline without a figure: {failed}.");
+    }
+    md.push('\n');
+    table(md, &api.summary);
+    let _ = writeln!(
+        md,
+        "![Registrations and unregistrations per second, log scale](img/api.svg)\n"
+    );
+}
+
+/// One figure of a `bench api` row.
+type ApiFigure = fn(&super::api::ApiRow) -> f64;
+
+/// Requests per second per round, on a log scale (log10 drawn linearly, labelled as rates).
+fn api_chart(path: &Path, api: &ApiReport) -> Result<()> {
+    let root = SVGBackend::new(path, (800, 400)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let rounds: Vec<(u32, bool)> = api
+        .rows
+        .iter()
+        .filter(|r| r.agent == "new")
+        .map(|r| (r.apps, r.nat))
+        .collect();
+    let n = u32::try_from(rounds.len()).unwrap_or(u32::MAX).max(1);
+    let top = api
+        .rows
+        .iter()
+        .flat_map(|r| [r.register, r.unregister])
+        .fold(10.0_f64, f64::max)
+        .log10()
+        + 0.3;
+    let labels: Vec<String> = rounds
+        .iter()
+        .map(|(apps, nat)| format!("{apps} apps, {}", if *nat { "NAT" } else { "no NAT" }))
+        .collect();
+    let mut chart = ChartBuilder::on(&root)
+        .caption("API requests per second (log scale)", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.5..f64::from(n) - 0.5, 1.0..top)?;
+    chart
+        .configure_mesh()
+        .x_labels(rounds.len())
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (x - i).abs() > 0.01 || i < 0.0 {
+                return String::new();
+            }
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "an index"
+            )]
+            labels.get(i as usize).cloned().unwrap_or_default()
+        })
+        .y_label_formatter(&|y| format!("{:.0}", 10f64.powf(*y)))
+        .y_desc("requests/s")
+        .draw()?;
+    let series: [(&str, &str, RGBColor, ApiFigure); 4] = [
+        ("registrations", "new", BLUE, |r| r.register),
+        ("unregistrations", "new", RED, |r| r.unregister),
+        ("registrations, baseline", "baseline", GREEN, |r| r.register),
+        ("unregistrations, baseline", "baseline", MAGENTA, |r| {
+            r.unregister
+        }),
+    ];
+    for (name, agent, colour, value) in series {
+        let points: Vec<(f64, f64)> = rounds
+            .iter()
+            .zip(0u32..)
+            .filter_map(|(&(apps, nat), i)| {
+                api.rows
+                    .iter()
+                    .find(|r| r.agent == agent && r.apps == apps && r.nat == nat)
+                    .map(|r| (f64::from(i), value(r).max(1.0).log10()))
+            })
+            .collect();
+        if !points.is_empty() {
+            marked_line(&mut chart, points, colour, name)?;
+        }
+    }
+    legend(&mut chart, SeriesLabelPosition::LowerLeft)?;
+    root.present()?;
+    Ok(())
 }
 
 /// The machine the figures come from, from `/proc`.
@@ -118,7 +287,7 @@ fn commit() -> String {
 }
 
 /// The heading that starts the hand-written part of `docs/benchmarks.md` (findings, what was
-/// tried): kept as it is when the file is written again, up to "## Reproduce".
+/// tried): kept as it is when the file is written again, up to the next `## ` heading.
 const HAND_WRITTEN: &str = "## Where the time and memory go";
 
 /// The hand-written part of `old`, empty if it has none.
@@ -126,9 +295,10 @@ fn hand_written(old: &str) -> &str {
     let Some(start) = old.find(HAND_WRITTEN) else {
         return "";
     };
+    // Up to the next part (`### ` subsections belong to it).
     let end = old[start..]
-        .find("## Reproduce")
-        .map_or(old.len(), |e| start + e);
+        .find("\n## ")
+        .map_or(old.len(), |e| start + e + 1);
     &old[start..end]
 }
 
@@ -178,7 +348,10 @@ fn markdown(r: &Reports, machine: &Machine, hand_written: &str) -> String {
     let _ = writeln!(
         md,
         "## Reproduce\n\n```sh\ncargo xtask bench            # all three, rewrites this file and docs/img/*.svg\n\
-         cargo xtask bench bgp --help # each target's options\ncargo xtask bench nat --only xdp\n```"
+         cargo xtask bench bgp --help # each target's options\ncargo xtask bench nat --only xdp\n\
+         # the api part alone, beside a release build of the commit before as the baseline:\n\
+         git archive bcd9fcc | tar -x -C /tmp/base && (cd /tmp/base && cargo build --release -p gocast-agent)\n\
+         cargo xtask bench api --baseline /tmp/base/target/release/gocast\n```"
     );
     md
 }

@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::{process::Command, sync::Mutex};
+use tokio::{io::AsyncWriteExt as _, process::Command, sync::Mutex};
 use tracing::{debug, warn};
 
 use crate::app::{AppName, NatRule};
@@ -73,6 +73,13 @@ impl Family {
         match self {
             Self::V4 => "iptables",
             Self::V6 => "ip6tables",
+        }
+    }
+
+    fn restore_binary(self) -> &'static str {
+        match self {
+            Self::V4 => "iptables-restore",
+            Self::V6 => "ip6tables-restore",
         }
     }
 }
@@ -144,6 +151,72 @@ impl Iptables {
             }
         }
         Ok(())
+    }
+
+    /// [`Iptables::install`] for several apps with one `iptables -S` and one
+    /// `iptables-restore --noflush` per address family: the rules missing from the chain are
+    /// appended in one commit. If that commit fails (one bad rule fails the whole table), each
+    /// app is installed again on its own, so only the apps whose rules fail get an error.
+    /// One result per job, in order.
+    pub async fn install_many(&self, jobs: &[NatItem<'_>]) -> Vec<Result<(), IptablesError>> {
+        self.batch(jobs, Op::Append).await
+    }
+
+    /// [`Iptables::remove`] for several apps, batched as [`Iptables::install_many`]: only the
+    /// rules present in the chain are deleted, so a missing one does not fail the commit.
+    pub async fn remove_many(&self, jobs: &[NatItem<'_>]) -> Vec<Result<(), IptablesError>> {
+        self.batch(jobs, Op::Delete).await
+    }
+
+    async fn batch(&self, jobs: &[NatItem<'_>], op: Op) -> Vec<Result<(), IptablesError>> {
+        let mut results: Vec<Option<Result<(), IptablesError>>> =
+            jobs.iter().map(|_| None).collect();
+        let mut retry = Vec::new();
+        {
+            let _guard = self.lock.lock().await;
+            for family in [Family::V4, Family::V6] {
+                let mut members = Vec::new();
+                for (i, job) in jobs.iter().enumerate() {
+                    if Family::of(job.vip) != family {
+                        continue;
+                    }
+                    match self.family(job.vip, job.dest) {
+                        Ok(_) => members.push(i),
+                        // Nothing IPv6 was ever installed, so nothing is left to remove.
+                        Err(IptablesError::Ipv6Unavailable { .. }) if op == Op::Delete => {
+                            results[i] = Some(Ok(()));
+                        }
+                        Err(e) => results[i] = Some(Err(e)),
+                    }
+                }
+                if members.is_empty() {
+                    continue;
+                }
+                match restore(family, op, members.iter().map(|&i| jobs[i])).await {
+                    Ok(()) => {
+                        for i in members {
+                            results[i] = Some(Ok(()));
+                        }
+                    }
+                    Err(e) => {
+                        warn!(
+                            error = %crate::error_chain(&e),
+                            apps = members.len(),
+                            "batched iptables change failed; applying app by app"
+                        );
+                        retry.extend(members);
+                    }
+                }
+            }
+        }
+        for i in retry {
+            let job = jobs[i];
+            results[i] = Some(match op {
+                Op::Append => self.install(job.app, job.vip, job.rules, job.dest).await,
+                _ => self.remove(job.app, job.vip, job.rules, job.dest).await,
+            });
+        }
+        results.into_iter().map(|r| r.unwrap_or(Ok(()))).collect()
     }
 
     /// Deletes each rule from `GOCAST`; a rule that is not there counts as deleted.
@@ -361,6 +434,63 @@ fn parse_rule(words: &[&str]) -> Option<(String, IpAddr, u16, SocketAddr)> {
     Some((proto, vip, listen, dest))
 }
 
+/// One app's rules for [`Iptables::install_many`] and [`Iptables::remove_many`].
+#[derive(Debug, Clone, Copy)]
+pub struct NatItem<'a> {
+    pub app: &'a AppName,
+    pub vip: IpAddr,
+    pub rules: &'a [NatRule],
+    pub dest: IpAddr,
+}
+
+/// Appends the rules of `jobs` missing from [`CHAIN`] (`op` [`Op::Append`]), or deletes those
+/// present ([`Op::Delete`]), in one `iptables-restore --noflush` commit.
+async fn restore(
+    family: Family,
+    op: Op,
+    jobs: impl Iterator<Item = NatItem<'_>>,
+) -> Result<(), IptablesError> {
+    let listed = run_ok(family, &args(["-t", TABLE, "-S", CHAIN])).await?;
+    let present: HashSet<(String, IpAddr, u16, SocketAddr)> = listed
+        .lines()
+        .filter_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            match words.as_slice() {
+                ["-A", chain, rest @ ..] if *chain == CHAIN => parse_rule(rest),
+                _ => None,
+            }
+        })
+        .collect();
+    let mut input = format!("*{TABLE}\n");
+    let mut changes = 0;
+    for job in jobs {
+        for rule in job.rules {
+            let key = (
+                rule.proto.as_str().to_owned(),
+                job.vip,
+                rule.listen,
+                SocketAddr::new(job.dest, rule.dest),
+            );
+            if present.contains(&key) == (op == Op::Append) {
+                continue;
+            }
+            input.push_str(&rule_spec(op, job.app, job.vip, *rule, job.dest).join(" "));
+            input.push('\n');
+            changes += 1;
+        }
+    }
+    if changes == 0 {
+        return Ok(());
+    }
+    input.push_str("COMMIT\n");
+    let done = run_restore(family, &input).await?;
+    if done.code == Some(0) {
+        Ok(())
+    } else {
+        Err(done.failed())
+    }
+}
+
 /// How many times `hook` jumps to [`CHAIN`], from `-S HOOK`.
 async fn jumps(family: Family, hook: &str) -> Result<usize, IptablesError> {
     let listed = run_ok(family, &args(["-t", TABLE, "-S", hook])).await?;
@@ -376,12 +506,19 @@ async fn chain_exists(family: Family) -> Result<bool, IptablesError> {
 /// `-t nat OP GOCAST -p P -d VIP/32|128 --dport LISTEN -m comment --comment gocast:APP
 /// -j DNAT --to-destination DEST:PORT` (`[DEST]:PORT` for IPv6).
 fn rule_args(op: Op, app: &AppName, vip: IpAddr, rule: NatRule, dest: IpAddr) -> Vec<String> {
+    let mut out = args(["-t", TABLE]);
+    out.extend(rule_spec(op, app, vip, rule, dest));
+    out
+}
+
+/// [`rule_args`] without the table: a line of `iptables-restore` input.
+fn rule_spec(op: Op, app: &AppName, vip: IpAddr, rule: NatRule, dest: IpAddr) -> Vec<String> {
     let host_len = match vip {
         IpAddr::V4(_) => 32,
         IpAddr::V6(_) => 128,
     };
     let to = SocketAddr::new(dest, rule.dest);
-    let mut out = args(["-t", TABLE, op.flag(), CHAIN, "-p", rule.proto.as_str()]);
+    let mut out = args([op.flag(), CHAIN, "-p", rule.proto.as_str()]);
     out.extend([
         "-d".to_owned(),
         format!("{vip}/{host_len}"),
@@ -426,14 +563,42 @@ async fn run(family: Family, args: &[String]) -> Result<Finished, IptablesError>
     let binary = family.binary();
     let command = format!("{binary} -w {}", args.join(" "));
     debug!(%command, "iptables");
-    let child = Command::new(binary)
-        .arg("-w")
-        .args(args)
-        .stdin(Stdio::null())
+    let mut child = Command::new(binary);
+    child.arg("-w").args(args).stdin(Stdio::null());
+    finish(command, child, None).await
+}
+
+/// `iptables-restore -w --noflush` (or ip6tables-) with `input` on its standard input:
+/// changes only what the input names, all in one commit.
+async fn run_restore(family: Family, input: &str) -> Result<Finished, IptablesError> {
+    let binary = family.restore_binary();
+    let command = format!("{binary} -w --noflush ({} lines)", input.lines().count());
+    debug!(%command, "iptables");
+    let mut child = Command::new(binary);
+    child.args(["-w", "--noflush"]).stdin(Stdio::piped());
+    finish(command, child, Some(input.as_bytes())).await
+}
+
+/// Runs `child` (with `input` on its standard input), killed after [`TIMEOUT`].
+async fn finish(
+    command: String,
+    mut child: Command,
+    input: Option<&[u8]>,
+) -> Result<Finished, IptablesError> {
+    let run = async {
         // Dropping the future at the timeout kills the process instead of leaving it behind.
-        .kill_on_drop(true)
-        .output();
-    let output = match tokio::time::timeout(TIMEOUT, child).await {
+        let mut process = child
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        if let (Some(input), Some(mut stdin)) = (input, process.stdin.take()) {
+            stdin.write_all(input).await?;
+            // Closed here: the end of the input.
+        }
+        process.wait_with_output().await
+    };
+    let output = match tokio::time::timeout(TIMEOUT, run).await {
         Err(_) => {
             return Err(IptablesError::Timeout {
                 command,
@@ -654,6 +819,80 @@ mod tests {
             let nat = Iptables::init().await.unwrap();
             assert_eq!(jumps(Family::V4, "PREROUTING").await.unwrap(), 1);
             assert_eq!(nat.list().await.unwrap(), Vec::<String>::new());
+        });
+    }
+
+    fn item<'a>(app: &'a AppName, vip: &str, rules: &'a [NatRule], dest: &str) -> NatItem<'a> {
+        NatItem {
+            app,
+            vip: ip(vip),
+            rules,
+            dest: ip(dest),
+        }
+    }
+
+    #[test]
+    fn a_batch_adds_only_missing_rules_and_removes_only_present_ones() {
+        in_new_netns(|| async {
+            let nat = Iptables::init().await.unwrap();
+            let (a, b, c) = (app("a"), app("b"), app("c"));
+            let nats = rules(&["tcp:80:8080", "udp:53"]);
+            nat.install(&a, ip("192.0.2.1"), &nats, ip("198.18.0.5"))
+                .await
+                .unwrap();
+            let jobs = [
+                item(&a, "192.0.2.1", &nats, "198.18.0.5"),
+                item(&b, "192.0.2.2", &nats, "198.18.0.5"),
+                item(&c, "2001:db8::3", &nats, "2001:db8::5"),
+            ];
+            let results = nat.install_many(&jobs).await;
+            assert!(results.iter().all(Result::is_ok), "{results:?}");
+            assert_eq!(nat.list().await.unwrap().len(), 6, "each rule once");
+            // `b` again plus one never installed: a missing rule does not fail the commit.
+            let d = app("d");
+            let gone = [
+                item(&b, "192.0.2.2", &nats, "198.18.0.5"),
+                item(&d, "192.0.2.4", &nats, "198.18.0.5"),
+                item(&c, "2001:db8::3", &nats, "2001:db8::5"),
+            ];
+            let results = nat.remove_many(&gone).await;
+            assert!(results.iter().all(Result::is_ok), "{results:?}");
+            let listed = nat.list().await.unwrap();
+            assert_eq!(listed.len(), 2, "{listed:#?}");
+            assert!(listed.iter().all(|l| l.contains("gocast:a")), "{listed:#?}");
+        });
+    }
+
+    #[test]
+    fn a_failed_batch_is_applied_app_by_app_and_reports_each() {
+        in_new_netns(|| async {
+            let nat = Iptables::init().await.unwrap();
+            // Someone deleted the IPv6 chain: the IPv6 commit fails, the IPv4 one does not.
+            run_ok(
+                Family::V6,
+                &args(["-t", TABLE, "-D", "PREROUTING", "-j", CHAIN]),
+            )
+            .await
+            .unwrap();
+            run_ok(
+                Family::V6,
+                &args(["-t", TABLE, "-D", "OUTPUT", "-j", CHAIN]),
+            )
+            .await
+            .unwrap();
+            run_ok(Family::V6, &args(["-t", TABLE, "-X", CHAIN]))
+                .await
+                .unwrap();
+            let (a, b) = (app("a"), app("b"));
+            let nats = rules(&["tcp:80:8080"]);
+            let jobs = [
+                item(&a, "2001:db8::1", &nats, "2001:db8::5"),
+                item(&b, "192.0.2.2", &nats, "198.18.0.5"),
+            ];
+            let results = nat.install_many(&jobs).await;
+            assert!(results[0].is_err(), "{results:?}");
+            assert!(results[1].is_ok(), "{results:?}");
+            assert_eq!(nat.listing(false).await.unwrap().unwrap().rules.len(), 1);
         });
     }
 

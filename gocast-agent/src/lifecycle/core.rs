@@ -11,7 +11,10 @@
 //!   the route set without it, and asks the driver to wait until the peers were sent it;
 //! - an HTTP registration or removal changes nothing until the state file has it
 //!   ([`Effect::Persist`], then [`Event::Persisted`]); requests that arrive meanwhile wait, in
-//!   order, while monitor reports, host results and timers go on;
+//!   order, while monitor reports, host results and timers go on; when the write is done, the
+//!   registrations and removals that waited go into the next write together (group commit) as
+//!   long as none touches an app, label or VIP another of them touches, so each is decided as
+//!   it would have been one after the other;
 //! - a refused request changes nothing.
 
 use std::{
@@ -30,11 +33,11 @@ use super::{
     passive::Passive,
 };
 use crate::{
-    app::{AppName, AppSpec, Monitor, Source},
+    app::{AppName, AppSpec, Monitor, Source, Vip},
     messages::{AppView, LifecycleError, Protected, Route, RouteSet, Verdict, VipOwner},
     metrics::Metrics,
     monitor::{self, MonitorResult, Report},
-    store::{Saved, StoreError},
+    store::{Change, Saved, StoreError},
 };
 
 mod checks;
@@ -60,6 +63,45 @@ enum Pending {
         app: Option<AppName>,
         drain: bool,
     },
+}
+
+/// Registrations and removals gathered for one state-file write (group commit). Each is
+/// admitted against the registry before any of them is applied, which decides as admitting it
+/// after the previous ones took effect would, because none of them touches what another does.
+#[derive(Debug, Default)]
+struct Staged {
+    pending: Vec<Pending>,
+    changes: Vec<Change>,
+    /// The apps the batch registers, replaces or removes.
+    names: BTreeSet<AppName>,
+    /// Their `lo` labels (two names can share one).
+    labels: BTreeSet<String>,
+    /// The VIPs the batch adds, and those of the apps it replaces or removes.
+    vips: Vec<Vip>,
+}
+
+impl Staged {
+    /// Whether `event` can join: a registration or removal independent of every request in
+    /// the batch. Anything else waits until the batch is saved (and goes first when it is
+    /// empty).
+    fn joins(&self, event: &Event) -> bool {
+        if self.pending.is_empty() {
+            return true;
+        }
+        let overlaps =
+            |a: Vip, b: Vip| a.prefix().contains(&b.addr()) || b.prefix().contains(&a.addr());
+        match event {
+            Event::Register { spec, .. } => {
+                !self.names.contains(&spec.name)
+                    && !self.labels.contains(&spec.name.lo_label())
+                    && !self.vips.iter().any(|v| overlaps(*v, spec.vip))
+            }
+            Event::Unregister { name, .. } => {
+                !self.names.contains(name) && !self.labels.contains(&name.lo_label())
+            }
+            _ => false,
+        }
+    }
 }
 
 /// What a registration needs after its checks.
@@ -90,7 +132,12 @@ pub struct Core {
     next_op: OpId,
     changed: Changed,
     next_cleanup: Option<Instant>,
-    persisting: Option<Pending>,
+    /// The state-file write in flight: what it completes, in order.
+    persisting: Option<Vec<Pending>>,
+    /// The next write, gathered while handling requests (sent at the end of the step).
+    staged: Staged,
+    /// The apps a registration may clash with, by address and label.
+    conflicts: checks::ConflictIndex,
     /// Requests that arrived while a state-file write was in flight, in order.
     deferred: VecDeque<Event>,
     shutting_down: bool,
@@ -118,6 +165,8 @@ impl Core {
             changed: Changed::default(),
             next_cleanup: None,
             persisting: None,
+            staged: Staged::default(),
+            conflicts: checks::ConflictIndex::default(),
             deferred: VecDeque::new(),
             shutting_down: false,
             drained: BTreeSet::new(),
@@ -216,6 +265,32 @@ impl Core {
         if self.shutting_down {
             return;
         }
+        self.handle(event, now, out);
+        self.seal(out);
+    }
+
+    /// Sends the gathered registrations and removals as one write.
+    fn seal(&mut self, out: &mut Vec<Effect>) {
+        if self.staged.pending.is_empty() {
+            return;
+        }
+        let staged = std::mem::take(&mut self.staged);
+        out.push(Effect::Persist(staged.changes));
+        self.persisting = Some(staged.pending);
+    }
+
+    /// Adds a registration or removal of `name` (to `vip`) to the next write.
+    fn stage(&mut self, pending: Pending, change: Change, name: &AppName, vip: Option<Vip>) {
+        let staged = &mut self.staged;
+        staged.names.insert(name.clone());
+        staged.labels.insert(name.lo_label());
+        staged.vips.extend(vip);
+        staged.vips.extend(self.apps.get(name).map(|e| e.spec.vip));
+        staged.pending.push(pending);
+        staged.changes.push(change);
+    }
+
+    fn handle(&mut self, event: Event, now: Now, out: &mut Vec<Effect>) {
         match event {
             Event::Register { .. }
             | Event::Unregister { .. }
@@ -309,6 +384,7 @@ impl Core {
         if self.changed.routes || self.changed.owners {
             self.publish(out);
         }
+        self.tidy_conflict_index();
     }
 
     fn reply(id: RequestId, result: Result<AppView, LifecycleError>, out: &mut Vec<Effect>) {
@@ -338,8 +414,8 @@ impl Core {
             Err(e) => Self::reply(id, Err(e), out),
             Ok(Admission::Unchanged) => Self::reply(id, self.view(&spec.name, now), out),
             Ok(Admission::Change) if source == Source::Http => {
-                out.push(Effect::Persist(self.saved_with(Some(&spec), &[])));
-                self.persisting = Some(Pending::Register { id, spec });
+                let (name, vip, change) = (spec.name.clone(), spec.vip, Change::Put(spec.clone()));
+                self.stage(Pending::Register { id, spec }, change, &name, Some(vip));
             }
             Ok(Admission::Change) => {
                 let result = self.apply_register(spec, source, now, out);
@@ -411,8 +487,9 @@ impl Core {
             Some(Source::Config) => Self::reply(id, Err(LifecycleError::ConfigApp(name)), out),
             Some(Source::Consul) => Self::reply(id, Err(LifecycleError::ConsulApp(name)), out),
             Some(Source::Http) => {
-                out.push(Effect::Persist(self.saved_with(None, &[&name])));
-                self.persisting = Some(Pending::Unregister { id, name });
+                let change = Change::Remove(name.clone());
+                let staged = name.clone();
+                self.stage(Pending::Unregister { id, name }, change, &staged, None);
             }
         }
     }
@@ -435,77 +512,81 @@ impl Core {
         }
     }
 
-    /// What the state file must hold once `add` is added and `remove` removed.
-    fn saved_with(&self, add: Option<&AppSpec>, remove: &[&AppName]) -> Saved {
-        let skip = |n: &AppName| add.is_some_and(|s| &s.name == n) || remove.contains(&n);
-        let mut apps: Vec<AppSpec> = self
-            .apps
-            .values()
-            .filter(|e| e.source == Source::Http && !skip(&e.spec.name))
-            .map(|e| e.spec.clone())
-            .collect();
-        apps.extend(add.cloned());
-        Saved {
-            apps,
+    /// The drain state as saved, for [`Change::Drain`].
+    fn drain_change(&self) -> Change {
+        Change::Drain {
             drained: self.drained.iter().cloned().collect(),
             host_drained: self.host_drained,
         }
     }
 
-    /// The state file has (or failed to take) the pending change: apply it or refuse it, then
-    /// take the requests that waited.
+    /// The state file has (or failed to take) the pending changes: apply or refuse each, in
+    /// order, then take the requests that waited.
     fn persisted(&mut self, result: Result<(), StoreError>, now: Now, out: &mut Vec<Effect>) {
-        match (self.persisting.take(), result) {
-            (None, _) => warn!("a state-file write finished that nothing waited for"),
-            (Some(Pending::Register { id, spec }), Ok(())) => {
-                let result = self.apply_register(spec, Source::Http, now, out);
-                Self::reply(id, result, out);
-            }
-            (Some(Pending::Unregister { id, name }), Ok(())) => {
-                self.remove_now(id, &name, now, out);
-            }
-            (Some(Pending::Forget(names)), Ok(())) => {
-                for name in names {
-                    if let Some(entry) = self.apps.remove(&name) {
-                        info!(app = %name, "cleanup timer passed: app removed");
-                        self.teardown(entry, out);
+        let Some(batch) = self.persisting.take() else {
+            warn!("a state-file write finished that nothing waited for");
+            return;
+        };
+        let result = result.map_err(Arc::new);
+        for pending in batch {
+            match (pending, &result) {
+                (Pending::Register { id, spec }, Ok(())) => {
+                    let result = self.apply_register(spec, Source::Http, now, out);
+                    Self::reply(id, result, out);
+                }
+                (Pending::Unregister { id, name }, Ok(())) => {
+                    self.remove_now(id, &name, now, out);
+                }
+                (Pending::Forget(names), Ok(())) => {
+                    for name in names {
+                        if let Some(entry) = self.apps.remove(&name) {
+                            info!(app = %name, "cleanup timer passed: app removed");
+                            self.teardown(entry, out);
+                        }
                     }
                 }
-            }
-            (Some(Pending::Drain { id, app, drain }), Ok(())) => {
-                let report = self.apply_drain(app, drain, now);
-                out.push(Effect::Reply {
-                    id,
-                    reply: Reply::Drain(Ok(report)),
-                });
-            }
-            (Some(Pending::Register { id, .. } | Pending::Unregister { id, .. }), Err(e)) => {
-                Self::reply(id, Err(LifecycleError::Store(e)), out);
-            }
-            (Some(Pending::Drain { id, .. }), Err(e)) => {
-                out.push(Effect::Reply {
-                    id,
-                    reply: Reply::Drain(Err(LifecycleError::Store(e))),
-                });
-            }
-            (Some(Pending::Forget(names)), Err(e)) => {
-                // Keep them: forgetting them in memory but not on disk would bring them back
-                // later anyway, and an operator sees them in /apps. Try again after the timer.
-                for name in names {
-                    error!(app = %name, error = %e, "cannot save the removal; keeping the app");
-                    if let Some(entry) = self.apps.get_mut(&name) {
-                        entry.cleanup_at = Some(now.mono + self.settings.cleanup_timer);
-                    }
+                (Pending::Drain { id, app, drain }, Ok(())) => {
+                    let report = self.apply_drain(app, drain, now);
+                    out.push(Effect::Reply {
+                        id,
+                        reply: Reply::Drain(Ok(report)),
+                    });
                 }
-                self.changed.cleanup = true;
+                (Pending::Register { id, .. } | Pending::Unregister { id, .. }, Err(e)) => {
+                    Self::reply(id, Err(LifecycleError::Store(e.clone())), out);
+                }
+                (Pending::Drain { id, .. }, Err(e)) => {
+                    out.push(Effect::Reply {
+                        id,
+                        reply: Reply::Drain(Err(LifecycleError::Store(e.clone()))),
+                    });
+                }
+                (Pending::Forget(names), Err(e)) => {
+                    // Keep them: forgetting them in memory but not on disk would bring them
+                    // back later anyway, and an operator sees them in /apps. Try again after
+                    // the timer.
+                    for name in names {
+                        error!(app = %name, error = %e, "cannot save the removal; keeping the app");
+                        if let Some(entry) = self.apps.get_mut(&name) {
+                            entry.cleanup_at = Some(now.mono + self.settings.cleanup_timer);
+                        }
+                    }
+                    self.changed.cleanup = true;
+                }
             }
         }
+        // The requests that waited, in order: those independent of each other go into one
+        // write; the first that is not stays first in line for the write after.
         while self.persisting.is_none() {
-            let Some(event) = self.deferred.pop_front() else {
-                break;
-            };
-            self.step(event, now, out);
+            match self.deferred.front() {
+                Some(event) if self.staged.joins(event) => {}
+                _ => break,
+            }
+            if let Some(event) = self.deferred.pop_front() {
+                self.handle(event, now, out);
+            }
         }
+        self.seal(out);
         if self.persisting.is_none() {
             self.cleanup_due(now, out);
         }
@@ -552,6 +633,8 @@ impl Core {
         self.metrics
             .app_state(entry.spec.name.as_str(), false, false);
         watch(&entry, out);
+        self.conflicts
+            .add(&entry.spec.name, entry.spec.vip, &entry.label);
         self.apps.insert(entry.spec.name.clone(), entry);
         // The stats sampler learns the new VIP's owner with the next publish.
         self.changed.owners = true;
@@ -905,9 +988,10 @@ impl Core {
         }
         self.changed.cleanup = true;
         if !forget.is_empty() {
-            let names: Vec<&AppName> = forget.iter().collect();
-            out.push(Effect::Persist(self.saved_with(None, &names)));
-            self.persisting = Some(Pending::Forget(forget));
+            out.push(Effect::Persist(
+                forget.iter().cloned().map(Change::Remove).collect(),
+            ));
+            self.persisting = Some(vec![Pending::Forget(forget)]);
         }
     }
 
@@ -1363,7 +1447,7 @@ mod tests {
         let Effect::Persist(saved) = &effects[0] else {
             unreachable!()
         };
-        assert_eq!(saved.apps, [spec("api", "192.0.2.20/32")]);
+        assert_eq!(saved, &[Change::Put(spec("api", "192.0.2.20/32"))]);
         // Meanwhile: a second request waits; monitor reports go on.
         assert!(
             t.register(spec("db", "192.0.2.30/32"), Source::Http)
@@ -1380,7 +1464,11 @@ mod tests {
         let Effect::Persist(saved) = &effects[2] else {
             unreachable!()
         };
-        assert_eq!(saved.apps.len(), 2, "api and db");
+        assert_eq!(
+            saved,
+            &[Change::Put(spec("db", "192.0.2.30/32"))],
+            "only db"
+        );
         let effects = t.step(Event::Persisted(Err(StoreError::Io {
             op: "write",
             path: "/state".into(),
@@ -1533,6 +1621,31 @@ mod tests {
             Err(LifecycleError::ExecRefused)
         ));
         assert_eq!(t.core.apps.len(), 1);
+    }
+
+    #[test]
+    fn conflicts_are_found_through_the_index_after_churn_and_a_wide_vip_covers_later_ones() {
+        let mut t = T::new(1, 1, vec![spec("wide", "192.0.2.0/28")]);
+        let effects = t.register(spec("inside", "192.0.2.5/32"), Source::Consul);
+        let err = app_reply(effects).as_ref().unwrap_err().to_string();
+        assert!(err.contains("overlaps vip"), "{err}");
+        // Apps come and go (stale index entries pile up and the index is rebuilt); a freed
+        // VIP is free, a taken one is still refused.
+        for round in 0..100 {
+            let id = t.id();
+            let apps = vec![spec(&format!("c{round}"), "192.0.2.100/32")];
+            t.step(Event::SyncConsul {
+                id,
+                apps,
+                keep: Vec::new(),
+            });
+        }
+        assert!(t.core.conflicts.len() <= 4 * t.core.apps.len() + 64);
+        let effects = t.register(spec("late", "192.0.2.100/32"), Source::Http);
+        let err = app_reply(effects).as_ref().unwrap_err().to_string();
+        assert!(err.contains("is already used by app c99"), "{err}");
+        let effects = t.register(spec("free", "192.0.2.101/32"), Source::Http);
+        assert_eq!(kinds(effects), ["persist"]);
     }
 
     #[test]
@@ -1821,6 +1934,110 @@ mod tests {
         assert_eq!(t.core.settings.monitor_rise, 3);
     }
 
+    /// The replies in `effects`: request id and whether it succeeded.
+    fn app_replies(effects: &[Effect]) -> Vec<(RequestId, bool)> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Reply {
+                    id,
+                    reply: Reply::App(r),
+                } => Some((*id, r.is_ok())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn persisted(effects: &[Effect]) -> Vec<&Vec<Change>> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Persist(changes) => Some(changes),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn registrations_that_waited_for_a_write_are_saved_together_in_the_next_one() {
+        let mut t = T::new(1, 1, vec![]);
+        t.register(spec("a", "192.0.2.1/32"), Source::Http);
+        let waiting: Vec<RequestId> = (2..=5)
+            .map(|i| {
+                let id = t.id();
+                let spec = spec(&format!("app{i}"), &format!("192.0.2.{i}/32"));
+                let effects = t.step(Event::Register {
+                    id,
+                    spec,
+                    source: Source::Http,
+                });
+                assert!(effects.is_empty(), "waits for the write in flight");
+                id
+            })
+            .collect();
+        let effects = t.step(Event::Persisted(Ok(())));
+        assert_eq!(app_replies(effects).len(), 1, "only a's write is done");
+        let batch = persisted(effects);
+        assert_eq!(batch.len(), 1, "one write for all four");
+        assert_eq!(batch[0].len(), 4);
+        let effects = t.step(Event::Persisted(Ok(())));
+        let replies = app_replies(effects);
+        assert_eq!(
+            replies,
+            waiting.iter().map(|id| (*id, true)).collect::<Vec<_>>(),
+            "answered in order"
+        );
+        assert!(persisted(effects).is_empty());
+        assert_eq!(t.core.apps.len(), 5);
+    }
+
+    #[test]
+    fn a_request_touching_an_app_or_vip_of_the_batch_waits_for_the_next_write() {
+        let mut t = T::new(1, 1, vec![]);
+        t.register(spec("a", "192.0.2.1/32"), Source::Http);
+        t.register(spec("b", "192.0.2.2/32"), Source::Http);
+        let id = t.id();
+        t.step(Event::Unregister {
+            id,
+            name: name("b"),
+        });
+        // Same VIP as b: refused while b exists, as one after the other would decide.
+        t.register(spec("c", "192.0.2.2/32"), Source::Http);
+        let effects = t.step(Event::Persisted(Ok(())));
+        assert_eq!(
+            persisted(effects),
+            [&vec![Change::Put(spec("b", "192.0.2.2/32"))]]
+        );
+        let effects = t.step(Event::Persisted(Ok(())));
+        assert_eq!(persisted(effects), [&vec![Change::Remove(name("b"))]]);
+        let effects = t.step(Event::Persisted(Ok(())));
+        assert_eq!(
+            persisted(effects),
+            [&vec![Change::Put(spec("c", "192.0.2.2/32"))]],
+            "c's VIP is free once b is gone"
+        );
+        t.step(Event::Persisted(Ok(())));
+        assert!(t.core.apps.contains_key(&name("c")) && !t.core.apps.contains_key(&name("b")));
+    }
+
+    #[test]
+    fn a_failed_group_write_refuses_every_request_of_the_batch() {
+        let mut t = T::new(1, 1, vec![]);
+        t.register(spec("a", "192.0.2.1/32"), Source::Http);
+        t.register(spec("b", "192.0.2.2/32"), Source::Http);
+        t.register(spec("c", "192.0.2.3/32"), Source::Http);
+        t.step(Event::Persisted(Ok(())));
+        let effects = t.step(Event::Persisted(Err(StoreError::Io {
+            op: "write",
+            path: "/state".into(),
+            source: std::io::Error::other("disk full"),
+        })));
+        let replies = app_replies(effects);
+        assert_eq!(replies.len(), 2);
+        assert!(replies.iter().all(|(_, ok)| !ok), "{replies:?}");
+        assert_eq!(t.core.apps.len(), 1, "only a");
+    }
+
     #[test]
     fn a_drained_app_is_announced_with_graceful_shutdown_then_withdrawn_and_keeps_its_vip() {
         let mut t = T::new(1, 1, vec![spec("web", "192.0.2.10/32")]);
@@ -1830,7 +2047,13 @@ mod tests {
         let Effect::Persist(saved) = &effects[0] else {
             unreachable!()
         };
-        assert_eq!(saved.drained, [name("web")]);
+        assert_eq!(
+            saved,
+            &[Change::Drain {
+                drained: vec![name("web")],
+                host_drained: false
+            }]
+        );
         let effects = t.step(Event::Persisted(Ok(())));
         assert_eq!(
             routes_with_drain(effects).unwrap(),

@@ -17,7 +17,10 @@
 //! Every turn of the loop beats the [`Heartbeat`] (an idle tick turns it too): `/healthz`, the
 //! agent's guard and systemd's watchdog read it, so a loop that stops turning is noticed.
 
-use std::{collections::HashMap, time::SystemTime};
+use std::{
+    collections::{HashMap, HashSet},
+    time::SystemTime,
+};
 
 use tokio::{
     sync::{mpsc, oneshot, watch},
@@ -28,12 +31,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use super::{
-    Host,
-    core::{Core, Effect, Event, HostDone, HostOp, Now, Reply, RequestId},
+    Host, NatJob,
+    core::{Core, Effect, Event, HostDone, HostOp, NatSpec, Now, OpId, Reply, RequestId},
     events::{Expected, VerifyId},
 };
 use crate::{
-    app::{AppName, AppSpec},
+    app::{AppName, AppSpec, Vip},
     error_chain,
     messages::{
         Announcer, AppView, DrainReport, LifecycleError, Owners, Request, Routes, SyncReport,
@@ -46,6 +49,9 @@ use crate::{
 
 /// The most monitor reports or host results handled before the route set is published.
 const BATCH: usize = 4096;
+
+/// The most host operations applied together (one `iptables-restore`, one netlink round).
+const MAX_RUN: usize = 1024;
 
 /// A batch of host results at least this large is a burst worth returning memory after.
 const TRIM_AFTER: usize = 512;
@@ -293,11 +299,13 @@ impl Driver {
         for effect in out.drain(..) {
             match effect {
                 Effect::Reply { id, reply } => self.reply(id, reply),
-                Effect::Persist(saved) => {
+                // One write for the whole batch (group commit): the core sends the next only
+                // after this one's result.
+                Effect::Persist(changes) => {
                     let store = self.store.clone();
                     let tx = self.persisted_tx.clone();
                     tokio::spawn(async move {
-                        let _ = tx.send(store.save_off_thread(saved).await).await;
+                        let _ = tx.send(store.save_off_thread(changes).await).await;
                     });
                 }
                 // The scheduler lives as long as we do; a send error only happens at shutdown.
@@ -358,24 +366,46 @@ async fn host_worker<H: Host>(
     mut work: mpsc::UnboundedReceiver<Work>,
     done: mpsc::UnboundedSender<Vec<Event>>,
 ) {
+    let mut queue = Vec::new();
     while let Some(first) = work.recv().await {
         // What is queued behind the first item is taken too (thousands of apps come up in one
         // batch of monitor reports) and answered in one message, so the lifecycle publishes
         // their routes once, not once per app.
+        queue.push(first);
+        while queue.len() < BATCH {
+            let Ok(item) = work.try_recv() else { break };
+            queue.push(item);
+        }
         let mut results = Vec::new();
         let mut answer = false;
-        let mut next = Some(first);
-        while let Some(item) = next.take() {
+        let mut items = queue.drain(..).peekable();
+        while let Some(item) = items.next() {
             match item {
                 Work::Op { op, after } => {
-                    if let Some(version) = after {
+                    // The operations right behind it of the same kind, each for another app,
+                    // go to the host together: one netlink round of requests in flight, one
+                    // iptables-restore. Different apps never share a VIP or a rule, so only
+                    // each app's own order matters, and a run keeps it.
+                    let install = matches!(op, HostOp::Install { .. });
+                    let mut apps = HashSet::from([op.app().clone()]);
+                    let (mut run, mut wait) = (vec![op], after);
+                    while run.len() < MAX_RUN
+                        && let Some(Work::Op { op, .. }) = items.peek()
+                        && matches!(op, HostOp::Install { .. }) == install
+                        && apps.insert(op.app().clone())
+                    {
+                        let Some(Work::Op { op, after }) = items.next() else {
+                            break;
+                        };
+                        // Versions only grow: waiting for the last waits for every one.
+                        wait = wait.max(after);
+                        run.push(op);
+                    }
+                    if let Some(version) = wait {
                         await_flushed(announcer.as_mut(), version).await;
                     }
-                    // What the host logs while it works for an app (netlink, iptables,
-                    // eBPF maps) carries the app's name, as the lifecycle's own lines do.
-                    let span = info_span!("app", app = %op.app(), vip = %op.vip());
-                    let done = apply_op(&mut host, op).instrument(span).await;
-                    results.push(Event::HostDone(done));
+                    let done = apply_run(&mut host, install, run).await;
+                    results.extend(done.into_iter().map(Event::HostDone));
                 }
                 Work::Verify { id, expected } => {
                     let drift = host.verify(&expected).await;
@@ -407,76 +437,162 @@ async fn host_worker<H: Host>(
                     return;
                 }
             }
-            if results.len() < BATCH {
-                next = work.try_recv().ok();
-            }
         }
+        drop(items);
         if !results.is_empty() || answer {
             let _ = done.send(results);
         }
     }
 }
 
-/// Carries out one operation, inside the app's span; what changed on the host is logged
-/// here (failures once, by the core: `Entry::record`).
-async fn apply_op<H: Host>(host: &mut H, op: HostOp) -> HostDone {
-    let described = |op: &str, r: Result<(), super::HostError>| {
-        if r.is_ok() {
-            info!("{op}: done");
-        }
-        r.map_err(|e| format!("{op}: {}", error_chain(&e)))
-    };
-    match op {
-        HostOp::Install {
-            id,
-            app,
-            vip,
-            label,
-            add_vip,
-            nat,
-        } => {
-            let vip_result = if add_vip {
-                Some(described("add vip", host.add_vip(&vip, &label).await))
-            } else {
-                None
-            };
-            let vip_ok = vip_result.as_ref().is_none_or(Result::is_ok);
-            let nat = match nat {
-                Some(n) if vip_ok => Some(described(
-                    "install nat",
-                    host.install_nat(&app, &vip, &n.rules, n.dest).await,
-                )),
-                _ => None,
-            };
-            HostDone {
+/// One operation of a run, taken apart.
+struct Part {
+    id: OpId,
+    app: AppName,
+    vip: Vip,
+    /// Install: the label; unused for a removal.
+    label: String,
+    /// Add (install) or remove (removal) the VIP.
+    touch_vip: bool,
+    nat: Option<NatSpec>,
+}
+
+/// A result for [`HostDone`]: `None` when not attempted.
+type Outcome = Option<Result<(), String>>;
+
+/// Applies a run of installs (VIPs, then the NAT of each app whose VIP is there) or removals
+/// (NAT, then VIPs), each step for the whole run at once; one [`HostDone`] per operation.
+async fn apply_run<H: Host>(host: &mut H, install: bool, run: Vec<HostOp>) -> Vec<HostDone> {
+    let parts: Vec<Part> = run
+        .into_iter()
+        .map(|op| match op {
+            HostOp::Install {
                 id,
                 app,
-                vip: vip_result,
+                vip,
+                label,
+                add_vip,
                 nat,
-            }
+            } => Part {
+                id,
+                app,
+                vip,
+                label,
+                touch_vip: add_vip,
+                nat,
+            },
+            HostOp::Remove {
+                id,
+                app,
+                vip,
+                remove_vip,
+                nat,
+                after_withdrawal: _,
+            } => Part {
+                id,
+                app,
+                vip,
+                label: String::new(),
+                touch_vip: remove_vip,
+                nat,
+            },
+        })
+        .collect();
+    let mut vips: Vec<Outcome> = vec![None; parts.len()];
+    let mut nats: Vec<Outcome> = vec![None; parts.len()];
+    // What the host logs while it works for a single app (netlink, iptables, eBPF maps)
+    // carries the app's name, as the lifecycle's own lines do; a run's results do, one by one.
+    let span = match parts.as_slice() {
+        [one] => info_span!("app", app = %one.app, vip = %one.vip),
+        _ => tracing::Span::none(),
+    };
+    async {
+        if install {
+            vip_step(host, &parts, true, &mut vips).await;
+            nat_step(host, &parts, true, &vips, &mut nats).await;
+        } else {
+            nat_step(host, &parts, false, &vips, &mut nats).await;
+            vip_step(host, &parts, false, &mut vips).await;
         }
-        HostOp::Remove {
-            id,
-            app,
+    }
+    .instrument(span)
+    .await;
+    parts
+        .into_iter()
+        .zip(vips.into_iter().zip(nats))
+        .map(|(p, (vip, nat))| HostDone {
+            id: p.id,
+            app: p.app,
             vip,
-            remove_vip,
             nat,
-            after_withdrawal: _,
-        } => {
-            let nat = match nat {
-                Some(n) => Some(described(
-                    "remove nat",
-                    host.remove_nat(&app, &vip, &n.rules, n.dest).await,
-                )),
-                None => None,
-            };
-            let vip = if remove_vip {
-                Some(described("remove vip", host.remove_vip(&vip).await))
-            } else {
-                None
-            };
-            HostDone { id, app, vip, nat }
-        }
+        })
+        .collect()
+}
+
+/// One app's result, logged in the app's span when it changed the host (failures are logged
+/// once, by the core: `Entry::record`).
+fn described(part: &Part, what: &str, r: Result<(), super::HostError>) -> Result<(), String> {
+    if r.is_ok() {
+        info_span!("app", app = %part.app, vip = %part.vip).in_scope(|| info!("{what}: done"));
+    }
+    r.map_err(|e| format!("{what}: {}", error_chain(&e)))
+}
+
+async fn vip_step<H: Host>(host: &mut H, parts: &[Part], add: bool, out: &mut [Outcome]) {
+    let which: Vec<usize> = (0..parts.len()).filter(|&i| parts[i].touch_vip).collect();
+    if which.is_empty() {
+        return;
+    }
+    let (what, results) = if add {
+        let vips: Vec<(&Vip, &str)> = which
+            .iter()
+            .map(|&i| (&parts[i].vip, parts[i].label.as_str()))
+            .collect();
+        ("add vip", host.add_vips(&vips).await)
+    } else {
+        let vips: Vec<&Vip> = which.iter().map(|&i| &parts[i].vip).collect();
+        ("remove vip", host.remove_vips(&vips).await)
+    };
+    for (i, r) in which.into_iter().zip(results) {
+        out[i] = Some(described(&parts[i], what, r));
+    }
+}
+
+/// Installs need the VIP there (or not to be added); removals go ahead regardless.
+async fn nat_step<H: Host>(
+    host: &mut H,
+    parts: &[Part],
+    install: bool,
+    vips: &[Outcome],
+    out: &mut [Outcome],
+) {
+    let (which, jobs): (Vec<usize>, Vec<NatJob<'_>>) = parts
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !install || vips[*i].as_ref().is_none_or(Result::is_ok))
+        .filter_map(|(i, p)| {
+            let nat = p.nat.as_ref()?;
+            Some((
+                i,
+                NatJob {
+                    app: &p.app,
+                    vip: &p.vip,
+                    rules: &nat.rules,
+                    dest: nat.dest,
+                },
+            ))
+        })
+        .unzip();
+    if jobs.is_empty() {
+        return;
+    }
+    let (what, results) = if install {
+        ("install nat", host.install_nats(&jobs).await)
+    } else {
+        ("remove nat", host.remove_nats(&jobs).await)
+    };
+    for (i, r) in which.into_iter().zip(results) {
+        out[i] = Some(described(&parts[i], what, r));
     }
 }
 

@@ -12,7 +12,7 @@ use crate::{
         Verdict,
     },
     monitor::{self, Report},
-    store::{Saved, StoreError},
+    store::{Change, StoreError},
 };
 
 /// Names a request so its reply finds the caller.
@@ -110,9 +110,9 @@ pub enum Effect {
         id: RequestId,
         reply: Reply,
     },
-    /// Write this (HTTP apps, drain state) to the state file, then send [`Event::Persisted`].
-    /// At most one is outstanding.
-    Persist(Saved),
+    /// Save these changes (HTTP apps, drain state) in one state-file write, then send
+    /// [`Event::Persisted`]. At most one is outstanding.
+    Persist(Vec<Change>),
     Monitor(monitor::Command),
     /// The new desired-announcement set.
     PublishRoutes(RouteSet),

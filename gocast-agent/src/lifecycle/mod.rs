@@ -79,6 +79,63 @@ pub trait Host: Send + Sync + 'static {
         rules: &[NatRule],
         dest: Option<IpAddr>,
     ) -> impl Future<Output = Result<(), HostError>> + Send;
+    /// [`Host::add_vip`] for several VIPs at once (the host worker's batches); one result
+    /// per VIP, in order. The real host keeps them in flight together on its netlink socket.
+    fn add_vips(
+        &mut self,
+        vips: &[(&Vip, &str)],
+    ) -> impl Future<Output = Vec<Result<(), HostError>>> + Send {
+        async move {
+            let mut results = Vec::with_capacity(vips.len());
+            for (vip, label) in vips {
+                results.push(self.add_vip(vip, label).await);
+            }
+            results
+        }
+    }
+    /// [`Host::remove_vip`] for several VIPs at once; one result per VIP, in order.
+    fn remove_vips(
+        &mut self,
+        vips: &[&Vip],
+    ) -> impl Future<Output = Vec<Result<(), HostError>>> + Send {
+        async move {
+            let mut results = Vec::with_capacity(vips.len());
+            for vip in vips {
+                results.push(self.remove_vip(vip).await);
+            }
+            results
+        }
+    }
+    /// [`Host::install_nat`] for several apps at once; one result per app, in order. With
+    /// iptables, one `iptables-restore` per address family for the whole batch.
+    fn install_nats(
+        &mut self,
+        jobs: &[NatJob<'_>],
+    ) -> impl Future<Output = Vec<Result<(), HostError>>> + Send {
+        async move {
+            let mut results = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                results.push(
+                    self.install_nat(job.app, job.vip, job.rules, job.dest)
+                        .await,
+                );
+            }
+            results
+        }
+    }
+    /// [`Host::remove_nat`] for several apps at once; one result per app, in order.
+    fn remove_nats(
+        &mut self,
+        jobs: &[NatJob<'_>],
+    ) -> impl Future<Output = Vec<Result<(), HostError>>> + Send {
+        async move {
+            let mut results = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                results.push(self.remove_nat(job.app, job.vip, job.rules, job.dest).await);
+            }
+            results
+        }
+    }
     /// Removes what the agent left behind at shutdown (e.g. its NAT chain).
     fn shutdown(&mut self) -> impl Future<Output = Result<(), HostError>> + Send;
     /// Compares the host with `expected` and returns what is missing (docs/design.md,
@@ -96,6 +153,16 @@ pub trait Host: Send + Sync + 'static {
     /// an autodiscovered BGP peer, also the default gateway. `None` if they cannot be listed
     /// now (the last known ones stay in force).
     fn local_addresses(&mut self) -> impl Future<Output = Option<Vec<Protected>>> + Send;
+}
+
+/// One app's NAT rules, for the batch methods of [`Host`].
+#[derive(Debug, Clone, Copy)]
+pub struct NatJob<'a> {
+    pub app: &'a AppName,
+    pub vip: &'a Vip,
+    pub rules: &'a [NatRule],
+    /// `None`: the agent's NAT destination.
+    pub dest: Option<IpAddr>,
 }
 
 /// A host operation that failed.

@@ -2,43 +2,107 @@
 //! label, no VIP on a protected address (docs/security.md, "Safe VIPs"), and the policy for
 //! its source (HTTP `exec:` monitors, the VIP allowlist).
 
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+};
+
 use super::Core;
 use crate::{
-    app::{AppSpec, Monitor, Source},
+    app::{AppName, AppSpec, Monitor, Source, Vip},
+    lifecycle::entry::Entry,
     messages::{LifecycleError, Protected},
 };
+
+/// Why `spec` (with `lo` label `label`) cannot sit beside `other`, if it cannot.
+fn conflict(spec: &AppSpec, label: &str, other: &Entry) -> Option<LifecycleError> {
+    if other.spec.vip.addr() == spec.vip.addr() {
+        return Some(LifecycleError::VipConflict {
+            vip: spec.vip,
+            owner: other.spec.name.clone(),
+        });
+    }
+    // Two addresses of one subnet on lo: removing the primary takes the secondary with it, and
+    // both would announce the same prefix.
+    if other.spec.vip.prefix().contains(&spec.vip.addr())
+        || spec.vip.prefix().contains(&other.spec.vip.addr())
+    {
+        return Some(LifecycleError::VipOverlap {
+            vip: spec.vip,
+            other: other.spec.vip,
+            owner: other.spec.name.clone(),
+        });
+    }
+    if other.label == label {
+        return Some(LifecycleError::LabelConflict {
+            name: spec.name.clone(),
+            label: label.to_owned(),
+            owner: other.spec.name.clone(),
+        });
+    }
+    None
+}
+
+/// Where to find the apps a registration may clash with, without a scan of every app (a
+/// registration at 10,000 apps would otherwise walk them all). Entries are added when an app is
+/// inserted and may go stale (the app removed since): every hit is checked against the
+/// registry, and the index is rebuilt from it when stale entries pile up.
+#[derive(Debug, Default)]
+pub(super) struct ConflictIndex {
+    by_addr: BTreeMap<IpAddr, AppName>,
+    /// Apps whose VIP is wider than one address (may cover a new VIP's address).
+    wide: BTreeSet<AppName>,
+    by_label: HashMap<String, AppName>,
+}
+
+impl ConflictIndex {
+    pub(super) fn add(&mut self, name: &AppName, vip: Vip, label: &str) {
+        self.by_addr.insert(vip.addr(), name.clone());
+        if vip.prefix().prefix_len() < vip.prefix().max_prefix_len() {
+            self.wide.insert(name.clone());
+        }
+        self.by_label.insert(label.to_owned(), name.clone());
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.by_addr.len() + self.wide.len() + self.by_label.len()
+    }
+}
 
 impl Core {
     /// Refuses an app whose VIP or label belongs to another app.
     pub(super) fn check_conflicts(&self, spec: &AppSpec) -> Result<(), LifecycleError> {
         let label = spec.name.lo_label();
-        for other in self.apps.values().filter(|e| e.spec.name != spec.name) {
-            if other.spec.vip.addr() == spec.vip.addr() {
-                return Err(LifecycleError::VipConflict {
-                    vip: spec.vip,
-                    owner: other.spec.name.clone(),
-                });
-            }
-            // Two addresses of one subnet on lo: removing the primary takes the secondary with
-            // it, and both would announce the same prefix.
-            if other.spec.vip.prefix().contains(&spec.vip.addr())
-                || spec.vip.prefix().contains(&other.spec.vip.addr())
+        let prefix = spec.vip.prefix();
+        let index = &self.conflicts;
+        // Apps at an address inside the new VIP's prefix, apps whose prefix may cover its
+        // address, and the app with its label: the only ones it can clash with.
+        let candidates = index
+            .by_addr
+            .range(prefix.network()..=prefix.broadcast())
+            .map(|(_, name)| name)
+            .chain(&index.wide)
+            .chain(index.by_label.get(&label));
+        for name in candidates {
+            if let Some(other) = self.apps.get(name).filter(|o| o.spec.name != spec.name)
+                && let Some(e) = conflict(spec, &label, other)
             {
-                return Err(LifecycleError::VipOverlap {
-                    vip: spec.vip,
-                    other: other.spec.vip,
-                    owner: other.spec.name.clone(),
-                });
-            }
-            if other.label == label {
-                return Err(LifecycleError::LabelConflict {
-                    name: spec.name.clone(),
-                    label,
-                    owner: other.spec.name.clone(),
-                });
+                return Err(e);
             }
         }
         Ok(())
+    }
+
+    /// Rebuilds the conflict index once most of its entries are stale.
+    pub(super) fn tidy_conflict_index(&mut self) {
+        if self.conflicts.len() <= 4 * self.apps.len() + 64 {
+            return;
+        }
+        let mut index = ConflictIndex::default();
+        for entry in self.apps.values() {
+            index.add(&entry.spec.name, entry.spec.vip, &entry.label);
+        }
+        self.conflicts = index;
     }
 
     /// Refuses a VIP that equals or covers a protected address: a configured BGP peer, next

@@ -11,6 +11,7 @@ use crate::{
         events::{Effect, Now, Reply, RequestId},
     },
     messages::{DrainReport, LifecycleError},
+    store::Change,
 };
 
 impl Core {
@@ -31,18 +32,25 @@ impl Core {
             });
             return;
         }
-        let mut saved = self.saved_with(None, &[]);
-        match &app {
-            None => saved.host_drained = drain,
-            Some(name) => {
-                saved.drained.retain(|n| n != name);
-                if drain {
-                    saved.drained.push(name.clone());
+        let mut change = self.drain_change();
+        if let Change::Drain {
+            drained,
+            host_drained,
+        } = &mut change
+        {
+            match &app {
+                None => *host_drained = drain,
+                Some(name) => {
+                    drained.retain(|n| n != name);
+                    if drain {
+                        drained.push(name.clone());
+                    }
                 }
             }
         }
-        out.push(Effect::Persist(saved));
-        self.persisting = Some(Pending::Drain { id, app, drain });
+        // Alone in its write: the drain state it saves is computed from the registry.
+        out.push(Effect::Persist(vec![change]));
+        self.persisting = Some(vec![Pending::Drain { id, app, drain }]);
     }
 
     /// Drains or undrains as saved: a routed app is announced with `GRACEFUL_SHUTDOWN` for
