@@ -371,19 +371,17 @@ pub fn render_drain(report: &Value) -> String {
     out
 }
 
-/// `gocast status`: the peers, then one line per app, then the traffic, as `birdc show`
-/// prints tables.
-pub fn render_status(info: &Value, apps: &Value, stats: Option<&Value>) -> String {
-    let text = |v: &Value| match v {
+/// A table cell: a string as it is, `-` for null, anything else as JSON.
+fn text(v: &Value) -> String {
+    match v {
         Value::String(s) => s.clone(),
         Value::Null => "-".into(),
         other => other.to_string(),
-    };
-    let mut out = format!(
-        "gocast {} (dataplane: {})\n",
-        text(&info["version"]),
-        text(&info["dataplane"]["mode"])
-    );
+    }
+}
+
+/// The peer table of `gocast status`.
+fn peers_table(info: &Value) -> String {
     let mut peers = vec![[
         "PEER".to_owned(),
         "AS".into(),
@@ -406,7 +404,18 @@ pub fn render_status(info: &Value, apps: &Value, stats: Option<&Value>) -> Strin
             text(&p["last_error"]),
         ]);
     }
-    out += &table(&peers);
+    table(&peers)
+}
+
+/// `gocast status`: the peers, then one line per app, then the traffic, as `birdc show`
+/// prints tables.
+pub fn render_status(info: &Value, apps: &Value, stats: Option<&Value>) -> String {
+    let mut out = format!(
+        "gocast {} (dataplane: {})\n",
+        text(&info["version"]),
+        text(&info["dataplane"]["mode"])
+    );
+    out += &peers_table(info);
     out.push('\n');
     let mut rows = vec![[
         "APP".to_owned(),

@@ -442,7 +442,7 @@ impl<'a> Session<'a> {
         self.connecting = None;
         match done {
             Ok(stream) => {
-                self.conn = Some(self.framed(stream));
+                self.conn = Some(Self::framed(stream));
                 self.show_address();
                 Input::TcpCrAcked
             }
@@ -455,7 +455,7 @@ impl<'a> Session<'a> {
     }
 
     /// A new connection of this session, ours or the peer's.
-    fn framed(&self, stream: TcpStream) -> Framed<TcpStream, BgpCodec> {
+    fn framed(stream: TcpStream) -> Framed<TcpStream, BgpCodec> {
         // Small messages (KEEPALIVEs, single withdrawals) must leave at once.
         if let Err(e) = stream.set_nodelay(true) {
             debug!(error = %e, "cannot set TCP_NODELAY");
@@ -489,7 +489,7 @@ impl<'a> Session<'a> {
                     if let Some(task) = self.connecting.take() {
                         task.abort();
                     }
-                    self.conn = self.arriving.take().map(|s| self.framed(s));
+                    self.conn = self.arriving.take().map(Self::framed);
                     self.show_address();
                 }
                 Output::RefuseConnection(notification) => {
@@ -499,7 +499,7 @@ impl<'a> Session<'a> {
                     }
                 }
                 Output::TrackCandidate => {
-                    self.candidate = self.arriving.take().map(|s| self.framed(s));
+                    self.candidate = self.arriving.take().map(Self::framed);
                 }
                 Output::SendToCandidate(message) => self.send_to_candidate(message, inputs).await,
                 Output::CloseCandidate {
