@@ -564,7 +564,8 @@ fn stats_show_traffic_at_once_and_a_vip_registered_now() -> Result<()> {
         .http_get(&format!("http://{API}/stats?interval=1h"))?;
     ensure!(status == 400, "{status} {bad}");
 
-    // A VIP registered now is in /stats as soon as its app is healthy.
+    // A VIP registered now is in /stats as soon as its app is healthy and its VIP is on `lo`
+    // (the counter slot is taken when the VIP is installed, a moment after the verdict).
     let (status, view) = topo.agent.http_post(&format!(
         "http://{API}/register?name=late&vip=192.0.2.13/32&monitor=port:udp:5353&nat=udp:53:5353"
     ))?;
@@ -572,12 +573,12 @@ fn stats_show_traffic_at_once_and_a_vip_registered_now() -> Result<()> {
     let started = Instant::now();
     loop {
         let (_, app) = topo.agent.http_get(&format!("http://{API}/apps/late"))?;
-        if app["state"] == "healthy" {
+        if app["state"] == "healthy" && app["vip_installed"] == true {
             break;
         }
         ensure!(
             started.elapsed() < Duration::from_secs(10),
-            "late never healthy: {app}"
+            "late never healthy with its VIP installed: {app}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
