@@ -36,7 +36,8 @@ use aya::{
 };
 use clap::{Args, ValueEnum};
 use gocast_common::maps::{
-    NAT_MAP, NatKey, NatTarget, PORTS_MAP, PROTO_TCP, PortBits, VIPS_MAP, VipKey, port_bit,
+    NAT_MAP, NatKey, NatTarget, PORTS_MAP, PROTO_TCP, PortBits, VIP_ADDRS_MAP, VIPS_MAP, VipKey,
+    addr_bit, port_bit,
 };
 use gocast_tests::{
     Agent, Netns, Topology,
@@ -791,6 +792,15 @@ fn load_programs(object: &Path) -> Result<aya::Ebpf> {
             NatTarget::new(to.into(), to_port),
             0,
         )?;
+    }
+    // An object from before the address filter has no such map.
+    if let Some(map) = bpf.map_mut(VIP_ADDRS_MAP) {
+        let mut addrs: BpfArray<_, u64> = BpfArray::try_from(map)?;
+        for vip in [A, B] {
+            let (index, mask) = addr_bit(&VipKey::new(vip.into()).addr);
+            let word = addrs.get(&index, 0)?;
+            addrs.set(index, word | mask, 0)?;
+        }
     }
     // An object from before the port filter has no such map.
     if let Some(map) = bpf.map_mut(PORTS_MAP) {

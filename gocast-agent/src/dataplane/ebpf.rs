@@ -35,8 +35,8 @@ use aya::{
 use aya_log::EbpfLogger;
 use gocast_common::maps::{
     COUNTERS_MAP, MAX_VIPS, NAT_MAP, NatKey, NatTarget, PORTS_MAP, PROTO_TCP, PROTO_UDP, PortBits,
-    SLOTS_MAP, TC_LOG_MAP, TC_LOG_PROGRAM, VIPS_MAP, VipCounters, VipKey, XDP_LOG_MAP,
-    XDP_LOG_PROGRAM, port_bit,
+    SLOTS_MAP, TC_LOG_MAP, TC_LOG_PROGRAM, VIP_ADDRS_MAP, VIPS_MAP, VipCounters, VipKey,
+    XDP_LOG_MAP, XDP_LOG_PROGRAM, addr_bit, port_bit,
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -281,6 +281,7 @@ struct Loaded {
     /// Each slot's generation ([`SLOTS_MAP`]).
     generations: Array<MapData, u32>,
     ports: Array<MapData, PortBits>,
+    vip_addrs: Array<MapData, u64>,
     /// `None` when the programs log nothing at the chosen level, or the reader could not start.
     #[cfg_attr(
         not(test),
@@ -398,6 +399,7 @@ impl Ebpf {
         let counters = take_map(&mut bpf, COUNTERS_MAP)?;
         let generations = take_map(&mut bpf, SLOTS_MAP)?;
         let ports = take_map(&mut bpf, PORTS_MAP)?;
+        let vip_addrs = take_map(&mut bpf, VIP_ADDRS_MAP)?;
         let logs = LogReader::start(&mut bpf, log_level, logger);
         Ok(Self {
             loaded: Some(Box::new(Loaded {
@@ -407,6 +409,7 @@ impl Ebpf {
                 counters,
                 generations,
                 ports,
+                vip_addrs,
                 logs,
             })),
             slots: watch::Sender::new(StdHashMap::new()),
@@ -436,6 +439,7 @@ impl Ebpf {
         let known = self.slots.borrow().get(&vip).copied();
         if let Some(slot) = known {
             if self.vip_missing(vip)? {
+                self.sync_vip_addr(vip, true)?;
                 let loaded = self.loaded()?;
                 loaded
                     .vips
@@ -469,6 +473,8 @@ impl Ebpf {
 
     fn insert_vip(&mut self, vip: IpAddr, slot: u32) -> Result<(), EbpfError> {
         self.bump(slot)?;
+        // Before the entry: a packet that finds the entry must find the bit too.
+        self.sync_vip_addr(vip, true)?;
         let loaded = self.loaded()?;
         let cpus = aya::util::nr_cpus().map_err(|(_, source)| EbpfError::PerCpu {
             map: COUNTERS_MAP,
@@ -504,6 +510,9 @@ impl Ebpf {
             slots.remove(&vip);
         });
         self.free.push(slot);
+        if self.loaded.is_some() {
+            self.sync_vip_addr(vip, false)?;
+        }
         Ok(())
     }
 
@@ -582,15 +591,36 @@ impl Ebpf {
         Ok(())
     }
 
+    /// Rewrites the [`VIP_ADDRS_MAP`] word holding `vip`'s bit from the VIPs that have a slot,
+    /// and `vip` itself if `with`.
+    fn sync_vip_addr(&mut self, vip: IpAddr, with: bool) -> Result<(), EbpfError> {
+        let (index, _) = addr_bit(&VipKey::new(vip).addr);
+        let word = {
+            let slots = self.slots.borrow();
+            addr_word(slots.keys().copied().chain(with.then_some(vip)), index)
+        };
+        self.loaded()?
+            .vip_addrs
+            .set(index, word, 0)
+            .map_err(map_error(VIP_ADDRS_MAP))
+    }
+
     /// Whether `vip` has a counter slot but its entry in [`VIPS_MAP`] is gone (or names
-    /// another slot): someone deleted it. [`Ebpf::add_vip`] puts it back.
+    /// another slot), or its bit in [`VIP_ADDRS_MAP`]: someone deleted it. [`Ebpf::add_vip`]
+    /// puts it back.
     pub fn vip_missing(&self, vip: IpAddr) -> Result<bool, EbpfError> {
         let known = self.slots.borrow().get(&vip).copied();
         let (Some(slot), Some(loaded)) = (known, self.loaded.as_deref()) else {
             return Ok(false);
         };
-        match loaded.vips.get(&VipKey::new(vip), 0) {
-            Ok(found) => Ok(found != slot),
+        let key = VipKey::new(vip);
+        let (index, mask) = addr_bit(&key.addr);
+        let word = loaded
+            .vip_addrs
+            .get(&index, 0)
+            .map_err(map_error(VIP_ADDRS_MAP))?;
+        match loaded.vips.get(&key, 0) {
+            Ok(found) => Ok(found != slot || word & mask == 0),
             Err(MapError::KeyNotFound) => Ok(true),
             Err(e) => Err(map_error(VIPS_MAP)(e)),
         }
@@ -917,6 +947,13 @@ fn port_bits(rules: &StdHashMap<NatKey, NatTarget>, index: u32) -> PortBits {
         }
     }
     bits
+}
+
+/// [`VIP_ADDRS_MAP`] word `index` for `vips`: the bits of those whose address folds into it.
+fn addr_word(vips: impl Iterator<Item = IpAddr>, index: u32) -> u64 {
+    vips.map(|vip| addr_bit(&VipKey::new(vip).addr))
+        .filter(|&(i, _)| i == index)
+        .fold(0, |word, (_, mask)| word | mask)
 }
 
 fn nat_key(vip: IpAddr, rule: NatRule) -> NatKey {
