@@ -49,7 +49,8 @@ pub const NAT_FLOWS_MAP: &str = "GOCAST_NAT_FLOWS";
 /// its packet takes the first-packet path again.
 pub const SLOTS_MAP: &str = "GOCAST_SLOTS";
 /// `Array<PortBits>` of [`PORT_WORDS`]: which ports are a NAT rule's VIP port or target port, so
-/// packets on other ports skip the flow maps.
+/// packets on other ports skip the flow maps; with the VIP port bits, a few bits of the rules'
+/// VIPs, so packets to other addresses on those ports skip them too.
 pub const PORTS_MAP: &str = "GOCAST_PORTS";
 /// `Array<u64>` of [`ADDR_WORDS`]: a bit per value of [`addr_bit`]'s fold of an address, set
 /// for every VIP in [`VIPS_MAP`] (and possibly for addresses that were VIPs). A packet whose
@@ -262,11 +263,14 @@ pub struct PortBits {
     pub vip: u64,
     /// Ports some NAT rule has as its target port (egress looks up [`FLOWS_MAP`]).
     pub target: u64,
+    /// For the rules whose VIP port is in `vip`: bit [`addr_bit`]`(vip).1` of each one's VIP.
+    /// Clear for a packet's destination: no rule of these ports is for it.
+    pub vip_addr: u64,
 }
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)`, `u64`s only, no padding (size checked below).
 unsafe impl aya::Pod for PortBits {}
-const _: () = assert!(size_of::<PortBits>() == 16);
+const _: () = assert!(size_of::<PortBits>() == 24);
 
 /// Where a port (network order) sits in [`PORTS_MAP`]: entry index and bit mask.
 #[inline(always)]
@@ -424,7 +428,10 @@ mod tests {
     fn an_ipv4_address_folds_to_its_last_two_bytes_and_ipv6_to_theirs_xor_a_prefix_constant() {
         let v4 = VipKey::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 81))).addr;
         assert_eq!(addr_bit(&v4), port_bit(u16::from_ne_bytes([2, 81])));
-        let v6 = VipKey::new(IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x281))).addr;
+        let v6 = VipKey::new(IpAddr::V6(Ipv6Addr::new(
+            0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x281,
+        )))
+        .addr;
         assert_eq!(
             addr_bit(&v6),
             port_bit(u16::from_ne_bytes([0x0d ^ 0x02, 0xb8 ^ 0x81]))

@@ -38,8 +38,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use gocast_common::maps::{
-    ADDR_WORDS, FlowKey, MAX_FLOWS, MAX_NAT_RULES, MAX_VIPS, NatFlow, NatKey, NatTarget, PORT_WORDS,
-    PROTO_TCP, PortBits, VipCounters, VipKey,
+    ADDR_WORDS, FlowKey, MAX_FLOWS, MAX_NAT_RULES, MAX_VIPS, NatFlow, NatKey, NatTarget,
+    PORT_WORDS, PROTO_TCP, PortBits, VipCounters, VipKey,
 };
 
 use crate::{
@@ -161,10 +161,8 @@ fn ingress<C: Ingress>(ctx: &C, parsed: &Parsed, log: &mut bool) -> Result<(), (
         Parsed::Other => return Ok(()),
     };
     let syn = flow.is_some_and(is_syn);
-    let vip = stats::maybe_vip(dst);
     // A SYN always takes the long way: it may start a flow under changed rules.
-    if vip
-        && !syn
+    if !syn
         && let Some(flow) = flow
         && let Some(known) = nat::known(flow)
     {
@@ -173,7 +171,11 @@ fn ingress<C: Ingress>(ctx: &C, parsed: &Parsed, log: &mut bool) -> Result<(), (
         }
         return nat::forward(ctx, flow, &known, log);
     }
-    let slot = if vip { stats::vip_slot(family, dst) } else { None };
+    let slot = if stats::maybe_vip(dst) {
+        stats::vip_slot(family, dst)
+    } else {
+        None
+    };
     let Some(slot) = slot else {
         if syn && let Some(flow) = flow {
             nat::forget_direct(flow);

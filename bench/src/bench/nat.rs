@@ -802,19 +802,27 @@ fn load_programs(object: &Path) -> Result<aya::Ebpf> {
             addrs.set(index, word | mask, 0)?;
         }
     }
-    // An object from before the port filter has no such map.
+    // An object from before the port filter has no such map; one from before the address bits
+    // has 16-byte entries.
     if let Some(map) = bpf.map_mut(PORTS_MAP) {
-        let mut ports: BpfArray<_, PortBits> = BpfArray::try_from(map)?;
-        for port in [VIP_PORT, SERVICE_PORT] {
+        let entries = [(A, VIP_PORT), (B, SERVICE_PORT)].map(|(vip, port)| {
             let (index, mask) = port_bit(port.to_be());
-            ports.set(
-                index,
-                PortBits {
-                    vip: mask,
-                    target: mask,
-                },
-                0,
-            )?;
+            let bits = PortBits {
+                vip: mask,
+                target: mask,
+                vip_addr: addr_bit(&VipKey::new(vip.into()).addr).1,
+            };
+            (index, bits)
+        });
+        if let Ok(mut ports) = BpfArray::<_, PortBits>::try_from(&mut *map) {
+            for (index, bits) in entries {
+                ports.set(index, bits, 0)?;
+            }
+        } else {
+            let mut ports: BpfArray<_, [u64; 2]> = BpfArray::try_from(map)?;
+            for (index, bits) in entries {
+                ports.set(index, [bits.vip, bits.target], 0)?;
+            }
         }
     }
     let xdp: &mut Xdp = bpf

@@ -935,15 +935,19 @@ where
     M::try_from(map).map_err(map_error(name))
 }
 
-/// [`PORTS_MAP`] entry `index` for `rules`: the VIP ports and target ports in its 64.
+/// [`PORTS_MAP`] entry `index` for `rules`: the VIP ports and target ports in its 64, and the
+/// address bits of the VIPs with those VIP ports.
 fn port_bits(rules: &StdHashMap<NatKey, NatTarget>, index: u32) -> PortBits {
     let mut bits = PortBits::default();
     for (key, target) in rules {
-        for (port, field) in [(key.port, &mut bits.vip), (target.port, &mut bits.target)] {
-            let (i, mask) = port_bit(port);
-            if i == index {
-                *field |= mask;
-            }
+        let (i, mask) = port_bit(key.port);
+        if i == index {
+            bits.vip |= mask;
+            bits.vip_addr |= addr_bit(&key.vip).1;
+        }
+        let (i, mask) = port_bit(target.port);
+        if i == index {
+            bits.target |= mask;
         }
     }
     bits
