@@ -6,7 +6,8 @@
 //! reply's in `FLOWS_MAP`. Each carries the new address and port, the address's checksum
 //! difference and the VIP's counter slot, so every later packet in either direction costs one
 //! LRU lookup, an array read (the slot's generation, see `gocast_common::maps::SLOTS_MAP`) and
-//! the writes. Packets on a port no rule uses skip the flow maps (`PORTS_MAP`).
+//! the writes. Packets on a port no rule uses, or to an address without the bit of a VIP with
+//! a rule on that port, skip the flow maps (`PORTS_MAP`).
 //!
 //! XDP rewrites the frame in place with RFC 1624 incremental checksums (pure functions in
 //! `gocast_common::csum`). The TC programs use the kernel's `bpf_l3/l4_csum_replace`, which
