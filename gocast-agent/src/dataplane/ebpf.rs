@@ -1236,6 +1236,46 @@ mod tests {
     }
 
     #[test]
+    fn an_address_filter_word_holds_the_bits_of_exactly_the_vips_that_fold_into_it() {
+        let vip = IpAddr::from(Ipv4Addr::new(192, 0, 2, 81));
+        // Same last two bytes: same bit. Another last byte: another word here.
+        let alike = IpAddr::from(Ipv4Addr::new(198, 18, 2, 81));
+        let other = IpAddr::from(Ipv4Addr::new(192, 0, 2, 82));
+        let (index, mask) = addr_bit(&VipKey::new(vip).addr);
+        assert_eq!(addr_word([vip, alike, other].into_iter(), index), mask);
+        assert_eq!(addr_word([alike].into_iter(), index), mask);
+        assert_eq!(addr_word([other].into_iter(), index), 0);
+    }
+
+    #[test]
+    fn a_port_filter_entry_carries_the_address_bits_of_its_listen_ports_vips_only() {
+        let vip = IpAddr::from(Ipv4Addr::new(192, 0, 2, 81));
+        let dest = IpAddr::from(Ipv4Addr::new(198, 18, 0, 2));
+        let rules = StdHashMap::from([(
+            nat_key(vip, "tcp:80:8080".parse().unwrap()),
+            NatTarget::new(dest, 8080),
+        )]);
+        let (listen, listen_mask) = port_bit(80_u16.to_be());
+        let (target, target_mask) = port_bit(8080_u16.to_be());
+        assert_eq!(
+            port_bits(&rules, listen),
+            PortBits {
+                vip: listen_mask,
+                target: 0,
+                vip_addr: addr_bit(&VipKey::new(vip).addr).1,
+            }
+        );
+        assert_eq!(
+            port_bits(&rules, target),
+            PortBits {
+                vip: 0,
+                target: target_mask,
+                vip_addr: 0,
+            }
+        );
+    }
+
+    #[test]
     fn an_empty_object_is_reported_as_not_built() {
         let err = Ebpf::load_bytes(&[], &[], 0, log::logger()).unwrap_err();
         assert_eq!(
