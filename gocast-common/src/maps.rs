@@ -49,8 +49,14 @@ pub const NAT_FLOWS_MAP: &str = "GOCAST_NAT_FLOWS";
 /// its packet takes the first-packet path again.
 pub const SLOTS_MAP: &str = "GOCAST_SLOTS";
 /// `Array<PortBits>` of [`PORT_WORDS`]: which ports are a NAT rule's VIP port or target port, so
-/// packets on other ports skip the flow maps.
+/// packets on other ports skip the flow maps; with the VIP port bits, a few bits of the rules'
+/// VIPs, so packets to other addresses on those ports skip them too.
 pub const PORTS_MAP: &str = "GOCAST_PORTS";
+/// `Array<u64>` of [`ADDR_WORDS`]: a bit per value of [`addr_bit`]'s fold of an address, set
+/// for every VIP in [`VIPS_MAP`] (and possibly for addresses that were VIPs). A packet whose
+/// destination's bit is clear is no VIP's: ingress skips [`NAT_FLOWS_MAP`] and [`VIPS_MAP`],
+/// egress counting skips [`VIPS_MAP`] for its source.
+pub const VIP_ADDRS_MAP: &str = "GOCAST_VIP_ADDRS";
 /// `PerCpuArray<VipCounters>`: per-VIP counters at the index [`VIPS_MAP`] gives; user space sums
 /// the per-CPU values.
 pub const COUNTERS_MAP: &str = "GOCAST_COUNTERS";
@@ -75,6 +81,8 @@ pub const MAX_NAT_RULES: u32 = 4096;
 pub const MAX_FLOWS: u32 = 65_536;
 /// Entries of [`PORTS_MAP`]: one bit per port.
 pub const PORT_WORDS: u32 = 65_536 / 64;
+/// Entries of [`VIP_ADDRS_MAP`]: one bit per 16-bit fold of an address.
+pub const ADDR_WORDS: u32 = 65_536 / 64;
 
 /// An address as map bytes and its family, per the module's layout rule.
 #[must_use]
@@ -255,11 +263,14 @@ pub struct PortBits {
     pub vip: u64,
     /// Ports some NAT rule has as its target port (egress looks up [`FLOWS_MAP`]).
     pub target: u64,
+    /// For the rules whose VIP port is in `vip`: bit [`addr_bit`]`(vip).1` of each one's VIP.
+    /// Clear for a packet's destination: no rule of these ports is for it.
+    pub vip_addr: u64,
 }
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)`, `u64`s only, no padding (size checked below).
 unsafe impl aya::Pod for PortBits {}
-const _: () = assert!(size_of::<PortBits>() == 16);
+const _: () = assert!(size_of::<PortBits>() == 24);
 
 /// Where a port (network order) sits in [`PORTS_MAP`]: entry index and bit mask.
 #[inline(always)]
@@ -270,6 +281,22 @@ const _: () = assert!(size_of::<PortBits>() == 16);
 #[must_use]
 pub const fn port_bit(port: u16) -> (u32, u64) {
     ((port / 64) as u32, 1 << (port % 64))
+}
+
+/// Where an address (map bytes, either family) sits in [`VIP_ADDRS_MAP`]: entry index and bit
+/// mask. The fold is bytes `2..4` XOR bytes `14..16`: an IPv4 address's last two bytes (its
+/// bytes `4..16` are zero), an IPv6 address's last two XOR a prefix constant. VIPs differ in
+/// those bytes, and so, mostly, do the host's other addresses; two loads and an XOR, no
+/// branch on the family.
+#[inline(always)]
+#[expect(
+    clippy::inline_always,
+    reason = "on the eBPF hot path, which must not make BPF-to-BPF calls"
+)]
+#[must_use]
+pub const fn addr_bit(addr: &[u8; 16]) -> (u32, u64) {
+    let fold = u16::from_ne_bytes([addr[2], addr[3]]) ^ u16::from_ne_bytes([addr[14], addr[15]]);
+    port_bit(fold)
 }
 
 /// Value of [`COUNTERS_MAP`]: one VIP's traffic on one CPU, host order. "In" is traffic to the
@@ -395,6 +422,22 @@ mod tests {
         let k = VipKey::new(IpAddr::V6(a));
         assert_eq!(k.addr, a.octets());
         assert_eq!(k.family, FAMILY_V6);
+    }
+
+    #[test]
+    fn an_ipv4_address_folds_to_its_last_two_bytes_and_ipv6_to_theirs_xor_a_prefix_constant() {
+        let v4 = VipKey::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 81))).addr;
+        assert_eq!(addr_bit(&v4), port_bit(u16::from_ne_bytes([2, 81])));
+        let v6 = VipKey::new(IpAddr::V6(Ipv6Addr::new(
+            0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x281,
+        )))
+        .addr;
+        assert_eq!(
+            addr_bit(&v6),
+            port_bit(u16::from_ne_bytes([0x0d ^ 0x02, 0xb8 ^ 0x81]))
+        );
+        let other = VipKey::new(IpAddr::V4(Ipv4Addr::new(198, 18, 255, 2))).addr;
+        assert_ne!(addr_bit(&other), addr_bit(&v4));
     }
 
     #[test]

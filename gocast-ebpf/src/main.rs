@@ -38,8 +38,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use gocast_common::maps::{
-    FlowKey, MAX_FLOWS, MAX_NAT_RULES, MAX_VIPS, NatFlow, NatKey, NatTarget, PORT_WORDS, PROTO_TCP,
-    PortBits, VipCounters, VipKey,
+    ADDR_WORDS, FlowKey, MAX_FLOWS, MAX_NAT_RULES, MAX_VIPS, NatFlow, NatKey, NatTarget,
+    PORT_WORDS, PROTO_TCP, PortBits, VipCounters, VipKey,
 };
 
 use crate::{
@@ -72,6 +72,10 @@ static SLOTS: Array<u32> = Array::with_max_entries(MAX_VIPS, 0);
 #[map(name = "GOCAST_PORTS")]
 static PORTS: Array<PortBits> = Array::with_max_entries(PORT_WORDS, 0);
 
+/// `gocast_common::maps::VIP_ADDRS_MAP`: a bit per fold of the VIPs' addresses.
+#[map(name = "GOCAST_VIP_ADDRS")]
+static VIP_ADDRS: Array<u64> = Array::with_max_entries(ADDR_WORDS, 0);
+
 /// `gocast_common::maps::COUNTERS_MAP`: per-CPU counters per VIP index.
 #[map(name = "GOCAST_COUNTERS")]
 static COUNTERS: PerCpuArray<VipCounters> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
@@ -88,6 +92,10 @@ const _: () = {
     ));
     assert!(str_eq("GOCAST_SLOTS", gocast_common::maps::SLOTS_MAP));
     assert!(str_eq("GOCAST_PORTS", gocast_common::maps::PORTS_MAP));
+    assert!(str_eq(
+        "GOCAST_VIP_ADDRS",
+        gocast_common::maps::VIP_ADDRS_MAP
+    ));
     assert!(str_eq("GOCAST_XDP_LOG", gocast_common::maps::XDP_LOG_MAP));
     assert!(str_eq("GOCAST_TC_LOG", gocast_common::maps::TC_LOG_MAP));
     assert!(str_eq(
@@ -135,7 +143,7 @@ pub fn gocast_xdp(ctx: XdpContext) -> u32 {
 }
 
 fn try_gocast_xdp(ctx: &XdpContext, log: &mut bool) -> Result<u32, ()> {
-    ingress(ctx, parse::parse(ctx), log)?;
+    ingress(ctx, &parse::parse(ctx), log)?;
     Ok(xdp_action::XDP_PASS)
 }
 
@@ -144,16 +152,18 @@ fn try_gocast_xdp(ctx: &XdpContext, log: &mut bool) -> Result<u32, ()> {
 /// a rule matches (which records the flow). A SYN that bypasses the NAT drops a stale flow
 /// entry.
 #[inline(always)]
-fn ingress<C: Ingress>(ctx: &C, parsed: Parsed, log: &mut bool) -> Result<(), ()> {
+fn ingress<C: Ingress>(ctx: &C, parsed: &Parsed, log: &mut bool) -> Result<(), ()> {
+    // Borrowed, not moved out: a copy of the flow or its address would cost stack the XDP
+    // program does not have to spare (512 bytes).
     let (family, dst, flow) = match parsed {
-        Parsed::Flow(flow) => (flow.family, flow.dst, Some(flow)),
-        Parsed::Ip { family, dst } => (family, dst, None),
+        Parsed::Flow(flow) => (flow.family, &flow.dst, Some(flow)),
+        Parsed::Ip { family, dst } => (*family, dst, None),
         Parsed::Other => return Ok(()),
     };
-    let syn = flow.as_ref().is_some_and(is_syn);
+    let syn = flow.is_some_and(is_syn);
     // A SYN always takes the long way: it may start a flow under changed rules.
-    if let Some(flow) = &flow
-        && !syn
+    if !syn
+        && let Some(flow) = flow
         && let Some(known) = nat::known(flow)
     {
         if let Some(counters) = stats::counters(known.slot) {
@@ -161,8 +171,13 @@ fn ingress<C: Ingress>(ctx: &C, parsed: Parsed, log: &mut bool) -> Result<(), ()
         }
         return nat::forward(ctx, flow, &known, log);
     }
-    let Some(slot) = stats::vip_slot(family, &dst) else {
-        if syn && let Some(flow) = &flow {
+    let slot = if stats::maybe_vip(dst) {
+        stats::vip_slot(family, dst)
+    } else {
+        None
+    };
+    let Some(slot) = slot else {
+        if syn && let Some(flow) = flow {
             nat::forget_direct(flow);
         }
         return Ok(());
@@ -174,10 +189,10 @@ fn ingress<C: Ingress>(ctx: &C, parsed: Parsed, log: &mut bool) -> Result<(), ()
         stats::count_in(counters, ctx.bytes(), syn);
     }
     if let Some(flow) = flow
-        && !nat::dnat(ctx, &flow, syn, (slot, generation), log)?
+        && !nat::dnat(ctx, flow, syn, (slot, generation), log)?
         && syn
     {
-        nat::forget_direct(&flow);
+        nat::forget_direct(flow);
     }
     Ok(())
 }
@@ -207,21 +222,26 @@ pub fn gocast_tc_ingress(ctx: TcContext) -> i32 {
 }
 
 fn try_gocast_tc_ingress(ctx: &TcContext, log: &mut bool) -> Result<(), ()> {
-    ingress(ctx, parse_skb(ctx), log)
+    ingress(ctx, &parse_skb(ctx), log)
 }
 
-/// Parses an skb. Direct packet access sees only its linear part; when the headers did not fit
-/// there (they continue in the skb's fragments), pulls them in and parses again. Only such skbs
-/// pay for the pull, which may copy: the stack nearly always has the headers linear.
+/// Parses an skb. Direct packet access sees only its linear part; when the headers do not all
+/// fit there (they continue in the skb's fragments), pulls them in first. Only such skbs pay
+/// for the pull, which may copy: the stack nearly always has the headers linear. One parse, so
+/// one [`Flow`] on the stack.
 #[inline(always)]
 fn parse_skb(ctx: &TcContext) -> Parsed {
-    let parsed = parse::parse(ctx);
     let linear = ctx.data_end() - ctx.data();
-    if matches!(parsed, Parsed::Flow(_)) || ctx.len() as usize <= linear {
-        return parsed;
-    }
-    if ctx.pull_data(ctx.len().min(parse::HEADERS_MAX)).is_err() {
-        return parsed;
+    if ctx.len() as usize > linear {
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "at most `parse::HEADERS_MAX`"
+        )]
+        let wanted = parse::headers_len(ctx).min(ctx.len() as usize) as u32;
+        if wanted as usize > linear {
+            // On failure the parse below sees what is linear and classifies the packet by that.
+            let _ = ctx.pull_data(wanted);
+        }
     }
     parse::parse(ctx)
 }
@@ -252,7 +272,8 @@ fn try_gocast_tc_egress(ctx: &TcContext, log: &mut bool) -> Result<(), ()> {
         // The flow's slot, unless its VIP changed since: then the VIP's slot now, if any.
         Some(orig) if stats::generation(orig.slot) == orig.generation => Some(orig.slot),
         Some(orig) => stats::vip_slot(flow.family, &orig.addr),
-        None => stats::vip_slot(flow.family, &flow.src),
+        None if stats::maybe_vip(&flow.src) => stats::vip_slot(flow.family, &flow.src),
+        None => None,
     };
     let Some(counters) = slot.and_then(stats::counters) else {
         return Ok(());

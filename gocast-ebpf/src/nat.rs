@@ -6,7 +6,8 @@
 //! reply's in `FLOWS_MAP`. Each carries the new address and port, the address's checksum
 //! difference and the VIP's counter slot, so every later packet in either direction costs one
 //! LRU lookup, an array read (the slot's generation, see `gocast_common::maps::SLOTS_MAP`) and
-//! the writes. Packets on a port no rule uses skip the flow maps (`PORTS_MAP`).
+//! the writes. Packets on a port no rule uses, or to an address without the bit of a VIP with
+//! a rule on that port, skip the flow maps (`PORTS_MAP`).
 //!
 //! XDP rewrites the frame in place with RFC 1624 incremental checksums (pure functions in
 //! `gocast_common::csum`). The TC programs use the kernel's `bpf_l3/l4_csum_replace`, which
@@ -25,7 +26,7 @@ use aya_ebpf::{
 };
 use gocast_common::{
     csum::{addr_diff, csum_add, csum_replace2, udp_has_checksum, udp_mangled},
-    maps::{FAMILY_V4, FlowKey, NatFlow, NatKey, NatTarget, PROTO_TCP, PortBits, port_bit},
+    maps::{FAMILY_V4, FlowKey, NatFlow, NatKey, NatTarget, PROTO_TCP, addr_bit, port_bit},
 };
 
 use crate::{
@@ -81,11 +82,16 @@ impl Ingress for TcContext {
     }
 }
 
-/// Whether `port` (network order) is set in the field of its `PORTS_MAP` entry `field` picks.
+/// Whether a NAT rule may be for this flow's destination: its port is a rule's VIP port and
+/// its address has the bit of one of those rules' VIPs (`PORTS_MAP`). One array read, so
+/// packets to other ports, or to the host's own addresses on a rule's port, skip the flow map.
 #[inline(always)]
-fn port_used(port: u16, field: impl FnOnce(&PortBits) -> u64) -> bool {
-    let (index, mask) = port_bit(port);
-    PORTS.get(index).is_some_and(|bits| field(bits) & mask != 0)
+fn rule_may_match(flow: &Flow) -> bool {
+    let (index, port) = port_bit(flow.dst_port);
+    let (_, addr) = addr_bit(&flow.dst);
+    PORTS
+        .get(index)
+        .is_some_and(|bits| bits.vip & port != 0 && bits.vip_addr & addr != 0)
 }
 
 /// The flow's 5-tuple as a key.
@@ -106,7 +112,7 @@ fn key(flow: &Flow) -> FlowKey {
 /// change since it was written: all the rewrite and counting need.
 #[inline(always)]
 pub fn known(flow: &Flow) -> Option<NatFlow> {
-    if !port_used(flow.dst_port, |bits| bits.vip) {
+    if !rule_may_match(flow) {
         return None;
     }
     // SAFETY: a map value pointer from a successful lookup, copied out at once.
@@ -303,7 +309,8 @@ pub fn forget_direct(flow: &Flow) {
 /// sends to return at once. A failed rewrite is noted for the log program, and `log` set.
 #[inline(always)]
 pub fn reverse(ctx: &TcContext, flow: &Flow, log: &mut bool) -> Result<Option<NatFlow>, ()> {
-    if !port_used(flow.src_port, |bits| bits.target) {
+    let (index, port) = port_bit(flow.src_port);
+    if !PORTS.get(index).is_some_and(|bits| bits.target & port != 0) {
         return Ok(None);
     }
     let Some(orig) = FLOWS.get_ptr(key(flow)) else {

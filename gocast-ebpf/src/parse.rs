@@ -80,7 +80,11 @@ pub const IPV6_SRC_OFFSET: usize = mem::offset_of!(Ipv6Hdr, src);
 pub const IPV6_DST_OFFSET: usize = mem::offset_of!(Ipv6Hdr, dst);
 /// Ethernet + IPv6 (or IPv4 with options) + TCP: what must be in an skb's linear part for
 /// direct access to see every header the NAT reads or writes.
-pub const HEADERS_MAX: u32 = 14 + 60 + 20;
+pub const HEADERS_MAX: usize = 14 + 60 + 20;
+/// A TCP header without options: the part [`parse`] reads (up to the checksum).
+const TCP_HDR_LEN: usize = 20;
+/// A UDP header.
+const UDP_HDR_LEN: usize = 8;
 
 /// A program context with direct packet access.
 pub trait Packet {
@@ -168,6 +172,42 @@ pub fn parse(ctx: &impl Packet) -> Parsed {
         ETH_P_IPV6 => parse_ipv6(ctx, l3),
         _ => Parsed::Other,
     }
+}
+
+/// How many bytes from the start [`parse`] reads of this packet: Ethernet, IP and TCP/UDP
+/// headers (less for other traffic), judged from what is readable; [`HEADERS_MAX`] when even
+/// the IP header is not. Cheaper than a parse, for deciding whether an skb needs a pull first.
+#[inline(always)]
+pub fn headers_len(ctx: &impl Packet) -> usize {
+    let l3 = mem::size_of::<EthHdr>();
+    let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return HEADERS_MAX;
+    };
+    // SAFETY: `ptr_at` checked that each header is inside the packet.
+    let (ip_len, proto) = match u16::from_be_bytes(unsafe { (*eth).ether_type }) {
+        ETH_P_IP => {
+            let Ok(ip) = ptr_at::<Ipv4Hdr>(ctx, l3) else {
+                return HEADERS_MAX;
+            };
+            // SAFETY: as above.
+            let (version_ihl, proto) = unsafe { ((*ip).version_ihl, (*ip).protocol) };
+            (usize::from(version_ihl & 0x0f) * 4, proto)
+        }
+        ETH_P_IPV6 => {
+            let Ok(ip) = ptr_at::<Ipv6Hdr>(ctx, l3) else {
+                return HEADERS_MAX;
+            };
+            // SAFETY: as above.
+            (mem::size_of::<Ipv6Hdr>(), unsafe { (*ip).next_hdr })
+        }
+        _ => return l3,
+    };
+    l3 + ip_len
+        + match proto {
+            PROTO_TCP => TCP_HDR_LEN,
+            PROTO_UDP => UDP_HDR_LEN,
+            _ => 0,
+        }
 }
 
 #[inline(always)]

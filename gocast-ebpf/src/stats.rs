@@ -1,10 +1,18 @@
 //! Per-VIP counters: `VIPS_MAP` gives a VIP's slot, `COUNTERS_MAP` (per CPU, so plain adds)
 //! holds its counters at that index, `SLOTS_MAP` the slot's generation. User space sums the
-//! CPUs.
+//! CPUs. `VIP_ADDRS_MAP` answers "certainly not a VIP" for most other addresses with an array
+//! read instead of a hash lookup.
 
-use gocast_common::maps::{VipCounters, VipKey};
+use gocast_common::maps::{VipCounters, VipKey, addr_bit};
 
-use crate::{COUNTERS, SLOTS, VIPS};
+use crate::{COUNTERS, SLOTS, VIP_ADDRS, VIPS};
+
+/// Whether `addr` may be a VIP: `false` means it is none.
+#[inline(always)]
+pub fn maybe_vip(addr: &[u8; 16]) -> bool {
+    let (index, mask) = addr_bit(addr);
+    VIP_ADDRS.get(index).is_some_and(|bits| bits & mask != 0)
+}
 
 /// The counter slot of the VIP `addr`, or `None` if it is not one of ours.
 #[inline(always)]

@@ -36,7 +36,8 @@ use aya::{
 };
 use clap::{Args, ValueEnum};
 use gocast_common::maps::{
-    NAT_MAP, NatKey, NatTarget, PORTS_MAP, PROTO_TCP, PortBits, VIPS_MAP, VipKey, port_bit,
+    NAT_MAP, NatKey, NatTarget, PORTS_MAP, PROTO_TCP, PortBits, VIP_ADDRS_MAP, VIPS_MAP, VipKey,
+    addr_bit, port_bit,
 };
 use gocast_tests::{
     Agent, Netns, Topology,
@@ -792,19 +793,36 @@ fn load_programs(object: &Path) -> Result<aya::Ebpf> {
             0,
         )?;
     }
-    // An object from before the port filter has no such map.
+    // An object from before the address filter has no such map.
+    if let Some(map) = bpf.map_mut(VIP_ADDRS_MAP) {
+        let mut addrs: BpfArray<_, u64> = BpfArray::try_from(map)?;
+        for vip in [A, B] {
+            let (index, mask) = addr_bit(&VipKey::new(vip.into()).addr);
+            let word = addrs.get(&index, 0)?;
+            addrs.set(index, word | mask, 0)?;
+        }
+    }
+    // An object from before the port filter has no such map; one from before the address bits
+    // has 16-byte entries.
     if let Some(map) = bpf.map_mut(PORTS_MAP) {
-        let mut ports: BpfArray<_, PortBits> = BpfArray::try_from(map)?;
-        for port in [VIP_PORT, SERVICE_PORT] {
+        let entries = [(A, VIP_PORT), (B, SERVICE_PORT)].map(|(vip, port)| {
             let (index, mask) = port_bit(port.to_be());
-            ports.set(
-                index,
-                PortBits {
-                    vip: mask,
-                    target: mask,
-                },
-                0,
-            )?;
+            let bits = PortBits {
+                vip: mask,
+                target: mask,
+                vip_addr: addr_bit(&VipKey::new(vip.into()).addr).1,
+            };
+            (index, bits)
+        });
+        if let Ok(mut ports) = BpfArray::<_, PortBits>::try_from(&mut *map) {
+            for (index, bits) in entries {
+                ports.set(index, bits, 0)?;
+            }
+        } else {
+            let mut ports: BpfArray<_, [u64; 2]> = BpfArray::try_from(map)?;
+            for (index, bits) in entries {
+                ports.set(index, [bits.vip, bits.target], 0)?;
+            }
         }
     }
     let xdp: &mut Xdp = bpf

@@ -35,8 +35,8 @@ use aya::{
 use aya_log::EbpfLogger;
 use gocast_common::maps::{
     COUNTERS_MAP, MAX_VIPS, NAT_MAP, NatKey, NatTarget, PORTS_MAP, PROTO_TCP, PROTO_UDP, PortBits,
-    SLOTS_MAP, TC_LOG_MAP, TC_LOG_PROGRAM, VIPS_MAP, VipCounters, VipKey, XDP_LOG_MAP,
-    XDP_LOG_PROGRAM, port_bit,
+    SLOTS_MAP, TC_LOG_MAP, TC_LOG_PROGRAM, VIP_ADDRS_MAP, VIPS_MAP, VipCounters, VipKey,
+    XDP_LOG_MAP, XDP_LOG_PROGRAM, addr_bit, port_bit,
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -281,6 +281,7 @@ struct Loaded {
     /// Each slot's generation ([`SLOTS_MAP`]).
     generations: Array<MapData, u32>,
     ports: Array<MapData, PortBits>,
+    vip_addrs: Array<MapData, u64>,
     /// `None` when the programs log nothing at the chosen level, or the reader could not start.
     #[cfg_attr(
         not(test),
@@ -398,6 +399,7 @@ impl Ebpf {
         let counters = take_map(&mut bpf, COUNTERS_MAP)?;
         let generations = take_map(&mut bpf, SLOTS_MAP)?;
         let ports = take_map(&mut bpf, PORTS_MAP)?;
+        let vip_addrs = take_map(&mut bpf, VIP_ADDRS_MAP)?;
         let logs = LogReader::start(&mut bpf, log_level, logger);
         Ok(Self {
             loaded: Some(Box::new(Loaded {
@@ -407,6 +409,7 @@ impl Ebpf {
                 counters,
                 generations,
                 ports,
+                vip_addrs,
                 logs,
             })),
             slots: watch::Sender::new(StdHashMap::new()),
@@ -436,6 +439,7 @@ impl Ebpf {
         let known = self.slots.borrow().get(&vip).copied();
         if let Some(slot) = known {
             if self.vip_missing(vip)? {
+                self.sync_vip_addr(vip, true)?;
                 let loaded = self.loaded()?;
                 loaded
                     .vips
@@ -469,6 +473,8 @@ impl Ebpf {
 
     fn insert_vip(&mut self, vip: IpAddr, slot: u32) -> Result<(), EbpfError> {
         self.bump(slot)?;
+        // Before the entry: a packet that finds the entry must find the bit too.
+        self.sync_vip_addr(vip, true)?;
         let loaded = self.loaded()?;
         let cpus = aya::util::nr_cpus().map_err(|(_, source)| EbpfError::PerCpu {
             map: COUNTERS_MAP,
@@ -504,6 +510,9 @@ impl Ebpf {
             slots.remove(&vip);
         });
         self.free.push(slot);
+        if self.loaded.is_some() {
+            self.sync_vip_addr(vip, false)?;
+        }
         Ok(())
     }
 
@@ -582,15 +591,36 @@ impl Ebpf {
         Ok(())
     }
 
+    /// Rewrites the [`VIP_ADDRS_MAP`] word holding `vip`'s bit from the VIPs that have a slot,
+    /// and `vip` itself if `with`.
+    fn sync_vip_addr(&mut self, vip: IpAddr, with: bool) -> Result<(), EbpfError> {
+        let (index, _) = addr_bit(&VipKey::new(vip).addr);
+        let word = {
+            let slots = self.slots.borrow();
+            addr_word(slots.keys().copied().chain(with.then_some(vip)), index)
+        };
+        self.loaded()?
+            .vip_addrs
+            .set(index, word, 0)
+            .map_err(map_error(VIP_ADDRS_MAP))
+    }
+
     /// Whether `vip` has a counter slot but its entry in [`VIPS_MAP`] is gone (or names
-    /// another slot): someone deleted it. [`Ebpf::add_vip`] puts it back.
+    /// another slot), or its bit in [`VIP_ADDRS_MAP`]: someone deleted it. [`Ebpf::add_vip`]
+    /// puts it back.
     pub fn vip_missing(&self, vip: IpAddr) -> Result<bool, EbpfError> {
         let known = self.slots.borrow().get(&vip).copied();
         let (Some(slot), Some(loaded)) = (known, self.loaded.as_deref()) else {
             return Ok(false);
         };
-        match loaded.vips.get(&VipKey::new(vip), 0) {
-            Ok(found) => Ok(found != slot),
+        let key = VipKey::new(vip);
+        let (index, mask) = addr_bit(&key.addr);
+        let word = loaded
+            .vip_addrs
+            .get(&index, 0)
+            .map_err(map_error(VIP_ADDRS_MAP))?;
+        match loaded.vips.get(&key, 0) {
+            Ok(found) => Ok(found != slot || word & mask == 0),
             Err(MapError::KeyNotFound) => Ok(true),
             Err(e) => Err(map_error(VIPS_MAP)(e)),
         }
@@ -905,18 +935,29 @@ where
     M::try_from(map).map_err(map_error(name))
 }
 
-/// [`PORTS_MAP`] entry `index` for `rules`: the VIP ports and target ports in its 64.
+/// [`PORTS_MAP`] entry `index` for `rules`: the VIP ports and target ports in its 64, and the
+/// address bits of the VIPs with those VIP ports.
 fn port_bits(rules: &StdHashMap<NatKey, NatTarget>, index: u32) -> PortBits {
     let mut bits = PortBits::default();
     for (key, target) in rules {
-        for (port, field) in [(key.port, &mut bits.vip), (target.port, &mut bits.target)] {
-            let (i, mask) = port_bit(port);
-            if i == index {
-                *field |= mask;
-            }
+        let (i, mask) = port_bit(key.port);
+        if i == index {
+            bits.vip |= mask;
+            bits.vip_addr |= addr_bit(&key.vip).1;
+        }
+        let (i, mask) = port_bit(target.port);
+        if i == index {
+            bits.target |= mask;
         }
     }
     bits
+}
+
+/// [`VIP_ADDRS_MAP`] word `index` for `vips`: the bits of those whose address folds into it.
+fn addr_word(vips: impl Iterator<Item = IpAddr>, index: u32) -> u64 {
+    vips.map(|vip| addr_bit(&VipKey::new(vip).addr))
+        .filter(|&(i, _)| i == index)
+        .fold(0, |word, (_, mask)| word | mask)
 }
 
 fn nat_key(vip: IpAddr, rule: NatRule) -> NatKey {
@@ -1192,6 +1233,46 @@ mod tests {
         fn records(&self) -> Vec<(log::Level, String, String)> {
             self.0.lock().unwrap().clone()
         }
+    }
+
+    #[test]
+    fn an_address_filter_word_holds_the_bits_of_exactly_the_vips_that_fold_into_it() {
+        let vip = IpAddr::from(Ipv4Addr::new(192, 0, 2, 81));
+        // Same last two bytes: same bit. Another last byte: another word here.
+        let alike = IpAddr::from(Ipv4Addr::new(198, 18, 2, 81));
+        let other = IpAddr::from(Ipv4Addr::new(192, 0, 2, 82));
+        let (index, mask) = addr_bit(&VipKey::new(vip).addr);
+        assert_eq!(addr_word([vip, alike, other].into_iter(), index), mask);
+        assert_eq!(addr_word([alike].into_iter(), index), mask);
+        assert_eq!(addr_word([other].into_iter(), index), 0);
+    }
+
+    #[test]
+    fn a_port_filter_entry_carries_the_address_bits_of_its_listen_ports_vips_only() {
+        let vip = IpAddr::from(Ipv4Addr::new(192, 0, 2, 81));
+        let dest = IpAddr::from(Ipv4Addr::new(198, 18, 0, 2));
+        let rules = StdHashMap::from([(
+            nat_key(vip, "tcp:80:8080".parse().unwrap()),
+            NatTarget::new(dest, 8080),
+        )]);
+        let (listen, listen_mask) = port_bit(80_u16.to_be());
+        let (target, target_mask) = port_bit(8080_u16.to_be());
+        assert_eq!(
+            port_bits(&rules, listen),
+            PortBits {
+                vip: listen_mask,
+                target: 0,
+                vip_addr: addr_bit(&VipKey::new(vip).addr).1,
+            }
+        );
+        assert_eq!(
+            port_bits(&rules, target),
+            PortBits {
+                vip: 0,
+                target: target_mask,
+                vip_addr: 0,
+            }
+        );
     }
 
     #[test]
