@@ -1021,9 +1021,16 @@ impl Core {
         }
     }
 
-    /// Publishes the routes of the announced apps, and the owners if apps came or went.
+    /// Publishes the owners if apps came or went, and the routes of the announced apps if
+    /// they changed (a registration alone does not change them: a new app is down).
     fn publish(&mut self, out: &mut Vec<Effect>) {
-        self.changed.routes = false;
+        let owners = std::mem::take(&mut self.changed.owners);
+        if !owners.is_empty() {
+            out.push(Effect::PublishOwners(owners));
+        }
+        if !std::mem::take(&mut self.changed.routes) {
+            return;
+        }
         let set: RouteSet = self
             .apps
             .values()
@@ -1040,10 +1047,6 @@ impl Core {
             })
             .collect();
         self.metrics.routes(set.len());
-        let owners = std::mem::take(&mut self.changed.owners);
-        if !owners.is_empty() {
-            out.push(Effect::PublishOwners(owners));
-        }
         out.push(Effect::PublishRoutes(set));
         out.append(&mut self.after_publish);
     }
@@ -1056,6 +1059,7 @@ impl Core {
         for e in self.apps.values_mut() {
             e.announced = false;
         }
+        self.changed.routes = true;
         self.publish(out);
         out.push(Effect::StopSpeaker);
         let names: Vec<AppName> = self.apps.keys().cloned().collect();
@@ -1472,10 +1476,8 @@ mod tests {
         t.report("web", true);
         assert_eq!(kinds(&t.out), ["install"]);
         let effects = t.step(Event::Persisted(Ok(())));
-        assert_eq!(
-            kinds(effects),
-            ["watch", "reply", "persist", "owners", "routes"]
-        );
+        // A new app is down: its owner is published, the route set has not changed.
+        assert_eq!(kinds(effects), ["watch", "reply", "persist", "owners"]);
         assert!(app_reply(effects).is_ok());
         let Effect::Persist(saved) = &effects[2] else {
             unreachable!()
@@ -1508,7 +1510,8 @@ mod tests {
         assert_eq!(kinds(effects), ["persist"]);
         assert!(t.core.apps.contains_key(&name("api")));
         let effects = t.step(Event::Persisted(Ok(())));
-        assert_eq!(kinds(effects), ["unwatch", "owners", "routes"]);
+        // It was never announced: no route to withdraw.
+        assert_eq!(kinds(effects), ["unwatch", "owners"]);
         assert!(!t.core.apps.contains_key(&name("api")));
     }
 
@@ -1846,13 +1849,11 @@ mod tests {
         );
         // The registration completes, then the removal asks for its own write.
         let effects = t.step(Event::Persisted(Ok(())));
-        assert_eq!(
-            kinds(effects),
-            ["watch", "reply", "persist", "owners", "routes"]
-        );
+        // A new app is down: its owner is published, the route set has not changed.
+        assert_eq!(kinds(effects), ["watch", "reply", "persist", "owners"]);
         let effects = t.step(Event::Persisted(Ok(())));
-        // Never announced and nothing on the host: answered at once, the owners follow.
-        assert_eq!(kinds(effects), ["unwatch", "reply", "owners", "routes"]);
+        // Never announced and nothing on the host: answered at once, the owner goes after.
+        assert_eq!(kinds(effects), ["unwatch", "reply", "owners"]);
     }
 
     fn routes_with_drain(effects: &[Effect]) -> Option<Vec<(String, bool)>> {
