@@ -82,7 +82,9 @@ pub type RouteSet = BTreeMap<IpNet, Route>;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Routes {
     pub version: u64,
-    pub set: RouteSet,
+    /// Shared: every BGP session takes the current set on each change, and a copy of
+    /// thousands of routes per session and change would cost O(apps) each time.
+    pub set: Arc<RouteSet>,
 }
 
 impl std::ops::Deref for Routes {

@@ -116,9 +116,9 @@ enum Admission {
 struct Changed {
     /// The route set: publish once per batch.
     routes: bool,
-    /// An app was added, replaced or removed (rebuilding the owners on every health change
-    /// would cost O(apps) allocations each time).
-    owners: bool,
+    /// The VIPs whose owner came, changed or went, in order: published as changes, so a
+    /// batch costs O(batch), not a rebuild of every app's owner.
+    owners: Vec<(IpAddr, Option<VipOwner>)>,
     /// A cleanup deadline: recompute the earliest one.
     cleanup: bool,
 }
@@ -152,6 +152,9 @@ pub struct Core {
     /// Unregistrations answered once their host operation is done, so a 200 means the VIP
     /// and NAT rules are gone (as GoCast's answer did).
     replies_after: BTreeMap<OpId, (RequestId, AppView)>,
+    /// Removals of routed apps, sent right after the route set without them: one publish
+    /// for every app a step takes down, not one each (O(apps) every time).
+    after_publish: Vec<Effect>,
 }
 
 impl Core {
@@ -174,6 +177,7 @@ impl Core {
             verification: repair::Verification::default(),
             replies_after: BTreeMap::new(),
             local: Vec::new(),
+            after_publish: Vec::new(),
         }
     }
 
@@ -266,6 +270,9 @@ impl Core {
             return;
         }
         self.handle(event, now, out);
+        if !self.after_publish.is_empty() {
+            self.publish(out);
+        }
         self.seal(out);
     }
 
@@ -381,7 +388,7 @@ impl Core {
     /// Publishes the route set and the owners if they changed; the driver calls it after each
     /// batch of events, so a burst of reports costs one route-set update.
     pub fn flush(&mut self, out: &mut Vec<Effect>) {
-        if self.changed.routes || self.changed.owners {
+        if self.changed.routes || !self.changed.owners.is_empty() {
             self.publish(out);
         }
         self.tidy_conflict_index();
@@ -635,10 +642,20 @@ impl Core {
         watch(&entry, out);
         self.conflicts
             .add(&entry.spec.name, entry.spec.vip, &entry.label);
+        // The stats sampler learns the new VIP's owner with the next publish; the route set
+        // does not change: a new app is down until its monitors pass.
+        self.owner_changed(&entry, true);
         self.apps.insert(entry.spec.name.clone(), entry);
-        // The stats sampler learns the new VIP's owner with the next publish.
-        self.changed.owners = true;
-        self.changed.routes = true;
+    }
+
+    /// Records that `entry`'s VIP has it as owner now (`present`) or no owner any more.
+    fn owner_changed(&mut self, entry: &Entry, present: bool) {
+        let owner = present.then(|| VipOwner {
+            vip: entry.spec.vip,
+            app: entry.spec.name.clone(),
+            passive_health: entry.spec.passive_health,
+        });
+        self.changed.owners.push((entry.spec.vip.addr(), owner));
     }
 
     /// Same name, same VIP, other parameters: keep the health state so the route does not
@@ -667,20 +684,29 @@ impl Core {
         if entry.up {
             self.install(&mut entry, out);
         }
+        self.owner_changed(&entry, true);
         self.apps.insert(entry.spec.name.clone(), entry);
-        self.changed.owners = true;
         self.changed.routes = true;
     }
 
-    /// Removes everything of an app from the host: route first, then NAT and VIP.
-    /// Returns the host operation removing its parts, if any.
+    /// Removes everything of an app from the host: route first, then NAT and VIP. The
+    /// removal of a routed app waits in `after_publish` for the route set without it (at the
+    /// end of the step). Returns the host operation removing its parts, if any.
     fn teardown(&mut self, mut entry: Entry, out: &mut Vec<Effect>) -> Option<OpId> {
         out.push(Effect::Monitor(monitor::Command::Unwatch {
             app: entry.spec.name.clone(),
         }));
-        self.changed.owners = true;
-        self.publish(out);
-        let op = self.remove(&mut entry, true, true, out);
+        self.owner_changed(&entry, false);
+        // Also when a route change is not published yet: it may be this app's withdrawal.
+        let op = if entry.routed() || self.changed.routes {
+            self.changed.routes = true;
+            let mut later = std::mem::take(&mut self.after_publish);
+            let op = self.remove(&mut entry, true, true, &mut later);
+            self.after_publish = later;
+            op
+        } else {
+            self.remove(&mut entry, true, true, out)
+        };
         self.metrics.app_removed(entry.spec.name.as_str());
         op
     }
@@ -995,9 +1021,16 @@ impl Core {
         }
     }
 
-    /// Publishes the routes of the announced apps, and the owners if apps came or went.
+    /// Publishes the owners if apps came or went, and the routes of the announced apps if
+    /// they changed (a registration alone does not change them: a new app is down).
     fn publish(&mut self, out: &mut Vec<Effect>) {
-        self.changed.routes = false;
+        let owners = std::mem::take(&mut self.changed.owners);
+        if !owners.is_empty() {
+            out.push(Effect::PublishOwners(owners));
+        }
+        if !std::mem::take(&mut self.changed.routes) {
+            return;
+        }
         let set: RouteSet = self
             .apps
             .values()
@@ -1014,22 +1047,8 @@ impl Core {
             })
             .collect();
         self.metrics.routes(set.len());
-        if std::mem::take(&mut self.changed.owners) {
-            let owners: BTreeMap<IpAddr, VipOwner> = self
-                .apps
-                .values()
-                .map(|e| {
-                    let owner = VipOwner {
-                        vip: e.spec.vip,
-                        app: e.spec.name.clone(),
-                        passive_health: e.spec.passive_health,
-                    };
-                    (e.spec.vip.addr(), owner)
-                })
-                .collect();
-            out.push(Effect::PublishOwners(Arc::new(owners)));
-        }
         out.push(Effect::PublishRoutes(set));
+        out.append(&mut self.after_publish);
     }
 
     /// Withdraws everything, waits for the peers, closes the sessions, removes every VIP, then
@@ -1040,6 +1059,7 @@ impl Core {
         for e in self.apps.values_mut() {
             e.announced = false;
         }
+        self.changed.routes = true;
         self.publish(out);
         out.push(Effect::StopSpeaker);
         let names: Vec<AppName> = self.apps.keys().cloned().collect();
@@ -1456,10 +1476,8 @@ mod tests {
         t.report("web", true);
         assert_eq!(kinds(&t.out), ["install"]);
         let effects = t.step(Event::Persisted(Ok(())));
-        assert_eq!(
-            kinds(effects),
-            ["watch", "reply", "persist", "owners", "routes"]
-        );
+        // A new app is down: its owner is published, the route set has not changed.
+        assert_eq!(kinds(effects), ["watch", "reply", "persist", "owners"]);
         assert!(app_reply(effects).is_ok());
         let Effect::Persist(saved) = &effects[2] else {
             unreachable!()
@@ -1492,7 +1510,8 @@ mod tests {
         assert_eq!(kinds(effects), ["persist"]);
         assert!(t.core.apps.contains_key(&name("api")));
         let effects = t.step(Event::Persisted(Ok(())));
-        assert_eq!(kinds(effects), ["unwatch", "owners", "routes"]);
+        // It was never announced: no route to withdraw.
+        assert_eq!(kinds(effects), ["unwatch", "owners"]);
         assert!(!t.core.apps.contains_key(&name("api")));
     }
 
@@ -1830,12 +1849,11 @@ mod tests {
         );
         // The registration completes, then the removal asks for its own write.
         let effects = t.step(Event::Persisted(Ok(())));
-        assert_eq!(
-            kinds(effects),
-            ["watch", "reply", "persist", "owners", "routes"]
-        );
+        // A new app is down: its owner is published, the route set has not changed.
+        assert_eq!(kinds(effects), ["watch", "reply", "persist", "owners"]);
         let effects = t.step(Event::Persisted(Ok(())));
-        assert_eq!(kinds(effects), ["unwatch", "owners", "routes", "reply"]);
+        // Never announced and nothing on the host: answered at once, the owner goes after.
+        assert_eq!(kinds(effects), ["unwatch", "reply", "owners"]);
     }
 
     fn routes_with_drain(effects: &[Effect]) -> Option<Vec<(String, bool)>> {

@@ -19,6 +19,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    sync::Arc,
     time::SystemTime,
 };
 
@@ -312,15 +313,24 @@ impl Driver {
                 Effect::Monitor(cmd) => drop(self.monitors.send(cmd)),
                 Effect::PublishRoutes(set) => {
                     self.routes.send_if_modified(|current| {
-                        if current.set == set {
+                        if *current.set == set {
                             return false;
                         }
-                        current.set = set;
+                        current.set = Arc::new(set);
                         current.version += 1;
                         true
                     });
                 }
-                Effect::PublishOwners(owners) => drop(self.owners.send_replace(owners)),
+                // In place: the map is copied only while the sampler holds the previous one.
+                Effect::PublishOwners(changes) => self.owners.send_modify(|owners| {
+                    let owners = Arc::make_mut(owners);
+                    for (addr, owner) in changes {
+                        match owner {
+                            Some(owner) => drop(owners.insert(addr, owner)),
+                            None => drop(owners.remove(&addr)),
+                        }
+                    }
+                }),
                 Effect::Host(op) => {
                     let after = matches!(
                         op,

@@ -8,8 +8,8 @@ use tokio::time::Instant;
 use crate::{
     app::{AppName, AppSpec, NatRule, Source, Vip},
     messages::{
-        AppView, DrainReport, LifecycleError, Owners, Protected, RouteSet, Settings, SyncReport,
-        Verdict,
+        AppView, DrainReport, LifecycleError, Protected, RouteSet, Settings, SyncReport, Verdict,
+        VipOwner,
     },
     monitor::{self, Report},
     store::{Change, StoreError},
@@ -116,8 +116,9 @@ pub enum Effect {
     Monitor(monitor::Command),
     /// The new desired-announcement set.
     PublishRoutes(RouteSet),
-    /// Every app's VIP, for the stats sampler.
-    PublishOwners(Owners),
+    /// The VIPs whose owner (for the stats sampler) came, changed (`Some`) or went (`None`),
+    /// in order.
+    PublishOwners(Vec<(IpAddr, Option<VipOwner>)>),
     /// Change the host, then send [`Event::HostDone`].
     Host(HostOp),
     /// Shutdown: once the peers were sent the empty route set (bounded wait), close the
