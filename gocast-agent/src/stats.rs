@@ -174,6 +174,15 @@ pub trait CounterSource: Send + 'static {
         &mut self,
         wanted: &dyn Fn(IpAddr) -> bool,
     ) -> Result<Vec<(IpAddr, VipCounters)>, EbpfError>;
+
+    /// Whether VIPs came or went since the last [`CounterSource::mark_read`]: a snapshot read
+    /// before would miss a VIP installed a moment ago, so a request reads again.
+    fn vips_changed(&self) -> bool {
+        false
+    }
+
+    /// Called right before a read of every VIP.
+    fn mark_read(&mut self) {}
 }
 
 impl CounterSource for CounterReader {
@@ -182,6 +191,14 @@ impl CounterSource for CounterReader {
         wanted: &dyn Fn(IpAddr) -> bool,
     ) -> Result<Vec<(IpAddr, VipCounters)>, EbpfError> {
         CounterReader::read(self, wanted)
+    }
+
+    fn vips_changed(&self) -> bool {
+        CounterReader::vips_changed(self)
+    }
+
+    fn mark_read(&mut self) {
+        CounterReader::mark_read(self);
     }
 }
 
@@ -491,6 +508,9 @@ impl Shared {
             return None;
         }
         let wanted: &dyn Fn(IpAddr) -> bool = if full { &|_| true } else { &passive };
+        if full {
+            self.source.mark_read();
+        }
         let read = match self.source.read(wanted) {
             Ok(read) => {
                 if self.failing_reads > 0 {
@@ -521,11 +541,11 @@ impl Shared {
         Some(verdicts)
     }
 
-    /// The last full read if it was taken at or after `since`, else a new one (the last one if
-    /// the counters cannot be read).
+    /// The last full read if it was taken at or after `since` and no VIP came or went since,
+    /// else a new one (the last one if the counters cannot be read).
     fn fresh(&mut self, since: Instant, owners: &BTreeMap<IpAddr, VipOwner>) -> Arc<Snapshot> {
         let recent = self.snapshots.borrow().read_at.is_some_and(|t| t >= since);
-        if !recent {
+        if !recent || self.source.vips_changed() {
             self.read_and_sample(owners, true, Reader::Request);
         }
         self.snapshots.borrow().clone()

@@ -880,6 +880,16 @@ pub struct CounterReader {
 }
 
 impl CounterReader {
+    /// Whether the VIP table changed since [`CounterReader::mark_read`].
+    pub fn vips_changed(&self) -> bool {
+        self.slots.has_changed().unwrap_or(false)
+    }
+
+    /// Marks the VIP table as seen, before a read of every VIP.
+    pub fn mark_read(&mut self) {
+        self.slots.mark_unchanged();
+    }
+
     /// Each VIP in the VIP table that `wanted` accepts, with its counters summed over CPUs.
     pub fn read(
         &self,
