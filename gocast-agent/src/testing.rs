@@ -90,3 +90,27 @@ impl std::io::Write for Buffer {
         Ok(())
     }
 }
+
+/// A BGP peer on loopback at `port` (AS 65000, we are 65001), every other setting at its
+/// default: what the session, supervisor, speaker and BFD tests start from.
+pub fn loopback_peer(port: u16) -> crate::config::PeerConfig {
+    crate::config::PeerConfig {
+        local_as: 65001,
+        peer_as: 65000,
+        peer_ip: Some(std::net::Ipv4Addr::LOCALHOST.into()),
+        peer_port: port,
+        local_ip: None,
+        local_ipv6: None,
+        password: None,
+        multihop: None,
+        hold_time: std::time::Duration::from_secs(90),
+        communities: Vec::new(),
+        origin: crate::config::Origin::Igp,
+        next_hop: None,
+        med: None,
+        local_pref: None,
+        drain_local_pref: 0,
+        passive: false,
+        bfd: None,
+    }
+}

@@ -125,11 +125,7 @@ mod tests {
     use std::{net::Ipv4Addr, time::Duration};
 
     use super::{packet::State, *};
-    use crate::{
-        config::{BfdConfig, Origin},
-        netlink::Netlink,
-        testing::in_new_netns,
-    };
+    use crate::{config::BfdConfig, netlink::Netlink, testing::in_new_netns};
 
     const WAIT: Duration = Duration::from_secs(10);
     /// The two test speakers' ports: each listens on one and sends to the other.
@@ -138,28 +134,13 @@ mod tests {
 
     fn peer() -> PeerConfig {
         PeerConfig {
-            local_as: 65001,
-            peer_as: 65000,
-            peer_ip: Some(Ipv4Addr::LOCALHOST.into()),
-            peer_port: 179,
-            local_ip: None,
-            local_ipv6: None,
-            password: None,
-            multihop: None,
-            hold_time: Duration::from_secs(90),
-            communities: Vec::new(),
-            origin: Origin::Igp,
-            next_hop: None,
-            med: None,
-            local_pref: None,
-            drain_local_pref: 0,
-            passive: false,
             bfd: Some(BfdConfig {
                 min_tx: Duration::from_millis(50),
                 min_rx: Duration::from_millis(50),
                 multiplier: 3,
                 strict: true,
             }),
+            ..crate::testing::loopback_peer(179)
         }
     }
 

@@ -414,32 +414,14 @@ pub async fn lowest_flushed(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{bgp::Speaker, config::Origin, testing::in_new_netns};
+    use crate::{bgp::Speaker, testing::in_new_netns};
 
     const ID: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
     const WAIT: Duration = Duration::from_secs(2);
 
     /// A peer on loopback where nothing listens: its session keeps trying.
     fn unanswered_peer() -> PeerConfig {
-        PeerConfig {
-            local_as: 65001,
-            peer_as: 65000,
-            peer_ip: Some(Ipv4Addr::LOCALHOST.into()),
-            peer_port: 1,
-            local_ip: None,
-            local_ipv6: None,
-            password: None,
-            multihop: None,
-            hold_time: Duration::from_secs(90),
-            communities: Vec::new(),
-            origin: Origin::Igp,
-            next_hop: None,
-            med: None,
-            local_pref: None,
-            drain_local_pref: 0,
-            passive: false,
-            bfd: None,
-        }
+        crate::testing::loopback_peer(1)
     }
 
     fn section(peers: Vec<PeerConfig>, listen_port: Option<u16>) -> BgpConfig {

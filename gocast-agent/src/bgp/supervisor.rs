@@ -302,7 +302,7 @@ mod tests {
             Attributes, BgpCodec, Family, Message, Open, Origin as CodecOrigin, encode_announce,
             encode_withdraw,
         },
-        config::{Origin, PeerConfig},
+        config::PeerConfig,
         testing::in_new_netns,
     };
 
@@ -338,25 +338,7 @@ mod tests {
 
     /// A peer on `127.0.0.1:port`.
     fn peer(port: u16) -> PeerConfig {
-        PeerConfig {
-            local_as: 65001,
-            peer_as: 65000,
-            peer_ip: Some(Ipv4Addr::LOCALHOST.into()),
-            peer_port: port,
-            local_ip: None,
-            local_ipv6: None,
-            password: None,
-            multihop: None,
-            hold_time: Duration::from_secs(90),
-            communities: Vec::new(),
-            origin: Origin::Igp,
-            next_hop: None,
-            med: None,
-            local_pref: None,
-            drain_local_pref: 0,
-            passive: false,
-            bfd: None,
-        }
+        crate::testing::loopback_peer(port)
     }
 
     /// A supervised session to `peer`, and the ends the test holds.
