@@ -64,8 +64,8 @@ pub struct SystemHost {
     installed_dest: HashMap<AppName, IpAddr>,
     /// The eBPF VIP table filled up once: warned about.
     warned_full: bool,
-    /// "An address left `lo`", until the lifecycle takes it ([`Host::drift_hints`]).
-    hints: Option<mpsc::Receiver<()>>,
+    /// The addresses that left `lo`, until the lifecycle takes them ([`Host::drift_hints`]).
+    hints: Option<mpsc::UnboundedReceiver<IpAddr>>,
     /// The last failure to check the host, logged once until a verification works again; and
     /// whether it happened in the current verification.
     verify_error: Option<(String, bool)>,
@@ -720,7 +720,7 @@ impl Host for SystemHost {
         drift
     }
 
-    fn drift_hints(&mut self) -> Option<mpsc::Receiver<()>> {
+    fn drift_hints(&mut self) -> Option<mpsc::UnboundedReceiver<IpAddr>> {
         self.hints.take()
     }
 

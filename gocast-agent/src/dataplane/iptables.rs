@@ -69,6 +69,14 @@ impl Family {
         }
     }
 
+    /// Its slot in [`Known`].
+    fn index(self) -> usize {
+        match self {
+            Self::V4 => 0,
+            Self::V6 => 1,
+        }
+    }
+
     fn binary(self) -> &'static str {
         match self {
             Self::V4 => "iptables",
@@ -102,13 +110,23 @@ impl Op {
     }
 }
 
+/// A DNAT rule as [`CHAIN`] holds it: protocol, VIP, listen port, destination.
+type RuleKey = (String, IpAddr, u16, SocketAddr);
+
+/// The rules known to be in [`CHAIN`], per family (IPv4, IPv6); `None`: list the chain first.
+/// Kept from the agent's own commits and refreshed by every self-repair listing, so a batch
+/// costs one `iptables-restore` instead of an `iptables -S` of thousands of rules first
+/// (issue 14 §2). A rule removed behind the agent's back fails a batched delete, which then
+/// goes rule by rule and forgets what it knew; one missing at the next listing is put back.
+type Known = [Option<HashSet<RuleKey>>; 2];
+
 /// The agent's NAT chain, set up in both families (IPv6 only where ip6tables works).
 pub struct Iptables {
     /// Whether `ip6tables` worked at [`Iptables::init`]; IPv4 is required.
     ipv6: bool,
     /// Serialises check-then-act sequences, so two concurrent installs of the same rule
-    /// cannot both find it missing and both append it.
-    lock: Mutex<()>,
+    /// cannot both find it missing and both append it; holds what the chain is known to hold.
+    lock: Mutex<Known>,
 }
 
 impl Iptables {
@@ -129,7 +147,7 @@ impl Iptables {
         };
         Ok(Self {
             ipv6,
-            lock: Mutex::new(()),
+            lock: Mutex::new([None, None]),
         })
     }
 
@@ -143,7 +161,8 @@ impl Iptables {
         dest: IpAddr,
     ) -> Result<(), IptablesError> {
         let family = self.family(vip, dest)?;
-        let _guard = self.lock.lock().await;
+        let mut known = self.lock.lock().await;
+        known[family.index()] = None;
         for rule in rules {
             let found = run_found(family, &rule_args(Op::Check, app, vip, *rule, dest)).await?;
             if !found {
@@ -173,7 +192,7 @@ impl Iptables {
             jobs.iter().map(|_| None).collect();
         let mut retry = Vec::new();
         {
-            let _guard = self.lock.lock().await;
+            let mut known = self.lock.lock().await;
             for family in [Family::V4, Family::V6] {
                 let mut members = Vec::new();
                 for (i, job) in jobs.iter().enumerate() {
@@ -192,7 +211,8 @@ impl Iptables {
                 if members.is_empty() {
                     continue;
                 }
-                match restore(family, op, members.iter().map(|&i| jobs[i])).await {
+                let jobs = members.iter().map(|&i| jobs[i]);
+                match restore(family, op, jobs, &mut known[family.index()]).await {
                     Ok(()) => {
                         for i in members {
                             results[i] = Some(Ok(()));
@@ -232,7 +252,8 @@ impl Iptables {
             Err(IptablesError::Ipv6Unavailable { .. }) => return Ok(()),
             other => other?,
         };
-        let _guard = self.lock.lock().await;
+        let mut known = self.lock.lock().await;
+        known[family.index()] = None;
         for rule in rules {
             run_found(family, &rule_args(Op::Delete, app, vip, *rule, dest)).await?;
         }
@@ -258,7 +279,8 @@ impl Iptables {
     /// Flushes `GOCAST`, removes the jumps to it and deletes it, in both families. Used at
     /// shutdown; running it again, or on a host without the chain, does nothing.
     pub async fn teardown(&self) -> Result<(), IptablesError> {
-        let _guard = self.lock.lock().await;
+        let mut known = self.lock.lock().await;
+        *known = [None, None];
         for family in self.families() {
             // Without the chain there can be no jump to it either: nothing to do.
             if !chain_exists(family).await? {
@@ -302,8 +324,11 @@ impl Iptables {
         if family == Family::V6 && !self.ipv6 {
             return Ok(None);
         }
+        let mut known = self.lock.lock().await;
         let text = run_ok(family, &args(["-t", TABLE, "-S"])).await?;
-        Ok(Some(Listing::parse(&text)))
+        let listing = Listing::parse(&text);
+        known[family.index()] = Some(listing.rules.clone());
+        Ok(Some(listing))
     }
 
     /// Puts back chain `GOCAST` and the jumps to it where they are missing, flushing nothing:
@@ -311,7 +336,8 @@ impl Iptables {
     /// "Self-repair"). The rules are put back app by app.
     pub async fn restore_chain(&self, v6: bool) -> Result<(), IptablesError> {
         let family = if v6 { Family::V6 } else { Family::V4 };
-        let _guard = self.lock.lock().await;
+        let mut known = self.lock.lock().await;
+        known[family.index()] = None;
         create_chain(family).await?;
         ensure_jumps(family).await
     }
@@ -375,8 +401,8 @@ pub struct Listing {
     chain: bool,
     /// The built-in chains that jump to it.
     hooks: Vec<String>,
-    /// Its DNAT rules: protocol, VIP, listen port, destination.
-    rules: HashSet<(String, IpAddr, u16, SocketAddr)>,
+    /// Its DNAT rules.
+    rules: HashSet<RuleKey>,
 }
 
 impl Listing {
@@ -420,7 +446,7 @@ impl Listing {
 /// A DNAT rule's protocol, VIP, listen port and destination, from the words after
 /// `-A GOCAST` as `-S` prints them: `-d VIP/LEN -p P -m P --dport L ... -j DNAT
 /// --to-destination DEST:PORT`.
-fn parse_rule(words: &[&str]) -> Option<(String, IpAddr, u16, SocketAddr)> {
+fn parse_rule(words: &[&str]) -> Option<RuleKey> {
     let value = |flag: &str| {
         words
             .iter()
@@ -449,18 +475,15 @@ async fn restore(
     family: Family,
     op: Op,
     jobs: impl Iterator<Item = NatItem<'_>>,
+    known: &mut Option<HashSet<RuleKey>>,
 ) -> Result<(), IptablesError> {
-    let listed = run_ok(family, &args(["-t", TABLE, "-S", CHAIN])).await?;
-    let present: HashSet<(String, IpAddr, u16, SocketAddr)> = listed
-        .lines()
-        .filter_map(|l| {
-            let words: Vec<&str> = l.split_whitespace().collect();
-            match words.as_slice() {
-                ["-A", chain, rest @ ..] if *chain == CHAIN => parse_rule(rest),
-                _ => None,
-            }
-        })
-        .collect();
+    // Taken: a failure below leaves it unknown.
+    let mut present = if let Some(present) = known.take() {
+        present
+    } else {
+        let listed = run_ok(family, &args(["-t", TABLE, "-S", CHAIN])).await?;
+        Listing::parse(&listed).rules
+    };
     let mut input = format!("*{TABLE}\n");
     let mut changes = 0;
     for job in jobs {
@@ -471,7 +494,13 @@ async fn restore(
                 rule.listen,
                 SocketAddr::new(job.dest, rule.dest),
             );
-            if present.contains(&key) == (op == Op::Append) {
+            // What the chain holds once this commits (a rule twice in a batch goes in once).
+            let needed = if op == Op::Append {
+                present.insert(key)
+            } else {
+                present.remove(&key)
+            };
+            if !needed {
                 continue;
             }
             input.push_str(&rule_spec(op, job.app, job.vip, *rule, job.dest).join(" "));
@@ -479,16 +508,15 @@ async fn restore(
             changes += 1;
         }
     }
-    if changes == 0 {
-        return Ok(());
+    if changes > 0 {
+        input.push_str("COMMIT\n");
+        let done = run_restore(family, &input).await?;
+        if done.code != Some(0) {
+            return Err(done.failed());
+        }
     }
-    input.push_str("COMMIT\n");
-    let done = run_restore(family, &input).await?;
-    if done.code == Some(0) {
-        Ok(())
-    } else {
-        Err(done.failed())
-    }
+    *known = Some(present);
+    Ok(())
 }
 
 /// How many times `hook` jumps to [`CHAIN`], from `-S HOOK`.
@@ -659,7 +687,7 @@ mod tests {
     fn unprobed(ipv6: bool) -> Iptables {
         Iptables {
             ipv6,
-            lock: Mutex::new(()),
+            lock: Mutex::new([None, None]),
         }
     }
 

@@ -18,11 +18,12 @@
 //! - a refused request changes nothing.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     net::IpAddr,
     sync::Arc,
 };
 
+use ipnet::IpNet;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
@@ -111,15 +112,34 @@ enum Admission {
     Change,
 }
 
+/// Apps whose route may have changed since the route set was last published.
+#[derive(Debug, Default)]
+struct DirtyRoutes {
+    /// Every app's (at shutdown): rebuild the set.
+    all: bool,
+    apps: Vec<AppName>,
+}
+
+impl DirtyRoutes {
+    fn app(&mut self, name: &AppName) {
+        self.apps.push(name.clone());
+    }
+
+    fn is_empty(&self) -> bool {
+        !self.all && self.apps.is_empty()
+    }
+}
+
 /// What changed since it was last published or computed.
 #[derive(Debug, Default)]
 struct Changed {
-    /// The route set: publish once per batch.
-    routes: bool,
+    /// The route set: updated and published once per batch, for the apps named here only.
+    routes: DirtyRoutes,
     /// The VIPs whose owner came, changed or went, in order: published as changes, so a
     /// batch costs O(batch), not a rebuild of every app's owner.
     owners: Vec<(IpAddr, Option<VipOwner>)>,
-    /// A cleanup deadline: recompute the earliest one.
+    /// Deadlines changed where only a walk over every app finds them (drains, failed
+    /// removals): rebuild the deadline index. Hot paths index the one entry instead.
     cleanup: bool,
 }
 
@@ -131,7 +151,14 @@ pub struct Core {
     next_generation: u64,
     next_op: OpId,
     changed: Changed,
-    next_cleanup: Option<Instant>,
+    /// The route set as last published, and the prefix each app has in it: a batch updates
+    /// the apps it touched, not every app (issue 14 §2).
+    routes: RouteSet,
+    route_of: HashMap<AppName, IpNet>,
+    /// Every app's cleanup and drain deadlines by time, so the next one is found without a
+    /// walk over every app (issue 14 §2). Entries go stale when a deadline is cleared or an
+    /// app leaves; a stale one is dropped when it comes first or falls due.
+    deadlines: BTreeSet<(Instant, AppName)>,
     /// The state-file write in flight: what it completes, in order.
     persisting: Option<Vec<Pending>>,
     /// The next write, gathered while handling requests (sent at the end of the step).
@@ -157,6 +184,28 @@ pub struct Core {
     after_publish: Vec<Effect>,
 }
 
+/// An app's route as announced.
+fn route_of(e: &Entry) -> (IpNet, Route) {
+    (
+        e.spec.vip.prefix(),
+        Route {
+            app: e.spec.name.clone(),
+            communities: e.spec.communities.clone(),
+            drain: matches!(e.drain, Drain::Draining { .. }),
+        },
+    )
+}
+
+/// Adds an entry's cleanup and drain deadlines to the index (see `Core::deadlines`).
+fn index_deadlines(deadlines: &mut BTreeSet<(Instant, AppName)>, entry: &Entry) {
+    for t in [entry.cleanup_at, entry.drain.until()]
+        .into_iter()
+        .flatten()
+    {
+        deadlines.insert((t, entry.spec.name.clone()));
+    }
+}
+
 impl Core {
     pub fn new(settings: Settings, metrics: Metrics) -> Self {
         Self {
@@ -166,7 +215,9 @@ impl Core {
             next_generation: 1,
             next_op: 1,
             changed: Changed::default(),
-            next_cleanup: None,
+            routes: RouteSet::new(),
+            route_of: HashMap::new(),
+            deadlines: BTreeSet::new(),
             persisting: None,
             staged: Staged::default(),
             conflicts: checks::ConflictIndex::default(),
@@ -250,18 +301,35 @@ impl Core {
     /// state-file write is in flight: forgetting an HTTP app needs one, and the write's
     /// completion looks again.
     pub fn next_deadline(&mut self) -> Option<Instant> {
-        if std::mem::take(&mut self.changed.cleanup) {
-            self.next_cleanup = self
-                .apps
-                .values()
-                .flat_map(|e| [e.cleanup_at, e.drain.until()])
-                .flatten()
-                .min();
+        self.refresh_deadlines();
+        loop {
+            let first = self.deadlines.first();
+            match first.map(|d| self.deadline_holds(d)) {
+                Some(false) => drop(self.deadlines.pop_first()),
+                _ => break,
+            }
         }
         if self.persisting.is_some() || self.shutting_down {
             return None;
         }
-        self.next_cleanup
+        self.deadlines.first().map(|(t, _)| *t)
+    }
+
+    /// Rebuilds the deadline index if a change asked for it.
+    fn refresh_deadlines(&mut self) {
+        if std::mem::take(&mut self.changed.cleanup) {
+            self.deadlines.clear();
+            for entry in self.apps.values() {
+                index_deadlines(&mut self.deadlines, entry);
+            }
+        }
+    }
+
+    /// Whether an indexed deadline is still one of its app's.
+    fn deadline_holds(&self, (t, name): &(Instant, AppName)) -> bool {
+        self.apps
+            .get(name)
+            .is_some_and(|e| e.cleanup_at == Some(*t) || e.drain.until() == Some(*t))
     }
 
     /// Handles one event.
@@ -351,6 +419,7 @@ impl Core {
                 self.cleanup_due(now, out);
             }
             Event::VerifyDue { vips } => self.verify_due(vips, out),
+            Event::LeftLo(addrs) => self.left_lo(&addrs, out),
             Event::Verified { id, drift } => self.verified(id, drift, now, out),
             Event::LocalAddresses(addresses) => self.local_addresses(addresses),
             Event::Shutdown => self.shutdown(out),
@@ -388,7 +457,7 @@ impl Core {
     /// Publishes the route set and the owners if they changed; the driver calls it after each
     /// batch of events, so a burst of reports costs one route-set update.
     pub fn flush(&mut self, out: &mut Vec<Effect>) {
-        if self.changed.routes || !self.changed.owners.is_empty() {
+        if !self.changed.routes.is_empty() || !self.changed.owners.is_empty() {
             self.publish(out);
         }
         self.tidy_conflict_index();
@@ -685,8 +754,8 @@ impl Core {
             self.install(&mut entry, out);
         }
         self.owner_changed(&entry, true);
+        self.changed.routes.app(&entry.spec.name);
         self.apps.insert(entry.spec.name.clone(), entry);
-        self.changed.routes = true;
     }
 
     /// Removes everything of an app from the host: route first, then NAT and VIP. The
@@ -698,8 +767,8 @@ impl Core {
         }));
         self.owner_changed(&entry, false);
         // Also when a route change is not published yet: it may be this app's withdrawal.
-        let op = if entry.routed() || self.changed.routes {
-            self.changed.routes = true;
+        let op = if entry.routed() || !self.changed.routes.is_empty() {
+            self.changed.routes.app(&entry.spec.name);
             let mut later = std::mem::take(&mut self.after_publish);
             let op = self.remove(&mut entry, true, true, &mut later);
             self.after_publish = later;
@@ -820,15 +889,15 @@ impl Core {
         if entry.up && !entry.announced && entry.installed() {
             entry.announced = true;
             entry.since = now.wall;
+            // Its indexed deadline goes stale and is dropped when it comes up.
             entry.cleanup_at = None;
-            self.changed.cleanup = true;
-            self.changed.routes = true;
+            self.changed.routes.app(&entry.spec.name);
             self.metrics.state_changed(name);
             self.metrics.app_state(name, true, true);
             info!(app = %name, vip = %entry.spec.vip, "app healthy: announcing");
         } else if entry.announced && !entry.installed() && !entry.installing() {
             entry.announced = false;
-            self.changed.routes = true;
+            self.changed.routes.app(&entry.spec.name);
             self.metrics.app_state(name, false, false);
             warn!(app = %name, vip = %entry.spec.vip, "host state incomplete: withdrawing");
         }
@@ -923,7 +992,7 @@ impl Core {
         {
             // An app that never came up is forgotten after cleanup_timer too, as in GoCast.
             entry.cleanup_at = Some(now.mono + self.settings.cleanup_timer);
-            self.changed.cleanup = true;
+            index_deadlines(&mut self.deadlines, entry);
         }
         if passing == entry.up {
             entry.streak = 0;
@@ -979,18 +1048,24 @@ impl Core {
         warn!(app = %name, vip = %entry.spec.vip, reasons = %reasons.join("; "), "app unhealthy: withdrawing");
         self.metrics.state_changed(name);
         self.metrics.app_state(name, false, false);
-        self.changed.routes = true;
-        self.changed.cleanup = true;
+        self.changed.routes.app(&entry.spec.name);
+        index_deadlines(&mut self.deadlines, entry);
     }
 
     /// Cleans up every app whose timer has passed: config and Consul apps lose VIP and NAT and
     /// are checked again; HTTP apps are forgotten once the state file no longer has them.
     fn cleanup_due(&mut self, now: Now, out: &mut Vec<Effect>) {
+        self.refresh_deadlines();
         let due: Vec<AppName> = self
-            .apps
-            .values()
-            .filter(|e| e.cleanup_at.is_some_and(|t| t <= now.mono))
-            .map(|e| e.spec.name.clone())
+            .deadlines
+            .iter()
+            .take_while(|(t, _)| *t <= now.mono)
+            .filter(|(t, name)| {
+                self.apps
+                    .get(name)
+                    .is_some_and(|e| e.cleanup_at == Some(*t))
+            })
+            .map(|(_, name)| name.clone())
             .collect();
         let mut forget = Vec::new();
         for name in due {
@@ -1012,7 +1087,6 @@ impl Core {
             }
             self.apps.insert(name, entry);
         }
-        self.changed.cleanup = true;
         if !forget.is_empty() {
             out.push(Effect::Persist(
                 forget.iter().cloned().map(Change::Remove).collect(),
@@ -1028,27 +1102,60 @@ impl Core {
         if !owners.is_empty() {
             out.push(Effect::PublishOwners(owners));
         }
-        if !std::mem::take(&mut self.changed.routes) {
+        let dirty = std::mem::take(&mut self.changed.routes);
+        if dirty.is_empty() {
             return;
         }
+        let modified = if dirty.all {
+            self.rebuild_routes()
+        } else {
+            self.update_routes(dirty.apps)
+        };
+        self.metrics.routes(self.routes.len());
+        if modified {
+            out.push(Effect::PublishRoutes(self.routes.clone()));
+        }
+        out.append(&mut self.after_publish);
+    }
+
+    /// Brings the named apps' routes up to date; whether the set changed.
+    fn update_routes(&mut self, mut names: Vec<AppName>) -> bool {
+        names.sort_unstable();
+        names.dedup();
+        // Every old route goes before any new one is added: within a batch, a prefix can pass
+        // from an app that left to one that came.
+        let mut gone: Vec<(IpNet, Route)> = names
+            .iter()
+            .filter_map(|name| self.route_of.remove(name))
+            .filter_map(|prefix| self.routes.remove(&prefix).map(|r| (prefix, r)))
+            .collect();
+        let mut new: Vec<(IpNet, Route)> = names
+            .iter()
+            .filter_map(|name| self.apps.get(name))
+            .filter(|e| e.routed())
+            .map(route_of)
+            .collect();
+        for (prefix, route) in &new {
+            self.route_of.insert(route.app.clone(), *prefix);
+            self.routes.insert(*prefix, route.clone());
+        }
+        gone.sort_unstable_by_key(|(prefix, _)| *prefix);
+        new.sort_unstable_by_key(|(prefix, _)| *prefix);
+        gone != new
+    }
+
+    /// Recomputes the route set from every app; whether it changed.
+    fn rebuild_routes(&mut self) -> bool {
         let set: RouteSet = self
             .apps
             .values()
             .filter(|e| e.routed())
-            .map(|e| {
-                (
-                    e.spec.vip.prefix(),
-                    Route {
-                        app: e.spec.name.clone(),
-                        communities: e.spec.communities.clone(),
-                        drain: matches!(e.drain, Drain::Draining { .. }),
-                    },
-                )
-            })
+            .map(route_of)
             .collect();
-        self.metrics.routes(set.len());
-        out.push(Effect::PublishRoutes(set));
-        out.append(&mut self.after_publish);
+        self.route_of = set.iter().map(|(p, r)| (r.app.clone(), *p)).collect();
+        let modified = set != self.routes;
+        self.routes = set;
+        modified
     }
 
     /// Withdraws everything, waits for the peers, closes the sessions, removes every VIP, then
@@ -1059,7 +1166,7 @@ impl Core {
         for e in self.apps.values_mut() {
             e.announced = false;
         }
-        self.changed.routes = true;
+        self.changed.routes.all = true;
         self.publish(out);
         out.push(Effect::StopSpeaker);
         let names: Vec<AppName> = self.apps.keys().cloned().collect();
@@ -1148,6 +1255,32 @@ mod tests {
         s.parse().unwrap()
     }
 
+    impl Core {
+        /// The route set and the deadline index, kept up to date change by change, agree with
+        /// a walk over every app (checked after every step of every test here).
+        fn assert_indexes_agree(&mut self) {
+            let walked: RouteSet = self
+                .apps
+                .values()
+                .filter(|e| e.routed())
+                .map(route_of)
+                .collect();
+            assert_eq!(self.routes, walked, "the published route set");
+            let earliest = self
+                .apps
+                .values()
+                .flat_map(|e| [e.cleanup_at, e.drain.until()])
+                .flatten()
+                .min();
+            let paused = self.persisting.is_some() || self.shutting_down;
+            assert_eq!(
+                self.next_deadline(),
+                earliest.filter(|_| !paused),
+                "the next deadline"
+            );
+        }
+    }
+
     /// A core, the time, and what it said last.
     struct T {
         core: Core,
@@ -1194,6 +1327,7 @@ mod tests {
             self.out.clear();
             self.core.step(event, self.now, &mut self.out);
             self.core.flush(&mut self.out);
+            self.core.assert_indexes_agree();
             &self.out
         }
 
@@ -1702,10 +1836,8 @@ mod tests {
         t.bring_up("web");
         consul.nats = vec!["tcp:443:8443".parse().unwrap()];
         let effects = kinds(t.register(consul, Source::Consul));
-        assert_eq!(
-            effects,
-            ["remove", "watch", "install", "reply", "owners", "routes"]
-        );
+        // The route itself is unchanged: no new route set is published.
+        assert_eq!(effects, ["remove", "watch", "install", "reply", "owners"]);
         let ops: Vec<HostOp> = host_ops(&t.out).into_iter().cloned().collect();
         // The removal of the old rules succeeds, the new rules fail: withdrawn.
         t.step(Event::HostDone(done_for(&ops[0], true)));
@@ -2415,6 +2547,41 @@ mod tests {
             assert_eq!(t.view("svc").repairs, 0);
             assert!(t.announced("svc"));
             assert!(t.metric("gocast_repairs_total{kind=\"vip\"} 0"));
+        }
+
+        #[test]
+        fn only_a_vip_believed_on_lo_that_left_it_is_verified() {
+            let mut t = T::new(1, 1, vec![spec("web", "192.0.2.10/32")]);
+            // The verification asked for, if any; finished at once with no drift.
+            let left = |t: &mut T, addr: &str| -> bool {
+                let id = match t.step(Event::LeftLo(vec![addr.parse().unwrap()])) {
+                    [] => return false,
+                    [Effect::Verify { id, .. }] => *id,
+                    other => panic!("{:?}", kinds(other)),
+                };
+                t.step(Event::Verified {
+                    id,
+                    drift: Vec::new(),
+                });
+                true
+            };
+            // Installing: a removal seen now may be of the address just added.
+            let install: Vec<HostOp> = host_ops(t.report("web", true))
+                .into_iter()
+                .cloned()
+                .collect();
+            assert!(left(&mut t, "192.0.2.10"));
+            t.step(Event::HostDone(done_for(&install[0], true)));
+            // Not a VIP (another address on lo): nothing to look at.
+            assert!(!left(&mut t, "192.0.2.99"));
+            assert!(left(&mut t, "192.0.2.10"));
+            // The agent's own removal (the app went down and its cleanup took the VIP).
+            t.report("web", false);
+            t.advance(Duration::from_secs(3600));
+            t.step(Event::Deadline);
+            t.host_done(true);
+            assert!(!t.core.apps[&name("web")].vip.maybe_present());
+            assert!(!left(&mut t, "192.0.2.10"));
         }
 
         #[test]

@@ -19,6 +19,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    net::IpAddr,
     sync::Arc,
     time::SystemTime,
 };
@@ -118,7 +119,7 @@ pub(super) struct Driver {
     done_rx: mpsc::UnboundedReceiver<Vec<Event>>,
     effects: Vec<Effect>,
     /// The host's "verify now" ([`Host::drift_hints`]); `None` once it closed.
-    hints: Option<mpsc::Receiver<()>>,
+    hints: Option<mpsc::UnboundedReceiver<IpAddr>>,
     /// Verification periods so far, for the sweep every [`SWEEP_EVERY`].
     verifications: u64,
 }
@@ -229,8 +230,14 @@ impl Driver {
                     self.step(Event::VerifyDue { vips: sweep });
                 }
                 hint = next_hint(self.hints.as_mut()) => {
-                    if hint.is_some() {
-                        self.step(Event::VerifyDue { vips: true });
+                    if let Some(addr) = hint {
+                        // Every address already queued: a burst of removals (the agent's own,
+                        // mostly) costs one look-up each, not a verification each.
+                        let mut left = vec![addr];
+                        while let Some(addr) = self.hints.as_mut().and_then(|h| h.try_recv().ok()) {
+                            left.push(addr);
+                        }
+                        self.step(Event::LeftLo(left));
                     } else {
                         warn!("the host's drift hints stopped; verifying every {VERIFY_INTERVAL:?} only");
                         self.hints = None;
@@ -311,9 +318,11 @@ impl Driver {
                 }
                 // The scheduler lives as long as we do; a send error only happens at shutdown.
                 Effect::Monitor(cmd) => drop(self.monitors.send(cmd)),
+                // The core publishes only a changed set; the pointer test (O(1)) guards the
+                // watchers against a version without a change.
                 Effect::PublishRoutes(set) => {
                     self.routes.send_if_modified(|current| {
-                        if *current.set == set {
+                        if current.set.ptr_eq(&set) {
                             return false;
                         }
                         current.set = Arc::new(set);
@@ -606,8 +615,8 @@ async fn nat_step<H: Host>(
     }
 }
 
-/// The next "verify now" from the host; pending forever without hints. `None`: they stopped.
-async fn next_hint(hints: Option<&mut mpsc::Receiver<()>>) -> Option<()> {
+/// The next address that left `lo`; pending forever without hints. `None`: they stopped.
+async fn next_hint(hints: Option<&mut mpsc::UnboundedReceiver<IpAddr>>) -> Option<IpAddr> {
     match hints {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,

@@ -70,13 +70,15 @@ pub enum Event {
     /// The deadline of [`Core::next_deadline`](super::core::Core::next_deadline) passed (a
     /// cleanup or the end of a drain).
     Deadline,
-    /// Time to compare the host with what the core believes is installed: the periodic check,
-    /// or the kernel said an address left `lo`.
+    /// Time to compare the host with what the core believes is installed: the periodic check.
     VerifyDue {
-        /// Check the VIPs on `lo` too (an address event, or the periodic sweep); NAT rules and
-        /// programs are checked every time.
+        /// Check the VIPs on `lo` too (the periodic sweep, or an address that left `lo`); NAT
+        /// rules and programs are checked every time.
         vips: bool,
     },
+    /// The kernel said these addresses left `lo`: verified at once if one was a VIP the core
+    /// believes is there.
+    LeftLo(Vec<IpAddr>),
     /// The host worker ran the verification asked for by [`Effect::Verify`] `id`.
     Verified {
         id: VerifyId,

@@ -144,10 +144,10 @@ pub trait Host: Send + Sync + 'static {
     /// nothing of an app: the core decides that. What it cannot check (a listing failed) is
     /// not drift.
     fn verify(&mut self, expected: &[Expected]) -> impl Future<Output = Vec<Drift>> + Send;
-    /// Where the host says "verify now": the kernel reported a change that may be drift (an
-    /// address left `lo`). `None` if it cannot tell; the periodic verification still runs.
-    /// Taken once, by the driver.
-    fn drift_hints(&mut self) -> Option<mpsc::Receiver<()>>;
+    /// Each address that left `lo`, as the kernel reports it: drift if it was a VIP the
+    /// lifecycle believes is there (its own removals are not). `None` if the host cannot tell;
+    /// the periodic verification still runs. Taken once, by the driver.
+    fn drift_hints(&mut self) -> Option<mpsc::UnboundedReceiver<IpAddr>>;
     /// The host's own addresses, which no VIP may cover (docs/security.md, "Safe VIPs"):
     /// every interface's, except loopback addresses and the VIPs the agent put on `lo`; with
     /// an autodiscovered BGP peer, also the default gateway. `None` if they cannot be listed

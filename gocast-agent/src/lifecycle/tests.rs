@@ -35,7 +35,7 @@ pub(crate) struct FakeHost {
     /// How many verifications ran.
     pub verifications: Arc<AtomicUsize>,
     /// The sending end of the drift hints the lifecycle took.
-    pub hint: Arc<Mutex<Option<mpsc::Sender<()>>>>,
+    pub hint: Arc<Mutex<Option<mpsc::UnboundedSender<IpAddr>>>>,
     /// The host's own addresses ([`Host::local_addresses`]).
     pub local: Arc<Mutex<Vec<Protected>>>,
 }
@@ -114,8 +114,8 @@ impl Host for FakeHost {
             })
             .collect()
     }
-    fn drift_hints(&mut self) -> Option<mpsc::Receiver<()>> {
-        let (tx, rx) = mpsc::channel(1);
+    fn drift_hints(&mut self) -> Option<mpsc::UnboundedReceiver<IpAddr>> {
+        let (tx, rx) = mpsc::unbounded_channel();
         *self.hint.lock().unwrap() = Some(tx);
         Some(rx)
     }
@@ -288,7 +288,7 @@ async fn a_passive_health_failure_withdraws_until_cleared_and_only_for_apps_that
         h.running
             .routes
             .borrow()
-            .contains_key(&"192.0.2.11/32".parse().unwrap())
+            .contains_key(&"192.0.2.11/32".parse::<ipnet::IpNet>().unwrap())
     );
     let web = app(&h, "web").await.unwrap();
     assert_eq!(web.state, "unhealthy");
@@ -966,7 +966,7 @@ async fn a_consul_app_stays_after_cleanup_and_is_checked_again() {
 async fn a_vip_taken_off_lo_is_put_back_when_the_kernel_says_so_and_shown() {
     let h = start_fresh(settings(), vec![spec("web", "192.0.2.10/32", &[])]);
     wait_healthy(&h).await;
-    lose_vip(&h, "192.0.2.10/32".parse().unwrap()).await;
+    lose_vip(&h, "192.0.2.10/32".parse().unwrap());
     wait_for(&h, "repaired", |a, _| {
         a.is_some_and(|a| {
             a.repairs == 1
@@ -992,10 +992,10 @@ async fn a_vip_taken_off_lo_is_put_back_when_the_kernel_says_so_and_shown() {
 }
 
 /// Takes `vip` off the fake `lo` and tells the lifecycle, as the kernel's address event does.
-async fn lose_vip(h: &Harness, vip: Vip) {
+fn lose_vip(h: &Harness, vip: Vip) {
     h.host.lost_vips.lock().unwrap().push(vip);
     let hint = h.host.hint.lock().unwrap().clone().unwrap();
-    hint.send(()).await.unwrap();
+    hint.send(vip.addr()).unwrap();
 }
 
 #[tokio::test]
@@ -1014,7 +1014,7 @@ async fn a_drift_hint_verifies_at_once_instead_of_at_the_next_period() {
         .push("192.0.2.10/32".parse().unwrap());
     let start = tokio::time::Instant::now();
     let hint = h.host.hint.lock().unwrap().clone().unwrap();
-    hint.send(()).await.unwrap();
+    hint.send("192.0.2.10".parse().unwrap()).unwrap();
     while h.host.lost_vips.lock().unwrap().len() == 1 {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -1031,7 +1031,7 @@ async fn a_vip_that_cannot_be_put_back_withdraws_the_app_and_says_why() {
     wait_healthy(&h).await;
     let vip: Vip = "192.0.2.10/32".parse().unwrap();
     h.host.fail_vip.lock().unwrap().push(vip);
-    lose_vip(&h, vip).await;
+    lose_vip(&h, vip);
     wait_for(&h, "withdrawn", |a, r| {
         a.is_some_and(|a| a.state == "unhealthy") && r.is_empty()
     })

@@ -122,6 +122,48 @@ enum Destroys {
     Unavailable,
 }
 
+/// A multiset of keys that remembers whether its set of distinct keys changed.
+#[derive(Debug)]
+struct Refcounts<K> {
+    counts: HashMap<K, usize>,
+    changed: bool,
+}
+
+impl<K> Default for Refcounts<K> {
+    fn default() -> Self {
+        Self {
+            counts: HashMap::new(),
+            // A new scheduler publishes once, even an empty set.
+            changed: true,
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq> Refcounts<K> {
+    fn count(&mut self, key: K, add: bool) {
+        if add {
+            let n = self.counts.entry(key).or_default();
+            *n += 1;
+            self.changed |= *n == 1;
+        } else if let std::collections::hash_map::Entry::Occupied(mut n) = self.counts.entry(key) {
+            *n.get_mut() -= 1;
+            if *n.get() == 0 {
+                n.remove();
+                self.changed = true;
+            }
+        }
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &K> {
+        self.counts.keys()
+    }
+
+    /// Whether the distinct keys changed since the last call.
+    fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
+    }
+}
+
 /// The scheduler task's state: one per instance. Created by [`spawn`].
 struct Scheduler {
     settings: Settings,
@@ -132,6 +174,10 @@ struct Scheduler {
     metrics: Metrics,
     /// The ports some app monitors, for the watcher thread to filter on.
     ports: watch::Sender<WatchedPorts>,
+    /// How many watched apps monitor each port, and each Consul service: kept as watches come
+    /// and go, so a command costs O(its monitors), not a walk over every app (issue 14 §2).
+    port_refs: Refcounts<(Proto, u16)>,
+    consul_refs: Refcounts<String>,
     destroys: Destroys,
     /// Apps to re-check because a socket on a port they monitor went away. Apps whose exec check
     /// is running stay here until it reports.
@@ -172,6 +218,8 @@ pub fn spawn(
             done_tx,
             metrics: metrics.clone(),
             ports: watch::Sender::new(WatchedPorts::new()),
+            port_refs: Refcounts::default(),
+            consul_refs: Refcounts::default(),
             destroys: Destroys::Off,
             stale: HashSet::new(),
             recheck: Timer::default(),
@@ -301,7 +349,8 @@ impl Scheduler {
                 monitors,
                 prove,
             } => {
-                self.apps.insert(
+                self.count(&app, &monitors, true);
+                let replaced = self.apps.insert(
                     app.clone(),
                     Watched {
                         generation,
@@ -310,28 +359,45 @@ impl Scheduler {
                         in_flight: false,
                     },
                 );
+                if let Some(old) = replaced {
+                    self.count(&app, &old.monitors, false);
+                }
                 new_apps.push(app);
             }
             Command::Unwatch { app } => {
-                self.apps.remove(&app);
+                if let Some(old) = self.apps.remove(&app) {
+                    self.count(&app, &old.monitors, false);
+                }
                 self.stale.remove(&app);
             }
-            Command::Configure(settings) => self.settings = settings,
+            Command::Configure(settings) => {
+                self.settings = settings;
+                // A reload may bring a new Consul link: it gets the services again.
+                self.consul_refs.changed = true;
+            }
+        }
+    }
+
+    /// Counts an app's port and Consul monitors in (`add`) or out.
+    fn count(&mut self, app: &AppName, monitors: &[Monitor], add: bool) {
+        for monitor in monitors {
+            match monitor {
+                Monitor::Port { proto, port } => self.port_refs.count((*proto, *port), add),
+                Monitor::Consul => self
+                    .consul_refs
+                    .count(consul_health::service_of(app).to_owned(), add),
+                Monitor::Exec { .. } => {}
+            }
         }
     }
 
     /// Publishes the monitored ports to the watcher thread, and subscribes to destroy broadcasts
     /// when the first port monitor appears (unsubscribes when the last one goes).
     fn sync_ports(&mut self) {
-        let ports: WatchedPorts = self
-            .apps
-            .values()
-            .flat_map(|w| &w.monitors)
-            .filter_map(|m| match m {
-                Monitor::Port { proto, port } => Some((*proto, *port)),
-                _ => None,
-            })
-            .collect();
+        if !self.port_refs.take_changed() {
+            return;
+        }
+        let ports: WatchedPorts = self.port_refs.keys().copied().collect();
         let wanted = !ports.is_empty();
         self.ports.send_replace(ports);
         match (&self.destroys, wanted) {
@@ -343,16 +409,15 @@ impl Scheduler {
     }
 
     /// Tells the Consul health poller which services some app monitors with `consul`.
-    fn sync_consul_services(&self) {
+    fn sync_consul_services(&mut self) {
         let Some(link) = &self.settings.consul else {
             return;
         };
-        let services: std::collections::BTreeSet<String> = self
-            .apps
-            .iter()
-            .filter(|(_, w)| w.monitors.contains(&Monitor::Consul))
-            .map(|(name, _)| consul_health::service_of(name).to_owned())
-            .collect();
+        if !self.consul_refs.take_changed() {
+            return;
+        }
+        let services: std::collections::BTreeSet<String> =
+            self.consul_refs.keys().cloned().collect();
         link.services.send_if_modified(|current| {
             if *current == services {
                 return false;

@@ -64,6 +64,12 @@ impl ConflictIndex {
         self.by_label.insert(label.to_owned(), name.clone());
     }
 
+    /// The app that registered VIP address `addr`, if any (the index may be stale: check the
+    /// app).
+    pub(super) fn owner_of(&self, addr: IpAddr) -> Option<&AppName> {
+        self.by_addr.get(&addr)
+    }
+
     pub(super) fn len(&self) -> usize {
         self.by_addr.len() + self.wide.len() + self.by_label.len()
     }

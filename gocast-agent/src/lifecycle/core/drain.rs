@@ -102,7 +102,7 @@ impl Core {
                 }
                 _ => {}
             }
-            self.changed.routes = true;
+            self.changed.routes.app(&name);
             self.changed.cleanup = true;
             views.push(entry.view(now, self.settings.passive_health));
             self.apps.insert(name, entry);
@@ -121,7 +121,7 @@ impl Core {
                 info!(app = %entry.spec.name, "drain time passed: withdrawing; vip and nat go at cleanup");
                 entry.drain = Drain::Drained;
                 entry.cleanup_at = Some(now.mono + self.settings.cleanup_timer);
-                self.changed.routes = true;
+                self.changed.routes.app(&entry.spec.name);
                 self.changed.cleanup = true;
             }
         }

@@ -11,7 +11,7 @@
 //! still ignored if, by the time it arrives, the part is no longer present or the app's VIP or
 //! NAT rules changed (a newer operation decides then).
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::IpAddr};
 
 use tracing::{debug, error, info, warn};
 
@@ -37,6 +37,20 @@ pub(super) struct Verification {
 impl Core {
     /// Asks the host worker to verify every app's present NAT rules (and, with `vips`, VIPs),
     /// unless a verification is in flight (then once more after it).
+    /// Addresses left `lo`: the VIPs are verified if one of them was an app's VIP that is (or
+    /// is being put) there; the agent's own removals and foreign addresses cost a look-up.
+    pub(super) fn left_lo(&mut self, addrs: &[IpAddr], out: &mut Vec<Effect>) {
+        let drift = addrs.iter().any(|addr| {
+            self.conflicts
+                .owner_of(*addr)
+                .and_then(|name| self.apps.get(name))
+                .is_some_and(|e| e.spec.vip.addr() == *addr && e.vip.maybe_present())
+        });
+        if drift {
+            self.verify_due(true, out);
+        }
+    }
+
     pub(super) fn verify_due(&mut self, vips: bool, out: &mut Vec<Effect>) {
         if self.verification.in_flight.is_some() {
             self.verification.again = Some(self.verification.again.unwrap_or(false) || vips);
