@@ -72,6 +72,13 @@ pub const XDP_LOG_PROGRAM: &str = "gocast_xdp_log";
 /// packet go.
 pub const TC_LOG_PROGRAM: &str = "gocast_tc_log";
 
+/// An XDP program that only returns `XDP_PASS`. Never attached: `bench nat` times it with
+/// `BPF_PROG_TEST_RUN` on the same frame as the real programs, as the floor of what the harness
+/// itself charges per run.
+pub const XDP_FLOOR_PROGRAM: &str = "gocast_xdp_floor";
+/// [`XDP_FLOOR_PROGRAM`]'s TC twin (returns `TC_ACT_OK`), the floor of the TC figures.
+pub const TC_FLOOR_PROGRAM: &str = "gocast_tc_floor";
+
 /// Capacity of [`VIPS_MAP`] and [`COUNTERS_MAP`].
 pub const MAX_VIPS: u32 = 4096;
 /// Capacity of [`NAT_MAP`].

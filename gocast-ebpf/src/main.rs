@@ -14,6 +14,8 @@
 //! - `gocast_xdp_log` (tail-called by `gocast_xdp`), `gocast_tc_log` (by both TC programs): on
 //!   rare paths only (a new NATed flow, a refused flow-map insert, a failed rewrite either way)
 //!   to emit an aya-log record; they return the verdict the caller would have. See `logs`.
+//! - `gocast_xdp_floor`, `gocast_tc_floor`: pass everything; never attached, `bench nat` times
+//!   them as the floor of `BPF_PROG_TEST_RUN`.
 //!
 //! Map names and layouts are in `gocast_common::maps`; the agent loads the object built by
 //! `cargo xtask build-ebpf`.
@@ -103,6 +105,14 @@ const _: () = {
         gocast_common::maps::XDP_LOG_PROGRAM
     ));
     assert!(str_eq("gocast_tc_log", gocast_common::maps::TC_LOG_PROGRAM));
+    assert!(str_eq(
+        "gocast_xdp_floor",
+        gocast_common::maps::XDP_FLOOR_PROGRAM
+    ));
+    assert!(str_eq(
+        "gocast_tc_floor",
+        gocast_common::maps::TC_FLOOR_PROGRAM
+    ));
 };
 
 /// `a == b` in a `const` context (`#[map(name = ..)]` takes a literal, not a constant).
@@ -305,6 +315,19 @@ pub fn gocast_xdp_log(ctx: XdpContext) -> u32 {
 )]
 pub fn gocast_tc_log(ctx: TcContext) -> i32 {
     logs::emit_tc(&ctx);
+    TC_ACT_OK
+}
+
+/// The floor of `BPF_PROG_TEST_RUN` for XDP: passes every packet untouched. Never attached
+/// (the agent loads programs by name); `bench nat` times it beside `gocast_xdp`.
+#[xdp]
+pub fn gocast_xdp_floor(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+/// The floor of `BPF_PROG_TEST_RUN` for TC, as `gocast_xdp_floor`.
+#[classifier]
+pub fn gocast_tc_floor(_ctx: TcContext) -> i32 {
     TC_ACT_OK
 }
 
