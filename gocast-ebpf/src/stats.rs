@@ -3,14 +3,14 @@
 //! CPUs. `VIP_ADDRS_MAP` answers "certainly not a VIP" for most other addresses with an array
 //! read instead of a hash lookup.
 
-use gocast_common::maps::{VipCounters, VipKey, addr_bit};
+use gocast_common::maps::{VipCounters, VipKey};
 
 use crate::{COUNTERS, SLOTS, VIP_ADDRS, VIPS};
 
-/// Whether `addr` may be a VIP: `false` means it is none.
+/// Whether the address whose `gocast_common::maps::addr_bit` is `(index, mask)` may be a VIP:
+/// `false` means it is none.
 #[inline(always)]
-pub fn maybe_vip(addr: &[u8; 16]) -> bool {
-    let (index, mask) = addr_bit(addr);
+pub fn maybe_vip((index, mask): (u32, u64)) -> bool {
     VIP_ADDRS.get(index).is_some_and(|bits| bits & mask != 0)
 }
 
