@@ -120,8 +120,10 @@ pub struct VipKey {
     pub addr: [u8; 16],
     /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,
+    /// Zero; with `_pad2`, 3 bytes in two fields (see [`FlowKey`]'s).
+    pub _pad: u8,
     /// Zero.
-    pub _pad: [u8; 3],
+    pub _pad2: u16,
 }
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)`, integers and byte arrays only, no implicit padding (size checked below).
@@ -136,7 +138,8 @@ impl VipKey {
         Self {
             addr,
             family,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         }
     }
 
@@ -232,8 +235,12 @@ pub struct FlowKey<A> {
     pub dst_port: u16,
     /// [`PROTO_TCP`] or [`PROTO_UDP`].
     pub proto: u8,
+    /// Zero. The 3 bytes of padding are two fields, not a `[u8; 3]`: the eBPF build zeroes a
+    /// 3-byte array with a call to a byte-wise `memset` (a BPF-to-BPF call and a loop, on
+    /// every packet that builds a key), a byte and a 16-bit field with two stores.
+    pub _pad: u8,
     /// Zero.
-    pub _pad: [u8; 3],
+    pub _pad2: u16,
 }
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)`, integers and byte arrays only, no implicit padding (size checked below).

@@ -139,7 +139,8 @@ fn key<F: Family>(flow: &Flow<F>) -> FlowKey<F::Addr> {
         src_port: flow.src_port,
         dst_port: flow.dst_port,
         proto: flow.proto,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     }
 }
 
@@ -318,7 +319,8 @@ fn remember<F: FlowMaps>(flow: &Flow<F>, to: &NatFlow<F::Addr>) -> i32 {
         src_port: to.port,
         dst_port: flow.src_port,
         proto: flow.proto,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     };
     let back = NatFlow {
         addr: flow.dst,
@@ -347,7 +349,8 @@ pub fn forget_direct<F: FlowMaps>(flow: &Flow<F>) {
         src_port: flow.dst_port,
         dst_port: flow.src_port,
         proto: flow.proto,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     };
     let _ = F::flows().remove(&reply);
 }

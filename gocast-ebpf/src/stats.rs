@@ -20,7 +20,8 @@ pub fn vip_slot(family: u8, addr: &[u8; 16]) -> Option<u32> {
     let key = VipKey {
         addr: *addr,
         family,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     };
     // SAFETY: the value is a plain `u32` copied out at once; a concurrent update can at worst
     // make this packet count under the old index.
