@@ -3,7 +3,7 @@
 //! - `gocast_xdp` (XDP, ingress): counts packets to a VIP in `VIPS_MAP`; for TCP/UDP to a
 //!   VIP port in `NAT_MAP`, rewrites destination address and port in place (incremental
 //!   checksums) and records the flow both ways (`NAT_FLOWS4_MAP`/`NAT_FLOWS6_MAP`,
-//!   `FLOWS4_MAP`/`FLOWS6_MAP`: a map per family, see `nat::FlowMaps`), so its later
+//!   `FLOWS4_MAP`/`FLOWS6_MAP`: a map per family, see `nat::NatFamily`), so its later
 //!   packets cost one lookup (see `nat`). Fragments, ICMP, IPv6 extension headers and all
 //!   other traffic pass untouched.
 //! - `gocast_tc_ingress` (TC classifier, ingress): the same on an skb, for interfaces where XDP
@@ -47,7 +47,7 @@ use gocast_common::maps::{
 
 use crate::{
     logs::{TC_LOG, XDP_LOG},
-    nat::{FlowMaps, Ingress},
+    nat::{Ingress, NatFamily},
     parse::{Family, Flow, Parsed, TCP_ACK, TCP_RST, TCP_SYN},
 };
 
@@ -198,7 +198,7 @@ fn ingress<C: Ingress>(ctx: &C, parsed: &Parsed, log: &mut bool) -> Result<(), (
 /// entry. Any other to a VIP: counted, and NATed if a rule matches (which records the flow). A
 /// SYN that bypasses the NAT drops a stale flow entry.
 #[inline(always)]
-fn ingress_flow<C: Ingress, F: FlowMaps>(
+fn ingress_flow<C: Ingress, F: NatFamily>(
     ctx: &C,
     flow: &Flow<F>,
     log: &mut bool,
@@ -312,7 +312,7 @@ fn try_gocast_tc_egress(ctx: &TcContext, log: &mut bool) -> Result<(), ()> {
 /// What TC egress does with a TCP or UDP packet: the reply of a NATed flow gets the VIP back;
 /// it and any other packet from a VIP are counted.
 #[inline(always)]
-fn egress_flow<F: FlowMaps>(ctx: &TcContext, flow: &Flow<F>, log: &mut bool) -> Result<(), ()> {
+fn egress_flow<F: NatFamily>(ctx: &TcContext, flow: &Flow<F>, log: &mut bool) -> Result<(), ()> {
     let slot = match nat::reverse(ctx, flow, log)? {
         // The flow's slot, unless its VIP changed since: then the VIP's slot now, if any.
         Some(orig) if stats::generation(orig.slot) == orig.generation => Some(orig.slot),

@@ -2,7 +2,7 @@
 //! (target → VIP:port).
 //!
 //! A flow's first packet (and every TCP SYN) finds its rule in `NAT_MAP` and writes two
-//! [`NatFlow`] entries in its family's flow maps ([`FlowMaps`]): one under the packet's own
+//! [`NatFlow`] entries in its family's flow maps ([`NatFamily`]): one under the packet's own
 //! 5-tuple in `NAT_FLOWS4_MAP`/`NAT_FLOWS6_MAP`, one under the reply's in
 //! `FLOWS4_MAP`/`FLOWS6_MAP`. Each carries the new address and port, the address's checksum
 //! difference and the VIP's counter slot, so every later packet in either direction costs one
@@ -11,9 +11,10 @@
 //! a rule on that port, skip the flow maps (`PORTS_MAP`).
 //!
 //! XDP rewrites the frame in place with RFC 1624 incremental checksums (pure functions in
-//! `gocast_common::csum`). The TC programs use the kernel's `bpf_l3/l4_csum_replace`, which
-//! also handle `CHECKSUM_PARTIAL` skbs (packets whose L4 checksum is finished later, e.g. from
-//! a veth peer), something a pure update cannot see; they write through helpers, never direct
+//! `gocast_common::csum`). The TC programs use the kernel's `bpf_l4_csum_replace`, which also
+//! handles `CHECKSUM_PARTIAL` skbs (packets whose L4 checksum is finished later, e.g. from a
+//! veth peer), something a pure update cannot see; the IPv4 header checksum, always complete,
+//! they update themselves and store with the address. They write through helpers, never direct
 //! packet access, which would make the kernel unclone every cloned skb the program sees (all of
 //! TCP's outgoing ones) before it runs.
 //!
@@ -35,7 +36,8 @@ use crate::{
     FLOWS4, FLOWS6, NAT, NAT_FLOWS4, NAT_FLOWS6, PORTS,
     logs::{self, DNAT_FAILED, INSERT_FAILED, NEW_FLOW, Pending, REVERSE_FAILED},
     parse::{
-        Family, Flow, IPV4_CHECK_OFFSET, Ports, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, V4, V6, ptr_at,
+        Family, Flow, IPV4_CHECK_OFFSET, IPV6_DST_OFFSET, IPV6_SRC_OFFSET, Ipv4Hdr, Ports,
+        TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, V4, V6, ptr_at,
     },
     stats,
 };
@@ -43,15 +45,24 @@ use crate::{
 /// A family's flow map of one direction.
 type FlowMap<F> = LruHashMap<FlowKey<<F as Family>::Addr>, NatFlow<<F as Family>::Addr>>;
 
-/// A family's flow maps.
-pub trait FlowMaps: Family {
+/// What the NAT does per family: its flow maps, and how TC writes an address.
+pub trait NatFamily: Family {
     /// Packets to the VIP → how to rewrite them (`NAT_FLOWS4_MAP`, `NAT_FLOWS6_MAP`).
     fn nat_flows() -> &'static FlowMap<Self>;
     /// Replies → how to put the VIP back (`FLOWS4_MAP`, `FLOWS6_MAP`).
     fn flows() -> &'static FlowMap<Self>;
+    /// TC: sets `end`'s address to `addr`, whose checksum difference is `diff`, and the IPv4
+    /// header checksum with it. `Err` is the helper's (negative) error code.
+    fn store_addr(
+        ctx: &TcContext,
+        flow: &Flow<Self>,
+        end: End,
+        addr: &Self::Addr,
+        diff: u16,
+    ) -> Result<(), c_long>;
 }
 
-impl FlowMaps for V4 {
+impl NatFamily for V4 {
     #[inline(always)]
     fn nat_flows() -> &'static FlowMap<Self> {
         &NAT_FLOWS4
@@ -61,9 +72,36 @@ impl FlowMaps for V4 {
     fn flows() -> &'static FlowMap<Self> {
         &FLOWS4
     }
+
+    /// The header checksum sits right before the source address (`Ipv4Hdr`), so one store
+    /// writes it and the addresses: one helper call where `bpf_l3_csum_replace` and a store
+    /// were two. The old checksum and source are read directly; only writes through packet
+    /// pointers make the kernel unclone an skb.
+    #[inline(always)]
+    fn store_addr(
+        ctx: &TcContext,
+        flow: &Flow<Self>,
+        end: End,
+        addr: &[u8; 4],
+        diff: u16,
+    ) -> Result<(), c_long> {
+        let ip: *const Ipv4Hdr = ptr_at(ctx, flow.l3).map_err(|()| -EFAULT)?;
+        // SAFETY: `ptr_at` checked that the header is inside the packet.
+        let (check, src) = unsafe { ((*ip).check, (*ip).src) };
+        let [c0, c1] = csum_add(u16::from_be_bytes(check), diff).to_be_bytes();
+        let at = flow.l3 + IPV4_CHECK_OFFSET;
+        match end {
+            End::Src => ctx.store(at, &[c0, c1, addr[0], addr[1], addr[2], addr[3]], 0),
+            End::Dst => {
+                let [s0, s1, s2, s3] = src;
+                let bytes = [c0, c1, s0, s1, s2, s3, addr[0], addr[1], addr[2], addr[3]];
+                ctx.store(at, &bytes, 0)
+            }
+        }
+    }
 }
 
-impl FlowMaps for V6 {
+impl NatFamily for V6 {
     #[inline(always)]
     fn nat_flows() -> &'static FlowMap<Self> {
         &NAT_FLOWS6
@@ -72,6 +110,21 @@ impl FlowMaps for V6 {
     #[inline(always)]
     fn flows() -> &'static FlowMap<Self> {
         &FLOWS6
+    }
+
+    #[inline(always)]
+    fn store_addr(
+        ctx: &TcContext,
+        flow: &Flow<Self>,
+        end: End,
+        addr: &[u8; 16],
+        _diff: u16,
+    ) -> Result<(), c_long> {
+        let at = match end {
+            End::Src => IPV6_SRC_OFFSET,
+            End::Dst => IPV6_DST_OFFSET,
+        };
+        ctx.store(flow.l3 + at, addr, 0)
     }
 }
 
@@ -87,7 +140,11 @@ pub trait Ingress {
     fn bytes(&self) -> u64;
     /// Sets the destination address and port to `to`'s, checksums included. `Err` is a
     /// (negative) error code.
-    fn rewrite_dst<F: Family>(&self, flow: &Flow<F>, to: &NatFlow<F::Addr>) -> Result<(), c_long>;
+    fn rewrite_dst<F: NatFamily>(
+        &self,
+        flow: &Flow<F>,
+        to: &NatFlow<F::Addr>,
+    ) -> Result<(), c_long>;
 }
 
 impl Ingress for XdpContext {
@@ -99,7 +156,11 @@ impl Ingress for XdpContext {
     }
 
     #[inline(always)]
-    fn rewrite_dst<F: Family>(&self, flow: &Flow<F>, to: &NatFlow<F::Addr>) -> Result<(), c_long> {
+    fn rewrite_dst<F: NatFamily>(
+        &self,
+        flow: &Flow<F>,
+        to: &NatFlow<F::Addr>,
+    ) -> Result<(), c_long> {
         rewrite_dst(self, flow, to).map_err(|()| -EFAULT)
     }
 }
@@ -113,7 +174,11 @@ impl Ingress for TcContext {
     }
 
     #[inline(always)]
-    fn rewrite_dst<F: Family>(&self, flow: &Flow<F>, to: &NatFlow<F::Addr>) -> Result<(), c_long> {
+    fn rewrite_dst<F: NatFamily>(
+        &self,
+        flow: &Flow<F>,
+        to: &NatFlow<F::Addr>,
+    ) -> Result<(), c_long> {
         rewrite_skb(self, flow, End::Dst, to)
     }
 }
@@ -147,7 +212,7 @@ fn key<F: Family>(flow: &Flow<F>) -> FlowKey<F::Addr> {
 /// The entry of an established NATed flow this packet belongs to, if its VIP and rules did not
 /// change since it was written: all the rewrite and counting need.
 #[inline(always)]
-pub fn known<F: FlowMaps>(flow: &Flow<F>) -> Option<NatFlow<F::Addr>> {
+pub fn known<F: NatFamily>(flow: &Flow<F>) -> Option<NatFlow<F::Addr>> {
     if !rule_may_match(flow) {
         return None;
     }
@@ -158,7 +223,7 @@ pub fn known<F: FlowMaps>(flow: &Flow<F>) -> Option<NatFlow<F::Addr>> {
 
 /// Rewrites a packet of a [`known`] flow; a failure is noted for the log program.
 #[inline(always)]
-pub fn forward<C: Ingress, F: Family>(
+pub fn forward<C: Ingress, F: NatFamily>(
     ctx: &C,
     flow: &Flow<F>,
     to: &NatFlow<F::Addr>,
@@ -208,7 +273,7 @@ fn target<F: Family>(flow: &Flow<F>) -> Option<NatTarget> {
 /// ways, and returns `true`. A `syn` (a new TCP connection), a refused flow-map insert or a
 /// failed rewrite is noted for the log program, and `log` set.
 #[inline(always)]
-pub fn dnat<C: Ingress, F: FlowMaps>(
+pub fn dnat<C: Ingress, F: NatFamily>(
     ctx: &C,
     flow: &Flow<F>,
     syn: bool,
@@ -312,7 +377,7 @@ fn rewrite_dst<F: Family>(
 /// LLVM may fill with a pointer the verifier rejects. Only first packets and SYNs get here, so
 /// plain updates (an entry for another VIP or generation is replaced).
 #[inline(always)]
-fn remember<F: FlowMaps>(flow: &Flow<F>, to: &NatFlow<F::Addr>) -> i32 {
+fn remember<F: NatFamily>(flow: &Flow<F>, to: &NatFlow<F::Addr>) -> i32 {
     let reply = FlowKey {
         src: to.addr,
         dst: flow.src,
@@ -342,7 +407,7 @@ fn remember<F: FlowMaps>(flow: &Flow<F>, to: &NatFlow<F::Addr>) -> i32 {
 /// to an earlier connection from the same client port through a VIP, and would rewrite these
 /// replies to come from the VIP. Only SYNs pay for this.
 #[inline(always)]
-pub fn forget_direct<F: FlowMaps>(flow: &Flow<F>) {
+pub fn forget_direct<F: NatFamily>(flow: &Flow<F>) {
     let reply = FlowKey {
         src: flow.dst,
         dst: flow.src,
@@ -359,7 +424,7 @@ pub fn forget_direct<F: FlowMaps>(flow: &Flow<F>) {
 /// VIP and port the client used and returns the entry. Replies from a port no NAT rule
 /// sends to return at once. A failed rewrite is noted for the log program, and `log` set.
 #[inline(always)]
-pub fn reverse<F: FlowMaps>(
+pub fn reverse<F: NatFamily>(
     ctx: &TcContext,
     flow: &Flow<F>,
     log: &mut bool,
@@ -394,16 +459,17 @@ pub fn reverse<F: FlowMaps>(
 
 /// Which end of a flow [`rewrite_skb`] changes.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum End {
+pub enum End {
     Src,
     Dst,
 }
 
 /// Sets one end's address and port to `to`'s in an skb, with the kernel's checksum helpers:
-/// the IPv4 header checksum and the TCP/UDP pseudo-header by `to.addr_diff`, the TCP/UDP
-/// checksum by the port's change. `Err` is the failing helper's (negative) error code.
+/// the TCP/UDP pseudo-header by `to.addr_diff`, the TCP/UDP checksum by the port's change; the
+/// IPv4 header checksum by `to.addr_diff` too ([`NatFamily::store_addr`]). `Err` is the failing
+/// helper's (negative) error code.
 #[inline(always)]
-fn rewrite_skb<F: Family>(
+fn rewrite_skb<F: NatFamily>(
     ctx: &TcContext,
     flow: &Flow<F>,
     end: End,
@@ -427,15 +493,7 @@ fn rewrite_skb<F: Family>(
     // Size 0: `to` is a checksum difference. Pseudo-header: for a `CHECKSUM_PARTIAL` skb the
     // kernel updates the partial sum, which covers the addresses but not the ports.
     ctx.l4_csum_replace(check_at, 0, diff, u64::from(BPF_F_PSEUDO_HDR) | udp_flags)?;
-    if F::FAMILY == FAMILY_V4 {
-        ctx.l3_csum_replace(flow.l3 + IPV4_CHECK_OFFSET, 0, diff, 0)?;
-    }
-    let addr_at = flow.l3
-        + match end {
-            End::Src => F::SRC_OFFSET,
-            End::Dst => F::DST_OFFSET,
-        };
-    ctx.store(addr_at, &to.addr, 0)?;
+    F::store_addr(ctx, flow, end, &to.addr, to.addr_diff)?;
     ctx.l4_csum_replace(
         check_at,
         u64::from(old_port),

@@ -73,8 +73,6 @@ const TCP_FLAGS_OFFSET: usize = 13;
 pub const UDP_CHECK_OFFSET: usize = 6;
 /// Offset of the checksum in an IPv4 header.
 pub const IPV4_CHECK_OFFSET: usize = mem::offset_of!(Ipv4Hdr, check);
-/// Offset of the source address in an IPv4 header.
-pub const IPV4_SRC_OFFSET: usize = mem::offset_of!(Ipv4Hdr, src);
 /// Offset of the destination address in an IPv4 header.
 pub const IPV4_DST_OFFSET: usize = mem::offset_of!(Ipv4Hdr, dst);
 /// Offset of the source address in an IPv6 header.
@@ -136,8 +134,6 @@ pub trait Family: Sized {
     type Addr: Copy + 'static;
     /// `FAMILY_V4` or `FAMILY_V6`.
     const FAMILY: u8;
-    /// Offset of the source address in the IP header.
-    const SRC_OFFSET: usize;
     /// Offset of the destination address in the IP header.
     const DST_OFFSET: usize;
     /// `addr` as map bytes (`gocast_common::maps::addr_bytes`: IPv4 in bytes `0..4`), for the
@@ -159,7 +155,6 @@ pub struct V4;
 impl Family for V4 {
     type Addr = [u8; 4];
     const FAMILY: u8 = FAMILY_V4;
-    const SRC_OFFSET: usize = IPV4_SRC_OFFSET;
     const DST_OFFSET: usize = IPV4_DST_OFFSET;
 
     #[inline(always)]
@@ -196,7 +191,6 @@ pub struct V6;
 impl Family for V6 {
     type Addr = [u8; 16];
     const FAMILY: u8 = FAMILY_V6;
-    const SRC_OFFSET: usize = IPV6_SRC_OFFSET;
     const DST_OFFSET: usize = IPV6_DST_OFFSET;
 
     #[inline(always)]
