@@ -217,7 +217,7 @@ pub fn known<F: NatFamily>(flow: &Flow<F>) -> Option<NatFlow<F::Addr>> {
         return None;
     }
     // SAFETY: a map value pointer from a successful lookup, copied out at once.
-    let entry = unsafe { *F::nat_flows().get_ptr(&key(flow))? };
+    let entry = unsafe { *F::nat_flows().get_ptr(key(flow))? };
     (stats::generation(entry.slot) == entry.generation).then_some(entry)
 }
 
@@ -396,10 +396,10 @@ fn remember<F: NatFamily>(flow: &Flow<F>, to: &NatFlow<F::Addr>) -> i32 {
     };
     // A full map evicts, so an insert fails only on kernel errors: the reply then goes out
     // un-NATed (or the next packet takes this path again); the warning is the only trace.
-    if let Err(errno) = F::flows().insert(&reply, &back, 0) {
+    if let Err(errno) = F::flows().insert(reply, back, 0) {
         return errno;
     }
-    F::nat_flows().insert(&key(flow), to, 0).err().unwrap_or(0)
+    F::nat_flows().insert(key(flow), to, 0).err().unwrap_or(0)
 }
 
 /// For the SYN of a TCP connection that did not go through the NAT (sent to the service's own
@@ -417,7 +417,7 @@ pub fn forget_direct<F: NatFamily>(flow: &Flow<F>) {
         _pad: 0,
         _pad2: 0,
     };
-    let _ = F::flows().remove(&reply);
+    let _ = F::flows().remove(reply);
 }
 
 /// If the family's `FLOWS4_MAP`/`FLOWS6_MAP` knows this reply, rewrites its source back to the
@@ -433,7 +433,7 @@ pub fn reverse<F: NatFamily>(
     if !PORTS.get(index).is_some_and(|bits| bits.target & port != 0) {
         return Ok(None);
     }
-    let Some(orig) = F::flows().get_ptr(&key(flow)) else {
+    let Some(orig) = F::flows().get_ptr(key(flow)) else {
         return Ok(None);
     };
     // SAFETY: a map value pointer from a successful lookup, copied out at once.
