@@ -39,16 +39,15 @@ pub const fn csum_replace2(check: u16, old: u16, new: u16) -> u16 {
 
 /// What replacing the address `old` by `new` adds to a checksum over it: the folded sum of
 /// `~m + m'` over its 16-bit words (RFC 1624 eqn. 3 without the checksum term). Computed once
-/// per flow and kept with it, so each packet's update is [`csum_add`]. An IPv4 address in bytes
-/// `0..4` with zeros after works as is: each unchanged zero word adds `0xffff`, the one's
-/// complement zero.
+/// per flow and kept with it, so each packet's update is [`csum_add`]. For an IPv4 address
+/// (`N` = 4) or an IPv6 one (16).
 #[inline(always)]
 #[must_use]
-pub const fn addr_diff(old: &[u8; 16], new: &[u8; 16]) -> u16 {
+pub const fn addr_diff<const N: usize>(old: &[u8; N], new: &[u8; N]) -> u16 {
     // At most 16 terms of 0xffff: far below u32::MAX, so no overflow before folding.
     let mut sum = 0u32;
     let mut i = 0;
-    while i < 16 {
+    while i + 1 < N {
         sum += !u16::from_be_bytes([old[i], old[i + 1]]) as u32;
         sum += u16::from_be_bytes([new[i], new[i + 1]]) as u32;
         i += 2;
@@ -145,13 +144,6 @@ mod tests {
         checksum(pseudo, &seg)
     }
 
-    /// An IPv4 address as map bytes (`maps::addr_bytes`).
-    fn v4(a: [u8; 4]) -> [u8; 16] {
-        let mut b = [0; 16];
-        b[..4].copy_from_slice(&a);
-        b
-    }
-
     fn be(b: &[u8], at: usize) -> u16 {
         u16::from_be_bytes([b[at], b[at + 1]])
     }
@@ -177,7 +169,7 @@ mod tests {
             let old_port = be(&seg, 2);
             let new_port: u16 = u16::from_be_bytes(rng.bytes());
 
-            let diff = addr_diff(&v4(old_dst), &v4(new_dst));
+            let diff = addr_diff(&old_dst, &new_dst);
             let ip_check = csum_add(be(&ip, 10), diff);
             let mut l4 = csum_add(be(&seg, 16), diff);
             l4 = csum_replace2(l4, old_port, new_port);
@@ -223,7 +215,7 @@ mod tests {
             ip[10..12].copy_from_slice(&c.to_be_bytes());
             let new_src: [u8; 4] = rng.bytes();
             let old_src: [u8; 4] = ip[12..16].try_into().unwrap();
-            let c = csum_add(be(&ip, 10), addr_diff(&v4(old_src), &v4(new_src)));
+            let c = csum_add(be(&ip, 10), addr_diff(&old_src, &new_src));
             ip[12..16].copy_from_slice(&new_src);
             ip[10..12].copy_from_slice(&c.to_be_bytes());
             // A correct header sums to all ones, i.e. its checksum over itself is 0.

@@ -36,14 +36,20 @@ pub const PROTO_UDP: u8 = 17;
 pub const VIPS_MAP: &str = "GOCAST_VIPS";
 /// `HashMap<NatKey, NatTarget>`: where traffic to a VIP port is sent (XDP destination NAT).
 pub const NAT_MAP: &str = "GOCAST_NAT";
-/// `LruHashMap<FlowKey, NatFlow>`: flows the NAT rewrote, keyed by their reply direction, so TC
-/// egress can put the VIP back as the reply's source. LRU: idle flows age out without a sweeper.
-pub const FLOWS_MAP: &str = "GOCAST_FLOWS";
-/// `LruHashMap<FlowKey, NatFlow>`: the same flows keyed by their packets to the VIP (client →
-/// VIP:port), each with everything the rewrite needs, so a packet of an established flow costs
-/// one lookup here; [`VIPS_MAP`] and [`NAT_MAP`] are read only for a flow's first packet (and
-/// every TCP SYN).
-pub const NAT_FLOWS_MAP: &str = "GOCAST_NAT_FLOWS";
+/// `LruHashMap<FlowKey<[u8; 4]>, NatFlow<[u8; 4]>>`: IPv4 flows the NAT rewrote, keyed by their
+/// reply direction, so TC egress can put the VIP back as the reply's source. LRU: idle flows age
+/// out without a sweeper. One map per family, so an IPv4 key is 16 bytes, not an IPv6-sized 40:
+/// the kernel hashes and compares the whole key on every lookup.
+pub const FLOWS4_MAP: &str = "GOCAST_FLOWS4";
+/// [`FLOWS4_MAP`] for IPv6: `LruHashMap<FlowKey<[u8; 16]>, NatFlow<[u8; 16]>>`.
+pub const FLOWS6_MAP: &str = "GOCAST_FLOWS6";
+/// `LruHashMap<FlowKey<[u8; 4]>, NatFlow<[u8; 4]>>`: the same IPv4 flows keyed by their packets
+/// to the VIP (client → VIP:port), each with everything the rewrite needs, so a packet of an
+/// established flow costs one lookup here; [`VIPS_MAP`] and [`NAT_MAP`] are read only for a
+/// flow's first packet (and every TCP SYN).
+pub const NAT_FLOWS4_MAP: &str = "GOCAST_NAT_FLOWS4";
+/// [`NAT_FLOWS4_MAP`] for IPv6: `LruHashMap<FlowKey<[u8; 16]>, NatFlow<[u8; 16]>>`.
+pub const NAT_FLOWS6_MAP: &str = "GOCAST_NAT_FLOWS6";
 /// `Array<u32>` of [`MAX_VIPS`]: the generation of each counter slot. The agent bumps it after
 /// changing the slot's VIP or its NAT rules; a [`NatFlow`] of an older generation is stale and
 /// its packet takes the first-packet path again.
@@ -54,7 +60,7 @@ pub const SLOTS_MAP: &str = "GOCAST_SLOTS";
 pub const PORTS_MAP: &str = "GOCAST_PORTS";
 /// `Array<u64>` of [`ADDR_WORDS`]: a bit per value of [`addr_bit`]'s fold of an address, set
 /// for every VIP in [`VIPS_MAP`] (and possibly for addresses that were VIPs). A packet whose
-/// destination's bit is clear is no VIP's: ingress skips [`NAT_FLOWS_MAP`] and [`VIPS_MAP`],
+/// destination's bit is clear is no VIP's: ingress skips the flow maps and [`VIPS_MAP`],
 /// egress counting skips [`VIPS_MAP`] for its source.
 pub const VIP_ADDRS_MAP: &str = "GOCAST_VIP_ADDRS";
 /// `PerCpuArray<VipCounters>`: per-VIP counters at the index [`VIPS_MAP`] gives; user space sums
@@ -72,12 +78,19 @@ pub const XDP_LOG_PROGRAM: &str = "gocast_xdp_log";
 /// packet go.
 pub const TC_LOG_PROGRAM: &str = "gocast_tc_log";
 
+/// An XDP program that only returns `XDP_PASS`. Never attached: `bench nat` times it with
+/// `BPF_PROG_TEST_RUN` on the same frame as the real programs, as the floor of what the harness
+/// itself charges per run.
+pub const XDP_FLOOR_PROGRAM: &str = "gocast_xdp_floor";
+/// [`XDP_FLOOR_PROGRAM`]'s TC twin (returns `TC_ACT_OK`), the floor of the TC figures.
+pub const TC_FLOOR_PROGRAM: &str = "gocast_tc_floor";
+
 /// Capacity of [`VIPS_MAP`] and [`COUNTERS_MAP`].
 pub const MAX_VIPS: u32 = 4096;
 /// Capacity of [`NAT_MAP`].
 pub const MAX_NAT_RULES: u32 = 4096;
-/// Capacity of [`FLOWS_MAP`] and [`NAT_FLOWS_MAP`]; beyond it the least recently used flows are
-/// evicted.
+/// Capacity of each flow map ([`FLOWS4_MAP`], [`FLOWS6_MAP`], [`NAT_FLOWS4_MAP`],
+/// [`NAT_FLOWS6_MAP`]); beyond it the least recently used flows are evicted.
 pub const MAX_FLOWS: u32 = 65_536;
 /// Entries of [`PORTS_MAP`]: one bit per port.
 pub const PORT_WORDS: u32 = 65_536 / 64;
@@ -107,8 +120,10 @@ pub struct VipKey {
     pub addr: [u8; 16],
     /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,
+    /// Zero; with `_pad2`, 3 bytes in two fields (see [`FlowKey`]'s).
+    pub _pad: u8,
     /// Zero.
-    pub _pad: [u8; 3],
+    pub _pad2: u16,
 }
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)`, integers and byte arrays only, no implicit padding (size checked below).
@@ -123,7 +138,8 @@ impl VipKey {
         Self {
             addr,
             family,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         }
     }
 
@@ -202,48 +218,55 @@ impl NatTarget {
     }
 }
 
-/// Key of [`FLOWS_MAP`]: a flow the NAT rewrote, as its **reply** is seen on egress, i.e. from the NAT
-/// target back to the client.
+/// Key of the flow maps: a flow's 5-tuple as its packets carry it. In [`NAT_FLOWS4_MAP`] and
+/// [`NAT_FLOWS6_MAP`] a packet to the VIP (client → VIP:port); in [`FLOWS4_MAP`] and
+/// [`FLOWS6_MAP`] its **reply** as seen on egress (NAT target → client). `A` is the address as
+/// in the packet: `[u8; 4]` (16-byte key) or `[u8; 16]` (40 bytes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct FlowKey {
-    /// Reply source: the NAT target's address, network order (IPv4 in bytes `0..4`).
-    pub src: [u8; 16],
-    /// Reply destination: the client's address, network order.
-    pub dst: [u8; 16],
-    /// Reply source port (the NAT target's), network order.
+pub struct FlowKey<A> {
+    /// Source address, network order.
+    pub src: A,
+    /// Destination address, network order.
+    pub dst: A,
+    /// Source port, network order.
     pub src_port: u16,
-    /// Reply destination port (the client's), network order.
+    /// Destination port, network order.
     pub dst_port: u16,
     /// [`PROTO_TCP`] or [`PROTO_UDP`].
     pub proto: u8,
-    /// [`FAMILY_V4`] or [`FAMILY_V6`].
-    pub family: u8,
+    /// Zero. The 3 bytes of padding are two fields, not a `[u8; 3]`: the eBPF build zeroes a
+    /// 3-byte array with a call to a byte-wise `memset` (a BPF-to-BPF call and a loop, on
+    /// every packet that builds a key), a byte and a 16-bit field with two stores.
+    pub _pad: u8,
     /// Zero.
-    pub _pad: [u8; 2],
+    pub _pad2: u16,
 }
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)`, integers and byte arrays only, no implicit padding (size checked below).
-unsafe impl aya::Pod for FlowKey {}
-const _: () = assert!(size_of::<FlowKey>() == 40);
+unsafe impl aya::Pod for FlowKey<[u8; 4]> {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for FlowKey<[u8; 16]> {}
+const _: () = assert!(size_of::<FlowKey<[u8; 4]>>() == 16);
+const _: () = assert!(size_of::<FlowKey<[u8; 16]>>() == 40);
 
-/// Value of [`FLOWS_MAP`] and [`NAT_FLOWS_MAP`]: how to rewrite one direction of a flow the NAT rewrote.
-/// In [`NAT_FLOWS_MAP`] the new destination (the NAT target), in [`FLOWS_MAP`] the new source
-/// (the VIP and port the client used).
+/// Value of the flow maps: how to rewrite one direction of a flow the NAT rewrote. In
+/// [`NAT_FLOWS4_MAP`]/[`NAT_FLOWS6_MAP`] the new destination (the NAT target), in
+/// [`FLOWS4_MAP`]/[`FLOWS6_MAP`] the new source (the VIP and port the client used). `A` as in
+/// [`FlowKey`]: 16 bytes for IPv4, 28 for IPv6.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct NatFlow {
-    /// The address to write, network order (IPv4 in bytes `0..4`).
-    pub addr: [u8; 16],
+pub struct NatFlow<A> {
+    /// The address to write, network order.
+    pub addr: A,
     /// The port to write, network order.
     pub port: u16,
-    /// Zero.
-    pub _pad: [u8; 2],
     /// What replacing the packet's address by `addr` adds to a checksum over it: the folded
     /// one's-complement sum of `~old + new` over its 16-bit words (RFC 1624 eqn. 3, see
     /// `csum::addr_diff`). The IPv4 header checksum and the TCP/UDP pseudo-header change by the
     /// same amount.
-    pub addr_diff: u32,
+    pub addr_diff: u16,
     /// The VIP's counter slot (index into [`COUNTERS_MAP`]).
     pub slot: u32,
     /// [`SLOTS_MAP`]'s generation of `slot` when the entry was written.
@@ -251,17 +274,23 @@ pub struct NatFlow {
 }
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)`, integers and byte arrays only, no implicit padding (size checked below).
-unsafe impl aya::Pod for NatFlow {}
-const _: () = assert!(size_of::<NatFlow>() == 32);
+unsafe impl aya::Pod for NatFlow<[u8; 4]> {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for NatFlow<[u8; 16]> {}
+const _: () = assert!(size_of::<NatFlow<[u8; 4]>>() == 16);
+const _: () = assert!(size_of::<NatFlow<[u8; 16]>>() == 28);
 
 /// Value of [`PORTS_MAP`]: 64 ports each. A port `p` in network order (the `u16` of its wire
 /// bytes, as in the keys) is bit `p % 64` of entry `p / 64`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PortBits {
-    /// Ports some NAT rule has as its VIP port (ingress looks up [`NAT_FLOWS_MAP`]).
+    /// Ports some NAT rule has as its VIP port (ingress looks up [`NAT_FLOWS4_MAP`] or
+    /// [`NAT_FLOWS6_MAP`]).
     pub vip: u64,
-    /// Ports some NAT rule has as its target port (egress looks up [`FLOWS_MAP`]).
+    /// Ports some NAT rule has as its target port (egress looks up [`FLOWS4_MAP`] or
+    /// [`FLOWS6_MAP`]).
     pub target: u64,
     /// For the rules whose VIP port is in `vip`: bit [`addr_bit`]`(vip).1` of each one's VIP.
     /// Clear for a packet's destination: no rule of these ports is for it.
@@ -283,19 +312,24 @@ pub const fn port_bit(port: u16) -> (u32, u64) {
     ((port / 64) as u32, 1 << (port % 64))
 }
 
-/// Where an address (map bytes, either family) sits in [`VIP_ADDRS_MAP`]: entry index and bit
-/// mask. The fold is bytes `2..4` XOR bytes `14..16`: an IPv4 address's last two bytes (its
-/// bytes `4..16` are zero), an IPv6 address's last two XOR a prefix constant. VIPs differ in
-/// those bytes, and so, mostly, do the host's other addresses; two loads and an XOR, no
-/// branch on the family.
+/// Where an address sits in [`VIP_ADDRS_MAP`]: entry index and bit mask. For map bytes (`N` =
+/// 16, either family) the fold is bytes `2..4` XOR bytes `14..16`: an IPv4 address's last two
+/// bytes (its bytes `4..16` are zero), an IPv6 address's last two XOR a prefix constant; for an
+/// IPv4 address as in the packet (`N` = 4), the same last two bytes. VIPs differ in those
+/// bytes, and so, mostly, do the host's other addresses; two loads and an XOR at most.
 #[inline(always)]
 #[expect(
     clippy::inline_always,
     reason = "on the eBPF hot path, which must not make BPF-to-BPF calls"
 )]
 #[must_use]
-pub const fn addr_bit(addr: &[u8; 16]) -> (u32, u64) {
-    let fold = u16::from_ne_bytes([addr[2], addr[3]]) ^ u16::from_ne_bytes([addr[14], addr[15]]);
+pub const fn addr_bit<const N: usize>(addr: &[u8; N]) -> (u32, u64) {
+    let head = u16::from_ne_bytes([addr[2], addr[3]]);
+    let fold = if N > 4 {
+        head ^ u16::from_ne_bytes([addr[N - 2], addr[N - 1]])
+    } else {
+        head
+    };
     port_bit(fold)
 }
 
@@ -438,6 +472,8 @@ mod tests {
         );
         let other = VipKey::new(IpAddr::V4(Ipv4Addr::new(198, 18, 255, 2))).addr;
         assert_ne!(addr_bit(&other), addr_bit(&v4));
+        // As the packet carries it, an IPv4 address folds as its map bytes do.
+        assert_eq!(addr_bit(&[192, 0, 2, 81]), addr_bit(&v4));
     }
 
     #[test]

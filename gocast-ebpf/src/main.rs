@@ -2,18 +2,21 @@
 //!
 //! - `gocast_xdp` (XDP, ingress): counts packets to a VIP in `VIPS_MAP`; for TCP/UDP to a
 //!   VIP port in `NAT_MAP`, rewrites destination address and port in place (incremental
-//!   checksums) and records the flow both ways (`NAT_FLOWS_MAP`, `FLOWS_MAP`), so its later
+//!   checksums) and records the flow both ways (`NAT_FLOWS4_MAP`/`NAT_FLOWS6_MAP`,
+//!   `FLOWS4_MAP`/`FLOWS6_MAP`: a map per family, see `nat::NatFamily`), so its later
 //!   packets cost one lookup (see `nat`). Fragments, ICMP, IPv6 extension headers and all
 //!   other traffic pass untouched.
 //! - `gocast_tc_ingress` (TC classifier, ingress): the same on an skb, for interfaces where XDP
 //!   would cost more than it saves (virtual devices such as veth, drivers without native XDP,
 //!   whose generic XDP copies every cloned skb). It never drops.
 //! - `gocast_tc_egress` (TC classifier, egress): a reply from a NAT target port (`PORTS_MAP`)
-//!   whose 5-tuple is in `FLOWS_MAP` gets the VIP and port back as its source; replies and
+//!   whose 5-tuple is in `FLOWS4_MAP`/`FLOWS6_MAP` gets the VIP and port back as its source; replies and
 //!   other traffic from a VIP are counted (packets, bytes, SYN-ACKs, RSTs). It never drops.
 //! - `gocast_xdp_log` (tail-called by `gocast_xdp`), `gocast_tc_log` (by both TC programs): on
 //!   rare paths only (a new NATed flow, a refused flow-map insert, a failed rewrite either way)
 //!   to emit an aya-log record; they return the verdict the caller would have. See `logs`.
+//! - `gocast_xdp_floor`, `gocast_tc_floor`: pass everything; never attached, `bench nat` times
+//!   them as the floor of `BPF_PROG_TEST_RUN`.
 //!
 //! Map names and layouts are in `gocast_common::maps`; the agent loads the object built by
 //! `cargo xtask build-ebpf`.
@@ -39,13 +42,13 @@ use aya_ebpf::{
 };
 use gocast_common::maps::{
     ADDR_WORDS, FlowKey, MAX_FLOWS, MAX_NAT_RULES, MAX_VIPS, NatFlow, NatKey, NatTarget,
-    PORT_WORDS, PROTO_TCP, PortBits, VipCounters, VipKey,
+    PORT_WORDS, PROTO_TCP, PortBits, VipCounters, VipKey, addr_bit,
 };
 
 use crate::{
     logs::{TC_LOG, XDP_LOG},
-    nat::Ingress,
-    parse::{Flow, Parsed, TCP_ACK, TCP_RST, TCP_SYN},
+    nat::{Ingress, NatFamily},
+    parse::{Family, Flow, Parsed, TCP_ACK, TCP_RST, TCP_SYN},
 };
 
 /// `gocast_common::maps::VIPS_MAP`: VIP → index into `COUNTERS`.
@@ -56,13 +59,25 @@ static VIPS: HashMap<VipKey, u32> = HashMap::with_max_entries(MAX_VIPS, 0);
 #[map(name = "GOCAST_NAT")]
 static NAT: HashMap<NatKey, NatTarget> = HashMap::with_max_entries(MAX_NAT_RULES, 0);
 
-/// `gocast_common::maps::FLOWS_MAP`: reply 5-tuple → the VIP and port to restore.
-#[map(name = "GOCAST_FLOWS")]
-static FLOWS: LruHashMap<FlowKey, NatFlow> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+/// `gocast_common::maps::FLOWS4_MAP`: IPv4 reply 5-tuple → the VIP and port to restore.
+#[map(name = "GOCAST_FLOWS4")]
+static FLOWS4: LruHashMap<FlowKey<[u8; 4]>, NatFlow<[u8; 4]>> =
+    LruHashMap::with_max_entries(MAX_FLOWS, 0);
 
-/// `gocast_common::maps::NAT_FLOWS_MAP`: a NATed flow's 5-tuple → its target.
-#[map(name = "GOCAST_NAT_FLOWS")]
-static NAT_FLOWS: LruHashMap<FlowKey, NatFlow> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+/// `gocast_common::maps::FLOWS6_MAP`: IPv6 reply 5-tuple → the VIP and port to restore.
+#[map(name = "GOCAST_FLOWS6")]
+static FLOWS6: LruHashMap<FlowKey<[u8; 16]>, NatFlow<[u8; 16]>> =
+    LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// `gocast_common::maps::NAT_FLOWS4_MAP`: a NATed IPv4 flow's 5-tuple → its target.
+#[map(name = "GOCAST_NAT_FLOWS4")]
+static NAT_FLOWS4: LruHashMap<FlowKey<[u8; 4]>, NatFlow<[u8; 4]>> =
+    LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// `gocast_common::maps::NAT_FLOWS6_MAP`: a NATed IPv6 flow's 5-tuple → its target.
+#[map(name = "GOCAST_NAT_FLOWS6")]
+static NAT_FLOWS6: LruHashMap<FlowKey<[u8; 16]>, NatFlow<[u8; 16]>> =
+    LruHashMap::with_max_entries(MAX_FLOWS, 0);
 
 /// `gocast_common::maps::SLOTS_MAP`: each counter slot's generation.
 #[map(name = "GOCAST_SLOTS")]
@@ -84,11 +99,16 @@ static COUNTERS: PerCpuArray<VipCounters> = PerCpuArray::with_max_entries(MAX_VI
 const _: () = {
     assert!(str_eq("GOCAST_VIPS", gocast_common::maps::VIPS_MAP));
     assert!(str_eq("GOCAST_NAT", gocast_common::maps::NAT_MAP));
-    assert!(str_eq("GOCAST_FLOWS", gocast_common::maps::FLOWS_MAP));
+    assert!(str_eq("GOCAST_FLOWS4", gocast_common::maps::FLOWS4_MAP));
+    assert!(str_eq("GOCAST_FLOWS6", gocast_common::maps::FLOWS6_MAP));
     assert!(str_eq("GOCAST_COUNTERS", gocast_common::maps::COUNTERS_MAP));
     assert!(str_eq(
-        "GOCAST_NAT_FLOWS",
-        gocast_common::maps::NAT_FLOWS_MAP
+        "GOCAST_NAT_FLOWS4",
+        gocast_common::maps::NAT_FLOWS4_MAP
+    ));
+    assert!(str_eq(
+        "GOCAST_NAT_FLOWS6",
+        gocast_common::maps::NAT_FLOWS6_MAP
     ));
     assert!(str_eq("GOCAST_SLOTS", gocast_common::maps::SLOTS_MAP));
     assert!(str_eq("GOCAST_PORTS", gocast_common::maps::PORTS_MAP));
@@ -103,6 +123,14 @@ const _: () = {
         gocast_common::maps::XDP_LOG_PROGRAM
     ));
     assert!(str_eq("gocast_tc_log", gocast_common::maps::TC_LOG_PROGRAM));
+    assert!(str_eq(
+        "gocast_xdp_floor",
+        gocast_common::maps::XDP_FLOOR_PROGRAM
+    ));
+    assert!(str_eq(
+        "gocast_tc_floor",
+        gocast_common::maps::TC_FLOOR_PROGRAM
+    ));
 };
 
 /// `a == b` in a `const` context (`#[map(name = ..)]` takes a literal, not a constant).
@@ -147,37 +175,49 @@ fn try_gocast_xdp(ctx: &XdpContext, log: &mut bool) -> Result<u32, ()> {
     Ok(xdp_action::XDP_PASS)
 }
 
-/// What both ingress programs do with a parsed packet. A packet of an established NATed flow:
-/// counted in and rewritten by its flow entry. Any other packet to a VIP: counted, and NATed if
-/// a rule matches (which records the flow). A SYN that bypasses the NAT drops a stale flow
-/// entry.
+/// What both ingress programs do with a parsed packet: a TCP or UDP packet takes
+/// [`ingress_flow`]; other IP traffic to a VIP is counted.
 #[inline(always)]
 fn ingress<C: Ingress>(ctx: &C, parsed: &Parsed, log: &mut bool) -> Result<(), ()> {
-    // Borrowed, not moved out: a copy of the flow or its address would cost stack the XDP
-    // program does not have to spare (512 bytes).
-    let (family, dst, flow) = match parsed {
-        Parsed::Flow(flow) => (flow.family, &flow.dst, Some(flow)),
-        Parsed::Ip { family, dst } => (*family, dst, None),
-        Parsed::Other => return Ok(()),
-    };
-    let syn = flow.is_some_and(is_syn);
+    match parsed {
+        Parsed::V4(flow) => ingress_flow(ctx, flow, log),
+        Parsed::V6(flow) => ingress_flow(ctx, flow, log),
+        Parsed::Ip { family, dst } => {
+            if stats::maybe_vip(addr_bit(dst))
+                && let Some(counters) = stats::vip_slot(*family, dst).and_then(stats::counters)
+            {
+                stats::count_in(counters, ctx.bytes(), false);
+            }
+            Ok(())
+        }
+        Parsed::Other => Ok(()),
+    }
+}
+
+/// A TCP or UDP packet. Of an established NATed flow: counted in and rewritten by its flow
+/// entry. Any other to a VIP: counted, and NATed if a rule matches (which records the flow). A
+/// SYN that bypasses the NAT drops a stale flow entry.
+#[inline(always)]
+fn ingress_flow<C: Ingress, F: NatFamily>(
+    ctx: &C,
+    flow: &Flow<F>,
+    log: &mut bool,
+) -> Result<(), ()> {
+    let syn = is_syn(flow);
     // A SYN always takes the long way: it may start a flow under changed rules.
-    if !syn
-        && let Some(flow) = flow
-        && let Some(known) = nat::known(flow)
-    {
+    if !syn && let Some(known) = nat::known(flow) {
         if let Some(counters) = stats::counters(known.slot) {
             stats::count_in(counters, ctx.bytes(), false);
         }
         return nat::forward(ctx, flow, &known, log);
     }
-    let slot = if stats::maybe_vip(dst) {
-        stats::vip_slot(family, dst)
+    let slot = if stats::maybe_vip(F::addr_bit(&flow.dst)) {
+        stats::vip_slot(F::FAMILY, &F::map_bytes(&flow.dst))
     } else {
         None
     };
     let Some(slot) = slot else {
-        if syn && let Some(flow) = flow {
+        if syn {
             nat::forget_direct(flow);
         }
         return Ok(());
@@ -188,10 +228,7 @@ fn ingress<C: Ingress>(ctx: &C, parsed: &Parsed, log: &mut bool) -> Result<(), (
     if let Some(counters) = stats::counters(slot) {
         stats::count_in(counters, ctx.bytes(), syn);
     }
-    if let Some(flow) = flow
-        && !nat::dnat(ctx, flow, syn, (slot, generation), log)?
-        && syn
-    {
+    if !nat::dnat(ctx, flow, syn, (slot, generation), log)? && syn {
         nat::forget_direct(flow);
     }
     Ok(())
@@ -199,7 +236,7 @@ fn ingress<C: Ingress>(ctx: &C, parsed: &Parsed, log: &mut bool) -> Result<(), (
 
 /// A TCP SYN without ACK: a new connection.
 #[inline(always)]
-fn is_syn(flow: &Flow) -> bool {
+fn is_syn<F: Family>(flow: &Flow<F>) -> bool {
     flow.proto == PROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
@@ -265,14 +302,24 @@ pub fn gocast_tc_egress(ctx: TcContext) -> i32 {
 }
 
 fn try_gocast_tc_egress(ctx: &TcContext, log: &mut bool) -> Result<(), ()> {
-    let Parsed::Flow(flow) = parse_skb(ctx) else {
-        return Ok(());
-    };
-    let slot = match nat::reverse(ctx, &flow, log)? {
+    match parse_skb(ctx) {
+        Parsed::V4(flow) => egress_flow(ctx, &flow, log),
+        Parsed::V6(flow) => egress_flow(ctx, &flow, log),
+        Parsed::Ip { .. } | Parsed::Other => Ok(()),
+    }
+}
+
+/// What TC egress does with a TCP or UDP packet: the reply of a NATed flow gets the VIP back;
+/// it and any other packet from a VIP are counted.
+#[inline(always)]
+fn egress_flow<F: NatFamily>(ctx: &TcContext, flow: &Flow<F>, log: &mut bool) -> Result<(), ()> {
+    let slot = match nat::reverse(ctx, flow, log)? {
         // The flow's slot, unless its VIP changed since: then the VIP's slot now, if any.
         Some(orig) if stats::generation(orig.slot) == orig.generation => Some(orig.slot),
-        Some(orig) => stats::vip_slot(flow.family, &orig.addr),
-        None if stats::maybe_vip(&flow.src) => stats::vip_slot(flow.family, &flow.src),
+        Some(orig) => stats::vip_slot(F::FAMILY, &F::map_bytes(&orig.addr)),
+        None if stats::maybe_vip(F::addr_bit(&flow.src)) => {
+            stats::vip_slot(F::FAMILY, &F::map_bytes(&flow.src))
+        }
         None => None,
     };
     let Some(counters) = slot.and_then(stats::counters) else {
@@ -305,6 +352,19 @@ pub fn gocast_xdp_log(ctx: XdpContext) -> u32 {
 )]
 pub fn gocast_tc_log(ctx: TcContext) -> i32 {
     logs::emit_tc(&ctx);
+    TC_ACT_OK
+}
+
+/// The floor of `BPF_PROG_TEST_RUN` for XDP: passes every packet untouched. Never attached
+/// (the agent loads programs by name); `bench nat` times it beside `gocast_xdp`.
+#[xdp]
+pub fn gocast_xdp_floor(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+/// The floor of `BPF_PROG_TEST_RUN` for TC, as `gocast_xdp_floor`.
+#[classifier]
+pub fn gocast_tc_floor(_ctx: TcContext) -> i32 {
     TC_ACT_OK
 }
 

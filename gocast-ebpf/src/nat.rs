@@ -2,17 +2,19 @@
 //! (target → VIP:port).
 //!
 //! A flow's first packet (and every TCP SYN) finds its rule in `NAT_MAP` and writes two
-//! [`NatFlow`] entries: one under the packet's own 5-tuple in `NAT_FLOWS_MAP`, one under the
-//! reply's in `FLOWS_MAP`. Each carries the new address and port, the address's checksum
+//! [`NatFlow`] entries in its family's flow maps ([`NatFamily`]): one under the packet's own
+//! 5-tuple in `NAT_FLOWS4_MAP`/`NAT_FLOWS6_MAP`, one under the reply's in
+//! `FLOWS4_MAP`/`FLOWS6_MAP`. Each carries the new address and port, the address's checksum
 //! difference and the VIP's counter slot, so every later packet in either direction costs one
 //! LRU lookup, an array read (the slot's generation, see `gocast_common::maps::SLOTS_MAP`) and
 //! the writes. Packets on a port no rule uses, or to an address without the bit of a VIP with
 //! a rule on that port, skip the flow maps (`PORTS_MAP`).
 //!
 //! XDP rewrites the frame in place with RFC 1624 incremental checksums (pure functions in
-//! `gocast_common::csum`). The TC programs use the kernel's `bpf_l3/l4_csum_replace`, which
-//! also handle `CHECKSUM_PARTIAL` skbs (packets whose L4 checksum is finished later, e.g. from
-//! a veth peer), something a pure update cannot see; they write through helpers, never direct
+//! `gocast_common::csum`). The TC programs use the kernel's `bpf_l4_csum_replace`, which also
+//! handles `CHECKSUM_PARTIAL` skbs (packets whose L4 checksum is finished later, e.g. from a
+//! veth peer), something a pure update cannot see; the IPv4 header checksum, always complete,
+//! they update themselves and store with the address. They write through helpers, never direct
 //! packet access, which would make the kernel unclone every cloned skb the program sees (all of
 //! TCP's outgoing ones) before it runs.
 //!
@@ -22,22 +24,109 @@
 use aya_ebpf::{
     bindings::BPF_F_PSEUDO_HDR,
     cty::c_long,
+    maps::LruHashMap,
     programs::{TcContext, XdpContext},
 };
 use gocast_common::{
-    csum::{addr_diff, csum_add, csum_replace2, udp_has_checksum, udp_mangled},
-    maps::{FAMILY_V4, FlowKey, NatFlow, NatKey, NatTarget, PROTO_TCP, addr_bit, port_bit},
+    csum::{csum_add, csum_replace2, udp_has_checksum, udp_mangled},
+    maps::{FAMILY_V4, FlowKey, NatFlow, NatKey, NatTarget, PROTO_TCP, port_bit},
 };
 
 use crate::{
-    FLOWS, NAT, NAT_FLOWS, PORTS,
+    FLOWS4, FLOWS6, NAT, NAT_FLOWS4, NAT_FLOWS6, PORTS,
     logs::{self, DNAT_FAILED, INSERT_FAILED, NEW_FLOW, Pending, REVERSE_FAILED},
     parse::{
-        Flow, IPV4_CHECK_OFFSET, IPV4_DST_OFFSET, IPV4_SRC_OFFSET, IPV6_DST_OFFSET,
-        IPV6_SRC_OFFSET, Ipv4Hdr, Ipv6Hdr, Ports, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, ptr_at,
+        Family, Flow, IPV4_CHECK_OFFSET, IPV6_DST_OFFSET, IPV6_SRC_OFFSET, Ipv4Hdr, Ports,
+        TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, V4, V6, ptr_at,
     },
     stats,
 };
+
+/// A family's flow map of one direction.
+type FlowMap<F> = LruHashMap<FlowKey<<F as Family>::Addr>, NatFlow<<F as Family>::Addr>>;
+
+/// What the NAT does per family: its flow maps, and how TC writes an address.
+pub trait NatFamily: Family {
+    /// Packets to the VIP → how to rewrite them (`NAT_FLOWS4_MAP`, `NAT_FLOWS6_MAP`).
+    fn nat_flows() -> &'static FlowMap<Self>;
+    /// Replies → how to put the VIP back (`FLOWS4_MAP`, `FLOWS6_MAP`).
+    fn flows() -> &'static FlowMap<Self>;
+    /// TC: sets `end`'s address to `addr`, whose checksum difference is `diff`, and the IPv4
+    /// header checksum with it. `Err` is the helper's (negative) error code.
+    fn store_addr(
+        ctx: &TcContext,
+        flow: &Flow<Self>,
+        end: End,
+        addr: &Self::Addr,
+        diff: u16,
+    ) -> Result<(), c_long>;
+}
+
+impl NatFamily for V4 {
+    #[inline(always)]
+    fn nat_flows() -> &'static FlowMap<Self> {
+        &NAT_FLOWS4
+    }
+
+    #[inline(always)]
+    fn flows() -> &'static FlowMap<Self> {
+        &FLOWS4
+    }
+
+    /// The header checksum sits right before the source address (`Ipv4Hdr`), so one store
+    /// writes it and the addresses: one helper call where `bpf_l3_csum_replace` and a store
+    /// were two. The old checksum and source are read directly; only writes through packet
+    /// pointers make the kernel unclone an skb.
+    #[inline(always)]
+    fn store_addr(
+        ctx: &TcContext,
+        flow: &Flow<Self>,
+        end: End,
+        addr: &[u8; 4],
+        diff: u16,
+    ) -> Result<(), c_long> {
+        let ip: *const Ipv4Hdr = ptr_at(ctx, flow.l3).map_err(|()| -EFAULT)?;
+        // SAFETY: `ptr_at` checked that the header is inside the packet.
+        let (check, src) = unsafe { ((*ip).check, (*ip).src) };
+        let [c0, c1] = csum_add(u16::from_be_bytes(check), diff).to_be_bytes();
+        let at = flow.l3 + IPV4_CHECK_OFFSET;
+        match end {
+            End::Src => ctx.store(at, &[c0, c1, addr[0], addr[1], addr[2], addr[3]], 0),
+            End::Dst => {
+                let [s0, s1, s2, s3] = src;
+                let bytes = [c0, c1, s0, s1, s2, s3, addr[0], addr[1], addr[2], addr[3]];
+                ctx.store(at, &bytes, 0)
+            }
+        }
+    }
+}
+
+impl NatFamily for V6 {
+    #[inline(always)]
+    fn nat_flows() -> &'static FlowMap<Self> {
+        &NAT_FLOWS6
+    }
+
+    #[inline(always)]
+    fn flows() -> &'static FlowMap<Self> {
+        &FLOWS6
+    }
+
+    #[inline(always)]
+    fn store_addr(
+        ctx: &TcContext,
+        flow: &Flow<Self>,
+        end: End,
+        addr: &[u8; 16],
+        _diff: u16,
+    ) -> Result<(), c_long> {
+        let at = match end {
+            End::Src => IPV6_SRC_OFFSET,
+            End::Dst => IPV6_DST_OFFSET,
+        };
+        ctx.store(flow.l3 + at, addr, 0)
+    }
+}
 
 /// `EFAULT`: XDP's rewrite found a header past the end of the frame.
 const EFAULT: c_long = 14;
@@ -51,7 +140,11 @@ pub trait Ingress {
     fn bytes(&self) -> u64;
     /// Sets the destination address and port to `to`'s, checksums included. `Err` is a
     /// (negative) error code.
-    fn rewrite_dst(&self, flow: &Flow, to: &NatFlow) -> Result<(), c_long>;
+    fn rewrite_dst<F: NatFamily>(
+        &self,
+        flow: &Flow<F>,
+        to: &NatFlow<F::Addr>,
+    ) -> Result<(), c_long>;
 }
 
 impl Ingress for XdpContext {
@@ -63,7 +156,11 @@ impl Ingress for XdpContext {
     }
 
     #[inline(always)]
-    fn rewrite_dst(&self, flow: &Flow, to: &NatFlow) -> Result<(), c_long> {
+    fn rewrite_dst<F: NatFamily>(
+        &self,
+        flow: &Flow<F>,
+        to: &NatFlow<F::Addr>,
+    ) -> Result<(), c_long> {
         rewrite_dst(self, flow, to).map_err(|()| -EFAULT)
     }
 }
@@ -77,7 +174,11 @@ impl Ingress for TcContext {
     }
 
     #[inline(always)]
-    fn rewrite_dst(&self, flow: &Flow, to: &NatFlow) -> Result<(), c_long> {
+    fn rewrite_dst<F: NatFamily>(
+        &self,
+        flow: &Flow<F>,
+        to: &NatFlow<F::Addr>,
+    ) -> Result<(), c_long> {
         rewrite_skb(self, flow, End::Dst, to)
     }
 }
@@ -86,9 +187,9 @@ impl Ingress for TcContext {
 /// its address has the bit of one of those rules' VIPs (`PORTS_MAP`). One array read, so
 /// packets to other ports, or to the host's own addresses on a rule's port, skip the flow map.
 #[inline(always)]
-fn rule_may_match(flow: &Flow) -> bool {
+fn rule_may_match<F: Family>(flow: &Flow<F>) -> bool {
     let (index, port) = port_bit(flow.dst_port);
-    let (_, addr) = addr_bit(&flow.dst);
+    let (_, addr) = F::addr_bit(&flow.dst);
     PORTS
         .get(index)
         .is_some_and(|bits| bits.vip & port != 0 && bits.vip_addr & addr != 0)
@@ -96,39 +197,52 @@ fn rule_may_match(flow: &Flow) -> bool {
 
 /// The flow's 5-tuple as a key.
 #[inline(always)]
-fn key(flow: &Flow) -> FlowKey {
+fn key<F: Family>(flow: &Flow<F>) -> FlowKey<F::Addr> {
     FlowKey {
         src: flow.src,
         dst: flow.dst,
         src_port: flow.src_port,
         dst_port: flow.dst_port,
         proto: flow.proto,
-        family: flow.family,
-        _pad: [0; 2],
+        _pad: 0,
+        _pad2: 0,
     }
 }
 
 /// The entry of an established NATed flow this packet belongs to, if its VIP and rules did not
 /// change since it was written: all the rewrite and counting need.
 #[inline(always)]
-pub fn known(flow: &Flow) -> Option<NatFlow> {
+pub fn known<F: NatFamily>(flow: &Flow<F>) -> Option<NatFlow<F::Addr>> {
     if !rule_may_match(flow) {
         return None;
     }
     // SAFETY: a map value pointer from a successful lookup, copied out at once.
-    let entry = unsafe { *NAT_FLOWS.get_ptr(key(flow))? };
+    let entry = unsafe { *F::nat_flows().get_ptr(key(flow))? };
     (stats::generation(entry.slot) == entry.generation).then_some(entry)
 }
 
 /// Rewrites a packet of a [`known`] flow; a failure is noted for the log program.
 #[inline(always)]
-pub fn forward<C: Ingress>(ctx: &C, flow: &Flow, to: &NatFlow, log: &mut bool) -> Result<(), ()> {
+pub fn forward<C: Ingress, F: NatFamily>(
+    ctx: &C,
+    flow: &Flow<F>,
+    to: &NatFlow<F::Addr>,
+    log: &mut bool,
+) -> Result<(), ()> {
     if let Err(errno) = ctx.rewrite_dst(flow, to) {
-        *log = note_dnat(C::LOG_SLOT, DNAT_FAILED, errno, flow, to.addr, to.port);
+        *log = note_dnat(
+            C::LOG_SLOT,
+            DNAT_FAILED,
+            errno,
+            flow,
+            F::map_bytes(&to.addr),
+            to.port,
+        );
         return Err(());
     }
     Ok(())
 }
+
 /// Offset of the L4 checksum for `proto`.
 #[inline(always)]
 fn l4_check_offset(proto: u8) -> usize {
@@ -141,12 +255,12 @@ fn l4_check_offset(proto: u8) -> usize {
 
 /// The NAT rule for this flow's destination, if `NAT_MAP` has one.
 #[inline(always)]
-fn target(flow: &Flow) -> Option<NatTarget> {
+fn target<F: Family>(flow: &Flow<F>) -> Option<NatTarget> {
     let key = NatKey {
-        vip: flow.dst,
+        vip: F::map_bytes(&flow.dst),
         port: flow.dst_port,
         proto: flow.proto,
-        family: flow.family,
+        family: F::FAMILY,
         _pad: [0; 4],
     };
     // SAFETY: copied out at once; a concurrent update at worst sends this packet to the old
@@ -159,9 +273,9 @@ fn target(flow: &Flow) -> Option<NatTarget> {
 /// ways, and returns `true`. A `syn` (a new TCP connection), a refused flow-map insert or a
 /// failed rewrite is noted for the log program, and `log` set.
 #[inline(always)]
-pub fn dnat<C: Ingress>(
+pub fn dnat<C: Ingress, F: NatFamily>(
     ctx: &C,
-    flow: &Flow,
+    flow: &Flow<F>,
     syn: bool,
     (slot, generation): (u32, u32),
     log: &mut bool,
@@ -169,11 +283,11 @@ pub fn dnat<C: Ingress>(
     let Some(target) = target(flow) else {
         return Ok(false);
     };
+    let addr = F::from_map_bytes(&target.dest);
     let to = NatFlow {
-        addr: target.dest,
+        addr,
         port: target.port,
-        _pad: [0; 2],
-        addr_diff: u32::from(addr_diff(&flow.dst, &target.dest)),
+        addr_diff: F::addr_diff(&flow.dst, &addr),
         slot,
         generation,
     };
@@ -196,17 +310,24 @@ pub fn dnat<C: Ingress>(
 /// Notes `event` about `flow`, which a NAT rule sends to `dest`:`port`, in `slot`; `true` if
 /// the log program should be tail-called.
 #[inline(always)]
-fn note_dnat(slot: u32, event: u8, errno: c_long, flow: &Flow, dest: [u8; 16], port: u16) -> bool {
+fn note_dnat<F: Family>(
+    slot: u32,
+    event: u8,
+    errno: c_long,
+    flow: &Flow<F>,
+    dest: [u8; 16],
+    port: u16,
+) -> bool {
     logs::note(
         slot,
         Pending {
             event,
-            family: flow.family,
+            family: F::FAMILY,
             vip_port: u16::from_be(flow.dst_port),
             dest_port: u16::from_be(port),
             _pad: [0; 2],
             errno,
-            vip: flow.dst,
+            vip: F::map_bytes(&flow.dst),
             dest,
         },
     )
@@ -216,26 +337,22 @@ fn note_dnat(slot: u32, event: u8, errno: c_long, flow: &Flow, dest: [u8; 16], p
 /// TCP/UDP checksum (whose pseudo-header covers the address) by `to.addr_diff` and the port's
 /// change.
 #[inline(always)]
-fn rewrite_dst(ctx: &XdpContext, flow: &Flow, to: &NatFlow) -> Result<(), ()> {
+fn rewrite_dst<F: Family>(
+    ctx: &XdpContext,
+    flow: &Flow<F>,
+    to: &NatFlow<F::Addr>,
+) -> Result<(), ()> {
     let check: *mut [u8; 2] = ptr_at(ctx, flow.l4 + l4_check_offset(flow.proto))?;
     let ports: *mut Ports = ptr_at(ctx, flow.l4)?;
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "a folded 16-bit sum kept in a u32"
-    )]
-    let diff = to.addr_diff as u16;
-    if flow.family == FAMILY_V4 {
-        let ip: *mut Ipv4Hdr = ptr_at(ctx, flow.l3)?;
-        // SAFETY: `ptr_at` checked that the header is inside the packet.
-        unsafe {
-            (*ip).check = csum_add(u16::from_be_bytes((*ip).check), diff).to_be_bytes();
-            (*ip).dst = [to.addr[0], to.addr[1], to.addr[2], to.addr[3]];
-        }
-    } else {
-        let ip: *mut Ipv6Hdr = ptr_at(ctx, flow.l3)?;
-        // SAFETY: `ptr_at` checked that the header is inside the packet.
-        unsafe { (*ip).dst = to.addr };
+    let dst: *mut F::Addr = ptr_at(ctx, flow.l3 + F::DST_OFFSET)?;
+    let diff = to.addr_diff;
+    if F::FAMILY == FAMILY_V4 {
+        let ip_check: *mut [u8; 2] = ptr_at(ctx, flow.l3 + IPV4_CHECK_OFFSET)?;
+        // SAFETY: `ptr_at` checked that the field is inside the packet.
+        unsafe { *ip_check = csum_add(u16::from_be_bytes(*ip_check), diff).to_be_bytes() };
     }
+    // SAFETY: `ptr_at` checked that the address is inside the packet.
+    unsafe { *dst = to.addr };
     // SAFETY: `ptr_at` checked both are inside the packet.
     unsafe {
         (*ports).dst = to.port.to_ne_bytes();
@@ -245,7 +362,7 @@ fn rewrite_dst(ctx: &XdpContext, flow: &Flow, to: &NatFlow) -> Result<(), ()> {
             let l4 = csum_add(old, diff);
             *check =
                 csum_replace2(l4, u16::from_be(flow.dst_port), u16::from_be(to.port)).to_be_bytes();
-        } else if flow.family != FAMILY_V4 || udp_has_checksum(old) {
+        } else if F::FAMILY != FAMILY_V4 || udp_has_checksum(old) {
             let l4 = csum_add(old, diff);
             let l4 = csum_replace2(l4, u16::from_be(flow.dst_port), u16::from_be(to.port));
             *check = udp_mangled(l4).to_be_bytes();
@@ -260,30 +377,29 @@ fn rewrite_dst(ctx: &XdpContext, flow: &Flow, to: &NatFlow) -> Result<(), ()> {
 /// LLVM may fill with a pointer the verifier rejects. Only first packets and SYNs get here, so
 /// plain updates (an entry for another VIP or generation is replaced).
 #[inline(always)]
-fn remember(flow: &Flow, to: &NatFlow) -> i32 {
+fn remember<F: NatFamily>(flow: &Flow<F>, to: &NatFlow<F::Addr>) -> i32 {
     let reply = FlowKey {
         src: to.addr,
         dst: flow.src,
         src_port: to.port,
         dst_port: flow.src_port,
         proto: flow.proto,
-        family: flow.family,
-        _pad: [0; 2],
+        _pad: 0,
+        _pad2: 0,
     };
     let back = NatFlow {
         addr: flow.dst,
         port: flow.dst_port,
-        _pad: [0; 2],
-        addr_diff: u32::from(addr_diff(&to.addr, &flow.dst)),
+        addr_diff: F::addr_diff(&to.addr, &flow.dst),
         slot: to.slot,
         generation: to.generation,
     };
     // A full map evicts, so an insert fails only on kernel errors: the reply then goes out
     // un-NATed (or the next packet takes this path again); the warning is the only trace.
-    if let Err(errno) = FLOWS.insert(reply, back, 0) {
+    if let Err(errno) = F::flows().insert(reply, back, 0) {
         return errno;
     }
-    NAT_FLOWS.insert(key(flow), *to, 0).err().unwrap_or(0)
+    F::nat_flows().insert(key(flow), to, 0).err().unwrap_or(0)
 }
 
 /// For the SYN of a TCP connection that did not go through the NAT (sent to the service's own
@@ -291,29 +407,33 @@ fn remember(flow: &Flow, to: &NatFlow) -> i32 {
 /// to an earlier connection from the same client port through a VIP, and would rewrite these
 /// replies to come from the VIP. Only SYNs pay for this.
 #[inline(always)]
-pub fn forget_direct(flow: &Flow) {
+pub fn forget_direct<F: NatFamily>(flow: &Flow<F>) {
     let reply = FlowKey {
         src: flow.dst,
         dst: flow.src,
         src_port: flow.dst_port,
         dst_port: flow.src_port,
         proto: flow.proto,
-        family: flow.family,
-        _pad: [0; 2],
+        _pad: 0,
+        _pad2: 0,
     };
-    let _ = FLOWS.remove(&reply);
+    let _ = F::flows().remove(reply);
 }
 
-/// If `FLOWS_MAP` knows this reply, rewrites its source back to the VIP and port the client
-/// used and returns the entry (the VIP's family is the flow's). Replies from a port no NAT rule
+/// If the family's `FLOWS4_MAP`/`FLOWS6_MAP` knows this reply, rewrites its source back to the
+/// VIP and port the client used and returns the entry. Replies from a port no NAT rule
 /// sends to return at once. A failed rewrite is noted for the log program, and `log` set.
 #[inline(always)]
-pub fn reverse(ctx: &TcContext, flow: &Flow, log: &mut bool) -> Result<Option<NatFlow>, ()> {
+pub fn reverse<F: NatFamily>(
+    ctx: &TcContext,
+    flow: &Flow<F>,
+    log: &mut bool,
+) -> Result<Option<NatFlow<F::Addr>>, ()> {
     let (index, port) = port_bit(flow.src_port);
     if !PORTS.get(index).is_some_and(|bits| bits.target & port != 0) {
         return Ok(None);
     }
-    let Some(orig) = FLOWS.get_ptr(key(flow)) else {
+    let Some(orig) = F::flows().get_ptr(key(flow)) else {
         return Ok(None);
     };
     // SAFETY: a map value pointer from a successful lookup, copied out at once.
@@ -323,13 +443,13 @@ pub fn reverse(ctx: &TcContext, flow: &Flow, log: &mut bool) -> Result<Option<Na
             logs::TC_EGRESS_SLOT,
             Pending {
                 event: REVERSE_FAILED,
-                family: flow.family,
+                family: F::FAMILY,
                 vip_port: u16::from_be(orig.port),
                 dest_port: u16::from_be(flow.src_port),
                 _pad: [0; 2],
                 errno,
-                vip: orig.addr,
-                dest: flow.src,
+                vip: F::map_bytes(&orig.addr),
+                dest: F::map_bytes(&flow.src),
             },
         );
         return Err(());
@@ -339,16 +459,22 @@ pub fn reverse(ctx: &TcContext, flow: &Flow, log: &mut bool) -> Result<Option<Na
 
 /// Which end of a flow [`rewrite_skb`] changes.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum End {
+pub enum End {
     Src,
     Dst,
 }
 
 /// Sets one end's address and port to `to`'s in an skb, with the kernel's checksum helpers:
-/// the IPv4 header checksum and the TCP/UDP pseudo-header by `to.addr_diff`, the TCP/UDP
-/// checksum by the port's change. `Err` is the failing helper's (negative) error code.
+/// the TCP/UDP pseudo-header by `to.addr_diff`, the TCP/UDP checksum by the port's change; the
+/// IPv4 header checksum by `to.addr_diff` too ([`NatFamily::store_addr`]). `Err` is the failing
+/// helper's (negative) error code.
 #[inline(always)]
-fn rewrite_skb(ctx: &TcContext, flow: &Flow, end: End, to: &NatFlow) -> Result<(), c_long> {
+fn rewrite_skb<F: NatFamily>(
+    ctx: &TcContext,
+    flow: &Flow<F>,
+    end: End,
+    to: &NatFlow<F::Addr>,
+) -> Result<(), c_long> {
     let (old_port, port_at) = match end {
         End::Src => (flow.src_port, flow.l4),
         End::Dst => (flow.dst_port, flow.l4 + 2),
@@ -363,33 +489,11 @@ fn rewrite_skb(ctx: &TcContext, flow: &Flow, end: End, to: &NatFlow) -> Result<(
     };
     // The kernel sums 16-bit words as they sit in memory (little-endian here), `addr_diff`
     // as they read big-endian: the same one's-complement sum, bytes swapped.
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "a folded 16-bit sum kept in a u32"
-    )]
-    let diff = u64::from(u16::from_be(to.addr_diff as u16));
+    let diff = u64::from(u16::from_be(to.addr_diff));
     // Size 0: `to` is a checksum difference. Pseudo-header: for a `CHECKSUM_PARTIAL` skb the
     // kernel updates the partial sum, which covers the addresses but not the ports.
     ctx.l4_csum_replace(check_at, 0, diff, u64::from(BPF_F_PSEUDO_HDR) | udp_flags)?;
-    if flow.family == FAMILY_V4 {
-        let addr_at = flow.l3
-            + if end == End::Src {
-                IPV4_SRC_OFFSET
-            } else {
-                IPV4_DST_OFFSET
-            };
-        ctx.l3_csum_replace(flow.l3 + IPV4_CHECK_OFFSET, 0, diff, 0)?;
-        let addr = [to.addr[0], to.addr[1], to.addr[2], to.addr[3]];
-        ctx.store(addr_at, &addr, 0)?;
-    } else {
-        let addr_at = flow.l3
-            + if end == End::Src {
-                IPV6_SRC_OFFSET
-            } else {
-                IPV6_DST_OFFSET
-            };
-        ctx.store(addr_at, &to.addr, 0)?;
-    }
+    F::store_addr(ctx, flow, end, &to.addr, to.addr_diff)?;
     ctx.l4_csum_replace(
         check_at,
         u64::from(old_port),

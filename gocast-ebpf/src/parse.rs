@@ -8,7 +8,10 @@
 use core::mem;
 
 use aya_ebpf::programs::{TcContext, XdpContext};
-use gocast_common::maps::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
+use gocast_common::{
+    csum,
+    maps::{self, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP},
+};
 
 /// `ETH_P_IP`, the `EtherType` of IPv4.
 const ETH_P_IP: u16 = 0x0800;
@@ -70,8 +73,6 @@ const TCP_FLAGS_OFFSET: usize = 13;
 pub const UDP_CHECK_OFFSET: usize = 6;
 /// Offset of the checksum in an IPv4 header.
 pub const IPV4_CHECK_OFFSET: usize = mem::offset_of!(Ipv4Hdr, check);
-/// Offset of the source address in an IPv4 header.
-pub const IPV4_SRC_OFFSET: usize = mem::offset_of!(Ipv4Hdr, src);
 /// Offset of the destination address in an IPv4 header.
 pub const IPV4_DST_OFFSET: usize = mem::offset_of!(Ipv4Hdr, dst);
 /// Offset of the source address in an IPv6 header.
@@ -127,13 +128,104 @@ pub fn ptr_at<T>(ctx: &impl Packet, offset: usize) -> Result<*mut T, ()> {
     Ok((start + offset) as *mut T)
 }
 
+/// An IP version: its addresses as the packet carries them, and where they sit.
+pub trait Family: Sized {
+    /// `[u8; 4]` or `[u8; 16]`, network order.
+    type Addr: Copy + 'static;
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    const FAMILY: u8;
+    /// Offset of the destination address in the IP header.
+    const DST_OFFSET: usize;
+    /// `addr` as map bytes (`gocast_common::maps::addr_bytes`: IPv4 in bytes `0..4`), for the
+    /// maps shared by both families. Off the established-flow path.
+    fn map_bytes(addr: &Self::Addr) -> [u8; 16];
+    /// The inverse of [`Family::map_bytes`].
+    fn from_map_bytes(addr: &[u8; 16]) -> Self::Addr;
+    /// `gocast_common::csum::addr_diff` for this family's addresses.
+    fn addr_diff(old: &Self::Addr, new: &Self::Addr) -> u16;
+    /// `gocast_common::maps::addr_bit` for this family's addresses.
+    fn addr_bit(addr: &Self::Addr) -> (u32, u64);
+    /// A parsed packet of this family.
+    fn parsed(flow: Flow<Self>) -> Parsed;
+}
+
+/// IPv4.
+pub struct V4;
+
+impl Family for V4 {
+    type Addr = [u8; 4];
+    const FAMILY: u8 = FAMILY_V4;
+    const DST_OFFSET: usize = IPV4_DST_OFFSET;
+
+    #[inline(always)]
+    fn map_bytes(addr: &[u8; 4]) -> [u8; 16] {
+        // One 16-byte value rather than zeroing the array and copying in four bytes, which LLVM
+        // may turn into a call to a byte-wise `memset`.
+        u128::from(u32::from_le_bytes(*addr)).to_le_bytes()
+    }
+
+    #[inline(always)]
+    fn from_map_bytes(addr: &[u8; 16]) -> [u8; 4] {
+        [addr[0], addr[1], addr[2], addr[3]]
+    }
+
+    #[inline(always)]
+    fn addr_diff(old: &[u8; 4], new: &[u8; 4]) -> u16 {
+        csum::addr_diff(old, new)
+    }
+
+    #[inline(always)]
+    fn addr_bit(addr: &[u8; 4]) -> (u32, u64) {
+        maps::addr_bit(addr)
+    }
+
+    #[inline(always)]
+    fn parsed(flow: Flow<Self>) -> Parsed {
+        Parsed::V4(flow)
+    }
+}
+
+/// IPv6.
+pub struct V6;
+
+impl Family for V6 {
+    type Addr = [u8; 16];
+    const FAMILY: u8 = FAMILY_V6;
+    const DST_OFFSET: usize = IPV6_DST_OFFSET;
+
+    #[inline(always)]
+    fn map_bytes(addr: &[u8; 16]) -> [u8; 16] {
+        *addr
+    }
+
+    #[inline(always)]
+    fn from_map_bytes(addr: &[u8; 16]) -> [u8; 16] {
+        *addr
+    }
+
+    #[inline(always)]
+    fn addr_diff(old: &[u8; 16], new: &[u8; 16]) -> u16 {
+        csum::addr_diff(old, new)
+    }
+
+    #[inline(always)]
+    fn addr_bit(addr: &[u8; 16]) -> (u32, u64) {
+        maps::addr_bit(addr)
+    }
+
+    #[inline(always)]
+    fn parsed(flow: Flow<Self>) -> Parsed {
+        Parsed::V6(flow)
+    }
+}
+
 /// A TCP or UDP packet this dataplane may act on: unfragmented, with its addresses, ports and
-/// header offsets. Addresses are network order (IPv4 in bytes `0..4`).
-pub struct Flow {
-    pub family: u8,
+/// header offsets.
+pub struct Flow<F: Family> {
     pub proto: u8,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
+    /// Addresses, network order.
+    pub src: F::Addr,
+    pub dst: F::Addr,
     /// Ports, network order (wire bytes as a native `u16`).
     pub src_port: u16,
     pub dst_port: u16,
@@ -147,10 +239,12 @@ pub struct Flow {
 
 /// What a packet turned out to be.
 pub enum Parsed {
-    /// TCP or UDP, not a fragment.
-    Flow(Flow),
-    /// Other IP traffic (ICMP, fragments, IPv6 extension headers): only its destination is known,
-    /// for counting.
+    /// TCP or UDP over IPv4, not a fragment.
+    V4(Flow<V4>),
+    /// TCP or UDP over IPv6 without extension headers.
+    V6(Flow<V6>),
+    /// Other IP traffic (ICMP, fragments, IPv6 extension headers): only its destination is known
+    /// (map bytes), for counting.
     Ip { family: u8, dst: [u8; 16] },
     /// Not IP (ARP, VLAN-tagged, ...).
     Other,
@@ -225,8 +319,6 @@ fn parse_ipv4(ctx: &impl Packet, l3: usize) -> Parsed {
             (*ip).dst,
         )
     };
-    let mut dst = [0; 16];
-    dst[..4].copy_from_slice(&dst4);
     // Masked to 4 bits, so the verifier sees an offset of at most 60 bytes.
     let ihl = usize::from(version_ihl & 0x0f) * 4;
     if version_ihl >> 4 != 4 || ihl < mem::size_of::<Ipv4Hdr>() {
@@ -235,12 +327,10 @@ fn parse_ipv4(ctx: &impl Packet, l3: usize) -> Parsed {
     if frag_off & IPV4_MF_OFFSET != 0 || (proto != PROTO_TCP && proto != PROTO_UDP) {
         return Parsed::Ip {
             family: FAMILY_V4,
-            dst,
+            dst: V4::map_bytes(&dst4),
         };
     }
-    let mut src = [0; 16];
-    src[..4].copy_from_slice(&src4);
-    transport(ctx, FAMILY_V4, proto, src, dst, l3, l3 + ihl)
+    transport::<V4>(ctx, proto, src4, dst4, l3, l3 + ihl)
 }
 
 #[inline(always)]
@@ -267,30 +357,24 @@ fn parse_ipv6(ctx: &impl Packet, l3: usize) -> Parsed {
             dst,
         };
     }
-    transport(
-        ctx,
-        FAMILY_V6,
-        proto,
-        src,
-        dst,
-        l3,
-        l3 + mem::size_of::<Ipv6Hdr>(),
-    )
+    transport::<V6>(ctx, proto, src, dst, l3, l3 + mem::size_of::<Ipv6Hdr>())
 }
 
 #[inline(always)]
-fn transport(
+fn transport<F: Family>(
     ctx: &impl Packet,
-    family: u8,
     proto: u8,
-    src: [u8; 16],
-    dst: [u8; 16],
+    src: F::Addr,
+    dst: F::Addr,
     l3: usize,
     l4: usize,
 ) -> Parsed {
-    let short = Parsed::Ip { family, dst };
+    let short = || Parsed::Ip {
+        family: F::FAMILY,
+        dst: F::map_bytes(&dst),
+    };
     let Ok(ports) = ptr_at::<Ports>(ctx, l4) else {
-        return short;
+        return short();
     };
     // SAFETY: `ptr_at` checked that the ports are inside the packet.
     let (src_port, dst_port) = unsafe {
@@ -302,21 +386,20 @@ fn transport(
     let tcp_flags = if proto == PROTO_TCP {
         // The whole TCP header must be there: NAT rewrites its checksum.
         if ptr_at::<[u8; 2]>(ctx, l4 + TCP_CHECK_OFFSET).is_err() {
-            return short;
+            return short();
         }
         let Ok(flags) = ptr_at::<u8>(ctx, l4 + TCP_FLAGS_OFFSET) else {
-            return short;
+            return short();
         };
         // SAFETY: `ptr_at` checked that the byte is inside the packet.
         unsafe { *flags }
     } else {
         if ptr_at::<[u8; 2]>(ctx, l4 + UDP_CHECK_OFFSET).is_err() {
-            return short;
+            return short();
         }
         0
     };
-    Parsed::Flow(Flow {
-        family,
+    F::parsed(Flow {
         proto,
         src,
         dst,

@@ -3,14 +3,14 @@
 //! CPUs. `VIP_ADDRS_MAP` answers "certainly not a VIP" for most other addresses with an array
 //! read instead of a hash lookup.
 
-use gocast_common::maps::{VipCounters, VipKey, addr_bit};
+use gocast_common::maps::{VipCounters, VipKey};
 
 use crate::{COUNTERS, SLOTS, VIP_ADDRS, VIPS};
 
-/// Whether `addr` may be a VIP: `false` means it is none.
+/// Whether the address whose `gocast_common::maps::addr_bit` is `(index, mask)` may be a VIP:
+/// `false` means it is none.
 #[inline(always)]
-pub fn maybe_vip(addr: &[u8; 16]) -> bool {
-    let (index, mask) = addr_bit(addr);
+pub fn maybe_vip((index, mask): (u32, u64)) -> bool {
     VIP_ADDRS.get(index).is_some_and(|bits| bits & mask != 0)
 }
 
@@ -20,7 +20,8 @@ pub fn vip_slot(family: u8, addr: &[u8; 16]) -> Option<u32> {
     let key = VipKey {
         addr: *addr,
         family,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     };
     // SAFETY: the value is a plain `u32` copied out at once; a concurrent update can at worst
     // make this packet count under the old index.

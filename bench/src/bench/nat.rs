@@ -18,7 +18,9 @@
 //! - **xdp**: the packet programs loaded from the object, run by `BPF_PROG_TEST_RUN` with a
 //!   large repeat count on crafted frames; the kernel reports the mean time per run. With
 //!   `--compare OBJECT` another build of the object (e.g. an earlier commit's) is timed too,
-//!   batch for batch alternating with this one.
+//!   batch for batch alternating with this one. The floor, programs that only return their
+//!   verdict (`XDP_FLOOR_PROGRAM`, `TC_FLOOR_PROGRAM`), is timed on the same frame: what the
+//!   harness charges per run, to subtract from each figure.
 
 use std::{
     collections::BTreeMap,
@@ -32,12 +34,12 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use aya::{
     maps::{Array as BpfArray, HashMap as BpfHashMap},
-    programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
+    programs::{Program, TestRun as _, TestRunOptions},
 };
 use clap::{Args, ValueEnum};
 use gocast_common::maps::{
-    NAT_MAP, NatKey, NatTarget, PORTS_MAP, PROTO_TCP, PortBits, VIP_ADDRS_MAP, VIPS_MAP, VipKey,
-    addr_bit, port_bit,
+    NAT_MAP, NatKey, NatTarget, PORTS_MAP, PROTO_TCP, PortBits, TC_FLOOR_PROGRAM, VIP_ADDRS_MAP,
+    VIPS_MAP, VipKey, XDP_FLOOR_PROGRAM, addr_bit, port_bit,
 };
 use gocast_tests::{
     Agent, Netns, Topology,
@@ -208,6 +210,14 @@ pub struct XdpCost {
     pub tc_other: f64,
 }
 
+/// What `BPF_PROG_TEST_RUN` charges per run of a program that does nothing, on the same frame,
+/// in nanoseconds: the part of each [`XdpCost`] figure that is the harness's.
+#[derive(Debug, Clone, Copy)]
+pub struct Floor {
+    pub xdp: f64,
+    pub tc: f64,
+}
+
 /// What `bench nat` measured, for `docs/benchmarks.md`.
 #[derive(Debug, Default)]
 pub struct NatReport {
@@ -216,6 +226,8 @@ pub struct NatReport {
     pub xdp: Option<XdpCost>,
     /// The `--compare` object's figures, timed alongside.
     pub compared: Option<XdpCost>,
+    /// Timed with this build's object (the kernel's, whichever object holds it).
+    pub floor: Option<Floor>,
     pub summary: Summary,
 }
 
@@ -237,7 +249,7 @@ pub fn run(args: &NatArgs) -> Result<NatReport> {
     if wanted(Part::Xdp) {
         let mut objects = vec![object.as_path()];
         objects.extend(args.compare.as_deref());
-        let costs = xdp_cost(&objects, args.repeat).context("xdp part")?;
+        let (costs, floor) = xdp_cost(&objects, args.repeat).context("xdp part")?;
         let cost = costs[0];
         report.compared = costs.get(1).copied();
         report.summary.checked(
@@ -245,6 +257,14 @@ pub fn run(args: &NatArgs) -> Result<NatReport> {
             format!("{:.1} ns", cost.rewrite),
             "≤ 100 ns",
             cost.rewrite <= XDP_TARGET_NS,
+        );
+        report.summary.figure(
+            "XDP floor (a program that only passes)",
+            format!("{:.1} ns", floor.xdp),
+        );
+        report.summary.figure(
+            "XDP, NAT rewrite above the floor",
+            format!("{:.1} ns", cost.rewrite - floor.xdp),
         );
         report.summary.figure(
             "XDP, VIP port without rule",
@@ -264,7 +284,11 @@ pub fn run(args: &NatArgs) -> Result<NatReport> {
         report
             .summary
             .figure("TC egress, not ours", format!("{:.1} ns", cost.tc_other));
+        report
+            .summary
+            .figure("TC floor", format!("{:.1} ns", floor.tc));
         report.xdp = Some(cost);
+        report.floor = Some(floor);
     }
     report.summary.print("bench nat: summary");
     Ok(report)
@@ -825,17 +849,23 @@ fn load_programs(object: &Path) -> Result<aya::Ebpf> {
             }
         }
     }
-    let xdp: &mut Xdp = bpf
-        .program_mut("gocast_xdp")
-        .context("no gocast_xdp program in the object")?
-        .try_into()?;
-    xdp.load().context("loading gocast_xdp")?;
-    for name in ["gocast_tc_ingress", "gocast_tc_egress"] {
-        let tc: &mut SchedClassifier = bpf
-            .program_mut(name)
-            .with_context(|| format!("no {name} program in the object"))?
-            .try_into()?;
-        tc.load().with_context(|| format!("loading {name}"))?;
+    // An object from before the floor programs has none; the floor is the kernel's, timed
+    // with the first object's.
+    for (name, required) in [
+        ("gocast_xdp", true),
+        ("gocast_tc_ingress", true),
+        ("gocast_tc_egress", true),
+        (XDP_FLOOR_PROGRAM, false),
+        (TC_FLOOR_PROGRAM, false),
+    ] {
+        match bpf.program_mut(name) {
+            Some(Program::Xdp(xdp)) => xdp.load(),
+            Some(Program::SchedClassifier(tc)) => tc.load(),
+            Some(_) => bail!("{name} is neither XDP nor TC"),
+            None if required => bail!("no {name} program in the object"),
+            None => continue,
+        }
+        .with_context(|| format!("loading {name}"))?;
     }
     Ok(bpf)
 }
@@ -858,10 +888,10 @@ fn test_run(
     let program = bpf
         .program_mut(name)
         .with_context(|| format!("no {name}"))?;
-    let result = if name == "gocast_xdp" {
-        <&mut Xdp>::try_from(program)?.test_run(options)?
-    } else {
-        <&mut SchedClassifier>::try_from(program)?.test_run(options)?
+    let result = match program {
+        Program::Xdp(xdp) => xdp.test_run(options)?,
+        Program::SchedClassifier(tc) => tc.test_run(options)?,
+        _ => bail!("{name} is neither XDP nor TC"),
     };
     out.truncate(result.data_size_out as usize);
     Ok((
@@ -872,8 +902,9 @@ fn test_run(
 }
 
 /// Loads each object's packet programs and times six kinds of packet, batch for batch
-/// alternating between the objects; one [`XdpCost`] per object.
-fn xdp_cost(objects: &[&Path], repeat: u32) -> Result<Vec<XdpCost>> {
+/// alternating between the objects; one [`XdpCost`] per object, and the [`Floor`] (timed with
+/// the first object).
+fn xdp_cost(objects: &[&Path], repeat: u32) -> Result<(Vec<XdpCost>, Floor)> {
     println!(
         "\n== xdp: BPF_PROG_TEST_RUN, {XDP_BATCHES} batches × {repeat} runs per case, objects {} ==",
         objects
@@ -898,8 +929,16 @@ fn xdp_cost(objects: &[&Path], repeat: u32) -> Result<Vec<XdpCost>> {
             "the NAT rule did not rewrite the frame (verdict {verdict})"
         );
     }
-    let reply = ack_frame(B, SERVICE_PORT, CLIENT, CLIENT_PORT);
-    let cases: [(&str, &str, Vec<u8>, u32); 6] = [
+    let floor_cases: [Case; 2] = [
+        ("XDP floor", XDP_FLOOR_PROGRAM, frame.clone(), XDP_PASS),
+        ("TC floor", TC_FLOOR_PROGRAM, frame.clone(), TC_ACT_OK),
+    ];
+    let [xdp, tc] = floor_cases.map(|case| median_ns(&mut loaded[..1], &case, repeat));
+    let floor = Floor {
+        xdp: xdp?[0],
+        tc: tc?[0],
+    };
+    let cases: [Case; 6] = [
         ("XDP NAT rewrite (VIP:80)", "gocast_xdp", frame, XDP_PASS),
         (
             "XDP VIP port without rule",
@@ -922,7 +961,7 @@ fn xdp_cost(objects: &[&Path], repeat: u32) -> Result<Vec<XdpCost>> {
         (
             "TC egress reverse NAT",
             "gocast_tc_egress",
-            reply,
+            ack_frame(B, SERVICE_PORT, CLIENT, CLIENT_PORT),
             TC_ACT_OK,
         ),
         (
@@ -933,30 +972,15 @@ fn xdp_cost(objects: &[&Path], repeat: u32) -> Result<Vec<XdpCost>> {
         ),
     ];
     let mut medians = vec![[0.0; 6]; loaded.len()];
-    for (c, (label, program, frame, pass)) in cases.iter().enumerate() {
-        let mut batches = vec![Vec::new(); loaded.len()];
-        for _ in 0..XDP_BATCHES {
-            for (bpf, batches) in loaded.iter_mut().zip(&mut batches) {
-                let (verdict, ns, _) = test_run(bpf, program, frame, repeat)?;
-                ensure!(verdict == *pass, "{label}: verdict {verdict}");
-                batches.push(ns);
-            }
-        }
-        for (o, batches) in batches.iter_mut().enumerate() {
-            batches.sort_by(f64::total_cmp);
-            medians[o][c] = batches[batches.len() / 2];
-            println!(
-                "{label:<28} object {o}: {:>7.1} ns/packet (batches {})",
-                medians[o][c],
-                batches
-                    .iter()
-                    .map(|b| format!("{b:.1}"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            );
+    for (c, case) in cases.iter().enumerate() {
+        for (o, ns) in median_ns(&mut loaded, case, repeat)?
+            .into_iter()
+            .enumerate()
+        {
+            medians[o][c] = ns;
         }
     }
-    Ok(medians
+    let costs = medians
         .into_iter()
         .map(|m| XdpCost {
             rewrite: m[0],
@@ -965,6 +989,45 @@ fn xdp_cost(objects: &[&Path], repeat: u32) -> Result<Vec<XdpCost>> {
             tc_rewrite: m[3],
             tc_reverse: m[4],
             tc_other: m[5],
+        })
+        .collect();
+    Ok((costs, floor))
+}
+
+/// A case of the `xdp` part: label, program, frame, and the verdict every run must return.
+type Case<'a> = (&'a str, &'a str, Vec<u8>, u32);
+
+/// [`XDP_BATCHES`] batches of `repeat` runs of `program` on `frame` per object, alternating
+/// between the objects: each object's median batch, in ns per run. Every run must return
+/// `pass`.
+fn median_ns(
+    loaded: &mut [aya::Ebpf],
+    (label, program, frame, pass): &Case,
+    repeat: u32,
+) -> Result<Vec<f64>> {
+    let mut batches = vec![Vec::new(); loaded.len()];
+    for _ in 0..XDP_BATCHES {
+        for (bpf, batches) in loaded.iter_mut().zip(&mut batches) {
+            let (verdict, ns, _) = test_run(bpf, program, frame, repeat)?;
+            ensure!(verdict == *pass, "{label}: verdict {verdict}");
+            batches.push(ns);
+        }
+    }
+    Ok(batches
+        .iter_mut()
+        .enumerate()
+        .map(|(o, batches)| {
+            batches.sort_by(f64::total_cmp);
+            let median = batches[batches.len() / 2];
+            println!(
+                "{label:<28} object {o}: {median:>7.1} ns/packet (batches {})",
+                batches
+                    .iter()
+                    .map(|b| format!("{b:.1}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            median
         })
         .collect())
 }

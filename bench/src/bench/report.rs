@@ -455,6 +455,16 @@ fn nat_section(md: &mut String, nat: &NatReport) {
             };
             let _ = writeln!(md, "| {label} | {:.1}{verdict} |{}", f(&x), col(f));
         }
+        if let Some(floor) = nat.floor {
+            let _ = writeln!(
+                md,
+                "\nThe floor, a program that only returns its verdict, on the same frame: XDP \
+                 {:.1} ns, TC {:.1} ns. The XDP NAT rewrite is {:.1} ns above it.",
+                floor.xdp,
+                floor.tc,
+                x.rewrite - floor.xdp
+            );
+        }
     }
     let _ = writeln!(
         md,
@@ -748,6 +758,7 @@ mod tests {
                 attribution: Vec::new(),
                 xdp: None,
                 compared: None,
+                floor: None,
                 summary: Summary::default(),
             },
             memory: MemoryReport {
