@@ -57,6 +57,14 @@ impl Logs {
     /// Starts capturing at every level, on the current thread (a current-thread runtime's
     /// tasks included).
     pub fn capture() -> Self {
+        // With only per-thread subscribers, tracing's global "highest level anyone wants"
+        // drops to OFF whenever none is alive, and a test whose subscriber starts while
+        // another's ends can find its lines filtered out for a while. A global subscriber that
+        // takes every level (and keeps nothing) holds it at TRACE.
+        static GLOBAL: std::sync::Once = std::sync::Once::new();
+        GLOBAL.call_once(|| {
+            let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
+        });
         let buffer = Arc::new(Mutex::new(Vec::new()));
         let writer = Buffer(buffer.clone());
         let subscriber = tracing_subscriber::fmt()

@@ -29,6 +29,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::fmt::Write as _;
+
 use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 use gocast_tests::{Agent, Netns, Topology};
@@ -83,6 +85,9 @@ pub struct ApiRow {
     pub installed: f64,
     /// Unregistrations per second (each answered once its VIP and rules are gone).
     pub unregister: f64,
+    /// The same removals by the host's own tools alone, per second (rounds of the new agent
+    /// only): the kernel's and iptables' floor under an unregistration; see [`host_floor`].
+    pub floor: Option<f64>,
 }
 
 /// What `bench api` measured, for `docs/benchmarks.md`.
@@ -168,6 +173,17 @@ pub fn run(args: &ApiArgs) -> Result<ApiReport> {
                 value >= target,
             );
         }
+        if let Some(floor) = row.floor {
+            report.summary.checked(
+                &format!(
+                    "{} apps, {nat}: the host's tools alone, removals/s",
+                    row.apps
+                ),
+                format!("{floor:.0} (agent {:.2}×)", row.unregister / floor),
+                &format!("≥ {target:.0}/s"),
+                floor >= target,
+            );
+        }
     }
     report.summary.print("bench api: summary");
     Ok(report)
@@ -227,6 +243,13 @@ fn measure(
     }
     let unregister = client(&topo.agent, "unregister", requests, nat, args.clients)?;
     agent.signal_and_wait("TERM", Duration::from_secs(60))?;
+    let floor = if name == "new" {
+        let floor = host_floor(requests, nat, args.clients)?;
+        println!("host tools alone: {floor:.0} removals/s");
+        Some(floor)
+    } else {
+        None
+    };
     Ok(ApiRow {
         agent: name,
         apps,
@@ -235,7 +258,77 @@ fn measure(
         register: f64::from(requests) / register.as_secs_f64(),
         installed: f64::from(requests) / all_installed.as_secs_f64(),
         unregister: f64::from(requests) / unregister.as_secs_f64(),
+        floor,
     })
+}
+
+/// What removing `requests` apps costs the host's tools alone, per second, in a namespace of
+/// its own holding exactly what the agent held: `requests` IPv6 VIPs on `lo` (`noprefixroute`,
+/// as the agent adds a /128), deleted one by one by one `ip -batch` (the kernel serialises
+/// address changes, so this is the most any agent gets); with `nat`, also their DNAT rules,
+/// deleted `clients` at a time with one `ip6tables-restore --noflush` each (the agent's batch
+/// when `clients` requests wait together).
+fn host_floor(requests: u32, nat: bool, clients: u32) -> Result<f64> {
+    let ns = Netns::new("floor")?;
+    let dir = tempfile::tempdir()?;
+    let vip = |i: u32| format!("2001:db8:ff00::{i:x}/128");
+    let batch = |op: &str, flags: &str| {
+        let mut text = String::new();
+        for i in 0..requests {
+            let _ = writeln!(text, "address {op} {} dev lo {flags}", vip(i));
+        }
+        text
+    };
+    let (add, del) = (dir.path().join("add"), dir.path().join("del"));
+    std::fs::write(&add, batch("add", "noprefixroute"))?;
+    std::fs::write(&del, batch("del", ""))?;
+    let ip_batch = |path: &Path| ns.ip(&["-batch", path.to_str().unwrap_or_default()]);
+    let rule = |op: &str, i: u32| {
+        format!(
+            "{op} GOCAST -d {} -p tcp -m tcp --dport 80 -m comment --comment gocast:req{i} -j DNAT --to-destination [2001:db8::1]:8080\n",
+            vip(i)
+        )
+    };
+    let restore = |body: String| -> Result<()> {
+        let path = dir.path().join("rules");
+        std::fs::write(&path, format!("*nat\n{body}COMMIT\n"))?;
+        let status = ns
+            .command("ip6tables-restore")
+            .args(["-w", "--noflush"])
+            .stdin(std::fs::File::open(&path)?)
+            .status()?;
+        ensure!(status.success(), "ip6tables-restore: {status}");
+        Ok(())
+    };
+    ip_batch(&add)?;
+    if nat {
+        restore(format!(
+            ":GOCAST - [0:0]\n{}",
+            (0..requests).map(|i| rule("-A", i)).collect::<String>()
+        ))?;
+    }
+    // One file per batch, all restored by one shell inside the namespace: `ip netns exec`
+    // per batch would add a cost the agent, already inside, does not pay.
+    let ids: Vec<u32> = (0..requests).collect();
+    let rules = dir.path().join("batches");
+    std::fs::create_dir(&rules)?;
+    for (n, chunk) in ids.chunks(clients.max(1) as usize).enumerate() {
+        let body: String = chunk.iter().map(|&i| rule("-D", i)).collect();
+        std::fs::write(
+            rules.join(format!("{n:06}")),
+            format!("*nat\n{body}COMMIT\n"),
+        )?;
+    }
+    let script = format!(
+        "for f in {}/*; do ip6tables-restore -w --noflush < \"$f\" || exit 1; done",
+        rules.display()
+    );
+    let started = Instant::now();
+    ip_batch(&del)?;
+    if nat {
+        ns.run("sh", &["-c", &script])?;
+    }
+    Ok(f64::from(requests) / started.elapsed().as_secs_f64())
 }
 
 fn first_line(text: &str) -> &str {
