@@ -120,9 +120,12 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogFilter>) -> Resul
         )
     });
     tasks.extend(consul.start_discovery(consul_client, &running.handle));
+    let (app_count, peer_count) = (config.apps.len(), config.bgp.peers.len());
+    // The reloader keeps the one copy of the config the agent still needs (to diff a reload
+    // against): with thousands of apps a second copy here would stay resident for good.
     let reloader = reload::spawn(
         path,
-        config.clone(),
+        config,
         Reloadable {
             lifecycle: running.handle.clone(),
             speaker: speaker.clone(),
@@ -146,7 +149,7 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogFilter>) -> Resul
         reload: Some(reloader.clone()),
         health: health(&running, tasks, &peers),
     };
-    info!(addr = %listen, apps = config.apps.len(), peers = config.bgp.peers.len(), "gocast running");
+    info!(addr = %listen, apps = app_count, peers = peer_count, "gocast running");
     let api_stop = CancellationToken::new();
     let router = crate::auth::guard(api::router(state), auth);
     let server = serve_api(sockets, router, cap, &metrics, api_stop.clone());
