@@ -789,7 +789,7 @@ mod tests {
             "| RAM | 4.0 GiB |",
             "**Noisy run:**",
             "| 3 | keepalive | 1000 | 990 | 980 | 995 | 0.990 PASS | 1.010 | 5 |",
-            "| 10000 | 15.6 | 1.0 / 14.6 | 16.6 | 0.10 | 10.0 ms |",
+            "| 10000 | 15.6 | 1.0 / 14.6 | 2.9 | 16.6 | 0.10 | 10.0 ms |",
             "img/bgp-convergence.svg",
             "img/nat-rounds.svg",
             "img/memory.svg",
