@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     api::{self, ApiState, StaticInfo},
@@ -45,6 +45,9 @@ const API_DRAIN: Duration = Duration::from_millis(500);
 const ABORTED_START_CEASE: Duration = Duration::from_secs(1);
 /// The `STATUS=` line changes at most this often.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
+/// How long after the first reconcile the start-up's code is paged out: the config's apps
+/// are checked, installed and announced by then (`monitor_rise` ticks).
+const PAGE_OUT_AFTER: Duration = Duration::from_secs(10);
 
 /// Runs the agent until SIGTERM or SIGINT, then shuts down cleanly; SIGHUP reloads the config
 /// file at `path` and never ends the agent.
@@ -120,9 +123,12 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogFilter>) -> Resul
         )
     });
     tasks.extend(consul.start_discovery(consul_client, &running.handle));
+    let (app_count, peer_count) = (config.apps.len(), config.bgp.peers.len());
+    // The reloader keeps the one copy of the config the agent still needs (to diff a reload
+    // against): with thousands of apps a second copy here would stay resident for good.
     let reloader = reload::spawn(
         path,
-        config.clone(),
+        config,
         Reloadable {
             lifecycle: running.handle.clone(),
             speaker: speaker.clone(),
@@ -146,7 +152,7 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogFilter>) -> Resul
         reload: Some(reloader.clone()),
         health: health(&running, tasks, &peers),
     };
-    info!(addr = %listen, apps = config.apps.len(), peers = config.bgp.peers.len(), "gocast running");
+    info!(addr = %listen, apps = app_count, peers = peer_count, "gocast running");
     let api_stop = CancellationToken::new();
     let router = crate::auth::guard(api::router(state), auth);
     let server = serve_api(sockets, router, cap, &metrics, api_stop.clone());
@@ -286,19 +292,42 @@ fn spawn_notifications(
     summary: Summary,
     cancel: &CancellationToken,
 ) {
-    if systemd::enabled() {
-        tokio::spawn(announce_ready(ready));
+    let systemd = systemd::enabled();
+    tokio::spawn(after_ready(ready, systemd, cancel.child_token()));
+    if systemd {
         tokio::spawn(report_status(summary, cancel.child_token()));
     }
 }
 
-/// `READY=1` once the lifecycle has done its first reconcile.
-async fn announce_ready(ready: tokio::sync::oneshot::Receiver<()>) {
+/// Once the lifecycle has done its first reconcile: `READY=1` under systemd, and
+/// [`PAGE_OUT_AFTER`] later the start-up's code pages go back to the kernel.
+async fn after_ready(
+    ready: tokio::sync::oneshot::Receiver<()>,
+    systemd: bool,
+    cancel: CancellationToken,
+) {
     // An error: the lifecycle ended before it was ready; the agent is failing anyway.
-    if ready.await.is_ok() {
+    if ready.await.is_err() {
+        return;
+    }
+    if systemd {
         info!("start-up reconcile done: ready");
         systemd::notify_ready();
     }
+    tokio::select! {
+        () = cancel.cancelled() => {}
+        () = tokio::time::sleep(PAGE_OUT_AFTER) => page_out_start_up(),
+    }
+}
+
+/// Gives back the pages only the start needed: the binary's code (the steady state faults back
+/// the little it runs, docs/benchmarks.md "### Memory") and freed heap.
+fn page_out_start_up() {
+    match gocast_common::code::page_out() {
+        Ok(bytes) => debug!(bytes, "start-up code paged out"),
+        Err(e) => debug!(error = %e, "cannot page out the start-up code"),
+    }
+    gocast_common::heap::trim();
 }
 
 /// What the `STATUS=` line summarizes.

@@ -1336,14 +1336,14 @@ mod tests {
     fn a_sent_route_shows_every_attribute_as_configured() {
         let route = SentRoute {
             next_hop: "198.18.0.1".parse().unwrap(),
-            attributes: crate::bgp::codec::Attributes {
+            attributes: Arc::new(crate::bgp::codec::Attributes {
                 origin: Origin::Igp,
                 as_path: vec![65001],
                 med: Some(5),
                 local_pref: None,
                 communities: vec![65001 << 16 | 7, 0xFFFF_FF01],
                 large_communities: vec![(65001, 7, 7)],
-            },
+            }),
             sent_at: std::time::UNIX_EPOCH + Duration::from_millis(1_500),
         };
         let view = SentRouteView::new(&"192.0.2.10/32".parse().unwrap(), &route);

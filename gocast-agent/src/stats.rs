@@ -265,7 +265,9 @@ impl History {
             // The slot was reused or reset: older samples describe another VIP's traffic.
             self.samples.clear();
         }
-        self.samples.push_back((now, counters));
+        // Aged out before the push (the new sample is the newest, so the same ones go), so a
+        // VIP without passive health never holds more than its two samples: the newest and
+        // one at least `keep` older. Room for exactly those, not the four a first push makes.
         while self
             .samples
             .get(1)
@@ -273,6 +275,10 @@ impl History {
         {
             self.samples.pop_front();
         }
+        if self.samples.capacity() == 0 {
+            self.samples.reserve_exact(2);
+        }
+        self.samples.push_back((now, counters));
     }
 
     /// How long ago the newest sample was taken; `None` without one.

@@ -7,6 +7,8 @@
 
 #![cfg_attr(not(any(feature = "user", test)), no_std)]
 
+#[cfg(feature = "user")]
+pub mod code;
 pub mod csum;
 #[cfg(feature = "user")]
 pub mod heap;

@@ -7,6 +7,12 @@
 //! ticks the agent's `VmRSS` (resident now) and `VmHWM` (peak resident) are read, then its CPU
 //! time over `--cpu-s` seconds of steady state (every app checked once a second), as a share of
 //! one core. GoCast's figure for 1,000 apps at 1 s is 5.6 % of a core; our target ≤ 0.5 %.
+//!
+//! Where the pages are comes from `/proc/PID/smaps`, by mapping (the binary's code, read-only
+//! and relocated data; each library; heap; unnamed mappings), resident and anonymous. Before the
+//! CPU window the agent's accessed bits are cleared (`/proc/PID/clear_refs`), so the pages
+//! `Referenced` after it are the steady state's working set: what stays resident however hard
+//! the kernel reclaims (docs/benchmarks.md, "### Memory").
 
 use std::{path::Path, thread, time::Duration};
 
@@ -56,6 +62,9 @@ pub struct MemoryRow {
     /// pages), KiB.
     pub anon_kib: u64,
     pub file_kib: u64,
+    /// Of `VmRSS`: the pages accessed during the CPU window (the steady state's working set),
+    /// KiB.
+    pub working_kib: u64,
     /// Spawn → BIRD holds every route.
     pub all_at_bird: Duration,
     /// CPU time over the steady-state window, in % of one core.
@@ -79,10 +88,11 @@ pub fn run(args: &MemoryArgs) -> Result<MemoryReport> {
     for &count in &args.apps {
         let row = measure(&binary, count, args).with_context(|| format!("{count} apps"))?;
         println!(
-            "{count:>6} apps: VmRSS {} MiB (anon {}, file {}), VmHWM {} MiB, CPU {:.2} % of a core ({} ms to all routes at BIRD)",
+            "{count:>6} apps: VmRSS {} MiB (anon {}, file {}; touched in steady state {}), VmHWM {} MiB, CPU {:.2} % of a core ({} ms to all routes at BIRD)",
             mib(row.rss_kib),
             mib(row.anon_kib),
             mib(row.file_kib),
+            mib(row.working_kib),
             mib(row.hwm_kib),
             row.cpu_pct,
             ms(row.all_at_bird)
@@ -127,10 +137,31 @@ fn measure(binary: &Path, count: u32, args: &MemoryArgs) -> Result<MemoryRow> {
         hwm_kib >= rss_kib && hwm_kib >= run.hwm_kib,
         "VmHWM {hwm_kib} below VmRSS {rss_kib}"
     );
+    let resident: Vec<String> = smaps(pid, binary)?
+        .iter()
+        .map(|g| format!("{} {}/{}", g.name, g.rss, g.anon))
+        .collect();
+    println!("resident KiB (all/anonymous): {}", resident.join(", "));
+    // Clears the pages' accessed bits: `Referenced` then counts what the steady state touches.
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "1")
+        .with_context(|| format!("writing /proc/{pid}/clear_refs"))?;
     let window = Duration::from_secs(args.cpu_s.max(1));
     let (cpu0, t0) = (cpu_ns(pid)?, std::time::Instant::now());
     thread::sleep(window);
     let (cpu1, elapsed) = (cpu_ns(pid)?, t0.elapsed());
+    let touched = smaps(pid, binary)?;
+    let working_kib = touched.iter().map(|g| g.referenced).sum();
+    let parts: Vec<String> = touched
+        .iter()
+        .filter(|g| g.referenced > 0)
+        .map(|g| format!("{} {}", g.name, g.referenced))
+        .collect();
+    println!(
+        "touched in the {} s steady state: {} MiB (KiB: {})",
+        window.as_secs(),
+        mib(working_kib),
+        parts.join(", ")
+    );
     #[expect(
         clippy::cast_precision_loss,
         reason = "nanoseconds of CPU in a window of seconds"
@@ -142,9 +173,76 @@ fn measure(binary: &Path, count: u32, args: &MemoryArgs) -> Result<MemoryRow> {
         hwm_kib,
         anon_kib,
         file_kib,
+        working_kib,
         all_at_bird,
         cpu_pct,
     })
+}
+
+/// One group of mappings in `/proc/PID/smaps`, KiB.
+#[derive(Debug, Default)]
+struct Pages {
+    name: String,
+    rss: u64,
+    /// Of `rss`: anonymous pages (in a file mapping: its written, copy-on-write pages).
+    anon: u64,
+    /// Of `rss`: pages accessed since the last `clear_refs`.
+    referenced: u64,
+}
+
+/// The agent's mappings by group, largest resident first: its binary split by permissions
+/// (code `r-x`, read-only data `r--`, relocated data `rw-`), a library by its file name,
+/// unnamed mappings (thread stacks, large allocations) as `anon`.
+fn smaps(pid: i32, binary: &Path) -> Result<Vec<Pages>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .with_context(|| format!("reading /proc/{pid}/smaps"))?;
+    let binary = binary.canonicalize().unwrap_or_else(|_| binary.to_owned());
+    let mut groups: Vec<Pages> = Vec::new();
+    let mut current = 0;
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if let [field, kib, "kB"] = fields[..] {
+            let Ok(kib) = kib.parse::<u64>() else {
+                continue;
+            };
+            let Some(group) = groups.get_mut(current) else {
+                continue;
+            };
+            match field {
+                "Rss:" => group.rss += kib,
+                "Anonymous:" => group.anon += kib,
+                "Referenced:" => group.referenced += kib,
+                _ => {}
+            }
+        } else if fields.len() >= 5 && fields[0].contains('-') && !fields[0].ends_with(':') {
+            // A mapping's header: `start-end perms offset dev inode [path]`.
+            let name = match fields.get(5) {
+                Some(path) if Path::new(path) == binary => {
+                    let part = match fields[1] {
+                        p if p.contains('x') => "text",
+                        p if p.contains('w') => "data",
+                        _ => "rodata",
+                    };
+                    format!("binary {part}")
+                }
+                Some(path) => path.rsplit('/').next().unwrap_or(path).to_owned(),
+                None => "anon".to_owned(),
+            };
+            current = groups
+                .iter()
+                .position(|g| g.name == name)
+                .unwrap_or_else(|| {
+                    groups.push(Pages {
+                        name,
+                        ..Pages::default()
+                    });
+                    groups.len() - 1
+                });
+        }
+    }
+    groups.retain(|g| g.rss > 0);
+    groups.sort_by_key(|g| std::cmp::Reverse(g.rss));
+    Ok(groups)
 }
 
 /// CPU time the process has used, in ns: the first field of each thread's `schedstat`.

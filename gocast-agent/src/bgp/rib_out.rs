@@ -3,9 +3,11 @@
 //!
 //! Pure and synchronous: the session feeds it the desired routes (already turned into this
 //! peer's attributes) and encodes the [`Changes`] it returns. Prefixes with equal attributes
-//! are grouped, so the encoder can pack them into as few UPDATEs as fit.
+//! are grouped, so the encoder can pack them into as few UPDATEs as fit. Attributes are shared
+//! (`Arc`): apps use a handful of attribute sets, so a route costs its prefix and a pointer,
+//! not a copy of its attributes.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use ipnet::IpNet;
 
@@ -22,7 +24,7 @@ pub fn family_of(prefix: &IpNet) -> Family {
 /// Routes to send, grouped by family and attributes, and prefixes to withdraw, by family.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Changes {
-    pub announce: Vec<(Family, Attributes, Vec<IpNet>)>,
+    pub announce: Vec<(Family, Arc<Attributes>, Vec<IpNet>)>,
     pub withdraw: Vec<(Family, Vec<IpNet>)>,
 }
 
@@ -35,7 +37,7 @@ impl Changes {
 /// What one peer has been sent since its session came up.
 #[derive(Debug, Default)]
 pub struct AdjRibOut {
-    sent: BTreeMap<IpNet, Attributes>,
+    sent: BTreeMap<IpNet, Arc<Attributes>>,
 }
 
 impl AdjRibOut {
@@ -57,7 +59,7 @@ impl AdjRibOut {
     /// Only prefixes of `families` (the negotiated ones) are considered.
     pub fn update(
         &mut self,
-        desired: &BTreeMap<IpNet, Attributes>,
+        desired: &BTreeMap<IpNet, Arc<Attributes>>,
         families: &[Family],
     ) -> Changes {
         let wanted = |p: &IpNet| families.contains(&family_of(p));
@@ -78,7 +80,7 @@ impl AdjRibOut {
         self.sent = desired
             .iter()
             .filter(|(p, _)| wanted(p))
-            .map(|(p, a)| (*p, a.clone()))
+            .map(|(p, a)| (*p, Arc::clone(a)))
             .collect();
         changes
     }
@@ -99,9 +101,9 @@ impl AdjRibOut {
 /// Adds a prefix to the group of its family and attributes. Apps share a handful of attribute
 /// sets, so a linear search beats hashing the attributes.
 fn group(
-    groups: &mut Vec<(Family, Attributes, Vec<IpNet>)>,
+    groups: &mut Vec<(Family, Arc<Attributes>, Vec<IpNet>)>,
     family: Family,
-    attrs: &Attributes,
+    attrs: &Arc<Attributes>,
     prefix: IpNet,
 ) {
     match groups
@@ -109,7 +111,7 @@ fn group(
         .find(|(f, a, _)| *f == family && a == attrs)
     {
         Some((_, _, prefixes)) => prefixes.push(prefix),
-        None => groups.push((family, attrs.clone(), vec![prefix])),
+        None => groups.push((family, Arc::clone(attrs), vec![prefix])),
     }
 }
 
@@ -118,15 +120,15 @@ mod tests {
     use super::*;
     use crate::bgp::codec::Origin;
 
-    fn attrs(community: u32) -> Attributes {
-        Attributes {
+    fn attrs(community: u32) -> Arc<Attributes> {
+        Arc::new(Attributes {
             origin: Origin::Igp,
             as_path: vec![65001],
             med: None,
             local_pref: None,
             communities: vec![community],
             large_communities: Vec::new(),
-        }
+        })
     }
 
     fn net(s: &str) -> IpNet {

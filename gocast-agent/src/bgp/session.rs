@@ -104,7 +104,8 @@ pub struct PeerStatus {
 pub struct SentRoute {
     /// The `NEXT_HOP` (IPv4) or the `MP_REACH_NLRI` next hop (IPv6).
     pub next_hop: IpAddr,
-    pub attributes: Attributes,
+    /// Shared with every route sent with the same attributes.
+    pub attributes: Arc<Attributes>,
     /// When the UPDATE carrying it was sent.
     pub sent_at: SystemTime,
 }
@@ -777,18 +778,25 @@ impl<'a> Session<'a> {
                 Family::Ipv6Unicast => self.next_hop6.is_some(),
             })
             .collect();
-        let desired: BTreeMap<IpNet, Attributes> = routes
+        // Apps share a handful of attribute sets: each is built once and shared by its routes.
+        let mut shared: HashSet<Arc<Attributes>> = HashSet::new();
+        let desired: BTreeMap<IpNet, Arc<Attributes>> = routes
             .iter()
             .map(|(prefix, route)| {
-                (
-                    *prefix,
-                    attributes(
-                        &self.peer,
-                        &route.communities,
-                        ibgp,
-                        (graceful || route.drain).then_some(self.peer.drain_local_pref),
-                    ),
-                )
+                let attrs = attributes(
+                    &self.peer,
+                    &route.communities,
+                    ibgp,
+                    (graceful || route.drain).then_some(self.peer.drain_local_pref),
+                );
+                let attrs = if let Some(a) = shared.get(&attrs) {
+                    Arc::clone(a)
+                } else {
+                    let a = Arc::new(attrs);
+                    shared.insert(Arc::clone(&a));
+                    a
+                };
+                (*prefix, attrs)
             })
             .collect();
         let changes = self.rib.update(&desired, &families);
@@ -839,7 +847,7 @@ impl<'a> Session<'a> {
                 for prefix in prefixes {
                     let route = SentRoute {
                         next_hop,
-                        attributes: attributes.clone(),
+                        attributes: Arc::clone(attributes),
                         sent_at,
                     };
                     view.insert(*prefix, route);

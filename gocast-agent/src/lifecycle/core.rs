@@ -147,7 +147,9 @@ struct Changed {
 pub struct Core {
     settings: Settings,
     metrics: Metrics,
-    apps: BTreeMap<AppName, Entry>,
+    /// Boxed: an entry is a few hundred bytes, and a B-tree node holds eleven values and is
+    /// rarely full, so unboxed entries would cost about half as much again in empty slots.
+    apps: BTreeMap<AppName, Box<Entry>>,
     next_generation: u64,
     next_op: OpId,
     changed: Changed,
@@ -683,7 +685,7 @@ impl Core {
     /// Adds a new app: unhealthy until its monitors pass; a cleanup is pending so an HTTP app
     /// that never comes up is forgotten after `cleanup_timer`, as in GoCast.
     fn insert(&mut self, spec: AppSpec, source: Source, now: Now, out: &mut Vec<Effect>) {
-        let entry = Entry {
+        let entry = Box::new(Entry {
             results: vec![None; spec.monitors.len()],
             label: spec.name.lo_label(),
             spec,
@@ -700,7 +702,7 @@ impl Core {
             last_error: None,
             passive: Passive::default(),
             repairs: Repairs::default(),
-        };
+        });
         let mut entry = entry;
         if self.host_drained || self.drained.contains(&entry.spec.name) {
             // Never announced while drained: it comes up when undrained.
@@ -731,7 +733,7 @@ impl Core {
     /// flap, swap NAT rules and communities, and check the new monitors from now on.
     fn replace_in_place(
         &mut self,
-        mut entry: Entry,
+        mut entry: Box<Entry>,
         spec: AppSpec,
         source: Source,
         out: &mut Vec<Effect>,
@@ -761,7 +763,7 @@ impl Core {
     /// Removes everything of an app from the host: route first, then NAT and VIP. The
     /// removal of a routed app waits in `after_publish` for the route set without it (at the
     /// end of the step). Returns the host operation removing its parts, if any.
-    fn teardown(&mut self, mut entry: Entry, out: &mut Vec<Effect>) -> Option<OpId> {
+    fn teardown(&mut self, mut entry: Box<Entry>, out: &mut Vec<Effect>) -> Option<OpId> {
         out.push(Effect::Monitor(monitor::Command::Unwatch {
             app: entry.spec.name.clone(),
         }));

@@ -385,19 +385,19 @@ async fn host_worker<H: Host>(
     mut work: mpsc::UnboundedReceiver<Work>,
     done: mpsc::UnboundedSender<Vec<Event>>,
 ) {
-    let mut queue = Vec::new();
     while let Some(first) = work.recv().await {
         // What is queued behind the first item is taken too (thousands of apps come up in one
         // batch of monitor reports) and answered in one message, so the lifecycle publishes
-        // their routes once, not once per app.
-        queue.push(first);
+        // their routes once, not once per app. A queue per batch: one kept across batches would
+        // hold the largest batch's capacity (a start with thousands of apps) for good.
+        let mut queue = vec![first];
         while queue.len() < BATCH {
             let Ok(item) = work.try_recv() else { break };
             queue.push(item);
         }
         let mut results = Vec::new();
         let mut answer = false;
-        let mut items = queue.drain(..).peekable();
+        let mut items = queue.into_iter().peekable();
         while let Some(item) = items.next() {
             match item {
                 Work::Op { op, after } => {

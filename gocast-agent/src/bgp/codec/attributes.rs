@@ -51,7 +51,7 @@ pub(super) const AS_SEQUENCE: u8 = 2;
 const AS_CONFED_SET: u8 = 4;
 
 /// ORIGIN attribute values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Origin {
     /// 0: learned from an IGP.
     Igp,
@@ -62,7 +62,7 @@ pub enum Origin {
 }
 
 /// Path attributes of routes we announce.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Attributes {
     /// ORIGIN.
     pub origin: Origin,
