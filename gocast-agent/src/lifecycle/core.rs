@@ -1135,7 +1135,7 @@ impl Core {
             .iter()
             .filter_map(|name| self.apps.get(name))
             .filter(|e| e.routed())
-            .map(route_of)
+            .map(|e| route_of(e))
             .collect();
         for (prefix, route) in &new {
             self.route_of.insert(route.app.clone(), *prefix);
@@ -1152,7 +1152,7 @@ impl Core {
             .apps
             .values()
             .filter(|e| e.routed())
-            .map(route_of)
+            .map(|e| route_of(e))
             .collect();
         self.route_of = set.iter().map(|(p, r)| (r.app.clone(), *p)).collect();
         let modified = set != self.routes;
@@ -1265,7 +1265,7 @@ mod tests {
                 .apps
                 .values()
                 .filter(|e| e.routed())
-                .map(route_of)
+                .map(|e| route_of(e))
                 .collect();
             assert_eq!(self.routes, walked, "the published route set");
             let earliest = self
