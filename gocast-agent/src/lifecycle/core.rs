@@ -1146,14 +1146,18 @@ impl Core {
         gone != new
     }
 
-    /// Recomputes the route set from every app; whether it changed.
-    fn rebuild_routes(&mut self) -> bool {
-        let set: RouteSet = self
-            .apps
+    /// The route set from a walk over every app.
+    fn walked_routes(&self) -> RouteSet {
+        self.apps
             .values()
             .filter(|e| e.routed())
             .map(|e| route_of(e))
-            .collect();
+            .collect()
+    }
+
+    /// Recomputes the route set from every app; whether it changed.
+    fn rebuild_routes(&mut self) -> bool {
+        let set = self.walked_routes();
         self.route_of = set.iter().map(|(p, r)| (r.app.clone(), *p)).collect();
         let modified = set != self.routes;
         self.routes = set;
@@ -1261,13 +1265,7 @@ mod tests {
         /// The route set and the deadline index, kept up to date change by change, agree with
         /// a walk over every app (checked after every step of every test here).
         fn assert_indexes_agree(&mut self) {
-            let walked: RouteSet = self
-                .apps
-                .values()
-                .filter(|e| e.routed())
-                .map(|e| route_of(e))
-                .collect();
-            assert_eq!(self.routes, walked, "the published route set");
+            assert_eq!(self.routes, self.walked_routes(), "the published route set");
             let earliest = self
                 .apps
                 .values()
