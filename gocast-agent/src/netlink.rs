@@ -375,9 +375,8 @@ impl Netlink {
     }
 
     /// Follows the kernel's address events (`RTNLGRP_IPV4_IFADDR`, `RTNLGRP_IPV6_IFADDR`) on a
-    /// connection of its own and sends `()` when an address leaves `lo`. Bursts are coalesced:
-    /// the channel holds one message, and a full channel already says "verify". The task ends
-    /// when the receiver is dropped.
+    /// connection of its own and sends each address that leaves `lo` (the lifecycle decides
+    /// whether it was drift). The task ends when the receiver is dropped.
     pub fn watch_lo_removals(&self) -> Result<mpsc::UnboundedReceiver<IpAddr>, NetlinkError> {
         let groups = [MulticastGroup::Ipv4Ifaddr, MulticastGroup::Ipv6Ifaddr];
         let (connection, handle, mut events) =

@@ -2397,9 +2397,16 @@ mod tests {
             );
             let install = host_ops(t.report("web", true))[0].clone();
             let (id, expected) = t.verify();
-            assert!(
-                expected.is_empty(),
-                "web's install is in flight: {expected:?}"
+            // Its VIP is checked (the host checks after the add), its rules not yet.
+            assert_eq!(
+                expected,
+                [Expected {
+                    app: name("web"),
+                    vip: vip("192.0.2.10/32"),
+                    on_lo: true,
+                    nat: None,
+                }],
+                "web's install is in flight"
             );
             t.step(Event::Verified {
                 id,
@@ -2582,6 +2589,28 @@ mod tests {
             t.host_done(true);
             assert!(!t.core.apps[&name("web")].vip.maybe_present());
             assert!(!left(&mut t, "192.0.2.10"));
+        }
+
+        #[test]
+        fn a_vip_taken_away_right_after_it_was_added_is_put_back() {
+            let mut t = T::new(1, 1, vec![spec("web", "192.0.2.10/32")]);
+            let install = host_ops(t.report("web", true))[0].clone();
+            // The kernel says the address left lo before the add's result is in.
+            let id = match t.step(Event::LeftLo(vec!["192.0.2.10".parse().unwrap()])) {
+                [Effect::Verify { id, expected }] if expected[0].on_lo => *id,
+                other => panic!("{:?}", kinds(other)),
+            };
+            t.step(Event::HostDone(done_for(&install, true)));
+            let effects = t.step(Event::Verified {
+                id,
+                drift: vec![lost("web", "192.0.2.10/32", Part::Vip)],
+            });
+            assert!(
+                kinds(effects).contains(&"install"),
+                "put back: {:?}",
+                kinds(effects)
+            );
+            assert_eq!(t.view("web").repairs, 1);
         }
 
         #[test]

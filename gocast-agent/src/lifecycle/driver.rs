@@ -239,7 +239,7 @@ impl Driver {
                         }
                         self.step(Event::LeftLo(left));
                     } else {
-                        warn!("the host's drift hints stopped; verifying every {VERIFY_INTERVAL:?} only");
+                        warn!("the host's drift hints stopped; a VIP taken off lo is found by the periodic sweep only");
                         self.hints = None;
                     }
                 }

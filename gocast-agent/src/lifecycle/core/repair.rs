@@ -198,9 +198,11 @@ impl Core {
 }
 
 /// What the app has on the host as the core believes it, if anything: only present parts (its
-/// VIP only when `vips`).
+/// VIP only when `vips`, also while being added: the host worker runs the verification after
+/// the add, so a VIP taken away right after it was put there is found, and its result comes
+/// after the add's, when the VIP counts as present).
 fn expected(entry: &Entry, vips: bool) -> Option<Expected> {
-    let on_lo = vips && entry.vip == Resource::Present;
+    let on_lo = vips && entry.vip.maybe_present();
     let nat =
         (!entry.spec.nats.is_empty() && entry.nat == Resource::Present).then(|| entry.nat_spec());
     (on_lo || nat.is_some()).then(|| Expected {
