@@ -426,11 +426,15 @@ async fn host_worker<H: Host>(
                     let done = apply_run(&mut host, install, run).await;
                     results.extend(done.into_iter().map(Event::HostDone));
                 }
+                // Listings can take tens of milliseconds (`iptables -S` of thousands of rules):
+                // the results before them go first, so the answers they hold do not wait.
                 Work::Verify { id, expected } => {
+                    send_now(&done, &mut results);
                     let drift = host.verify(&expected).await;
                     results.push(Event::Verified { id, drift });
                 }
                 Work::Addresses { first } => {
+                    send_now(&done, &mut results);
                     answer |= first;
                     if let Some(addresses) = host.local_addresses().await {
                         results.push(Event::LocalAddresses(addresses));
@@ -461,6 +465,13 @@ async fn host_worker<H: Host>(
         if !results.is_empty() || answer {
             let _ = done.send(results);
         }
+    }
+}
+
+/// Sends the results gathered so far, if any.
+fn send_now(done: &mpsc::UnboundedSender<Vec<Event>>, results: &mut Vec<Event>) {
+    if !results.is_empty() {
+        let _ = done.send(std::mem::take(results));
     }
 }
 
