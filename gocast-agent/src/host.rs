@@ -73,7 +73,15 @@ pub struct SystemHost {
     failing: HashSet<String>,
     /// The last failure to list the host's addresses, logged once until a listing works.
     addresses_error: Option<String>,
+    /// No iptables listing before this: listing thousands of rules takes long enough that
+    /// every 500 ms would cost a good part of a core (see [`LISTING_SHARE`]).
+    next_listing: tokio::time::Instant,
 }
+
+/// At most this share of the time goes to listing iptables for self-repair: after a listing
+/// that took `t`, the next waits `t / LISTING_SHARE` (with 1,000 rules a few tens of
+/// milliseconds, so every verification still lists; with 10,000, ~200 ms every ~4 s).
+const LISTING_SHARE: f64 = 0.05;
 
 impl SystemHost {
     /// Connects to the kernel and reconciles the host with an empty desired state: VIPs a
@@ -119,6 +127,7 @@ impl SystemHost {
             verify_error: None,
             failing: HashSet::new(),
             addresses_error: None,
+            next_listing: tokio::time::Instant::now(),
         })
     }
 
@@ -334,6 +343,11 @@ impl SystemHost {
             }
             Nat::Iptables(iptables) => iptables,
         };
+        let started = tokio::time::Instant::now();
+        if started < self.next_listing {
+            // Not checked this time: not drift (see `LISTING_SHARE`).
+            return;
+        }
         for v6 in [false, true] {
             let family: Vec<&(&Expected, &NatSpec, IpAddr)> = wanted
                 .iter()
@@ -376,6 +390,7 @@ impl SystemHost {
                 }
             }
         }
+        self.next_listing = started + started.elapsed().div_f64(LISTING_SHARE);
     }
 }
 
