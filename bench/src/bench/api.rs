@@ -85,6 +85,11 @@ pub struct ApiRow {
     pub installed: f64,
     /// Unregistrations per second (each answered once its VIP and rules are gone).
     pub unregister: f64,
+    /// The agent's CPU time (user + system) during the registrations and during the
+    /// unregistrations, per request, in µs: what a request costs, whatever else loads the
+    /// machine.
+    pub register_cpu_us: f64,
+    pub unregister_cpu_us: f64,
     /// The same removals by the host's own tools alone, per second (rounds of the new agent
     /// only): the kernel's and iptables' floor under an unregistration; see [`host_floor`].
     pub floor: Option<f64>,
@@ -144,8 +149,12 @@ pub fn run(args: &ApiArgs) -> Result<ApiReport> {
                     Err(e) => return Err(e.context(format!("{name}: {apps} apps, nat {nat}"))),
                 };
                 println!(
-                    "{name:>8} {apps:>6} apps, nat {nat:<5}: register {:.0}/s, installed {:.0}/s, unregister {:.0}/s ({requests} requests)",
-                    row.register, row.installed, row.unregister
+                    "{name:>8} {apps:>6} apps, nat {nat:<5}: register {:.0}/s, installed {:.0}/s, unregister {:.0}/s ({requests} requests); agent CPU {:.0} / {:.0} µs a request",
+                    row.register,
+                    row.installed,
+                    row.unregister,
+                    row.register_cpu_us,
+                    row.unregister_cpu_us
                 );
                 report.rows.push(row);
             }
@@ -227,8 +236,11 @@ fn measure(
     agent.wait_for("the preloaded apps", limit, |_| {
         Ok(app_count(&topo.agent)? >= apps - requests)
     })?;
-    let started = Instant::now();
+    let pid = agent.pid().context("the agent's pid")?;
+    let per_request = |cpu: Duration| cpu.as_secs_f64() * 1e6 / f64::from(requests.max(1));
+    let (started, cpu) = (Instant::now(), cpu_time(pid)?);
     let register = client(&topo.agent, "register", requests, nat, args.clients)?;
+    let register_cpu_us = per_request(cpu_time(pid)?.saturating_sub(cpu));
     agent.wait_for("every vip and rule installed", limit, |_| {
         Ok(installed(&topo.agent)? >= requests)
     })?;
@@ -241,7 +253,9 @@ fn measure(
             "{count} DNAT rules, not {requests}"
         );
     }
+    let cpu = cpu_time(pid)?;
     let unregister = client(&topo.agent, "unregister", requests, nat, args.clients)?;
+    let unregister_cpu_us = per_request(cpu_time(pid)?.saturating_sub(cpu));
     agent.signal_and_wait("TERM", Duration::from_secs(60))?;
     let floor = if name == "new" {
         let floor = host_floor(requests, nat, args.clients)?;
@@ -258,8 +272,30 @@ fn measure(
         register: f64::from(requests) / register.as_secs_f64(),
         installed: f64::from(requests) / all_installed.as_secs_f64(),
         unregister: f64::from(requests) / unregister.as_secs_f64(),
+        register_cpu_us,
+        unregister_cpu_us,
         floor,
     })
+}
+
+/// The CPU time `pid` has used, user and system, its ended threads included: fields 14 and 15
+/// of `/proc/PID/stat`, in ticks of `USER_HZ` (100 a second on Linux, whatever the kernel's HZ).
+fn cpu_time(pid: i32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The command name, in parentheses, may hold spaces: count fields after it.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .with_context(|| format!("/proc/{pid}/stat: {stat:?}"))
+    };
+    // After the name: field 3 (state) is index 0, so utime (14) is 11 and stime (15) 12.
+    Ok(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
 }
 
 /// What removing `requests` apps costs the host's tools alone, per second, in a namespace of

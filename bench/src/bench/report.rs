@@ -116,7 +116,10 @@ fn api_section(md: &mut String, api: &ApiReport) {
          iptables NAT (`dataplane.mode: iptables`, one `ip6tables` DNAT rule per app). A\n\
          registration is answered once saved (durable); **installed** is from the first\n\
          registration until every VIP is on `lo` with its rule; an unregistration is answered\n\
-         once its VIP and rule are gone. **baseline** is the agent given with `--baseline`,\n\
+         once its VIP and rule are gone. **agent CPU** is the agent's user + system time during\n\
+         the registrations (installs running meanwhile included) and during the unregistrations,\n\
+         per request: the cost of a request whatever else loads the machine. **baseline** is the\n\
+         agent given with `--baseline`,\n\
          measured in the same run. **host floor** is the same removals by the host's tools alone,\n\
          in the same run (`ip -batch` deleting the VIPs one by one; with NAT also\n\
          `ip6tables-restore --noflush` deleting the rules a batch of clients at a time): what any\n\
@@ -126,8 +129,8 @@ fn api_section(md: &mut String, api: &ApiReport) {
         api.clients
     );
     md.push_str(
-        "| apps | NAT | agent | requests | registrations/s | installed/s | unregistrations/s | host floor/s |\n\
-         | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |\n",
+        "| apps | NAT | agent | requests | registrations/s | installed/s | unregistrations/s | host floor/s | agent CPU µs per registration / unregistration |\n\
+         | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for row in &api.rows {
         let ratio = |new: f64, old: Option<f64>| match (row.agent, old) {
@@ -137,7 +140,7 @@ fn api_section(md: &mut String, api: &ApiReport) {
         let base = api.baseline_of(row);
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {:.0}{} | {:.0}{} | {:.0}{} | {} |",
+            "| {} | {} | {} | {} | {:.0}{} | {:.0}{} | {:.0}{} | {} | {:.0}{} / {:.0}{} |",
             row.apps,
             if row.nat { "iptables" } else { "none" },
             row.agent,
@@ -149,6 +152,10 @@ fn api_section(md: &mut String, api: &ApiReport) {
             row.unregister,
             ratio(row.unregister, base.map(|b| b.unregister)),
             row.floor.map_or_else(String::new, |f| format!("{f:.0}")),
+            row.register_cpu_us,
+            ratio(row.register_cpu_us, base.map(|b| b.register_cpu_us)),
+            row.unregister_cpu_us,
+            ratio(row.unregister_cpu_us, base.map(|b| b.unregister_cpu_us)),
         );
     }
     for failed in &api.failed {
