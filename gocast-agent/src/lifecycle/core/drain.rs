@@ -116,14 +116,28 @@ impl Core {
     /// Ends the drains whose time has passed: the route is withdrawn; VIP and NAT go at
     /// cleanup, so connections in flight can finish.
     pub(super) fn drains_due(&mut self, now: Now) {
-        for entry in self.apps.values_mut() {
-            if entry.drain.until().is_some_and(|t| t <= now.mono) {
-                info!(app = %entry.spec.name, "drain time passed: withdrawing; vip and nat go at cleanup");
-                entry.drain = Drain::Drained;
-                entry.cleanup_at = Some(now.mono + self.settings.cleanup_timer);
-                self.changed.routes.app(&entry.spec.name);
-                self.changed.cleanup = true;
-            }
+        // From the deadline index, not a walk over every app.
+        self.refresh_deadlines();
+        let due: Vec<AppName> = self
+            .deadlines
+            .iter()
+            .take_while(|(t, _)| *t <= now.mono)
+            .filter(|(t, name)| {
+                self.apps
+                    .get(name)
+                    .is_some_and(|e| e.drain.until() == Some(*t))
+            })
+            .map(|(_, name)| name.clone())
+            .collect();
+        for name in due {
+            let Some(entry) = self.apps.get_mut(&name) else {
+                continue;
+            };
+            info!(app = %name, "drain time passed: withdrawing; vip and nat go at cleanup");
+            entry.drain = Drain::Drained;
+            entry.cleanup_at = Some(now.mono + self.settings.cleanup_timer);
+            self.changed.routes.app(&name);
+            super::index_deadlines(&mut self.deadlines, entry);
         }
     }
 }
