@@ -327,6 +327,18 @@ impl Core {
         }
     }
 
+    /// The apps whose deadline of one kind (`which`: cleanup or drain) has passed, from the
+    /// index.
+    fn due(&mut self, now: Now, which: fn(&Entry) -> Option<Instant>) -> Vec<AppName> {
+        self.refresh_deadlines();
+        self.deadlines
+            .iter()
+            .take_while(|(t, _)| *t <= now.mono)
+            .filter(|(t, name)| self.apps.get(name).is_some_and(|e| which(e) == Some(*t)))
+            .map(|(_, name)| name.clone())
+            .collect()
+    }
+
     /// Whether an indexed deadline is still one of its app's.
     fn deadline_holds(&self, (t, name): &(Instant, AppName)) -> bool {
         self.apps
@@ -1057,18 +1069,7 @@ impl Core {
     /// Cleans up every app whose timer has passed: config and Consul apps lose VIP and NAT and
     /// are checked again; HTTP apps are forgotten once the state file no longer has them.
     fn cleanup_due(&mut self, now: Now, out: &mut Vec<Effect>) {
-        self.refresh_deadlines();
-        let due: Vec<AppName> = self
-            .deadlines
-            .iter()
-            .take_while(|(t, _)| *t <= now.mono)
-            .filter(|(t, name)| {
-                self.apps
-                    .get(name)
-                    .is_some_and(|e| e.cleanup_at == Some(*t))
-            })
-            .map(|(_, name)| name.clone())
-            .collect();
+        let due = self.due(now, |e| e.cleanup_at);
         let mut forget = Vec::new();
         for name in due {
             let Some(mut entry) = self.apps.remove(&name) else {
@@ -2395,34 +2396,25 @@ mod tests {
                 1,
                 vec![spec("web", "192.0.2.10/32"), spec("api", "192.0.2.20/32")],
             );
-            let install = host_ops(t.report("web", true))[0].clone();
-            let (id, expected) = t.verify();
-            // Its VIP is checked (the host checks after the add), its rules not yet.
-            assert_eq!(
-                expected,
+            let web = |nat| {
                 [Expected {
                     app: name("web"),
                     vip: vip("192.0.2.10/32"),
                     on_lo: true,
-                    nat: None,
-                }],
-                "web's install is in flight"
-            );
+                    nat,
+                }]
+            };
+            let install = host_ops(t.report("web", true))[0].clone();
+            let (id, expected) = t.verify();
+            // Its VIP is checked (the host checks after the add), its rules not yet.
+            assert_eq!(expected, web(None), "web's install is in flight");
             t.step(Event::Verified {
                 id,
                 drift: Vec::new(),
             });
             t.step(Event::HostDone(done_for(&install, true)));
             let (_, expected) = t.verify();
-            assert_eq!(
-                expected,
-                [Expected {
-                    app: name("web"),
-                    vip: vip("192.0.2.10/32"),
-                    on_lo: true,
-                    nat: Some(nat80()),
-                }]
-            );
+            assert_eq!(expected, web(Some(nat80())));
         }
 
         #[test]

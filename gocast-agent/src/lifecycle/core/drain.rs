@@ -117,19 +117,7 @@ impl Core {
     /// cleanup, so connections in flight can finish.
     pub(super) fn drains_due(&mut self, now: Now) {
         // From the deadline index, not a walk over every app.
-        self.refresh_deadlines();
-        let due: Vec<AppName> = self
-            .deadlines
-            .iter()
-            .take_while(|(t, _)| *t <= now.mono)
-            .filter(|(t, name)| {
-                self.apps
-                    .get(name)
-                    .is_some_and(|e| e.drain.until() == Some(*t))
-            })
-            .map(|(_, name)| name.clone())
-            .collect();
-        for name in due {
+        for name in self.due(now, |e| e.drain.until()) {
             let Some(entry) = self.apps.get_mut(&name) else {
                 continue;
             };
