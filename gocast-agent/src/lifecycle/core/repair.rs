@@ -35,8 +35,6 @@ pub(super) struct Verification {
 }
 
 impl Core {
-    /// Asks the host worker to verify every app's present NAT rules (and, with `vips`, VIPs),
-    /// unless a verification is in flight (then once more after it).
     /// Addresses left `lo`: the VIPs are verified if one of them was an app's VIP that is (or
     /// is being put) there; the agent's own removals and foreign addresses cost a look-up.
     pub(super) fn left_lo(&mut self, addrs: &[IpAddr], out: &mut Vec<Effect>) {
@@ -51,6 +49,8 @@ impl Core {
         }
     }
 
+    /// Asks the host worker to verify every app's present NAT rules (and, with `vips`, VIPs),
+    /// unless a verification is in flight (then once more after it).
     pub(super) fn verify_due(&mut self, vips: bool, out: &mut Vec<Effect>) {
         if self.verification.in_flight.is_some() {
             self.verification.again = Some(self.verification.again.unwrap_or(false) || vips);
