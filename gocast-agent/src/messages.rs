@@ -84,9 +84,9 @@ pub type RouteSet = imbl::OrdMap<IpNet, Route>;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Routes {
     pub version: u64,
-    /// Shared: every BGP session takes the current set on each change, and a copy of
-    /// thousands of routes per session and change would cost O(apps) each time.
-    pub set: Arc<RouteSet>,
+    /// Every BGP session takes the current set on each change: a clone of the persistent map,
+    /// O(1) whatever the number of routes.
+    pub set: RouteSet,
 }
 
 impl std::ops::Deref for Routes {

@@ -325,7 +325,7 @@ impl Driver {
                         if current.set.ptr_eq(&set) {
                             return false;
                         }
-                        current.set = Arc::new(set);
+                        current.set = set;
                         current.version += 1;
                         true
                     });
