@@ -187,7 +187,7 @@ pub struct Core {
 }
 
 /// An app's route as announced.
-fn route_of(e: &Entry) -> (IpNet, Route) {
+fn announced_route(e: &Entry) -> (IpNet, Route) {
     (
         e.spec.vip.prefix(),
         Route {
@@ -1136,7 +1136,7 @@ impl Core {
             .iter()
             .filter_map(|name| self.apps.get(name))
             .filter(|e| e.routed())
-            .map(|e| route_of(e))
+            .map(|e| announced_route(e))
             .collect();
         for (prefix, route) in &new {
             self.route_of.insert(route.app.clone(), *prefix);
@@ -1152,7 +1152,7 @@ impl Core {
         self.apps
             .values()
             .filter(|e| e.routed())
-            .map(|e| route_of(e))
+            .map(|e| announced_route(e))
             .collect()
     }
 
