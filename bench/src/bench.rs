@@ -137,6 +137,28 @@ pub(crate) fn release_agent() -> Result<PathBuf> {
     Ok(target_dir.join("release").join("gocast"))
 }
 
+/// CPU time the process has used, in ns: the first field of each thread's `schedstat`.
+fn cpu_ns(pid: i32) -> Result<u64> {
+    let mut total = 0;
+    for task in
+        std::fs::read_dir(format!("/proc/{pid}/task")).context("reading the agent's tasks")?
+    {
+        let path = task?.path().join("schedstat");
+        // A thread that ended between the listing and the read used no more CPU.
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let ns: u64 = text
+            .split_whitespace()
+            .next()
+            .context("empty schedstat")?
+            .parse()
+            .with_context(|| format!("{}: {text:?}", path.display()))?;
+        total += ns;
+    }
+    Ok(total)
+}
+
 /// A `/proc/PID/status` field in KiB, e.g. `VmRSS` (resident now) or `VmHWM` (peak resident).
 fn proc_kib(pid: i32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -35,7 +35,7 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 use gocast_tests::{Agent, Netns, Topology};
 
-use super::{Summary, bgp::Listener, release_agent};
+use super::{Summary, bgp::Listener, cpu_ns, release_agent};
 
 /// The API address inside the agent's namespace.
 const API: &str = "127.0.0.1:8080";
@@ -237,10 +237,14 @@ fn measure(
         Ok(app_count(&topo.agent)? >= apps - requests)
     })?;
     let pid = agent.pid().context("the agent's pid")?;
-    let per_request = |cpu: Duration| cpu.as_secs_f64() * 1e6 / f64::from(requests.max(1));
-    let (started, cpu) = (Instant::now(), cpu_time(pid)?);
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "nanoseconds of CPU in a phase of seconds"
+    )]
+    let per_request = |ns: u64| ns as f64 / 1e3 / f64::from(requests.max(1));
+    let (started, cpu) = (Instant::now(), cpu_ns(pid)?);
     let register = client(&topo.agent, "register", requests, nat, args.clients)?;
-    let register_cpu_us = per_request(cpu_time(pid)?.saturating_sub(cpu));
+    let register_cpu_us = per_request(cpu_ns(pid)?.saturating_sub(cpu));
     agent.wait_for("every vip and rule installed", limit, |_| {
         Ok(installed(&topo.agent)? >= requests)
     })?;
@@ -253,9 +257,9 @@ fn measure(
             "{count} DNAT rules, not {requests}"
         );
     }
-    let cpu = cpu_time(pid)?;
+    let cpu = cpu_ns(pid)?;
     let unregister = client(&topo.agent, "unregister", requests, nat, args.clients)?;
-    let unregister_cpu_us = per_request(cpu_time(pid)?.saturating_sub(cpu));
+    let unregister_cpu_us = per_request(cpu_ns(pid)?.saturating_sub(cpu));
     agent.signal_and_wait("TERM", Duration::from_secs(60))?;
     let floor = if name == "new" {
         let floor = host_floor(requests, nat, args.clients)?;
@@ -276,26 +280,6 @@ fn measure(
         unregister_cpu_us,
         floor,
     })
-}
-
-/// The CPU time `pid` has used, user and system, its ended threads included: fields 14 and 15
-/// of `/proc/PID/stat`, in ticks of `USER_HZ` (100 a second on Linux, whatever the kernel's HZ).
-fn cpu_time(pid: i32) -> Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    // The command name, in parentheses, may hold spaces: count fields after it.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| -> Result<u64> {
-        fields
-            .get(i)
-            .and_then(|f| f.parse().ok())
-            .with_context(|| format!("/proc/{pid}/stat: {stat:?}"))
-    };
-    // After the name: field 3 (state) is index 0, so utime (14) is 11 and stime (15) 12.
-    Ok(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
 }
 
 /// What removing `requests` apps costs the host's tools alone, per second, in a namespace of

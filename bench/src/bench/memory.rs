@@ -22,7 +22,7 @@ use clap::Args;
 use super::{
     Summary,
     bgp::{self, Lab, Listener},
-    mib, ms, proc_kib, release_agent,
+    cpu_ns, mib, ms, proc_kib, release_agent,
 };
 
 /// The port every app's monitor checks.
@@ -243,26 +243,4 @@ fn smaps(pid: i32, binary: &Path) -> Result<Vec<Pages>> {
     groups.retain(|g| g.rss > 0);
     groups.sort_by_key(|g| std::cmp::Reverse(g.rss));
     Ok(groups)
-}
-
-/// CPU time the process has used, in ns: the first field of each thread's `schedstat`.
-fn cpu_ns(pid: i32) -> Result<u64> {
-    let mut total = 0;
-    for task in
-        std::fs::read_dir(format!("/proc/{pid}/task")).context("reading the agent's tasks")?
-    {
-        let path = task?.path().join("schedstat");
-        // A thread that ended between the listing and the read used no more CPU.
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            continue;
-        };
-        let ns: u64 = text
-            .split_whitespace()
-            .next()
-            .context("empty schedstat")?
-            .parse()
-            .with_context(|| format!("{}: {text:?}", path.display()))?;
-        total += ns;
-    }
-    Ok(total)
 }
