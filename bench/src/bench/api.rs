@@ -309,44 +309,44 @@ fn host_floor(requests: u32, nat: bool, clients: u32) -> Result<f64> {
             vip(i)
         )
     };
-    let restore = |body: String| -> Result<()> {
-        let path = dir.path().join("rules");
-        std::fs::write(&path, format!("*nat\n{body}COMMIT\n"))?;
-        let status = ns
-            .command("ip6tables-restore")
-            .args(["-w", "--noflush"])
-            .stdin(std::fs::File::open(&path)?)
-            .status()?;
-        ensure!(status.success(), "ip6tables-restore: {status}");
-        Ok(())
+    // One `iptables-restore` input per file, each run by a shell inside the namespace:
+    // `ip netns exec` per batch would add a cost the agent, already inside, does not pay.
+    let table = |body: String| format!("*nat\n{body}COMMIT\n");
+    let restore_all = |files: &Path| {
+        ns.run(
+            "sh",
+            &[
+                "-c",
+                &format!(
+                    "for f in {}/*; do ip6tables-restore -w --noflush < \"$f\" || exit 1; done",
+                    files.display()
+                ),
+            ],
+        )
     };
-    ip_batch(&add)?;
-    if nat {
-        restore(format!(
+    let (setup, batches) = (dir.path().join("setup"), dir.path().join("batches"));
+    std::fs::create_dir(&setup)?;
+    std::fs::create_dir(&batches)?;
+    std::fs::write(
+        setup.join("chain"),
+        table(format!(
             ":GOCAST - [0:0]\n{}",
             (0..requests).map(|i| rule("-A", i)).collect::<String>()
-        ))?;
-    }
-    // One file per batch, all restored by one shell inside the namespace: `ip netns exec`
-    // per batch would add a cost the agent, already inside, does not pay.
+        )),
+    )?;
     let ids: Vec<u32> = (0..requests).collect();
-    let rules = dir.path().join("batches");
-    std::fs::create_dir(&rules)?;
     for (n, chunk) in ids.chunks(clients.max(1) as usize).enumerate() {
-        let body: String = chunk.iter().map(|&i| rule("-D", i)).collect();
-        std::fs::write(
-            rules.join(format!("{n:06}")),
-            format!("*nat\n{body}COMMIT\n"),
-        )?;
+        let body = chunk.iter().map(|&i| rule("-D", i)).collect();
+        std::fs::write(batches.join(format!("{n:06}")), table(body))?;
     }
-    let script = format!(
-        "for f in {}/*; do ip6tables-restore -w --noflush < \"$f\" || exit 1; done",
-        rules.display()
-    );
+    ip_batch(&add)?;
+    if nat {
+        restore_all(&setup)?;
+    }
     let started = Instant::now();
     ip_batch(&del)?;
     if nat {
-        ns.run("sh", &["-c", &script])?;
+        restore_all(&batches)?;
     }
     Ok(f64::from(requests) / started.elapsed().as_secs_f64())
 }
