@@ -138,9 +138,6 @@ struct Changed {
     /// The VIPs whose owner came, changed or went, in order: published as changes, so a
     /// batch costs O(batch), not a rebuild of every app's owner.
     owners: Vec<(IpAddr, Option<VipOwner>)>,
-    /// Deadlines changed where only a walk over every app finds them (drains, failed
-    /// removals): rebuild the deadline index. Hot paths index the one entry instead.
-    cleanup: bool,
 }
 
 /// The lifecycle's state and decisions.
@@ -303,7 +300,6 @@ impl Core {
     /// state-file write is in flight: forgetting an HTTP app needs one, and the write's
     /// completion looks again.
     pub fn next_deadline(&mut self) -> Option<Instant> {
-        self.refresh_deadlines();
         loop {
             let first = self.deadlines.first();
             match first.map(|d| self.deadline_holds(d)) {
@@ -317,20 +313,9 @@ impl Core {
         self.deadlines.first().map(|(t, _)| *t)
     }
 
-    /// Rebuilds the deadline index if a change asked for it.
-    fn refresh_deadlines(&mut self) {
-        if std::mem::take(&mut self.changed.cleanup) {
-            self.deadlines.clear();
-            for entry in self.apps.values() {
-                index_deadlines(&mut self.deadlines, entry);
-            }
-        }
-    }
-
     /// The apps whose deadline of one kind (`which`: cleanup or drain) has passed, from the
     /// index.
-    fn due(&mut self, now: Now, which: fn(&Entry) -> Option<Instant>) -> Vec<AppName> {
-        self.refresh_deadlines();
+    fn due(&self, now: Now, which: fn(&Entry) -> Option<Instant>) -> Vec<AppName> {
         self.deadlines
             .iter()
             .take_while(|(t, _)| *t <= now.mono)
@@ -659,9 +644,9 @@ impl Core {
                         error!(app = %name, error = %e, "cannot save the removal; keeping the app");
                         if let Some(entry) = self.apps.get_mut(&name) {
                             entry.cleanup_at = Some(now.mono + self.settings.cleanup_timer);
+                            index_deadlines(&mut self.deadlines, entry);
                         }
                     }
-                    self.changed.cleanup = true;
                 }
             }
         }

@@ -103,7 +103,8 @@ impl Core {
                 _ => {}
             }
             self.changed.routes.app(&name);
-            self.changed.cleanup = true;
+            // Deadlines this cleared go stale in the index and are dropped when met.
+            super::index_deadlines(&mut self.deadlines, &entry);
             views.push(entry.view(now, self.settings.passive_health));
             self.apps.insert(name, entry);
         }
