@@ -13,6 +13,7 @@ use std::{
     collections::HashSet,
     net::{IpAddr, SocketAddr},
     process::Stdio,
+    sync::Arc,
     time::Duration,
 };
 
@@ -118,7 +119,8 @@ type RuleKey = (String, IpAddr, u16, SocketAddr);
 /// costs one `iptables-restore` instead of an `iptables -S` of thousands of rules first
 /// (issue 14 §2). A rule removed behind the agent's back fails a batched delete, which then
 /// goes rule by rule and forgets what it knew; one missing at the next listing is put back.
-type Known = [Option<HashSet<RuleKey>>; 2];
+/// Shared with the last [`Listing`], which is gone by the next commit, so neither copies it.
+type Known = [Option<Arc<HashSet<RuleKey>>>; 2];
 
 /// The agent's NAT chain, set up in both families (IPv6 only where ip6tables works).
 pub struct Iptables {
@@ -327,7 +329,7 @@ impl Iptables {
         let mut known = self.lock.lock().await;
         let text = run_ok(family, &args(["-t", TABLE, "-S"])).await?;
         let listing = Listing::parse(&text);
-        known[family.index()] = Some(listing.rules.clone());
+        known[family.index()] = Some(Arc::clone(&listing.rules));
         Ok(Some(listing))
     }
 
@@ -402,7 +404,7 @@ pub struct Listing {
     /// The built-in chains that jump to it.
     hooks: Vec<String>,
     /// Its DNAT rules.
-    rules: HashSet<RuleKey>,
+    rules: Arc<HashSet<RuleKey>>,
 }
 
 impl Listing {
@@ -418,7 +420,7 @@ impl Listing {
                     listing.hooks.push((*hook).to_owned());
                 }
                 ["-A", chain, rest @ ..] if *chain == CHAIN => {
-                    listing.rules.extend(parse_rule(rest));
+                    Arc::make_mut(&mut listing.rules).extend(parse_rule(rest));
                 }
                 _ => {}
             }
@@ -475,7 +477,7 @@ async fn restore(
     family: Family,
     op: Op,
     jobs: impl Iterator<Item = NatItem<'_>>,
-    known: &mut Option<HashSet<RuleKey>>,
+    known: &mut Option<Arc<HashSet<RuleKey>>>,
 ) -> Result<(), IptablesError> {
     // Taken: a failure below leaves it unknown.
     let mut present = if let Some(present) = known.take() {
@@ -484,6 +486,7 @@ async fn restore(
         let listed = run_ok(family, &args(["-t", TABLE, "-S", CHAIN])).await?;
         Listing::parse(&listed).rules
     };
+    let set = Arc::make_mut(&mut present);
     let mut input = format!("*{TABLE}\n");
     let mut changes = 0;
     for job in jobs {
@@ -496,9 +499,9 @@ async fn restore(
             );
             // What the chain holds once this commits (a rule twice in a batch goes in once).
             let needed = if op == Op::Append {
-                present.insert(key)
+                set.insert(key)
             } else {
-                present.remove(&key)
+                set.remove(&key)
             };
             if !needed {
                 continue;
