@@ -13,8 +13,8 @@ use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::Duration};
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{Path, RawQuery, State},
-    http::{HeaderMap, StatusCode, header},
+    extract::{FromRequest, Path, RawQuery, Request, State},
+    http::{HeaderMap, Method, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -170,8 +170,8 @@ pub struct ApiState {
 /// The API's routes, apart from serving, so tests can call them directly.
 pub fn router(state: ApiState) -> Router {
     Router::new()
-        .route("/register", get(register_get).post(register_post))
-        .route("/unregister", get(unregister).post(unregister_post))
+        .route("/register", get(register).post(register))
+        .route("/unregister", get(unregister).post(unregister))
         .route("/drain", post(drain))
         .route("/undrain", post(undrain))
         .route("/reload", post(reload))
@@ -278,6 +278,30 @@ fn query_and_body(
     let mut all = pairs(query.unwrap_or(""))?;
     all.extend(body_pairs(headers, body)?);
     Ok(all)
+}
+
+/// A call's parameters: the query's pairs, then for a POST the body's. Any other method (GET,
+/// and HEAD, which axum routes to GET handlers) ignores the body.
+struct Params(Vec<(String, String)>);
+
+impl<S: Send + Sync> FromRequest<S> for Params {
+    /// A body that cannot be read keeps axum's own answer (413 past the limit); bad pairs are
+    /// an [`ApiError`].
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let query = req.uri().query().map(str::to_owned);
+        let pairs = if req.method() == Method::POST {
+            let headers = req.headers().clone();
+            let body = Bytes::from_request(req, state)
+                .await
+                .map_err(IntoResponse::into_response)?;
+            query_and_body(query.as_deref(), &headers, &body)
+        } else {
+            pairs(query.as_deref().unwrap_or(""))
+        };
+        pairs.map(Self).map_err(IntoResponse::into_response)
+    }
 }
 
 fn body_pairs(headers: &HeaderMap, body: &[u8]) -> Result<Vec<(String, String)>, ApiError> {
@@ -447,61 +471,32 @@ fn parse_name(pairs: &[(String, String)]) -> Result<AppName, ApiError> {
         .ok_or_else(|| report(&problems))
 }
 
-async fn register(state: &ApiState, pairs: &[(String, String)]) -> Result<Response, ApiError> {
-    let spec = parse_register(pairs)?;
+async fn register(
+    State(state): State<ApiState>,
+    Params(pairs): Params,
+) -> Result<Response, ApiError> {
+    let spec = parse_register(&pairs)?;
     let view = state.lifecycle.register(spec, Source::Http).await?;
     Ok(Json(view).into_response())
 }
 
-async fn register_get(
-    State(state): State<ApiState>,
-    RawQuery(q): RawQuery,
-) -> Result<Response, ApiError> {
-    register(&state, &pairs(q.as_deref().unwrap_or(""))?).await
-}
-
-async fn register_post(
-    State(state): State<ApiState>,
-    RawQuery(q): RawQuery,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    register(&state, &query_and_body(q.as_deref(), &headers, &body)?).await
-}
-
-async fn unregister_by(state: &ApiState, pairs: &[(String, String)]) -> Result<Response, ApiError> {
-    let name = parse_name(pairs)?;
-    let view = state.lifecycle.unregister(name).await?;
-    Ok(Json(json!({ "unregistered": view })).into_response())
-}
-
 async fn unregister(
     State(state): State<ApiState>,
-    RawQuery(q): RawQuery,
+    Params(pairs): Params,
 ) -> Result<Response, ApiError> {
-    unregister_by(&state, &pairs(q.as_deref().unwrap_or(""))?).await
-}
-
-async fn unregister_post(
-    State(state): State<ApiState>,
-    RawQuery(q): RawQuery,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    unregister_by(&state, &query_and_body(q.as_deref(), &headers, &body)?).await
+    let name = parse_name(&pairs)?;
+    let view = state.lifecycle.unregister(name).await?;
+    Ok(Json(json!({ "unregistered": view })).into_response())
 }
 
 /// `name=APP` drains one app; no name drains the whole host.
 async fn drain_by(
     state: &ApiState,
-    q: Option<&str>,
-    headers: &HeaderMap,
-    body: &Bytes,
+    pairs: &[(String, String)],
     drain: bool,
 ) -> Result<Response, ApiError> {
-    let pairs = query_and_body(q, headers, body)?;
     let app = if pairs.iter().any(|(k, _)| k == "name") {
-        Some(parse_name(&pairs)?)
+        Some(parse_name(pairs)?)
     } else {
         None
     };
@@ -509,22 +504,15 @@ async fn drain_by(
     Ok(Json(report).into_response())
 }
 
-async fn drain(
-    State(state): State<ApiState>,
-    RawQuery(q): RawQuery,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    drain_by(&state, q.as_deref(), &headers, &body, true).await
+async fn drain(State(state): State<ApiState>, Params(pairs): Params) -> Result<Response, ApiError> {
+    drain_by(&state, &pairs, true).await
 }
 
 async fn undrain(
     State(state): State<ApiState>,
-    RawQuery(q): RawQuery,
-    headers: HeaderMap,
-    body: Bytes,
+    Params(pairs): Params,
 ) -> Result<Response, ApiError> {
-    drain_by(&state, q.as_deref(), &headers, &body, false).await
+    drain_by(&state, &pairs, false).await
 }
 
 /// Reloads the config file: 200 with what changed, 400 with why nothing did.
