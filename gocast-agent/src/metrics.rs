@@ -21,7 +21,7 @@ use prometheus_client::{
         gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
-    registry::Registry,
+    registry::{Metric, Registry},
 };
 
 use gocast_common::maps::VipCounters;
@@ -398,6 +398,14 @@ struct Inner {
     repairs: RepairMetrics,
 }
 
+/// A new metric, registered under `name`: the registry encodes a clone, the caller records into
+/// the one it keeps.
+fn registered<M: Metric + Default + Clone>(registry: &mut Registry, name: &str, help: &str) -> M {
+    let metric = M::default();
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 /// Consul's families: requests by outcome, when it last answered, what discovery found.
 struct ConsulMetrics {
     requests: Family<ConsulLabels, Counter>,
@@ -408,33 +416,28 @@ struct ConsulMetrics {
 
 impl ConsulMetrics {
     fn register(registry: &mut Registry) -> Self {
-        let m = Self {
-            requests: Family::default(),
-            last_success: Family::default(),
-            apps: Gauge::default(),
-            refused: Gauge::default(),
-        };
-        registry.register(
-            "consul_requests",
-            "Requests to Consul by endpoint and result (ok, unreachable, timeout, http_4xx, http_5xx, malformed, unknown_node)",
-            m.requests.clone(),
-        );
-        registry.register(
-            "consul_last_success_timestamp_seconds",
-            "Unix time of the last good answer from Consul, by endpoint",
-            m.last_success.clone(),
-        );
-        registry.register(
-            "consul_apps",
-            "Apps discovered in Consul and accepted at the last good catalog read",
-            m.apps.clone(),
-        );
-        registry.register(
-            "consul_services_refused",
-            "Services tagged enable_gocast refused at the last good catalog read (bad tags, conflicts)",
-            m.refused.clone(),
-        );
-        m
+        Self {
+            requests: registered(
+                registry,
+                "consul_requests",
+                "Requests to Consul by endpoint and result (ok, unreachable, timeout, http_4xx, http_5xx, malformed, unknown_node)",
+            ),
+            last_success: registered(
+                registry,
+                "consul_last_success_timestamp_seconds",
+                "Unix time of the last good answer from Consul, by endpoint",
+            ),
+            apps: registered(
+                registry,
+                "consul_apps",
+                "Apps discovered in Consul and accepted at the last good catalog read",
+            ),
+            refused: registered(
+                registry,
+                "consul_services_refused",
+                "Services tagged enable_gocast refused at the last good catalog read (bad tags, conflicts)",
+            ),
+        }
     }
 }
 
@@ -448,33 +451,28 @@ struct BgpMetrics {
 
 impl BgpMetrics {
     fn register(registry: &mut Registry) -> Self {
-        let m = Self {
-            messages: Family::default(),
-            notifications: Family::default(),
-            flaps: Family::default(),
-            prefixes_received: Family::default(),
-        };
-        registry.register(
-            "bgp_messages",
-            "BGP messages by peer, direction (in, out) and type (open, update, notification, keepalive, route_refresh)",
-            m.messages.clone(),
-        );
-        registry.register(
-            "bgp_notifications",
-            "BGP NOTIFICATIONs by peer, direction (in, out), error code and subcode (RFC 4271 4.5)",
-            m.notifications.clone(),
-        );
-        registry.register(
-            "bgp_session_flaps",
-            "Times an Established session went down",
-            m.flaps.clone(),
-        );
-        registry.register(
-            "bgp_prefixes_received",
-            "Prefixes the peer announces to the agent (none is installed)",
-            m.prefixes_received.clone(),
-        );
-        m
+        Self {
+            messages: registered(
+                registry,
+                "bgp_messages",
+                "BGP messages by peer, direction (in, out) and type (open, update, notification, keepalive, route_refresh)",
+            ),
+            notifications: registered(
+                registry,
+                "bgp_notifications",
+                "BGP NOTIFICATIONs by peer, direction (in, out), error code and subcode (RFC 4271 4.5)",
+            ),
+            flaps: registered(
+                registry,
+                "bgp_session_flaps",
+                "Times an Established session went down",
+            ),
+            prefixes_received: registered(
+                registry,
+                "bgp_prefixes_received",
+                "Prefixes the peer announces to the agent (none is installed)",
+            ),
+        }
     }
 }
 
@@ -487,27 +485,23 @@ struct BfdMetrics {
 
 impl BfdMetrics {
     fn register(registry: &mut Registry) -> Self {
-        let m = Self {
-            up: Family::default(),
-            transitions: Family::default(),
-            dropped: Family::default(),
-        };
-        registry.register(
-            "bfd_session_up",
-            "1 while the peer's BFD session is Up",
-            m.up.clone(),
-        );
-        registry.register(
-            "bfd_state_transitions",
-            "BFD session state changes, by peer and new state (admin_down, down, init, up)",
-            m.transitions.clone(),
-        );
-        registry.register(
-            "bfd_packets_dropped",
-            "Received BFD packets dropped, by reason (ttl, length, version, detect_mult, multipoint, my_discriminator, your_discriminator, authentication, source, overload)",
-            m.dropped.clone(),
-        );
-        m
+        Self {
+            up: registered(
+                registry,
+                "bfd_session_up",
+                "1 while the peer's BFD session is Up",
+            ),
+            transitions: registered(
+                registry,
+                "bfd_state_transitions",
+                "BFD session state changes, by peer and new state (admin_down, down, init, up)",
+            ),
+            dropped: registered(
+                registry,
+                "bfd_packets_dropped",
+                "Received BFD packets dropped, by reason (ttl, length, version, detect_mult, multipoint, my_discriminator, your_discriminator, authentication, source, overload)",
+            ),
+        }
     }
 }
 
@@ -519,21 +513,18 @@ struct InfoMetrics {
 
 impl InfoMetrics {
     fn register(registry: &mut Registry) -> Self {
-        let m = Self {
-            build: Family::default(),
-            dataplane: Family::default(),
-        };
-        registry.register(
-            "build_info",
-            "1, labelled with the agent's version, commit and running dataplane (ebpf, iptables)",
-            m.build.clone(),
-        );
-        registry.register(
-            "dataplane_info",
-            "1, labelled with the running dataplane and why it was chosen (e.g. the eBPF fallback's cause)",
-            m.dataplane.clone(),
-        );
-        m
+        Self {
+            build: registered(
+                registry,
+                "build_info",
+                "1, labelled with the agent's version, commit and running dataplane (ebpf, iptables)",
+            ),
+            dataplane: registered(
+                registry,
+                "dataplane_info",
+                "1, labelled with the running dataplane and why it was chosen (e.g. the eBPF fallback's cause)",
+            ),
+        }
     }
 }
 
@@ -546,24 +537,22 @@ struct RepairMetrics {
 impl RepairMetrics {
     fn register(registry: &mut Registry) -> Self {
         let m = Self {
-            repairs: Family::default(),
-            failures: Family::default(),
+            repairs: registered(
+                registry,
+                "repairs",
+                "Host state found missing and put back by self-repair, by kind (vip, nat, program)",
+            ),
+            failures: registered(
+                registry,
+                "repair_failures",
+                "Self-repairs that failed, by kind (an app's failure withdraws it)",
+            ),
         };
         for kind in REPAIR_KINDS {
             let labels = RepairLabels { kind: kind.into() };
             drop(m.repairs.get_or_create(&labels));
             drop(m.failures.get_or_create(&labels));
         }
-        registry.register(
-            "repairs",
-            "Host state found missing and put back by self-repair, by kind (vip, nat, program)",
-            m.repairs.clone(),
-        );
-        registry.register(
-            "repair_failures",
-            "Self-repairs that failed, by kind (an app's failure withdraws it)",
-            m.failures.clone(),
-        );
         m
     }
 }
@@ -571,73 +560,60 @@ impl RepairMetrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("gocast");
-        let app_healthy = Family::<AppLabels, Gauge>::default();
-        let app_announced = Family::<AppLabels, Gauge>::default();
-        let state_changes = Family::<AppLabels, Counter>::default();
-        let monitor_latency = Family::new_with_constructor(LatencyBuckets);
-        let routes = Gauge::default();
-        let peer_up = Family::<PeerLabels, Gauge>::default();
-        let peer_transitions = Family::<PeerLabels, Counter>::default();
-        let peer_established = Family::<PeerLabels, Counter>::default();
-        let updates_sent = Family::<PeerLabels, Counter>::default();
-        let prefixes_advertised = Family::<PeerLabels, Gauge>::default();
-        let task_restarts = Family::<TaskLabels, Counter>::default();
         let consul = ConsulMetrics::register(&mut registry);
         let repairs = RepairMetrics::register(&mut registry);
-        registry.register(
+        let peer_up = registered(
+            &mut registry,
             "bgp_session_up",
             "1 while the BGP session is Established",
-            peer_up.clone(),
         );
-        registry.register(
+        let peer_transitions = registered(
+            &mut registry,
             "bgp_state_transitions",
             "BGP FSM state changes",
-            peer_transitions.clone(),
         );
-        registry.register(
+        let peer_established = registered(
+            &mut registry,
             "bgp_sessions_established",
             "Times the session reached Established",
-            peer_established.clone(),
         );
-        registry.register(
-            "bgp_updates_sent",
-            "UPDATE messages sent",
-            updates_sent.clone(),
-        );
-        registry.register(
+        let updates_sent = registered(&mut registry, "bgp_updates_sent", "UPDATE messages sent");
+        let prefixes_advertised = registered(
+            &mut registry,
             "bgp_prefixes_advertised",
             "Prefixes in the peer's Adj-RIB-Out",
-            prefixes_advertised.clone(),
         );
-        registry.register(
+        let task_restarts = registered(
+            &mut registry,
             "task_restarts",
             "Supervised tasks started again after they panicked or ended by themselves",
-            task_restarts.clone(),
         );
-        registry.register(
+        let app_healthy = registered(
+            &mut registry,
             "app_healthy",
             "1 when all of the app's monitors pass",
-            app_healthy.clone(),
         );
-        registry.register(
+        let app_announced = registered(
+            &mut registry,
             "app_announced",
             "1 when the app's VIP is in the announced set",
-            app_announced.clone(),
         );
-        registry.register(
+        let state_changes = registered(
+            &mut registry,
             "app_state_changes",
             "Health state changes of the app",
-            state_changes.clone(),
         );
+        // The one family without a `Default`: its histograms take the latency buckets.
+        let monitor_latency = Family::new_with_constructor(LatencyBuckets);
         registry.register(
             "monitor_duration_seconds",
             "Time one monitor run took, by monitor kind and result",
             monitor_latency.clone(),
         );
-        registry.register(
+        let routes = registered(
+            &mut registry,
             "announced_routes",
             "Routes in the desired-announcement set",
-            routes.clone(),
         );
         let info = InfoMetrics::register(&mut registry);
         let vip_counters = VipCounterCollector::default();
