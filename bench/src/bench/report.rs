@@ -5,6 +5,7 @@
 
 use std::{
     fmt::Write as _,
+    ops::Range,
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
@@ -182,7 +183,6 @@ fn api_chart(path: &Path, api: &ApiReport) -> Result<()> {
         .filter(|r| r.agent == "new")
         .map(|r| (r.apps, r.nat))
         .collect();
-    let n = u32::try_from(rounds.len()).unwrap_or(u32::MAX).max(1);
     let top = api
         .rows
         .iter()
@@ -194,27 +194,17 @@ fn api_chart(path: &Path, api: &ApiReport) -> Result<()> {
         .iter()
         .map(|(apps, nat)| format!("{apps} apps, {}", if *nat { "NAT" } else { "no NAT" }))
         .collect();
-    let mut chart = ChartBuilder::on(&root)
-        .caption("API requests per second (log scale)", ("sans-serif", 20))
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(-0.5..f64::from(n) - 0.5, 1.0..top)?;
+    let mut chart = category_chart(
+        &root,
+        "API requests per second (log scale)",
+        labels.len(),
+        60,
+        1.0..top,
+    )?;
     chart
         .configure_mesh()
-        .x_labels(rounds.len())
-        .x_label_formatter(&|x| {
-            let i = x.round();
-            if (x - i).abs() > 0.01 || i < 0.0 {
-                return String::new();
-            }
-            #[expect(
-                clippy::cast_possible_truncation,
-                clippy::cast_sign_loss,
-                reason = "an index"
-            )]
-            labels.get(i as usize).cloned().unwrap_or_default()
-        })
+        .x_labels(labels.len())
+        .x_label_formatter(&|x| category_label(&labels, *x))
         .y_label_formatter(&|y| format!("{:.0}", 10f64.powf(*y)))
         .y_desc("requests/s")
         .draw()?;
@@ -671,6 +661,39 @@ fn marked_line(
     Ok(())
 }
 
+/// A line chart on `root` with `categories` places along x, at 0, 1, ..., each half a place
+/// from the edges; its labels come from [`category_label`].
+fn category_chart<'a, 'b>(
+    root: &'a Area<'b>,
+    caption: &str,
+    categories: usize,
+    y_label_area: u32,
+    y: Range<f64>,
+) -> Result<LineChart<'a, 'b>> {
+    let n = u32::try_from(categories).unwrap_or(u32::MAX).max(1);
+    Ok(ChartBuilder::on(root)
+        .caption(caption, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(y_label_area)
+        .build_cartesian_2d(-0.5..f64::from(n) - 0.5, y)?)
+}
+
+/// The label of the category at `x`, nothing between categories (plotters asks at any x).
+fn category_label(labels: &[String], x: f64) -> String {
+    let i = x.round();
+    if (x - i).abs() > 0.01 || i < 0.0 {
+        return String::new();
+    }
+    // A small index, rounded above.
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "an index"
+    )]
+    labels.get(i as usize).cloned().unwrap_or_default()
+}
+
 /// The legend of the lines drawn, at `position`.
 fn legend<'a, 'b: 'a>(chart: &mut LineChart<'a, 'b>, position: SeriesLabelPosition) -> Result<()> {
     chart
@@ -686,33 +709,21 @@ fn memory_chart(path: &Path, memory: &MemoryReport) -> Result<()> {
     let root = SVGBackend::new(path, (800, 400)).into_drawing_area();
     root.fill(&WHITE)?;
     let rows = &memory.rows;
-    let n = u32::try_from(rows.len()).unwrap_or(u32::MAX).max(1);
     let max_y = rows.iter().map(|r| r.hwm_kib).max().map_or(1.0, |k| {
         u32::try_from(k / 1024).map_or(1.0, f64::from) + 1.0
     }) * 1.15;
     let labels: Vec<String> = rows.iter().map(|r| r.apps.to_string()).collect();
-    let mut chart = ChartBuilder::on(&root)
-        .caption("Agent memory against app count", ("sans-serif", 20))
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(50)
-        .build_cartesian_2d(-0.5..f64::from(n) - 0.5, 0.0..max_y)?;
+    let mut chart = category_chart(
+        &root,
+        "Agent memory against app count",
+        labels.len(),
+        50,
+        0.0..max_y,
+    )?;
     chart
         .configure_mesh()
-        .x_labels(rows.len())
-        .x_label_formatter(&|x| {
-            let i = x.round();
-            if (x - i).abs() > 0.01 || i < 0.0 {
-                return String::new();
-            }
-            // A small index, rounded above.
-            #[expect(
-                clippy::cast_possible_truncation,
-                clippy::cast_sign_loss,
-                reason = "an index"
-            )]
-            labels.get(i as usize).cloned().unwrap_or_default()
-        })
+        .x_labels(labels.len())
+        .x_label_formatter(&|x| category_label(&labels, *x))
         .x_desc("apps (port:tcp monitors, announced)")
         .y_desc("MiB")
         .draw()?;
