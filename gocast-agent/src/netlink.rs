@@ -19,7 +19,7 @@ use rtnetlink::packet_route::{
         AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressProtocol,
         AddressScope,
     },
-    link::{LinkAttribute, LinkInfo, LinkXdp},
+    link::{LinkAttribute, LinkInfo, LinkMessage, LinkXdp},
     route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType, RouteVia},
 };
 use rtnetlink::{AddressMessageBuilder, Handle, LinkUnspec, MulticastGroup, RouteMessageBuilder};
@@ -339,20 +339,13 @@ impl Netlink {
     /// The ids of the XDP programs attached to `interface`, in any mode; empty if none (or no
     /// such interface).
     pub async fn xdp_program_ids(&self, interface: &str) -> Result<Vec<u32>, NetlinkError> {
-        let link = self
-            .handle
-            .link()
-            .get()
-            .match_name(interface.to_owned())
-            .execute()
-            .try_next()
-            .await;
-        let link = match link {
-            Err(e) if errno(&e) == Some(Errno::ENODEV) => return Ok(Vec::new()),
-            other => other.map_err(|source| NetlinkError::LinkByName {
-                name: interface.to_owned(),
-                source,
-            })?,
+        let link = match self.link_named(interface).await {
+            Err(NetlinkError::LinkByName { source, .. })
+                if errno(&source) == Some(Errno::ENODEV) =>
+            {
+                return Ok(Vec::new());
+            }
+            other => other?,
         };
         let xdp = link
             .into_iter()
@@ -476,24 +469,28 @@ impl Netlink {
     /// Whether `interface` is a virtual device (veth, bridge, bond, vlan, tun, ...): the kernel
     /// names a link kind for those, not for physical NICs.
     pub async fn is_virtual(&self, interface: &str) -> Result<bool, NetlinkError> {
-        let link = self
-            .handle
-            .link()
-            .get()
-            .match_name(interface.to_owned())
-            .execute()
-            .try_next()
-            .await
-            .map_err(|source| NetlinkError::LinkByName {
-                name: interface.to_owned(),
-                source,
-            })?;
+        let link = self.link_named(interface).await?;
         Ok(link.is_some_and(|l| {
             l.attributes.iter().any(|a| {
                 matches!(a, LinkAttribute::LinkInfo(infos)
                     if infos.iter().any(|i| matches!(i, LinkInfo::Kind(_))))
             })
         }))
+    }
+
+    /// The link called `name`; the kernel answers a name it does not know with `ENODEV`.
+    async fn link_named(&self, name: &str) -> Result<Option<LinkMessage>, NetlinkError> {
+        self.handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute()
+            .try_next()
+            .await
+            .map_err(|source| NetlinkError::LinkByName {
+                name: name.to_owned(),
+                source,
+            })
     }
 
     /// The index of the interface the route toward `dest` leaves through.
