@@ -48,6 +48,11 @@ const STATUS_EVERY: Duration = Duration::from_secs(1);
 /// How long after the first reconcile the start-up's code is paged out: the config's apps
 /// are checked, installed and announced by then (`monitor_rise` ticks).
 const PAGE_OUT_AFTER: Duration = Duration::from_secs(10);
+/// How often freed heap pages go back to the kernel after that: glibc returns only the top of
+/// each arena by itself, and the steady state (checks, `/stats` samples, API calls, bursts of
+/// registrations) frees pages in the middle that it would keep resident (docs/benchmarks.md,
+/// "### Memory").
+const TRIM_EVERY: Duration = Duration::from_secs(60);
 
 /// Runs the agent until SIGTERM or SIGINT, then shuts down cleanly; SIGHUP reloads the config
 /// file at `path` and never ends the agent.
@@ -300,7 +305,8 @@ fn spawn_notifications(
 }
 
 /// Once the lifecycle has done its first reconcile: `READY=1` under systemd, and
-/// [`PAGE_OUT_AFTER`] later the start-up's code pages go back to the kernel.
+/// [`PAGE_OUT_AFTER`] later the start-up's code pages go back to the kernel; from then on, free
+/// heap pages every [`TRIM_EVERY`].
 async fn after_ready(
     ready: tokio::sync::oneshot::Receiver<()>,
     systemd: bool,
@@ -315,8 +321,17 @@ async fn after_ready(
         systemd::notify_ready();
     }
     tokio::select! {
-        () = cancel.cancelled() => {}
+        () = cancel.cancelled() => return,
         () = tokio::time::sleep(PAGE_OUT_AFTER) => page_out_start_up(),
+    }
+    let mut trim = tokio::time::interval(TRIM_EVERY);
+    trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    trim.reset();
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = trim.tick() => gocast_common::heap::trim(),
+        }
     }
 }
 

@@ -2,7 +2,9 @@
 //!
 //! Loading the eBPF object parses the kernel's BTF (aya reads `/sys/kernel/btf/vmlinux`, several
 //! MiB, whether or not relocations need it). glibc keeps what that freed at the top of the heap,
-//! so the agent would carry those pages as resident memory for its whole life.
+//! so the agent would carry those pages as resident memory for its whole life. Later, pages
+//! freed in the middle of an arena stay resident too until a trim returns them, so the agent
+//! trims now and then.
 
 /// Returns free heap pages to the kernel (`malloc_trim(0)`); a no-op where the C library has no
 /// such call.
