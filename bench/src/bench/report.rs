@@ -511,11 +511,12 @@ fn memory_section(md: &mut String, memory: &MemoryReport) {
     let _ = writeln!(
         md,
         "The agent with N apps (IPv6 /128 VIPs), each with a `port:tcp` monitor on a listening\n\
-         port, so all are healthy, on `lo` and announced to BIRD; memory read a few monitor ticks\n\
-         after BIRD holds every route; CPU over the next seconds of steady state (each app checked\n\
+         port, so all are healthy, on `lo` and announced to BIRD; memory read {} s after BIRD\n\
+         holds every route (`--settle-s`); CPU over the next seconds of steady state (each app checked\n\
          once a second), in % of one core (GoCast: 5.6 % with 1,000 apps; target ≤ 0.5 %);\n\
          \"touched\" is the part of VmRSS accessed during those seconds (the steady state's working set).\n\n\
-         | apps | VmRSS MiB | of it anonymous / file-backed MiB | of it touched MiB | VmHWM (peak) MiB | CPU % of a core | spawn → all routes at BIRD |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+         | apps | VmRSS MiB | of it anonymous / file-backed MiB | of it touched MiB | VmHWM (peak) MiB | CPU % of a core | spawn → all routes at BIRD |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        memory.settle_s
     );
     for row in &memory.rows {
         let _ = writeln!(
@@ -786,6 +787,7 @@ mod tests {
                 summary: Summary::default(),
             },
             memory: MemoryReport {
+                settle_s: 45,
                 rows: [0, 100, 1000, 10_000]
                     .into_iter()
                     .map(|apps| MemoryRow {
