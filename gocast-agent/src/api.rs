@@ -14,7 +14,7 @@ use axum::{
     Json, Router,
     body::Bytes,
     extract::{FromRequest, Path, RawQuery, Request, State},
-    http::{HeaderMap, Method, StatusCode, header},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -269,17 +269,6 @@ fn json_pairs(body: &[u8]) -> Result<Vec<(String, String)>, ApiError> {
     Ok(out)
 }
 
-/// The query's pairs, then the body's.
-fn query_and_body(
-    query: Option<&str>,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Result<Vec<(String, String)>, ApiError> {
-    let mut all = pairs(query.unwrap_or(""))?;
-    all.extend(body_pairs(headers, body)?);
-    Ok(all)
-}
-
 /// A call's parameters: the query's pairs, then for a POST the body's. Any other method (GET,
 /// and HEAD, which axum routes to GET handlers) ignores the body.
 struct Params(Vec<(String, String)>);
@@ -290,25 +279,31 @@ impl<S: Send + Sync> FromRequest<S> for Params {
     type Rejection = Response;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let query = req.uri().query().map(str::to_owned);
-        let pairs = if req.method() == Method::POST {
-            let headers = req.headers().clone();
-            let body = Bytes::from_request(req, state)
-                .await
-                .map_err(IntoResponse::into_response)?;
-            query_and_body(query.as_deref(), &headers, &body)
-        } else {
-            pairs(query.as_deref().unwrap_or(""))
-        };
-        pairs.map(Self).map_err(IntoResponse::into_response)
+        if req.method() != Method::POST {
+            return pairs(req.uri().query().unwrap_or(""))
+                .map(Self)
+                .map_err(IntoResponse::into_response);
+        }
+        // Reading the body consumes the request: keep the query and the one header the body's
+        // parsing needs.
+        let query = req.uri().query().unwrap_or("").to_owned();
+        let content_type = req.headers().get(header::CONTENT_TYPE).cloned();
+        let body = Bytes::from_request(req, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let all = pairs(&query).and_then(|mut all| {
+            all.extend(body_pairs(content_type.as_ref(), &body)?);
+            Ok(all)
+        });
+        all.map(Self).map_err(IntoResponse::into_response)
     }
 }
 
-fn body_pairs(headers: &HeaderMap, body: &[u8]) -> Result<Vec<(String, String)>, ApiError> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+fn body_pairs(
+    content_type: Option<&HeaderValue>,
+    body: &[u8],
+) -> Result<Vec<(String, String)>, ApiError> {
+    let content_type = content_type.and_then(|v| v.to_str().ok()).unwrap_or("");
     if content_type.starts_with("application/json") {
         json_pairs(body)
     } else {
