@@ -324,9 +324,8 @@ async fn after_ready(
         () = cancel.cancelled() => return,
         () = tokio::time::sleep(PAGE_OUT_AFTER) => page_out_start_up(),
     }
-    let mut trim = tokio::time::interval(TRIM_EVERY);
+    let mut trim = tokio::time::interval_at(tokio::time::Instant::now() + TRIM_EVERY, TRIM_EVERY);
     trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    trim.reset();
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
