@@ -1,7 +1,7 @@
 //! `cargo xtask bench <target>`: benchmarks that print figures.
 //!
-//! Each target builds the agent in release mode and drives `target/release/gocast` in network
-//! namespaces with the end-to-end helpers of `gocast-tests`, so a benchmark sees the same
+//! Each target builds the agent as it ships (`xtask::release::agent`: release profile, glibc
+//! linked statically) and drives it in network namespaces with the end-to-end helpers of `gocast-tests`, so a benchmark sees the same
 //! topologies as the tests. Benchmarks measure and print; they never fail on a missed target
 //! (only on a broken setup), and they are not part of `cargo xtask test` or CI.
 //!
@@ -18,15 +18,13 @@ mod nat;
 mod reload;
 mod report;
 
-use std::{
-    path::PathBuf,
-    time::{Duration, SystemTime},
-};
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, Subcommand};
 
-use xtask::{build_ebpf, cmd, packages, workspace_root};
+use xtask::packages;
+pub(crate) use xtask::release::agent as release_agent;
 
 /// Arguments of `cargo xtask bench`.
 #[derive(Debug, Args)]
@@ -116,25 +114,6 @@ fn defaults<A: Args + clap::FromArgMatches>(name: &'static str) -> Result<A> {
         .try_get_matches_from([name])
         .with_context(|| format!("default arguments of bench {name}"))?;
     Ok(A::from_arg_matches(&matches)?)
-}
-
-/// Builds the eBPF object and the agent with the release profile, and returns
-/// `target/release/gocast`.
-pub(crate) fn release_agent() -> Result<PathBuf> {
-    let root = workspace_root();
-    build_ebpf::run().context("building the eBPF object")?;
-    cmd::run(cmd::cargo(&root).args([
-        "build",
-        "--release",
-        "--package",
-        "gocast-agent",
-        "--bin",
-        "gocast",
-    ]))
-    .context("building the agent (release)")?;
-    let target_dir =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    Ok(target_dir.join("release").join("gocast"))
 }
 
 /// CPU time the process has used, in ns: the first field of each thread's `schedstat`.

@@ -255,14 +255,18 @@ impl Topology {
     }
 }
 
-/// The agent binary under test: `target/debug/gocast`, which `cargo xtask test` builds before
-/// the tests run. A binary older than the agent's sources is refused, so a plain `cargo test`
-/// after an edit cannot silently test old code.
+/// The agent binary under test: `$GOCAST_AGENT_BIN`, which `cargo xtask test` sets to the
+/// binary it has just built as it ships (glibc linked statically), else `target/debug/gocast`.
+/// A binary older than the agent's sources is refused, so a plain `cargo test` after an edit
+/// cannot silently test old code.
 pub fn agent_binary() -> Result<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    let bin = target.join("debug/gocast");
+    let bin = match std::env::var_os("GOCAST_AGENT_BIN").filter(|b| !b.is_empty()) {
+        Some(bin) => PathBuf::from(bin),
+        None => std::env::var_os("CARGO_TARGET_DIR")
+            .map_or_else(|| root.join("target"), PathBuf::from)
+            .join("debug/gocast"),
+    };
     let built = std::fs::metadata(&bin)
         .and_then(|m| m.modified())
         .with_context(|| {

@@ -11,6 +11,7 @@
 //! - [`build_ebpf`]: the one build path for the eBPF object.
 //! - [`run`], [`test`], [`package`]: `cargo xtask run`, `test` and `package`.
 //! - [`delegate`]: `cargo xtask bench` and `demo`, handed to `gocast-bench`.
+//! - [`release`]: the agent's binary as it ships (glibc linked statically).
 //! - [`packages`]: host prerequisites; [`cmd`]: child processes with readable errors.
 
 pub mod build_ebpf;
@@ -18,6 +19,7 @@ pub mod cmd;
 pub mod delegate;
 pub mod package;
 pub mod packages;
+pub mod release;
 pub mod run;
 pub mod test;
 

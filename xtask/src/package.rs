@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 
-use crate::{cmd, workspace_root};
+use crate::{cmd, release, workspace_root};
 
 /// The cargo-deb release the packaging is written and checked against; installed with
 /// `cargo install --locked` when a different one (or none) is present.
@@ -53,15 +53,18 @@ pub fn run(args: &PackageArgs) -> Result<()> {
     }
 }
 
-/// Builds the release package into `target/debian/` and returns its path.
+/// Builds the release package into `target/debian/` and returns its path: the binary is
+/// [`release::agent`]'s (glibc linked statically).
 fn build_release() -> Result<PathBuf> {
     let root = workspace_root();
     ensure_cargo_deb()?;
-    let out = target_dir(&root).join("debian");
+    release::agent()?;
+    let out = release::target_dir(&root).join("debian");
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let stdout = cmd::output(
         cmd::cargo(&root)
-            .args(["deb", "--locked", "--package", AGENT_PACKAGE, "--output"])
+            .args(["deb", "--locked", "--package", AGENT_PACKAGE, "--no-build"])
+            .args(["--target", &release::host_triple()?, "--output"])
             .arg(&out),
     )?;
     // cargo-deb prints the path of the package it wrote as its last line.
@@ -79,15 +82,18 @@ fn build_release() -> Result<PathBuf> {
     Ok(deb)
 }
 
-/// What `cargo xtask test` runs after its `build` step: package the debug binary, verify.
+/// What `cargo xtask test` runs after its `build` step: package the debug binary it built
+/// ([`release::build_agent`]), verify.
 pub fn check() -> Result<()> {
     let root = workspace_root();
     ensure_cargo_deb()?;
-    let target = target_dir(&root);
+    let target = release::target_dir(&root);
+    let triple = release::host_triple()?;
+    let binary = target.join(&triple).join("debug/gocast");
     ensure!(
-        target.join("debug/gocast").is_file(),
-        "{} is missing: run `cargo build --package {AGENT_PACKAGE} --bins` first",
-        target.join("debug/gocast").display()
+        binary.is_file(),
+        "{} is missing: `cargo xtask test` builds it first",
+        binary.display()
     );
     let dir = target.join("debian-check");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -97,14 +103,8 @@ pub fn check() -> Result<()> {
     );
     cmd::run(
         cmd::cargo(&root)
-            .args([
-                "deb",
-                "--package",
-                AGENT_PACKAGE,
-                "--no-build",
-                "--profile",
-                "dev",
-            ])
+            .args(["deb", "--package", AGENT_PACKAGE, "--no-build"])
+            .args(["--profile", "dev", "--target", &triple])
             .args(["--fast", "--output"])
             .arg(&deb),
     )?;
@@ -140,15 +140,6 @@ fn ensure_cargo_deb() -> Result<()> {
             .current_dir(std::env::temp_dir()),
     )
     .context("cargo install cargo-deb (exit status 124 means it timed out)")
-}
-
-/// Cargo's target directory, as `gocast-agent/build.rs` resolves it.
-fn target_dir(root: &Path) -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
-        Some(dir) if dir.is_relative() => root.join(dir),
-        Some(dir) => dir,
-        None => root.join("target"),
-    }
 }
 
 /// Checks the package against what the project ships; every problem is reported, then the
@@ -191,10 +182,8 @@ fn check_control(deb: &Path, problems: &mut Vec<String>) -> Result<()> {
         }
     }
     let depends = dpkg_deb(&["--field"], deb, Some("Depends"))?;
-    for needed in ["libc6", "iptables"] {
-        if !depends.split(',').any(|d| d.trim().starts_with(needed)) {
-            problems.push(format!("Depends ({}) lacks {needed}", depends.trim()));
-        }
+    if !depends.split(',').any(|d| d.trim().starts_with("iptables")) {
+        problems.push(format!("Depends ({}) lacks iptables", depends.trim()));
     }
     Ok(())
 }
@@ -299,6 +288,13 @@ fn check_tree(deb: &Path, tree: &Path, problems: &mut Vec<String>) -> Result<()>
     let unit = read(&tree.join(UNIT_PATH));
     problems.extend(check_unit(&unit));
     let binary = tree.join("usr/bin/gocast");
+    match dynamic_loader(&binary) {
+        Ok(None) => {}
+        Ok(Some(loader)) => problems.push(format!(
+            "/usr/bin/gocast is linked dynamically (loader {loader}), not statically"
+        )),
+        Err(e) => problems.push(format!("{e:#}")),
+    }
     match cmd::output(Command::new(&binary).arg("--version")) {
         Ok(out) if out.trim() == format!("gocast {version}") => {}
         Ok(out) => problems.push(format!("gocast --version prints {:?}", out.trim())),
@@ -481,6 +477,44 @@ fn dpkg_deb(args: &[&str], deb: &Path, field: Option<&str>) -> Result<String> {
     cmd::output(&mut command)
 }
 
+/// The program interpreter (dynamic loader) an ELF64 binary names in its `PT_INTERP` program
+/// header; `None` for a static binary (System V ABI, "Program Header").
+fn dynamic_loader(binary: &Path) -> Result<Option<String>> {
+    const PT_INTERP: u32 = 3;
+    let elf = fs::read(binary).with_context(|| format!("reading {}", binary.display()))?;
+    let field = |at: usize, len: usize| -> Result<u64> {
+        let bytes = elf
+            .get(at..at + len)
+            .with_context(|| format!("{} is not an ELF64 binary", binary.display()))?;
+        Ok(bytes
+            .iter()
+            .rev()
+            .fold(0, |value, &b| (value << 8) | u64::from(b)))
+    };
+    ensure!(
+        elf.starts_with(b"\x7fELF\x02\x01"),
+        "{} is not a little-endian ELF64 binary",
+        binary.display()
+    );
+    let (table, entry_size, entries) = (field(32, 8)?, field(54, 2)?, field(56, 2)?);
+    for i in 0..entries {
+        let header = usize::try_from(table + i * entry_size)?;
+        if field(header, 4)? == u64::from(PT_INTERP) {
+            let (at, len) = (
+                usize::try_from(field(header + 8, 8)?)?,
+                usize::try_from(field(header + 32, 8)?)?,
+            );
+            let path = elf.get(at..at + len).context("PT_INTERP past the end")?;
+            return Ok(Some(
+                String::from_utf8_lossy(path)
+                    .trim_end_matches('\0')
+                    .to_owned(),
+            ));
+        }
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -499,6 +533,19 @@ mod tests {
             .replace("Type=notify", "Type=exec")
             .replace("WatchdogSec=30s", "");
         assert_eq!(check_unit(&bad).len(), 3, "{:?}", check_unit(&bad));
+    }
+
+    #[test]
+    fn a_dynamically_linked_binary_names_its_loader_and_a_text_file_is_refused() {
+        // The test binary itself is linked dynamically (cargo test passes no `+crt-static`).
+        let exe = std::env::current_exe().unwrap();
+        let loader = dynamic_loader(&exe)
+            .unwrap()
+            .expect("a dynamic test binary");
+        assert!(loader.starts_with('/') && loader.contains("ld"), "{loader}");
+        let text = tempfile::NamedTempFile::new().unwrap();
+        fs::write(text.path(), "#!/bin/sh\n").unwrap();
+        assert!(dynamic_loader(text.path()).is_err());
     }
 
     #[test]

@@ -1,13 +1,12 @@
 //! `cargo xtask run`: build the agent and replace this process with it.
 
 use std::os::unix::process::CommandExt as _;
-use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::{build_ebpf, cmd, workspace_root};
+use crate::{build_ebpf, release};
 
 /// First arguments the agent accepts as-is; anything else gets `run` put in front so
 /// `cargo xtask run -- --config FILE` starts the agent without spelling out its subcommand.
@@ -29,27 +28,14 @@ pub struct RunArgs {
     args: Vec<String>,
 }
 
-/// Builds `gocast-agent` and execs `target/<profile>/gocast` with the pass-through arguments.
+/// Builds `gocast-agent` ([`release::build_agent`]) and execs it with the pass-through arguments.
 ///
 /// Exec (rather than spawn and wait) hands signals such as Ctrl-C straight to the agent and makes
 /// its exit code ours without any forwarding logic. Returns only if building or exec fails.
 pub fn run(args: &RunArgs) -> Result<()> {
-    let root = workspace_root();
-
     // The agent embeds the eBPF object; without it, it runs on the iptables fallback.
     build_ebpf::run().context("building the eBPF object")?;
-    let mut build = cmd::cargo(&root);
-    build.args(["build", "--package", "gocast-agent", "--bin", "gocast"]);
-    if args.release {
-        build.arg("--release");
-    }
-    cmd::run(&mut build).context("building the agent")?;
-
-    // Honour an explicit target directory; otherwise cargo uses `<root>/target`.
-    let target_dir =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    let profile = if args.release { "release" } else { "debug" };
-    let binary = target_dir.join(profile).join("gocast");
+    let binary = release::build_agent(if args.release { "release" } else { "dev" })?;
 
     // The agent keeps the caller's working directory so relative paths like `--config
     // config/minimal.yaml` resolve where the user typed them.

@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::{build_ebpf, cmd, package, packages, workspace_root};
+use crate::{build_ebpf, cmd, package, packages, release, workspace_root};
 
 /// The eBPF crate: `no_std`/`no_main` for `bpfel-unknown-none`, built only by `cargo xtask
 /// build-ebpf` (nightly, `bpf-linker`). `--workspace` would compile it for the host, where it
@@ -54,11 +54,11 @@ pub fn run(args: &TestArgs) -> Result<()> {
     // The agent embeds the eBPF object when it is built (gocast-agent/build.rs); with it, the
     // BPF_PROG_TEST_RUN tests and the eBPF end-to-end suite run instead of being skipped.
     step("ebpf", || build_ebpf::run().map(drop))?;
-    // The end-to-end tests (package `gocast-tests`) start `target/debug/gocast` themselves, and
-    // `cargo test` only builds a binary for integration tests of the binary's own package.
-    step("build", || {
-        cmd::run(cmd::cargo(&root).args(["build", "--package", "gocast-agent", "--bins"]))
-    })?;
+    // The end-to-end tests (package `gocast-tests`) start the agent's binary themselves, and
+    // `cargo test` only builds a binary for integration tests of the binary's own package: they
+    // run the binary as it ships, glibc linked statically ([`release`]), named by
+    // `GOCAST_AGENT_BIN`.
+    let agent = step("build", || release::build_agent("dev"))?;
     // The Debian package of that build: files, conffiles, unit, shipped config.
     step("package", package::check)?;
     step("test", || {
@@ -67,6 +67,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
         }
         cmd::run(
             cmd::cargo(&root)
+                .env(release::AGENT_BIN_VAR, &agent)
                 .args(["test", "--workspace", "--exclude", EBPF_PACKAGE, "--"])
                 .args(&args.args),
         )
@@ -77,7 +78,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
 }
 
 /// Prints the `==> name` header, runs the step, and names the step in any error.
-fn step(name: &str, body: impl FnOnce() -> Result<()>) -> Result<()> {
+fn step<T>(name: &str, body: impl FnOnce() -> Result<T>) -> Result<T> {
     println!("==> {name}");
     body().with_context(|| format!("step `{name}` failed"))
 }

@@ -63,7 +63,7 @@ pub struct ApiArgs {
     /// Requests timed with the baseline (fewer: it may be far slower).
     #[arg(long, default_value_t = 500)]
     baseline_requests: u32,
-    /// Benchmark this agent binary instead of building `target/release/gocast`.
+    /// Benchmark this agent binary instead of building the release agent.
     #[arg(long, value_name = "PATH")]
     agent: Option<PathBuf>,
     /// How long to wait for every VIP and rule to be installed, in seconds.

@@ -76,7 +76,7 @@ pub struct BgpArgs {
     /// Run only these parts (repeat the flag for several); all by default.
     #[arg(long, value_enum)]
     only: Vec<Part>,
-    /// Benchmark this agent binary instead of building `target/release/gocast`
+    /// Benchmark this agent binary instead of building the release agent
     /// (e.g. a build of another commit, to compare).
     #[arg(long, value_name = "PATH")]
     agent: Option<PathBuf>,

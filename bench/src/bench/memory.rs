@@ -48,7 +48,7 @@ pub struct MemoryArgs {
     /// How long to wait for BIRD to hold every route, in seconds.
     #[arg(long, default_value_t = 120)]
     timeout_s: u64,
-    /// Benchmark this agent binary instead of building `target/release/gocast`.
+    /// Benchmark this agent binary instead of building the release agent.
     #[arg(long, value_name = "PATH")]
     agent: Option<std::path::PathBuf>,
 }

@@ -88,7 +88,7 @@ pub struct NatArgs {
     /// Run only these parts (repeat the flag for several); all by default.
     #[arg(long, value_enum)]
     only: Vec<Part>,
-    /// Benchmark this agent binary instead of building `target/release/gocast`.
+    /// Benchmark this agent binary instead of building the release agent.
     #[arg(long, value_name = "PATH")]
     agent: Option<PathBuf>,
     /// `dataplane.ingress` of the eBPF lab: `auto` (TC ingress on the veth), `xdp` or `tc`.

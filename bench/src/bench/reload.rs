@@ -38,7 +38,7 @@ pub struct ReloadArgs {
     /// Reloads timed (each adds or removes one app).
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     reloads: u32,
-    /// Benchmark this agent binary instead of building `target/release/gocast`.
+    /// Benchmark this agent binary instead of building the release agent.
     #[arg(long, value_name = "PATH")]
     agent: Option<std::path::PathBuf>,
 }
