@@ -22,6 +22,7 @@ use tracing_subscriber::{
 const RUNTIME_GRACE: Duration = Duration::from_secs(1);
 
 fn main() -> ExitCode {
+    gocast_common::heap::keep_large_blocks_mapped();
     let cli = match Cli::try_parse_from(cli::normalize(std::env::args_os().collect())) {
         Ok(cli) => cli,
         Err(e) => {

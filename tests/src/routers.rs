@@ -269,7 +269,7 @@ impl Bird {
 
     /// When the session last changed state (`show protocols`' "Since" column, milliseconds): a
     /// session reset changes it.
-    pub fn since(&self) -> Result<String> {
+    pub fn since(&self) -> Result<Since> {
         let out = self.birdc(&["show", "protocols", "agent"])?;
         let line = out
             .lines()
@@ -277,7 +277,7 @@ impl Bird {
             .context("no agent protocol")?;
         line.split_whitespace()
             .nth(4)
-            .map(str::to_owned)
+            .map(|s| Since(s.to_owned()))
             .with_context(|| format!("no since column: {line}"))
     }
 
@@ -909,4 +909,60 @@ pub fn learns_and_withdraws<R: Router>(
         "the session stays up after a withdrawal"
     );
     Ok(())
+}
+
+/// BIRD's "Since" of a protocol, as printed (`HH:MM:SS.mmm`).
+///
+/// BIRD keeps the time on its monotonic clock and converts it to wall-clock time when it prints
+/// it, so two reads of an unchanged session may differ by a millisecond: compare with
+/// [`Since::same_session`], not `==`.
+#[derive(Debug, Clone)]
+pub struct Since(String);
+
+impl Since {
+    /// Within 50 ms of `other`: the same session (a reset, its new connection and OPEN exchange
+    /// take longer than the printing's rounding, and the tests reset no session that fast).
+    pub fn same_session(&self, other: &Self) -> bool {
+        const DAY_MS: u64 = 86_400_000;
+        match (self.ms_of_day(), other.ms_of_day()) {
+            (Some(a), Some(b)) => {
+                let d = a.abs_diff(b);
+                d.min(DAY_MS - d) <= 50
+            }
+            _ => self.0 == other.0,
+        }
+    }
+
+    fn ms_of_day(&self) -> Option<u64> {
+        let (hms, frac) = self.0.split_once('.').unwrap_or((&self.0, "0"));
+        let mut parts = hms.split(':').map(|p| p.parse::<u64>().ok());
+        let (h, m, s) = (parts.next()??, parts.next()??, parts.next()??);
+        let ms = format!("{frac:0<3}").get(..3)?.parse::<u64>().ok()?;
+        Some(((h * 60 + m) * 60 + s) * 1000 + ms)
+    }
+}
+
+impl std::fmt::Display for Since {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Since;
+
+    fn since(s: &str) -> Since {
+        Since(s.to_owned())
+    }
+
+    #[test]
+    fn a_millisecond_of_printing_is_the_same_session_and_a_reset_is_not() {
+        assert!(since("10:53:27.921").same_session(&since("10:53:27.922")));
+        assert!(since("23:59:59.990").same_session(&since("00:00:00.010")));
+        assert!(!since("10:53:27.921").same_session(&since("10:53:28.066")));
+        assert!(!since("10:53:27").same_session(&since("10:53:28")));
+        assert!(since("2026-12-03").same_session(&since("2026-12-03")));
+        assert!(!since("2026-12-03").same_session(&since("2026-12-04")));
+    }
 }

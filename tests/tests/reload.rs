@@ -208,7 +208,7 @@ fn a_reload_applies_only_the_difference_and_keeps_the_session_and_unchanged_rout
     );
     let now = bird.since()?;
     ensure!(
-        now == session && bird.established()?,
+        now.same_session(&session) && bird.established()?,
         "the BGP session was reset (since {session} → {now}):\n{}\n--- BIRD ---\n{}\n--- agent ---\n{}",
         bird.birdc(&["show", "protocols", "all", "agent"])?,
         bird.log_text(),

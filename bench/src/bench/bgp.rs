@@ -195,7 +195,7 @@ impl Lab {
     }
 
     /// When BIRD's session last changed state: a reset changes it.
-    pub(super) fn session_since(&self) -> Result<String> {
+    pub(super) fn session_since(&self) -> Result<gocast_tests::routers::Since> {
         self.bird.since()
     }
 

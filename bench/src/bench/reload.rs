@@ -101,7 +101,7 @@ pub fn run(args: &ReloadArgs) -> Result<()> {
         result
     })?;
     let reload_low = low.load(Ordering::Relaxed);
-    let session_kept = lab.session_since()? == since;
+    let session_kept = lab.session_since()?.same_session(&since);
     drop(agent);
     let samples = Samples::new(times);
     let mut summary = Summary::default();
