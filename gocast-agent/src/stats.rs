@@ -125,6 +125,7 @@ pub fn counter_source(
 pub struct Snapshot {
     /// When the counters were read (RFC 3339); `None` before the first read.
     pub sampled_at: Option<String>,
+    /// One per address, sorted by address (as the sampler returns them).
     pub vips: Vec<VipStats>,
     /// Why there are no counters at all (the iptables dataplane runs).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -141,7 +142,16 @@ impl Snapshot {
             .parse::<IpAddr>()
             .ok()
             .or_else(|| vip.parse::<IpNet>().ok().map(|n| n.addr()))?;
-        self.vips.iter().find(|v| v.addr == addr)
+        self.by_addr(addr)
+    }
+
+    /// The VIP at `addr`: `vips` is sorted by address ([`Sampler::sample`]), so a binary search,
+    /// which keeps [`Self::rates_since`] O(n log n) with thousands of VIPs.
+    fn by_addr(&self, addr: IpAddr) -> Option<&VipStats> {
+        self.vips
+            .binary_search_by_key(&addr, |v| v.addr)
+            .ok()
+            .map(|i| &self.vips[i])
     }
 
     /// This read with its rates taken over the span since `earlier`, for the VIPs both have
@@ -157,7 +167,7 @@ impl Snapshot {
             return out;
         }
         for v in &mut out.vips {
-            let before = earlier.vips.iter().find(|e| e.addr == v.addr);
+            let before = earlier.by_addr(v.addr);
             if let Some(delta) = before.and_then(|b| v.counters.checked_since(&b.counters)) {
                 v.rates = Rates::of(delta, span);
                 v.rates_interval_s = Some(span.as_secs_f64());
@@ -778,6 +788,44 @@ mod tests {
         assert_eq!(rated.vips[0].rates_interval_s, Some(0.5));
         assert!((rated.vips[0].rates.syn_in - 100.0).abs() < 1e-9);
         assert_eq!(rated.vips[0].counters.syn_in, 60);
+    }
+
+    #[test]
+    fn rates_since_pair_each_vip_with_its_own_earlier_counters() {
+        let t = Instant::now();
+        let vip = |last: u8, syn_in| VipStats {
+            vip: format!("192.0.2.{last}/32"),
+            app: None,
+            counters: VipCounters {
+                syn_in,
+                ..VipCounters::default()
+            },
+            rates: Rates::default(),
+            rates_interval_s: None,
+            addr: IpAddr::from([192, 0, 2, last]),
+        };
+        let earlier = Snapshot {
+            vips: vec![vip(10, 100), vip(30, 1_000)],
+            read_at: Some(t),
+            ..Snapshot::default()
+        };
+        let later = Snapshot {
+            vips: vec![vip(10, 110), vip(20, 5), vip(30, 1_300)],
+            read_at: Some(t + Duration::from_secs(1)),
+            ..Snapshot::default()
+        };
+        let rated = later.rates_since(&earlier);
+        let syn = |i: usize| rated.vips[i].rates.syn_in;
+        assert!((syn(0) - 10.0).abs() < 1e-9 && (syn(2) - 300.0).abs() < 1e-9);
+        assert_eq!(
+            rated.vips[1].rates_interval_s, None,
+            "new since: its own history"
+        );
+        assert_eq!(
+            rated.find("192.0.2.30/32").map(|v| v.counters.syn_in),
+            Some(1_300)
+        );
+        assert!(rated.find("192.0.2.40").is_none());
     }
 
     #[test]
