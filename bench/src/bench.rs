@@ -1,8 +1,8 @@
 //! `cargo xtask bench <target>`: benchmarks that print figures.
 //!
-//! Each target builds the agent as it ships (`xtask::release::agent`: release profile, glibc
-//! linked statically) and drives it in network namespaces with the end-to-end helpers of `gocast-tests`, so a benchmark sees the same
-//! topologies as the tests. Benchmarks measure and print; they never fail on a missed target
+//! Each target builds the agent as it ships ([`release_agent`]: release profile, glibc linked
+//! statically) and drives it in network namespaces with the end-to-end helpers of
+//! `gocast-tests`, so a benchmark sees the same topologies as the tests. Benchmarks measure and print; they never fail on a missed target
 //! (only on a broken setup), and they are not part of `cargo xtask test` or CI.
 //!
 //! Targets are subcommands of `bench`: `bgp`, `nat`, `memory` and `reload`, each in its own
@@ -24,7 +24,6 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, Subcommand};
 
 use xtask::packages;
-pub(crate) use xtask::release::agent as release_agent;
 
 /// Arguments of `cargo xtask bench`.
 #[derive(Debug, Args)]
@@ -114,6 +113,12 @@ fn defaults<A: Args + clap::FromArgMatches>(name: &'static str) -> Result<A> {
         .try_get_matches_from([name])
         .with_context(|| format!("default arguments of bench {name}"))?;
     Ok(A::from_arg_matches(&matches)?)
+}
+
+/// Builds the eBPF object and the agent as it ships, release profile
+/// (`xtask::release::agent`); returns its path.
+pub(crate) fn release_agent() -> Result<std::path::PathBuf> {
+    xtask::release::agent("release")
 }
 
 /// CPU time the process has used, in ns: the first field of each thread's `schedstat`.

@@ -113,9 +113,14 @@ fn nightly_objcopy() -> Result<PathBuf> {
     Ok(objcopy)
 }
 
-/// The target directory: `$CARGO_TARGET_DIR` if set, else `<root>/target`, as cargo does.
-fn target_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
+/// The target directory: `$CARGO_TARGET_DIR` if set (relative to `root`, where the tasks run
+/// cargo, as `gocast-agent/build.rs` resolves it), else `<root>/target`, as cargo does.
+pub fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
+        Some(dir) if dir.is_relative() => root.join(dir),
+        Some(dir) => dir,
+        None => root.join("target"),
+    }
 }
 
 /// Where the eBPF object lands: `<target>/bpfel-unknown-none/release/gocast-ebpf`.

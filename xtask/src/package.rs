@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 
-use crate::{cmd, release, workspace_root};
+use crate::{build_ebpf, cmd, release, workspace_root};
 
 /// The cargo-deb release the packaging is written and checked against; installed with
 /// `cargo install --locked` when a different one (or none) is present.
@@ -58,8 +58,8 @@ pub fn run(args: &PackageArgs) -> Result<()> {
 fn build_release() -> Result<PathBuf> {
     let root = workspace_root();
     ensure_cargo_deb()?;
-    release::agent()?;
-    let out = release::target_dir(&root).join("debian");
+    release::agent("release")?;
+    let out = build_ebpf::target_dir(&root).join("debian");
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let stdout = cmd::output(
         cmd::cargo(&root)
@@ -87,7 +87,7 @@ fn build_release() -> Result<PathBuf> {
 pub fn check() -> Result<()> {
     let root = workspace_root();
     ensure_cargo_deb()?;
-    let target = release::target_dir(&root);
+    let target = build_ebpf::target_dir(&root);
     let triple = release::host_triple()?;
     let binary = target.join(&triple).join("debug/gocast");
     ensure!(

@@ -12,7 +12,7 @@
 //! also link proc-macros statically, which cannot be done. So the binary lands in
 //! `target/<triple>/<profile>/gocast`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -39,13 +39,17 @@ pub fn build_agent(profile: &str) -> Result<PathBuf> {
     }
     cmd::run(&mut build).context("building the agent")?;
     let dir = if profile == "dev" { "debug" } else { profile };
-    Ok(target_dir(&root).join(&triple).join(dir).join("gocast"))
+    Ok(build_ebpf::target_dir(&root)
+        .join(&triple)
+        .join(dir)
+        .join("gocast"))
 }
 
-/// Builds the eBPF object, then the release agent (statically linked); returns its path.
-pub fn agent() -> Result<PathBuf> {
+/// Builds the eBPF object the agent embeds (without it, the agent runs on the iptables
+/// fallback), then the agent with `profile` ([`build_agent`]); returns its path.
+pub fn agent(profile: &str) -> Result<PathBuf> {
     build_ebpf::run().context("building the eBPF object")?;
-    build_agent("release")
+    build_agent(profile)
 }
 
 /// The target triple `rustc` builds for by default (`host:` of `rustc -vV`).
@@ -55,14 +59,5 @@ pub fn host_triple() -> Result<String> {
     match out.lines().find_map(|l| l.strip_prefix("host: ")) {
         Some(triple) => Ok(triple.trim().to_owned()),
         None => bail!("`rustc -vV` printed no `host:` line"),
-    }
-}
-
-/// Cargo's target directory, as `gocast-agent/build.rs` resolves it (relative to the root).
-pub fn target_dir(root: &Path) -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
-        Some(dir) if dir.is_relative() => root.join(dir),
-        Some(dir) => dir,
-        None => root.join("target"),
     }
 }

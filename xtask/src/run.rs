@@ -6,7 +6,7 @@ use std::process::Command;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::{build_ebpf, release};
+use crate::release;
 
 /// First arguments the agent accepts as-is; anything else gets `run` put in front so
 /// `cargo xtask run -- --config FILE` starts the agent without spelling out its subcommand.
@@ -28,14 +28,12 @@ pub struct RunArgs {
     args: Vec<String>,
 }
 
-/// Builds `gocast-agent` ([`release::build_agent`]) and execs it with the pass-through arguments.
+/// Builds the eBPF object and `gocast-agent` ([`release::agent`]) and execs it with the pass-through arguments.
 ///
 /// Exec (rather than spawn and wait) hands signals such as Ctrl-C straight to the agent and makes
 /// its exit code ours without any forwarding logic. Returns only if building or exec fails.
 pub fn run(args: &RunArgs) -> Result<()> {
-    // The agent embeds the eBPF object; without it, it runs on the iptables fallback.
-    build_ebpf::run().context("building the eBPF object")?;
-    let binary = release::build_agent(if args.release { "release" } else { "dev" })?;
+    let binary = release::agent(if args.release { "release" } else { "dev" })?;
 
     // The agent keeps the caller's working directory so relative paths like `--config
     // config/minimal.yaml` resolve where the user typed them.
