@@ -66,6 +66,8 @@ const DEFAULT_LOCAL_PREF: u32 = 100;
 const MAX_WRITE_WAIT: Duration = Duration::from_secs(30);
 /// TTL of eBGP sessions without `multihop`: GoCast's default (multihop for every eBGP peer).
 const EBGP_DEFAULT_TTL: u32 = 255;
+/// How long a stopping session waits for the peer to close the connection after our Cease.
+const CLOSE_WAIT: Duration = Duration::from_millis(500);
 /// RFC 8326: the `GRACEFUL_SHUTDOWN` community.
 const GRACEFUL_SHUTDOWN: u32 = 0xFFFF_0000;
 
@@ -233,6 +235,8 @@ pub struct Session<'a> {
     bfd: Option<watch::Receiver<BfdStatus>>,
     /// Whether BFD was Up at its last status: a failure is a change from Up.
     bfd_up: bool,
+    /// The speaker stopped the session: its last connection is closed gracefully.
+    stopping: bool,
 }
 
 impl<'a> Session<'a> {
@@ -279,6 +283,7 @@ impl<'a> Session<'a> {
             name,
             bfd: links.bfd,
             bfd_up: false,
+            stopping: false,
         }
     }
 
@@ -286,7 +291,6 @@ impl<'a> Session<'a> {
     /// returns.
     pub async fn run(mut self) {
         let mut inputs = VecDeque::from([Input::ManualStart]);
-        let mut stopping = false;
         let mut graceful = self.settings.graceful.clone();
         if let Some(bfd) = self.bfd.as_mut() {
             bfd.mark_changed();
@@ -296,7 +300,7 @@ impl<'a> Session<'a> {
                 let outputs = self.fsm.process(input);
                 self.apply(outputs, &mut inputs).await;
             }
-            if stopping {
+            if self.stopping {
                 return;
             }
             let input = tokio::select! {
@@ -304,7 +308,7 @@ impl<'a> Session<'a> {
                     let Some(cause) = stop_requested(&mut self.stop) else {
                         continue;
                     };
-                    stopping = true;
+                    self.stopping = true;
                     match cause {
                         StopCause::Shutdown => Input::ManualStop { reason: "gocast shutting down".into() },
                         StopCause::Config(change) => Input::ConfigStop(change),
@@ -540,7 +544,10 @@ impl<'a> Session<'a> {
                     if let Some(task) = self.connecting.take() {
                         task.abort();
                     }
-                    self.conn = None;
+                    match self.conn.take() {
+                        Some(conn) if self.stopping => close_after_peer(conn).await,
+                        _ => {}
+                    }
                 }
                 Output::SetHoldTimer(d) => self.hold.set(d),
                 Output::SetKeepaliveTimer(d) => self.keepalive.set(d),
@@ -1035,6 +1042,30 @@ pub async fn reject(stream: TcpStream) {
 }
 
 /// Sends `notification` and closes. Bounded: the peer owes us nothing.
+/// Closes a stopping session's connection after its Cease: our side first (FIN after the
+/// NOTIFICATION), then waits up to [`CLOSE_WAIT`] for the peer's, reading what it still sends.
+///
+/// The peer closes once it has processed the NOTIFICATION (RFC 4271 §6.1), so when this returns
+/// the peer has seen the Cease: only then does the BFD session go `AdminDown` (BIRD 2.0 takes an
+/// `AdminDown` that it reads before the Cease for a failure, "BFD session down"). Reading also
+/// keeps the kernel from answering unread data with a reset, which can make the peer drop the
+/// NOTIFICATION unread.
+async fn close_after_peer(conn: Framed<TcpStream, BgpCodec>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = conn.into_inner();
+    let drained = async {
+        stream.shutdown().await?;
+        let mut buf = [0u8; 4096];
+        while stream.read(&mut buf).await? > 0 {}
+        std::io::Result::Ok(())
+    };
+    match tokio::time::timeout(CLOSE_WAIT, drained).await {
+        Ok(Ok(())) => debug!("the peer closed the connection after our Cease"),
+        Ok(Err(e)) => debug!(error = %e, "closing the connection after our Cease"),
+        Err(_) => debug!("the peer did not close the connection within {CLOSE_WAIT:?}"),
+    }
+}
+
 async fn close_with(mut stream: TcpStream, notification: codec::Notification) {
     use tokio::io::AsyncWriteExt;
     let bytes = codec::encode_notification(&notification);
@@ -1118,6 +1149,55 @@ mod tests {
         let a = attributes(&peer(65001, 65001), &[], true, None);
         assert!(a.as_path.is_empty());
         assert_eq!(a.local_pref, Some(DEFAULT_LOCAL_PREF));
+    }
+
+    /// The peer reads our side to its end (the FIN after the Cease), then takes a while before
+    /// it closes: the session's connection is only done once the peer has closed.
+    #[tokio::test]
+    async fn a_stopping_session_closes_only_after_the_peer_has_closed() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap());
+        let (ours, theirs) = tokio::join!(ours, listener.accept());
+        let (mut theirs, _) = theirs.unwrap();
+        let peer_closed = Arc::new(AtomicBool::new(false));
+        let flag = peer_closed.clone();
+        let peer = tokio::spawn(async move {
+            // Unread data of the peer's on our side, as a KEEPALIVE in flight would be.
+            theirs.write_all(&[0xff; 19]).await.unwrap();
+            let mut got = Vec::new();
+            theirs.read_to_end(&mut got).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            flag.store(true, Ordering::SeqCst);
+            drop(theirs);
+            got
+        });
+        let mut conn = Framed::new(ours.unwrap(), BgpCodec::default());
+        conn.get_mut().write_all(b"cease").await.unwrap();
+        close_after_peer(conn).await;
+        assert!(
+            peer_closed.load(Ordering::SeqCst),
+            "returned before the peer closed"
+        );
+        assert_eq!(
+            peer.await.unwrap(),
+            b"cease",
+            "the peer read everything, then our FIN"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_never_closes_holds_the_stop_for_at_most_the_close_wait() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap());
+        let (ours, theirs) = tokio::join!(ours, listener.accept());
+        let _theirs = theirs.unwrap();
+        let started = tokio::time::Instant::now();
+        close_after_peer(Framed::new(ours.unwrap(), BgpCodec::default())).await;
+        assert!(started.elapsed() >= CLOSE_WAIT);
     }
 
     #[test]
