@@ -8,6 +8,7 @@ use std::{
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     str::FromStr,
+    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -100,8 +101,12 @@ where
 
 /// An app's name: 1–64 characters of `[A-Za-z0-9._-]` (it ends up in an interface label,
 /// iptables comments and metric labels, so nothing that needs quoting is allowed).
+///
+/// Shared, not copied: the lifecycle, the monitors, the metrics, the stats and the events each
+/// hold an app's name, and a monitor result carries it every interval; a clone is a reference
+/// count, not an allocation (docs/design.md, "Memory").
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct AppName(String);
+pub struct AppName(Arc<str>);
 
 /// The longest label the kernel keeps for an address (`IFNAMSIZ` - 1).
 const MAX_LABEL: usize = 15;
@@ -144,7 +149,7 @@ impl FromStr for AppName {
             && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
         if ok {
-            Ok(Self(s.to_owned()))
+            Ok(Self(s.into()))
         } else {
             Err(ParseError::Name(truncated(s, QUOTE_MAX)))
         }

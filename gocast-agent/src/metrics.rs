@@ -12,7 +12,10 @@ use std::{
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text::encode},
+    encoding::{
+        DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+        text::encode,
+    },
     metrics::{
         MetricType,
         counter::{ConstCounter, Counter},
@@ -26,9 +29,11 @@ use prometheus_client::{
 
 use gocast_common::maps::VipCounters;
 
+use crate::app::AppName;
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct AppLabels {
-    app: String,
+    app: AppName,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -81,8 +86,8 @@ struct EndpointLabels {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct MonitorLabels {
-    kind: String,
-    result: String,
+    kind: &'static str,
+    result: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -655,15 +660,19 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-fn app(name: &str) -> AppLabels {
-    AppLabels {
-        app: name.to_owned(),
+fn app(name: &AppName) -> AppLabels {
+    AppLabels { app: name.clone() }
+}
+
+impl EncodeLabelValue for AppName {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        encoder.write_str(self.as_str())
     }
 }
 
 impl Metrics {
     /// Records an app's current health and announcement.
-    pub fn app_state(&self, name: &str, healthy: bool, announced: bool) {
+    pub fn app_state(&self, name: &AppName, healthy: bool, announced: bool) {
         self.inner
             .app_healthy
             .get_or_create(&app(name))
@@ -674,22 +683,22 @@ impl Metrics {
             .set(i64::from(announced));
     }
 
-    pub fn state_changed(&self, name: &str) {
+    pub fn state_changed(&self, name: &AppName) {
         self.inner.state_changes.get_or_create(&app(name)).inc();
     }
 
     /// Forgets a removed app, so series of apps long gone do not pile up.
-    pub fn app_removed(&self, name: &str) {
+    pub fn app_removed(&self, name: &AppName) {
         let labels = app(name);
         self.inner.app_healthy.remove(&labels);
         self.inner.app_announced.remove(&labels);
         self.inner.state_changes.remove(&labels);
     }
 
-    pub fn monitor_observed(&self, kind: &str, latency: Duration, ok: bool) {
+    pub fn monitor_observed(&self, kind: &'static str, latency: Duration, ok: bool) {
         let labels = MonitorLabels {
-            kind: kind.to_owned(),
-            result: if ok { "pass" } else { "fail" }.to_owned(),
+            kind,
+            result: if ok { "pass" } else { "fail" },
         };
         self.inner
             .monitor_latency
@@ -936,11 +945,15 @@ mod tests {
 
     use super::*;
 
+    fn web() -> AppName {
+        "web".parse().unwrap()
+    }
+
     #[test]
     fn rendered_text_has_app_and_monitor_series() {
         let m = Metrics::default();
-        m.app_state("web", true, true);
-        m.state_changed("web");
+        m.app_state(&web(), true, true);
+        m.state_changed(&web());
         m.monitor_observed("port", Duration::from_micros(300), true);
         let text = m.render();
         assert!(text.contains("gocast_app_healthy{app=\"web\"} 1"), "{text}");
@@ -952,7 +965,7 @@ mod tests {
             text.contains("gocast_monitor_duration_seconds_count{kind=\"port\",result=\"pass\"} 1"),
             "{text}"
         );
-        m.app_removed("web");
+        m.app_removed(&web());
         assert!(!m.render().contains("app=\"web\""));
         m.repair("vip");
         let text = m.render();
@@ -999,8 +1012,8 @@ mod tests {
     /// Records into every family, so the exposition holds each kind of series.
     fn every_family() -> Metrics {
         let m = Metrics::default();
-        m.app_state("web", true, false);
-        m.state_changed("web");
+        m.app_state(&web(), true, false);
+        m.state_changed(&web());
         m.monitor_observed("exec", Duration::from_millis(20), false);
         m.routes(1);
         m.consul_request("catalog_node", "ok");

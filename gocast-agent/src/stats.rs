@@ -92,8 +92,8 @@ impl Rates {
 /// One VIP in `/stats`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VipStats {
-    /// The VIP with its prefix length, as the app registered it.
-    pub vip: String,
+    /// The VIP with its prefix length, as the app registered it (written as a string).
+    pub vip: IpNet,
     /// The app owning the VIP (none for a moment while an app is being removed).
     pub app: Option<AppName>,
     #[serde(flatten)]
@@ -115,7 +115,7 @@ pub fn counter_source(
             .borrow()
             .vips
             .iter()
-            .map(|v| (v.vip.clone(), v.counters))
+            .map(|v| (v.vip.to_string(), v.counters))
             .collect()
     })
 }
@@ -377,7 +377,7 @@ impl Sampler {
             }
             seen.insert(addr);
             vips.push(VipStats {
-                vip: owner.map_or_else(|| IpNet::from(addr).to_string(), |o| o.vip.to_string()),
+                vip: owner.map_or_else(|| IpNet::from(addr), |o| o.vip.net()),
                 app: owner.map(|o| o.app.clone()),
                 counters,
                 rates: rates.map(|(r, _)| r).unwrap_or_default(),
@@ -671,7 +671,7 @@ mod tests {
         let owners = owners(false);
         let (first, _) = s.sample(t, raw(10, 10, 0), &owners, true, Reader::Cadence);
         assert_eq!(first[0].rates, Rates::default());
-        assert_eq!(first[0].vip, "192.0.2.10/32");
+        assert_eq!(first[0].vip.to_string(), "192.0.2.10/32");
         assert_eq!(first[0].app.as_ref().unwrap().as_str(), "web");
         let (second, _) = s.sample(
             t + Duration::from_secs(2),
@@ -794,7 +794,7 @@ mod tests {
     fn rates_since_pair_each_vip_with_its_own_earlier_counters() {
         let t = Instant::now();
         let vip = |last: u8, syn_in| VipStats {
-            vip: format!("192.0.2.{last}/32"),
+            vip: format!("192.0.2.{last}/32").parse().unwrap(),
             app: None,
             counters: VipCounters {
                 syn_in,

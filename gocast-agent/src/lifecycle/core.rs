@@ -705,8 +705,7 @@ impl Core {
             // Never announced while drained: it comes up when undrained.
             entry.drain = Drain::Drained;
         }
-        self.metrics
-            .app_state(entry.spec.name.as_str(), false, false);
+        self.metrics.app_state(&entry.spec.name, false, false);
         watch(&entry, out);
         self.conflicts
             .add(&entry.spec.name, entry.spec.vip, &entry.label);
@@ -775,7 +774,7 @@ impl Core {
         } else {
             self.remove(&mut entry, true, true, out)
         };
-        self.metrics.app_removed(entry.spec.name.as_str());
+        self.metrics.app_removed(&entry.spec.name);
         op
     }
 
@@ -884,7 +883,7 @@ impl Core {
     /// Announces an app that is up and complete on the host; withdraws an announced one that
     /// lost a part (a VIP not on lo, or whose NAT is missing, would black-hole traffic).
     fn settle_announcement(&mut self, entry: &mut Entry, now: Now) {
-        let name = entry.spec.name.as_str();
+        let name = &entry.spec.name;
         if entry.up && !entry.announced && entry.installed() {
             entry.announced = true;
             entry.since = now.wall;
@@ -1027,7 +1026,7 @@ impl Core {
     }
 
     fn go_down(&mut self, entry: &mut Entry, now: Now) {
-        let name = entry.spec.name.as_str();
+        let name = &entry.spec.name;
         entry.up = false;
         entry.announced = false;
         entry.since = now.wall;

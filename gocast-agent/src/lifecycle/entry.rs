@@ -104,7 +104,9 @@ pub(super) struct Entry {
 pub(super) struct Repairs {
     /// Times a part of the app was found missing from the host.
     pub(super) count: u64,
-    pub(super) last: Option<LastRepair>,
+    /// Boxed: most apps are never repaired, and inline it would make every app's entry 80
+    /// bytes larger.
+    pub(super) last: Option<Box<LastRepair>>,
 }
 
 /// The last time a part of the app was found missing.
@@ -191,7 +193,7 @@ impl Entry {
                 .map(|(m, r)| MonitorView {
                     monitor: m.clone(),
                     ok: r.as_ref().map(|r| r.ok),
-                    reason: r.as_ref().map(|r| r.reason.clone()),
+                    reason: r.as_ref().map(|r| r.reason.to_string()),
                     checked_at: r.as_ref().map(|r| rfc3339(r.at)),
                     latency_ms: r.as_ref().map(|r| r.latency.as_secs_f64() * 1e3),
                 })
@@ -222,7 +224,7 @@ impl Entry {
                 awaiting_proof: self.passive.needs_proof,
             }),
             repairs: self.repairs.count,
-            last_repair: self.repairs.last.as_ref().map(LastRepair::view),
+            last_repair: self.repairs.last.as_deref().map(LastRepair::view),
         }
     }
 

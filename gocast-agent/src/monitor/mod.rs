@@ -23,6 +23,7 @@ pub mod port;
 
 use std::{
     collections::{HashMap, HashSet},
+    fmt,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -44,10 +45,51 @@ use crate::{
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MonitorResult {
     pub ok: bool,
-    /// What was seen, in words, for `/apps` and logs.
-    pub reason: String,
+    /// What was seen, for `/apps` and logs.
+    pub reason: Reason,
     pub at: SystemTime,
     pub latency: Duration,
+}
+
+/// What a monitor saw. A port monitor's verdict is kept as values and put in words only when
+/// shown: with 1,000 apps checked every second, formatting it on every check was two
+/// allocations per app a second (docs/design.md, "Memory").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reason {
+    /// A `port:` monitor's socket is there.
+    PortOpen(Proto, u16),
+    /// A `port:` monitor's socket is not there.
+    PortClosed(Proto, u16),
+    /// Anything else, in words.
+    Text(String),
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::PortOpen(proto, port) => write!(f, "{proto} port {port} is open"),
+            Self::PortClosed(proto, port) => {
+                let how = match proto {
+                    Proto::Tcp => "listening on",
+                    Proto::Udp => "bound to",
+                };
+                write!(f, "no {proto} socket {how} port {port}")
+            }
+            Self::Text(text) => f.write_str(text),
+        }
+    }
+}
+
+impl From<String> for Reason {
+    fn from(text: String) -> Self {
+        Self::Text(text)
+    }
+}
+
+impl From<&str> for Reason {
+    fn from(text: &str) -> Self {
+        Self::Text(text.to_owned())
+    }
 }
 
 /// All results of one check of one app, in the order of its monitors.
@@ -518,33 +560,33 @@ impl Scheduler {
                 Some(Ok(t)) => t.listeners(port).to_vec(),
                 _ => Vec::new(),
             };
-            let pending: Vec<Pending> = w
-                .monitors
-                .iter()
-                .map(|m| match m {
-                    Monitor::Port { proto, port } => {
-                        let result = port_result(table.as_ref(), *proto, *port, table_latency);
-                        if w.prove && *proto == Proto::Tcp && result.ok {
-                            Pending::Prove(*port, listeners(*port))
-                        } else {
-                            Pending::Ready(result)
-                        }
+            let pending = |m: &Monitor| match m {
+                Monitor::Port { proto, port } => {
+                    let result = port_result(table.as_ref(), *proto, *port, table_latency);
+                    if w.prove && *proto == Proto::Tcp && result.ok {
+                        Pending::Prove(*port, listeners(*port))
+                    } else {
+                        Pending::Ready(result)
                     }
-                    Monitor::Consul => {
-                        let verdict = match &self.settings.consul {
-                            Some(link) => link.result(consul_health::service_of(name)),
-                            None => consul_health::unconfigured(),
-                        };
-                        Pending::Ready(MonitorResult {
-                            ok: verdict.ok,
-                            reason: verdict.reason,
-                            at: SystemTime::now(),
-                            latency: Duration::ZERO,
-                        })
-                    }
-                    Monitor::Exec { command } => Pending::Exec(command.clone()),
-                })
-                .collect();
+                }
+                Monitor::Consul => {
+                    let verdict = match &self.settings.consul {
+                        Some(link) => link.result(consul_health::service_of(name)),
+                        None => consul_health::unconfigured(),
+                    };
+                    Pending::Ready(MonitorResult {
+                        ok: verdict.ok,
+                        reason: verdict.reason.into(),
+                        at: SystemTime::now(),
+                        latency: Duration::ZERO,
+                    })
+                }
+                Monitor::Exec { command } => Pending::Exec(command.clone()),
+            };
+            // Every result known now (port and consul monitors): one allocation for the report,
+            // none for a list of pending runs.
+            let ready: Option<Vec<MonitorResult>> =
+                w.monitors.iter().map(|m| pending(m).ready()).collect();
             let report = Report {
                 app: name.clone(),
                 generation: w.generation,
@@ -554,14 +596,13 @@ impl Scheduler {
                     .and_then(|t| stuck(t.as_ref().ok()?, &w.monitors)),
                 proved: w.prove,
             };
-            if pending.iter().all(|p| matches!(p, Pending::Ready(_))) {
-                let results: Vec<MonitorResult> =
-                    pending.into_iter().filter_map(Pending::ready).collect();
+            if let Some(results) = ready {
                 observe(&self.metrics, &w.monitors, &results);
                 // A closed inbox means the lifecycle is gone: shutting down, nothing to do.
                 let _ = self.reports.send(Report { results, ..report }).await;
                 continue;
             }
+            let pending: Vec<Pending> = w.monitors.iter().map(pending).collect();
             w.in_flight = true;
             let monitors = w.monitors.clone();
             let timeout = self.settings.exec_timeout;
@@ -628,7 +669,7 @@ impl Pending {
         };
         MonitorResult {
             ok,
-            reason,
+            reason: reason.into(),
             at: SystemTime::now(),
             latency,
         }
@@ -659,20 +700,10 @@ fn port_result(
     latency: Duration,
 ) -> MonitorResult {
     let (ok, reason) = match table {
-        Some(Ok(t)) if t.is_open(proto, port) => (true, format!("{proto} port {port} is open")),
-        Some(Ok(_)) => (
-            false,
-            format!(
-                "no {proto} socket {} port {port}",
-                if proto == crate::app::Proto::Tcp {
-                    "listening on"
-                } else {
-                    "bound to"
-                }
-            ),
-        ),
-        Some(Err(e)) => (false, format!("cannot read the socket table: {e}")),
-        None => (false, "internal: socket table not read".to_owned()),
+        Some(Ok(t)) if t.is_open(proto, port) => (true, Reason::PortOpen(proto, port)),
+        Some(Ok(_)) => (false, Reason::PortClosed(proto, port)),
+        Some(Err(e)) => (false, format!("cannot read the socket table: {e}").into()),
+        None => (false, "internal: socket table not read".into()),
     };
     MonitorResult {
         ok,
@@ -734,7 +765,10 @@ mod tests {
             }
         };
         assert!(
-            r.results[0].reason.contains("no tcp socket listening"),
+            r.results[0]
+                .reason
+                .to_string()
+                .contains("no tcp socket listening"),
             "{r:?}"
         );
         assert!(r.results[1].ok);
@@ -784,7 +818,7 @@ mod tests {
         })
         .unwrap();
         let r = next(&mut rx).await;
-        assert!(!r.results[0].ok && r.results[0].reason.contains("consul_addr"));
+        assert!(!r.results[0].ok && r.results[0].reason.to_string().contains("consul_addr"));
         cancel.cancel();
     }
 
@@ -809,7 +843,7 @@ mod tests {
         })
         .unwrap();
         let r = next(&mut rx).await;
-        assert!(!r.results[0].ok && r.results[0].reason.contains("first answer"));
+        assert!(!r.results[0].ok && r.results[0].reason.to_string().contains("first answer"));
         services_rx.changed().await.unwrap();
         assert!(services_rx.borrow_and_update().contains("web"));
         view_tx.send_modify(|v| {
@@ -822,7 +856,7 @@ mod tests {
         loop {
             let r = next(&mut rx).await;
             if r.results[0].ok {
-                assert!(r.results[0].reason.contains("passing"));
+                assert!(r.results[0].reason.to_string().contains("passing"));
                 break;
             }
         }
@@ -936,7 +970,10 @@ mod tests {
             drop(listener);
             let r = failing_within(&mut rx, Duration::from_millis(200)).await;
             assert!(
-                r.results[0].reason.contains("no tcp socket listening"),
+                r.results[0]
+                    .reason
+                    .to_string()
+                    .contains("no tcp socket listening"),
                 "{r:?}"
             );
             cancel.cancel();

@@ -142,12 +142,12 @@ impl Core {
             info!(app = %app, %vip, %what, "missing from the host; the app is down, so it stays off");
             Outcome::LeftOff
         };
-        entry.repairs.last = Some(LastRepair {
+        entry.repairs.last = Some(Box::new(LastRepair {
             at: now.wall,
             what,
             kinds,
             outcome,
-        });
+        }));
     }
 
     /// Installs the parts of the app that are absent (at least the ones just found missing)
