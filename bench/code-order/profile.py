@@ -4,9 +4,9 @@
 usage (root, from the workspace root, after `cargo build --release -p gocast-bench`):
     bench/code-order/profile.py BINARY
 
-BINARY is a release agent built as it ships but with its symbols
-(`CARGO_PROFILE_RELEASE_STRIP=none`, the same `--target` and rustflags as
-`xtask/src/release.rs`, so the symbol names match the shipped build's).
+BINARY is the release agent as `cargo xtask bench` builds it
+(`target/<triple>/release/gocast`: the release profile keeps symbols, the
+package strips them), so the symbol names are the shipped build's.
 
 How: one uprobe per Rust function of BINARY (tracefs `uprobe_events`), all
 disabled while `gocast-bench bench memory` starts the agent with 300 apps;

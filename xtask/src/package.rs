@@ -63,7 +63,14 @@ fn build_release() -> Result<PathBuf> {
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let stdout = cmd::output(
         cmd::cargo(&root)
-            .args(["deb", "--locked", "--package", AGENT_PACKAGE, "--no-build"])
+            .args([
+                "deb",
+                "--locked",
+                "--package",
+                AGENT_PACKAGE,
+                "--no-build",
+                "--strip",
+            ])
             .args(["--target", &release::host_triple()?, "--output"])
             .arg(&out),
     )?;
