@@ -24,7 +24,7 @@ use crate::{build_ebpf, cmd, workspace_root};
 /// the release binary's text (docs/benchmarks.md, "### Memory", how it is made): the kernel maps
 /// code around each page fault in 64 KiB windows, so the steady state's ~1 MiB of code spread
 /// over 6 MB kept nearly all of it resident.
-pub const CODE_ORDER: &str = "gocast-agent/code-order.txt";
+const CODE_ORDER: &str = "gocast-agent/code-order.txt";
 /// The target whose default linker (rustc's own `lld`) reads [`CODE_ORDER`].
 const ORDERED_TARGET: &str = "x86_64-unknown-linux-gnu";
 

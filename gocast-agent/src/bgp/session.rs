@@ -1041,7 +1041,6 @@ pub async fn reject(stream: TcpStream) {
     close_with(stream, cease).await;
 }
 
-/// Sends `notification` and closes. Bounded: the peer owes us nothing.
 /// Closes a stopping session's connection after its Cease: our side first (FIN after the
 /// NOTIFICATION), then waits up to [`CLOSE_WAIT`] for the peer's, reading what it still sends.
 ///
@@ -1066,6 +1065,7 @@ async fn close_after_peer(conn: Framed<TcpStream, BgpCodec>) {
     }
 }
 
+/// Sends `notification` and closes. Bounded: the peer owes us nothing.
 async fn close_with(mut stream: TcpStream, notification: codec::Notification) {
     use tokio::io::AsyncWriteExt;
     let bytes = codec::encode_notification(&notification);
