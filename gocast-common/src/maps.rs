@@ -36,23 +36,26 @@ pub const PROTO_UDP: u8 = 17;
 pub const VIPS_MAP: &str = "GOCAST_VIPS";
 /// `HashMap<NatKey, NatTarget>`: where traffic to a VIP port is sent (XDP destination NAT).
 pub const NAT_MAP: &str = "GOCAST_NAT";
-/// `LruHashMap<FlowKey<[u8; 4]>, NatFlow<[u8; 4]>>`: IPv4 flows the NAT rewrote, keyed by their
-/// reply direction, so TC egress can put the VIP back as the reply's source. LRU: idle flows age
-/// out without a sweeper. One map per family, so an IPv4 key is 16 bytes, not an IPv6-sized 40:
-/// the kernel hashes and compares the whole key on every lookup.
+/// `LruHashMap<FlowKey<[u8; 4]>, NatFlow<[u8; 4]>>`: IPv4 flows the NAT rewrote, one entry per
+/// flow, keyed by its reply as TC egress sees it (NAT target → client): egress finds the VIP to
+/// put back as the reply's source; ingress derives the same key from the packet and its rule, so
+/// a flow's first packet (a TCP SYN, a UDP flow's first datagram) writes one entry, and later
+/// ones check and refresh it. LRU: idle flows age out without a sweeper. One map per family, so
+/// an IPv4 key is 16 bytes, not an IPv6-sized 40: the kernel hashes and compares the whole key
+/// on every lookup.
 pub const FLOWS4_MAP: &str = "GOCAST_FLOWS4";
 /// [`FLOWS4_MAP`] for IPv6: `LruHashMap<FlowKey<[u8; 16]>, NatFlow<[u8; 16]>>`.
 pub const FLOWS6_MAP: &str = "GOCAST_FLOWS6";
-/// `LruHashMap<FlowKey<[u8; 4]>, NatFlow<[u8; 4]>>`: the same IPv4 flows keyed by their packets
-/// to the VIP (client → VIP:port), each with everything the rewrite needs, so a packet of an
-/// established flow costs one lookup here; [`VIPS_MAP`] and [`NAT_MAP`] are read only for a
-/// flow's first packet (and every TCP SYN).
-pub const NAT_FLOWS4_MAP: &str = "GOCAST_NAT_FLOWS4";
-/// [`NAT_FLOWS4_MAP`] for IPv6: `LruHashMap<FlowKey<[u8; 16]>, NatFlow<[u8; 16]>>`.
-pub const NAT_FLOWS6_MAP: &str = "GOCAST_NAT_FLOWS6";
+/// `Array<u32>` of [`FLOW_TAGS`]: which flows ingress has lately found (or put) in
+/// [`FLOWS4_MAP`]/[`FLOWS6_MAP`], as [`flow_tag`]s, so a packet of an established flow skips
+/// that lookup: an array read instead of a hash lookup. A tag that does not match (a collision,
+/// a new generation, a flow from before the agent started) sends its packet to the flow map,
+/// which writes the entry if missing. Only the eBPF programs use it.
+pub const FLOW_TAGS_MAP: &str = "GOCAST_FLOW_TAGS";
 /// `Array<u32>` of [`MAX_VIPS`]: the generation of each counter slot. The agent bumps it after
-/// changing the slot's VIP or its NAT rules; a [`NatFlow`] of an older generation is stale and
-/// its packet takes the first-packet path again.
+/// changing the slot's VIP or its NAT rules, and rewrites the VIP's rules with it; a
+/// [`NatTarget`] or [`NatFlow`] of an older generation is stale: its packet takes the long way
+/// through [`VIPS_MAP`] (ingress), or is counted by its VIP's current slot (egress).
 pub const SLOTS_MAP: &str = "GOCAST_SLOTS";
 /// `Array<PortBits>` of [`PORT_WORDS`]: which ports are a NAT rule's VIP port or target port, so
 /// packets on other ports skip the flow maps; with the VIP port bits, a few bits of the rules'
@@ -89,9 +92,11 @@ pub const TC_FLOOR_PROGRAM: &str = "gocast_tc_floor";
 pub const MAX_VIPS: u32 = 4096;
 /// Capacity of [`NAT_MAP`].
 pub const MAX_NAT_RULES: u32 = 4096;
-/// Capacity of each flow map ([`FLOWS4_MAP`], [`FLOWS6_MAP`], [`NAT_FLOWS4_MAP`],
-/// [`NAT_FLOWS6_MAP`]); beyond it the least recently used flows are evicted.
+/// Capacity of each flow map ([`FLOWS4_MAP`], [`FLOWS6_MAP`]); beyond it the least recently
+/// used flows are evicted.
 pub const MAX_FLOWS: u32 = 65_536;
+/// Entries of [`FLOW_TAGS_MAP`] (a power of two; 256 KiB).
+pub const FLOW_TAGS: u32 = 65_536;
 /// Entries of [`PORTS_MAP`]: one bit per port.
 pub const PORT_WORDS: u32 = 65_536 / 64;
 /// Entries of [`VIP_ADDRS_MAP`]: one bit per 16-bit fold of an address.
@@ -190,7 +195,10 @@ impl NatKey {
     }
 }
 
-/// Value of [`NAT_MAP`]: the real destination. Same family as the key (no 4↔6 translation).
+/// Value of [`NAT_MAP`]: the real destination, and all a packet of the rule needs besides, so a
+/// packet of an established flow costs this one hash lookup (and the generation's array read):
+/// its checksum difference and its VIP's counter slot. Same family as the key (no 4↔6
+/// translation).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct NatTarget {
@@ -198,30 +206,46 @@ pub struct NatTarget {
     pub dest: [u8; 16],
     /// New destination port, network order.
     pub port: u16,
-    /// Zero.
-    pub _pad: [u8; 2],
+    /// What replacing the VIP by `dest` adds to a checksum over it ([`NatFlow::addr_diff`]).
+    pub addr_diff: u16,
+    /// The VIP's counter slot (index into [`COUNTERS_MAP`]).
+    pub slot: u32,
+    /// [`SLOTS_MAP`]'s generation of `slot` when the rule was written.
+    pub generation: u32,
 }
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)`, integers and byte arrays only, no implicit padding (size checked below).
 unsafe impl aya::Pod for NatTarget {}
-const _: () = assert!(size_of::<NatTarget>() == 20);
+const _: () = assert!(size_of::<NatTarget>() == 28);
 
 impl NatTarget {
-    /// Send to `dest`:`port` (host order). `dest` must have the VIP's family.
+    /// Send traffic to `vip` to `dest`:`port` (host order), counted in `slot` of `generation`.
+    /// `dest` must have the VIP's family.
     #[must_use]
-    pub const fn new(dest: IpAddr, port: u16) -> Self {
+    pub const fn new(vip: IpAddr, dest: IpAddr, port: u16, (slot, generation): (u32, u32)) -> Self {
+        let addr_diff = match (vip, dest) {
+            (IpAddr::V4(v), IpAddr::V4(d)) => crate::csum::addr_diff(&v.octets(), &d.octets()),
+            (v, d) => crate::csum::addr_diff(&addr_bytes(v).0, &addr_bytes(d).0),
+        };
         Self {
             dest: addr_bytes(dest).0,
             port: port.to_be(),
-            _pad: [0; 2],
+            addr_diff,
+            slot,
+            generation,
         }
+    }
+
+    /// Whether this rule sends to `dest`:`port` (host order), whatever its slot.
+    #[must_use]
+    pub fn sends_to(&self, dest: IpAddr, port: u16) -> bool {
+        self.dest == addr_bytes(dest).0 && self.port == port.to_be()
     }
 }
 
-/// Key of the flow maps: a flow's 5-tuple as its packets carry it. In [`NAT_FLOWS4_MAP`] and
-/// [`NAT_FLOWS6_MAP`] a packet to the VIP (client → VIP:port); in [`FLOWS4_MAP`] and
-/// [`FLOWS6_MAP`] its **reply** as seen on egress (NAT target → client). `A` is the address as
-/// in the packet: `[u8; 4]` (16-byte key) or `[u8; 16]` (40 bytes).
+/// Key of the flow maps ([`FLOWS4_MAP`], [`FLOWS6_MAP`]): a flow the NAT rewrote, its **reply** 5-tuple as
+/// seen on egress (NAT target → client); also the key of a 5-tuple in the eBPF programs. `A` is
+/// the address as in the packet: `[u8; 4]` (16-byte key) or `[u8; 16]` (40 bytes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey<A> {
@@ -251,10 +275,10 @@ unsafe impl aya::Pod for FlowKey<[u8; 16]> {}
 const _: () = assert!(size_of::<FlowKey<[u8; 4]>>() == 16);
 const _: () = assert!(size_of::<FlowKey<[u8; 16]>>() == 40);
 
-/// Value of the flow maps: how to rewrite one direction of a flow the NAT rewrote. In
-/// [`NAT_FLOWS4_MAP`]/[`NAT_FLOWS6_MAP`] the new destination (the NAT target), in
-/// [`FLOWS4_MAP`]/[`FLOWS6_MAP`] the new source (the VIP and port the client used). `A` as in
-/// [`FlowKey`]: 16 bytes for IPv4, 28 for IPv6.
+/// Value of the flow maps ([`FLOWS4_MAP`], [`FLOWS6_MAP`]): how TC egress rewrites a reply of a
+/// flow the NAT rewrote: the new source (the VIP and port the client used). In the eBPF
+/// programs also how ingress rewrites a packet (the new destination, from its [`NatTarget`]).
+/// `A` as in [`FlowKey`]: 16 bytes for IPv4, 28 for IPv6.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct NatFlow<A> {
@@ -286,8 +310,7 @@ const _: () = assert!(size_of::<NatFlow<[u8; 16]>>() == 28);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PortBits {
-    /// Ports some NAT rule has as its VIP port (ingress looks up [`NAT_FLOWS4_MAP`] or
-    /// [`NAT_FLOWS6_MAP`]).
+    /// Ports some NAT rule has as its VIP port (ingress looks up [`NAT_MAP`]).
     pub vip: u64,
     /// Ports some NAT rule has as its target port (egress looks up [`FLOWS4_MAP`] or
     /// [`FLOWS6_MAP`]).
@@ -405,11 +428,47 @@ impl VipCounters {
     }
 }
 
+/// Where a flow sits in [`FLOW_TAGS_MAP`], and its tag there: from its packets' addresses
+/// (folded to 32 bits), their ports (as the `u16`s of [`FlowKey`]) and the rule's generation.
+/// Multiplicative hashing, index from the product's top bits (which every input bit reaches):
+/// a few instructions on the eBPF path. The tag is never 0, what an unused entry holds.
+#[inline(always)]
+#[must_use]
+pub const fn flow_tag(src: u32, dst: u32, ports: (u16, u16), generation: u32) -> (u32, u32) {
+    const GOLDEN: u32 = 0x9e37_79b1;
+    let ports = (ports.0 as u32) << 16 | ports.1 as u32;
+    let mut h = (src ^ dst.rotate_left(16) ^ ports).wrapping_mul(GOLDEN);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    let index = h >> (32 - FLOW_TAGS.trailing_zeros());
+    let tag = (h ^ generation.wrapping_mul(GOLDEN)) | 1;
+    (index, tag)
+}
+
 #[cfg(test)]
 mod tests {
     use core::net::{Ipv4Addr, Ipv6Addr};
 
     use super::*;
+
+    #[test]
+    fn a_flow_tag_is_never_an_unused_entry_and_changes_with_the_generation() {
+        let (mut indices, mut zero) = (std::collections::HashSet::new(), false);
+        for port in 1024..u16::MAX {
+            let (index, tag) = flow_tag(0x0a00_0001, 0xc000_020a, (port.to_be(), 80), 7);
+            assert!(index < FLOW_TAGS);
+            zero |= tag == 0;
+            indices.insert(index);
+            assert_ne!(
+                flow_tag(0x0a00_0001, 0xc000_020a, (port.to_be(), 80), 8).1,
+                tag
+            );
+        }
+        assert!(!zero);
+        // One client's ports spread over the table as a random function would: 64,511 flows
+        // in 65,536 entries leave ~41,000 distinct (1 - 1/e of them), not a few thousand.
+        assert!(indices.len() > 39_000, "{} entries used", indices.len());
+    }
 
     #[test]
     fn counters_since_an_earlier_read_are_none_when_one_went_backwards() {

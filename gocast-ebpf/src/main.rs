@@ -2,9 +2,9 @@
 //!
 //! - `gocast_xdp` (XDP, ingress): counts packets to a VIP in `VIPS_MAP`; for TCP/UDP to a
 //!   VIP port in `NAT_MAP`, rewrites destination address and port in place (incremental
-//!   checksums) and records the flow both ways (`NAT_FLOWS4_MAP`/`NAT_FLOWS6_MAP`,
-//!   `FLOWS4_MAP`/`FLOWS6_MAP`: a map per family, see `nat::NatFamily`), so its later
-//!   packets cost one lookup (see `nat`). Fragments, ICMP, IPv6 extension headers and all
+//!   checksums, the rule carries all they need, so a packet costs one hash lookup) and records
+//!   the flow once, under its reply's 5-tuple (`FLOWS4_MAP`/`FLOWS6_MAP`: a map per family,
+//!   see `nat::NatFamily`), for TC egress. Fragments, ICMP, IPv6 extension headers and all
 //!   other traffic pass untouched.
 //! - `gocast_tc_ingress` (TC classifier, ingress): the same on an skb, for interfaces where XDP
 //!   would cost more than it saves (virtual devices such as veth, drivers without native XDP,
@@ -41,8 +41,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use gocast_common::maps::{
-    ADDR_WORDS, FlowKey, MAX_FLOWS, MAX_NAT_RULES, MAX_VIPS, NatFlow, NatKey, NatTarget,
-    PORT_WORDS, PROTO_TCP, PortBits, VipCounters, VipKey, addr_bit,
+    ADDR_WORDS, FLOW_TAGS as FLOW_TAGS_LEN, FlowKey, MAX_FLOWS, MAX_NAT_RULES, MAX_VIPS, NatFlow,
+    NatKey, NatTarget, PORT_WORDS, PROTO_TCP, PortBits, VipCounters, VipKey, addr_bit,
 };
 
 use crate::{
@@ -69,15 +69,9 @@ static FLOWS4: LruHashMap<FlowKey<[u8; 4]>, NatFlow<[u8; 4]>> =
 static FLOWS6: LruHashMap<FlowKey<[u8; 16]>, NatFlow<[u8; 16]>> =
     LruHashMap::with_max_entries(MAX_FLOWS, 0);
 
-/// `gocast_common::maps::NAT_FLOWS4_MAP`: a NATed IPv4 flow's 5-tuple → its target.
-#[map(name = "GOCAST_NAT_FLOWS4")]
-static NAT_FLOWS4: LruHashMap<FlowKey<[u8; 4]>, NatFlow<[u8; 4]>> =
-    LruHashMap::with_max_entries(MAX_FLOWS, 0);
-
-/// `gocast_common::maps::NAT_FLOWS6_MAP`: a NATed IPv6 flow's 5-tuple → its target.
-#[map(name = "GOCAST_NAT_FLOWS6")]
-static NAT_FLOWS6: LruHashMap<FlowKey<[u8; 16]>, NatFlow<[u8; 16]>> =
-    LruHashMap::with_max_entries(MAX_FLOWS, 0);
+/// `gocast_common::maps::FLOW_TAGS_MAP`: flows lately found in the flow maps.
+#[map(name = "GOCAST_FLOW_TAGS")]
+static FLOW_TAGS: Array<u32> = Array::with_max_entries(FLOW_TAGS_LEN, 0);
 
 /// `gocast_common::maps::SLOTS_MAP`: each counter slot's generation.
 #[map(name = "GOCAST_SLOTS")]
@@ -102,15 +96,11 @@ const _: () = {
     assert!(str_eq("GOCAST_FLOWS4", gocast_common::maps::FLOWS4_MAP));
     assert!(str_eq("GOCAST_FLOWS6", gocast_common::maps::FLOWS6_MAP));
     assert!(str_eq("GOCAST_COUNTERS", gocast_common::maps::COUNTERS_MAP));
-    assert!(str_eq(
-        "GOCAST_NAT_FLOWS4",
-        gocast_common::maps::NAT_FLOWS4_MAP
-    ));
-    assert!(str_eq(
-        "GOCAST_NAT_FLOWS6",
-        gocast_common::maps::NAT_FLOWS6_MAP
-    ));
     assert!(str_eq("GOCAST_SLOTS", gocast_common::maps::SLOTS_MAP));
+    assert!(str_eq(
+        "GOCAST_FLOW_TAGS",
+        gocast_common::maps::FLOW_TAGS_MAP
+    ));
     assert!(str_eq("GOCAST_PORTS", gocast_common::maps::PORTS_MAP));
     assert!(str_eq(
         "GOCAST_VIP_ADDRS",
@@ -194,9 +184,9 @@ fn ingress<C: Ingress>(ctx: &C, parsed: &Parsed, log: &mut bool) -> Result<(), (
     }
 }
 
-/// A TCP or UDP packet. Of an established NATed flow: counted in and rewritten by its flow
-/// entry. Any other to a VIP: counted, and NATed if a rule matches (which records the flow). A
-/// SYN that bypasses the NAT drops a stale flow entry.
+/// A TCP or UDP packet. To a VIP port with a current rule (the common case): counted in,
+/// rewritten, its flow entry written or checked. Any other to a VIP: counted, and NATed if a
+/// rule matches. A SYN that bypasses the NAT drops a stale flow entry.
 #[inline(always)]
 fn ingress_flow<C: Ingress, F: NatFamily>(
     ctx: &C,
@@ -204,12 +194,13 @@ fn ingress_flow<C: Ingress, F: NatFamily>(
     log: &mut bool,
 ) -> Result<(), ()> {
     let syn = is_syn(flow);
-    // A SYN always takes the long way: it may start a flow under changed rules.
-    if !syn && let Some(known) = nat::known(flow) {
-        if let Some(counters) = stats::counters(known.slot) {
-            stats::count_in(counters, ctx.bytes(), false);
+    if let Some(to) = nat::rule(flow) {
+        if let Some(counters) = stats::counters(to.slot) {
+            stats::count_in(counters, ctx.bytes(), syn);
         }
-        return nat::forward(ctx, flow, &known, log);
+        nat::forward(ctx, flow, &to, log)?;
+        nat::remember::<C, F>(flow, &to, syn, log);
+        return Ok(());
     }
     let slot = if stats::maybe_vip(F::addr_bit(&flow.dst)) {
         stats::vip_slot(F::FAMILY, &F::map_bytes(&flow.dst))

@@ -1,14 +1,15 @@
 //! Destination NAT (VIP:port → target) in XDP or TC ingress, and its reverse in TC egress
 //! (target → VIP:port).
 //!
-//! A flow's first packet (and every TCP SYN) finds its rule in `NAT_MAP` and writes two
-//! [`NatFlow`] entries in its family's flow maps ([`NatFamily`]): one under the packet's own
-//! 5-tuple in `NAT_FLOWS4_MAP`/`NAT_FLOWS6_MAP`, one under the reply's in
-//! `FLOWS4_MAP`/`FLOWS6_MAP`. Each carries the new address and port, the address's checksum
-//! difference and the VIP's counter slot, so every later packet in either direction costs one
-//! LRU lookup, an array read (the slot's generation, see `gocast_common::maps::SLOTS_MAP`) and
-//! the writes. Packets on a port no rule uses, or to an address without the bit of a VIP with
-//! a rule on that port, skip the flow maps (`PORTS_MAP`).
+//! A packet to a VIP port finds its rule in `NAT_MAP`: a [`NatTarget`] that carries the new
+//! address and port, the address's checksum difference and the VIP's counter slot, so a packet
+//! of an established flow costs that one hash lookup, an array read (the rule's generation,
+//! see `gocast_common::maps::SLOTS_MAP`) and the writes. Each flow has one [`NatFlow`] entry, in
+//! its family's flow map (`FLOWS4_MAP`/`FLOWS6_MAP`, [`NatFamily`]) under its reply's 5-tuple:
+//! how TC egress puts the VIP back. A TCP SYN writes it; every other packet derives its key from
+//! the packet and the rule, and writes it only if it is missing or stale (a UDP flow's first
+//! datagram, a TCP flow whose SYN came before the agent). Packets on a port no rule uses, or to
+//! an address without the bit of a VIP with a rule on that port, skip `NAT_MAP` (`PORTS_MAP`).
 //!
 //! XDP rewrites the frame in place with RFC 1624 incremental checksums (pure functions in
 //! `gocast_common::csum`). The TC programs use the kernel's `bpf_l4_csum_replace`, which also
@@ -29,11 +30,11 @@ use aya_ebpf::{
 };
 use gocast_common::{
     csum::{csum_add, csum_replace2, udp_has_checksum, udp_mangled},
-    maps::{FAMILY_V4, FlowKey, NatFlow, NatKey, NatTarget, PROTO_TCP, port_bit},
+    maps::{FAMILY_V4, FlowKey, NatFlow, NatKey, NatTarget, PROTO_TCP, flow_tag, port_bit},
 };
 
 use crate::{
-    FLOWS4, FLOWS6, NAT, NAT_FLOWS4, NAT_FLOWS6, PORTS,
+    FLOW_TAGS, FLOWS4, FLOWS6, NAT, PORTS,
     logs::{self, DNAT_FAILED, INSERT_FAILED, NEW_FLOW, Pending, REVERSE_FAILED},
     parse::{
         Family, Flow, IPV4_CHECK_OFFSET, IPV6_DST_OFFSET, IPV6_SRC_OFFSET, Ipv4Hdr, Ports,
@@ -42,13 +43,11 @@ use crate::{
     stats,
 };
 
-/// A family's flow map of one direction.
+/// A family's flow map.
 type FlowMap<F> = LruHashMap<FlowKey<<F as Family>::Addr>, NatFlow<<F as Family>::Addr>>;
 
-/// What the NAT does per family: its flow maps, and how TC writes an address.
+/// What the NAT does per family: its flow map, and how TC writes an address.
 pub trait NatFamily: Family {
-    /// Packets to the VIP → how to rewrite them (`NAT_FLOWS4_MAP`, `NAT_FLOWS6_MAP`).
-    fn nat_flows() -> &'static FlowMap<Self>;
     /// Replies → how to put the VIP back (`FLOWS4_MAP`, `FLOWS6_MAP`).
     fn flows() -> &'static FlowMap<Self>;
     /// TC: sets `end`'s address to `addr`, whose checksum difference is `diff`, and the IPv4
@@ -63,11 +62,6 @@ pub trait NatFamily: Family {
 }
 
 impl NatFamily for V4 {
-    #[inline(always)]
-    fn nat_flows() -> &'static FlowMap<Self> {
-        &NAT_FLOWS4
-    }
-
     #[inline(always)]
     fn flows() -> &'static FlowMap<Self> {
         &FLOWS4
@@ -102,11 +96,6 @@ impl NatFamily for V4 {
 }
 
 impl NatFamily for V6 {
-    #[inline(always)]
-    fn nat_flows() -> &'static FlowMap<Self> {
-        &NAT_FLOWS6
-    }
-
     #[inline(always)]
     fn flows() -> &'static FlowMap<Self> {
         &FLOWS6
@@ -209,19 +198,24 @@ fn key<F: Family>(flow: &Flow<F>) -> FlowKey<F::Addr> {
     }
 }
 
-/// The entry of an established NATed flow this packet belongs to, if its VIP and rules did not
-/// change since it was written: all the rewrite and counting need.
+/// The rule for this packet's destination, if it has one written under its slot's current
+/// generation: all the rewrite and counting need (the common case, one hash lookup).
 #[inline(always)]
-pub fn known<F: NatFamily>(flow: &Flow<F>) -> Option<NatFlow<F::Addr>> {
+pub fn rule<F: Family>(flow: &Flow<F>) -> Option<NatFlow<F::Addr>> {
     if !rule_may_match(flow) {
         return None;
     }
-    // SAFETY: a map value pointer from a successful lookup, copied out at once.
-    let entry = unsafe { *F::nat_flows().get_ptr(key(flow))? };
-    (stats::generation(entry.slot) == entry.generation).then_some(entry)
+    let rule = target(flow)?;
+    (stats::generation(rule.slot) == rule.generation).then(|| NatFlow {
+        addr: F::from_map_bytes(&rule.dest),
+        port: rule.port,
+        addr_diff: rule.addr_diff,
+        slot: rule.slot,
+        generation: rule.generation,
+    })
 }
 
-/// Rewrites a packet of a [`known`] flow; a failure is noted for the log program.
+/// Rewrites a packet by its rule (`to`); a failure is noted for the log program.
 #[inline(always)]
 pub fn forward<C: Ingress, F: NatFamily>(
     ctx: &C,
@@ -268,10 +262,10 @@ fn target<F: Family>(flow: &Flow<F>) -> Option<NatTarget> {
     (unsafe { NAT.get(key) }).copied()
 }
 
-/// A flow's first packet (or a SYN), to a VIP with counter `slot` of `generation`: if
-/// `NAT_MAP` has a rule for its destination, rewrites it to the target, records the flow both
-/// ways, and returns `true`. A `syn` (a new TCP connection), a refused flow-map insert or a
-/// failed rewrite is noted for the log program, and `log` set.
+/// A packet to a VIP with counter `slot` of `generation` that found no current rule
+/// ([`rule`]: none for its port, or one written under an older generation of its slot): if
+/// `NAT_MAP` has a rule for its destination, rewrites it to the target, records the flow
+/// ([`remember`]), and returns `true`.
 #[inline(always)]
 pub fn dnat<C: Ingress, F: NatFamily>(
     ctx: &C,
@@ -283,16 +277,84 @@ pub fn dnat<C: Ingress, F: NatFamily>(
     let Some(target) = target(flow) else {
         return Ok(false);
     };
-    let addr = F::from_map_bytes(&target.dest);
     let to = NatFlow {
-        addr,
+        addr: F::from_map_bytes(&target.dest),
         port: target.port,
-        addr_diff: F::addr_diff(&flow.dst, &addr),
+        addr_diff: target.addr_diff,
         slot,
         generation,
     };
     forward(ctx, flow, &to, log)?;
-    let errno = remember(flow, &to);
+    remember::<C, F>(flow, &to, syn, log);
+    Ok(true)
+}
+
+/// Records the flow under its reply's 5-tuple: how TC egress puts the VIP back. A SYN (a new
+/// connection) always writes the entry. Any other packet whose tag in `FLOW_TAGS_MAP` matches
+/// (its flow was found there lately, under this generation) is done; else it reads the entry
+/// and writes it only if it is missing or stale (another VIP slot or port, an older
+/// generation): a UDP flow's first datagram, a TCP flow whose SYN came before the programs, an
+/// entry evicted. A SYN or a refused insert is noted for the log program, and `log` set.
+#[inline(always)]
+pub fn remember<C: Ingress, F: NatFamily>(
+    flow: &Flow<F>,
+    to: &NatFlow<F::Addr>,
+    syn: bool,
+    log: &mut bool,
+) {
+    let (index, tag) = flow_tag(
+        F::fold(&flow.src),
+        F::fold(&flow.dst),
+        (flow.src_port, flow.dst_port),
+        to.generation,
+    );
+    let Some(seen) = FLOW_TAGS.get_ptr_mut(index) else {
+        return;
+    };
+    // SAFETY: an array slot inside the map; a racing write from another CPU at worst costs a
+    // flow-map lookup.
+    if !syn && unsafe { *seen } == tag {
+        return;
+    }
+    let reply = FlowKey {
+        src: to.addr,
+        dst: flow.src,
+        src_port: to.port,
+        dst_port: flow.src_port,
+        proto: flow.proto,
+        _pad: 0,
+        _pad2: 0,
+    };
+    if !syn && let Some(entry) = F::flows().get_ptr(reply) {
+        // SAFETY: a map value pointer from a successful lookup, read at once. The slot stands
+        // for the VIP (one slot per VIP per generation), so the address need not be compared.
+        let current = unsafe {
+            (*entry).slot == to.slot
+                && (*entry).generation == to.generation
+                && (*entry).port == flow.dst_port
+        };
+        if current {
+            // SAFETY: as above.
+            unsafe { *seen = tag };
+            return;
+        }
+    }
+    let back = NatFlow {
+        addr: flow.dst,
+        port: flow.dst_port,
+        addr_diff: F::addr_diff(&to.addr, &flow.dst),
+        slot: to.slot,
+        generation: to.generation,
+    };
+    // A full map evicts, so an insert fails only on kernel errors: the reply then goes out
+    // un-NATed (or the next packet tries again); the warning is the only trace. A plain
+    // integer, as a `Result` leaves its error undefined on success, which LLVM may fill with a
+    // pointer the verifier rejects.
+    let errno = F::flows().insert(reply, back, 0).err().unwrap_or(0);
+    if errno == 0 {
+        // SAFETY: as above.
+        unsafe { *seen = tag };
+    }
     if errno != 0 || syn {
         let event = if errno != 0 { INSERT_FAILED } else { NEW_FLOW };
         *log = note_dnat(
@@ -300,11 +362,10 @@ pub fn dnat<C: Ingress, F: NatFamily>(
             event,
             c_long::from(errno),
             flow,
-            target.dest,
-            target.port,
+            F::map_bytes(&to.addr),
+            to.port,
         );
     }
-    Ok(true)
 }
 
 /// Notes `event` about `flow`, which a NAT rule sends to `dest`:`port`, in `slot`; `true` if
@@ -369,37 +430,6 @@ fn rewrite_dst<F: Family>(
         }
     }
     Ok(())
-}
-
-/// Records the flow both ways: under its own 5-tuple, how to rewrite it (`to`); under its
-/// reply's, how TC egress puts the VIP back. Returns 0, or the kernel's (negative) error code
-/// if it refused: a plain integer, as a `Result` leaves its error undefined on success, which
-/// LLVM may fill with a pointer the verifier rejects. Only first packets and SYNs get here, so
-/// plain updates (an entry for another VIP or generation is replaced).
-#[inline(always)]
-fn remember<F: NatFamily>(flow: &Flow<F>, to: &NatFlow<F::Addr>) -> i32 {
-    let reply = FlowKey {
-        src: to.addr,
-        dst: flow.src,
-        src_port: to.port,
-        dst_port: flow.src_port,
-        proto: flow.proto,
-        _pad: 0,
-        _pad2: 0,
-    };
-    let back = NatFlow {
-        addr: flow.dst,
-        port: flow.dst_port,
-        addr_diff: F::addr_diff(&to.addr, &flow.dst),
-        slot: to.slot,
-        generation: to.generation,
-    };
-    // A full map evicts, so an insert fails only on kernel errors: the reply then goes out
-    // un-NATed (or the next packet takes this path again); the warning is the only trace.
-    if let Err(errno) = F::flows().insert(reply, back, 0) {
-        return errno;
-    }
-    F::nat_flows().insert(key(flow), to, 0).err().unwrap_or(0)
 }
 
 /// For the SYN of a TCP connection that did not go through the NAT (sent to the service's own

@@ -137,7 +137,7 @@ pub trait Family: Sized {
     /// Offset of the destination address in the IP header.
     const DST_OFFSET: usize;
     /// `addr` as map bytes (`gocast_common::maps::addr_bytes`: IPv4 in bytes `0..4`), for the
-    /// maps shared by both families. Off the established-flow path.
+    /// maps shared by both families.
     fn map_bytes(addr: &Self::Addr) -> [u8; 16];
     /// The inverse of [`Family::map_bytes`].
     fn from_map_bytes(addr: &[u8; 16]) -> Self::Addr;
@@ -145,6 +145,8 @@ pub trait Family: Sized {
     fn addr_diff(old: &Self::Addr, new: &Self::Addr) -> u16;
     /// `gocast_common::maps::addr_bit` for this family's addresses.
     fn addr_bit(addr: &Self::Addr) -> (u32, u64);
+    /// `addr` folded to 32 bits (XOR of its words), for `gocast_common::maps::flow_tag`.
+    fn fold(addr: &Self::Addr) -> u32;
     /// A parsed packet of this family.
     fn parsed(flow: Flow<Self>) -> Parsed;
 }
@@ -180,6 +182,11 @@ impl Family for V4 {
     }
 
     #[inline(always)]
+    fn fold(addr: &[u8; 4]) -> u32 {
+        u32::from_ne_bytes(*addr)
+    }
+
+    #[inline(always)]
     fn parsed(flow: Flow<Self>) -> Parsed {
         Parsed::V4(flow)
     }
@@ -211,6 +218,14 @@ impl Family for V6 {
     #[inline(always)]
     fn addr_bit(addr: &[u8; 16]) -> (u32, u64) {
         maps::addr_bit(addr)
+    }
+
+    #[inline(always)]
+    fn fold(a: &[u8; 16]) -> u32 {
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]])
+            ^ u32::from_ne_bytes([a[4], a[5], a[6], a[7]])
+            ^ u32::from_ne_bytes([a[8], a[9], a[10], a[11]])
+            ^ u32::from_ne_bytes([a[12], a[13], a[14], a[15]])
     }
 
     #[inline(always)]

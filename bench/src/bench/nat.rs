@@ -208,6 +208,11 @@ pub struct XdpCost {
     pub tc_reverse: f64,
     /// TC egress, a packet from a port no NAT rule targets.
     pub tc_other: f64,
+    /// XDP, the SYN of a new connection through the NAT, on full flow maps: counted, rewritten,
+    /// its flow written (one run per SYN, see [`Floor::single`]).
+    pub syn: f64,
+    /// TC ingress, the same.
+    pub tc_syn: f64,
 }
 
 /// What `BPF_PROG_TEST_RUN` charges per run of a program that does nothing, on the same frame,
@@ -216,6 +221,8 @@ pub struct XdpCost {
 pub struct Floor {
     pub xdp: f64,
     pub tc: f64,
+    /// XDP, one run per `BPF_PROG_TEST_RUN` (the new-connection figures are timed so).
+    pub single: f64,
 }
 
 /// What `bench nat` measured, for `docs/benchmarks.md`.
@@ -287,6 +294,18 @@ pub fn run(args: &NatArgs) -> Result<NatReport> {
         report
             .summary
             .figure("TC floor", format!("{:.1} ns", floor.tc));
+        report.summary.figure(
+            "XDP, SYN of a new connection (full flow maps)",
+            format!("{:.1} ns", cost.syn),
+        );
+        report.summary.figure(
+            "TC ingress, SYN of a new connection",
+            format!("{:.1} ns", cost.tc_syn),
+        );
+        report.summary.figure(
+            "XDP floor, one run per call",
+            format!("{:.1} ns", floor.single),
+        );
         report.xdp = Some(cost);
         report.floor = Some(floor);
     }
@@ -751,16 +770,24 @@ fn summarize_rounds(rounds: &[Round], summary: &mut Summary) {
 }
 
 /// An Ethernet + IPv4 + TCP ACK frame `src:sport → dst:dport` with valid checksums: a packet
-/// of an established connection, what nearly all traffic is (a SYN also pays for remembering
-/// the flow and, with logs on, for a log record).
+/// of an established connection, what nearly all traffic is.
 fn ack_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    tcp_frame(src, sport, dst, dport, TCP_ACK)
+}
+
+/// TCP flags of [`tcp_frame`].
+const TCP_ACK: u8 = 0x10;
+const TCP_SYN: u8 = 0x02;
+
+/// An Ethernet + IPv4 + TCP frame `src:sport → dst:dport` with `flags` and valid checksums.
+fn tcp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
     let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
     f.extend_from_slice(&[0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, PROTO_TCP, 0, 0]);
     f.extend_from_slice(&src.octets());
     f.extend_from_slice(&dst.octets());
     f.extend_from_slice(&sport.to_be_bytes());
     f.extend_from_slice(&dport.to_be_bytes());
-    f.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0]);
+    f.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
     let ip_sum = !ones_sum(&f[14..34], 0);
     f[24..26].copy_from_slice(&ip_sum.to_be_bytes());
     let mut pseudo = Vec::new();
@@ -805,17 +832,24 @@ fn load_programs(object: &Path) -> Result<aya::Ebpf> {
         BpfHashMap::try_from(bpf.map_mut(VIPS_MAP).context(VIPS_MAP)?)?;
     vips.insert(VipKey::new(A.into()), 0, 0)?;
     vips.insert(VipKey::new(B.into()), 1, 0)?;
-    let mut nat: BpfHashMap<_, NatKey, NatTarget> =
-        BpfHashMap::try_from(bpf.map_mut(NAT_MAP).context(NAT_MAP)?)?;
-    for (from, from_port, to, to_port) in [
-        (A, VIP_PORT, B, SERVICE_PORT),
-        (B, SERVICE_PORT, A, VIP_PORT),
+    // Slots 0 and 1 as above, generation 0 (the slots map's initial value). An object from
+    // before the rules carried slot and checksum difference has 20-byte values: address, port,
+    // padding.
+    let nat = bpf.map_mut(NAT_MAP).context(NAT_MAP)?;
+    for (from, from_port, to, to_port, slot) in [
+        (A, VIP_PORT, B, SERVICE_PORT, 0),
+        (B, SERVICE_PORT, A, VIP_PORT, 1),
     ] {
-        nat.insert(
-            NatKey::new(from.into(), from_port, PROTO_TCP),
-            NatTarget::new(to.into(), to_port),
-            0,
-        )?;
+        let key = NatKey::new(from.into(), from_port, PROTO_TCP);
+        let target = NatTarget::new(from.into(), to.into(), to_port, (slot, 0));
+        if let Ok(mut nat) = BpfHashMap::<_, NatKey, NatTarget>::try_from(&mut *nat) {
+            nat.insert(key, target, 0)?;
+        } else {
+            let mut old = [0; 20];
+            old[..16].copy_from_slice(&target.dest);
+            old[16..18].copy_from_slice(&target.port.to_ne_bytes());
+            BpfHashMap::<_, NatKey, [u8; 20]>::try_from(&mut *nat)?.insert(key, old, 0)?;
+        }
     }
     // An object from before the address filter has no such map.
     if let Some(map) = bpf.map_mut(VIP_ADDRS_MAP) {
@@ -934,9 +968,10 @@ fn xdp_cost(objects: &[&Path], repeat: u32) -> Result<(Vec<XdpCost>, Floor)> {
         ("TC floor", TC_FLOOR_PROGRAM, frame.clone(), TC_ACT_OK),
     ];
     let [xdp, tc] = floor_cases.map(|case| median_ns(&mut loaded[..1], &case, repeat));
-    let floor = Floor {
+    let mut floor = Floor {
         xdp: xdp?[0],
         tc: tc?[0],
+        single: 0.0,
     };
     let cases: [Case; 6] = [
         ("XDP NAT rewrite (VIP:80)", "gocast_xdp", frame, XDP_PASS),
@@ -980,9 +1015,15 @@ fn xdp_cost(objects: &[&Path], repeat: u32) -> Result<(Vec<XdpCost>, Floor)> {
             medians[o][c] = ns;
         }
     }
+    let (xdp_syn, syn_floor) = new_flow_ns(&mut loaded, "gocast_xdp", XDP_FLOOR_PROGRAM)?;
+    let (tc_syn, _) = new_flow_ns(&mut loaded, "gocast_tc_ingress", TC_FLOOR_PROGRAM)?;
+    floor.single = syn_floor;
     let costs = medians
         .into_iter()
-        .map(|m| XdpCost {
+        .zip(xdp_syn.into_iter().zip(tc_syn))
+        .map(|(m, (syn, tc_syn))| XdpCost {
+            syn,
+            tc_syn,
             rewrite: m[0],
             vip_only: m[1],
             other: m[2],
@@ -992,6 +1033,49 @@ fn xdp_cost(objects: &[&Path], repeat: u32) -> Result<(Vec<XdpCost>, Floor)> {
         })
         .collect();
     Ok((costs, floor))
+}
+
+/// Flows that fill the flow maps before new connections are timed: more than the maps hold, so
+/// each insert evicts, as on a host that has served many short connections.
+const FILL_FLOWS: u32 = gocast_common::maps::MAX_FLOWS + 16_384;
+/// New connections timed per object and program.
+const NEW_FLOWS_TIMED: u32 = 30_000;
+
+/// The SYN of new connection `i` to `A:80`, from a client address and port no other `i` uses.
+fn syn_frame(i: u32) -> Vec<u8> {
+    let client = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + i / 50_000);
+    #[expect(clippy::cast_possible_truncation, reason = "below 60,000")]
+    let port = (10_000 + i % 50_000) as u16;
+    tcp_frame(client, port, A, VIP_PORT, TCP_SYN)
+}
+
+/// The mean cost of a new connection's SYN in the ingress program `program`, per object, in ns:
+/// one `BPF_PROG_TEST_RUN` per SYN, each from a 5-tuple never seen before, once [`FILL_FLOWS`]
+/// others filled the flow maps. The objects alternate SYN by SYN, each with its own maps. Runs
+/// of one are dearer than the repeated runs of the other cases (the harness's clock reads and
+/// set-up are not spread over millions), so `floor`, run on the same frames, is timed with them.
+fn new_flow_ns(loaded: &mut [aya::Ebpf], program: &str, floor: &str) -> Result<(Vec<f64>, f64)> {
+    for bpf in loaded.iter_mut() {
+        for i in 0..FILL_FLOWS {
+            test_run(bpf, program, &syn_frame(i), 1)?;
+        }
+    }
+    let mut totals = vec![0.0; loaded.len()];
+    let mut floor_total = 0.0;
+    for i in FILL_FLOWS..FILL_FLOWS + NEW_FLOWS_TIMED {
+        let frame = syn_frame(i);
+        for (bpf, total) in loaded.iter_mut().zip(&mut totals) {
+            *total += test_run(bpf, program, &frame, 1)?.1;
+        }
+        floor_total += test_run(&mut loaded[0], floor, &frame, 1)?.1;
+    }
+    let n = f64::from(NEW_FLOWS_TIMED);
+    let floor = floor_total / n;
+    let means = totals.into_iter().map(|t| t / n).collect::<Vec<_>>();
+    for (o, mean) in means.iter().enumerate() {
+        println!("{program} new connection, object {o}: {mean:>7.1} ns/SYN (floor {floor:.1})");
+    }
+    Ok((means, floor))
 }
 
 /// A case of the `xdp` part: label, program, frame, and the verdict every run must return.

@@ -472,7 +472,8 @@ impl Ebpf {
     }
 
     fn insert_vip(&mut self, vip: IpAddr, slot: u32) -> Result<(), EbpfError> {
-        self.bump(slot)?;
+        // Rules the VIP kept while it was out of the table get its slot back.
+        self.renew(vip, slot)?;
         // Before the entry: a packet that finds the entry must find the bit too.
         self.sync_vip_addr(vip, true)?;
         let loaded = self.loaded()?;
@@ -530,20 +531,22 @@ impl Ebpf {
         let Some(slot) = self.slots.borrow().get(&vip).copied() else {
             return Err(EbpfError::NotLoaded { vip });
         };
+        self.loaded()?;
         let mut changed = Vec::with_capacity(2 * rules.len());
         for rule in rules {
-            let (key, target) = (nat_key(vip, *rule), NatTarget::new(dest, rule.dest));
-            self.loaded()?
-                .nat
-                .insert(key, target, 0)
-                .map_err(map_error(NAT_MAP))?;
+            // Slot and generation are set by `write_rules` below.
+            let (key, target) = (
+                nat_key(vip, *rule),
+                NatTarget::new(vip, dest, rule.dest, (slot, 0)),
+            );
             changed.extend([key.port, target.port]);
             if let Some(old) = self.rules.insert(key, target) {
                 changed.push(old.port);
             }
         }
-        self.sync_ports(&changed)?;
-        self.bump(slot)
+        // Rules before port bits: a packet that finds a port's bit must find its rule.
+        self.renew(vip, slot)?;
+        self.sync_ports(&changed)
     }
 
     /// Removes the rules [`Ebpf::install_nat`] added; missing entries are not an error.
@@ -561,12 +564,13 @@ impl Ebpf {
         }
         self.sync_ports(&changed)?;
         let slot = self.slots.borrow().get(&vip).copied();
-        slot.map_or(Ok(()), |slot| self.bump(slot))
+        slot.map_or(Ok(()), |slot| self.renew(vip, slot))
     }
 
     /// Gives `slot` a new generation in [`SLOTS_MAP`], after its VIP or NAT rules changed:
-    /// the programs then take the first-packet path for every flow cached under the old one
-    /// (`gocast-ebpf`'s `nat` module).
+    /// every rule and flow entry written under the old one is stale (`gocast-ebpf`'s `nat`
+    /// module): its packets take the long way through [`VIPS_MAP`] until [`Self::renew`]
+    /// rewrites the rules.
     fn bump(&mut self, slot: u32) -> Result<(), EbpfError> {
         self.generation = self.generation.wrapping_add(1);
         let generation = self.generation;
@@ -574,6 +578,32 @@ impl Ebpf {
             .generations
             .set(slot, generation, 0)
             .map_err(map_error(SLOTS_MAP))
+    }
+
+    /// Bumps `slot`, then writes every rule of `vip` to [`NAT_MAP`] with that slot and its new
+    /// generation. Stale rules in between still NAT, the long way.
+    fn renew(&mut self, vip: IpAddr, slot: u32) -> Result<(), EbpfError> {
+        self.bump(slot)?;
+        let owner = VipKey::new(vip);
+        let generation = self.generation;
+        let mine: Vec<NatKey> = self
+            .rules
+            .keys()
+            .filter(|key| key.vip == owner.addr && key.family == owner.family)
+            .copied()
+            .collect();
+        for key in mine {
+            let Some(rule) = self.rules.get_mut(&key) else {
+                continue;
+            };
+            (rule.slot, rule.generation) = (slot, generation);
+            let rule = *rule;
+            self.loaded()?
+                .nat
+                .insert(key, rule, 0)
+                .map_err(map_error(NAT_MAP))?;
+        }
+        Ok(())
     }
 
     /// Rewrites the [`PORTS_MAP`] entries of `ports` (network order) from [`Self::rules`].
@@ -638,7 +668,7 @@ impl Ebpf {
         };
         for rule in rules {
             match loaded.nat.get(&nat_key(vip, *rule), 0) {
-                Ok(target) if target == NatTarget::new(dest, rule.dest) => {}
+                Ok(target) if target.sends_to(dest, rule.dest) => {}
                 Ok(_) | Err(MapError::KeyNotFound) => return Ok(true),
                 Err(e) => return Err(map_error(NAT_MAP)(e)),
             }
@@ -1079,6 +1109,25 @@ impl Ebpf {
         info.size_translated().expect("a translated size")
     }
 
+    /// The names of the object's LRU maps (the flow maps), and how many flows the IPv4 one
+    /// holds.
+    fn flow_maps(&self) -> (Vec<String>, usize) {
+        use gocast_common::maps::{FLOWS4_MAP, FlowKey, NatFlow};
+
+        let loaded = self.loaded.as_ref().expect("loaded");
+        let mut names: Vec<String> = loaded
+            .bpf
+            .maps()
+            .filter(|(_, map)| matches!(map, aya::maps::Map::LruHashMap(_)))
+            .map(|(name, _)| name.to_owned())
+            .collect();
+        names.sort();
+        let flows4 = loaded.bpf.map(FLOWS4_MAP).expect("the IPv4 flow map");
+        let flows4: HashMap<_, FlowKey<[u8; 4]>, NatFlow<[u8; 4]>> =
+            HashMap::try_from(flows4).expect("an LRU hash of flows");
+        (names, flows4.keys().count())
+    }
+
     /// The log reader's task, swapped for one that has nothing to do.
     fn take_log_task(&mut self) -> tokio::task::JoinHandle<()> {
         let loaded = self.loaded.as_mut().expect("loaded");
@@ -1098,6 +1147,7 @@ mod tests {
     };
 
     use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
+    use gocast_common::maps::{FLOWS4_MAP, FLOWS6_MAP};
 
     use super::*;
 
@@ -1263,7 +1313,7 @@ mod tests {
         let dest = IpAddr::from(Ipv4Addr::new(198, 18, 0, 2));
         let rules = StdHashMap::from([(
             nat_key(vip, "tcp:80:8080".parse().unwrap()),
-            NatTarget::new(dest, 8080),
+            NatTarget::new(vip, dest, 8080, (0, 0)),
         )]);
         let (listen, listen_mask) = port_bit(80_u16.to_be());
         let (target, target_mask) = port_bit(8080_u16.to_be());
@@ -1360,6 +1410,76 @@ mod tests {
             let direct = tcp4((CLIENT, 40000), (DEST, 8080), false);
             assert_eq!(ebpf.test_run(ingress, &direct), (pass, direct));
             assert_eq!(ebpf.test_run(TC_PROGRAM, &reply).1, reply);
+            ebpf.shutdown();
+        }
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(gocast_ebpf_object),
+        ignore = "needs the eBPF object: cargo xtask build-ebpf, then cargo test -- --ignored"
+    )]
+    fn a_connection_older_than_the_programs_is_picked_up_and_each_flow_has_one_entry() {
+        for (ingress, pass) in INGRESS {
+            crate::testing::in_new_netns(move || async move { picked_up(ingress, pass) });
+        }
+    }
+
+    fn picked_up(ingress: &'static str, pass: u32) {
+        {
+            let mut ebpf = loaded();
+            // An ACK of a connection whose SYN came before the programs (an agent restart):
+            // rewritten, and its flow recorded, so the reply gets the VIP back.
+            let ack = ack4((CLIENT, 40002), (VIP, 80));
+            let (verdict, out) = ebpf.test_run(ingress, &ack);
+            assert_eq!(verdict, pass);
+            assert_eq!(verified(&out), (CLIENT.into(), 40002, DEST.into(), 8080));
+            let reply = ack4((DEST, 8080), (CLIENT, 40002));
+            let (_, out) = ebpf.test_run(TC_PROGRAM, &reply);
+            assert_eq!(verified(&out), (VIP.into(), 80, CLIENT.into(), 40002));
+
+            // A new connection and its next packets: one entry for the flow, which both
+            // directions find; no per-direction maps.
+            let syn = tcp4((CLIENT, 40003), (VIP, 80), false);
+            ebpf.test_run(ingress, &syn);
+            ebpf.test_run(ingress, &ack4((CLIENT, 40003), (VIP, 80)));
+            ebpf.test_run(TC_PROGRAM, &ack4((DEST, 8080), (CLIENT, 40003)));
+            assert_eq!(
+                ebpf.flow_maps(),
+                (vec![FLOWS4_MAP.to_owned(), FLOWS6_MAP.to_owned()], 2)
+            );
+            ebpf.shutdown();
+        }
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(gocast_ebpf_object),
+        ignore = "needs the eBPF object: cargo xtask build-ebpf, then cargo test -- --ignored"
+    )]
+    fn a_vip_out_of_the_table_is_not_natted_and_its_rules_follow_it_to_a_new_slot() {
+        for (ingress, pass) in INGRESS {
+            crate::testing::in_new_netns(move || async move { rules_follow(ingress, pass) });
+        }
+    }
+
+    fn rules_follow(ingress: &'static str, pass: u32) {
+        {
+            let mut ebpf = loaded();
+            let other = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 11));
+            let syn = tcp4((CLIENT, 40000), (VIP, 80), false);
+            // Out of the table, its rules kept: not rewritten, and not counted, not even in the
+            // slot another VIP takes over meanwhile.
+            ebpf.remove_vip(VIP.into()).unwrap();
+            ebpf.add_vip(other).unwrap();
+            assert_eq!(ebpf.test_run(ingress, &syn), (pass, syn.clone()));
+            assert_eq!(ebpf.counters(other).unwrap(), VipCounters::default());
+            // Back, in another slot: NATed again and counted there.
+            ebpf.add_vip(VIP.into()).unwrap();
+            let (_, out) = ebpf.test_run(ingress, &syn);
+            assert_eq!(verified(&out), (CLIENT.into(), 40000, DEST.into(), 8080));
+            assert_eq!(ebpf.counters(VIP.into()).unwrap().syn_in, 1);
+            assert_eq!(ebpf.counters(other).unwrap(), VipCounters::default());
             ebpf.shutdown();
         }
     }
