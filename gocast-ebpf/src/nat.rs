@@ -293,8 +293,9 @@ pub fn dnat<C: Ingress, F: NatFamily>(
 /// connection) always writes the entry. Any other packet whose tag in `FLOW_TAGS_MAP` matches
 /// (its flow was found there lately, under this generation) is done; else it reads the entry
 /// and writes it only if it is missing or stale (another VIP slot or port, an older
-/// generation): a UDP flow's first datagram, a TCP flow whose SYN came before the programs, an
-/// entry evicted. A SYN or a refused insert is noted for the log program, and `log` set.
+/// generation): a UDP flow's first datagram, a TCP flow whose SYN came before the programs, a
+/// flow whose tag another took over. A SYN or a refused insert is noted for the log program, and
+/// `log` set.
 #[inline(always)]
 pub fn remember<C: Ingress, F: NatFamily>(
     flow: &Flow<F>,

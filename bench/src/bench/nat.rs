@@ -8,9 +8,10 @@
 //!   VIP, routed over the link by a static route). Separate namespaces keep iptables'
 //!   conntrack out of the other two. Each round runs, per lab, `wrk` with `Connection: close`
 //!   (a new connection per request) and with keepalive; rounds follow each other without a
-//!   reset, so conntrack's growth under short connections shows in the later rounds. Labs
-//!   alternate within a round, so the ratios compare runs taken at about the same time on a
-//!   busy machine.
+//!   reset, so conntrack's growth under short connections shows in the later rounds. Within a
+//!   round the modes take turns second by second (`--slice-s`), so the ratios compare runs
+//!   taken at the same time on a busy machine, and what earlier runs leave behind (`TIME_WAIT`
+//!   sockets expiring a minute later, memory to reclaim) falls on every mode alike.
 //!   After the rounds, one more `wrk` run per connection kind in the eBPF lab with the kernel's
 //!   program statistics on (`BPF_ENABLE_STATS`, which itself costs each run two clock reads, so
 //!   not during the rounds): each of the agent's programs' runs and nanoseconds per run, and
@@ -73,9 +74,15 @@ pub struct NatArgs {
     /// Rounds per lab and connection kind.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
-    /// Seconds per `wrk` run.
+    /// Seconds of `wrk` per mode and connection kind in a round, in runs of `--slice-s`
+    /// seconds that alternate between the modes.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     duration_s: u64,
+    /// Seconds per `wrk` run within a round: the modes take turns at this grain, so a change in
+    /// the machine's load (or in what earlier runs left behind, such as `TIME_WAIT` sockets
+    /// expiring 60 s later) falls on all of them alike. `--duration-s` for one run per mode.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    slice_s: u64,
     /// Concurrent connections `wrk` keeps open.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1000))]
     connections: u32,
@@ -570,8 +577,8 @@ fn parse_wrk(out: &str) -> Result<Wrk> {
 
 fn throughput(binary: &Path, args: &NatArgs) -> Result<(Vec<Round>, Vec<Attribution>)> {
     println!(
-        "\n== throughput: {} rounds × {} s per run, wrk -t{} -c{} ==",
-        args.rounds, args.duration_s, args.wrk_threads, args.connections
+        "\n== throughput: {} rounds × {} s per mode in runs of {} s, wrk -t{} -c{} ==",
+        args.rounds, args.duration_s, args.slice_s, args.wrk_threads, args.connections
     );
     // Whole seconds: the kernel reports load times at that precision.
     let since = SystemTime::now() - Duration::from_secs(1);
@@ -594,24 +601,36 @@ fn throughput(binary: &Path, args: &NatArgs) -> Result<(Vec<Round>, Vec<Attribut
             run(mode, kind, &warm_up).context("warm-up")?;
         }
     }
+    let run_s = args.slice_s.min(args.duration_s);
+    let slices = usize::try_from(args.duration_s.div_ceil(run_s))?;
+    let slice_args = NatArgs {
+        duration_s: run_s,
+        ..args.clone()
+    };
     let mut rounds = Vec::new();
     for r in 1..=args.rounds {
         let mut round = Round::default();
         for (k, kind) in Kind::ALL.into_iter().enumerate() {
-            // Each round starts with another mode, so none always runs first (or last).
+            // Each slice starts with another mode, so none always runs first (or last).
             let n = Mode::ALL.len();
-            for m in (0..n).map(|i| (i + r as usize - 1) % n) {
-                let mode = Mode::ALL[m];
-                let result = run(mode, kind, args).with_context(|| format!("round {r}"))?;
-                if result.errors > 0 {
-                    println!(
-                        "  round {r} {} {}: {} errors",
-                        kind.name(),
-                        mode.name(),
-                        result.errors
-                    );
+            for slice in 0..slices {
+                let first = (r as usize - 1) + slice;
+                for m in (0..n).map(|i| (i + first) % n) {
+                    let mode = Mode::ALL[m];
+                    let result =
+                        run(mode, kind, &slice_args).with_context(|| format!("round {r}"))?;
+                    if result.errors > 0 {
+                        println!(
+                            "  round {r} {} {}: {} errors",
+                            kind.name(),
+                            mode.name(),
+                            result.errors
+                        );
+                    }
+                    #[expect(clippy::cast_precision_loss, reason = "a handful of slices")]
+                    let share = result.rps / slices as f64;
+                    round.rps[k][m] += share;
                 }
-                round.rps[k][m] = result.rps;
             }
             let [direct, ebpf, iptables, no_nat] = round.rps[k];
             println!(
