@@ -272,47 +272,21 @@ pub fn run(args: &NatArgs) -> Result<NatReport> {
             "≤ 100 ns",
             cost.rewrite <= XDP_TARGET_NS,
         );
-        report.summary.figure(
-            "XDP floor (a program that only passes)",
-            format!("{:.1} ns", floor.xdp),
-        );
-        report.summary.figure(
-            "XDP, NAT rewrite above the floor",
-            format!("{:.1} ns", cost.rewrite - floor.xdp),
-        );
-        report.summary.figure(
-            "XDP, VIP port without rule",
-            format!("{:.1} ns", cost.vip_only),
-        );
-        report
-            .summary
-            .figure("XDP, not a VIP", format!("{:.1} ns", cost.other));
-        report.summary.figure(
-            "TC ingress, NAT rewrite",
-            format!("{:.1} ns", cost.tc_rewrite),
-        );
-        report.summary.figure(
-            "TC egress, reverse NAT",
-            format!("{:.1} ns", cost.tc_reverse),
-        );
-        report
-            .summary
-            .figure("TC egress, not ours", format!("{:.1} ns", cost.tc_other));
-        report
-            .summary
-            .figure("TC floor", format!("{:.1} ns", floor.tc));
-        report.summary.figure(
-            "XDP, SYN of a new connection (full flow maps)",
-            format!("{:.1} ns", cost.syn),
-        );
-        report.summary.figure(
-            "TC ingress, SYN of a new connection",
-            format!("{:.1} ns", cost.tc_syn),
-        );
-        report.summary.figure(
-            "XDP floor, one run per call",
-            format!("{:.1} ns", floor.single),
-        );
+        for (label, ns) in [
+            ("XDP floor (a program that only passes)", floor.xdp),
+            ("XDP, NAT rewrite above the floor", cost.rewrite - floor.xdp),
+            ("XDP, VIP port without rule", cost.vip_only),
+            ("XDP, not a VIP", cost.other),
+            ("TC ingress, NAT rewrite", cost.tc_rewrite),
+            ("TC egress, reverse NAT", cost.tc_reverse),
+            ("TC egress, not ours", cost.tc_other),
+            ("TC floor", floor.tc),
+            ("XDP, SYN of a new connection (full flow maps)", cost.syn),
+            ("TC ingress, SYN of a new connection", cost.tc_syn),
+            ("XDP floor, one run per call", floor.single),
+        ] {
+            report.summary.figure(label, format!("{ns:.1} ns"));
+        }
         report.xdp = Some(cost);
         report.floor = Some(floor);
     }

@@ -1256,6 +1256,14 @@ mod tests {
         (src, l4.0, dst, l4.1)
     }
 
+    /// Runs `check` once per ingress program and its "pass" verdict, each in a namespace of its
+    /// own.
+    fn for_each_ingress(check: fn(&'static str, u32)) {
+        for (ingress, pass) in INGRESS {
+            crate::testing::in_new_netns(move || async move { check(ingress, pass) });
+        }
+    }
+
     /// Loads the object (attached nowhere) with `VIP` and `VIP6` translated to `DEST`, `DEST6`.
     fn loaded() -> Ebpf {
         let mut ebpf = Ebpf::load(&[]).expect("the eBPF object loads");
@@ -1350,9 +1358,7 @@ mod tests {
         ignore = "needs the eBPF object: cargo xtask build-ebpf, then cargo test -- --ignored"
     )]
     fn ingress_rewrites_tcp_to_a_vip_port_and_tc_restores_the_vip_on_the_reply() {
-        for (ingress, pass) in INGRESS {
-            crate::testing::in_new_netns(move || async move { rewrite_and_restore(ingress, pass) });
-        }
+        for_each_ingress(rewrite_and_restore);
     }
 
     fn rewrite_and_restore(ingress: &'static str, pass: u32) {
@@ -1420,9 +1426,7 @@ mod tests {
         ignore = "needs the eBPF object: cargo xtask build-ebpf, then cargo test -- --ignored"
     )]
     fn a_connection_older_than_the_programs_is_picked_up_and_each_flow_has_one_entry() {
-        for (ingress, pass) in INGRESS {
-            crate::testing::in_new_netns(move || async move { picked_up(ingress, pass) });
-        }
+        for_each_ingress(picked_up);
     }
 
     fn picked_up(ingress: &'static str, pass: u32) {
@@ -1458,9 +1462,7 @@ mod tests {
         ignore = "needs the eBPF object: cargo xtask build-ebpf, then cargo test -- --ignored"
     )]
     fn a_vip_out_of_the_table_is_not_natted_and_its_rules_follow_it_to_a_new_slot() {
-        for (ingress, pass) in INGRESS {
-            crate::testing::in_new_netns(move || async move { rules_follow(ingress, pass) });
-        }
+        for_each_ingress(rules_follow);
     }
 
     fn rules_follow(ingress: &'static str, pass: u32) {
@@ -1490,12 +1492,10 @@ mod tests {
         ignore = "needs the eBPF object: cargo xtask build-ebpf, then cargo test -- --ignored"
     )]
     fn ipv6_udp_is_rewritten_both_ways_with_valid_checksums() {
-        for (ingress, _) in INGRESS {
-            crate::testing::in_new_netns(move || async move { ipv6_udp(ingress) });
-        }
+        for_each_ingress(ipv6_udp);
     }
 
-    fn ipv6_udp(ingress: &'static str) {
+    fn ipv6_udp(ingress: &'static str, _pass: u32) {
         {
             let mut ebpf = loaded();
             let query = udp6((CLIENT6, 50000), (VIP6, 53));
@@ -1516,9 +1516,7 @@ mod tests {
         ignore = "needs the eBPF object: cargo xtask build-ebpf, then cargo test -- --ignored"
     )]
     fn other_traffic_passes_untouched_and_only_vip_traffic_is_counted() {
-        for (ingress, pass) in INGRESS {
-            crate::testing::in_new_netns(move || async move { untouched(ingress, pass) });
-        }
+        for_each_ingress(untouched);
     }
 
     fn untouched(ingress: &'static str, pass: u32) {
