@@ -39,8 +39,9 @@ pub const NAT_MAP: &str = "GOCAST_NAT";
 /// `LruHashMap<FlowKey<[u8; 4]>, NatFlow<[u8; 4]>>`: IPv4 flows the NAT rewrote, one entry per
 /// flow, keyed by its reply as TC egress sees it (NAT target → client): egress finds the VIP to
 /// put back as the reply's source; ingress derives the same key from the packet and its rule, so
-/// a flow's first packet (a TCP SYN, a UDP flow's first datagram) writes one entry, and later
-/// ones check and refresh it. LRU: idle flows age out without a sweeper. One map per family, so
+/// a flow's first packet (a TCP SYN, a UDP flow's first datagram) writes one entry; a later one
+/// reads it only when its tag in [`FLOW_TAGS_MAP`] does not match. LRU: idle flows age out
+/// without a sweeper (egress lookups keep an active flow's entry young). One map per family, so
 /// an IPv4 key is 16 bytes, not an IPv6-sized 40: the kernel hashes and compares the whole key
 /// on every lookup.
 pub const FLOWS4_MAP: &str = "GOCAST_FLOWS4";
@@ -48,9 +49,10 @@ pub const FLOWS4_MAP: &str = "GOCAST_FLOWS4";
 pub const FLOWS6_MAP: &str = "GOCAST_FLOWS6";
 /// `Array<u32>` of [`FLOW_TAGS`]: which flows ingress has lately found (or put) in
 /// [`FLOWS4_MAP`]/[`FLOWS6_MAP`], as [`flow_tag`]s, so a packet of an established flow skips
-/// that lookup: an array read instead of a hash lookup. A tag that does not match (a collision,
-/// a new generation, a flow from before the agent started) sends its packet to the flow map,
-/// which writes the entry if missing. Only the eBPF programs use it.
+/// that lookup: an array read instead of a hash lookup. A tag that does not match (another
+/// flow's in the same place, a new generation, a flow from before the agent started) sends its
+/// packet to the flow map, which writes the entry if missing; two flows match each other's tag
+/// only by chance ([`flow_tag`]). Only the eBPF programs use it.
 pub const FLOW_TAGS_MAP: &str = "GOCAST_FLOW_TAGS";
 /// `Array<u32>` of [`MAX_VIPS`]: the generation of each counter slot. The agent bumps it after
 /// changing the slot's VIP or its NAT rules, and rewrites the VIP's rules with it; a
@@ -429,19 +431,36 @@ impl VipCounters {
 }
 
 /// Where a flow sits in [`FLOW_TAGS_MAP`], and its tag there: from its packets' addresses
-/// (folded to 32 bits), their ports (as the `u16`s of [`FlowKey`]) and the rule's generation.
-/// Multiplicative hashing, index from the product's top bits (which every input bit reaches):
-/// a few instructions on the eBPF path. The tag is never 0, what an unused entry holds.
+/// (folded to 32 bits), their ports (as the `u16`s of [`FlowKey`]), its protocol and the rule's
+/// generation. For given ports and protocol, the mix (multiply by odd constants, xor-shift,
+/// after `splitmix64`) is a bijection of the two addresses' 64 bits, so two flows share index
+/// and tag (48 bits of it) only by chance, about 1 in 2^48, never by a pattern in their
+/// addresses; a few 64-bit multiplies on the eBPF path. The tag is never 0, what an unused
+/// entry holds.
 #[inline(always)]
+#[expect(
+    clippy::inline_always,
+    reason = "on the eBPF hot path, which must not make BPF-to-BPF calls"
+)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "the index has FLOW_TAGS' 16 bits; the tag takes the low 32 on purpose"
+)]
 #[must_use]
-pub const fn flow_tag(src: u32, dst: u32, ports: (u16, u16), generation: u32) -> (u32, u32) {
-    const GOLDEN: u32 = 0x9e37_79b1;
-    let ports = (ports.0 as u32) << 16 | ports.1 as u32;
-    let mut h = (src ^ dst.rotate_left(16) ^ ports).wrapping_mul(GOLDEN);
-    h ^= h >> 15;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    let index = h >> (32 - FLOW_TAGS.trailing_zeros());
-    let tag = (h ^ generation.wrapping_mul(GOLDEN)) | 1;
+pub const fn flow_tag(
+    src: u32,
+    dst: u32,
+    (src_port, dst_port): (u16, u16),
+    proto: u8,
+    generation: u32,
+) -> (u32, u32) {
+    let rest = (src_port as u64) << 24 | (dst_port as u64) << 8 | proto as u64;
+    let mut h = ((src as u64) << 32 | dst as u64) ^ rest.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    let index = (h >> (64 - FLOW_TAGS.trailing_zeros())) as u32;
+    let tag = (h as u32 ^ generation.wrapping_mul(0x9e37_79b1)) | 1;
     (index, tag)
 }
 
@@ -455,13 +474,18 @@ mod tests {
     fn a_flow_tag_is_never_an_unused_entry_and_changes_with_the_generation() {
         let (mut indices, mut zero) = (std::collections::HashSet::new(), false);
         for port in 1024..u16::MAX {
-            let (index, tag) = flow_tag(0x0a00_0001, 0xc000_020a, (port.to_be(), 80), 7);
+            let (index, tag) = flow_tag(0x0a00_0001, 0xc000_020a, (port.to_be(), 80), 6, 7);
             assert!(index < FLOW_TAGS);
             zero |= tag == 0;
             indices.insert(index);
             assert_ne!(
-                flow_tag(0x0a00_0001, 0xc000_020a, (port.to_be(), 80), 8).1,
+                flow_tag(0x0a00_0001, 0xc000_020a, (port.to_be(), 80), 6, 8).1,
                 tag
+            );
+            // UDP between the same ends is another flow.
+            assert_ne!(
+                flow_tag(0x0a00_0001, 0xc000_020a, (port.to_be(), 80), 17, 7),
+                (index, tag)
             );
         }
         assert!(!zero);

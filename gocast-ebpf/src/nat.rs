@@ -174,7 +174,7 @@ impl Ingress for TcContext {
 
 /// Whether a NAT rule may be for this flow's destination: its port is a rule's VIP port and
 /// its address has the bit of one of those rules' VIPs (`PORTS_MAP`). One array read, so
-/// packets to other ports, or to the host's own addresses on a rule's port, skip the flow map.
+/// packets to other ports, or to the host's own addresses on a rule's port, skip `NAT_MAP`.
 #[inline(always)]
 fn rule_may_match<F: Family>(flow: &Flow<F>) -> bool {
     let (index, port) = port_bit(flow.dst_port);
@@ -307,6 +307,7 @@ pub fn remember<C: Ingress, F: NatFamily>(
         F::fold(&flow.src),
         F::fold(&flow.dst),
         (flow.src_port, flow.dst_port),
+        flow.proto,
         to.generation,
     );
     let Some(seen) = FLOW_TAGS.get_ptr_mut(index) else {

@@ -472,8 +472,6 @@ impl Ebpf {
     }
 
     fn insert_vip(&mut self, vip: IpAddr, slot: u32) -> Result<(), EbpfError> {
-        // Rules the VIP kept while it was out of the table get its slot back.
-        self.renew(vip, slot)?;
         // Before the entry: a packet that finds the entry must find the bit too.
         self.sync_vip_addr(vip, true)?;
         let loaded = self.loaded()?;
@@ -495,7 +493,10 @@ impl Ebpf {
         loaded
             .vips
             .insert(VipKey::new(vip), slot, 0)
-            .map_err(map_error(VIPS_MAP))
+            .map_err(map_error(VIPS_MAP))?;
+        // Last, so a failure above leaves no rule counting into a slot that goes back to the
+        // free list; rules the VIP kept while out of the table get its slot back.
+        self.renew(vip, slot)
     }
 
     /// Takes `vip` out of [`VIPS_MAP`] and frees its counter slot; idempotent.
@@ -531,22 +532,28 @@ impl Ebpf {
         let Some(slot) = self.slots.borrow().get(&vip).copied() else {
             return Err(EbpfError::NotLoaded { vip });
         };
-        self.loaded()?;
+        // Written under the generation `renew` gives the slot next: stale until then (they
+        // still NAT, the long way), current from then on. Each rule is in `rules` only once it
+        // is in the kernel's table.
+        let next = (slot, self.generation.wrapping_add(1));
         let mut changed = Vec::with_capacity(2 * rules.len());
         for rule in rules {
-            // Slot and generation are set by `write_rules` below.
             let (key, target) = (
                 nat_key(vip, *rule),
-                NatTarget::new(vip, dest, rule.dest, (slot, 0)),
+                NatTarget::new(vip, dest, rule.dest, next),
             );
+            self.loaded()?
+                .nat
+                .insert(key, target, 0)
+                .map_err(map_error(NAT_MAP))?;
             changed.extend([key.port, target.port]);
             if let Some(old) = self.rules.insert(key, target) {
                 changed.push(old.port);
             }
         }
         // Rules before port bits: a packet that finds a port's bit must find its rule.
-        self.renew(vip, slot)?;
-        self.sync_ports(&changed)
+        self.sync_ports(&changed)?;
+        self.renew(vip, slot)
     }
 
     /// Removes the rules [`Ebpf::install_nat`] added; missing entries are not an error.
@@ -567,10 +574,11 @@ impl Ebpf {
         slot.map_or(Ok(()), |slot| self.renew(vip, slot))
     }
 
-    /// Gives `slot` a new generation in [`SLOTS_MAP`], after its VIP or NAT rules changed:
-    /// every rule and flow entry written under the old one is stale (`gocast-ebpf`'s `nat`
-    /// module): its packets take the long way through [`VIPS_MAP`] until [`Self::renew`]
-    /// rewrites the rules.
+    /// Gives `slot` a new generation in [`SLOTS_MAP`], after its VIP or NAT rules changed: every
+    /// rule and flow entry written under an older one is stale (`gocast-ebpf`'s `nat` module).
+    /// [`Self::renew`] writes a VIP's rules for the new generation first; the rules of a VIP out
+    /// of the table stay stale, so their packets take the long way through [`VIPS_MAP`], find
+    /// no VIP, and are left alone.
     fn bump(&mut self, slot: u32) -> Result<(), EbpfError> {
         self.generation = self.generation.wrapping_add(1);
         let generation = self.generation;
@@ -580,12 +588,13 @@ impl Ebpf {
             .map_err(map_error(SLOTS_MAP))
     }
 
-    /// Bumps `slot`, then writes every rule of `vip` to [`NAT_MAP`] with that slot and its new
-    /// generation. Stale rules in between still NAT, the long way.
+    /// Writes every rule of `vip` to [`NAT_MAP`] with `slot` and the slot's next generation,
+    /// then gives the slot that generation ([`Self::bump`]). In this order a packet never pairs
+    /// the new generation with an old rule: until the bump the rules are stale and still NAT,
+    /// the long way, and a flow entry or tag written meanwhile carries the old generation.
     fn renew(&mut self, vip: IpAddr, slot: u32) -> Result<(), EbpfError> {
-        self.bump(slot)?;
         let owner = VipKey::new(vip);
-        let generation = self.generation;
+        let generation = self.generation.wrapping_add(1);
         let mine: Vec<NatKey> = self
             .rules
             .keys()
@@ -593,17 +602,21 @@ impl Ebpf {
             .copied()
             .collect();
         for key in mine {
-            let Some(rule) = self.rules.get_mut(&key) else {
+            let Some(&rule) = self.rules.get(&key) else {
                 continue;
             };
-            (rule.slot, rule.generation) = (slot, generation);
-            let rule = *rule;
+            let rule = NatTarget {
+                slot,
+                generation,
+                ..rule
+            };
             self.loaded()?
                 .nat
                 .insert(key, rule, 0)
                 .map_err(map_error(NAT_MAP))?;
+            self.rules.insert(key, rule);
         }
-        Ok(())
+        self.bump(slot)
     }
 
     /// Rewrites the [`PORTS_MAP`] entries of `ports` (network order) from [`Self::rules`].
@@ -1491,7 +1504,7 @@ mod tests {
         not(gocast_ebpf_object),
         ignore = "needs the eBPF object: cargo xtask build-ebpf, then cargo test -- --ignored"
     )]
-    fn ipv6_udp_is_rewritten_both_ways_with_valid_checksums() {
+    fn ipv6_udp_is_rewritten_both_ways_with_valid_checksums_also_after_its_rule_moves() {
         for_each_ingress(ipv6_udp);
     }
 
@@ -1506,6 +1519,17 @@ mod tests {
             assert_eq!(verified(&out), (VIP6.into(), 53, CLIENT6.into(), 50000));
             let c = ebpf.counters(VIP6.into()).unwrap();
             assert_eq!((c.packets_in, c.packets_out, c.syn_in), (1, 1, 0));
+
+            // The rule moves to another port: the flow's next datagram goes there, and has
+            // the flow recorded anew (no SYN to do it), so the new port's answer gets the VIP.
+            let moved: NatRule = "udp:53:5354".parse().unwrap();
+            ebpf.install_nat(VIP6.into(), &[moved], DEST6.into())
+                .unwrap();
+            let (_, out) = ebpf.test_run(ingress, &query);
+            assert_eq!(verified(&out), (CLIENT6.into(), 50000, DEST6.into(), 5354));
+            let answer = udp6((DEST6, 5354), (CLIENT6, 50000));
+            let (_, out) = ebpf.test_run(TC_PROGRAM, &answer);
+            assert_eq!(verified(&out), (VIP6.into(), 53, CLIENT6.into(), 50000));
             ebpf.shutdown();
         }
     }
