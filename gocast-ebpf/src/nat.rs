@@ -50,14 +50,14 @@ type FlowMap<F> = LruHashMap<FlowKey<<F as Family>::Addr>, NatFlow<<F as Family>
 pub trait NatFamily: Family {
     /// Replies → how to put the VIP back (`FLOWS4_MAP`, `FLOWS6_MAP`).
     fn flows() -> &'static FlowMap<Self>;
-    /// TC: sets `end`'s address to `addr`, whose checksum difference is `diff`, and the IPv4
-    /// header checksum with it. `Err` is the helper's (negative) error code.
-    fn store_addr(
+    /// TC: sets `end`'s address and port to `to`'s, and the IPv4 header checksum by
+    /// `to.addr_diff` with them (not the TCP/UDP checksum). `Err` is the helper's (negative)
+    /// error code.
+    fn store_addr_port(
         ctx: &TcContext,
         flow: &Flow<Self>,
         end: End,
-        addr: &Self::Addr,
-        diff: u16,
+        to: &NatFlow<Self::Addr>,
     ) -> Result<(), c_long>;
 }
 
@@ -67,31 +67,36 @@ impl NatFamily for V4 {
         &FLOWS4
     }
 
-    /// The header checksum sits right before the source address (`Ipv4Hdr`), so one store
-    /// writes it and the addresses: one helper call where `bpf_l3_csum_replace` and a store
-    /// were two. The old checksum and source are read directly; only writes through packet
-    /// pointers make the kernel unclone an skb.
+    /// The header checksum sits right before the source address (`Ipv4Hdr`), and without IP
+    /// options the ports right after the destination, so one store writes checksum, addresses
+    /// and ports: one helper call where `bpf_l3_csum_replace` and two stores were three. The
+    /// old checksum and addresses are read directly; only writes through packet pointers make
+    /// the kernel unclone an skb. With options, the ports are a second store.
     #[inline(always)]
-    fn store_addr(
+    fn store_addr_port(
         ctx: &TcContext,
         flow: &Flow<Self>,
         end: End,
-        addr: &[u8; 4],
-        diff: u16,
+        to: &NatFlow<[u8; 4]>,
     ) -> Result<(), c_long> {
         let ip: *const Ipv4Hdr = ptr_at(ctx, flow.l3).map_err(|()| -EFAULT)?;
         // SAFETY: `ptr_at` checked that the header is inside the packet.
-        let (check, src) = unsafe { ((*ip).check, (*ip).src) };
-        let [c0, c1] = csum_add(u16::from_be_bytes(check), diff).to_be_bytes();
+        let (check, src, dst) = unsafe { ((*ip).check, (*ip).src, (*ip).dst) };
+        let [c0, c1] = csum_add(u16::from_be_bytes(check), to.addr_diff).to_be_bytes();
+        let (src, dst, ports) = match end {
+            End::Src => (to.addr, dst, [to.port, flow.dst_port]),
+            End::Dst => (src, to.addr, [flow.src_port, to.port]),
+        };
+        let [s0, s1, s2, s3] = src;
+        let [d0, d1, d2, d3] = dst;
         let at = flow.l3 + IPV4_CHECK_OFFSET;
-        match end {
-            End::Src => ctx.store(at, &[c0, c1, addr[0], addr[1], addr[2], addr[3]], 0),
-            End::Dst => {
-                let [s0, s1, s2, s3] = src;
-                let bytes = [c0, c1, s0, s1, s2, s3, addr[0], addr[1], addr[2], addr[3]];
-                ctx.store(at, &bytes, 0)
-            }
+        if flow.l4 == flow.l3 + IPV4_HEADER_LEN {
+            let [[p0, p1], [p2, p3]] = ports.map(u16::to_ne_bytes);
+            let bytes = [c0, c1, s0, s1, s2, s3, d0, d1, d2, d3, p0, p1, p2, p3];
+            return ctx.store(at, &bytes, 0);
         }
+        ctx.store(at, &[c0, c1, s0, s1, s2, s3, d0, d1, d2, d3], 0)?;
+        ctx.store(flow.l4, &ports, 0)
     }
 }
 
@@ -101,21 +106,26 @@ impl NatFamily for V6 {
         &FLOWS6
     }
 
+    /// No header checksum; the address and the ports are two stores (the other address lies
+    /// between the source address and the ports).
     #[inline(always)]
-    fn store_addr(
+    fn store_addr_port(
         ctx: &TcContext,
         flow: &Flow<Self>,
         end: End,
-        addr: &[u8; 16],
-        _diff: u16,
+        to: &NatFlow<[u8; 16]>,
     ) -> Result<(), c_long> {
-        let at = match end {
-            End::Src => IPV6_SRC_OFFSET,
-            End::Dst => IPV6_DST_OFFSET,
+        let (at, port_at) = match end {
+            End::Src => (IPV6_SRC_OFFSET, flow.l4),
+            End::Dst => (IPV6_DST_OFFSET, flow.l4 + 2),
         };
-        ctx.store(flow.l3 + at, addr, 0)
+        ctx.store(flow.l3 + at, &to.addr, 0)?;
+        ctx.store(port_at, &to.port, 0)
     }
 }
+
+/// An IPv4 header without options.
+const IPV4_HEADER_LEN: usize = core::mem::size_of::<Ipv4Hdr>();
 
 /// `EFAULT`: XDP's rewrite found a header past the end of the frame.
 const EFAULT: c_long = 14;
@@ -498,7 +508,7 @@ pub enum End {
 
 /// Sets one end's address and port to `to`'s in an skb, with the kernel's checksum helpers:
 /// the TCP/UDP pseudo-header by `to.addr_diff`, the TCP/UDP checksum by the port's change; the
-/// IPv4 header checksum by `to.addr_diff` too ([`NatFamily::store_addr`]). `Err` is the failing
+/// IPv4 header checksum by `to.addr_diff` too ([`NatFamily::store_addr_port`]). `Err` is the failing
 /// helper's (negative) error code.
 #[inline(always)]
 fn rewrite_skb<F: NatFamily>(
@@ -507,9 +517,9 @@ fn rewrite_skb<F: NatFamily>(
     end: End,
     to: &NatFlow<F::Addr>,
 ) -> Result<(), c_long> {
-    let (old_port, port_at) = match end {
-        End::Src => (flow.src_port, flow.l4),
-        End::Dst => (flow.dst_port, flow.l4 + 2),
+    let old_port = match end {
+        End::Src => flow.src_port,
+        End::Dst => flow.dst_port,
     };
     let check_at = flow.l4 + l4_check_offset(flow.proto);
     // UDP: with BPF_F_MARK_MANGLED_0 the kernel leaves a 0 checksum (IPv4 "none") alone and
@@ -525,12 +535,11 @@ fn rewrite_skb<F: NatFamily>(
     // Size 0: `to` is a checksum difference. Pseudo-header: for a `CHECKSUM_PARTIAL` skb the
     // kernel updates the partial sum, which covers the addresses but not the ports.
     ctx.l4_csum_replace(check_at, 0, diff, u64::from(BPF_F_PSEUDO_HDR) | udp_flags)?;
-    F::store_addr(ctx, flow, end, &to.addr, to.addr_diff)?;
     ctx.l4_csum_replace(
         check_at,
         u64::from(old_port),
         u64::from(to.port),
         udp_flags | 2,
     )?;
-    ctx.store(port_at, &to.port, 0)
+    F::store_addr_port(ctx, flow, end, to)
 }

@@ -1190,6 +1190,32 @@ mod tests {
         frame
     }
 
+    /// A TCP SYN whose IPv4 header has 4 bytes of options (NOP, NOP, NOP, end of list), so
+    /// its ports do not follow the addresses.
+    fn tcp4_with_options(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
+        let mut ip = etherparse::Ipv4Header::new(
+            0,
+            64,
+            etherparse::IpNumber::TCP,
+            src.0.octets(),
+            dst.0.octets(),
+        )
+        .unwrap();
+        ip.options = [1, 1, 1, 0].into();
+        let mut frame = Vec::new();
+        ether()
+            .ip(etherparse::IpHeaders::Ipv4(
+                ip,
+                etherparse::Ipv4Extensions::default(),
+            ))
+            .tcp(src.1, dst.1, 1, 65535)
+            .syn()
+            .write(&mut frame, PAYLOAD)
+            .unwrap();
+        assert_eq!(frame[14], 0x46, "a 24-byte IPv4 header");
+        frame
+    }
+
     /// A TCP ACK with data: a packet of an established connection.
     fn ack4(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
         let mut frame = Vec::new();
@@ -1429,6 +1455,29 @@ mod tests {
             let direct = tcp4((CLIENT, 40000), (DEST, 8080), false);
             assert_eq!(ebpf.test_run(ingress, &direct), (pass, direct));
             assert_eq!(ebpf.test_run(TC_PROGRAM, &reply).1, reply);
+            ebpf.shutdown();
+        }
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(gocast_ebpf_object),
+        ignore = "needs the eBPF object: cargo xtask build-ebpf, then cargo test -- --ignored"
+    )]
+    fn packets_with_ip_options_are_rewritten_both_ways_with_valid_checksums() {
+        for_each_ingress(with_options);
+    }
+
+    fn with_options(ingress: &'static str, pass: u32) {
+        {
+            let mut ebpf = loaded();
+            let syn = tcp4_with_options((CLIENT, 40004), (VIP, 80));
+            let (verdict, out) = ebpf.test_run(ingress, &syn);
+            assert_eq!(verdict, pass);
+            assert_eq!(verified(&out), (CLIENT.into(), 40004, DEST.into(), 8080));
+            let reply = tcp4_with_options((DEST, 8080), (CLIENT, 40004));
+            let (_, out) = ebpf.test_run(TC_PROGRAM, &reply);
+            assert_eq!(verified(&out), (VIP.into(), 80, CLIENT.into(), 40004));
             ebpf.shutdown();
         }
     }
