@@ -208,6 +208,33 @@ fn key<F: Family>(flow: &Flow<F>) -> FlowKey<F::Addr> {
     }
 }
 
+/// The key of this flow's replies, which come from `src`:`src_port` (the NAT target, or for
+/// a flow the NAT did not rewrite, its own destination).
+#[inline(always)]
+fn reply_key<F: Family>(flow: &Flow<F>, src: F::Addr, src_port: u16) -> FlowKey<F::Addr> {
+    FlowKey {
+        src,
+        dst: flow.src,
+        src_port,
+        dst_port: flow.src_port,
+        proto: flow.proto,
+        _pad: 0,
+        _pad2: 0,
+    }
+}
+
+/// How a packet is rewritten by `rule`, counted in `slot` of `generation`.
+#[inline(always)]
+fn rewrite_by<F: Family>(rule: &NatTarget, (slot, generation): (u32, u32)) -> NatFlow<F::Addr> {
+    NatFlow {
+        addr: F::from_map_bytes(&rule.dest),
+        port: rule.port,
+        addr_diff: rule.addr_diff,
+        slot,
+        generation,
+    }
+}
+
 /// The rule for this packet's destination, if it has one written under its slot's current
 /// generation: all the rewrite and counting need (the common case, one hash lookup).
 #[inline(always)]
@@ -216,13 +243,8 @@ pub fn rule<F: Family>(flow: &Flow<F>) -> Option<NatFlow<F::Addr>> {
         return None;
     }
     let rule = target(flow)?;
-    (stats::generation(rule.slot) == rule.generation).then(|| NatFlow {
-        addr: F::from_map_bytes(&rule.dest),
-        port: rule.port,
-        addr_diff: rule.addr_diff,
-        slot: rule.slot,
-        generation: rule.generation,
-    })
+    (stats::generation(rule.slot) == rule.generation)
+        .then(|| rewrite_by::<F>(&rule, (rule.slot, rule.generation)))
 }
 
 /// Rewrites a packet by its rule (`to`); a failure is noted for the log program.
@@ -284,16 +306,14 @@ pub fn dnat<C: Ingress, F: NatFamily>(
     (slot, generation): (u32, u32),
     log: &mut bool,
 ) -> Result<bool, ()> {
+    // The port filter `rule` consulted first: without its bits there is no rule to find.
+    if !rule_may_match(flow) {
+        return Ok(false);
+    }
     let Some(target) = target(flow) else {
         return Ok(false);
     };
-    let to = NatFlow {
-        addr: F::from_map_bytes(&target.dest),
-        port: target.port,
-        addr_diff: target.addr_diff,
-        slot,
-        generation,
-    };
+    let to = rewrite_by::<F>(&target, (slot, generation));
     forward(ctx, flow, &to, log)?;
     remember::<C, F>(flow, &to, syn, log);
     Ok(true)
@@ -328,15 +348,7 @@ pub fn remember<C: Ingress, F: NatFamily>(
     if !syn && unsafe { *seen } == tag {
         return;
     }
-    let reply = FlowKey {
-        src: to.addr,
-        dst: flow.src,
-        src_port: to.port,
-        dst_port: flow.src_port,
-        proto: flow.proto,
-        _pad: 0,
-        _pad2: 0,
-    };
+    let reply = reply_key(flow, to.addr, to.port);
     if !syn && let Some(entry) = F::flows().get_ptr(reply) {
         // SAFETY: a map value pointer from a successful lookup, read at once. The slot stands
         // for the VIP (one slot per VIP per generation), so the address need not be compared.
@@ -450,16 +462,7 @@ fn rewrite_dst<F: Family>(
 /// replies to come from the VIP. Only SYNs pay for this.
 #[inline(always)]
 pub fn forget_direct<F: NatFamily>(flow: &Flow<F>) {
-    let reply = FlowKey {
-        src: flow.dst,
-        dst: flow.src,
-        src_port: flow.dst_port,
-        dst_port: flow.src_port,
-        proto: flow.proto,
-        _pad: 0,
-        _pad2: 0,
-    };
-    let _ = F::flows().remove(reply);
+    let _ = F::flows().remove(reply_key(flow, flow.dst, flow.dst_port));
 }
 
 /// If the family's `FLOWS4_MAP`/`FLOWS6_MAP` knows this reply, rewrites its source back to the
