@@ -588,23 +588,25 @@ impl Ebpf {
             .map_err(map_error(SLOTS_MAP))
     }
 
-    /// Writes every rule of `vip` to [`NAT_MAP`] with `slot` and the slot's next generation,
-    /// then gives the slot that generation ([`Self::bump`]). In this order a packet never pairs
-    /// the new generation with an old rule: until the bump the rules are stale and still NAT,
-    /// the long way, and a flow entry or tag written meanwhile carries the old generation.
+    /// Writes every rule of `vip` to [`NAT_MAP`] with `slot` and the slot's next generation
+    /// (those [`Ebpf::install_nat`] just wrote so are left as they are), then gives the slot that
+    /// generation ([`Self::bump`]). In this order a packet never pairs the new generation with
+    /// an old rule: until the bump the rules are stale and still NAT, the long way, and a flow
+    /// entry or tag written meanwhile carries the old generation.
     fn renew(&mut self, vip: IpAddr, slot: u32) -> Result<(), EbpfError> {
         let owner = VipKey::new(vip);
         let generation = self.generation.wrapping_add(1);
-        let mine: Vec<NatKey> = self
+        let stale: Vec<(NatKey, NatTarget)> = self
             .rules
-            .keys()
-            .filter(|key| key.vip == owner.addr && key.family == owner.family)
-            .copied()
+            .iter()
+            .filter(|(key, rule)| {
+                key.vip == owner.addr
+                    && key.family == owner.family
+                    && (rule.slot, rule.generation) != (slot, generation)
+            })
+            .map(|(key, rule)| (*key, *rule))
             .collect();
-        for key in mine {
-            let Some(&rule) = self.rules.get(&key) else {
-                continue;
-            };
+        for (key, rule) in stale {
             let rule = NatTarget {
                 slot,
                 generation,
